@@ -1,0 +1,261 @@
+"""The shape of a Llama-family decoder, independent of where its weights come from.
+
+One `ModelConfig` describes SmolLM2, Llama, Mistral, Qwen2 and Qwen3: they differ only in a few
+switches (qk-norm, attention bias, per-layer sliding window), which are fields here rather than
+model classes. It is built from a Hugging Face `config.json` dict or from GGUF metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+LAYER_KINDS = (FULL_ATTENTION, SLIDING_ATTENTION)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" (HF model_type; SmolLM1/2 are "llama")
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    # Non-default RoPE variants (llama3, linear, yarn, ...) as sorted (key, value) pairs so the config
+    # stays hashable; None means plain RoPE. Keys follow HF's `rope_parameters` minus `rope_theta`.
+    rope_scaling: tuple[tuple[str, Any], ...] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    layer_types: tuple[str, ...]  # one of LAYER_KINDS per layer
+    sliding_window: int | None  # tokens a sliding layer attends to (including itself); None if no such layer
+    use_qk_norm: bool  # Qwen3: RMSNorm over each head of q and k before RoPE
+    attention_bias: bool  # Qwen2: q/k/v projections carry a bias
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types must be a tuple of {self.num_layers} kinds, got {self.layer_types!r}")
+        unknown = set(self.layer_types) - set(LAYER_KINDS)
+        if unknown:
+            raise ValueError(f"unknown layer kinds {sorted(unknown)}; expected {LAYER_KINDS}")
+        has_sliding = SLIDING_ATTENTION in self.layer_types
+        if has_sliding and (self.sliding_window is None or self.sliding_window <= 0):
+            raise ValueError("sliding_attention layers need a positive sliding_window")
+        if not has_sliding and self.sliding_window is not None:
+            raise ValueError("sliding_window is set but no layer is sliding_attention")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, tuple) or not all(
+                isinstance(item, tuple) and len(item) == 2 for item in self.rope_scaling
+            ):
+                raise ValueError(
+                    f"rope_scaling must be a tuple of (key, value) pairs, got {self.rope_scaling!r}")
+            hash(self.rope_scaling)  # values must be frozen too (lists become tuples in _freeze)
+        if not isinstance(self.eos_token_ids, tuple) or not all(
+            isinstance(t, int) and 0 <= t < self.vocab_size for t in self.eos_token_ids
+        ):
+            raise ValueError(
+                f"eos_token_ids must be a tuple of token ids < vocab_size, got {self.eos_token_ids!r}")
+        if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
+            raise ValueError(f"bos_token_id {self.bos_token_id} outside the vocabulary")
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def is_sliding(self, layer_index: int) -> bool:
+        return self.layer_types[layer_index] == SLIDING_ATTENTION
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling)."""
+        model_type = config.get("model_type")
+        family = HF_FAMILIES.get(model_type)
+        if family is None:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(HF_FAMILIES)}")
+        num_layers = int(config["num_hidden_layers"])
+        num_heads = int(config["num_attention_heads"])
+        hidden_size = int(config["hidden_size"])
+        head_dim = config.get("head_dim") or hidden_size // num_heads
+        layer_types, sliding_window = family.layer_types(config, num_layers)
+        rope_theta, rope_scaling = _hf_rope(config)
+        return cls(
+            architecture=model_type,
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden_size,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            layer_types=layer_types,
+            sliding_window=sliding_window,
+            use_qk_norm=family.use_qk_norm,
+            attention_bias=family.attention_bias(config),
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_ids=_token_ids(config.get("eos_token_id")),
+        )
+
+
+@dataclass(frozen=True)
+class HfFamily:
+    """What differs between the supported HF model types."""
+
+    use_qk_norm: bool
+    # How the family decides which layers use a sliding window.
+    sliding_rule: str  # "none" | "all_if_window" | "qwen_max_window_layers"
+    bias_rule: str  # "config" (attention_bias key, default False) | "always"
+
+    def attention_bias(self, config: Mapping[str, Any]) -> bool:
+        return True if self.bias_rule == "always" else bool(config.get("attention_bias", False))
+
+    def layer_types(self, config: Mapping[str, Any], num_layers: int) -> tuple[tuple[str, ...], int | None]:
+        window = config.get("sliding_window")
+        if self.sliding_rule == "none":
+            kinds = (FULL_ATTENTION,) * num_layers
+        elif config.get("layer_types") is not None:
+            kinds = tuple(config["layer_types"])
+        elif self.sliding_rule == "all_if_window":
+            kinds = ((SLIDING_ATTENTION if window is not None else FULL_ATTENTION),) * num_layers
+        else:
+            # Qwen2/3: the window applies only with use_sliding_window, and only from
+            # max_window_layers upward (transformers' own rule, so HF reproduces our masks).
+            if not config.get("use_sliding_window", False):
+                window = None
+            first_sliding = int(config.get("max_window_layers", num_layers))
+            kinds = tuple(
+                SLIDING_ATTENTION if window is not None and i >= first_sliding else FULL_ATTENTION
+                for i in range(num_layers)
+            )
+        if SLIDING_ATTENTION not in kinds:
+            return kinds, None
+        return kinds, int(window) if window is not None else None
+
+
+HF_FAMILIES: dict[str, HfFamily] = {
+    "llama": HfFamily(use_qk_norm=False, sliding_rule="none", bias_rule="config"),
+    "mistral": HfFamily(use_qk_norm=False, sliding_rule="all_if_window", bias_rule="config"),
+    "qwen2": HfFamily(use_qk_norm=False, sliding_rule="qwen_max_window_layers", bias_rule="always"),
+    "qwen3": HfFamily(use_qk_norm=True, sliding_rule="qwen_max_window_layers", bias_rule="config"),
+}
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+def freeze_rope_scaling(parameters: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+    """Normalise RoPE scaling to frozen items; plain RoPE ("default" or nothing) is None."""
+    if not parameters:
+        return None
+    items = {("rope_type" if k == "type" else k): v for k, v in parameters.items() if k != "rope_theta"}
+    if items.get("rope_type", "default") == "default":
+        return None
+    return tuple(sorted((k, _freeze(v)) for k, v in items.items()))
+
+
+def _hf_rope(config: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    # transformers 5 folds rope_theta and rope_scaling into one `rope_parameters` dict.
+    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
+    return float(theta), freeze_rope_scaling(parameters)
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(dict.fromkeys(int(v) for v in value))
+
+
+# GGUF `general.architecture` -> HF model_type.
+GGUF_ARCHITECTURES: dict[str, str] = {
+    "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+}
+
+
+def model_config_from_gguf(metadata: Mapping[str, Any], tensor_names: Collection[str]) -> ModelConfig:
+    """Build from GGUF key/value metadata and the file's tensor names (for tying and bias)."""
+    gguf_arch = metadata.get("general.architecture")
+    if gguf_arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {gguf_arch!r}; supported: {sorted(GGUF_ARCHITECTURES)}")
+
+    def key(name: str, default: Any = None) -> Any:
+        return metadata.get(f"{gguf_arch}.{name}", default)
+
+    num_layers = int(key("block_count"))
+    num_heads = int(key("attention.head_count"))
+    hidden_size = int(key("embedding_length"))
+    vocab_size = key("vocab_size")
+    if vocab_size is None:
+        vocab_size = len(metadata["tokenizer.ggml.tokens"])
+    window = key("attention.sliding_window")
+    layer_types = ((SLIDING_ATTENTION if window else FULL_ATTENTION),) * num_layers
+    scaling_type = key("rope.scaling.type")
+    rope_scaling = None
+    if scaling_type not in (None, "none"):
+        rope_scaling = freeze_rope_scaling({
+            "rope_type": scaling_type,
+            "factor": key("rope.scaling.factor"),
+            "original_max_position_embeddings": key("rope.scaling.original_context_length"),
+        })
+    eos = metadata.get("tokenizer.ggml.eos_token_id")
+    eot = metadata.get("tokenizer.ggml.eot_token_id")
+    return ModelConfig(
+        architecture=GGUF_ARCHITECTURES[gguf_arch],
+        vocab_size=int(vocab_size),
+        hidden_size=hidden_size,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+        head_dim=int(key("attention.key_length") or key("rope.dimension_count") or hidden_size // num_heads),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(key("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        layer_types=layer_types,
+        sliding_window=int(window) if window else None,
+        use_qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_token_ids([t for t in (eos, eot) if t is not None]),
+    )
