@@ -1,0 +1,65 @@
+"""Attention with PyTorch's scaled_dot_product_attention over the in-place cache views.
+
+Decode: one call for the whole batch over `cache[:num_slots, :max_len]` (a strided view, no gather),
+with a per-slot length mask. Prefill: one call per chunk against its slot's range.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.base import AttentionBackend, LayerAttentionSpec
+from engine.forward_batch import ForwardBatch
+
+
+class TorchSdpaBackend(AttentionBackend):
+    def forward(self, spec, q, k, v, key_cache, value_cache, batch: ForwardBatch, out) -> None:
+        key_cache[batch.token_slots, batch.positions] = k
+        value_cache[batch.token_slots, batch.positions] = v
+        num_decode = batch.num_decode_tokens
+        if num_decode:
+            self._decode(spec, q[:num_decode], key_cache, value_cache, batch, out[:num_decode])
+        for chunk in batch.prefills:
+            rows = slice(chunk.token_offset, chunk.token_offset + chunk.num_tokens)
+            self._prefill(spec, q[rows], key_cache, value_cache, chunk.slot, chunk.start_position, out[rows])
+
+    def _decode(self, spec: LayerAttentionSpec, q, key_cache, value_cache, batch, out) -> None:
+        length = batch.max_decode_context_len
+        lens = batch.decode_context_lens
+        if batch.decode_slots_are_prefix:
+            keys = key_cache[: q.shape[0], :length]
+            values = value_cache[: q.shape[0], :length]
+        else:  # a gather: only when a prefilling request sits between decoding slots
+            keys = key_cache[batch.decode_slots, :length]
+            values = value_cache[batch.decode_slots, :length]
+        positions = torch.arange(length, device=q.device)
+        allowed = positions[None, :] < lens[:, None]
+        if spec.sliding_window is not None:
+            allowed &= positions[None, :] >= (lens - spec.sliding_window)[:, None]
+        attended = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, H, 1, D]
+            keys.transpose(1, 2),  # [B, kvH, L, D] strided
+            values.transpose(1, 2),
+            attn_mask=allowed[:, None, None, :],
+            enable_gqa=spec.num_heads != spec.num_kv_heads,
+        )
+        out.copy_(attended.squeeze(2))
+
+    def _prefill(self, spec: LayerAttentionSpec, q, key_cache, value_cache, slot, start, out) -> None:
+        num_new = q.shape[0]
+        end = start + num_new
+        keys = key_cache[slot, :end].transpose(0, 1).unsqueeze(0)  # [1, kvH, end, D]
+        values = value_cache[slot, :end].transpose(0, 1).unsqueeze(0)
+        query = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        gqa = spec.num_heads != spec.num_kv_heads
+        if start == 0 and spec.sliding_window is None:
+            attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=gqa)
+        else:
+            query_pos = torch.arange(start, end, device=q.device)[:, None]
+            key_pos = torch.arange(end, device=q.device)[None, :]
+            allowed = key_pos <= query_pos
+            if spec.sliding_window is not None:
+                allowed &= key_pos > query_pos - spec.sliding_window
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, enable_gqa=gqa)
+        out.copy_(attended.squeeze(0).transpose(0, 1))

@@ -1,0 +1,222 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2/3, SmolLM) that runs one flat batch of tokens.
+
+Every step runs all its tokens (decodes and prefill chunks together) through one matmul per
+weight. Intermediates are written into the step's workspace (see `workspace.py`); weights are
+placed by an allocator the caller passes in (the runner puts them into the pool's `weights`
+balloon). Under tensor parallelism each rank keeps a slice of the heads and MLP columns and two
+all-reduces per layer sum the partial outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionBackend, LayerAttentionSpec
+from engine.forward_batch import ForwardBatch
+from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
+from engine.model.workspace import BufferPlan
+from engine.model_config import ModelConfig
+
+Allocator = Callable[[torch.Tensor], torch.Tensor]  # returns a pool-backed copy of the tensor
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which heads and MLP columns one tensor-parallel rank owns (uneven splits allowed)."""
+
+    kv_heads: range
+    heads: range
+    mlp_columns: range
+
+    @staticmethod
+    def for_rank(config: ModelConfig, rank: int, world_size: int) -> ShardPlan:
+        def split(total: int) -> range:
+            base, extra = divmod(total, world_size)
+            start = rank * base + min(rank, extra)
+            return range(start, start + base + (1 if rank < extra else 0))
+
+        if config.num_kv_heads < world_size:
+            raise ValueError(f"{config.num_kv_heads} key/value heads cannot be split over {world_size} ranks")
+        kv_heads = split(config.num_kv_heads)
+        group = config.num_heads // config.num_kv_heads
+        heads = range(kv_heads.start * group, kv_heads.stop * group)
+        return ShardPlan(kv_heads, heads, split(config.intermediate_size))
+
+
+def _rows(tensor: torch.Tensor, heads: range, head_dim: int) -> torch.Tensor:
+    return tensor[heads.start * head_dim : heads.stop * head_dim]
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        attention: AttentionBackend,
+        dtype: torch.dtype,
+        allocate: Allocator = lambda tensor: tensor,
+        shard: ShardPlan | None = None,
+        all_reduce: Callable[[torch.Tensor], None] | None = None,
+        max_positions: int | None = None,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.attention = attention
+        self.shard = shard or ShardPlan.for_rank(config, 0, 1)
+        self.all_reduce = all_reduce
+        head_dim = config.head_dim
+        self.num_heads = len(self.shard.heads)
+        self.num_kv_heads = len(self.shard.kv_heads)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+
+        def place(tensor: torch.Tensor) -> torch.Tensor:
+            return allocate(tensor.to(dtype).contiguous())
+
+        self.embed = place(weights["model.embed_tokens.weight"])
+        lm_head = weights.get("lm_head.weight")
+        self.lm_head = self.embed if lm_head is None else place(lm_head)
+        self.final_norm = place(weights["model.norm.weight"])
+        self.layers = [self._load_layer(weights, i, place) for i in range(config.num_layers)]
+        positions = max_positions or config.max_position_embeddings
+        inv_freq = inverse_frequencies(head_dim, config.rope_theta, dict(config.rope_scaling or ()))
+        self.rope_table = place(cos_sin_table(positions, inv_freq, torch.float32)).to(dtype)
+
+    def _load_layer(self, weights, index: int, place) -> dict:
+        c, s, d = self.config, self.shard, self.config.head_dim
+        prefix = f"model.layers.{index}."
+        attn = prefix + "self_attn."
+        qkv = torch.cat(
+            [
+                _rows(weights[attn + "q_proj.weight"], s.heads, d),
+                _rows(weights[attn + "k_proj.weight"], s.kv_heads, d),
+                _rows(weights[attn + "v_proj.weight"], s.kv_heads, d),
+            ]
+        )
+        layer = {
+            "input_norm": place(weights[prefix + "input_layernorm.weight"]),
+            "post_norm": place(weights[prefix + "post_attention_layernorm.weight"]),
+            "qkv": place(qkv),
+            "o": place(weights[attn + "o_proj.weight"][:, s.heads.start * d : s.heads.stop * d]),
+            "gate_up": place(
+                torch.cat(
+                    [
+                        weights[prefix + "mlp.gate_proj.weight"][s.mlp_columns.start : s.mlp_columns.stop],
+                        weights[prefix + "mlp.up_proj.weight"][s.mlp_columns.start : s.mlp_columns.stop],
+                    ]
+                )
+            ),
+            "down": place(weights[prefix + "mlp.down_proj.weight"][:, s.mlp_columns.start : s.mlp_columns.stop]),
+            "spec": LayerAttentionSpec(
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=d,
+                sliding_window=c.sliding_window if c.layer_types[index] == "sliding_attention" else None,
+            ),
+        }
+        if c.attention_bias:
+            layer["qkv_bias"] = place(
+                torch.cat(
+                    [
+                        _rows(weights[attn + "q_proj.bias"], s.heads, d),
+                        _rows(weights[attn + "k_proj.bias"], s.kv_heads, d),
+                        _rows(weights[attn + "v_proj.bias"], s.kv_heads, d),
+                    ]
+                )
+            )
+        if c.use_qk_norm:
+            layer["q_norm"] = place(weights[attn + "q_norm.weight"])
+            layer["k_norm"] = place(weights[attn + "k_norm.weight"])
+        return layer
+
+    # ---- workspace -------------------------------------------------------------------------
+    def buffer_plan(self, num_tokens: int, num_logits: int) -> BufferPlan:
+        """The activation buffers one step of `num_tokens` tokens needs (sized before it runs)."""
+        c, t = self.config, num_tokens
+        mlp = len(self.shard.mlp_columns)
+        return BufferPlan(
+            {
+                "hidden": ((t, c.hidden_size), self.dtype),
+                "normed": ((t, c.hidden_size), self.dtype),
+                "qkv": ((t, self.q_size + 2 * self.kv_size), self.dtype),
+                "attn": ((t, self.num_heads, c.head_dim), self.dtype),
+                "proj": ((t, c.hidden_size), self.dtype),
+                "gate_up": ((t, 2 * mlp), self.dtype),
+                "act": ((t, mlp), self.dtype),
+                "last_hidden": ((num_logits, c.hidden_size), self.dtype),
+                "logits": ((num_logits, c.vocab_size), torch.float32),
+            }
+        )
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # transformers' order: normalise in fp32, cast back, then scale
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        torch.mul(x, torch.rsqrt(variance + self.config.rms_norm_eps), out=out)
+        return out.mul_(weight)
+
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        buffers: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view)."""
+        c = self.config
+        hidden = buffers["hidden"]
+        torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
+        rope = self.rope_table[batch.positions]  # [T, 2, D]
+        cos, sin = rope[:, 0:1], rope[:, 1:2]
+        for index, layer in enumerate(self.layers):
+            self._attention_block(layer, hidden, cos, sin, kv_caches[index], batch, buffers)
+            self._mlp_block(layer, hidden, buffers)
+        last = buffers["last_hidden"]
+        torch.index_select(hidden, 0, batch.logits_indices, out=last)
+        normed_last = self._rms_norm(last, self.final_norm, last)
+        logits = buffers["logits"]
+        if self.dtype == torch.float32:
+            torch.mm(normed_last, self.lm_head.t(), out=logits)
+        else:
+            logits.copy_(torch.mm(normed_last, self.lm_head.t()))
+        return logits
+
+    def _attention_block(self, layer, hidden, cos, sin, kv_cache, batch, buffers) -> None:
+        num_tokens, head_dim = hidden.shape[0], self.config.head_dim
+        normed = self._rms_norm(hidden, layer["input_norm"], buffers["normed"])
+        qkv = buffers["qkv"]
+        if "qkv_bias" in layer:
+            torch.addmm(layer["qkv_bias"], normed, layer["qkv"].t(), out=qkv)
+        else:
+            torch.mm(normed, layer["qkv"].t(), out=qkv)
+        q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, head_dim)
+        if "q_norm" in layer:
+            q = self._rms_norm(q, layer["q_norm"], torch.empty_like(q))
+            k = self._rms_norm(k, layer["k_norm"], torch.empty_like(k))
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        attn = buffers["attn"]
+        self.attention.forward(layer["spec"], q, k, v, kv_cache[0], kv_cache[1], batch, attn)
+        proj = buffers["proj"]
+        torch.mm(attn.view(num_tokens, -1), layer["o"].t(), out=proj)
+        if self.all_reduce is not None:
+            self.all_reduce(proj)
+        hidden.add_(proj)
+
+    def _mlp_block(self, layer, hidden, buffers) -> None:
+        normed = self._rms_norm(hidden, layer["post_norm"], buffers["normed"])
+        gate_up = buffers["gate_up"]
+        torch.mm(normed, layer["gate_up"].t(), out=gate_up)
+        width = gate_up.shape[1] // 2
+        act = buffers["act"]
+        torch.mul(F.silu(gate_up[:, :width]), gate_up[:, width:], out=act)
+        proj = buffers["proj"]
+        torch.mm(act, layer["down"].t(), out=proj)
+        if self.all_reduce is not None:
+            self.all_reduce(proj)
+        hidden.add_(proj)
