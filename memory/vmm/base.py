@@ -108,8 +108,9 @@ class VmmBackend(ABC):
         """Map `chunks` back to back starting at `address` (over unmapped pages)."""
 
     @abstractmethod
-    def _raw_unmap(self, address: int, num_bytes: int) -> None:
-        """Put the unmapped (zero/scratch) backing back over a range of whole mappings."""
+    def _raw_unmap(self, address: int, num_bytes: int, mappings: Sequence[tuple[int, PhysicalChunk]]) -> None:
+        """Put the unmapped (zero/scratch) backing back over `mappings` ((address, chunk) pairs, in
+        address order), which span [address, address+num_bytes) possibly with holes between them."""
 
     @abstractmethod
     def _raw_release(self, chunk: PhysicalChunk) -> None: ...
@@ -212,7 +213,8 @@ class VmmBackend(ABC):
         # Cover exactly the mapped span so unmapped neighbours are not touched.
         span_start = starts[first]
         span_end = starts[last - 1] + reservation.mappings[starts[last - 1]].num_bytes
-        self._raw_unmap(span_start, span_end - span_start)
+        mappings = [(start, reservation.mappings[start]) for start in starts[first:last]]
+        self._raw_unmap(span_start, span_end - span_start, mappings)
         chunks = [reservation.mappings.pop(start) for start in starts[first:last]]
         del starts[first:last]
         for chunk in chunks:

@@ -156,7 +156,7 @@ class HostBackend(VmmBackend):
     def _map_one(self, address: int, offset: int, num_bytes: int) -> None:
         self._mmap(address, num_bytes, PROT_READ | PROT_WRITE, MAP_FIXED | MAP_SHARED, self._memfd, offset)
 
-    def _raw_unmap(self, address: int, num_bytes: int) -> None:
+    def _raw_unmap(self, address: int, num_bytes: int, mappings: Sequence[tuple[int, PhysicalChunk]]) -> None:
         self._mmap(address, num_bytes, _ZERO_PROT, _ZERO_FLAGS | MAP_FIXED, -1, 0)
 
     def _raw_release(self, chunk: PhysicalChunk) -> None:

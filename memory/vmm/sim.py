@@ -50,7 +50,7 @@ class SimBackend(VmmBackend):
     def _raw_map(self, address: int, chunks: Sequence[PhysicalChunk]) -> None:
         pass
 
-    def _raw_unmap(self, address: int, num_bytes: int) -> None:
+    def _raw_unmap(self, address: int, num_bytes: int, mappings: Sequence[tuple[int, PhysicalChunk]]) -> None:
         pass
 
     def _raw_release(self, chunk: PhysicalChunk) -> None:
