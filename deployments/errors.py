@@ -1,0 +1,127 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status.
+
+Every failure the HTTP layer reports goes through `APIError`, so the body shape is decided in one place;
+engine errors are translated by `from_engine_error`. Inside a stream the same object is sent as one SSE
+`data:` event (`sse_error_event`) because the status line has already gone out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.api import EngineDeadError, EngineOverloadedError, InvalidRequestError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def context_length_exceeded(max_model_len: int, num_prompt_tokens: int, max_tokens: int | None,
+                            param: str) -> APIError:
+    if max_tokens is None:
+        detail = f"your prompt has {num_prompt_tokens} tokens"
+    else:
+        detail = (f"you requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+                  f"{param}, {max_tokens} in the completion)")
+    return invalid_request(f"This model's maximum context length is {max_model_len} tokens. However, "
+                           f"{detail}. Please reduce the length of the {param} or completion.",
+                           param, "context_length_exceeded")
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model `{model}` does not exist.", "invalid_request_error", "model",
+                    "model_not_found")
+
+
+def invalid_api_key(has_key: bool) -> APIError:
+    message = ("Incorrect API key provided." if has_key else
+               "Missing API key: send it as 'Authorization: Bearer <key>'.")
+    return APIError(401, message, "invalid_request_error", None, "invalid_api_key")
+
+
+def overloaded(message: str, retry_after_s: float) -> APIError:
+    retry_after = str(max(1, math.ceil(retry_after_s)))
+    return APIError(503, message, "server_error", None, "overloaded", {"Retry-After": retry_after})
+
+
+def engine_dead(message: str = "The engine has stopped; the server cannot serve requests.") -> APIError:
+    return APIError(500, message, "server_error", None, "engine_dead")
+
+
+def internal_error(message: str) -> APIError:
+    return APIError(500, message, "server_error", None, "internal_error")
+
+
+def from_engine_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return invalid_request(exc.message, exc.param, exc.code)
+    if isinstance(exc, EngineOverloadedError):
+        return overloaded(exc.message, exc.retry_after_s)
+    if isinstance(exc, EngineDeadError):
+        return engine_dead(str(exc) or "The engine has stopped.")
+    return internal_error(f"{type(exc).__name__}: {exc}")
+
+
+def sse_error_event(error: APIError) -> str:
+    return f"data: {json.dumps(error.body())}\n\n"
+
+
+def _param_of(location: tuple) -> str | None:
+    names = [str(part) for part in location if part != "body"]
+    return ".".join(names) or None
+
+
+def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if not errors:
+        return invalid_request("Invalid request.").response()
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return invalid_request(f"Malformed JSON body: {first.get('msg')}.").response()
+    param = _param_of(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    where = f"{param}: " if param else ""
+    extra = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return invalid_request(f"{where}{message}{extra}", param).response()
+
+
+def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    error = APIError(exc.status_code, str(exc.detail), error_type, None, code, dict(exc.headers or {}))
+    return error.response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, lambda _request, exc: exc.response())
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for engine_error in (InvalidRequestError, EngineOverloadedError, EngineDeadError):
+        app.add_exception_handler(engine_error, lambda _request, exc: from_engine_error(exc).response())

@@ -1,0 +1,165 @@
+"""`build_openai_app(engine_provider, settings)`: the FastAPI app one LLMServer replica serves.
+
+The app knows nothing of Ray: the replica passes a callable that returns its engine (None while it is
+loading) and, when a cluster controller exists, a coroutine function that returns the cluster view. Tests
+build the same app around a fake engine.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from deployments import errors
+from deployments.engine_bindings import EngineBindings
+from deployments.metrics import ServingMetrics
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now_s
+from deployments.serving import OpenAIServing
+from engine.api import EngineDeadError
+
+REPLICA_HEADER = "x-elastic-replica"
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    served_model_name: str | None = None  # None: the engine's model_name
+    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <api_key>`
+    replica_id: str = "local"
+    bindings: EngineBindings | None = None  # None: the engine package's own (imported on first use)
+    cluster_view: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+
+class _ReplicaMiddleware:
+    """Tags every response with the replica that served it and counts error statuses.
+
+    Plain ASGI (not BaseHTTPMiddleware) so streaming bodies and disconnect cancellation pass through."""
+
+    def __init__(self, app, replica_id: str, on_status: Callable[[int], None]):
+        self._app = app
+        self._header = (REPLICA_HEADER.encode(), replica_id.encode())
+        self._on_status = on_status
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def send_tagged(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self._header]}
+                self._on_status(message["status"])
+            await send(message)
+
+        await self._app(scope, receive, send_tagged)
+
+
+class _ApiKeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/*, checked before the body is read: a caller without the key
+    learns nothing about what the body should be."""
+
+    def __init__(self, app, api_key: str):
+        self._app = app
+        self._api_key = api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            error = self._check(dict(scope["headers"]).get(b"authorization", b""))
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+    def _check(self, header: bytes) -> errors.APIError | None:
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            return errors.invalid_api_key(has_key=False)
+        if not hmac.compare_digest(token, self._api_key):
+            return errors.invalid_api_key(has_key=True)
+        return None
+
+
+def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) -> FastAPI:
+    app = FastAPI(title="elastic-serve", docs_url=None, redoc_url=None)
+    errors.install_error_handlers(app)
+    bindings_cache: list[EngineBindings] = [settings.bindings] if settings.bindings else []
+
+    def bindings_provider() -> EngineBindings:
+        if not bindings_cache:
+            bindings_cache.append(EngineBindings.from_engine_package())
+        return bindings_cache[0]
+
+    def served_model_name() -> str:
+        if settings.served_model_name:
+            return settings.served_model_name
+        engine = engine_provider()
+        return engine.model_name if engine is not None else "unknown"
+
+    metrics = ServingMetrics(engine_provider, served_model_name(), settings.replica_id)
+    serving = OpenAIServing(engine_provider, bindings_provider, metrics, served_model_name)
+    app.state.metrics = metrics
+    app.state.serving = serving
+
+    def on_status(status: int) -> None:
+        if status >= 400:
+            metrics.record_error(status)
+
+    if settings.api_key is not None:
+        app.add_middleware(_ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(_ReplicaMiddleware, replica_id=settings.replica_id, on_status=on_status)  # outermost
+
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest):
+        return await serving.completions(body)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        return await serving.chat(body)
+
+    @v1.get("/models")
+    async def models():
+        engine = serving.engine()
+        card = ModelCard(id=served_model_name(), created=now_s(), max_model_len=engine.max_model_len)
+        return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+
+    @v1.get("/memory")
+    async def memory():
+        return {"replica": settings.replica_id, "ranks": serving.engine().memory_telemetry()}
+
+    @v1.get("/cluster")
+    async def cluster():
+        if settings.cluster_view is None:
+            raise errors.APIError(404, "This server runs without a cluster controller.",
+                                  "invalid_request_error", None, "not_found")
+        return await settings.cluster_view()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        engine = engine_provider()
+        if engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        try:
+            check_health = getattr(engine, "check_health", None)
+            if check_health is not None:
+                await check_health()
+            else:
+                engine.stats()
+        except EngineDeadError as exc:
+            return JSONResponse({"status": "dead", "detail": str(exc)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        content, content_type = metrics.exposition()
+        return Response(content, media_type=content_type)
+
+    return app

@@ -1,0 +1,232 @@
+"""A deterministic stand-in for engine.async_engine.AsyncEngine (the contract in docs/CONTRACTS.md).
+
+Tokens are bytes (id = byte + 3; 0 pad, 1 BOS, 2 EOS), so any text round-trips and the tokenizer works
+with engine.tokenizer.encode_prompt / encode_chat. The generated text is a fixed function of the prompt:
+lowercase letters starting at (sum of prompt ids) mod 26, one per `token_delay_s`. KV use is counted in
+chunks of `tokens_per_chunk` tokens per live request, out of `kv_total_chunks`, so routing stats and pool
+telemetry move the way a real engine's do. Special prompts: containing "FAIL" -> the stream fails after
+two tokens (finish_reason "error"); containing "EOS" -> EOS after three tokens (finish_reason "stop").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.api import (
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStats,
+    GenerateRequest,
+    InvalidRequestError,
+    RequestOutput,
+    TokenLogprob,
+)
+
+PAD, BOS, EOS = 0, 1, 2
+BYTE_OFFSET = 3
+VOCAB_SIZE = 256 + BYTE_OFFSET
+
+
+class FakeTokenizer:
+    chat_template = "fake: <|role|>content per message, then <|assistant|>"
+    bos_token_id = BOS
+    eos_token_id = EOS
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [byte + BYTE_OFFSET for byte in text.encode()]
+        return [BOS, *ids] if add_special_tokens else ids
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        data = bytes(token_id - BYTE_OFFSET for token_id in token_ids if token_id >= BYTE_OFFSET)
+        return data.decode(errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False):
+        text = "".join(f"<|{message['role']}|>{message['content']}\n" for message in messages)
+        text = "<s>" + text + ("<|assistant|>" if add_generation_prompt else "")
+        return self.encode(text) if tokenize else text
+
+
+@dataclass(frozen=True)
+class FakeModelConfig:
+    vocab_size: int = VOCAB_SIZE
+    eos_token_ids: tuple[int, ...] = (EOS,)
+
+
+@dataclass
+class _Live:
+    request: GenerateRequest
+    num_output_tokens: int = 0
+    is_running: bool = False
+
+
+@dataclass
+class FakeEngine:
+    model_name: str = "fake-model"
+    max_model_len: int = 256
+    token_delay_s: float = 0.001
+    max_num_seqs: int = 8
+    max_num_waiting: int = 64
+    kv_total_chunks: int = 64
+    tokens_per_chunk: int = 16
+    num_ranks: int = 1
+    tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
+    model_config: FakeModelConfig = field(default_factory=FakeModelConfig)
+    # What happened, for assertions.
+    submitted: list[GenerateRequest] = field(default_factory=list)
+    finished: dict[str, str] = field(default_factory=dict)
+    aborted: list[str] = field(default_factory=list)
+    is_dead: bool = False
+    is_started: bool = False
+
+    def __post_init__(self) -> None:
+        self._live: dict[str, _Live] = {}
+        self._num_inflates = 0
+        self._num_deflates = 0
+        self._slots: asyncio.Semaphore | None = None
+
+    async def start(self) -> None:
+        self.is_started = True
+
+    async def shutdown(self) -> None:
+        self.is_started = False
+        for request_id in list(self._live):
+            await self.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self.is_dead:
+            raise EngineDeadError("fake engine marked dead")
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    def _slots_semaphore(self) -> asyncio.Semaphore:
+        if self._slots is None:  # created lazily: it must belong to the serving event loop
+            self._slots = asyncio.Semaphore(self.max_num_seqs)
+        return self._slots
+
+    def _validate(self, request: GenerateRequest) -> None:
+        if self.is_dead:
+            raise EngineDeadError("fake engine marked dead")
+        if request.request_id in self._live:
+            raise InvalidRequestError(f"duplicate request id {request.request_id}", "request_id")
+        if not request.prompt_token_ids:
+            raise InvalidRequestError("empty prompt", "prompt")
+        if len(request.prompt_token_ids) + request.sampling.max_tokens > self.max_model_len:
+            raise InvalidRequestError("too long", "prompt", "context_length_exceeded")
+        num_waiting = sum(1 for live in self._live.values() if not live.is_running)
+        if num_waiting >= self.max_num_waiting:
+            raise EngineOverloadedError("fake engine queue is full", retry_after_s=2.0)
+
+    def output_ids(self, prompt_token_ids, num_tokens: int) -> list[int]:
+        """The tokens this engine produces for a prompt (ignoring stops)."""
+        start = sum(prompt_token_ids) % 26
+        return [BYTE_OFFSET + ord("a") + (start + index) % 26 for index in range(num_tokens)]
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        self._validate(request)
+        self.submitted.append(request)
+        live = _Live(request)
+        self._live[request.request_id] = live
+        self._inflate()
+        sampling = request.sampling
+        prompt_text = self.tokenizer.decode(request.prompt_token_ids)
+        num_prompt = len(request.prompt_token_ids)
+        tokens = self.output_ids(request.prompt_token_ids, sampling.max_tokens)
+        text = ""
+        finish_reason = None
+        try:
+            async with self._slots_semaphore():
+                live.is_running = True
+                for index, token_id in enumerate(tokens):
+                    await asyncio.sleep(self.token_delay_s)
+                    if request.request_id in self.aborted:
+                        finish_reason = "abort"
+                        yield RequestOutput(request.request_id, (), "", "abort", num_prompt, index)
+                        return
+                    if "FAIL" in prompt_text and index == 2:
+                        finish_reason = "error"
+                        yield RequestOutput(request.request_id, (), "", "error", num_prompt, index,
+                                            error="fake engine failure")
+                        return
+                    if "EOS" in prompt_text and index == 3 and not sampling.ignore_eos:
+                        token_id = EOS
+                    live.num_output_tokens = index + 1
+                    self._inflate()
+                    delta = self.tokenizer.decode([token_id])
+                    text += delta
+                    if token_id == EOS:
+                        finish_reason = "stop"
+                    elif any(stop in text for stop in sampling.stop):
+                        finish_reason = "stop"
+                        cut = min(text.index(stop) for stop in sampling.stop if stop in text)
+                        delta = delta[: max(0, len(delta) - (len(text) - cut))]
+                    elif index + 1 == len(tokens):
+                        finish_reason = "length"
+                    logprobs = ()
+                    if sampling.logprobs is not None:
+                        top = tuple((token_id + k, -1.0 - k) for k in range(sampling.logprobs))
+                        logprobs = (TokenLogprob(token_id, -0.5, top),)
+                    yield RequestOutput(request.request_id, (token_id,), delta, finish_reason, num_prompt,
+                                        index + 1, logprobs=logprobs)
+                    if finish_reason is not None:
+                        return
+        finally:
+            if finish_reason is None:  # closed early: the contract says that aborts the request
+                finish_reason = "abort"
+                if request.request_id not in self.aborted:
+                    self.aborted.append(request.request_id)
+            self.finished[request.request_id] = finish_reason
+            self._live.pop(request.request_id, None)
+            self._num_deflates += 1
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._live and request_id not in self.aborted:
+            self.aborted.append(request_id)
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def _inflate(self) -> None:
+        self._num_inflates += 1
+
+    def num_live(self) -> int:
+        return len(self._live)
+
+    def kv_chunks_used(self) -> int:
+        return sum(math.ceil((len(live.request.prompt_token_ids) + live.num_output_tokens)
+                             / self.tokens_per_chunk) for live in self._live.values())
+
+    def stats(self) -> EngineStats:
+        used = min(self.kv_chunks_used(), self.kv_total_chunks)
+        running = sum(1 for live in self._live.values() if live.is_running)
+        return EngineStats(num_running=running, num_waiting=len(self._live) - running, num_swapped=0,
+                           num_preemptions=0, kv_chunks_used=used, kv_chunks_free=self.kv_total_chunks - used,
+                           kv_usage=used / self.kv_total_chunks, num_prefix_cache_hits=0,
+                           num_prefix_cache_queries=sum(len(r.prompt_token_ids) for r in self.submitted))
+
+    def memory_telemetry(self) -> list[dict[str, Any]]:
+        used = min(self.kv_chunks_used(), self.kv_total_chunks)
+        activations = 2
+        return [{
+            "backend": "fake", "policy": "elastic", "budget_bytes": self.kv_total_chunks * 65536,
+            "chunk_bytes": 65536, "num_chunks": self.kv_total_chunks + activations,
+            "chunks_per_client": {"kv": used, "activations": activations},
+            "num_free_chunks": self.kv_total_chunks - used, "num_alive_chunks": used + activations,
+            "host_buffer_used_bytes": 0, "host_buffer_capacity_bytes": 1 << 20,
+            "num_inflates": self._num_inflates, "num_deflates": self._num_deflates, "num_reclaims": 0,
+            "num_chunks_reclaimed": 0, "num_exhausted": 0, "bytes_swapped_out": 0, "bytes_swapped_in": 0,
+        } for _ in range(self.num_ranks)]
+
+
+def create_fake_engine(app_args: Any = None, **options: Any) -> FakeEngine:
+    """Engine factory for the Ray Serve tests (AppArgs.engine_factory); options come from
+    AppArgs.engine_factory_kwargs. `kv_total_chunks_by_replica_rank` gives each replica its own size."""
+    by_rank = options.pop("kv_total_chunks_by_replica_rank", None)
+    if by_rank is not None:
+        from ray import serve
+
+        rank = serve.get_replica_context().rank.rank
+        options["kv_total_chunks"] = by_rank[rank % len(by_rank)]
+    return FakeEngine(**options)
