@@ -13,7 +13,9 @@ num_chunks chunks are physically alive; a chunk is owned by exactly one client o
 
 from __future__ import annotations
 
+import functools
 import heapq
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -64,6 +66,14 @@ class PoolTelemetry:
         return asdict(self)
 
 
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(self: ElasticPool, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 @dataclass
 class _Client:
     name: str
@@ -78,6 +88,7 @@ class ElasticPool:
     `policy` is a registered policy name ("elastic", "static") or a `PoolPolicy`;
     `static_split` (chunks) or `static_split_bytes` configure "static"; `reclaim_order` configures
     "elastic" (default: kv, then activations, then the others in registration order).
+    Public methods are serialised by a lock, so `telemetry()` may be called from any thread.
     """
 
     def __init__(self, backend: VmmBackend, budget_bytes: int, chunk_bytes: int,
@@ -108,11 +119,13 @@ class ElasticPool:
         self._free: list[tuple[int, int, PhysicalChunk]] = []  # heap: (physical_offset, chunk_id, chunk)
         self._num_uncreated = self.num_chunks
         self._is_reclaiming = False
+        self._lock = threading.RLock()  # telemetry may be read from another thread
         self.is_closed = False
         self._counts = dict.fromkeys(("inflates", "deflates", "reclaims", "chunks_reclaimed", "exhausted",
                                       "bytes_out", "bytes_in"), 0)
 
     # ---- clients -------------------------------------------------------------------------------
+    @_locked
     def register(self, client: str, reclaim: Callable[[int], int] | None = None,
                  reclaimable: Callable[[], int] | None = None) -> None:
         """Add a client. `reclaim(n)` is asked to give back up to n chunks (through `deflate`) and
@@ -140,12 +153,14 @@ class ElasticPool:
         return self.num_chunks - self._num_uncreated
 
     # ---- inflate / deflate ---------------------------------------------------------------------
+    @_locked
     def can_inflate(self, client: str, num_chunks: int) -> bool:
         """Whether `inflate(client, num_chunks)` would succeed, counting what the other clients'
         `reclaimable()` say they could give. Cheap, no side effects."""
         return num_chunks <= self._limit(client) and num_chunks <= self.num_free() + sum(
             self._reclaimable(name, exact=True) for name in self.policy.reclaim_order(client, self.clients))
 
+    @_locked
     def inflate(self, client: str, num_chunks: int) -> list[PhysicalChunk]:
         """Give `client` `num_chunks` chunks, reclaiming from others as the policy allows.
         All or nothing: raises PoolExhausted and gives nothing if it cannot."""
@@ -182,6 +197,7 @@ class ElasticPool:
         self._counts["inflates"] += 1
         return chunks
 
+    @_locked
     def deflate(self, client: str, chunks: Sequence[PhysicalChunk]) -> None:
         """`client` gives `chunks` back to the free list. They must be held by `client` and
         unmapped everywhere. Checked all-or-nothing."""
@@ -201,6 +217,7 @@ class ElasticPool:
         if chunks:
             self._counts["deflates"] += 1
 
+    @_locked
     def trim(self, keep_free: int = 0) -> int:
         """Release free physical chunks to the OS/driver until at most `keep_free` stay alive in
         the free list (the physically highest go first). Returns how many were released."""
@@ -217,6 +234,7 @@ class ElasticPool:
         self._num_uncreated += released
         return released
 
+    @_locked
     def record_swap(self, bytes_out: int = 0, bytes_in: int = 0) -> None:
         """Count bytes moved device -> host buffer (out) and back (in), for telemetry."""
         if bytes_out < 0 or bytes_in < 0:
@@ -224,6 +242,7 @@ class ElasticPool:
         self._counts["bytes_out"] += bytes_out
         self._counts["bytes_in"] += bytes_in
 
+    @_locked
     def telemetry(self) -> PoolTelemetry:
         """A cheap consistent snapshot (O(number of clients))."""
         host = self.host_buffer
@@ -239,6 +258,7 @@ class ElasticPool:
             num_exhausted=self._counts["exhausted"], bytes_swapped_out=self._counts["bytes_out"],
             bytes_swapped_in=self._counts["bytes_in"])
 
+    @_locked
     def close(self) -> None:
         """Release every free chunk and every held chunk that is not mapped; later calls raise
         BackendClosed. Chunks still mapped are left to the backend's own close(). Idempotent."""

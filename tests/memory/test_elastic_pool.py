@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -269,3 +270,29 @@ def test_pool_rejects_bad_sizes(host):
         ElasticPool(host, 10 * CHUNK, CHUNK + 1)
     with pytest.raises(ValueError, match="smaller than one chunk"):
         ElasticPool(host, CHUNK - 1, CHUNK)
+
+
+def test_telemetry_can_be_read_from_another_thread_while_the_pool_changes(sim):
+    pool = ElasticPool(sim, 64 * (2 << 20), 2 << 20)
+    kv = Balloon(pool, "kv")
+    act = Balloon(pool, "activations")
+    snapshots, errors, done = [], [], threading.Event()
+
+    def reader() -> None:
+        try:
+            while not done.is_set():
+                snapshots.append(pool.telemetry())
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for _ in range(300):
+        kv.take(40)
+        act.take(24)
+        kv.give(40)
+        act.give(24)
+    done.set()
+    thread.join()
+    assert errors == [] and snapshots
+    assert all(sum(s.chunks_per_client.values()) + s.num_free_chunks == 64 for s in snapshots)
