@@ -18,7 +18,7 @@ LAYER_KINDS = (FULL_ATTENTION, SLIDING_ATTENTION)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" (HF model_type; SmolLM1/2 are "llama")
+    architecture: str  # HF model_type: a key of HF_FAMILIES (SmolLM1/2 are "llama")
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -92,6 +92,38 @@ class ModelConfig:
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """A transformers config.json dict for the same model (HF reference runs, benchmarks)."""
+        rope_parameters = {"rope_type": "default", **(self.rope_scaling_dict or {})}
+        rope_parameters["rope_theta"] = self.rope_theta
+        eos = list(self.eos_token_ids)
+        config: dict[str, Any] = {
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope_parameters,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "hidden_act": "silu",
+        }
+        if self.architecture != "qwen2":  # Qwen2 always has q/k/v biases and no such key
+            config["attention_bias"] = self.attention_bias
+        if self.sliding_window is not None:
+            config["sliding_window"] = self.sliding_window
+            if self.architecture != "mistral":
+                config["layer_types"] = list(self.layer_types)
+            if self.architecture in ("qwen2", "qwen3"):
+                config["use_sliding_window"] = True
+        return config
+
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> ModelConfig:
         """Build from a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling)."""
@@ -134,40 +166,48 @@ class HfFamily:
 
     use_qk_norm: bool
     # How the family decides which layers use a sliding window.
-    sliding_rule: str  # "none" | "all_if_window" | "qwen_max_window_layers"
-    bias_rule: str  # "config" (attention_bias key, default False) | "always"
+    sliding_rule: str  # "none" | "all_if_window" | "layer_types" | "qwen"
+    bias_rule: str  # "config" (attention_bias key, default False) | "always" | "never"
 
     def attention_bias(self, config: Mapping[str, Any]) -> bool:
-        return True if self.bias_rule == "always" else bool(config.get("attention_bias", False))
+        if self.bias_rule == "config":
+            return bool(config.get("attention_bias", False))
+        return self.bias_rule == "always"
 
     def layer_types(self, config: Mapping[str, Any], num_layers: int) -> tuple[tuple[str, ...], int | None]:
+        # Each rule is transformers' own reading of the config, so HF computes the same masks.
         window = config.get("sliding_window")
-        if self.sliding_rule == "none":
-            kinds = (FULL_ATTENTION,) * num_layers
-        elif config.get("layer_types") is not None:
-            kinds = tuple(config["layer_types"])
-        elif self.sliding_rule == "all_if_window":
-            kinds = ((SLIDING_ATTENTION if window is not None else FULL_ATTENTION),) * num_layers
-        else:
-            # Qwen2/3: the window applies only with use_sliding_window, and only from
-            # max_window_layers upward (transformers' own rule, so HF reproduces our masks).
+        listed = config.get("layer_types")
+        if self.sliding_rule == "qwen":
+            # Qwen2/3 drop the window unless use_sliding_window; then layer_types, or every layer
+            # from max_window_layers upward, slide.
             if not config.get("use_sliding_window", False):
                 window = None
             first_sliding = int(config.get("max_window_layers", num_layers))
-            kinds = tuple(
-                SLIDING_ATTENTION if window is not None and i >= first_sliding else FULL_ATTENTION
-                for i in range(num_layers)
+            default = tuple(
+                SLIDING_ATTENTION if i >= first_sliding else FULL_ATTENTION for i in range(num_layers)
             )
+            kinds = default if listed is None else tuple(listed)
+        elif self.sliding_rule == "layer_types" and listed is not None:
+            kinds = tuple(listed)
+        elif self.sliding_rule in ("layer_types", "all_if_window"):
+            # Mistral ignores layer_types (transformers warns and slides every layer).
+            kinds = (SLIDING_ATTENTION,) * num_layers
+        else:
+            kinds = (FULL_ATTENTION,) * num_layers
+        if window is None:
+            kinds = (FULL_ATTENTION,) * num_layers
         if SLIDING_ATTENTION not in kinds:
             return kinds, None
-        return kinds, int(window) if window is not None else None
+        return kinds, int(window)
 
 
 HF_FAMILIES: dict[str, HfFamily] = {
     "llama": HfFamily(use_qk_norm=False, sliding_rule="none", bias_rule="config"),
     "mistral": HfFamily(use_qk_norm=False, sliding_rule="all_if_window", bias_rule="config"),
-    "qwen2": HfFamily(use_qk_norm=False, sliding_rule="qwen_max_window_layers", bias_rule="always"),
-    "qwen3": HfFamily(use_qk_norm=True, sliding_rule="qwen_max_window_layers", bias_rule="config"),
+    "ministral": HfFamily(use_qk_norm=False, sliding_rule="layer_types", bias_rule="never"),
+    "qwen2": HfFamily(use_qk_norm=False, sliding_rule="qwen", bias_rule="always"),
+    "qwen3": HfFamily(use_qk_norm=True, sliding_rule="qwen", bias_rule="config"),
 }
 
 

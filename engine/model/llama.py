@@ -166,7 +166,6 @@ class LlamaModel:
         buffers: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view)."""
-        c = self.config
         hidden = buffers["hidden"]
         torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
         rope = self.rope_table[batch.positions]  # [T, 2, D]

@@ -1,0 +1,82 @@
+"""The `contiguous` KV layout (vTensor / vAttention): per layer, K and V are virtual tensors
+`[max_slots, max_len, kv_heads, head_dim]`; a request owns one slot and pages are mapped into its
+slot's range as it grows. Attention reads `cache[:B, :L]` in place, with no block table and no gather.
+
+Page `i` of slot `s` in every layer tensor is virtual page `s * pages_per_slot + i`. Unmapped pages
+read as zeros (the VMM backend's scratch), so padded positions are finite and masked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memory.kv.blocks import KVBlock
+from memory.kv.spec import KVCacheSpec
+from memory.virtual_tensor import VirtualTensor
+from memory.vmm.base import VmmBackend
+
+
+class ContiguousLayout:
+    name = "contiguous"
+
+    def __init__(self, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype):
+        self.spec = spec
+        shape = (spec.max_slots, spec.max_len, spec.num_kv_heads, spec.head_dim)
+        # tensors[layer] = (K, V)
+        self.tensors = [
+            (
+                VirtualTensor(backend, shape, dtype, spec.page_bytes),
+                VirtualTensor(backend, shape, dtype, spec.page_bytes),
+            )
+            for _ in range(spec.num_layers)
+        ]
+
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What attention reads and writes: one (K, V) tensor pair per layer."""
+        return [(k.tensor, v.tensor) for k, v in self.tensors]
+
+    def _page(self, slot: int, page: int) -> int:
+        return slot * self.spec.pages_per_slot + page
+
+    def _block_tensors(self, block: KVBlock) -> list[VirtualTensor]:
+        """The virtual tensors a block's chunks belong to, in the block's chunk order."""
+        layers = self.spec.groups[block.group].layers
+        return [tensor for layer in layers for tensor in self.tensors[layer]]
+
+    def map_block(self, slot: int, page: int, block: KVBlock) -> None:
+        index = self._page(slot, page)
+        for tensor, chunk in zip(self._block_tensors(block), block.chunks, strict=True):
+            tensor.map_page(index, chunk)
+
+    def unmap_block(self, slot: int, page: int, block: KVBlock) -> None:
+        index = self._page(slot, page)
+        for tensor in self._block_tensors(block):
+            tensor.unmap_page(index)
+
+    def move_block(self, block: KVBlock, src_slot: int, dst_slot: int, page: int) -> None:
+        """Remaps a block from one slot to another; no KV data is copied."""
+        src, dst = self._page(src_slot, page), self._page(dst_slot, page)
+        for tensor in self._block_tensors(block):
+            tensor.move_page(src, dst)
+
+    def block_pages(self, slot: int, page: int, block: KVBlock) -> list[torch.Tensor]:
+        """uint8 views of a mapped block's chunks (for copies to and from the host)."""
+        index = self._page(slot, page)
+        return [tensor.page_tensor(index) for tensor in self._block_tensors(block)]
+
+    def read_tokens(self, slot: int, num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of a slot's first `num_tokens` tokens of K and V, per layer (for migration)."""
+        return [(k.tensor[slot, :num_tokens].clone(), v.tensor[slot, :num_tokens].clone()) for k, v in self.tensors]
+
+    def write_tokens(self, slot: int, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for (k, v), (key, value) in zip(self.tensors, layers, strict=True):
+            k.tensor[slot, start : start + key.shape[0]].copy_(key)
+            v.tensor[slot, start : start + value.shape[0]].copy_(value)
+
+    def close(self) -> None:
+        for k, v in self.tensors:
+            k.close()
+            v.close()
+
+
+LAYOUTS = {"contiguous": ContiguousLayout}

@@ -1,0 +1,411 @@
+"""KVCacheManager: one device's KV cache, built on virtual tensors and the pool's `kv` balloon.
+
+What it decides: which slot a request occupies, which physical chunks back each of its pages, which
+full pages are shared through the prefix cache, and what is swapped to the host. Chunks come from
+the ElasticPool only when a page is needed and go back the moment nobody needs them, so KV and
+activations trade memory step by step. The layout (where pages sit in virtual memory) is a strategy
+object; the bookkeeping in `blocks.py` is plain Python.
+
+Deterministic: the same sequence of calls gives the same slots, pages and chunks, which is how
+tensor-parallel ranks keep their pools identical (rank 0 broadcasts the calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from memory.host_buffer import HostBuffer
+from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
+from memory.kv.contiguous import LAYOUTS
+from memory.kv.spec import KVCacheSpec
+from memory.pool import ElasticPool, PoolExhausted
+
+KV_CLIENT = "kv"
+
+
+@dataclass
+class RequestKV:
+    request_id: str
+    num_tokens: int = 0  # tokens whose K/V are stored (computed)
+    blocks: list[list[KVBlock | None]] = field(default_factory=list)  # per group, per page
+    hashes: list[int] = field(default_factory=list)  # chained hashes of full pages committed so far
+    host_slots: list[list[list[int] | None]] | None = None  # set while swapped: per group, per page
+    residency: list[str] = field(default_factory=list)  # per layer: "device" | "host"
+
+    @property
+    def is_swapped(self) -> bool:
+        return self.host_slots is not None
+
+
+@dataclass(frozen=True)
+class KVExport:
+    """A request's KV, layout-independent (for migration between replicas)."""
+
+    num_tokens: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V as [num_tokens, kv_heads, head_dim]
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        pool: ElasticPool,
+        dtype: torch.dtype,
+        layout: str = "contiguous",
+        host_buffer: HostBuffer | None = None,
+        enable_prefix_caching: bool = True,
+    ):
+        if pool.chunk_bytes != spec.page_bytes:
+            raise ValueError(f"pool chunks ({pool.chunk_bytes} B) must equal KV pages ({spec.page_bytes} B)")
+        self.spec = spec
+        self.pool = pool
+        self.host_buffer = host_buffer
+        self.layout = LAYOUTS[layout](spec, pool.backend, dtype)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.slots = SlotTable(spec.max_slots)
+        self.prefix = PrefixCache()
+        self.requests: dict[str, RequestKV] = {}
+        self._next_block_id = 0
+        self._chunks_per_block = [2 * len(group.layers) for group in spec.groups]
+        pool.register(KV_CLIENT, reclaim=self._reclaim, reclaimable=lambda: self.prefix.num_evictable_chunks)
+
+    # ---- queries -------------------------------------------------------------------------------
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.layout.layer_caches()
+
+    def slot_of(self, request_id: str) -> int:
+        return self.slots.slot_of[request_id]
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.spec.max_slots - self.slots.num_used
+
+    def num_used_chunks(self) -> int:
+        """Chunks the kv balloon holds for live requests (not counting evictable cached blocks)."""
+        return self.pool.num_held(KV_CLIENT) - self.prefix.num_evictable_chunks
+
+    def num_available_chunks(self) -> int:
+        """Chunks a new allocation could get: free, evictable cache, and what other balloons give back."""
+        return self.prefix.num_evictable_chunks + self._pool_available()
+
+    def _pool_available(self) -> int:
+        # can_inflate is monotone in n; binary search keeps it exact without a new pool API
+        low, high = 0, self.pool.num_chunks
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.pool.can_inflate(KV_CLIENT, mid):
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def _pages_needed(self, group: int, num_tokens: int) -> range:
+        """Page indices a request with `num_tokens` tokens must have mapped in this group."""
+        last = self.spec.num_pages(num_tokens)
+        window = self.spec.groups[group].sliding_window
+        if window is None:
+            return range(last)
+        # the next query (position num_tokens - 1 or later) sees keys > position - window
+        first_needed_token = max(0, num_tokens - window)
+        return range(first_needed_token // self.spec.tokens_per_page, last)
+
+    def chunks_to_grow(self, request_id: str | None, num_tokens: int) -> int:
+        """Chunks that growing `request_id` (None: a new request) to `num_tokens` tokens would take."""
+        state = self.requests.get(request_id) if request_id is not None else None
+        total = 0
+        for group in range(len(self.spec.groups)):
+            have = state.blocks[group] if state else []
+            needed = self._pages_needed(group, num_tokens)
+            missing = sum(1 for page in needed if page >= len(have) or have[page] is None)
+            total += missing * self._chunks_per_block[group]
+        return total
+
+    def can_grow(self, request_id: str | None, num_tokens: int) -> bool:
+        return self.chunks_to_grow(request_id, num_tokens) <= self.num_available_chunks()
+
+    # ---- admission and growth ------------------------------------------------------------------
+    def match_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens are cached in every layer group (whole pages; at least one token
+        is always left to compute so the request has logits to sample from)."""
+        if not self.enable_prefix_caching:
+            return 0
+        num_pages = 0
+        parent = None
+        page_tokens = self.spec.tokens_per_page
+        while (num_pages + 1) * page_tokens <= len(token_ids) - 1:
+            start = num_pages * page_tokens
+            parent = chain_hash(parent, token_ids[start : start + page_tokens])
+            if any(self.prefix.lookup(group, parent) is None for group in range(len(self.spec.groups))):
+                break
+            num_pages += 1
+        return num_pages * page_tokens
+
+    def admit(self, request_id: str, token_ids: Sequence[int]) -> int:
+        """Gives a new request a slot and maps its cached prefix pages (shared, not copied).
+
+        Returns the number of prompt tokens whose KV is already there."""
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id} is already in the KV cache")
+        num_cached = self.match_prefix(token_ids)
+        slot = self.slots.assign(request_id)
+        state = RequestKV(request_id, residency=["device"] * self.spec.num_layers)
+        state.blocks = [[] for _ in self.spec.groups]
+        self.requests[request_id] = state
+        parent = None
+        for page in range(num_cached // self.spec.tokens_per_page):
+            start = page * self.spec.tokens_per_page
+            parent = chain_hash(parent, token_ids[start : start + self.spec.tokens_per_page])
+            state.hashes.append(parent)
+            for group in range(len(self.spec.groups)):
+                block = self.prefix.lookup(group, parent)
+                self.prefix.hold(block)
+                self.layout.map_block(slot, page, block)
+                state.blocks[group].append(block)
+        state.num_tokens = num_cached
+        if self.enable_prefix_caching:
+            self.prefix.num_queried_tokens += len(token_ids)
+            self.prefix.num_hit_tokens += num_cached
+        self._drop_out_of_window(state)
+        return num_cached
+
+    def grow(self, request_id: str, num_tokens: int) -> bool:
+        """Maps pages so the request can hold `num_tokens` tokens. False (and no change) if the
+        memory is not there."""
+        state = self.requests[request_id]
+        if num_tokens > self.spec.max_len:
+            raise ValueError(f"{num_tokens} tokens exceed the slot length {self.spec.max_len}")
+        wanted = []
+        for group in range(len(self.spec.groups)):
+            pages = state.blocks[group]
+            for page in self._pages_needed(group, num_tokens):
+                if page >= len(pages) or pages[page] is None:
+                    wanted.append((group, page))
+        num_chunks = sum(self._chunks_per_block[group] for group, _ in wanted)
+        if not wanted:
+            return True
+        chunks = self._take_chunks(num_chunks)
+        if chunks is None:
+            return False
+        slot = self.slot_of(request_id)
+        for group, page in wanted:
+            block = self._new_block(group, chunks)
+            pages = state.blocks[group]
+            pages.extend([None] * (page + 1 - len(pages)))
+            pages[page] = block
+            self.layout.map_block(slot, page, block)
+        return True
+
+    def commit(self, request_id: str, token_ids: Sequence[int], num_tokens: int) -> None:
+        """Records that the first `num_tokens` tokens' K/V are stored: full pages become shareable
+        and pages that slid out of every query's window are released."""
+        state = self.requests[request_id]
+        state.num_tokens = num_tokens
+        if self.enable_prefix_caching:
+            page_tokens = self.spec.tokens_per_page
+            while (len(state.hashes) + 1) * page_tokens <= num_tokens:
+                page = len(state.hashes)
+                parent = state.hashes[-1] if state.hashes else None
+                block_hash = chain_hash(parent, token_ids[page * page_tokens : (page + 1) * page_tokens])
+                state.hashes.append(block_hash)
+                for group in range(len(self.spec.groups)):
+                    block = state.blocks[group][page]
+                    if block is not None and block.block_hash is None:
+                        self.prefix.insert(block, block_hash)
+        self._drop_out_of_window(state)
+
+    def free(self, request_id: str) -> None:
+        """Releases everything the request holds (finished, aborted, or preempted to recompute)."""
+        state = self.requests.pop(request_id)
+        if state.is_swapped:
+            self.host_buffer.free([s for group in state.host_slots for page in group if page for s in page])
+            return
+        slot = self.slot_of(request_id)
+        for pages in state.blocks:
+            for page, block in enumerate(pages):
+                if block is not None:
+                    self.layout.unmap_block(slot, page, block)
+                    self._release(block)
+        self._release_slot(request_id)
+
+    # ---- swap ----------------------------------------------------------------------------------
+    def can_swap_out(self, request_id: str) -> bool:
+        state = self.requests[request_id]
+        needed = sum(self._chunks_per_block[g] for g, pages in enumerate(state.blocks) for b in pages if b)
+        return self.host_buffer is not None and needed <= self.host_buffer.num_free
+
+    def swap_out(self, request_id: str) -> int:
+        """Copies the request's pages to the host buffer and frees them on the device. Returns bytes."""
+        state = self.requests[request_id]
+        slot = self.slot_of(request_id)
+        state.host_slots = []
+        num_bytes = 0
+        for pages in state.blocks:
+            host_pages: list[list[int] | None] = []
+            for page, block in enumerate(pages):
+                if block is None:
+                    host_pages.append(None)
+                    continue
+                host = self.host_buffer.allocate(len(block.chunks))
+                for host_slot, view in zip(host, self.layout.block_pages(slot, page, block), strict=True):
+                    self.host_buffer.copy_in(host_slot, view)
+                num_bytes += len(host) * self.spec.page_bytes
+                host_pages.append(host)
+                self.layout.unmap_block(slot, page, block)
+                self._release(block)
+            state.host_slots.append(host_pages)
+        state.blocks = [[None] * len(pages) for pages in state.blocks]
+        state.hashes = []  # swapped-in pages are private copies
+        state.residency = ["host"] * self.spec.num_layers
+        self._release_slot(request_id)
+        self.pool.record_swap(bytes_out=num_bytes)
+        return num_bytes
+
+    def chunks_to_swap_in(self, request_id: str) -> int:
+        state = self.requests[request_id]
+        return sum(self._chunks_per_block[g] for g, pages in enumerate(state.host_slots) for p in pages if p)
+
+    def swap_in(self, request_id: str) -> bool:
+        """Brings a swapped request back into a slot. False (no change) if memory or slots lack."""
+        state = self.requests[request_id]
+        if self.num_free_slots == 0:
+            return False
+        chunks = self._take_chunks(self.chunks_to_swap_in(request_id))
+        if chunks is None:
+            return False
+        slot = self.slots.assign(request_id)
+        num_bytes = 0
+        for group, host_pages in enumerate(state.host_slots):
+            for page, host in enumerate(host_pages):
+                if host is None:
+                    continue
+                block = self._new_block(group, chunks)
+                state.blocks[group][page] = block
+                self.layout.map_block(slot, page, block)
+                for host_slot, view in zip(host, self.layout.block_pages(slot, page, block), strict=True):
+                    self.host_buffer.copy_out(host_slot, view)
+                self.host_buffer.free(host)
+                num_bytes += len(host) * self.spec.page_bytes
+        state.host_slots = None
+        state.residency = ["device"] * self.spec.num_layers
+        self.pool.record_swap(bytes_in=num_bytes)
+        return True
+
+    # ---- migration -----------------------------------------------------------------------------
+    def export_request(self, request_id: str) -> KVExport:
+        state = self.requests[request_id]
+        if state.is_swapped:
+            raise ValueError("swap the request in before exporting it")
+        return KVExport(state.num_tokens, self.layout.read_tokens(self.slot_of(request_id), state.num_tokens))
+
+    def import_request(self, request_id: str, export: KVExport) -> bool:
+        """Admits a request whose KV was computed elsewhere. False (no change) if it does not fit."""
+        if self.num_free_slots == 0 or not self.can_grow(None, export.num_tokens):
+            return False
+        self.slots.assign(request_id)
+        state = RequestKV(request_id, blocks=[[] for _ in self.spec.groups],
+                          residency=["device"] * self.spec.num_layers)
+        self.requests[request_id] = state
+        # map every page (windows included) so every token can be written, then drop what slid out
+        if not self._grow_all(state, export.num_tokens):
+            self.free(request_id)
+            return False
+        self.layout.write_tokens(self.slot_of(request_id), 0, export.layers)
+        state.num_tokens = export.num_tokens
+        self._drop_out_of_window(state)
+        return True
+
+    def _grow_all(self, state: RequestKV, num_tokens: int) -> bool:
+        num_pages = self.spec.num_pages(num_tokens)
+        chunks = self._take_chunks(sum(self._chunks_per_block) * num_pages)
+        if chunks is None:
+            return False
+        slot = self.slot_of(state.request_id)
+        for group in range(len(self.spec.groups)):
+            for page in range(num_pages):
+                block = self._new_block(group, chunks)
+                state.blocks[group].append(block)
+                self.layout.map_block(slot, page, block)
+        return True
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _take_chunks(self, num_chunks: int) -> list | None:
+        """Chunks from: free pool chunks, then our own evictable cached blocks, then what the pool
+        reclaims from other balloons. None (and nothing taken) if they do not add up."""
+        if num_chunks == 0:
+            return []
+        if num_chunks > self.num_available_chunks():
+            return None
+        free_now = min(num_chunks, self.pool.num_free())
+        chunks = self.pool.inflate(KV_CLIENT, free_now) if free_now else []
+        while len(chunks) < num_chunks and self.prefix.evictable:
+            chunks.extend(self.prefix.evict_oldest().chunks)
+        if len(chunks) > num_chunks:
+            self.pool.deflate(KV_CLIENT, chunks[num_chunks:])
+            del chunks[num_chunks:]
+        if len(chunks) < num_chunks:
+            try:
+                chunks.extend(self.pool.inflate(KV_CLIENT, num_chunks - len(chunks)))
+            except PoolExhausted:
+                self.pool.deflate(KV_CLIENT, chunks)
+                return None
+        chunks.reverse()  # _new_block pops from the end: keep ascending chunk order per block
+        return chunks
+
+    def _new_block(self, group: int, chunks: list) -> KVBlock:
+        taken = [chunks.pop() for _ in range(self._chunks_per_block[group])]
+        block = KVBlock(self._next_block_id, group, taken, ref_count=1)
+        self._next_block_id += 1
+        return block
+
+    def _release(self, block: KVBlock) -> None:
+        block.ref_count -= 1
+        if block.ref_count > 0:
+            return
+        if block.block_hash is not None:
+            self.prefix.park(block)
+        else:
+            self.pool.deflate(KV_CLIENT, block.chunks)
+
+    def _release_slot(self, request_id: str) -> None:
+        hole, moved = self.slots.release(request_id)
+        if moved is None:
+            return
+        last = self.slots.num_used  # the moved request's old slot
+        for pages in self.requests[moved].blocks:
+            for page, block in enumerate(pages):
+                if block is not None:
+                    self.layout.move_block(block, last, hole, page)
+
+    def _drop_out_of_window(self, state: RequestKV) -> None:
+        if state.is_swapped:
+            return
+        slot = self.slot_of(state.request_id)
+        for group, spec_group in enumerate(self.spec.groups):
+            if spec_group.sliding_window is None:
+                continue
+            first_needed = self._pages_needed(group, max(state.num_tokens, 1)).start
+            pages = state.blocks[group]
+            for page in range(min(first_needed, len(pages))):
+                if pages[page] is not None:
+                    self.layout.unmap_block(slot, page, pages[page])
+                    self._release(pages[page])
+                    pages[page] = None
+
+    def _reclaim(self, num_chunks: int) -> int:
+        """The pool asks for memory back: give up least recently used cached pages."""
+        given = 0
+        while given < num_chunks and self.prefix.evictable:
+            block = self.prefix.evict_oldest()
+            self.pool.deflate(KV_CLIENT, block.chunks)
+            given += len(block.chunks)
+        return given
+
+    def close(self) -> None:
+        for request_id in list(self.requests):
+            self.free(request_id)
+        while self.prefix.evictable:
+            self.pool.deflate(KV_CLIENT, self.prefix.evict_oldest().chunks)
+        self.layout.close()
