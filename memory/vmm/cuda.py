@@ -55,19 +55,43 @@ class _CudaArray:
             "version": 3, "stream": None}
 
 
+class TorchCuda:
+    """What the backend needs from torch.cuda (a seam so tests can pass a fake with a fake driver)."""
+
+    def is_available(self) -> bool:
+        return torch.cuda.is_available()
+
+    def current_device(self) -> int:
+        return torch.cuda.current_device()
+
+    def init(self) -> None:
+        torch.cuda.init()
+
+    def synchronize(self, device: torch.device) -> None:
+        torch.cuda.synchronize(device)
+
+    def as_tensor(self, address: int, num_bytes: int, device: torch.device) -> torch.Tensor:
+        return torch.as_tensor(_CudaArray(address, num_bytes), device=device)
+
+
 class CudaBackend(VmmBackend):
     """VMM on one NVIDIA GPU. `granularity` defaults to the driver's minimum (2 MiB on current
-    GPUs) and must be a multiple of it."""
+    GPUs) and must be a multiple of it. `driver` (the cuda.bindings.driver module) and `torch_cuda`
+    default to the real ones; tests pass fakes."""
 
     name = "cuda"
 
-    def __init__(self, device: int | str | torch.device = "cuda", granularity: int | None = None) -> None:
-        driver = _load_driver()
-        if not torch.cuda.is_available():
+    def __init__(self, device: int | str | torch.device = "cuda", granularity: int | None = None, *,
+                 driver: Any = None, torch_cuda: TorchCuda | None = None) -> None:
+        driver = _load_driver() if driver is None else driver
+        self._torch_cuda = TorchCuda() if torch_cuda is None else torch_cuda
+        if not self._torch_cuda.is_available():
             raise BackendUnavailable("the cuda backend needs a GPU visible to torch")
-        device = torch.device(device)
-        index = torch.cuda.current_device() if device.index is None else device.index
-        torch.cuda.init()
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"the cuda backend needs a cuda device, got {device}")
+        index = self._torch_cuda.current_device() if device.index is None else device.index
+        self._torch_cuda.init()
         self._driver = driver
         self._cu_device = self._call(driver.cuDeviceGet, index)
         self._context = self._call(driver.cuDevicePrimaryCtxRetain, self._cu_device)  # torch's context
@@ -165,13 +189,13 @@ class CudaBackend(VmmBackend):
 
     def synchronize(self) -> None:
         """Wait for every stream of the device (kernels may still read pages about to go)."""
-        torch.cuda.synchronize(self.device)
+        self._torch_cuda.synchronize(self.device)
 
     def as_tensor(self, address: int, num_bytes: int) -> torch.Tensor:
         """Zero-copy uint8 CUDA tensor over [address, address+num_bytes) (data_ptr() == address)."""
         self._check_open()
         self._find_reservation(address, num_bytes)
-        return torch.as_tensor(_CudaArray(address, num_bytes), device=self.device)
+        return self._torch_cuda.as_tensor(address, num_bytes, self.device)
 
     def physical_bytes(self) -> int:
         """Device bytes held by live chunks (the scratch chunk not counted)."""
