@@ -154,11 +154,17 @@ class ElasticPool:
 
     # ---- inflate / deflate ---------------------------------------------------------------------
     @_locked
+    def num_obtainable(self, client: str) -> int:
+        """The most `client` can inflate now: free chunks plus what the clients the policy would
+        reclaim from say (via `reclaimable()`) they could give, capped by the policy's limit.
+        Cheap, no side effects."""
+        reclaimable = sum(self._reclaimable(name, exact=True)
+                          for name in self.policy.reclaim_order(client, self.clients))
+        return min(self._limit(client), self.num_free() + reclaimable)
+
     def can_inflate(self, client: str, num_chunks: int) -> bool:
-        """Whether `inflate(client, num_chunks)` would succeed, counting what the other clients'
-        `reclaimable()` say they could give. Cheap, no side effects."""
-        return num_chunks <= self._limit(client) and num_chunks <= self.num_free() + sum(
-            self._reclaimable(name, exact=True) for name in self.policy.reclaim_order(client, self.clients))
+        """Whether `inflate(client, num_chunks)` would succeed (num_chunks <= num_obtainable)."""
+        return num_chunks <= self.num_obtainable(client)
 
     @_locked
     def inflate(self, client: str, num_chunks: int) -> list[PhysicalChunk]:

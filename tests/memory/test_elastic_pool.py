@@ -102,7 +102,8 @@ def test_elastic_reclaims_in_priority_order_never_from_the_requester(host):
     kv.take(4)
     act.take(3)
     weights.take(2)
-    assert pool.can_inflate("activations", 6) and not pool.can_inflate("activations", 8)
+    assert pool.can_inflate("activations", 7) and not pool.can_inflate("activations", 8)
+    assert pool.num_obtainable("activations") == 7 and pool.num_obtainable("kv") == 6
     assert log == []  # can_inflate has no side effects
     act.take(6)  # 1 free, then kv gives 4, then weights gives 1
     assert log == ["kv:5", "weights:1"]
@@ -151,6 +152,7 @@ def test_static_policy_never_exceeds_a_share_and_never_reclaims(host):
         kv.take(1)
     assert info.value.available == 0
     assert not pool.can_inflate("activations", 4) and pool.can_inflate("activations", 3)
+    assert [pool.num_obtainable(name) for name in ("kv", "activations", "weights")] == [0, 3, 0]
     with pytest.raises(PoolExhausted) as info:
         act.take(4)
     assert info.value.available == 3

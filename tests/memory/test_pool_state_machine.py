@@ -68,6 +68,7 @@ class PoolMachine(RuleBasedStateMachine):
         other = CLIENTS[1 - CLIENTS.index(client)]
         could = self.pool.num_free() + len(self._unmapped(other))
         assert self.pool.can_inflate(client, num) == (num <= could)
+        assert self.pool.num_obtainable(client) == could
         before = {name: list(chunks) for name, chunks in self.held.items()}
         if num > could:
             with pytest.raises(PoolExhausted) as info:
