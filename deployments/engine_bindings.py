@@ -11,6 +11,18 @@ from dataclasses import dataclass
 from typing import Any
 
 
+async def check_engine_health(engine: Any) -> None:
+    """Raises EngineDeadError when the engine's loop has stopped (its `check_health()` if it has one,
+    else its `is_running` flag)."""
+    check = getattr(engine, "check_health", None)
+    if check is not None:
+        await check()
+    elif getattr(engine, "is_running", True) is False:
+        from engine.api import EngineDeadError
+
+        raise EngineDeadError("the engine loop is not running")
+
+
 def _decode_token(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id])
 

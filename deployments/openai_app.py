@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from deployments import errors
-from deployments.engine_bindings import EngineBindings
+from deployments.engine_bindings import EngineBindings, check_engine_health
 from deployments.metrics import ServingMetrics
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now_s
 from deployments.serving import OpenAIServing
@@ -148,11 +148,7 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
         if engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         try:
-            check_health = getattr(engine, "check_health", None)
-            if check_health is not None:
-                await check_health()
-            else:
-                engine.stats()
+            await check_engine_health(engine)
         except EngineDeadError as exc:
             return JSONResponse({"status": "dead", "detail": str(exc)}, status_code=503)
         return {"status": "ok"}

@@ -56,3 +56,8 @@ def sse_events(body: str) -> list[str]:
 
 def sse_json(body: str) -> list[dict]:
     return [json.loads(event) for event in sse_events(body) if event != "[DONE]"]
+
+
+def pytest_configure(config):
+    # Ray Serve's own pydantic models warn at import; nothing we can act on.
+    config.addinivalue_line("filterwarnings", "ignore:Using extra keyword arguments on `Field`")

@@ -1,0 +1,124 @@
+"""`AppArgs`: the `args:` block of serve_config.yaml, validated before anything starts.
+
+Unknown keys are errors (a misspelled knob must not silently fall back to a default). Sizes accept bytes
+or strings like "1GiB" / "512MiB" / "2GB". `to_engine_config()` is the only place that builds the
+engine's EngineConfig from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_bytes(value: int | str) -> int:
+    """`1073741824`, `"1GiB"` (binary), `"1GB"` (decimal), `"512M"` (binary, like docker) -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like '1GiB'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("a size must be > 0")
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"cannot read {value!r} as a size (examples: 1073741824, '1GiB', '512MiB', '2GB')")
+    number, prefix, binary, byte_suffix = match.groups()
+    is_decimal = bool(prefix) and not binary and bool(byte_suffix)
+    base = 1000 if is_decimal else 1024
+    size = int(float(number) * base ** _POWERS[prefix.lower()])
+    if size <= 0:
+        raise ValueError("a size must be > 0")
+    return size
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class AppArgs(BaseModel):
+    """Engine knobs left at None take EngineConfig's default, so the engine owns its defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    # What to serve.
+    model: str | None = None  # None: the embedded SmolLM2 GGUF; or an HF directory / .gguf path
+    served_model_name: str | None = None  # the name clients send; None: the engine's model name
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if torch sees a GPU, else cpu
+    # Memory: one elastic pool per device (per rank), host RAM as its overflow. Bytes or "1GiB".
+    device_memory: int | None = None
+    host_buffer: int | None = None
+    pool_policy: Literal["elastic", "static"] | None = None
+    preemption_mode: Literal["auto", "swap", "recompute"] | None = None
+    # Parallelism and Ray resources.
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    cpus_per_rank: float = Field(default=1.0, gt=0)  # Ray CPUs per rank (replica + each TP worker)
+    num_threads: int | None = Field(default=None, ge=1)  # torch threads per rank; None: from cpus_per_rank
+    # Scheduler limits and SLO targets.
+    max_model_len: int | None = Field(default=None, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    max_num_waiting: int | None = Field(default=None, ge=0)
+    enable_prefix_caching: bool | None = None
+    ttft_slo_ms: float | None = Field(default=None, gt=0)
+    tpot_slo_ms: float | None = Field(default=None, gt=0)
+    engine_options: dict[str, Any] = Field(default_factory=dict)  # any other EngineConfig field
+    # HTTP.
+    api_key: str | None = Field(default=None, repr=False)  # set: /v1/* needs "Authorization: Bearer <key>"
+    # Cluster controller.
+    controller_name: str = "elastic-serve-controller"
+    controller_namespace: str = "elastic-serve"
+    telemetry_period_s: float = Field(default=0.5, gt=0, le=0.5)
+    migration_policy: str = "none"
+    # Another engine behind the same HTTP layer ("module:callable"; tests use a fake engine).
+    engine_factory: str | None = None
+    engine_factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("device_memory", "host_buffer", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return None if value is None else parse_bytes(value)
+
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty_key(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("api_key must not be empty (leave it out to disable authentication)")
+        return value
+
+    def threads_per_rank(self) -> int:
+        if self.num_threads is not None:
+            return self.num_threads
+        return max(1, round(self.cpus_per_rank))
+
+    def to_engine_config(self, device: str | None = None):
+        """EngineConfig for this replica; `device` overrides the resolution of "auto" (e.g. for checks)."""
+        from engine.config import EngineConfig
+
+        known = {field.name for field in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(self.engine_options) - known)
+        if unknown:
+            raise ValueError(f"engine_options: unknown EngineConfig fields {unknown}")
+        values = {
+            "model": self.model, "dtype": self.dtype, "device_memory_bytes": self.device_memory,
+            "host_buffer_bytes": self.host_buffer, "pool_policy": self.pool_policy,
+            "preemption_mode": self.preemption_mode, "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_num_waiting": self.max_num_waiting, "enable_prefix_caching": self.enable_prefix_caching,
+            "ttft_slo_ms": self.ttft_slo_ms, "tpot_slo_ms": self.tpot_slo_ms,
+        }
+        kwargs = {name: value for name, value in values.items() if value is not None}
+        kwargs.update(self.engine_options)
+        kwargs.update(device=device or resolve_device(self.device), num_threads=self.threads_per_rank(),
+                      tensor_parallel_size=self.tensor_parallel_size)
+        return EngineConfig(**kwargs)

@@ -1,0 +1,143 @@
+"""`LLMServer`: one Ray Serve replica = one engine (plus its TP worker actors) behind the OpenAI app.
+
+The replica builds its engine in a worker thread (the model load takes seconds), then serves the FastAPI
+app from `build_openai_app`, publishes routing stats for `KVHeadroomRouter`, and pushes its telemetry to
+the cluster controller every `telemetry_period_s`. Shutdown: stop the telemetry task, deregister, shut the
+engine down (which stops the TP ranks), then kill the TP actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from deployments.args import AppArgs, resolve_device
+from deployments.controller import ControllerClient
+from deployments.engine_bindings import EngineBindings, check_engine_health
+from deployments.openai_app import AppSettings, build_openai_app
+from deployments.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class BuiltEngine:
+    engine: Any
+    bindings: EngineBindings | None = None  # None: the engine package's
+    cleanup: Callable[[], None] | None = None  # runs after engine.shutdown()
+    failed_ranks: Callable[[], list[int]] | None = None
+
+
+def build_elastic_engine(args: AppArgs) -> BuiltEngine:
+    from engine.async_engine import AsyncEngine
+
+    device = resolve_device(args.device)
+    config = args.to_engine_config(device=device)
+    if args.tensor_parallel_size == 1:
+        return BuiltEngine(AsyncEngine.from_config(config))
+    launcher = WorkerLauncher(args.tensor_parallel_size, config, args.cpus_per_rank,
+                              gpus_per_rank=1 if device == "cuda" else 0, device=device)
+    launcher.start()
+    try:
+        executor = import_attr(EXECUTOR_PATH)(config, launcher.init_method_file)
+        engine = AsyncEngine.from_config(config, executor=executor)
+    except BaseException:
+        launcher.shutdown(timeout_s=0)
+        raise
+    return BuiltEngine(engine, cleanup=launcher.shutdown, failed_ranks=launcher.failed_ranks)
+
+
+def build_engine(args: AppArgs) -> BuiltEngine:
+    if args.engine_factory is None:
+        return build_elastic_engine(args)
+    if ":" not in args.engine_factory:
+        raise ValueError(f"engine_factory must be 'module:callable', got {args.engine_factory!r}")
+    made = import_attr(args.engine_factory)(args, **args.engine_factory_kwargs)
+    return made if isinstance(made, BuiltEngine) else BuiltEngine(made)
+
+
+def _set_torch_threads(num_threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(num_threads)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, health_check_period_s=5,
+                  graceful_shutdown_timeout_s=20)
+@serve.ingress()
+class LLMServer:
+    async def __init__(self, args: dict[str, Any]):
+        self.args = AppArgs.model_validate(args)
+        self.replica_id = serve.get_replica_context().replica_tag
+        _set_torch_threads(self.args.threads_per_rank())
+        started = time.monotonic()
+        logger.info("replica %s: loading %s (%d torch threads)...", self.replica_id,
+                    self.args.model or "the embedded SmolLM2", self.args.threads_per_rank())
+        self._built = await asyncio.to_thread(build_engine, self.args)
+        self.engine = self._built.engine
+        await self.engine.start()
+        logger.info("replica %s: %s ready in %.1f s", self.replica_id, self.engine.model_name,
+                    time.monotonic() - started)
+        self._controller = ControllerClient(self.replica_id, self.args.controller_name,
+                                            self.args.controller_namespace, self.args.migration_policy)
+        self._telemetry_task = asyncio.get_running_loop().create_task(self._push_telemetry())
+
+    def __serve_build_asgi_app__(self):
+        settings = AppSettings(served_model_name=self.args.served_model_name, api_key=self.args.api_key,
+                               replica_id=self.replica_id, bindings=self._built.bindings,
+                               cluster_view=self._controller.cluster_view)
+        return build_openai_app(lambda: self.engine, settings)
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        stats = self.engine.stats()
+        return {"kv_free_chunks": stats.kv_chunks_free, "kv_usage": stats.kv_usage,
+                "num_running": stats.num_running, "num_waiting": stats.num_waiting, "timestamp": time.time()}
+
+    async def check_health(self) -> None:
+        await check_engine_health(self.engine)
+        if self._built.failed_ranks is not None and (failed := self._built.failed_ranks()):
+            raise RuntimeError(f"tensor-parallel ranks {failed} stopped")
+
+    async def _push_telemetry(self) -> None:
+        period_s = self.args.telemetry_period_s
+        num_failures = 0
+        while True:
+            try:
+                stats = dataclasses.asdict(self.engine.stats())
+                await self._controller.report(self.engine.memory_telemetry(), stats)
+                num_failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                num_failures += 1
+                if num_failures in (1, 10) or num_failures % 100 == 0:
+                    logger.warning("replica %s: telemetry report failed %d times: %r", self.replica_id,
+                                   num_failures, exc)
+            await asyncio.sleep(period_s)
+
+    async def __del__(self):
+        # Also runs after a failed __init__: every step checks that its part was set up.
+        task = getattr(self, "_telemetry_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if getattr(self, "_controller", None) is not None:
+            with contextlib.suppress(Exception):
+                await self._controller.deregister()
+        built = getattr(self, "_built", None)
+        if built is None:
+            return
+        try:
+            await built.engine.shutdown()
+        finally:
+            if built.cleanup is not None:
+                await asyncio.to_thread(built.cleanup)

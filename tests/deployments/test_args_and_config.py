@@ -1,0 +1,87 @@
+"""AppArgs validation, deployment sizing, and serve_config.yaml as Serve will read it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import deployment_options
+from deployments.args import AppArgs, parse_bytes
+from deployments.router import KVHeadroomRouter
+
+CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
+
+
+@pytest.mark.parametrize("text, size", [(4096, 4096), ("4096", 4096), ("1GiB", 1 << 30), ("512MiB", 512 << 20),
+                                        ("512M", 512 << 20), ("2GB", 2_000_000_000), ("1.5 GiB", 3 << 29),
+                                        ("64k", 64 << 10)])
+def test_sizes(text, size):
+    assert parse_bytes(text) == size
+
+
+@pytest.mark.parametrize("bad", ["", "lots", "-1GiB", 0, "1 PiB", True])
+def test_bad_sizes(bad):
+    with pytest.raises(ValueError):
+        parse_bytes(bad)
+
+
+def test_app_args_defaults_and_errors():
+    args = AppArgs(device_memory="1GiB")
+    assert args.device_memory == 1 << 30 and args.tensor_parallel_size == 1 and args.host_buffer is None
+    assert args.threads_per_rank() == 1
+    assert AppArgs(cpus_per_rank=0.5).threads_per_rank() == 1
+    assert AppArgs(cpus_per_rank=2, num_threads=3).threads_per_rank() == 3
+    assert "secret" not in repr(AppArgs(api_key="secret"))
+    for bad in ({"devcie": "cpu"}, {"device": "tpu"}, {"pool_policy": "magic"}, {"tensor_parallel_size": 0},
+                {"device_memory": "a lot"}, {"api_key": " "}, {"telemetry_period_s": 2}):
+        with pytest.raises(ValidationError):
+            AppArgs.model_validate(bad)
+
+
+def test_engine_config_from_args():
+    engine_config = pytest.importorskip("engine.config")
+    config = AppArgs(device="cpu", device_memory="256MiB", max_num_seqs=8, ttft_slo_ms=500,
+                     dtype="float32").to_engine_config()
+    assert isinstance(config, engine_config.EngineConfig)
+    assert (config.device, config.device_memory_bytes, config.max_num_seqs, config.ttft_slo_ms,
+            config.dtype, config.num_threads) == ("cpu", 256 << 20, 8, 500, "float32", 1)
+    defaults = engine_config.EngineConfig()
+    assert AppArgs(device="cpu").to_engine_config() == engine_config.EngineConfig(device="cpu", num_threads=1)
+    assert defaults.max_num_waiting == AppArgs().to_engine_config(device="cpu").max_num_waiting
+    tuned = AppArgs(engine_options={"tokens_per_page": 64}).to_engine_config(device="cpu")
+    assert tuned.tokens_per_page == 64
+    with pytest.raises(ValueError, match="tokens_per_pag"):
+        AppArgs(engine_options={"tokens_per_pag": 64}).to_engine_config(device="cpu")
+
+
+def test_deployment_options_place_one_bundle_per_rank():
+    assert deployment_options(AppArgs(device="cpu")) == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0}}
+    tp = deployment_options(AppArgs(device="cpu", tensor_parallel_size=2, cpus_per_rank=0.5))
+    assert tp == {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
+                  "placement_group_bundles": [{"CPU": 0.5}, {"CPU": 0.5}],
+                  "placement_group_strategy": "STRICT_PACK"}
+    gpu = deployment_options(AppArgs(device="cuda", tensor_parallel_size=2))
+    assert gpu["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}, {"CPU": 1.0, "GPU": 1}]
+
+
+def test_serve_config_yaml_is_valid_and_uses_the_router():
+    config = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
+    [app] = config["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    AppArgs.model_validate(app["args"])
+    [deployment] = app["deployments"]
+    assert deployment["name"] == "LLMServer" and deployment["num_replicas"] == 2
+    router = deployment["request_router_config"]
+    # Serve accepts misspelled keys silently (the period would fall back to 10 s): check every key.
+    assert set(router) <= set(RequestRouterConfig.model_fields)
+    parsed = RequestRouterConfig(**router)
+    assert parsed.request_routing_stats_period_s == 0.5
+    assert parsed.get_request_router_class() is KVHeadroomRouter or parsed.request_router_class == (
+        "deployments.router:KVHeadroomRouter")
