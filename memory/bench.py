@@ -53,6 +53,7 @@ class ThroughputRow:
 
     @property
     def gigabytes_per_second(self) -> float:
+        """Memory handed over per second (bookkeeping: no bytes are copied)."""
         return self.chunks_per_second * self.chunk_bytes / 1e9
 
 
@@ -166,6 +167,7 @@ def format_tables(latencies: Sequence[LatencyRow], throughputs: Sequence[Through
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Command line entry: measure and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="host,sim,cuda", help="comma-separated backend names")
     parser.add_argument("--chunks-small", type=int, default=1024, help="chunks measured at 48 KiB")

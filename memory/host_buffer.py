@@ -52,6 +52,7 @@ class HostBuffer:
 
     @property
     def used_bytes(self) -> int:
+        """Bytes in allocated slots."""
         return (self.num_slots - len(self._free_slots)) * self.page_bytes
 
     def allocate(self, num_slots: int) -> list[int]:

@@ -87,6 +87,7 @@ def register_policy(name: str, factory: PolicyFactory, *, replace: bool = False)
 
 
 def available_policies() -> tuple[str, ...]:
+    """Registered policy names."""
     return tuple(sorted(_FACTORIES))
 
 

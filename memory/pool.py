@@ -63,6 +63,7 @@ class PoolTelemetry:
             raise ValueError("telemetry does not account for every chunk")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (ints, strs and a str->int dict): json.dumps works on it."""
         return asdict(self)
 
 
@@ -137,6 +138,7 @@ class ElasticPool:
 
     @property
     def clients(self) -> tuple[str, ...]:
+        """Registered client names, in registration order."""
         return tuple(self._clients)
 
     def num_held(self, client: str) -> int:

@@ -131,6 +131,7 @@ class VirtualTensor:
         return self._chunks[page_index]
 
     def is_mapped(self, page_index: int) -> bool:
+        """Whether a chunk is mapped at `page_index`."""
         return self.chunk_at(page_index) is not None
 
     @property

@@ -241,6 +241,7 @@ class VmmBackend(ABC):
 
     @property
     def num_reservations(self) -> int:
+        """Reservations not yet freed."""
         return len(self._reservations)
 
     def close(self) -> None:

@@ -59,18 +59,23 @@ class TorchCuda:
     """What the backend needs from torch.cuda (a seam so tests can pass a fake with a fake driver)."""
 
     def is_available(self) -> bool:
+        """torch.cuda.is_available()"""
         return torch.cuda.is_available()
 
     def current_device(self) -> int:
+        """torch.cuda.current_device()"""
         return torch.cuda.current_device()
 
     def init(self) -> None:
+        """torch.cuda.init()"""
         torch.cuda.init()
 
     def synchronize(self, device: torch.device) -> None:
+        """torch.cuda.synchronize(device)"""
         torch.cuda.synchronize(device)
 
     def as_tensor(self, address: int, num_bytes: int, device: torch.device) -> torch.Tensor:
+        """Zero-copy uint8 tensor over device memory via __cuda_array_interface__."""
         return torch.as_tensor(_CudaArray(address, num_bytes), device=device)
 
 
