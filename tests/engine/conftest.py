@@ -1,0 +1,43 @@
+"""Shared, session-scoped model fixtures for tests/engine (each is built once per test run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.tokenizer import load_tokenizer
+from engine.weights import load_weights, resolve_model_source
+from tests.engine.reference import hf_model_from_weights, make_tiny_random_checkpoint
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    return resolve_model_source(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_source):
+    return load_tokenizer(smollm2_source)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32(smollm2_source):
+    """(ModelConfig, weights) of the embedded model in float32, from our loader."""
+    return load_weights(smollm2_source, dtype=torch.float32, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_source):
+    """transformers' Llama holding our loaded SmolLM2 tensors (test_weights shows they equal
+    transformers' own GGUF tensors)."""
+    return hf_model_from_weights(smollm2_source, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    return make_tiny_random_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), arch="qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory):
+    return make_tiny_random_checkpoint(tmp_path_factory.mktemp("tiny-mistral"), arch="mistral")
