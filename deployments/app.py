@@ -31,6 +31,7 @@ def deployment_options(args: AppArgs) -> dict[str, Any]:
         bundle = {"CPU": args.cpus_per_rank, **({"GPU": gpus} if gpus else {})}
         options["placement_group_bundles"] = [dict(bundle) for _ in range(args.tensor_parallel_size)]
         options["placement_group_strategy"] = "STRICT_PACK"
+    options.update(args.deployment_options)
     return options
 
 

@@ -80,6 +80,8 @@ class AppArgs(BaseModel):
     controller_namespace: str = "elastic-serve"
     telemetry_period_s: float = Field(default=0.5, gt=0, le=0.5)
     migration_policy: str = "none"
+    # Extra Serve deployment options for build_app (num_replicas, ...); the YAML's `deployments:` wins.
+    deployment_options: dict[str, Any] = Field(default_factory=dict)
     # Another engine behind the same HTTP layer ("module:callable"; tests use a fake engine).
     engine_factory: str | None = None
     engine_factory_kwargs: dict[str, Any] = Field(default_factory=dict)

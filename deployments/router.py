@@ -46,6 +46,7 @@ def rank_by_headroom(replicas: Sequence[Any], now: float, max_age_s: float = 2.0
     rest = sorted((replica for replica in fresh if replica not in top),
                   key=lambda replica: (replica.routing_stats["num_waiting"],
                                        -replica.routing_stats["kv_free_chunks"]))
+    random.shuffle(top)  # Serve takes the first of equal queue lengths: do not always favour one replica
     groups = [top] if top else []
     groups.extend([replica] for replica in rest)
     if stale:

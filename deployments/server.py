@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from deployments.args import AppArgs, resolve_device
 from deployments.controller import ControllerClient
@@ -70,8 +71,13 @@ def _set_torch_threads(num_threads: int) -> None:
     torch.set_num_threads(num_threads)
 
 
+# The router is part of the design, so it is the default however the app is deployed (YAML may override).
+ROUTER_CONFIG = RequestRouterConfig(request_router_class="deployments.router:KVHeadroomRouter",
+                                    request_routing_stats_period_s=0.5)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, health_check_period_s=5,
-                  graceful_shutdown_timeout_s=20)
+                  graceful_shutdown_timeout_s=20, request_router_config=ROUTER_CONFIG)
 @serve.ingress()
 class LLMServer:
     async def __init__(self, args: dict[str, Any]):
@@ -79,8 +85,9 @@ class LLMServer:
         self.replica_id = serve.get_replica_context().replica_tag
         _set_torch_threads(self.args.threads_per_rank())
         started = time.monotonic()
-        logger.info("replica %s: loading %s (%d torch threads)...", self.replica_id,
-                    self.args.model or "the embedded SmolLM2", self.args.threads_per_rank())
+        what = self.args.engine_factory or self.args.model or "the embedded SmolLM2"
+        logger.info("replica %s: loading %s (%d torch threads)...", self.replica_id, what,
+                    self.args.threads_per_rank())
         self._built = await asyncio.to_thread(build_engine, self.args)
         self.engine = self._built.engine
         await self.engine.start()

@@ -221,12 +221,5 @@ class FakeEngine:
 
 
 def create_fake_engine(app_args: Any = None, **options: Any) -> FakeEngine:
-    """Engine factory for the Ray Serve tests (AppArgs.engine_factory); options come from
-    AppArgs.engine_factory_kwargs. `kv_total_chunks_by_replica_rank` gives each replica its own size."""
-    by_rank = options.pop("kv_total_chunks_by_replica_rank", None)
-    if by_rank is not None:
-        from ray import serve
-
-        rank = serve.get_replica_context().rank.rank
-        options["kv_total_chunks"] = by_rank[rank % len(by_rank)]
+    """Engine factory for the Ray Serve tests (AppArgs.engine_factory; options: engine_factory_kwargs)."""
     return FakeEngine(**options)
