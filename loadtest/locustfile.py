@@ -85,7 +85,9 @@ class _Run:
         self._has_wrapped: set[str] = set()
         self.model: str | None = os.environ.get("LOADTEST_MODEL") or None
         self._model_lock = gevent.lock.Semaphore()
+        # the open-loop schedule and the perf_counter() time it counts from (when the open-loop user began)
         self.arrivals: Iterator[float] | None = None
+        self.arrivals_origin = 0.0
         path = os.environ.get("LOADTEST_REQUESTS_FILE")
         self._records = open(path, "a", encoding="utf-8", buffering=1) if path else None  # noqa: SIM115
 
@@ -259,14 +261,16 @@ class OpenLoopUser(LlmUser):
 
     @task
     def fire_arrivals(self) -> None:
-        shape = self.environment.shape_class
         pool_name = _PLAN.open_loop_pool
         if RUN.arrivals is None:  # shared, so a respawned user continues the schedule instead of replaying it
             RUN.arrivals = iter(_PLAN.arrival_times())
+            # counted from now, not from the shape's start: the user starts a moment later, and arrivals due
+            # in that moment would otherwise all go out at once
+            RUN.arrivals_origin = time.perf_counter()
         in_flight = gevent.pool.Pool()
         try:
             for at in RUN.arrivals:
-                delay = at - shape.get_run_time()
+                delay = at - (time.perf_counter() - RUN.arrivals_origin)
                 if delay > 0:
                     gevent.sleep(delay)
                 if not self._is_test_running():

@@ -271,7 +271,8 @@ def time_series(records: Iterable[RequestRecord], bucket_s: float, origin: float
     if not records:
         return []
     origin = min(r.start_time for r in records) if origin is None else origin
-    num_buckets = max(1, math.ceil((max(r.end_time for r in records) - origin) / bucket_s + 1e-9))
+    # an event exactly at the end of the last bucket is counted in it (see index_of)
+    num_buckets = max(1, math.ceil((max(r.end_time for r in records) - origin) / bucket_s))
 
     def index_of(time_s: float) -> int:
         return min(num_buckets - 1, max(0, int((time_s - origin) // bucket_s)))

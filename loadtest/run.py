@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.host,
-        "--csv", str(out / "locust"), "--csv-full-history", "-t", f"{max(1, round(args.duration))}s",
+        "--csv", str(out / "locust"), "--csv-full-history",
         "--stop-timeout", f"{args.stop_timeout:g}", "--only-summary", *plan.user_classes,
     ]  # fmt: skip
+    # No -t: the shape ends the test at --duration (Locust ignores -t when a shape runs, with a warning).
     sampler = TelemetrySampler(args.host, out, interval_s=args.sample_interval)
     started = time.time()
     sampler.start()
@@ -172,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(records, slo=slo, label=label, scenario=args.scenario, extra=extra)
     (out / "summary.json").write_text(summary.to_json() + "\n", encoding="utf-8")
 
-    buckets = time_series(records, bucket_width(summary.window_s), origin=started)
+    # time 0 of the plots: the first request (Locust takes a second or two to start); samples before it show
+    # the idle server at negative times
+    origin = min((record.start_time for record in records), default=started)
+    buckets = time_series(records, bucket_width(summary.window_s), origin=origin)
     title = f"{label} · {args.scenario}"
     plot_latency(buckets, out / "latency.png", title)
-    plot_throughput(buckets, out / "throughput.png", title, read_jsonl(out / "metrics.jsonl"), origin=started)
-    plot_memory(read_memory_points(out / "memory.jsonl"), out / "memory.png", title, origin=started)
+    plot_throughput(buckets, out / "throughput.png", title, read_jsonl(out / "metrics.jsonl"), origin=origin)
+    plot_memory(read_memory_points(out / "memory.jsonl"), out / "memory.png", title, origin=origin)
 
     print(format_summary(summary))
     print(f"results: {out}")

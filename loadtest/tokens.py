@@ -66,8 +66,9 @@ class TokenizerCounter:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "elastic-serve" / "tokenizers"
+    # the engine caches its tokenizers under the same root (engine/tokenizer.py); our files are named apart
+    root = os.environ.get("ELASTIC_SERVE_CACHE_DIR") or Path.home() / ".cache" / "elastic-serve"
+    return Path(root) / "tokenizers"
 
 
 def embedded_gguf_folder() -> Path | None:
@@ -97,11 +98,12 @@ def load_token_counter(spec: str = "smollm2") -> TokenCounter:
         return WordTokenCounter()
     try:
         if spec == "smollm2":
-            cached = cache_dir() / "smollm2.json"
+            folder = embedded_gguf_folder()
+            if folder is None:
+                raise FileNotFoundError(f"package {EMBEDDED_GGUF_PACKAGE} with {EMBEDDED_GGUF_FILE}")
+            stat = (folder / EMBEDDED_GGUF_FILE).stat()
+            cached = cache_dir() / f"loadtest-smollm2-{stat.st_size}-{stat.st_mtime_ns}.json"  # new file, new key
             if not cached.exists():
-                folder = embedded_gguf_folder()
-                if folder is None:
-                    raise FileNotFoundError(f"package {EMBEDDED_GGUF_PACKAGE} with {EMBEDDED_GGUF_FILE}")
                 _export_tokenizer_json(str(folder), cached, gguf_file=EMBEDDED_GGUF_FILE)
             return TokenizerCounter.from_file(cached, name="smollm2")
         path = Path(spec)
