@@ -54,7 +54,7 @@ def plot_latency(buckets: Sequence[TimeBucket], path: Path, title: str) -> None:
         axis.grid(alpha=0.3)
         axis.legend(loc="upper left", fontsize=8)
     axes[0].set_title(f"{title}: latency percentiles of requests finishing in each bucket")
-    axes[-1].set_xlabel("seconds since start")
+    axes[-1].set_xlabel("seconds since the first request")
     _save(figure, path)
 
 
@@ -88,7 +88,7 @@ def plot_throughput(
         if points:
             bottom.plot(*zip(*points, strict=True), label=f"{suffix} (server)")
     bottom.set_ylabel("requests")
-    bottom.set_xlabel("seconds since start")
+    bottom.set_xlabel("seconds since the first request")
     bottom.grid(alpha=0.3)
     bottom.legend(loc="upper left", fontsize=8)
     _save(figure, path)
@@ -127,7 +127,7 @@ def plot_memory(points: Sequence[MemoryPoint], path: Path, title: str, origin: f
         axis.set_ylabel("GiB")
         axis.grid(alpha=0.3)
         axis.legend(loc="upper left", fontsize=8)
-    axes[-1, 0].set_xlabel("seconds since start")
+    axes[-1, 0].set_xlabel("seconds since the first request")
     _save(figure, path)
 
 
