@@ -144,12 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     sampler = TelemetrySampler(args.host, out, interval_s=args.sample_interval)
     started = time.time()
     sampler.start()
+    locust_exit_code: int | None = None
     try:
         with open(out / "locust.log", "w", encoding="utf-8") as log:
             completed = subprocess.run(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT,
                 timeout=args.duration + args.stop_timeout + 120,
             )  # fmt: skip
+            locust_exit_code = completed.returncode  # 1 when any request failed; the summary says which
+    except subprocess.TimeoutExpired:
+        print("warning: Locust overran its time and was killed; summarising what finished", file=sys.stderr)
     finally:
         sampler.stop()
     finished = time.time()
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": asdict(settings),
         "started_at": started,
         "finished_at": finished,
-        "locust_exit_code": completed.returncode,
+        "locust_exit_code": locust_exit_code,
         "has_memory_endpoint": sampler.has_memory_endpoint,
     }
     summary = summarize(records, slo=slo, label=label, scenario=args.scenario, extra=extra)
