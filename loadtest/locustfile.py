@@ -89,7 +89,7 @@ class _Run:
         self.arrivals: Iterator[float] | None = None
         self.arrivals_origin = 0.0
         path = os.environ.get("LOADTEST_REQUESTS_FILE")
-        self._records = open(path, "a", encoding="utf-8", buffering=1) if path else None  # noqa: SIM115
+        self._records = open(path, "a", encoding="utf-8", buffering=1) if path else None
 
     def next_session(self, pool: str) -> Session:
         sessions = self.workload.pools[pool]
