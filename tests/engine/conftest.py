@@ -27,10 +27,10 @@ def smollm2_fp32(smollm2_source):
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2(smollm2_source):
+def hf_smollm2(smollm2_source, smollm2_fp32):
     """transformers' Llama holding our loaded SmolLM2 tensors (test_weights shows they equal
-    transformers' own GGUF tensors)."""
-    return hf_model_from_weights(smollm2_source, dtype=torch.float32)
+    transformers' own GGUF tensors). It shares smollm2_fp32's tensors: neither may be modified."""
+    return hf_model_from_weights(smollm2_source, dtype=torch.float32, loaded=smollm2_fp32)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from engine.model_config import FULL_ATTENTION, SLIDING_ATTENTION
+from engine.model_config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from engine.tokenizer import load_tokenizer
 from engine.weights import ModelSource, load_weights, resolve_model_source
 
@@ -34,13 +34,14 @@ def hf_model_from_source(source: ModelSource | str | Path | None, dtype: torch.d
     return model.eval()
 
 
-def hf_model_from_weights(source: ModelSource | str | Path | None, dtype: torch.dtype = torch.float32
-                          ) -> PreTrainedModel:
-    """transformers' model for `source`'s architecture, holding the tensors our loader produced."""
-    config, weights = load_weights(source, dtype=dtype, show_progress=False)
+def hf_model_from_weights(source: ModelSource | str | Path | None, dtype: torch.dtype = torch.float32,
+                          loaded: tuple[ModelConfig, dict[str, torch.Tensor]] | None = None) -> PreTrainedModel:
+    """transformers' model for `source`'s architecture, holding the tensors our loader produced
+    (pass `loaded=load_weights(...)` to reuse tensors already in memory; they are shared, not copied)."""
+    config, weights = loaded if loaded is not None else load_weights(source, dtype=dtype, show_progress=False)
     hf_config = AutoConfig.for_model(**config.to_hf_config())
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise AssertionError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
