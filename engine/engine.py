@@ -44,6 +44,16 @@ def _measure_weight_bytes(build) -> int:
     return total
 
 
+def _page_tokens(requested: int, bytes_per_token: int, granularity: int) -> int:
+    """The smallest multiple of `requested` tokens whose page is a whole number of VMM granules."""
+    page_tokens = requested
+    while (page_tokens * bytes_per_token) % granularity:
+        page_tokens += requested
+    if page_tokens != requested:
+        logger.info("KV page grown from %d to %d tokens to fit %d-byte granules", requested, page_tokens, granularity)
+    return page_tokens
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None):
         self.config = config
@@ -55,7 +65,10 @@ class LLMEngine:
         model_config, weights = load_weights(self.source, self.dtype)
         self.model_config = model_config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.source)
-        page_tokens = config.tokens_per_page
+        backend = create_backend(config.backend_name)
+        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        page_tokens = _page_tokens(config.tokens_per_page,
+                                   model_config.num_kv_heads * model_config.head_dim * dtype_bytes, backend.granularity)
         max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
         self.max_model_len = max_len
         slot_len = -(-max_len // page_tokens) * page_tokens
@@ -68,7 +81,7 @@ class LLMEngine:
             num_layers=model_config.num_layers,
             num_kv_heads=model_config.num_kv_heads,
             head_dim=model_config.head_dim,
-            dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
+            dtype_bytes=dtype_bytes,
             groups=KVCacheSpec.group_layers(
                 [model_config.sliding_window if t == "sliding_attention" else None for t in model_config.layer_types]
             ),
@@ -78,7 +91,6 @@ class LLMEngine:
         )
         self.kv_spec = spec
         chunk = spec.page_bytes
-        backend = create_backend(config.backend_name)
         weight_bytes = _measure_weight_bytes(build)
         host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
         # activations for the largest step the scheduler may plan
@@ -210,21 +222,25 @@ class LLMEngine:
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
-            step = request.detokenizer.step([token])
-            reason = self._finish_reason(request, token, step.stop_reached)
+            reason = self._token_finish_reason(request, token)
+            if reason == "stop":  # EOS / stop token ids are not part of the text (as OpenAI does)
+                step = request.detokenizer.step([], is_last=True)
+            else:  # the last step flushes text held back for a possible stop string
+                step = request.detokenizer.step([token], is_last=reason is not None)
+            if step.stop_reached:
+                reason = "stop"
             outputs.append(self._output(request, (token,), step.text_delta, reason, logprob))
             if reason is not None:
                 self.scheduler.finish(request, reason)
         return outputs
 
-    def _finish_reason(self, request: Request, token: int, stop_string_reached: bool) -> str | None:
+    def _token_finish_reason(self, request: Request, token: int) -> str | None:
         params = request.params
         num_output = len(request.output_token_ids)
-        if num_output >= params.min_tokens:
-            if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-                return "stop"
-            if stop_string_reached:
-                return "stop"
+        if num_output >= params.min_tokens and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        ):
+            return "stop"
         if num_output >= params.max_tokens or request.num_tokens >= self.max_model_len:
             return "length"
         return None

@@ -173,10 +173,12 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             self._attention_block(layer, hidden, cos, sin, kv_caches[index], batch, buffers)
             self._mlp_block(layer, hidden, buffers)
+        logits = buffers["logits"]
+        if batch.logits_indices.numel() == 0:  # a step of prompt chunks that sample nothing
+            return logits[:0]
         last = buffers["last_hidden"]
         torch.index_select(hidden, 0, batch.logits_indices, out=last)
         normed_last = self._rms_norm(last, self.final_norm, last)
-        logits = buffers["logits"]
         if self.dtype == torch.float32:
             torch.mm(normed_last, self.lm_head.t(), out=logits)
         else:

@@ -92,15 +92,7 @@ class KVCacheManager:
         return self.prefix.num_evictable_chunks + self._pool_available()
 
     def _pool_available(self) -> int:
-        # can_inflate is monotone in n; binary search keeps it exact without a new pool API
-        low, high = 0, self.pool.num_chunks
-        while low < high:
-            mid = (low + high + 1) // 2
-            if self.pool.can_inflate(KV_CLIENT, mid):
-                low = mid
-            else:
-                high = mid - 1
-        return low
+        return self.pool.num_obtainable(KV_CLIENT)
 
     def _pages_needed(self, group: int, num_tokens: int) -> range:
         """Page indices a request with `num_tokens` tokens must have mapped in this group."""

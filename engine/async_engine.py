@@ -1,0 +1,173 @@
+"""AsyncEngine: runs LLMEngine's step loop on a background thread and streams each request's outputs
+to asyncio consumers.
+
+The engine thread owns the engine: every add and abort reaches it through an inbox drained between
+steps, so no engine state is touched from two threads. Outputs go back to each request's asyncio
+queue with `call_soon_threadsafe`. A failing step fails only the requests in it; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from engine.api import (
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStats,
+    GenerateRequest,
+    RequestOutput,
+)
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len = engine.max_model_len
+        self.model_name = engine.model_name
+        self.config = engine.config
+        self._inbox: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._stats = engine.stats()
+        self._telemetry = engine.memory_telemetry()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, executor=None) -> AsyncEngine:
+        if executor is not None:
+            raise NotImplementedError("pass a tensor-parallel executor through engine.distributed")
+        return cls(LLMEngine(config))
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.start_thread()
+
+    def start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        self.stop_thread()
+
+    def stop_thread(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.engine.close()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._error is None
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        if not self.is_running:
+            raise EngineDeadError(f"the engine loop is not running ({self._error!r})")
+        self.engine.validate(request)  # uses only immutable engine facts: safe off the engine thread
+        if len(self._streams) >= self.config.max_num_waiting + self.config.max_num_seqs:
+            raise EngineOverloadedError(f"{len(self._streams)} requests in flight; try again shortly")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", request))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                output = await stream.get()
+                if isinstance(output, BaseException):
+                    raise output
+                finished = output.is_finished
+                yield output
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request.request_id))
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def memory_telemetry(self) -> list[dict]:
+        return self._telemetry
+
+    # ---- the engine thread -----------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        entry = self._streams.get(request_id)
+        if entry is not None:
+            loop, stream = entry
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add_request(payload)
+                except Exception as error:  # noqa: BLE001 - reported to that request only
+                    self._deliver(payload.request_id, error)
+            else:
+                output = self.engine.abort(payload)
+                if output is not None:
+                    self._deliver(payload, output)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_work:
+                    self._refresh_observations()
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as error:  # noqa: BLE001 - a bad step fails its requests, not the loop
+                    logger.exception("engine step failed")
+                    outputs = self._fail_running(error)
+                for output in outputs:
+                    self._deliver(output.request_id, output)
+                self._refresh_observations()
+        except BaseException as error:  # the loop itself broke: every waiting stream must hear it
+            self._error = error
+            logger.exception("engine loop died")
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(str(error)))
+
+    def _fail_running(self, error: Exception) -> list[RequestOutput]:
+        outputs = []
+        for request in list(self.engine.scheduler.running):
+            self.engine.scheduler.finish(request, "error")
+            outputs.append(
+                RequestOutput(request.request_id, (), "", finish_reason="error", error=str(error),
+                              num_prompt_tokens=len(request.prompt_token_ids),
+                              num_output_tokens=len(request.output_token_ids))
+            )
+        return outputs
+
+    def _refresh_observations(self) -> None:
+        self._stats = self.engine.stats()
+        self._telemetry = self.engine.memory_telemetry()

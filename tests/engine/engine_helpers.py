@@ -1,0 +1,54 @@
+"""Small helpers for driving an LLMEngine to completion in tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engine.api import GenerateRequest
+from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "List three colors:",
+    "Translate to French: Good morning, how are you today? I hope the weather is nice where you are.",
+    "1, 2, 3, 4,",
+    "The most important thing about writing clean code is that it should be easy to read, easy to test and "
+    "easy to change. In my experience, the best way to get there is",
+    "Q: What is the boiling point of water at sea level?\nA:",
+]
+
+
+def greedy(max_tokens: int, **overrides) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **overrides)
+
+
+def run_all(engine: LLMEngine, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+            prefix: str = "r") -> dict[str, list[int]]:
+    """Adds every prompt at once and steps until all finish; returns token ids per request id."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    outputs: dict[str, list[int]] = {}
+    for index, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
+        request_id = f"{prefix}{index}"
+        engine.add_request(GenerateRequest(request_id, tuple(prompt), param))
+        outputs[request_id] = []
+    for _ in range(100_000):
+        if not engine.has_work:
+            break
+        for output in engine.step():
+            outputs[output.request_id].extend(output.new_token_ids)
+    assert not engine.has_work, "engine did not finish"
+    return outputs
+
+
+def assert_pool_idle(engine: LLMEngine) -> None:
+    """After every request ended: no KV is held for requests, and the chunks add up to the budget."""
+    telemetry = engine.pool.telemetry()
+    assert engine.kv.num_used_chunks() == 0
+    assert not engine.kv.requests and engine.kv.slots.num_used == 0
+    held = sum(telemetry.chunks_per_client.values())
+    assert held + telemetry.num_free_chunks == telemetry.num_chunks
+    assert telemetry.chunks_per_client["kv"] == engine.kv.prefix.num_evictable_chunks
