@@ -37,10 +37,9 @@ def deployment_options(args: AppArgs) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     app_args = AppArgs.model_validate(args or {})
-    # Fail here, in `serve run`'s output, rather than in every replica's constructor.
+    # Fail here, in `serve run`'s output, rather than in every replica's constructor. (EngineConfig's own
+    # checks run in the replicas: importing the engine here would cost `serve run` ~2 s of torch import.)
     create_migration_policy(app_args.migration_policy)
-    if app_args.engine_factory is None:
-        app_args.to_engine_config(device="cpu")
     if ray.is_initialized():
         get_or_create_controller(app_args.controller_name, app_args.controller_namespace,
                                  app_args.migration_policy)

@@ -50,8 +50,8 @@ def scrape(base_url: str) -> tuple[str, dict[tuple, float]]:
     return replica, samples
 
 
-def metric_totals(base_url: str, num_replicas: int, max_scrapes: int = 200) -> dict[tuple, float]:
-    """Sums over replicas; the proxy sends each scrape to one replica, so scrape until all answered."""
+def metrics_by_replica(base_url: str, num_replicas: int, max_scrapes: int = 200) -> dict[str, dict]:
+    """{replica id: samples}; the proxy sends each scrape to one replica, so scrape until all answered."""
     by_replica = {}
     for _ in range(max_scrapes):
         replica, samples = scrape(base_url)
@@ -59,8 +59,12 @@ def metric_totals(base_url: str, num_replicas: int, max_scrapes: int = 200) -> d
         if len(by_replica) == num_replicas:
             break
     assert len(by_replica) == num_replicas, f"only saw replicas {sorted(by_replica)}"
+    return by_replica
+
+
+def metric_totals(base_url: str, num_replicas: int) -> dict[tuple, float]:
     totals: dict[tuple, float] = defaultdict(float)
-    for samples in by_replica.values():
+    for samples in metrics_by_replica(base_url, num_replicas).values():
         for key, value in samples.items():
             totals[key] += value
     return dict(totals)
