@@ -46,9 +46,7 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, executor=None) -> AsyncEngine:
-        if executor is not None:
-            raise NotImplementedError("pass a tensor-parallel executor through engine.distributed")
-        return cls(LLMEngine(config))
+        return cls(LLMEngine(config, executor=executor))
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

@@ -9,126 +9,57 @@ from __future__ import annotations
 
 import logging
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.api import EngineStats, GenerateRequest, InvalidRequestError, RequestOutput
-from engine.attention import create_attention_backend
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.model.llama import LlamaModel
+from engine.rank import build_rank
 from engine.request import Request
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingState
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.tokenizer import load_tokenizer
-from engine.weight_arena import WEIGHTS_CLIENT, WeightArena
-from engine.weights import load_weights, resolve_model_source
-from engine.workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
-from memory import ElasticPool, HostBuffer, create_backend
-from memory.kv import KV_CLIENT, KVCacheManager, KVCacheSpec
+from engine.weight_arena import WEIGHTS_CLIENT
+from engine.weights import resolve_model_source
+
+if TYPE_CHECKING:
+    from engine.distributed import TensorParallelExecutor
+from memory.kv import KVCacheManager
 
 logger = logging.getLogger(__name__)
 
 
-def _measure_weight_bytes(build) -> int:
-    """Bytes the model's weights take once placed (dry run with a counting allocator)."""
-    total = 0
-
-    def count(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total = -(-total // 64) * 64 + tensor.numel() * tensor.element_size()
-        return tensor
-
-    build(count)
-    return total
-
-
-def _page_tokens(requested: int, bytes_per_token: int, granularity: int) -> int:
-    """The smallest multiple of `requested` tokens whose page is a whole number of VMM granules."""
-    page_tokens = requested
-    while (page_tokens * bytes_per_token) % granularity:
-        page_tokens += requested
-    if page_tokens != requested:
-        logger.info("KV page grown from %d to %d tokens to fit %d-byte granules", requested, page_tokens, granularity)
-    return page_tokens
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer=None):
+    def __init__(self, config: EngineConfig, tokenizer=None, executor: TensorParallelExecutor | None = None):
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.dtype = config.torch_dtype
+        self.executor = executor
         self.source = resolve_model_source(config.model)
         self.model_name = self.source.name
-        model_config, weights = load_weights(self.source, self.dtype)
-        self.model_config = model_config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.source)
-        backend = create_backend(config.backend_name)
-        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
-        page_tokens = _page_tokens(config.tokens_per_page,
-                                   model_config.num_kv_heads * model_config.head_dim * dtype_bytes, backend.granularity)
-        max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
-        self.max_model_len = max_len
-        slot_len = -(-max_len // page_tokens) * page_tokens
-        attention = create_attention_backend(config.attention_backend)
-
-        def build(allocate) -> LlamaModel:
-            return LlamaModel(model_config, weights, attention, self.dtype, allocate=allocate, max_positions=slot_len)
-
-        spec = KVCacheSpec(
-            num_layers=model_config.num_layers,
-            num_kv_heads=model_config.num_kv_heads,
-            head_dim=model_config.head_dim,
-            dtype_bytes=dtype_bytes,
-            groups=KVCacheSpec.group_layers(
-                [model_config.sliding_window if t == "sliding_attention" else None for t in model_config.layer_types]
-            ),
-            max_slots=config.max_num_seqs,
-            max_len=slot_len,
-            tokens_per_page=page_tokens,
-        )
-        self.kv_spec = spec
-        chunk = spec.page_bytes
-        weight_bytes = _measure_weight_bytes(build)
-        host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
-        # activations for the largest step the scheduler may plan
-        max_step_tokens = config.max_num_batched_tokens + config.max_num_seqs
-        peak_activation_bytes = build(lambda t: t).buffer_plan(max_step_tokens, config.max_num_seqs).num_bytes
-        self.peak_activation_bytes = peak_activation_bytes
-        static_split = None
-        if config.pool_policy == "static":
-            weight_chunks = -(-weight_bytes // chunk)
-            activation_tokens = config.static_activation_tokens or max_step_tokens
-            activation_bytes = build(lambda t: t).buffer_plan(activation_tokens, config.max_num_seqs).num_bytes
-            activation_chunks = -(-activation_bytes // chunk)
-            total = config.device_memory_bytes // chunk
-            static_split = {
-                WEIGHTS_CLIENT: weight_chunks,
-                ACTIVATIONS_CLIENT: activation_chunks,
-                KV_CLIENT: total - weight_chunks - activation_chunks,
-            }
-        if weight_bytes + peak_activation_bytes // 8 > config.device_memory_bytes:
-            raise ValueError(
-                f"device memory {config.device_memory_bytes} B cannot hold the weights ({weight_bytes} B) "
-                "and a minimal activation workspace"
-            )
-        self.pool = ElasticPool(backend, config.device_memory_bytes, chunk, config.pool_policy,
-                                static_split=static_split, host_buffer=host_buffer)
-        self.arena = WeightArena(self.pool, weight_bytes + chunk)
-        self.model = build(self.arena.place)
-        weights.clear()  # the placed copies live in the pool now
-        self.workspace = ActivationWorkspace(self.pool, peak_activation_bytes)
-        self.kv = KVCacheManager(spec, self.pool, self.dtype, host_buffer=host_buffer,
-                                 enable_prefix_caching=config.enable_prefix_caching)
+        if executor is not None:
+            executor.start()
+        all_reduce = executor.all_reduce if executor is not None else None
+        rank = build_rank(config, 0, config.tensor_parallel_size, all_reduce)
+        self.rank = rank
+        self.dtype = rank.dtype
+        self.model_config = model_config = rank.model_config
+        self.max_model_len = rank.max_model_len
+        self.kv_spec = rank.kv_spec
+        self.pool = rank.pool
+        self.model = rank.model
+        self.workspace = rank.workspace
+        self.peak_activation_bytes = rank.peak_activation_bytes
+        layout_log = executor.layout_log if executor is not None else None
+        self.kv = KVCacheManager(rank.kv_spec, rank.pool, rank.dtype, host_buffer=rank.host_buffer,
+                                 enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log)
         self.sampler = Sampler(model_config.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler)
+        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=max_len,
+                max_model_len=self.max_model_len,
                 preemption_mode=config.preemption_mode,
                 tpot_slo_ms=config.tpot_slo_ms,
                 ttft_slo_ms=config.ttft_slo_ms,
@@ -279,7 +210,7 @@ class LLMEngine:
     def close(self) -> None:
         for request in list(self.scheduler.requests.values()):
             self.scheduler.finish(request, "abort")
+        if self.executor is not None:
+            self.executor.stop()
         self.kv.close()
-        self.workspace.close()
-        self.arena.close()
-        self.pool.close()
+        self.rank.close()

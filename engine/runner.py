@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,11 +14,17 @@ from engine.sampler import Sampler, SampleResult, SamplingState
 from engine.scheduler import SchedulerOutput
 from engine.workspace import ActivationWorkspace
 from memory.kv import KVCacheManager
+from memory.kv.mirror import LayoutMirror
+
+if TYPE_CHECKING:
+    from engine.distributed import TensorParallelExecutor
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCacheManager, workspace: ActivationWorkspace, sampler: Sampler):
+    def __init__(self, model: LlamaModel, kv: KVCacheManager | LayoutMirror, workspace: ActivationWorkspace,
+                 sampler: Sampler | None, executor: TensorParallelExecutor | None = None):
         self.model = model
+        self.executor = executor
         self.kv = kv
         self.workspace = workspace
         self.sampler = sampler
@@ -70,18 +77,34 @@ class ModelRunner:
             logits_indices=as_tensor(logits_rows),
         )
 
-    def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
-        """Runs one step. `states` are the sampling states of the rows that sample, in row order
-        (decodes, then the prefill chunks that end a prompt)."""
+    def _forward(self, output: SchedulerOutput) -> torch.Tensor:
+        """Runs the model for the step in a freshly acquired workspace; returns the sampled rows' logits.
+        The caller releases the workspace once it is done with the logits."""
         batch = self.build_batch(output)
         num_sampled = int(batch.logits_indices.shape[0])
         plan = self.model.buffer_plan(batch.num_tokens, max(num_sampled, 1))
         workspace = self.workspace.acquire(plan.num_bytes)
+        with torch.inference_mode():
+            logits = self.model.forward(batch, self.kv.layer_caches(), plan.carve(workspace))
+        return logits[:num_sampled]
+
+    def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
+        """Runs one step. `states` are the sampling states of the rows that sample, in row order
+        (decodes, then the prefill chunks that end a prompt)."""
+        if self.executor is not None:
+            self.executor.broadcast_step(output)
         try:
+            logits = self._forward(output)
+            if logits.shape[0] == 0:
+                return SampleResult([], [])
             with torch.inference_mode():
-                logits = self.model.forward(batch, self.kv.layer_caches(), plan.carve(workspace))
-                if num_sampled == 0:
-                    return SampleResult([], [])
-                return self.sampler.sample(logits[:num_sampled], states)
+                return self.sampler.sample(logits, states)
+        finally:
+            self.workspace.release()
+
+    def forward_only(self, output: SchedulerOutput) -> None:
+        """A tensor-parallel worker's step: same computation, no sampling."""
+        try:
+            self._forward(output)
         finally:
             self.workspace.release()

@@ -136,18 +136,23 @@ class LlamaModel:
     # ---- workspace -------------------------------------------------------------------------
     def buffer_plan(self, num_tokens: int, num_logits: int) -> BufferPlan:
         """The activation buffers one step of `num_tokens` tokens needs (sized before it runs)."""
-        c, t = self.config, num_tokens
-        mlp = len(self.shard.mlp_columns)
+        return self.plan_buffers(self.config, self.shard, self.dtype, num_tokens, num_logits)
+
+    @staticmethod
+    def plan_buffers(config: ModelConfig, shard: ShardPlan, dtype: torch.dtype, num_tokens: int,
+                     num_logits: int) -> BufferPlan:
+        c, t, d = config, num_tokens, config.head_dim
+        heads, kv_heads, mlp = len(shard.heads), len(shard.kv_heads), len(shard.mlp_columns)
         return BufferPlan(
             {
-                "hidden": ((t, c.hidden_size), self.dtype),
-                "normed": ((t, c.hidden_size), self.dtype),
-                "qkv": ((t, self.q_size + 2 * self.kv_size), self.dtype),
-                "attn": ((t, self.num_heads, c.head_dim), self.dtype),
-                "proj": ((t, c.hidden_size), self.dtype),
-                "gate_up": ((t, 2 * mlp), self.dtype),
-                "act": ((t, mlp), self.dtype),
-                "last_hidden": ((num_logits, c.hidden_size), self.dtype),
+                "hidden": ((t, c.hidden_size), dtype),
+                "normed": ((t, c.hidden_size), dtype),
+                "qkv": ((t, (heads + 2 * kv_heads) * d), dtype),
+                "attn": ((t, heads, d), dtype),
+                "proj": ((t, c.hidden_size), dtype),
+                "gate_up": ((t, 2 * mlp), dtype),
+                "act": ((t, mlp), dtype),
+                "last_hidden": ((num_logits, c.hidden_size), dtype),
                 "logits": ((num_logits, c.vocab_size), torch.float32),
             }
         )

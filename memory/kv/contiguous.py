@@ -64,6 +64,20 @@ class ContiguousLayout:
         index = self._page(slot, page)
         return [tensor.page_tensor(index) for tensor in self._block_tensors(block)]
 
+    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
+        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
+            host_buffer.copy_in(host_slot, view)
+
+    def copy_block_from_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
+        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
+            host_buffer.copy_out(host_slot, view)
+
+    def release_host(self, host_buffer, host_slots: list[int]) -> None:
+        host_buffer.free(host_slots)
+
+    def block_freed(self, block: KVBlock) -> None:
+        """The block's chunks went back to the pool (a mirroring layout forwards this)."""
+
     def read_tokens(self, slot: int, num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of a slot's first `num_tokens` tokens of K and V, per layer (for migration)."""
         return [(k.tensor[slot, :num_tokens].clone(), v.tensor[slot, :num_tokens].clone()) for k, v in self.tensors]

@@ -20,6 +20,7 @@ import torch
 from memory.host_buffer import HostBuffer
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
 from memory.kv.contiguous import LAYOUTS
+from memory.kv.mirror import RecordingLayout
 from memory.kv.spec import KVCacheSpec
 from memory.pool import ElasticPool, PoolExhausted
 
@@ -57,6 +58,7 @@ class KVCacheManager:
         layout: str = "contiguous",
         host_buffer: HostBuffer | None = None,
         enable_prefix_caching: bool = True,
+        layout_log: list | None = None,
     ):
         if pool.chunk_bytes != spec.page_bytes:
             raise ValueError(f"pool chunks ({pool.chunk_bytes} B) must equal KV pages ({spec.page_bytes} B)")
@@ -64,6 +66,8 @@ class KVCacheManager:
         self.pool = pool
         self.host_buffer = host_buffer
         self.layout = LAYOUTS[layout](spec, pool.backend, dtype)
+        if layout_log is not None:  # tensor parallelism: other ranks replay these layout calls
+            self.layout = RecordingLayout(self.layout, layout_log)
         self.enable_prefix_caching = enable_prefix_caching
         self.slots = SlotTable(spec.max_slots)
         self.prefix = PrefixCache()
@@ -212,7 +216,8 @@ class KVCacheManager:
         """Releases everything the request holds (finished, aborted, or preempted to recompute)."""
         state = self.requests.pop(request_id)
         if state.is_swapped:
-            self.host_buffer.free([s for group in state.host_slots for page in group if page for s in page])
+            host_slots = [slot for group in state.host_slots for page in group if page for slot in page]
+            self.layout.release_host(self.host_buffer, host_slots)
             return
         slot = self.slot_of(request_id)
         for pages in state.blocks:
@@ -241,8 +246,7 @@ class KVCacheManager:
                     host_pages.append(None)
                     continue
                 host = self.host_buffer.allocate(len(block.chunks))
-                for host_slot, view in zip(host, self.layout.block_pages(slot, page, block), strict=True):
-                    self.host_buffer.copy_in(host_slot, view)
+                self.layout.copy_block_to_host(slot, page, block, self.host_buffer, host)
                 num_bytes += len(host) * self.spec.page_bytes
                 host_pages.append(host)
                 self.layout.unmap_block(slot, page, block)
@@ -276,9 +280,8 @@ class KVCacheManager:
                 block = self._new_block(group, chunks)
                 state.blocks[group][page] = block
                 self.layout.map_block(slot, page, block)
-                for host_slot, view in zip(host, self.layout.block_pages(slot, page, block), strict=True):
-                    self.host_buffer.copy_out(host_slot, view)
-                self.host_buffer.free(host)
+                self.layout.copy_block_from_host(slot, page, block, self.host_buffer, host)
+                self.layout.release_host(self.host_buffer, host)
                 num_bytes += len(host) * self.spec.page_bytes
         state.host_slots = None
         state.residency = ["device"] * self.spec.num_layers
@@ -333,7 +336,9 @@ class KVCacheManager:
         free_now = min(num_chunks, self.pool.num_free())
         chunks = self.pool.inflate(KV_CLIENT, free_now) if free_now else []
         while len(chunks) < num_chunks and self.prefix.evictable:
-            chunks.extend(self.prefix.evict_oldest().chunks)
+            evicted = self.prefix.evict_oldest()
+            self.layout.block_freed(evicted)  # its chunks now back a new block
+            chunks.extend(evicted.chunks)
         if len(chunks) > num_chunks:
             self.pool.deflate(KV_CLIENT, chunks[num_chunks:])
             del chunks[num_chunks:]
@@ -359,7 +364,11 @@ class KVCacheManager:
         if block.block_hash is not None:
             self.prefix.park(block)
         else:
-            self.pool.deflate(KV_CLIENT, block.chunks)
+            self._deflate_block(block)
+
+    def _deflate_block(self, block: KVBlock) -> None:
+        self.pool.deflate(KV_CLIENT, block.chunks)
+        self.layout.block_freed(block)
 
     def _release_slot(self, request_id: str) -> None:
         hole, moved = self.slots.release(request_id)
@@ -391,7 +400,7 @@ class KVCacheManager:
         given = 0
         while given < num_chunks and self.prefix.evictable:
             block = self.prefix.evict_oldest()
-            self.pool.deflate(KV_CLIENT, block.chunks)
+            self._deflate_block(block)
             given += len(block.chunks)
         return given
 
@@ -399,5 +408,5 @@ class KVCacheManager:
         for request_id in list(self.requests):
             self.free(request_id)
         while self.prefix.evictable:
-            self.pool.deflate(KV_CLIENT, self.prefix.evict_oldest().chunks)
+            self._deflate_block(self.prefix.evict_oldest())
         self.layout.close()
