@@ -46,6 +46,12 @@ class _RankWorker:
     def ping(self) -> str:
         return "ok"
 
+    def describe(self) -> dict[str, Any]:
+        context = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": context.get_node_id(),
+                "placement_group_id": context.get_placement_group_id(),
+                "resources": context.get_assigned_resources()}
+
 
 class WorkerLauncher:
     def __init__(self, world_size: int, engine_config: Any, cpus_per_rank: float, gpus_per_rank: float = 0,
@@ -83,6 +89,11 @@ class WorkerLauncher:
                 self._worker_path, rank, self.world_size, self.init_method_file, self._engine_config)
             self._actors.append(actor)
             self._runs.append(actor.run.remote())
+
+    def describe_workers(self, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """Where ranks 1..N-1 run. Waits for their constructors, so call it only once rank 0 has joined
+        (a real rank blocks in its constructor until the rendezvous completes)."""
+        return ray.get([actor.describe.remote() for actor in self._actors], timeout=timeout_s)
 
     def failed_ranks(self) -> list[int]:
         """Ranks whose run loop has already ended (it should only end at shutdown)."""

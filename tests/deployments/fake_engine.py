@@ -81,6 +81,7 @@ class FakeEngine:
     aborted: list[str] = field(default_factory=list)
     is_dead: bool = False
     is_started: bool = False
+    rank_placements: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._live: dict[str, _Live] = {}
@@ -217,7 +218,49 @@ class FakeEngine:
             "host_buffer_used_bytes": 0, "host_buffer_capacity_bytes": 1 << 20,
             "num_inflates": self._num_inflates, "num_deflates": self._num_deflates, "num_reclaims": 0,
             "num_chunks_reclaimed": 0, "num_exhausted": 0, "bytes_swapped_out": 0, "bytes_swapped_in": 0,
-        } for _ in range(self.num_ranks)]
+            **({"placement": self.rank_placements[rank]} if self.rank_placements else {}),
+        } for rank in range(self.num_ranks)]
+
+
+class FakeWorkerProcess:
+    """Stands in for engine.distributed.WorkerProcess: its run loop ends when rank 0 writes `<file>.stop`."""
+
+    def __init__(self, rank: int, world_size: int, init_method_file: str, engine_config: Any):
+        self.rank, self.world_size, self.init_method_file = rank, world_size, init_method_file
+
+    def run(self) -> None:
+        import os
+        import time
+
+        while not os.path.exists(self.init_method_file + ".stop"):
+            time.sleep(0.05)
+
+
+def create_fake_tp_engine(app_args: Any, **options: Any):
+    """A fake engine whose ranks 1..N-1 are FakeWorkerProcess actors started by the real WorkerLauncher;
+    /v1/memory reports where each rank runs (pid, placement group, Ray resources)."""
+    import os
+
+    import ray
+
+    from deployments.server import BuiltEngine
+    from deployments.tensor_parallel import WorkerLauncher
+
+    launcher = WorkerLauncher(app_args.tensor_parallel_size, None, app_args.cpus_per_rank,
+                              worker_path="tests.deployments.fake_engine:FakeWorkerProcess")
+    launcher.start()
+    context = ray.get_runtime_context()
+    ranks = [{"pid": os.getpid(), "placement_group_id": context.get_placement_group_id(),
+              "resources": context.get_assigned_resources()}, *launcher.describe_workers()]
+    engine = FakeEngine(num_ranks=app_args.tensor_parallel_size, **options)
+    engine.rank_placements = ranks
+
+    def stop_ranks() -> None:
+        with open(launcher.init_method_file + ".stop", "w"):
+            pass  # what the real engine's shutdown does by broadcasting a stop
+        launcher.shutdown()
+
+    return BuiltEngine(engine, cleanup=stop_ranks, failed_ranks=launcher.failed_ranks)
 
 
 def create_fake_engine(app_args: Any = None, **options: Any) -> FakeEngine:

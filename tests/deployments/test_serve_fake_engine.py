@@ -25,6 +25,7 @@ from tests.deployments.serve_helpers import (
 
 pytestmark = pytest.mark.timeout(300)
 CONTROLLER = "fake-test-controller"
+TP_CONTROLLER = "fake-tp-test-controller"
 FAKE_OPTIONS = {"token_delay_s": 0.01, "max_model_len": 2048, "kv_total_chunks": 64, "tokens_per_chunk": 16}
 TOKENIZER = FakeTokenizer()
 REFERENCE = FakeEngine()
@@ -43,8 +44,10 @@ def cluster():
     cluster = LocalRayCluster()
     try:
         cluster.start()
+        # Half a CPU per rank: two replicas here and a TP=2 replica (two bundles) in the app below fit 2 CPUs.
         app = build_app({"engine_factory": "tests.deployments.fake_engine:create_fake_engine",
                          "engine_factory_kwargs": FAKE_OPTIONS, "controller_name": CONTROLLER,
+                         "cpus_per_rank": 0.5,
                          "deployment_options": {"num_replicas": 2, "max_ongoing_requests": 32}})
         serve.run(app, name="fake-llm", route_prefix="/")
         wait_for_fresh_replicas(cluster.base_url, 2)
@@ -195,6 +198,36 @@ def test_cluster_view_has_every_replica(cluster):
     assert view["totals"]["kv_chunks_free"] + view["totals"]["kv_chunks_used"] == 2 * 64
 
 
+def test_tensor_parallel_ranks_run_in_the_replicas_placement_group(cluster):
+    """TP=2 with the real WorkerLauncher and a stand-in WorkerProcess: rank 1 is an actor in bundle 1 of
+    the replica's placement group, and deleting the app stops it."""
+    import psutil
+    from ray import serve
+
+    from deployments.app import build_app
+
+    app = build_app({"engine_factory": "tests.deployments.fake_engine:create_fake_tp_engine",
+                     "tensor_parallel_size": 2, "cpus_per_rank": 0.5, "controller_name": TP_CONTROLLER})
+    serve.run(app, name="fake-tp", route_prefix="/tp")
+    base = f"{cluster.base_url}/tp"
+    ranks = httpx.get(f"{base}/v1/memory").json()["ranks"]
+    assert len(ranks) == 2
+    rank0, rank1 = (rank["placement"] for rank in ranks)
+    assert rank0["placement_group_id"] and rank0["placement_group_id"] == rank1["placement_group_id"]
+    assert rank0["pid"] != rank1["pid"]
+    assert rank0["resources"]["CPU"] == rank1["resources"]["CPU"] == 0.5
+    completion = httpx.post(f"{base}/v1/completions", json={"prompt": "tp", "max_tokens": 3})
+    assert completion.status_code == 200 and len(completion.json()["choices"][0]["text"]) == 3
+    serve.delete("fake-tp")
+
+    def rank1_gone() -> bool:
+        try:
+            return psutil.Process(rank1["pid"]).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    wait_for(rank1_gone, "the rank-1 worker to stop with its replica")
+
+
 def test_shutdown_leaves_no_processes(cluster):
     import ray
 
@@ -202,5 +235,6 @@ def test_shutdown_leaves_no_processes(cluster):
 
     assert ray.get_actor(CONTROLLER, namespace="elastic-serve") is not None
     assert stop_controller(CONTROLLER, "elastic-serve")
+    stop_controller(TP_CONTROLLER, "elastic-serve")
     cluster.stop()
     assert cluster.leftover_processes() == []
