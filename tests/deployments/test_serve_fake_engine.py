@@ -158,6 +158,21 @@ def test_disconnect_mid_stream_frees_the_request(cluster):
     assert metric_totals(cluster.base_url, 2)[aborted] - before.get(aborted, 0) == 1
 
 
+def test_client_giving_up_on_a_non_streaming_request_frees_it(cluster):
+    before = metric_totals(cluster.base_url, 2)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{cluster.base_url}/v1/completions", json={"prompt": "z" * 200, "max_tokens": 1500},
+                   timeout=1.0)
+
+    def freed():
+        view = cluster_view(cluster.base_url)
+        return all(entry["stats"]["num_running"] == 0 and entry["stats"]["kv_chunks_used"] == 0
+                   for entry in view["replicas"].values())
+    wait_for(freed, "the abandoned request to be aborted", timeout_s=5)  # it would run for 15 s
+    aborted = ("elastic:request_success_total", (("finished_reason", "abort"),))
+    assert metric_totals(cluster.base_url, 2)[aborted] - before.get(aborted, 0) == 1
+
+
 def test_router_prefers_kv_headroom_over_queue_length(cluster):
     """Replica L holds one request with a large KV; R then gets two small requests. New requests must go
     to R (more headroom) although its queue is longer (power-of-two on queue length would pick L)."""
@@ -196,6 +211,25 @@ def test_cluster_view_has_every_replica(cluster):
         assert entry["age_s"] < 1.5
         assert entry["pools"][0]["chunks_per_client"]["activations"] == 2
     assert view["totals"]["kv_chunks_free"] + view["totals"]["kv_chunks_used"] == 2 * 64
+
+
+def test_controller_exits_once_every_replica_is_gone(cluster):
+    import ray
+
+    from deployments.controller import get_or_create_controller
+
+    controller = get_or_create_controller("short-lived-controller", "elastic-serve", idle_exit_s=1.0)
+    ray.get(controller.report.remote("r1", [], {"num_running": 0}))
+    assert ray.get(controller.cluster_view.remote())["num_replicas"] == 1
+    ray.get(controller.deregister.remote("r1"))
+
+    def gone() -> bool:
+        try:
+            ray.get_actor("short-lived-controller", namespace="elastic-serve")
+        except ValueError:
+            return True
+        return False
+    wait_for(gone, "the idle controller to end itself", timeout_s=15)
 
 
 def test_tensor_parallel_ranks_run_in_the_replicas_placement_group(cluster):
