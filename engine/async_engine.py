@@ -27,6 +27,15 @@ from engine.engine import LLMEngine
 logger = logging.getLogger(__name__)
 
 
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -99,6 +108,41 @@ class AsyncEngine:
                 self._inbox.put(("abort", request.request_id))
                 self._wake.set()
 
+    async def run_in_engine(self, function, *args):
+        """Runs `function(engine, *args)` on the engine thread between two steps; returns its result.
+        (Migration uses this: nothing touches engine state from another thread.)"""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("call", (function, args, loop, future)))
+        self._wake.set()
+        return await future
+
+    async def stream_attached(self, request_id: str, attach, *args) -> AsyncIterator[RequestOutput]:
+        """Subscribes to a request's outputs, then runs `attach(engine, *args)` (which must put that
+        request into the engine, e.g. migration.attach), so no output can be missed."""
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        finished = False
+        try:
+            await self.run_in_engine(attach, *args)
+            while True:
+                output = await stream.get()
+                if isinstance(output, BaseException):
+                    raise output
+                finished = output.is_finished
+                yield output
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request_id))
+                self._wake.set()
+
+    def end_stream(self, request_id: str, output: RequestOutput) -> None:
+        """Delivers a last output to a local stream from the engine thread (e.g. 'migrated')."""
+        self._deliver(request_id, output)
+
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
@@ -122,6 +166,15 @@ class AsyncEngine:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if kind == "call":
+                function, args, loop, future = payload
+                try:
+                    result = function(self.engine, *args)
+                except Exception as error:  # noqa: BLE001 - handed to the awaiting coroutine
+                    loop.call_soon_threadsafe(_settle, future, None, error)
+                else:
+                    loop.call_soon_threadsafe(_settle, future, result, None)
+                continue
             if kind == "add":
                 try:
                     self.engine.add_request(payload)

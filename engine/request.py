@@ -14,6 +14,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"  # not in the KV cache (new, or preempted to recompute)
     RUNNING = "running"  # has a KV slot
     SWAPPED = "swapped"  # KV parked in the host buffer
+    PAUSED = "paused"  # keeps its KV slot but is not scheduled (the last stage of a live migration)
     FINISHED = "finished"
 
 

@@ -102,6 +102,8 @@ class Scheduler:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
             self.kv.free(request.request_id)
+        elif request.status is RequestStatus.PAUSED:
+            self.kv.free(request.request_id)
         elif request.status is RequestStatus.SWAPPED:
             self.swapped.remove(request)
             self.kv.free(request.request_id)
@@ -110,6 +112,22 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
+
+    def pause(self, request: Request) -> None:
+        """Stops scheduling a running request; it keeps its KV (a migration is copying it)."""
+        self.running.remove(request)
+        request.status = RequestStatus.PAUSED
+
+    def resume(self, request: Request) -> None:
+        """A paused request goes on here (its migration was aborted)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def attach(self, request: Request) -> None:
+        """Adds a request whose KV is already in the cache (imported from another replica)."""
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     @property
     def has_work(self) -> bool:

@@ -78,9 +78,9 @@ class ContiguousLayout:
     def block_freed(self, block: KVBlock) -> None:
         """The block's chunks went back to the pool (a mirroring layout forwards this)."""
 
-    def read_tokens(self, slot: int, num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of a slot's first `num_tokens` tokens of K and V, per layer (for migration)."""
-        return [(k.tensor[slot, :num_tokens].clone(), v.tensor[slot, :num_tokens].clone()) for k, v in self.tensors]
+    def read_tokens(self, slot: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of a slot's tokens [start, end) of K and V, per layer (for migration)."""
+        return [(k.tensor[slot, start:end].clone(), v.tensor[slot, start:end].clone()) for k, v in self.tensors]
 
     def write_tokens(self, slot: int, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for (k, v), (key, value) in zip(self.tensors, layers, strict=True):

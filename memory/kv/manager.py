@@ -41,14 +41,6 @@ class RequestKV:
         return self.host_slots is not None
 
 
-@dataclass(frozen=True)
-class KVExport:
-    """A request's KV, layout-independent (for migration between replicas)."""
-
-    num_tokens: int
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V as [num_tokens, kv_heads, head_dim]
-
-
 class KVCacheManager:
     def __init__(
         self,
@@ -147,9 +139,7 @@ class KVCacheManager:
             raise ValueError(f"request {request_id} is already in the KV cache")
         num_cached = self.match_prefix(token_ids)
         slot = self.slots.assign(request_id)
-        state = RequestKV(request_id, residency=["device"] * self.spec.num_layers)
-        state.blocks = [[] for _ in self.spec.groups]
-        self.requests[request_id] = state
+        state = self._new_state(request_id)
         parent = None
         for page in range(num_cached // self.spec.tokens_per_page):
             start = page * self.spec.tokens_per_page
@@ -288,36 +278,26 @@ class KVCacheManager:
         self.pool.record_swap(bytes_in=num_bytes)
         return True
 
-    # ---- migration -----------------------------------------------------------------------------
-    def export_request(self, request_id: str) -> KVExport:
-        state = self.requests[request_id]
-        if state.is_swapped:
-            raise ValueError("swap the request in before exporting it")
-        return KVExport(state.num_tokens, self.layout.read_tokens(self.slot_of(request_id), state.num_tokens))
+    # ---- migration (staged: the source keeps decoding while pages are copied) -----------------
+    def read_kv(self, request_id: str, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of tokens [start, end) of K and V, per layer (layout-independent)."""
+        if self.requests[request_id].is_swapped:
+            raise ValueError("swap the request in before reading its KV")
+        return self.layout.read_tokens(self.slot_of(request_id), start, end)
 
-    def import_request(self, request_id: str, export: KVExport) -> bool:
-        """Admits a request whose KV was computed elsewhere. False (no change) if it does not fit."""
-        if self.num_free_slots == 0 or not self.can_grow(None, export.num_tokens):
+    def reserve_import(self, request_id: str, num_tokens: int) -> bool:
+        """Gives an incoming request a slot and every page for `num_tokens` tokens (sliding windows
+        included, so any token can be written). False, with nothing held, if it does not fit."""
+        if isinstance(self.layout, RecordingLayout):
+            raise NotImplementedError("migrating tensor-parallel KV is not supported yet")
+        if self.num_free_slots == 0 or request_id in self.requests:
             return False
-        self.slots.assign(request_id)
-        state = RequestKV(request_id, blocks=[[] for _ in self.spec.groups],
-                          residency=["device"] * self.spec.num_layers)
-        self.requests[request_id] = state
-        # map every page (windows included) so every token can be written, then drop what slid out
-        if not self._grow_all(state, export.num_tokens):
-            self.free(request_id)
-            return False
-        self.layout.write_tokens(self.slot_of(request_id), 0, export.layers)
-        state.num_tokens = export.num_tokens
-        self._drop_out_of_window(state)
-        return True
-
-    def _grow_all(self, state: RequestKV, num_tokens: int) -> bool:
         num_pages = self.spec.num_pages(num_tokens)
         chunks = self._take_chunks(sum(self._chunks_per_block) * num_pages)
         if chunks is None:
             return False
-        slot = self.slot_of(state.request_id)
+        slot = self.slots.assign(request_id)
+        state = self._new_state(request_id)
         for group in range(len(self.spec.groups)):
             for page in range(num_pages):
                 block = self._new_block(group, chunks)
@@ -325,7 +305,22 @@ class KVCacheManager:
                 self.layout.map_block(slot, page, block)
         return True
 
+    def write_kv(self, request_id: str, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.layout.write_tokens(self.slot_of(request_id), start, layers)
+
+    def finish_import(self, request_id: str, num_tokens: int) -> None:
+        """All `num_tokens` tokens are written: the request is an ordinary resident request now."""
+        state = self.requests[request_id]
+        state.num_tokens = num_tokens
+        self._drop_out_of_window(state)
+
     # ---- internals -----------------------------------------------------------------------------
+    def _new_state(self, request_id: str) -> RequestKV:
+        state = RequestKV(request_id, blocks=[[] for _ in self.spec.groups],
+                          residency=["device"] * self.spec.num_layers)
+        self.requests[request_id] = state
+        return state
+
     def _take_chunks(self, num_chunks: int) -> list | None:
         """Chunks from: free pool chunks, then our own evictable cached blocks, then what the pool
         reclaims from other balloons. None (and nothing taken) if they do not add up."""

@@ -1,0 +1,151 @@
+"""Moving a running request between engines (Mell / Llumnix live migration), engine side.
+
+Source: `copy_kv` copies the KV computed so far while the request keeps decoding (repeatable: each
+stage copies only what is new); `pause` stops it and returns its full state plus the KV tail;
+`release` frees it after the destination committed, or `resume` continues it if the migration failed.
+Destination: `reserve` takes a slot and pages, `write_kv` stores the staged copies, `attach` makes it
+an ordinary running request (or a waiting one to recompute when no KV was sent), `cancel` frees.
+All functions run on the engine's own thread (AsyncEngine.run_in_engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.engine import LLMEngine
+from engine.request import Request, RequestStatus
+from engine.sampler import SamplingState
+from engine.sampling_params import SamplingParams
+
+
+class MigrationError(RuntimeError):
+    """The request cannot be migrated now (wrong state, or the destination has no room)."""
+
+
+@dataclass(frozen=True)
+class KVStage:
+    start: int  # first token of this copy
+    end: int  # one past the last token
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V as [end - start, kv_heads, head_dim]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+
+@dataclass(frozen=True)
+class RequestSnapshot:
+    """Everything a request is, apart from its KV: tokens, sampling state and RNG, text state."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    sampling_state: dict
+    detokenizer_state: dict
+    arrival_time: float
+    num_cached_tokens: int
+    num_computed_tokens: int  # tokens whose KV exists at the source
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+def _request(engine: LLMEngine, request_id: str) -> Request:
+    request = engine.scheduler.requests.get(request_id)
+    if request is None:
+        raise MigrationError(f"request {request_id} is not in this engine")
+    return request
+
+
+def is_migratable(engine: LLMEngine, request_id: str) -> bool:
+    request = engine.scheduler.requests.get(request_id)
+    return request is not None and request.status is RequestStatus.RUNNING and not request.is_prefilling
+
+
+# ---- source ------------------------------------------------------------------------------------
+def copy_kv(engine: LLMEngine, request_id: str, start: int) -> KVStage:
+    """Copies the request's KV from `start` up to what is computed now; it keeps running."""
+    request = _request(engine, request_id)
+    if request.status not in (RequestStatus.RUNNING, RequestStatus.PAUSED):
+        raise MigrationError(f"request {request_id} is {request.status.value}, not resident")
+    end = request.num_computed_tokens
+    return KVStage(start, end, engine.kv.read_kv(request_id, start, end) if end > start else [])
+
+
+def pause(engine: LLMEngine, request_id: str) -> RequestSnapshot:
+    request = _request(engine, request_id)
+    if not is_migratable(engine, request_id):
+        raise MigrationError(f"request {request_id} is not a running decode")
+    engine.scheduler.pause(request)
+    return RequestSnapshot(
+        request_id=request.request_id,
+        prompt_token_ids=tuple(request.prompt_token_ids),
+        output_token_ids=tuple(request.output_token_ids),
+        sampling_state=request.sampling.export_state(),
+        detokenizer_state=request.detokenizer.export_state(),
+        arrival_time=request.arrival_time,
+        num_cached_tokens=request.num_cached_tokens,
+        num_computed_tokens=request.num_computed_tokens,
+    )
+
+
+def release(engine: LLMEngine, request_id: str) -> None:
+    """The destination committed: free everything the paused request held here (no output)."""
+    request = _request(engine, request_id)
+    engine.scheduler.finish(request, "migrated")
+
+
+def resume(engine: LLMEngine, request_id: str) -> None:
+    engine.scheduler.resume(_request(engine, request_id))
+
+
+# ---- destination -------------------------------------------------------------------------------
+def reserve(engine: LLMEngine, request_id: str, num_tokens: int) -> bool:
+    """Takes a slot and pages for `num_tokens` tokens of KV (+1 page of growth). False if no room."""
+    if request_id in engine.scheduler.requests or request_id in engine.kv.requests:
+        return False
+    room = num_tokens + engine.kv_spec.tokens_per_page
+    if engine.kv.chunks_to_grow(None, room) + engine.runner.activation_chunks(1, 1) > engine.kv.num_available_chunks():
+        return False
+    return engine.kv.reserve_import(request_id, room)
+
+
+def write_kv(engine: LLMEngine, request_id: str, stage: KVStage) -> None:
+    if stage.end > stage.start:
+        engine.kv.write_kv(request_id, stage.start, stage.layers)
+
+
+def cancel(engine: LLMEngine, request_id: str) -> None:
+    if request_id in engine.kv.requests and request_id not in engine.scheduler.requests:
+        engine.kv.free(request_id)
+
+
+def attach(engine: LLMEngine, snapshot: RequestSnapshot, num_kv_tokens: int) -> Request:
+    """Makes the migrated request run here. With num_kv_tokens == 0 its KV is recomputed (Mell's
+    adaptive choice for short contexts); otherwise the reserved pages hold that many tokens."""
+    sampling = SamplingState.import_state(snapshot.sampling_state)
+    params: SamplingParams = sampling.params
+    request = Request(
+        request_id=snapshot.request_id,
+        prompt_token_ids=list(snapshot.prompt_token_ids),
+        params=params,
+        sampling=sampling,
+        detokenizer=IncrementalDetokenizer.from_state(engine.tokenizer, snapshot.detokenizer_state),
+        arrival_time=snapshot.arrival_time,
+        output_token_ids=list(snapshot.output_token_ids),
+        num_cached_tokens=snapshot.num_cached_tokens,
+    )
+    if num_kv_tokens == 0:
+        cancel(engine, snapshot.request_id)
+        engine.scheduler.add(request)  # recompute prompt + outputs, then continue decoding
+        return request
+    if num_kv_tokens != snapshot.num_computed_tokens:
+        raise MigrationError(f"{num_kv_tokens} KV tokens written, {snapshot.num_computed_tokens} needed")
+    engine.kv.finish_import(snapshot.request_id, num_kv_tokens)
+    request.num_computed_tokens = num_kv_tokens
+    engine.scheduler.attach(request)
+    return request

@@ -1,0 +1,98 @@
+"""Live migration between two engines, engine side: staged KV copies while the source decodes,
+pause, tail copy, attach on the destination; and the recompute and abort paths. Token ids after
+migration equal an unmigrated run exactly (vLLM-style exact-id invariants)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import migration
+from engine.api import GenerateRequest
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy, run_all
+
+NUM_NEW = 24
+
+
+def _config(**overrides) -> EngineConfig:
+    base = dict(dtype="float32", num_threads=2, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
+                tokens_per_page=16, device_memory_bytes=1 << 30, host_buffer_bytes=16 << 20)
+    base.update(overrides)
+    return EngineConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def engines(smollm2_tokenizer):
+    source = LLMEngine(_config(), tokenizer=smollm2_tokenizer)
+    destination = LLMEngine(_config(), tokenizer=smollm2_tokenizer)
+    yield source, destination
+    source.close()
+    destination.close()
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm2_tokenizer):
+    return smollm2_tokenizer(PROMPTS[6]).input_ids
+
+
+@pytest.fixture(scope="module")
+def expected(engines, prompt):
+    return run_all(engines[0], [prompt], greedy(NUM_NEW), prefix="ref")["ref0"]
+
+
+def _collect(engine: LLMEngine, tokens: dict, steps: int | None = None) -> None:
+    count = 0
+    while engine.has_work and (steps is None or count < steps):
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
+        count += 1
+
+
+@pytest.mark.parametrize("copy_kv", [True, False], ids=["copy", "recompute"])
+def test_migrated_request_gives_the_same_tokens(engines, prompt, expected, copy_kv):
+    source, destination = engines
+    request_id = f"mig-{copy_kv}"
+    tokens: dict[str, list[int]] = {}
+    source.add_request(GenerateRequest(request_id, tuple(prompt), greedy(NUM_NEW)))
+    _collect(source, tokens, steps=4)  # prefill + a few decodes
+    stages = [migration.copy_kv(source, request_id, 0)]
+    _collect(source, tokens, steps=3)  # it keeps decoding while the first stage is in flight
+    stages.append(migration.copy_kv(source, request_id, stages[-1].end))
+    snapshot = migration.pause(source, request_id)
+    stages.append(migration.copy_kv(source, request_id, stages[-1].end))
+    assert stages[-1].end == snapshot.num_computed_tokens == snapshot.num_tokens - 1
+    assert migration.reserve(destination, request_id, snapshot.num_tokens)
+    if copy_kv:
+        for stage in stages:
+            migration.write_kv(destination, request_id, stage)
+    migration.attach(destination, snapshot, snapshot.num_computed_tokens if copy_kv else 0)
+    migration.release(source, request_id)
+    assert not source.has_work
+    assert_pool_idle(source)
+    _collect(destination, tokens)
+    assert tokens[request_id] == expected
+    assert_pool_idle(destination)
+
+
+def test_refused_migration_continues_on_the_source(engines, prompt, expected, smollm2_tokenizer):
+    source, _ = engines
+    full = LLMEngine(_config(max_num_seqs=1), tokenizer=smollm2_tokenizer)
+    try:
+        blocker = smollm2_tokenizer(PROMPTS[0]).input_ids
+        full.add_request(GenerateRequest("blocker", tuple(blocker), greedy(200)))
+        full.step()  # the only slot is taken
+        tokens: dict[str, list[int]] = {}
+        source.add_request(GenerateRequest("stay", tuple(prompt), greedy(NUM_NEW)))
+        _collect(source, tokens, steps=4)
+        snapshot = migration.pause(source, "stay")
+        assert not migration.reserve(full, "stay", snapshot.num_tokens)  # destination refuses
+        migration.cancel(full, "stay")
+        migration.resume(source, "stay")
+        _collect(source, tokens)
+        assert tokens["stay"] == expected
+        assert_pool_idle(source)
+        full.abort("blocker")
+        assert_pool_idle(full)
+    finally:
+        full.close()
