@@ -87,3 +87,4 @@ class EngineStats:
     kv_usage: float  # used / (used + free) in [0, 1]
     num_prefix_cache_hits: int  # cumulative tokens
     num_prefix_cache_queries: int  # cumulative tokens
+    kv_chunks_cached: int = 0  # held by the kv balloon for the prefix cache only (reclaimable)

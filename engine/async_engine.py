@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from engine.api import (
@@ -51,7 +52,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stats = engine.stats()
-        self._telemetry = engine.memory_telemetry()
+        self._telemetry = [engine.pool.telemetry().to_dict()]
+        self._telemetry_time = 0.0
 
     @classmethod
     def from_config(cls, config: EngineConfig, executor=None) -> AsyncEngine:
@@ -147,6 +149,14 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def max_tokens_that_fit(self, num_prompt_tokens: int) -> int:
+        """The largest max_tokens a request with this prompt can ask for (context and KV memory)."""
+        return self.engine.max_tokens_that_fit(num_prompt_tokens)  # pure: reads immutable sizes only
+
+    async def check_health(self) -> None:
+        if not self.is_running:
+            raise EngineDeadError(f"the engine loop is not running ({self._error!r})")
+
     def stats(self) -> EngineStats:
         return self._stats
 
@@ -221,4 +231,8 @@ class AsyncEngine:
 
     def _refresh_observations(self) -> None:
         self._stats = self.engine.stats()
-        self._telemetry = self.engine.memory_telemetry()
+        now = time.monotonic()
+        # gathering from tensor-parallel ranks is a collective: at most every 0.25 s
+        if self.engine.executor is None or now - self._telemetry_time >= 0.25:
+            self._telemetry = self.engine.memory_telemetry()
+            self._telemetry_time = now

@@ -24,7 +24,7 @@ from memory.kv.mirror import LayoutMirror
 
 logger = logging.getLogger(__name__)
 
-STEP, STOP = "step", "stop"
+STEP, STOP, TELEMETRY = "step", "stop", "telemetry"
 
 
 def _process_group_backend(config: EngineConfig) -> str:
@@ -70,6 +70,13 @@ class TensorParallelExecutor:
     def broadcast_step(self, plan: SchedulerOutput) -> None:
         self._broadcast(STEP, plan)
 
+    def gather_telemetry(self, local: dict) -> list[dict]:
+        """Every rank's pool telemetry, rank order (a collective: called between steps)."""
+        self._broadcast(TELEMETRY, None)
+        gathered: list = [None] * self.config.tensor_parallel_size
+        dist.gather_object(local, gathered, dst=0)
+        return gathered
+
     def stop(self) -> None:
         """Tells the workers to leave their loop, then leaves the process group."""
         if not self.is_started:
@@ -108,6 +115,9 @@ class WorkerProcess:
                 mirror.apply(layout_log)
                 if kind == STOP:
                     return num_steps
+                if kind == TELEMETRY:
+                    dist.gather_object(state.pool.telemetry().to_dict(), None, dst=0)
+                    continue
                 runner.forward_only(plan)
                 num_steps += 1
         finally:

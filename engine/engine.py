@@ -88,10 +88,7 @@ class LLMEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        kv_capacity = self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
-            self.config.max_num_batched_tokens, 1
-        )
-        if self.kv.chunks_to_grow(None, total) > kv_capacity:
+        if self.kv.chunks_to_grow(None, total) > self._kv_capacity_chunks():
             raise InvalidRequestError(
                 f"{total} tokens of KV cache do not fit in this replica's memory", param="max_tokens",
                 code="context_length_exceeded",
@@ -202,10 +199,32 @@ class LLMEngine:
             kv_usage=used / max(1, used + free),
             num_prefix_cache_hits=self.kv.prefix.num_hit_tokens,
             num_prefix_cache_queries=self.kv.prefix.num_queried_tokens,
+            kv_chunks_cached=self.kv.prefix.num_evictable_chunks,
         )
 
     def memory_telemetry(self) -> list[dict]:
-        return [self.pool.telemetry().to_dict()]
+        """One pool telemetry dict per tensor-parallel rank (the workers' are gathered)."""
+        local = self.pool.telemetry().to_dict()
+        if self.executor is None:
+            return [local]
+        return self.executor.gather_telemetry(local)
+
+    def _kv_capacity_chunks(self) -> int:
+        """Chunks KV could ever hold: the budget less the weights and one full step's workspace."""
+        return self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
+            self.config.max_num_batched_tokens, 1)
+
+    def max_tokens_that_fit(self, num_prompt_tokens: int) -> int:
+        """The largest max_tokens a request with this prompt can ask for (context and memory)."""
+        capacity = self._kv_capacity_chunks()
+        low, high = 0, self.max_model_len
+        while low < high:  # chunks_to_grow is monotone in the token count
+            middle = (low + high + 1) // 2
+            if self.kv.chunks_to_grow(None, middle) <= capacity:
+                low = middle
+            else:
+                high = middle - 1
+        return max(0, low - num_prompt_tokens)
 
     def close(self) -> None:
         for request in list(self.scheduler.requests.values()):
