@@ -58,6 +58,12 @@ class _ReplicaMiddleware:
         await self._app(scope, receive, send_tagged)
 
 
+def _route_path(scope) -> str:
+    """The path the app routes on: under a Serve route_prefix, `path` still starts with `root_path`."""
+    path, root_path = scope["path"], scope.get("root_path", "")
+    return path[len(root_path):] if root_path and path.startswith(root_path) else path
+
+
 class _ApiKeyMiddleware:
     """`Authorization: Bearer <key>` on /v1/*, checked before the body is read: a caller without the key
     learns nothing about what the body should be."""
@@ -67,7 +73,7 @@ class _ApiKeyMiddleware:
         self._api_key = api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and _route_path(scope).startswith("/v1/"):
             error = self._check(dict(scope["headers"]).get(b"authorization", b""))
             if error is not None:
                 await error.response()(scope, receive, send)

@@ -76,7 +76,9 @@ ROUTER_CONFIG = RequestRouterConfig(request_router_class="deployments.router:KVH
                                     request_routing_stats_period_s=0.5)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, health_check_period_s=5,
+# max_ongoing_requests >= the engine's max_num_seqs + max_num_waiting (64 + 256 by default): load is shed by
+# the engine's queue limit (an OpenAI-shaped 503 with Retry-After), not by requests piling up in the proxy.
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=320, health_check_period_s=5,
                   graceful_shutdown_timeout_s=20, request_router_config=ROUTER_CONFIG)
 @serve.ingress()
 class LLMServer:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 
+from deployments.engine_bindings import EngineBindings
+from deployments.openai_app import AppSettings, build_openai_app
 from tests.deployments.conftest import sse_events
 from tests.deployments.fake_engine import FakeEngine
 
@@ -104,6 +107,14 @@ def test_api_key_when_configured(make_client, engine):
     good = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sesame"})
     assert good.status_code == 200
     assert len(engine.submitted) == 1
+
+
+def test_api_key_is_checked_under_a_route_prefix(engine):
+    # What a Serve route_prefix does: `path` keeps the prefix and `root_path` names it.
+    app = build_openai_app(lambda: engine, AppSettings(api_key="sesame", bindings=EngineBindings.from_engine_package()))
+    with TestClient(app, root_path="/tp") as client:
+        assert client.get("/tp/v1/models").status_code == 401
+        assert client.get("/tp/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
 
 
 def test_overloaded_engine_is_503_with_retry_after(make_client):

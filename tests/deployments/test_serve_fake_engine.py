@@ -234,24 +234,29 @@ def test_controller_exits_once_every_replica_is_gone(cluster):
 
 def test_tensor_parallel_ranks_run_in_the_replicas_placement_group(cluster):
     """TP=2 with the real WorkerLauncher and a stand-in WorkerProcess: rank 1 is an actor in bundle 1 of
-    the replica's placement group, and deleting the app stops it."""
+    the replica's placement group, and deleting the app stops it. This app also has an API key and an
+    engine whose queue is always full, to see 401 and 503 come through the proxy."""
     import psutil
     from ray import serve
 
     from deployments.app import build_app
 
     app = build_app({"engine_factory": "tests.deployments.fake_engine:create_fake_tp_engine",
+                     "engine_factory_kwargs": {"max_num_waiting": 0}, "api_key": "tp-key",
                      "tensor_parallel_size": 2, "cpus_per_rank": 0.5, "controller_name": TP_CONTROLLER})
     serve.run(app, name="fake-tp", route_prefix="/tp")
     base = f"{cluster.base_url}/tp"
-    ranks = httpx.get(f"{base}/v1/memory").json()["ranks"]
+    assert httpx.get(f"{base}/v1/memory").json()["error"]["code"] == "invalid_api_key"
+    auth = {"Authorization": "Bearer tp-key"}
+    ranks = httpx.get(f"{base}/v1/memory", headers=auth).json()["ranks"]
     assert len(ranks) == 2
     rank0, rank1 = (rank["placement"] for rank in ranks)
     assert rank0["placement_group_id"] and rank0["placement_group_id"] == rank1["placement_group_id"]
     assert rank0["pid"] != rank1["pid"]
     assert rank0["resources"]["CPU"] == rank1["resources"]["CPU"] == 0.5
-    completion = httpx.post(f"{base}/v1/completions", json={"prompt": "tp", "max_tokens": 3})
-    assert completion.status_code == 200 and len(completion.json()["choices"][0]["text"]) == 3
+    overloaded = httpx.post(f"{base}/v1/completions", json={"prompt": "tp", "max_tokens": 3}, headers=auth)
+    assert overloaded.status_code == 503 and overloaded.headers["retry-after"] == "2"
+    assert overloaded.json()["error"]["code"] == "overloaded"
     serve.delete("fake-tp")
 
     def rank1_gone() -> bool:
