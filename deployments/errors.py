@@ -125,3 +125,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for engine_error in (InvalidRequestError, EngineOverloadedError, EngineDeadError):
         app.add_exception_handler(engine_error, lambda _request, exc: from_engine_error(exc).response())
+    # Anything else is a bug: still answer in OpenAI's shape (Starlette logs the traceback).
+    app.add_exception_handler(Exception, lambda _request, exc: from_engine_error(exc).response())

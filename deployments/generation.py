@@ -44,12 +44,9 @@ class GenerationRun:
         ]
         self._is_closed = False
 
-    @property
-    def request_ids(self) -> list[str]:
-        return [choice.request.request_id for choice in self._choices]
-
     async def start(self) -> None:
-        """Waits for every choice's first output; raises the engine's error (after aborting the rest)."""
+        """Waits for every choice's first output and raises the first error; the caller then closes the run,
+        which aborts the choices that did start."""
         firsts = await asyncio.gather(*(self._first(choice) for choice in self._choices),
                                       return_exceptions=True)
         for result in firsts:

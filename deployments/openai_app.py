@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -28,7 +28,7 @@ REPLICA_HEADER = "x-elastic-replica"
 @dataclass(frozen=True)
 class AppSettings:
     served_model_name: str | None = None  # None: the engine's model_name
-    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <api_key>`
+    api_key: str | None = field(default=None, repr=False)  # set: /v1/* needs `Authorization: Bearer <key>`
     replica_id: str = "local"
     bindings: EngineBindings | None = None  # None: the engine package's own (imported on first use)
     cluster_view: Callable[[], Awaitable[dict[str, Any]]] | None = None
@@ -144,7 +144,11 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
         if settings.cluster_view is None:
             raise errors.APIError(404, "This server runs without a cluster controller.",
                                   "invalid_request_error", None, "not_found")
-        return await settings.cluster_view()
+        try:
+            return await settings.cluster_view()
+        except Exception as exc:  # the controller is restarting or gone; the replica still serves
+            raise errors.APIError(503, f"The cluster controller is unavailable: {exc!r}", "server_error",
+                                  None, "controller_unavailable", {"Retry-After": "1"}) from exc
 
     app.include_router(v1)
 

@@ -157,3 +157,14 @@ def test_the_server_keeps_serving_after_errors(client):
     client.post("/v1/completions", json={"prompt": "FAIL", "stream": True})
     client.post("/v1/completions", json={"prompt": "x", "temperature": -3})
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_unexpected_failures_are_openai_shaped_500(make_client, engine):
+    async def broken_cluster_view():
+        raise RuntimeError("controller gone")
+
+    client = make_client(engine, cluster_view=broken_cluster_view)
+    assert_error(client.get("/v1/cluster"), 503, type="server_error", code="controller_unavailable")
+    engine.memory_telemetry = lambda: 1 / 0
+    message = assert_error(client.get("/v1/memory"), 500, type="server_error", code="internal_error")
+    assert "ZeroDivisionError" in message
