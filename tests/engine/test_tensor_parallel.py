@@ -45,6 +45,9 @@ def _run_tp2(tmp_path, config: EngineConfig, prompts, tokenizer, num_new: int = 
         outputs = run_all(engine, prompts, greedy(num_new))
         stats = (engine.scheduler.num_preemptions, engine.scheduler.num_swaps)
         assert_pool_idle(engine)
+        ranks = engine.memory_telemetry()  # gathered from both ranks
+        assert len(ranks) == 2 and ranks[1]["chunk_bytes"] * 2 == ranks[0]["chunk_bytes"]  # 1 vs 2 kv heads
+        assert ranks[1]["chunks_per_client"]["kv"] == ranks[0]["chunks_per_client"]["kv"]  # the same cached pages
     finally:
         engine.close()  # broadcasts stop
     worker.join(timeout=60)
