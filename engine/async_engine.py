@@ -20,6 +20,7 @@ from engine.api import (
     EngineOverloadedError,
     EngineStats,
     GenerateRequest,
+    InvalidRequestError,
     RequestOutput,
 )
 from engine.config import EngineConfig
@@ -88,6 +89,8 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError(f"the engine loop is not running ({self._error!r})")
         self.engine.validate(request)  # uses only immutable engine facts: safe off the engine thread
+        if request.request_id in self._streams:  # registering it would take over the running stream
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
         if len(self._streams) >= self.config.max_num_waiting + self.config.max_num_seqs:
             raise EngineOverloadedError(f"{len(self._streams)} requests in flight; try again shortly")
         stream: asyncio.Queue = asyncio.Queue()
