@@ -46,6 +46,7 @@ class PrefixCache:
     evictable: OrderedDict[int, KVBlock] = field(default_factory=OrderedDict)  # block_id -> block, LRU first
     num_queried_tokens: int = 0
     num_hit_tokens: int = 0
+    num_evictable_chunks: int = 0  # kept as a count: the scheduler asks for it many times per step
 
     def lookup(self, group: int, block_hash: int) -> KVBlock | None:
         return self.by_hash.get((group, block_hash))
@@ -61,11 +62,14 @@ class PrefixCache:
 
     def hold(self, block: KVBlock) -> None:
         """A request starts using a cached block: it is no longer evictable."""
-        self.evictable.pop(block.block_id, None)
+        if self.evictable.pop(block.block_id, None) is not None:
+            self.num_evictable_chunks -= len(block.chunks)
         block.ref_count += 1
 
     def park(self, block: KVBlock) -> None:
         """The last holder let go of a hashed block: keep it, evictable, most recent last."""
+        if block.block_id not in self.evictable:
+            self.num_evictable_chunks += len(block.chunks)
         self.evictable[block.block_id] = block
         self.evictable.move_to_end(block.block_id)
 
@@ -73,13 +77,10 @@ class PrefixCache:
         if not self.evictable:
             return None
         _, block = self.evictable.popitem(last=False)
+        self.num_evictable_chunks -= len(block.chunks)
         del self.by_hash[(block.group, block.block_hash)]
         block.block_hash = None
         return block
-
-    @property
-    def num_evictable_chunks(self) -> int:
-        return sum(len(block.chunks) for block in self.evictable.values())
 
 
 @dataclass
