@@ -68,7 +68,8 @@ def test_prefix_pages_are_shared_then_cached_then_evicted(sim_kv):
     assert kv.admit("b", prompt) == 2048
     shared = _chunk_ids(kv, "b")
     assert shared == _chunk_ids(kv, "a")[: len(shared)]  # the very same physical chunks
-    assert all(chunk.num_mappings == 2 for pages in kv.requests["b"].blocks for block in pages for chunk in block.chunks)
+    shared_blocks = [block for pages in kv.requests["b"].blocks for block in pages]
+    assert all(chunk.num_mappings == 2 for block in shared_blocks for chunk in block.chunks)
     kv.free("a")
     kv.free("b")
     assert kv.num_used_chunks() == 0 and kv.prefix.num_evictable_chunks == 2 * 4 == pool.num_held("kv")
