@@ -74,6 +74,7 @@ class AppArgs(BaseModel):
     tpot_slo_ms: float | None = Field(default=None, gt=0)
     engine_options: dict[str, Any] = Field(default_factory=dict)  # any other EngineConfig field
     # HTTP.
+    default_sampling: dict[str, Any] = Field(default_factory=dict)  # e.g. the model card's temperature/top_p
     api_key: str | None = Field(default=None, repr=False)  # set: /v1/* needs "Authorization: Bearer <key>"
     # Cluster controller.
     controller_name: str = "elastic-serve-controller"
@@ -90,6 +91,16 @@ class AppArgs(BaseModel):
     @classmethod
     def _size(cls, value):
         return None if value is None else parse_bytes(value)
+
+    @field_validator("default_sampling")
+    @classmethod
+    def _known_sampling(cls, value):
+        from deployments.protocol import DEFAULTABLE_SAMPLING
+
+        unknown = sorted(set(value) - DEFAULTABLE_SAMPLING)
+        if unknown:
+            raise ValueError(f"default_sampling: unknown knobs {unknown}; known: {sorted(DEFAULTABLE_SAMPLING)}")
+        return value
 
     @field_validator("api_key")
     @classmethod

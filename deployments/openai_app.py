@@ -32,6 +32,7 @@ class AppSettings:
     replica_id: str = "local"
     bindings: EngineBindings | None = None  # None: the engine package's own (imported on first use)
     cluster_view: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    default_sampling: dict[str, Any] = field(default_factory=dict)  # for knobs a request leaves out
 
 
 class _ReplicaMiddleware:
@@ -107,7 +108,8 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
         return engine.model_name if engine is not None else "unknown"
 
     metrics = ServingMetrics(engine_provider, served_model_name(), settings.replica_id)
-    serving = OpenAIServing(engine_provider, bindings_provider, metrics, served_model_name)
+    serving = OpenAIServing(engine_provider, bindings_provider, metrics, served_model_name,
+                            settings.default_sampling)
     app.state.metrics = metrics
     app.state.serving = serving
 

@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 MAX_LOGPROBS = 20
 MAX_CHOICES = 16
+# Knobs a server may give defaults for (AppArgs.default_sampling), used when a request leaves them out.
+DEFAULTABLE_SAMPLING = frozenset({"temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                                  "frequency_penalty", "repetition_penalty", "min_tokens", "stop",
+                                  "stop_token_ids", "ignore_eos", "skip_special_tokens"})
 
 
 class _Request(BaseModel):
@@ -53,10 +57,12 @@ class _SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _common_sampling_kwargs(self) -> dict[str, Any]:
+    def _common_sampling_kwargs(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the client set, over the server's defaults (the engine's own defaults apply to the rest)."""
         names = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
-        kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        kwargs = dict(defaults or {})
+        kwargs.update({name: getattr(self, name) for name in names if getattr(self, name) is not None})
         if self.stop is not None:
             kwargs["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return kwargs
@@ -104,8 +110,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("echo=true is not supported")
         return echo
 
-    def sampling_kwargs(self, max_tokens: int) -> list[dict[str, Any]]:
-        base = self._common_sampling_kwargs()
+    def sampling_kwargs(self, max_tokens: int, defaults: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        base = self._common_sampling_kwargs(defaults)
         base["max_tokens"] = max_tokens
         if self.logprobs is not None:
             base["logprobs"] = self.logprobs
@@ -159,8 +165,8 @@ class ChatCompletionRequest(_SamplingFields):
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": message.role, "content": message.text()} for message in self.messages]
 
-    def sampling_kwargs(self, max_tokens: int) -> list[dict[str, Any]]:
-        base = self._common_sampling_kwargs()
+    def sampling_kwargs(self, max_tokens: int, defaults: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        base = self._common_sampling_kwargs(defaults)
         base["max_tokens"] = max_tokens
         if self.logprobs:
             base["logprobs"] = self.top_logprobs or 0

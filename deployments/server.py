@@ -102,7 +102,8 @@ class LLMServer:
     def __serve_build_asgi_app__(self):
         settings = AppSettings(served_model_name=self.args.served_model_name, api_key=self.args.api_key,
                                replica_id=self.replica_id, bindings=self._built.bindings,
-                               cluster_view=self._controller.cluster_view)
+                               cluster_view=self._controller.cluster_view,
+                               default_sampling=self.args.default_sampling)
         return build_openai_app(lambda: self.engine, settings)
 
     async def record_routing_stats(self) -> dict[str, Any]:

@@ -65,7 +65,9 @@ class _RunStreamingResponse(StreamingResponse):
 
 class OpenAIServing:
     def __init__(self, engine_provider: Callable[[], Any], bindings_provider: Callable[[], EngineBindings],
-                 metrics: ServingMetrics, served_model_name: Callable[[], str]):
+                 metrics: ServingMetrics, served_model_name: Callable[[], str],
+                 default_sampling: dict[str, Any] | None = None):
+        self._default_sampling = dict(default_sampling or {})
         self._engine_provider = engine_provider
         self._bindings_provider = bindings_provider
         self._metrics = metrics
@@ -132,7 +134,8 @@ class OpenAIServing:
         else:
             prompt_ids = self._checked_token_ids(engine, request.prompt)
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.max_tokens, "prompt")
-        response_id, run = await self._start(engine, "cmpl", prompt_ids, request.sampling_kwargs(max_tokens))
+        sampling_kwargs = request.sampling_kwargs(max_tokens, self._default_sampling)
+        response_id, run = await self._start(engine, "cmpl", prompt_ids, sampling_kwargs)
         created = now_s()
         if request.stream:
             stream = self._completion_stream(engine, run, response_id, created, model, request.include_usage,
@@ -230,7 +233,7 @@ class OpenAIServing:
         prompt_ids = list(self._bindings_provider().encode_chat(engine.tokenizer, request.chat_messages()))
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.requested_max_tokens, "messages")
         response_id, run = await self._start(engine, "chatcmpl", prompt_ids,
-                                             request.sampling_kwargs(max_tokens))
+                                             request.sampling_kwargs(max_tokens, self._default_sampling))
         created = now_s()
         if request.stream:
             stream = self._chat_stream(engine, run, response_id, created, model, request, len(prompt_ids))

@@ -38,7 +38,8 @@ def test_app_args_defaults_and_errors():
     assert AppArgs(cpus_per_rank=2, num_threads=3).threads_per_rank() == 3
     assert "secret" not in repr(AppArgs(api_key="secret"))
     for bad in ({"devcie": "cpu"}, {"device": "tpu"}, {"pool_policy": "magic"}, {"tensor_parallel_size": 0},
-                {"device_memory": "a lot"}, {"api_key": " "}, {"telemetry_period_s": 2}):
+                {"device_memory": "a lot"}, {"api_key": " "}, {"telemetry_period_s": 2},
+                {"default_sampling": {"temprature": 0.1}}):
         with pytest.raises(ValidationError):
             AppArgs.model_validate(bad)
 

@@ -208,3 +208,12 @@ def test_health_is_503_when_the_engine_is_dead_or_loading(make_client, engine):
     assert make_client(engine).get("/health").status_code == 503
     loading = make_client(None, served_model_name="m")
     assert loading.get("/health").json() == {"status": "loading"}
+
+
+def test_server_default_sampling_fills_only_what_the_request_leaves_out(make_client, engine):
+    client = make_client(engine, default_sampling={"temperature": 0.2, "top_p": 0.9})
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0})
+    first, second = (request.sampling for request in engine.submitted)
+    assert (first.temperature, first.top_p) == (0.2, 0.9)
+    assert (second.temperature, second.top_p) == (0.0, 0.9)
