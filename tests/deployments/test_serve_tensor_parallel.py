@@ -47,5 +47,4 @@ def test_tp2_greedy_equals_tp1():
     finally:
         cluster.stop()
     assert cluster.leftover_processes() == []
-    if num_ranks_reported != 2:
-        pytest.xfail("engine.memory_telemetry() reports rank 0's pool only (docs/NEEDS_FROM_ENGINE.md)")
+    assert num_ranks_reported == 2  # /v1/memory: one pool per rank
