@@ -125,6 +125,8 @@ class AsyncEngine:
     async def stream_attached(self, request_id: str, attach, *args) -> AsyncIterator[RequestOutput]:
         """Subscribes to a request's outputs, then runs `attach(engine, *args)` (which must put that
         request into the engine, e.g. migration.attach), so no output can be missed."""
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already streaming here", param="request_id")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         finished = False
