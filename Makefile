@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A /tmp/ray/ray_current_cluster left by a dead cluster makes `serve run` hang: drop it when no Ray runs.
 serve: $(STAMP)
+	pgrep -f gcs_server >/dev/null || rm -f /tmp/ray/ray_current_cluster
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/serve run serve_config.yaml
 
 test: $(STAMP)
