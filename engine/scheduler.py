@@ -9,6 +9,7 @@ drops a request: preempted ones are swapped to the host buffer or put back in fr
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,11 +145,20 @@ class Scheduler:
         return self._output(step)
 
     def _token_budget(self) -> int:
+        """Tokens this step may compute. With a TPOT target, prefill tokens are capped so the step stays
+        within it (every running request waits for the step); with a TTFT target, a waiting request
+        about to miss it lifts the cap so its prefill goes through (TTFT before TPOT, as LayerKV argues)."""
         budget = self.config.max_num_batched_tokens
-        if self.config.tpot_slo_ms is not None and self.running:
-            # prefill tokens slow every running request's next token: cap the step at the SLO
-            budget = min(budget, max(len(self.running) + 1, self.cost_model.max_tokens_within(self.config.tpot_slo_ms)))
-        return budget
+        if self.config.tpot_slo_ms is None or not self.running:
+            return budget
+        capped = min(budget, max(len(self.running) + 1, self.cost_model.max_tokens_within(self.config.tpot_slo_ms)))
+        if self.config.ttft_slo_ms is not None and self.waiting:
+            oldest = self.waiting[0]
+            waited_ms = (time.monotonic() - oldest.arrival_time) * 1e3
+            prefill_ms = self.cost_model.predict_ms(min(oldest.num_tokens, budget))
+            if waited_ms + prefill_ms >= self.config.ttft_slo_ms:
+                return budget
+        return capped
 
     def _fits(self, step: _StepBuilder, request_id: str | None, num_tokens: int, new_tokens: int, sampled: int) -> bool:
         """Whether growing `request_id` to `num_tokens` leaves room for the step's activations."""
