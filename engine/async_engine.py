@@ -89,29 +89,16 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError(f"the engine loop is not running ({self._error!r})")
         self.engine.validate(request)  # uses only immutable engine facts: safe off the engine thread
-        if request.request_id in self._streams:  # registering it would take over the running stream
-            raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
         if len(self._streams) >= self.config.max_num_waiting + self.config.max_num_seqs:
             raise EngineOverloadedError(f"{len(self._streams)} requests in flight; try again shortly")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", request))
-        self._wake.set()
-        finished = False
-        try:
-            while True:
-                output = await stream.get()
-                if isinstance(output, BaseException):
-                    raise output
-                finished = output.is_finished
-                yield output
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self._inbox.put(("abort", request.request_id))
-                self._wake.set()
+        stream = self._open_stream(request.request_id)
+
+        async def submit() -> None:
+            self._inbox.put(("add", request))
+            self._wake.set()
+
+        async for output in self._stream(request.request_id, stream, submit):
+            yield output
 
     async def run_in_engine(self, function, *args):
         """Runs `function(engine, *args)` on the engine thread between two steps; returns its result.
@@ -125,21 +112,28 @@ class AsyncEngine:
     async def stream_attached(self, request_id: str, attach, *args) -> AsyncIterator[RequestOutput]:
         """Subscribes to a request's outputs, then runs `attach(engine, *args)` (which must put that
         request into the engine, e.g. migration.attach), so no output can be missed."""
-        if request_id in self._streams:
-            raise InvalidRequestError(f"request id {request_id!r} is already streaming here", param="request_id")
+        stream = self._open_stream(request_id)
+        async for output in self._stream(request_id, stream, lambda: self.run_in_engine(attach, *args)):
+            yield output
+
+    def _open_stream(self, request_id: str) -> asyncio.Queue:
+        if request_id in self._streams:  # registering it would take over the running stream
+            raise InvalidRequestError(f"request id {request_id!r} is already running here", param="request_id")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        return stream
+
+    async def _stream(self, request_id: str, stream: asyncio.Queue, start) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs until the last one; leaving early (or failing) aborts it."""
         finished = False
         try:
-            await self.run_in_engine(attach, *args)
-            while True:
+            await start()
+            while not finished:
                 output = await stream.get()
                 if isinstance(output, BaseException):
                     raise output
                 finished = output.is_finished
                 yield output
-                if finished:
-                    return
         finally:
             self._streams.pop(request_id, None)
             if not finished:
