@@ -152,7 +152,9 @@ def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: 
 
 
 def build_engine(args, tokenizer=None, **overrides) -> LLMEngine:
+    # no prefix caching: rounds repeat the same prompts, and the peer runs without it too
     options = dict(dtype=args.dtype, num_threads=args.threads, device_memory_bytes=int(args.memory_gib * GIB),
+                   enable_prefix_caching=False,
                    max_num_batched_tokens=args.max_num_batched_tokens,
                    max_num_seqs=args.max_num_seqs or min(max(64, args.num_prompts), 256))
     options.update(overrides)
@@ -218,29 +220,37 @@ def _warm_up(engine: LLMEngine, tokenizer, args) -> None:
     run_engine(engine, prompts, min(4, args.output_len), "warmup")
 
 
-def _measure(args, engine: LLMEngine, hf, prompts, tag: str, peer_mode: str) -> dict:
-    systems = {"ours": run_engine(engine, prompts, args.output_len, tag)}
-    systems["ours"]["load"] = _load()
-    if hf is not None:
-        from loadtest.offline_hf import run_hf
+def _median_round(results: list[dict]) -> dict:
+    chosen = dict(sorted(results, key=lambda result: result["output_tok_s"])[(len(results) - 1) // 2])
+    chosen["rounds_output_tok_s"] = [result["output_tok_s"] for result in results]
+    return chosen
 
-        systems["HF"] = run_hf(hf, prompts, args.output_len, pad_token_id=engine.tokenizer.pad_token_id or 0,
-                               batch_size=args.hf_batch_size)
-        systems["HF"]["load"] = _load()
-    if args.peer == "vllm":
-        from loadtest.offline_peer import run_vllm
 
-        peer = run_vllm(args, prompts, peer_mode)
+def _measure(args, engine: LLMEngine, hf, peer, prompts, tag: str, mode: str) -> dict:
+    """`args.rounds` rounds, each running ours, then HF, then the peer, so slow spells of the shared box hit
+    all of them; each system's table column is its median round."""
+    from loadtest.offline_hf import run_hf
+
+    rounds: dict[str, list[dict]] = {"ours": []}
+    for index in range(args.rounds):
+        rounds["ours"].append({**run_engine(engine, prompts, args.output_len, f"{tag}{index}"), "load": _load()})
+        if hf is not None:
+            result = run_hf(hf, prompts, args.output_len, pad_token_id=engine.tokenizer.pad_token_id or 0,
+                            batch_size=args.hf_batch_size)
+            rounds.setdefault("HF", []).append({**result, "load": _load()})
         if peer is not None:
-            systems["vLLM"] = peer
+            rounds.setdefault("vLLM", []).append(peer.run(prompts, args.output_len, mode))
+    systems = {name: _median_round(results) for name, results in rounds.items()}
     ours_tokens = systems["ours"].pop("token_ids")
     for name, result in systems.items():
-        if peer_mode == "batch1":
+        if mode == "batch1":
             result["tpot_ms"] = result.get("mean_decode_step_ms")
         other = result.pop("token_ids", None)
         if name != "ours" and other is not None:  # the same work? (greedy near-ties may flip a few)
             result["same_tokens"] = sum(a == b for a, b in zip(ours_tokens, other, strict=False))
             result["compared"] = min(len(ours_tokens), len(other))
+            result["round_ratios"] = [ours["output_tok_s"] / theirs["output_tok_s"]
+                                      for ours, theirs in zip(rounds["ours"], rounds[name], strict=True)]
     return systems
 
 
@@ -254,19 +264,29 @@ def run_modes(args) -> dict:
         args.engine_dtype = str(engine.dtype).replace("torch.", "")
         results["config"].update(dtype_used=args.engine_dtype, threads_used=torch.get_num_threads(),
                                  model=engine.model_name)
-        hf = None
+        hf = peer = None
         if not args.skip_hf:
             from loadtest.offline_hf import generate_batch, hf_model
 
             hf = hf_model(engine.source, engine.dtype)
             generate_batch(hf, [[1, 2, 3, 4]] * 2, 4, pad_token_id=0)  # warm-up
+        if args.peer == "vllm":
+            from loadtest.offline_peer import start_vllm
+
+            peer = start_vllm(args, args.prompt_len)
+            if peer is not None:
+                results["config"]["peer_start_s"] = peer.start_s
         _warm_up(engine, tokenizer, args)
-        if "throughput" in modes:
-            prompts = make_prompts(tokenizer, args.num_prompts, args.prompt_len, args.seed)
-            results["throughput"] = _measure(args, engine, hf, prompts, "tp", "throughput")
-        if "batch1" in modes:
-            prompts = make_prompts(tokenizer, 1, args.prompt_len, args.seed + 2)
-            results["batch1"] = _measure(args, engine, hf, prompts, "b1", "batch1")
+        try:
+            if "throughput" in modes:
+                prompts = make_prompts(tokenizer, args.num_prompts, args.prompt_len, args.seed)
+                results["throughput"] = _measure(args, engine, hf, peer, prompts, "tp", "throughput")
+            if "batch1" in modes:
+                prompts = make_prompts(tokenizer, 1, args.prompt_len, args.seed + 2)
+                results["batch1"] = _measure(args, engine, hf, peer, prompts, "b1", "batch1")
+        finally:
+            if peer is not None:
+                peer.close()
         engine.close()
         del hf
     if "capacity" in modes:
@@ -277,10 +297,19 @@ def run_modes(args) -> dict:
 
 
 def _footer(systems: dict[str, dict]) -> str:
+    lines = []
     same = [f"{name} {result['same_tokens']}/{result['compared']}" for name, result in systems.items()
             if "same_tokens" in result]
-    loads = [f"{name}: {result['load']}" for name, result in systems.items() if "load" in result]
-    return "; ".join((["prompts with greedy tokens equal to ours: " + ", ".join(same)] if same else []) + loads)
+    if same:
+        lines.append("prompts whose greedy tokens equal ours: " + ", ".join(same))
+    for name, result in systems.items():
+        ratios = result.get("round_ratios") or []
+        if len(ratios) > 1:
+            median = sorted(ratios)[(len(ratios) - 1) // 2]
+            lines.append(f"ours/{name} output tok/s per round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+                         + f" (median {median:.2f})")
+    lines.append("; ".join(f"{name}: {result['load']}" for name, result in systems.items() if "load" in result))
+    return "\n".join(lines)
 
 
 def format_results(results: dict) -> str:
@@ -322,6 +351,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="default: max(64, num-prompts) capped at 256 (throughput), 64 (capacity)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each column is its median")
     parser.add_argument("--hf-batch-size", type=int, default=None, help="static batch (default: all prompts)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--peer", choices=("vllm",), default=None)
@@ -339,7 +369,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = torch.get_num_threads()
-    for name in ("num_prompts", "prompt_len", "output_len", "capacity_prompt_len", "capacity_output_len"):
+    for name in ("num_prompts", "prompt_len", "output_len", "capacity_prompt_len", "capacity_output_len", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args

@@ -26,9 +26,9 @@ def test_table_and_speedup_direction():
 
 def test_missing_peer_is_skipped_with_instructions(tmp_path, capsys):
     args = SimpleNamespace(peer_dir=str(tmp_path / "nothing-here"), peer_dtype=None, dtype="auto", output_len=4,
-                           threads=1)
+                           threads=1, num_prompts=1)
     assert offline_peer.find_peer_dir(str(tmp_path / "nothing-here")) is None
-    assert offline_peer.run_vllm(args, [[1, 2, 3]], "throughput") is None
+    assert offline_peer.start_vllm(args, 8) is None
     assert "setup.sh" in capsys.readouterr().err
 
 
