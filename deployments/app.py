@@ -14,7 +14,7 @@ import ray
 from ray.serve import Application
 
 from deployments.args import AppArgs
-from deployments.controller import create_migration_policy, get_or_create_controller
+from deployments.controller import controller_options, create_migration_policy, get_or_create_controller
 from deployments.server import LLMServer
 
 
@@ -39,8 +39,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     app_args = AppArgs.model_validate(args or {})
     # Fail here, in `serve run`'s output, rather than in every replica's constructor. (EngineConfig's own
     # checks run in the replicas: importing the engine here would cost `serve run` ~2 s of torch import.)
-    create_migration_policy(app_args.migration_policy)
+    create_migration_policy(app_args.migration_policy, app_args.migration_policy_options)
+    app_args.migration.to_config()
     if ray.is_initialized():
         get_or_create_controller(app_args.controller_name, app_args.controller_namespace,
-                                 app_args.migration_policy)
+                                 app_args.migration_policy, **controller_options(app_args))
     return LLMServer.options(**deployment_options(app_args)).bind(app_args.model_dump(mode="json"))

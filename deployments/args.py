@@ -45,6 +45,25 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class MigrationArgs(BaseModel):
+    """The replica side of live migration (deployments/migration.py MigrationConfig; docs/MIGRATION.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrent: int = Field(default=2, ge=1)  # K: migrations at once per replica, each way
+    max_stages: int = Field(default=4, ge=1)  # KV copies while the request decodes, before the pause
+    min_stage_tokens: int = Field(default=8, ge=1)  # fewer new tokens than this: pause and copy the tail
+    growth_margin_tokens: int = Field(default=64, ge=0)  # the destination reserves this much growth
+    call_timeout_s: float = Field(default=10.0, gt=0)  # one call to the destination
+    timeout_s: float = Field(default=60.0, gt=0)  # watchdog for a whole migration
+    initial_bandwidth_bytes_per_s: float = Field(default=200e6, gt=0)  # until a transfer is measured
+
+    def to_config(self):
+        from deployments.migration import MigrationConfig
+
+        return MigrationConfig(**self.model_dump())
+
+
 class AppArgs(BaseModel):
     """Engine knobs left at None take EngineConfig's default, so the engine owns its defaults."""
 
@@ -80,7 +99,9 @@ class AppArgs(BaseModel):
     controller_name: str = "elastic-serve-controller"
     controller_namespace: str = "elastic-serve"
     telemetry_period_s: float = Field(default=0.5, gt=0, le=0.5)
-    migration_policy: str = "none"
+    migration_policy: str = "none"  # none | balance | balance+pack (deployments/migration_policy.py)
+    migration_policy_options: dict[str, Any] = Field(default_factory=dict)  # e.g. high_watermark, pack_budget
+    migration: MigrationArgs = Field(default_factory=MigrationArgs)
     # Extra Serve deployment options for build_app (num_replicas, ...); the YAML's `deployments:` wins.
     deployment_options: dict[str, Any] = Field(default_factory=dict)
     # Another engine behind the same HTTP layer ("module:callable"; tests use a fake engine).

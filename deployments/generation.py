@@ -3,7 +3,9 @@
 `GenerationRun.start()` pulls the first output of every choice, so that validation and overload errors
 (which the engine raises at the first `__anext__`) become an HTTP status before any byte is sent.
 `outputs()` then merges the choices' streams. `close()` aborts whatever has not finished; it runs in the
-caller's `finally`, which is where a client disconnect arrives (as `asyncio.CancelledError`).
+caller's `finally`, which is where a client disconnect arrives (as `asyncio.CancelledError`). A choice
+whose engine stream ends with finish_reason "migrated" goes on with the destination replica's outputs from
+the relay registry (deployments/relay.py); the client sees one stream.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.metrics import RequestTimer, ServingMetrics
+from deployments.relay import MIGRATED, Relay, RelayRegistry
 from engine.api import GenerateRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -32,12 +35,15 @@ class _Choice:
     pending: asyncio.Future | None = None
     num_prompt_tokens: int = 0
     is_finished: bool = False
+    relay: Relay | None = None  # set once the request migrated to another replica
 
 
 class GenerationRun:
-    def __init__(self, engine: Any, requests: list[GenerateRequest], metrics: ServingMetrics):
+    def __init__(self, engine: Any, requests: list[GenerateRequest], metrics: ServingMetrics,
+                 relays: RelayRegistry | None = None):
         self._engine = engine
         self._metrics = metrics
+        self._relays = relays
         self._choices = [
             _Choice(index, request, engine.generate(request), RequestTimer(metrics, request.arrival_time))
             for index, request in enumerate(requests)
@@ -92,12 +98,24 @@ class GenerationRun:
                     running[choice.pending] = choice
 
     async def _next_or_end(self, choice: _Choice) -> RequestOutput:
-        try:
-            return await anext(choice.stream)
-        except StopAsyncIteration:
-            # The contract ends every stream with a finished output; treat a bare end as an abort.
-            return RequestOutput(choice.request.request_id, (), "", finish_reason="abort",
-                                 num_prompt_tokens=choice.num_prompt_tokens)
+        while True:
+            try:
+                output = await anext(choice.stream)
+            except StopAsyncIteration:
+                # The contract ends every stream with a finished output; treat a bare end as an abort.
+                return RequestOutput(choice.request.request_id, (), "", finish_reason="abort",
+                                     num_prompt_tokens=choice.num_prompt_tokens)
+            if output.finish_reason != MIGRATED:
+                return output
+            relay = self._relays.take(choice.request.request_id) if self._relays is not None else None
+            if relay is None:
+                return RequestOutput(choice.request.request_id, (), "", finish_reason="error",
+                                     error="the request moved to another replica and its relay is missing",
+                                     num_prompt_tokens=choice.num_prompt_tokens)
+            with contextlib.suppress(Exception):
+                await choice.stream.aclose()
+            choice.relay = relay
+            choice.stream = relay.start(choice.timer.last_token_time)
 
     def _observe(self, choice: _Choice, output: RequestOutput) -> None:
         now = time.monotonic()
@@ -128,3 +146,7 @@ class GenerationRun:
                     logger.warning("abort of %s failed", choice.request.request_id, exc_info=True)
             with contextlib.suppress(Exception):
                 await choice.stream.aclose()
+            if choice.relay is not None:
+                await choice.relay.aclose()
+            if self._relays is not None:
+                await self._relays.drop(choice.request.request_id)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
@@ -105,10 +105,51 @@ class EngineStateCollector(Collector):
                     swapped)
 
 
+class MigrationCollector(Collector):
+    """`elastic:migrations_*` from this replica's migration counters (deployments/migration.py), at scrape."""
+
+    def __init__(self, stats_provider: Callable[[], dict[str, Any]], labels: dict[str, str]):
+        self._stats_provider = stats_provider
+        self._labels = labels
+
+    def collect(self) -> Iterator:
+        stats = self._stats_provider()
+        base = list(self._labels.values())
+        names = tuple(self._labels)
+
+        def counter(name: str, documentation: str, value: float, extra: dict[str, str] | None = None):
+            family = CounterMetricFamily(PREFIX + name, documentation, labels=(*names, *(extra or {})))
+            family.add_metric([*base, *(extra or {}).values()], value)
+            return family
+
+        yield counter("migrations_started", "Migrations this replica started as the source.", stats["started"])
+        committed = CounterMetricFamily(PREFIX + "migrations_committed",
+                                        "Migrations from this replica that committed, by copy or recompute.",
+                                        labels=(*names, "mode"))
+        for mode in ("copy", "recompute"):
+            committed.add_metric([*base, mode], stats[mode])
+        yield committed
+        aborted = CounterMetricFamily(PREFIX + "migrations_aborted", "Migrations from this replica rolled back.",
+                                      labels=(*names, "reason"))
+        for reason, count in sorted(stats["aborted_by_reason"].items()):
+            aborted.add_metric([*base, reason], count)
+        yield aborted
+        yield counter("migrations_adopted", "Migrated requests this replica took over.", stats["adopted"])
+        yield counter("migrations_incoming_refused", "Reservations refused (no room).", stats["incoming_refused"])
+        yield counter("migrations_bytes", "KV bytes sent to other replicas.", stats["bytes_moved"])
+        yield counter("migrations_stages", "KV copies sent (stages, the tail included).", stats["stages"])
+        downtime = SummaryMetricFamily(PREFIX + "migration_downtime_seconds",
+                                       "Client-visible pause per migration: the source's last token to the "
+                                       "destination's first.", labels=names)
+        downtime.add_metric(base, count_value=stats["downtime_count"], sum_value=stats["downtime_sum_s"])
+        yield downtime
+
+
 class ServingMetrics:
     """All metrics of one app, in its own registry."""
 
-    def __init__(self, engine_provider: Callable[[], Any], model_name: str, replica_id: str):
+    def __init__(self, engine_provider: Callable[[], Any], model_name: str, replica_id: str,
+                 migration_stats: Callable[[], dict[str, Any]] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         self._labels = {"model_name": model_name, "replica": replica_id}
         names = tuple(self._labels)
@@ -133,6 +174,8 @@ class ServingMetrics:
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to last token.",
                                              E2E_BUCKETS)
         self.registry.register(EngineStateCollector(engine_provider, self._labels))
+        if migration_stats is not None:
+            self.registry.register(MigrationCollector(migration_stats, self._labels))
 
     def labels(self, metric, **extra):
         return metric.labels(**self._labels, **extra)
@@ -156,6 +199,10 @@ class RequestTimer:
         self._arrival_time = arrival_time
         self._last_token_time: float | None = None
         self.is_finished = False
+
+    @property
+    def last_token_time(self) -> float | None:
+        return self._last_token_time
 
     def on_tokens(self, num_new_tokens: int, now: float) -> None:
         if num_new_tokens <= 0:

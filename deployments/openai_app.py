@@ -10,15 +10,17 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from deployments import errors
 from deployments.engine_bindings import EngineBindings, check_engine_health
 from deployments.metrics import ServingMetrics
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now_s
+from deployments.relay import RelayRegistry
 from deployments.serving import OpenAIServing
 from engine.api import EngineDeadError
 
@@ -33,6 +35,11 @@ class AppSettings:
     bindings: EngineBindings | None = None  # None: the engine package's own (imported on first use)
     cluster_view: Callable[[], Awaitable[dict[str, Any]]] | None = None
     default_sampling: dict[str, Any] = field(default_factory=dict)  # for knobs a request leaves out
+    relays: RelayRegistry | None = None  # migrated requests' streams (None: a fresh registry)
+    migration_stats: Callable[[], dict[str, Any]] | None = None  # this replica's migration counters
+    # POST /v1/admin/*: an object with async force_migration(request_id, target, mode) and
+    # set_migration_policy(name, options) (the ControllerClient); needs api_key.
+    cluster_admin: Any = None
 
 
 class _ReplicaMiddleware:
@@ -107,9 +114,10 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
         engine = engine_provider()
         return engine.model_name if engine is not None else "unknown"
 
-    metrics = ServingMetrics(engine_provider, served_model_name(), settings.replica_id)
+    metrics = ServingMetrics(engine_provider, served_model_name(), settings.replica_id, settings.migration_stats)
     serving = OpenAIServing(engine_provider, bindings_provider, metrics, served_model_name,
-                            settings.default_sampling)
+                            settings.default_sampling,
+                            settings.relays if settings.relays is not None else RelayRegistry())
     app.state.metrics = metrics
     app.state.serving = serving
 
@@ -152,6 +160,7 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
             raise errors.APIError(503, f"The cluster controller is unavailable: {exc!r}", "server_error",
                                   None, "controller_unavailable", {"Retry-After": "1"}) from exc
 
+    _add_admin_routes(v1, settings)
     app.include_router(v1)
 
     @app.get("/health")
@@ -171,3 +180,47 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
         return Response(content, media_type=content_type)
 
     return app
+
+
+class MigrateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str  # an engine request id, or a response id (`cmpl-…`: all its choices)
+    target: str | None = None  # a replica id; None: the least loaded other replica
+    mode: Literal["auto", "copy", "recompute"] = "auto"
+
+
+class PolicyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+def _add_admin_routes(v1: APIRouter, settings: AppSettings) -> None:
+    """Operator endpoints, behind the API key (so they exist only when one is configured)."""
+
+    def admin():
+        if settings.api_key is None:
+            raise errors.APIError(403, "Admin endpoints need an api_key in the server's configuration.",
+                                  "invalid_request_error", None, "admin_disabled")
+        if settings.cluster_admin is None:
+            raise errors.APIError(404, "This server runs without a cluster controller.",
+                                  "invalid_request_error", None, "not_found")
+        return settings.cluster_admin
+
+    async def call(coroutine_function, *args):
+        try:
+            return await coroutine_function(*args)
+        except ValueError as exc:
+            raise errors.invalid_request(str(exc), None) from exc
+        except Exception as exc:
+            raise errors.APIError(503, f"The cluster controller is unavailable: {exc!r}", "server_error",
+                                  None, "controller_unavailable", {"Retry-After": "1"}) from exc
+
+    @v1.post("/admin/migrate")
+    async def migrate(body: MigrateBody):
+        """Migrates a running request now, whatever the migration policy (tests, operators)."""
+        return await call(admin().force_migration, body.request_id, body.target, body.mode)
+
+    @v1.post("/admin/migration_policy")
+    async def migration_policy(body: PolicyBody):
+        return {"migration_policy": await call(admin().set_migration_policy, body.name, body.options)}

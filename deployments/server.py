@@ -2,8 +2,11 @@
 
 The replica builds its engine in a worker thread (the model load takes seconds), then serves the FastAPI
 app from `build_openai_app`, publishes routing stats for `KVHeadroomRouter`, and pushes its telemetry to
-the cluster controller every `telemetry_period_s`. Shutdown: stop the telemetry task, deregister, shut the
-engine down (which stops the TP ranks), then kill the TP actors.
+the cluster controller every `telemetry_period_s`; the reply carries the migrations this replica should
+start (deployments/migration.py). The `migration_*` methods are the destination side of a migration, called
+by other replicas through a handle that targets this replica (deployments/migration_transport.py).
+Shutdown: stop the telemetry task and the migrations, deregister, shut the engine down (which stops the TP
+ranks), then kill the TP actors.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.args import AppArgs, resolve_device
-from deployments.controller import ControllerClient
+from deployments.controller import ControllerClient, controller_options
 from deployments.engine_bindings import EngineBindings, check_engine_health
+from deployments.migration import MigrationEndpoint, MigrationManager, MigrationStats
+from deployments.migration_transport import ServeHandlePeer
 from deployments.openai_app import AppSettings, build_openai_app
+from deployments.relay import RelayRegistry
 from deployments.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
 
 logger = logging.getLogger("ray.serve")
@@ -84,7 +90,8 @@ ROUTER_CONFIG = RequestRouterConfig(request_router_class="deployments.router:KVH
 class LLMServer:
     async def __init__(self, args: dict[str, Any]):
         self.args = AppArgs.model_validate(args)
-        self.replica_id = serve.get_replica_context().replica_tag
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_tag
         _set_torch_threads(self.args.threads_per_rank())
         started = time.monotonic()
         what = self.args.engine_factory or self.args.model or "the embedded SmolLM2"
@@ -95,21 +102,55 @@ class LLMServer:
         await self.engine.start()
         logger.info("replica %s: %s ready in %.1f s", self.replica_id, self.engine.model_name,
                     time.monotonic() - started)
+        self._relays = RelayRegistry()
+        self._migration_stats = MigrationStats()
+        self._is_draining = False
+        self._migrations: MigrationManager | None = None
+        self._endpoint: MigrationEndpoint | None = None
+        if hasattr(self.engine, "run_in_engine") and hasattr(self.engine, "stream_attached"):
+            config = self.args.migration.to_config()
+            self._endpoint = MigrationEndpoint(self.engine, config, self._migration_stats, self._relays)
+            self._migrations = MigrationManager(self.engine, ServeHandlePeer(context.deployment, context.app_name),
+                                                self._relays, config, self._migration_stats)
         self._controller = ControllerClient(self.replica_id, self.args.controller_name,
-                                            self.args.controller_namespace, self.args.migration_policy)
+                                            self.args.controller_namespace, self.args.migration_policy,
+                                            options=controller_options(self.args))
         self._telemetry_task = asyncio.get_running_loop().create_task(self._push_telemetry())
 
     def __serve_build_asgi_app__(self):
         settings = AppSettings(served_model_name=self.args.served_model_name, api_key=self.args.api_key,
                                replica_id=self.replica_id, bindings=self._built.bindings,
                                cluster_view=self._controller.cluster_view,
-                               default_sampling=self.args.default_sampling)
+                               default_sampling=self.args.default_sampling, relays=self._relays,
+                               migration_stats=self._migration_stats.snapshot, cluster_admin=self._controller)
         return build_openai_app(lambda: self.engine, settings)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
         return {"kv_free_chunks": stats.kv_chunks_free, "kv_usage": stats.kv_usage,
-                "num_running": stats.num_running, "num_waiting": stats.num_waiting, "timestamp": time.time()}
+                "num_running": stats.num_running, "num_waiting": stats.num_waiting,
+                "is_draining": self._is_draining, "timestamp": time.time()}
+
+    # ---- destination side of a migration (called by the source replica through a targeted handle) ----
+    def _migration_endpoint(self, target_replica: str) -> MigrationEndpoint:
+        if target_replica != self.replica_id:  # the router sent it to the wrong replica: never act on it
+            raise RuntimeError(f"migration call for {target_replica} reached {self.replica_id}")
+        if self._endpoint is None:
+            raise RuntimeError("this replica's engine does not support migration")
+        return self._endpoint
+
+    async def migration_reserve(self, request_id: str, num_tokens: int, target_replica: str) -> bool:
+        return await self._migration_endpoint(target_replica).reserve(request_id, num_tokens)
+
+    async def migration_write(self, request_id: str, stage: Any, target_replica: str) -> None:
+        await self._migration_endpoint(target_replica).write_kv(request_id, stage)
+
+    async def migration_adopt(self, snapshot: Any, tail: Any, num_kv_tokens: int, target_replica: str):
+        async for item in self._migration_endpoint(target_replica).adopt(snapshot, tail, num_kv_tokens):
+            yield item
+
+    async def migration_cancel(self, request_id: str, target_replica: str) -> None:
+        await self._migration_endpoint(target_replica).cancel(request_id)
 
     async def check_health(self) -> None:
         await check_engine_health(self.engine)
@@ -121,8 +162,14 @@ class LLMServer:
         num_failures = 0
         while True:
             try:
-                stats = dataclasses.asdict(self.engine.stats())
-                await self._controller.report(self.engine.memory_telemetry(), stats)
+                engine_stats = self.engine.stats()
+                detail = None
+                if self._migrations is not None:
+                    await self._endpoint.expire_stale()
+                    detail = await asyncio.wait_for(self._migrations.load_report(engine_stats), 2.0)
+                reply = await self._controller.report(self.engine.memory_telemetry(),
+                                                      dataclasses.asdict(engine_stats), detail)
+                self._follow(reply or {})
                 num_failures = 0
             except asyncio.CancelledError:
                 raise
@@ -133,6 +180,14 @@ class LLMServer:
                                    num_failures, exc)
             await asyncio.sleep(period_s)
 
+    def _follow(self, reply: dict[str, Any]) -> None:
+        """Starts the migrations the controller ordered (a busy or unknown one simply does not start: the
+        controller sees it missing from `migrating` in the next report)."""
+        self._is_draining = bool(reply.get("is_draining"))
+        for order in reply.get("orders", ()):
+            if self._migrations is not None and order.get("source") == self.replica_id:
+                self._migrations.submit(order["request_id"], order["target"], order.get("mode", "auto"))
+
     async def __del__(self):
         # Also runs after a failed __init__: every step checks that its part was set up.
         task = getattr(self, "_telemetry_task", None)
@@ -140,6 +195,9 @@ class LLMServer:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        if getattr(self, "_migrations", None) is not None:
+            with contextlib.suppress(BaseException):
+                await self._migrations.shutdown()
         if getattr(self, "_controller", None) is not None:
             with contextlib.suppress(Exception):
                 await self._controller.deregister()

@@ -39,6 +39,7 @@ from deployments.protocol import (
     new_id,
     now_s,
 )
+from deployments.relay import RelayRegistry
 from engine.api import GenerateRequest, RequestOutput, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ class _RunStreamingResponse(StreamingResponse):
 class OpenAIServing:
     def __init__(self, engine_provider: Callable[[], Any], bindings_provider: Callable[[], EngineBindings],
                  metrics: ServingMetrics, served_model_name: Callable[[], str],
-                 default_sampling: dict[str, Any] | None = None):
+                 default_sampling: dict[str, Any] | None = None, relays: RelayRegistry | None = None):
         self._default_sampling = dict(default_sampling or {})
+        self._relays = relays
         self._engine_provider = engine_provider
         self._bindings_provider = bindings_provider
         self._metrics = metrics
@@ -108,7 +110,7 @@ class OpenAIServing:
         prompt = tuple(prompt_ids)
         requests = [GenerateRequest(f"{response_id}-{index}", prompt, sampling, arrival_time)
                     for index, sampling in enumerate(params)]
-        run = GenerationRun(engine, requests, self._metrics)
+        run = GenerationRun(engine, requests, self._metrics, self._relays)
         try:
             await run.start()
         except BaseException:

@@ -100,7 +100,10 @@ def release(engine: LLMEngine, request_id: str) -> None:
 
 
 def resume(engine: LLMEngine, request_id: str) -> None:
-    engine.scheduler.resume(_request(engine, request_id))
+    """Continues a paused request here; a no-op if it is not paused (so a roll-back may always call it)."""
+    request = _request(engine, request_id)
+    if request.status is RequestStatus.PAUSED:
+        engine.scheduler.resume(request)
 
 
 # ---- destination -------------------------------------------------------------------------------
@@ -109,7 +112,8 @@ def reserve(engine: LLMEngine, request_id: str, num_tokens: int) -> bool:
     if request_id in engine.scheduler.requests or request_id in engine.kv.requests:
         return False
     room = num_tokens + engine.kv_spec.tokens_per_page
-    if engine.kv.chunks_to_grow(None, room) + engine.runner.activation_chunks(1, 1) > engine.kv.num_available_chunks():
+    workspace = engine.runner.activation_chunks_charged_to_kv(1, 1)
+    if engine.kv.chunks_to_grow(None, room) + workspace > engine.kv.num_available_chunks():
         return False
     return engine.kv.reserve_import(request_id, room)
 
@@ -149,3 +153,55 @@ def attach(engine: LLMEngine, snapshot: RequestSnapshot, num_kv_tokens: int) -> 
     request.num_computed_tokens = num_kv_tokens
     engine.scheduler.attach(request)
     return request
+
+
+# ---- what a cluster controller plans with -------------------------------------------------------
+@dataclass(frozen=True)
+class RequestLoad:
+    request_id: str
+    status: str
+    num_tokens: int  # prompt + output so far
+    num_remaining: int  # output tokens it may still produce (max_tokens or the context limit)
+    kv_chunks: int  # pool chunks its KV takes on a destination (and, running, here)
+    is_migratable: bool
+    num_preemptions: int
+
+
+def request_loads(engine: LLMEngine) -> list[RequestLoad]:
+    """Every request's size and state, for migration planning (cheap: no tensor is touched)."""
+    can_migrate = engine.executor is None  # tensor-parallel KV export is not supported yet
+    loads = []
+    for request in engine.scheduler.requests.values():
+        remaining = min(request.params.max_tokens - len(request.output_token_ids),
+                        engine.max_model_len - request.num_tokens)
+        needed = request.num_tokens + (0 if request.status is RequestStatus.RUNNING else 1)
+        loads.append(RequestLoad(
+            request_id=request.request_id, status=request.status.value, num_tokens=request.num_tokens,
+            num_remaining=max(0, remaining), kv_chunks=engine.kv.chunks_to_grow(None, needed),
+            is_migratable=can_migrate and is_migratable(engine, request.request_id),
+            num_preemptions=request.num_preemptions,
+        ))
+    return loads
+
+
+def pause_and_copy_tail(engine: LLMEngine, request_id: str, start: int | None,
+                        num_preemptions: int | None = None) -> tuple[RequestSnapshot, KVStage | None]:
+    """The switch-over, in one engine call: pause the request and copy the KV it computed since `start`
+    (None: no copy, the destination recomputes). Refuses a request that was preempted since the staged
+    copies began (recomputed KV can differ in the last bits from what was already sent)."""
+    request = _request(engine, request_id)
+    if num_preemptions is not None and request.num_preemptions != num_preemptions:
+        raise MigrationError(f"request {request_id} was preempted during the migration")
+    snapshot = pause(engine, request_id)
+    if start is None:
+        return snapshot, None
+    return snapshot, copy_kv(engine, request_id, start)
+
+
+def cost_inputs(engine: LLMEngine) -> dict[str, float]:
+    """What choosing copy vs recompute needs: KV bytes per token and the fitted step cost (prefill rate)."""
+    spec = engine.kv_spec
+    cost = engine.scheduler.cost_model
+    return {"kv_bytes_per_token": 2 * spec.num_layers * spec.bytes_per_token, "step_base_ms": cost.base_ms,
+            "step_per_token_ms": cost.per_token_ms, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+            "tokens_per_page": spec.tokens_per_page}

@@ -47,9 +47,12 @@ def test_cluster_view_totals_fresh_replicas_and_expires_silent_ones():
 
 
 def test_migration_policies_are_a_registry():
-    assert create_migration_policy("none").plan({}) == []
-    with pytest.raises(ValueError, match="known: \\['none'\\]"):
+    assert create_migration_policy("none").plan([], {}, 0.0) == []
+    assert create_migration_policy("balance", {"high_watermark": 0.9}).high_watermark == 0.9
+    with pytest.raises(ValueError, match="known: \\['balance', 'balance\\+pack', 'none'\\]"):
         create_migration_policy("teleport")
+    with pytest.raises(ValueError, match="bad options"):
+        create_migration_policy("none", {"high_watermark": 0.9})
 
 
 def replica(name, **routing_stats):
