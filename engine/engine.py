@@ -25,7 +25,7 @@ from engine.weights import resolve_model_source
 
 if TYPE_CHECKING:
     from engine.distributed import TensorParallelExecutor
-from memory.kv import KVCacheManager
+from memory.kv import KV_CLIENT, KVCacheManager
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LLMEngine:
                 ttft_slo_ms=config.ttft_slo_ms,
             ),
             self.kv,
-            self.runner.activation_chunks,
+            self.runner.activation_chunks_charged_to_kv,
         )
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.num_steps = 0
@@ -210,9 +210,12 @@ class LLMEngine:
         return self.executor.gather_telemetry(local)
 
     def _kv_capacity_chunks(self) -> int:
-        """Chunks KV could ever hold: the budget less the weights and one full step's workspace."""
-        return self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
+        """Chunks KV could ever hold: the budget less the weights and one full step's workspace
+        (or KV's own share, under a fixed split)."""
+        shared = self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
             self.config.max_num_batched_tokens, 1)
+        share = self.pool.policy.headroom(KV_CLIENT, 0)
+        return shared if share is None else min(share, shared)
 
     def max_tokens_that_fit(self, num_prompt_tokens: int) -> int:
         """The largest max_tokens a request with this prompt can ask for (context and memory)."""

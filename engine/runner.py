@@ -39,6 +39,10 @@ class ModelRunner:
             return 0
         return self.workspace.num_pages_for(self._activation_bytes(num_tokens, max(num_sampled, 1)))
 
+    def activation_chunks_charged_to_kv(self, num_tokens: int, num_sampled: int) -> int:
+        """What the scheduler must keep free of KV for a step of this size (see ActivationWorkspace)."""
+        return self.workspace.pages_charged_to_kv(self.activation_chunks(num_tokens, num_sampled))
+
     def build_batch(self, output: SchedulerOutput) -> ForwardBatch:
         input_ids: list[int] = []
         positions: list[int] = []

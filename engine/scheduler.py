@@ -49,7 +49,7 @@ class SchedulerOutput:
     decodes: tuple[ScheduledChunk, ...]  # one token each, ascending slot order
     prefills: tuple[ScheduledChunk, ...]  # prompt chunks (or recompute chunks), in admission order
     preempted: tuple[str, ...]  # requests that lost their KV slot in this step (swap or recompute)
-    num_activation_chunks: int  # workspace chunks the runner needs for this step
+    num_activation_chunks: int  # workspace chunks of this step that KV had to leave free
     kv_log: tuple[tuple, ...] = ()  # KV-manager calls made while scheduling (replayed by TP ranks)
 
     @property
@@ -76,7 +76,7 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         kv: KVCacheManager,
-        activation_chunks: Callable[[int, int], int],  # (num_tokens, num_sampled) -> workspace chunks
+        activation_chunks: Callable[[int, int], int],  # (num_tokens, num_sampled) -> chunks KV must leave free
         cost_model: StepCostModel | None = None,
     ):
         self.config = config

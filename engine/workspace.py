@@ -26,6 +26,16 @@ class ActivationWorkspace:
     def num_pages_for(self, num_bytes: int) -> int:
         return -(-num_bytes // self.page_bytes)
 
+    def pages_charged_to_kv(self, num_pages: int) -> int:
+        """Of the pages a step needs, how many the KV cache must leave for it. With a shared pool
+        (no per-balloon limit) every workspace page competes with KV, including the ones the
+        workspace holds now (KV may reclaim those between steps); with a fixed activation share
+        (the static baseline) the share covers the step and KV owes nothing."""
+        headroom = self.pool.policy.headroom(ACTIVATIONS_CLIENT, self.num_mapped)
+        if headroom is None or num_pages > self.num_mapped + headroom:
+            return num_pages
+        return 0
+
     def acquire(self, num_bytes: int) -> torch.Tensor:
         """Maps enough pages for `num_bytes` (taking them from the pool) and pins them for the step."""
         needed = self.num_pages_for(num_bytes)
