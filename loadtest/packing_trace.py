@@ -1,0 +1,109 @@
+"""Request traces for the packing simulation: a synthetic diurnal one, or a file.
+
+A trace is a tuple of `TraceRequest` sorted by arrival. Files are CSV (a header with `arrival`,
+`prompt_tokens`, `output_tokens`; other columns ignored) or JSONL (one object per line with those keys);
+arrival is in seconds from the start of the trace.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.arrival_s < 0 or self.prompt_tokens < 1 or self.output_tokens < 1:
+            raise ValueError(f"bad trace request {self}: arrival >= 0, prompt and output tokens >= 1")
+
+
+@dataclass(frozen=True)
+class DiurnalTrace:
+    """Poisson arrivals whose rate follows the day, mean_rate * (1 + amplitude * cos(2 pi (hour - peak_hour)
+    / period_hours)): the peak at `peak_hour`, the trough half a period away (tests shorten the period).
+    Lengths are clipped log-normals with ShareGPT's long-tailed shape, scaled to a reasoning model's chat
+    traffic: prompts like chat turns carrying their conversation (median 1K tokens, sigma 1.0), outputs
+    with a long chain of thought (median 3K, sigma 0.7)."""
+
+    hours: float = 24.0
+    mean_rate_per_s: float = 1.0
+    amplitude: float = 0.75  # peak / trough = (1 + a) / (1 - a) = 7
+    peak_hour: float = 15.0
+    period_hours: float = 24.0
+    prompt_median: float = 1024
+    prompt_sigma: float = 1.0
+    prompt_range: tuple[int, int] = (16, 16384)
+    output_median: float = 3072
+    output_sigma: float = 0.7
+    output_range: tuple[int, int] = (64, 16384)
+
+    def __post_init__(self) -> None:
+        if self.hours <= 0 or self.mean_rate_per_s <= 0 or self.period_hours <= 0:
+            raise ValueError("hours, period_hours and mean_rate_per_s must be > 0")
+        if not 0 <= self.amplitude < 1:
+            raise ValueError("amplitude must be in [0, 1)")
+        for low, high in (self.prompt_range, self.output_range):
+            if not 1 <= low <= high:
+                raise ValueError("length ranges must satisfy 1 <= low <= high")
+
+    def rate_at(self, time_s: float) -> float:
+        phase = 2 * math.pi * (time_s / 3600 - self.peak_hour) / self.period_hours
+        return self.mean_rate_per_s * (1 + self.amplitude * math.cos(phase))
+
+    def generate(self, seed: int) -> tuple[TraceRequest, ...]:
+        """Arrivals by thinning a Poisson process at the peak rate; the same seed gives the same trace."""
+        rng = np.random.default_rng(seed)
+        duration = self.hours * 3600
+        peak_rate = self.mean_rate_per_s * (1 + self.amplitude)
+        count = rng.poisson(peak_rate * duration)
+        times = np.sort(rng.uniform(0.0, duration, count))
+        phase = 2 * np.pi * (times / 3600 - self.peak_hour) / self.period_hours
+        keep = rng.uniform(0.0, 1.0, count) * peak_rate < self.mean_rate_per_s * (1 + self.amplitude * np.cos(phase))
+        times = times[keep]
+        prompts = _clipped_lognormal(rng, self.prompt_median, self.prompt_sigma, self.prompt_range, len(times))
+        outputs = _clipped_lognormal(rng, self.output_median, self.output_sigma, self.output_range, len(times))
+        return tuple(TraceRequest(float(t), int(p), int(o)) for t, p, o in zip(times, prompts, outputs, strict=True))
+
+
+def _clipped_lognormal(rng: np.random.Generator, median: float, sigma: float, bounds: tuple[int, int],
+                       size: int) -> np.ndarray:
+    values = np.rint(rng.lognormal(math.log(median), sigma, size))
+    return np.clip(values, bounds[0], bounds[1]).astype(np.int64)
+
+
+def load_trace(path: str | Path) -> tuple[TraceRequest, ...]:
+    """Reads a CSV or JSONL trace (by extension: .jsonl/.json are JSON lines, anything else CSV)."""
+    path = Path(path)
+    with path.open(newline="") as handle:
+        if path.suffix in (".jsonl", ".json"):
+            rows = [json.loads(line) for line in handle if line.strip()]
+        else:
+            rows = list(csv.DictReader(handle))
+    try:
+        requests = [TraceRequest(float(row["arrival"]), int(row["prompt_tokens"]), int(row["output_tokens"]))
+                    for row in rows]
+    except KeyError as error:
+        raise ValueError(f"{path}: every row needs arrival, prompt_tokens, output_tokens (missing {error})") from None
+    return tuple(sorted(requests, key=lambda request: request.arrival_s))
+
+
+def clip_to_context(trace: tuple[TraceRequest, ...], max_model_len: int) -> tuple[TraceRequest, ...]:
+    """Requests as a server with `max_model_len` would take them: prompt and output shortened to fit."""
+    result = []
+    for request in trace:
+        prompt = min(request.prompt_tokens, max_model_len - 1)
+        output = min(request.output_tokens, max_model_len - prompt)
+        result.append(TraceRequest(request.arrival_s, prompt, output))
+    return tuple(result)
