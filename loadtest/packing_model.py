@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from memory.kv import KVCacheSpec, LayerGroup
+from memory.kv.contiguous import LAYOUTS
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -92,6 +95,39 @@ def kv_spec(model: ModelShape, replica: ReplicaConfig, fused_layers: bool = True
         num_layers=layers, num_kv_heads=heads, head_dim=model.head_dim, dtype_bytes=model.dtype_bytes,
         groups=(LayerGroup(tuple(range(layers)), None),), max_slots=replica.max_num_seqs,
         max_len=replica.max_model_len, tokens_per_page=replica.tokens_per_page)
+
+
+class BookkeepingLayout:
+    """A KV layout that places nothing in virtual memory. The manager's decisions (slots, blocks, which
+    pool chunks back them, when they are freed) never depend on where pages are mapped, so with this
+    layout it decides exactly as with `contiguous` (a test compares the two) without one VMM call per
+    chunk mapped, unmapped or moved between slots: a simulated day runs about three times faster."""
+
+    name = "bookkeeping"
+
+    def __init__(self, spec: KVCacheSpec, backend: object, dtype: torch.dtype) -> None:
+        self.spec = spec
+
+    def layer_caches(self) -> list:
+        raise NotImplementedError("the bookkeeping layout has no tensors")
+
+    def map_block(self, slot: int, page: int, block: object) -> None:
+        pass
+
+    def unmap_block(self, slot: int, page: int, block: object) -> None:
+        pass
+
+    def move_block(self, block: object, src_slot: int, dst_slot: int, page: int) -> None:
+        pass
+
+    def block_freed(self, block: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+LAYOUTS.setdefault(BookkeepingLayout.name, BookkeepingLayout)
 
 
 @dataclass(frozen=True)

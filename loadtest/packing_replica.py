@@ -22,44 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-from loadtest.packing_model import CostModel, ReplicaConfig
+from loadtest.packing_model import BookkeepingLayout, CostModel, ReplicaConfig
 from loadtest.packing_policies import ReplicaView, RequestView
 from memory import ElasticPool, create_backend
 from memory.kv import KVCacheManager, KVCacheSpec
-from memory.kv.contiguous import LAYOUTS
-
-
-class BookkeepingLayout:
-    """A KV layout that places nothing in virtual memory. The manager's decisions (slots, blocks, which
-    pool chunks back them, when they are freed) never depend on where pages are mapped, so with this
-    layout it decides exactly as with `contiguous` (a test compares the two) without one VMM call per
-    chunk mapped, unmapped or moved between slots: a simulated day runs about three times faster."""
-
-    name = "bookkeeping"
-
-    def __init__(self, spec: KVCacheSpec, backend: object, dtype: torch.dtype) -> None:
-        self.spec = spec
-
-    def layer_caches(self) -> list:
-        raise NotImplementedError("the bookkeeping layout has no tensors")
-
-    def map_block(self, slot: int, page: int, block: object) -> None:
-        pass
-
-    def unmap_block(self, slot: int, page: int, block: object) -> None:
-        pass
-
-    def move_block(self, block: object, src_slot: int, dst_slot: int, page: int) -> None:
-        pass
-
-    def block_freed(self, block: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-LAYOUTS.setdefault(BookkeepingLayout.name, BookkeepingLayout)
 
 
 class SimRequest:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,7 +29,7 @@ class SimResult:
     num_fallbacks: int  # copies whose KV no longer fitted at the switch (the request recomputed there)
     bytes_moved: int
     slo_attainment: float  # share of requests meeting both the TTFT and the TPOT target
-    wall_s: float = 0.0
+    wall_s: float = field(default=0.0, compare=False)  # how long the simulation itself took
 
     def __post_init__(self) -> None:
         if self.replica_hours < 0 or not 0 <= self.slo_attainment <= 1:
