@@ -105,6 +105,7 @@ class LLMServer:
         self._relays = RelayRegistry()
         self._migration_stats = MigrationStats()
         self._is_draining = False
+        self._last_detail: dict[str, Any] | None = None
         self._migrations: MigrationManager | None = None
         self._endpoint: MigrationEndpoint | None = None
         if hasattr(self.engine, "run_in_engine") and hasattr(self.engine, "stream_attached"):
@@ -166,7 +167,7 @@ class LLMServer:
                 detail = None
                 if self._migrations is not None:
                     await self._endpoint.expire_stale()
-                    detail = await asyncio.wait_for(self._migrations.load_report(engine_stats), 2.0)
+                    detail = await self._migration_detail(engine_stats)
                 reply = await self._controller.report(self.engine.memory_telemetry(),
                                                       dataclasses.asdict(engine_stats), detail)
                 self._follow(reply or {})
@@ -179,6 +180,19 @@ class LLMServer:
                     logger.warning("replica %s: telemetry report failed %d times: %r", self.replica_id,
                                    num_failures, exc)
             await asyncio.sleep(period_s)
+
+    async def _migration_detail(self, engine_stats: Any) -> dict[str, Any] | None:
+        """The requests' loads come from the engine thread, which a long prefill step can hold for a while:
+        then the previous list goes out again (with fresh counters) rather than no report at all."""
+        try:
+            self._last_detail = await asyncio.wait_for(self._migrations.load_report(engine_stats),
+                                                       self.args.telemetry_period_s)
+        except asyncio.TimeoutError:
+            if self._last_detail is None:
+                return None
+            return {**self._last_detail, "migrating": self._migrations.migrating,
+                    "migration": self._migration_stats.snapshot()}
+        return self._last_detail
 
     def _follow(self, reply: dict[str, Any]) -> None:
         """Starts the migrations the controller ordered (a busy or unknown one simply does not start: the
