@@ -316,7 +316,8 @@ def format_results(results: dict) -> str:
     config = results["config"]
     out = []
     setting = (f"{config.get('model', '')}, {config.get('dtype_used', config['dtype'])}, "
-               f"{config.get('threads_used', config['threads'])} threads, greedy, ignore_eos")
+               f"{config.get('threads_used', config['threads'])} threads, OMP_WAIT_POLICY "
+               f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, greedy, ignore_eos")
     if "throughput" in results:
         out.append(f"\n== throughput: {config['num_prompts']} prompts x {config['prompt_len']} in / "
                    f"{config['output_len']} out, all at once ({setting})")
@@ -375,8 +376,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _warn_if_busy(threads: int) -> None:
+    """torch's OpenMP threads spin while they wait for each other: on a box busier than its cores a 2-thread
+    matmul measured 7x slower than with OMP_WAIT_POLICY=PASSIVE (and than 1 thread)."""
+    load = os.getloadavg()[0]
+    if threads > 1 and load > (os.cpu_count() or 1) and "OMP_WAIT_POLICY" not in os.environ:
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores with {threads} threads: OpenMP spin-waiting "
+              "makes every system here much slower; for steadier ratios run with OMP_WAIT_POLICY=PASSIVE "
+              "(inherited by the vLLM child) or --threads 1", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    _warn_if_busy(args.threads)
     results = run_modes(args)
     results["machine"] = {"cpus": os.cpu_count(), "load_end": _load(), "torch": torch.__version__}
     print(format_results(results), flush=True)
