@@ -160,6 +160,7 @@ class PolicyResult:
     mean_downtime_ms: float | None
     mean_kv_gap: float | None
     peak_kv_usage: dict[str, float] = field(default_factory=dict)
+    bandwidth_bytes_per_s: float = 0.0  # the sources' measured KV transfer rate (0: nothing copied)
 
     def row(self) -> dict[str, str]:
         def ms(value):
@@ -178,6 +179,7 @@ class PolicyResult:
             "migrations aborted": f"{self.migrations['aborted']:.0f}",
             "KV moved MiB": f"{self.migrations['bytes_moved'] / 2**20:.1f}",
             "mean downtime ms": ms(self.mean_downtime_ms),
+            "KV transfer MB/s": f"{self.bandwidth_bytes_per_s / 1e6:.0f}" if self.bandwidth_bytes_per_s else "-",
             "mean KV use gap": "-" if self.mean_kv_gap is None else f"{self.mean_kv_gap:.2f}",
             "peak KV use (loaded / other)": " / ".join(
                 f"{self.peak_kv_usage[replica]:.2f}"
@@ -216,8 +218,10 @@ def run_policy(base: str, policy: str, workload: SkewedWorkload, options: dict |
         for replica, entry in sample.items():
             peaks[replica] = max(peaks.get(replica, 0.0), entry["kv_usage"])
     loaded = min(after["replicas"])  # the router pins requests to the lowest replica id
+    bandwidth = max((entry.get("migration") or {}).get("bandwidth_bytes_per_s", 0)
+                    for entry in after["replicas"].values()) if moved["bytes_moved"] else 0.0
     return PolicyResult(policy, summarize(records, label=policy, scenario="skewed"), preemptions, loaded, moved,
-                        downtime / count * 1e3 if count else None, sampler.mean_kv_gap(), peaks)
+                        downtime / count * 1e3 if count else None, sampler.mean_kv_gap(), peaks, bandwidth)
 
 
 def format_table(results: list[PolicyResult]) -> str:
@@ -319,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(options.json).write_text(json.dumps(
             [{"policy": r.policy, "table": r.row(), "summary": r.summary.to_dict(), "preemptions": r.preemptions,
               "migrations": r.migrations, "mean_downtime_ms": r.mean_downtime_ms, "mean_kv_gap": r.mean_kv_gap,
-              "peak_kv_usage": r.peak_kv_usage} for r in results], indent=2))
+              "peak_kv_usage": r.peak_kv_usage, "bandwidth_bytes_per_s": r.bandwidth_bytes_per_s}
+             for r in results], indent=2))
     return 0
 
 
