@@ -104,9 +104,12 @@ class SimReplica:
 
     def headroom(self) -> int:
         """KV chunks left for new work: what the pool can still give minus what the queue is waiting for."""
+        return self._available_chunks() - self._waiting_chunks
+
+    def _available_chunks(self) -> int:
         if self._available is None:
             self._available = self.kv.num_available_chunks()
-        return self._available - self._waiting_chunks
+        return self._available
 
     def is_empty(self) -> bool:
         return not (self.running or self.waiting or self.incoming or self.kv.requests)
@@ -251,7 +254,7 @@ class SimReplica:
             if self._grows and self._grows[0][0] < horizon:
                 # at most one new page per request: a second one is a page of tokens after the first
                 horizon = min(horizon, self._grows[0][0] + self.tokens_per_page)
-                num_fit = self.kv.num_available_chunks() // self.chunks_per_page
+                num_fit = self._available_chunks() // self.chunks_per_page
                 if len(self._grows) > num_fit:  # (stale entries count too: that only stops earlier)
                     horizon = min(horizon, heapq.nsmallest(num_fit + 1, self._grows)[-1][0])
             steps = max(1, horizon - self.step)

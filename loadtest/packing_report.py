@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from loadtest.packing_sim import Cluster
+    from loadtest.packing_sim import Cluster, SimConfig
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,25 @@ def format_table(results: list[SimResult]) -> str:
             ratio = packed.replica_hours / base.replica_hours
             lines.append(f"balance+pack / {baseline}: replica-hours x{ratio:.3f} ({(1 - ratio) * 100:.1f}% saved)")
     return "\n".join(lines)
+
+
+def describe(config: SimConfig) -> str:
+    """The constants a run used, in a few lines (printed above the table)."""
+    model, replica, policy, cost = config.model, config.replica, config.policy_config, config.policy_config.cost
+    kv_bytes = replica.kv_budget_bytes(model)
+    page_bytes = replica.tokens_per_page * model.kv_bytes_per_token
+    return "\n".join((
+        f"model {model.name}: {model.kv_bytes_per_token >> 10} KiB of KV per token, {model.weight_bytes / 1e9:.2f} GB "
+        f"of weights; replica: {replica.gpu_bytes / 2**30:.0f} GiB x {replica.gpu_memory_utilization} - weights - "
+        f"{replica.activation_reserve_bytes / 2**30:.0f} GiB reserve = {kv_bytes / 2**30:.1f} GiB of KV "
+        f"({kv_bytes // page_bytes} pages of {replica.tokens_per_page} tokens), {replica.max_num_seqs} seqs, "
+        f"{replica.max_num_batched_tokens} tokens/step, start-up {replica.startup_s:.0f} s",
+        f"cost: decode step {cost.decode_base_s * 1e3:g} ms + {cost.decode_per_seq_s * 1e6:g} us/seq + "
+        f"{cost.decode_per_context_token_s * 1e9:g} ns/context token; prefill {cost.prefill_per_token_s * 1e6:g} "
+        f"us/token + {cost.prefill_attention_per_pair_s * 1e9:g} ns/(query, key); KV copy "
+        f"{cost.migration_bandwidth_bytes_per_s / 1e9:g} GB/s + {cost.migration_setup_s * 1e3:g} ms",
+        f"controller: every {config.tick_s:g} s; balance {policy.low_watermark:g} -> {policy.high_watermark:g} of KV; "
+        f"fleet sized to the {config.scale_down_window_s:g} s peak at {policy.target_load:g} load; "
+        f"<= {policy.max_migrations_per_tick} migrations/tick, <= {policy.max_outgoing_per_replica} out and "
+        f"{policy.max_incoming_per_replica} in per replica; SLO: TTFT <= {config.slo_ttft_s:g} s, "
+        f"TPOT <= {config.slo_tpot_s * 1e3:g} ms"))

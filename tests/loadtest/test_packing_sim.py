@@ -91,6 +91,15 @@ def test_packing_never_uses_more_replica_hours_than_a_fixed_fleet(trough_trace):
     assert results["balance+pack"].num_copies + results["balance+pack"].num_recomputes > 0
 
 
+def test_a_policy_that_moves_nothing_changes_nothing(trough_trace):
+    """On 80 GB replicas this trace never takes a replica above the high watermark: `balance` plans
+    nothing, and its run is `none`'s exactly (the router sees the same telemetry)."""
+    fixed = simulate(trough_trace, replace(_config("none"), replica=ReplicaConfig()))
+    balanced = simulate(trough_trace, replace(_config("balance"), replica=ReplicaConfig()))
+    assert balanced.num_copies == balanced.num_recomputes == 0
+    assert replace(balanced, policy="none") == fixed
+
+
 def test_kv_layouts_make_the_same_decisions(busy_trace):
     """The fused spec with the bookkeeping layout (the default) decides exactly as the engine's layout:
     one 2 MiB chunk per layer mapped into contiguous virtual tensors."""
