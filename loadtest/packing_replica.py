@@ -59,11 +59,13 @@ class SimRequest:
 class SimReplica:
     def __init__(self, name: str, spec: KVCacheSpec, budget_bytes: int, config: ReplicaConfig, cost: CostModel,
                  on_finish: Callable[[SimRequest], None], now_s: float, state: str = "active",
-                 layout: str = BookkeepingLayout.name) -> None:
+                 layout: str = BookkeepingLayout.name,
+                 on_abandon: Callable[[SimRequest, object], None] = lambda request, copy: None) -> None:
         self.name = name
         self.config = config
         self.cost = cost
         self.on_finish = on_finish
+        self.on_abandon = on_abandon  # a request with a copy in flight finished or was preempted here
         self.state = state
         self.pool = ElasticPool(create_backend("sim"), budget_bytes, spec.page_bytes)
         self.kv = KVCacheManager(spec, self.pool, torch.bfloat16, layout=layout, enable_prefix_caching=False)
@@ -304,8 +306,10 @@ class SimReplica:
         return True
 
     def cancel_import(self, request: SimRequest) -> None:
+        """Frees a reservation; callable between boundaries (the plan only gets more room)."""
         del self.incoming[request.name]
         self.kv.free(request.name)
+        self._available = None
 
     def attach(self, request: SimRequest, num_kv_tokens: int) -> bool:
         """A copied request starts decoding here. False: its KV did not fit after all; it queues to
@@ -365,12 +369,18 @@ class SimReplica:
             self.prefilling.remove(request)
         del self.running[request.name]
         self.kv.free(request.name)
-        request.outgoing = None
+        self._abandon_copy(request)
         request.capacity = 0
+
+    def _abandon_copy(self, request: SimRequest) -> None:
+        if request.outgoing is not None:
+            copy, request.outgoing = request.outgoing, None
+            self.on_abandon(request, copy)
 
     def _finish(self, request: SimRequest) -> None:
         del self.running[request.name]
         self.kv.free(request.name)
+        self._abandon_copy(request)
         request.phase = "done"
         request.finish_s = self.clock
         request.replica = None

@@ -23,7 +23,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from loadtest.packing_model import ModelShape, ReplicaConfig, kv_spec
-from loadtest.packing_policies import ClusterView, Migration, PolicyConfig, cluster_demand, create_policy
+from loadtest.packing_policies import (
+    ClusterView,
+    Migration,
+    PackingPolicy,
+    PolicyConfig,
+    cluster_demand,
+    create_policy,
+)
 from loadtest.packing_replica import SimReplica, SimRequest
 from loadtest.packing_report import SimResult, describe, format_table, summarize
 from loadtest.packing_trace import DiurnalTrace, TraceRequest, clip_to_context, load_trace
@@ -59,12 +66,13 @@ class _Copy:
     source: SimReplica
     destination: SimReplica
     num_kv_tokens: int
+    is_abandoned: bool = False
 
 
 class Cluster:
-    def __init__(self, trace: tuple[TraceRequest, ...], config: SimConfig) -> None:
+    def __init__(self, trace: tuple[TraceRequest, ...], config: SimConfig, policy: PackingPolicy | None = None) -> None:
         self.config = config
-        self.policy = create_policy(config.policy)
+        self.policy = policy or create_policy(config.policy)  # a policy object passed in wins over the name
         self.spec = kv_spec(config.model, config.replica, config.fused_layers)
         self.budget_bytes = config.replica.kv_budget_bytes(config.model)
         trace = clip_to_context(trace, config.replica.max_model_len)
@@ -150,7 +158,8 @@ class Cluster:
     # ---- the controller ------------------------------------------------------------------------
     def _start_replica(self, now: float, state: str) -> SimReplica:
         replica = SimReplica(f"replica-{len(self.replicas)}", self.spec, self.budget_bytes, self.config.replica,
-                             self.config.policy_config.cost, self._on_finish, now, state, self.config.kv_layout)
+                             self.config.policy_config.cost, self._on_finish, now, state, self.config.kv_layout,
+                             self._abandon)
         self.replicas.append(replica)
         self.live[replica.name] = replica
         self.num_live_peak = max(self.num_live_peak, len(self.live))
@@ -210,10 +219,13 @@ class Cluster:
 
     def _commit(self, now: float, copy: _Copy) -> None:
         """The last stage of a live copy: the source pauses the request, the destination resumes it."""
+        if copy.is_abandoned:
+            return
         request, source, destination = copy.request, copy.source, copy.destination
         source.sync(now)
         destination.sync(now)
-        if request.outgoing is copy and request.phase == "decode" and request.replica is source:
+        if request.outgoing is copy:  # (syncing may have finished or preempted it: then it was abandoned)
+            request.outgoing = None
             source.detach(request)
             num_tokens = request.prompt + request.generated - 1  # all stages together copy the KV there is now
             self.counts["bytes_moved"] += num_tokens * self.config.model.kv_bytes_per_token
@@ -221,11 +233,14 @@ class Cluster:
             self.counts["copies"] += 1
             if not destination.attach(request, copy.num_kv_tokens):
                 self.counts["fallbacks"] += 1
-        else:  # it finished or was preempted at the source meanwhile
-            destination.cancel_import(request)
-            self.counts["aborted"] += 1
         self._schedule(source)
         self._schedule(destination)
+
+    def _abandon(self, request: SimRequest, copy: _Copy) -> None:
+        """The source finished or preempted a request it was copying: the destination frees its pages."""
+        copy.is_abandoned = True
+        copy.destination.cancel_import(request)
+        self.counts["aborted"] += 1
 
 
 def simulate(trace: tuple[TraceRequest, ...], config: SimConfig) -> SimResult:

@@ -13,6 +13,8 @@ import pytest
 from loadtest.packing_model import GIB, CostModel, ModelShape, ReplicaConfig, kv_spec
 from loadtest.packing_policies import (
     ClusterView,
+    Migration,
+    PackingPolicy,
     Plan,
     PolicyConfig,
     ReplicaView,
@@ -49,9 +51,31 @@ def trough_trace() -> tuple[TraceRequest, ...]:
 
 
 # ---- the simulated cluster ---------------------------------------------------------------------
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+class SlowCopies(PackingPolicy):
+    """Every tick, copies each replica's largest request to the next replica, each copy taking 20 s: many
+    finish or are preempted before the switch (the migration is abandoned), some no longer fit then."""
+
+    name = "slow-copies"
+
+    def sources(self, view, config):
+        return frozenset(r.replica_id for r in view.replicas)
+
+    def plan(self, view, config):
+        moves = []
+        for replica, target in zip(view.replicas, view.replicas[1:] + view.replicas[:1], strict=True):
+            if replica.requests and replica is not target:
+                request = max(replica.requests, key=lambda q: (q.num_chunks, q.request_id))
+                moves.append(Migration(request.request_id, replica.replica_id, target.replica_id, "copy",
+                                       request.num_kv_tokens, request.num_chunks, 20.0))
+        return Plan(migrations=tuple(moves))
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES + ("slow-copies",))
 def test_every_request_finishes_once_and_pools_return_to_idle(busy_trace, policy):
-    cluster = Cluster(busy_trace, _config(policy))
+    if policy == "slow-copies":
+        cluster = Cluster(busy_trace, _config("none"), policy=SlowCopies())
+    else:
+        cluster = Cluster(busy_trace, _config(policy))
     result = cluster.run()
     assert cluster.finish_counts == [1] * len(busy_trace)
     for request, traced in zip(cluster.requests, busy_trace, strict=True):
@@ -69,7 +93,9 @@ def test_every_request_finishes_once_and_pools_return_to_idle(busy_trace, policy
     assert result.num_preemptions == sum(r.num_preemptions for r in cluster.requests) > 0
     migrations = sum(r.num_migrations for r in cluster.requests)
     assert migrations == result.num_copies + result.num_recomputes
-    if policy in ("balance", "balance+pack"):
+    if policy == "slow-copies":
+        assert min(result.num_copies, result.num_aborted, result.num_refused, result.num_fallbacks) > 0
+    elif policy in ("balance", "balance+pack"):
         assert result.num_copies > 0 and result.bytes_moved > 0
     else:
         assert migrations == 0 and result.bytes_moved == 0
