@@ -176,7 +176,9 @@ class PolicyResult:
             "output tok/s": f"{self.summary.output_tokens_per_s:.1f}",
             "migrations (copy / recompute)": f"{self.migrations['committed']:.0f} "
                                              f"({self.migrations['copy']:.0f} / {self.migrations['recompute']:.0f})",
-            "migrations aborted": f"{self.migrations['aborted']:.0f}",
+            "migrations aborted": f"{self.migrations['aborted']:.0f}" + "".join(
+                f" {key.split(':', 1)[1]}={value:.0f}" for key, value in sorted(self.migrations.items())
+                if key.startswith("aborted:") and value),
             "KV moved MiB": f"{self.migrations['bytes_moved'] / 2**20:.1f}",
             "mean downtime ms": ms(self.mean_downtime_ms),
             "KV transfer MB/s": f"{self.bandwidth_bytes_per_s / 1e6:.0f}" if self.bandwidth_bytes_per_s else "-",
@@ -189,8 +191,12 @@ class PolicyResult:
 
 def _migration_sums(view: dict) -> dict[str, float]:
     keys = ("committed", "aborted", "copy", "recompute", "bytes_moved", "downtime_sum_s", "downtime_count")
-    return {key: sum((entry.get("migration") or {}).get(key, 0) for entry in view["replicas"].values())
+    sums = {key: sum((entry.get("migration") or {}).get(key, 0) for entry in view["replicas"].values())
             for key in keys}
+    for entry in view["replicas"].values():
+        for reason, count in ((entry.get("migration") or {}).get("aborted_by_reason") or {}).items():
+            sums[f"aborted:{reason}"] = sums.get(f"aborted:{reason}", 0) + count
+    return sums
 
 
 def set_policy(base: str, policy: str, options: dict | None = None) -> None:
@@ -210,7 +216,7 @@ def run_policy(base: str, policy: str, workload: SkewedWorkload, options: dict |
     preemptions = {replica: entry["stats"]["num_preemptions"] - before["replicas"][replica]["stats"]["num_preemptions"]
                    for replica, entry in after["replicas"].items()}
     start, end = _migration_sums(before), _migration_sums(after)
-    moved = {key: end[key] - start[key] for key in end}
+    moved = {key: end[key] - start.get(key, 0) for key in end}
     count = moved.pop("downtime_count")
     downtime = moved.pop("downtime_sum_s")
     peaks: dict[str, float] = {}
