@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from loadtest.packing_model import CostModel, ModelShape
 
 REPLICA_STATES = ("starting", "active", "draining")
+MIGRATION_MODES = ("copy", "recompute")
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,14 @@ class Migration:
     num_chunks: int
     seconds: float  # the cost model's estimate of the chosen mode
 
+    def __post_init__(self) -> None:
+        if self.mode not in MIGRATION_MODES:
+            raise ValueError(f"mode must be one of {MIGRATION_MODES}, got {self.mode!r}")
+        if self.source == self.destination:
+            raise ValueError("a migration needs two different replicas")
+        if min(self.num_kv_tokens, self.num_chunks, self.seconds) < 0:
+            raise ValueError("num_kv_tokens, num_chunks and seconds must be >= 0")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -137,6 +146,10 @@ class Plan:
     release: tuple[str, ...] = ()  # empty draining replicas to shut down
     reroute: tuple[str, ...] = ()  # draining replicas whose queued requests (no KV yet) go elsewhere
     num_to_start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_to_start < 0:
+            raise ValueError("num_to_start must be >= 0")
 
 
 def choose_mode(num_kv_tokens: int, config: PolicyConfig) -> tuple[str, float]:
