@@ -19,10 +19,14 @@ import time
 from engine.engine import LLMEngine
 from loadtest.offline import GIB, MIB, _load, build_engine, format_table, make_prompts, run_engine
 
+SWEEP_GIB = (0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)  # budgets whose accounting is printed next to the measured one
 
-def predict(engine: LLMEngine, prompt_len: int, output_len: int) -> dict:
-    """Requests of `prompt_len` + `output_len` tokens that fit at once, from the chunk accounting only."""
+
+def predict(engine: LLMEngine, prompt_len: int, output_len: int, num_chunks: int | None = None) -> dict:
+    """Requests of `prompt_len` + `output_len` tokens that fit at once, from the chunk accounting only
+    (`num_chunks`: the same engine at another budget; the static shares of weights and activations stay)."""
     pool, config = engine.pool, engine.config
+    num_chunks = pool.num_chunks if num_chunks is None else num_chunks
     per_request = engine.kv.chunks_to_grow(None, prompt_len + output_len)
     weights = pool.num_held("weights")
     largest_step = config.max_num_batched_tokens
@@ -39,10 +43,11 @@ def predict(engine: LLMEngine, prompt_len: int, output_len: int) -> dict:
 
     if config.pool_policy == "static":
         shares = pool.policy.shares
-        kv_chunks, reserved = shares["kv"], shares["activations"]
+        reserved = shares["activations"]
+        kv_chunks = max(0, num_chunks - shares["weights"] - reserved)
         capacity = min(kv_chunks // per_request, config.max_num_seqs)
     else:  # KV and the running step's activations share everything the weights leave
-        kv_chunks, reserved = pool.num_chunks - weights, 0
+        kv_chunks, reserved = max(0, num_chunks - weights), 0
         capacity = 0
         while capacity < config.max_num_seqs and fits_elastic(capacity + 1):
             capacity += 1
@@ -50,7 +55,7 @@ def predict(engine: LLMEngine, prompt_len: int, output_len: int) -> dict:
     return {
         "policy": config.pool_policy,
         "chunk_bytes": pool.chunk_bytes,
-        "num_chunks": pool.num_chunks,
+        "num_chunks": num_chunks,
         "weight_bytes": weights * pool.chunk_bytes,
         "activation_reserved_bytes": reserved * pool.chunk_bytes,
         "engine_peak_activation_bytes": engine.peak_activation_bytes,
@@ -75,6 +80,8 @@ def run_capacity(args, tokenizer=None) -> dict:
         result.update(dtype=str(engine.dtype).replace("torch.", ""), max_num_seqs=engine.config.max_num_seqs,
                       max_num_batched_tokens=engine.config.max_num_batched_tokens)
         entry = predict(engine, prompt_len, output_len)
+        entry["sweep"] = {f"{gib:g}": predict(engine, prompt_len, output_len, int(gib * GIB) // entry["chunk_bytes"])
+                          ["predicted"] for gib in SWEEP_GIB}
         # a shorter confirming run holds the same KV only if the final page count is the same
         entry["confirm_kv_exact"] = engine.kv.chunks_to_grow(None, prompt_len + confirm_len) == \
             entry["chunks_per_request"]
@@ -124,7 +131,7 @@ def format_capacity(result: dict) -> str:
             row("preemptions", lambda e: str(e["num_preemptions"])),
             row("peak KV used", lambda e: _mib(e["peak_kv_bytes"])),
             row("peak activations held (run)", lambda e: _mib(e["peak_activation_held_bytes"])),
-            row("largest step planned (run)", lambda e: _mib(e["peak_step_activation_bytes"])),
+            row("step activations charged to KV", lambda e: _mib(e["peak_step_activation_bytes"])),
             row("confirmed", lambda e: "yes" if e["confirmed"] else "NO"),
             row("confirm run wall s", lambda e: f"{e['confirm_wall_s']:.1f} ({e['load']})"),
         ]
@@ -141,11 +148,24 @@ def format_capacity(result: dict) -> str:
     if result.get("observed_ratio"):
         line += f", observed {result['observed_ratio']:.2f}x"
     out.append(line)
-    static = policies["static"]
-    if static.get("observed") is not None and static["observed"] < static["predicted"]:
-        out.append(f"note: static ran {static['observed']} although its KV share holds {static['predicted']} x "
-                   f"{static['chunks_per_request']} chunks: the engine also counts each step's activations against "
-                   "the KV share, on top of the activations reserved for them (a double count)")
+    sweep = "  ".join(f"{gib}: {policies['elastic']['sweep'][gib]}/{policies['static']['sweep'][gib]}"
+                      for gib in policies["elastic"]["sweep"])
+    out.append(f"accounting at other budgets (GiB: elastic/static): {sweep}")
+    static_entry = policies["static"]
+    spare = (static_entry["activation_reserved_bytes"] - elastic["largest_step_activation_bytes"]) / (
+        elastic["chunks_per_request"] * elastic["chunk_bytes"])
+    out.append(f"static reserves {_mib(static_entry['activation_reserved_bytes'])} for activations, elastic's largest "
+               f"step at capacity needs {_mib(elastic['largest_step_activation_bytes'])}: on average elastic holds "
+               f"{spare:.2f} more request(s) at any budget (+1 wherever the budget falls on that margin)")
+    for name, entry in policies.items():
+        if entry.get("observed") is None or entry["confirmed"]:
+            continue
+        if entry["num_preemptions"]:
+            out.append(f"note: {name} preempted {entry['num_preemptions']} times: the engine admitted more requests "
+                       f"({entry['observed']} at once) than the KV accounting holds ({entry['predicted']})")
+        else:
+            out.append(f"note: {name} ran {entry['observed']} at once although the KV accounting holds "
+                       f"{entry['predicted']}: the engine's admission is stricter than the accounting")
     confirm = result["confirm_output_len"]
     if confirm is not None and confirm != result["output_len"]:
         exact = all(entry["confirm_kv_exact"] for entry in policies.values())
