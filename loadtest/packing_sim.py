@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{config.replica.gpu_bytes / 2**30:.0f} GiB")
     print(describe(config))
     print(format_table(results))
-    print(f"simulated in {time.perf_counter() - started:.1f} s")
+    each = ", ".join(f"{result.policy} {result.wall_s:.0f} s" for result in results)
+    print(f"simulated in {time.perf_counter() - started:.1f} s ({each}; {args.jobs} at a time)")
     return 0
 
 
