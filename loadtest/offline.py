@@ -81,7 +81,7 @@ def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: 
     prefill steps from pure decode steps and to read KV use at its peak: right after scheduling, before
     finished requests give their pages back."""
     plans = []
-    peaks = {"kv_chunks": 0, "running": 0, "activation_chunks": 0, "planned_activation_chunks": 0}
+    peaks = {"kv_chunks": 0, "running": 0, "decoding": 0, "activation_chunks": 0, "planned_activation_chunks": 0}
     scheduler, schedule = engine.scheduler, engine.scheduler.schedule
 
     def observed_schedule():
@@ -89,6 +89,11 @@ def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: 
         plans.append(plan)
         peaks["kv_chunks"] = max(peaks["kv_chunks"], engine.kv.num_used_chunks())
         peaks["running"] = max(peaks["running"], len(scheduler.running))
+        # a request that has computed its first decode step holds its whole prompt's KV and one more token:
+        # these are the requests truly resident at once
+        decoding = sum(1 for request in scheduler.running
+                       if request.num_computed_tokens > len(request.prompt_token_ids))
+        peaks["decoding"] = max(peaks["decoding"], decoding)
         peaks["planned_activation_chunks"] = max(peaks["planned_activation_chunks"], plan.num_activation_chunks)
         return plan
 
@@ -143,6 +148,7 @@ def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: 
         "num_prefill_tokens": prefill["tokens"],
         "num_preemptions": scheduler.num_preemptions - preemptions_before,
         "peak_running": peaks["running"],
+        "peak_decoding": peaks["decoding"],
         "peak_kv_bytes": peaks["kv_chunks"] * chunk_bytes,
         "peak_kv_budget_pct": 100.0 * peaks["kv_chunks"] * chunk_bytes / engine.config.device_memory_bytes,
         "peak_activation_bytes": peaks["activation_chunks"] * chunk_bytes,

@@ -69,10 +69,10 @@ def predict(engine: LLMEngine, prompt_len: int, output_len: int, num_chunks: int
 
 def run_capacity(args, tokenizer=None) -> dict:
     prompt_len, output_len = args.capacity_prompt_len, args.capacity_output_len
-    confirm_len = args.confirm_output_len or output_len
+    requested_confirm_len = args.confirm_output_len or output_len
     budget = int(args.budget_gib * GIB)
     result: dict = {"budget_bytes": budget, "prompt_len": prompt_len, "output_len": output_len,
-                    "confirm_output_len": None if args.no_confirm else confirm_len, "policies": {}}
+                    "confirm_output_len": None, "policies": {}}
     for policy in ("elastic", "static"):
         engine = build_engine(args, tokenizer=tokenizer, pool_policy=policy, device_memory_bytes=budget,
                               max_num_seqs=args.max_num_seqs or 64, max_model_len=None)
@@ -82,15 +82,21 @@ def run_capacity(args, tokenizer=None) -> dict:
         entry = predict(engine, prompt_len, output_len)
         entry["sweep"] = {f"{gib:g}": predict(engine, prompt_len, output_len, int(gib * GIB) // entry["chunk_bytes"])
                           ["predicted"] for gib in SWEEP_GIB}
-        # a shorter confirming run holds the same KV only if the final page count is the same
-        entry["confirm_kv_exact"] = engine.kv.chunks_to_grow(None, prompt_len + confirm_len) == \
-            entry["chunks_per_request"]
         if not args.no_confirm:
+            # every request must still be decoding when the last one is admitted (one prefill after another),
+            # or a short confirming run would never hold them all at once
+            prefill_steps = -(-prompt_len // engine.config.max_num_batched_tokens)
+            confirm_len = min(output_len, max(requested_confirm_len, prefill_steps * (entry["predicted"] + 1)))
+            result["confirm_output_len"] = max(result["confirm_output_len"] or 0, confirm_len)
             prompts = make_prompts(tokenizer, entry["predicted"] + 1, prompt_len, args.seed + 10)
             started = time.perf_counter()
             run = run_engine(engine, prompts, confirm_len, f"cap-{policy}")
-            entry.update(observed=run["peak_running"], num_preemptions=run["num_preemptions"],
-                         peak_kv_bytes=run["peak_kv_bytes"], peak_activation_held_bytes=run["peak_activation_bytes"],
+            # a shorter confirming run holds the same KV only if the final page count is the same
+            entry["confirm_kv_exact"] = engine.kv.chunks_to_grow(None, prompt_len + confirm_len) == \
+                entry["chunks_per_request"]
+            entry.update(observed=run["peak_decoding"], admitted=run["peak_running"],
+                         num_preemptions=run["num_preemptions"], peak_kv_bytes=run["peak_kv_bytes"],
+                         peak_activation_held_bytes=run["peak_activation_bytes"],
                          peak_step_activation_bytes=run["peak_planned_activation_bytes"],
                          confirm_wall_s=time.perf_counter() - started, load=_load())
             entry["confirmed"] = entry["observed"] == entry["predicted"] and run["num_preemptions"] == 0
@@ -127,7 +133,8 @@ def format_capacity(result: dict) -> str:
     ]
     if result["confirm_output_len"] is not None:
         rows += [
-            row("ran at once (of predicted+1)", lambda e: f"{e['observed']} of {e['predicted'] + 1}"),
+            row("decoding at once (of predicted+1)", lambda e: f"{e['observed']} of {e['predicted'] + 1}"),
+            row("admitted at once", lambda e: str(e["admitted"])),
             row("preemptions", lambda e: str(e["num_preemptions"])),
             row("peak KV used", lambda e: _mib(e["peak_kv_bytes"])),
             row("peak activations held (run)", lambda e: _mib(e["peak_activation_held_bytes"])),
@@ -162,14 +169,15 @@ def format_capacity(result: dict) -> str:
             continue
         if entry["num_preemptions"]:
             out.append(f"note: {name} preempted {entry['num_preemptions']} times: the engine admitted more requests "
-                       f"({entry['observed']} at once) than the KV accounting holds ({entry['predicted']})")
+                       f"({entry['admitted']} at once) than the KV accounting holds ({entry['predicted']})")
         else:
             out.append(f"note: {name} ran {entry['observed']} at once although the KV accounting holds "
                        f"{entry['predicted']}: the engine's admission is stricter than the accounting")
     confirm = result["confirm_output_len"]
     if confirm is not None and confirm != result["output_len"]:
         exact = all(entry["confirm_kv_exact"] for entry in policies.values())
-        out.append(f"note: confirmed with {confirm} output tokens instead of {result['output_len']} (CPU time); "
+        out.append(f"note: confirmed with {confirm} output tokens instead of {result['output_len']} (CPU time; enough "
+                   "for all to overlap); "
                    + ("the KV pages per request are the same, so the accounting is unchanged" if exact else
                       "WARNING: that needs fewer KV pages per request than the full length; the prediction "
                       "uses the full length"))
