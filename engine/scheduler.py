@@ -208,6 +208,8 @@ class Scheduler:
             self._add_to_step(step, request, 1, True)
 
     def _schedule_waiting(self, step: _StepBuilder) -> None:
+        # pages the running requests need for their next token are spoken for before anyone is admitted
+        next_pages = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
         while self.waiting and len(self.running) < self.config.max_num_seqs and self.kv.num_free_slots:
             budget_left = step.token_budget - step.num_tokens
             if budget_left <= 0:
@@ -220,7 +222,7 @@ class Scheduler:
             # admit only if the whole prompt's KV fits (growing chunk by chunk would just preempt)
             need = self.kv.chunks_to_grow(None, request.num_tokens + 1) - self._cached_chunks(num_cached)
             workspace = self.activation_chunks(step.num_tokens + num_new, step.num_seqs + samples)
-            if need + workspace > self.kv.num_available_chunks():
+            if need + next_pages + workspace > self.kv.num_available_chunks():
                 return
             self.waiting.popleft()
             request.num_cached_tokens = self.kv.admit(request.request_id, token_ids)
