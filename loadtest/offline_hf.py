@@ -19,9 +19,10 @@ from transformers.generation.streamers import BaseStreamer
 from engine.weights import ModelSource, load_weights
 
 
-def hf_model(source: ModelSource, dtype: torch.dtype) -> PreTrainedModel:
-    """transformers' model for `source`'s architecture filled with our loader's tensors (no copy)."""
-    config, weights = load_weights(source, dtype=dtype, show_progress=False)
+def hf_model(source: ModelSource, dtype: torch.dtype, loaded=None) -> PreTrainedModel:
+    """transformers' model for `source`'s architecture filled with our loader's tensors (no copy);
+    `loaded=load_weights(...)` reuses tensors already in memory."""
+    config, weights = loaded if loaded is not None else load_weights(source, dtype=dtype, show_progress=False)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_hf_config()), dtype=dtype)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from engine.model_config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from engine.tokenizer import load_tokenizer
 from engine.weights import ModelSource, load_weights, resolve_model_source
+from loadtest.offline_hf import hf_model
 
 DEFAULT_TINY_LAYER_TYPES = (SLIDING_ATTENTION, FULL_ATTENTION, SLIDING_ATTENTION, FULL_ATTENTION)
 
@@ -38,16 +39,8 @@ def hf_model_from_weights(source: ModelSource | str | Path | None, dtype: torch.
                           loaded: tuple[ModelConfig, dict[str, torch.Tensor]] | None = None) -> PreTrainedModel:
     """transformers' model for `source`'s architecture, holding the tensors our loader produced
     (pass `loaded=load_weights(...)` to reuse tensors already in memory; they are shared, not copied)."""
-    config, weights = loaded if loaded is not None else load_weights(source, dtype=dtype, show_progress=False)
-    hf_config = AutoConfig.for_model(**config.to_hf_config())
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise AssertionError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    source = source if isinstance(source, ModelSource) else resolve_model_source(source)
+    return hf_model(source, dtype, loaded)
 
 
 def hf_gguf_tensors(source: ModelSource | str | Path | None) -> dict[str, torch.Tensor]:
