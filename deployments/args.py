@@ -57,11 +57,19 @@ class MigrationArgs(BaseModel):
     call_timeout_s: float = Field(default=10.0, gt=0)  # one call to the destination
     timeout_s: float = Field(default=60.0, gt=0)  # watchdog for a whole migration
     initial_bandwidth_bytes_per_s: float = Field(default=200e6, gt=0)  # until a transfer is measured
+    # How KV moves: Ray's object store (call arguments), or torch.distributed send/recv between the two
+    # replicas (gloo on CPU, NCCL on GPU). auto: torch_distributed on GPUs, the object store on CPUs.
+    transport: Literal["auto", "ray_object_store", "torch_distributed"] = "auto"
 
     def to_config(self):
         from deployments.migration import MigrationConfig
 
-        return MigrationConfig(**self.model_dump())
+        return MigrationConfig(**self.model_dump(exclude={"transport"}))
+
+    def resolved_transport(self, device: str) -> str:
+        if self.transport != "auto":
+            return self.transport
+        return "torch_distributed" if device == "cuda" else "ray_object_store"
 
 
 class AppArgs(BaseModel):

@@ -147,6 +147,6 @@ class GenerationRun:
             with contextlib.suppress(Exception):
                 await choice.stream.aclose()
             if choice.relay is not None:
-                await choice.relay.aclose()
+                await choice.relay.close()
             if self._relays is not None:
                 await self._relays.drop(choice.request.request_id)

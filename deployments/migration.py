@@ -14,9 +14,9 @@ Any failure before the commit rolls back: the destination's stream is cancelled,
 the reservation is cancelled. The request is paused only after the destination reserved. A watchdog
 (`timeout_s`) bounds a whole migration; at most `max_concurrent` run at once per replica, each way.
 
-Destination, `MigrationEndpoint`: reserve / write_kv / adopt / cancel, called through a `MigrationPeer`
-(the transport; deployments/migration_transport.py: Ray Serve handle calls, KV through the object store).
-Reservations nobody adopts within `timeout_s` are freed (the source died).
+Destination: `MigrationEndpoint` (deployments/migration_endpoint.py), reached through a `MigrationPeer`, the
+transport (deployments/migration_transport.py: Ray Serve handle calls, KV through the object store or
+torch.distributed).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,7 @@ class MigrationStats:
     bytes_moved: int = 0
     num_adopted: int = 0  # incoming, committed here
     num_incoming_refused: int = 0
+    num_orphans_finished: int = 0  # adopted requests finished here after their source went away
     downtime_sum_s: float = 0.0
     num_downtimes: int = 0
     downtime_max_s: float = 0.0
@@ -97,7 +98,8 @@ class MigrationStats:
                 "aborted": sum(self.num_aborted.values()), "aborted_by_reason": dict(self.num_aborted),
                 "copy": self.num_by_mode["copy"], "recompute": self.num_by_mode["recompute"],
                 "stages": self.num_stages, "bytes_moved": self.bytes_moved, "adopted": self.num_adopted,
-                "incoming_refused": self.num_incoming_refused, "downtime_sum_s": round(self.downtime_sum_s, 4),
+                "incoming_refused": self.num_incoming_refused, "orphans_finished": self.num_orphans_finished,
+                "downtime_sum_s": round(self.downtime_sum_s, 4),
                 "downtime_count": self.num_downtimes, "downtime_max_s": round(self.downtime_max_s, 4),
                 "recent_downtimes_s": list(self.recent_downtimes_s),
                 "bandwidth_bytes_per_s": round(self.bandwidth_bytes_per_s)}
@@ -131,123 +133,6 @@ def choose_mode(num_tokens: int, costs: dict[str, float], bandwidth_bytes_per_s:
     num_steps = math.ceil(num_tokens / costs["max_num_batched_tokens"])
     recompute_s = (num_steps * costs["step_base_ms"] + num_tokens * costs["step_per_token_ms"]) / 1e3
     return ("copy" if copy_s <= recompute_s else "recompute"), copy_s, recompute_s
-
-
-# ---- destination ------------------------------------------------------------------------------------
-@dataclass
-class _Reservation:
-    num_tokens: int
-    reserved_at: float
-    written_end: int = 0
-
-
-class MigrationEndpoint:
-    def __init__(self, engine: Any, config: MigrationConfig, stats: MigrationStats,
-                 relays: RelayRegistry | None = None, clock: Callable[[], float] = time.monotonic):
-        self._engine = engine
-        self._config = config
-        self._stats = stats
-        self._relays = relays
-        self._clock = clock
-        self._reserved: dict[str, _Reservation] = {}
-
-    async def reserve(self, request_id: str, num_tokens: int) -> bool:
-        await self.expire_stale()
-        if len(self._reserved) >= self._config.max_concurrent or request_id in self._reserved:
-            self._stats.num_incoming_refused += 1
-            return False
-        if not await self._engine.run_in_engine(migration.reserve, request_id, num_tokens):
-            self._stats.num_incoming_refused += 1
-            return False
-        self._reserved[request_id] = _Reservation(num_tokens, self._clock())
-        return True
-
-    def _checked(self, request_id: str, stage: KVStage) -> _Reservation:
-        reservation = self._reserved.get(request_id)
-        if reservation is None:
-            raise MigrationError(f"no reservation for {request_id} here")
-        if stage.start != reservation.written_end or stage.end > reservation.num_tokens:
-            raise MigrationError(f"stage [{stage.start}, {stage.end}) does not follow [0, {reservation.written_end})"
-                                 f" within the {reservation.num_tokens} reserved tokens")
-        return reservation
-
-    async def write_kv(self, request_id: str, stage: KVStage) -> None:
-        reservation = self._checked(request_id, stage)
-        await self._engine.run_in_engine(migration.write_kv, request_id, stage)
-        reservation.written_end = stage.end
-
-    async def cancel(self, request_id: str) -> None:
-        self._reserved.pop(request_id, None)
-        await self._engine.run_in_engine(migration.cancel, request_id)
-
-    async def expire_stale(self) -> None:
-        now = self._clock()
-        for request_id, reservation in list(self._reserved.items()):
-            if now - reservation.reserved_at > self._config.timeout_s:
-                logger.warning("migration of %s: reservation never adopted; freed", request_id)
-                await self.cancel(request_id)
-
-    async def adopt(self, snapshot: RequestSnapshot, tail: KVStage | None, num_kv_tokens: int) -> AsyncIterator[Any]:
-        """Writes the tail, attaches the request (commit), yields {"committed": True}, then its outputs."""
-        request_id = snapshot.request_id
-        if tail is not None:
-            self._checked(request_id, tail)
-        elif request_id not in self._reserved:
-            raise MigrationError(f"no reservation for {request_id} here")
-        written = tail.end if tail is not None else self._reserved[request_id].written_end
-        if num_kv_tokens and written != num_kv_tokens:
-            raise MigrationError(f"{written} KV tokens written, {num_kv_tokens} announced")
-        loop = asyncio.get_running_loop()
-        committed = asyncio.Event()
-
-        def write_and_attach(engine, snapshot: RequestSnapshot, tail: KVStage | None, num_kv_tokens: int) -> None:
-            if tail is not None:
-                migration.write_kv(engine, request_id, tail)
-            migration.attach(engine, snapshot, num_kv_tokens)
-            loop.call_soon_threadsafe(committed.set)
-
-        stream = self._engine.stream_attached(request_id, write_and_attach, snapshot, tail, num_kv_tokens)
-        first = asyncio.ensure_future(anext(stream))
-        is_committed = False
-        try:
-            waiter = asyncio.ensure_future(committed.wait())
-            await asyncio.wait({first, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            if not committed.is_set():
-                await first  # attach failed: raises its error
-            is_committed = True
-            self._reserved.pop(request_id, None)
-            self._stats.num_adopted += 1
-            yield {"committed": True}
-            output = await first
-            while True:
-                if output.finish_reason == MIGRATED:  # it moved on from here: forward the next replica's outputs
-                    async for relayed in self._relayed(request_id):
-                        yield relayed
-                    return
-                yield output
-                if output.is_finished:
-                    return
-                output = await anext(stream)
-        finally:
-            if not first.done():
-                first.cancel()
-            with contextlib.suppress(BaseException):
-                await first  # lets the cancelled pull finish: the stream's own clean-up aborts the request
-            with contextlib.suppress(BaseException):
-                await stream.aclose()
-            if not is_committed:
-                self._reserved.pop(request_id, None)
-                with contextlib.suppress(Exception):
-                    await self._engine.run_in_engine(migration.cancel, request_id)
-
-    async def _relayed(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        relay = self._relays.take(request_id) if self._relays is not None else None
-        if relay is None:
-            yield RequestOutput(request_id, (), "", finish_reason="error", error="relay missing after a migration")
-            return
-        async for output in relay.start(None):
-            yield output
 
 
 # ---- source -----------------------------------------------------------------------------------------
@@ -371,7 +256,10 @@ class MigrationManager:
     async def _hand_over(self, attempt: _Attempt, snapshot: RequestSnapshot) -> None:
         """The request lives on the destination now: give its stream to the HTTP handler, free it here."""
         request_id = attempt.request_id
-        self._relays.put(Relay(request_id, attempt.stream, attempt.paused_at, self.stats.record_downtime))
+        async def abandon() -> None:  # the client left: the destination stops the request
+            await self._peer.cancel(attempt.target, request_id)
+
+        self._relays.put(Relay(request_id, attempt.stream, attempt.paused_at, self.stats.record_downtime, abandon))
         try:
             await self._engine.run_in_engine(migration.release, request_id)
         except MigrationError as exc:  # the client left meanwhile (its abort freed the request here)

@@ -12,12 +12,15 @@ Forced orders (the admin endpoint, tests) name a request id (or an HTTP response
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from deployments.migration_policy import MODES, MigrationOrder, MigrationPolicy, ReplicaLoad
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,14 +86,16 @@ class MigrationPlanner:
         now = self._clock()
         self._expire(now, replicas)
         orders = self._resolve_forced(now, replicas)
+        for order in orders:
+            self._track(order, now)
         if not force and now - self._last_plan < self.plan_interval_s:
             return orders
         self._last_plan = now
         loads, slots = self._effective(replicas)
-        orders.extend(self.policy.plan(list(loads.values()), slots, now))
-        for order in orders:
+        planned = self.policy.plan(list(loads.values()), slots, now)
+        for order in planned:
             self._track(order, now)
-        return orders
+        return orders + planned
 
     def _track(self, order: MigrationOrder, now: float) -> None:
         if order.request_id not in self._orders:
@@ -102,6 +107,8 @@ class MigrationPlanner:
             order = tracked.order
             if now - tracked.issued_at > self.order_timeout_s or order.source not in replicas \
                     or order.target not in replicas:
+                logger.warning("migration order %s dropped (%s): %s", request_id,
+                               "delivered" if tracked.delivered_at else "queued", sorted(replicas))
                 del self._orders[request_id]
         self._cooldown_until = {rid: until for rid, until in self._cooldown_until.items() if until > now}
         self._forced = [forced for forced in self._forced if forced.expires_at > now]

@@ -4,9 +4,9 @@ A replica calls `LLMServer.migration_*` on one specific replica of its own deplo
 DeploymentHandle; every such call carries `target_replica=<replica id>` as a keyword argument, and
 `KVHeadroomRouter` sends a request that names a target to that replica only (deployments/router.py). The KV
 stages and the snapshot travel as call arguments, i.e. through Ray's object store (arguments over 100 KiB
-are put there): the transport for CPUs and a single node. On GPUs a `torch.distributed` send/recv between
-the two replicas' ranks (NCCL) would move the bulk instead, with these calls as the control channel
-(not implemented: see docs/MIGRATION.md).
+are put there): the transport for CPUs and a single node. `CollectivePeer` keeps these calls as the control
+channel and moves the KV with `torch.distributed` send/recv between the two replicas (gloo on CPU, NCCL
+between GPUs; deployments/kv_channel.py). `make_peer` picks one by its name (`migration.transport` in the config).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from deployments.kv_channel import ChannelAddress, KVChannels, StageHeader
 from deployments.migration import MigrationPeer
 from engine.migration import KVStage, RequestSnapshot
 
@@ -53,10 +54,8 @@ class ServeHandlePeer(MigrationPeer):
     async def cancel(self, target: str, request_id: str) -> None:
         await self._call("migration_cancel", target, request_id)
 
-    async def adopt(self, target: str, snapshot: RequestSnapshot, tail: KVStage | None,
-                    num_kv_tokens: int) -> AsyncIterator[Any]:
-        handle = self._deployment().options(stream=True)
-        response = handle.migration_adopt.remote(snapshot, tail, num_kv_tokens, **{TARGET_KWARG: target})
+    async def _stream(self, method: str, target: str, *args: Any) -> AsyncIterator[Any]:
+        response = getattr(self._deployment().options(stream=True), method).remote(*args, **{TARGET_KWARG: target})
         finished = False
         try:
             async for item in response:
@@ -66,3 +65,46 @@ class ServeHandlePeer(MigrationPeer):
             if not finished:
                 with contextlib.suppress(Exception):
                     response.cancel()
+
+    def adopt(self, target: str, snapshot: RequestSnapshot, tail: KVStage | None,
+              num_kv_tokens: int) -> AsyncIterator[Any]:
+        return self._stream("migration_adopt", target, snapshot, tail, num_kv_tokens)
+
+
+class CollectivePeer(ServeHandlePeer):
+    """KV over a point-to-point process group per (source, destination) pair; the rest as ServeHandlePeer.
+    The destination's `migration_connect` joins the group, `migration_receive` receives a stage and writes
+    it. The tail goes the same way, just before the adopt call."""
+
+    name = "torch_distributed"
+
+    def __init__(self, deployment_name: str, app_name: str, replica_id: str, channels: KVChannels):
+        super().__init__(deployment_name, app_name)
+        self._replica_id = replica_id
+        self._channels = channels
+
+    async def write_kv(self, target: str, request_id: str, stage: KVStage) -> None:
+        async def join(address: ChannelAddress) -> None:
+            await self._call("migration_connect", target, self._replica_id, address)
+
+        async def deliver(header: StageHeader) -> None:
+            await self._call("migration_receive", target, request_id, header, self._replica_id)
+
+        await self._channels.send(target, stage, join, deliver)
+
+    async def adopt(self, target: str, snapshot: RequestSnapshot, tail: KVStage | None,
+                    num_kv_tokens: int) -> AsyncIterator[Any]:
+        if tail is not None and tail.end > tail.start:
+            await self.write_kv(target, snapshot.request_id, tail)
+        async for item in self._stream("migration_adopt", target, snapshot, None, num_kv_tokens):
+            yield item
+
+
+def make_peer(transport: str, deployment_name: str, app_name: str, replica_id: str,
+              channels: KVChannels) -> MigrationPeer:
+    """The transport named by `migration.transport` (after "auto" is resolved)."""
+    if transport == CollectivePeer.name:
+        return CollectivePeer(deployment_name, app_name, replica_id, channels)
+    if transport == ServeHandlePeer.name:
+        return ServeHandlePeer(deployment_name, app_name)
+    raise ValueError(f"unknown migration transport {transport!r}")

@@ -26,8 +26,10 @@ from ray.serve.config import RequestRouterConfig
 from deployments.args import AppArgs, resolve_device
 from deployments.controller import ControllerClient, controller_options
 from deployments.engine_bindings import EngineBindings, check_engine_health
-from deployments.migration import MigrationEndpoint, MigrationManager, MigrationStats
-from deployments.migration_transport import ServeHandlePeer
+from deployments.kv_channel import KVChannels
+from deployments.migration import MigrationManager, MigrationStats
+from deployments.migration_endpoint import MigrationEndpoint
+from deployments.migration_transport import make_peer
 from deployments.openai_app import AppSettings, build_openai_app
 from deployments.relay import RelayRegistry
 from deployments.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
@@ -109,14 +111,23 @@ class LLMServer:
         self._migrations: MigrationManager | None = None
         self._endpoint: MigrationEndpoint | None = None
         if hasattr(self.engine, "run_in_engine") and hasattr(self.engine, "stream_attached"):
-            config = self.args.migration.to_config()
-            self._endpoint = MigrationEndpoint(self.engine, config, self._migration_stats, self._relays)
-            self._migrations = MigrationManager(self.engine, ServeHandlePeer(context.deployment, context.app_name),
-                                                self._relays, config, self._migration_stats)
+            self._start_migration(context)
         self._controller = ControllerClient(self.replica_id, self.args.controller_name,
                                             self.args.controller_namespace, self.args.migration_policy,
                                             options=controller_options(self.args))
         self._telemetry_task = asyncio.get_running_loop().create_task(self._push_telemetry())
+
+    def _start_migration(self, context: Any) -> None:
+        import ray
+
+        config = self.args.migration.to_config()
+        device = resolve_device(self.args.device)
+        self._channels = KVChannels(ray.util.get_node_ip_address(), device, timeout_s=config.call_timeout_s)
+        peer = make_peer(self.args.migration.resolved_transport(device), context.deployment, context.app_name,
+                         self.replica_id, self._channels)
+        self._endpoint = MigrationEndpoint(self.engine, config, self._migration_stats, self._relays, self._channels)
+        self._migrations = MigrationManager(self.engine, peer, self._relays, config, self._migration_stats)
+        logger.info("replica %s: migrations move KV through %s", self.replica_id, peer.name)
 
     def __serve_build_asgi_app__(self):
         settings = AppSettings(served_model_name=self.args.served_model_name, api_key=self.args.api_key,
@@ -152,6 +163,15 @@ class LLMServer:
 
     async def migration_cancel(self, request_id: str, target_replica: str) -> None:
         await self._migration_endpoint(target_replica).cancel(request_id)
+
+    async def migration_connect(self, source_replica: str, address: Any, target_replica: str) -> None:
+        """torch_distributed transport: join the source's point-to-point group (deployments/kv_channel.py)."""
+        await self._migration_endpoint(target_replica).join(source_replica, address)
+
+    async def migration_receive(self, request_id: str, header: Any, source_replica: str,
+                                target_replica: str) -> None:
+        """torch_distributed transport: receive one KV stage from the source and write it."""
+        await self._migration_endpoint(target_replica).receive_kv(request_id, header, source_replica)
 
     async def check_health(self) -> None:
         await check_engine_health(self.engine)
@@ -200,7 +220,9 @@ class LLMServer:
         self._is_draining = bool(reply.get("is_draining"))
         for order in reply.get("orders", ()):
             if self._migrations is not None and order.get("source") == self.replica_id:
-                self._migrations.submit(order["request_id"], order["target"], order.get("mode", "auto"))
+                task = self._migrations.submit(order["request_id"], order["target"], order.get("mode", "auto"))
+                logger.info("replica %s: migration order %s -> %s %s", self.replica_id, order["request_id"],
+                            order["target"], "started" if task is not None else "not started (busy)")
 
     async def __del__(self):
         # Also runs after a failed __init__: every step checks that its part was set up.
@@ -212,6 +234,8 @@ class LLMServer:
         if getattr(self, "_migrations", None) is not None:
             with contextlib.suppress(BaseException):
                 await self._migrations.shutdown()
+            with contextlib.suppress(BaseException):
+                await self._endpoint.shutdown()
         if getattr(self, "_controller", None) is not None:
             with contextlib.suppress(Exception):
                 await self._controller.deregister()

@@ -1,7 +1,10 @@
 """In-process stand-ins for the migration transport: destinations reached by replica id without Ray.
 
 `LocalPeer` pickles what it sends (as the object store would) and calls the destination's
-`MigrationEndpoint` directly. `FailingPeer` and `HangingPeer` are the faults the abort-path tests pass in.
+`MigrationEndpoint` directly. `InProcessCollectivePeer` is the real torch_distributed transport
+(`CollectivePeer`: KV over gloo between the two sides' `KVChannels`) with its control calls made in-process
+instead of through Serve. `FailingPeer`, `HangingPeer` and `DeadSourcePeer` are the faults the abort-path
+tests pass in.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import pickle
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.migration import MigrationEndpoint, MigrationPeer
+from deployments.kv_channel import KVChannels
+from deployments.migration import MigrationPeer
+from deployments.migration_endpoint import MigrationEndpoint
+from deployments.migration_transport import CollectivePeer
 
 
 def _over_the_wire(value):
@@ -66,3 +72,31 @@ class HangingPeer(LocalPeer):
         self.calls.append(("adopt", target))
         await asyncio.Event().wait()
         yield None  # pragma: no cover
+
+
+class DeadSourcePeer(LocalPeer):
+    """After the commit the source can no longer reach the destination (it died): its cancel never arrives."""
+
+    async def cancel(self, target, request_id) -> None:
+        self.calls.append(("cancel", target))
+        raise ConnectionError("source replica died")
+
+
+ENDPOINT_METHODS = {"migration_reserve": "reserve", "migration_write": "write_kv", "migration_cancel": "cancel",
+                    "migration_connect": "join", "migration_receive": "receive_kv", "migration_adopt": "adopt"}
+
+
+class InProcessCollectivePeer(CollectivePeer):
+    def __init__(self, endpoints: dict[str, MigrationEndpoint], channels: KVChannels, replica_id: str = "A"):
+        super().__init__("unused", "unused", replica_id, channels)
+        self.endpoints = endpoints
+        self.calls: list[tuple[str, str]] = []
+
+    async def _call(self, method: str, target: str, *args: Any) -> Any:
+        self.calls.append((method, target))
+        return await getattr(self.endpoints[target], ENDPOINT_METHODS[method])(*_over_the_wire(args))
+
+    async def _stream(self, method: str, target: str, *args: Any) -> AsyncIterator[Any]:
+        self.calls.append((method, target))
+        async for item in getattr(self.endpoints[target], ENDPOINT_METHODS[method])(*_over_the_wire(args)):
+            yield _over_the_wire(item)

@@ -11,13 +11,21 @@ import asyncio
 import pytest
 
 from deployments.generation import GenerationRun
+from deployments.kv_channel import KVChannels
 from deployments.metrics import ServingMetrics
-from deployments.migration import MigrationConfig, MigrationEndpoint, MigrationManager, MigrationStats, choose_mode
+from deployments.migration import MigrationConfig, MigrationManager, MigrationStats, choose_mode
+from deployments.migration_endpoint import MigrationEndpoint
 from deployments.relay import RelayRegistry
 from engine.api import GenerateRequest
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from tests.deployments.migration_helpers import FailingPeer, HangingPeer, LocalPeer
+from tests.deployments.migration_helpers import (
+    DeadSourcePeer,
+    FailingPeer,
+    HangingPeer,
+    InProcessCollectivePeer,
+    LocalPeer,
+)
 from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy
 
 pytestmark = pytest.mark.timeout(300)
@@ -69,7 +77,8 @@ class Replica:
         self.engine = engine
         self.relays = RelayRegistry()
         self.stats = MigrationStats()
-        self.endpoint = MigrationEndpoint(engine, config, self.stats, self.relays)
+        self.channels = KVChannels("127.0.0.1", timeout_s=20.0)
+        self.endpoint = MigrationEndpoint(engine, config, self.stats, self.relays, self.channels)
         self.config = config
 
     def manager(self, peer) -> MigrationManager:
@@ -105,10 +114,14 @@ def _assert_idle(*replicas: Replica) -> None:
     asyncio.run(check())
 
 
-@pytest.mark.parametrize("mode", ["copy", "recompute"])
-def test_migrated_stream_equals_the_unmigrated_one(engines, prompt, expected, mode):
+@pytest.mark.parametrize("mode, transport", [("copy", "object_store"), ("recompute", "object_store"),
+                                             ("copy", "torch_distributed")])
+def test_migrated_stream_equals_the_unmigrated_one(engines, prompt, expected, mode, transport):
     source, destination = Replica(engines[0]), Replica(engines[1])
-    peer = LocalPeer({"B": destination.endpoint})
+    if transport == "torch_distributed":
+        peer = InProcessCollectivePeer({"B": destination.endpoint}, source.channels)
+    else:
+        peer = LocalPeer({"B": destination.endpoint})
     tokens, text, outcomes = asyncio.run(
         _stream_with_migrations(source, prompt, [(source.manager(peer), "B", mode)]))
     assert outcomes == ["committed"]
@@ -120,7 +133,8 @@ def test_migrated_stream_equals_the_unmigrated_one(engines, prompt, expected, mo
     if mode == "copy":
         # staged copies while decoding, then the tail: every token of KV sent once
         assert stats["stages"] >= 2 and stats["bytes_moved"] > 0
-        assert [call for call, _ in peer.calls][:2] == ["reserve", "write_kv"]
+        first_write = "migration_connect" if transport == "torch_distributed" else "write_kv"
+        assert [call for call, _ in peer.calls][:2] in (["reserve", first_write], ["migration_reserve", first_write])
     else:
         assert stats["bytes_moved"] == 0 and "write_kv" not in [call for call, _ in peer.calls]
     assert len(source.relays) == 0 and len(destination.relays) == 0
@@ -138,6 +152,36 @@ def test_migrated_there_and_back_again(engines, prompt, expected):
     assert (tokens, text) == expected
     assert a.stats.snapshot()["adopted"] == 1 and b.stats.snapshot()["adopted"] == 1
     _assert_idle(a, b)
+
+
+def test_destination_finishes_a_request_whose_source_died_after_the_commit(engines, prompt, expected):
+    """The client's stream (on the source) breaks off right after the commit and the source cannot send its
+    cancel: the destination runs the request to its end anyway, with the unmigrated run's tokens."""
+    source, destination = Replica(engines[0]), Replica(engines[1])
+    peer = DeadSourcePeer({"B": destination.endpoint})
+
+    async def scenario():
+        metrics = ServingMetrics(lambda: source.engine, "model", "source")
+        run = GenerationRun(source.engine, [GenerateRequest("req-0", prompt, greedy(NUM_NEW))], metrics,
+                            source.relays)
+        await run.start()
+        outputs = run.outputs()
+        seen = 0
+        while seen < MIGRATE_AFTER:
+            seen += len((await anext(outputs))[1].new_token_ids)
+        assert await source.manager(peer).migrate("req-0", "B", "copy") == "committed"
+        await outputs.aclose()
+        await run.close()  # the relay's cancel fails: the destination is on its own
+        for _ in range(600):
+            if destination.stats.num_orphans_finished:
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert ("cancel", "B") in peer.calls
+    assert destination.stats.snapshot()["orphans_finished"] == 1
+    assert list(destination.endpoint.finished_orphans["req-0"]) == expected[0]
+    _assert_idle(source, destination)
 
 
 def test_destination_without_a_free_slot_refuses(engines, prompt, expected):

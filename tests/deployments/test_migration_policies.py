@@ -207,12 +207,14 @@ def test_orders_expire_and_vanished_replicas_drop_theirs():
 
 def test_forced_orders_by_response_id_wait_for_the_request_to_be_reported():
     p, clock = planner(NoMigration())
+    p.plan({"hot": HOT, "cold": COLD})
     assert p.force("cmpl-7", mode="recompute", replicas={"hot": HOT, "cold": COLD})["status"] == "pending"
     with_request = replica("hot", request("cmpl-7-0", 10), request("cmpl-7-1", 10))
-    clock.now += 0.5
+    clock.now += 0.5  # within plan_interval_s: no policy planning, but forced orders resolve and are delivered
     orders = p.plan({"hot": with_request, "cold": COLD})
     assert [(o.request_id, o.source, o.target, o.mode, o.reason) for o in orders] == [
         ("cmpl-7-0", "hot", "cold", "recompute", "forced"), ("cmpl-7-1", "hot", "cold", "recompute", "forced")]
+    assert [order["request_id"] for order in p.take_orders("hot")] == ["cmpl-7-0", "cmpl-7-1"]
     result = p.force("z", target="hot", replicas={"hot": with_request, "cold": COLD})
     assert result["status"] == "queued" and result["orders"][0]["target"] == "hot"
     with pytest.raises(ValueError, match="no replica"):

@@ -1,5 +1,6 @@
-"""Live migration through real Ray Serve: two LLMServer replicas with the real engine (embedded SmolLM2,
-fp32), every new request pinned to one replica (router option) so the test knows where requests start.
+"""Live migration through real Ray Serve, once per KV transport: two LLMServer replicas with the real engine
+(embedded SmolLM2, fp32), every new request pinned to one replica (router option)
+so the test knows where requests start.
 Migrations are forced through the API-key-guarded admin endpoint (POST /v1/admin/migrate), which asks the
 cluster controller; the order reaches the source replica in the reply to its telemetry push.
 
@@ -79,8 +80,9 @@ def expected():
     return reference()
 
 
-@pytest.fixture(scope="module")
-def cluster(expected):
+@pytest.fixture(scope="module", params=["torch_distributed", "ray_object_store"])
+def cluster(request, expected):
+    """Every test runs once per KV transport (migration.transport): gloo send/recv, then the object store."""
     from ray import serve
 
     from deployments.app import build_app
@@ -88,7 +90,8 @@ def cluster(expected):
     cluster = LocalRayCluster()
     try:
         cluster.start()
-        app = build_app({**ARGS, "deployment_options": {"num_replicas": 2, "request_router_config": PINNED_ROUTER}})
+        args = {**ARGS, "migration": {**ARGS["migration"], "transport": request.param}}
+        app = build_app({**args, "deployment_options": {"num_replicas": 2, "request_router_config": PINNED_ROUTER}})
         serve.run(app, name="llm", route_prefix="/")
         wait_for(lambda: both_replicas_fresh(cluster.base_url), "2 replicas reporting", timeout_s=120)
         cluster.remember_processes()
@@ -234,6 +237,7 @@ def test_destination_without_room_refuses_and_the_source_finishes(cluster, expec
     wait_for(lambda: is_idle(base), "both pools idle: blockers cancelled on the destination", timeout_s=60)
     aborted = migration_stats(base)[source]["aborted_by_reason"]
     assert aborted.get("refused", 0) >= 1
+    assert migration_stats(base)[target]["orphans_finished"] == 0  # cancelled by the source, not orphaned
 
 
 def test_metrics_show_migrations(cluster):
