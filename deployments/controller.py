@@ -95,7 +95,7 @@ class ClusterState:
             if "capacity_chunks" in report.detail:
                 detail = report.detail
                 entry["kv_load"] = round(ReplicaLoad.from_dict(replica_id, detail).load, 4)
-                entry.update({key: detail.get(key) for key in ("requests", "migrating", "migration")})
+                entry.update({key: detail.get(key) for key in ("requests", "migrating", "migration", "started_at")})
             replicas[replica_id] = entry
             for name in MIGRATION_TOTALS:  # cumulative counters: stale replicas count too
                 migration_totals[name] += (report.detail.get("migration") or {}).get(name, 0)

@@ -15,7 +15,9 @@ may take part in now (`slots`). It returns `MigrationOrder`s. Policies are chose
   cluster's load would fit on one replica fewer (every other replica at most `pack_watermark` full), drain
   the least loaded replica into the others, largest request first into the fullest replica it fits
   (best-fit decreasing), at most `pack_budget` migrations per `pack_interval_s`. The drained replica is a
-  scale-down candidate (shown in /v1/cluster; the router sends it new requests last).
+  scale-down candidate (shown in /v1/cluster; the router sends it new requests last). With `drain: newest`
+  it drains the newest replica instead, the one Ray Serve stops first when it scales down: with the
+  `kv_packing_policy` autoscaling policy (deployments/autoscaling.py), Serve removes it once it is empty.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class ReplicaLoad:
     used_chunks: int
     waiting_chunks: int = 0  # what its waiting and swapped requests need to run
     requests: tuple[RequestLoad, ...] = ()
+    started_at: float = 0.0  # when the replica started (wall clock): Serve scales down the newest first
 
     @property
     def demand_chunks(self) -> int:
@@ -66,7 +69,7 @@ class ReplicaLoad:
         requests = tuple(RequestLoad(r["request_id"], r["num_tokens"], r["num_remaining"], r["kv_chunks"],
                                      r["is_migratable"]) for r in data.get("requests", ()))
         return cls(replica_id, data["capacity_chunks"], data["used_chunks"], data.get("waiting_chunks", 0),
-                   requests)
+                   requests, data.get("started_at", 0.0))
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ class BalanceAndPackPolicy(BalancePolicy):
     pack_watermark: float = 0.6
     pack_budget: int = 4
     pack_interval_s: float = 10.0
+    drain: str = "least_loaded"  # or "newest": the replica Ray Serve's downscaling stops first
     name = "balance+pack"
     _draining: str | None = field(default=None, repr=False)
     _pack_times: deque = field(default_factory=deque, repr=False)
@@ -186,6 +190,8 @@ class BalanceAndPackPolicy(BalancePolicy):
             raise ValueError("pack_watermark must be in (0, 1]")
         if self.pack_budget < 0 or self.pack_interval_s <= 0:
             raise ValueError("pack_budget must be >= 0 and pack_interval_s > 0")
+        if self.drain not in ("least_loaded", "newest"):
+            raise ValueError(f"drain must be 'least_loaded' or 'newest', got {self.drain!r}")
 
     def plan(self, replicas, slots, now):
         slots = dict(slots)
@@ -218,13 +224,16 @@ class BalanceAndPackPolicy(BalancePolicy):
 
     def _drain_candidate(self, replicas: list[ReplicaLoad]) -> str | None:
         """The replica to drain: the one being drained while it still qualifies (switching would undo
-        moves), else the least loaded; it qualifies if the others hold everything at most `pack_watermark`
-        full."""
+        moves), else the least loaded (`drain: newest`: the newest, the one Serve's downscaling stops); it
+        qualifies if the others hold everything at most `pack_watermark` full."""
         usable = {r.replica_id: r for r in replicas if r.capacity_chunks > 0}
         if len(usable) < 2:
             return None
         total = sum(r.demand_chunks for r in usable.values())
-        candidates = sorted(usable.values(), key=lambda r: (r.load, r.replica_id))[:1]
+        if self.drain == "newest":
+            candidates = sorted(usable.values(), key=lambda r: (-r.started_at, r.replica_id))[:1]
+        else:
+            candidates = sorted(usable.values(), key=lambda r: (r.load, r.replica_id))[:1]
         if self._draining in usable and self._draining != candidates[0].replica_id:
             candidates.insert(0, usable[self._draining])
         for candidate in candidates:

@@ -42,6 +42,7 @@ class Relay:
         self._last_source_token_time: float | None = None
         self._has_token = False
         self._is_finished = False
+        self.is_closed = False
 
     def start(self, last_source_token_time: float | None) -> AsyncIterator[RequestOutput]:
         self._last_source_token_time = last_source_token_time
@@ -68,6 +69,7 @@ class Relay:
     async def close(self) -> None:
         """Closes the destination's stream; if the request's last output never came, nobody will read the
         rest, so the destination is first asked to cancel it (abandon). Safe to call twice."""
+        self.is_closed = True
         on_abandon, self._on_abandon = self._on_abandon, None
         if on_abandon is not None and not self._is_finished:
             # In a task of its own, outside the request's context: the request being torn down is usually
@@ -92,9 +94,17 @@ class Relay:
 class RelayRegistry:
     def __init__(self):
         self._relays: dict[str, Relay] = {}
+        self._live: set[Relay] = set()  # put here and not closed yet (taken or not)
 
     def put(self, relay: Relay) -> None:
         self._relays[relay.request_id] = relay
+        self._live.add(relay)
+
+    @property
+    def num_live(self) -> int:
+        """Streams this replica still relays: it must not be stopped before they end."""
+        self._live = {relay for relay in self._live if not relay.is_closed}
+        return len(self._live)
 
     def take(self, request_id: str) -> Relay | None:
         return self._relays.pop(request_id, None)

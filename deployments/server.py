@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.args import AppArgs, resolve_device
+from deployments.autoscaling import autoscaling_metrics
 from deployments.controller import ControllerClient, controller_options
 from deployments.engine_bindings import EngineBindings, check_engine_health
 from deployments.kv_channel import KVChannels
@@ -94,6 +95,7 @@ class LLMServer:
         self.args = AppArgs.model_validate(args)
         context = serve.get_replica_context()
         self.replica_id = context.replica_tag
+        self._started_at = time.time()  # the packing policy's `drain: newest` and the autoscaler compare these
         _set_torch_threads(self.args.threads_per_rank())
         started = time.monotonic()
         what = self.args.engine_factory or self.args.model or "the embedded SmolLM2"
@@ -123,7 +125,7 @@ class LLMServer:
         config = self.args.migration.to_config()
         device = resolve_device(self.args.device)
         self._channels = KVChannels(ray.util.get_node_ip_address(), device, timeout_s=config.call_timeout_s)
-        peer = make_peer(self.args.migration.resolved_transport(device), context.deployment, context.app_name,
+        peer = make_peer(self.args.migration.resolved_transport(), context.deployment, context.app_name,
                          self.replica_id, self._channels)
         self._endpoint = MigrationEndpoint(self.engine, config, self._migration_stats, self._relays, self._channels)
         self._migrations = MigrationManager(self.engine, peer, self._relays, config, self._migration_stats)
@@ -142,6 +144,11 @@ class LLMServer:
         return {"kv_free_chunks": stats.kv_chunks_free, "kv_usage": stats.kv_usage,
                 "num_running": stats.num_running, "num_waiting": stats.num_waiting,
                 "is_draining": self._is_draining, "timestamp": time.time()}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom metrics for Serve's autoscaler (used by deployments/autoscaling.py:kv_packing_policy)."""
+        stats = self.engine.stats()
+        return autoscaling_metrics(stats, self._is_draining, self._started_at, self._relays.num_live)
 
     # ---- destination side of a migration (called by the source replica through a targeted handle) ----
     def _migration_endpoint(self, target_replica: str) -> MigrationEndpoint:
@@ -205,8 +212,8 @@ class LLMServer:
         """The requests' loads come from the engine thread, which a long prefill step can hold for a while:
         then the previous list goes out again (with fresh counters) rather than no report at all."""
         try:
-            self._last_detail = await asyncio.wait_for(self._migrations.load_report(engine_stats),
-                                                       self.args.telemetry_period_s)
+            report = await asyncio.wait_for(self._migrations.load_report(engine_stats), self.args.telemetry_period_s)
+            self._last_detail = {**report, "started_at": self._started_at}
         except asyncio.TimeoutError:
             if self._last_detail is None:
                 return None

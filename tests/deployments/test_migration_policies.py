@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from deployments.controller import ClusterState
@@ -133,6 +135,17 @@ def test_the_drained_replica_stays_the_candidate_while_it_qualifies():
                replica("c", request("c1", 15), request("c2", 15))]
     plan(policy, shifted)
     assert policy.scale_down_candidates() == ["a"]
+
+
+def test_pack_can_drain_the_newest_replica_the_one_serve_stops_first():
+    policy = BalanceAndPackPolicy(pack_watermark=0.6, drain="newest")
+    a, b, c = three_light()
+    replicas = [replace(a, started_at=100.0), replace(b, started_at=300.0), replace(c, started_at=200.0)]
+    # b (20 chunks) is not the least loaded, but the newest: it is drained, into c, the fullest that fits
+    assert plan(policy, replicas) == [("b1", "b", "c", "pack")]
+    assert policy.scale_down_candidates() == ["b"]
+    with pytest.raises(ValueError, match="drain"):
+        BalanceAndPackPolicy(drain="oldest")
 
 
 def test_registry_and_option_checks():

@@ -114,3 +114,19 @@ def test_dropping_an_untaken_relay_cancels_it():
         return destination.closed, len(relays)
 
     assert asyncio.run(scenario()) == (True, 0)
+
+
+def test_registry_counts_relays_until_they_close():
+    async def scenario():
+        relays = RelayRegistry()
+        relays.put(Relay("r-0", DestinationStream([out(1, "length")]).stream(), paused_at=0.0))
+        relays.put(Relay("r-1", DestinationStream([out(1)]).stream(), paused_at=0.0))
+        assert relays.num_live == 2
+        taken = relays.take("r-0")
+        assert relays.num_live == 2  # taken, still relaying
+        async for _ in taken.start(None):
+            pass
+        await relays.drop("r-1")
+        return relays.num_live
+
+    assert asyncio.run(scenario()) == 0

@@ -50,7 +50,7 @@ def both_replicas_fresh(base: str) -> bool:
     return view["num_replicas"] == 2 and not any(entry["is_stale"] for entry in view["replicas"].values())
 
 
-def reference() -> dict:
+def reference(num_tokens: int = NUM_TOKENS) -> dict:
     """The engine's greedy tokens (as text, one per token) with the replicas' configuration."""
     from engine.api import GenerateRequest
     from engine.async_engine import AsyncEngine
@@ -62,7 +62,7 @@ def reference() -> dict:
         await engine.start()
         try:
             request = GenerateRequest("reference", tuple(encode_prompt(engine.tokenizer, PROMPT)),
-                                      SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True))
+                                      SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True))
             ids, text = [], ""
             async for output in engine.generate(request):
                 ids.extend(output.new_token_ids)
