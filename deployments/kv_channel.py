@@ -181,7 +181,8 @@ class KVChannels:
         pair = self._receivers.get(peer)
         if pair is None:
             raise ConnectionError(f"no KV channel from {peer}: it must join first")
-        flat = torch.empty(header.numel, dtype=getattr(torch, header.dtype), device=self.device)
+        device = self.device if pair.backend == "nccl" else torch.device("cpu")  # gloo: the sender's were on the host
+        flat = torch.empty(header.numel, dtype=getattr(torch, header.dtype), device=device)
         async with pair.lock:
             try:
                 await asyncio.to_thread(pair.recv, flat, header.tag)

@@ -4,6 +4,8 @@ Rank 0 (the replica's engine) runs the scheduler and the KV bookkeeping. Before 
 broadcasts one message — the KV layout calls made since the last step and the step's plan — and
 every rank replays the layout calls on its own pool (`LayoutMirror`), builds the same batch and runs
 its shard of the model; two all-reduces per layer sum the partial outputs. Only rank 0 samples.
+Between steps rank 0 may also gather every rank's copy of a slot's KV, or scatter KV to the ranks (live
+migration: engine/migration.py), and gather pool telemetry.
 Each whole step (broadcast, compute, all-reduces) runs on the engine thread, never split across
 awaits, so a cancelled request can never leave the ranks out of step.
 """
@@ -24,7 +26,8 @@ from memory.kv.mirror import LayoutMirror
 
 logger = logging.getLogger(__name__)
 
-STEP, STOP, TELEMETRY = "step", "stop", "telemetry"
+STEP, STOP, TELEMETRY, READ_KV, WRITE_KV = "step", "stop", "telemetry", "read_kv", "write_kv"
+KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _process_group_backend(config: EngineConfig) -> str:
@@ -62,8 +65,8 @@ class TensorParallelExecutor:
     def all_reduce(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor)
 
-    def _broadcast(self, kind: str, plan: SchedulerOutput | None) -> None:
-        message = [(kind, list(self.layout_log), plan)]
+    def _broadcast(self, kind: str, payload: SchedulerOutput | tuple | None) -> None:
+        message = [(kind, list(self.layout_log), payload)]
         self.layout_log.clear()
         dist.broadcast_object_list(message, src=0, device=_object_device(self.config))
 
@@ -76,6 +79,21 @@ class TensorParallelExecutor:
         gathered: list = [None] * self.config.tensor_parallel_size
         dist.gather_object(local, gathered, dst=0)
         return gathered
+
+    def read_kv(self, slot: int, start: int, end: int, local: KVLayers) -> list[KVLayers]:
+        """Every rank's copy (its own heads) of tokens [start, end) of `slot`, rank order; rank 0's is `local`."""
+        self._broadcast(READ_KV, (slot, start, end))
+        gathered: list = [None] * self.config.tensor_parallel_size
+        dist.gather_object(local, gathered, dst=0)
+        return gathered
+
+    def write_kv(self, slot: int, start: int, per_rank: list[KVLayers]) -> KVLayers:
+        """Sends each rank its heads' share of KV for `slot` from token `start` (the layout calls made so far,
+        e.g. the reservation's pages, travel first); returns rank 0's share."""
+        self._broadcast(WRITE_KV, (slot, start))
+        mine: list = [None]
+        dist.scatter_object_list(mine, per_rank, src=0)
+        return mine[0]
 
     def stop(self) -> None:
         """Tells the workers to leave their loop, then leaves the process group."""
@@ -111,15 +129,23 @@ class WorkerProcess:
             while True:
                 message = [None]
                 dist.broadcast_object_list(message, src=0, device=_object_device(self.config))
-                kind, layout_log, plan = message[0]
+                kind, layout_log, payload = message[0]
                 mirror.apply(layout_log)
                 if kind == STOP:
                     return num_steps
                 if kind == TELEMETRY:
                     dist.gather_object(state.pool.telemetry().to_dict(), None, dst=0)
-                    continue
-                runner.forward_only(plan)
-                num_steps += 1
+                elif kind == READ_KV:
+                    slot, start, end = payload
+                    layers = [(k.cpu(), v.cpu()) for k, v in mirror.layout.read_tokens(slot, start, end)]
+                    dist.gather_object(layers, None, dst=0)
+                elif kind == WRITE_KV:
+                    share: list = [None]
+                    dist.scatter_object_list(share, None, src=0)
+                    mirror.layout.write_tokens(payload[0], payload[1], share[0])
+                else:
+                    runner.forward_only(payload)
+                    num_steps += 1
         finally:
             mirror.close()
             state.close()

@@ -6,6 +6,10 @@ stage copies only what is new); `pause` stops it and returns its full state plus
 Destination: `reserve` takes a slot and pages, `write_kv` stores the staged copies, `attach` makes it
 an ordinary running request (or a waiting one to recompute when no KV was sent), `cancel` frees.
 All functions run on the engine's own thread (AsyncEngine.run_in_engine).
+
+A KVStage always holds every KV head, whatever the tensor-parallel size: a tensor-parallel source gathers
+its ranks' heads (in rank order, which is head order), a tensor-parallel destination scatters each rank its
+share (`ShardPlan`). So requests move between replicas of any TP sizes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine import LLMEngine
+from engine.model.llama import ShardPlan
 from engine.request import Request, RequestStatus
 from engine.sampler import SamplingState
 from engine.sampling_params import SamplingParams
@@ -73,7 +78,34 @@ def copy_kv(engine: LLMEngine, request_id: str, start: int) -> KVStage:
     if request.status not in (RequestStatus.RUNNING, RequestStatus.PAUSED):
         raise MigrationError(f"request {request_id} is {request.status.value}, not resident")
     end = request.num_computed_tokens
-    return KVStage(start, end, engine.kv.read_kv(request_id, start, end) if end > start else [])
+    return KVStage(start, end, _read_all_heads(engine, request_id, start, end) if end > start else [])
+
+
+KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _read_all_heads(engine: LLMEngine, request_id: str, start: int, end: int) -> KVLayers:
+    local = engine.kv.read_kv(request_id, start, end)
+    if engine.executor is None:
+        return local
+    local = [(k.cpu(), v.cpu()) for k, v in local]  # the ranks' shares meet on the host
+    ranks = engine.executor.read_kv(engine.kv.slot_of(request_id), start, end, local)
+    return [(torch.cat([rank[layer][0] for rank in ranks], dim=1), torch.cat([rank[layer][1] for rank in ranks], dim=1))
+            for layer in range(len(local))]
+
+
+def _write_all_heads(engine: LLMEngine, request_id: str, start: int, layers: KVLayers) -> None:
+    if engine.executor is None:
+        engine.kv.write_kv(request_id, start, layers)
+        return
+    world_size = engine.config.tensor_parallel_size
+    shares = []
+    for rank in range(world_size):
+        heads = ShardPlan.for_rank(engine.model_config, rank, world_size).kv_heads
+        shares.append([(k[:, heads.start:heads.stop].contiguous(), v[:, heads.start:heads.stop].contiguous())
+                       for k, v in layers])
+    mine = engine.executor.write_kv(engine.kv.slot_of(request_id), start, shares)
+    engine.kv.write_kv(request_id, start, mine)
 
 
 def pause(engine: LLMEngine, request_id: str) -> RequestSnapshot:
@@ -120,7 +152,7 @@ def reserve(engine: LLMEngine, request_id: str, num_tokens: int) -> bool:
 
 def write_kv(engine: LLMEngine, request_id: str, stage: KVStage) -> None:
     if stage.end > stage.start:
-        engine.kv.write_kv(request_id, stage.start, stage.layers)
+        _write_all_heads(engine, request_id, stage.start, stage.layers)
 
 
 def cancel(engine: LLMEngine, request_id: str) -> None:
@@ -169,7 +201,6 @@ class RequestLoad:
 
 def request_loads(engine: LLMEngine) -> list[RequestLoad]:
     """Every request's size and state, for migration planning (cheap: no tensor is touched)."""
-    can_migrate = engine.executor is None  # tensor-parallel KV export is not supported yet
     loads = []
     for request in engine.scheduler.requests.values():
         remaining = min(request.params.max_tokens - len(request.output_token_ids),
@@ -178,7 +209,7 @@ def request_loads(engine: LLMEngine) -> list[RequestLoad]:
         loads.append(RequestLoad(
             request_id=request.request_id, status=request.status.value, num_tokens=request.num_tokens,
             num_remaining=max(0, remaining), kv_chunks=engine.kv.chunks_to_grow(None, needed),
-            is_migratable=can_migrate and is_migratable(engine, request.request_id),
+            is_migratable=is_migratable(engine, request.request_id),
             num_preemptions=request.num_preemptions,
         ))
     return loads
@@ -202,6 +233,7 @@ def cost_inputs(engine: LLMEngine) -> dict[str, float]:
     """What choosing copy vs recompute needs: KV bytes per token and the fitted step cost (prefill rate)."""
     spec = engine.kv_spec
     cost = engine.scheduler.cost_model
-    return {"kv_bytes_per_token": 2 * spec.num_layers * spec.bytes_per_token, "step_base_ms": cost.base_ms,
+    all_heads = engine.model_config.num_kv_heads / spec.num_kv_heads  # a stage holds every rank's heads
+    return {"kv_bytes_per_token": 2 * spec.num_layers * spec.bytes_per_token * all_heads, "step_base_ms": cost.base_ms,
             "step_per_token_ms": cost.per_token_ms, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
             "tokens_per_page": spec.tokens_per_page}

@@ -1,8 +1,9 @@
-"""Watching the server during a run: /v1/memory and /metrics sampled every second, and their parsing.
+"""Watching the server during a run: every replica's pools and /metrics sampled every second, and parsing.
 
-The sampler is a thread of the runner (never of the Locust process, whose timing it would disturb). Peers
-such as vLLM have no /v1/memory: a 404 stops that half of the sampling, and everything downstream treats
-missing keys as absent rather than as zero.
+Pools come from /v1/cluster (the controller's view: every replica, one memory row each); a server without it
+is asked /v1/memory instead (which the router answers from one replica). The sampler is a thread of the
+runner (never of the Locust process, whose timing it would disturb). Peers such as vLLM have neither: a
+404 stops that half of the sampling, and everything downstream treats missing keys as absent, not zero.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class TelemetrySampler(threading.Thread):
         self.timeout_s = timeout_s
         self._stop_event = threading.Event()
         self.has_memory_endpoint = True
+        self.has_cluster_endpoint = True
         self.num_samples = 0
 
     def stop(self) -> None:
@@ -165,6 +167,8 @@ class TelemetrySampler(threading.Thread):
                 self._stop_event.wait(max(0.0, next_at - time.monotonic()))
 
     def _sample_memory(self, session: requests.Session, out) -> None:
+        if self.has_cluster_endpoint and self._sample_cluster(session, out):
+            return
         now = time.time()
         try:
             response = session.get(self.base_url + "/v1/memory", timeout=self.timeout_s)
@@ -179,6 +183,25 @@ class TelemetrySampler(threading.Thread):
             body = None
         out.write(json.dumps({"time": now, "status": response.status_code, "body": body}) + "\n")
         out.flush()
+
+    def _sample_cluster(self, session: requests.Session, out) -> bool:
+        """One memory row per fresh replica from /v1/cluster; False when the server has no such view."""
+        now = time.time()
+        try:
+            response = session.get(self.base_url + "/v1/cluster", timeout=self.timeout_s)
+            body = response.json()
+        except (requests.RequestException, ValueError):
+            return False
+        if response.status_code in (404, 405):
+            self.has_cluster_endpoint = False
+        if response.status_code != 200 or not isinstance(body, dict) or not isinstance(body.get("replicas"), dict):
+            return False
+        for replica, entry in sorted(body["replicas"].items()):
+            if isinstance(entry, dict) and not entry.get("is_stale"):
+                row = {"replica": replica, "ranks": entry.get("pools") or []}
+                out.write(json.dumps({"time": now, "status": 200, "body": row}) + "\n")
+        out.flush()
+        return True
 
     def _sample_metrics(self, session: requests.Session, out) -> None:
         now = time.time()

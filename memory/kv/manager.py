@@ -288,8 +288,6 @@ class KVCacheManager:
     def reserve_import(self, request_id: str, num_tokens: int) -> bool:
         """Gives an incoming request a slot and every page for `num_tokens` tokens (sliding windows
         included, so any token can be written). False, with nothing held, if it does not fit."""
-        if isinstance(self.layout, RecordingLayout):
-            raise NotImplementedError("migrating tensor-parallel KV is not supported yet")
         if self.num_free_slots == 0 or request_id in self.requests:
             return False
         num_pages = self.spec.num_pages(num_tokens)

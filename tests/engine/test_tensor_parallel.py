@@ -1,16 +1,21 @@
 """Tensor parallelism without Ray: rank 1 in a spawned process, rank 0 in the test.
 
 Greedy tokens with TP=2 equal TP=1's (fp32), with chunked prefill and with swap preemption, which
-exercises the KV layout log that keeps rank 1's pool and pages identical to rank 0's.
+exercises the KV layout log that keeps rank 1's pool and pages identical to rank 0's; and requests migrated
+mid-generation from a TP=2 engine to a TP=1 one and back (KV stages hold every head: the TP=2 source gathers
+its ranks' shares, the TP=2 destination scatters them) give the unmigrated run's tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 
 import pytest
 import torch
 
+from engine import migration
+from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.distributed import WorkerProcess, create_executor
 from engine.engine import LLMEngine
@@ -34,7 +39,9 @@ def _worker_main(init_file: str, config: EngineConfig, result) -> None:
     result.put(WorkerProcess(1, 2, init_file, config).run())
 
 
-def _run_tp2(tmp_path, config: EngineConfig, prompts, tokenizer, num_new: int = 10):
+@contextlib.contextmanager
+def _tp2_engine(tmp_path, config: EngineConfig, tokenizer):
+    """Rank 0 here, rank 1 in a spawned process; on exit, checks that the worker ran steps and stopped."""
     context = multiprocessing.get_context("spawn")
     result = context.Queue()
     init_file = str(tmp_path / "rendezvous")
@@ -42,17 +49,22 @@ def _run_tp2(tmp_path, config: EngineConfig, prompts, tokenizer, num_new: int = 
     worker.start()
     engine = LLMEngine(config, tokenizer=tokenizer, executor=create_executor(config, init_file))
     try:
+        yield engine
+    finally:
+        engine.close()  # broadcasts stop
+    worker.join(timeout=60)
+    assert worker.exitcode == 0
+    assert result.get(timeout=5) > 0  # the worker really ran steps
+
+
+def _run_tp2(tmp_path, config: EngineConfig, prompts, tokenizer, num_new: int = 10):
+    with _tp2_engine(tmp_path, config, tokenizer) as engine:
         outputs = run_all(engine, prompts, greedy(num_new))
         stats = (engine.scheduler.num_preemptions, engine.scheduler.num_swaps)
         assert_pool_idle(engine)
         ranks = engine.memory_telemetry()  # gathered from both ranks
         assert len(ranks) == 2 and ranks[1]["chunk_bytes"] * 2 == ranks[0]["chunk_bytes"]  # 1 vs 2 kv heads
         assert ranks[1]["chunks_per_client"]["kv"] == ranks[0]["chunks_per_client"]["kv"]  # the same cached pages
-    finally:
-        engine.close()  # broadcasts stop
-    worker.join(timeout=60)
-    assert worker.exitcode == 0
-    assert result.get(timeout=5) > 0  # the worker really ran steps
     return outputs, stats
 
 
@@ -96,3 +108,46 @@ def test_tp2_with_swap_preemption_equals_tp1(tmp_path, prompts, smollm2_tokenize
     ours, (num_preemptions, num_swaps) = _run_tp2(tmp_path, config, prompts, smollm2_tokenizer, NUM_NEW_LONG)
     assert num_preemptions > 0 and num_swaps > 0
     assert ours == reference
+
+
+def _steps(engine: LLMEngine, tokens: dict[str, list[int]], steps: int | None = None) -> None:
+    count = 0
+    while engine.has_work and (steps is None or count < steps):
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
+        count += 1
+
+
+def _migrate(source: LLMEngine, destination: LLMEngine, request_id: str, tokens: dict[str, list[int]]) -> None:
+    """A staged copy while the source decodes, then pause + tail, reserve, write, attach, release."""
+    stages = [migration.copy_kv(source, request_id, 0)]
+    assert stages[0].layers[0][0].shape[1] == 3  # every KV head, from any TP size
+    _steps(source, tokens, steps=2)
+    snapshot, tail = migration.pause_and_copy_tail(source, request_id, stages[-1].end)
+    assert migration.reserve(destination, request_id, snapshot.num_tokens)
+    for stage in [*stages, tail]:
+        migration.write_kv(destination, request_id, stage)
+    migration.attach(destination, snapshot, snapshot.num_computed_tokens)
+    migration.release(source, request_id)
+
+
+def test_requests_migrate_between_tp2_and_tp1(tmp_path, prompts, smollm2_tokenizer):
+    prompt = prompts[2]
+    tp1 = LLMEngine(_config(1), tokenizer=smollm2_tokenizer)
+    try:
+        expected = run_all(tp1, [prompt], greedy(NUM_NEW_LONG))["r0"]
+        with _tp2_engine(tmp_path, _config(2), smollm2_tokenizer) as tp2:
+            tokens: dict[str, list[int]] = {}
+            tp2.add_request(GenerateRequest("out", tuple(prompt), greedy(NUM_NEW_LONG)))
+            tp1.add_request(GenerateRequest("in", tuple(prompt), greedy(NUM_NEW_LONG)))
+            _steps(tp2, tokens, steps=5)
+            _steps(tp1, tokens, steps=5)
+            _migrate(tp2, tp1, "out", tokens)  # TP=2 -> TP=1: gathered from both ranks
+            _migrate(tp1, tp2, "in", tokens)  # TP=1 -> TP=2: scattered to both ranks
+            _steps(tp1, tokens)
+            _steps(tp2, tokens)
+            assert tokens["out"] == expected and tokens["in"] == expected
+            assert_pool_idle(tp2)
+        assert_pool_idle(tp1)
+    finally:
+        tp1.close()

@@ -4,7 +4,14 @@ import json
 
 from loadtest.compare import format_comparison, main
 from loadtest.metrics import RequestRecord, Slo, summarize
-from loadtest.telemetry import MemoryPoint, memory_point, metric_total, parse_prometheus, read_memory_points
+from loadtest.telemetry import (
+    MemoryPoint,
+    TelemetrySampler,
+    memory_point,
+    metric_total,
+    parse_prometheus,
+    read_memory_points,
+)
 
 PROMETHEUS = """\
 # HELP elastic:num_requests_running Requests running.
@@ -80,6 +87,38 @@ def test_read_memory_points_skips_404s_and_errors(tmp_path):
     path = tmp_path / "memory.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows) + '\n{"time": 4, "sta')  # last line cut off
     assert [point.time for point in read_memory_points(path)] == [3.0]
+
+
+class CannedSession:
+    """requests.Session.get with one canned answer per path."""
+
+    def __init__(self, answers: dict[str, tuple[int, object]]):
+        self.answers = answers
+        self.paths: list[str] = []
+
+    def get(self, url: str, timeout: float):
+        path = url.split("127.0.0.1:1", 1)[1]
+        self.paths.append(path)
+        status, body = self.answers[path]
+        return type("Response", (), {"status_code": status, "json": lambda self: body})()
+
+
+def test_sampler_reads_every_replica_from_the_cluster_view_else_v1_memory(tmp_path):
+    pool = {"chunk_bytes": 10, "chunks_per_client": {"kv": 3}, "num_free_chunks": 1}
+    cluster = {"replicas": {"a": {"is_stale": False, "pools": [pool]}, "b": {"is_stale": False, "pools": [pool, pool]},
+                            "gone": {"is_stale": True, "pools": [pool]}}}
+    sampler = TelemetrySampler("http://127.0.0.1:1", tmp_path)
+    with open(tmp_path / "memory.jsonl", "w") as out:
+        sampler._sample_memory(CannedSession({"/v1/cluster": (200, cluster)}), out)
+    points = read_memory_points(tmp_path / "memory.jsonl")
+    assert [(p.replica, p.num_ranks, p.client_bytes["kv"]) for p in points] == [("a", 1, 30.0), ("b", 2, 60.0)]
+
+    session = CannedSession({"/v1/cluster": (404, {}), "/v1/memory": (200, {"replica": "x", "ranks": [pool]})})
+    with open(tmp_path / "memory.jsonl", "w") as out:
+        sampler._sample_memory(session, out)
+        sampler._sample_memory(session, out)
+    assert session.paths == ["/v1/cluster", "/v1/memory", "/v1/memory"]  # a 404 stops asking for the view
+    assert [p.replica for p in read_memory_points(tmp_path / "memory.jsonl")] == ["x", "x"]
 
 
 def _summary(label: str, ttft_s: float, e2e_s: float) -> object:
