@@ -136,6 +136,8 @@ class MigrationCollector(Collector):
         yield aborted
         yield counter("migrations_adopted", "Migrated requests this replica took over.", stats["adopted"])
         yield counter("migrations_incoming_refused", "Reservations refused (no room).", stats["incoming_refused"])
+        yield counter("migrations_orphans_finished", "Adopted requests finished here after their source went away.",
+                      stats["orphans_finished"])
         yield counter("migrations_bytes", "KV bytes sent to other replicas.", stats["bytes_moved"])
         yield counter("migrations_stages", "KV copies sent (stages, the tail included).", stats["stages"])
         downtime = SummaryMetricFamily(PREFIX + "migration_downtime_seconds",

@@ -243,6 +243,7 @@ class LLMServer:
                 await self._migrations.shutdown()
             with contextlib.suppress(BaseException):
                 await self._endpoint.shutdown()
+            self._channels.close()
         if getattr(self, "_controller", None) is not None:
             with contextlib.suppress(Exception):
                 await self._controller.deregister()

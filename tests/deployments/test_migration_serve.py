@@ -251,6 +251,7 @@ def test_metrics_show_migrations(cluster):
     assert committed["copy"] >= 3 and committed["recompute"] >= 1  # the two tests above and the two blockers
     assert samples[("elastic:migrations_aborted_total", (("reason", "refused"),))] >= 1
     assert samples[("elastic:migrations_started_total", ())] == stats["started"]
+    assert samples[("elastic:migrations_orphans_finished_total", ())] == stats["orphans_finished"] == 0
     assert samples[("elastic:migrations_bytes_total", ())] == stats["bytes_moved"] > 0
     assert samples[("elastic:migration_downtime_seconds_count", ())] == stats["downtime_count"] >= 4
     totals = cluster_view(base)["migration_totals"]

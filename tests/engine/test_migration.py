@@ -4,12 +4,15 @@ migration equal an unmigrated run exactly (vLLM-style exact-id invariants)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from engine import migration
 from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
 from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy, run_all
 
 NUM_NEW = 24
@@ -96,3 +99,44 @@ def test_refused_migration_continues_on_the_source(engines, prompt, expected, sm
         assert_pool_idle(full)
     finally:
         full.close()
+
+
+def _run_text(engine: LLMEngine, request_id: str, prompt, params, migrate_to: LLMEngine | None = None):
+    """Token ids and text of one request; with `migrate_to`, it moves there (KV copy) after 6 steps."""
+    tokens: list[int] = []
+    text = ""
+    engine.add_request(GenerateRequest(request_id, tuple(prompt), params))
+    current, steps = engine, 0
+    while current.has_work:
+        for output in current.step():
+            tokens.extend(output.new_token_ids)
+            text += output.text_delta
+        steps += 1
+        if migrate_to is not None and steps == 6 and request_id in current.scheduler.requests:
+            snapshot = migration.pause(current, request_id)
+            stage = migration.copy_kv(current, request_id, 0)
+            assert migration.reserve(migrate_to, request_id, snapshot.num_tokens)
+            migration.write_kv(migrate_to, request_id, stage)
+            migration.attach(migrate_to, snapshot, snapshot.num_computed_tokens)
+            migration.release(current, request_id)
+            current = migrate_to
+    return tokens, text
+
+
+def test_seeded_sampling_and_stop_strings_survive_a_migration(engines, prompt):
+    """The sampler's RNG, the penalties' counts and the stop-string state move with the request: a seeded,
+    penalised sample with a stop string that first matches after the migration ends with the same tokens and
+    text as the unmigrated run."""
+    source, destination = engines
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=40,
+                            frequency_penalty=0.3, ignore_eos=True)
+    free_tokens, free_text = _run_text(source, "free", prompt, params)
+    stop = free_text[len(free_text) * 2 // 3:][:4]  # a string first seen late in the output
+    assert stop.strip() and free_text.index(stop) > len(free_text) // 3
+    params = replace(params, stop=(stop,))
+    reference = _run_text(source, "unmigrated", prompt, params)
+    migrated = _run_text(source, "migrated", prompt, params, migrate_to=destination)
+    assert migrated == reference
+    assert reference[1] == free_text[:free_text.index(stop)]  # it really stopped at the string
+    assert_pool_idle(source)
+    assert_pool_idle(destination)
