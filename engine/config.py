@@ -40,6 +40,7 @@ class EngineConfig:
     num_threads: int | None = None  # torch threads per rank
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
+    linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):

@@ -15,6 +15,7 @@ import torch
 
 from engine.attention import create_attention_backend
 from engine.config import EngineConfig
+from engine.model.linear import create_linear
 from engine.model.llama import LlamaModel, ShardPlan
 from engine.model_config import ModelConfig
 from engine.weight_arena import WEIGHTS_CLIENT, WeightArena
@@ -86,10 +87,11 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
     slot_len = -(-max_len // page_tokens) * page_tokens
     attention = create_attention_backend(config.attention_backend)
+    linear = create_linear(config.linear_backend)
 
     def build(allocate) -> LlamaModel:
         return LlamaModel(model_config, weights, attention, dtype, allocate=allocate, shard=shard,
-                          all_reduce=all_reduce, max_positions=slot_len)
+                          all_reduce=all_reduce, max_positions=slot_len, linear=linear)
 
     spec = KVCacheSpec(
         num_layers=model_config.num_layers,

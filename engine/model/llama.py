@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.forward_batch import ForwardBatch
+from engine.model.linear import TorchLinear
 from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 from engine.model.workspace import BufferPlan
 from engine.model_config import ModelConfig
@@ -62,10 +63,12 @@ class LlamaModel:
         shard: ShardPlan | None = None,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
         max_positions: int | None = None,
+        linear: TorchLinear | None = None,
     ):
         self.config = config
         self.dtype = dtype
         self.attention = attention
+        self.linear = linear or TorchLinear()  # x @ w.T for every weight (engine/model/linear.py)
         self.shard = shard or ShardPlan.for_rank(config, 0, 1)
         self.all_reduce = all_reduce
         head_dim = config.head_dim
@@ -185,7 +188,7 @@ class LlamaModel:
         torch.index_select(hidden, 0, batch.logits_indices, out=last)
         normed_last = self._rms_norm(last, self.final_norm, last)
         if self.dtype == torch.float32:
-            torch.mm(normed_last, self.lm_head.t(), out=logits)
+            self.linear(normed_last, self.lm_head, logits)
         else:
             logits.copy_(torch.mm(normed_last, self.lm_head.t()))
         return logits
@@ -197,7 +200,7 @@ class LlamaModel:
         if "qkv_bias" in layer:
             torch.addmm(layer["qkv_bias"], normed, layer["qkv"].t(), out=qkv)
         else:
-            torch.mm(normed, layer["qkv"].t(), out=qkv)
+            self.linear(normed, layer["qkv"], qkv)
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, head_dim)
@@ -209,7 +212,7 @@ class LlamaModel:
         attn = buffers["attn"]
         self.attention.forward(layer["spec"], q, k, v, kv_cache[0], kv_cache[1], batch, attn)
         proj = buffers["proj"]
-        torch.mm(attn.view(num_tokens, -1), layer["o"].t(), out=proj)
+        self.linear(attn.view(num_tokens, -1), layer["o"], proj)
         if self.all_reduce is not None:
             self.all_reduce(proj)
         hidden.add_(proj)
@@ -217,12 +220,12 @@ class LlamaModel:
     def _mlp_block(self, layer, hidden, buffers) -> None:
         normed = self._rms_norm(hidden, layer["post_norm"], buffers["normed"])
         gate_up = buffers["gate_up"]
-        torch.mm(normed, layer["gate_up"].t(), out=gate_up)
+        self.linear(normed, layer["gate_up"], gate_up)
         width = gate_up.shape[1] // 2
         act = buffers["act"]
         torch.mul(F.silu(gate_up[:, :width]), gate_up[:, width:], out=act)
         proj = buffers["proj"]
-        torch.mm(act, layer["down"].t(), out=proj)
+        self.linear(act, layer["down"], proj)
         if self.all_reduce is not None:
             self.all_reduce(proj)
         hidden.add_(proj)
