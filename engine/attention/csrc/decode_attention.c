@@ -1,10 +1,12 @@
 /* Decode attention over the contiguous KV layout, reading the cache in place.
  *
- * One query token per sequence. For sequence b and key/value head h, the keys are
- * k_cache[slot_b, t, h, :] for t in [start_b, len_b) (start_b > 0 only for sliding windows). Each
- * (b, h) pair is one task: its G = H / KVH query heads are scored against every key (K is read once
- * for all G heads), softmaxed, and the values are accumulated (V is read once). No gather, no copy.
- * fp32 accumulation; the cache is fp32 or bf16.
+ * One query token per sequence. For sequence b the keys are k_cache[slot_b, t, :, :] for t in
+ * [start_b, len_b) (start_b > 0 only for sliding windows). Each sequence is one task: token by token,
+ * its whole K row (every key/value head, contiguous) is scored against the G = H / KVH query heads of
+ * each key/value head, the scores are softmaxed, and the values are accumulated the same way, so K and
+ * V are each read once, front to back. (A task per (sequence, head) read the same bytes in strided
+ * pieces and measured 2x slower at batch 8-64; each dot product is summed in the same order either
+ * way, so the results are bit-identical.) No gather, no copy. fp32 accumulation; the cache is fp32 or bf16.
  */
 #include <math.h>
 #include <stdint.h>
@@ -23,58 +25,61 @@ void NAME(const float *q, const KV_T *k_cache, const KV_T *v_cache, int64_t slot
           int64_t token_stride, const int64_t *slots, const int64_t *lens, int64_t num_seqs,        \
           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale,   \
           float *out, int64_t num_threads) {                                                        \
-    const int64_t group = num_heads / num_kv_heads;                                                 \
     _Pragma("omp parallel num_threads(num_threads)")                                                \
     {                                                                                               \
         int64_t capacity = 0;                                                                       \
         float *scores = NULL;                                                                       \
-        float *acc = (float *)malloc(sizeof(float) * group * head_dim);                             \
-        _Pragma("omp for collapse(2) schedule(dynamic, 1)")                                         \
+        float *acc = (float *)malloc(sizeof(float) * num_heads * head_dim);                         \
+        _Pragma("omp for schedule(dynamic, 1)")                                                     \
         for (int64_t b = 0; b < num_seqs; ++b) {                                                    \
-            for (int64_t h = 0; h < num_kv_heads; ++h) {                                            \
-                const int64_t len = lens[b];                                                        \
-                const int64_t start = (window > 0 && len > window) ? len - window : 0;              \
-                const int64_t count = len - start;                                                  \
-                if (count * group > capacity) {                                                     \
-                    capacity = count * group * 2;                                                   \
-                    free(scores);                                                                   \
-                    scores = (float *)malloc(sizeof(float) * capacity);                             \
-                }                                                                                   \
-                const KV_T *keys = k_cache + slots[b] * slot_stride + h * head_dim;                 \
-                const KV_T *values = v_cache + slots[b] * slot_stride + h * head_dim;               \
-                const float *query = q + (b * num_heads + h * group) * head_dim;                    \
-                for (int64_t t = 0; t < count; ++t) {                                               \
-                    const KV_T *key = keys + (start + t) * token_stride;                            \
+            const int64_t len = lens[b];                                                            \
+            const int64_t start = (window > 0 && len > window) ? len - window : 0;                  \
+            const int64_t count = len - start;                                                      \
+            if (count * num_heads > capacity) {                                                     \
+                capacity = count * num_heads * 2;                                                   \
+                free(scores);                                                                       \
+                scores = (float *)malloc(sizeof(float) * capacity);                                 \
+            }                                                                                       \
+            const int64_t group = num_heads / num_kv_heads;                                         \
+            const KV_T *keys = k_cache + slots[b] * slot_stride;                                    \
+            const KV_T *values = v_cache + slots[b] * slot_stride;                                  \
+            const float *query = q + b * num_heads * head_dim;                                      \
+            for (int64_t t = 0; t < count; ++t) {                                                   \
+                const KV_T *row = keys + (start + t) * token_stride;                                \
+                for (int64_t h = 0; h < num_kv_heads; ++h) {                                        \
+                    const KV_T *key = row + h * head_dim;                                           \
                     for (int64_t g = 0; g < group; ++g) {                                           \
-                        const float *qg = query + g * head_dim;                                     \
+                        const float *qg = query + (h * group + g) * head_dim;                       \
                         float dot = 0.f;                                                            \
                         _Pragma("omp simd reduction(+:dot)")                                        \
                         for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * LOAD(key[d]);         \
-                        scores[g * count + t] = dot * scale;                                        \
+                        scores[(h * group + g) * count + t] = dot * scale;                          \
                     }                                                                               \
                 }                                                                                   \
-                for (int64_t g = 0; g < group; ++g) {                                               \
-                    float *row = scores + g * count;                                                \
-                    float peak = -INFINITY;                                                         \
-                    for (int64_t t = 0; t < count; ++t) peak = row[t] > peak ? row[t] : peak;       \
-                    float total = 0.f;                                                              \
-                    for (int64_t t = 0; t < count; ++t) { row[t] = expf(row[t] - peak); total += row[t]; } \
-                    const float inverse = 1.f / total;                                              \
-                    for (int64_t t = 0; t < count; ++t) row[t] *= inverse;                          \
-                }                                                                                   \
-                memset(acc, 0, sizeof(float) * group * head_dim);                                   \
-                for (int64_t t = 0; t < count; ++t) {                                               \
-                    const KV_T *value = values + (start + t) * token_stride;                        \
+            }                                                                                       \
+            for (int64_t hg = 0; hg < num_heads; ++hg) {                                            \
+                float *row = scores + hg * count;                                                   \
+                float peak = -INFINITY;                                                             \
+                for (int64_t t = 0; t < count; ++t) peak = row[t] > peak ? row[t] : peak;           \
+                float total = 0.f;                                                                  \
+                for (int64_t t = 0; t < count; ++t) { row[t] = expf(row[t] - peak); total += row[t]; } \
+                const float inverse = 1.f / total;                                                  \
+                for (int64_t t = 0; t < count; ++t) row[t] *= inverse;                              \
+            }                                                                                       \
+            memset(acc, 0, sizeof(float) * num_heads * head_dim);                                   \
+            for (int64_t t = 0; t < count; ++t) {                                                   \
+                const KV_T *row = values + (start + t) * token_stride;                              \
+                for (int64_t h = 0; h < num_kv_heads; ++h) {                                        \
+                    const KV_T *value = row + h * head_dim;                                         \
                     for (int64_t g = 0; g < group; ++g) {                                           \
-                        const float p = scores[g * count + t];                                      \
-                        float *ag = acc + g * head_dim;                                             \
+                        const float p = scores[(h * group + g) * count + t];                        \
+                        float *ag = acc + (h * group + g) * head_dim;                               \
                         _Pragma("omp simd")                                                         \
                         for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * LOAD(value[d]);         \
                     }                                                                               \
                 }                                                                                   \
-                memcpy(out + (b * num_heads + h * group) * head_dim, acc,                           \
-                       sizeof(float) * group * head_dim);                                           \
             }                                                                                       \
+            memcpy(out + b * num_heads * head_dim, acc, sizeof(float) * num_heads * head_dim);      \
         }                                                                                           \
         free(scores);                                                                               \
         free(acc);                                                                                  \
