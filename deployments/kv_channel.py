@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,14 +40,7 @@ class StageHeader:
 
     @property
     def numel(self) -> int:
-        return sum(_numel(shape) for shape in self.shapes)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+        return sum(math.prod(shape) for shape in self.shapes)
 
 
 def pack(stage: KVStage, tag: int) -> tuple[StageHeader, torch.Tensor]:
@@ -63,7 +57,7 @@ def pack(stage: KVStage, tag: int) -> tuple[StageHeader, torch.Tensor]:
 def unpack(header: StageHeader, flat: torch.Tensor) -> KVStage:
     tensors, offset = [], 0
     for shape in header.shapes:
-        size = _numel(shape)
+        size = math.prod(shape)
         tensors.append(flat[offset:offset + size].view(shape))
         offset += size
     return KVStage(header.start, header.end, list(zip(tensors[0::2], tensors[1::2], strict=True)))

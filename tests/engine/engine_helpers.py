@@ -44,6 +44,15 @@ def run_all(engine: LLMEngine, prompts: Sequence[Sequence[int]], params: Samplin
     return outputs
 
 
+def collect_steps(engine: LLMEngine, tokens: dict[str, list[int]], steps: int | None = None) -> None:
+    """Steps the engine (`steps` times, or until it has no work), adding each request's new token ids."""
+    count = 0
+    while engine.has_work and (steps is None or count < steps):
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
+        count += 1
+
+
 def assert_pool_idle(engine: LLMEngine) -> None:
     """After every request ended: no KV is held for requests, and the chunks add up to the budget."""
     telemetry = engine.pool.telemetry()

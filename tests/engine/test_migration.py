@@ -13,7 +13,7 @@ from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy, run_all
+from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, collect_steps, greedy, run_all
 
 NUM_NEW = 24
 
@@ -44,23 +44,15 @@ def expected(engines, prompt):
     return run_all(engines[0], [prompt], greedy(NUM_NEW), prefix="ref")["ref0"]
 
 
-def _collect(engine: LLMEngine, tokens: dict, steps: int | None = None) -> None:
-    count = 0
-    while engine.has_work and (steps is None or count < steps):
-        for output in engine.step():
-            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
-        count += 1
-
-
 @pytest.mark.parametrize("copy_kv", [True, False], ids=["copy", "recompute"])
 def test_migrated_request_gives_the_same_tokens(engines, prompt, expected, copy_kv):
     source, destination = engines
     request_id = f"mig-{copy_kv}"
     tokens: dict[str, list[int]] = {}
     source.add_request(GenerateRequest(request_id, tuple(prompt), greedy(NUM_NEW)))
-    _collect(source, tokens, steps=4)  # prefill + a few decodes
+    collect_steps(source, tokens, steps=4)  # prefill + a few decodes
     stages = [migration.copy_kv(source, request_id, 0)]
-    _collect(source, tokens, steps=3)  # it keeps decoding while the first stage is in flight
+    collect_steps(source, tokens, steps=3)  # it keeps decoding while the first stage is in flight
     stages.append(migration.copy_kv(source, request_id, stages[-1].end))
     snapshot = migration.pause(source, request_id)
     stages.append(migration.copy_kv(source, request_id, stages[-1].end))
@@ -73,7 +65,7 @@ def test_migrated_request_gives_the_same_tokens(engines, prompt, expected, copy_
     migration.release(source, request_id)
     assert not source.has_work
     assert_pool_idle(source)
-    _collect(destination, tokens)
+    collect_steps(destination, tokens)
     assert tokens[request_id] == expected
     assert_pool_idle(destination)
 
@@ -87,12 +79,12 @@ def test_refused_migration_continues_on_the_source(engines, prompt, expected, sm
         full.step()  # the only slot is taken
         tokens: dict[str, list[int]] = {}
         source.add_request(GenerateRequest("stay", tuple(prompt), greedy(NUM_NEW)))
-        _collect(source, tokens, steps=4)
+        collect_steps(source, tokens, steps=4)
         snapshot = migration.pause(source, "stay")
         assert not migration.reserve(full, "stay", snapshot.num_tokens)  # destination refuses
         migration.cancel(full, "stay")
         migration.resume(source, "stay")
-        _collect(source, tokens)
+        collect_steps(source, tokens)
         assert tokens["stay"] == expected
         assert_pool_idle(source)
         full.abort("blocker")

@@ -21,7 +21,7 @@ from engine.distributed import WorkerProcess, create_executor
 from engine.engine import LLMEngine
 from engine.model.llama import LlamaModel, ShardPlan
 from engine.rank import measure_weight_bytes
-from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy, run_all
+from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, collect_steps, greedy, run_all
 
 NUM_NEW = 10
 NUM_NEW_LONG = 40
@@ -110,19 +110,11 @@ def test_tp2_with_swap_preemption_equals_tp1(tmp_path, prompts, smollm2_tokenize
     assert ours == reference
 
 
-def _steps(engine: LLMEngine, tokens: dict[str, list[int]], steps: int | None = None) -> None:
-    count = 0
-    while engine.has_work and (steps is None or count < steps):
-        for output in engine.step():
-            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
-        count += 1
-
-
 def _migrate(source: LLMEngine, destination: LLMEngine, request_id: str, tokens: dict[str, list[int]]) -> None:
     """A staged copy while the source decodes, then pause + tail, reserve, write, attach, release."""
     stages = [migration.copy_kv(source, request_id, 0)]
     assert stages[0].layers[0][0].shape[1] == 3  # every KV head, from any TP size
-    _steps(source, tokens, steps=2)
+    collect_steps(source, tokens, steps=2)
     snapshot, tail = migration.pause_and_copy_tail(source, request_id, stages[-1].end)
     assert migration.reserve(destination, request_id, snapshot.num_tokens)
     for stage in [*stages, tail]:
@@ -140,12 +132,12 @@ def test_requests_migrate_between_tp2_and_tp1(tmp_path, prompts, smollm2_tokeniz
             tokens: dict[str, list[int]] = {}
             tp2.add_request(GenerateRequest("out", tuple(prompt), greedy(NUM_NEW_LONG)))
             tp1.add_request(GenerateRequest("in", tuple(prompt), greedy(NUM_NEW_LONG)))
-            _steps(tp2, tokens, steps=5)
-            _steps(tp1, tokens, steps=5)
+            collect_steps(tp2, tokens, steps=5)
+            collect_steps(tp1, tokens, steps=5)
             _migrate(tp2, tp1, "out", tokens)  # TP=2 -> TP=1: gathered from both ranks
             _migrate(tp1, tp2, "in", tokens)  # TP=1 -> TP=2: scattered to both ranks
-            _steps(tp1, tokens)
-            _steps(tp2, tokens)
+            collect_steps(tp1, tokens)
+            collect_steps(tp2, tokens)
             assert tokens["out"] == expected and tokens["in"] == expected
             assert_pool_idle(tp2)
         assert_pool_idle(tp1)
