@@ -14,7 +14,7 @@ import ray
 from ray.serve import Application
 
 from deployments.args import AppArgs
-from deployments.controller import controller_options, create_migration_policy, get_or_create_controller
+from deployments.cluster.controller import controller_options, create_migration_policy, get_or_create_controller
 from deployments.server import LLMServer
 
 

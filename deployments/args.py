@@ -46,7 +46,7 @@ def resolve_device(device: str) -> str:
 
 
 class MigrationArgs(BaseModel):
-    """The replica side of live migration (deployments/migration.py MigrationConfig; docs/MIGRATION.md)."""
+    """The replica side of live migration (deployments/migration/source.py MigrationConfig; docs/MIGRATION.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,11 +59,11 @@ class MigrationArgs(BaseModel):
     initial_bandwidth_bytes_per_s: float = Field(default=200e6, gt=0)  # until a transfer is measured
     # How KV moves: Ray's object store (call arguments), or torch.distributed send/recv between the two
     # replicas (gloo on CPU, NCCL on GPU). auto: torch_distributed, measured 1.5-4.9x faster on CPU
-    # (python -m loadtest.transport_bench); ray_object_store where replicas cannot open TCP ports to each other.
+    # (python -m loadtest.bench.transport); ray_object_store where replicas cannot open TCP ports to each other.
     transport: Literal["auto", "ray_object_store", "torch_distributed"] = "auto"
 
     def to_config(self):
-        from deployments.migration import MigrationConfig
+        from deployments.migration.source import MigrationConfig
 
         return MigrationConfig(**self.model_dump(exclude={"transport"}))
 
@@ -106,7 +106,7 @@ class AppArgs(BaseModel):
     controller_name: str = "elastic-serve-controller"
     controller_namespace: str = "elastic-serve"
     telemetry_period_s: float = Field(default=0.5, gt=0, le=0.5)
-    migration_policy: str = "none"  # none | balance | balance+pack (deployments/migration_policy.py)
+    migration_policy: str = "none"  # none | balance | balance+pack (deployments/migration/policy.py)
     migration_policy_options: dict[str, Any] = Field(default_factory=dict)  # e.g. high_watermark, pack_budget
     migration: MigrationArgs = Field(default_factory=MigrationArgs)
     # Extra Serve deployment options for build_app (num_replicas, ...); the YAML's `deployments:` wins.
@@ -123,7 +123,7 @@ class AppArgs(BaseModel):
     @field_validator("default_sampling")
     @classmethod
     def _known_sampling(cls, value):
-        from deployments.protocol import DEFAULTABLE_SAMPLING
+        from deployments.ingress.protocol import DEFAULTABLE_SAMPLING
 
         unknown = sorted(set(value) - DEFAULTABLE_SAMPLING)
         if unknown:

@@ -3,8 +3,8 @@
 The replica builds its engine in a worker thread (the model load takes seconds), then serves the FastAPI
 app from `build_openai_app`, publishes routing stats for `KVHeadroomRouter`, and pushes its telemetry to
 the cluster controller every `telemetry_period_s`; the reply carries the migrations this replica should
-start (deployments/migration.py). The `migration_*` methods are the destination side of a migration, called
-by other replicas through a handle that targets this replica (deployments/migration_transport.py).
+start (deployments/migration/source.py). The `migration_*` methods are the destination side of a migration, called
+by other replicas through a handle that targets this replica (deployments/migration/transport.py).
 Shutdown: stop the telemetry task and the migrations, deregister, shut the engine down (which stops the TP
 ranks), then kill the TP actors.
 """
@@ -24,16 +24,16 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.args import AppArgs, resolve_device
-from deployments.autoscaling import autoscaling_metrics
-from deployments.controller import ControllerClient, controller_options
-from deployments.engine_bindings import EngineBindings, check_engine_health
-from deployments.kv_channel import KVChannels
-from deployments.migration import MigrationManager, MigrationStats
-from deployments.migration_endpoint import MigrationEndpoint
-from deployments.migration_transport import make_peer
-from deployments.openai_app import AppSettings, build_openai_app
-from deployments.relay import RelayRegistry
-from deployments.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
+from deployments.cluster.autoscaling import autoscaling_metrics
+from deployments.cluster.controller import ControllerClient, controller_options
+from deployments.cluster.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
+from deployments.ingress.engine_bindings import EngineBindings, check_engine_health
+from deployments.ingress.openai_app import AppSettings, build_openai_app
+from deployments.migration.endpoint import MigrationEndpoint
+from deployments.migration.kv_channel import KVChannels
+from deployments.migration.relay import RelayRegistry
+from deployments.migration.source import MigrationManager, MigrationStats
+from deployments.migration.transport import make_peer
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,7 +81,7 @@ def _set_torch_threads(num_threads: int) -> None:
 
 
 # The router is part of the design, so it is the default however the app is deployed (YAML may override).
-ROUTER_CONFIG = RequestRouterConfig(request_router_class="deployments.router:KVHeadroomRouter",
+ROUTER_CONFIG = RequestRouterConfig(request_router_class="deployments.cluster.router:KVHeadroomRouter",
                                     request_routing_stats_period_s=0.5)
 
 
@@ -146,7 +146,7 @@ class LLMServer:
                 "is_draining": self._is_draining, "timestamp": time.time()}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom metrics for Serve's autoscaler (used by deployments/autoscaling.py:kv_packing_policy)."""
+        """Custom metrics for Serve's autoscaler (used by deployments/cluster/autoscaling.py:kv_packing_policy)."""
         stats = self.engine.stats()
         return autoscaling_metrics(stats, self._is_draining, self._started_at, self._relays.num_live)
 
@@ -172,7 +172,7 @@ class LLMServer:
         await self._migration_endpoint(target_replica).cancel(request_id)
 
     async def migration_connect(self, source_replica: str, address: Any, target_replica: str) -> None:
-        """torch_distributed transport: join the source's point-to-point group (deployments/kv_channel.py)."""
+        """torch_distributed transport: join the source's point-to-point group (deployments/migration/kv_channel.py)."""
         await self._migration_endpoint(target_replica).join(source_replica, address)
 
     async def migration_receive(self, request_id: str, header: Any, source_replica: str,

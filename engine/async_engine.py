@@ -24,7 +24,7 @@ from engine.api import (
     RequestOutput,
 )
 from engine.config import EngineConfig
-from engine.engine import LLMEngine
+from engine.core.engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.model_config = engine.model_config
+        self.tokenizer = engine.text.tokenizer
+        self.model_config = engine.model.config
         self.max_model_len = engine.max_model_len
         self.model_name = engine.model_name
         self.config = engine.config

@@ -66,7 +66,7 @@ class TokenizerCounter:
 
 
 def cache_dir() -> Path:
-    # the engine caches its tokenizers under the same root (engine/tokenizer.py); our files are named apart
+    # the engine caches its tokenizers under the same root (engine/text/tokenizer.py); our files are named apart
     root = os.environ.get("ELASTIC_SERVE_CACHE_DIR") or Path.home() / ".cache" / "elastic-serve"
     return Path(root) / "tokenizers"
 

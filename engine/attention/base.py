@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.forward_batch import ForwardBatch
+from engine.core.forward_batch import ForwardBatch
 
 
 @dataclass(frozen=True)

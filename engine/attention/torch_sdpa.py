@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, LayerAttentionSpec
-from engine.forward_batch import ForwardBatch
+from engine.core.forward_batch import ForwardBatch
 
 
 class TorchSdpaBackend(AttentionBackend):

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, LayerAttentionSpec
-from engine.forward_batch import ForwardBatch
+from engine.core.forward_batch import ForwardBatch
+from engine.model.buffers import BufferPlan
+from engine.model.config import ModelConfig
 from engine.model.linear import TorchLinear
 from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
-from engine.model.workspace import BufferPlan
-from engine.model_config import ModelConfig
 
 Allocator = Callable[[torch.Tensor], torch.Tensor]  # returns a pool-backed copy of the tensor
 

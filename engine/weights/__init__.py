@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model_config import ModelConfig
+from engine.model.config import ModelConfig
 from engine.weights.gguf_loader import load_gguf
 from engine.weights.safetensors_loader import load_safetensors
 

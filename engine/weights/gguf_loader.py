@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from engine.model_config import ModelConfig, model_config_from_gguf
+from engine.model.config import ModelConfig, model_config_from_gguf
 from engine.weights.dequantize import dequantize
 from engine.weights.gguf_file import GgufFile
 

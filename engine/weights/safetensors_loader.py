@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from engine.model_config import ModelConfig
+from engine.model.config import ModelConfig
 
 # Buffers some checkpoints carry that the config already determines.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

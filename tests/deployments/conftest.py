@@ -5,8 +5,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.engine_bindings import EngineBindings
-from deployments.openai_app import AppSettings, build_openai_app
+from deployments.ingress.engine_bindings import EngineBindings
+from deployments.ingress.openai_app import AppSettings, build_openai_app
 from tests.deployments.fake_engine import FakeEngine
 
 

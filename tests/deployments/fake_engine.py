@@ -1,7 +1,7 @@
 """A deterministic stand-in for engine.async_engine.AsyncEngine (the contract in docs/CONTRACTS.md).
 
 Tokens are bytes (id = byte + 3; 0 pad, 1 BOS, 2 EOS), so any text round-trips and the tokenizer works
-with engine.tokenizer.encode_prompt / encode_chat. The generated text is a fixed function of the prompt:
+with engine.text.tokenizer.encode_prompt / encode_chat. The generated text is a fixed function of the prompt:
 lowercase letters starting at (sum of prompt ids) mod 26, one per `token_delay_s`. KV use is counted in
 chunks of `tokens_per_chunk` tokens per live request, out of `kv_total_chunks`, so routing stats and pool
 telemetry move the way a real engine's do. Special prompts: containing "FAIL" -> the stream fails after
@@ -223,7 +223,7 @@ class FakeEngine:
 
 
 class FakeWorkerProcess:
-    """Stands in for engine.distributed.WorkerProcess: its run loop ends when rank 0 writes `<file>.stop`."""
+    """Stands in for engine.parallel.worker.WorkerProcess: its run loop ends when rank 0 writes `<file>.stop`."""
 
     def __init__(self, rank: int, world_size: int, init_method_file: str, engine_config: Any):
         self.rank, self.world_size, self.init_method_file = rank, world_size, init_method_file
@@ -243,8 +243,8 @@ def create_fake_tp_engine(app_args: Any, **options: Any):
 
     import ray
 
+    from deployments.cluster.tensor_parallel import WorkerLauncher
     from deployments.server import BuiltEngine
-    from deployments.tensor_parallel import WorkerLauncher
 
     launcher = WorkerLauncher(app_args.tensor_parallel_size, None, app_args.cpus_per_rank,
                               worker_path="tests.deployments.fake_engine:FakeWorkerProcess")

@@ -12,7 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import deployment_options
 from deployments.args import AppArgs, parse_bytes
-from deployments.router import KVHeadroomRouter
+from deployments.cluster.router import KVHeadroomRouter
 
 CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 
@@ -85,4 +85,4 @@ def test_serve_config_yaml_is_valid_and_uses_the_router():
     parsed = RequestRouterConfig(**router)
     assert parsed.request_routing_stats_period_s == 0.5
     assert parsed.get_request_router_class() is KVHeadroomRouter or parsed.request_router_class == (
-        "deployments.router:KVHeadroomRouter")
+        "deployments.cluster.router:KVHeadroomRouter")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.tokenizer import load_tokenizer
+from engine.text.tokenizer import load_tokenizer
 from engine.weights import load_weights, resolve_model_source
 from tests.engine.reference import hf_model_from_weights, make_tiny_random_checkpoint
 

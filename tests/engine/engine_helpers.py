@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.api import GenerateRequest
-from engine.engine import LLMEngine
+from engine.core.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 PROMPTS = [

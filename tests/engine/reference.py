@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from engine.model_config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
-from engine.tokenizer import load_tokenizer
+from engine.model.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
+from engine.text.tokenizer import load_tokenizer
 from engine.weights import ModelSource, load_weights, resolve_model_source
-from loadtest.offline_hf import hf_model
+from loadtest.offline.hf import hf_model
 
 DEFAULT_TINY_LAYER_TYPES = (SLIDING_ATTENTION, FULL_ATTENTION, SLIDING_ATTENTION, FULL_ATTENTION)
 

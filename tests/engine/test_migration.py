@@ -11,7 +11,7 @@ import pytest
 from engine import migration
 from engine.api import GenerateRequest
 from engine.config import EngineConfig
-from engine.engine import LLMEngine
+from engine.core.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, collect_steps, greedy, run_all
 

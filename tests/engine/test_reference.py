@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.tokenizer import encode_chat
+from engine.text.tokenizer import encode_chat
 from tests.engine.reference import hf_greedy, hf_model_from_source
 
 # transformers' greedy reply of SmolLM2-135M-Instruct (Q4_1 GGUF, fp32) to the question below.

@@ -1,0 +1,3 @@
+"""Cluster-wide pieces: the ClusterController actor, the KV-headroom request router, autoscaling, TP worker
+placement.
+"""

@@ -1,0 +1,262 @@
+"""Migration policies: which running request moves from which replica to which (pure Python, no Ray).
+
+A policy sees one `ReplicaLoad` per fresh replica (KV chunks used, what its waiting requests need, its
+running requests) with the migrations already in flight applied, and how many more migrations each replica
+may take part in now (`slots`). It returns `MigrationOrder`s. Policies are chosen by name from
+`MIGRATION_POLICIES` (`migration_policy` in serve_config.yaml, knobs in `migration_policy_options`):
+
+- `none`: never migrates.
+- `balance` (Llumnix-style load balancing): while the most loaded replica's KV use, waiting requests' needs
+  included, is above `high_watermark` and the least loaded one is below `low_watermark`, move a migratable
+  request from the first to the second, only if the load gap shrinks and the destination stays at or below
+  `high_watermark`. `selection` picks the request: `best_fit` (the one whose KV is closest to what would
+  equalise the two loads) or `shortest_remaining` (fewest tokens left to generate).
+- `balance+pack` (Mell's online bin-packing on top of balance): when balance has nothing to do and the
+  cluster's load would fit on one replica fewer (every other replica at most `pack_watermark` full), drain
+  the least loaded replica into the others, largest request first into the fullest replica it fits
+  (best-fit decreasing), at most `pack_budget` migrations per `pack_interval_s`. The drained replica is a
+  scale-down candidate (shown in /v1/cluster; the router sends it new requests last). With `drain: newest`
+  it drains the newest replica instead, the one Ray Serve stops first when it scales down: with the
+  `kv_packing_policy` autoscaling policy (deployments/cluster/autoscaling.py), Serve removes it once it is empty.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+MODES = ("auto", "copy", "recompute")
+
+
+@dataclass(frozen=True)
+class RequestLoad:
+    request_id: str
+    num_tokens: int
+    num_remaining: int  # output tokens it may still produce
+    kv_chunks: int  # KV chunks it takes (on any replica: same model, same page size)
+    is_migratable: bool = True
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    replica_id: str
+    capacity_chunks: int  # KV chunks used + free
+    used_chunks: int
+    waiting_chunks: int = 0  # what its waiting and swapped requests need to run
+    requests: tuple[RequestLoad, ...] = ()
+    started_at: float = 0.0  # when the replica started (wall clock): Serve scales down the newest first
+
+    @property
+    def demand_chunks(self) -> int:
+        return self.used_chunks + self.waiting_chunks
+
+    @property
+    def load(self) -> float:
+        return self.demand_chunks / self.capacity_chunks if self.capacity_chunks else 1.0
+
+    def moved(self, request: RequestLoad, incoming: bool) -> ReplicaLoad:
+        """This replica after `request` left it (incoming=False) or arrived (incoming=True)."""
+        if incoming:
+            return replace(self, used_chunks=self.used_chunks + request.kv_chunks,
+                           requests=(*self.requests, replace(request, is_migratable=False)))
+        return replace(self, used_chunks=max(0, self.used_chunks - request.kv_chunks),
+                       requests=tuple(r for r in self.requests if r.request_id != request.request_id))
+
+    @classmethod
+    def from_dict(cls, replica_id: str, data: dict[str, Any]) -> ReplicaLoad:
+        requests = tuple(RequestLoad(r["request_id"], r["num_tokens"], r["num_remaining"], r["kv_chunks"],
+                                     r["is_migratable"]) for r in data.get("requests", ()))
+        return cls(replica_id, data["capacity_chunks"], data["used_chunks"], data.get("waiting_chunks", 0),
+                   requests, data.get("started_at", 0.0))
+
+
+@dataclass(frozen=True)
+class MigrationOrder:
+    request_id: str
+    source: str
+    target: str
+    mode: str = "auto"  # auto: the source chooses copy or recompute from its cost model
+    reason: str = "balance"  # balance | pack | forced
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.source == self.target:
+            raise ValueError("a migration needs two different replicas")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MigrationPolicy(ABC):
+    name: str
+
+    @abstractmethod
+    def plan(self, replicas: list[ReplicaLoad], slots: dict[str, int], now: float) -> list[MigrationOrder]:
+        """Migrations to start now. `slots[replica]`: how many more it may take part in (source or target)."""
+
+    def scale_down_candidates(self) -> list[str]:
+        return []
+
+
+class NoMigration(MigrationPolicy):
+    name = "none"
+
+    def plan(self, replicas, slots, now):
+        return []
+
+
+@dataclass
+class BalancePolicy(MigrationPolicy):
+    high_watermark: float = 0.8
+    low_watermark: float = 0.5
+    selection: str = "best_fit"  # best_fit | shortest_remaining
+    max_per_round: int = 2
+    mode: str = "auto"
+    name = "balance"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low_watermark <= self.high_watermark:
+            raise ValueError("need 0 < low_watermark <= high_watermark")
+        if self.selection not in ("best_fit", "shortest_remaining"):
+            raise ValueError(f"selection must be best_fit or shortest_remaining, got {self.selection!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if self.max_per_round < 1:
+            raise ValueError("max_per_round must be >= 1")
+
+    def plan(self, replicas, slots, now):
+        return self.balance(replicas, dict(slots))
+
+    def balance(self, replicas: list[ReplicaLoad], slots: dict[str, int]) -> list[MigrationOrder]:
+        loads = {replica.replica_id: replica for replica in replicas if replica.capacity_chunks > 0}
+        orders: list[MigrationOrder] = []
+        while len(orders) < self.max_per_round:
+            ranked = sorted(loads.values(), key=lambda r: (r.load, r.replica_id))
+            sources = [r for r in reversed(ranked) if r.load > self.high_watermark and slots.get(r.replica_id, 0)]
+            targets = [r for r in ranked if r.load < self.low_watermark and slots.get(r.replica_id, 0)]
+            choice = None
+            for source in sources:
+                for target in targets:
+                    if target.replica_id != source.replica_id:
+                        request = self._pick(source, target)
+                        if request is not None:
+                            choice = (source, target, request)
+                            break
+                if choice:
+                    break
+            if choice is None:
+                break
+            source, target, request = choice
+            orders.append(MigrationOrder(request.request_id, source.replica_id, target.replica_id, self.mode))
+            loads[source.replica_id] = source.moved(request, incoming=False)
+            loads[target.replica_id] = target.moved(request, incoming=True)
+            slots[source.replica_id] -= 1
+            slots[target.replica_id] -= 1
+        return orders
+
+    def _pick(self, source: ReplicaLoad, target: ReplicaLoad) -> RequestLoad | None:
+        gap = source.load - target.load
+        # chunks that would make the two loads equal: (S - c) / Cs == (T + c) / Ct
+        ideal = (source.demand_chunks * target.capacity_chunks - target.demand_chunks * source.capacity_chunks) / (
+            source.capacity_chunks + target.capacity_chunks)
+        if self.selection == "best_fit":
+            key = lambda r: (abs(r.kv_chunks - ideal), r.request_id)
+        else:
+            key = lambda r: (r.num_remaining, r.kv_chunks, r.request_id)
+        for request in sorted((r for r in source.requests if r.is_migratable), key=key):
+            after_source = (source.demand_chunks - request.kv_chunks) / source.capacity_chunks
+            after_target = (target.demand_chunks + request.kv_chunks) / target.capacity_chunks
+            if abs(after_source - after_target) < gap and after_target <= self.high_watermark:
+                return request
+        return None
+
+
+@dataclass
+class BalanceAndPackPolicy(BalancePolicy):
+    pack_watermark: float = 0.6
+    pack_budget: int = 4
+    pack_interval_s: float = 10.0
+    drain: str = "least_loaded"  # or "newest": the replica Ray Serve's downscaling stops first
+    name = "balance+pack"
+    _draining: str | None = field(default=None, repr=False)
+    _pack_times: deque = field(default_factory=deque, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.pack_watermark <= 1:
+            raise ValueError("pack_watermark must be in (0, 1]")
+        if self.pack_budget < 0 or self.pack_interval_s <= 0:
+            raise ValueError("pack_budget must be >= 0 and pack_interval_s > 0")
+        if self.drain not in ("least_loaded", "newest"):
+            raise ValueError(f"drain must be 'least_loaded' or 'newest', got {self.drain!r}")
+
+    def plan(self, replicas, slots, now):
+        slots = dict(slots)
+        orders = self.balance(replicas, slots)
+        self._draining = self._drain_candidate(replicas)
+        if orders or self._draining is None:
+            return orders
+        while self._pack_times and now - self._pack_times[0] >= self.pack_interval_s:
+            self._pack_times.popleft()
+        budget = self.pack_budget - len(self._pack_times)
+        loads = {replica.replica_id: replica for replica in replicas}
+        drained = loads[self._draining]
+        for request in sorted((r for r in drained.requests if r.is_migratable),
+                              key=lambda r: (-r.kv_chunks, r.request_id)):
+            if budget <= 0 or slots.get(drained.replica_id, 0) <= 0:
+                break
+            fitting = [r for r in loads.values() if r.replica_id != drained.replica_id and slots.get(r.replica_id, 0)
+                       and (r.demand_chunks + request.kv_chunks) / r.capacity_chunks <= self.pack_watermark]
+            if not fitting:
+                continue
+            target = max(fitting, key=lambda r: (r.load, r.replica_id))  # best fit: the fullest that fits
+            orders.append(MigrationOrder(request.request_id, drained.replica_id, target.replica_id, self.mode,
+                                         reason="pack"))
+            loads[target.replica_id] = target.moved(request, incoming=True)
+            slots[drained.replica_id] -= 1
+            slots[target.replica_id] -= 1
+            self._pack_times.append(now)
+            budget -= 1
+        return orders
+
+    def _drain_candidate(self, replicas: list[ReplicaLoad]) -> str | None:
+        """The replica to drain: the one being drained while it still qualifies (switching would undo
+        moves), else the least loaded (`drain: newest`: the newest, the one Serve's downscaling stops); it
+        qualifies if the others hold everything at most `pack_watermark` full."""
+        usable = {r.replica_id: r for r in replicas if r.capacity_chunks > 0}
+        if len(usable) < 2:
+            return None
+        total = sum(r.demand_chunks for r in usable.values())
+        if self.drain == "newest":
+            candidates = sorted(usable.values(), key=lambda r: (-r.started_at, r.replica_id))[:1]
+        else:
+            candidates = sorted(usable.values(), key=lambda r: (r.load, r.replica_id))[:1]
+        if self._draining in usable and self._draining != candidates[0].replica_id:
+            candidates.insert(0, usable[self._draining])
+        for candidate in candidates:
+            rest = sum(r.capacity_chunks for r in usable.values() if r is not candidate)
+            if total <= self.pack_watermark * rest:
+                return candidate.replica_id
+        return None
+
+    def scale_down_candidates(self) -> list[str]:
+        return [self._draining] if self._draining else []
+
+
+MIGRATION_POLICIES: dict[str, type[MigrationPolicy]] = {
+    NoMigration.name: NoMigration, BalancePolicy.name: BalancePolicy, BalanceAndPackPolicy.name: BalanceAndPackPolicy,
+}
+
+
+def create_migration_policy(name: str, options: dict[str, Any] | None = None) -> MigrationPolicy:
+    try:
+        policy_cls = MIGRATION_POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown migration policy {name!r}; known: {sorted(MIGRATION_POLICIES)}") from None
+    try:
+        return policy_cls(**(options or {}))
+    except TypeError as exc:
+        raise ValueError(f"migration policy {name!r}: bad options {sorted(options or {})}: {exc}") from None

@@ -1,0 +1,238 @@
+"""LLMEngine: one replica's engine, synchronous. The step loop is `schedule() -> run() -> update()`.
+
+Everything it keeps on the device comes from one ElasticPool: weights (`weights` balloon), the KV
+cache (`kv`) and the activation workspace (`activations`). `AsyncEngine` runs this loop in a
+background thread; nothing here knows about asyncio or Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from engine.api import EngineStats, GenerateRequest, InvalidRequestError, RequestOutput
+from engine.config import EngineConfig
+from engine.core.request import Request
+from engine.core.runner import ModelRunner
+from engine.core.sampler import Sampler, SamplingState
+from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.device.rank import build_rank
+from engine.device.weight_arena import WEIGHTS_CLIENT
+from engine.text.detokenizer import IncrementalDetokenizer
+from engine.text.tokenizer import load_tokenizer
+from engine.weights import resolve_model_source
+
+if TYPE_CHECKING:
+    from engine.parallel.executor import TensorParallelExecutor
+from memory.kv import KV_CLIENT, KVCacheManager
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None, executor: TensorParallelExecutor | None = None):
+        self.config = config
+        self.executor = executor
+        self.source = resolve_model_source(config.model)
+        self.model_name = self.source.name
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.source)
+        if executor is not None:
+            executor.start()
+        all_reduce = executor.all_reduce if executor is not None else None
+        rank = build_rank(config, 0, config.tensor_parallel_size, all_reduce)
+        self.rank = rank
+        self.dtype = rank.dtype
+        self.model_config = model_config = rank.model_config
+        self.max_model_len = rank.max_model_len
+        self.kv_spec = rank.kv_spec
+        self.pool = rank.pool
+        self.model = rank.model
+        self.workspace = rank.workspace
+        self.peak_activation_bytes = rank.peak_activation_bytes
+        layout_log = executor.layout_log if executor is not None else None
+        self.kv = KVCacheManager(rank.kv_spec, rank.pool, rank.dtype, host_buffer=rank.host_buffer,
+                                 enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log)
+        self.sampler = Sampler(model_config.eos_token_ids)
+        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                preemption_mode=config.preemption_mode,
+                tpot_slo_ms=config.tpot_slo_ms,
+                ttft_slo_ms=config.ttft_slo_ms,
+            ),
+            self.kv,
+            self.runner.activation_chunks_charged_to_kv,
+        )
+        self.eos_token_ids = set(model_config.eos_token_ids)
+        self.num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def validate(self, request: GenerateRequest) -> None:
+        """Raises InvalidRequestError for a request that can never run here."""
+        prompt = request.prompt_token_ids
+        params = request.sampling
+        if not prompt:
+            raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= token < vocab for token in prompt):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(prompt)} in the prompt, {params.max_tokens} in the completion).",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if self.kv.chunks_to_grow(None, total) > self._kv_capacity_chunks():
+            raise InvalidRequestError(
+                f"{total} tokens of KV cache do not fit in this replica's memory", param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+    def add_request(self, request: GenerateRequest) -> None:
+        self.validate(request)
+        if request.request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
+        prompt = list(request.prompt_token_ids)
+        params = request.sampling
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens, params.stop)
+        self.scheduler.add(
+            Request(
+                request_id=request.request_id,
+                prompt_token_ids=prompt,
+                params=params,
+                sampling=SamplingState(params, prompt),
+                detokenizer=detokenizer,
+                arrival_time=request.arrival_time or time.monotonic(),
+            )
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.finish(request, "abort")
+        return self._output(request, (), "", "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- the step loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        started = time.perf_counter()
+        result = self.runner.run(plan, self._sampling_states(plan))
+        self.scheduler.cost_model.observe(plan.num_tokens, (time.perf_counter() - started) * 1e3)
+        return self.update(plan, result)
+
+    def _sampled_requests(self, plan: SchedulerOutput) -> list[Request]:
+        chunks = list(plan.decodes) + [chunk for chunk in plan.prefills if chunk.samples]
+        return [self.scheduler.requests[chunk.request_id] for chunk in chunks]
+
+    def _sampling_states(self, plan: SchedulerOutput) -> list[SamplingState]:
+        return [request.sampling for request in self._sampled_requests(plan)]
+
+    def update(self, plan: SchedulerOutput, result) -> list[RequestOutput]:
+        self.num_steps += 1
+        sampled = self._sampled_requests(plan)
+        self.scheduler.mark_computed(plan)
+        outputs = []
+        now = time.monotonic()
+        for request, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
+            request.output_token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            reason = self._token_finish_reason(request, token)
+            if reason == "stop":  # EOS / stop token ids are not part of the text (as OpenAI does)
+                step = request.detokenizer.step([], is_last=True)
+            else:  # the last step flushes text held back for a possible stop string
+                step = request.detokenizer.step([token], is_last=reason is not None)
+            if step.stop_reached:
+                reason = "stop"
+            outputs.append(self._output(request, (token,), step.text_delta, reason, logprob))
+            if reason is not None:
+                self.scheduler.finish(request, reason)
+        return outputs
+
+    def _token_finish_reason(self, request: Request, token: int) -> str | None:
+        params = request.params
+        num_output = len(request.output_token_ids)
+        if num_output >= params.min_tokens and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        ):
+            return "stop"
+        if num_output >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, request: Request, new_tokens, text: str, reason: str | None, logprob=None) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=tuple(new_tokens),
+            text_delta=text,
+            finish_reason=reason,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_output_tokens=len(request.output_token_ids),
+            num_cached_tokens=request.num_cached_tokens,
+            logprobs=(logprob,) if logprob is not None else (),
+        )
+
+    # ---- observation -----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        used = self.kv.num_used_chunks()
+        free = self.kv.num_available_chunks()
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_swapped=len(self.scheduler.swapped),
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_chunks_used=used,
+            kv_chunks_free=free,
+            kv_usage=used / max(1, used + free),
+            num_prefix_cache_hits=self.kv.prefix.num_hit_tokens,
+            num_prefix_cache_queries=self.kv.prefix.num_queried_tokens,
+            kv_chunks_cached=self.kv.prefix.num_evictable_chunks,
+        )
+
+    def memory_telemetry(self) -> list[dict]:
+        """One pool telemetry dict per tensor-parallel rank (the workers' are gathered)."""
+        local = self.pool.telemetry().to_dict()
+        if self.executor is None:
+            return [local]
+        return self.executor.gather_telemetry(local)
+
+    def _kv_capacity_chunks(self) -> int:
+        """Chunks KV could ever hold: the budget less the weights and one full step's workspace
+        (or KV's own share, under a fixed split)."""
+        shared = self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
+            self.config.max_num_batched_tokens, 1)
+        share = self.pool.policy.headroom(KV_CLIENT, 0)
+        return shared if share is None else min(share, shared)
+
+    def max_tokens_that_fit(self, num_prompt_tokens: int) -> int:
+        """The largest max_tokens a request with this prompt can ask for (context and memory)."""
+        capacity = self._kv_capacity_chunks()
+        low, high = 0, self.max_model_len
+        while low < high:  # chunks_to_grow is monotone in the token count
+            middle = (low + high + 1) // 2
+            if self.kv.chunks_to_grow(None, middle) <= capacity:
+                low = middle
+            else:
+                high = middle - 1
+        return max(0, low - num_prompt_tokens)
+
+    def close(self) -> None:
+        for request in list(self.scheduler.requests.values()):
+            self.scheduler.finish(request, "abort")
+        if self.executor is not None:
+            self.executor.stop()
+        self.kv.close()
+        self.rank.close()

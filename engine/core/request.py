@@ -1,0 +1,52 @@
+"""A request as the engine tracks it between arrival and its last token."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.core.sampler import SamplingState
+from engine.sampling_params import SamplingParams
+from engine.text.detokenizer import IncrementalDetokenizer
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # not in the KV cache (new, or preempted to recompute)
+    RUNNING = "running"  # has a KV slot
+    SWAPPED = "swapped"  # KV parked in the host buffer
+    PAUSED = "paused"  # keeps its KV slot but is not scheduled (the last stage of a live migration)
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sampling: SamplingState
+    detokenizer: IncrementalDetokenizer | None
+    arrival_time: float
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Still has more than the last token to compute (prompt, or everything after a recompute)."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,114 @@
+"""ModelRunner: turns a SchedulerOutput into tensors, runs the model in the step's workspace, samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.core.forward_batch import ForwardBatch, PrefillChunk
+from engine.core.sampler import Sampler, SampleResult, SamplingState
+from engine.core.scheduler import SchedulerOutput
+from engine.device.activation_workspace import ActivationWorkspace
+from engine.model.llama import LlamaModel
+from memory.kv import KVCacheManager
+from memory.kv.mirror import LayoutMirror
+
+if TYPE_CHECKING:
+    from engine.parallel.executor import TensorParallelExecutor
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCacheManager | LayoutMirror, workspace: ActivationWorkspace,
+                 sampler: Sampler | None, executor: TensorParallelExecutor | None = None):
+        self.model = model
+        self.executor = executor
+        self.kv = kv
+        self.workspace = workspace
+        self.sampler = sampler
+        self.device = model.embed.device
+        self._activation_bytes = lru_cache(maxsize=4096)(
+            lambda num_tokens, num_sampled: model.buffer_plan(num_tokens, num_sampled).num_bytes
+        )
+
+    def activation_chunks(self, num_tokens: int, num_sampled: int) -> int:
+        """Workspace pages a step of `num_tokens` tokens with `num_sampled` sampled rows needs."""
+        if num_tokens == 0:
+            return 0
+        return self.workspace.num_pages_for(self._activation_bytes(num_tokens, max(num_sampled, 1)))
+
+    def activation_chunks_charged_to_kv(self, num_tokens: int, num_sampled: int) -> int:
+        """What the scheduler must keep free of KV for a step of this size (see ActivationWorkspace)."""
+        return self.workspace.pages_charged_to_kv(self.activation_chunks(num_tokens, num_sampled))
+
+    def build_batch(self, output: SchedulerOutput) -> ForwardBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for chunk in output.decodes:
+            input_ids.append(chunk.token_ids[0])
+            positions.append(chunk.start)
+            slots.append(chunk.slot)
+        prefills = []
+        logits_rows = list(range(len(output.decodes)))
+        for chunk in output.prefills:
+            offset = len(input_ids)
+            count = len(chunk.token_ids)
+            input_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, chunk.start + count))
+            slots.extend([chunk.slot] * count)
+            prefills.append(PrefillChunk(chunk.slot, chunk.start, count, offset))
+            if chunk.samples:
+                logits_rows.append(offset + count - 1)
+        decode_slots = [chunk.slot for chunk in output.decodes]
+        context_lens = [chunk.start + 1 for chunk in output.decodes]
+
+        def as_tensor(values: Sequence[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+        return ForwardBatch(
+            input_ids=as_tensor(input_ids),
+            positions=as_tensor(positions),
+            token_slots=as_tensor(slots),
+            num_decode_tokens=len(decode_slots),
+            decode_slots=as_tensor(decode_slots),
+            decode_context_lens=as_tensor(context_lens),
+            decode_slots_are_prefix=decode_slots == list(range(len(decode_slots))),
+            max_decode_context_len=max(context_lens, default=0),
+            prefills=tuple(prefills),
+            logits_indices=as_tensor(logits_rows),
+        )
+
+    def _forward(self, output: SchedulerOutput) -> torch.Tensor:
+        """Runs the model for the step in a freshly acquired workspace; returns the sampled rows' logits.
+        The caller releases the workspace once it is done with the logits."""
+        batch = self.build_batch(output)
+        num_sampled = int(batch.logits_indices.shape[0])
+        plan = self.model.buffer_plan(batch.num_tokens, max(num_sampled, 1))
+        workspace = self.workspace.acquire(plan.num_bytes)
+        with torch.inference_mode():
+            logits = self.model.forward(batch, self.kv.layer_caches(), plan.carve(workspace))
+        return logits[:num_sampled]
+
+    def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
+        """Runs one step. `states` are the sampling states of the rows that sample, in row order
+        (decodes, then the prefill chunks that end a prompt)."""
+        if self.executor is not None:
+            self.executor.broadcast_step(output)
+        try:
+            logits = self._forward(output)
+            if logits.shape[0] == 0:
+                return SampleResult([], [])
+            with torch.inference_mode():
+                return self.sampler.sample(logits, states)
+        finally:
+            self.workspace.release()
+
+    def forward_only(self, output: SchedulerOutput) -> None:
+        """A tensor-parallel worker's step: same computation, no sampling."""
+        try:
+            self._forward(output)
+        finally:
+            self.workspace.release()

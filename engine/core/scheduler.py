@@ -1,0 +1,311 @@
+"""Continuous batching with chunked prefill, SLO-aware admission and preemption by swap or recompute.
+
+Each step the scheduler decides, in this order: decodes of running requests (growing their KV one
+token, preempting the most recent request when memory runs out), the rest of partly prefilled
+requests, swapped requests coming back, then new requests from the waiting queue while the token
+budget, the KV slots and the memory left after the step's activation workspace allow. It never
+drops a request: preempted ones are swapped to the host buffer or put back in front to recompute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.core.request import Request, RequestStatus
+from engine.core.step_cost import StepCostModel
+from memory.kv import KVCacheManager
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
+    tpot_slo_ms: float | None = None  # decode steps should not get slower than this
+    ttft_slo_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request_id: str
+    slot: int  # KV slot (read after every slot move of this step)
+    start: int  # first position computed in this step
+    token_ids: tuple[int, ...]  # the tokens whose K/V this step computes
+    samples: bool  # True when the chunk ends at the request's last token (its logits are sampled)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The plan for one step: everything the runner needs and nothing else."""
+
+    decodes: tuple[ScheduledChunk, ...]  # one token each, ascending slot order
+    prefills: tuple[ScheduledChunk, ...]  # prompt chunks (or recompute chunks), in admission order
+    preempted: tuple[str, ...]  # requests that lost their KV slot in this step (swap or recompute)
+    num_activation_chunks: int  # workspace chunks of this step that KV had to leave free
+    kv_log: tuple[tuple, ...] = ()  # KV-manager calls made while scheduling (replayed by TP ranks)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(len(chunk.token_ids) for chunk in self.prefills)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+@dataclass
+class _StepBuilder:
+    token_budget: int
+    num_tokens: int = 0
+    num_seqs: int = 0
+    decode_ids: list[str] = field(default_factory=list)
+    prefill_plan: list[tuple[str, int, int]] = field(default_factory=list)  # (id, start, num_tokens)
+    preempted: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        activation_chunks: Callable[[int, int], int],  # (num_tokens, num_sampled) -> chunks KV must leave free
+        cost_model: StepCostModel | None = None,
+    ):
+        self.config = config
+        self.kv = kv
+        self.activation_chunks = activation_chunks
+        self.cost_model = cost_model or StepCostModel()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the last one is preempted first
+        self.swapped: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.num_swaps = 0
+        self.num_recomputes = 0
+
+    # ---- queue -------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Ends a request (finished or aborted) and frees all it holds."""
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+            self.kv.free(request.request_id)
+        elif request.status is RequestStatus.PAUSED:
+            self.kv.free(request.request_id)
+        elif request.status is RequestStatus.SWAPPED:
+            self.swapped.remove(request)
+            self.kv.free(request.request_id)
+        else:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+
+    def pause(self, request: Request) -> None:
+        """Stops scheduling a running request; it keeps its KV (a migration is copying it)."""
+        self.running.remove(request)
+        request.status = RequestStatus.PAUSED
+
+    def resume(self, request: Request) -> None:
+        """A paused request goes on here (its migration was aborted)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def attach(self, request: Request) -> None:
+        """Adds a request whose KV is already in the cache (imported from another replica)."""
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    # ---- planning ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        step = _StepBuilder(self._token_budget())
+        self._schedule_running(step)
+        if not step.preempted:
+            self._schedule_swapped(step)
+        if not step.preempted and not self.swapped:
+            self._schedule_waiting(step)
+        return self._output(step)
+
+    def _token_budget(self) -> int:
+        """Tokens this step may compute. With a TPOT target, prefill tokens are capped so the step stays
+        within it (every running request waits for the step); with a TTFT target, a waiting request
+        about to miss it lifts the cap so its prefill goes through (TTFT before TPOT, as LayerKV argues)."""
+        budget = self.config.max_num_batched_tokens
+        if self.config.tpot_slo_ms is None or not self.running:
+            return budget
+        capped = min(budget, max(len(self.running) + 1, self.cost_model.max_tokens_within(self.config.tpot_slo_ms)))
+        if self.config.ttft_slo_ms is not None and self.waiting:
+            oldest = self.waiting[0]
+            waited_ms = (time.monotonic() - oldest.arrival_time) * 1e3
+            prefill_ms = self.cost_model.predict_ms(min(oldest.num_tokens, budget))
+            if waited_ms + prefill_ms >= self.config.ttft_slo_ms:
+                return budget
+        return capped
+
+    def _fits(self, step: _StepBuilder, request_id: str | None, num_tokens: int, new_tokens: int, sampled: int) -> bool:
+        """Whether growing `request_id` to `num_tokens` leaves room for the step's activations."""
+        need = self.kv.chunks_to_grow(request_id, num_tokens)
+        workspace = self.activation_chunks(step.num_tokens + new_tokens, step.num_seqs + sampled)
+        return need + workspace <= self.kv.num_available_chunks()
+
+    def _schedule_running(self, step: _StepBuilder) -> None:
+        index = 0
+        while index < len(self.running):
+            request = self.running[index]
+            if step.num_tokens >= step.token_budget:
+                break
+            if request.is_prefilling:
+                num_new = min(request.num_tokens - request.num_computed_tokens, step.token_budget - step.num_tokens)
+            else:
+                num_new = 1
+            end = request.num_computed_tokens + num_new
+            samples = 1 if end == request.num_tokens else 0
+            while not self._fits(step, request.request_id, end, num_new, samples):
+                victim = self.running[-1]
+                self._preempt(victim, step)
+                if victim is request:
+                    break
+            if request.status is not RequestStatus.RUNNING:
+                break  # the request preempted itself: everything after it is gone too
+            self.kv.grow(request.request_id, end)
+            self._add_to_step(step, request, num_new, bool(samples))
+            index += 1
+
+    def _schedule_swapped(self, step: _StepBuilder) -> None:
+        while self.swapped and len(self.running) < self.config.max_num_seqs and self.kv.num_free_slots:
+            request = self.swapped[0]
+            need = self.kv.chunks_to_swap_in(request.request_id)
+            workspace = self.activation_chunks(step.num_tokens + 1, step.num_seqs + 1)
+            if need + workspace > self.kv.num_available_chunks() or step.num_tokens >= step.token_budget:
+                return
+            end = request.num_computed_tokens + 1
+            if not self.kv.swap_in(request.request_id):
+                return
+            self.swapped.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if not self._fits(step, request.request_id, end, 1, 1):
+                return  # back in a slot; it decodes next step
+            self.kv.grow(request.request_id, end)
+            self._add_to_step(step, request, 1, True)
+
+    def _schedule_waiting(self, step: _StepBuilder) -> None:
+        # pages the running requests need for their next token are spoken for before anyone is admitted
+        next_pages = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
+        while self.waiting and len(self.running) < self.config.max_num_seqs and self.kv.num_free_slots:
+            budget_left = step.token_budget - step.num_tokens
+            if budget_left <= 0:
+                return
+            request = self.waiting[0]
+            token_ids = request.all_token_ids
+            num_cached = self.kv.match_prefix(token_ids)
+            num_new = min(request.num_tokens - num_cached, budget_left)
+            samples = 1 if num_cached + num_new == request.num_tokens else 0
+            # admit only if the whole prompt's KV fits (growing chunk by chunk would just preempt)
+            need = self.kv.chunks_to_grow(None, request.num_tokens + 1) - self._cached_chunks(num_cached)
+            workspace = self.activation_chunks(step.num_tokens + num_new, step.num_seqs + samples)
+            if need + next_pages + workspace > self.kv.num_available_chunks():
+                return
+            self.waiting.popleft()
+            request.num_cached_tokens = self.kv.admit(request.request_id, token_ids)
+            request.num_computed_tokens = request.num_cached_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            end = request.num_computed_tokens + num_new
+            self.kv.grow(request.request_id, end)
+            self._add_to_step(step, request, num_new, bool(samples))
+
+    def _cached_chunks(self, num_cached_tokens: int) -> int:
+        return self.kv.chunks_to_grow(None, num_cached_tokens) if num_cached_tokens else 0
+
+    def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int, samples: bool) -> None:
+        if request.is_prefilling:
+            step.prefill_plan.append((request.request_id, request.num_computed_tokens, num_new))
+        else:
+            step.decode_ids.append(request.request_id)
+        step.num_tokens += num_new
+        step.num_seqs += int(samples)
+
+    def _preempt(self, request: Request, step: _StepBuilder) -> None:
+        """Takes the request's KV slot away without losing it: swap to host, else recompute later."""
+        self.running.remove(request)
+        self._unschedule(request, step)
+        mode = self.config.preemption_mode
+        can_swap = mode != "recompute" and self.kv.can_swap_out(request.request_id)
+        if mode == "swap" and not can_swap:
+            mode = "recompute"  # the host buffer is full: recompute rather than lose the request
+        if can_swap:
+            self.kv.swap_out(request.request_id)
+            request.status = RequestStatus.SWAPPED
+            self.swapped.appendleft(request)
+            self.num_swaps += 1
+        else:
+            self.kv.free(request.request_id)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+            self.num_recomputes += 1
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        step.preempted.append(request.request_id)
+
+    def _unschedule(self, request: Request, step: _StepBuilder) -> None:
+        if request.request_id in step.decode_ids:
+            step.decode_ids.remove(request.request_id)
+            step.num_tokens -= 1
+            step.num_seqs -= 1
+        for entry in list(step.prefill_plan):
+            if entry[0] == request.request_id:
+                step.prefill_plan.remove(entry)
+                step.num_tokens -= entry[2]
+                step.num_seqs -= int(entry[1] + entry[2] == request.num_tokens)
+
+    def _output(self, step: _StepBuilder) -> SchedulerOutput:
+        decodes = []
+        for request_id in step.decode_ids:
+            request = self.requests[request_id]
+            position = request.num_computed_tokens
+            token = request.all_token_ids[position]
+            decodes.append(ScheduledChunk(request_id, self.kv.slot_of(request_id), position, (token,), True))
+        decodes.sort(key=lambda chunk: chunk.slot)
+        prefills = []
+        for request_id, start, num_new in step.prefill_plan:
+            request = self.requests[request_id]
+            tokens = tuple(request.all_token_ids[start : start + num_new])
+            samples = start + num_new == request.num_tokens
+            prefills.append(ScheduledChunk(request_id, self.kv.slot_of(request_id), start, tokens, samples))
+        num_sampled = len(decodes) + sum(chunk.samples for chunk in prefills)
+        return SchedulerOutput(
+            decodes=tuple(decodes),
+            prefills=tuple(prefills),
+            preempted=tuple(step.preempted),
+            num_activation_chunks=self.activation_chunks(step.num_tokens, num_sampled),
+        )
+
+    # ---- after the step ------------------------------------------------------------------------
+    def mark_computed(self, output: SchedulerOutput) -> None:
+        """The step ran: its tokens' K/V are stored; full pages become shareable."""
+        for chunk in output.decodes + output.prefills:
+            request = self.requests.get(chunk.request_id)
+            if request is None:
+                continue
+            request.num_computed_tokens = chunk.start + len(chunk.token_ids)
+            self.kv.commit(chunk.request_id, request.all_token_ids, request.num_computed_tokens)

@@ -1,0 +1,137 @@
+"""What one tensor-parallel rank keeps on its device, all taken from that device's ElasticPool.
+
+`build_rank` is shared by rank 0 (inside LLMEngine) and by the worker ranks (engine.parallel.executor), so
+every rank sizes its pool, pages and workspace the same way: the same KV page in tokens, the same
+activation plan per step, its own shard of heads and MLP columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import create_attention_backend
+from engine.config import EngineConfig
+from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
+from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena
+from engine.model.config import ModelConfig
+from engine.model.linear import create_linear
+from engine.model.llama import LlamaModel, ShardPlan
+from engine.weights import load_weights, resolve_model_source
+from memory import ElasticPool, HostBuffer, create_backend
+from memory.kv import KV_CLIENT, KVCacheSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RankState:
+    config: EngineConfig
+    model_config: ModelConfig
+    dtype: torch.dtype
+    max_model_len: int
+    kv_spec: KVCacheSpec
+    pool: ElasticPool
+    host_buffer: HostBuffer | None
+    arena: WeightArena
+    model: LlamaModel
+    workspace: ActivationWorkspace
+    peak_activation_bytes: int  # the largest step's activation plan (what a static split reserves)
+
+    def close(self) -> None:
+        self.workspace.close()
+        self.arena.close()
+        self.pool.close()
+
+
+def page_tokens_for(requested: int, bytes_per_token: list[int], granularity: int) -> int:
+    """The smallest multiple of `requested` tokens whose page is whole granules on every rank."""
+    page_tokens = requested
+    while any((page_tokens * size) % granularity for size in bytes_per_token):
+        page_tokens += requested
+    if page_tokens != requested:
+        logger.info("KV page grown from %d to %d tokens to fit %d-byte granules", requested, page_tokens, granularity)
+    return page_tokens
+
+
+def measure_weight_bytes(build: Callable) -> int:
+    """Bytes the model's weights take once placed (a dry run with a counting allocator)."""
+    total = 0
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total = -(-total // 64) * 64 + tensor.numel() * tensor.element_size()
+        return tensor
+
+    build(count)
+    return total
+
+
+def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
+               all_reduce: Callable[[torch.Tensor], None] | None = None) -> RankState:
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    dtype = config.torch_dtype
+    model_config, weights = load_weights(resolve_model_source(config.model), dtype)
+    shards = [ShardPlan.for_rank(model_config, r, world_size) for r in range(world_size)]
+    shard = shards[rank]
+    backend = create_backend(config.backend_name)
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    page_tokens = page_tokens_for(
+        config.tokens_per_page, [len(s.kv_heads) * model_config.head_dim * dtype_bytes for s in shards],
+        backend.granularity,
+    )
+    max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
+    slot_len = -(-max_len // page_tokens) * page_tokens
+    attention = create_attention_backend(config.attention_backend)
+    linear = create_linear(config.linear_backend)
+
+    def build(allocate) -> LlamaModel:
+        return LlamaModel(model_config, weights, attention, dtype, allocate=allocate, shard=shard,
+                          all_reduce=all_reduce, max_positions=slot_len, linear=linear)
+
+    spec = KVCacheSpec(
+        num_layers=model_config.num_layers,
+        num_kv_heads=len(shard.kv_heads),
+        head_dim=model_config.head_dim,
+        dtype_bytes=dtype_bytes,
+        groups=KVCacheSpec.group_layers(
+            [model_config.sliding_window if kind == "sliding_attention" else None for kind in model_config.layer_types]
+        ),
+        max_slots=config.max_num_seqs,
+        max_len=slot_len,
+        tokens_per_page=page_tokens,
+    )
+    chunk = spec.page_bytes
+    weight_bytes = measure_weight_bytes(build)
+    # the largest step the scheduler may plan: a full prefill budget plus a decode for every slot
+    max_step_tokens = config.max_num_batched_tokens + config.max_num_seqs
+    plan = LlamaModel.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
+    peak_activation_bytes = plan.num_bytes
+    if weight_bytes + peak_activation_bytes // 8 > config.device_memory_bytes:
+        raise ValueError(f"device memory {config.device_memory_bytes} B cannot hold the weights ({weight_bytes} B) "
+                         "and a minimal activation workspace")
+    static_split = None
+    if config.pool_policy == "static":
+        activation_tokens = config.static_activation_tokens or max_step_tokens
+        activation_bytes = LlamaModel.plan_buffers(model_config, shard, dtype, activation_tokens,
+                                                   config.max_num_seqs).num_bytes
+        weight_chunks = -(-weight_bytes // chunk)
+        activation_chunks = -(-activation_bytes // chunk)
+        static_split = {
+            WEIGHTS_CLIENT: weight_chunks,
+            ACTIVATIONS_CLIENT: activation_chunks,
+            KV_CLIENT: config.device_memory_bytes // chunk - weight_chunks - activation_chunks,
+        }
+    host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
+    pool = ElasticPool(backend, config.device_memory_bytes, chunk, config.pool_policy,
+                       static_split=static_split, host_buffer=host_buffer)
+    arena = WeightArena(pool, weight_bytes + chunk)
+    model = build(arena.place)
+    weights.clear()  # the placed copies live in the pool now
+    workspace = ActivationWorkspace(pool, peak_activation_bytes)
+    return RankState(config, model_config, dtype, max_len, spec, pool, host_buffer, arena, model, workspace,
+                     peak_activation_bytes)

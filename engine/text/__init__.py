@@ -1,0 +1,1 @@
+"""Text in and out: tokenizer loading and prompt encoding, incremental detokenizer, terminal chat."""

@@ -1,0 +1,1 @@
+"""Focused benchmarks: live migration under skew, KV transports side by side."""

@@ -1,0 +1,1 @@
+"""The offline benchmark: the engine without HTTP beside transformers and vLLM-CPU (`python -m loadtest.offline`)."""

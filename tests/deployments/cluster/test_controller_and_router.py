@@ -1,0 +1,104 @@
+"""Cluster state (what the controller keeps) and the router's ranking, without Ray."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from deployments.cluster.controller import ClusterState, NoMigration, create_migration_policy
+from deployments.cluster.router import is_fresh, rank_by_headroom
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def stats(running=0, waiting=0, used=0, free=100):
+    return {"num_running": running, "num_waiting": waiting, "num_swapped": 0, "kv_chunks_used": used,
+            "kv_chunks_free": free, "kv_usage": used / (used + free)}
+
+
+def test_cluster_view_totals_fresh_replicas_and_expires_silent_ones():
+    clock = Clock()
+    state = ClusterState(stale_after_s=2.0, expire_after_s=10.0, clock=clock)
+    pools = [{"chunks_per_client": {"kv": 10}, "num_free_chunks": 90}]
+    state.report("a", pools, stats(running=2, used=10, free=90))
+    state.report("b", pools, stats(running=1, waiting=3, used=30, free=70))
+    view = state.view(NoMigration())
+    assert view["num_replicas"] == 2 and view["migration_policy"] == "none" and view["migrations"] == []
+    assert view["totals"] == {"num_running": 3, "num_waiting": 3, "num_swapped": 0, "kv_chunks_used": 40,
+                              "kv_chunks_free": 160, "kv_usage": 0.2}
+    assert view["replicas"]["a"]["pools"] == pools and view["replicas"]["a"]["is_stale"] is False
+    clock.now += 3
+    state.report("a", pools, stats(running=5, used=10, free=90))
+    view = state.view(NoMigration())
+    assert view["replicas"]["b"]["is_stale"] is True and view["replicas"]["b"]["age_s"] == 3.0
+    assert view["totals"]["num_running"] == 5  # the stale replica is left out
+    clock.now += 8
+    assert state.expire() == ["b"]
+    assert list(state.view(NoMigration())["replicas"]) == ["a"]
+    state.remove("a")
+    assert state.num_replicas == 0
+
+
+def test_migration_policies_are_a_registry():
+    assert create_migration_policy("none").plan([], {}, 0.0) == []
+    assert create_migration_policy("balance", {"high_watermark": 0.9}).high_watermark == 0.9
+    with pytest.raises(ValueError, match="known: \\['balance', 'balance\\+pack', 'none'\\]"):
+        create_migration_policy("teleport")
+    with pytest.raises(ValueError, match="bad options"):
+        create_migration_policy("none", {"high_watermark": 0.9})
+
+
+def replica(name, **routing_stats):
+    return SimpleNamespace(name=name, routing_stats=routing_stats)
+
+
+def fresh(name, free, waiting=0, now=100.0, age=0.1):
+    return replica(name, kv_free_chunks=free, kv_usage=0.0, num_running=0, num_waiting=waiting,
+                   timestamp=now - age)
+
+
+def names(groups):
+    """Group members sorted: the order inside a group is random (Serve picks by queue length there)."""
+    return [sorted(replica.name for replica in group) for group in groups]
+
+
+def test_freshness():
+    assert is_fresh({"kv_free_chunks": 1, "num_waiting": 0, "timestamp": 99.0}, 100.0, 2.0)
+    assert not is_fresh({"kv_free_chunks": 1, "num_waiting": 0, "timestamp": 97.0}, 100.0, 2.0)
+    assert not is_fresh({}, 100.0, 2.0)
+    assert not is_fresh({"kv_free_chunks": 1, "timestamp": 100.0}, 100.0, 2.0)
+
+
+def test_more_headroom_ranks_first():
+    groups = rank_by_headroom([fresh("loaded", 10), fresh("idle", 1000)], now=100.0)
+    assert names(groups) == [["idle"], ["loaded"]]
+
+
+def test_similar_headroom_shares_the_top_group():
+    groups = rank_by_headroom([fresh("a", 1000), fresh("b", 950), fresh("c", 500)], now=100.0,
+                              headroom_tolerance=0.1)
+    assert names(groups) == [["a", "b"], ["c"]]
+
+
+def test_a_waiting_queue_ranks_after_replicas_without_one():
+    groups = rank_by_headroom([fresh("queued", 5000, waiting=3), fresh("small", 100),
+                               fresh("queued_less", 5000, waiting=1)], now=100.0)
+    assert names(groups) == [["small"], ["queued_less"], ["queued"]]
+
+
+def test_stale_replicas_come_last_and_all_stale_is_power_of_two():
+    stale = fresh("stale", 9999, age=5.0)
+    empty = replica("starting")
+    groups = rank_by_headroom([stale, fresh("ok", 10), empty], now=100.0)
+    assert names(groups) == [["ok"], ["stale", "starting"]]
+    only_stale = [fresh(f"s{i}", 10, age=9.0) for i in range(5)]
+    [group] = rank_by_headroom(only_stale, now=100.0)
+    assert len(group) == 2 and len({r.name for r in group}) == 2
+    assert rank_by_headroom([], now=100.0) == []
