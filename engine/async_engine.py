@@ -41,8 +41,8 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.tokenizer = engine.text.tokenizer
-        self.model_config = engine.model.config
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
         self.model_name = engine.model_name
         self.config = engine.config

@@ -60,14 +60,14 @@ class RequestSnapshot:
 
 
 def _request(engine: LLMEngine, request_id: str) -> Request:
-    request = engine.core.scheduler.requests.get(request_id)
+    request = engine.scheduler.requests.get(request_id)
     if request is None:
         raise MigrationError(f"request {request_id} is not in this engine")
     return request
 
 
 def is_migratable(engine: LLMEngine, request_id: str) -> bool:
-    request = engine.core.scheduler.requests.get(request_id)
+    request = engine.scheduler.requests.get(request_id)
     return request is not None and request.status is RequestStatus.RUNNING and not request.is_prefilling
 
 
@@ -101,7 +101,7 @@ def _write_all_heads(engine: LLMEngine, request_id: str, start: int, layers: KVL
     world_size = engine.config.tensor_parallel_size
     shares = []
     for rank in range(world_size):
-        heads = ShardPlan.for_rank(engine.model.config, rank, world_size).kv_heads
+        heads = ShardPlan.for_rank(engine.model_config, rank, world_size).kv_heads
         shares.append([(k[:, heads.start:heads.stop].contiguous(), v[:, heads.start:heads.stop].contiguous())
                        for k, v in layers])
     mine = engine.executor.write_kv(engine.kv.slot_of(request_id), start, shares)
@@ -112,7 +112,7 @@ def pause(engine: LLMEngine, request_id: str) -> RequestSnapshot:
     request = _request(engine, request_id)
     if not is_migratable(engine, request_id):
         raise MigrationError(f"request {request_id} is not a running decode")
-    engine.core.scheduler.pause(request)
+    engine.scheduler.pause(request)
     return RequestSnapshot(
         request_id=request.request_id,
         prompt_token_ids=tuple(request.prompt_token_ids),
@@ -128,23 +128,23 @@ def pause(engine: LLMEngine, request_id: str) -> RequestSnapshot:
 def release(engine: LLMEngine, request_id: str) -> None:
     """The destination committed: free everything the paused request held here (no output)."""
     request = _request(engine, request_id)
-    engine.core.scheduler.finish(request, "migrated")
+    engine.scheduler.finish(request, "migrated")
 
 
 def resume(engine: LLMEngine, request_id: str) -> None:
     """Continues a paused request here; a no-op if it is not paused (so a roll-back may always call it)."""
     request = _request(engine, request_id)
     if request.status is RequestStatus.PAUSED:
-        engine.core.scheduler.resume(request)
+        engine.scheduler.resume(request)
 
 
 # ---- destination -------------------------------------------------------------------------------
 def reserve(engine: LLMEngine, request_id: str, num_tokens: int) -> bool:
     """Takes a slot and pages for `num_tokens` tokens of KV (+1 page of growth). False if no room."""
-    if request_id in engine.core.scheduler.requests or request_id in engine.kv.requests:
+    if request_id in engine.scheduler.requests or request_id in engine.kv.requests:
         return False
     room = num_tokens + engine.kv_spec.tokens_per_page
-    workspace = engine.core.runner.activation_chunks_charged_to_kv(1, 1)
+    workspace = engine.runner.activation_chunks_charged_to_kv(1, 1)
     if engine.kv.chunks_to_grow(None, room) + workspace > engine.kv.num_available_chunks():
         return False
     return engine.kv.reserve_import(request_id, room)
@@ -156,7 +156,7 @@ def write_kv(engine: LLMEngine, request_id: str, stage: KVStage) -> None:
 
 
 def cancel(engine: LLMEngine, request_id: str) -> None:
-    if request_id in engine.kv.requests and request_id not in engine.core.scheduler.requests:
+    if request_id in engine.kv.requests and request_id not in engine.scheduler.requests:
         engine.kv.free(request_id)
 
 
@@ -170,20 +170,20 @@ def attach(engine: LLMEngine, snapshot: RequestSnapshot, num_kv_tokens: int) -> 
         prompt_token_ids=list(snapshot.prompt_token_ids),
         params=params,
         sampling=sampling,
-        detokenizer=IncrementalDetokenizer.from_state(engine.text.tokenizer, snapshot.detokenizer_state),
+        detokenizer=IncrementalDetokenizer.from_state(engine.tokenizer, snapshot.detokenizer_state),
         arrival_time=snapshot.arrival_time,
         output_token_ids=list(snapshot.output_token_ids),
         num_cached_tokens=snapshot.num_cached_tokens,
     )
     if num_kv_tokens == 0:
         cancel(engine, snapshot.request_id)
-        engine.core.scheduler.add(request)  # recompute prompt + outputs, then continue decoding
+        engine.scheduler.add(request)  # recompute prompt + outputs, then continue decoding
         return request
     if num_kv_tokens != snapshot.num_computed_tokens:
         raise MigrationError(f"{num_kv_tokens} KV tokens written, {snapshot.num_computed_tokens} needed")
     engine.kv.finish_import(snapshot.request_id, num_kv_tokens)
     request.num_computed_tokens = num_kv_tokens
-    engine.core.scheduler.attach(request)
+    engine.scheduler.attach(request)
     return request
 
 
@@ -202,7 +202,7 @@ class RequestLoad:
 def request_loads(engine: LLMEngine) -> list[RequestLoad]:
     """Every request's size and state, for migration planning (cheap: no tensor is touched)."""
     loads = []
-    for request in engine.core.scheduler.requests.values():
+    for request in engine.scheduler.requests.values():
         remaining = min(request.params.max_tokens - len(request.output_token_ids),
                         engine.max_model_len - request.num_tokens)
         needed = request.num_tokens + (0 if request.status is RequestStatus.RUNNING else 1)
@@ -232,8 +232,8 @@ def pause_and_copy_tail(engine: LLMEngine, request_id: str, start: int | None,
 def cost_inputs(engine: LLMEngine) -> dict[str, float]:
     """What choosing copy vs recompute needs: KV bytes per token and the fitted step cost (prefill rate)."""
     spec = engine.kv_spec
-    cost = engine.core.scheduler.cost_model
-    all_heads = engine.model.config.num_kv_heads / spec.num_kv_heads  # a stage holds every rank's heads
+    cost = engine.scheduler.cost_model
+    all_heads = engine.model_config.num_kv_heads / spec.num_kv_heads  # a stage holds every rank's heads
     return {"kv_bytes_per_token": 2 * spec.num_layers * spec.bytes_per_token * all_heads, "step_base_ms": cost.base_ms,
             "step_per_token_ms": cost.per_token_ms, "max_num_batched_tokens": engine.config.max_num_batched_tokens,
             "tokens_per_page": spec.tokens_per_page}

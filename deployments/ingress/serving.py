@@ -119,7 +119,7 @@ class OpenAIServing:
         return response_id, run
 
     def _token_text(self, engine: Any, token_id: int) -> str:
-        return self._bindings_provider().decode_token(engine.text.tokenizer, token_id)
+        return self._bindings_provider().decode_token(engine.tokenizer, token_id)
 
     @staticmethod
     def _check_output(output: RequestOutput) -> None:
@@ -132,7 +132,7 @@ class OpenAIServing:
         model = self.check_model(request.model)
         engine = self.engine()
         if isinstance(request.prompt, str):
-            prompt_ids = list(self._bindings_provider().encode_prompt(engine.text.tokenizer, request.prompt))
+            prompt_ids = list(self._bindings_provider().encode_prompt(engine.tokenizer, request.prompt))
         else:
             prompt_ids = self._checked_token_ids(engine, request.prompt)
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.max_tokens, "prompt")
@@ -167,7 +167,7 @@ class OpenAIServing:
         return JSONResponse(body.model_dump(mode="json"))
 
     def _checked_token_ids(self, engine: Any, token_ids: list[int]) -> list[int]:
-        vocab_size = engine.model.config.vocab_size
+        vocab_size = engine.model_config.vocab_size
         for token_id in token_ids:
             if not 0 <= token_id < vocab_size:
                 raise errors.invalid_request(f"token id {token_id} is outside the vocabulary "
@@ -232,7 +232,7 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest):
         model = self.check_model(request.model)
         engine = self.engine()
-        prompt_ids = list(self._bindings_provider().encode_chat(engine.text.tokenizer, request.chat_messages()))
+        prompt_ids = list(self._bindings_provider().encode_chat(engine.tokenizer, request.chat_messages()))
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.requested_max_tokens, "messages")
         response_id, run = await self._start(engine, "chatcmpl", prompt_ids,
                                              request.sampling_kwargs(max_tokens, self._default_sampling))

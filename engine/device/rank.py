@@ -1,6 +1,6 @@
 """What one tensor-parallel rank keeps on its device, all taken from that device's ElasticPool.
 
-`build_rank` is shared by rank 0 (inside LLMEngine) and by the worker ranks (engine.parallel.executor), so
+`build_rank` is shared by rank 0 (inside LLMEngine) and by the worker ranks (engine/parallel/worker.py), so
 every rank sizes its pool, pages and workspace the same way: the same KV page in tokens, the same
 activation plan per step, its own shard of heads and MLP columns.
 """

@@ -85,7 +85,7 @@ def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: 
     finished requests give their pages back."""
     plans = []
     peaks = {"kv_chunks": 0, "running": 0, "decoding": 0, "activation_chunks": 0, "planned_activation_chunks": 0}
-    scheduler, schedule = engine.core.scheduler, engine.core.scheduler.schedule
+    scheduler, schedule = engine.scheduler, engine.scheduler.schedule
 
     def observed_schedule():
         plan = schedule()
@@ -245,7 +245,7 @@ def _measure(args, engine: LLMEngine, hf, peer, prompts, tag: str, mode: str) ->
     for index in range(args.rounds):
         rounds["ours"].append({**run_engine(engine, prompts, args.output_len, f"{tag}{index}"), "load": _load()})
         if hf is not None:
-            result = run_hf(hf, prompts, args.output_len, pad_token_id=engine.text.tokenizer.pad_token_id or 0,
+            result = run_hf(hf, prompts, args.output_len, pad_token_id=engine.tokenizer.pad_token_id or 0,
                             batch_size=args.hf_batch_size)
             rounds.setdefault("HF", []).append({**result, "load": _load()})
         if peer is not None:
@@ -270,7 +270,7 @@ def run_modes(args) -> dict:
     tokenizer = None
     if "throughput" in modes or "batch1" in modes:
         engine = build_engine(args)
-        tokenizer = engine.text.tokenizer
+        tokenizer = engine.tokenizer
         args.engine_dtype = str(engine.dtype).replace("torch.", "")
         results["config"].update(dtype_used=args.engine_dtype, threads_used=torch.get_num_threads(),
                                  model=engine.model_name)

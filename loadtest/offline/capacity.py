@@ -32,7 +32,7 @@ def predict(engine: LLMEngine, prompt_len: int, output_len: int, num_chunks: int
     largest_step = config.max_num_batched_tokens
 
     def step_chunks(num_tokens: int, num_running: int) -> int:
-        return engine.core.runner.activation_chunks(min(largest_step, num_tokens), max(1, num_running))
+        return engine.runner.activation_chunks(min(largest_step, num_tokens), max(1, num_running))
 
     def fits_elastic(count: int) -> bool:
         """The scheduler admits the count-th request in a step with the others' decodes and its prompt chunk,
@@ -76,7 +76,7 @@ def run_capacity(args, tokenizer=None) -> dict:
     for policy in ("elastic", "static"):
         engine = build_engine(args, tokenizer=tokenizer, pool_policy=policy, device_memory_bytes=budget,
                               max_num_seqs=args.max_num_seqs or 64, max_model_len=None)
-        tokenizer = engine.text.tokenizer
+        tokenizer = engine.tokenizer
         result.update(dtype=str(engine.dtype).replace("torch.", ""), max_num_seqs=engine.config.max_num_seqs,
                       max_num_batched_tokens=engine.config.max_num_batched_tokens)
         entry = predict(engine, prompt_len, output_len)

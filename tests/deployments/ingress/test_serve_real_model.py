@@ -54,8 +54,8 @@ def reference_texts() -> dict[str, str]:
         await engine.start()
         try:
             return {
-                "chat": await _engine_greedy(engine, encode_chat(engine.text.tokenizer, CHAT), NUM_TOKENS),
-                "completion": await _engine_greedy(engine, encode_prompt(engine.text.tokenizer, PROMPT), NUM_TOKENS),
+                "chat": await _engine_greedy(engine, encode_chat(engine.tokenizer, CHAT), NUM_TOKENS),
+                "completion": await _engine_greedy(engine, encode_prompt(engine.tokenizer, PROMPT), NUM_TOKENS),
                 "model": engine.model_name,
             }
         finally:

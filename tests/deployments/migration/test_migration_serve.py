@@ -61,13 +61,13 @@ def reference(num_tokens: int = NUM_TOKENS) -> dict:
         engine = AsyncEngine.from_config(AppArgs.model_validate(ARGS).to_engine_config())
         await engine.start()
         try:
-            request = GenerateRequest("reference", tuple(encode_prompt(engine.text.tokenizer, PROMPT)),
+            request = GenerateRequest("reference", tuple(encode_prompt(engine.tokenizer, PROMPT)),
                                       SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True))
             ids, text = [], ""
             async for output in engine.generate(request):
                 ids.extend(output.new_token_ids)
                 text += output.text_delta
-            return {"ids": ids, "tokens": [engine.text.tokenizer.decode([i]) for i in ids], "text": text,
+            return {"ids": ids, "tokens": [engine.tokenizer.decode([i]) for i in ids], "text": text,
                     "model": engine.model_name}
         finally:
             await engine.shutdown()

@@ -63,7 +63,7 @@ def drive(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams
 
 
 def chunks_per_block(engine: LLMEngine) -> int:
-    return 2 * engine.model.config.num_layers  # one K and one V page per layer
+    return 2 * engine.model_config.num_layers  # one K and one V page per layer
 
 
 def step_until(engine: LLMEngine, done, limit: int = 200) -> dict[str, Finished]:
@@ -124,7 +124,7 @@ def test_abort_mid_prefill_mid_decode_and_waiting_frees_everything(engine, token
     engine.add_request(GenerateRequest("decoding", tuple(decode_prompt), greedy(30)))
     engine.add_request(GenerateRequest("prefilling", tuple(long_prompt), greedy(30)))
     engine.add_request(GenerateRequest("waiting", tuple(waiting_prompt), greedy(30)))
-    scheduler = engine.core.scheduler
+    scheduler = engine.scheduler
     results = step_until(engine, lambda: len(scheduler.requests["decoding"].output_token_ids) >= 2)
     prefilling, decoding = scheduler.requests["prefilling"], scheduler.requests["decoding"]
     assert prefilling.is_prefilling and 0 < prefilling.num_computed_tokens < len(long_prompt)
@@ -159,7 +159,7 @@ def test_activations_take_back_chunks_kv_freed(engine, smollm2_tokenizer, tokeni
     reclaiming those KV pages (and the step's tokens are the same as with a roomy pool)."""
     per_block = chunks_per_block(engine)
     big_tokens = 64
-    probe = engine.core.runner
+    probe = engine.runner
     weight_chunks = engine.pool.num_held("weights")
     # KV room for six blocks beyond the largest step's workspace: filling it with cached pages from
     # smaller steps leaves fewer free chunks than the big step's workspace must grow by.
@@ -236,7 +236,7 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine, tokenize):
 
 def test_invalid_requests_raise_typed_errors_and_engine_keeps_serving(engine, tokenize, paris_greedy):
     paris = tokenize(PARIS)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.model_config.vocab_size
 
     def rejected(request: GenerateRequest) -> InvalidRequestError:
         with pytest.raises(InvalidRequestError) as caught:
@@ -257,7 +257,7 @@ def test_invalid_requests_raise_typed_errors_and_engine_keeps_serving(engine, to
     # exactly the fitting length is fine (validation only; it is aborted before running)
     engine.validate(GenerateRequest("fits", tuple(paris), greedy(engine.max_model_len - len(paris))))
 
-    assert set(engine.core.scheduler.requests) == {"valid"}  # nothing of the rejected requests was queued
+    assert set(engine.scheduler.requests) == {"valid"}  # nothing of the rejected requests was queued
     results: dict[str, Finished] = {}
     while engine.has_work:
         collect(engine.step(), results)
@@ -341,7 +341,7 @@ def test_prefix_hit_maps_the_same_physical_chunks(engine, tokenize):
     kv = engine.kv
     layout = kv.layout
     engine.add_request(GenerateRequest("first", tuple(prompt), greedy(6)))
-    scheduler = engine.core.scheduler
+    scheduler = engine.scheduler
     step_until(engine, lambda: scheduler.requests["first"].output_token_ids)  # prefill done: pages committed
     engine.add_request(GenerateRequest("second", tuple(prompt), greedy(3)))
     step_until(engine, lambda: "second" in kv.requests)

@@ -108,7 +108,7 @@ def test_sliding_window_models_match_transformers(tmp_path, arch, smollm2_tokeni
     engine = LLMEngine(small_config(model=str(directory), max_num_batched_tokens=24, tokens_per_page=32),
                        tokenizer=smollm2_tokenizer)
     try:
-        assert engine.model.config.sliding_window == 40
+        assert engine.model_config.sliding_window == 40
         assert max(len(p) for p in prompts) > 40 + 32  # pages really leave the window
         ours = run_all(engine, prompts, greedy(24))
         assert_same(ours, reference)

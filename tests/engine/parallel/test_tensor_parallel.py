@@ -61,7 +61,7 @@ def _tp2_engine(tmp_path, config: EngineConfig, tokenizer):
 def _run_tp2(tmp_path, config: EngineConfig, prompts, tokenizer, num_new: int = 10):
     with _tp2_engine(tmp_path, config, tokenizer) as engine:
         outputs = run_all(engine, prompts, greedy(num_new))
-        stats = (engine.core.scheduler.num_preemptions, engine.core.scheduler.num_swaps)
+        stats = (engine.scheduler.num_preemptions, engine.scheduler.num_swaps)
         assert_pool_idle(engine)
         ranks = engine.memory_telemetry()  # gathered from both ranks
         assert len(ranks) == 2 and ranks[1]["chunk_bytes"] * 2 == ranks[0]["chunk_bytes"]  # 1 vs 2 kv heads
