@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -27,20 +27,25 @@ from deployments.args import AppArgs, resolve_device
 from deployments.cluster.autoscaling import autoscaling_metrics
 from deployments.cluster.controller import ControllerClient, controller_options
 from deployments.cluster.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
-from deployments.ingress.engine_bindings import EngineBindings, check_engine_health
+from deployments.ingress.engine_bindings import EngineBindings
 from deployments.ingress.openai_app import AppSettings, build_openai_app
-from deployments.migration.endpoint import MigrationEndpoint
-from deployments.migration.kv_channel import KVChannels
+from deployments.migration.endpoint import AdoptStream, MigrationEndpoint
+from deployments.migration.kv_channel import ChannelAddress, KVChannels, StageHeader
 from deployments.migration.relay import RelayRegistry
 from deployments.migration.source import MigrationManager, MigrationStats
 from deployments.migration.transport import make_peer
+from engine.api import EngineClient, EngineStats
+from engine.migration import KVStage, RequestSnapshot
+
+if TYPE_CHECKING:
+    from ray.serve.context import ReplicaContext
 
 logger = logging.getLogger("ray.serve")
 
 
 @dataclass
 class BuiltEngine:
-    engine: Any
+    engine: EngineClient
     bindings: EngineBindings | None = None  # None: the engine package's
     cleanup: Callable[[], None] | None = None  # runs after engine.shutdown()
     failed_ranks: Callable[[], list[int]] | None = None
@@ -112,14 +117,14 @@ class LLMServer:
         self._last_detail: dict[str, Any] | None = None
         self._migrations: MigrationManager | None = None
         self._endpoint: MigrationEndpoint | None = None
-        if hasattr(self.engine, "run_in_engine") and hasattr(self.engine, "stream_attached"):
+        if self.engine.supports_migration:
             self._start_migration(context)
         self._controller = ControllerClient(self.replica_id, self.args.controller_name,
                                             self.args.controller_namespace, self.args.migration_policy,
                                             options=controller_options(self.args))
         self._telemetry_task = asyncio.get_running_loop().create_task(self._push_telemetry())
 
-    def _start_migration(self, context: Any) -> None:
+    def _start_migration(self, context: ReplicaContext) -> None:
         import ray
 
         config = self.args.migration.to_config()
@@ -161,27 +166,28 @@ class LLMServer:
     async def migration_reserve(self, request_id: str, num_tokens: int, target_replica: str) -> bool:
         return await self._migration_endpoint(target_replica).reserve(request_id, num_tokens)
 
-    async def migration_write(self, request_id: str, stage: Any, target_replica: str) -> None:
+    async def migration_write(self, request_id: str, stage: KVStage, target_replica: str) -> None:
         await self._migration_endpoint(target_replica).write_kv(request_id, stage)
 
-    async def migration_adopt(self, snapshot: Any, tail: Any, num_kv_tokens: int, target_replica: str):
+    async def migration_adopt(self, snapshot: RequestSnapshot, tail: KVStage | None, num_kv_tokens: int,
+                              target_replica: str) -> AdoptStream:
         async for item in self._migration_endpoint(target_replica).adopt(snapshot, tail, num_kv_tokens):
             yield item
 
     async def migration_cancel(self, request_id: str, target_replica: str) -> None:
         await self._migration_endpoint(target_replica).cancel(request_id)
 
-    async def migration_connect(self, source_replica: str, address: Any, target_replica: str) -> None:
+    async def migration_connect(self, source_replica: str, address: ChannelAddress, target_replica: str) -> None:
         """torch_distributed transport: join the source's point-to-point group (deployments/migration/kv_channel.py)."""
         await self._migration_endpoint(target_replica).join(source_replica, address)
 
-    async def migration_receive(self, request_id: str, header: Any, source_replica: str,
+    async def migration_receive(self, request_id: str, header: StageHeader, source_replica: str,
                                 target_replica: str) -> None:
         """torch_distributed transport: receive one KV stage from the source and write it."""
         await self._migration_endpoint(target_replica).receive_kv(request_id, header, source_replica)
 
     async def check_health(self) -> None:
-        await check_engine_health(self.engine)
+        await self.engine.check_health()
         if self._built.failed_ranks is not None and (failed := self._built.failed_ranks()):
             raise RuntimeError(f"tensor-parallel ranks {failed} stopped")
 
@@ -208,7 +214,7 @@ class LLMServer:
                                    num_failures, exc)
             await asyncio.sleep(period_s)
 
-    async def _migration_detail(self, engine_stats: Any) -> dict[str, Any] | None:
+    async def _migration_detail(self, engine_stats: EngineStats) -> dict[str, Any] | None:
         """The requests' loads come from the engine thread, which a long prefill step can hold for a while:
         then the previous list goes out again (with fresh counters) rather than no report at all."""
         try:

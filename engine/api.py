@@ -1,43 +1,25 @@
 """What the engine promises the layers above it (deployments/, loadtest/offline).
 
 The HTTP layer only ever sees these types: a request goes in as `GenerateRequest`, comes back as a
-stream of `RequestOutput`, and failures are the typed errors below (each maps to one HTTP status).
+stream of `RequestOutput`, and failures are typed errors (each maps to one HTTP status). `EngineClient`
+names every call deployments/ makes on an engine; `AsyncEngine` and the test fake
+(tests/deployments/fake_engine.py) satisfy it, and tests/deployments/test_engine_client.py checks both.
+The errors live in engine/errors.py (engine.sampling_params raises them, and this module imports
+engine.sampling_params: one direction, no cycle) and are re-exported here.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from engine.sampling_params import SamplingParams
+from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, InvalidRequestError
+from engine.sampling_params import SamplingParams
 
-
-class EngineError(Exception):
-    """Base of every error the engine raises on purpose."""
-
-
-class InvalidRequestError(EngineError, ValueError):
-    """The request itself is wrong (HTTP 400). `param` names the offending field when known."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-
-class EngineOverloadedError(EngineError):
-    """The waiting queue is full (HTTP 503 with Retry-After)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.message = message
-        self.retry_after_s = retry_after_s
-
-
-class EngineDeadError(EngineError):
-    """The engine loop stopped; no request can be served (HTTP 500)."""
+__all__ = ["EngineClient", "EngineDeadError", "EngineError", "EngineOverloadedError", "EngineStats",
+           "GenerateRequest", "InvalidRequestError", "ModelFacts", "RequestOutput", "TokenLogprob", "Tokenizer"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,3 +70,64 @@ class EngineStats:
     num_prefix_cache_hits: int  # cumulative tokens
     num_prefix_cache_queries: int  # cumulative tokens
     kv_chunks_cached: int = 0  # held by the kv balloon for the prefix cache only (reclaimable)
+
+
+class Tokenizer(Protocol):
+    """The tokenizer calls the layers above make (a transformers fast tokenizer has them)."""
+
+    chat_template: str | None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class ModelFacts(Protocol):
+    """What the HTTP layer reads of the model's configuration (engine.model.config.ModelConfig)."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+class EngineClient(Protocol):
+    """Everything deployments/ calls on an engine. Contract:
+
+    - `generate` is an async generator: validation and overload errors (`InvalidRequestError`,
+      `EngineOverloadedError`, `EngineDeadError`) are raised at the first `__anext__`, before anything is
+      yielded; the last output has `finish_reason` set; closing the generator early aborts the request.
+    - `stats()` and `memory_telemetry()` are cheap snapshots, safe to call from the event loop at any time.
+    - `check_health()` raises `EngineDeadError` once the engine cannot serve any more.
+    - Live migration (deployments/migration/) runs only where `supports_migration` is True; then
+      `run_in_engine(function, *args)` runs `function(<the engine's LLMEngine>, *args)` on the engine's own
+      thread between two steps (the `engine.migration` functions), `stream_attached` subscribes to a request's
+      outputs before `attach(<LLMEngine>, *args)` puts it into the engine, and `end_stream` delivers a last
+      output (finish_reason "migrated") to a local stream. An engine without migration still has the three
+      methods; deployments/ never calls them on it.
+    """
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+    model_config: ModelFacts
+    supports_migration: bool
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def memory_telemetry(self) -> list[dict]: ...
+
+    async def run_in_engine(self, function: Callable[..., T], *args: object) -> T: ...
+
+    def stream_attached(self, request_id: str, attach: Callable[..., object],
+                        *args: object) -> AsyncIterator[RequestOutput]: ...
+
+    def end_stream(self, request_id: str, output: RequestOutput) -> None: ...

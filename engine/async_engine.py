@@ -13,7 +13,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from engine.api import (
     EngineDeadError,
@@ -26,7 +27,11 @@ from engine.api import (
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
 
+if TYPE_CHECKING:
+    from engine.parallel.executor import TensorParallelExecutor
+
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
@@ -39,6 +44,10 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
 
 
 class AsyncEngine:
+    """An `engine.api.EngineClient` around one LLMEngine (with its tensor-parallel executor, if any)."""
+
+    supports_migration = True  # engine/migration.py works on LLMEngine
+
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -57,7 +66,7 @@ class AsyncEngine:
         self._telemetry_time = 0.0
 
     @classmethod
-    def from_config(cls, config: EngineConfig, executor=None) -> AsyncEngine:
+    def from_config(cls, config: EngineConfig, executor: TensorParallelExecutor | None = None) -> AsyncEngine:
         return cls(LLMEngine(config, executor=executor))
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -100,7 +109,7 @@ class AsyncEngine:
         async for output in self._stream(request.request_id, stream, submit):
             yield output
 
-    async def run_in_engine(self, function, *args):
+    async def run_in_engine(self, function: Callable[..., T], *args: object) -> T:
         """Runs `function(engine, *args)` on the engine thread between two steps; returns its result.
         (Migration uses this: nothing touches engine state from another thread.)"""
         loop = asyncio.get_running_loop()
@@ -109,7 +118,8 @@ class AsyncEngine:
         self._wake.set()
         return await future
 
-    async def stream_attached(self, request_id: str, attach, *args) -> AsyncIterator[RequestOutput]:
+    async def stream_attached(self, request_id: str, attach: Callable[..., object],
+                              *args: object) -> AsyncIterator[RequestOutput]:
         """Subscribes to a request's outputs, then runs `attach(engine, *args)` (which must put that
         request into the engine, e.g. migration.attach), so no output can be missed."""
         stream = self._open_stream(request_id)

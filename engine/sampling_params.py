@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from engine.api import InvalidRequestError
+from engine.errors import InvalidRequestError
 
 # Below this temperature sampling is argmax: dividing logits by ~0 only produces inf/nan.
 GREEDY_TEMPERATURE = 1e-5

@@ -21,21 +21,27 @@ with `migration_policy: balance+pack` and `migration_policy_options: {drain: new
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from engine.api import EngineStats
+
+if TYPE_CHECKING:
+    from ray.serve.config import AutoscalingContext
 
 IS_DRAINED = "elastic_is_drained"
 STARTED_AT = "elastic_started_at"
 KV_LOAD = "elastic_kv_load"
 
 
-def autoscaling_metrics(stats: Any, is_draining: bool, started_at: float, num_relays: int = 0) -> dict[str, float]:
+def autoscaling_metrics(stats: EngineStats, is_draining: bool, started_at: float,
+                        num_relays: int = 0) -> dict[str, float]:
     """One replica's custom autoscaling metrics from its EngineStats. Drained: the packing policy is draining
     it, its engine holds no request and it relays no migrated stream (its HTTP handlers would be cut)."""
     is_empty = stats.num_running + stats.num_waiting + stats.num_swapped == 0 and num_relays == 0
     return {IS_DRAINED: float(is_draining and is_empty), STARTED_AT: started_at, KV_LOAD: float(stats.kv_usage)}
 
 
-def kv_packing_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
+def kv_packing_policy(ctx: AutoscalingContext) -> tuple[float, dict[str, object]]:
     """Serve's default decision upwards; downwards, one replica, only when the newest one is drained."""
     from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 

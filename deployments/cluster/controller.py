@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -30,6 +30,9 @@ from deployments.migration.policy import (  # noqa: F401 - re-exported: the regi
     ReplicaLoad,
     create_migration_policy,
 )
+
+if TYPE_CHECKING:
+    from deployments.args import AppArgs
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +193,7 @@ def get_or_create_controller(name: str, namespace: str, migration_policy: str = 
     ).remote(migration_policy=migration_policy, **options)
 
 
-def controller_options(args: Any) -> dict[str, Any]:
+def controller_options(args: AppArgs) -> dict[str, Any]:
     """The ClusterController arguments that come from AppArgs."""
     return {"migration_policy_options": dict(args.migration_policy_options),
             "max_concurrent_migrations": args.migration.max_concurrent}

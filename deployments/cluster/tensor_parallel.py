@@ -13,9 +13,12 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 logger = logging.getLogger(__name__)
@@ -54,8 +57,8 @@ class _RankWorker:
 
 
 class WorkerLauncher:
-    def __init__(self, world_size: int, engine_config: Any, cpus_per_rank: float, gpus_per_rank: float = 0,
-                 worker_path: str = WORKER_PATH, device: str = "cpu"):
+    def __init__(self, world_size: int, engine_config: EngineConfig | None, cpus_per_rank: float,
+                 gpus_per_rank: float = 0, worker_path: str = WORKER_PATH, device: str = "cpu"):
         if world_size < 2:
             raise ValueError("a WorkerLauncher is for tensor_parallel_size >= 2")
         self.world_size = world_size

@@ -1,4 +1,4 @@
-"""The engine helpers the HTTP layer calls besides the AsyncEngine itself.
+"""The engine helpers the HTTP layer calls besides the engine itself (an engine.api.EngineClient).
 
 Bundled in one object so a test passes fakes in (an engine with a toy tokenizer needs a matching prompt
 encoder) and the server uses the real ones, imported only when first needed.
@@ -8,31 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from engine.api import Tokenizer
+from engine.sampling_params import SamplingParams
 
 
-async def check_engine_health(engine: Any) -> None:
-    """Raises EngineDeadError when the engine's loop has stopped (its `check_health()` if it has one,
-    else its `is_running` flag)."""
-    check = getattr(engine, "check_health", None)
-    if check is not None:
-        await check()
-    elif getattr(engine, "is_running", True) is False:
-        from engine.api import EngineDeadError
-
-        raise EngineDeadError("the engine loop is not running")
-
-
-def _decode_token(tokenizer: Any, token_id: int) -> str:
+def _decode_token(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
 @dataclass(frozen=True)
 class EngineBindings:
-    sampling_params_cls: Callable[..., Any]
-    encode_prompt: Callable[[Any, str], Sequence[int]]
-    encode_chat: Callable[[Any, list[dict[str, str]]], Sequence[int]]
-    decode_token: Callable[[Any, int], str] = _decode_token
+    sampling_params_cls: Callable[..., SamplingParams]
+    encode_prompt: Callable[[Tokenizer, str], Sequence[int]]
+    encode_chat: Callable[[Tokenizer, list[dict[str, str]]], Sequence[int]]
+    decode_token: Callable[[Tokenizer, int], str] = _decode_token
 
     @classmethod
     def from_engine_package(cls) -> EngineBindings:

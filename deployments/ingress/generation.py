@@ -16,11 +16,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from deployments.ingress.metrics import RequestTimer, ServingMetrics
 from deployments.migration.relay import MIGRATED, Relay, RelayRegistry
-from engine.api import GenerateRequest, RequestOutput
+from engine.api import EngineClient, GenerateRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ class _Choice:
 
 
 class GenerationRun:
-    def __init__(self, engine: Any, requests: list[GenerateRequest], metrics: ServingMetrics,
+    def __init__(self, engine: EngineClient, requests: list[GenerateRequest], metrics: ServingMetrics,
                  relays: RelayRegistry | None = None):
         self._engine = engine
         self._metrics = metrics

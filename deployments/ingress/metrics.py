@@ -18,6 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from engine.api import EngineClient
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "elastic:"
@@ -32,7 +34,7 @@ E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20
 class EngineStateCollector(Collector):
     """Gauges and cumulative counters taken from the engine when Prometheus scrapes."""
 
-    def __init__(self, engine_provider: Callable[[], Any], labels: dict[str, str]):
+    def __init__(self, engine_provider: Callable[[], EngineClient | None], labels: dict[str, str]):
         self._engine_provider = engine_provider
         self._labels = labels
 
@@ -150,7 +152,7 @@ class MigrationCollector(Collector):
 class ServingMetrics:
     """All metrics of one app, in its own registry."""
 
-    def __init__(self, engine_provider: Callable[[], Any], model_name: str, replica_id: str,
+    def __init__(self, engine_provider: Callable[[], EngineClient | None], model_name: str, replica_id: str,
                  migration_stats: Callable[[], dict[str, Any]] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         self._labels = {"model_name": model_name, "replica": replica_id}

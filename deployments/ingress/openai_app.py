@@ -10,21 +10,36 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.ingress import errors
-from deployments.ingress.engine_bindings import EngineBindings, check_engine_health
+from deployments.ingress.engine_bindings import EngineBindings
 from deployments.ingress.metrics import ServingMetrics
-from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now_s
+from deployments.ingress.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SamplingKwargs,
+    now_s,
+)
 from deployments.ingress.serving import OpenAIServing
 from deployments.migration.relay import RelayRegistry
-from engine.api import EngineDeadError
+from engine.api import EngineClient, EngineDeadError
 
 REPLICA_HEADER = "x-elastic-replica"
+
+
+class ClusterAdmin(Protocol):
+    """What POST /v1/admin/* calls (deployments.cluster.controller.ControllerClient has it)."""
+
+    async def force_migration(self, request_id: str, target: str | None = None, mode: str = "auto") -> dict: ...
+
+    async def set_migration_policy(self, name: str, options: dict[str, Any] | None = None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -34,12 +49,10 @@ class AppSettings:
     replica_id: str = "local"
     bindings: EngineBindings | None = None  # None: the engine package's own (imported on first use)
     cluster_view: Callable[[], Awaitable[dict[str, Any]]] | None = None
-    default_sampling: dict[str, Any] = field(default_factory=dict)  # for knobs a request leaves out
+    default_sampling: SamplingKwargs = field(default_factory=dict)  # for knobs a request leaves out
     relays: RelayRegistry | None = None  # migrated requests' streams (None: a fresh registry)
     migration_stats: Callable[[], dict[str, Any]] | None = None  # this replica's migration counters
-    # POST /v1/admin/*: an object with async force_migration(request_id, target, mode) and
-    # set_migration_policy(name, options) (the ControllerClient); needs api_key.
-    cluster_admin: Any = None
+    cluster_admin: ClusterAdmin | None = None  # POST /v1/admin/* (needs api_key)
 
 
 class _ReplicaMiddleware:
@@ -98,7 +111,7 @@ class _ApiKeyMiddleware:
         return None
 
 
-def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) -> FastAPI:
+def build_openai_app(engine_provider: Callable[[], EngineClient | None], settings: AppSettings) -> FastAPI:
     app = FastAPI(title="elastic-serve", docs_url=None, redoc_url=None)
     errors.install_error_handlers(app)
     bindings_cache: list[EngineBindings] = [settings.bindings] if settings.bindings else []
@@ -169,7 +182,7 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
         if engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         try:
-            await check_engine_health(engine)
+            await engine.check_health()
         except EngineDeadError as exc:
             return JSONResponse({"status": "dead", "detail": str(exc)}, status_code=503)
         return {"status": "ok"}

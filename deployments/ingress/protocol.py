@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -20,6 +20,9 @@ MAX_CHOICES = 16
 DEFAULTABLE_SAMPLING = frozenset({"temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                   "frequency_penalty", "repetition_penalty", "min_tokens", "stop",
                                   "stop_token_ids", "ignore_eos", "skip_special_tokens"})
+# Keyword arguments of engine.sampling_params.SamplingParams: numbers, flags, stop strings, stop token ids.
+SamplingValue = float | int | bool | str | list[str] | list[int] | None
+SamplingKwargs = dict[str, SamplingValue]
 
 
 class _Request(BaseModel):
@@ -57,7 +60,7 @@ class _SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _common_sampling_kwargs(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _common_sampling_kwargs(self, defaults: SamplingKwargs | None = None) -> SamplingKwargs:
         """What the client set, over the server's defaults (the engine's own defaults apply to the rest)."""
         names = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
@@ -68,7 +71,7 @@ class _SamplingFields(_Request):
         return kwargs
 
 
-def sampling_kwargs_per_choice(base: dict[str, Any], seed: int | None, n: int) -> list[dict[str, Any]]:
+def sampling_kwargs_per_choice(base: SamplingKwargs, seed: int | None, n: int) -> list[SamplingKwargs]:
     """One engine request per choice (the engine sees n=1). With a seed, choice i uses seed + i so the
     choices differ but the whole response stays reproducible."""
     per_choice = []
@@ -110,7 +113,7 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("echo=true is not supported")
         return echo
 
-    def sampling_kwargs(self, max_tokens: int, defaults: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def sampling_kwargs(self, max_tokens: int, defaults: SamplingKwargs | None = None) -> list[SamplingKwargs]:
         base = self._common_sampling_kwargs(defaults)
         base["max_tokens"] = max_tokens
         if self.logprobs is not None:
@@ -165,7 +168,7 @@ class ChatCompletionRequest(_SamplingFields):
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": message.role, "content": message.text()} for message in self.messages]
 
-    def sampling_kwargs(self, max_tokens: int, defaults: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def sampling_kwargs(self, max_tokens: int, defaults: SamplingKwargs | None = None) -> list[SamplingKwargs]:
         base = self._common_sampling_kwargs(defaults)
         base["max_tokens"] = max_tokens
         if self.logprobs:

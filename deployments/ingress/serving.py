@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -34,13 +33,14 @@ from deployments.ingress.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    SamplingKwargs,
     TopLogprob,
     UsageInfo,
     new_id,
     now_s,
 )
 from deployments.migration.relay import RelayRegistry
-from engine.api import GenerateRequest, RequestOutput, TokenLogprob
+from engine.api import EngineClient, GenerateRequest, RequestOutput, TokenLogprob
 
 logger = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -65,9 +65,10 @@ class _RunStreamingResponse(StreamingResponse):
 
 
 class OpenAIServing:
-    def __init__(self, engine_provider: Callable[[], Any], bindings_provider: Callable[[], EngineBindings],
-                 metrics: ServingMetrics, served_model_name: Callable[[], str],
-                 default_sampling: dict[str, Any] | None = None, relays: RelayRegistry | None = None):
+    def __init__(self, engine_provider: Callable[[], EngineClient | None],
+                 bindings_provider: Callable[[], EngineBindings], metrics: ServingMetrics,
+                 served_model_name: Callable[[], str],
+                 default_sampling: SamplingKwargs | None = None, relays: RelayRegistry | None = None):
         self._default_sampling = dict(default_sampling or {})
         self._relays = relays
         self._engine_provider = engine_provider
@@ -77,7 +78,7 @@ class OpenAIServing:
 
     # ---- shared ---------------------------------------------------------------------------------
 
-    def engine(self) -> Any:
+    def engine(self) -> EngineClient:
         engine = self._engine_provider()
         if engine is None:
             raise errors.overloaded("The model is still loading.", retry_after_s=5)
@@ -89,7 +90,7 @@ class OpenAIServing:
             raise errors.model_not_found(requested)
         return served
 
-    def _max_tokens(self, engine: Any, num_prompt_tokens: int, requested: int | None, param: str) -> int:
+    def _max_tokens(self, engine: EngineClient, num_prompt_tokens: int, requested: int | None, param: str) -> int:
         max_model_len = engine.max_model_len
         if num_prompt_tokens == 0:
             raise errors.invalid_request("The prompt is empty after tokenization.", param)
@@ -101,8 +102,8 @@ class OpenAIServing:
             raise errors.context_length_exceeded(max_model_len, num_prompt_tokens, requested, param)
         return requested
 
-    async def _start(self, engine: Any, prefix: str, prompt_ids: Sequence[int],
-                     sampling_kwargs: list[dict[str, Any]]) -> tuple[str, GenerationRun]:
+    async def _start(self, engine: EngineClient, prefix: str, prompt_ids: Sequence[int],
+                     sampling_kwargs: list[SamplingKwargs]) -> tuple[str, GenerationRun]:
         bindings = self._bindings_provider()
         params = [bindings.sampling_params_cls(**kwargs) for kwargs in sampling_kwargs]
         response_id = new_id(prefix)
@@ -118,7 +119,7 @@ class OpenAIServing:
             raise
         return response_id, run
 
-    def _token_text(self, engine: Any, token_id: int) -> str:
+    def _token_text(self, engine: EngineClient, token_id: int) -> str:
         return self._bindings_provider().decode_token(engine.tokenizer, token_id)
 
     @staticmethod
@@ -166,7 +167,7 @@ class OpenAIServing:
         body = CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=usage)
         return JSONResponse(body.model_dump(mode="json"))
 
-    def _checked_token_ids(self, engine: Any, token_ids: list[int]) -> list[int]:
+    def _checked_token_ids(self, engine: EngineClient, token_ids: list[int]) -> list[int]:
         vocab_size = engine.model_config.vocab_size
         for token_id in token_ids:
             if not 0 <= token_id < vocab_size:
@@ -174,7 +175,7 @@ class OpenAIServing:
                                              f"[0, {vocab_size})", "prompt")
         return list(token_ids)
 
-    def _extend_completion_logprobs(self, engine: Any, target: CompletionLogprobs,
+    def _extend_completion_logprobs(self, engine: EngineClient, target: CompletionLogprobs,
                                     entries: Sequence[TokenLogprob], text_offset: int) -> None:
         for entry in entries:
             token = self._token_text(engine, entry.token_id)
@@ -185,7 +186,7 @@ class OpenAIServing:
             target.text_offset.append(text_offset)
             text_offset += len(token)
 
-    async def _completion_stream(self, engine: Any, run: GenerationRun, response_id: str, created: int,
+    async def _completion_stream(self, engine: EngineClient, run: GenerationRun, response_id: str, created: int,
                                  model: str, include_usage: bool, wants_logprobs: bool,
                                  num_prompt_tokens: int) -> AsyncIterator[str]:
         num_output_tokens: dict[int, int] = {}
@@ -263,7 +264,7 @@ class OpenAIServing:
                                       usage=usage)
         return JSONResponse(body.model_dump(mode="json"))
 
-    def _chat_logprobs(self, engine: Any, entries: Sequence[TokenLogprob]) -> list[ChatTokenLogprob]:
+    def _chat_logprobs(self, engine: EngineClient, entries: Sequence[TokenLogprob]) -> list[ChatTokenLogprob]:
         content = []
         for entry in entries:
             token = self._token_text(engine, entry.token_id)
@@ -275,7 +276,7 @@ class OpenAIServing:
                                             top_logprobs=top))
         return content
 
-    async def _chat_stream(self, engine: Any, run: GenerationRun, response_id: str, created: int,
+    async def _chat_stream(self, engine: EngineClient, run: GenerationRun, response_id: str, created: int,
                            model: str, request: ChatCompletionRequest,
                            num_prompt_tokens: int) -> AsyncIterator[str]:
         include_usage = request.include_usage

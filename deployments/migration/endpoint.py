@@ -21,14 +21,17 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from deployments.migration.kv_channel import ChannelAddress, KVChannels, StageHeader
 from deployments.migration.relay import MIGRATED, RelayRegistry
-from deployments.migration.source import MigrationConfig, MigrationStats
+from deployments.migration.source import COMMITTED, AdoptStream, MigrationConfig, MigrationStats
 from engine import migration
-from engine.api import RequestOutput
+from engine.api import EngineClient, RequestOutput
 from engine.migration import KVStage, MigrationError, RequestSnapshot
+
+if TYPE_CHECKING:
+    from engine.core.engine import LLMEngine
 
 logger = logging.getLogger("ray.serve")
 NUM_ORPHANS_KEPT = 64
@@ -55,7 +58,7 @@ class _Adopted:
 
 
 class MigrationEndpoint:
-    def __init__(self, engine: Any, config: MigrationConfig, stats: MigrationStats,
+    def __init__(self, engine: EngineClient, config: MigrationConfig, stats: MigrationStats,
                  relays: RelayRegistry | None = None, channels: KVChannels | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self._engine = engine
@@ -126,8 +129,8 @@ class MigrationEndpoint:
                 await self.cancel(request_id)
 
     # ---- the commit ------------------------------------------------------------------------------------
-    async def adopt(self, snapshot: RequestSnapshot, tail: KVStage | None, num_kv_tokens: int) -> AsyncIterator[Any]:
-        """Writes the tail, attaches the request (commit), yields {"committed": True}, then its outputs."""
+    async def adopt(self, snapshot: RequestSnapshot, tail: KVStage | None, num_kv_tokens: int) -> AdoptStream:
+        """Writes the tail, attaches the request (commit), yields COMMITTED, then its outputs."""
         request_id = snapshot.request_id
         if tail is not None:
             self._checked(request_id, tail)
@@ -139,7 +142,8 @@ class MigrationEndpoint:
         loop = asyncio.get_running_loop()
         committed = asyncio.Event()
 
-        def write_and_attach(engine, snapshot: RequestSnapshot, tail: KVStage | None, num_kv_tokens: int) -> None:
+        def write_and_attach(engine: LLMEngine, snapshot: RequestSnapshot, tail: KVStage | None,
+                             num_kv_tokens: int) -> None:
             if tail is not None:
                 migration.write_kv(engine, request_id, tail)
             migration.attach(engine, snapshot, num_kv_tokens)
@@ -165,7 +169,7 @@ class MigrationEndpoint:
         adopted = self._adopted[request_id] = _Adopted(request_id, list(snapshot.output_token_ids))
         adopted.pump = asyncio.ensure_future(self._pump(adopted, stream, first))
         try:
-            yield {"committed": True}
+            yield COMMITTED
             while (item := await adopted.outputs.get()) is not _END:
                 yield item
         finally:

@@ -30,12 +30,15 @@ from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployments.migration.relay import MIGRATED, Relay, RelayRegistry
 from engine import migration
-from engine.api import RequestOutput
+from engine.api import EngineClient, RequestOutput
 from engine.migration import KVStage, MigrationError, RequestSnapshot
+
+if TYPE_CHECKING:
+    from engine.core.engine import LLMEngine
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,6 +63,15 @@ class MigrationConfig:
             raise ValueError("timeouts and the initial bandwidth must be > 0")
         if not 0 <= self.bandwidth_decay < 1:
             raise ValueError("bandwidth_decay must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The first item of an adopt stream: the destination attached the request (the commit point)."""
+
+
+COMMITTED = Committed()
+AdoptStream = AsyncIterator[Committed | RequestOutput]  # MigrationEndpoint.adopt: COMMITTED, then the outputs
 
 
 class MigrationAborted(Exception):
@@ -118,8 +130,8 @@ class MigrationPeer(ABC):
 
     @abstractmethod
     def adopt(self, target: str, snapshot: RequestSnapshot, tail: KVStage | None,
-              num_kv_tokens: int) -> AsyncIterator[Any]:
-        """The destination's `MigrationEndpoint.adopt` stream: {"committed": True}, then RequestOutputs.
+              num_kv_tokens: int) -> AdoptStream:
+        """The destination's `MigrationEndpoint.adopt` stream: COMMITTED, then RequestOutputs.
         Closing it cancels the destination's request."""
 
     @abstractmethod
@@ -145,16 +157,16 @@ class _Attempt:
     paused: bool = False
     committed: bool = False
     paused_at: float = 0.0
-    stream: AsyncIterator[Any] | None = None
+    stream: AdoptStream | None = None
 
 
-def _describe(engine, request_id: str):
+def _describe(engine: LLMEngine, request_id: str) -> tuple[migration.RequestLoad | None, dict[str, float]]:
     load = next((load for load in migration.request_loads(engine) if load.request_id == request_id), None)
     return load, migration.cost_inputs(engine)
 
 
 class MigrationManager:
-    def __init__(self, engine: Any, peer: MigrationPeer, relays: RelayRegistry, config: MigrationConfig,
+    def __init__(self, engine: EngineClient, peer: MigrationPeer, relays: RelayRegistry, config: MigrationConfig,
                  stats: MigrationStats | None = None):
         self._engine = engine
         self._peer = peer
@@ -163,7 +175,7 @@ class MigrationManager:
         self.stats = stats or MigrationStats()
         self._bandwidth = config.initial_bandwidth_bytes_per_s
         self._active: dict[str, asyncio.Task] = {}
-        self.last_choice: dict[str, Any] = {}
+        self.last_choice: dict[str, str | float | int] = {}  # the last "auto" mode decision, for tests
 
     @property
     def migrating(self) -> list[str]:
@@ -247,7 +259,7 @@ class MigrationManager:
         num_kv_tokens = snapshot.num_computed_tokens if attempt.mode == "copy" else 0
         attempt.stream = self._peer.adopt(target, snapshot, tail, num_kv_tokens)
         reply = await self._call(anext(attempt.stream))
-        if not (isinstance(reply, dict) and reply.get("committed")):
+        if not isinstance(reply, Committed):
             raise MigrationAborted("bad_reply", repr(reply)[:200])
         attempt.committed = True
         # Shielded: once committed, the hand-over must finish even if the watchdog fires now.
@@ -285,10 +297,8 @@ class MigrationManager:
     async def _roll_back(self, attempt: _Attempt) -> None:
         """Before the commit: the destination drops what it has, the request goes on here."""
         if attempt.stream is not None:
-            close = getattr(attempt.stream, "aclose", None)
-            if close is not None:
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(close(), self.config.call_timeout_s)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(attempt.stream.aclose(), self.config.call_timeout_s)
         if attempt.paused:
             with contextlib.suppress(MigrationError):
                 await self._engine.run_in_engine(migration.resume, attempt.request_id)

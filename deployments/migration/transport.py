@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.migration.kv_channel import ChannelAddress, KVChannels, StageHeader
-from deployments.migration.source import MigrationPeer
+from deployments.migration.source import AdoptStream, MigrationPeer
 from engine.migration import KVStage, RequestSnapshot
 
 TARGET_KWARG = "target_replica"
@@ -68,7 +68,7 @@ class ServeHandlePeer(MigrationPeer):
                     response.cancel()
 
     def adopt(self, target: str, snapshot: RequestSnapshot, tail: KVStage | None,
-              num_kv_tokens: int) -> AsyncIterator[Any]:
+              num_kv_tokens: int) -> AdoptStream:
         return self._stream("migration_adopt", target, snapshot, tail, num_kv_tokens)
 
 
@@ -94,7 +94,7 @@ class CollectivePeer(ServeHandlePeer):
         await self._channels.send(target, stage, join, deliver)
 
     async def adopt(self, target: str, snapshot: RequestSnapshot, tail: KVStage | None,
-                    num_kv_tokens: int) -> AsyncIterator[Any]:
+                    num_kv_tokens: int) -> AdoptStream:
         if tail is not None and tail.end > tail.start:
             await self.write_kv(target, snapshot.request_id, tail)
         async for item in self._stream("migration_adopt", target, snapshot, None, num_kv_tokens):

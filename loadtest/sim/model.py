@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from memory.kv import KVCacheSpec, LayerGroup
-from memory.kv.contiguous import LAYOUTS
+from memory.kv.layout import KVLayers, KVLayout
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -97,18 +97,20 @@ def kv_spec(model: ModelShape, replica: ReplicaConfig, fused_layers: bool = True
         max_len=replica.max_model_len, tokens_per_page=replica.tokens_per_page)
 
 
-class BookkeepingLayout:
+class BookkeepingLayout(KVLayout):
     """A KV layout that places nothing in virtual memory. The manager's decisions (slots, blocks, which
     pool chunks back them, when they are freed) never depend on where pages are mapped, so with this
     layout it decides exactly as with `contiguous` (a test compares the two) without one VMM call per
-    chunk mapped, unmapped or moved between slots: a simulated day runs about three times faster."""
+    chunk mapped, unmapped or moved between slots: a simulated day runs about three times faster.
+    It holds no bytes: placing and copying pages does nothing, and there are no tensors to read.
+    The simulator registers it (`register_layout`) before it builds a replica with it."""
 
     name = "bookkeeping"
 
     def __init__(self, spec: KVCacheSpec, backend: object, dtype: torch.dtype) -> None:
         self.spec = spec
 
-    def layer_caches(self) -> list:
+    def layer_caches(self) -> KVLayers:
         raise NotImplementedError("the bookkeeping layout has no tensors")
 
     def map_block(self, slot: int, page: int, block: object) -> None:
@@ -123,11 +125,22 @@ class BookkeepingLayout:
     def block_freed(self, block: object) -> None:
         pass
 
-    def close(self) -> None:
+    def copy_block_to_host(self, slot: int, page: int, block: object, host_buffer: object,
+                           host_slots: list[int]) -> None:
         pass
 
+    def copy_block_from_host(self, slot: int, page: int, block: object, host_buffer: object,
+                             host_slots: list[int]) -> None:
+        pass
 
-LAYOUTS.setdefault(BookkeepingLayout.name, BookkeepingLayout)
+    def read_tokens(self, slot: int, start: int, end: int) -> KVLayers:
+        raise NotImplementedError("the bookkeeping layout holds no KV data")
+
+    def write_tokens(self, slot: int, start: int, layers: KVLayers) -> None:
+        raise NotImplementedError("the bookkeeping layout holds no KV data")
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)

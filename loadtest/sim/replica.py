@@ -25,7 +25,7 @@ import torch
 from loadtest.sim.model import BookkeepingLayout, CostModel, ReplicaConfig
 from loadtest.sim.policies import ReplicaView, RequestView
 from memory import ElasticPool, create_backend
-from memory.kv import KVCacheManager, KVCacheSpec
+from memory.kv import KVCacheManager, KVCacheSpec, register_layout
 
 
 class SimRequest:
@@ -67,6 +67,7 @@ class SimReplica:
         self.on_finish = on_finish
         self.on_abandon = on_abandon  # a request with a copy in flight finished or was preempted here
         self.state = state
+        register_layout(BookkeepingLayout)  # (idempotent) so that `layout` may name it
         self.pool = ElasticPool(create_backend("sim"), budget_bytes, spec.page_bytes)
         self.kv = KVCacheManager(spec, self.pool, torch.bfloat16, layout=layout, enable_prefix_caching=False)
         self.tokens_per_page = spec.tokens_per_page

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from memory.host_buffer import HostBuffer
 from memory.kv.blocks import KVBlock
+from memory.kv.layout import KVLayers, KVLayout
 from memory.kv.spec import KVCacheSpec
 from memory.virtual_tensor import VirtualTensor
 from memory.vmm.base import VmmBackend
 
 
-class ContiguousLayout:
+class ContiguousLayout(KVLayout):
     name = "contiguous"
 
     def __init__(self, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype):
@@ -31,7 +33,7 @@ class ContiguousLayout:
             for _ in range(spec.num_layers)
         ]
 
-    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def layer_caches(self) -> KVLayers:
         """What attention reads and writes: one (K, V) tensor pair per layer."""
         return [(k.tensor, v.tensor) for k, v in self.tensors]
 
@@ -64,25 +66,24 @@ class ContiguousLayout:
         index = self._page(slot, page)
         return [tensor.page_tensor(index) for tensor in self._block_tensors(block)]
 
-    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
+    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer: HostBuffer,
+                           host_slots: list[int]) -> None:
         for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
             host_buffer.copy_in(host_slot, view)
 
-    def copy_block_from_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
+    def copy_block_from_host(self, slot: int, page: int, block: KVBlock, host_buffer: HostBuffer,
+                             host_slots: list[int]) -> None:
         for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
             host_buffer.copy_out(host_slot, view)
 
-    def release_host(self, host_buffer, host_slots: list[int]) -> None:
-        host_buffer.free(host_slots)
-
     def block_freed(self, block: KVBlock) -> None:
-        """The block's chunks went back to the pool (a mirroring layout forwards this)."""
+        """Nothing to do: this layout keeps no state per block (RecordingLayout logs the call)."""
 
-    def read_tokens(self, slot: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def read_tokens(self, slot: int, start: int, end: int) -> KVLayers:
         """Copies of a slot's tokens [start, end) of K and V, per layer (for migration)."""
         return [(k.tensor[slot, start:end].clone(), v.tensor[slot, start:end].clone()) for k, v in self.tensors]
 
-    def write_tokens(self, slot: int, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def write_tokens(self, slot: int, start: int, layers: KVLayers) -> None:
         for (k, v), (key, value) in zip(self.tensors, layers, strict=True):
             k.tensor[slot, start : start + key.shape[0]].copy_(key)
             v.tensor[slot, start : start + value.shape[0]].copy_(value)
@@ -92,5 +93,3 @@ class ContiguousLayout:
             k.close()
             v.close()
 
-
-LAYOUTS = {"contiguous": ContiguousLayout}

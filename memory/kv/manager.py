@@ -19,8 +19,9 @@ import torch
 
 from memory.host_buffer import HostBuffer
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
-from memory.kv.contiguous import LAYOUTS
+from memory.kv.layout import KVLayout
 from memory.kv.mirror import RecordingLayout
+from memory.kv.registry import create_layout
 from memory.kv.spec import KVCacheSpec
 from memory.pool import ElasticPool, PoolExhausted
 
@@ -57,7 +58,7 @@ class KVCacheManager:
         self.spec = spec
         self.pool = pool
         self.host_buffer = host_buffer
-        self.layout = LAYOUTS[layout](spec, pool.backend, dtype)
+        self.layout: KVLayout = create_layout(layout, spec, pool.backend, dtype)
         if layout_log is not None:  # tensor parallelism: other ranks replay these layout calls
             self.layout = RecordingLayout(self.layout, layout_log)
         self.enable_prefix_caching = enable_prefix_caching

@@ -10,22 +10,36 @@ from __future__ import annotations
 
 import torch
 
+from memory.host_buffer import HostBuffer
 from memory.kv.blocks import KVBlock
-from memory.kv.contiguous import LAYOUTS
+from memory.kv.layout import KVLayers, KVLayout
+from memory.kv.registry import create_layout
 from memory.kv.spec import KVCacheSpec
 
 KV_CLIENT = "kv"
 
 
-class RecordingLayout:
-    """A layout that also logs every call another rank needs to replay (a decorator, not a subclass)."""
+class RecordingLayout(KVLayout):
+    """Wraps rank 0's layout: every call goes to it, and each one that changes where pages are mapped or
+    what the host buffer holds is also logged for the other ranks to replay."""
 
-    def __init__(self, layout, log: list):
+    name = "recording"  # never registered: it wraps a layout the registry built
+
+    def __init__(self, layout: KVLayout, log: list):
         self._layout = layout
         self._log = log
 
-    def __getattr__(self, name):  # reads (layer_caches, block_pages, ...) go straight through
-        return getattr(self._layout, name)
+    def layer_caches(self) -> KVLayers:
+        return self._layout.layer_caches()
+
+    def read_tokens(self, slot: int, start: int, end: int) -> KVLayers:
+        return self._layout.read_tokens(slot, start, end)
+
+    def write_tokens(self, slot: int, start: int, layers: KVLayers) -> None:
+        self._layout.write_tokens(slot, start, layers)
+
+    def close(self) -> None:
+        self._layout.close()
 
     def map_block(self, slot: int, page: int, block: KVBlock) -> None:
         self._layout.map_block(slot, page, block)
@@ -39,19 +53,22 @@ class RecordingLayout:
         self._layout.move_block(block, src_slot, dst_slot, page)
         self._log.append(("move", block.block_id, src_slot, dst_slot, page))
 
-    def copy_block_to_host(self, slot, page, block, host_buffer, host_slots) -> None:
+    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer: HostBuffer,
+                           host_slots: list[int]) -> None:
         self._layout.copy_block_to_host(slot, page, block, host_buffer, host_slots)
         self._log.append(("to_host", block.block_id, slot, page, tuple(host_slots)))
 
-    def copy_block_from_host(self, slot, page, block, host_buffer, host_slots) -> None:
+    def copy_block_from_host(self, slot: int, page: int, block: KVBlock, host_buffer: HostBuffer,
+                             host_slots: list[int]) -> None:
         self._layout.copy_block_from_host(slot, page, block, host_buffer, host_slots)
         self._log.append(("from_host", block.block_id, slot, page, tuple(host_slots)))
 
-    def release_host(self, host_buffer, host_slots: list[int]) -> None:
+    def release_host(self, host_buffer: HostBuffer, host_slots: list[int]) -> None:
         self._layout.release_host(host_buffer, host_slots)
         self._log.append(("release_host", tuple(host_slots)))
 
     def block_freed(self, block: KVBlock) -> None:
+        self._layout.block_freed(block)
         self._log.append(("free", block.block_id))
 
 
@@ -62,11 +79,11 @@ class LayoutMirror:
         self.spec = spec
         self.pool = pool
         self.host_buffer = host_buffer
-        self.layout = LAYOUTS[layout](spec, pool.backend, dtype)
+        self.layout = create_layout(layout, spec, pool.backend, dtype)
         self.blocks: dict[int, KVBlock] = {}
         pool.register(KV_CLIENT)
 
-    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def layer_caches(self) -> KVLayers:
         return self.layout.layer_caches()
 
     def apply(self, log: list[tuple]) -> None:

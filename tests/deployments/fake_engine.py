@@ -1,4 +1,5 @@
-"""A deterministic stand-in for engine.async_engine.AsyncEngine (the contract in docs/CONTRACTS.md).
+"""A deterministic stand-in for engine.async_engine.AsyncEngine: an engine.api.EngineClient with every public
+member AsyncEngine has (tests/deployments/test_engine_client.py compares the two).
 
 Tokens are bytes (id = byte + 3; 0 pad, 1 BOS, 2 EOS), so any text round-trips and the tokenizer works
 with engine.text.tokenizer.encode_prompt / encode_chat. The generated text is a fixed function of the prompt:
@@ -6,15 +7,19 @@ lowercase letters starting at (sum of prompt ids) mod 26, one per `token_delay_s
 chunks of `tokens_per_chunk` tokens per live request, out of `kv_total_chunks`, so routing stats and pool
 telemetry move the way a real engine's do. Special prompts: containing "FAIL" -> the stream fails after
 two tokens (finish_reason "error"); containing "EOS" -> EOS after three tokens (finish_reason "stop").
+The fake's "engine thread" is the event loop: `run_in_engine(function, *args)` calls `function(fake, *args)`
+between two of its tokens, as AsyncEngine calls it with its LLMEngine between two steps. It does not run
+engine/migration.py (`supports_migration` is False); `stream_attached` works with an `attach` that calls
+`fake.adopt(request, num_output_tokens)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.api import (
     EngineDeadError,
@@ -26,6 +31,11 @@ from engine.api import (
     TokenLogprob,
 )
 
+if TYPE_CHECKING:  # (engine.config imports torch: Ray replicas of the fake start faster without it)
+    from engine.config import EngineConfig
+    from engine.parallel.executor import TensorParallelExecutor
+
+T = TypeVar("T")
 PAD, BOS, EOS = 0, 1, 2
 BYTE_OFFSET = 3
 VOCAB_SIZE = 256 + BYTE_OFFSET
@@ -61,6 +71,7 @@ class _Live:
     request: GenerateRequest
     num_output_tokens: int = 0
     is_running: bool = False
+    last_output: RequestOutput | None = None  # set by end_stream: the stream ends with it
 
 
 @dataclass
@@ -82,20 +93,41 @@ class FakeEngine:
     is_dead: bool = False
     is_started: bool = False
     rank_placements: list[dict[str, Any]] = field(default_factory=list)
+    supports_migration = False  # a class attribute, as on AsyncEngine
 
     def __post_init__(self) -> None:
         self._live: dict[str, _Live] = {}
+        self._adopted: dict[str, _Live] = {}  # put in by an `attach` of stream_attached, not yet streaming
         self._num_inflates = 0
         self._num_deflates = 0
         self._slots: asyncio.Semaphore | None = None
 
+    @classmethod
+    def from_config(cls, config: EngineConfig, executor: TensorParallelExecutor | None = None) -> FakeEngine:
+        """The fake with the config's limits (its model is always the byte tokenizer's)."""
+        return cls(max_model_len=config.max_model_len or cls.max_model_len, max_num_seqs=config.max_num_seqs,
+                   max_num_waiting=config.max_num_waiting, num_ranks=config.tensor_parallel_size)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
     async def start(self) -> None:
+        self.start_thread()
+
+    def start_thread(self) -> None:
         self.is_started = True
 
     async def shutdown(self) -> None:
+        self.stop_thread()
+
+    def stop_thread(self) -> None:
+        """Stops: every live stream ends with finish_reason "abort" at its next token."""
         self.is_started = False
         for request_id in list(self._live):
-            await self.abort(request_id)
+            self._mark_aborted(request_id)
+
+    @property
+    def is_running(self) -> bool:
+        return self.is_started and not self.is_dead
 
     async def check_health(self) -> None:
         if self.is_dead:
@@ -129,20 +161,60 @@ class FakeEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         self._validate(request)
         self.submitted.append(request)
-        live = _Live(request)
+        async for output in self._produce(_Live(request)):
+            yield output
+
+    async def run_in_engine(self, function: Callable[..., T], *args: object) -> T:
+        """`function(self, *args)`, run on the event loop, which is this fake's engine thread."""
+        return function(self, *args)
+
+    async def stream_attached(self, request_id: str, attach: Callable[..., object],
+                              *args: object) -> AsyncIterator[RequestOutput]:
+        """Runs `attach(self, *args)`, which must put `request_id` in with `adopt`, then streams it."""
+        if request_id in self._live:
+            raise InvalidRequestError(f"request id {request_id!r} is already running here", "request_id")
+        await self.run_in_engine(attach, *args)
+        live = self._adopted.pop(request_id, None)
+        if live is None:
+            raise InvalidRequestError(f"attach did not put {request_id!r} into the engine", "request_id")
+        async for output in self._produce(live):
+            yield output
+
+    def adopt(self, request: GenerateRequest, num_output_tokens: int = 0) -> None:
+        """Takes over a request that already has `num_output_tokens` tokens (for `stream_attached`)."""
+        self._adopted[request.request_id] = _Live(request, num_output_tokens)
+
+    def end_stream(self, request_id: str, output: RequestOutput) -> None:
+        """The request's stream yields `output` instead of its next token and ends."""
+        live = self._live.get(request_id)
+        if live is not None:
+            live.last_output = output
+
+    def max_tokens_that_fit(self, num_prompt_tokens: int) -> int:
+        """The largest max_tokens for this prompt: the context, and all of the KV chunks for one request."""
+        kv_tokens = self.kv_total_chunks * self.tokens_per_chunk
+        return max(0, min(self.max_model_len, kv_tokens) - num_prompt_tokens)
+
+    async def _produce(self, live: _Live) -> AsyncIterator[RequestOutput]:
+        request = live.request
         self._live[request.request_id] = live
         self._inflate()
         sampling = request.sampling
         prompt_text = self.tokenizer.decode(request.prompt_token_ids)
         num_prompt = len(request.prompt_token_ids)
         tokens = self.output_ids(request.prompt_token_ids, sampling.max_tokens)
-        text = ""
+        text = self.tokenizer.decode(tokens[:live.num_output_tokens])
         finish_reason = None
         try:
             async with self._slots_semaphore():
                 live.is_running = True
-                for index, token_id in enumerate(tokens):
+                for index in range(live.num_output_tokens, len(tokens)):
+                    token_id = tokens[index]
                     await asyncio.sleep(self.token_delay_s)
+                    if live.last_output is not None:
+                        finish_reason = live.last_output.finish_reason
+                        yield live.last_output
+                        return
                     if request.request_id in self.aborted:
                         finish_reason = "abort"
                         yield RequestOutput(request.request_id, (), "", "abort", num_prompt, index)
@@ -177,14 +249,17 @@ class FakeEngine:
         finally:
             if finish_reason is None:  # closed early: the contract says that aborts the request
                 finish_reason = "abort"
-                if request.request_id not in self.aborted:
-                    self.aborted.append(request.request_id)
+                self._mark_aborted(request.request_id)
             self.finished[request.request_id] = finish_reason
             self._live.pop(request.request_id, None)
             self._num_deflates += 1
 
     async def abort(self, request_id: str) -> None:
-        if request_id in self._live and request_id not in self.aborted:
+        if request_id in self._live:
+            self._mark_aborted(request_id)
+
+    def _mark_aborted(self, request_id: str) -> None:
+        if request_id not in self.aborted:
             self.aborted.append(request_id)
 
     # ---- state -----------------------------------------------------------------------------------
@@ -207,7 +282,7 @@ class FakeEngine:
                            kv_usage=used / self.kv_total_chunks, num_prefix_cache_hits=0,
                            num_prefix_cache_queries=sum(len(r.prompt_token_ids) for r in self.submitted))
 
-    def memory_telemetry(self) -> list[dict[str, Any]]:
+    def memory_telemetry(self) -> list[dict]:
         used = min(self.kv_chunks_used(), self.kv_total_chunks)
         activations = 2
         return [{
@@ -225,7 +300,7 @@ class FakeEngine:
 class FakeWorkerProcess:
     """Stands in for engine.parallel.worker.WorkerProcess: its run loop ends when rank 0 writes `<file>.stop`."""
 
-    def __init__(self, rank: int, world_size: int, init_method_file: str, engine_config: Any):
+    def __init__(self, rank: int, world_size: int, init_method_file: str, engine_config: EngineConfig | None):
         self.rank, self.world_size, self.init_method_file = rank, world_size, init_method_file
 
     def run(self) -> None:

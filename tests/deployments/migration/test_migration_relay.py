@@ -8,6 +8,7 @@ import asyncio
 from deployments.ingress.generation import GenerationRun
 from deployments.ingress.metrics import ServingMetrics
 from deployments.migration.relay import Relay, RelayRegistry
+from deployments.migration.source import COMMITTED
 from engine.api import GenerateRequest, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -106,9 +107,9 @@ def test_dropping_an_untaken_relay_cancels_it():
     the HTTP handler took it over."""
     async def scenario():
         relays = RelayRegistry()
-        destination = DestinationStream([{"committed": True}, out(3)], block_after=1)
+        destination = DestinationStream([COMMITTED, out(3)], block_after=1)
         stream = destination.stream()
-        assert await anext(stream) == {"committed": True}
+        assert await anext(stream) == COMMITTED
         relays.put(Relay("r-0", stream, paused_at=0.0))
         await relays.drop("r-0")
         return destination.closed, len(relays)

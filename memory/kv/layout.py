@@ -1,0 +1,75 @@
+"""`KVLayout`: where a KV cache's pages sit in virtual memory, the strategy KVCacheManager delegates to.
+
+The manager decides which blocks exist, which slot a request owns and which token pages of it are
+resident; a layout only places those blocks (maps their pool chunks) and moves bytes. So two layouts given
+the same calls make the same decisions (tests/loadtest/sim compares `contiguous` with the simulator's
+`bookkeeping`). Layouts are looked up by name in memory/kv/registry.py.
+
+Contract, for a block of layer group g (its chunks: for each layer of g in order, K then V):
+  - `map_block(slot, page, block)` maps every chunk of the block at token page `page` of `slot`; the place
+    must be unmapped. `unmap_block` unmaps them (the chunks stay the block's). `move_block` remaps a block
+    from one slot to another at the same page, copying no data (the destination must be unmapped).
+  - `copy_block_to_host` / `copy_block_from_host` copy a mapped block's chunks to / from host-buffer slots
+    (one host slot per chunk, in chunk order); `release_host` frees host slots.
+  - `block_freed(block)`: the block's chunks went back to the pool (a recording layout logs it).
+  - `read_tokens(slot, start, end)` returns copies of the slot's K and V for tokens [start, end) per layer;
+    `write_tokens(slot, start, layers)` writes such copies back (the pages must be mapped).
+  - `layer_caches()`: per layer, the (K, V) tensors attention reads and writes in place.
+  - `close()` releases the layout's virtual ranges; every block must be unmapped first.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from memory.host_buffer import HostBuffer
+from memory.kv.blocks import KVBlock
+from memory.kv.spec import KVCacheSpec
+from memory.vmm.base import VmmBackend
+
+KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V
+
+
+class KVLayout(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def __init__(self, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype) -> None: ...
+
+    @abstractmethod
+    def layer_caches(self) -> KVLayers: ...
+
+    @abstractmethod
+    def map_block(self, slot: int, page: int, block: KVBlock) -> None: ...
+
+    @abstractmethod
+    def unmap_block(self, slot: int, page: int, block: KVBlock) -> None: ...
+
+    @abstractmethod
+    def move_block(self, block: KVBlock, src_slot: int, dst_slot: int, page: int) -> None: ...
+
+    @abstractmethod
+    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer: HostBuffer,
+                           host_slots: list[int]) -> None: ...
+
+    @abstractmethod
+    def copy_block_from_host(self, slot: int, page: int, block: KVBlock, host_buffer: HostBuffer,
+                             host_slots: list[int]) -> None: ...
+
+    def release_host(self, host_buffer: HostBuffer, host_slots: list[int]) -> None:
+        host_buffer.free(host_slots)
+
+    @abstractmethod
+    def block_freed(self, block: KVBlock) -> None: ...
+
+    @abstractmethod
+    def read_tokens(self, slot: int, start: int, end: int) -> KVLayers: ...
+
+    @abstractmethod
+    def write_tokens(self, slot: int, start: int, layers: KVLayers) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
