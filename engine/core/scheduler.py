@@ -5,6 +5,8 @@ token, preempting the most recent request when memory runs out), the rest of par
 requests, swapped requests coming back, then new requests from the waiting queue while the token
 budget, the KV slots and the memory left after the step's activation workspace allow. It never
 drops a request: preempted ones are swapped to the host buffer or put back in front to recompute.
+Whoever wants to watch the plans (the offline benchmark) appends a callback to `plan_observers`: each
+gets every plan right after it is made, before the step runs.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ class SchedulerOutput:
     prefills: tuple[ScheduledChunk, ...]  # prompt chunks (or recompute chunks), in admission order
     preempted: tuple[str, ...]  # requests that lost their KV slot in this step (swap or recompute)
     num_activation_chunks: int  # workspace chunks of this step that KV had to leave free
-    kv_log: tuple[tuple, ...] = ()  # KV-manager calls made while scheduling (replayed by TP ranks)
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +91,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swaps = 0
         self.num_recomputes = 0
+        self.plan_observers: list[Callable[[SchedulerOutput], None]] = []
 
     # ---- queue -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -142,7 +144,10 @@ class Scheduler:
             self._schedule_swapped(step)
         if not step.preempted and not self.swapped:
             self._schedule_waiting(step)
-        return self._output(step)
+        output = self._output(step)
+        for observer in self.plan_observers:
+            observer(output)
+        return output
 
     def _token_budget(self) -> int:
         """Tokens this step may compute. With a TPOT target, prefill tokens are capped so the step stays
@@ -185,7 +190,7 @@ class Scheduler:
                     break
             if request.status is not RequestStatus.RUNNING:
                 break  # the request preempted itself: everything after it is gone too
-            self.kv.grow(request.request_id, end)
+            self._grow(request, end)
             self._add_to_step(step, request, num_new, bool(samples))
             index += 1
 
@@ -204,7 +209,7 @@ class Scheduler:
             self.running.append(request)
             if not self._fits(step, request.request_id, end, 1, 1):
                 return  # back in a slot; it decodes next step
-            self.kv.grow(request.request_id, end)
+            self._grow(request, end)
             self._add_to_step(step, request, 1, True)
 
     def _schedule_waiting(self, step: _StepBuilder) -> None:
@@ -230,8 +235,15 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             end = request.num_computed_tokens + num_new
-            self.kv.grow(request.request_id, end)
+            self._grow(request, end)
             self._add_to_step(step, request, num_new, bool(samples))
+
+    def _grow(self, request: Request, num_tokens: int) -> None:
+        """Every caller checked first that the chunks are there (`_fits` or the admission check), so a
+        refusal means the accounting and the pool disagree: stop rather than run a step without KV pages."""
+        if not self.kv.grow(request.request_id, num_tokens):
+            raise RuntimeError(f"KV for {request.request_id} up to {num_tokens} tokens was checked to fit and "
+                               f"did not ({self.kv.num_available_chunks()} chunks available)")
 
     def _cached_chunks(self, num_cached_tokens: int) -> int:
         return self.kv.chunks_to_grow(None, num_cached_tokens) if num_cached_tokens else 0

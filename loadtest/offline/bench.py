@@ -20,207 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
-import time
 from collections.abc import Sequence
 
 import torch
 
-from engine.api import GenerateRequest
-from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from loadtest.text import TextMaker
-
-GIB = 1 << 30
-MIB = 1 << 20
-HIGHER_IS_BETTER = ("output_tok_s", "prefill_tok_s")
-LOWER_IS_BETTER = ("mean_step_ms", "mean_decode_step_ms", "ttft_ms", "tpot_ms", "wall_s")
-LABELS = {
-    "output_tok_s": "output tok/s", "prefill_tok_s": "prefill tok/s", "mean_step_ms": "mean step ms",
-    "mean_decode_step_ms": "mean decode step ms", "tpot_ms": "TPOT ms", "ttft_ms": "TTFT ms (first)",
-    "wall_s": "wall s", "num_steps": "steps", "peak_kv": "peak KV", "num_preemptions": "preemptions",
-    "peak_activation": "peak activations held",
-}
-
-
-# ---- workload ----------------------------------------------------------------------------------
-class _EngineTokenCounter:
-    """loadtest.text's counter protocol over the engine's own tokenizer (so lengths are exact for it)."""
-
-    is_exact = True
-    name = "engine"
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
-
-def make_prompts(tokenizer, num_prompts: int, prompt_len: int, seed: int) -> list[list[int]]:
-    """`num_prompts` token-id lists of exactly `prompt_len` tokens of real words, different from the start."""
-    maker = TextMaker(_EngineTokenCounter(tokenizer), random.Random(seed))
-    prompts = []
-    for _ in range(num_prompts):
-        ids = tokenizer.encode(maker.text(prompt_len + 8), add_special_tokens=False)
-        while len(ids) < prompt_len:  # the text maker gave up repairing: pad with more words
-            ids += tokenizer.encode(" " + maker.text(prompt_len - len(ids), is_continuation=True),
-                                    add_special_tokens=False)
-        prompts.append(ids[:prompt_len])
-    return prompts
-
-
-def greedy(output_len: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-
-
-# ---- our engine --------------------------------------------------------------------------------
-def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: int, tag: str) -> dict:
-    """Submits every prompt at once, steps to the end, and times each step.
-
-    Each step's plan is observed (schedule() is wrapped on this instance only, and restored after) to tell
-    prefill steps from pure decode steps and to read KV use at its peak: right after scheduling, before
-    finished requests give their pages back."""
-    plans = []
-    peaks = {"kv_chunks": 0, "running": 0, "decoding": 0, "activation_chunks": 0, "planned_activation_chunks": 0}
-    scheduler, schedule = engine.scheduler, engine.scheduler.schedule
-
-    def observed_schedule():
-        plan = schedule()
-        plans.append(plan)
-        peaks["kv_chunks"] = max(peaks["kv_chunks"], engine.kv.num_used_chunks())
-        peaks["running"] = max(peaks["running"], len(scheduler.running))
-        # a request that has computed its first decode step holds its whole prompt's KV and one more token:
-        # these are the requests truly resident at once
-        decoding = sum(1 for request in scheduler.running
-                       if request.num_computed_tokens > len(request.prompt_token_ids))
-        peaks["decoding"] = max(peaks["decoding"], decoding)
-        peaks["planned_activation_chunks"] = max(peaks["planned_activation_chunks"], plan.num_activation_chunks)
-        return plan
-
-    preemptions_before = scheduler.num_preemptions
-    for index, prompt in enumerate(prompts):
-        engine.add_request(GenerateRequest(f"{tag}-{index}", tuple(prompt), greedy(output_len)))
-    first_token_s: dict[str, float] = {}
-    token_ids: dict[str, list[int]] = {f"{tag}-{index}": [] for index in range(len(prompts))}
-    prefill = {"s": 0.0, "tokens": 0, "steps": 0}
-    decode = {"s": 0.0, "steps": 0}
-    num_idle = 0
-    scheduler.schedule = observed_schedule
-    try:
-        started = time.perf_counter()
-        while engine.has_work:
-            step_started = time.perf_counter()
-            outputs = engine.step()
-            elapsed = time.perf_counter() - step_started
-            plan = plans.pop() if plans else None
-            plans.clear()
-            if plan is None or plan.is_empty:
-                num_idle += 1
-                if num_idle > 10_000:
-                    raise RuntimeError("the engine has work but schedules nothing")
-                continue
-            peaks["activation_chunks"] = max(peaks["activation_chunks"], engine.pool.num_held("activations"))
-            num_prefill = sum(len(chunk.token_ids) for chunk in plan.prefills)
-            bucket = prefill if num_prefill else decode
-            bucket["s"] += elapsed
-            bucket["steps"] += 1
-            prefill["tokens"] += num_prefill
-            now = time.perf_counter() - started
-            for output in outputs:
-                first_token_s.setdefault(output.request_id, now)
-                token_ids[output.request_id].extend(output.new_token_ids)
-        wall_s = time.perf_counter() - started
-    finally:
-        del scheduler.schedule  # back to the class's method
-    chunk_bytes = engine.pool.chunk_bytes
-    num_steps = prefill["steps"] + decode["steps"]
-    ttfts = sorted(first_token_s.values())
-    return {
-        "wall_s": wall_s,
-        "output_tok_s": len(prompts) * output_len / wall_s,
-        "prefill_tok_s": prefill["tokens"] / prefill["s"] if prefill["s"] else None,
-        "mean_step_ms": (prefill["s"] + decode["s"]) / num_steps * 1e3 if num_steps else None,
-        "mean_decode_step_ms": decode["s"] / decode["steps"] * 1e3 if decode["steps"] else None,
-        "ttft_ms": ttfts[0] * 1e3 if ttfts else None,
-        "last_ttft_ms": ttfts[-1] * 1e3 if ttfts else None,
-        "num_steps": num_steps,
-        "num_prefill_steps": prefill["steps"],
-        "num_prefill_tokens": prefill["tokens"],
-        "num_preemptions": scheduler.num_preemptions - preemptions_before,
-        "peak_running": peaks["running"],
-        "peak_decoding": peaks["decoding"],
-        "peak_kv_bytes": peaks["kv_chunks"] * chunk_bytes,
-        "peak_kv_budget_pct": 100.0 * peaks["kv_chunks"] * chunk_bytes / engine.config.device_memory_bytes,
-        "peak_activation_bytes": peaks["activation_chunks"] * chunk_bytes,
-        "peak_planned_activation_bytes": peaks["planned_activation_chunks"] * chunk_bytes,
-        "token_ids": list(token_ids.values()),
-    }
-
-
-def build_engine(args, tokenizer=None, **overrides) -> LLMEngine:
-    # no prefix caching: rounds repeat the same prompts, and the peer runs without it too
-    options = dict(dtype=args.dtype, num_threads=args.threads, device_memory_bytes=int(args.memory_gib * GIB),
-                   enable_prefix_caching=False,
-                   max_num_batched_tokens=args.max_num_batched_tokens,
-                   max_num_seqs=args.max_num_seqs or min(max(64, args.num_prompts), 256))
-    options.update(overrides)
-    return LLMEngine(EngineConfig(**options), tokenizer=tokenizer)
-
-
-# ---- reporting ---------------------------------------------------------------------------------
-def _format(key: str, value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    if key.endswith("_bytes"):
-        return f"{value / MIB:.1f} MiB"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
-
-
-def speedup(key: str, ours, other) -> float | None:
-    """How many times better ours is (>1: ours better), for metrics with a direction."""
-    if not ours or not other:
-        return None
-    if key in HIGHER_IS_BETTER:
-        return ours / other
-    if key in LOWER_IS_BETTER:
-        return other / ours
-    return None
-
-
-def format_table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) if index == 0 else cell.rjust(width)
-                       for index, (cell, width) in enumerate(zip(row, widths, strict=True))) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
-def comparison_table(systems: dict[str, dict], keys: Sequence[str]) -> str:
-    """One column per system, then 'ours vs X' columns (x times better; >1 = ours better)."""
-    names = list(systems)
-    others = [name for name in names if name != "ours"]
-    header = ["metric", *names, *[f"ours vs {name}" for name in others]]
-    rows = [header]
-    for key in keys:
-        if all(systems[name].get(key) is None for name in names):
-            continue
-        row = [LABELS.get(key, key), *[_format(key, systems[name].get(key)) for name in names]]
-        for name in others:
-            ratio = speedup(key, systems["ours"].get(key), systems[name].get(key))
-            row.append(f"{ratio:.2f}x" if ratio else "")
-        rows.append(row)
-    return format_table(rows)
-
-
-def _load() -> str:
-    return "load avg {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+from loadtest.offline.capacity import format_capacity, run_capacity
+from loadtest.offline.engine_runner import MIB, build_engine, make_prompts, run_engine
+from loadtest.offline.tables import comparison_table, load_average
 
 
 # ---- modes -------------------------------------------------------------------------------------
@@ -243,11 +51,11 @@ def _measure(args, engine: LLMEngine, hf, peer, prompts, tag: str, mode: str) ->
 
     rounds: dict[str, list[dict]] = {"ours": []}
     for index in range(args.rounds):
-        rounds["ours"].append({**run_engine(engine, prompts, args.output_len, f"{tag}{index}"), "load": _load()})
+        rounds["ours"].append({**run_engine(engine, prompts, args.output_len, f"{tag}{index}"), "load": load_average()})
         if hf is not None:
             result = run_hf(hf, prompts, args.output_len, pad_token_id=engine.tokenizer.pad_token_id or 0,
                             batch_size=args.hf_batch_size)
-            rounds.setdefault("HF", []).append({**result, "load": _load()})
+            rounds.setdefault("HF", []).append({**result, "load": load_average()})
         if peer is not None:
             rounds.setdefault("vLLM", []).append(peer.run(prompts, args.output_len, mode))
     systems = {name: _best_round(results) for name, results in rounds.items()}
@@ -300,8 +108,6 @@ def run_modes(args) -> dict:
         engine.close()
         del hf
     if "capacity" in modes:
-        from loadtest.offline.capacity import run_capacity
-
         results["capacity"] = run_capacity(args, tokenizer)
     return results
 
@@ -345,8 +151,6 @@ def format_results(results: dict) -> str:
         out.append(comparison_table(results["batch1"], ("output_tok_s", "tpot_ms", "ttft_ms", "wall_s")))
         out.append(_footer(results["batch1"]))
     if "capacity" in results:
-        from loadtest.offline.capacity import format_capacity
-
         out.append(format_capacity(results["capacity"]))
     return "\n".join(out)
 
@@ -401,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     _warn_if_busy(args.threads)
     results = run_modes(args)
-    results["machine"] = {"cpus": os.cpu_count(), "load_end": _load(), "torch": torch.__version__}
+    results["machine"] = {"cpus": os.cpu_count(), "load_end": load_average(), "torch": torch.__version__}
     print(format_results(results), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import time
 
 from engine.core.engine import LLMEngine
-from loadtest.offline.bench import GIB, MIB, _load, build_engine, format_table, make_prompts, run_engine
+from loadtest.offline.engine_runner import GIB, MIB, build_engine, make_prompts, run_engine
+from loadtest.offline.tables import format_table, load_average
 
 SWEEP_GIB = (0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)  # budgets whose accounting is printed next to the measured one
 
@@ -98,7 +99,7 @@ def run_capacity(args, tokenizer=None) -> dict:
                          num_preemptions=run["num_preemptions"], peak_kv_bytes=run["peak_kv_bytes"],
                          peak_activation_held_bytes=run["peak_activation_bytes"],
                          peak_step_activation_bytes=run["peak_planned_activation_bytes"],
-                         confirm_wall_s=time.perf_counter() - started, load=_load())
+                         confirm_wall_s=time.perf_counter() - started, load=load_average())
             entry["confirmed"] = entry["observed"] == entry["predicted"] and run["num_preemptions"] == 0
         result["policies"][policy] = entry
         engine.close()

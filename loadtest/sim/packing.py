@@ -33,6 +33,8 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from loadtest.sim.model import ModelShape, ReplicaConfig, kv_spec
 from loadtest.sim.policies import (
     ClusterView,
@@ -43,7 +45,7 @@ from loadtest.sim.policies import (
     create_policy,
 )
 from loadtest.sim.replica import SimReplica, SimRequest
-from loadtest.sim.report import SimResult, describe, format_table, summarize
+from loadtest.sim.report import SimResult, format_table
 from loadtest.sim.trace import DiurnalTrace, TraceRequest, clip_to_context, load_trace
 
 _WAKE, _TICK, _READY, _COMMIT = range(4)
@@ -121,7 +123,26 @@ class Cluster:
             else:
                 raise AssertionError("requests are left but nothing will happen: the simulation is stuck")
         end_s = max(request.finish_s for request in self.requests)
-        return summarize(self, end_s)
+        return self.summary(end_s)
+
+    def summary(self, end_s: float) -> SimResult:
+        """The run's numbers, all requests having finished by `end_s`."""
+        config = self.config
+        requests = self.requests
+        ttft = np.array([r.first_token_s - r.arrival_s for r in requests])
+        tpot = np.array([(r.finish_s - r.first_token_s) / (r.output - 1) if r.output > 1 else 0.0
+                         for r in requests])
+        meets = (ttft <= config.slo_ttft_s) & (tpot <= config.slo_tpot_s)
+        seconds = sum((r.released_s if r.released_s is not None else end_s) - r.started_s for r in self.replicas)
+        counts = self.counts
+        return SimResult(
+            policy=config.policy, num_requests=len(requests), end_s=end_s, replica_hours=seconds / 3600,
+            peak_replicas=self.num_live_peak, ttft_p50_s=float(np.percentile(ttft, 50)),
+            ttft_p99_s=float(np.percentile(ttft, 99)), tpot_p99_s=float(np.percentile(tpot, 99)),
+            num_preemptions=sum(r.num_preemptions for r in self.replicas), num_copies=counts["copies"],
+            num_recomputes=counts["recomputes"], num_aborted=counts["aborted"], num_refused=counts["refused"],
+            num_fallbacks=counts["fallbacks"], bytes_moved=counts["bytes_moved"],
+            slo_attainment=float(meets.mean()))
 
     def _push(self, when: float, kind: int, payload: object) -> None:
         self._seq += 1
@@ -314,6 +335,28 @@ def main(argv: list[str] | None = None) -> int:
     each = ", ".join(f"{result.policy} {result.wall_s:.0f} s" for result in results)
     print(f"simulated in {time.perf_counter() - started:.1f} s ({each}; {args.jobs} at a time)")
     return 0
+
+
+def describe(config: SimConfig) -> str:
+    """The constants a run used, in a few lines (printed above the table)."""
+    model, replica, policy, cost = config.model, config.replica, config.policy_config, config.policy_config.cost
+    kv_bytes = replica.kv_budget_bytes(model)
+    page_bytes = replica.tokens_per_page * model.kv_bytes_per_token
+    return "\n".join((
+        f"model {model.name}: {model.kv_bytes_per_token >> 10} KiB of KV per token, {model.weight_bytes / 1e9:.2f} GB "
+        f"of weights; replica: {replica.gpu_bytes / 2**30:.0f} GiB x {replica.gpu_memory_utilization} - weights - "
+        f"{replica.activation_reserve_bytes / 2**30:.0f} GiB reserve = {kv_bytes / 2**30:.1f} GiB of KV "
+        f"({kv_bytes // page_bytes} pages of {replica.tokens_per_page} tokens), {replica.max_num_seqs} seqs, "
+        f"{replica.max_num_batched_tokens} tokens/step, start-up {replica.startup_s:.0f} s",
+        f"cost: decode step {cost.decode_base_s * 1e3:g} ms + {cost.decode_per_seq_s * 1e6:g} us/seq + "
+        f"{cost.decode_per_context_token_s * 1e9:g} ns/context token; prefill {cost.prefill_per_token_s * 1e6:g} "
+        f"us/token + {cost.prefill_attention_per_pair_s * 1e9:g} ns/(query, key); KV copy "
+        f"{cost.migration_bandwidth_bytes_per_s / 1e9:g} GB/s + {cost.migration_setup_s * 1e3:g} ms",
+        f"controller: every {config.tick_s:g} s; balance {policy.low_watermark:g} -> {policy.high_watermark:g} of KV; "
+        f"fleet sized to the {config.scale_down_window_s:g} s peak at {policy.target_load:g} load; "
+        f"<= {policy.max_migrations_per_tick} migrations/tick, <= {policy.max_outgoing_per_replica} out and "
+        f"{policy.max_incoming_per_replica} in per replica; SLO: TTFT <= {config.slo_ttft_s:g} s, "
+        f"TPOT <= {config.slo_tpot_s * 1e3:g} ms"))
 
 
 if __name__ == "__main__":

@@ -112,9 +112,6 @@ class KVCacheManager:
             total += missing * self._chunks_per_block[group]
         return total
 
-    def can_grow(self, request_id: str | None, num_tokens: int) -> bool:
-        return self.chunks_to_grow(request_id, num_tokens) <= self.num_available_chunks()
-
     # ---- admission and growth ------------------------------------------------------------------
     def match_prefix(self, token_ids: Sequence[int]) -> int:
         """How many leading tokens are cached in every layer group (whole pages; at least one token

