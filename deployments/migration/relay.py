@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from engine.api import RequestOutput
 
@@ -31,7 +31,7 @@ _ABANDONING: set[asyncio.Task] = set()  # cancels on their way to a destination 
 class Relay:
     """The destination's outputs of one migrated request, with the downtime observed on the way."""
 
-    def __init__(self, request_id: str, outputs: AsyncIterator[RequestOutput], paused_at: float,
+    def __init__(self, request_id: str, outputs: AsyncGenerator[RequestOutput, None], paused_at: float,
                  on_first_token: Callable[[float], None] | None = None,
                  on_abandon: Callable[[], Awaitable[None]] | None = None):
         self.request_id = request_id
@@ -79,10 +79,8 @@ class Relay:
             task.add_done_callback(_ABANDONING.discard)
             with contextlib.suppress(BaseException):
                 await asyncio.shield(task)
-        close = getattr(self._outputs, "aclose", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                await close()
+        with contextlib.suppress(Exception):
+            await self._outputs.aclose()
 
     async def _abandon(self, on_abandon: Callable[[], Awaitable[None]]) -> None:
         try:

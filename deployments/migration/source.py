@@ -28,7 +28,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +71,7 @@ class Committed:
 
 
 COMMITTED = Committed()
-AdoptStream = AsyncIterator[Committed | RequestOutput]  # MigrationEndpoint.adopt: COMMITTED, then the outputs
+AdoptStream = AsyncGenerator[Committed | RequestOutput, None]  # MigrationEndpoint.adopt: COMMITTED, then outputs
 
 
 class MigrationAborted(Exception):
