@@ -71,6 +71,15 @@ class MigrationArgs(BaseModel):
         return "torch_distributed" if self.transport == "auto" else self.transport
 
 
+class PlacementArgs(BaseModel):
+    """Where replicas go on a multi-node cluster (deployments/cluster/placement.py; docs/MULTINODE.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spread_replicas: bool = False  # at most one replica per node (Serve's max_replicas_per_node: 1)
+    max_replicas_per_node: int | None = Field(default=None, ge=1)  # a looser limit; wins over spread_replicas
+
+
 class AppArgs(BaseModel):
     """Engine knobs left at None take EngineConfig's default, so the engine owns its defaults."""
 
@@ -90,6 +99,10 @@ class AppArgs(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1)
     cpus_per_rank: float = Field(default=1.0, gt=0)  # Ray CPUs per rank (replica + each TP worker)
     num_threads: int | None = Field(default=None, ge=1)  # torch threads per rank; None: from cpus_per_rank
+    placement: PlacementArgs = Field(default_factory=PlacementArgs)
+    # The network interface of process groups between nodes (migration KV channels); None: the
+    # ELASTIC_GLOO_IFNAME environment variable on the replica's node, else the node's address as Ray reports it.
+    network_interface: str | None = None
     # Scheduler limits and SLO targets.
     max_model_len: int | None = Field(default=None, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)

@@ -26,6 +26,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.args import AppArgs, resolve_device
 from deployments.cluster.autoscaling import autoscaling_metrics
 from deployments.cluster.controller import ControllerClient, controller_options
+from deployments.cluster.placement import local_node, tensor_parallel_interface
 from deployments.cluster.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
 from deployments.ingress.engine_bindings import EngineBindings, check_engine_health
 from deployments.ingress.openai_app import AppSettings, build_openai_app
@@ -53,8 +54,10 @@ def build_elastic_engine(args: AppArgs) -> BuiltEngine:
     config = args.to_engine_config(device=device)
     if args.tensor_parallel_size == 1:
         return BuiltEngine(AsyncEngine.from_config(config))
+    # The ranks share a node (STRICT_PACK placement group): their group stays on the loopback interface.
+    config = dataclasses.replace(config, process_group_interface=tensor_parallel_interface())
     launcher = WorkerLauncher(args.tensor_parallel_size, config, args.cpus_per_rank,
-                              gpus_per_rank=1 if device == "cuda" else 0, device=device)
+                              gpus_per_rank=1 if device == "cuda" else 0)
     launcher.start()
     try:
         executor = import_attr(EXECUTOR_PATH)(config, launcher.init_method_file)
@@ -120,11 +123,11 @@ class LLMServer:
         self._telemetry_task = asyncio.get_running_loop().create_task(self._push_telemetry())
 
     def _start_migration(self, context: Any) -> None:
-        import ray
-
         config = self.args.migration.to_config()
         device = resolve_device(self.args.device)
-        self._channels = KVChannels(ray.util.get_node_ip_address(), device, timeout_s=config.call_timeout_s)
+        node = local_node(self.args.network_interface)  # groups with other nodes bind to its address
+        self._channels = KVChannels(node.host, device, timeout_s=config.call_timeout_s, node_id=node.node_id,
+                                    interface=node.interface)
         peer = make_peer(self.args.migration.resolved_transport(), context.deployment, context.app_name,
                          self.replica_id, self._channels)
         self._endpoint = MigrationEndpoint(self.engine, config, self._migration_stats, self._relays, self._channels)

@@ -39,6 +39,10 @@ class EngineConfig:
     tpot_slo_ms: float | None = None
     num_threads: int | None = None  # torch threads per rank
     tensor_parallel_size: int = 1
+    # The network interface of the tensor-parallel group's sockets (GLOO_SOCKET_IFNAME on CPU,
+    # NCCL_SOCKET_IFNAME on GPU). None: torch's default (the host name's address). The serving layer sets it
+    # from where Ray placed the ranks (deployments/cluster/placement.py); the engine knows nothing of nodes.
+    process_group_interface: str | None = None
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
     linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import ray
 
+from deployments.cluster.placement import controller_scheduling_strategy
 from deployments.migration.planner import MigrationPlanner
 from deployments.migration.policy import (  # noqa: F401 - re-exported: the registry's historical home
     MIGRATION_POLICIES,
@@ -182,11 +183,12 @@ class ClusterController:
 
 def get_or_create_controller(name: str, namespace: str, migration_policy: str = "none",
                              **options: Any) -> ray.actor.ActorHandle:
-    # num_cpus=0: placement groups may hold every CPU. scheduling_strategy="DEFAULT": created from a replica,
-    # the actor would otherwise land in (and die with) the replica's placement group.
+    # num_cpus=0: placement groups may hold every CPU. An explicit strategy: created from a replica, the actor
+    # would otherwise land in (and die with) the replica's placement group. Named and detached: every node
+    # finds it; it prefers the head node, so losing a worker node keeps the cluster view.
     return ray.remote(ClusterController).options(
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
-        scheduling_strategy="DEFAULT",
+        scheduling_strategy=controller_scheduling_strategy(),
     ).remote(migration_policy=migration_policy, **options)
 
 
