@@ -4,8 +4,8 @@
   replicas of the deployment on one node (`max_replicas_per_node`, Serve's per-node implicit resource).
   A tensor-parallel replica is one STRICT_PACK placement group: its ranks always share a node, which is
   what lets them rendezvous through a file and talk over the loopback interface.
-- The cluster controller: named and detached, so any node finds it by name; it prefers the head node
-  (soft affinity) so that losing a worker node does not take the cluster view with it.
+- The cluster controller: named and detached, so any node finds it by name; it runs on the head node so
+  that losing a worker node does not take the cluster view (and the migration planner) with it.
 - Addresses: a process group between two nodes binds to the node's address as Ray reports it
   (`ray.util.get_node_ip_address()`), or to the interface named by `network_interface` / the
   ELASTIC_GLOO_IFNAME environment variable; between two processes of one node it stays on loopback.
@@ -102,9 +102,10 @@ def head_node_id() -> str | None:
 
 
 def controller_scheduling_strategy() -> Any:
-    """Soft affinity to the head node (the GCS lives there: when it goes, the cluster goes anyway); any node
-    when the head is unknown or full."""
+    """Hard affinity to the head node: the GCS lives there, so when it goes the cluster goes anyway, and the
+    actor needs no CPU, so it always fits. (Soft affinity was seen to land on a worker node when the head has
+    no CPUs, as KubeRay heads often do.) Any node when no head is known."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node_id = head_node_id()
-    return "DEFAULT" if node_id is None else NodeAffinitySchedulingStrategy(node_id, soft=True)
+    return "DEFAULT" if node_id is None else NodeAffinitySchedulingStrategy(node_id, soft=False)
