@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU machines take the local CPU wheel so no multi-GB CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install serve test test-all bench lint clean
+.PHONY: install serve test test-all test-multinode bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+# Several raylets on this machine (ray.cluster_utils.Cluster): placement, migration and node loss across nodes.
+test-multinode: $(STAMP)
+	$(PY) -m pytest -q -m '' tests/deployments/multinode
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
