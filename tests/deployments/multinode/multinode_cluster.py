@@ -11,26 +11,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
-import psutil
-
-from tests.deployments.ray_cluster import REPO, free_port
+from tests.deployments.ray_cluster import REPO, LocalRayCluster
 
 OBJECT_STORE_BYTES = 80 << 20  # per node: the KV moves over gloo or in small stages
 
 
-class MultiNodeRayCluster:
+class MultiNodeRayCluster(LocalRayCluster):
+    """LocalRayCluster's temp dir, port and leftover-process check, with a head and worker nodes."""
+
     def __init__(self, num_worker_nodes: int = 2, cpus_per_node: int = 1):
+        super().__init__(num_cpus=cpus_per_node)
         self.num_worker_nodes = num_worker_nodes
-        self.cpus_per_node = cpus_per_node
-        self.temp_dir = tempfile.mkdtemp(prefix="rm-", dir="/tmp")  # short: Unix socket paths are limited
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
         self.cluster = None
         self.workers: list = []  # ray._private.node.Node, in the order they were added
         self._next_address = 2
-        self._process_ids: set[int] = set()
         self._saved_tmpdir = os.environ.get("RAY_TMPDIR")
 
     def start(self) -> None:
@@ -48,10 +43,11 @@ class MultiNodeRayCluster:
         pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         ray.init(address=self.cluster.address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
                  log_to_driver=False)
+        self.is_running = True
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": self.port})
 
     def add_node(self):
-        node = self.cluster.add_node(num_cpus=self.cpus_per_node, node_ip_address=f"127.0.0.{self._next_address}",
+        node = self.cluster.add_node(num_cpus=self.num_cpus, node_ip_address=f"127.0.0.{self._next_address}",
                                      temp_dir=self.temp_dir, object_store_memory=OBJECT_STORE_BYTES)
         self._next_address += 1
         self.workers.append(node)
@@ -71,39 +67,18 @@ class MultiNodeRayCluster:
         (node,) = [node for node in self.workers if node.node_id == node_id]
         return node
 
-    def remember_processes(self) -> None:
-        self._process_ids |= {child.pid for child in psutil.Process().children(recursive=True)}
-
     def stop(self) -> None:
-        import ray
-        from ray import serve
-
         try:
-            if ray.is_initialized():
-                self.remember_processes()
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+            super().stop()  # Serve and the driver; removes the temp dir
         finally:
             if self.cluster is not None:
                 self.cluster.shutdown()
+                self.cluster = None
             if self._saved_tmpdir is None:
                 os.environ.pop("RAY_TMPDIR", None)
             else:
                 os.environ["RAY_TMPDIR"] = self._saved_tmpdir
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def leftover_processes(self) -> list[str]:
-        alive = []
-        for pid in sorted(self._process_ids):
-            try:
-                process = psutil.Process(pid)
-                if process.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{pid} {' '.join(process.cmdline())[:120]}")
-            except psutil.NoSuchProcess:
-                pass
-        return alive
 
 
 def replica_nodes(app_name: str, deployment: str = "LLMServer") -> dict[str, str]:

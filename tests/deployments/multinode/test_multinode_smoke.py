@@ -31,7 +31,7 @@ def cluster():
                          "engine_factory_kwargs": {"token_delay_s": 0.01}, "controller_name": CONTROLLER,
                          "placement": {"spread_replicas": True}, "deployment_options": {"num_replicas": 2}})
         serve.run(app, name=APP, route_prefix="/")
-        wait_for_fresh_replicas(cluster.base_url, 2)
+        wait_for_fresh_replicas(cluster.base_url, 2, timeout_s=120)  # generous: the box is shared
         yield cluster
     finally:
         cluster.stop()
