@@ -238,7 +238,7 @@ class FakeWorkerProcess:
 
 def create_fake_tp_engine(app_args: Any, **options: Any):
     """A fake engine whose ranks 1..N-1 are FakeWorkerProcess actors started by the real WorkerLauncher;
-    /v1/memory reports where each rank runs (pid, placement group, Ray resources)."""
+    /v1/memory reports where each rank runs (pid, node, placement group, Ray resources)."""
     import os
 
     import ray
@@ -250,7 +250,8 @@ def create_fake_tp_engine(app_args: Any, **options: Any):
                               worker_path="tests.deployments.fake_engine:FakeWorkerProcess")
     launcher.start()
     context = ray.get_runtime_context()
-    ranks = [{"pid": os.getpid(), "placement_group_id": context.get_placement_group_id(),
+    ranks = [{"pid": os.getpid(), "node_id": context.get_node_id(),
+              "placement_group_id": context.get_placement_group_id(),
               "resources": context.get_assigned_resources()}, *launcher.describe_workers()]
     engine = FakeEngine(num_ranks=app_args.tensor_parallel_size, **options)
     engine.rank_placements = ranks
