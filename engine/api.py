@@ -40,6 +40,11 @@ class EngineDeadError(EngineError):
     """The engine loop stopped; no request can be served (HTTP 500)."""
 
 
+class LayersDroppedError(EngineError):
+    """A step needs layers whose weights this replica dropped (KunServe): it can only run them as one
+    stage of a cooperative pipeline, or after restoring them."""
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     request_id: str
