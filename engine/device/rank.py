@@ -16,7 +16,7 @@ import torch
 from engine.attention import create_attention_backend
 from engine.config import EngineConfig
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
-from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena, measure_segments
+from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena, measure_segments, placed_bytes
 from engine.model.config import ModelConfig
 from engine.model.linear import create_linear
 from engine.model.llama import LlamaModel, ShardPlan
@@ -57,6 +57,11 @@ def page_tokens_for(requested: int, bytes_per_token: list[int], granularity: int
     return page_tokens
 
 
+def measure_weight_bytes(build: Callable, page_bytes: int = 1) -> int:
+    """Bytes the model's weights take once placed, each layer on whole pages of `page_bytes`."""
+    return placed_bytes(measure_segments(build), page_bytes)
+
+
 def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
                all_reduce: Callable[[torch.Tensor], None] | None = None) -> RankState:
     if config.num_threads:
@@ -94,8 +99,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     )
     chunk = spec.page_bytes
     segment_bytes = measure_segments(build)
-    # each layer on pages of its own (so it can be dropped): the weights take whole pages per layer
-    weight_bytes = sum(-(-size // chunk) for size in segment_bytes.values()) * chunk
+    weight_bytes = placed_bytes(segment_bytes, chunk)  # each layer on pages of its own (so it can be dropped)
     # the largest step the scheduler may plan: a full prefill budget plus a decode for every slot
     max_step_tokens = config.max_num_batched_tokens + config.max_num_seqs
     plan = LlamaModel.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)

@@ -177,3 +177,8 @@ def measure_segments(build) -> dict[int | None, int]:
 
     build(count)
     return sizes
+
+
+def placed_bytes(segment_bytes: Mapping[int | None, int], page_bytes: int) -> int:
+    """Device bytes the segments take: each on whole pages of its own."""
+    return sum(max(1, -(-size // page_bytes)) * page_bytes for size in segment_bytes.values())
