@@ -70,6 +70,22 @@ class PipelineKV:
             raise RuntimeError(f"stages disagree on the slot of {request_id}: {sorted(slots)}")
         return slots.pop()
 
+    def reserve_import(self, request_id: str, num_tokens: int) -> bool:
+        for index, kv in enumerate(self.stages):
+            if not kv.reserve_import(request_id, num_tokens):
+                for reserved in self.stages[:index]:
+                    reserved.free(request_id)
+                return False
+        return True
+
+    def write_kv(self, request_id: str, start: int, layers) -> None:
+        for kv in self.stages:  # each writes the layers it holds
+            kv.write_kv(request_id, start, layers)
+
+    def finish_import(self, request_id: str, num_tokens: int) -> None:
+        for kv in self.stages:
+            kv.finish_import(request_id, num_tokens)
+
     def can_swap_out(self, request_id: str) -> bool:
         return False  # a preempted request recomputes: its KV is spread over two host buffers otherwise
 

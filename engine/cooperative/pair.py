@@ -12,9 +12,9 @@ the two engines' managers (each holding its layers' KV) and its runner a Pipelin
 a home (the engine they were added to), and `step()` returns each output with its home, so a replica
 keeps streaming to the client that connected to it.
 
-Forming and dissolving the pipeline recomputes the KV of requests in flight (their tokens so far are
-kept, so none is lost or repeated): moving the per-layer KV across instead is what remains to add, with
-a cost model to pick between the two (engine/migration.py already moves whole requests' KV).
+Forming and dissolving the pipeline carries the requests in flight (carry.py): each keeps its KV, read
+per layer from the replica holding the layer and imported where the layer's KV lives next, or recomputes
+it, as `CarryPolicy` decides from a cost model; their tokens so far are kept, so none is lost or repeated.
 
 `peer_lost(dead)`: the survivor restores its own dropped layers from its host copy and serves alone;
 requests whose home was the dead replica end with finish_reason "error".
@@ -26,6 +26,7 @@ import enum
 from dataclasses import dataclass
 
 from engine.api import RequestOutput
+from engine.cooperative.carry import CarriedKV, CarryPolicy, KVLayers, place, snapshot
 from engine.cooperative.kv import PipelineKV
 from engine.cooperative.pipeline import PipelineRunner, PipelineStats
 from engine.cooperative.transport import HiddenTransport
@@ -45,7 +46,8 @@ class HomedOutput:
 
 
 class CooperativePair:
-    def __init__(self, first: LLMEngine, second: LLMEngine, num_micro_batches: int = 2):
+    def __init__(self, first: LLMEngine, second: LLMEngine, num_micro_batches: int = 2,
+                 carry: CarryPolicy | None = None):
         if first.model_config != second.model_config:
             raise ValueError("a cooperative pair needs two replicas of one model")
         self.first = first
@@ -58,6 +60,12 @@ class CooperativePair:
         self._runner: PipelineRunner | None = None
         self._saved = None  # the first engine's own (kv, runner, activation charge) while dropped
         self.stats = PipelineStats()  # summed over every dropped period
+        self.carry = carry or CarryPolicy()
+        self.num_carried = 0  # requests that kept their KV across a drop or restore
+        self.num_recomputed = 0  # requests that recomputed it
+        spec = first.kv_spec
+        self._kv_bytes_per_token = 2 * spec.num_layers * spec.bytes_per_token
+        self._was_running: set[str] = set()  # while carrying: requests that had KV before the change
 
     # ---- forming the pipeline -------------------------------------------------------------------
     def drop(self, first_keeps: int, second_from: int, transport: HiddenTransport | None = None) -> int:
@@ -70,8 +78,13 @@ class CooperativePair:
             raise ValueError(f"first keeps [0, {first_keeps}), second keeps [{second_from}, {self.num_layers}): "
                              "each must keep some layers and together all of them")
         split = min(max(self.num_layers // 2, lowest), highest)
-        taken = [(self.first, r) for r in self.first.scheduler.take_all_for_recompute()]
-        taken += [(self.second, r) for r in self.second.scheduler.take_all_for_recompute()]
+        carried = {}
+        taken = []
+        for engine in (self.first, self.second):
+            self._was_running.update(request.request_id for request in engine.scheduler.running)
+            carried.update(snapshot(engine.scheduler, lambda rid, n, kv=engine.kv: kv.read_kv(rid, 0, n),
+                                    self.carry, self._kv_bytes_per_token))
+            taken += [(engine, request) for request in engine.scheduler.take_all_for_recompute()]
         freed = self.first.drop_layers(range(first_keeps, self.num_layers))
         freed += self.second.drop_layers(range(0, second_from))
         self.first.kv.hold_layers(range(0, split))
@@ -86,7 +99,7 @@ class CooperativePair:
         self.split = split
         self.state = PairState.DROPPED
         for home, request in sorted(taken, key=lambda pair: pair[1].arrival_time):
-            self._enqueue(self.first, request, home)
+            self._place(self.first, request, home, carried)
         return freed
 
     def add_request(self, request, home: LLMEngine) -> None:
@@ -122,12 +135,12 @@ class CooperativePair:
         its home. Returns the chunks the weights took back."""
         if self.state is not PairState.DROPPED:
             raise RuntimeError("the pair is not dropped")
-        taken = self._dissolve()
+        taken, carried = self._dissolve()
         restored = self.first.restore_layers(range(self.num_layers))
         restored += self.second.restore_layers(range(self.num_layers))
         for request in taken:
             home = self.homes.pop(request.request_id)
-            self._enqueue(home, request, home)
+            self._place(home, request, home, carried)
         return restored
 
     def peer_lost(self, dead: LLMEngine) -> list[RequestOutput]:
@@ -136,13 +149,13 @@ class CooperativePair:
         if self.state is not PairState.DROPPED:
             raise RuntimeError("the pair is not dropped")
         survivor = self.second if dead is self.first else self.first
-        taken = self._dissolve()
+        taken, _ = self._dissolve(read_kv=False)  # half of every request's KV was on the dead replica
         survivor.restore_layers(range(self.num_layers))
         ended = []
         for request in taken:
             home = self.homes.pop(request.request_id)
             if home is survivor:
-                self._enqueue(survivor, request, survivor)
+                self._place(survivor, request, survivor, {})
             else:
                 request.status = RequestStatus.FINISHED
                 ended.append(RequestOutput(
@@ -150,8 +163,10 @@ class CooperativePair:
                     error="the replica serving the other half of this request's layers failed"))
         return ended
 
-    def _dissolve(self) -> list[Request]:
+    def _dissolve(self, read_kv: bool = True) -> tuple[list[Request], dict[str, CarriedKV]]:
         scheduler = self.first.scheduler
+        carried = snapshot(scheduler, self._read_pipeline_kv, self.carry, self._kv_bytes_per_token) if read_kv else {}
+        self._was_running.update(request.request_id for request in scheduler.running)
         taken = scheduler.take_all_for_recompute()
         self._accumulate(self._runner.stats)
         self._runner.close()
@@ -161,13 +176,22 @@ class CooperativePair:
             engine.kv.hold_layers(range(self.num_layers))
         self.split = self.num_layers
         self.state = PairState.NORMAL
-        return taken
+        return taken, carried
 
-    def _enqueue(self, engine: LLMEngine, request: Request, home: LLMEngine) -> None:
-        engine.scheduler.requests[request.request_id] = request
-        engine.scheduler.waiting.append(request)
+    def _read_pipeline_kv(self, request_id: str, num_tokens: int) -> KVLayers:
+        """Each layer's KV from the stage that holds it."""
+        first = self.first.kv.read_kv(request_id, 0, num_tokens)
+        second = self.second.kv.read_kv(request_id, 0, num_tokens)
+        return first[:self.split] + second[self.split:]
+
+    def _place(self, engine: LLMEngine, request: Request, home: LLMEngine, carried: dict[str, CarriedKV]) -> None:
         if self.state is PairState.DROPPED:
             self.homes[request.request_id] = home
+        if place(engine.scheduler, request, carried.get(request.request_id)):
+            self.num_carried += 1
+        elif request.request_id in self._was_running:
+            self.num_recomputed += 1
+        self._was_running.discard(request.request_id)
 
     def _accumulate(self, stats: PipelineStats) -> None:
         total = self.stats

@@ -85,7 +85,10 @@ class ContiguousLayout:
         return [(k.tensor[slot, start:end].clone(), v.tensor[slot, start:end].clone()) for k, v in self.tensors]
 
     def write_tokens(self, slot: int, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for (k, v), (key, value) in zip(self.tensors, layers, strict=True):
+        """Writes K and V of every held layer (a layer held elsewhere has no pages here to write)."""
+        for layer, ((k, v), (key, value)) in enumerate(zip(self.tensors, layers, strict=True)):
+            if layer not in self.held_layers:
+                continue
             k.tensor[slot, start : start + key.shape[0]].copy_(key)
             v.tensor[slot, start : start + value.shape[0]].copy_(value)
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from engine.api import GenerateRequest, LayersDroppedError
 from engine.config import EngineConfig
+from engine.cooperative.carry import CarryPolicy
 from engine.cooperative.pair import CooperativePair, PairState
 from engine.cooperative.transport import ProcessGroupTransport
 from engine.core.engine import LLMEngine
@@ -42,7 +43,7 @@ def reference(tiny_qwen3_dir, prompts):
 def pair(tiny_qwen3_dir, smollm2_tokenizer):
     first = LLMEngine(config(tiny_qwen3_dir), tokenizer=smollm2_tokenizer)
     second = LLMEngine(config(tiny_qwen3_dir), tokenizer=smollm2_tokenizer)
-    yield CooperativePair(first, second)
+    yield CooperativePair(first, second, carry=CarryPolicy("recompute"))
     first.close()
     second.close()
 
@@ -104,7 +105,9 @@ def run_pair(pair: CooperativePair, tokens: dict[str, list[int]], steps: int | N
         count += 1
 
 
-def test_pipeline_serves_both_replicas_requests_exactly(pair, prompts, reference):
+@pytest.mark.parametrize("carry", ["copy", "recompute"])
+def test_pipeline_serves_both_replicas_requests_exactly(pair, prompts, reference, carry):
+    pair.carry = CarryPolicy(carry)
     first, second = pair.first, pair.second
     tokens: dict[str, list[int]] = {}
     homes: dict[str, str] = {}
@@ -113,6 +116,7 @@ def test_pipeline_serves_both_replicas_requests_exactly(pair, prompts, reference
     run_pair(pair, tokens, steps=4)  # both mid-prefill or decoding
     free_before = [engine.pool.num_free() for engine in (first, second)]
     freed = pair.drop(first_keeps=2, second_from=2)
+    assert (pair.num_carried, pair.num_recomputed) == ((2, 0) if carry == "copy" else (0, 2))
     assert pair.state is PairState.DROPPED and pair.split == 2
     assert freed == first.rank.arena.layer_chunks([2, 3]) + second.rank.arena.layer_chunks([0, 1])
     assert first.model.dropped_layers == {2, 3} and second.model.dropped_layers == {0, 1}
@@ -126,7 +130,10 @@ def test_pipeline_serves_both_replicas_requests_exactly(pair, prompts, reference
     while "while-first" not in homes or "while-second" not in homes:
         run_pair(pair, tokens, steps=1, finished=homes)  # these two run wholly on the pipeline
     assert pair._runner.stats.num_micro_batches > pair._runner.stats.num_steps  # micro-batches overlapped
+    running = len(first.scheduler.running)
+    assert running > 0
     assert pair.restore() == freed
+    assert (pair.num_carried, pair.num_recomputed) == ((2 + running, 0) if carry == "copy" else (0, 2 + running))
     assert pair.state is PairState.NORMAL and not first.model.dropped_layers and not second.model.dropped_layers
     run_pair(pair, tokens, finished=homes)
     expected = {"before-first": 2, "before-second": 6, "while-first": 0, "while-second": 3, "spans-restore": 4}
