@@ -78,6 +78,7 @@ class CooperativePair:
             raise ValueError(f"first keeps [0, {first_keeps}), second keeps [{second_from}, {self.num_layers}): "
                              "each must keep some layers and together all of them")
         split = min(max(self.num_layers // 2, lowest), highest)
+        self._set_state("dropping")
         carried = {}
         taken = []
         for engine in (self.first, self.second):
@@ -100,6 +101,7 @@ class CooperativePair:
         self.state = PairState.DROPPED
         for home, request in sorted(taken, key=lambda pair: pair[1].arrival_time):
             self._place(self.first, request, home, carried)
+        self._set_state("dropped")
         return freed
 
     def add_request(self, request, home: LLMEngine) -> None:
@@ -115,6 +117,8 @@ class CooperativePair:
         if self.state is PairState.NORMAL:
             return [HomedOutput(engine, output) for engine in (self.first, self.second) for output in engine.step()]
         outputs = [HomedOutput(self.homes[output.request_id], output) for output in self.first.step()]
+        for engine in (self.first, self.second):
+            engine.pipeline_bubble_ratio = self._runner.stats.bubble_ratio
         for item in outputs:
             if item.output.is_finished:
                 del self.homes[item.output.request_id]
@@ -135,12 +139,14 @@ class CooperativePair:
         its home. Returns the chunks the weights took back."""
         if self.state is not PairState.DROPPED:
             raise RuntimeError("the pair is not dropped")
+        self._set_state("restoring")
         taken, carried = self._dissolve()
         restored = self.first.restore_layers(range(self.num_layers))
         restored += self.second.restore_layers(range(self.num_layers))
         for request in taken:
             home = self.homes.pop(request.request_id)
             self._place(home, request, home, carried)
+        self._set_state("normal")
         return restored
 
     def peer_lost(self, dead: LLMEngine) -> list[RequestOutput]:
@@ -151,6 +157,7 @@ class CooperativePair:
         survivor = self.second if dead is self.first else self.first
         taken, _ = self._dissolve(read_kv=False)  # half of every request's KV was on the dead replica
         survivor.restore_layers(range(self.num_layers))
+        survivor.drop_state = "normal"
         ended = []
         for request in taken:
             home = self.homes.pop(request.request_id)
@@ -177,6 +184,10 @@ class CooperativePair:
         self.split = self.num_layers
         self.state = PairState.NORMAL
         return taken, carried
+
+    def _set_state(self, state: str) -> None:
+        for engine in (self.first, self.second):
+            engine.drop_state = state
 
     def _read_pipeline_kv(self, request_id: str, num_tokens: int) -> KVLayers:
         """Each layer's KV from the stage that holds it."""

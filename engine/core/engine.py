@@ -69,6 +69,9 @@ class LLMEngine:
         )
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.num_steps = 0
+        # set by a cooperative pair (engine/cooperative/pair.py) around a drop and a restore
+        self.drop_state = "normal"
+        self.pipeline_bubble_ratio = 0.0
 
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> None:
@@ -224,6 +227,9 @@ class LLMEngine:
             num_prefix_cache_hits=self.kv.prefix.num_hit_tokens,
             num_prefix_cache_queries=self.kv.prefix.num_queried_tokens,
             kv_chunks_cached=self.kv.prefix.num_evictable_chunks,
+            drop_state=self.drop_state,
+            dropped_weight_bytes=self.dropped_weight_bytes,
+            pipeline_bubble_ratio=self.pipeline_bubble_ratio,
         )
 
     def memory_telemetry(self) -> list[dict]:

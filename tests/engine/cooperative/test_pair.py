@@ -118,6 +118,8 @@ def test_pipeline_serves_both_replicas_requests_exactly(pair, prompts, reference
     freed = pair.drop(first_keeps=2, second_from=2)
     assert (pair.num_carried, pair.num_recomputed) == ((2, 0) if carry == "copy" else (0, 2))
     assert pair.state is PairState.DROPPED and pair.split == 2
+    assert [engine.stats().drop_state for engine in (first, second)] == ["dropped", "dropped"]
+    assert second.stats().dropped_weight_bytes == second.rank.arena.layer_chunks([0, 1]) * second.pool.chunk_bytes
     assert freed == first.rank.arena.layer_chunks([2, 3]) + second.rank.arena.layer_chunks([0, 1])
     assert first.model.dropped_layers == {2, 3} and second.model.dropped_layers == {0, 1}
     assert sum(engine.pool.num_free() for engine in (first, second)) >= sum(free_before) + freed
@@ -141,6 +143,9 @@ def test_pipeline_serves_both_replicas_requests_exactly(pair, prompts, reference
     assert homes == {"before-first": "first", "before-second": "second", "while-first": "first",
                      "while-second": "second", "spans-restore": "second"}
     assert 0.0 <= pair.bubble_ratio < 1.0 and pair.stats.num_steps > 0
+    assert first.stats().pipeline_bubble_ratio == second.stats().pipeline_bubble_ratio > 0
+    assert [engine.stats().drop_state for engine in (first, second)] == ["normal", "normal"]
+    assert first.stats().dropped_weight_bytes == 0
     assert_pool_idle(first)
     assert_pool_idle(second)
 
