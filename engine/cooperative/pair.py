@@ -47,13 +47,14 @@ class HomedOutput:
 
 class CooperativePair:
     def __init__(self, first: LLMEngine, second: LLMEngine, num_micro_batches: int = 2,
-                 carry: CarryPolicy | None = None):
+                 carry: CarryPolicy | None = None, min_micro_batch_tokens: int = 64):
         if first.model_config != second.model_config:
             raise ValueError("a cooperative pair needs two replicas of one model")
         self.first = first
         self.second = second
         self.num_layers = first.model_config.num_layers
         self.num_micro_batches = num_micro_batches
+        self.min_micro_batch_tokens = min_micro_batch_tokens
         self.state = PairState.NORMAL
         self.split = self.num_layers
         self.homes: dict[str, LLMEngine] = {}  # while dropped: request id -> the engine it came in on
@@ -93,7 +94,7 @@ class CooperativePair:
         scheduler = self.first.scheduler
         self._saved = (scheduler.kv, self.first.runner, scheduler.activation_chunks)
         self._runner = PipelineRunner(self.first.runner, self.second.runner, split, self.first.sampler, transport,
-                                      self.num_micro_batches)
+                                      self.num_micro_batches, self.min_micro_batch_tokens)
         scheduler.kv = PipelineKV([self.first.kv, self.second.kv])
         scheduler.activation_chunks = self._runner.activation_chunks_charged_to_kv
         self.first.runner = self._runner

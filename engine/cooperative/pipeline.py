@@ -83,7 +83,8 @@ class PipelineRunner:
     [split, num_layers) of its own; each writes the KV of its layers into its replica's cache."""
 
     def __init__(self, first: ModelRunner, second: ModelRunner, split: int, sampler: Sampler,
-                 transport: HiddenTransport | None = None, num_micro_batches: int = 2):
+                 transport: HiddenTransport | None = None, num_micro_batches: int = 2,
+                 min_micro_batch_tokens: int = 64):
         num_layers = first.model.config.num_layers
         if not 0 < split < num_layers:
             raise ValueError(f"split {split} must leave layers on both stages (0 < split < {num_layers})")
@@ -94,6 +95,9 @@ class PipelineRunner:
         self.sampler = sampler
         self.transport = transport or QueueTransport()
         self.num_micro_batches = num_micro_batches
+        # a micro-batch streams its stage's weights once more: decode steps of a few tokens, bound by
+        # weight reads, run whole (measured: python -m loadtest.bench.kunserve)
+        self.min_micro_batch_tokens = min_micro_batch_tokens
         self.stats = PipelineStats()
         self._stage_two = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-stage-2")
         self._busy_lock = threading.Lock()
@@ -114,7 +118,8 @@ class PipelineRunner:
         """One step; `states` as for ModelRunner.run (sampled rows in order)."""
         started = time.perf_counter()
         busy = [0.0, 0.0]
-        micro_batches = split_micro_batches(output, self.num_micro_batches)
+        count = min(self.num_micro_batches, max(1, output.num_tokens // self.min_micro_batch_tokens))
+        micro_batches = split_micro_batches(output, count)
         futures: list[Future] = []
         offset = sent = 0
         hidden_size = self.first.model.config.hidden_size

@@ -43,7 +43,8 @@ def reference(tiny_qwen3_dir, prompts):
 def pair(tiny_qwen3_dir, smollm2_tokenizer):
     first = LLMEngine(config(tiny_qwen3_dir), tokenizer=smollm2_tokenizer)
     second = LLMEngine(config(tiny_qwen3_dir), tokenizer=smollm2_tokenizer)
-    yield CooperativePair(first, second, carry=CarryPolicy("recompute"))
+    # micro-batches from 8 tokens up: the tiny test prompts' prefill steps are cut in two
+    yield CooperativePair(first, second, carry=CarryPolicy("recompute"), min_micro_batch_tokens=8)
     first.close()
     second.close()
 
