@@ -176,7 +176,7 @@ class CooperativePair:
         carried = snapshot(scheduler, self._read_pipeline_kv, self.carry, self._kv_bytes_per_token) if read_kv else {}
         self._was_running.update(request.request_id for request in scheduler.running)
         taken = scheduler.take_all_for_recompute()
-        self._accumulate(self._runner.stats)
+        self.stats.add(self._runner.stats)
         self._runner.close()
         scheduler.kv, self.first.runner, scheduler.activation_chunks = self._saved
         self._runner = self._saved = None
@@ -205,20 +205,11 @@ class CooperativePair:
             self.num_recomputed += 1
         self._was_running.discard(request.request_id)
 
-    def _accumulate(self, stats: PipelineStats) -> None:
-        total = self.stats
-        total.num_steps += stats.num_steps
-        total.num_micro_batches += stats.num_micro_batches
-        total.wall_s += stats.wall_s
-        total.busy_s = (total.busy_s[0] + stats.busy_s[0], total.busy_s[1] + stats.busy_s[1])
-
     @property
     def bubble_ratio(self) -> float:
         if self._runner is None:
             return self.stats.bubble_ratio
         live = PipelineStats()
-        for stats in (self.stats, self._runner.stats):
-            live.num_steps += stats.num_steps
-            live.wall_s += stats.wall_s
-            live.busy_s = (live.busy_s[0] + stats.busy_s[0], live.busy_s[1] + stats.busy_s[1])
+        live.add(self.stats)
+        live.add(self._runner.stats)
         return live.bubble_ratio

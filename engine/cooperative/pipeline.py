@@ -71,6 +71,12 @@ class PipelineStats:
     wall_s: float = 0.0
     busy_s: tuple[float, float] = (0.0, 0.0)
 
+    def add(self, other: PipelineStats) -> None:
+        self.num_steps += other.num_steps
+        self.num_micro_batches += other.num_micro_batches
+        self.wall_s += other.wall_s
+        self.busy_s = (self.busy_s[0] + other.busy_s[0], self.busy_s[1] + other.busy_s[1])
+
     @property
     def bubble_ratio(self) -> float:
         if self.wall_s <= 0:
@@ -140,11 +146,7 @@ class PipelineRunner:
             for future in futures:  # never return while stage 2 still uses its workspace
                 future.exception()
         results = [future.result() for future in futures]
-        wall = time.perf_counter() - started
-        self.stats.num_steps += 1
-        self.stats.num_micro_batches += len(micro_batches)
-        self.stats.wall_s += wall
-        self.stats.busy_s = (self.stats.busy_s[0] + busy[0], self.stats.busy_s[1] + busy[1])
+        self.stats.add(PipelineStats(1, len(micro_batches), time.perf_counter() - started, (busy[0], busy[1])))
         return SampleResult([t for r in results for t in r.token_ids], [p for r in results for p in r.logprobs])
 
     def _first_stage(self, micro: SchedulerOutput, batch, busy: list[float]) -> None:
