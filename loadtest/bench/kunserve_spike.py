@@ -3,12 +3,12 @@ parameter dropping (engine level, one process; the Serve-level Locust benchmark 
 docs/KUNSERVE.md).
 
 Both engines serve `--base` long requests each; then `--spike` more arrive at each at once. Without
-dropping, each engine admits what its KV holds and queues the rest. With dropping, the pair drops half of
-its layers each when the spike arrives (the drop plan's order for a deficit this large), serves every
-request on the two-stage pipeline and restores once each engine's own requests fit its KV again with
-every layer back (80% of it). Reported per run: TTFT of the
-spike requests (p50 / p99, ms and engine steps), TPOT (ms), the KV-capacity in tokens, and the weights
-balloon before / during / after. The two runs produce the same tokens (checked).
+dropping, each engine admits what its KV holds and queues the rest. With dropping, the drop plan
+(deployments/cluster/drop_plan.py, hysteresis set to zero) sees the spike's KV demand and orders the pair
+to drop as many layers as the deficit needs, the pair serves every request on the two-stage pipeline, and
+the plan orders the restore once the demand fits the restored pools under the restore watermark.
+Reported per run: TTFT of the spike requests (p50 / p99, ms and engine steps), TPOT (ms), KV capacity
+and the weights balloon (chunks) before / during / after. The two runs produce the same tokens (checked).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import statistics
 import time
 
+from deployments.cluster.drop_plan import DroppingConfig, DropState, DropTelemetry, PlanState, plan_drops
 from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.cooperative.carry import CarryPolicy
@@ -35,6 +36,31 @@ def tight_config(dtype: str, kv_tokens: int) -> EngineConfig:
     return EngineConfig(dtype=dtype, num_threads=1, max_model_len=512, max_num_seqs=32, max_num_batched_tokens=256,
                         device_memory_bytes=budget, host_buffer_bytes=0, preemption_mode="recompute",
                         enable_prefix_caching=False, enable_parameter_dropping=True)
+
+
+PLAN = DroppingConfig(enabled=True, high_watermark=0.9, restore_watermark=0.6, max_drop_fraction=0.5,
+                      drop_after_s=0.0, restore_after_s=0.0)
+
+
+def telemetry(pair: CooperativePair, engine: LLMEngine, name: str, dropped: bool) -> DropTelemetry:
+    """What the drop plan sees of one engine: KV demand in whole-model chunks of the requests homed there."""
+    spec = engine.kv_spec
+    scheduler = pair.first.scheduler if dropped else engine.scheduler
+    used = waiting = 0
+    for request in scheduler.requests.values():
+        if dropped and pair.homes[request.request_id] is not engine:
+            continue
+        need = spec.num_pages(len(request.prompt_token_ids) + request.params.max_tokens) * 2 * spec.num_layers
+        if request.num_computed_tokens:
+            used += need
+        else:
+            waiting += need
+    arena = engine.rank.arena
+    return DropTelemetry(name, engine.model_name, engine.model_config.num_layers, arena.layer_chunks([0]),
+                         engine._kv_capacity_chunks(), used, waiting,
+                         state=DropState.DROPPED if dropped else DropState.NORMAL,
+                         peer=("b" if name == "a" else "a") if dropped else None,
+                         dropped_layers=len(arena.dropped_layers))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -74,36 +100,37 @@ def run(pair: CooperativePair, prompts: list[list[int]], base: int, spike: int, 
     for _ in range(4):
         step()
     capacity = [first._kv_capacity_chunks()]
-    if drop:
-        half = first.model_config.num_layers // 2
-        pair.drop(half, half)
-        balloon.append(first.pool.num_held("weights"))
-        capacity.append(first._kv_capacity_chunks())
     for index in range(spike):
         add(f"spike-a{index}", first, index + 2)
         add(f"spike-b{index}", second, index + 3)
-    spec = first.kv_spec
+    orders = []
 
-    def fits_restored(home: LLMEngine) -> bool:
-        """Whether the requests homed at `home` would fit its KV with every layer back (restore watermark 0.8)."""
-        demand = 0
-        for request in first.scheduler.requests.values():
-            if pair.homes[request.request_id] is home:
-                total = len(request.prompt_token_ids) + request.params.max_tokens
-                demand += spec.num_pages(total) * 2 * spec.num_layers
-        return demand <= 0.8 * capacity[0]
+    def plan() -> None:
+        dropped = pair.state is PairState.DROPPED
+        replicas = [telemetry(pair, first, "a", dropped), telemetry(pair, second, "b", dropped)]
+        decided = plan_drops(replicas, PLAN, PlanState(), 0.0)
+        for order in decided.drops:
+            orders.append(order)
+            pair.drop(order.first_keeps, order.second_from)
+            balloon.append(first.pool.num_held("weights"))
+            capacity.append(first._kv_capacity_chunks())
+        for order in decided.restores:
+            orders.append(order)
+            pair.restore()
+            balloon.append(first.pool.num_held("weights"))
 
+    if drop:
+        plan()
     while pair.has_work:
         step()
-        if pair.state is PairState.DROPPED and fits_restored(first) and fits_restored(second):
-            pair.restore()  # the spike has passed: back to independent serving
-            balloon.append(first.pool.num_held("weights"))
+        if drop and pair.state is PairState.DROPPED:
+            plan()
     spiked = [rid for rid in arrived if rid.startswith("spike")]
     ttft_ms = [(first_token[r][0] - arrived[r][0]) * 1e3 for r in spiked]
     ttft_steps = [first_token[r][1] - arrived[r][1] for r in spiked]
     tpot_ms = [(finished[r] - first_token[r][0]) * 1e3 / (max_tokens - 1) for r in arrived]
-    return {"tokens": tokens, "ttft_ms": ttft_ms, "ttft_steps": ttft_steps, "tpot_ms": tpot_ms, "steps": steps,
-            "balloon": balloon, "capacity": capacity, "bubble": pair.bubble_ratio}
+    return {"orders": orders, "tokens": tokens, "ttft_ms": ttft_ms, "ttft_steps": ttft_steps, "tpot_ms": tpot_ms,
+            "steps": steps, "balloon": balloon, "capacity": capacity, "bubble": pair.bubble_ratio}
 
 
 def main() -> None:
@@ -129,6 +156,7 @@ def main() -> None:
     print("| run | TTFT p50 / p99 (ms) | TTFT p50 / p99 (steps) | TPOT mean (ms) | steps | KV chunks | "
           "weights chunks | bubble |")
     print("|---|---|---|---|---|---|---|---|")
+    print("orders:", results[True]["orders"])
     for drop, r in results.items():
         print(f"| {'dropping' if drop else 'no dropping'} | {percentile(r['ttft_ms'], .5):.0f} / "
               f"{percentile(r['ttft_ms'], .99):.0f} | {percentile(r['ttft_steps'], .5)} / "
