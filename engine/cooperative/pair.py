@@ -79,6 +79,9 @@ class CooperativePair:
             raise ValueError(f"first keeps [0, {first_keeps}), second keeps [{second_from}, {self.num_layers}): "
                              "each must keep some layers and together all of them")
         split = min(max(self.num_layers // 2, lowest), highest)
+        for engine in (self.first, self.second):  # checked before anything changes
+            if any(request.status is RequestStatus.PAUSED for request in engine.scheduler.requests.values()):
+                raise RuntimeError("a request is being migrated; finish or abort the migration first")
         self._set_state("dropping")
         carried = {}
         taken = []

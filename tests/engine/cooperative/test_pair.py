@@ -210,3 +210,19 @@ def test_step_cut_into_micro_batches():
     assert [(len(p.decodes), [(c.start, len(c.token_ids), c.samples) for c in p.prefills]) for p in pieces] == [
         (3, [(0, 3, False)]), (0, [(3, 6, True)])]
     assert sum(piece.num_tokens for piece in pieces) == 12
+
+
+def test_no_drop_while_a_request_is_being_migrated(pair, prompts, reference):
+    from engine import migration
+
+    tokens: dict[str, list[int]] = {}
+    add(pair, "m", prompts[2], pair.first)
+    run_pair(pair, tokens, steps=3)
+    migration.pause(pair.first, "m")
+    with pytest.raises(RuntimeError, match="migrated"):
+        pair.drop(first_keeps=2, second_from=2)
+    assert pair.state is PairState.NORMAL and not pair.first.model.dropped_layers
+    assert pair.first.stats().drop_state == "normal"
+    migration.resume(pair.first, "m")
+    run_pair(pair, tokens)
+    assert tokens["m"] == reference[2]
