@@ -41,6 +41,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
     linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
+    # Health: the engine counts as stalled (check_health fails) when one pass of its loop (inbox + step)
+    # has run this long; a long request is many short steps, so it never trips this.
+    stall_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
@@ -55,6 +58,8 @@ class EngineConfig:
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0")
         if self.host_buffer_bytes < 0 or self.max_num_waiting < 0:
             raise ValueError("host_buffer_bytes and max_num_waiting must be >= 0")
 

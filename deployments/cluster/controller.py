@@ -228,6 +228,13 @@ class ControllerClient:
         try:
             ref = getattr(self._controller(), method).remote(*args)
             return await asyncio.wait_for(ref, self._timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            # The controller raised: pass on its own error, not Ray's remote traceback (ANSI codes, pids,
+            # paths), which callers would otherwise show to HTTP clients.
+            cause = exc.cause
+            if isinstance(cause, ValueError):
+                raise ValueError(str(cause)) from None
+            raise RuntimeError(f"the cluster controller's {method} failed with {type(cause).__name__}") from exc
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ValueError):
             self._handle = None  # dead or restarting: look it up (or start it) again next time
             raise

@@ -40,6 +40,9 @@ class FakeTokenizer:
         ids = [byte + BYTE_OFFSET for byte in text.encode()]
         return [BOS, *ids] if add_special_tokens else ids
 
+    def get_vocab(self) -> dict[str, int]:
+        return {"<pad>": PAD, "<s>": BOS, "</s>": EOS, **{chr(byte): byte + BYTE_OFFSET for byte in range(256)}}
+
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         data = bytes(token_id - BYTE_OFFSET for token_id in token_ids if token_id >= BYTE_OFFSET)
         return data.decode(errors="replace")
