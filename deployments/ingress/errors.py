@@ -138,8 +138,15 @@ def sse_error_events(error: APIError) -> str:
     return f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _param_of(location: tuple) -> str | None:
-    names = [str(part) for part in location if part != "body"]
+    """The field's path as a client wrote it: pydantic adds the union member it tried ("str",
+    "list[int]", "function-after[...]", "StreamOptions") to the location; those are not fields."""
+    names = [str(part) for part in location
+             if part != "body" and not (isinstance(part, str) and (part.lower() in _TYPE_TAGS or "[" in part
+                                                                   or part[:1].isupper()))]
     return ".".join(names) or None
 
 

@@ -34,7 +34,8 @@ def _first_invalid(value: Any, path: tuple) -> tuple | None:
     if isinstance(value, dict):
         for key, item in value.items():
             found = _first_invalid(key, path) if isinstance(key, str) else None
-            found = found or _first_invalid(item, (*path, key))
+            if found is None:
+                found = _first_invalid(item, (*path, key))
             if found is not None:
                 return found
     elif isinstance(value, list):
