@@ -45,3 +45,52 @@ def error_counts(metrics_text: str) -> dict[str, float]:
             if sample.name == "elastic:http_request_errors_total":
                 counts[sample.labels["status"]] = sample.value
     return counts
+
+
+class AsgiRequest:
+    """One HTTP request driven by hand over ASGI (httpx's ASGITransport buffers whole responses, so it
+    cannot show a stream in progress): `events` fills as the app sends; `disconnect()` is the client leaving."""
+
+    def __init__(self, app, path: str, body: dict, method: str = "POST"):
+        import asyncio
+        import json
+
+        self.app = app
+        self.body = json.dumps(body).encode()
+        self.scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+            "query_string": b"", "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+        }
+        self._gone = asyncio.Event()
+        self._body_sent = False
+        self.status: int | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.data = b""
+        self.is_complete = False
+
+    @property
+    def events(self) -> list[str]:
+        return [block[len("data: "):] for block in self.data.decode().split("\n\n") if block.startswith("data: ")]
+
+    def disconnect(self) -> None:
+        self._gone.set()
+
+    async def receive(self):
+        if not self._body_sent:
+            self._body_sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = dict(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            self.data += message.get("body", b"")
+            self.is_complete = not message.get("more_body", False)
+
+    async def run(self):
+        await self.app(self.scope, self.receive, self.send)
