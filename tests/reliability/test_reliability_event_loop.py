@@ -47,7 +47,7 @@ def test_a_huge_prompt_in_flight_does_not_delay_small_requests_or_health(tokeniz
     health, small, small_s, huge_was_running, huge_response, huge_s = asyncio.run(scenario())
     assert health.status_code == 200 and small.status_code == 200
     assert huge_was_running, f"the huge prompt finished in {huge_s:.1f} s: too short to show anything"
-    assert small_s < 1.0, f"a 2-token request waited {small_s:.2f} s behind the huge prompt ({huge_s:.1f} s)"
+    assert small_s < 2.0, f"a 2-token request waited {small_s:.2f} s behind the huge prompt ({huge_s:.1f} s)"
     assert huge_response.status_code == 200
     small_request, huge_request = engine.submitted  # the small one reached the engine first
     assert small_request.prompt_token_ids == tuple(tokenizer.encode("Hi"))
