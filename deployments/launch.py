@@ -76,6 +76,9 @@ def drain(config: dict[str, Any], grace_s: float, log=print) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: RAY_ADDRESS, else a new local one); 'local' forces a new one")
+    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs of a new local cluster")
     options = parser.parse_args(argv)
     import yaml
 
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
-    ray.init(namespace="serve")
+    ray.init(address=options.address, namespace="serve",
+             **({"num_cpus": options.num_cpus} if options.num_cpus is not None else {}))
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    proxy_location=schema.proxy_location,
                                    grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))

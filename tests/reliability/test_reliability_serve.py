@@ -110,31 +110,44 @@ def test_overload_is_a_503_with_retry_after_through_the_proxy_then_recovery(clus
     assert httpx.post(f"{cluster.base_url}/v1/completions", json=body, timeout=60).status_code == 200
 
 
-def replica_pids() -> dict[str, int]:
-    from ray.util.state import list_actors
+def replica_processes() -> list:
+    """The replica actors' processes (Ray titles them `ray::ServeReplica:<app>:LLMServer`)."""
+    import psutil
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-    return {actor.name: actor.pid for actor in actors if "LLMServer" in (actor.class_name or "")}
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "ServeReplica:reliability:LLMServer" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
 
 
 def test_sigkill_of_a_replica_with_streams_in_flight(cluster, record_property):
     streams = [Stream(cluster.base_url, {"prompt": f"long {index}", "max_tokens": 200, "stream": True})
                for index in range(6)]
-    pool = ThreadPoolExecutor(len(streams))
+    pool = ThreadPoolExecutor(len(streams) + 4)
     futures = [pool.submit(stream.run) for stream in streams]
     for stream in streams:
         assert stream.first_event.wait(30)
+    waiting = [pool.submit(httpx.post, f"{cluster.base_url}/v1/completions", json={"prompt": f"plain {index}",
+                           "max_tokens": 100}, timeout=60) for index in range(4)]
     by_replica: dict[str, list[Stream]] = {}
     for stream in streams:
         by_replica.setdefault(stream.replica, []).append(stream)
-    victim = max(by_replica, key=lambda replica: len(by_replica[replica]))
-    pids = replica_pids()
-    (actor_name,) = [name for name in pids if name.endswith(victim.split("#")[-1])]
+    assert len(by_replica) == 2, sorted(by_replica)
+    processes = replica_processes()
+    assert len(processes) == 2
     killed_at = time.monotonic()
-    os.kill(pids[actor_name], signal.SIGKILL)
+    os.kill(processes[0].pid, signal.SIGKILL)
     for future in futures:
         future.result(timeout=60)
     pool.shutdown()
+    # Which replica died shows in how its streams ended; the other's all finished normally.
+    cut = {stream.replica for stream in streams if "replica_unavailable" in stream.text}
+    assert len(cut) == 1, [stream.text[-300:] for stream in streams]
+    (victim,) = cut
     for stream in by_replica[victim]:
         assert stream.transport_error is None, stream.transport_error
         assert stream.events[-1] == "[DONE]"
@@ -144,6 +157,13 @@ def test_sigkill_of_a_replica_with_streams_in_flight(cluster, record_property):
         if replica != victim:
             for stream in survivors:
                 assert stream.events[-1] == "[DONE]" and "error" not in stream.events[-2]
+    # Non-streaming requests on the dead replica: a retryable 503 (they never answered), the rest a 200.
+    for future in waiting:
+        response = future.result(timeout=60)
+        if response.status_code != 200:
+            assert response.status_code == 503 and response.headers["retry-after"] == "1"
+            assert response.json()["error"]["code"] == "replica_unavailable"
+            assert response.headers["x-elastic-replica"] == "proxy"
     # Serve replaces the replica; until then the survivor serves everything.
     assert httpx.post(f"{cluster.base_url}/v1/completions", json={"prompt": "after", "max_tokens": 2},
                       timeout=30).status_code == 200
