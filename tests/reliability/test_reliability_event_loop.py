@@ -36,18 +36,18 @@ def test_a_huge_prompt_in_flight_does_not_delay_small_requests_or_health(tokeniz
             huge = asyncio.create_task(client.post("/v1/completions", json={"prompt": huge_prompt,
                                                                            "max_tokens": 1}))
             await asyncio.sleep(0.3)  # the huge prompt is being tokenised now
-            small_started = time.monotonic()
             health = await client.get("/health")
             small = await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
-            small_s = time.monotonic() - small_started
+            answered_s = time.monotonic() - started  # both answers, counted from the huge request's start
             huge_was_running = not huge.done()
             huge_response = await huge
-            return health, small, small_s, huge_was_running, huge_response, time.monotonic() - started
+            return health, small, answered_s, huge_was_running, huge_response, time.monotonic() - started
 
-    health, small, small_s, huge_was_running, huge_response, huge_s = asyncio.run(scenario())
+    health, small, answered_s, huge_was_running, huge_response, huge_s = asyncio.run(scenario())
     assert health.status_code == 200 and small.status_code == 200
+    # With tokenising on the event loop, the 0.3 s sleep alone lasts until the huge prompt is tokenised.
+    assert answered_s < 1.5, f"/health and a 2-token request answered {answered_s:.2f} s after the huge prompt"
     assert huge_was_running, f"the huge prompt finished in {huge_s:.1f} s: too short to show anything"
-    assert small_s < 2.0, f"a 2-token request waited {small_s:.2f} s behind the huge prompt ({huge_s:.1f} s)"
     assert huge_response.status_code == 200
     small_request, huge_request = engine.submitted  # the small one reached the engine first
     assert small_request.prompt_token_ids == tuple(tokenizer.encode("Hi"))
