@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: RAY_ADDRESS, else a new local one); 'local' forces a new one")
+                        help="Ray cluster to join (default: RAY_ADDRESS, else a new local one); 'local': a new one")
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs of a new local cluster")
     options = parser.parse_args(argv)
     import yaml

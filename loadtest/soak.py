@@ -54,11 +54,16 @@ class Growth:
         return self.growth_mb / self.baseline_mb if self.baseline_mb else 0.0
 
 
+def title_name(title: str) -> str:
+    """Ray titles a worker `ray::<actor>.<method running now>` (`ray::IDLE` between tasks): the actor part
+    is stable across samples."""
+    return title.split(" ")[0].split(".")[0]
+
+
 def process_name(process: psutil.Process) -> str:
-    """A stable name: Ray titles its workers `ray::<Actor class or task>`; others by their executable."""
     cmdline = process.cmdline()
     if cmdline and cmdline[0].startswith("ray::"):
-        return cmdline[0].split(" ")[0]
+        return title_name(cmdline[0])
     return process.name()
 
 

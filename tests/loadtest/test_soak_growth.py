@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from loadtest.soak import Growth, failures, growth_per_process, sample_rss
+from loadtest.soak import Growth, failures, growth_per_process, sample_rss, title_name
 
 
 def test_growth_compares_the_second_quarter_with_the_last():
@@ -31,3 +31,10 @@ def test_processes_missing_from_a_window_are_not_judged():
 def test_sample_rss_names_this_process():
     sample = sample_rss(os.getpid())
     assert len(sample) >= 1 and all(value > 0 for value in sample.values())
+
+
+def test_ray_titles_name_the_actor_not_the_method_it_runs():
+    assert title_name("ray::ServeReplica:elastic-serve:LLMServer.handle_request_streaming") == \
+        "ray::ServeReplica:elastic-serve:LLMServer"
+    assert title_name("ray::ServeReplica:elastic-serve:LLMServer") == "ray::ServeReplica:elastic-serve:LLMServer"
+    assert title_name("ray::ProxyActor.receive_asgi_messages") == "ray::ProxyActor"

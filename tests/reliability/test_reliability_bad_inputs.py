@@ -18,25 +18,30 @@ COMPLETIONS = "/v1/completions"
 SURROGATE = '"\\ud800"'  # JSON text: a lone high surrogate, which json.loads turns into an unencodable str
 
 
+def raw(template: str) -> str:
+    """A JSON body with the surrogate where the template has @."""
+    return template.replace("@", SURROGATE)
+
+
 def chat_with(**fields) -> dict:
     return {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields}
 
 
 # (path, raw JSON body, status, param, code)
 RAW_CASES = [
-    (COMPLETIONS, '{"prompt": %s}' % SURROGATE, 400, "prompt", "invalid_encoding"),
-    (COMPLETIONS, '{"prompt": %s, "stream": true}' % SURROGATE, 400, "prompt", "invalid_encoding"),
-    (COMPLETIONS, '{"prompt": ["a%s"]}' % SURROGATE[1:-1], 400, "prompt.0", "invalid_encoding"),
-    (CHAT, '{"messages": [{"role": "user", "content": %s}]}' % SURROGATE, 400, "messages.0.content",
+    (COMPLETIONS, raw('{"prompt": @}'), 400, "prompt", "invalid_encoding"),
+    (COMPLETIONS, raw('{"prompt": @, "stream": true}'), 400, "prompt", "invalid_encoding"),
+    (COMPLETIONS, '{"prompt": ["a\\ud800"]}', 400, "prompt.0", "invalid_encoding"),
+    (CHAT, raw('{"messages": [{"role": "user", "content": @}]}'), 400, "messages.0.content",
      "invalid_encoding"),
-    (CHAT, '{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}], "stream": true}'
-     % SURROGATE, 400, "messages.0.content.0.text", "invalid_encoding"),
-    (CHAT, '{"messages": [{"role": "user", "content": "x", "name": %s}]}' % SURROGATE, 400, "messages.0.name",
+    (CHAT, raw('{"messages": [{"role": "user", "content": [{"type": "text", "text": @}]}], "stream": true}'),
+     400, "messages.0.content.0.text", "invalid_encoding"),
+    (CHAT, raw('{"messages": [{"role": "user", "content": "x", "name": @}]}'), 400, "messages.0.name",
      "invalid_encoding"),
-    (COMPLETIONS, '{"prompt": "x", "stop": [%s]}' % SURROGATE, 400, "stop.0", "invalid_encoding"),
-    (COMPLETIONS, '{"prompt": "x", "model": %s}' % SURROGATE, 400, "model", "invalid_encoding"),
-    (COMPLETIONS, '{"prompt": "x", "user": %s}' % SURROGATE, 400, "user", "invalid_encoding"),
-    (COMPLETIONS, '{"prompt": "x", %s: 1}' % SURROGATE, 400, None, "invalid_encoding"),
+    (COMPLETIONS, raw('{"prompt": "x", "stop": [@]}'), 400, "stop.0", "invalid_encoding"),
+    (COMPLETIONS, raw('{"prompt": "x", "model": @}'), 400, "model", "invalid_encoding"),
+    (COMPLETIONS, raw('{"prompt": "x", "user": @}'), 400, "user", "invalid_encoding"),
+    (COMPLETIONS, raw('{"prompt": "x", @: 1}'), 400, None, "invalid_encoding"),
 ]
 
 # (path, JSON body, param): schema and range errors, each a 400 naming the field
@@ -118,7 +123,7 @@ def test_model_not_found_renders_any_name():
 
 def test_errors_are_counted_by_status_500_included(engine):
     with TestClient(make_app(engine), raise_server_exceptions=False) as client:
-        client.post(COMPLETIONS, content=('{"prompt": %s}' % SURROGATE).encode(),
+        client.post(COMPLETIONS, content=raw('{"prompt": @}').encode(),
                     headers={"content-type": "application/json"})
         client.post(COMPLETIONS, json={"prompt": "x", "model": "nope"})
         engine.memory_telemetry = lambda: 1 / 0  # an unexpected failure inside a route
@@ -176,9 +181,11 @@ def test_a_prompt_longer_than_the_context_can_hold_is_400_without_tokenising(eng
     from deployments.ingress.engine_bindings import EngineBindings
 
     bindings = EngineBindings.from_engine_package()
-    counting = EngineBindings(bindings.sampling_params_cls,
-                              lambda tokenizer, text: calls.append(len(text)) or bindings.encode_prompt(tokenizer, text),
-                              bindings.encode_chat)
+    def encode_prompt(tokenizer, text):
+        calls.append(len(text))
+        return bindings.encode_prompt(tokenizer, text)
+
+    counting = EngineBindings(bindings.sampling_params_cls, encode_prompt, bindings.encode_chat)
     with TestClient(make_app(engine, bindings=counting), raise_server_exceptions=False) as client:
         # The fake's longest vocabulary entry is "<pad>" (5 characters): 256 tokens hold at most 1280.
         response = client.post(COMPLETIONS, json={"prompt": "y" * 1281, "max_tokens": 1})

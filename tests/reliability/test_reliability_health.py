@@ -97,7 +97,8 @@ def test_a_long_request_of_short_steps_stays_healthy():
         outputs = []
 
         async def consume():
-            async for output in engine.generate(GenerateRequest("long", (1,), SamplingParams(max_tokens=60))):  # 60 steps: ~1.2 s
+            request = GenerateRequest("long", (1,), SamplingParams(max_tokens=60))  # 60 steps: ~1.2 s
+            async for output in engine.generate(request):
                 outputs.append(output)
 
         task = asyncio.create_task(consume())

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
@@ -26,7 +26,8 @@ def test_the_spec_lists_our_statuses_and_media_types():
         responses = paths[path]["post"]["responses"]
         assert ERROR_STATUSES <= set(responses), (path, sorted(responses))
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
-        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+        error_schema = responses["400"]["content"]["application/json"]["schema"]
+        assert error_schema == {"$ref": "#/components/schemas/ErrorResponse"}
         assert "Retry-After" in responses["503"]["headers"]
     assert {"403", "400", "413"} <= set(paths["/v1/admin/migration_policy"]["post"]["responses"])
     assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
