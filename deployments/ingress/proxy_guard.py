@@ -25,6 +25,7 @@ import logging
 
 from starlette.middleware import Middleware
 
+from deployments.ingress import errors
 from deployments.ingress.middleware import REPLICA_HEADER, SSE_MEDIA_TYPE
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ CALLBACK_PATH = "deployments.ingress.proxy_guard:proxy_middlewares"
 PROXY_MARK = (REPLICA_HEADER.encode(), b"proxy")
 
 
-def _error_body(message: str, code: str, type: str = "server_error") -> bytes:
-    return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
+def _error_body(message: str, code: str | None, type: str = "server_error") -> bytes:
+    return json.dumps(errors.APIError(0, message, type, None, code).body()).encode()
 
 
 REPLICA_GONE = ("The replica serving this request stopped before answering; retry the request.",

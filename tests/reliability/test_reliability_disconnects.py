@@ -9,8 +9,9 @@ import random
 
 import httpx
 
+from tests.deployments.asgi_call import AsgiCall
 from tests.deployments.fake_engine import FakeEngine
-from tests.reliability.conftest import AsgiRequest, assert_openai_error, make_app
+from tests.reliability.conftest import assert_openai_error, make_app
 
 CHAT = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 60, "stream": True}
 COMPLETION = {"prompt": "Once upon a time", "max_tokens": 60, "n": 2, "stream": True}
@@ -22,11 +23,11 @@ def test_a_hundred_and_twenty_disconnects_at_random_points_leave_the_engine_idle
     app = make_app(engine)
     rng = random.Random(15)
 
-    async def one(index: int) -> AsgiRequest:
+    async def one(index: int) -> AsgiCall:
         body = CHAT if index % 2 else COMPLETION
         if index % 3 == 0:
             body = {key: value for key, value in body.items() if key != "stream"}  # non-streaming too
-        request = AsgiRequest(app, "/v1/chat/completions" if index % 2 else "/v1/completions", body)
+        request = AsgiCall(app, "/v1/chat/completions" if index % 2 else "/v1/completions", body)
         task = asyncio.create_task(request.run())
         await asyncio.sleep(rng.uniform(0.0, 0.08))  # before headers, in the queue, or mid-stream
         request.disconnect()
@@ -56,8 +57,8 @@ def test_overload_is_503_with_retry_after_then_recovery():
     app = make_app(engine)
 
     async def scenario():
-        first = AsgiRequest(app, "/v1/completions", {"prompt": "a", "max_tokens": 30, "stream": True})
-        second = AsgiRequest(app, "/v1/completions", {"prompt": "b", "max_tokens": 30, "stream": True})
+        first = AsgiCall(app, "/v1/completions", {"prompt": "a", "max_tokens": 30, "stream": True})
+        second = AsgiCall(app, "/v1/completions", {"prompt": "b", "max_tokens": 30, "stream": True})
         tasks = [asyncio.create_task(first.run()), asyncio.create_task(second.run())]
         while engine.num_live() < 2:
             await asyncio.sleep(0.005)

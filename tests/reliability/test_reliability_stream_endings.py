@@ -8,9 +8,10 @@ import json
 
 import httpx
 
+from tests.deployments.asgi_call import AsgiCall
 from tests.deployments.conftest import sse_events
 from tests.deployments.fake_engine import FakeEngine
-from tests.reliability.conftest import AsgiRequest, assert_openai_error, make_app
+from tests.reliability.conftest import assert_openai_error, make_app
 
 STREAM = {"prompt": "Hello", "max_tokens": 200, "stream": True}
 
@@ -29,7 +30,7 @@ def test_drain_refuses_new_requests_and_aborts_running_streams_cleanly():
     serving = app.state.serving
 
     async def scenario():
-        streams = [AsgiRequest(app, "/v1/completions", STREAM) for _ in range(3)]
+        streams = [AsgiCall(app, "/v1/completions", STREAM) for _ in range(3)]
         tasks = [asyncio.create_task(stream.run()) for stream in streams]
         while serving.num_runs < 3 or any(len(stream.events) < 2 for stream in streams):
             await asyncio.sleep(0.01)
@@ -76,7 +77,7 @@ def test_an_engine_dying_mid_stream_ends_it_with_an_error_event_and_done():
 
     async def scenario():
         app = make_app(engine)
-        stream = AsgiRequest(app, "/v1/completions", STREAM)
+        stream = AsgiCall(app, "/v1/completions", STREAM)
         task = asyncio.create_task(stream.run())
         while len(stream.events) < 2:
             await asyncio.sleep(0.01)
