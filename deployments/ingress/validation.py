@@ -24,31 +24,36 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
-def _first_invalid(value: Any, path: tuple) -> tuple | None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _first_invalid(key, path) if isinstance(key, str) else None
-            if found is None:
-                found = _first_invalid(item, (*path, key))
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _first_invalid(item, (*path, index))
-            if found is not None:
-                return found
+def _is_valid(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _first_invalid(body: Any) -> tuple | None:
+    """The path of the first string (key or value) that is not valid Unicode, depth first in document
+    order; iterative, so a deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not _is_valid(value):
+                return path
+        elif isinstance(value, dict):
+            for key in value:
+                if isinstance(key, str) and not _is_valid(key):
+                    return path
+            stack.extend(reversed([(item, (*path, key)) for key, item in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([(item, (*path, index)) for index, item in enumerate(value)]))
     return None
 
 
 def reject_invalid_text(body: Any) -> None:
     """Raises a 400 naming the first field whose text is not valid Unicode (a lone surrogate)."""
-    path = _first_invalid(body, ())
+    path = _first_invalid(body)
     if path is not None:
         param = ".".join(str(part) for part in path) or None
         where = f"{param}: " if param else ""

@@ -193,3 +193,14 @@ def test_a_prompt_longer_than_the_context_can_hold_is_400_without_tokenising(eng
         response = client.post(CHAT, json={"messages": [{"role": "user", "content": "y" * 1281}]})
         assert_openai_error(response, 400, "messages", "context_length_exceeded")
     assert calls == []
+
+
+def test_deeply_nested_bodies_are_400_not_500(client, engine):
+    deep = "[" * 900 + "]" * 900
+    response = client.post(COMPLETIONS, content=('{"prompt": "x", "user": ' + deep + "}").encode(),
+                           headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, "user", None)
+    surrogate_deep = '{"prompt": "x", "extra": ' + "[" * 500 + SURROGATE + "]" * 500 + "}"
+    response = client.post(COMPLETIONS, content=surrogate_deep.encode(), headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, "extra" + ".0" * 500, "invalid_encoding")
+    assert engine.submitted == []
