@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # A /tmp/ray/ray_current_cluster left by a dead cluster makes `serve run` hang: drop it when no Ray runs.
+# deployments.launch is `serve run` plus a drain on SIGINT/SIGTERM and the proxy guard (docs/SERVING.md).
 serve: $(STAMP)
 	pgrep -f gcs_server >/dev/null || rm -f /tmp/ray/ray_current_cluster
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/serve run serve_config.yaml
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(PY) -m deployments.launch serve_config.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

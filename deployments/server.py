@@ -5,8 +5,11 @@ app from `build_openai_app`, publishes routing stats for `KVHeadroomRouter`, and
 the cluster controller every `telemetry_period_s`; the reply carries the migrations this replica should
 start (deployments/migration/source.py). The `migration_*` methods are the destination side of a migration, called
 by other replicas through a handle that targets this replica (deployments/migration/transport.py).
-Shutdown: stop the telemetry task and the migrations, deregister, shut the engine down (which stops the TP
-ranks), then kill the TP actors.
+Drain (`drain(deadline)`: ordered by the controller's reply when `python -m deployments.launch` stops, and
+run again from `__del__`): new generation requests get 503 `shutting_down` with Retry-After, running
+ones may finish until shortly before the deadline, then the rest are aborted, so each client gets a 503
+`aborted` or, in a stream, an error event and `[DONE]`. Shutdown: drain, stop the telemetry task and the
+migrations, deregister, shut the engine down (which stops the TP ranks), then kill the TP actors.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from deployments.migration.source import MigrationManager, MigrationStats
 from deployments.migration.transport import make_peer
 
 logger = logging.getLogger("ray.serve")
+DRAIN_MARGIN_S = 2.0  # before the shutdown deadline: abort what still runs, so its clients hear an ending
 
 
 @dataclass
@@ -139,8 +143,28 @@ class LLMServer:
                                replica_id=self.replica_id, bindings=self._built.bindings,
                                cluster_view=self._controller.cluster_view,
                                default_sampling=self.args.default_sampling, relays=self._relays,
-                               migration_stats=self._migration_stats.snapshot, cluster_admin=self._controller)
-        return build_openai_app(lambda: self.engine, settings)
+                               migration_stats=self._migration_stats.snapshot, cluster_admin=self._controller,
+                               max_body_bytes=self.args.max_body_bytes)
+        app = build_openai_app(lambda: self.engine, settings)
+        self._serving = app.state.serving
+        return app
+
+    async def drain(self, deadline: float) -> None:
+        """Stops accepting generation requests, lets the running ones finish until `DRAIN_MARGIN_S` before
+        `deadline` (time.time()), then aborts the rest, and waits briefly for their last bytes to go out."""
+        serving = getattr(self, "_serving", None)
+        if serving is None:
+            return
+        serving.is_draining = True
+        while serving.num_runs and time.time() < deadline - DRAIN_MARGIN_S:
+            await asyncio.sleep(0.1)
+        if serving.num_runs:
+            logger.info("replica %s: aborting %d requests still running at the drain deadline",
+                        self.replica_id, serving.num_runs)
+            await serving.abort_all()
+        flush_until = time.monotonic() + DRAIN_MARGIN_S / 2
+        while serving.num_runs and time.monotonic() < flush_until:
+            await asyncio.sleep(0.05)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
@@ -228,6 +252,10 @@ class LLMServer:
         """Starts the migrations the controller ordered (a busy or unknown one simply does not start: the
         controller sees it missing from `migrating` in the next report)."""
         self._is_draining = bool(reply.get("is_draining"))
+        shutdown_at = reply.get("shutdown_at")
+        if shutdown_at is not None and getattr(self, "_drain_task", None) is None:
+            logger.info("replica %s: draining for shutdown (%.1f s left)", self.replica_id, shutdown_at - time.time())
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain(shutdown_at))
         for order in reply.get("orders", ()):
             if self._migrations is not None and order.get("source") == self.replica_id:
                 task = self._migrations.submit(order["request_id"], order["target"], order.get("mode", "auto"))
@@ -235,7 +263,11 @@ class LLMServer:
                             order["target"], "started" if task is not None else "not started (busy)")
 
     async def __del__(self):
-        # Also runs after a failed __init__: every step checks that its part was set up.
+        # Also runs after a failed __init__: every step checks that its part was set up. Serve calls this
+        # once its own drain found no request in flight, or at the end of graceful_shutdown_timeout_s; what
+        # arrived meanwhile is ended cleanly by a short drain.
+        with contextlib.suppress(Exception):
+            await self.drain(time.time() + DRAIN_MARGIN_S)
         task = getattr(self, "_telemetry_task", None)
         if task is not None:
             task.cancel()

@@ -45,6 +45,9 @@ class EngineConfig:
     process_group_interface: str | None = None
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
     linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
+    # Health: the engine counts as stalled (check_health fails) when one pass of its loop (inbox + step)
+    # has run this long; a long request is many short steps, so it never trips this.
+    stall_timeout_s: float = 60.0
     # KunServe: keep a host copy of every layer's weights so layer ranges can be dropped (their memory
     # goes to KV) and restored by copy; costs host RAM equal to the layers' weights
     enable_parameter_dropping: bool = False
@@ -62,6 +65,8 @@ class EngineConfig:
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0")
         if self.enable_parameter_dropping and self.tensor_parallel_size > 1:
             raise ValueError("parameter dropping needs replicas of the whole model (tensor_parallel_size 1)")
         if self.host_buffer_bytes < 0 or self.max_num_waiting < 0:
