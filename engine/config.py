@@ -20,7 +20,7 @@ def cpu_has_fast_bf16() -> bool:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # None -> embedded SmolLM2 GGUF; or a HF directory / .gguf path
+    model: str | None = None  # None -> smollm2-135m; embedded smollm2-135m | gemma3-270m, a HF directory, a .gguf
     dtype: str = "auto"  # "auto" | "bfloat16" | "float32"; auto = bf16 where the hardware is fast at it
     device: str = "cpu"  # "cpu" | "cuda"
     vmm_backend: str | None = None  # None -> "host" on cpu, "cuda" on cuda
@@ -41,6 +41,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
     linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
+    kv_layout: str = "contiguous"  # "contiguous" (per-slot virtual ranges) | "paged" (block tables)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
@@ -49,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.pool_policy not in ("elastic", "static"):
             raise ValueError(f"pool_policy must be elastic or static, got {self.pool_policy!r}")
+        if self.kv_layout not in ("contiguous", "paged"):
+            raise ValueError(f"kv_layout must be contiguous or paged, got {self.kv_layout!r}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption_mode must be auto, swap or recompute, got {self.preemption_mode!r}")
         for name in ("device_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "tokens_per_page",

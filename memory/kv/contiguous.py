@@ -93,4 +93,3 @@ class ContiguousLayout:
             v.close()
 
 
-LAYOUTS = {"contiguous": ContiguousLayout}

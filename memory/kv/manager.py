@@ -19,7 +19,7 @@ import torch
 
 from memory.host_buffer import HostBuffer
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
-from memory.kv.contiguous import LAYOUTS
+from memory.kv.layouts import LAYOUTS
 from memory.kv.mirror import RecordingLayout
 from memory.kv.spec import KVCacheSpec
 from memory.pool import ElasticPool, PoolExhausted
