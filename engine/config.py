@@ -42,6 +42,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
     linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
     kv_layout: str = "contiguous"  # "contiguous" (per-slot virtual ranges) | "paged" (block tables)
+    kv_evictor: str = "lru"  # cached KV blocks: "lru" | "prefix_subset" (Jenga: least hit length lost first)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
@@ -50,6 +51,8 @@ class EngineConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.pool_policy not in ("elastic", "static"):
             raise ValueError(f"pool_policy must be elastic or static, got {self.pool_policy!r}")
+        if self.kv_evictor not in ("lru", "prefix_subset"):
+            raise ValueError(f"kv_evictor must be lru or prefix_subset, got {self.kv_evictor!r}")
         if self.kv_layout not in ("contiguous", "paged"):
             raise ValueError(f"kv_layout must be contiguous or paged, got {self.kv_layout!r}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):

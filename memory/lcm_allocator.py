@@ -83,7 +83,8 @@ class LcmAllocator:
         common = math.lcm(*self.allocated_page_bytes.values())
         self.chunks_per_large_page = -(-common // self.pool.chunk_bytes)
         self.large_page_bytes = self.chunks_per_large_page * self.pool.chunk_bytes
-        self._pages_per_large = {kind: self.large_page_bytes // size for kind, size in self.allocated_page_bytes.items()}
+        self._pages_per_large = {kind: self.large_page_bytes // size
+                                 for kind, size in self.allocated_page_bytes.items()}
         self._large: dict[int, _LargePage] = {}
         self._by_kind: dict[str, list[int]] = {kind: [] for kind in self.small_page_bytes}
         self._used: set[SmallPage] = set()
