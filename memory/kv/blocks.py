@@ -23,6 +23,7 @@ class KVBlock:
     ref_count: int = 0
     block_hash: int | None = None  # set once the block is full and its tokens are known
     page: int = -1  # its page index in the request's token order, once hashed (for the evictor)
+    reused: bool = False  # a prefix hit has used it (the evictor keeps hit prefixes longest)
     release: int = 0  # the request that parked it (one request's blocks are evicted as a group)
 
 
@@ -71,6 +72,7 @@ class PrefixCache:
         if self.evictable.pop(block.block_id, None) is not None:
             self.num_evictable_chunks -= len(block.chunks)
         block.ref_count += 1
+        block.reused = True
 
     def park(self, block: KVBlock) -> None:
         """The last holder let go of a hashed block: keep it, evictable, most recent last."""

@@ -5,11 +5,13 @@ window while it ran, and the rest when it ends); the release holding the least r
 goes first, under both evictors. They differ inside it:
 - `lru` evicts in park order. A request frees page 0 first, so its head goes first and every prefix
   hit on that chain is lost with the first eviction.
-- `prefix_subset` evicts what loses the least hit length. The release's longest hit is its deepest
-  full-attention page (every kind aligned on it); blocks that hit does not need (sliding-window pages
-  before its window) go first, oldest page first, and lose nothing of it; then the tail page of every
-  kind (deepest first), each costing one page of hit length, so the cached prefix shrinks from its
-  end while staying a valid hit for every kind (balanced and aligned, as in the paper).
+- `prefix_subset` evicts what loses the least hit length. The release's target hit ends at its
+  deepest page a prefix hit has used (a shared prompt), or, if none was, at its deepest full-attention
+  page. Pages past the target go first (tail first: nobody hit them); then the blocks the target hit
+  does not need (sliding-window pages before its window, oldest first), which lose nothing of it;
+  then the target's own pages, deepest first in every kind, each costing one page of hit length, so
+  the cached prefix shrinks from its end while staying a valid hit for every kind (balanced and
+  aligned, as in the paper).
 """
 
 from __future__ import annotations
@@ -46,15 +48,17 @@ class PrefixSubsetEvictor(Evictor):
         self.policies = policies
 
     def choose(self, release: Sequence[KVBlock]) -> KVBlock:
+        reused = [b.page for b in release if b.reused]
         full_pages = [b.page for b in release if isinstance(self.policies[b.group], FullAttentionPolicy)]
-        tail_page = max(full_pages or [b.page for b in release])
-        page_tokens = self.policies[0].page_tokens
-        longest_hit = (tail_page + 1) * page_tokens
+        target_page = max(reused or full_pages or [b.page for b in release])
+        target_hit = (target_page + 1) * self.policies[0].page_tokens
 
         def cost(block: KVBlock) -> tuple[int, int, int]:
-            if block.page not in self.policies[block.group].hit_pages(longest_hit):
-                return (0, block.page, block.group)  # not needed by the longest hit: free to drop
-            return (1, -block.page, block.group)  # shortens the hit by a page: the deepest first
+            if block.page > target_page:
+                return (0, -block.page, block.group)  # past every hit so far: tail first
+            if block.page not in self.policies[block.group].hit_pages(target_hit):
+                return (1, block.page, block.group)  # not needed by the target hit: free to drop
+            return (2, -block.page, block.group)  # shortens the hit by a page: the deepest first
 
         return min(release, key=cost)
 
