@@ -43,6 +43,9 @@ class EngineConfig:
     linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
     kv_layout: str = "contiguous"  # "contiguous" (per-slot virtual ranges) | "paged" (block tables)
     kv_evictor: str = "lru"  # cached KV blocks: "lru" | "prefix_subset" (Jenga: least hit length lost first)
+    # KunServe: keep a host copy of every layer's weights so layer ranges can be dropped (their memory
+    # goes to KV) and restored by copy; costs host RAM equal to the layers' weights
+    enable_parameter_dropping: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
@@ -61,6 +64,8 @@ class EngineConfig:
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.enable_parameter_dropping and self.tensor_parallel_size > 1:
+            raise ValueError("parameter dropping needs replicas of the whole model (tensor_parallel_size 1)")
         if self.host_buffer_bytes < 0 or self.max_num_waiting < 0:
             raise ValueError("host_buffer_bytes and max_num_waiting must be >= 0")
 

@@ -65,6 +65,7 @@ class KVCacheManager:
         if layout_log is not None:  # tensor parallelism: other ranks replay these layout calls
             self.layout = RecordingLayout(self.layout, layout_log)
         self.enable_prefix_caching = enable_prefix_caching
+        self._prefix_caching_wanted = enable_prefix_caching
         self.slots = SlotTable(spec.max_slots)
         self.prefix = PrefixCache()
         self.requests: dict[str, RequestKV] = {}
@@ -75,6 +76,27 @@ class KVCacheManager:
         if evictor != "lru":  # LRU is PrefixCache's own order
             self.prefix.evictor = EVICTORS[evictor](self.policies)
         pool.register(KV_CLIENT, reclaim=self._reclaim, reclaimable=lambda: self.prefix.num_evictable_chunks)
+
+    # ---- which layers keep KV here -------------------------------------------------------------
+    def hold_layers(self, layers) -> None:
+        """Keeps KV pages only for `layers` from now on (a peer replica holds the others' KV while this
+        one has dropped their weights: KunServe). Only while no request holds KV: cached prefix blocks
+        span every layer, so they are evicted, and prefix caching stays off while some layers are held
+        elsewhere (the peers' caches would otherwise diverge)."""
+        if self.requests:
+            raise RuntimeError(f"{len(self.requests)} requests hold KV: the held layers cannot change now")
+        held = frozenset(layers)
+        if not held <= set(range(self.spec.num_layers)):
+            raise ValueError(f"layers {sorted(held)} are not all layers of this model")
+        while self.prefix.evictable:
+            self._deflate_block(self.prefix.evict_oldest())
+        self.layout.held_layers = held
+        self._chunks_per_block = [2 * sum(layer in held for layer in group.layers) for group in self.spec.groups]
+        self.enable_prefix_caching = self._prefix_caching_wanted and len(held) == self.spec.num_layers
+
+    @property
+    def held_layers(self) -> frozenset[int]:
+        return self.layout.held_layers
 
     # ---- queries -------------------------------------------------------------------------------
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
