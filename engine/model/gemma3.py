@@ -17,12 +17,14 @@ The workspace plan, sharding and weight placement follow `LlamaModel` (same buff
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from engine.api import LayersDroppedError
 from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
 from engine.model.buffers import BufferPlan
@@ -59,19 +61,21 @@ class Gemma3Model:
         scalar = config.query_pre_attn_scalar
         self.query_factor = None if scalar == config.head_dim else math.sqrt(config.head_dim / scalar)
 
-        def place(tensor: torch.Tensor) -> torch.Tensor:
-            return allocate(tensor.to(dtype).contiguous())
+        # `layer`: whose pages the tensor goes on (None: shared by every layer), see WeightArena
+        def place(tensor: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+            return allocate(tensor.to(dtype).contiguous(), layer)
 
-        def place_norm(weight: torch.Tensor) -> torch.Tensor:
-            return allocate((1.0 + weight.float()).contiguous())  # fp32, as HF's Gemma3RMSNorm
+        def place_norm(weight: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+            return allocate((1.0 + weight.float()).contiguous(), layer)  # fp32, as HF's Gemma3RMSNorm
 
-        self._place, self._place_norm = place, place_norm
         self.embed = place(weights["model.embed_tokens.weight"])
         lm_head = weights.get("lm_head.weight")
         self.lm_head = self.embed if lm_head is None else place(lm_head)
         self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32).to(dtype)
         self.final_norm = place_norm(weights["model.norm.weight"])
-        self.layers = [self._load_layer(weights, i) for i in range(config.num_layers)]
+        self.layers = [self._load_layer(weights, i, functools.partial(place, layer=i),
+                                        functools.partial(place_norm, layer=i)) for i in range(config.num_layers)]
+        self.dropped_layers: frozenset[int] = frozenset()  # weights given back to the pool (KunServe)
         positions = max_positions or config.max_position_embeddings
         global_freq = inverse_frequencies(config.head_dim, config.rope_theta, dict(config.rope_scaling or ()))
         local_freq = inverse_frequencies(config.head_dim, config.rope_local_theta, None)
@@ -80,9 +84,8 @@ class Gemma3Model:
             for kind, freq in (("global", global_freq), ("local", local_freq))
         }
 
-    def _load_layer(self, weights: dict[str, torch.Tensor], index: int) -> dict:
+    def _load_layer(self, weights: dict[str, torch.Tensor], index: int, place, place_norm) -> dict:
         c, s, d = self.config, self.shard, self.config.head_dim
-        place, place_norm = self._place, self._place_norm
         prefix = f"model.layers.{index}."
         attn = prefix + "self_attn."
         mlp = prefix + "mlp."
@@ -125,16 +128,33 @@ class Gemma3Model:
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view)."""
+        self.forward_stage(batch, kv_caches, buffers, range(self.config.num_layers), embed=True)
+        return self.compute_logits(batch, buffers)
+
+    def forward_stage(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                      buffers: dict[str, torch.Tensor], layers: range, embed: bool) -> torch.Tensor:
+        """Runs `layers` over buffers["hidden"] (embedding the tokens first when `embed`), as
+        LlamaModel.forward_stage (a cooperative pipeline stage); returns that buffer."""
+        missing = self.dropped_layers.intersection(layers)
+        if missing:
+            raise LayersDroppedError(f"layers {sorted(missing)} are dropped on this replica")
         hidden = buffers["hidden"]
-        torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
-        hidden.mul_(self.embed_scale)
+        if embed:
+            torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
+            hidden.mul_(self.embed_scale)
         rope = {}
         for kind, table in self.rope_tables.items():
             rows = table[batch.positions]  # [T, 2, D] fp32
             rope[kind] = (rows[:, 0:1].to(self.dtype), rows[:, 1:2].to(self.dtype))
-        for index, layer in enumerate(self.layers):
+        for index in layers:
+            layer = self.layers[index]
             self._attention_block(layer, hidden, *rope[layer["rope"]], kv_caches[index], batch, buffers)
             self._mlp_block(layer, hidden, buffers)
+        return hidden
+
+    def compute_logits(self, batch: ForwardBatch, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final norm, lm head and soft-cap over the sampled rows of buffers["hidden"] (fp32)."""
+        hidden = buffers["hidden"]
         logits = buffers["logits"]
         if batch.logits_indices.numel() == 0:
             return logits[:0]
