@@ -27,21 +27,23 @@ import torch.nn.functional as F
 from engine.api import LayersDroppedError
 from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
-from engine.model.buffers import BufferPlan
 from engine.model.config import SLIDING_ATTENTION, ModelConfig
 from engine.model.linear import TorchLinear
 from engine.model.llama import Allocator, LlamaModel, ShardPlan, _rows
 from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 
 
-class Gemma3Model:
+class Gemma3Model(LlamaModel):
+    """Same constructor, workspace plan, `forward` and stage interface as LlamaModel; its own weights,
+    norms, RoPE tables, attention and MLP blocks."""
+
     def __init__(
         self,
         config: ModelConfig,
         weights: dict[str, torch.Tensor],
         attention: AttentionBackend,
         dtype: torch.dtype,
-        allocate: Allocator = lambda tensor: tensor,
+        allocate: Allocator = lambda tensor, layer=None: tensor,
         shard: ShardPlan | None = None,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
         max_positions: int | None = None,
@@ -112,24 +114,12 @@ class Gemma3Model:
                                        sliding_window=c.sliding_window if sliding else None),
         }
 
-    # ---- workspace (the same buffers as the Llama family) ----------------------------------
-    def buffer_plan(self, num_tokens: int, num_logits: int) -> BufferPlan:
-        return self.plan_buffers(self.config, self.shard, self.dtype, num_tokens, num_logits)
-
-    plan_buffers = staticmethod(LlamaModel.plan_buffers)
-
     # ---- forward ---------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Gemma's order: normalise and scale by (1 + w) in fp32, cast once (`weight` holds 1 + w)."""
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         return torch.mul(normed, weight, out=out)
-
-    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                buffers: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view)."""
-        self.forward_stage(batch, kv_caches, buffers, range(self.config.num_layers), embed=True)
-        return self.compute_logits(batch, buffers)
 
     def forward_stage(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                       buffers: dict[str, torch.Tensor], layers: range, embed: bool) -> torch.Tensor:

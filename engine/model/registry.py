@@ -6,7 +6,7 @@ from engine.model.config import GEMMA3, ModelConfig
 from engine.model.gemma3 import Gemma3Model
 from engine.model.llama import LlamaModel
 
-DecoderModel = LlamaModel | Gemma3Model  # same constructor, buffer_plan/plan_buffers and forward
+DecoderModel = LlamaModel  # every model class is one (same constructor, workspace plan, forward, stages)
 
 MODEL_CLASSES: dict[str, type[DecoderModel]] = {GEMMA3: Gemma3Model}
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from memory.kv.blocks import KVBlock
+from memory.kv.layout_base import HostCopies
 from memory.kv.spec import KVCacheSpec
 from memory.virtual_tensor import VirtualTensor
 from memory.vmm.base import VmmBackend
@@ -41,7 +42,7 @@ class PagedLayerCache:
         return int(self.pages.shape[1])
 
 
-class PagedLayout:
+class PagedLayout(HostCopies):
     name = "paged"
 
     def __init__(self, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype):
@@ -108,20 +109,6 @@ class PagedLayout:
     def block_pages(self, slot: int, page: int, block: KVBlock) -> list[torch.Tensor]:
         index = self._page_of[block.block_id]
         return [tensor.page_tensor(index) for tensor in self._block_tensors(block)]
-
-    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
-        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
-            host_buffer.copy_in(host_slot, view)
-
-    def copy_block_from_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
-        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
-            host_buffer.copy_out(host_slot, view)
-
-    def release_host(self, host_buffer, host_slots: list[int]) -> None:
-        host_buffer.free(host_slots)
-
-    def block_freed(self, block: KVBlock) -> None:
-        """The block's chunks went back to the pool (it was unmapped before)."""
 
     def _token_rows(self, layer: int, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(start, end)

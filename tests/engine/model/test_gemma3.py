@@ -18,6 +18,7 @@ from engine.core.engine import LLMEngine
 from engine.model.config import FULL_ATTENTION, GEMMA3, SLIDING_ATTENTION, ModelConfig, model_config_from_gguf
 from engine.weights import gemma3_gguf_path, resolve_model_source
 from engine.weights.gguf_file import GgufFile
+from tests.engine.core.test_engine_exactness import small_config as exactness_config
 from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy, run_all
 from tests.engine.reference import hf_greedy, hf_model_from_weights, make_tiny_random_checkpoint
 
@@ -75,10 +76,7 @@ def test_hf_config_of_transformers_4_spelling():
 
 
 def small_config(**overrides) -> EngineConfig:
-    base = dict(dtype="float32", num_threads=2, max_model_len=256, max_num_seqs=16, max_num_batched_tokens=24,
-                tokens_per_page=32, device_memory_bytes=1 << 30, host_buffer_bytes=64 << 20)
-    base.update(overrides)
-    return EngineConfig(**base)
+    return exactness_config(**{"max_num_batched_tokens": 24, "tokens_per_page": 32, **overrides})
 
 
 @pytest.fixture(scope="module")
