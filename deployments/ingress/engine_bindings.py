@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from deployments.ingress.validation import longest_token_chars
 from engine.api import Tokenizer
 from engine.sampling_params import SamplingParams
 
@@ -23,6 +24,8 @@ class EngineBindings:
     encode_prompt: Callable[[Tokenizer, str], Sequence[int]]
     encode_chat: Callable[[Tokenizer, list[dict[str, str]]], Sequence[int]]
     decode_token: Callable[[Tokenizer, int], str] = _decode_token
+    # Bounds a prompt's length before tokenising (deployments/ingress/validation.py prompt_char_limit).
+    longest_token_chars: Callable[[Tokenizer], int] = longest_token_chars
 
     @classmethod
     def from_engine_package(cls) -> EngineBindings:

@@ -110,7 +110,7 @@ class BookkeepingLayout(KVLayout):
     def __init__(self, spec: KVCacheSpec, backend: object, dtype: torch.dtype) -> None:
         self.spec = spec
 
-    def layer_caches(self) -> KVLayers:
+    def layer_caches(self) -> list[tuple]:
         raise NotImplementedError("the bookkeeping layout has no tensors")
 
     def map_block(self, slot: int, page: int, block: object) -> None:
@@ -132,6 +132,9 @@ class BookkeepingLayout(KVLayout):
     def copy_block_from_host(self, slot: int, page: int, block: object, host_buffer: object,
                              host_slots: list[int]) -> None:
         pass
+
+    def block_pages(self, slot: int, page: int, block: object) -> list:
+        raise NotImplementedError("the bookkeeping layout holds no KV data")
 
     def read_tokens(self, slot: int, start: int, end: int) -> KVLayers:
         raise NotImplementedError("the bookkeeping layout holds no KV data")

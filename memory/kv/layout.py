@@ -3,14 +3,16 @@
 The manager decides which blocks exist, which slot a request owns and which token pages of it are
 resident; a layout only places those blocks (maps their pool chunks) and moves bytes. So two layouts given
 the same calls make the same decisions (tests/loadtest/sim compares `contiguous` with the simulator's
-`bookkeeping`). Layouts are looked up by name in memory/kv/registry.py.
+`bookkeeping`). Layouts are looked up by name in memory/kv/registry.py: `contiguous`
+(memory/kv/contiguous.py) and `paged` (memory/kv/paged.py).
 
 Contract, for a block of layer group g (its chunks: for each layer of g in order, K then V):
   - `map_block(slot, page, block)` maps every chunk of the block at token page `page` of `slot`; the place
     must be unmapped. `unmap_block` unmaps them (the chunks stay the block's). `move_block` remaps a block
     from one slot to another at the same page, copying no data (the destination must be unmapped).
-  - `copy_block_to_host` / `copy_block_from_host` copy a mapped block's chunks to / from host-buffer slots
-    (one host slot per chunk, in chunk order); `release_host` frees host slots.
+  - `block_pages(slot, page, block)`: uint8 views of a mapped block's chunks; through them
+    `copy_block_to_host` / `copy_block_from_host` copy the block to / from host-buffer slots (one host slot
+    per chunk, in chunk order); `release_host` frees host slots.
   - `block_freed(block)`: the block's chunks went back to the pool (a recording layout logs it).
   - `read_tokens(slot, start, end)` returns copies of the slot's K and V for tokens [start, end) per layer;
     `write_tokens(slot, start, layers)` writes such copies back (the pages must be mapped).
@@ -40,7 +42,8 @@ class KVLayout(ABC):
     def __init__(self, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype) -> None: ...
 
     @abstractmethod
-    def layer_caches(self) -> KVLayers: ...
+    def layer_caches(self) -> list[tuple]:
+        """Per layer, what attention reads: (K, V) tensors, or (K, V) paged caches with block tables."""
 
     @abstractmethod
     def map_block(self, slot: int, page: int, block: KVBlock) -> None: ...
@@ -52,18 +55,24 @@ class KVLayout(ABC):
     def move_block(self, block: KVBlock, src_slot: int, dst_slot: int, page: int) -> None: ...
 
     @abstractmethod
-    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer: HostBuffer,
-                           host_slots: list[int]) -> None: ...
+    def block_pages(self, slot: int, page: int, block: KVBlock) -> list[torch.Tensor]:
+        """uint8 views of a mapped block's chunks, in the block's chunk order."""
 
-    @abstractmethod
+    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer: HostBuffer,
+                           host_slots: list[int]) -> None:
+        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
+            host_buffer.copy_in(host_slot, view)
+
     def copy_block_from_host(self, slot: int, page: int, block: KVBlock, host_buffer: HostBuffer,
-                             host_slots: list[int]) -> None: ...
+                             host_slots: list[int]) -> None:
+        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
+            host_buffer.copy_out(host_slot, view)
 
     def release_host(self, host_buffer: HostBuffer, host_slots: list[int]) -> None:
         host_buffer.free(host_slots)
 
-    @abstractmethod
-    def block_freed(self, block: KVBlock) -> None: ...
+    def block_freed(self, block: KVBlock) -> None:  # noqa: B027 - most layouts keep no state per block
+        """The block's chunks went back to the pool (RecordingLayout logs it for the other ranks)."""
 
     @abstractmethod
     def read_tokens(self, slot: int, start: int, end: int) -> KVLayers: ...

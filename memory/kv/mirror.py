@@ -29,8 +29,11 @@ class RecordingLayout(KVLayout):
         self._layout = layout
         self._log = log
 
-    def layer_caches(self) -> KVLayers:
+    def layer_caches(self) -> list[tuple]:
         return self._layout.layer_caches()
+
+    def block_pages(self, slot: int, page: int, block: KVBlock) -> list[torch.Tensor]:
+        return self._layout.block_pages(slot, page, block)
 
     def read_tokens(self, slot: int, start: int, end: int) -> KVLayers:
         return self._layout.read_tokens(slot, start, end)
@@ -83,7 +86,7 @@ class LayoutMirror:
         self.blocks: dict[int, KVBlock] = {}
         pool.register(KV_CLIENT)
 
-    def layer_caches(self) -> KVLayers:
+    def layer_caches(self) -> list[tuple]:
         return self.layout.layer_caches()
 
     def apply(self, log: list[tuple]) -> None:

@@ -1,9 +1,9 @@
 """Registry of KV layouts: `create_layout("contiguous", spec, backend, dtype)`.
 
-A layout variant is a `KVLayout` subclass registered under its `name`. memory/ registers its own
-(`contiguous`); a layer above registers its layouts explicitly with `register_layout` before it asks for
-them (the packing simulator's `bookkeeping` layout: loadtest/sim/replica.py), never as a side effect of
-being imported.
+A layout variant is a `KVLayout` subclass registered under its `name` (`kv_layout` in the engine
+config). memory/ registers its own (`contiguous`, `paged`); a layer above registers its layouts
+explicitly with `register_layout` before it asks for them (the packing simulator's `bookkeeping` layout:
+loadtest/sim/replica.py), never as a side effect of being imported.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from memory.kv.contiguous import ContiguousLayout
 from memory.kv.layout import KVLayout
+from memory.kv.paged import PagedLayout
 from memory.kv.spec import KVCacheSpec
 from memory.vmm.base import VmmBackend
 
@@ -42,3 +43,4 @@ def create_layout(name: str, spec: KVCacheSpec, backend: VmmBackend, dtype: torc
 
 
 register_layout(ContiguousLayout)
+register_layout(PagedLayout)

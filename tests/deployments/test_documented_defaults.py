@@ -7,7 +7,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from deployments.args import AppArgs, MigrationArgs
+from deployments.args import AppArgs, MigrationArgs, ParameterDroppingArgs, PlacementArgs
 from engine.config import EngineConfig
 
 CONTRACTS = Path(__file__).resolve().parents[2] / "docs" / "CONTRACTS.md"
@@ -25,7 +25,9 @@ def _documented(header: str) -> dict[str, object]:
         match = ROW.match(line)
         assert match, f"unreadable row in {header}: {line}"
         # a Python literal or a tiny expression such as `2 << 30` / `MigrationArgs()`
-        table[match["name"]] = eval(match["default"], {"__builtins__": {}, "MigrationArgs": MigrationArgs})
+        table[match["name"]] = eval(match["default"], {"__builtins__": {}, "MigrationArgs": MigrationArgs,
+                                                      "PlacementArgs": PlacementArgs,
+                                                      "ParameterDroppingArgs": ParameterDroppingArgs})
     return table
 
 

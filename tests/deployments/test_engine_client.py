@@ -86,7 +86,8 @@ def test_supports_migration_is_declared_not_detected():
 def test_the_fake_has_every_public_member_of_async_engine_with_its_signature():
     fake_only = {"output_ids", "num_live", "kv_chunks_used", "adopt",  # the fake's knobs and assertions
                  "token_delay_s", "kv_total_chunks", "tokens_per_chunk", "num_ranks", "max_num_seqs",
-                 "max_num_waiting", "submitted", "finished", "aborted", "is_dead", "is_started", "rank_placements"}
+                 "max_num_waiting", "submitted", "finished", "aborted", "is_dead", "is_started", "rank_placements",
+                 "die", "death"}
     real_only = {"engine", "config"}  # the wrapped LLMEngine and its EngineConfig: a fake has neither
     real, fake = _public_members(AsyncEngine), _public_members(FakeEngine)
     assert real - real_only <= fake, sorted(real - real_only - fake)
