@@ -136,6 +136,10 @@ class KVCacheManager:
             total += missing * self._chunks_per_block[group]
         return total
 
+    def can_grow(self, request_id: str | None, num_tokens: int) -> bool:
+        """Whether `grow` would succeed now (engine/cooperative/kv.py asks every stage before growing)."""
+        return self.chunks_to_grow(request_id, num_tokens) <= self.num_available_chunks()
+
     # ---- admission and growth ------------------------------------------------------------------
     def match_prefix(self, token_ids: Sequence[int]) -> int:
         """The longest prefix (whole pages; at least one token is always left to compute so the
