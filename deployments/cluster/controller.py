@@ -5,9 +5,9 @@ when it can migrate, its `ReplicaLoad`, the migrations it runs and its migration
 ≤ 0.5 s. What the controller keeps and decides is `ClusterCore` (deployments/cluster/state.py, no Ray,
 also run by the simulator): the latest report per replica, and migration planning by a policy chosen
 by name (deployments/migration/policy.py: `none`, `balance`, `balance+pack`) in a `MigrationPlanner`;
-the orders go back to each source replica in the `ControllerReply`, with whether it is being drained. When every replica has deregistered (the
-application was deleted) and none comes back within `idle_exit_s`, the actor ends itself:
-`serve.shutdown()` does not stop detached actors.
+the orders go back to each source replica in the `ControllerReply`, with whether it is being drained.
+When every replica has deregistered (the application was deleted) and none comes back within
+`idle_exit_s`, the actor ends itself: `serve.shutdown()` does not stop detached actors.
 """
 
 from __future__ import annotations
