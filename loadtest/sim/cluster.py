@@ -30,8 +30,8 @@ from deployments.migration.source import choose_mode
 from deployments.telemetry import MigrationOrder, ReplicaReport, ReplicaStats, RoutingStats, replica_load
 from engine import migration as engine_migration
 from engine.core.request import Request, RequestStatus
-from loadtest.sim.replica import ReplicaConfig, SimReplica, sim_request
-from loadtest.sim.trace import TraceRequest
+from loadtest.sim.replica import ReplicaConfig, SimEngine, SimReplica, sim_request
+from loadtest.sim.trace import TraceRequest, clip_to_context
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ _STEP, _TELEMETRY, _ROUTING, _AUTOSCALE, _READY, _COPY = range(6)
 class Cluster:
     def __init__(self, trace: tuple[TraceRequest, ...], config: ClusterConfig):
         self.config = config
+        trace = clip_to_context(trace, SimEngine.max_tokens(config.replica))  # as the engine's validate() allows
         self.trace = trace
         self.now = 0.0
         self.rng = random.Random(config.seed)

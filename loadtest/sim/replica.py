@@ -119,6 +119,17 @@ class SimEngine:
     def fits(self, num_tokens: int) -> bool:
         return num_tokens <= self.max_model_len and self.kv.chunks_to_grow(None, num_tokens) <= self.kv_capacity_chunks()
 
+    @staticmethod
+    def max_tokens(config: ReplicaConfig) -> int:
+        """The longest request (prompt + output) a replica of this config accepts (LLMEngine.validate's rule)."""
+        engine = SimEngine(config)
+        low, high = 1, config.max_model_len
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if engine.fits(middle) else (low, middle - 1)
+        engine.close()
+        return low
+
     def is_idle(self) -> bool:
         """No request and no KV held (the workspace may keep pages: KV reclaims them on demand)."""
         return not self.scheduler.has_work and not self.kv.requests and self.kv.num_used_chunks() == 0

@@ -24,23 +24,23 @@ from loadtest.sim.trace import DiurnalTrace, TraceRequest, clip_to_context, load
 from memory import ElasticPool
 from memory.kv import KVCacheManager
 
-# Llama-3-8B on an A100 with 30% of its memory: 16 GB of weights leave ~7 GB of KV (~55K tokens), so a few
+# Llama-3-8B on an A100 with 25% of its memory: 16 GB of weights leave ~5 GB of KV (~40K tokens), so a few
 # long requests fill a replica: preemption, balancing and packing all happen within minutes.
-SMALL = ReplicaConfig(model="llama-3-8b", device="a100-80g", gpu_memory_utilization=0.30, max_num_seqs=32,
+SMALL = ReplicaConfig(model="llama-3-8b", device="a100-80g", gpu_memory_utilization=0.25, max_num_seqs=32,
                       max_model_len=16384)
 
 
-def _trace(seed: int = 1, minutes: float = 6.0, rate: float = 0.6) -> tuple[TraceRequest, ...]:
+def _trace(seed: int = 1, minutes: float = 4.0, rate: float = 1.2) -> tuple[TraceRequest, ...]:
     trace = DiurnalTrace(hours=minutes / 60, mean_rate_per_s=rate, period_hours=minutes / 60, prompt_median=1500,
-                         output_median=600, output_range=(8, 3000)).generate(seed)
+                         output_median=1200, output_range=(8, 4000)).generate(seed)
     return clip_to_context(trace, SMALL.max_model_len)
 
 
-def _run(policy: str, seed: int = 1, **changes) -> Cluster:
+def _run(policy: str, seed: int = 1, minutes: float = 4.0, **changes) -> Cluster:
     config = ClusterConfig(replica=SMALL, num_replicas=3, migration_policy=policy,
                            migration_policy_options={"drain": "newest"} if policy == "balance+pack" else {},
                            seed=seed, **changes)
-    return Cluster(_trace(seed), config).run()
+    return Cluster(_trace(seed, minutes), config).run()
 
 
 def _assert_idle(cluster: Cluster) -> None:
@@ -52,19 +52,19 @@ def _assert_idle(cluster: Cluster) -> None:
 
 
 def test_the_simulator_runs_the_deployed_classes():
-    cluster = _run("balance+pack", autoscale=True, max_replicas=4)
+    cluster = _run("balance+pack", minutes=1.0, autoscale=True, max_replicas=4)
     assert type(cluster.core) is ClusterCore and type(cluster.core.planner) is MigrationPlanner
     assert isinstance(cluster.core.policy, BalanceAndPackPolicy) and isinstance(cluster.core.policy, BalancePolicy)
     engine = cluster.replicas[0].engine
     assert type(engine.scheduler) is Scheduler and type(engine.kv) is KVCacheManager
     assert type(engine.pool) is ElasticPool and engine.pool.backend.name == "sim"
     assert importlib.util.find_spec("loadtest.sim.policies") is None  # no second copy of the policies
-    assert isinstance(_run("none").core.policy, NoMigration)
+    assert isinstance(_run("none", minutes=0.5).core.policy, NoMigration)
 
 
-@pytest.mark.parametrize("policy,changes", [("none", {}), ("balance", {}),
-                                            ("balance+pack", {"autoscale": True, "max_replicas": 4}),
-                                            ("none", {"autoscale": True, "max_replicas": 4})])
+@pytest.mark.parametrize("policy,changes", [
+    ("none", {"autoscale": True, "max_replicas": 4}), ("balance+pack", {"autoscale": True, "max_replicas": 4}),
+    pytest.param("balance", {}, marks=pytest.mark.slow), pytest.param("none", {}, marks=pytest.mark.slow)])
 def test_every_request_finishes_once_pools_end_idle_and_runs_repeat(policy, changes):
     first = _run(policy, **changes)
     assert [record.num_finishes for record in first.records] == [1] * len(first.records)
@@ -76,9 +76,9 @@ def test_every_request_finishes_once_pools_end_idle_and_runs_repeat(policy, chan
     assert first.counts == second.counts and first.replica_seconds == second.replica_seconds
     if policy == "none":
         assert first.counts["copies"] + first.counts["recomputes"] == 0
-    if policy == "balance+pack":
-        assert first.counts["copies"] + first.counts["recomputes"] > 0  # the scenario does migrate
-        assert sum(r.engine.scheduler.num_preemptions for r in first.replicas) > 0
+    else:
+        assert first.counts["copies"] > 0  # the scenario does migrate
+    assert sum(r.engine.scheduler.num_preemptions for r in first.replicas) > 0
 
 
 def _one_replica(config: ReplicaConfig) -> tuple[list[tuple[str, float, float]], SimReplica]:
@@ -87,7 +87,7 @@ def _one_replica(config: ReplicaConfig) -> tuple[list[tuple[str, float, float]],
     replica = SimReplica("r", config, 0.0, lambda request, when: finished.append(
         (request.request_id, request.first_token_time, when)))
     rng = np.random.default_rng(4)
-    arrivals = sorted((float(t), int(p), int(o)) for t, p, o in zip(rng.uniform(0, 20, 40), rng.integers(50, 6000, 40),
+    arrivals = sorted((float(t), int(p), int(o)) for t, p, o in zip(rng.uniform(0, 20, 40), rng.integers(50, 4000, 40),
                                                                      rng.integers(1, 2500, 40), strict=True))
     now, index = 0.0, 0
     while index < len(arrivals) or replica.busy_until is not None or replica.engine.scheduler.has_work:
@@ -99,6 +99,7 @@ def _one_replica(config: ReplicaConfig) -> tuple[list[tuple[str, float, float]],
             replica.add(sim_request(f"q{index}", prompt, output, when))
             index += 1
             continue
+        assert end is not None, "the replica has work it cannot schedule"
         replica.complete()
         now = end
     return sorted(finished), replica
@@ -116,12 +117,21 @@ def test_fast_forward_plans_what_the_scheduler_plans_step_by_step():
     assert fast_replica.engine.is_idle() and slow_replica.engine.is_idle()
 
 
-def test_the_bookkeeping_layout_and_fused_layers_decide_as_the_engines_layout():
-    config = replace(SMALL, model="smollm2-135m", device="a100-80g", gpu_memory_utilization=0.004, max_model_len=8192)
-    exact, exact_replica = _one_replica(replace(config, kv_layout="contiguous", fuse_layers=False))
-    fast, fast_replica = _one_replica(config)
-    assert exact == fast
-    assert exact_replica.engine.scheduler.num_preemptions == fast_replica.engine.scheduler.num_preemptions > 0
+def test_the_bookkeeping_layout_decides_as_the_engines_layout_and_fused_layers_nearly_so():
+    # ~250 MB of KV (~10K tokens) for SmolLM2: the 40 requests preempt each other
+    config = replace(SMALL, model="smollm2-135m", device="a100-80g", gpu_memory_utilization=0.006, max_model_len=8192,
+                     granularity=64 << 10, fuse_layers=False)
+    exact, exact_replica = _one_replica(replace(config, kv_layout="contiguous"))
+    books, books_replica = _one_replica(config)
+    assert exact == books
+    assert exact_replica.engine.scheduler.num_preemptions == books_replica.engine.scheduler.num_preemptions > 0
+    # one layer of 32x the heads: the same KV pages in 32x larger chunks (64 MiB for Llama-3-8B); the weights
+    # and the activation workspace round up to those chunks, so capacity differs by a few chunks: close results
+    fused, _ = _one_replica(SMALL)
+    per_layer, _ = _one_replica(replace(SMALL, fuse_layers=False))
+    assert sorted(name for name, _, _ in fused) == sorted(name for name, _, _ in per_layer)
+    mean = [np.mean([end - first for _, first, end in run]) for run in (fused, per_layer)]
+    assert mean[0] == pytest.approx(mean[1], rel=0.05)
 
 
 def test_cost_model_arithmetic():
