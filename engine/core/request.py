@@ -72,7 +72,9 @@ class Request:
     def token_at(self, position: int) -> int:
         """all_token_ids[position] without building the whole list (a decode step needs one token)."""
         num_prompt = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < num_prompt else self.output_token_ids[position - num_prompt]
+        if position < num_prompt:
+            return self.prompt_token_ids[position]
+        return self.output_token_ids[position - num_prompt]
 
     @property
     def tokens(self) -> TokenView:

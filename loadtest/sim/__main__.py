@@ -1,4 +1,4 @@
-"""`python -m loadtest.sim ellm | mell | layerkv | jenga | kunserve | plan | calibrate` (see loadtest/sim/registry.py)."""
+"""`python -m loadtest.sim ellm | mell | layerkv | jenga | kunserve | plan | calibrate` (loadtest/sim/registry.py)."""
 
 from __future__ import annotations
 

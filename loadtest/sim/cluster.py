@@ -127,8 +127,8 @@ class Cluster:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> Cluster:
-        for kind, period in ((_ROUTING, self.config.routing_period_s), (_TELEMETRY, self.config.telemetry_period_s)):
-            self._push(0.0, kind, None)
+        self._push(0.0, _ROUTING, None)
+        self._push(0.0, _TELEMETRY, None)
         if self.config.autoscale:
             self._push(self.config.autoscale_period_s, _AUTOSCALE, None)
         index, unfinished = 0, len(self.records)
@@ -336,7 +336,8 @@ class Cluster:
         config = self.config
         serving = [live for live in self.live.values() if live.state != "stopping"]
         ongoing = sum(live.replica.num_ongoing() for live in serving)
-        desired = min(config.max_replicas, max(config.min_replicas, math.ceil(ongoing / config.target_ongoing_requests)))
+        desired = min(config.max_replicas,
+                      max(config.min_replicas, math.ceil(ongoing / config.target_ongoing_requests)))
         current = len(serving)
         # Serve's delays: a wish must hold for the delay before it is acted on
         if desired == current:

@@ -6,9 +6,10 @@ One replica serves a batch of identical long requests (all queued at t=0, `--out
 prefilled whole: `max_num_batched_tokens` = the context, as a long-context server without chunked prefill
 runs). The static baseline (vLLM's partition) reserves activation memory for the largest step it may
 plan, for the whole run; the elastic pool (ours, eLLM's design) lends that memory to the KV cache whenever
-no prefill needs it. Reported: the largest decode batch reached and output throughput (tokens over the
-makespan), and decode throughput (decode-only steps). The seed's figures are printed beside ours; they were measured on GPUs with eLLM's full design
-(including CPU offloading of KV), ours are SIMULATED from the real scheduler and pool with the cost model.
+no prefill needs it. Reported: the largest decode batch reached, decode throughput (decode-only steps) and
+end-to-end output throughput (tokens over the makespan). The seed's figures are printed beside ours; they
+were measured on GPUs with eLLM's full design (including CPU offloading of KV), ours are SIMULATED from the
+real scheduler and pool with the cost model (docs/SIMULATOR.md explains why 128K shows no gain here).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ TTFT p99 and SLO attainment, and the seed's figures (Mell: 31% fewer GPUs, 43% h
 
 The synthetic trace (`--seed`): per model, Poisson arrivals whose rate follows a day compressed into
 `--period` hours (peak/trough 7x), plus bursts (2 per hour, ~2 min, 3x the rate); prompts log-normal with
-median 1K tokens, outputs median 3K (a reasoning model's chat: trace.py documents every parameter). `--trace FILE` replays a
-BurstGPT / Azure / own-format CSV instead (a BurstGPT `Model` column splits it into deployments).
+median 1K tokens, outputs median 3K (a reasoning model's chat: trace.py documents every parameter).
+`--trace FILE` replays a BurstGPT / Azure / own-format CSV instead (its `Model` column splits it into
+deployments).
 """
 
 from __future__ import annotations

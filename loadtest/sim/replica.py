@@ -117,7 +117,8 @@ class SimEngine:
         return shared if share is None else min(share, shared)
 
     def fits(self, num_tokens: int) -> bool:
-        return num_tokens <= self.max_model_len and self.kv.chunks_to_grow(None, num_tokens) <= self.kv_capacity_chunks()
+        return num_tokens <= self.max_model_len and \
+            self.kv.chunks_to_grow(None, num_tokens) <= self.kv_capacity_chunks()
 
     @staticmethod
     def max_tokens(config: ReplicaConfig) -> int:
