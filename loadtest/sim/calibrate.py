@@ -4,7 +4,8 @@
     python -m loadtest.sim calibrate --record    # measure again (the real engine, SmolLM2, ~2 min), refit
 
 `--record` runs the real engine (engine/, the embedded SmolLM2, bf16 where the CPU has AVX512-BF16/AMX) on
-two threads and times single steps of known shape: prefill steps of 1-64 requests (8-512 prompt tokens
+one thread and times single steps of known shape in process CPU time (on one thread that is the step's
+time on an otherwise idle core, whatever else the shared box runs): prefill steps of 1-64 requests (8-512 prompt tokens
 each) and decode steps of 1-64 requests at a ~130-token context. Each scenario keeps every timed step's
 shape (decode contexts, prefill chunks) and seconds. It then fits the `cpu-box` device's four constants
 (flops, memory rate, per-kernel and per-sequence overhead) by minimising the worst relative error over
@@ -48,9 +49,9 @@ def _timed_steps(engine, num_steps: int | None = None) -> list[dict]:
     steps = []
     while engine.has_work and (num_steps is None or len(steps) < num_steps):
         plan = engine.scheduler.schedule()
-        started = time.perf_counter()
+        started = time.process_time()
         result = engine.runner.run(plan, engine._sampling_states(plan))
-        seconds = time.perf_counter() - started
+        seconds = time.process_time() - started
         engine.update(plan, result)
         shape = _shape(plan)
         steps.append({"decode_contexts": list(shape.decode_contexts), "prefills": [list(p) for p in shape.prefills],
@@ -64,7 +65,7 @@ def record(repeats: int = 6) -> dict:
     from engine.core.engine import LLMEngine
     from engine.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig(num_threads=2, enable_prefix_caching=False, max_num_batched_tokens=512))
+    engine = LLMEngine(EngineConfig(num_threads=1, enable_prefix_caching=False, max_num_batched_tokens=512))
     rng = np.random.default_rng(0)
     counter = iter(range(1 << 30))
 
@@ -93,7 +94,8 @@ def record(repeats: int = 6) -> dict:
         scenarios.append({"name": f"decode b={batch} ctx~130", "steps": steps})
     engine.close()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {"model": "smollm2-135m", "device": "cpu-box", "dtype": "bfloat16 (auto)", "torch_threads": 2,
+    return {"model": "smollm2-135m", "device": "cpu-box", "dtype": "bfloat16 (auto)", "torch_threads": 1,
+            "clock": "process CPU time per step (robust to other processes on a shared box)",
             "cpu_flags": sorted({f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags}),
             "machine": platform.machine(), "load_average": os.getloadavg()[0],
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "scenarios": scenarios}

@@ -104,11 +104,14 @@ class CostModel:
         """Times of `num_steps` decode-only steps of the same batch, every context one longer each step."""
         base = np.asarray(contexts, dtype=np.int64)
         batch = len(base)
-        grown = base[None, :] + np.arange(num_steps, dtype=np.int64)[:, None]  # [steps, batch]
+        steps = np.arange(num_steps, dtype=np.int64)
         pairs = np.zeros(num_steps, dtype=np.float64)
         for window, num_layers in self._windows:
-            attended = grown if window is None else np.minimum(grown, window)
-            pairs += num_layers * attended.sum(axis=1)
+            if window is None:  # full attention: every context grows by one per step
+                attended = int(base.sum()) + batch * steps
+            else:
+                attended = np.minimum(base[None, :] + steps[:, None], window).sum(axis=1)
+            pairs += num_layers * attended
         seconds = self._linear_s(batch, batch) + self._attention_s(pairs, pairs, batch)
         return np.broadcast_to(seconds, (num_steps,)) + self._fixed_s + batch * self.device.seq_overhead_s
 

@@ -55,7 +55,9 @@ def _plots(cluster: Cluster, result: RunResult, out: Path, title: str) -> list[P
     times = np.array([sample.time_s for sample in cluster.timeline]) / 60
     chunk_gib = cluster.replicas[0].engine.pool.chunk_bytes / 2**30
     figure, axis = plt.subplots(figsize=(8, 4))
-    clients = sorted({client for sample in cluster.timeline for client in sample.pool_chunks})
+    order = {"weights": 0, "activations": 1, "kv": 2}
+    clients = sorted({client for sample in cluster.timeline for client in sample.pool_chunks},
+                     key=lambda client: (order.get(client, 3), client))
     stacks = [[sample.pool_chunks.get(client, 0) * chunk_gib for sample in cluster.timeline] for client in clients]
     axis.stackplot(times, stacks, labels=clients)
     axis.set(xlabel="minutes", ylabel="GiB held (all GPUs)", title=f"SIMULATED pool balloons: {title}")
