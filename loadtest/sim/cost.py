@@ -14,6 +14,9 @@ context once per layer (FlashAttention tiles keep it on chip), and every new tok
 Weights are read once per step (the batch shares them). Sliding layers cap both pairs and KV reads at
 the window, which is what makes Gemma-3-class models cheap at long contexts.
 
+On a device without overlap (`DeviceSpec.overlap=False`: our CPU engine, as its calibration shows) each
+part's compute and memory times add up instead of the larger one counting.
+
 Limits: no tensor parallelism (one device per replica), no communication inside a step, no CUDA-graph
 padding, no quantisation, sampling cost folded into `seq_overhead`. docs/SIMULATOR.md lists the sources
 of each device constant and the calibration against this box.
@@ -72,18 +75,19 @@ class CostModel:
         self._fixed_s = model.num_layers * d.kernels_per_layer * d.kernel_overhead_s
         self._attn_flops_per_pair = 4 * model.num_heads * model.head_dim
         self._kv_bytes = model.kv_bytes_per_token_layer
+        self._combine = np.maximum if d.overlap else np.add
 
     # ---- one step ---------------------------------------------------------------------------------
     def _linear_s(self, num_tokens, num_sampled):
         m = self.model
         flops = 2.0 * m.linear_params * num_tokens + 2.0 * m.lm_head_params * num_sampled
         weight_bytes = (m.linear_params + m.lm_head_params * (np.asarray(num_sampled) > 0)) * m.dtype_bytes
-        return np.maximum(flops / self._gemm_rate, weight_bytes / self._mem_rate)
+        return self._combine(flops / self._gemm_rate, weight_bytes / self._mem_rate)
 
     def _attention_s(self, pairs, kv_tokens_read, num_tokens):
         """`pairs` and `kv_tokens_read` summed over layers already."""
         kv_bytes = self._kv_bytes * (kv_tokens_read + num_tokens * self.model.num_layers)
-        return np.maximum(self._attn_flops_per_pair * pairs / self._attn_rate, kv_bytes / self._mem_rate)
+        return self._combine(self._attn_flops_per_pair * pairs / self._attn_rate, kv_bytes / self._mem_rate)
 
     def step_s(self, shape: StepShape) -> float:
         if shape.num_tokens == 0:
