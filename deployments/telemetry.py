@@ -132,6 +132,7 @@ class ReplicaReport:
 class ControllerReply:
     orders: tuple[MigrationOrder, ...] = ()
     is_draining: bool = False
+    shutdown_at: float | None = None  # time.time() by which the replica must have drained (app shutdown)
 
 
 def replica_load(replica_id: str, stats: Any, loads: Any, started_at: float,

@@ -13,12 +13,14 @@ When every replica has deregistered (the application was deleted) and none comes
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
 
 import ray
 
+from deployments.cluster.placement import controller_scheduling_strategy
 from deployments.cluster.state import ClusterCore, ClusterState  # noqa: F401 - ClusterState re-exported
 from deployments.migration.policy import (  # noqa: F401 - re-exported: the registry's historical home
     MIGRATION_POLICIES,
@@ -43,6 +45,13 @@ class ClusterController:
         self._has_had_replicas = False
         self._idle_since: float | None = None
         self._watchdog: asyncio.Task | None = None
+        self._shutdown_at: float | None = None  # time.time() by which replicas must have drained
+
+    async def begin_shutdown(self, timeout_s: float) -> float:
+        """Orders every replica (in the reply to its next report) to drain by now + timeout_s."""
+        if self._shutdown_at is None:
+            self._shutdown_at = time.time() + timeout_s
+        return self._shutdown_at
 
     async def report(self, replica_id: str, report: ReplicaReport) -> ControllerReply:
         """Stores the report; answers with the migrations this replica should start and whether the packing
@@ -51,7 +60,10 @@ class ClusterController:
         self._idle_since = None
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_idle())
-        return self._core.report(replica_id, report)
+        reply = self._core.report(replica_id, report)
+        if self._shutdown_at is None:
+            return reply
+        return dataclasses.replace(reply, shutdown_at=self._shutdown_at)
 
     async def deregister(self, replica_id: str) -> None:
         self._core.deregister(replica_id)
@@ -86,11 +98,12 @@ class ClusterController:
 
 def get_or_create_controller(name: str, namespace: str, migration_policy: str = "none",
                              **options: Any) -> ray.actor.ActorHandle:
-    # num_cpus=0: placement groups may hold every CPU. scheduling_strategy="DEFAULT": created from a replica,
-    # the actor would otherwise land in (and die with) the replica's placement group.
+    # num_cpus=0: placement groups may hold every CPU. An explicit strategy: created from a replica, the actor
+    # would otherwise land in (and die with) the replica's placement group. Named and detached: every node
+    # finds it; it prefers the head node, so losing a worker node keeps the cluster view.
     return ray.remote(ClusterController).options(
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
-        scheduling_strategy="DEFAULT",
+        scheduling_strategy=controller_scheduling_strategy(),
     ).remote(migration_policy=migration_policy, **options)
 
 
@@ -132,6 +145,13 @@ class ControllerClient:
         try:
             ref = getattr(self._controller(), method).remote(*args)
             return await asyncio.wait_for(ref, self._timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            # The controller raised: pass on its own error, not Ray's remote traceback (ANSI codes, pids,
+            # paths), which callers would otherwise show to HTTP clients.
+            cause = exc.cause
+            if isinstance(cause, ValueError):
+                raise ValueError(str(cause)) from None
+            raise RuntimeError(f"the cluster controller's {method} failed with {type(cause).__name__}") from exc
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ValueError):
             self._handle = None  # dead or restarting: look it up (or start it) again next time
             raise

@@ -25,7 +25,7 @@ from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel, ShardPlan
 from loadtest.sim.cost import CostModel, StepShape
 from memory.kv import KVCacheSpec
-from memory.kv.contiguous import LAYOUTS
+from memory.kv.layouts import LAYOUTS
 
 
 def step_shape(plan: SchedulerOutput) -> StepShape:
