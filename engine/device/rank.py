@@ -18,6 +18,7 @@ from engine.config import EngineConfig
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
 from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena
 from engine.model.config import ModelConfig
+from engine.model.elementwise import create_elementwise
 from engine.model.linear import create_linear
 from engine.model.llama import LlamaModel, ShardPlan
 from engine.weights import load_weights, resolve_model_source
@@ -88,10 +89,12 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     slot_len = -(-max_len // page_tokens) * page_tokens
     attention = create_attention_backend(config.attention_backend)
     linear = create_linear(config.linear_backend)
+    elementwise = create_elementwise(dtype, config.device)
 
     def build(allocate) -> LlamaModel:
         return LlamaModel(model_config, weights, attention, dtype, allocate=allocate, shard=shard,
-                          all_reduce=all_reduce, max_positions=slot_len, linear=linear)
+                          all_reduce=all_reduce, max_positions=slot_len, linear=linear,
+                          elementwise=elementwise)
 
     spec = KVCacheSpec(
         num_layers=model_config.num_layers,

@@ -13,14 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
 from engine.model.buffers import BufferPlan
 from engine.model.config import ModelConfig
+from engine.model.elementwise import TorchElementwise
 from engine.model.linear import Allocator, TorchLinear
-from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
+from engine.model.rope import cos_sin_table, inverse_frequencies
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,13 @@ class LlamaModel:
         all_reduce: Callable[[torch.Tensor], None] | None = None,
         max_positions: int | None = None,
         linear: TorchLinear | None = None,
+        elementwise: TorchElementwise | None = None,
     ):
         self.config = config
         self.dtype = dtype
         self.attention = attention
         self.linear = linear or TorchLinear()  # x @ w.T for every weight (engine/model/linear.py)
+        self.ops = elementwise or TorchElementwise()  # norms, RoPE, SiLU x up (engine/model/elementwise.py)
         self.shard = shard or ShardPlan.for_rank(config, 0, 1)
         self.all_reduce = all_reduce
         head_dim = config.head_dim
@@ -167,10 +169,7 @@ class LlamaModel:
 
     # ---- forward ---------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        # transformers' order: normalise in fp32, cast back, then scale
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        torch.mul(x, torch.rsqrt(variance + self.config.rms_norm_eps), out=out)
-        return out.mul_(weight)
+        return self.ops.rms_norm(x, weight, out, self.config.rms_norm_eps)
 
     def forward(
         self,
@@ -178,14 +177,20 @@ class LlamaModel:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         buffers: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view)."""
+        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view).
+
+        Each block's output projection is added to the residual stream by the next block's norm
+        (`add_rms_norm`: one pass where the elementwise ops are fused), the last one before the final norm."""
         hidden = buffers["hidden"]
         torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
         rope = self.rope_table[batch.positions]  # [T, 2, D]
         cos, sin = rope[:, 0:1], rope[:, 1:2]
+        pending = None  # the residual not yet added to `hidden`
         for index, layer in enumerate(self.layers):
-            self._attention_block(layer, hidden, cos, sin, kv_caches[index], batch, buffers)
-            self._mlp_block(layer, hidden, buffers)
+            pending = self._attention_block(layer, hidden, pending, cos, sin, kv_caches[index], batch, buffers)
+            pending = self._mlp_block(layer, hidden, pending, buffers)
+        if pending is not None:
+            hidden.add_(pending)
         logits = buffers["logits"]
         if batch.logits_indices.numel() == 0:  # a step of prompt chunks that sample nothing
             return logits[:0]
@@ -195,9 +200,10 @@ class LlamaModel:
         self.linear(normed_last, self.lm_head, logits)  # fp32 logits: the sampler's argmax reads fp32
         return logits
 
-    def _attention_block(self, layer, hidden, cos, sin, kv_cache, batch, buffers) -> None:
+    def _attention_block(self, layer, hidden, pending, cos, sin, kv_cache, batch, buffers) -> torch.Tensor:
         num_tokens, head_dim = hidden.shape[0], self.config.head_dim
-        normed = self._rms_norm(hidden, layer["input_norm"], buffers["normed"])
+        normed = self.ops.add_rms_norm(hidden, pending, layer["input_norm"], buffers["normed"],
+                                       self.config.rms_norm_eps)
         qkv = buffers["qkv"]
         self.linear(normed, layer["qkv"], qkv, layer.get("qkv_bias"))
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, head_dim)
@@ -206,25 +212,23 @@ class LlamaModel:
         if "q_norm" in layer:
             q = self._rms_norm(q, layer["q_norm"], torch.empty_like(q))
             k = self._rms_norm(k, layer["k_norm"], torch.empty_like(k))
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q, k = self.ops.rope(q, k, cos, sin)
         attn = buffers["attn"]
         self.attention.forward(layer["spec"], q, k, v, kv_cache[0], kv_cache[1], batch, attn)
         proj = buffers["proj"]
         self.linear(attn.view(num_tokens, -1), layer["o"], proj)
         if self.all_reduce is not None:
             self.all_reduce(proj)
-        hidden.add_(proj)
+        return proj
 
-    def _mlp_block(self, layer, hidden, buffers) -> None:
-        normed = self._rms_norm(hidden, layer["post_norm"], buffers["normed"])
+    def _mlp_block(self, layer, hidden, pending, buffers) -> torch.Tensor:
+        normed = self.ops.add_rms_norm(hidden, pending, layer["post_norm"], buffers["normed"],
+                                       self.config.rms_norm_eps)
         gate_up = buffers["gate_up"]
         self.linear(normed, layer["gate_up"], gate_up)
-        width = gate_up.shape[1] // 2
-        act = buffers["act"]
-        torch.mul(F.silu(gate_up[:, :width]), gate_up[:, width:], out=act)
+        act = self.ops.silu_mul(gate_up, buffers["act"])
         proj = buffers["proj"]
         self.linear(act, layer["down"], proj)
         if self.all_reduce is not None:
             self.all_reduce(proj)
-        hidden.add_(proj)
+        return proj
