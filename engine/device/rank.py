@@ -88,7 +88,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
     slot_len = -(-max_len // page_tokens) * page_tokens
     attention = create_attention_backend(config.attention_backend)
-    linear = create_linear(config.linear_backend)
+    linear = create_linear(config.linear_backend, config.device)
     elementwise = create_elementwise(dtype, config.device)
 
     def build(allocate) -> LlamaModel:

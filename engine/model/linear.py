@@ -84,24 +84,29 @@ def _native_or_torch() -> TorchLinear:
         return TorchLinear()
 
 
-def _onednn() -> TorchLinear:
+def _onednn(device: str = "cpu") -> TorchLinear:
     from engine.model.onednn_linear import OneDnnLinear
 
+    if device != "cpu":  # the packed bytes are CPU memory layouts: never for weights placed on a GPU
+        raise ValueError(f"the onednn linear backend is for CPU weights, not {device!r}")
     return OneDnnLinear(fallback=_native_or_torch())
 
 
-def _auto() -> TorchLinear:
+def _auto(device: str = "cpu") -> TorchLinear:
     from engine.model.onednn_linear import onednn_available
 
-    return _onednn() if onednn_available() else _native_or_torch()
+    return _onednn() if device == "cpu" and onednn_available() else _native_or_torch()
 
 
-_LINEARS: dict[str, Callable[[], TorchLinear]] = {"torch": TorchLinear, "native": NativeLinear, "onednn": _onednn,
-                                                  "auto": _auto}
+_LINEARS: dict[str, Callable[[str], TorchLinear]] = {"torch": lambda device="cpu": TorchLinear(),
+                                                     "native": lambda device="cpu": NativeLinear(),
+                                                     "onednn": _onednn, "auto": _auto}
 
 
-def create_linear(name: str = "auto") -> TorchLinear:
+def create_linear(name: str = "auto", device: str = "cpu") -> TorchLinear:
+    """The backend `name` for weights placed on `device` ("cpu" | "cuda")."""
     try:
-        return _LINEARS[name]()
+        factory = _LINEARS[name]
     except KeyError:
         raise ValueError(f"unknown linear backend {name!r}; known: {sorted(_LINEARS)}") from None
+    return factory(device)
