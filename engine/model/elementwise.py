@@ -83,7 +83,8 @@ class NativeBf16Elementwise(TorchElementwise):
 
     def rope(self, q, k, cos, sin):
         head_dim = q.shape[-1]
-        if not (self._takes(q, k, cos, sin) and q.stride(1) == k.stride(1) == head_dim and q.stride(0) == k.stride(0)
+        # rows may be any distance apart (each tensor passes its own); heads must be packed within a row
+        if not (self._takes(q, k, cos, sin) and all(x.shape[1] == 1 or x.stride(1) == head_dim for x in (q, k))
                 and cos.stride(0) == sin.stride(0)):
             return super().rope(q, k, cos, sin)
         threads = torch.get_num_threads()
