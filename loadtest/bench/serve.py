@@ -35,7 +35,6 @@ from loadtest.text import TextMaker
 from loadtest.tokens import load_token_counter
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-START_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -161,11 +160,12 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def run_server(command: list[str], env: dict[str, str], base_url: str, log_path: Path, measure_fn):
+def run_server(command: list[str], env: dict[str, str], base_url: str, log_path: Path, measure_fn,
+               start_timeout_s: float):
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            start_s = _wait_healthy(base_url, process, START_TIMEOUT_S)
+            start_s = _wait_healthy(base_url, process, start_timeout_s)
             print(f"  {base_url} healthy after {start_s:.1f} s", file=sys.stderr, flush=True)
             return start_s, measure_fn()
         finally:
@@ -223,6 +223,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ours-url", default="http://127.0.0.1:8000")
     parser.add_argument("--peer-port", type=int, default=8300)
     parser.add_argument("--only", choices=("ours", "vllm"), default=None)
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to answer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the levels here")
     return parser.parse_args(argv)
@@ -241,14 +242,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.only in (None, "ours"):
         command, env = ours_command(args.config)
         results["ours"] = run_server(command, env, args.ours_url, logs / "bench-serve-ours.log",
-                                     measure_at(args.ours_url))
+                                     measure_at(args.ours_url), args.start_timeout)
     if args.only in (None, "vllm"):
         folder = find_peer_dir(args.peer_dir)
         if folder is None:
             raise SystemExit(f"vLLM peer not set up: {setup_hint()}")
         url = f"http://127.0.0.1:{args.peer_port}"
         command, env = peer_command(folder, args.peer_port)
-        results["vllm"] = run_server(command, env, url, logs / "bench-serve-vllm.log", measure_at(url))
+        try:
+            results["vllm"] = run_server(command, env, url, logs / "bench-serve-vllm.log", measure_at(url),
+                                         args.start_timeout)
+        except (RuntimeError, TimeoutError) as error:  # still print ours
+            print(f"vLLM peer failed: {error} (log: {logs / 'bench-serve-vllm.log'})", file=sys.stderr)
     for name, (start_s, levels) in results.items():
         print(f"\n{name}: healthy {start_s:.1f} s after start\n{single_table(name, levels)}")
     if len(results) == 2:
