@@ -40,7 +40,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch threads per rank
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
-    linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
+    # "auto" (bf16 on AVX512-BF16/AMX: onednn; else the native small-batch GEMM) | "onednn" | "native" | "torch"
+    linear_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
