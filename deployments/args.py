@@ -71,13 +71,43 @@ class MigrationArgs(BaseModel):
         return "torch_distributed" if self.transport == "auto" else self.transport
 
 
+class PlacementArgs(BaseModel):
+    """Where replicas go on a multi-node cluster (deployments/cluster/placement.py; docs/MULTINODE.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spread_replicas: bool = False  # at most one replica per node (Serve's max_replicas_per_node: 1)
+    max_replicas_per_node: int | None = Field(default=None, ge=1)  # a looser limit; wins over spread_replicas
+
+
+class ParameterDroppingArgs(BaseModel):
+    """KunServe parameter dropping (docs/KUNSERVE.md): under a KV spike, pairs of replicas drop complementary
+    layers' weights and serve as a two-stage pipeline. `enabled` keeps a host copy of each layer's weights
+    (host RAM equal to the model's layers) so dropped layers come back by copy; the plan is
+    deployments/cluster/drop_plan.py."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    high_watermark: float = Field(default=0.9, gt=0, le=1.5)  # KV demand / capacity that counts as a spike
+    restore_watermark: float = Field(default=0.6, gt=0, lt=1.5)  # restore once demand fits under this, restored
+    max_drop_fraction: float = Field(default=0.5, gt=0, le=0.5)  # of a replica's layers (a pair keeps a full copy)
+    drop_after_s: float = Field(default=1.0, ge=0)  # hysteresis before dropping
+    restore_after_s: float = Field(default=5.0, ge=0)  # hysteresis before restoring
+
+    def to_config(self):
+        from deployments.cluster.drop_plan import DroppingConfig
+
+        return DroppingConfig(**self.model_dump())
+
+
 class AppArgs(BaseModel):
     """Engine knobs left at None take EngineConfig's default, so the engine owns its defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     # What to serve.
-    model: str | None = None  # None: the embedded SmolLM2 GGUF; or an HF directory / .gguf path
+    model: str | None = None  # None: smollm2-135m; embedded smollm2-135m | gemma3-270m, an HF directory or .gguf
     served_model_name: str | None = None  # the name clients send; None: the engine's model name
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if torch sees a GPU, else cpu
@@ -90,6 +120,10 @@ class AppArgs(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1)
     cpus_per_rank: float = Field(default=1.0, gt=0)  # Ray CPUs per rank (replica + each TP worker)
     num_threads: int | None = Field(default=None, ge=1)  # torch threads per rank; None: from cpus_per_rank
+    placement: PlacementArgs = Field(default_factory=PlacementArgs)
+    # The network interface of process groups between nodes (migration KV channels); None: the
+    # ELASTIC_GLOO_IFNAME environment variable on the replica's node, else the node's address as Ray reports it.
+    network_interface: str | None = None
     # Scheduler limits and SLO targets.
     max_model_len: int | None = Field(default=None, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)
@@ -98,10 +132,12 @@ class AppArgs(BaseModel):
     enable_prefix_caching: bool | None = None
     ttft_slo_ms: float | None = Field(default=None, gt=0)
     tpot_slo_ms: float | None = Field(default=None, gt=0)
+    stall_timeout_s: float | None = Field(default=None, gt=0)  # health fails when one engine step runs longer
     engine_options: dict[str, Any] = Field(default_factory=dict)  # any other EngineConfig field
     # HTTP.
     default_sampling: dict[str, Any] = Field(default_factory=dict)  # e.g. the model card's temperature/top_p
     api_key: str | None = Field(default=None, repr=False)  # set: /v1/* needs "Authorization: Bearer <key>"
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413 while being read; bytes or "4MiB"
     # Cluster controller.
     controller_name: str = "elastic-serve-controller"
     controller_namespace: str = "elastic-serve"
@@ -109,13 +145,14 @@ class AppArgs(BaseModel):
     migration_policy: str = "none"  # none | balance | balance+pack (deployments/migration/policy.py)
     migration_policy_options: dict[str, Any] = Field(default_factory=dict)  # e.g. high_watermark, pack_budget
     migration: MigrationArgs = Field(default_factory=MigrationArgs)
+    parameter_dropping: ParameterDroppingArgs = Field(default_factory=ParameterDroppingArgs)
     # Extra Serve deployment options for build_app (num_replicas, ...); the YAML's `deployments:` wins.
     deployment_options: dict[str, Any] = Field(default_factory=dict)
     # Another engine behind the same HTTP layer ("module:callable"; tests use a fake engine).
     engine_factory: str | None = None
     engine_factory_kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("device_memory", "host_buffer", mode="before")
+    @field_validator("device_memory", "host_buffer", "max_body_bytes", mode="before")
     @classmethod
     def _size(cls, value):
         return None if value is None else parse_bytes(value)
@@ -157,8 +194,11 @@ class AppArgs(BaseModel):
             "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_num_waiting": self.max_num_waiting, "enable_prefix_caching": self.enable_prefix_caching,
             "ttft_slo_ms": self.ttft_slo_ms, "tpot_slo_ms": self.tpot_slo_ms,
+            "stall_timeout_s": self.stall_timeout_s,
         }
         kwargs = {name: value for name, value in values.items() if value is not None}
+        if self.parameter_dropping.enabled:
+            kwargs["enable_parameter_dropping"] = True
         kwargs.update(self.engine_options)
         kwargs.update(device=device or resolve_device(self.device), num_threads=self.threads_per_rank(),
                       tensor_parallel_size=self.tensor_parallel_size)

@@ -9,18 +9,23 @@ all-reduces per layer sum the partial outputs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from engine.api import LayersDroppedError
 from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
 from engine.model.buffers import BufferPlan
 from engine.model.config import ModelConfig
-from engine.model.elementwise import TorchElementwise
-from engine.model.linear import Allocator, TorchLinear
+from engine.model.elementwise import TorchElementwise, create_elementwise
+from engine.model.linear import TorchLinear
 from engine.model.rope import cos_sin_table, inverse_frequencies
+
+# returns a pool-backed copy of the tensor, on the pages of `layer` (None: tensors every layer uses)
+Allocator = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,6 @@ class LlamaModel:
         self.dtype = dtype
         self.attention = attention
         self.linear = linear or TorchLinear()  # x @ w.T for every weight (engine/model/linear.py)
-        self.ops = elementwise or TorchElementwise()  # norms, RoPE, SiLU x up (engine/model/elementwise.py)
         self.shard = shard or ShardPlan.for_rank(config, 0, 1)
         self.all_reduce = all_reduce
         head_dim = config.head_dim
@@ -77,21 +81,26 @@ class LlamaModel:
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
 
-        def place(tensor: torch.Tensor) -> torch.Tensor:
-            return allocate(tensor.to(dtype).contiguous())
+        def place(tensor: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+            return allocate(tensor.to(dtype).contiguous(), layer)
 
-        def place_matrix(tensor: torch.Tensor):  # a weight of a product: stored the linear backend's way
-            return self.linear.place(tensor.to(dtype).contiguous(), allocate)
+        def place_matrix(tensor: torch.Tensor, layer: int | None = None):  # stored the linear backend's way
+            return self.linear.place(tensor.to(dtype).contiguous(), lambda placed: allocate(placed, layer))
 
         self.embed = place(weights["model.embed_tokens.weight"])
+        # norms, RoPE, SiLU x up (engine/model/elementwise.py): fused C kernels in bf16 on CPU
+        self.ops = elementwise or create_elementwise(dtype, self.embed.device.type)
         lm_head = weights.get("lm_head.weight")
         if lm_head is None:  # tied: the embedding itself, unless the backend stores products' weights its own way
             embed = self.embed
-            self.lm_head = self.linear.place(embed, lambda tensor: tensor if tensor is embed else allocate(tensor))
+            self.lm_head = self.linear.place(embed, lambda tensor: embed if tensor is embed else allocate(tensor, None))
         else:
             self.lm_head = place_matrix(lm_head)
         self.final_norm = place(weights["model.norm.weight"])
-        self.layers = [self._load_layer(weights, i, place, place_matrix) for i in range(config.num_layers)]
+        self.layers = [self._load_layer(weights, i, functools.partial(place, layer=i),
+                                        functools.partial(place_matrix, layer=i))
+                       for i in range(config.num_layers)]
+        self.dropped_layers: frozenset[int] = frozenset()  # weights given back to the pool (KunServe)
         positions = max_positions or config.max_position_embeddings
         inv_freq = inverse_frequencies(head_dim, config.rope_theta, dict(config.rope_scaling or ()))
         self.rope_table = place(cos_sin_table(positions, inv_freq, torch.float32)).to(dtype)
@@ -177,20 +186,38 @@ class LlamaModel:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         buffers: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view).
+        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view)."""
+        self.forward_stage(batch, kv_caches, buffers, range(self.config.num_layers), embed=True)
+        return self.compute_logits(batch, buffers)
+
+    def forward_stage(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                      buffers: dict[str, torch.Tensor], layers: range, embed: bool) -> torch.Tensor:
+        """Runs `layers` over buffers["hidden"] (first embedding the tokens when `embed`; otherwise the
+        caller has put the previous stage's hidden states there); returns that buffer. A pipeline stage
+        of cooperative execution runs its own layer range; `forward` runs them all.
 
         Each block's output projection is added to the residual stream by the next block's norm
-        (`add_rms_norm`: one pass where the elementwise ops are fused), the last one before the final norm."""
+        (`add_rms_norm`: one pass where the elementwise ops are fused), the stage's last one at its end."""
+        missing = self.dropped_layers.intersection(layers)
+        if missing:
+            raise LayersDroppedError(f"layers {sorted(missing)} are dropped on this replica")
         hidden = buffers["hidden"]
-        torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
+        if embed:
+            torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
         rope = self.rope_table[batch.positions]  # [T, 2, D]
         cos, sin = rope[:, 0:1], rope[:, 1:2]
         pending = None  # the residual not yet added to `hidden`
-        for index, layer in enumerate(self.layers):
+        for index in layers:
+            layer = self.layers[index]
             pending = self._attention_block(layer, hidden, pending, cos, sin, kv_caches[index], batch, buffers)
             pending = self._mlp_block(layer, hidden, pending, buffers)
         if pending is not None:
             hidden.add_(pending)
+        return hidden
+
+    def compute_logits(self, batch: ForwardBatch, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final norm and lm head over the sampled rows of buffers["hidden"] (fp32, a workspace view)."""
+        hidden = buffers["hidden"]
         logits = buffers["logits"]
         if batch.logits_indices.numel() == 0:  # a step of prompt chunks that sample nothing
             return logits[:0]

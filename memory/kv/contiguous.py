@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from memory.kv.blocks import KVBlock
+from memory.kv.layout_base import HostCopies
 from memory.kv.spec import KVCacheSpec
 from memory.virtual_tensor import VirtualTensor
 from memory.vmm.base import VmmBackend
 
 
-class ContiguousLayout:
+class ContiguousLayout(HostCopies):
     name = "contiguous"
 
     def __init__(self, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype):
@@ -30,6 +31,8 @@ class ContiguousLayout:
             )
             for _ in range(spec.num_layers)
         ]
+        # layers whose pages this device keeps (all, unless a peer holds some layers' KV: KunServe)
+        self.held_layers = frozenset(range(spec.num_layers))
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """What attention reads and writes: one (K, V) tensor pair per layer."""
@@ -41,7 +44,7 @@ class ContiguousLayout:
     def _block_tensors(self, block: KVBlock) -> list[VirtualTensor]:
         """The virtual tensors a block's chunks belong to, in the block's chunk order."""
         layers = self.spec.groups[block.group].layers
-        return [tensor for layer in layers for tensor in self.tensors[layer]]
+        return [tensor for layer in layers if layer in self.held_layers for tensor in self.tensors[layer]]
 
     def map_block(self, slot: int, page: int, block: KVBlock) -> None:
         index = self._page(slot, page)
@@ -64,17 +67,6 @@ class ContiguousLayout:
         index = self._page(slot, page)
         return [tensor.page_tensor(index) for tensor in self._block_tensors(block)]
 
-    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
-        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
-            host_buffer.copy_in(host_slot, view)
-
-    def copy_block_from_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
-        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
-            host_buffer.copy_out(host_slot, view)
-
-    def release_host(self, host_buffer, host_slots: list[int]) -> None:
-        host_buffer.free(host_slots)
-
     def block_freed(self, block: KVBlock) -> None:
         """The block's chunks went back to the pool (a mirroring layout forwards this)."""
 
@@ -83,7 +75,10 @@ class ContiguousLayout:
         return [(k.tensor[slot, start:end].clone(), v.tensor[slot, start:end].clone()) for k, v in self.tensors]
 
     def write_tokens(self, slot: int, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for (k, v), (key, value) in zip(self.tensors, layers, strict=True):
+        """Writes K and V of every held layer (a layer held elsewhere has no pages here to write)."""
+        for layer, ((k, v), (key, value)) in enumerate(zip(self.tensors, layers, strict=True)):
+            if layer not in self.held_layers:
+                continue
             k.tensor[slot, start : start + key.shape[0]].copy_(key)
             v.tensor[slot, start : start + value.shape[0]].copy_(value)
 
@@ -93,4 +88,3 @@ class ContiguousLayout:
             v.close()
 
 
-LAYOUTS = {"contiguous": ContiguousLayout}
