@@ -93,7 +93,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     attention = create_attention_backend(config.attention_backend)
     if config.kv_layout == "paged":  # reads K/V through block tables, then attends with the chosen backend
         attention = PagedTorchBackend(attention)
-    linear = create_linear(config.linear_backend)
+    linear = create_linear(config.linear_backend, config.device)
 
     model_type = model_class(model_config)
 
