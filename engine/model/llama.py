@@ -62,7 +62,7 @@ class LlamaModel:
         weights: dict[str, torch.Tensor],
         attention: AttentionBackend,
         dtype: torch.dtype,
-        allocate: Allocator = lambda tensor: tensor,
+        allocate: Allocator = lambda tensor, layer=None: tensor,
         shard: ShardPlan | None = None,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
         max_positions: int | None = None,
