@@ -41,7 +41,7 @@ def test_register_layout_checks_the_class_and_the_name():
 
 
 def test_the_simulators_layout_is_registered_explicitly_and_decides_like_contiguous():
-    from loadtest.sim.model import BookkeepingLayout
+    from loadtest.sim.executor import BookkeepingLayout
 
     register_layout(BookkeepingLayout)
     blocks = {}
