@@ -9,8 +9,9 @@ nothing larger fits it returns the floor, and the scheduler then behaves exactly
 (admits less, or preempts), so the policy can never deadlock an engine that a fixed chunk would not.
 
 Under the `static` pool policy the workspace share is reserved at start for the ceiling (engine/device/
-rank.py sizes it from `max_prefill_chunk_tokens`), the workspace costs KV nothing, and the policy always
-returns the ceiling: that is the baseline eLLM compares to (the peak reserved whether used or not).
+rank.py sizes it from `max_prefill_chunk_tokens`): that is the baseline eLLM compares to (the peak reserved
+whether used or not). The workspace then costs KV nothing, so only the KV term limits the budget there: the
+ceiling whenever KV's own (smaller) share has room for that many prompt tokens.
 """
 
 from __future__ import annotations

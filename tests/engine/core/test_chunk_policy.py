@@ -126,7 +126,7 @@ def test_adaptive_chunks_under_kv_pressure_match_transformers(smollm2_tokenizer,
         engine.close()
 
 
-def test_static_split_reserves_the_ceiling_and_always_uses_it(smollm2_tokenizer, prompts, reference):
+def test_static_split_reserves_the_ceiling_and_uses_it_while_kv_has_room(smollm2_tokenizer, prompts, reference):
     engine = LLMEngine(engine_config(pool_policy="static"), tokenizer=smollm2_tokenizer)
     try:
         plan = LlamaModel.plan_buffers(engine.model_config, engine.model.shard, engine.dtype, CEILING + 16, 16)
