@@ -5,8 +5,11 @@ app from `build_openai_app`, publishes routing stats for `KVHeadroomRouter`, and
 the cluster controller every `telemetry_period_s`; the reply carries the migrations this replica should
 start (deployments/migration/source.py). The `migration_*` methods are the destination side of a migration, called
 by other replicas through a handle that targets this replica (deployments/migration/transport.py).
-Shutdown: stop the telemetry task and the migrations, deregister, shut the engine down (which stops the TP
-ranks), then kill the TP actors.
+Drain (`drain(deadline)`: ordered by the controller's reply when `python -m deployments.launch` stops, and
+run again from `__del__`): new generation requests get 503 `shutting_down` with Retry-After, running
+ones may finish until shortly before the deadline, then the rest are aborted, so each client gets a 503
+`aborted` or, in a stream, an error event and `[DONE]`. Shutdown: drain, stop the telemetry task and the
+migrations, deregister, shut the engine down (which stops the TP ranks), then kill the TP actors.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.args import AppArgs, resolve_device
 from deployments.cluster.autoscaling import autoscaling_metrics
 from deployments.cluster.controller import ControllerClient, controller_options
+from deployments.cluster.placement import local_node, tensor_parallel_interface
 from deployments.cluster.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
 from deployments.ingress.engine_bindings import EngineBindings, check_engine_health
 from deployments.ingress.openai_app import AppSettings, build_openai_app
@@ -36,6 +40,7 @@ from deployments.migration.source import MigrationManager, MigrationStats
 from deployments.migration.transport import make_peer
 
 logger = logging.getLogger("ray.serve")
+DRAIN_MARGIN_S = 2.0  # before the shutdown deadline: abort what still runs, so its clients hear an ending
 
 
 @dataclass
@@ -53,8 +58,10 @@ def build_elastic_engine(args: AppArgs) -> BuiltEngine:
     config = args.to_engine_config(device=device)
     if args.tensor_parallel_size == 1:
         return BuiltEngine(AsyncEngine.from_config(config))
+    # The ranks share a node (STRICT_PACK placement group): their group stays on the loopback interface.
+    config = dataclasses.replace(config, process_group_interface=tensor_parallel_interface())
     launcher = WorkerLauncher(args.tensor_parallel_size, config, args.cpus_per_rank,
-                              gpus_per_rank=1 if device == "cuda" else 0, device=device)
+                              gpus_per_rank=1 if device == "cuda" else 0)
     launcher.start()
     try:
         executor = import_attr(EXECUTOR_PATH)(config, launcher.init_method_file)
@@ -120,11 +127,11 @@ class LLMServer:
         self._telemetry_task = asyncio.get_running_loop().create_task(self._push_telemetry())
 
     def _start_migration(self, context: Any) -> None:
-        import ray
-
         config = self.args.migration.to_config()
         device = resolve_device(self.args.device)
-        self._channels = KVChannels(ray.util.get_node_ip_address(), device, timeout_s=config.call_timeout_s)
+        node = local_node(self.args.network_interface)  # groups with other nodes bind to its address
+        self._channels = KVChannels(node.host, device, timeout_s=config.call_timeout_s, node_id=node.node_id,
+                                    interface=node.interface)
         peer = make_peer(self.args.migration.resolved_transport(), context.deployment, context.app_name,
                          self.replica_id, self._channels)
         self._endpoint = MigrationEndpoint(self.engine, config, self._migration_stats, self._relays, self._channels)
@@ -136,8 +143,28 @@ class LLMServer:
                                replica_id=self.replica_id, bindings=self._built.bindings,
                                cluster_view=self._controller.cluster_view,
                                default_sampling=self.args.default_sampling, relays=self._relays,
-                               migration_stats=self._migration_stats.snapshot, cluster_admin=self._controller)
-        return build_openai_app(lambda: self.engine, settings)
+                               migration_stats=self._migration_stats.snapshot, cluster_admin=self._controller,
+                               max_body_bytes=self.args.max_body_bytes)
+        app = build_openai_app(lambda: self.engine, settings)
+        self._serving = app.state.serving
+        return app
+
+    async def drain(self, deadline: float) -> None:
+        """Stops accepting generation requests, lets the running ones finish until `DRAIN_MARGIN_S` before
+        `deadline` (time.time()), then aborts the rest, and waits briefly for their last bytes to go out."""
+        serving = getattr(self, "_serving", None)
+        if serving is None:
+            return
+        serving.is_draining = True
+        while serving.num_runs and time.time() < deadline - DRAIN_MARGIN_S:
+            await asyncio.sleep(0.1)
+        if serving.num_runs:
+            logger.info("replica %s: aborting %d requests still running at the drain deadline",
+                        self.replica_id, serving.num_runs)
+            await serving.abort_all()
+        flush_until = time.monotonic() + DRAIN_MARGIN_S / 2
+        while serving.num_runs and time.monotonic() < flush_until:
+            await asyncio.sleep(0.05)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
@@ -225,6 +252,10 @@ class LLMServer:
         """Starts the migrations the controller ordered (a busy or unknown one simply does not start: the
         controller sees it missing from `migrating` in the next report)."""
         self._is_draining = bool(reply.get("is_draining"))
+        shutdown_at = reply.get("shutdown_at")
+        if shutdown_at is not None and getattr(self, "_drain_task", None) is None:
+            logger.info("replica %s: draining for shutdown (%.1f s left)", self.replica_id, shutdown_at - time.time())
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain(shutdown_at))
         for order in reply.get("orders", ()):
             if self._migrations is not None and order.get("source") == self.replica_id:
                 task = self._migrations.submit(order["request_id"], order["target"], order.get("mode", "auto"))
@@ -232,7 +263,11 @@ class LLMServer:
                             order["target"], "started" if task is not None else "not started (busy)")
 
     async def __del__(self):
-        # Also runs after a failed __init__: every step checks that its part was set up.
+        # Also runs after a failed __init__: every step checks that its part was set up. Serve calls this
+        # once its own drain found no request in flight, or at the end of graceful_shutdown_timeout_s; what
+        # arrived meanwhile is ended cleanly by a short drain.
+        with contextlib.suppress(Exception):
+            await self.drain(time.time() + DRAIN_MARGIN_S)
         task = getattr(self, "_telemetry_task", None)
         if task is not None:
             task.cancel()

@@ -4,6 +4,8 @@ to asyncio consumers.
 The engine thread owns the engine: every add and abort reaches it through an inbox drained between
 steps, so no engine state is touched from two threads. Outputs go back to each request's asyncio
 queue with `call_soon_threadsafe`. A failing step fails only the requests in it; the loop goes on.
+`check_health()` fails when the loop died, or when one pass of it (inbox + step) has been running for
+more than `config.stall_timeout_s` (a hung kernel or collective): a long request is many short steps.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._telemetry = [engine.pool.telemetry().to_dict()]
         self._telemetry_time = 0.0
+        self._busy_since: float | None = None  # when the current loop pass started working; None: idle
 
     @classmethod
     def from_config(cls, config: EngineConfig, executor=None) -> AsyncEngine:
@@ -155,6 +158,12 @@ class AsyncEngine:
     async def check_health(self) -> None:
         if not self.is_running:
             raise EngineDeadError(f"the engine loop is not running ({self._error!r})")
+        busy_since = self._busy_since
+        if busy_since is not None:
+            busy_s = time.monotonic() - busy_since
+            if busy_s > self.config.stall_timeout_s:
+                raise EngineDeadError(f"the engine loop has not advanced for {busy_s:.1f} s "
+                                      f"(stall_timeout_s={self.config.stall_timeout_s})")
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -197,9 +206,11 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop:
+                self._busy_since = time.monotonic()
                 self._drain_inbox()
                 if not self.engine.has_work:
                     self._refresh_observations()
+                    self._busy_since = None
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue

@@ -22,6 +22,7 @@ from typing import Any
 
 import ray
 
+from deployments.cluster.placement import controller_scheduling_strategy
 from deployments.migration.planner import MigrationPlanner
 from deployments.migration.policy import (  # noqa: F401 - re-exported: the registry's historical home
     MIGRATION_POLICIES,
@@ -127,6 +128,13 @@ class ClusterController:
         self._has_had_replicas = False
         self._idle_since: float | None = None
         self._watchdog: asyncio.Task | None = None
+        self._shutdown_at: float | None = None  # time.time() by which replicas must have drained
+
+    async def begin_shutdown(self, timeout_s: float) -> float:
+        """Orders every replica (in the reply to its next report) to drain by now + timeout_s."""
+        if self._shutdown_at is None:
+            self._shutdown_at = time.time() + timeout_s
+        return self._shutdown_at
 
     async def report(self, replica_id: str, telemetry: list[dict[str, Any]], stats: dict[str, Any],
                      detail: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -138,14 +146,15 @@ class ClusterController:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_idle())
         if detail is None:
-            return {"orders": [], "is_draining": False}
+            return {"orders": [], "is_draining": False, "shutdown_at": self._shutdown_at}
         self._planner.observe(replica_id, detail.get("migrating", []))
         try:
             self._planner.plan(self._state.loads())
         except Exception:  # a policy bug must not stop telemetry
             logger.exception("migration planning failed")
         return {"orders": self._planner.take_orders(replica_id),
-                "is_draining": replica_id in self._planner.policy.scale_down_candidates()}
+                "is_draining": replica_id in self._planner.policy.scale_down_candidates(),
+                "shutdown_at": self._shutdown_at}
 
     async def deregister(self, replica_id: str) -> None:
         self._state.remove(replica_id)
@@ -182,11 +191,12 @@ class ClusterController:
 
 def get_or_create_controller(name: str, namespace: str, migration_policy: str = "none",
                              **options: Any) -> ray.actor.ActorHandle:
-    # num_cpus=0: placement groups may hold every CPU. scheduling_strategy="DEFAULT": created from a replica,
-    # the actor would otherwise land in (and die with) the replica's placement group.
+    # num_cpus=0: placement groups may hold every CPU. An explicit strategy: created from a replica, the actor
+    # would otherwise land in (and die with) the replica's placement group. Named and detached: every node
+    # finds it; it prefers the head node, so losing a worker node keeps the cluster view.
     return ray.remote(ClusterController).options(
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
-        scheduling_strategy="DEFAULT",
+        scheduling_strategy=controller_scheduling_strategy(),
     ).remote(migration_policy=migration_policy, **options)
 
 
@@ -228,6 +238,13 @@ class ControllerClient:
         try:
             ref = getattr(self._controller(), method).remote(*args)
             return await asyncio.wait_for(ref, self._timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            # The controller raised: pass on its own error, not Ray's remote traceback (ANSI codes, pids,
+            # paths), which callers would otherwise show to HTTP clients.
+            cause = exc.cause
+            if isinstance(cause, ValueError):
+                raise ValueError(str(cause)) from None
+            raise RuntimeError(f"the cluster controller's {method} failed with {type(cause).__name__}") from exc
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ValueError):
             self._handle = None  # dead or restarting: look it up (or start it) again next time
             raise

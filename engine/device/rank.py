@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import create_attention_backend
+from engine.attention.paged_torch import PagedTorchBackend
 from engine.config import EngineConfig
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
 from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena, measure_segments, placed_bytes
 from engine.model.config import ModelConfig
 from engine.model.linear import create_linear
-from engine.model.llama import LlamaModel, ShardPlan
+from engine.model.llama import ShardPlan
+from engine.model.registry import DecoderModel, model_class
 from engine.weights import load_weights, resolve_model_source
 from memory import ElasticPool, HostBuffer, create_backend
 from memory.kv import KV_CLIENT, KVCacheSpec
@@ -37,7 +39,7 @@ class RankState:
     pool: ElasticPool
     host_buffer: HostBuffer | None
     arena: WeightArena
-    model: LlamaModel
+    model: DecoderModel
     workspace: ActivationWorkspace
     peak_activation_bytes: int  # the largest step's activation plan (what a static split reserves)
 
@@ -79,10 +81,14 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
     slot_len = -(-max_len // page_tokens) * page_tokens
     attention = create_attention_backend(config.attention_backend)
+    if config.kv_layout == "paged":  # reads K/V through block tables, then attends with the chosen backend
+        attention = PagedTorchBackend(attention)
     linear = create_linear(config.linear_backend)
 
-    def build(allocate) -> LlamaModel:
-        return LlamaModel(model_config, weights, attention, dtype, allocate=allocate, shard=shard,
+    model_type = model_class(model_config)
+
+    def build(allocate) -> DecoderModel:
+        return model_type(model_config, weights, attention, dtype, allocate=allocate, shard=shard,
                           all_reduce=all_reduce, max_positions=slot_len, linear=linear)
 
     spec = KVCacheSpec(
@@ -102,7 +108,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     weight_bytes = placed_bytes(segment_bytes, chunk)  # each layer on pages of its own (so it can be dropped)
     # the largest step the scheduler may plan: a full prefill budget plus a decode for every slot
     max_step_tokens = max(config.max_num_batched_tokens, config.max_prefill_chunk_tokens or 0) + config.max_num_seqs
-    plan = LlamaModel.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
+    plan = model_type.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
     peak_activation_bytes = plan.num_bytes
     if weight_bytes + peak_activation_bytes // 8 > config.device_memory_bytes:
         raise ValueError(f"device memory {config.device_memory_bytes} B cannot hold the weights ({weight_bytes} B) "
@@ -110,7 +116,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     static_split = None
     if config.pool_policy == "static":
         activation_tokens = config.static_activation_tokens or max_step_tokens
-        activation_bytes = LlamaModel.plan_buffers(model_config, shard, dtype, activation_tokens,
+        activation_bytes = model_type.plan_buffers(model_config, shard, dtype, activation_tokens,
                                                    config.max_num_seqs).num_bytes
         weight_chunks = weight_bytes // chunk
         activation_chunks = -(-activation_bytes // chunk)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from memory.kv import KVCacheSpec, LayerGroup
-from memory.kv.contiguous import LAYOUTS
+from memory.kv.layouts import LAYOUTS
 
 GIB = 1 << 30
 MIB = 1 << 20
