@@ -38,6 +38,7 @@ from deployments.migration.kv_channel import KVChannels
 from deployments.migration.relay import RelayRegistry
 from deployments.migration.source import MigrationManager, MigrationStats
 from deployments.migration.transport import make_peer
+from deployments.telemetry import ControllerReply, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
 
 logger = logging.getLogger("ray.serve")
 DRAIN_MARGIN_S = 2.0  # before the shutdown deadline: abort what still runs, so its clients hear an ending
@@ -116,7 +117,7 @@ class LLMServer:
         self._relays = RelayRegistry()
         self._migration_stats = MigrationStats()
         self._is_draining = False
-        self._last_detail: dict[str, Any] | None = None
+        self._last_load: ReplicaLoad | None = None
         self._migrations: MigrationManager | None = None
         self._endpoint: MigrationEndpoint | None = None
         if hasattr(self.engine, "run_in_engine") and hasattr(self.engine, "stream_attached"):
@@ -167,10 +168,11 @@ class LLMServer:
             await asyncio.sleep(0.05)
 
     async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve carries routing stats as a dict: the `RoutingStats` record's."""
         stats = self.engine.stats()
-        return {"kv_free_chunks": stats.kv_chunks_free, "kv_usage": stats.kv_usage,
-                "num_running": stats.num_running, "num_waiting": stats.num_waiting,
-                "is_draining": self._is_draining, "timestamp": time.time()}
+        return RoutingStats(kv_free_chunks=stats.kv_chunks_free, num_waiting=stats.num_waiting, timestamp=time.time(),
+                            kv_usage=stats.kv_usage, num_running=stats.num_running,
+                            is_draining=self._is_draining).to_dict()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for Serve's autoscaler (used by deployments/cluster/autoscaling.py:kv_packing_policy)."""
@@ -218,13 +220,11 @@ class LLMServer:
         while True:
             try:
                 engine_stats = self.engine.stats()
-                detail = None
+                report = ReplicaReport(ReplicaStats.of(engine_stats), tuple(self.engine.memory_telemetry()))
                 if self._migrations is not None:
                     await self._endpoint.expire_stale()
-                    detail = await self._migration_detail(engine_stats)
-                reply = await self._controller.report(self.engine.memory_telemetry(),
-                                                      dataclasses.asdict(engine_stats), detail)
-                self._follow(reply or {})
+                    report = await self._with_migration(report, engine_stats)
+                self._follow(await self._controller.report(report))
                 num_failures = 0
             except asyncio.CancelledError:
                 raise
@@ -235,32 +235,31 @@ class LLMServer:
                                    num_failures, exc)
             await asyncio.sleep(period_s)
 
-    async def _migration_detail(self, engine_stats: Any) -> dict[str, Any] | None:
+    async def _with_migration(self, report: ReplicaReport, engine_stats: Any) -> ReplicaReport:
         """The requests' loads come from the engine thread, which a long prefill step can hold for a while:
-        then the previous list goes out again (with fresh counters) rather than no report at all."""
+        then the previous load goes out again (with fresh counters) rather than none."""
         try:
-            report = await asyncio.wait_for(self._migrations.load_report(engine_stats), self.args.telemetry_period_s)
-            self._last_detail = {**report, "started_at": self._started_at}
+            self._last_load = await asyncio.wait_for(
+                self._migrations.load_report(self.replica_id, engine_stats, self._started_at),
+                self.args.telemetry_period_s)
         except asyncio.TimeoutError:
-            if self._last_detail is None:
-                return None
-            return {**self._last_detail, "migrating": self._migrations.migrating,
-                    "migration": self._migration_stats.snapshot()}
-        return self._last_detail
+            pass
+        return dataclasses.replace(report, load=self._last_load, migrating=tuple(self._migrations.migrating),
+                                   migration=self._migration_stats.snapshot())
 
-    def _follow(self, reply: dict[str, Any]) -> None:
+    def _follow(self, reply: ControllerReply) -> None:
         """Starts the migrations the controller ordered (a busy or unknown one simply does not start: the
         controller sees it missing from `migrating` in the next report)."""
-        self._is_draining = bool(reply.get("is_draining"))
-        shutdown_at = reply.get("shutdown_at")
-        if shutdown_at is not None and getattr(self, "_drain_task", None) is None:
-            logger.info("replica %s: draining for shutdown (%.1f s left)", self.replica_id, shutdown_at - time.time())
-            self._drain_task = asyncio.get_running_loop().create_task(self.drain(shutdown_at))
-        for order in reply.get("orders", ()):
-            if self._migrations is not None and order.get("source") == self.replica_id:
-                task = self._migrations.submit(order["request_id"], order["target"], order.get("mode", "auto"))
-                logger.info("replica %s: migration order %s -> %s %s", self.replica_id, order["request_id"],
-                            order["target"], "started" if task is not None else "not started (busy)")
+        self._is_draining = reply.is_draining
+        if reply.shutdown_at is not None and getattr(self, "_drain_task", None) is None:
+            logger.info("replica %s: draining for shutdown (%.1f s left)", self.replica_id,
+                        reply.shutdown_at - time.time())
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain(reply.shutdown_at))
+        for order in reply.orders:
+            if self._migrations is not None and order.source == self.replica_id:
+                task = self._migrations.submit(order.request_id, order.target, order.mode)
+                logger.info("replica %s: migration order %s -> %s %s", self.replica_id, order.request_id,
+                            order.target, "started" if task is not None else "not started (busy)")
 
     async def __del__(self):
         # Also runs after a failed __init__: every step checks that its part was set up. Serve calls this

@@ -47,7 +47,8 @@ class EngineConfig:
     # from where Ray placed the ranks (deployments/cluster/placement.py); the engine knows nothing of nodes.
     process_group_interface: str | None = None
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
-    linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
+    # "auto" (bf16 on AVX512-BF16/AMX: onednn; else the native small-batch GEMM) | "onednn" | "native" | "torch"
+    linear_backend: str = "auto"
     # Health: the engine counts as stalled (check_health fails) when one pass of its loop (inbox + step)
     # has run this long; a long request is many short steps, so it never trips this.
     stall_timeout_s: float = 60.0

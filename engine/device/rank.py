@@ -59,6 +59,16 @@ def page_tokens_for(requested: int, bytes_per_token: list[int], granularity: int
     return page_tokens
 
 
+def static_split_chunks(weight_bytes: int, activation_bytes: int, device_memory_bytes: int,
+                        chunk_bytes: int) -> dict[str, int]:
+    """The static baseline's fixed shares: the weights, an activation reserve, and KV gets the rest
+    (the simulator sizes its static replicas with this too)."""
+    weight_chunks = -(-weight_bytes // chunk_bytes)
+    activation_chunks = -(-activation_bytes // chunk_bytes)
+    return {WEIGHTS_CLIENT: weight_chunks, ACTIVATIONS_CLIENT: activation_chunks,
+            KV_CLIENT: device_memory_bytes // chunk_bytes - weight_chunks - activation_chunks}
+
+
 def measure_weight_bytes(build: Callable, page_bytes: int = 1) -> int:
     """Bytes the model's weights take once placed, each layer on whole pages of `page_bytes`."""
     return placed_bytes(measure_segments(build), page_bytes)
@@ -83,7 +93,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     attention = create_attention_backend(config.attention_backend)
     if config.kv_layout == "paged":  # reads K/V through block tables, then attends with the chosen backend
         attention = PagedTorchBackend(attention)
-    linear = create_linear(config.linear_backend)
+    linear = create_linear(config.linear_backend, config.device)
 
     model_type = model_class(model_config)
 
@@ -118,13 +128,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
         activation_tokens = config.static_activation_tokens or max_step_tokens
         activation_bytes = model_type.plan_buffers(model_config, shard, dtype, activation_tokens,
                                                    config.max_num_seqs).num_bytes
-        weight_chunks = weight_bytes // chunk
-        activation_chunks = -(-activation_bytes // chunk)
-        static_split = {
-            WEIGHTS_CLIENT: weight_chunks,
-            ACTIVATIONS_CLIENT: activation_chunks,
-            KV_CLIENT: config.device_memory_bytes // chunk - weight_chunks - activation_chunks,
-        }
+        static_split = static_split_chunks(weight_bytes, activation_bytes, config.device_memory_bytes, chunk)
     host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
     pool = ElasticPool(backend, config.device_memory_bytes, chunk, config.pool_policy,
                        static_split=static_split, host_buffer=host_buffer)

@@ -218,9 +218,10 @@ def test_controller_exits_once_every_replica_is_gone(cluster):
     import ray
 
     from deployments.cluster.controller import get_or_create_controller
+    from deployments.telemetry import ReplicaReport, ReplicaStats
 
     controller = get_or_create_controller("short-lived-controller", "elastic-serve", idle_exit_s=1.0)
-    ray.get(controller.report.remote("r1", [], {"num_running": 0}))
+    ray.get(controller.report.remote("r1", ReplicaReport(ReplicaStats())))
     assert ray.get(controller.cluster_view.remote())["num_replicas"] == 1
     ray.get(controller.deregister.remote("r1"))
 
