@@ -60,7 +60,7 @@ def cluster(expected):
     try:
         cluster.start()
         serve.run(build_app({**ARGS, "deployment_options": {"num_replicas": 2}}), name=APP, route_prefix="/")
-        wait_for(lambda: fresh_replicas(cluster.base_url) == 2, "2 replicas reporting", timeout_s=180)
+        wait_for(lambda: fresh_replicas(cluster.base_url) == 2, "2 replicas reporting", timeout_s=300)
         yield cluster
     finally:
         cluster.stop()
