@@ -107,7 +107,7 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     # What to serve.
-    model: str | None = None  # None: the embedded SmolLM2 GGUF; or an HF directory / .gguf path
+    model: str | None = None  # None: smollm2-135m; embedded smollm2-135m | gemma3-270m, an HF directory or .gguf
     served_model_name: str | None = None  # the name clients send; None: the engine's model name
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if torch sees a GPU, else cpu
@@ -132,10 +132,12 @@ class AppArgs(BaseModel):
     enable_prefix_caching: bool | None = None
     ttft_slo_ms: float | None = Field(default=None, gt=0)
     tpot_slo_ms: float | None = Field(default=None, gt=0)
+    stall_timeout_s: float | None = Field(default=None, gt=0)  # health fails when one engine step runs longer
     engine_options: dict[str, Any] = Field(default_factory=dict)  # any other EngineConfig field
     # HTTP.
     default_sampling: dict[str, Any] = Field(default_factory=dict)  # e.g. the model card's temperature/top_p
     api_key: str | None = Field(default=None, repr=False)  # set: /v1/* needs "Authorization: Bearer <key>"
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413 while being read; bytes or "4MiB"
     # Cluster controller.
     controller_name: str = "elastic-serve-controller"
     controller_namespace: str = "elastic-serve"
@@ -150,7 +152,7 @@ class AppArgs(BaseModel):
     engine_factory: str | None = None
     engine_factory_kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("device_memory", "host_buffer", mode="before")
+    @field_validator("device_memory", "host_buffer", "max_body_bytes", mode="before")
     @classmethod
     def _size(cls, value):
         return None if value is None else parse_bytes(value)
@@ -192,6 +194,7 @@ class AppArgs(BaseModel):
             "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_num_waiting": self.max_num_waiting, "enable_prefix_caching": self.enable_prefix_caching,
             "ttft_slo_ms": self.ttft_slo_ms, "tpot_slo_ms": self.tpot_slo_ms,
+            "stall_timeout_s": self.stall_timeout_s,
         }
         kwargs = {name: value for name, value in values.items() if value is not None}
         if self.parameter_dropping.enabled:

@@ -5,8 +5,11 @@ app from `build_openai_app`, publishes routing stats for `KVHeadroomRouter`, and
 the cluster controller every `telemetry_period_s`; the reply carries the migrations this replica should
 start (deployments/migration/source.py). The `migration_*` methods are the destination side of a migration, called
 by other replicas through a handle that targets this replica (deployments/migration/transport.py).
-Shutdown: stop the telemetry task and the migrations, deregister, shut the engine down (which stops the TP
-ranks), then kill the TP actors.
+Drain (`drain(deadline)`: ordered by the controller's reply when `python -m deployments.launch` stops, and
+run again from `__del__`): new generation requests get 503 `shutting_down` with Retry-After, running
+ones may finish until shortly before the deadline, then the rest are aborted, so each client gets a 503
+`aborted` or, in a stream, an error event and `[DONE]`. Shutdown: drain, stop the telemetry task and the
+migrations, deregister, shut the engine down (which stops the TP ranks), then kill the TP actors.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from deployments.migration.kv_channel import KVChannels
 from deployments.migration.relay import RelayRegistry
 from deployments.migration.source import MigrationManager, MigrationStats
 from deployments.migration.transport import make_peer
+from deployments.telemetry import ControllerReply, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
 
 logger = logging.getLogger("ray.serve")
+DRAIN_MARGIN_S = 2.0  # before the shutdown deadline: abort what still runs, so its clients hear an ending
 
 
 @dataclass
@@ -112,7 +117,7 @@ class LLMServer:
         self._relays = RelayRegistry()
         self._migration_stats = MigrationStats()
         self._is_draining = False
-        self._last_detail: dict[str, Any] | None = None
+        self._last_load: ReplicaLoad | None = None
         self._migrations: MigrationManager | None = None
         self._endpoint: MigrationEndpoint | None = None
         if hasattr(self.engine, "run_in_engine") and hasattr(self.engine, "stream_attached"):
@@ -139,14 +144,35 @@ class LLMServer:
                                replica_id=self.replica_id, bindings=self._built.bindings,
                                cluster_view=self._controller.cluster_view,
                                default_sampling=self.args.default_sampling, relays=self._relays,
-                               migration_stats=self._migration_stats.snapshot, cluster_admin=self._controller)
-        return build_openai_app(lambda: self.engine, settings)
+                               migration_stats=self._migration_stats.snapshot, cluster_admin=self._controller,
+                               max_body_bytes=self.args.max_body_bytes)
+        app = build_openai_app(lambda: self.engine, settings)
+        self._serving = app.state.serving
+        return app
+
+    async def drain(self, deadline: float) -> None:
+        """Stops accepting generation requests, lets the running ones finish until `DRAIN_MARGIN_S` before
+        `deadline` (time.time()), then aborts the rest, and waits briefly for their last bytes to go out."""
+        serving = getattr(self, "_serving", None)
+        if serving is None:
+            return
+        serving.is_draining = True
+        while serving.num_runs and time.time() < deadline - DRAIN_MARGIN_S:
+            await asyncio.sleep(0.1)
+        if serving.num_runs:
+            logger.info("replica %s: aborting %d requests still running at the drain deadline",
+                        self.replica_id, serving.num_runs)
+            await serving.abort_all()
+        flush_until = time.monotonic() + DRAIN_MARGIN_S / 2
+        while serving.num_runs and time.monotonic() < flush_until:
+            await asyncio.sleep(0.05)
 
     async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve carries routing stats as a dict: the `RoutingStats` record's."""
         stats = self.engine.stats()
-        return {"kv_free_chunks": stats.kv_chunks_free, "kv_usage": stats.kv_usage,
-                "num_running": stats.num_running, "num_waiting": stats.num_waiting,
-                "is_draining": self._is_draining, "timestamp": time.time()}
+        return RoutingStats(kv_free_chunks=stats.kv_chunks_free, num_waiting=stats.num_waiting, timestamp=time.time(),
+                            kv_usage=stats.kv_usage, num_running=stats.num_running,
+                            is_draining=self._is_draining).to_dict()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for Serve's autoscaler (used by deployments/cluster/autoscaling.py:kv_packing_policy)."""
@@ -194,13 +220,11 @@ class LLMServer:
         while True:
             try:
                 engine_stats = self.engine.stats()
-                detail = None
+                report = ReplicaReport(ReplicaStats.of(engine_stats), tuple(self.engine.memory_telemetry()))
                 if self._migrations is not None:
                     await self._endpoint.expire_stale()
-                    detail = await self._migration_detail(engine_stats)
-                reply = await self._controller.report(self.engine.memory_telemetry(),
-                                                      dataclasses.asdict(engine_stats), detail)
-                self._follow(reply or {})
+                    report = await self._with_migration(report, engine_stats)
+                self._follow(await self._controller.report(report))
                 num_failures = 0
             except asyncio.CancelledError:
                 raise
@@ -211,31 +235,38 @@ class LLMServer:
                                    num_failures, exc)
             await asyncio.sleep(period_s)
 
-    async def _migration_detail(self, engine_stats: Any) -> dict[str, Any] | None:
+    async def _with_migration(self, report: ReplicaReport, engine_stats: Any) -> ReplicaReport:
         """The requests' loads come from the engine thread, which a long prefill step can hold for a while:
-        then the previous list goes out again (with fresh counters) rather than no report at all."""
+        then the previous load goes out again (with fresh counters) rather than none."""
         try:
-            report = await asyncio.wait_for(self._migrations.load_report(engine_stats), self.args.telemetry_period_s)
-            self._last_detail = {**report, "started_at": self._started_at}
+            self._last_load = await asyncio.wait_for(
+                self._migrations.load_report(self.replica_id, engine_stats, self._started_at),
+                self.args.telemetry_period_s)
         except asyncio.TimeoutError:
-            if self._last_detail is None:
-                return None
-            return {**self._last_detail, "migrating": self._migrations.migrating,
-                    "migration": self._migration_stats.snapshot()}
-        return self._last_detail
+            pass
+        return dataclasses.replace(report, load=self._last_load, migrating=tuple(self._migrations.migrating),
+                                   migration=self._migration_stats.snapshot())
 
-    def _follow(self, reply: dict[str, Any]) -> None:
+    def _follow(self, reply: ControllerReply) -> None:
         """Starts the migrations the controller ordered (a busy or unknown one simply does not start: the
         controller sees it missing from `migrating` in the next report)."""
-        self._is_draining = bool(reply.get("is_draining"))
-        for order in reply.get("orders", ()):
-            if self._migrations is not None and order.get("source") == self.replica_id:
-                task = self._migrations.submit(order["request_id"], order["target"], order.get("mode", "auto"))
-                logger.info("replica %s: migration order %s -> %s %s", self.replica_id, order["request_id"],
-                            order["target"], "started" if task is not None else "not started (busy)")
+        self._is_draining = reply.is_draining
+        if reply.shutdown_at is not None and getattr(self, "_drain_task", None) is None:
+            logger.info("replica %s: draining for shutdown (%.1f s left)", self.replica_id,
+                        reply.shutdown_at - time.time())
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain(reply.shutdown_at))
+        for order in reply.orders:
+            if self._migrations is not None and order.source == self.replica_id:
+                task = self._migrations.submit(order.request_id, order.target, order.mode)
+                logger.info("replica %s: migration order %s -> %s %s", self.replica_id, order.request_id,
+                            order.target, "started" if task is not None else "not started (busy)")
 
     async def __del__(self):
-        # Also runs after a failed __init__: every step checks that its part was set up.
+        # Also runs after a failed __init__: every step checks that its part was set up. Serve calls this
+        # once its own drain found no request in flight, or at the end of graceful_shutdown_timeout_s; what
+        # arrived meanwhile is ended cleanly by a short drain.
+        with contextlib.suppress(Exception):
+            await self.drain(time.time() + DRAIN_MARGIN_S)
         task = getattr(self, "_telemetry_task", None)
         if task is not None:
             task.cancel()

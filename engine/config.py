@@ -20,7 +20,7 @@ def cpu_has_fast_bf16() -> bool:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # None -> embedded SmolLM2 GGUF; or a HF directory / .gguf path
+    model: str | None = None  # None -> smollm2-135m; embedded smollm2-135m | gemma3-270m, a HF directory, a .gguf
     dtype: str = "auto"  # "auto" | "bfloat16" | "float32"; auto = bf16 where the hardware is fast at it
     device: str = "cpu"  # "cpu" | "cuda"
     vmm_backend: str | None = None  # None -> "host" on cpu, "cuda" on cuda
@@ -44,7 +44,13 @@ class EngineConfig:
     # from where Ray placed the ranks (deployments/cluster/placement.py); the engine knows nothing of nodes.
     process_group_interface: str | None = None
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
-    linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
+    # "auto" (bf16 on AVX512-BF16/AMX: onednn; else the native small-batch GEMM) | "onednn" | "native" | "torch"
+    linear_backend: str = "auto"
+    # Health: the engine counts as stalled (check_health fails) when one pass of its loop (inbox + step)
+    # has run this long; a long request is many short steps, so it never trips this.
+    stall_timeout_s: float = 60.0
+    kv_layout: str = "contiguous"  # "contiguous" (per-slot virtual ranges) | "paged" (block tables)
+    kv_evictor: str = "lru"  # cached KV blocks: "lru" | "prefix_subset" (Jenga: least hit length lost first)
     # KunServe: keep a host copy of every layer's weights so layer ranges can be dropped (their memory
     # goes to KV) and restored by copy; costs host RAM equal to the layers' weights
     enable_parameter_dropping: bool = False
@@ -56,12 +62,18 @@ class EngineConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.pool_policy not in ("elastic", "static"):
             raise ValueError(f"pool_policy must be elastic or static, got {self.pool_policy!r}")
+        if self.kv_evictor not in ("lru", "prefix_subset"):
+            raise ValueError(f"kv_evictor must be lru or prefix_subset, got {self.kv_evictor!r}")
+        if self.kv_layout not in ("contiguous", "paged"):
+            raise ValueError(f"kv_layout must be contiguous or paged, got {self.kv_layout!r}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption_mode must be auto, swap or recompute, got {self.preemption_mode!r}")
         for name in ("device_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "tokens_per_page",
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0")
         if self.enable_parameter_dropping and self.tensor_parallel_size > 1:
             raise ValueError("parameter dropping needs replicas of the whole model (tensor_parallel_size 1)")
         if self.host_buffer_bytes < 0 or self.max_num_waiting < 0:

@@ -52,7 +52,8 @@ class LLMEngine:
         self.peak_activation_bytes = rank.peak_activation_bytes
         layout_log = executor.layout_log if executor is not None else None
         self.kv = KVCacheManager(rank.kv_spec, rank.pool, rank.dtype, host_buffer=rank.host_buffer,
-                                 enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log)
+                                 enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log,
+                                 layout=config.kv_layout, evictor=config.kv_evictor)
         self.sampler = Sampler(model_config.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor)
         self.scheduler = Scheduler(

@@ -300,13 +300,13 @@ class Scheduler:
         for request_id in step.decode_ids:
             request = self.requests[request_id]
             position = request.num_computed_tokens
-            token = request.all_token_ids[position]
+            token = request.token_at(position)
             decodes.append(ScheduledChunk(request_id, self.kv.slot_of(request_id), position, (token,), True))
         decodes.sort(key=lambda chunk: chunk.slot)
         prefills = []
         for request_id, start, num_new in step.prefill_plan:
             request = self.requests[request_id]
-            tokens = tuple(request.all_token_ids[start : start + num_new])
+            tokens = tuple(request.tokens[start : start + num_new])
             samples = start + num_new == request.num_tokens
             prefills.append(ScheduledChunk(request_id, self.kv.slot_of(request_id), start, tokens, samples))
         num_sampled = len(decodes) + sum(chunk.samples for chunk in prefills)
@@ -325,4 +325,4 @@ class Scheduler:
             if request is None:
                 continue
             request.num_computed_tokens = chunk.start + len(chunk.token_ids)
-            self.kv.commit(chunk.request_id, request.all_token_ids, request.num_computed_tokens)
+            self.kv.commit(chunk.request_id, request.tokens, request.num_computed_tokens)

@@ -266,7 +266,8 @@ def _measure(args, engine: LLMEngine, hf, peer, prompts, tag: str, mode: str) ->
 
 def run_modes(args) -> dict:
     results: dict = {"config": {k: v for k, v in vars(args).items()}}
-    modes = ("throughput", "batch1", "capacity") if args.mode == "all" else (args.mode,)
+    grouped = {"all": ("throughput", "batch1", "capacity"), "speed": ("throughput", "batch1")}
+    modes = grouped.get(args.mode, (args.mode,))
     tokenizer = None
     if "throughput" in modes or "batch1" in modes:
         engine = build_engine(args)
@@ -353,7 +354,8 @@ def format_results(results: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.offline.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("throughput", "batch1", "capacity", "all"), default="throughput")
+    parser.add_argument("--mode", choices=("throughput", "batch1", "capacity", "speed", "all"), default="throughput",
+                        help="speed: throughput and batch1 with one start of the peer (which compiles for minutes)")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -367,8 +369,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf-batch-size", type=int, default=None, help="static batch (default: all prompts)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--peer", choices=("vllm",), default=None)
-    parser.add_argument("--peer-dir", default=None, help="setup.sh's folder (default $PEER_DIR, /work/peer-vllm, "
-                                                         "~/.cache/peer-vllm-cpu)")
+    parser.add_argument("--peer-dir", default=None, help="the peer's folder (default $PEER_DIR, else .peers/vllm_cpu "
+                                                         "where `make peer` puts it)")
     parser.add_argument("--peer-dtype", default=None, help="vLLM's dtype (default: the engine's)")
     parser.add_argument("--budget-gib", type=float, default=1.0, help="capacity: device budget")
     parser.add_argument("--capacity-prompt-len", type=int, default=2048)

@@ -11,6 +11,7 @@ import pytest
 
 from loadtest.offline import bench as offline
 from loadtest.offline import peer as offline_peer
+from loadtest.peers.vllm_cpu import OFFLINE_CHILD, find_peer_dir
 
 
 def test_table_and_speedup_direction():
@@ -28,15 +29,15 @@ def test_table_and_speedup_direction():
 def test_missing_peer_is_skipped_with_instructions(tmp_path, capsys):
     args = SimpleNamespace(peer_dir=str(tmp_path / "nothing-here"), peer_dtype=None, dtype="auto", output_len=4,
                            threads=1, num_prompts=1)
-    assert offline_peer.find_peer_dir(str(tmp_path / "nothing-here")) is None
+    assert find_peer_dir(str(tmp_path / "nothing-here")) is None
     assert offline_peer.start_vllm(args, 8) is None
-    assert "setup.sh" in capsys.readouterr().err
+    assert "make peer" in capsys.readouterr().err
 
 
 def test_peer_child_imports_only_the_standard_library():
     """The child runs in vLLM's venv, where this repository's packages do not exist."""
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['engine'] = None; "
-            f"import runpy; runpy.run_path({offline_peer.__file__!r}, run_name='not_main')")
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['engine'] = None; sys.modules['loadtest'] = None; "
+            f"import runpy; runpy.run_path({str(OFFLINE_CHILD)!r}, run_name='not_main')")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
