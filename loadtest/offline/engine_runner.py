@@ -139,6 +139,7 @@ def build_engine(args, tokenizer=None, **overrides) -> LLMEngine:
     options = dict(dtype=args.dtype, num_threads=args.threads, device_memory_bytes=int(args.memory_gib * GIB),
                    enable_prefix_caching=False,
                    max_num_batched_tokens=args.max_num_batched_tokens,
+                   max_prefill_chunk_tokens=args.max_prefill_chunk_tokens,
                    max_num_seqs=args.max_num_seqs or min(max(64, args.num_prompts), 256))
     options.update(overrides)
     return LLMEngine(EngineConfig(**options), tokenizer=tokenizer)
