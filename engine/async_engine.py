@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from engine.api import (
     EngineDeadError,
@@ -38,6 +39,30 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output standing for two consecutive ones of the same request (tokens, text and logprobs joined;
+    counts and finish from the later)."""
+    return replace(later, new_token_ids=first.new_token_ids + later.new_token_ids,
+                   text_delta=first.text_delta + later.text_delta, logprobs=first.logprobs + later.logprobs)
+
+
+def _coalesce(output: RequestOutput, stream: asyncio.Queue) -> tuple[RequestOutput, BaseException | None]:
+    """`output` merged with the outputs already waiting behind it. When the consumer (SSE encoding, Serve's
+    streaming) falls behind the engine, it then handles one chunk per request per catch-up instead of one per
+    token, so per-chunk Python work stops growing with the lag and taking CPU from the engine. Nothing waits
+    for more: a consumer that keeps up still gets every step's tokens at once. An error queued behind is
+    returned to raise after the merged output."""
+    while not output.is_finished:
+        try:
+            later = stream.get_nowait()
+        except asyncio.QueueEmpty:
+            break
+        if isinstance(later, BaseException):
+            return output, later
+        output = merge_outputs(output, later)
+    return output, None
 
 
 class AsyncEngine:
@@ -135,8 +160,11 @@ class AsyncEngine:
                 output = await stream.get()
                 if isinstance(output, BaseException):
                     raise output
+                output, pending_error = _coalesce(output, stream)
                 finished = output.is_finished
                 yield output
+                if pending_error is not None:
+                    raise pending_error
         finally:
             self._streams.pop(request_id, None)
             if not finished:

@@ -30,7 +30,10 @@ class EngineConfig:
     host_buffer_bytes: int = 1 << 30  # host RAM for swapped-out KV
     max_model_len: int | None = None  # None -> min(model context, 8192)
     max_num_seqs: int = 64  # running batch limit (and KV slots)
-    max_num_batched_tokens: int = 512  # chunked-prefill token budget per step
+    max_num_batched_tokens: int = 512  # chunked-prefill token budget per step (the floor when adaptive)
+    # eLLM: when set above max_num_batched_tokens, each step's budget is chosen between the two from the
+    # pool's free memory (engine/core/chunk_policy.py); a static pool reserves activations for this ceiling
+    max_prefill_chunk_tokens: int | None = None
     max_num_waiting: int = 256  # beyond this, generate() raises EngineOverloadedError
     tokens_per_page: int = 128  # KV page: this many tokens of one layer's K (or V)
     enable_prefix_caching: bool = True
@@ -44,7 +47,8 @@ class EngineConfig:
     # from where Ray placed the ranks (deployments/cluster/placement.py); the engine knows nothing of nodes.
     process_group_interface: str | None = None
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
-    linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
+    # "auto" (bf16 on AVX512-BF16/AMX: onednn; else the native small-batch GEMM) | "onednn" | "native" | "torch"
+    linear_backend: str = "auto"
     # Health: the engine counts as stalled (check_health fails) when one pass of its loop (inbox + step)
     # has run this long; a long request is many short steps, so it never trips this.
     stall_timeout_s: float = 60.0

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from engine.api import EngineStats, GenerateRequest, InvalidRequestError, LayersDroppedError, RequestOutput
 from engine.config import EngineConfig
+from engine.core.chunk_policy import create_chunk_policy
 from engine.core.request import Request
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler, SamplingState
@@ -67,6 +68,9 @@ class LLMEngine:
             ),
             self.kv,
             self.runner.activation_chunks_charged_to_kv,
+            chunk_policy=create_chunk_policy(
+                config.max_num_batched_tokens, config.max_prefill_chunk_tokens,
+                self.runner.activation_chunks_charged_to_kv, lambda tokens: self.kv.chunks_to_grow(None, tokens)),
         )
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.num_steps = 0

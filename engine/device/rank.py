@@ -93,7 +93,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     attention = create_attention_backend(config.attention_backend)
     if config.kv_layout == "paged":  # reads K/V through block tables, then attends with the chosen backend
         attention = PagedTorchBackend(attention)
-    linear = create_linear(config.linear_backend)
+    linear = create_linear(config.linear_backend, config.device)
 
     model_type = model_class(model_config)
 
@@ -117,7 +117,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     segment_bytes = measure_segments(build)
     weight_bytes = placed_bytes(segment_bytes, chunk)  # each layer on pages of its own (so it can be dropped)
     # the largest step the scheduler may plan: a full prefill budget plus a decode for every slot
-    max_step_tokens = config.max_num_batched_tokens + config.max_num_seqs
+    max_step_tokens = max(config.max_num_batched_tokens, config.max_prefill_chunk_tokens or 0) + config.max_num_seqs
     plan = model_type.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
     peak_activation_bytes = plan.num_bytes
     if weight_bytes + peak_activation_bytes // 8 > config.device_memory_bytes:

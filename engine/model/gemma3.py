@@ -70,12 +70,19 @@ class Gemma3Model(LlamaModel):
         def place_norm(weight: torch.Tensor, layer: int | None = None) -> torch.Tensor:
             return allocate((1.0 + weight.float()).contiguous(), layer)  # fp32, as HF's Gemma3RMSNorm
 
+        def place_matrix(tensor: torch.Tensor, layer: int | None = None):  # stored the linear backend's way
+            return self.linear.place(tensor.to(dtype).contiguous(), lambda placed: allocate(placed, layer))
+
         self.embed = place(weights["model.embed_tokens.weight"])
         lm_head = weights.get("lm_head.weight")
-        self.lm_head = self.embed if lm_head is None else place(lm_head)
+        if lm_head is None:  # tied: the embedding itself, unless the backend stores weights its own way
+            embed = self.embed
+            self.lm_head = self.linear.place(embed, lambda tensor: embed if tensor is embed else allocate(tensor, None))
+        else:
+            self.lm_head = place_matrix(lm_head)
         self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32).to(dtype)
         self.final_norm = place_norm(weights["model.norm.weight"])
-        self.layers = [self._load_layer(weights, i, functools.partial(place, layer=i),
+        self.layers = [self._load_layer(weights, i, functools.partial(place_matrix, layer=i),
                                         functools.partial(place_norm, layer=i)) for i in range(config.num_layers)]
         self.dropped_layers: frozenset[int] = frozenset()  # weights given back to the pool (KunServe)
         positions = max_positions or config.max_position_embeddings
@@ -86,7 +93,7 @@ class Gemma3Model(LlamaModel):
             for kind, freq in (("global", global_freq), ("local", local_freq))
         }
 
-    def _load_layer(self, weights: dict[str, torch.Tensor], index: int, place, place_norm) -> dict:
+    def _load_layer(self, weights: dict[str, torch.Tensor], index: int, place_matrix, place_norm) -> dict:
         c, s, d = self.config, self.shard, self.config.head_dim
         prefix = f"model.layers.{index}."
         attn = prefix + "self_attn."
@@ -100,15 +107,15 @@ class Gemma3Model(LlamaModel):
             "post_mlp_norm": place_norm(weights[prefix + "post_feedforward_layernorm.weight"]),
             "q_norm": place_norm(weights[attn + "q_norm.weight"]),
             "k_norm": place_norm(weights[attn + "k_norm.weight"]),
-            "qkv": place(torch.cat([
+            "qkv": place_matrix(torch.cat([
                 _rows(weights[attn + "q_proj.weight"], s.heads, d),
                 _rows(weights[attn + "k_proj.weight"], s.kv_heads, d),
                 _rows(weights[attn + "v_proj.weight"], s.kv_heads, d),
             ])),
-            "o": place(weights[attn + "o_proj.weight"][:, s.heads.start * d : s.heads.stop * d]),
-            "gate_up": place(torch.cat([weights[mlp + "gate_proj.weight"][columns],
+            "o": place_matrix(weights[attn + "o_proj.weight"][:, s.heads.start * d : s.heads.stop * d]),
+            "gate_up": place_matrix(torch.cat([weights[mlp + "gate_proj.weight"][columns],
                                         weights[mlp + "up_proj.weight"][columns]])),
-            "down": place(weights[mlp + "down_proj.weight"][:, columns]),
+            "down": place_matrix(weights[mlp + "down_proj.weight"][:, columns]),
             "rope": "local" if sliding else "global",
             "spec": LayerAttentionSpec(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=d,
                                        sliding_window=c.sliding_window if sliding else None),
@@ -151,10 +158,7 @@ class Gemma3Model(LlamaModel):
         last = buffers["last_hidden"]
         torch.index_select(hidden, 0, batch.logits_indices, out=last)
         normed_last = self._rms_norm(last, self.final_norm, last)
-        if self.dtype == torch.float32:
-            self.linear(normed_last, self.lm_head, logits)
-        else:
-            logits.copy_(torch.mm(normed_last, self.lm_head.t()))
+        self.linear(normed_last, self.lm_head, logits)  # fp32 logits (the backend casts bf16 products)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits.div_(cap).tanh_().mul_(cap)

@@ -7,8 +7,8 @@
 - The pool budget fits the container: pool + host buffer + object store + runtime overhead within the
   memory limit (CPU), the pool within the GPU the manifest was sized for (GPU); Ray's CPUs and GPUs equal the
   container's.
-- The Dockerfile's command is the one README documents (`serve run serve_config.yaml`, what `make serve` runs),
-  it copies every package pyproject installs, and its Ray is the manifests' rayVersion.
+- The Dockerfile's command is the one README documents (what `make serve` runs), it copies every package
+  pyproject installs, installs the proxy guard in every Serve proxy, and its Ray is the manifests' rayVersion.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import yaml
 
 from deployments.app import deployment_options
 from deployments.args import AppArgs, parse_bytes
+from deployments.ingress.proxy_guard import CALLBACK_ENV, CALLBACK_PATH
 from tests.deployments.multinode.kuberay_schema import crd_schema, validate
 
 REPO = Path(__file__).resolve().parents[3]
@@ -31,7 +32,7 @@ SCHEMA = Path(__file__).with_name("rayservice_v1_schema.json")
 # Where a pod's application may differ from serve_config.yaml's (everything else must be equal).
 POD_SPECIFIC_ARGS = {"device", "device_memory", "host_buffer", "cpus_per_rank", "placement"}
 RUNTIME_OVERHEAD = 2 << 30  # Python, torch, Ray's worker processes: measured ~1.3 GiB per replica pod here
-ENTRY_COMMAND = ["serve", "run", "serve_config.yaml"]
+ENTRY_COMMAND = ["python", "-m", "deployments.launch", "serve_config.yaml"]
 GiB = 1 << 30
 
 
@@ -95,7 +96,9 @@ def test_serve_config_v2_is_serve_config_yamls_application(manifest, serve_confi
     pod_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     (ours,) = serve_config["applications"]
     (theirs,) = pod_config["applications"]
-    assert set(theirs) == set(ours) and theirs["deployments"] == ours["deployments"]
+    assert set(theirs) == set(ours)
+    (deployment,) = theirs["deployments"]  # the same deployment; how many replicas is the cluster's business
+    assert {**deployment, "num_replicas": None} == {**ours["deployments"][0], "num_replicas": None}
     assert {key: theirs[key] for key in ("name", "route_prefix", "import_path")} == \
         {key: ours[key] for key in ("name", "route_prefix", "import_path")}
     assert set(theirs["args"]) == set(ours["args"])
@@ -131,7 +134,8 @@ def test_the_image_is_what_readme_documents():
     readme = (REPO / "README.md").read_text()
     (cmd,) = re.findall(r"^CMD (.+)$", dockerfile, re.MULTILINE)
     assert json.loads(cmd) == ENTRY_COMMAND
-    assert " ".join(ENTRY_COMMAND) in (REPO / "Makefile").read_text()  # what `make serve` runs
+    assert "$(PY) " + " ".join(ENTRY_COMMAND[1:]) in (REPO / "Makefile").read_text()  # what `make serve` runs
+    assert f"ENV {CALLBACK_ENV}={CALLBACK_PATH}" in dockerfile
     assert f"runs `{' '.join(ENTRY_COMMAND)}`" in readme
     assert "docker run --rm --network host elastic-serve:cpu" in readme
     copied = set(re.findall(r"^COPY --chown=\S+ (\w+) \1$", dockerfile, re.MULTILINE))

@@ -7,8 +7,9 @@ one CPU each, at 127.0.0.2-4. Two LLMServer replicas (embedded SmolLM2, fp32, sm
 - a request migrated live (KV copied over gloo point-to-point, the torch_distributed transport) from the
   replica on one node to the replica on the other streams the same greedy tokens as the unmigrated run;
 - a node is removed while a request streams on each replica: the request on the surviving node finishes
-  with every token, the lost one ends with an error (never a silent clean finish), and Serve starts a
-  replacement replica on the spare node, which serves and reports to the controller.
+  with every token, the lost one ends with an error event (the proxy guard: replica_unavailable) and
+  [DONE], and Serve starts a replacement replica on the spare node, which serves and reports to the
+  controller.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def cluster(expected):
     try:
         cluster.start()
         serve.run(build_app({**ARGS, "deployment_options": {"num_replicas": 2}}), name=APP, route_prefix="/")
-        wait_for(lambda: fresh_replicas(cluster.base_url) == 2, "2 replicas reporting", timeout_s=180)
+        wait_for(lambda: fresh_replicas(cluster.base_url) == 2, "2 replicas reporting", timeout_s=300)
         yield cluster
     finally:
         cluster.stop()
@@ -122,9 +123,10 @@ def test_live_migration_between_nodes_gives_the_unmigrated_tokens(cluster, expec
     wait_for(lambda: is_idle(base), "both pools idle after the migrated request finished")
 
 
-def read_to_the_end(stream: Stream) -> str:
-    """How a stream ended: "done" ([DONE] after its tokens), "error_event" (an SSE error payload) or
-    "broken" (the connection ended without [DONE])."""
+def read_to_the_end(stream: Stream) -> list[str]:
+    """How a stream ended: its last events ("[DONE]", "error:<code>"), then "broken" if the connection ended
+    without [DONE]."""
+    endings: list[str] = []
     try:
         while True:
             line = next(stream._lines)
@@ -132,14 +134,15 @@ def read_to_the_end(stream: Stream) -> str:
                 continue
             payload = line.removeprefix("data: ")
             if payload == "[DONE]":
-                return "done"
+                return [*endings, "[DONE]"]
             event = json.loads(payload)
             if "error" in event:
-                return "error_event"
+                endings.append(f"error:{event['error']['code']}")
+                continue
             for choice in event["choices"]:
                 stream.tokens.extend(choice["logprobs"]["tokens"] if choice.get("logprobs") else [])
     except (httpx.HTTPError, StopIteration):
-        return "broken"
+        return [*endings, "broken"]
 
 
 def test_losing_a_node_keeps_the_other_nodes_requests_and_serve_replaces_the_replica(cluster, expected):
@@ -163,7 +166,7 @@ def test_losing_a_node_keeps_the_other_nodes_requests_and_serve_replaces_the_rep
             streams[surviving_replica].read()
             assert streams[surviving_replica].tokens == expected["tokens"]
             ending = read_to_the_end(streams[lost_replica])
-            assert ending == "broken"  # Serve's proxy sent the 200 already: it can only cut the body short
+            assert ending == ["error:replica_unavailable", "[DONE]"]  # the proxy guard's ending
             assert len(streams[lost_replica].tokens) < NUM_TOKENS
         finally:
             for stream in [*streams.values(), *extra]:

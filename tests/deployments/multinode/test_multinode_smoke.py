@@ -32,7 +32,7 @@ def cluster():
                          "placement": {"spread_replicas": True}, "cpus_per_rank": 0.5,  # room for a TP app
                          "deployment_options": {"num_replicas": 2}})
         serve.run(app, name=APP, route_prefix="/")
-        wait_for_fresh_replicas(cluster.base_url, 2, timeout_s=120)  # generous: the box is shared
+        wait_for_fresh_replicas(cluster.base_url, 2, timeout_s=180)  # generous: the box is shared
         yield cluster
     finally:
         cluster.stop()
