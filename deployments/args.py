@@ -98,6 +98,9 @@ class AppArgs(BaseModel):
     enable_prefix_caching: bool | None = None
     ttft_slo_ms: float | None = Field(default=None, gt=0)
     tpot_slo_ms: float | None = Field(default=None, gt=0)
+    priority_scale: float | None = Field(default=None, ge=1)  # class targets = targets * scale ** priority
+    # LayerKV: layerwise admits prompts whose whole KV does not fit with top layers on the host (docs/LAYERKV.md)
+    kv_offload: Literal["none", "layerwise"] | None = None
     engine_options: dict[str, Any] = Field(default_factory=dict)  # any other EngineConfig field
     # HTTP.
     default_sampling: dict[str, Any] = Field(default_factory=dict)  # e.g. the model card's temperature/top_p
@@ -157,6 +160,7 @@ class AppArgs(BaseModel):
             "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_num_waiting": self.max_num_waiting, "enable_prefix_caching": self.enable_prefix_caching,
             "ttft_slo_ms": self.ttft_slo_ms, "tpot_slo_ms": self.tpot_slo_ms,
+            "priority_scale": self.priority_scale, "kv_offload": self.kv_offload,
         }
         kwargs = {name: value for name, value in values.items() if value is not None}
         kwargs.update(self.engine_options)

@@ -41,6 +41,11 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
     linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
+    # LayerKV: "layerwise" admits a prompt whose KV does not all fit with its top layers on the host,
+    # demotes layers before preempting, stages host layers per step (docs/LAYERKV.md); "none" does not
+    kv_offload: str = "none"
+    kv_staging: str = "copy"  # "copy" (a copy thread / CUDA stream, one layer ahead) | "inline"
+    priority_scale: float = 2.0  # a request's SLO targets are scaled by priority_scale ** priority
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
@@ -55,6 +60,14 @@ class EngineConfig:
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.kv_offload not in ("none", "layerwise"):
+            raise ValueError(f"kv_offload must be none or layerwise, got {self.kv_offload!r}")
+        if self.kv_staging not in ("copy", "inline"):
+            raise ValueError(f"kv_staging must be copy or inline, got {self.kv_staging!r}")
+        if self.kv_offload == "layerwise" and (self.tensor_parallel_size > 1 or not self.host_buffer_bytes):
+            raise ValueError("kv_offload: layerwise needs a host buffer and tensor_parallel_size 1")
+        if self.priority_scale < 1:
+            raise ValueError("priority_scale must be >= 1")
         if self.host_buffer_bytes < 0 or self.max_num_waiting < 0:
             raise ValueError("host_buffer_bytes and max_num_waiting must be >= 0")
 

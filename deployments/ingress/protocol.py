@@ -52,6 +52,7 @@ class _SamplingFields(_Request):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    priority: int = 0  # vLLM's: lower is more urgent; the request's SLO class (engine/core/slo.py)
 
     @property
     def include_usage(self) -> bool:

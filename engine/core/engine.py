@@ -54,7 +54,7 @@ class LLMEngine:
         self.kv = KVCacheManager(rank.kv_spec, rank.pool, rank.dtype, host_buffer=rank.host_buffer,
                                  enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log)
         self.sampler = Sampler(model_config.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor)
+        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor, config.kv_staging)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -63,6 +63,8 @@ class LLMEngine:
                 preemption_mode=config.preemption_mode,
                 tpot_slo_ms=config.tpot_slo_ms,
                 ttft_slo_ms=config.ttft_slo_ms,
+                kv_offload=config.kv_offload,
+                priority_scale=config.priority_scale,
             ),
             self.kv,
             self.runner.activation_chunks_charged_to_kv,
@@ -109,6 +111,7 @@ class LLMEngine:
                 sampling=SamplingState(params, prompt),
                 detokenizer=detokenizer,
                 arrival_time=request.arrival_time or time.monotonic(),
+                priority=request.priority,
             )
         )
 
@@ -200,11 +203,23 @@ class LLMEngine:
             num_prefix_cache_hits=self.kv.prefix.num_hit_tokens,
             num_prefix_cache_queries=self.kv.prefix.num_queried_tokens,
             kv_chunks_cached=self.kv.prefix.num_evictable_chunks,
+            kv_offloaded_layers=sum(self.kv.offloaded_requests_per_layer()),
+            kv_host_bytes=self.kv.num_offloaded_host_chunks * self.kv.spec.page_bytes,
+            kv_bytes_fetched=self.runner.bytes_fetched,
+            kv_bytes_fetched_last_step=self.runner.bytes_fetched_last_step,
+            slo_attained=self.scheduler.attainment.num_attained,
+            slo_finished=self.scheduler.attainment.num_finished,
         )
 
     def memory_telemetry(self) -> list[dict]:
         """One pool telemetry dict per tensor-parallel rank (the workers' are gathered)."""
         local = self.pool.telemetry().to_dict()
+        local["kv_residency"] = {  # LayerKV: where the running requests' layers live
+            "offloaded_requests_per_layer": self.kv.offloaded_requests_per_layer(),
+            "host_bytes": self.kv.num_offloaded_host_chunks * self.kv.spec.page_bytes,
+            "bytes_fetched": self.runner.bytes_fetched,
+            "bytes_fetched_last_step": self.runner.bytes_fetched_last_step,
+        }
         if self.executor is None:
             return [local]
         return self.executor.gather_telemetry(local)

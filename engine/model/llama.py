@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,14 @@ from engine.model.linear import TorchLinear
 from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 
 Allocator = Callable[[torch.Tensor], torch.Tensor]  # returns a pool-backed copy of the tensor
+
+
+class LayerHook(Protocol):
+    """Called around each layer's attention (engine/core/layer_staging.py stages offloaded KV)."""
+
+    def before(self, layer: int) -> None: ...
+
+    def after(self, layer: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -172,14 +181,20 @@ class LlamaModel:
         batch: ForwardBatch,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         buffers: dict[str, torch.Tensor],
+        layer_hook: LayerHook | None = None,
     ) -> torch.Tensor:
-        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view)."""
+        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view).
+        `layer_hook` (layer-wise KV offloading) is told before a layer's attention and after it."""
         hidden = buffers["hidden"]
         torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
         rope = self.rope_table[batch.positions]  # [T, 2, D]
         cos, sin = rope[:, 0:1], rope[:, 1:2]
         for index, layer in enumerate(self.layers):
+            if layer_hook is not None:
+                layer_hook.before(index)
             self._attention_block(layer, hidden, cos, sin, kv_caches[index], batch, buffers)
+            if layer_hook is not None:  # the layer's KV is written: its write-back overlaps the MLP
+                layer_hook.after(index)
             self._mlp_block(layer, hidden, buffers)
         logits = buffers["logits"]
         if batch.logits_indices.numel() == 0:  # a step of prompt chunks that sample nothing

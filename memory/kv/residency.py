@@ -59,6 +59,9 @@ class LayerResidency:
     def offloaded_layers(self, request_id: str) -> tuple[int, ...]:
         return tuple(layer for layer, where in enumerate(self.requests[request_id].residency) if where == HOST)
 
+    def layers_with_host_pages(self, request_id: str) -> list[int]:
+        return sorted({layer for layer, _ in self.requests[request_id].host_pages})
+
     def has_host_pages(self, request_id: str) -> bool:
         state = self.requests.get(request_id)
         return state is not None and bool(state.host_pages)
