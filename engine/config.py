@@ -44,7 +44,10 @@ class EngineConfig:
     # LayerKV: "layerwise" admits a prompt whose KV does not all fit with its top layers on the host,
     # demotes layers before preempting, stages host layers per step (docs/LAYERKV.md); "none" does not
     kv_offload: str = "none"
-    kv_staging: str = "copy"  # "copy" (a copy thread / CUDA stream, one layer ahead) | "inline"
+    # how offloaded layers are read: "copy" (staged one layer ahead by a copy thread / CUDA stream),
+    # "inline" (staged on the compute thread), "in_place" (host backend: host pages mapped and read where
+    # they are), "auto" (in_place on the host backend, copy elsewhere; see docs/LAYERKV.md)
+    kv_staging: str = "auto"
     priority_scale: float = 2.0  # a request's SLO targets are scaled by priority_scale ** priority
 
     def __post_init__(self) -> None:
@@ -62,8 +65,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.kv_offload not in ("none", "layerwise"):
             raise ValueError(f"kv_offload must be none or layerwise, got {self.kv_offload!r}")
-        if self.kv_staging not in ("copy", "inline"):
-            raise ValueError(f"kv_staging must be copy or inline, got {self.kv_staging!r}")
+        if self.kv_staging not in ("auto", "copy", "inline", "in_place"):
+            raise ValueError(f"kv_staging must be auto, copy, inline or in_place, got {self.kv_staging!r}")
+        if self.kv_staging == "in_place" and self.backend_name != "host":
+            raise ValueError("kv_staging: in_place needs the host VMM backend (device and host share RAM)")
         if self.kv_offload == "layerwise" and (self.tensor_parallel_size > 1 or not self.host_buffer_bytes):
             raise ValueError("kv_offload: layerwise needs a host buffer and tensor_parallel_size 1")
         if self.priority_scale < 1:
@@ -77,6 +82,12 @@ class EngineConfig:
             fast = self.device == "cuda" or cpu_has_fast_bf16()
             return torch.bfloat16 if fast else torch.float32
         return getattr(torch, self.dtype)
+
+    @property
+    def staging_mode(self) -> str:
+        if self.kv_staging == "auto":
+            return "in_place" if self.backend_name == "host" else "copy"
+        return self.kv_staging
 
     @property
     def backend_name(self) -> str:

@@ -26,6 +26,7 @@ from engine.weights import resolve_model_source
 if TYPE_CHECKING:
     from engine.parallel.executor import TensorParallelExecutor
 from memory.kv import KV_CLIENT, KVCacheManager
+from memory.kv.host_tier import HostChunkTier
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,15 @@ class LLMEngine:
         self.workspace = rank.workspace
         self.peak_activation_bytes = rank.peak_activation_bytes
         layout_log = executor.layout_log if executor is not None else None
+        host_tier = None
+        if config.kv_offload == "layerwise" and config.staging_mode == "in_place":
+            host_tier = HostChunkTier(rank.pool.backend, rank.kv_spec.page_bytes,
+                                      config.host_buffer_bytes // rank.kv_spec.page_bytes)
         self.kv = KVCacheManager(rank.kv_spec, rank.pool, rank.dtype, host_buffer=rank.host_buffer,
-                                 enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log)
+                                 enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log,
+                                 host_tier=host_tier)
         self.sampler = Sampler(model_config.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor, config.kv_staging)
+        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor, config.staging_mode)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,

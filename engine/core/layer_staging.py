@@ -141,6 +141,7 @@ class CudaStreamCopies:
 
 COPY_ENGINES: dict[str, Callable[[torch.device], CopyEngine]] = {
     "inline": lambda device: InlineCopies(),
+    "in_place": lambda device: InlineCopies(),  # host pages are mapped where they are: nothing to stage
     "copy": lambda device: CudaStreamCopies(device) if device.type == "cuda" else ThreadCopies(),
 }
 

@@ -53,6 +53,7 @@ class LayerwiseOffload(NoOffload):
         self.slo = slo
         self.num_demotions = 0
         self.num_promotions = 0
+        self.num_partial_admissions = 0  # prompts admitted with layers on the host
 
     def staging(self, spans: dict[str, int]) -> int:
         """Staging chunks a step computing each request up to `spans[request_id]` tokens needs."""
@@ -83,6 +84,7 @@ class LayerwiseOffload(NoOffload):
                 return None
             staging = staging_chunks([step_pages if layer in offloaded else 0 for layer in range(num_layers)])
             if device + staging <= available:
+                self.num_partial_admissions += 1
                 return offloaded
         return None
 

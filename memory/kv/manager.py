@@ -20,6 +20,7 @@ import torch
 from memory.host_buffer import HostBuffer
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
 from memory.kv.contiguous import LAYOUTS
+from memory.kv.host_tier import HostChunkTier
 from memory.kv.mirror import RecordingLayout
 from memory.kv.residency import DEVICE, HOST, HostPage, LayerResidency
 from memory.kv.spec import KVCacheSpec
@@ -55,12 +56,14 @@ class KVCacheManager(LayerResidency):
         host_buffer: HostBuffer | None = None,
         enable_prefix_caching: bool = True,
         layout_log: list | None = None,
+        host_tier: HostChunkTier | None = None,
     ):
         if pool.chunk_bytes != spec.page_bytes:
             raise ValueError(f"pool chunks ({pool.chunk_bytes} B) must equal KV pages ({spec.page_bytes} B)")
         self.spec = spec
         self.pool = pool
         self.host_buffer = host_buffer
+        self.host_tier = host_tier  # in-place offloading (host backend): offloaded pages stay mapped
         self.layout = LAYOUTS[layout](spec, pool.backend, dtype)
         if layout_log is not None:  # tensor parallelism: other ranks replay these layout calls
             self.layout = RecordingLayout(self.layout, layout_log)
@@ -197,9 +200,16 @@ class KVCacheManager(LayerResidency):
             for _, _, allocated in host_pages:
                 self.host_buffer.free([slot for _, pair in allocated for slot in pair])
             return False
+        tier_chunks = []
+        if self.host_tier is not None:
+            num_tier = sum(self._host_chunks_per_page(group, state.residency) for group, _ in wanted)
+            if num_tier > self.host_tier.num_free:
+                self.pool.deflate(KV_CLIENT, chunks)
+                return False
+            tier_chunks = self.host_tier.allocate(num_tier)
         slot = self.slot_of(request_id)
         for group, page, host in host_pages:
-            block = self._new_block(group, chunks, state.residency)
+            block = self._new_block(group, chunks, state.residency, tier_chunks)
             pages = state.blocks[group]
             pages.extend([None] * (page + 1 - len(pages)))
             pages[page] = block
@@ -223,7 +233,7 @@ class KVCacheManager(LayerResidency):
                 for group in range(len(self.spec.groups)):
                     block = state.blocks[group][page]
                     # a block with layers on the host is private: other requests could not map it
-                    if block is not None and block.block_hash is None and None not in block.chunks:
+                    if block is not None and block.block_hash is None and self.is_whole_on_device(block):
                         self.prefix.insert(block, block_hash)
         self._drop_out_of_window(state)
 
@@ -376,10 +386,13 @@ class KVCacheManager(LayerResidency):
         chunks.reverse()  # _new_block pops from the end: keep ascending chunk order per block
         return chunks
 
-    def _new_block(self, group: int, chunks: list, residency: list[str] | None = None) -> KVBlock:
-        """A block from `chunks` (popped); None at the chunk positions of layers living on the host."""
+    def _new_block(self, group: int, chunks: list, residency: list[str] | None = None,
+                   tier_chunks: list | None = None) -> KVBlock:
+        """A block from `chunks` (popped). At the chunk positions of layers living on the host: a
+        host-tier chunk (in place) or None (the page is in the host buffer)."""
         layers = self.spec.groups[group].layers
-        taken = [chunks.pop() if residency is None or residency[layer] == DEVICE else None
+        taken = [chunks.pop() if residency is None or residency[layer] == DEVICE
+                 else (tier_chunks.pop() if tier_chunks else None)
                  for layer in layers for _ in range(2)]
         block = KVBlock(self._next_block_id, group, taken, ref_count=1)
         self._next_block_id += 1
@@ -395,7 +408,7 @@ class KVCacheManager(LayerResidency):
             self._deflate_block(block)
 
     def _deflate_block(self, block: KVBlock) -> None:
-        self.pool.deflate(KV_CLIENT, [chunk for chunk in block.chunks if chunk is not None])
+        self._release_chunks(block.chunks)
         self.layout.block_freed(block)
 
     def _release_slot(self, request_id: str) -> None:
@@ -439,3 +452,5 @@ class KVCacheManager(LayerResidency):
         while self.prefix.evictable:
             self._deflate_block(self.prefix.evict_oldest())
         self.layout.close()
+        if self.host_tier is not None:
+            self.host_tier.close()

@@ -12,8 +12,12 @@ Demotion copies a layer's device pages to the host and gives their chunks back t
 takes chunks, copies the host pages back and frees the host slots. The runner stages host pages into
 the activations balloon for the layer being computed (engine/core/layer_staging.py).
 
+In-place mode (`host_tier` set, the `host` backend only): an offloaded page is instead a host-tier
+chunk (memory/kv/host_tier.py) kept in the block and mapped like a device chunk, so attention reads it
+where it is and nothing is staged; it never counts against the pool.
+
 `LayerResidency` is mixed into `KVCacheManager`; it uses the manager's `spec`, `requests`, `layout`,
-`pool`, `host_buffer`, `prefix` and `slots`, and keeps nothing of its own but counters.
+`pool`, `host_buffer`, `host_tier`, `prefix` and `slots`, and keeps nothing of its own but counters.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from memory.host_buffer import HostBufferFull
+from memory.kv.host_tier import HOST_TIER
 
 DEVICE, HOST = "device", "host"
 
@@ -44,6 +49,15 @@ class StagedPage(NamedTuple):
     has_data: bool
 
 
+def on_device(chunk) -> bool:
+    """A pool chunk (not a host-tier one, not a page living in the host buffer)."""
+    return chunk is not None and chunk.owner != HOST_TIER
+
+
+def in_host_tier(chunk) -> bool:
+    return chunk is not None and chunk.owner == HOST_TIER
+
+
 class LayerResidency:
     """Mixin for KVCacheManager: layer-wise residency, demotion, promotion and what to stage."""
 
@@ -60,11 +74,24 @@ class LayerResidency:
         return tuple(layer for layer, where in enumerate(self.requests[request_id].residency) if where == HOST)
 
     def layers_with_host_pages(self, request_id: str) -> list[int]:
-        return sorted({layer for layer, _ in self.requests[request_id].host_pages})
+        state = self.requests[request_id]
+        layers = {layer for layer, _ in state.host_pages}
+        if self.host_tier is not None:
+            layers.update(layer for layer in range(self.spec.num_layers) if self._tier_pages(state, layer))
+        return sorted(layers)
 
     def has_host_pages(self, request_id: str) -> bool:
+        """Whether the request has pages a step must stage (in-place pages need none)."""
         state = self.requests.get(request_id)
         return state is not None and bool(state.host_pages)
+
+    def _tier_pages(self, state, layer: int) -> list[int]:
+        group, position = self._layer_position[layer]
+        return [page for page, block in enumerate(state.blocks[group])
+                if block is not None and in_host_tier(block.chunks[position])]
+
+    def is_whole_on_device(self, block) -> bool:
+        return all(on_device(chunk) for chunk in block.chunks)
 
     def layer_chunk_counts(self, request_id: str) -> list[tuple[int, int]]:
         """Per layer: (device chunks, host chunks) the request holds (K and V count one each)."""
@@ -72,23 +99,27 @@ class LayerResidency:
         counts = []
         for layer in range(self.spec.num_layers):
             group, position = self._layer_position[layer]
-            device = sum(2 for block in state.blocks[group] if block is not None and block.chunks[position])
+            device = sum(2 for block in state.blocks[group] if block is not None and on_device(block.chunks[position]))
             host = 2 * sum(1 for (host_layer, _) in state.host_pages if host_layer == layer)
+            if self.host_tier is not None:
+                host += 2 * len(self._tier_pages(state, layer))
             counts.append((device, host))
         return counts
 
     def offloaded_requests_per_layer(self) -> list[int]:
         """Per layer: how many requests hold at least one of its pages on the host."""
         counts = [0] * self.spec.num_layers
-        for state in self.requests.values():
-            for layer in {layer for layer, _ in state.host_pages}:
-                counts[layer] += 1
+        for request_id, state in self.requests.items():
+            if not state.is_swapped:
+                for layer in self.layers_with_host_pages(request_id):
+                    counts[layer] += 1
         return counts
 
     @property
     def num_offloaded_host_chunks(self) -> int:
-        """Host-buffer slots held by offloaded layers (not counting whole swapped requests)."""
-        return 2 * sum(len(state.host_pages) for state in self.requests.values())
+        """Host chunks held by offloaded layers (not counting whole swapped requests)."""
+        in_place = self.host_tier.num_used if self.host_tier is not None else 0
+        return 2 * sum(len(state.host_pages) for state in self.requests.values()) + in_place
 
     def _device_chunks_per_page(self, group: int, residency: Collection[str] | None,
                                 offloaded: Collection[int]) -> int:
@@ -129,7 +160,7 @@ class LayerResidency:
         state = self.requests[request_id]
         group, position = self._layer_position[layer]
         return sum(2 for block in state.blocks[group]
-                   if block is not None and block.chunks[position] is not None and block.ref_count == 1)
+                   if block is not None and on_device(block.chunks[position]) and block.ref_count == 1)
 
     def demote(self, request_id: str, layer: int) -> int:
         """Moves the request's private pages of `layer` to the host; its new pages go there too.
@@ -139,7 +170,9 @@ class LayerResidency:
             raise ValueError(f"request {request_id} is swapped out")
         group, position = self._layer_position[layer]
         blocks = [(page, block) for page, block in enumerate(state.blocks[group])
-                  if block is not None and block.chunks[position] is not None and block.ref_count == 1]
+                  if block is not None and on_device(block.chunks[position]) and block.ref_count == 1]
+        if self.host_tier is not None:
+            return self._demote_in_place(state, layer, blocks)
         host_slots = self.host_buffer.allocate(2 * len(blocks)) if blocks else []
         slot = self.slot_of(request_id)
         freed = []
@@ -162,13 +195,16 @@ class LayerResidency:
 
     def chunks_to_promote(self, request_id: str, layer: int) -> int:
         state = self.requests[request_id]
-        return 2 * sum(1 for (host_layer, _) in state.host_pages if host_layer == layer)
+        in_place = len(self._tier_pages(state, layer)) if self.host_tier is not None else 0
+        return 2 * (sum(1 for (host_layer, _) in state.host_pages if host_layer == layer) + in_place)
 
     def promote(self, request_id: str, layer: int) -> bool:
         """Brings the request's host pages of `layer` back to the device. False (no change) if the
         chunks are not there."""
         state = self.requests[request_id]
         group, position = self._layer_position[layer]
+        if self.host_tier is not None:
+            return self._promote_in_place(state, layer)
         pages = sorted(page for (host_layer, page) in state.host_pages if host_layer == layer)
         chunks = self._take_chunks(2 * len(pages))
         if chunks is None:
@@ -188,11 +224,64 @@ class LayerResidency:
         self.num_bytes_promoted += 2 * len(pages) * self.spec.page_bytes
         return True
 
+    # ---- in place (host backend): host-tier chunks mapped where device chunks were ----------------
+    def _swap_page_chunks(self, state, layer: int, page: int, block, new_chunks: list) -> list:
+        """Replaces one layer's K and V chunks of a mapped page, carrying the data over; returns the old."""
+        _, position = self._layer_position[layer]
+        slot = self.slot_of(state.request_id)
+        data = [view.clone() for view in self.layout.layer_page_views(layer, slot, page)]
+        self.layout.unmap_layer_page(layer, slot, page)
+        old = block.chunks[position : position + 2]
+        block.chunks[position], block.chunks[position + 1] = new_chunks
+        self.layout.map_layer_page(layer, slot, page, *new_chunks)
+        for view, saved in zip(self.layout.layer_page_views(layer, slot, page), data, strict=True):
+            view.copy_(saved)
+        return old
+
+    def _demote_in_place(self, state, layer: int, blocks: list) -> int:
+        tier_chunks = self.host_tier.allocate(2 * len(blocks))
+        freed = []
+        for page, block in blocks:
+            if block.block_hash is not None:
+                self.prefix.forget(block)
+            freed += self._swap_page_chunks(state, layer, page, block, [tier_chunks.pop(), tier_chunks.pop()])
+        if freed:
+            self.pool.deflate(self._kv_client, freed)
+        state.residency[layer] = HOST
+        self.num_bytes_demoted += len(freed) * self.spec.page_bytes
+        return len(freed)
+
+    def _promote_in_place(self, state, layer: int) -> bool:
+        group, _ = self._layer_position[layer]
+        pages = self._tier_pages(state, layer)
+        chunks = self._take_chunks(2 * len(pages))
+        if chunks is None:
+            return False
+        for page in pages:
+            block = state.blocks[group][page]
+            old = self._swap_page_chunks(state, layer, page, block, [chunks.pop(), chunks.pop()])
+            self.host_tier.release(old)
+        state.residency[layer] = DEVICE
+        self.num_bytes_promoted += 2 * len(pages) * self.spec.page_bytes
+        return True
+
     # ---- hooks the manager calls -----------------------------------------------------------------
+    def _host_chunks_per_page(self, group: int, residency) -> int:
+        return 2 * sum(1 for layer in self.spec.groups[group].layers if residency[layer] == HOST)
+
+    def _release_chunks(self, chunks) -> None:
+        """A freed block's chunks: pool chunks back to the pool, host-tier chunks back to the tier."""
+        device = [chunk for chunk in chunks if on_device(chunk)]
+        if device:
+            self.pool.deflate(self._kv_client, device)
+        tier = [chunk for chunk in chunks if in_host_tier(chunk)]
+        if tier:
+            self.host_tier.release(tier)
+
     def _allocate_host_pages(self, state, group: int, page: int) -> list[tuple[int, HostPage]] | None:
         """Host slots for the offloaded layers of a new page (None, nothing held, if the buffer is full)."""
         layers = [layer for layer in self.spec.groups[group].layers if state.residency[layer] == HOST]
-        if not layers:
+        if not layers or self.host_tier is not None:  # in place: host-tier chunks go into the block
             return []
         try:
             slots = self.host_buffer.allocate(2 * len(layers))

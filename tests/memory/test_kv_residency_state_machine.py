@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from memory import ElasticPool, HostBuffer, create_backend
 from memory.kv import KVCacheManager
+from memory.kv.host_tier import HostChunkTier
 from tests.memory.test_kv_residency import PAGE_TOKENS, _spec, check, fill
 
 NUM_CHUNKS = 40
@@ -24,13 +25,16 @@ NAMES = ("a", "b", "c")
 
 
 class ResidencyMachine(RuleBasedStateMachine):
+    in_place = False  # offloaded pages in the host buffer (staged per step)
+
     def __init__(self) -> None:
         super().__init__()
         self.backend = create_backend("host")
         spec = _spec()
         self.host = HostBuffer(HOST_PAGES * spec.page_bytes, spec.page_bytes)
         self.pool = ElasticPool(self.backend, NUM_CHUNKS * spec.page_bytes, spec.page_bytes, host_buffer=self.host)
-        self.kv = KVCacheManager(spec, self.pool, torch.float32, host_buffer=self.host)
+        self.tier = HostChunkTier(self.backend, spec.page_bytes, HOST_PAGES) if self.in_place else None
+        self.kv = KVCacheManager(spec, self.pool, torch.float32, host_buffer=self.host, host_tier=self.tier)
         self.tokens: dict[str, int] = {}  # request -> tokens written
         self.swapped: set[str] = set()
 
@@ -57,7 +61,7 @@ class ResidencyMachine(RuleBasedStateMachine):
         device = self.kv.chunks_to_grow(name, end)
         host = self.kv.host_chunks_to_grow(name, end)
         held, used = self.pool.num_held("kv"), self.host.used_bytes
-        fits = device <= self.kv.num_available_chunks() and host <= self.host.num_free
+        fits = device <= self.kv.num_available_chunks() and host <= (self.tier or self.host).num_free
         assert self.kv.grow(name, end) == fits
         if not fits:
             assert (self.pool.num_held("kv"), self.host.used_bytes) == (held, used)
@@ -71,7 +75,7 @@ class ResidencyMachine(RuleBasedStateMachine):
         if name not in self.tokens or name in self.swapped:
             return
         freed = self.kv.chunks_freed_by_demoting(name, layer)
-        if freed > self.host.num_free:
+        if freed > (self.tier or self.host).num_free:
             return
         before = self.kv.layer_chunk_counts(name)[layer]
         assert self.kv.demote(name, layer) == freed
@@ -119,7 +123,8 @@ class ResidencyMachine(RuleBasedStateMachine):
             pages = -(-max(self.tokens[name], 1) // PAGE_TOKENS) if self.tokens[name] else len(state.blocks[0])
             assert all(d + h == 2 * pages for d, h in counts)
         assert self.pool.num_held("kv") == device + self.kv.prefix.num_evictable_chunks
-        assert self.host.used_bytes == host * self.kv.spec.page_bytes
+        in_tier = self.tier.num_used if self.tier else 0
+        assert self.host.used_bytes + in_tier * self.kv.spec.page_bytes == host * self.kv.spec.page_bytes
         assert self.pool.num_held("kv") + self.pool.num_free() == NUM_CHUNKS
 
     @invariant()
@@ -129,5 +134,11 @@ class ResidencyMachine(RuleBasedStateMachine):
                 check(self.kv, name, end)
 
 
+class InPlaceResidencyMachine(ResidencyMachine):
+    in_place = True  # offloaded pages are host-tier chunks mapped where they are
+
+
 TestResidencyMachine = ResidencyMachine.TestCase
-TestResidencyMachine.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
+TestResidencyMachine.settings = settings(max_examples=20, stateful_step_count=25, deadline=None)
+TestInPlaceResidencyMachine = InPlaceResidencyMachine.TestCase
+TestInPlaceResidencyMachine.settings = settings(max_examples=20, stateful_step_count=25, deadline=None)

@@ -1,7 +1,8 @@
 """Layer-wise KV offloading (LayerKV) gives transformers' greedy tokens: requests with no, some and
 all but one layer on the host, in one batch with fully resident requests, with chunked prefill
 (prefill writes offloaded layers straight to the host), with layers demoted and promoted during
-decode, through both staging modes. Bookkeeping ends at zero: no chunk, host slot or staging leak."""
+decode, through every staging mode (copy thread, inline, in place). Bookkeeping ends at zero: no
+chunk, host slot or staging leak."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ OFFLOADED = {
 }
 
 
-@pytest.mark.parametrize("staging", ["copy", "inline"])
+@pytest.mark.parametrize("staging", ["copy", "inline", "in_place"])
 def test_offloaded_layers_give_transformers_tokens(smollm2_tokenizer, prompts, reference, staging):
     config = small_config(kv_offload="layerwise", kv_staging=staging, num_threads=1)
     engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
@@ -64,15 +65,20 @@ def test_offloaded_layers_give_transformers_tokens(smollm2_tokenizer, prompts, r
         assert engine.runner.bytes_fetched_last_step == 0  # first chunks: only write-backs
         collect_steps(engine, tokens)
         assert_same(tokens, reference)
-        assert engine.runner.bytes_fetched > 0
+        if staging == "in_place":  # host pages are read where they are: nothing staged
+            assert engine.runner.bytes_fetched == 0 and engine.kv.host_tier.num_used == 0
+        else:
+            assert engine.runner.bytes_fetched > 0
         assert_pool_idle(engine)
         assert engine.kv.host_buffer.used_bytes == 0 and engine.pool.num_held("activations") >= 0
     finally:
         engine.close()
 
 
-def test_demote_and_promote_during_decode_keep_tokens(smollm2_tokenizer, prompts, reference):
-    engine = LLMEngine(small_config(kv_offload="layerwise", num_threads=1), tokenizer=smollm2_tokenizer)
+@pytest.mark.parametrize("staging", ["copy", "in_place"])
+def test_demote_and_promote_during_decode_keep_tokens(smollm2_tokenizer, prompts, reference, staging):
+    config = small_config(kv_offload="layerwise", kv_staging=staging, num_threads=1)
+    engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
     try:
         chosen = [0, 3, 6]
         for index in chosen:
@@ -85,7 +91,7 @@ def test_demote_and_promote_during_decode_keep_tokens(smollm2_tokenizer, prompts
         freed += sum(engine.kv.demote("r6", layer) for layer in range(0, NUM_LAYERS, 3))
         assert engine.pool.num_held("kv") == held - freed and freed > 0
         collect_steps(engine, tokens, steps=3)  # decodes with layers fetched from the host
-        assert engine.runner.bytes_fetched_last_step > 0
+        assert engine.runner.bytes_fetched_last_step > 0 if staging == "copy" else engine.kv.host_tier.num_used > 0
         assert engine.kv.promote("r6", 3) and engine.kv.promote("r0", 29)
         assert engine.kv.layer_chunk_counts("r6")[3][1] == 0
         collect_steps(engine, tokens)
@@ -112,8 +118,7 @@ def test_layerwise_admission_under_a_tight_budget_matches_transformers(smollm2_t
     try:
         ours = run_all(engine, prompts, greedy(NUM_NEW))
         assert_same(ours, reference)
-        stats = engine.stats()
-        assert stats.kv_bytes_fetched > 0  # some layers really lived on the host
+        assert engine.scheduler.offload.num_partial_admissions > 0  # some layers really lived on the host
         assert_pool_idle(engine)
         assert engine.kv.host_buffer.used_bytes == 0
     finally:
