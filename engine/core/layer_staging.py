@@ -151,13 +151,16 @@ class LayerStager:
     writes layer l's new tokens back and starts the fetch of layer l + 2. `close()` always runs."""
 
     def __init__(self, layout, host_buffer, pool: ElasticPool, plan: list[list[StagedCopy]],
-                 copies: CopyEngine) -> None:
+                 copies: CopyEngine, make_room: Callable[[int], int] | None = None) -> None:
         self.layout = layout
         self.host_buffer = host_buffer
         self.pool = pool
         self.plan = plan
         self.copies = copies
         self.num_chunks = staging_chunks([len(pages) for pages in plan])
+        missing = self.num_chunks - pool.num_free()
+        if missing > 0 and make_room is not None:  # the workspace's idle pages count as ours
+            make_room(missing)
         self._chunks = pool.inflate(STAGING_CLIENT, self.num_chunks) if self.num_chunks else []
         self._free = list(self._chunks)
         self._pending: dict[int, object] = {}

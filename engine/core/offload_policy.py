@@ -57,11 +57,14 @@ class LayerwiseOffload(NoOffload):
 
     def staging(self, spans: dict[str, int]) -> int:
         """Staging chunks a step computing each request up to `spans[request_id]` tokens needs."""
+        if self.kv.host_tier is not None:  # in place: host pages are read where they are
+            return 0
         pages = [0] * self.kv.spec.num_layers
         for request_id, end in spans.items():
-            if self.kv.has_host_pages(request_id):
-                for layer in self.kv.layers_with_host_pages(request_id):
-                    pages[layer] += len(self.kv.staged_pages(request_id, layer, end))
+            state = self.kv.requests[request_id]
+            if state.host_pages or HOST in state.residency:
+                for layer in range(self.kv.spec.num_layers):
+                    pages[layer] += self.kv.num_pages_to_stage(request_id, layer, end)
         return staging_chunks(pages)
 
     def layers_to_offload(self, request: Request, num_cached: int, end: int, need: int,
@@ -82,7 +85,8 @@ class LayerwiseOffload(NoOffload):
                 kv.host_chunks_to_grow(None, num_cached, offloaded) if num_cached else 0)
             if kv.host_buffer is None or host > kv.host_buffer.num_free:
                 return None
-            staging = staging_chunks([step_pages if layer in offloaded else 0 for layer in range(num_layers)])
+            staging = 0 if kv.host_tier is not None else staging_chunks(
+                [step_pages if layer in offloaded else 0 for layer in range(num_layers)])
             if device + staging <= available:
                 self.num_partial_admissions += 1
                 return offloaded

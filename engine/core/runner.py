@@ -113,7 +113,8 @@ class ModelRunner:
         plan = staging_plan(self.kv, spans)
         if not any(plan):
             return None
-        return LayerStager(self.kv.layout, self.kv.host_buffer, self.kv.pool, plan, self.copies)
+        return LayerStager(self.kv.layout, self.kv.host_buffer, self.kv.pool, plan, self.copies,
+                           self.workspace.give_back)
 
     def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
         """Runs one step. `states` are the sampling states of the rows that sample, in row order

@@ -155,6 +155,22 @@ class LayerResidency:
                 pages.append(StagedPage(page, host, page * self.spec.tokens_per_page < state.num_tokens))
         return pages
 
+    def num_pages_to_stage(self, request_id: str, layer: int, end: int) -> int:
+        """Pages of `layer` a step computing the request up to `end` tokens stages: its host pages
+        there, and the pages growth will add on the host (in place: none, nothing is staged)."""
+        if self.host_tier is not None:
+            return 0
+        state = self.requests[request_id]
+        group, _ = self._layer_position[layer]
+        blocks = state.blocks[group]
+        count = 0
+        for page in self._pages_needed(group, end):
+            if (layer, page) in state.host_pages:
+                count += 1
+            elif (page >= len(blocks) or blocks[page] is None) and state.residency[layer] == HOST:
+                count += 1
+        return count
+
     # ---- demotion and promotion ------------------------------------------------------------------
     def chunks_freed_by_demoting(self, request_id: str, layer: int) -> int:
         state = self.requests[request_id]

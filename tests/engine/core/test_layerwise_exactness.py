@@ -19,7 +19,8 @@ NUM_LAYERS = 30  # SmolLM2-135M
 
 
 class ScriptedOffload(LayerwiseOffload):
-    """Admits each request with the layers the test names on the host, whether or not it would fit."""
+    """Admits each request with the layers the test names on the host, whether or not it would fit,
+    and never promotes by itself (the tests promote and demote at chosen steps)."""
 
     def __init__(self, kv, slo, layers_by_request: dict[str, tuple[int, ...]]):
         super().__init__(kv, slo)
@@ -27,6 +28,9 @@ class ScriptedOffload(LayerwiseOffload):
 
     def layers_to_offload(self, request, num_cached, end, need, available):
         return self.layers_by_request.get(request.request_id, ())
+
+    def promote(self, running, spare_chunks, has_waiting):
+        return 0
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +69,7 @@ def test_offloaded_layers_give_transformers_tokens(smollm2_tokenizer, prompts, r
         assert engine.runner.bytes_fetched_last_step == 0  # first chunks: only write-backs
         collect_steps(engine, tokens)
         assert_same(tokens, reference)
+        assert engine.kv.num_bytes_promoted == 0  # every offloaded layer stayed on the host to the end
         if staging == "in_place":  # host pages are read where they are: nothing staged
             assert engine.runner.bytes_fetched == 0 and engine.kv.host_tier.num_used == 0
         else:
@@ -80,6 +85,7 @@ def test_demote_and_promote_during_decode_keep_tokens(smollm2_tokenizer, prompts
     config = small_config(kv_offload="layerwise", kv_staging=staging, num_threads=1)
     engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
     try:
+        engine.scheduler.offload = ScriptedOffload(engine.kv, engine.scheduler.slo, {})
         chosen = [0, 3, 6]
         for index in chosen:
             engine.add_request(GenerateRequest(f"r{index}", tuple(prompts[index]), greedy(NUM_NEW)))
