@@ -19,6 +19,7 @@ device); `inline` does the same copies on the compute thread (no overlap; the re
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple, Protocol
@@ -168,6 +169,7 @@ class LayerStager:
         self._mapped: dict[int, list[StagedCopy]] = {}
         self.bytes_fetched = 0
         self.bytes_written_back = 0
+        self.copy_seconds = 0.0  # time the copy engine spent fetching (for the step-cost model)
         for layer in (0, 1):
             self._start_fetch(layer)
 
@@ -202,6 +204,7 @@ class LayerStager:
             self._pending[layer] = self.copies.submit(lambda: self._fetch(layer))
 
     def _fetch(self, layer: int) -> None:
+        started = time.perf_counter()
         staged = self.plan[layer]
         for copy in staged:
             key_chunk, value_chunk = self._free.pop(), self._free.pop()
@@ -212,6 +215,7 @@ class LayerStager:
                 self.host_buffer.copy_out(copy.host.value, value_view)
                 self.bytes_fetched += 2 * self.host_buffer.page_bytes
         self._mapped[layer] = staged
+        self.copy_seconds += time.perf_counter() - started
 
     def _write_back(self, layer: int) -> None:
         for copy in self.plan[layer]:

@@ -32,6 +32,10 @@ class NoOffload:
     def staging(self, spans: dict[str, int]) -> int:
         return 0
 
+    def fetch_bytes(self, running: Sequence[Request]) -> int:
+        """Bytes a decode step of `running` stages from the host (0: nothing offloaded or in place)."""
+        return 0
+
     def layers_to_offload(self, request: Request, num_cached: int, end: int, need: int,
                           available: int) -> tuple[int, ...] | None:
         """Which layers of a prompt to admit on the host: () if its whole KV (`need` device chunks)
@@ -66,6 +70,14 @@ class LayerwiseOffload(NoOffload):
                 for layer in range(self.kv.spec.num_layers):
                     pages[layer] += self.kv.num_pages_to_stage(request_id, layer, end)
         return staging_chunks(pages)
+
+    def fetch_bytes(self, running: Sequence[Request]) -> int:
+        if self.kv.host_tier is not None:
+            return 0
+        pages = sum(self.kv.num_pages_to_stage(r.request_id, layer, r.num_computed_tokens + 1)
+                    for r in running if self.kv.requests[r.request_id].host_pages
+                    for layer in self.kv.layers_with_host_pages(r.request_id))
+        return 2 * pages * self.kv.spec.page_bytes
 
     def layers_to_offload(self, request: Request, num_cached: int, end: int, need: int,
                           available: int) -> tuple[int, ...] | None:

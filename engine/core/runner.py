@@ -34,6 +34,7 @@ class ModelRunner:
         self.copies = COPY_ENGINES[kv_staging](self.device)  # stages offloaded layers' KV (LayerKV)
         self.bytes_fetched = 0  # cumulative host -> staging bytes
         self.bytes_fetched_last_step = 0
+        self.copy_ms_last_step = 0.0
         self._activation_bytes = lru_cache(maxsize=4096)(
             lambda num_tokens, num_sampled: model.buffer_plan(num_tokens, num_sampled).num_bytes
         )
@@ -102,6 +103,7 @@ class ModelRunner:
                 stager.close()
                 self.bytes_fetched += stager.bytes_fetched
         self.bytes_fetched_last_step = stager.bytes_fetched if stager is not None else 0
+        self.copy_ms_last_step = stager.copy_seconds * 1e3 if stager is not None else 0.0
         return logits[:num_sampled]
 
     def _stager(self, output: SchedulerOutput) -> LayerStager | None:

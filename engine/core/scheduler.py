@@ -168,7 +168,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if self.config.tpot_slo_ms is None or not self.running:
             return budget
-        capped = min(budget, max(len(self.running) + 1, self.cost_model.max_tokens_within(self.config.tpot_slo_ms)))
+        # offloaded layers' fetches take their share of the TPOT target first
+        fetch_ms = self.cost_model.fetch_ms(self.offload.fetch_bytes(self.running))
+        within = self.cost_model.max_tokens_within(self.config.tpot_slo_ms - fetch_ms)
+        capped = min(budget, max(len(self.running) + 1, within))
         if self.config.ttft_slo_ms is not None and self.waiting:
             oldest = self.waiting[0]
             waited_ms = (time.monotonic() - oldest.arrival_time) * 1e3

@@ -14,6 +14,7 @@ from engine.core.request import Request, RequestStatus
 from engine.core.sampler import SamplingState
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.core.slo import SloTargets
+from engine.core.step_cost import StepCostModel
 from engine.sampling_params import SamplingParams
 from memory import ElasticPool, HostBuffer, create_backend
 from memory.kv import KVCacheManager, KVCacheSpec, LayerGroup
@@ -25,7 +26,8 @@ def build():
     host = create_backend("host")
     made = []
 
-    def make(num_chunks: int, kv_offload: str = "layerwise", in_place: bool = False) -> Scheduler:
+    def make(num_chunks: int, kv_offload: str = "layerwise", in_place: bool = False,
+             tpot_slo_ms: float | None = None) -> Scheduler:
         spec = KVCacheSpec(num_layers=4, num_kv_heads=1, head_dim=64, dtype_bytes=4,
                            groups=(LayerGroup((0, 1, 2, 3), None),), max_slots=4, max_len=256, tokens_per_page=16)
         host_buffer = HostBuffer(64 * spec.page_bytes, spec.page_bytes)
@@ -34,8 +36,10 @@ def build():
         kv = KVCacheManager(spec, pool, torch.float32, host_buffer=host_buffer, enable_prefix_caching=False,
                             host_tier=tier)
         made.append(kv)
-        config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=256, kv_offload=kv_offload)
-        return Scheduler(config, kv, activation_chunks=lambda tokens, sampled: 0)
+        config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, max_model_len=256, kv_offload=kv_offload,
+                                 tpot_slo_ms=tpot_slo_ms)
+        cost = StepCostModel(base_ms=10.0, per_token_ms=1.0)
+        return Scheduler(config, kv, activation_chunks=lambda tokens, sampled: 0, cost_model=cost)
 
     yield make
     for kv in made:
@@ -74,6 +78,19 @@ def test_layerwise_admits_with_the_fewest_top_layers_on_the_host(build):
     assert scheduler.kv.offloaded_layers("a") == (1, 2, 3)
     assert scheduler.kv.layer_chunk_counts("a") == [(8, 0), (0, 8), (0, 8), (0, 8)]
     assert scheduler.offload.num_partial_admissions == 1
+
+
+def test_fetching_offloaded_layers_takes_its_share_of_the_tpot_target(build):
+    scheduler = build(30, tpot_slo_ms=50.0)
+    scheduler.add(_request("a", 64))
+    _run_step(scheduler)  # layers 1-3 on the host; the next decode stages 5 pages of each
+    assert scheduler.offload.fetch_bytes(scheduler.running) == 3 * 5 * 2 * scheduler.kv.spec.page_bytes
+    scheduler.cost_model.observe_copy(0, 1.0)  # nothing copied: the bandwidth stays
+    scheduler.cost_model.copy_bytes_per_ms = scheduler.offload.fetch_bytes(scheduler.running) / 20.0
+    assert scheduler._token_budget() == 20  # (50 ms - 20 ms fetch - 10 ms base) / 1 ms per token
+    assert scheduler.kv.promote("a", 1) and scheduler.kv.promote("a", 2)
+    assert not scheduler.kv.promote("a", 3)  # 8 chunks to spare: layer 3's 8 pages do not come back
+    assert scheduler._token_budget() == 33  # one layer left to fetch: 20 / 3 ms
 
 
 def test_in_place_needs_no_staging_so_fewer_layers_go_to_the_host(build):
