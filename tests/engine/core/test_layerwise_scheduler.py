@@ -89,7 +89,7 @@ def test_fetching_offloaded_layers_takes_its_share_of_the_tpot_target(build):
     scheduler.cost_model.copy_bytes_per_ms = scheduler.offload.fetch_bytes(scheduler.running) / 20.0
     assert scheduler._token_budget() == 20  # (50 ms - 20 ms fetch - 10 ms base) / 1 ms per token
     assert scheduler.kv.promote("a", 1) and scheduler.kv.promote("a", 2)
-    assert not scheduler.kv.promote("a", 3)  # 8 chunks to spare: layer 3's 8 pages do not come back
+    assert not scheduler.kv.promote("a", 3)  # 6 chunks left, layer 3 needs 8: it stays on the host
     assert scheduler._token_budget() == 33  # one layer left to fetch: 20 / 3 ms
 
 
