@@ -53,7 +53,9 @@ OFFLOADED = {
 }
 
 
-@pytest.mark.parametrize("staging", ["copy", "inline", "in_place"])
+# copy is the GPU's path; inline and in_place run with `make test-all` (each loads the model again)
+@pytest.mark.parametrize("staging", ["copy", pytest.param("inline", marks=pytest.mark.slow),
+                                     pytest.param("in_place", marks=pytest.mark.slow)])
 def test_offloaded_layers_give_transformers_tokens(smollm2_tokenizer, prompts, reference, staging):
     config = small_config(kv_offload="layerwise", kv_staging=staging, num_threads=1)
     engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
@@ -80,7 +82,7 @@ def test_offloaded_layers_give_transformers_tokens(smollm2_tokenizer, prompts, r
         engine.close()
 
 
-@pytest.mark.parametrize("staging", ["copy", "in_place"])
+@pytest.mark.parametrize("staging", [pytest.param("copy", marks=pytest.mark.slow), "in_place"])
 def test_demote_and_promote_during_decode_keep_tokens(smollm2_tokenizer, prompts, reference, staging):
     config = small_config(kv_offload="layerwise", kv_staging=staging, num_threads=1)
     engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
