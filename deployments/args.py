@@ -71,6 +71,27 @@ class MigrationArgs(BaseModel):
         return "torch_distributed" if self.transport == "auto" else self.transport
 
 
+class ParameterDroppingArgs(BaseModel):
+    """KunServe parameter dropping (docs/KUNSERVE.md): under a KV spike, pairs of replicas drop complementary
+    layers' weights and serve as a two-stage pipeline. `enabled` keeps a host copy of each layer's weights
+    (host RAM equal to the model's layers) so dropped layers come back by copy; the plan is
+    deployments/cluster/drop_plan.py."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    high_watermark: float = Field(default=0.9, gt=0, le=1.5)  # KV demand / capacity that counts as a spike
+    restore_watermark: float = Field(default=0.6, gt=0, lt=1.5)  # restore once demand fits under this, restored
+    max_drop_fraction: float = Field(default=0.5, gt=0, le=0.5)  # of a replica's layers (a pair keeps a full copy)
+    drop_after_s: float = Field(default=1.0, ge=0)  # hysteresis before dropping
+    restore_after_s: float = Field(default=5.0, ge=0)  # hysteresis before restoring
+
+    def to_config(self):
+        from deployments.cluster.drop_plan import DroppingConfig
+
+        return DroppingConfig(**self.model_dump())
+
+
 class AppArgs(BaseModel):
     """Engine knobs left at None take EngineConfig's default, so the engine owns its defaults."""
 
@@ -112,6 +133,7 @@ class AppArgs(BaseModel):
     migration_policy: str = "none"  # none | balance | balance+pack (deployments/migration/policy.py)
     migration_policy_options: dict[str, Any] = Field(default_factory=dict)  # e.g. high_watermark, pack_budget
     migration: MigrationArgs = Field(default_factory=MigrationArgs)
+    parameter_dropping: ParameterDroppingArgs = Field(default_factory=ParameterDroppingArgs)
     # Extra Serve deployment options for build_app (num_replicas, ...); the YAML's `deployments:` wins.
     deployment_options: dict[str, Any] = Field(default_factory=dict)
     # Another engine behind the same HTTP layer ("module:callable"; tests use a fake engine).
@@ -163,6 +185,8 @@ class AppArgs(BaseModel):
             "priority_scale": self.priority_scale, "kv_offload": self.kv_offload,
         }
         kwargs = {name: value for name, value in values.items() if value is not None}
+        if self.parameter_dropping.enabled:
+            kwargs["enable_parameter_dropping"] = True
         kwargs.update(self.engine_options)
         kwargs.update(device=device or resolve_device(self.device), num_threads=self.threads_per_rank(),
                       tensor_parallel_size=self.tensor_parallel_size)

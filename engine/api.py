@@ -40,6 +40,11 @@ class EngineDeadError(EngineError):
     """The engine loop stopped; no request can be served (HTTP 500)."""
 
 
+class LayersDroppedError(EngineError):
+    """A step needs layers whose weights this replica dropped (KunServe): it can only run them as one
+    stage of a cooperative pipeline, or after restoring them."""
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     request_id: str
@@ -95,3 +100,8 @@ class EngineStats:
     kv_bytes_fetched_last_step: int = 0
     slo_attained: int = 0  # finished requests that met their class's TTFT and TPOT targets
     slo_finished: int = 0
+    # KunServe parameter dropping: normal | dropping | dropped | restoring; the weights given back to the
+    # pool; the share of idle stage time while this replica serves in a cooperative pipeline
+    drop_state: str = "normal"
+    dropped_weight_bytes: int = 0
+    pipeline_bubble_ratio: float = 0.0

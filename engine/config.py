@@ -49,6 +49,9 @@ class EngineConfig:
     # they are), "auto" (in_place on the host backend, copy elsewhere; see docs/LAYERKV.md)
     kv_staging: str = "auto"
     priority_scale: float = 2.0  # a request's SLO targets are scaled by priority_scale ** priority
+    # KunServe: keep a host copy of every layer's weights so layer ranges can be dropped (their memory
+    # goes to KV) and restored by copy; costs host RAM equal to the layers' weights
+    enable_parameter_dropping: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
@@ -73,6 +76,8 @@ class EngineConfig:
             raise ValueError("kv_offload: layerwise needs a host buffer and tensor_parallel_size 1")
         if self.priority_scale < 1:
             raise ValueError("priority_scale must be >= 1")
+        if self.enable_parameter_dropping and self.tensor_parallel_size > 1:
+            raise ValueError("parameter dropping needs replicas of the whole model (tensor_parallel_size 1)")
         if self.host_buffer_bytes < 0 or self.max_num_waiting < 0:
             raise ValueError("host_buffer_bytes and max_num_waiting must be >= 0")
 

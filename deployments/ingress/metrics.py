@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 logger = logging.getLogger(__name__)
 
 PREFIX = "elastic:"
+DROP_STATES = ("normal", "dropping", "dropped", "restoring")
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
@@ -62,11 +63,20 @@ class EngineStateCollector(Collector):
              stats.kv_bytes_fetched_last_step),
             ("slo_attainment", "Finished requests that met their class's TTFT and TPOT targets, in [0, 1].",
              stats.slo_attained / stats.slo_finished if stats.slo_finished else 1.0),
+            ("weights_dropped_bytes", "Weight bytes given back to the pool (KunServe parameter dropping).",
+             stats.dropped_weight_bytes),
+            ("pipeline_bubble_ratio", "Idle share of the two stages' time in cooperative pipeline steps.",
+             stats.pipeline_bubble_ratio),
         ]
         for name, documentation, value in gauges:
             family = self._family(GaugeMetricFamily, name, documentation)
             family.add_metric(base, value)
             yield family
+        state = self._family(GaugeMetricFamily, "parameter_drop_state",
+                             "1 for the replica's parameter-dropping state, 0 for the others.", ("state",))
+        for name in DROP_STATES:
+            state.add_metric([*base, name], float(stats.drop_state == name))
+        yield state
         counters = [
             ("num_preemptions", "Preemptions (swap or recompute).", stats.num_preemptions),
             ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", stats.num_prefix_cache_hits),

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from engine.api import EngineStats, GenerateRequest, InvalidRequestError, RequestOutput
+from engine.api import EngineStats, GenerateRequest, InvalidRequestError, LayersDroppedError, RequestOutput
 from engine.config import EngineConfig
 from engine.core.request import Request
 from engine.core.runner import ModelRunner
@@ -77,6 +77,9 @@ class LLMEngine:
         )
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.num_steps = 0
+        # set by a cooperative pair (engine/cooperative/pair.py) around a drop and a restore
+        self.drop_state = "normal"
+        self.pipeline_bubble_ratio = 0.0
 
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> None:
@@ -134,6 +137,10 @@ class LLMEngine:
 
     # ---- the step loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        missing = self.runner.missing_layers()
+        if missing:  # checked before scheduling: a refused step must not have grown any KV
+            raise LayersDroppedError(f"layers {sorted(missing)} are dropped here; restore them or run the "
+                                     "requests on a cooperative pipeline")
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -195,6 +202,26 @@ class LLMEngine:
             logprobs=(logprob,) if logprob is not None else (),
         )
 
+    # ---- parameter dropping (KunServe) -----------------------------------------------------------
+    def drop_layers(self, layers: range) -> int:
+        """Gives the weights of `layers` back to the pool and returns the chunks freed: the very next
+        schedule can hand them to KV. Until they are restored this engine cannot step on its own
+        (LayersDroppedError); engine/cooperative/ runs its requests on a pipeline with a peer."""
+        freed = self.rank.arena.drop_layers(layers)
+        self.model.dropped_layers = self.rank.arena.dropped_layers
+        return freed
+
+    def restore_layers(self, layers: range) -> int:
+        """Copies the layers' weights back from the host copy into fresh pool chunks; returns the chunks
+        taken. All or nothing: PoolExhausted (KV holds the memory) leaves them dropped."""
+        taken = self.rank.arena.restore_layers(layers)
+        self.model.dropped_layers = self.rank.arena.dropped_layers
+        return taken
+
+    @property
+    def dropped_weight_bytes(self) -> int:
+        return self.rank.arena.dropped_bytes
+
     # ---- observation -----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         used = self.kv.num_used_chunks()
@@ -216,6 +243,9 @@ class LLMEngine:
             kv_bytes_fetched_last_step=self.runner.bytes_fetched_last_step,
             slo_attained=self.scheduler.attainment.num_attained,
             slo_finished=self.scheduler.attainment.num_finished,
+            drop_state=self.drop_state,
+            dropped_weight_bytes=self.dropped_weight_bytes,
+            pipeline_bubble_ratio=self.pipeline_bubble_ratio,
         )
 
     def memory_telemetry(self) -> list[dict]:

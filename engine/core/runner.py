@@ -39,6 +39,10 @@ class ModelRunner:
             lambda num_tokens, num_sampled: model.buffer_plan(num_tokens, num_sampled).num_bytes
         )
 
+    def missing_layers(self) -> frozenset[int]:
+        """Layers a step needs whose weights are not here (dropped): the step cannot run."""
+        return self.model.dropped_layers
+
     def activation_chunks(self, num_tokens: int, num_sampled: int) -> int:
         """Workspace pages a step of `num_tokens` tokens with `num_sampled` sampled rows needs."""
         if num_tokens == 0:

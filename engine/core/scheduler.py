@@ -146,6 +146,23 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
+    def take_all_for_recompute(self) -> list[Request]:
+        """Frees every request's KV and hands the requests over, oldest first, each to recompute its KV
+        wherever it is added next (a cooperative pipeline forms or dissolves). Outputs so far are kept."""
+        if any(request.status is RequestStatus.PAUSED for request in self.requests.values()):
+            raise RuntimeError("a request is being migrated; finish or abort the migration first")
+        taken = sorted(self.requests.values(), key=lambda request: request.arrival_time)
+        for request in taken:
+            if request.status in (RequestStatus.RUNNING, RequestStatus.SWAPPED):
+                self.kv.free(request.request_id)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.WAITING
+        self.waiting.clear()
+        self.running.clear()
+        self.swapped.clear()
+        self.requests.clear()
+        return taken
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)

@@ -16,7 +16,7 @@ import torch
 from engine.attention import create_attention_backend
 from engine.config import EngineConfig
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
-from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena
+from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena, measure_segments, placed_bytes
 from engine.model.config import ModelConfig
 from engine.model.linear import create_linear
 from engine.model.llama import LlamaModel, ShardPlan
@@ -57,17 +57,9 @@ def page_tokens_for(requested: int, bytes_per_token: list[int], granularity: int
     return page_tokens
 
 
-def measure_weight_bytes(build: Callable) -> int:
-    """Bytes the model's weights take once placed (a dry run with a counting allocator)."""
-    total = 0
-
-    def count(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total = -(-total // 64) * 64 + tensor.numel() * tensor.element_size()
-        return tensor
-
-    build(count)
-    return total
+def measure_weight_bytes(build: Callable, page_bytes: int = 1) -> int:
+    """Bytes the model's weights take once placed, each layer on whole pages of `page_bytes`."""
+    return placed_bytes(measure_segments(build), page_bytes)
 
 
 def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
@@ -106,7 +98,8 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
         tokens_per_page=page_tokens,
     )
     chunk = spec.page_bytes
-    weight_bytes = measure_weight_bytes(build)
+    segment_bytes = measure_segments(build)
+    weight_bytes = placed_bytes(segment_bytes, chunk)  # each layer on pages of its own (so it can be dropped)
     # the largest step the scheduler may plan: a full prefill budget plus a decode for every slot
     max_step_tokens = config.max_num_batched_tokens + config.max_num_seqs
     plan = LlamaModel.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
@@ -119,7 +112,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
         activation_tokens = config.static_activation_tokens or max_step_tokens
         activation_bytes = LlamaModel.plan_buffers(model_config, shard, dtype, activation_tokens,
                                                    config.max_num_seqs).num_bytes
-        weight_chunks = -(-weight_bytes // chunk)
+        weight_chunks = weight_bytes // chunk
         activation_chunks = -(-activation_bytes // chunk)
         static_split = {
             WEIGHTS_CLIENT: weight_chunks,
@@ -129,8 +122,10 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
     pool = ElasticPool(backend, config.device_memory_bytes, chunk, config.pool_policy,
                        static_split=static_split, host_buffer=host_buffer)
-    arena = WeightArena(pool, weight_bytes + chunk)
+    arena = WeightArena(pool, segment_bytes, keep_host_copy=config.enable_parameter_dropping and world_size == 1,
+                        device=config.device)
     model = build(arena.place)
+    arena.seal()
     weights.clear()  # the placed copies live in the pool now
     workspace = ActivationWorkspace(pool, peak_activation_bytes)
     return RankState(config, model_config, dtype, max_len, spec, pool, host_buffer, arena, model, workspace,

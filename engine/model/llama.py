@@ -9,6 +9,7 @@ all-reduces per layer sum the partial outputs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,6 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from engine.api import LayersDroppedError
 from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
 from engine.model.buffers import BufferPlan
@@ -23,7 +25,8 @@ from engine.model.config import ModelConfig
 from engine.model.linear import TorchLinear
 from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 
-Allocator = Callable[[torch.Tensor], torch.Tensor]  # returns a pool-backed copy of the tensor
+# returns a pool-backed copy of the tensor, on the pages of `layer` (None: tensors every layer uses)
+Allocator = Callable[..., torch.Tensor]
 
 
 class LayerHook(Protocol):
@@ -86,14 +89,16 @@ class LlamaModel:
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
 
-        def place(tensor: torch.Tensor) -> torch.Tensor:
-            return allocate(tensor.to(dtype).contiguous())
+        def place(tensor: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+            return allocate(tensor.to(dtype).contiguous(), layer)
 
         self.embed = place(weights["model.embed_tokens.weight"])
         lm_head = weights.get("lm_head.weight")
         self.lm_head = self.embed if lm_head is None else place(lm_head)
         self.final_norm = place(weights["model.norm.weight"])
-        self.layers = [self._load_layer(weights, i, place) for i in range(config.num_layers)]
+        self.layers = [self._load_layer(weights, i, functools.partial(place, layer=i))
+                       for i in range(config.num_layers)]
+        self.dropped_layers: frozenset[int] = frozenset()  # weights given back to the pool (KunServe)
         positions = max_positions or config.max_position_embeddings
         inv_freq = inverse_frequencies(head_dim, config.rope_theta, dict(config.rope_scaling or ()))
         self.rope_table = place(cos_sin_table(positions, inv_freq, torch.float32)).to(dtype)
@@ -185,17 +190,37 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view).
         `layer_hook` (layer-wise KV offloading) is told before a layer's attention and after it."""
+        self.forward_stage(batch, kv_caches, buffers, range(self.config.num_layers), embed=True,
+                           layer_hook=layer_hook)
+        return self.compute_logits(batch, buffers)
+
+    def forward_stage(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                      buffers: dict[str, torch.Tensor], layers: range, embed: bool,
+                      layer_hook: LayerHook | None = None) -> torch.Tensor:
+        """Runs `layers` over buffers["hidden"] (first embedding the tokens when `embed`; otherwise the
+        caller has put the previous stage's hidden states there); returns that buffer. A pipeline stage
+        of cooperative execution runs its own layer range; `forward` runs them all."""
+        missing = self.dropped_layers.intersection(layers)
+        if missing:
+            raise LayersDroppedError(f"layers {sorted(missing)} are dropped on this replica")
         hidden = buffers["hidden"]
-        torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
+        if embed:
+            torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
         rope = self.rope_table[batch.positions]  # [T, 2, D]
         cos, sin = rope[:, 0:1], rope[:, 1:2]
-        for index, layer in enumerate(self.layers):
+        for index in layers:
+            layer = self.layers[index]
             if layer_hook is not None:
                 layer_hook.before(index)
             self._attention_block(layer, hidden, cos, sin, kv_caches[index], batch, buffers)
             if layer_hook is not None:  # the layer's KV is written: its write-back overlaps the MLP
                 layer_hook.after(index)
             self._mlp_block(layer, hidden, buffers)
+        return hidden
+
+    def compute_logits(self, batch: ForwardBatch, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final norm and lm head over the sampled rows of buffers["hidden"] (fp32, a workspace view)."""
+        hidden = buffers["hidden"]
         logits = buffers["logits"]
         if batch.logits_indices.numel() == 0:  # a step of prompt chunks that sample nothing
             return logits[:0]

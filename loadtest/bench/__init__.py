@@ -1,1 +1,1 @@
-"""Focused benchmarks: live migration under skew, KV transports side by side."""
+"""Focused benchmarks: live migration under skew, KV transports side by side, KunServe parameter dropping."""

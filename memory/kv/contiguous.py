@@ -30,6 +30,8 @@ class ContiguousLayout:
             )
             for _ in range(spec.num_layers)
         ]
+        # layers whose pages this device keeps (all, unless a peer holds some layers' KV: KunServe)
+        self.held_layers = frozenset(range(spec.num_layers))
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """What attention reads and writes: one (K, V) tensor pair per layer."""
@@ -42,7 +44,7 @@ class ContiguousLayout:
         """The virtual tensors of a block's device chunks, in the block's chunk order. A chunk is
         None where that layer's page lives on the host (layer-wise offloading): nothing is mapped."""
         layers = self.spec.groups[block.group].layers
-        tensors = [tensor for layer in layers for tensor in self.tensors[layer]]
+        tensors = [tensor for layer in layers if layer in self.held_layers for tensor in self.tensors[layer]]
         return [tensor for tensor, chunk in zip(tensors, block.chunks, strict=True) if chunk is not None]
 
     def map_block(self, slot: int, page: int, block: KVBlock) -> None:
@@ -107,7 +109,10 @@ class ContiguousLayout:
         return [(k.tensor[slot, start:end].clone(), v.tensor[slot, start:end].clone()) for k, v in self.tensors]
 
     def write_tokens(self, slot: int, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for (k, v), (key, value) in zip(self.tensors, layers, strict=True):
+        """Writes K and V of every held layer (a layer held elsewhere has no pages here to write)."""
+        for layer, ((k, v), (key, value)) in enumerate(zip(self.tensors, layers, strict=True)):
+            if layer not in self.held_layers:
+                continue
             k.tensor[slot, start : start + key.shape[0]].copy_(key)
             v.tensor[slot, start : start + value.shape[0]].copy_(value)
 

@@ -68,6 +68,7 @@ class KVCacheManager(LayerResidency):
         if layout_log is not None:  # tensor parallelism: other ranks replay these layout calls
             self.layout = RecordingLayout(self.layout, layout_log)
         self.enable_prefix_caching = enable_prefix_caching
+        self._prefix_caching_wanted = enable_prefix_caching
         self.slots = SlotTable(spec.max_slots)
         self.prefix = PrefixCache()
         self.requests: dict[str, RequestKV] = {}
@@ -75,6 +76,27 @@ class KVCacheManager(LayerResidency):
         self._chunks_per_block = [2 * len(group.layers) for group in spec.groups]
         self._init_residency()
         pool.register(KV_CLIENT, reclaim=self._reclaim, reclaimable=lambda: self.prefix.num_evictable_chunks)
+
+    # ---- which layers keep KV here -------------------------------------------------------------
+    def hold_layers(self, layers) -> None:
+        """Keeps KV pages only for `layers` from now on (a peer replica holds the others' KV while this
+        one has dropped their weights: KunServe). Only while no request holds KV: cached prefix blocks
+        span every layer, so they are evicted, and prefix caching stays off while some layers are held
+        elsewhere (the peers' caches would otherwise diverge)."""
+        if self.requests:
+            raise RuntimeError(f"{len(self.requests)} requests hold KV: the held layers cannot change now")
+        held = frozenset(layers)
+        if not held <= set(range(self.spec.num_layers)):
+            raise ValueError(f"layers {sorted(held)} are not all layers of this model")
+        while self.prefix.evictable:
+            self._deflate_block(self.prefix.evict_oldest())
+        self.layout.held_layers = held
+        self._chunks_per_block = [2 * sum(layer in held for layer in group.layers) for group in self.spec.groups]
+        self.enable_prefix_caching = self._prefix_caching_wanted and len(held) == self.spec.num_layers
+
+    @property
+    def held_layers(self) -> frozenset[int]:
+        return self.layout.held_layers
 
     # ---- queries -------------------------------------------------------------------------------
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -152,6 +174,8 @@ class KVCacheManager(LayerResidency):
             raise ValueError(f"request {request_id} is already in the KV cache")
         num_cached = self.match_prefix(token_ids)
         slot = self.slots.assign(request_id)
+        if offloaded:
+            self._check_all_layers_held()
         state = self._new_state(request_id)
         for layer in offloaded:
             state.residency[layer] = HOST
@@ -186,7 +210,9 @@ class KVCacheManager(LayerResidency):
                     wanted.append((group, page))
         if not wanted:
             return True
-        num_chunks = sum(self._device_chunks_per_page(group, state.residency, ()) for group, _ in wanted)
+        layered = HOST in state.residency  # some layers live on the host (layer-wise offloading)
+        num_chunks = sum(self._device_chunks_per_page(group, state.residency, ()) if layered
+                         else self._chunks_per_block[group] for group, _ in wanted)
         host_pages = []
         for group, page in wanted:
             host = self._allocate_host_pages(state, group, page)
@@ -209,7 +235,7 @@ class KVCacheManager(LayerResidency):
             tier_chunks = self.host_tier.allocate(num_tier)
         slot = self.slot_of(request_id)
         for group, page, host in host_pages:
-            block = self._new_block(group, chunks, state.residency, tier_chunks)
+            block = self._new_block(group, chunks, state.residency if layered else None, tier_chunks)
             pages = state.blocks[group]
             pages.extend([None] * (page + 1 - len(pages)))
             pages[page] = block
@@ -390,10 +416,11 @@ class KVCacheManager(LayerResidency):
                    tier_chunks: list | None = None) -> KVBlock:
         """A block from `chunks` (popped). At the chunk positions of layers living on the host: a
         host-tier chunk (in place) or None (the page is in the host buffer)."""
-        layers = self.spec.groups[group].layers
-        taken = [chunks.pop() if residency is None or residency[layer] == DEVICE
-                 else (tier_chunks.pop() if tier_chunks else None)
-                 for layer in layers for _ in range(2)]
+        if residency is None:
+            taken = [chunks.pop() for _ in range(self._chunks_per_block[group])]
+        else:
+            taken = [chunks.pop() if residency[layer] == DEVICE else (tier_chunks.pop() if tier_chunks else None)
+                     for layer in self.spec.groups[group].layers for _ in range(2)]
         block = KVBlock(self._next_block_id, group, taken, ref_count=1)
         self._next_block_id += 1
         return block

@@ -184,6 +184,7 @@ class LayerResidency:
         state = self.requests[request_id]
         if state.is_swapped:
             raise ValueError(f"request {request_id} is swapped out")
+        self._check_all_layers_held()
         group, position = self._layer_position[layer]
         blocks = [(page, block) for page, block in enumerate(state.blocks[group])
                   if block is not None and on_device(block.chunks[position]) and block.ref_count == 1]
@@ -282,6 +283,12 @@ class LayerResidency:
         return True
 
     # ---- hooks the manager calls -----------------------------------------------------------------
+    def _check_all_layers_held(self) -> None:
+        # blocks hold chunks of held layers only when a peer keeps the others' KV (KunServe): chunk
+        # positions would no longer be 2 x the layer's place in its group
+        if len(self.layout.held_layers) != self.spec.num_layers:
+            raise ValueError("layer-wise offloading needs every layer's KV held here (not with a KunServe pair)")
+
     def _host_chunks_per_page(self, group: int, residency) -> int:
         return 2 * sum(1 for layer in self.spec.groups[group].layers if residency[layer] == HOST)
 

@@ -91,3 +91,19 @@ def test_serve_config_yaml_is_valid_and_uses_the_router():
     assert parsed.request_routing_stats_period_s == 0.5
     assert parsed.get_request_router_class() is KVHeadroomRouter or parsed.request_router_class == (
         "deployments.cluster.router:KVHeadroomRouter")
+
+
+def test_parameter_dropping_args():
+    pytest.importorskip("engine.config")
+    args = AppArgs(device="cpu", parameter_dropping={"enabled": True, "high_watermark": 0.8,
+                                                     "restore_watermark": 0.4, "max_drop_fraction": 0.25})
+    config = args.parameter_dropping.to_config()
+    assert (config.enabled, config.high_watermark, config.restore_watermark, config.max_drop_fraction,
+            config.drop_after_s, config.restore_after_s) == (True, 0.8, 0.4, 0.25, 1.0, 5.0)
+    assert args.to_engine_config().enable_parameter_dropping is True
+    assert AppArgs(device="cpu").to_engine_config().enable_parameter_dropping is False
+    for bad in ({"enabeld": True}, {"max_drop_fraction": 0.75}, {"high_watermark": 0}):
+        with pytest.raises(ValidationError):
+            AppArgs(parameter_dropping=bad)
+    with pytest.raises(ValueError, match="restore_watermark"):
+        AppArgs(parameter_dropping={"high_watermark": 0.5, "restore_watermark": 0.7}).parameter_dropping.to_config()

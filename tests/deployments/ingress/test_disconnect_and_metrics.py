@@ -149,6 +149,10 @@ def test_metrics_count_requests_tokens_and_latencies(engine):
     assert metrics[("elastic:pool_inflate_total", (("rank", "0"),))] > 0
     assert metrics[("elastic:pool_bytes_swapped_total", (("direction", "out"), ("rank", "0")))] == 0
     assert metrics[("elastic:pool_host_buffer_bytes", (("rank", "0"),))] == 0
+    assert metrics[("elastic:weights_dropped_bytes", ())] == 0
+    assert metrics[("elastic:pipeline_bubble_ratio", ())] == 0
+    assert [metrics[("elastic:parameter_drop_state", (("state", name),))]
+            for name in ("normal", "dropping", "dropped", "restoring")] == [1, 0, 0, 0]
 
 
 @pytest.mark.anyio

@@ -1,0 +1,192 @@
+"""KunServe's drop plan: which replicas of one model pair up and drop complementary layers, and how many.
+
+A pure function over typed per-replica telemetry (`DropTelemetry`), the previous plan state and the
+clock, so the cluster controller and the simulator (loadtest/sim) run the same code:
+
+    plan = plan_drops(replicas, config, previous_state, now)   # -> DropPlan(orders, state)
+
+Pressure on a replica: its KV demand (used + what queued requests wait for) over its KV capacity is at
+or above `high_watermark`, or it preempted requests since its last report, or its TTFT grew by
+`ttft_growth_trigger` or more over its baseline. Hysteresis: a replica must stay under pressure for
+`drop_after_s` before it drops, and a dropped pair must stay at or below `restore_watermark` (its demand
+over the capacity it will have once restored) for `restore_after_s` before it restores.
+
+Pairing: pressured replicas, most pressured first, each with the most pressured free replica of the same
+model (else the least loaded one). Only as much is dropped as the demand needs (the paper's "no
+unnecessary cooperation"): a replica drops ceil(its deficit / chunks per layer) layers, where the deficit
+is what lifts its demand back to `high_watermark`, capped at `max_drop_fraction` of its layers; the first
+of a pair drops its last layers and the second its first layers, never together more than all of them,
+so the pair still holds a full copy. A replica with no deficit of its own still drops one layer if its
+partner needs it (no pair forms with nothing dropped). A dropped replica whose peer is gone (no fresh
+report) restores at once, alone.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+class DropState(str, enum.Enum):
+    NORMAL = "normal"
+    DROPPING = "dropping"
+    DROPPED = "dropped"
+    RESTORING = "restoring"
+
+
+@dataclass(frozen=True)
+class DroppingConfig:
+    enabled: bool = False
+    high_watermark: float = 0.9  # KV demand / capacity that counts as pressure (and the target after dropping)
+    restore_watermark: float = 0.6  # a dropped pair restores once its demand fits under this, restored
+    max_drop_fraction: float = 0.5  # at most this share of a replica's layers is dropped
+    drop_after_s: float = 1.0  # pressure must last this long before a drop
+    restore_after_s: float = 5.0  # calm must last this long before a restore
+    ttft_growth_trigger: float = 4.0  # TTFT at this multiple of its baseline counts as pressure
+
+    def __post_init__(self) -> None:
+        if not 0 < self.restore_watermark < self.high_watermark <= 1.5:
+            raise ValueError("need 0 < restore_watermark < high_watermark <= 1.5")
+        if not 0 < self.max_drop_fraction <= 0.5:
+            raise ValueError("max_drop_fraction must be in (0, 0.5]: a pair must keep a full copy")
+        if self.drop_after_s < 0 or self.restore_after_s < 0 or self.ttft_growth_trigger <= 1:
+            raise ValueError("hysteresis times must be >= 0 and ttft_growth_trigger > 1")
+
+
+@dataclass(frozen=True)
+class DropTelemetry:
+    """What the plan needs from one replica (a subset of its report)."""
+
+    replica_id: str
+    model: str
+    num_layers: int
+    chunks_per_layer: int  # device chunks one layer's weights take
+    capacity_chunks: int  # KV chunks used + free now (dropped layers' chunks included)
+    used_chunks: int
+    waiting_chunks: int = 0  # KV the queued requests wait for
+    num_new_preemptions: int = 0  # since the previous report
+    ttft_growth: float = 1.0  # recent TTFT / baseline TTFT
+    state: DropState = DropState.NORMAL
+    peer: str | None = None  # the partner while not NORMAL
+    dropped_layers: int = 0
+
+    @property
+    def demand_chunks(self) -> int:
+        return self.used_chunks + self.waiting_chunks
+
+    def load(self) -> float:
+        return self.demand_chunks / self.capacity_chunks if self.capacity_chunks else math.inf
+
+    def restored_capacity(self) -> int:
+        return self.capacity_chunks - self.dropped_layers * self.chunks_per_layer
+
+
+@dataclass(frozen=True)
+class DropOrder:
+    first: str  # keeps layers [0, first_keeps)
+    second: str  # keeps layers [second_from, num_layers)
+    first_keeps: int
+    second_from: int
+
+
+@dataclass(frozen=True)
+class RestoreOrder:
+    first: str
+    second: str | None  # None: the peer is gone (no fresh report); `first` restores alone, at once
+
+
+@dataclass(frozen=True)
+class PlanState:
+    pressured_since: Mapping[str, float] = field(default_factory=dict)  # replica -> when pressure began
+    calm_since: Mapping[str, float] = field(default_factory=dict)  # first of a dropped pair -> when calm began
+
+
+@dataclass(frozen=True)
+class DropPlan:
+    drops: tuple[DropOrder, ...]
+    restores: tuple[RestoreOrder, ...]
+    state: PlanState
+
+
+def is_pressured(replica: DropTelemetry, config: DroppingConfig) -> bool:
+    return (replica.load() >= config.high_watermark or replica.num_new_preemptions > 0
+            or replica.ttft_growth >= config.ttft_growth_trigger)
+
+
+def layers_to_drop(replica: DropTelemetry, config: DroppingConfig) -> int:
+    """Fewest layers whose chunks bring the replica's demand down to high_watermark (0 if none needed)."""
+    deficit = replica.demand_chunks - config.high_watermark * replica.capacity_chunks
+    if deficit <= 0:
+        return 0
+    return math.ceil(deficit / (config.high_watermark * max(1, replica.chunks_per_layer)))
+
+
+def plan_drops(replicas: Sequence[DropTelemetry], config: DroppingConfig, previous: PlanState | None = None,
+               now: float = 0.0) -> DropPlan:
+    previous = previous or PlanState()
+    if not config.enabled:
+        return DropPlan((), (), PlanState())
+    by_id = {replica.replica_id: replica for replica in replicas}
+    pressured_since = {r.replica_id: previous.pressured_since.get(r.replica_id, now)
+                       for r in replicas if r.state is DropState.NORMAL and is_pressured(r, config)}
+    restores, calm_since = _restores(replicas, by_id, config, previous, now)
+    ready = sorted((by_id[rid] for rid, since in pressured_since.items() if now - since >= config.drop_after_s),
+                   key=lambda r: (-r.load(), r.replica_id))
+    free = {r.replica_id for r in replicas if r.state is DropState.NORMAL}
+    drops = []
+    for replica in ready:
+        if replica.replica_id not in free:
+            continue
+        partner = _partner(replica, [by_id[rid] for rid in free if rid != replica.replica_id], pressured_since)
+        if partner is None:
+            continue
+        order = _drop_order(replica, partner, config)
+        drops.append(order)
+        free -= {replica.replica_id, partner.replica_id}
+    paired = {rid for order in drops for rid in (order.first, order.second)}
+    state = PlanState({rid: since for rid, since in pressured_since.items() if rid not in paired}, calm_since)
+    return DropPlan(tuple(drops), tuple(restores), state)
+
+
+def _partner(replica: DropTelemetry, candidates: list[DropTelemetry],
+             pressured_since: Mapping[str, float]) -> DropTelemetry | None:
+    same = [c for c in candidates if c.model == replica.model and c.num_layers == replica.num_layers]
+    if not same:
+        return None
+    pressured = [c for c in same if c.replica_id in pressured_since]
+    if pressured:
+        return max(pressured, key=lambda c: (c.load(), c.replica_id))
+    return min(same, key=lambda c: (c.load(), c.replica_id))
+
+
+def _drop_order(a: DropTelemetry, b: DropTelemetry, config: DroppingConfig) -> DropOrder:
+    first, second = sorted((a, b), key=lambda r: r.replica_id)  # a stable role per pair
+    cap = max(1, math.floor(config.max_drop_fraction * first.num_layers))
+    first_drops = min(cap, max(1, layers_to_drop(first, config)))
+    second_drops = min(cap, max(1, layers_to_drop(second, config)), first.num_layers - first_drops)
+    return DropOrder(first.replica_id, second.replica_id, first.num_layers - first_drops, second_drops)
+
+
+def _restores(replicas: Sequence[DropTelemetry], by_id: Mapping[str, DropTelemetry], config: DroppingConfig,
+              previous: PlanState, now: float) -> tuple[list[RestoreOrder], dict[str, float]]:
+    restores, calm_since = [], {}
+    for replica in sorted(replicas, key=lambda r: r.replica_id):
+        if replica.state is not DropState.DROPPED:
+            continue
+        peer = by_id.get(replica.peer) if replica.peer else None
+        if peer is None:  # its partner died or went silent: it must hold every layer again now
+            restores.append(RestoreOrder(replica.replica_id, None))
+            continue
+        if replica.replica_id > peer.replica_id:
+            continue
+        demand = replica.demand_chunks + peer.demand_chunks
+        capacity = replica.restored_capacity() + peer.restored_capacity()
+        if capacity > 0 and demand <= config.restore_watermark * capacity and peer.state is DropState.DROPPED:
+            since = previous.calm_since.get(replica.replica_id, now)
+            if now - since >= config.restore_after_s:
+                restores.append(RestoreOrder(replica.replica_id, peer.replica_id))
+            else:
+                calm_since[replica.replica_id] = since
+    return restores, calm_since
