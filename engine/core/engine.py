@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from engine.api import EngineStats, GenerateRequest, InvalidRequestError, LayersDroppedError, RequestOutput
 from engine.config import EngineConfig
+from engine.core.layer_staging import StagingStats
 from engine.core.request import Request
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler, SamplingState
@@ -60,7 +61,9 @@ class LLMEngine:
                                  enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log,
                                  host_tier=host_tier)
         self.sampler = Sampler(model_config.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor, config.staging_mode)
+        self.staging = StagingStats()  # LayerKV: bytes staged from the host (written by the runner)
+        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor, config.staging_mode,
+                                  self.staging)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -147,7 +150,7 @@ class LLMEngine:
         started = time.perf_counter()
         result = self.runner.run(plan, self._sampling_states(plan))
         self.scheduler.cost_model.observe(plan.num_tokens, (time.perf_counter() - started) * 1e3)
-        self.scheduler.cost_model.observe_copy(self.runner.bytes_fetched_last_step, self.runner.copy_ms_last_step)
+        self.scheduler.cost_model.observe_copy(self.staging.bytes_fetched_last_step, self.staging.copy_ms_last_step)
         return self.update(plan, result)
 
     def _sampled_requests(self, plan: SchedulerOutput) -> list[Request]:
@@ -239,8 +242,8 @@ class LLMEngine:
             kv_chunks_cached=self.kv.prefix.num_evictable_chunks,
             kv_offloaded_layers=sum(self.kv.offloaded_requests_per_layer()),
             kv_host_bytes=self.kv.num_offloaded_host_chunks * self.kv.spec.page_bytes,
-            kv_bytes_fetched=self.runner.bytes_fetched,
-            kv_bytes_fetched_last_step=self.runner.bytes_fetched_last_step,
+            kv_bytes_fetched=self.staging.bytes_fetched,
+            kv_bytes_fetched_last_step=self.staging.bytes_fetched_last_step,
             slo_attained=self.scheduler.attainment.num_attained,
             slo_finished=self.scheduler.attainment.num_finished,
             drop_state=self.drop_state,
@@ -254,8 +257,8 @@ class LLMEngine:
         local["kv_residency"] = {  # LayerKV: where the running requests' layers live
             "offloaded_requests_per_layer": self.kv.offloaded_requests_per_layer(),
             "host_bytes": self.kv.num_offloaded_host_chunks * self.kv.spec.page_bytes,
-            "bytes_fetched": self.runner.bytes_fetched,
-            "bytes_fetched_last_step": self.runner.bytes_fetched_last_step,
+            "bytes_fetched": self.staging.bytes_fetched,
+            "bytes_fetched_last_step": self.staging.bytes_fetched_last_step,
         }
         if self.executor is None:
             return [local]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
@@ -70,6 +71,20 @@ def staging_chunks(pages_per_layer: Sequence[int]) -> int:
         return 0
     pairs = [a + b for a, b in zip(pages_per_layer, list(pages_per_layer[1:]) + [0], strict=True)]
     return 2 * max(pairs)
+
+
+@dataclass
+class StagingStats:
+    """What staging moved, kept by the engine (whichever runner runs the steps writes here)."""
+
+    bytes_fetched: int = 0  # cumulative host -> staging bytes
+    bytes_fetched_last_step: int = 0
+    copy_ms_last_step: float = 0.0  # copy-engine time fetching in the last step
+
+    def record(self, stager: LayerStager | None) -> None:
+        self.bytes_fetched_last_step = stager.bytes_fetched if stager is not None else 0
+        self.copy_ms_last_step = stager.copy_seconds * 1e3 if stager is not None else 0.0
+        self.bytes_fetched += self.bytes_fetched_last_step
 
 
 class CopyEngine(Protocol):

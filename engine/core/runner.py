@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.core.forward_batch import ForwardBatch, PrefillChunk
-from engine.core.layer_staging import COPY_ENGINES, LayerStager, StepSpan, staging_plan
+from engine.core.layer_staging import COPY_ENGINES, LayerStager, StagingStats, StepSpan, staging_plan
 from engine.core.sampler import Sampler, SampleResult, SamplingState
 from engine.core.scheduler import SchedulerOutput
 from engine.device.activation_workspace import ActivationWorkspace
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCacheManager | LayoutMirror, workspace: ActivationWorkspace,
                  sampler: Sampler | None, executor: TensorParallelExecutor | None = None,
-                 kv_staging: str = "copy"):
+                 kv_staging: str = "copy", staging_stats: StagingStats | None = None):
         self.model = model
         self.executor = executor
         self.kv = kv
@@ -32,9 +32,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = model.embed.device
         self.copies = COPY_ENGINES[kv_staging](self.device)  # stages offloaded layers' KV (LayerKV)
-        self.bytes_fetched = 0  # cumulative host -> staging bytes
-        self.bytes_fetched_last_step = 0
-        self.copy_ms_last_step = 0.0
+        self.staging_stats = staging_stats or StagingStats()
         self._activation_bytes = lru_cache(maxsize=4096)(
             lambda num_tokens, num_sampled: model.buffer_plan(num_tokens, num_sampled).num_bytes
         )
@@ -105,9 +103,7 @@ class ModelRunner:
         finally:
             if stager is not None:
                 stager.close()
-                self.bytes_fetched += stager.bytes_fetched
-        self.bytes_fetched_last_step = stager.bytes_fetched if stager is not None else 0
-        self.copy_ms_last_step = stager.copy_seconds * 1e3 if stager is not None else 0.0
+        self.staging_stats.record(stager)
         return logits[:num_sampled]
 
     def _stager(self, output: SchedulerOutput) -> LayerStager | None:

@@ -68,14 +68,14 @@ def test_offloaded_layers_give_transformers_tokens(smollm2_tokenizer, prompts, r
         collect_steps(engine, tokens, steps=1)
         assert engine.kv.offloaded_layers("r2") == OFFLOADED["r2"]
         assert engine.kv.layer_chunk_counts("r2")[5][0] == 0 < engine.kv.layer_chunk_counts("r2")[0][0]
-        assert engine.runner.bytes_fetched_last_step == 0  # first chunks: only write-backs
+        assert engine.staging.bytes_fetched_last_step == 0  # first chunks: only write-backs
         collect_steps(engine, tokens)
         assert_same(tokens, reference)
         assert engine.kv.num_bytes_promoted == 0  # every offloaded layer stayed on the host to the end
         if staging == "in_place":  # host pages are read where they are: nothing staged
-            assert engine.runner.bytes_fetched == 0 and engine.kv.host_tier.num_used == 0
+            assert engine.staging.bytes_fetched == 0 and engine.kv.host_tier.num_used == 0
         else:
-            assert engine.runner.bytes_fetched > 0
+            assert engine.staging.bytes_fetched > 0
         assert_pool_idle(engine)
         assert engine.kv.host_buffer.used_bytes == 0 and engine.pool.num_held("activations") >= 0
     finally:
@@ -99,7 +99,7 @@ def test_demote_and_promote_during_decode_keep_tokens(smollm2_tokenizer, prompts
         freed += sum(engine.kv.demote("r6", layer) for layer in range(0, NUM_LAYERS, 3))
         assert engine.pool.num_held("kv") == held - freed and freed > 0
         collect_steps(engine, tokens, steps=3)  # decodes with layers fetched from the host
-        assert engine.runner.bytes_fetched_last_step > 0 if staging == "copy" else engine.kv.host_tier.num_used > 0
+        assert engine.staging.bytes_fetched_last_step > 0 if staging == "copy" else engine.kv.host_tier.num_used > 0
         assert engine.kv.promote("r6", 3) and engine.kv.promote("r0", 29)
         assert engine.kv.layer_chunk_counts("r6")[3][1] == 0
         collect_steps(engine, tokens)
