@@ -14,7 +14,7 @@ Whole-request swap or recompute stays the scheduler's last resort.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from engine.core.layer_staging import staging_chunks
 from engine.core.request import Request
@@ -45,7 +45,8 @@ class NoOffload:
     def demote(self, num_chunks: int, candidates: Sequence[Request]) -> int:
         return 0
 
-    def promote(self, running: Sequence[Request], spare_chunks: int, has_waiting: bool) -> int:
+    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int], has_waiting: bool) -> int:
+        """Brings offloaded layers back within `spare_chunks()`; returns the chunks used."""
         return 0
 
 
@@ -122,15 +123,20 @@ class LayerwiseOffload(NoOffload):
                 self.num_demotions += 1
         return freed
 
-    def promote(self, running: Sequence[Request], spare_chunks: int, has_waiting: bool) -> int:
-        """Brings offloaded layers back while `spare_chunks` last, most urgent request first."""
-        used = 0
+    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int], has_waiting: bool) -> int:
+        """Brings offloaded layers back while the spare chunks last, most urgent request first."""
+        if not any(self.kv.requests[r.request_id].residency.count(HOST) or self.kv.requests[r.request_id].host_pages
+                   for r in running):
+            return 0
+        spare, used = spare_chunks(), 0
+        if spare <= 0:
+            return 0
         for request in sorted(running, key=self.slo.urgency):
             if has_waiting and self.slo.tpot_slack_ms(request) >= 0:
                 continue
             for layer in self.kv.layers_with_host_pages(request.request_id):
                 need = self.kv.chunks_to_promote(request.request_id, layer)
-                if used + need > spare_chunks or not self.kv.promote(request.request_id, layer):
+                if used + need > spare or not self.kv.promote(request.request_id, layer):
                     return used
                 used += need
                 self.num_promotions += 1

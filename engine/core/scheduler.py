@@ -211,12 +211,12 @@ class Scheduler:
     def _promote_offloaded(self, step: _StepBuilder) -> None:
         """Memory freed: offloaded layers come back (the offload policy says whose, in what order),
         keeping room for a full step's activations and every running request's next page."""
-        if not self.running:
-            return
-        reserve = self.activation_chunks(step.token_budget, len(self.running) + 1)
-        reserve += sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
-        spare = self.kv.num_available_chunks() - reserve
-        if spare > 0:
+        def spare() -> int:
+            reserve = self.activation_chunks(step.token_budget, len(self.running) + 1)
+            reserve += sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
+            return self.kv.num_available_chunks() - reserve
+
+        if self.running:
             self.offload.promote(self.running, spare, bool(self.waiting))
 
     def _schedule_running(self, step: _StepBuilder) -> None:
@@ -285,7 +285,10 @@ class Scheduler:
             if offloaded is None:
                 return
             self.waiting.popleft()
-            request.num_cached_tokens = self.kv.admit(request.request_id, token_ids, offloaded)
+            if offloaded:  # with some layers on the host
+                request.num_cached_tokens = self.kv.admit(request.request_id, token_ids, offloaded)
+            else:
+                request.num_cached_tokens = self.kv.admit(request.request_id, token_ids)
             request.num_computed_tokens = request.num_cached_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)

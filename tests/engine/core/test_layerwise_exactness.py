@@ -30,7 +30,7 @@ class ScriptedOffload(LayerwiseOffload):
         return self.layers_by_request.get(request.request_id, ())
 
     def promote(self, running, spare_chunks, has_waiting):
-        return 0
+        return 0  # never by itself
 
 
 @pytest.fixture(scope="module")
