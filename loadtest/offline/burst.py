@@ -180,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             results[system] = run_burst_system(engine, prompts, args.output_len)
         finally:
             engine.close()
-        print(f"{system}: done, makespan {results[system]['makespan_s']:.1f} s", flush=True)
+        summary = {key: value for key, value in results[system].items() if key not in ("tokens", "timeline")}
+        print(f"{system}: {summary}", flush=True)  # each system's numbers as soon as it is done
     print(format_burst(results, args, budget), flush=True)
     if args.plot:
         plot_timelines(results, args.plot)
