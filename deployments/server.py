@@ -5,8 +5,11 @@ app from `build_openai_app`, publishes routing stats for `KVHeadroomRouter`, and
 the cluster controller every `telemetry_period_s`; the reply carries the migrations this replica should
 start (deployments/migration/source.py). The `migration_*` methods are the destination side of a migration, called
 by other replicas through a handle that targets this replica (deployments/migration/transport.py).
-Shutdown: stop the telemetry task and the migrations, deregister, shut the engine down (which stops the TP
-ranks), then kill the TP actors.
+Drain (`drain(deadline)`: ordered by the controller's reply when `python -m deployments.launch` stops, and
+run again from `__del__`): new generation requests get 503 `shutting_down` with Retry-After, running
+ones may finish until shortly before the deadline, then the rest are aborted, so each client gets a 503
+`aborted` or, in a stream, an error event and `[DONE]`. Shutdown: drain, stop the telemetry task and the
+migrations, deregister, shut the engine down (which stops the TP ranks), then kill the TP actors.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.args import AppArgs, resolve_device
 from deployments.cluster.autoscaling import autoscaling_metrics
 from deployments.cluster.controller import ControllerClient, controller_options
+from deployments.cluster.placement import local_node, tensor_parallel_interface
 from deployments.cluster.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
 from deployments.ingress.engine_bindings import EngineBindings, check_engine_health
 from deployments.ingress.openai_app import AppSettings, build_openai_app
@@ -34,8 +38,10 @@ from deployments.migration.kv_channel import KVChannels
 from deployments.migration.relay import RelayRegistry
 from deployments.migration.source import MigrationManager, MigrationStats
 from deployments.migration.transport import make_peer
+from deployments.telemetry import ControllerReply, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
 
 logger = logging.getLogger("ray.serve")
+DRAIN_MARGIN_S = 2.0  # before the shutdown deadline: abort what still runs, so its clients hear an ending
 
 
 @dataclass
@@ -53,8 +59,10 @@ def build_elastic_engine(args: AppArgs) -> BuiltEngine:
     config = args.to_engine_config(device=device)
     if args.tensor_parallel_size == 1:
         return BuiltEngine(AsyncEngine.from_config(config))
+    # The ranks share a node (STRICT_PACK placement group): their group stays on the loopback interface.
+    config = dataclasses.replace(config, process_group_interface=tensor_parallel_interface())
     launcher = WorkerLauncher(args.tensor_parallel_size, config, args.cpus_per_rank,
-                              gpus_per_rank=1 if device == "cuda" else 0, device=device)
+                              gpus_per_rank=1 if device == "cuda" else 0)
     launcher.start()
     try:
         executor = import_attr(EXECUTOR_PATH)(config, launcher.init_method_file)
@@ -109,7 +117,7 @@ class LLMServer:
         self._relays = RelayRegistry()
         self._migration_stats = MigrationStats()
         self._is_draining = False
-        self._last_detail: dict[str, Any] | None = None
+        self._last_load: ReplicaLoad | None = None
         self._migrations: MigrationManager | None = None
         self._endpoint: MigrationEndpoint | None = None
         if hasattr(self.engine, "run_in_engine") and hasattr(self.engine, "stream_attached"):
@@ -120,11 +128,11 @@ class LLMServer:
         self._telemetry_task = asyncio.get_running_loop().create_task(self._push_telemetry())
 
     def _start_migration(self, context: Any) -> None:
-        import ray
-
         config = self.args.migration.to_config()
         device = resolve_device(self.args.device)
-        self._channels = KVChannels(ray.util.get_node_ip_address(), device, timeout_s=config.call_timeout_s)
+        node = local_node(self.args.network_interface)  # groups with other nodes bind to its address
+        self._channels = KVChannels(node.host, device, timeout_s=config.call_timeout_s, node_id=node.node_id,
+                                    interface=node.interface)
         peer = make_peer(self.args.migration.resolved_transport(), context.deployment, context.app_name,
                          self.replica_id, self._channels)
         self._endpoint = MigrationEndpoint(self.engine, config, self._migration_stats, self._relays, self._channels)
@@ -136,14 +144,35 @@ class LLMServer:
                                replica_id=self.replica_id, bindings=self._built.bindings,
                                cluster_view=self._controller.cluster_view,
                                default_sampling=self.args.default_sampling, relays=self._relays,
-                               migration_stats=self._migration_stats.snapshot, cluster_admin=self._controller)
-        return build_openai_app(lambda: self.engine, settings)
+                               migration_stats=self._migration_stats.snapshot, cluster_admin=self._controller,
+                               max_body_bytes=self.args.max_body_bytes)
+        app = build_openai_app(lambda: self.engine, settings)
+        self._serving = app.state.serving
+        return app
+
+    async def drain(self, deadline: float) -> None:
+        """Stops accepting generation requests, lets the running ones finish until `DRAIN_MARGIN_S` before
+        `deadline` (time.time()), then aborts the rest, and waits briefly for their last bytes to go out."""
+        serving = getattr(self, "_serving", None)
+        if serving is None:
+            return
+        serving.is_draining = True
+        while serving.num_runs and time.time() < deadline - DRAIN_MARGIN_S:
+            await asyncio.sleep(0.1)
+        if serving.num_runs:
+            logger.info("replica %s: aborting %d requests still running at the drain deadline",
+                        self.replica_id, serving.num_runs)
+            await serving.abort_all()
+        flush_until = time.monotonic() + DRAIN_MARGIN_S / 2
+        while serving.num_runs and time.monotonic() < flush_until:
+            await asyncio.sleep(0.05)
 
     async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve carries routing stats as a dict: the `RoutingStats` record's."""
         stats = self.engine.stats()
-        return {"kv_free_chunks": stats.kv_chunks_free, "kv_usage": stats.kv_usage,
-                "num_running": stats.num_running, "num_waiting": stats.num_waiting,
-                "is_draining": self._is_draining, "timestamp": time.time()}
+        return RoutingStats(kv_free_chunks=stats.kv_chunks_free, num_waiting=stats.num_waiting, timestamp=time.time(),
+                            kv_usage=stats.kv_usage, num_running=stats.num_running,
+                            is_draining=self._is_draining).to_dict()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for Serve's autoscaler (used by deployments/cluster/autoscaling.py:kv_packing_policy)."""
@@ -191,13 +220,11 @@ class LLMServer:
         while True:
             try:
                 engine_stats = self.engine.stats()
-                detail = None
+                report = ReplicaReport(ReplicaStats.of(engine_stats), tuple(self.engine.memory_telemetry()))
                 if self._migrations is not None:
                     await self._endpoint.expire_stale()
-                    detail = await self._migration_detail(engine_stats)
-                reply = await self._controller.report(self.engine.memory_telemetry(),
-                                                      dataclasses.asdict(engine_stats), detail)
-                self._follow(reply or {})
+                    report = await self._with_migration(report, engine_stats)
+                self._follow(await self._controller.report(report))
                 num_failures = 0
             except asyncio.CancelledError:
                 raise
@@ -208,31 +235,38 @@ class LLMServer:
                                    num_failures, exc)
             await asyncio.sleep(period_s)
 
-    async def _migration_detail(self, engine_stats: Any) -> dict[str, Any] | None:
+    async def _with_migration(self, report: ReplicaReport, engine_stats: Any) -> ReplicaReport:
         """The requests' loads come from the engine thread, which a long prefill step can hold for a while:
-        then the previous list goes out again (with fresh counters) rather than no report at all."""
+        then the previous load goes out again (with fresh counters) rather than none."""
         try:
-            report = await asyncio.wait_for(self._migrations.load_report(engine_stats), self.args.telemetry_period_s)
-            self._last_detail = {**report, "started_at": self._started_at}
+            self._last_load = await asyncio.wait_for(
+                self._migrations.load_report(self.replica_id, engine_stats, self._started_at),
+                self.args.telemetry_period_s)
         except asyncio.TimeoutError:
-            if self._last_detail is None:
-                return None
-            return {**self._last_detail, "migrating": self._migrations.migrating,
-                    "migration": self._migration_stats.snapshot()}
-        return self._last_detail
+            pass
+        return dataclasses.replace(report, load=self._last_load, migrating=tuple(self._migrations.migrating),
+                                   migration=self._migration_stats.snapshot())
 
-    def _follow(self, reply: dict[str, Any]) -> None:
+    def _follow(self, reply: ControllerReply) -> None:
         """Starts the migrations the controller ordered (a busy or unknown one simply does not start: the
         controller sees it missing from `migrating` in the next report)."""
-        self._is_draining = bool(reply.get("is_draining"))
-        for order in reply.get("orders", ()):
-            if self._migrations is not None and order.get("source") == self.replica_id:
-                task = self._migrations.submit(order["request_id"], order["target"], order.get("mode", "auto"))
-                logger.info("replica %s: migration order %s -> %s %s", self.replica_id, order["request_id"],
-                            order["target"], "started" if task is not None else "not started (busy)")
+        self._is_draining = reply.is_draining
+        if reply.shutdown_at is not None and getattr(self, "_drain_task", None) is None:
+            logger.info("replica %s: draining for shutdown (%.1f s left)", self.replica_id,
+                        reply.shutdown_at - time.time())
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain(reply.shutdown_at))
+        for order in reply.orders:
+            if self._migrations is not None and order.source == self.replica_id:
+                task = self._migrations.submit(order.request_id, order.target, order.mode)
+                logger.info("replica %s: migration order %s -> %s %s", self.replica_id, order.request_id,
+                            order.target, "started" if task is not None else "not started (busy)")
 
     async def __del__(self):
-        # Also runs after a failed __init__: every step checks that its part was set up.
+        # Also runs after a failed __init__: every step checks that its part was set up. Serve calls this
+        # once its own drain found no request in flight, or at the end of graceful_shutdown_timeout_s; what
+        # arrived meanwhile is ended cleanly by a short drain.
+        with contextlib.suppress(Exception):
+            await self.drain(time.time() + DRAIN_MARGIN_S)
         task = getattr(self, "_telemetry_task", None)
         if task is not None:
             task.cancel()

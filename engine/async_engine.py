@@ -4,6 +4,8 @@ to asyncio consumers.
 The engine thread owns the engine: every add and abort reaches it through an inbox drained between
 steps, so no engine state is touched from two threads. Outputs go back to each request's asyncio
 queue with `call_soon_threadsafe`. A failing step fails only the requests in it; the loop goes on.
+`check_health()` fails when the loop died, or when one pass of it (inbox + step) has been running for
+more than `config.stall_timeout_s` (a hung kernel or collective): a long request is many short steps.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from engine.api import (
     EngineDeadError,
@@ -38,6 +41,30 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_result(result)
 
 
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output standing for two consecutive ones of the same request (tokens, text and logprobs joined;
+    counts and finish from the later)."""
+    return replace(later, new_token_ids=first.new_token_ids + later.new_token_ids,
+                   text_delta=first.text_delta + later.text_delta, logprobs=first.logprobs + later.logprobs)
+
+
+def _coalesce(output: RequestOutput, stream: asyncio.Queue) -> tuple[RequestOutput, BaseException | None]:
+    """`output` merged with the outputs already waiting behind it. When the consumer (SSE encoding, Serve's
+    streaming) falls behind the engine, it then handles one chunk per request per catch-up instead of one per
+    token, so per-chunk Python work stops growing with the lag and taking CPU from the engine. Nothing waits
+    for more: a consumer that keeps up still gets every step's tokens at once. An error queued behind is
+    returned to raise after the merged output."""
+    while not output.is_finished:
+        try:
+            later = stream.get_nowait()
+        except asyncio.QueueEmpty:
+            break
+        if isinstance(later, BaseException):
+            return output, later
+        output = merge_outputs(output, later)
+    return output, None
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -55,6 +82,7 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._telemetry = [engine.pool.telemetry().to_dict()]
         self._telemetry_time = 0.0
+        self._busy_since: float | None = None  # when the current loop pass started working; None: idle
 
     @classmethod
     def from_config(cls, config: EngineConfig, executor=None) -> AsyncEngine:
@@ -132,8 +160,11 @@ class AsyncEngine:
                 output = await stream.get()
                 if isinstance(output, BaseException):
                     raise output
+                output, pending_error = _coalesce(output, stream)
                 finished = output.is_finished
                 yield output
+                if pending_error is not None:
+                    raise pending_error
         finally:
             self._streams.pop(request_id, None)
             if not finished:
@@ -155,6 +186,12 @@ class AsyncEngine:
     async def check_health(self) -> None:
         if not self.is_running:
             raise EngineDeadError(f"the engine loop is not running ({self._error!r})")
+        busy_since = self._busy_since
+        if busy_since is not None:
+            busy_s = time.monotonic() - busy_since
+            if busy_s > self.config.stall_timeout_s:
+                raise EngineDeadError(f"the engine loop has not advanced for {busy_s:.1f} s "
+                                      f"(stall_timeout_s={self.config.stall_timeout_s})")
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -197,9 +234,11 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop:
+                self._busy_since = time.monotonic()
                 self._drain_inbox()
                 if not self.engine.has_work:
                     self._refresh_observations()
+                    self._busy_since = None
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue

@@ -20,7 +20,7 @@ def cpu_has_fast_bf16() -> bool:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # None -> embedded SmolLM2 GGUF; or a HF directory / .gguf path
+    model: str | None = None  # None -> smollm2-135m; embedded smollm2-135m | gemma3-270m, a HF directory, a .gguf
     dtype: str = "auto"  # "auto" | "bfloat16" | "float32"; auto = bf16 where the hardware is fast at it
     device: str = "cpu"  # "cpu" | "cuda"
     vmm_backend: str | None = None  # None -> "host" on cpu, "cuda" on cuda
@@ -30,7 +30,10 @@ class EngineConfig:
     host_buffer_bytes: int = 1 << 30  # host RAM for swapped-out KV
     max_model_len: int | None = None  # None -> min(model context, 8192)
     max_num_seqs: int = 64  # running batch limit (and KV slots)
-    max_num_batched_tokens: int = 512  # chunked-prefill token budget per step
+    max_num_batched_tokens: int = 512  # chunked-prefill token budget per step (the floor when adaptive)
+    # eLLM: when set above max_num_batched_tokens, each step's budget is chosen between the two from the
+    # pool's free memory (engine/core/chunk_policy.py); a static pool reserves activations for this ceiling
+    max_prefill_chunk_tokens: int | None = None
     max_num_waiting: int = 256  # beyond this, generate() raises EngineOverloadedError
     tokens_per_page: int = 128  # KV page: this many tokens of one layer's K (or V)
     enable_prefix_caching: bool = True
@@ -39,8 +42,18 @@ class EngineConfig:
     tpot_slo_ms: float | None = None
     num_threads: int | None = None  # torch threads per rank
     tensor_parallel_size: int = 1
+    # The network interface of the tensor-parallel group's sockets (GLOO_SOCKET_IFNAME on CPU,
+    # NCCL_SOCKET_IFNAME on GPU). None: torch's default (the host name's address). The serving layer sets it
+    # from where Ray placed the ranks (deployments/cluster/placement.py); the engine knows nothing of nodes.
+    process_group_interface: str | None = None
     attention_backend: str = "auto"  # "auto" (native decode kernel if it builds) | "native" | "torch"
-    linear_backend: str = "auto"  # "auto" (native small-batch GEMM if it builds) | "native" | "torch"
+    # "auto" (bf16 on AVX512-BF16/AMX: onednn; else the native small-batch GEMM) | "onednn" | "native" | "torch"
+    linear_backend: str = "auto"
+    # Health: the engine counts as stalled (check_health fails) when one pass of its loop (inbox + step)
+    # has run this long; a long request is many short steps, so it never trips this.
+    stall_timeout_s: float = 60.0
+    kv_layout: str = "contiguous"  # "contiguous" (per-slot virtual ranges) | "paged" (block tables)
+    kv_evictor: str = "lru"  # cached KV blocks: "lru" | "prefix_subset" (Jenga: least hit length lost first)
     # LayerKV: "layerwise" admits a prompt whose KV does not all fit with its top layers on the host,
     # demotes layers before preempting, stages host layers per step (docs/LAYERKV.md); "none" does not
     kv_offload: str = "none"
@@ -60,6 +73,10 @@ class EngineConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.pool_policy not in ("elastic", "static"):
             raise ValueError(f"pool_policy must be elastic or static, got {self.pool_policy!r}")
+        if self.kv_evictor not in ("lru", "prefix_subset"):
+            raise ValueError(f"kv_evictor must be lru or prefix_subset, got {self.kv_evictor!r}")
+        if self.kv_layout not in ("contiguous", "paged"):
+            raise ValueError(f"kv_layout must be contiguous or paged, got {self.kv_layout!r}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption_mode must be auto, swap or recompute, got {self.preemption_mode!r}")
         for name in ("device_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "tokens_per_page",
@@ -72,10 +89,13 @@ class EngineConfig:
             raise ValueError(f"kv_staging must be auto, copy, inline or in_place, got {self.kv_staging!r}")
         if self.kv_staging == "in_place" and self.backend_name != "host":
             raise ValueError("kv_staging: in_place needs the host VMM backend (device and host share RAM)")
-        if self.kv_offload == "layerwise" and (self.tensor_parallel_size > 1 or not self.host_buffer_bytes):
-            raise ValueError("kv_offload: layerwise needs a host buffer and tensor_parallel_size 1")
+        if self.kv_offload == "layerwise" and (self.tensor_parallel_size > 1 or not self.host_buffer_bytes
+                                               or self.kv_layout != "contiguous"):
+            raise ValueError("kv_offload: layerwise needs a host buffer, tensor_parallel_size 1, kv_layout contiguous")
         if self.priority_scale < 1:
             raise ValueError("priority_scale must be >= 1")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0")
         if self.enable_parameter_dropping and self.tensor_parallel_size > 1:
             raise ValueError("parameter dropping needs replicas of the whole model (tensor_parallel_size 1)")
         if self.host_buffer_bytes < 0 or self.max_num_waiting < 0:

@@ -9,6 +9,7 @@ Registry: `create_policy("elastic" | "static", num_chunks=..., chunk_bytes=..., 
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,10 +47,16 @@ class ElasticPolicy(PoolPolicy):
         return None
 
     def reclaim_order(self, requester: str, clients: Sequence[str]) -> list[str]:
-        registered = set(clients)
-        first = [name for name in self.priority if name in registered]
-        rest = [name for name in clients if name not in self.priority]
-        return [name for name in first + rest if name != requester]
+        return list(_elastic_order(self.priority, requester, tuple(clients)))
+
+
+@functools.lru_cache(maxsize=256)
+def _elastic_order(priority: tuple[str, ...], requester: str, clients: tuple[str, ...]) -> tuple[str, ...]:
+    """ElasticPolicy's order (cached: the scheduler asks for it for every request of every step)."""
+    registered = set(clients)
+    first = [name for name in priority if name in registered]
+    rest = [name for name in clients if name not in priority]
+    return tuple(name for name in first + rest if name != requester)
 
 
 @dataclass(frozen=True)

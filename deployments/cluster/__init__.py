@@ -1,3 +1,3 @@
 """Cluster-wide pieces: the ClusterController actor, the KV-headroom request router, autoscaling, TP worker
-placement.
+placement, and placement/addresses across nodes (placement.py).
 """

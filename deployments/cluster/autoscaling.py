@@ -40,13 +40,18 @@ def kv_packing_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
     from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 
     desired, state = replica_queue_length_autoscaling_policy(ctx)
-    current = ctx.current_num_replicas
-    if desired > current or current <= 1:
-        return desired, state
     metrics = ctx.aggregated_metrics or {}
-    drained, started = metrics.get(IS_DRAINED, {}), metrics.get(STARTED_AT, {})
-    running = list(ctx.running_replicas)
+    return packing_decision(desired, ctx.current_num_replicas, list(ctx.running_replicas),
+                            metrics.get(IS_DRAINED, {}), metrics.get(STARTED_AT, {})), state
+
+
+def packing_decision(desired: int, current: int, running: list[Any], drained: dict[Any, float],
+                     started: dict[Any, float]) -> int:
+    """The replica count: `desired` (Serve's queue-length decision) upwards; downwards one replica, and only
+    when the newest running one is drained (pure: the simulator runs it too)."""
+    if desired > current or current <= 1:
+        return desired
     if len(running) < current or any(replica not in started for replica in running):
-        return current, state  # a replica has not reported yet: hold
+        return current  # a replica has not reported yet: hold
     newest = max(running, key=lambda replica: started[replica])
-    return (current - 1 if drained.get(newest, 0.0) >= 1.0 else current), state
+    return current - 1 if drained.get(newest, 0.0) >= 1.0 else current

@@ -1,8 +1,9 @@
 """Ranks 1..N-1 of a tensor-parallel replica: one Ray actor each, in the replica's placement group.
 
-The replica itself is rank 0 (bundle 0); rank r runs in bundle r (STRICT_PACK keeps them on one node, so
-`torch.distributed` can rendezvous through a file and gloo can stay on loopback). Each actor hosts the
-engine's `WorkerProcess(rank, world_size, init_method_file, engine_config)` and calls its blocking
+The replica itself is rank 0 (bundle 0); rank r runs in bundle r (STRICT_PACK keeps them on one node, even on
+a multi-node cluster, so `torch.distributed` can rendezvous through a file and the group stays on the loopback
+interface: `EngineConfig.process_group_interface`, set by deployments/server.py from cluster/placement.py).
+Each actor hosts the engine's `WorkerProcess(rank, world_size, init_method_file, engine_config)` and calls its blocking
 `run()` loop, which returns when rank 0 broadcasts a stop during engine shutdown.
 """
 
@@ -29,11 +30,6 @@ def import_attr(path: str) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def loopback_env(device: str) -> dict[str, str]:
-    """gloo on CPU: keep the process group on 127.0.0.1 (single node, STRICT_PACK)."""
-    return {"GLOO_SOCKET_IFNAME": "lo"} if device == "cpu" else {}
-
-
 class _RankWorker:
     """Hosts one rank; `max_concurrency=2` lets `ping` answer while `run` blocks."""
 
@@ -55,7 +51,7 @@ class _RankWorker:
 
 class WorkerLauncher:
     def __init__(self, world_size: int, engine_config: Any, cpus_per_rank: float, gpus_per_rank: float = 0,
-                 worker_path: str = WORKER_PATH, device: str = "cpu"):
+                 worker_path: str = WORKER_PATH):
         if world_size < 2:
             raise ValueError("a WorkerLauncher is for tensor_parallel_size >= 2")
         self.world_size = world_size
@@ -63,7 +59,6 @@ class WorkerLauncher:
         self._cpus_per_rank = cpus_per_rank
         self._gpus_per_rank = gpus_per_rank
         self._worker_path = worker_path
-        self._env = loopback_env(device)
         self._directory = tempfile.mkdtemp(prefix="elastic-serve-tp-")
         # The file must not exist before the ranks meet: torch.distributed creates it.
         self.init_method_file = os.path.join(self._directory, "rendezvous")
@@ -72,7 +67,6 @@ class WorkerLauncher:
 
     def start(self) -> None:
         """Starts ranks 1..N-1 without waiting for them: they block in the rendezvous until rank 0 joins."""
-        os.environ.update(self._env)  # rank 0 lives in this process
         group = ray.util.get_current_placement_group()
         if group is None:
             raise RuntimeError("tensor_parallel_size > 1 needs the replica's placement group "
@@ -83,8 +77,6 @@ class WorkerLauncher:
                                                         placement_group_bundle_index=rank)
             options = {"num_cpus": self._cpus_per_rank, "num_gpus": self._gpus_per_rank, "max_concurrency": 2,
                        "scheduling_strategy": strategy}
-            if self._env:
-                options["runtime_env"] = {"env_vars": self._env}
             actor = worker_cls.options(**options).remote(
                 self._worker_path, rank, self.world_size, self.init_method_file, self._engine_config)
             self._actors.append(actor)

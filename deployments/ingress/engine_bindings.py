@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from deployments.ingress.validation import longest_token_chars
+
 
 async def check_engine_health(engine: Any) -> None:
     """Raises EngineDeadError when the engine's loop has stopped (its `check_health()` if it has one,
@@ -33,6 +35,8 @@ class EngineBindings:
     encode_prompt: Callable[[Any, str], Sequence[int]]
     encode_chat: Callable[[Any, list[dict[str, str]]], Sequence[int]]
     decode_token: Callable[[Any, int], str] = _decode_token
+    # Bounds a prompt's length before tokenising (deployments/ingress/validation.py prompt_char_limit).
+    longest_token_chars: Callable[[Any], int] = longest_token_chars
 
     @classmethod
     def from_engine_package(cls) -> EngineBindings:

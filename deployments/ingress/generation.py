@@ -49,6 +49,21 @@ class GenerationRun:
             for index, request in enumerate(requests)
         ]
         self._is_closed = False
+        self._close_callbacks: list = []
+
+    def on_close(self, callback) -> None:
+        """`callback(run)` runs once when the run closes."""
+        self._close_callbacks.append(callback)
+
+    async def abort(self) -> None:
+        """Asks the engine to end every unfinished choice: each stream then ends with finish_reason
+        "abort", which the HTTP layer reports to the client (the server-side end of a request)."""
+        for choice in self._choices:
+            if not choice.is_finished:
+                try:
+                    await self._engine.abort(choice.request.request_id)
+                except Exception:
+                    logger.warning("abort of %s failed", choice.request.request_id, exc_info=True)
 
     async def start(self) -> None:
         """Waits for every choice's first output and raises the first error; the caller then closes the run,
@@ -130,6 +145,8 @@ class GenerationRun:
         if self._is_closed:
             return
         self._is_closed = True
+        for callback in self._close_callbacks:
+            callback(self)
         for choice in self._choices:
             if choice.pending is not None and not choice.pending.done():
                 choice.pending.cancel()

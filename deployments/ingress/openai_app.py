@@ -7,24 +7,33 @@ build the same app around a fake engine.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from deployments.ingress import errors
 from deployments.ingress.engine_bindings import EngineBindings, check_engine_health
 from deployments.ingress.metrics import ServingMetrics
-from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now_s
+from deployments.ingress.middleware import REPLICA_HEADER, ApiKeyGuard, BodyLimit, ResponseGuard
+from deployments.ingress.openapi import ADMIN_RESPONSES, GENERATION_RESPONSES, METRICS_RESPONSES, V1_RESPONSES
+from deployments.ingress.protocol import (
+    BodyRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    now_s,
+)
 from deployments.ingress.serving import OpenAIServing
+from deployments.ingress.validation import DEFAULT_MAX_BODY_BYTES
 from deployments.migration.relay import RelayRegistry
 from engine.api import EngineDeadError
 
-REPLICA_HEADER = "x-elastic-replica"
+__all__ = ["REPLICA_HEADER", "AppSettings", "build_openai_app"]
 
 
 @dataclass(frozen=True)
@@ -40,62 +49,7 @@ class AppSettings:
     # POST /v1/admin/*: an object with async force_migration(request_id, target, mode) and
     # set_migration_policy(name, options) (the ControllerClient); needs api_key.
     cluster_admin: Any = None
-
-
-class _ReplicaMiddleware:
-    """Tags every response with the replica that served it and counts error statuses.
-
-    Plain ASGI (not BaseHTTPMiddleware) so streaming bodies and disconnect cancellation pass through."""
-
-    def __init__(self, app, replica_id: str, on_status: Callable[[int], None]):
-        self._app = app
-        self._header = (REPLICA_HEADER.encode(), replica_id.encode())
-        self._on_status = on_status
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-
-        async def send_tagged(message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self._header]}
-                self._on_status(message["status"])
-            await send(message)
-
-        await self._app(scope, receive, send_tagged)
-
-
-def _route_path(scope) -> str:
-    """The path the app routes on: under a Serve route_prefix, `path` still starts with `root_path`."""
-    path, root_path = scope["path"], scope.get("root_path", "")
-    return path[len(root_path):] if root_path and path.startswith(root_path) else path
-
-
-class _ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on /v1/*, checked before the body is read: a caller without the key
-    learns nothing about what the body should be."""
-
-    def __init__(self, app, api_key: str):
-        self._app = app
-        self._api_key = api_key.encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and _route_path(scope).startswith("/v1/"):
-            error = self._check(dict(scope["headers"]).get(b"authorization", b""))
-            if error is not None:
-                await error.response()(scope, receive, send)
-                return
-        await self._app(scope, receive, send)
-
-    def _check(self, header: bytes) -> errors.APIError | None:
-        scheme, _, token = header.partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            return errors.invalid_api_key(has_key=False)
-        if not hmac.compare_digest(token, self._api_key):
-            return errors.invalid_api_key(has_key=True)
-        return None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 while being read
 
 
 def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) -> FastAPI:
@@ -125,17 +79,18 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
         if status >= 400:
             metrics.record_error(status)
 
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
-        app.add_middleware(_ApiKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(_ReplicaMiddleware, replica_id=settings.replica_id, on_status=on_status)  # outermost
+        app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
+    app.add_middleware(ResponseGuard, replica_id=settings.replica_id, on_status=on_status)  # outermost
 
-    v1 = APIRouter(prefix="/v1")
+    v1 = APIRouter(prefix="/v1", responses=V1_RESPONSES)
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest):
         return await serving.completions(body)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest):
         return await serving.chat(body)
 
@@ -157,24 +112,25 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
         try:
             return await settings.cluster_view()
         except Exception as exc:  # the controller is restarting or gone; the replica still serves
-            raise errors.APIError(503, f"The cluster controller is unavailable: {exc!r}", "server_error",
-                                  None, "controller_unavailable", {"Retry-After": "1"}) from exc
+            raise controller_unavailable(exc) from exc
 
     _add_admin_routes(v1, settings)
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Loading, draining, stalled or dead"}})
     async def health():
         engine = engine_provider()
         if engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
+        if serving.is_draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         try:
             await check_engine_health(engine)
         except EngineDeadError as exc:
             return JSONResponse({"status": "dead", "detail": str(exc)}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def prometheus_metrics():
         content, content_type = metrics.exposition()
         return Response(content, media_type=content_type)
@@ -182,14 +138,20 @@ def build_openai_app(engine_provider: Callable[[], Any], settings: AppSettings) 
     return app
 
 
-class MigrateBody(BaseModel):
+def controller_unavailable(exc: BaseException) -> errors.APIError:
+    trace_id = errors.log_internal("cluster controller call failed", exc)
+    return errors.APIError(503, f"The cluster controller is unavailable (trace id {trace_id}).", "server_error",
+                           None, "controller_unavailable", {"Retry-After": "1"})
+
+
+class MigrateBody(BodyRequest):
     model_config = ConfigDict(extra="forbid")
     request_id: str  # an engine request id, or a response id (`cmpl-…`: all its choices)
     target: str | None = None  # a replica id; None: the least loaded other replica
     mode: Literal["auto", "copy", "recompute"] = "auto"
 
 
-class PolicyBody(BaseModel):
+class PolicyBody(BodyRequest):
     model_config = ConfigDict(extra="forbid")
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -208,19 +170,20 @@ def _add_admin_routes(v1: APIRouter, settings: AppSettings) -> None:
         return settings.cluster_admin
 
     async def call(coroutine_function, *args):
+        # The ControllerClient unwraps Ray's errors: a ValueError here is the controller's own message
+        # (a bad policy name), never a remote traceback.
         try:
             return await coroutine_function(*args)
         except ValueError as exc:
             raise errors.invalid_request(str(exc), None) from exc
         except Exception as exc:
-            raise errors.APIError(503, f"The cluster controller is unavailable: {exc!r}", "server_error",
-                                  None, "controller_unavailable", {"Retry-After": "1"}) from exc
+            raise controller_unavailable(exc) from exc
 
-    @v1.post("/admin/migrate")
+    @v1.post("/admin/migrate", responses=ADMIN_RESPONSES)
     async def migrate(body: MigrateBody):
         """Migrates a running request now, whatever the migration policy (tests, operators)."""
         return await call(admin().force_migration, body.request_id, body.target, body.mode)
 
-    @v1.post("/admin/migration_policy")
+    @v1.post("/admin/migration_policy", responses=ADMIN_RESPONSES)
     async def migration_policy(body: PolicyBody):
         return {"migration_policy": await call(admin().set_migration_policy, body.name, body.options)}

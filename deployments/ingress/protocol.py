@@ -1,9 +1,12 @@
 """OpenAI-compatible request and response schemas, and their translation to engine sampling knobs.
 
 Requests ignore unknown fields (clients send many optional extras) but reject values we cannot honour
-(echo, non-text content parts) instead of silently doing something else. Sampling values are passed to
-the engine's `SamplingParams` only when the client set them, so the engine's defaults stay the single
-source of truth; the engine validates ranges and raises `InvalidRequestError(message, param)`.
+(echo, non-text content parts) instead of silently doing something else. Booleans are strict
+(`"stream": "yes"` is a 400, as at OpenAI), every text field is checked for lone surrogates before any field
+is read (deployments/ingress/validation.py), and the limits OpenAI enforces (temperature <= 2, stop strings,
+logprobs) are schema constraints, so /openapi.json documents them. Other sampling values are passed to the
+engine's `SamplingParams` only when the client set them, so the engine's defaults stay the single source of
+truth; the engine validates their ranges and raises `InvalidRequestError(message, param)`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,24 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from deployments.ingress.validation import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    reject_invalid_text,
+)
 
 MAX_LOGPROBS = 20
 MAX_CHOICES = 16
@@ -26,21 +46,31 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class BodyRequest(_Request):
+    """A whole request body: its text is checked for lone surrogates before any field is read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data):
+        reject_invalid_text(data)
+        return data
+
+
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
-class _SamplingFields(_Request):
+class _SamplingFields(BodyRequest):
     """Knobs shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extras)."""
 
     model: str | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 63)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
@@ -49,10 +79,29 @@ class _SamplingFields(_Request):
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool | None = None
+    ignore_eos: StrictBool | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    skip_special_tokens: StrictBool | None = None
     priority: int = 0  # vLLM's: lower is more urgent; the request's SLO class (engine/core/slo.py)
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed (got {len(stops)})")
+        for text in stops:
+            if not text:
+                raise ValueError("a stop string must not be empty")
+            if len(text) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters (got {len(text)})")
+        return stop
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @property
     def include_usage(self) -> bool:
@@ -84,8 +133,8 @@ def sampling_kwargs_per_choice(base: dict[str, Any], seed: int | None, n: int) -
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # true/false are 400, as at OpenAI
+    echo: StrictBool = False
 
     @field_validator("prompt")
     @classmethod
@@ -150,7 +199,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: StrictBool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")

@@ -2,8 +2,13 @@
 
 Everything that can be rejected (model name, prompt length, sampling values, queue full) is checked
 before the response starts, so it gets a real HTTP status; what fails later is sent as one SSE error
-event. Every path that started engine requests ends in `GenerationRun.close()`, which aborts what is
-still running (client gone, server error, shutdown).
+event followed by `[DONE]`. Every path that started engine requests ends in `GenerationRun.close()`, which
+aborts what is still running (client gone, server error, shutdown). A request the server ends itself
+(finish_reason "abort" while the client is still there: drain, shutdown) is a retryable 503 `aborted`.
+
+Tokenising runs in a small thread pool, never on the event loop: a 4 MB prompt takes seconds in the
+tokenizer, and health checks and other requests must not wait for it (the fast tokenizers release the GIL).
+Prompts longer than the context can possibly hold are refused from their length alone, before tokenising.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -39,6 +45,7 @@ from deployments.ingress.protocol import (
     new_id,
     now_s,
 )
+from deployments.ingress.validation import check_prompt_chars, prompt_char_limit
 from deployments.migration.relay import RelayRegistry
 from engine.api import GenerateRequest, RequestOutput, TokenLogprob
 
@@ -74,6 +81,10 @@ class OpenAIServing:
         self._bindings_provider = bindings_provider
         self._metrics = metrics
         self._served_model_name = served_model_name
+        self._text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="elastic-text")
+        self._token_chars: dict[int, int] = {}  # id(tokenizer) -> its longest vocabulary entry
+        self._runs: set[GenerationRun] = set()
+        self.is_draining = False
 
     # ---- shared ---------------------------------------------------------------------------------
 
@@ -82,6 +93,46 @@ class OpenAIServing:
         if engine is None:
             raise errors.overloaded("The model is still loading.", retry_after_s=5)
         return engine
+
+    @property
+    def num_runs(self) -> int:
+        """HTTP requests with engine requests in flight."""
+        return len(self._runs)
+
+    async def abort_all(self) -> None:
+        """Ends every run now (shutdown): each client gets a 503 `aborted`, or in a stream an error event
+        and `[DONE]`."""
+        for run in list(self._runs):
+            await run.abort()
+
+    def close(self) -> None:
+        self._text_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._text_pool, function, *args)
+
+    async def _char_limit(self, engine: Any) -> int:
+        tokenizer = engine.tokenizer
+        if id(tokenizer) not in self._token_chars:
+            longest = await self._off_loop(self._bindings_provider().longest_token_chars, tokenizer)
+            self._token_chars[id(tokenizer)] = longest
+        return prompt_char_limit(engine.max_model_len, self._token_chars[id(tokenizer)])
+
+    async def _encode_prompt(self, engine: Any, text: str) -> list[int]:
+        check_prompt_chars(len(text), await self._char_limit(engine), engine.max_model_len, "prompt")
+        return list(await self._off_loop(self._bindings_provider().encode_prompt, engine.tokenizer, text))
+
+    async def _encode_chat(self, engine: Any, messages: list[dict[str, str]]) -> list[int]:
+        num_chars = sum(len(message["content"]) for message in messages)
+        check_prompt_chars(num_chars, await self._char_limit(engine), engine.max_model_len, "messages")
+        return list(await self._off_loop(self._bindings_provider().encode_chat, engine.tokenizer, messages))
+
+    def _check_stop_token_ids(self, engine: Any, token_ids: list[int] | None) -> None:
+        vocab_size = engine.model_config.vocab_size
+        for token_id in token_ids or ():
+            if not 0 <= token_id < vocab_size:
+                raise errors.invalid_request(f"stop_token_ids: token id {token_id} is outside the vocabulary "
+                                             f"[0, {vocab_size})", "stop_token_ids")
 
     def check_model(self, requested: str | None) -> str:
         served = self._served_model_name()
@@ -110,7 +161,11 @@ class OpenAIServing:
         prompt = tuple(prompt_ids)
         requests = [GenerateRequest(f"{response_id}-{index}", prompt, sampling, arrival_time, priority)
                     for index, sampling in enumerate(params)]
+        if self.is_draining:
+            raise errors.shutting_down()
         run = GenerationRun(engine, requests, self._metrics, self._relays)
+        self._runs.add(run)
+        run.on_close(self._runs.discard)
         try:
             await run.start()
         except BaseException:
@@ -124,15 +179,20 @@ class OpenAIServing:
     @staticmethod
     def _check_output(output: RequestOutput) -> None:
         if output.finish_reason == "error":
-            raise errors.internal_error(output.error or "the engine failed this request")
+            trace_id = errors.log_internal(f"engine failed request {output.request_id}",
+                                           detail=output.error or "no detail")
+            raise errors.internal_error(trace_id)
+        if output.finish_reason == "abort":  # the client is still here (else nothing reads this): the server
+            raise errors.aborted()
 
     # ---- /v1/completions --------------------------------------------------------------------------
 
     async def completions(self, request: CompletionRequest):
         model = self.check_model(request.model)
         engine = self.engine()
+        self._check_stop_token_ids(engine, request.stop_token_ids)
         if isinstance(request.prompt, str):
-            prompt_ids = list(self._bindings_provider().encode_prompt(engine.tokenizer, request.prompt))
+            prompt_ids = await self._encode_prompt(engine, request.prompt)
         else:
             prompt_ids = self._checked_token_ids(engine, request.prompt)
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.max_tokens, "prompt")
@@ -225,14 +285,15 @@ class OpenAIServing:
         if error.status >= 500:
             logger.warning("stream failed: %s", error.message)
         self._metrics.record_error(error.status)
-        return errors.sse_error_event(error)
+        return errors.sse_error_events(error)
 
     # ---- /v1/chat/completions ---------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest):
         model = self.check_model(request.model)
         engine = self.engine()
-        prompt_ids = list(self._bindings_provider().encode_chat(engine.tokenizer, request.chat_messages()))
+        self._check_stop_token_ids(engine, request.stop_token_ids)
+        prompt_ids = await self._encode_chat(engine, request.chat_messages())
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.requested_max_tokens, "messages")
         response_id, run = await self._start(engine, "chatcmpl", prompt_ids,
                                              request.sampling_kwargs(max_tokens, self._default_sampling),

@@ -1,8 +1,11 @@
 """Bulk KV transfer between two replicas over torch.distributed point-to-point: gloo on CPU, NCCL on GPU.
 
 A replica's `KVChannels` holds one two-rank process group per peer and direction. The sender is rank 0
-and hosts the group's TCPStore; it asks the receiver to join (through the control channel, a targeted Serve
-call: deployments/migration/transport.py) and both build the group at once. A group is built on first use
+and hosts the group's TCPStore on its node's address (as Ray reports it; the store listens on every
+interface); it asks the receiver to join (through the control channel, a targeted Serve call:
+deployments/migration/transport.py) and both build the group at once. Each side first writes its Ray node id
+to the store and reads the other's: on one node both bind gloo to loopback, across nodes each binds to its
+node's address (or to the configured interface: deployments/cluster/placement.py). A group is built on first use
 and dropped after any failure, so the next transfer builds a fresh one. Groups are made directly
 (`ProcessGroupGloo(store, rank, 2)`), not with `init_process_group`, so they leave the default group (a
 tensor-parallel engine's) alone and any pair of replicas can talk, whenever they come and go.
@@ -25,9 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from deployments.cluster.placement import NodeAddress
 from engine.migration import KVStage
 
 SENDER, RECEIVER = 0, 1
+LOCAL_NODE = "local"  # the node id of channels made outside Ray (tests, benchmarks): all on one node
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,15 @@ def backend_for(device: torch.device) -> str:
 class _Pair:
     """A two-rank process group (blocking calls: run them in a worker thread)."""
 
-    def __init__(self, address: ChannelAddress, rank: int, store: dist.Store, local_host: str, timeout_s: float):
+    def __init__(self, address: ChannelAddress, rank: int, store: dist.Store, node: NodeAddress, timeout_s: float):
         self.backend = address.backend
         self.store = store  # the sender's store must live as long as the group
         self.lock = asyncio.Lock()  # one transfer at a time per pair: point-to-point calls pair up in order
         timeout = datetime.timedelta(seconds=timeout_s)
         prefixed = dist.PrefixStore(address.name, store)
+        prefixed.set(f"node/{rank}", node.node_id)
+        self.peer_node_id = prefixed.get(f"node/{1 - rank}").decode()  # blocks until the peer wrote it
+        self.is_local = self.peer_node_id == node.node_id
         if address.backend == "nccl":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
@@ -93,7 +101,7 @@ class _Pair:
         else:
             options = dist.ProcessGroupGloo._Options()
             options._timeout = timeout
-            options._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
+            options._devices = [_gloo_device(node, self.peer_node_id)]
             self.group = dist.ProcessGroupGloo(prefixed, rank, 2, options)
 
     def send(self, flat: torch.Tensor, tag: int) -> None:
@@ -105,6 +113,12 @@ class _Pair:
         _synchronize(flat.device)
 
 
+def _gloo_device(node: NodeAddress, peer_node_id: str):
+    if peer_node_id != node.node_id and node.interface is not None:
+        return dist.ProcessGroupGloo.create_device(interface=node.interface)
+    return dist.ProcessGroupGloo.create_device(hostname=node.host_towards(peer_node_id))
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":  # NCCL's wait only orders streams: the tensor is used from another thread next
         torch.cuda.synchronize(device)
@@ -113,8 +127,12 @@ def _synchronize(device: torch.device) -> None:
 class KVChannels:
     """This replica's point-to-point groups: as sender, one per destination; as receiver, one per source."""
 
-    def __init__(self, host: str, device: torch.device | str = "cpu", timeout_s: float = 30.0):
+    def __init__(self, host: str, device: torch.device | str = "cpu", timeout_s: float = 30.0, *,
+                 node_id: str = LOCAL_NODE, interface: str | None = None):
+        """`host`: this node's address as Ray reports it; `node_id`: its Ray node id; `interface`: the network
+        interface for groups with other nodes (None: bind to `host`)."""
         self.host = host
+        self.node = NodeAddress(host, node_id, interface)
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self._senders: dict[str, _Pair] = {}
@@ -147,7 +165,7 @@ class KVChannels:
             store = dist.TCPStore(self.host, 0, 2, True, timeout=datetime.timedelta(seconds=self.timeout_s),
                                   wait_for_workers=False)
             address = ChannelAddress(self.host, store.port, f"kv/{uuid.uuid4().hex}/", backend)
-            building = asyncio.ensure_future(asyncio.to_thread(_Pair, address, SENDER, store, self.host,
+            building = asyncio.ensure_future(asyncio.to_thread(_Pair, address, SENDER, store, self.node,
                                                                self.timeout_s))
             try:
                 await asyncio.gather(building, join(address))
@@ -166,7 +184,7 @@ class KVChannels:
         def build() -> _Pair:
             store = dist.TCPStore(address.host, address.port, 2, False,
                                   timeout=datetime.timedelta(seconds=self.timeout_s))
-            return _Pair(address, RECEIVER, store, self.host, self.timeout_s)
+            return _Pair(address, RECEIVER, store, self.node, self.timeout_s)
 
         self._receivers[peer] = await asyncio.to_thread(build)
         self.num_groups_built += 1
@@ -184,6 +202,11 @@ class KVChannels:
                 self._receivers.pop(peer, None)
                 raise
         return unpack(header, flat)
+
+    def peer_nodes(self) -> dict[str, tuple[str, bool]]:
+        """{peer replica: (its Ray node id, whether the group stays on loopback)} for every live group."""
+        pairs = {**self._receivers, **self._senders}
+        return {peer: (pair.peer_node_id, pair.is_local) for peer, pair in sorted(pairs.items())}
 
     def close(self) -> None:
         self._senders.clear()

@@ -1,4 +1,5 @@
-"""The controller's bookkeeping around a migration policy (pure Python, no Ray, injectable clock).
+"""The controller's bookkeeping around a migration policy (pure Python, no Ray, injectable clock; the
+simulator runs it too, on its virtual clock).
 
 Orders travel in the reply to the source replica's telemetry push. An order is *queued* until its source
 reports next, then *delivered*; the source puts a delivered order into its `migrating` list before its
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from deployments.migration.policy import MODES, MigrationOrder, MigrationPolicy, ReplicaLoad
+from deployments.migration.policy import MigrationPolicy
+from deployments.telemetry import MODES, MigrationOrder, ReplicaLoad
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class MigrationPlanner:
         self.num_orders = 0
 
     # ---- what replicas report ------------------------------------------------------------------------
-    def observe(self, replica_id: str, migrating: list[str]) -> None:
+    def observe(self, replica_id: str, migrating: tuple[str, ...] | list[str]) -> None:
         """A report from `replica_id`: its delivered orders missing from `migrating` have ended."""
         now = self._clock()
         for request_id, tracked in list(self._orders.items()):
@@ -65,15 +67,15 @@ class MigrationPlanner:
                 del self._orders[request_id]
                 self._cooldown_until[request_id] = now + self.cooldown_s
 
-    def take_orders(self, replica_id: str) -> list[dict[str, Any]]:
+    def take_orders(self, replica_id: str) -> tuple[MigrationOrder, ...]:
         """The queued orders whose source is `replica_id` (they are delivered now)."""
         now = self._clock()
         taken = []
         for tracked in self._orders.values():
             if tracked.order.source == replica_id and tracked.delivered_at is None:
                 tracked.delivered_at = now
-                taken.append(tracked.order.to_dict())
-        return taken
+                taken.append(tracked.order)
+        return tuple(taken)
 
     def forget_replica(self, replica_id: str) -> None:
         for request_id, tracked in list(self._orders.items()):

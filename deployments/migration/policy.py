@@ -1,5 +1,9 @@
 """Migration policies: which running request moves from which replica to which (pure Python, no Ray).
 
+The one implementation: the ClusterController (deployments/cluster/controller.py, through
+deployments/migration/planner.py) and the simulator (loadtest/sim) both run these classes over the typed
+telemetry of deployments/telemetry.py.
+
 A policy sees one `ReplicaLoad` per fresh replica (KV chunks used, what its waiting requests need, its
 running requests) with the migrations already in flight applied, and how many more migrations each replica
 may take part in now (`slots`). It returns `MigrationOrder`s. Policies are chosen by name from
@@ -24,70 +28,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("auto", "copy", "recompute")
+from deployments.telemetry import MODES, MigrationOrder, ReplicaLoad, RequestLoad
 
-
-@dataclass(frozen=True)
-class RequestLoad:
-    request_id: str
-    num_tokens: int
-    num_remaining: int  # output tokens it may still produce
-    kv_chunks: int  # KV chunks it takes (on any replica: same model, same page size)
-    is_migratable: bool = True
-
-
-@dataclass(frozen=True)
-class ReplicaLoad:
-    replica_id: str
-    capacity_chunks: int  # KV chunks used + free
-    used_chunks: int
-    waiting_chunks: int = 0  # what its waiting and swapped requests need to run
-    requests: tuple[RequestLoad, ...] = ()
-    started_at: float = 0.0  # when the replica started (wall clock): Serve scales down the newest first
-
-    @property
-    def demand_chunks(self) -> int:
-        return self.used_chunks + self.waiting_chunks
-
-    @property
-    def load(self) -> float:
-        return self.demand_chunks / self.capacity_chunks if self.capacity_chunks else 1.0
-
-    def moved(self, request: RequestLoad, incoming: bool) -> ReplicaLoad:
-        """This replica after `request` left it (incoming=False) or arrived (incoming=True)."""
-        if incoming:
-            return replace(self, used_chunks=self.used_chunks + request.kv_chunks,
-                           requests=(*self.requests, replace(request, is_migratable=False)))
-        return replace(self, used_chunks=max(0, self.used_chunks - request.kv_chunks),
-                       requests=tuple(r for r in self.requests if r.request_id != request.request_id))
-
-    @classmethod
-    def from_dict(cls, replica_id: str, data: dict[str, Any]) -> ReplicaLoad:
-        requests = tuple(RequestLoad(r["request_id"], r["num_tokens"], r["num_remaining"], r["kv_chunks"],
-                                     r["is_migratable"]) for r in data.get("requests", ()))
-        return cls(replica_id, data["capacity_chunks"], data["used_chunks"], data.get("waiting_chunks", 0),
-                   requests, data.get("started_at", 0.0))
-
-
-@dataclass(frozen=True)
-class MigrationOrder:
-    request_id: str
-    source: str
-    target: str
-    mode: str = "auto"  # auto: the source chooses copy or recompute from its cost model
-    reason: str = "balance"  # balance | pack | forced
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.source == self.target:
-            raise ValueError("a migration needs two different replicas")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["MIGRATION_POLICIES", "MODES", "BalanceAndPackPolicy", "BalancePolicy", "MigrationOrder",
+           "MigrationPolicy", "NoMigration", "ReplicaLoad", "RequestLoad", "create_migration_policy"]
 
 
 class MigrationPolicy(ABC):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.migration.relay import MIGRATED, Relay, RelayRegistry
+from deployments.telemetry import ReplicaLoad, replica_load
 from engine import migration
 from engine.api import RequestOutput
 from engine.migration import KVStage, MigrationError, RequestSnapshot
@@ -299,14 +300,6 @@ class MigrationManager:
                 logger.warning("migration of %s: cancel on %s failed: %r", attempt.request_id, attempt.target, exc)
 
     # ---- what the controller plans with ---------------------------------------------------------------
-    async def load_report(self, stats: Any) -> dict[str, Any]:
+    async def load_report(self, replica_id: str, stats: Any, started_at: float) -> ReplicaLoad:
         loads = await self._engine.run_in_engine(migration.request_loads)
-        return {
-            "capacity_chunks": stats.kv_chunks_used + stats.kv_chunks_free, "used_chunks": stats.kv_chunks_used,
-            "waiting_chunks": sum(load.kv_chunks for load in loads if load.status in ("waiting", "swapped")),
-            "requests": [{"request_id": load.request_id, "status": load.status, "num_tokens": load.num_tokens,
-                          "num_remaining": load.num_remaining, "kv_chunks": load.kv_chunks,
-                          "is_migratable": load.is_migratable and load.request_id not in self._active}
-                         for load in loads],
-            "migrating": self.migrating, "migration": self.stats.snapshot(),
-        }
+        return replica_load(replica_id, stats, loads, started_at, set(self._active))

@@ -16,11 +16,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from deployments.cluster.ranking import TARGET_KWARG
 from deployments.migration.kv_channel import ChannelAddress, KVChannels, StageHeader
 from deployments.migration.source import MigrationPeer
 from engine.migration import KVStage, RequestSnapshot
-
-TARGET_KWARG = "target_replica"
 
 
 class ServeHandlePeer(MigrationPeer):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from engine.api import EngineStats, GenerateRequest, InvalidRequestError, LayersDroppedError, RequestOutput
 from engine.config import EngineConfig
+from engine.core.chunk_policy import create_chunk_policy
 from engine.core.layer_staging import StagingStats
 from engine.core.request import Request
 from engine.core.runner import ModelRunner
@@ -59,6 +60,7 @@ class LLMEngine:
                                       config.host_buffer_bytes // rank.kv_spec.page_bytes)
         self.kv = KVCacheManager(rank.kv_spec, rank.pool, rank.dtype, host_buffer=rank.host_buffer,
                                  enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log,
+                                 layout=config.kv_layout, evictor=config.kv_evictor,
                                  host_tier=host_tier)
         self.sampler = Sampler(model_config.eos_token_ids)
         self.staging = StagingStats()  # LayerKV: bytes staged from the host (written by the runner)
@@ -77,6 +79,9 @@ class LLMEngine:
             ),
             self.kv,
             self.runner.activation_chunks_charged_to_kv,
+            chunk_policy=create_chunk_policy(
+                config.max_num_batched_tokens, config.max_prefill_chunk_tokens,
+                self.runner.activation_chunks_charged_to_kv, lambda tokens: self.kv.chunks_to_grow(None, tokens)),
         )
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.num_steps = 0

@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.core.sampler import SamplingState
 from engine.sampling_params import SamplingParams
 from engine.text.detokenizer import IncrementalDetokenizer
+
+
+class TokenView(Sequence[int]):
+    """prompt + output as one sequence, without concatenating them (KV commits slice whole pages of it)."""
+
+    __slots__ = ("_prompt", "_output")
+
+    def __init__(self, prompt: list[int], output: list[int]):
+        self._prompt = prompt
+        self._output = output
+
+    def __len__(self) -> int:
+        return len(self._prompt) + len(self._output)
+
+    def __getitem__(self, index):
+        num_prompt = len(self._prompt)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1 and stop <= num_prompt:
+                return self._prompt[start:stop]
+            if step == 1 and start >= num_prompt:
+                return self._output[start - num_prompt : stop - num_prompt]
+            return (self._prompt + self._output)[index]
+        if index < 0:
+            index += len(self)
+        return self._prompt[index] if index < num_prompt else self._output[index - num_prompt]
 
 
 class RequestStatus(enum.Enum):
@@ -42,6 +69,18 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, position: int) -> int:
+        """all_token_ids[position] without building the whole list (a decode step needs one token)."""
+        num_prompt = len(self.prompt_token_ids)
+        if position < num_prompt:
+            return self.prompt_token_ids[position]
+        return self.output_token_ids[position - num_prompt]
+
+    @property
+    def tokens(self) -> TokenView:
+        """A read-only view of prompt + output: indexing and slicing copy only what they return."""
+        return TokenView(self.prompt_token_ids, self.output_token_ids)
 
     @property
     def is_prefilling(self) -> bool:

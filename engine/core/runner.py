@@ -13,7 +13,7 @@ from engine.core.layer_staging import COPY_ENGINES, LayerStager, StagingStats, S
 from engine.core.sampler import Sampler, SampleResult, SamplingState
 from engine.core.scheduler import SchedulerOutput
 from engine.device.activation_workspace import ActivationWorkspace
-from engine.model.llama import LlamaModel
+from engine.model.registry import DecoderModel
 from memory.kv import KVCacheManager
 from memory.kv.mirror import LayoutMirror
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCacheManager | LayoutMirror, workspace: ActivationWorkspace,
+    def __init__(self, model: DecoderModel, kv: KVCacheManager | LayoutMirror, workspace: ActivationWorkspace,
                  sampler: Sampler | None, executor: TensorParallelExecutor | None = None,
                  kv_staging: str = "copy", staging_stats: StagingStats | None = None):
         self.model = model

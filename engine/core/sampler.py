@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from engine.api import TokenLogprob
+from engine.core.argmax import argmax_rows
 from engine.sampling_params import SamplingParams
 
 
@@ -97,7 +98,7 @@ class Sampler:
         if len(states) != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for {len(states)} sampling states")
         if all(state.is_plain_greedy for state in states):
-            token_ids = logits.argmax(dim=-1).tolist()
+            token_ids = argmax_rows(logits)
             for state in states:
                 state.num_output_tokens += 1  # plain-greedy rows keep no counts
             return SampleResult(token_ids, [None] * len(token_ids))

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.core.chunk_policy import ChunkPolicy, FixedChunkPolicy, StepMemory
 from engine.core.offload_policy import OFFLOAD_POLICIES
 from engine.core.request import Request, RequestStatus
 from engine.core.slo import SloAttainment, SloTargets
@@ -85,8 +86,10 @@ class Scheduler:
         kv: KVCacheManager,
         activation_chunks: Callable[[int, int], int],  # (num_tokens, num_sampled) -> chunks KV must leave free
         cost_model: StepCostModel | None = None,
+        chunk_policy: ChunkPolicy | None = None,  # the step's token budget (default: max_num_batched_tokens)
     ):
         self.config = config
+        self.chunk_policy = chunk_policy or FixedChunkPolicy(config.max_num_batched_tokens)
         self.kv = kv
         self.activation_chunks = activation_chunks
         self.cost_model = cost_model or StepCostModel()
@@ -182,7 +185,7 @@ class Scheduler:
         """Tokens this step may compute. With a TPOT target, prefill tokens are capped so the step stays
         within it (every running request waits for the step); with a TTFT target, a waiting request
         about to miss it lifts the cap so its prefill goes through (TTFT before TPOT, as LayerKV argues)."""
-        budget = self.config.max_num_batched_tokens
+        budget = self.chunk_policy.token_budget(self._step_memory())
         if self.config.tpot_slo_ms is None or not self.running:
             return budget
         # offloaded layers' fetches take their share of the TPOT target first
@@ -196,6 +199,10 @@ class Scheduler:
             if waited_ms + prefill_ms >= self.config.ttft_slo_ms:
                 return budget
         return capped
+
+    def _step_memory(self) -> StepMemory:
+        next_kv = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 1) for r in self.running)
+        return StepMemory(self.kv.num_available_chunks(), next_kv, len(self.running))
 
     def _fits(self, step: _StepBuilder, request_id: str | None, num_tokens: int, new_tokens: int, sampled: int) -> bool:
         """Whether growing `request_id` to `num_tokens` leaves room for the step's activations
@@ -348,13 +355,13 @@ class Scheduler:
         for request_id in step.decode_ids:
             request = self.requests[request_id]
             position = request.num_computed_tokens
-            token = request.all_token_ids[position]
+            token = request.token_at(position)
             decodes.append(ScheduledChunk(request_id, self.kv.slot_of(request_id), position, (token,), True))
         decodes.sort(key=lambda chunk: chunk.slot)
         prefills = []
         for request_id, start, num_new in step.prefill_plan:
             request = self.requests[request_id]
-            tokens = tuple(request.all_token_ids[start : start + num_new])
+            tokens = tuple(request.tokens[start : start + num_new])
             samples = start + num_new == request.num_tokens
             prefills.append(ScheduledChunk(request_id, self.kv.slot_of(request_id), start, tokens, samples))
         num_sampled = len(decodes) + sum(chunk.samples for chunk in prefills)
@@ -373,4 +380,4 @@ class Scheduler:
             if request is None:
                 continue
             request.num_computed_tokens = chunk.start + len(chunk.token_ids)
-            self.kv.commit(chunk.request_id, request.all_token_ids, request.num_computed_tokens)
+            self.kv.commit(chunk.request_id, request.tokens, request.num_computed_tokens)

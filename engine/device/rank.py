@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import create_attention_backend
+from engine.attention.paged_torch import PagedTorchBackend
 from engine.config import EngineConfig
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
 from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena, measure_segments, placed_bytes
 from engine.model.config import ModelConfig
 from engine.model.linear import create_linear
-from engine.model.llama import LlamaModel, ShardPlan
+from engine.model.llama import ShardPlan
+from engine.model.registry import DecoderModel, model_class
 from engine.weights import load_weights, resolve_model_source
 from memory import ElasticPool, HostBuffer, create_backend
 from memory.kv import KV_CLIENT, KVCacheSpec
@@ -37,7 +39,7 @@ class RankState:
     pool: ElasticPool
     host_buffer: HostBuffer | None
     arena: WeightArena
-    model: LlamaModel
+    model: DecoderModel
     workspace: ActivationWorkspace
     peak_activation_bytes: int  # the largest step's activation plan (what a static split reserves)
 
@@ -55,6 +57,16 @@ def page_tokens_for(requested: int, bytes_per_token: list[int], granularity: int
     if page_tokens != requested:
         logger.info("KV page grown from %d to %d tokens to fit %d-byte granules", requested, page_tokens, granularity)
     return page_tokens
+
+
+def static_split_chunks(weight_bytes: int, activation_bytes: int, device_memory_bytes: int,
+                        chunk_bytes: int) -> dict[str, int]:
+    """The static baseline's fixed shares: the weights, an activation reserve, and KV gets the rest
+    (the simulator sizes its static replicas with this too)."""
+    weight_chunks = -(-weight_bytes // chunk_bytes)
+    activation_chunks = -(-activation_bytes // chunk_bytes)
+    return {WEIGHTS_CLIENT: weight_chunks, ACTIVATIONS_CLIENT: activation_chunks,
+            KV_CLIENT: device_memory_bytes // chunk_bytes - weight_chunks - activation_chunks}
 
 
 def measure_weight_bytes(build: Callable, page_bytes: int = 1) -> int:
@@ -79,10 +91,14 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
     slot_len = -(-max_len // page_tokens) * page_tokens
     attention = create_attention_backend(config.attention_backend)
-    linear = create_linear(config.linear_backend)
+    if config.kv_layout == "paged":  # reads K/V through block tables, then attends with the chosen backend
+        attention = PagedTorchBackend(attention)
+    linear = create_linear(config.linear_backend, config.device)
 
-    def build(allocate) -> LlamaModel:
-        return LlamaModel(model_config, weights, attention, dtype, allocate=allocate, shard=shard,
+    model_type = model_class(model_config)
+
+    def build(allocate) -> DecoderModel:
+        return model_type(model_config, weights, attention, dtype, allocate=allocate, shard=shard,
                           all_reduce=all_reduce, max_positions=slot_len, linear=linear)
 
     spec = KVCacheSpec(
@@ -101,8 +117,8 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     segment_bytes = measure_segments(build)
     weight_bytes = placed_bytes(segment_bytes, chunk)  # each layer on pages of its own (so it can be dropped)
     # the largest step the scheduler may plan: a full prefill budget plus a decode for every slot
-    max_step_tokens = config.max_num_batched_tokens + config.max_num_seqs
-    plan = LlamaModel.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
+    max_step_tokens = max(config.max_num_batched_tokens, config.max_prefill_chunk_tokens or 0) + config.max_num_seqs
+    plan = model_type.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
     peak_activation_bytes = plan.num_bytes
     if weight_bytes + peak_activation_bytes // 8 > config.device_memory_bytes:
         raise ValueError(f"device memory {config.device_memory_bytes} B cannot hold the weights ({weight_bytes} B) "
@@ -110,15 +126,9 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     static_split = None
     if config.pool_policy == "static":
         activation_tokens = config.static_activation_tokens or max_step_tokens
-        activation_bytes = LlamaModel.plan_buffers(model_config, shard, dtype, activation_tokens,
+        activation_bytes = model_type.plan_buffers(model_config, shard, dtype, activation_tokens,
                                                    config.max_num_seqs).num_bytes
-        weight_chunks = weight_bytes // chunk
-        activation_chunks = -(-activation_bytes // chunk)
-        static_split = {
-            WEIGHTS_CLIENT: weight_chunks,
-            ACTIVATIONS_CLIENT: activation_chunks,
-            KV_CLIENT: config.device_memory_bytes // chunk - weight_chunks - activation_chunks,
-        }
+        static_split = static_split_chunks(weight_bytes, activation_bytes, config.device_memory_bytes, chunk)
     host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
     pool = ElasticPool(backend, config.device_memory_bytes, chunk, config.pool_policy,
                        static_split=static_split, host_buffer=host_buffer)

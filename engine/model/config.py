@@ -1,8 +1,10 @@
-"""The shape of a Llama-family decoder, independent of where its weights come from.
+"""The shape of a decoder, independent of where its weights come from.
 
-One `ModelConfig` describes SmolLM2, Llama, Mistral, Qwen2 and Qwen3: they differ only in a few
-switches (qk-norm, attention bias, per-layer sliding window), which are fields here rather than
-model classes. It is built from a Hugging Face `config.json` dict or from GGUF metadata.
+One `ModelConfig` describes SmolLM2, Llama, Mistral, Qwen2, Qwen3 and Gemma 3: the Llama family differs
+only in a few switches (qk-norm, attention bias, per-layer sliding window), which are fields here rather
+than model classes; Gemma 3 (`gemma3_text`, its own model class in engine/model/gemma3.py) adds a local
+RoPE base, a query scale and an optional final logit soft-cap. It is built from a Hugging Face
+`config.json` dict or from GGUF metadata.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class ModelConfig:
     attention_bias: bool  # Qwen2: q/k/v projections carry a bias
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Gemma 3 only (None elsewhere): sliding layers' own RoPE base, the query scale 1/sqrt(scalar),
+    # and tanh soft-capping of the final logits.
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: int | None = None
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -81,6 +88,9 @@ class ModelConfig:
         if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
             raise ValueError(f"bos_token_id {self.bos_token_id} outside the vocabulary")
 
+        if self.architecture == GEMMA3 and (self.rope_local_theta is None or self.query_pre_attn_scalar is None):
+            raise ValueError("gemma3_text needs rope_local_theta and query_pre_attn_scalar")
+
     @property
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
@@ -94,6 +104,8 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """A transformers config.json dict for the same model (HF reference runs, benchmarks)."""
+        if self.architecture == GEMMA3:
+            return self._gemma3_hf_config()
         rope_parameters = {"rope_type": "default", **(self.rope_scaling_dict or {})}
         rope_parameters["rope_theta"] = self.rope_theta
         eos = list(self.eos_token_ids)
@@ -124,10 +136,30 @@ class ModelConfig:
                 config["use_sliding_window"] = True
         return config
 
+    def _gemma3_hf_config(self) -> dict[str, Any]:
+        full = {"rope_type": "default", **(self.rope_scaling_dict or {}), "rope_theta": self.rope_theta}
+        eos = list(self.eos_token_ids)
+        return {
+            "model_type": GEMMA3, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {FULL_ATTENTION: full,
+                                SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": self.rope_local_theta}},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos, "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": self.query_pre_attn_scalar, "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types), "final_logit_softcapping": self.final_logit_softcapping,
+            "attn_logit_softcapping": None, "attention_bias": False,
+        }
+
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> ModelConfig:
         """Build from a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling)."""
         model_type = config.get("model_type")
+        if model_type == GEMMA3:
+            return _gemma3_from_hf_config(config)
         family = HF_FAMILIES.get(model_type)
         if family is None:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(HF_FAMILIES)}")
@@ -158,6 +190,46 @@ class ModelConfig:
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=_token_ids(config.get("eos_token_id")),
         )
+
+
+GEMMA3 = "gemma3_text"  # HF's model_type for Gemma 3's text decoder
+GEMMA3_SLIDING_PATTERN = 6  # five sliding layers, then one global (HF's default and llama.cpp's rule)
+
+
+def gemma3_layer_types(num_layers: int, pattern: int = GEMMA3_SLIDING_PATTERN) -> tuple[str, ...]:
+    return tuple(FULL_ATTENTION if (i + 1) % pattern == 0 else SLIDING_ATTENTION for i in range(num_layers))
+
+
+def _gemma3_from_hf_config(config: Mapping[str, Any]) -> ModelConfig:
+    num_layers = int(config["num_hidden_layers"])
+    parameters = config.get("rope_parameters") or {}
+    if FULL_ATTENTION in parameters:  # transformers 5: one RoPE dict per layer kind
+        full, local = parameters[FULL_ATTENTION], parameters.get(SLIDING_ATTENTION, {})
+        theta, local_theta = float(full.get("rope_theta", 1e6)), float(local.get("rope_theta", 1e4))
+        scaling = freeze_rope_scaling(full)
+    else:  # transformers 4 spelling
+        theta = float(config.get("rope_theta", 1e6))
+        local_theta = float(config.get("rope_local_base_freq", 1e4))
+        scaling = freeze_rope_scaling(config.get("rope_scaling"))
+    listed = config.get("layer_types")
+    layer_types = tuple(listed) if listed else gemma3_layer_types(
+        num_layers, int(config.get("sliding_window_pattern") or GEMMA3_SLIDING_PATTERN))
+    if config.get("attn_logit_softcapping") is not None:
+        raise ValueError("Gemma 3 with attn_logit_softcapping is not supported")
+    head_dim = int(config.get("head_dim", 256))
+    return ModelConfig(
+        architecture=GEMMA3, vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
+        intermediate_size=int(config["intermediate_size"]), num_layers=num_layers,
+        num_heads=int(config["num_attention_heads"]), num_kv_heads=int(config["num_key_value_heads"]),
+        head_dim=head_dim, rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        rope_scaling=scaling, max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)), layer_types=layer_types,
+        sliding_window=int(config["sliding_window"]) if SLIDING_ATTENTION in layer_types else None,
+        use_qk_norm=True, attention_bias=False, bos_token_id=config.get("bos_token_id"),
+        eos_token_ids=_token_ids(config.get("eos_token_id")), rope_local_theta=local_theta,
+        query_pre_attn_scalar=int(config.get("query_pre_attn_scalar", head_dim)),
+        final_logit_softcapping=config.get("final_logit_softcapping"),
+    )
 
 
 @dataclass(frozen=True)
@@ -246,7 +318,7 @@ def _token_ids(value: Any) -> tuple[int, ...]:
 
 # GGUF `general.architecture` -> HF model_type.
 GGUF_ARCHITECTURES: dict[str, str] = {
-    "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+    "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": GEMMA3,
 }
 
 
@@ -267,7 +339,16 @@ def model_config_from_gguf(metadata: Mapping[str, Any], tensor_names: Collection
     if vocab_size is None:
         vocab_size = len(metadata["tokenizer.ggml.tokens"])
     window = key("attention.sliding_window")
-    layer_types = ((SLIDING_ATTENTION if window else FULL_ATTENTION),) * num_layers
+    head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden_size // num_heads)
+    gemma: dict[str, Any] = {}
+    if gguf_arch == "gemma3":
+        # GGUF records neither the layer pattern, the local RoPE base nor the query scale: llama.cpp
+        # hard-codes them for gemma3 (pattern 6, base 10000, 1/sqrt(head_dim)); so do transformers' defaults.
+        layer_types = gemma3_layer_types(num_layers)
+        gemma = dict(rope_local_theta=10000.0, query_pre_attn_scalar=head_dim,
+                     final_logit_softcapping=key("final_logit_softcapping"))
+    else:
+        layer_types = ((SLIDING_ATTENTION if window else FULL_ATTENTION),) * num_layers
     scaling_type = key("rope.scaling.type")
     rope_scaling = None
     if scaling_type not in (None, "none"):
@@ -286,7 +367,7 @@ def model_config_from_gguf(metadata: Mapping[str, Any], tensor_names: Collection
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=int(key("attention.head_count_kv", num_heads)),
-        head_dim=int(key("attention.key_length") or key("rope.dimension_count") or hidden_size // num_heads),
+        head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
@@ -298,4 +379,5 @@ def model_config_from_gguf(metadata: Mapping[str, Any], tensor_names: Collection
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_token_ids([t for t in (eos, eot) if t is not None]),
+        **gemma,
     )

@@ -7,7 +7,13 @@
   steps of SmolLM2 against torch.mm: 2 threads 1.45x at batch 1, 1.97x at 4, 1.58x at 8, 1.24x at 16,
   equal at 32; 1 thread 1.05x at 1, 1.50x at 4, 1.16x at 8, 0.94x at 16. Hence at most
   `ROWS_PER_THREAD` rows per thread, `MAX_ROWS` in all.
-- `auto`: `native` where it builds (a C compiler and AVX2/FMA), else `torch`.
+- `onednn`: bf16 weights pre-packed for oneDNN at load and kept in the pool (engine/model/onednn_linear.py),
+  for AVX512-BF16 / AMX CPUs; fp32 products go to `native` / `torch` as before.
+- `auto`: `onednn` where the CPU has AVX512-BF16 or AMX (it only acts on bf16 weights), wrapping `native`
+  where that builds (a C compiler and AVX2/FMA), else `torch`.
+
+A backend also decides how a weight is stored (`place`, once at load): the model keeps whatever `place`
+returned and passes it back on every call, so a backend may keep weights in its own layout.
 """
 
 from __future__ import annotations
@@ -24,12 +30,23 @@ from engine.native_build import load_library
 logger = logging.getLogger(__name__)
 MAX_ROWS = 16
 ROWS_PER_THREAD = 8
+Allocator = Callable[[torch.Tensor], torch.Tensor]  # returns a pool-backed copy of the tensor
 
 
 class TorchLinear:
     name = "torch"
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def place(self, weight: torch.Tensor, allocate: Allocator):
+        """Stores a [out, in] weight (in the model's dtype) through `allocate`; returns what `__call__` takes."""
+        return allocate(weight)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        """out = x @ weight.T (+ bias), written into `out` (which may be fp32 for bf16 operands: logits)."""
+        if out.dtype != x.dtype:
+            return out.copy_(torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t()))
+        if bias is not None:
+            return torch.addmm(bias, x, weight.t(), out=out)
         return torch.mm(x, weight.t(), out=out)
 
 
@@ -42,9 +59,10 @@ class NativeLinear(TorchLinear):
         self._kernel.restype = None
         self._kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if not self._fits(x, weight, out):
-            return super().__call__(x, weight, out)
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        if bias is not None or not self._fits(x, weight, out):
+            return super().__call__(x, weight, out, bias)
         self._kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1],
                      out.stride(0), torch.get_num_threads())
         return out
@@ -58,7 +76,7 @@ class NativeLinear(TorchLinear):
                 and out.shape == (x.shape[0], weight.shape[0]) and x.shape[1] == weight.shape[1])
 
 
-def _auto() -> TorchLinear:
+def _native_or_torch() -> TorchLinear:
     try:
         return NativeLinear()
     except (RuntimeError, OSError) as error:
@@ -66,11 +84,29 @@ def _auto() -> TorchLinear:
         return TorchLinear()
 
 
-_LINEARS: dict[str, Callable[[], TorchLinear]] = {"torch": TorchLinear, "native": NativeLinear, "auto": _auto}
+def _onednn(device: str = "cpu") -> TorchLinear:
+    from engine.model.onednn_linear import OneDnnLinear
+
+    if device != "cpu":  # the packed bytes are CPU memory layouts: never for weights placed on a GPU
+        raise ValueError(f"the onednn linear backend is for CPU weights, not {device!r}")
+    return OneDnnLinear(fallback=_native_or_torch())
 
 
-def create_linear(name: str = "auto") -> TorchLinear:
+def _auto(device: str = "cpu") -> TorchLinear:
+    from engine.model.onednn_linear import onednn_available
+
+    return _onednn() if device == "cpu" and onednn_available() else _native_or_torch()
+
+
+_LINEARS: dict[str, Callable[[str], TorchLinear]] = {"torch": lambda device="cpu": TorchLinear(),
+                                                     "native": lambda device="cpu": NativeLinear(),
+                                                     "onednn": _onednn, "auto": _auto}
+
+
+def create_linear(name: str = "auto", device: str = "cpu") -> TorchLinear:
+    """The backend `name` for weights placed on `device` ("cpu" | "cuda")."""
     try:
-        return _LINEARS[name]()
+        factory = _LINEARS[name]
     except KeyError:
         raise ValueError(f"unknown linear backend {name!r}; known: {sorted(_LINEARS)}") from None
+    return factory(device)

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from engine.api import LayersDroppedError
 from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
 from engine.model.buffers import BufferPlan
 from engine.model.config import ModelConfig
+from engine.model.elementwise import TorchElementwise, create_elementwise
 from engine.model.linear import TorchLinear
-from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
+from engine.model.rope import cos_sin_table, inverse_frequencies
 
 # returns a pool-backed copy of the tensor, on the pages of `layer` (None: tensors every layer uses)
 Allocator = Callable[..., torch.Tensor]
@@ -71,11 +71,12 @@ class LlamaModel:
         weights: dict[str, torch.Tensor],
         attention: AttentionBackend,
         dtype: torch.dtype,
-        allocate: Allocator = lambda tensor: tensor,
+        allocate: Allocator = lambda tensor, layer=None: tensor,
         shard: ShardPlan | None = None,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
         max_positions: int | None = None,
         linear: TorchLinear | None = None,
+        elementwise: TorchElementwise | None = None,
     ):
         self.config = config
         self.dtype = dtype
@@ -92,18 +93,28 @@ class LlamaModel:
         def place(tensor: torch.Tensor, layer: int | None = None) -> torch.Tensor:
             return allocate(tensor.to(dtype).contiguous(), layer)
 
+        def place_matrix(tensor: torch.Tensor, layer: int | None = None):  # stored the linear backend's way
+            return self.linear.place(tensor.to(dtype).contiguous(), lambda placed: allocate(placed, layer))
+
         self.embed = place(weights["model.embed_tokens.weight"])
+        # norms, RoPE, SiLU x up (engine/model/elementwise.py): fused C kernels in bf16 on CPU
+        self.ops = elementwise or create_elementwise(dtype, self.embed.device.type)
         lm_head = weights.get("lm_head.weight")
-        self.lm_head = self.embed if lm_head is None else place(lm_head)
+        if lm_head is None:  # tied: the embedding itself, unless the backend stores products' weights its own way
+            embed = self.embed
+            self.lm_head = self.linear.place(embed, lambda tensor: embed if tensor is embed else allocate(tensor, None))
+        else:
+            self.lm_head = place_matrix(lm_head)
         self.final_norm = place(weights["model.norm.weight"])
-        self.layers = [self._load_layer(weights, i, functools.partial(place, layer=i))
+        self.layers = [self._load_layer(weights, i, functools.partial(place, layer=i),
+                                        functools.partial(place_matrix, layer=i))
                        for i in range(config.num_layers)]
         self.dropped_layers: frozenset[int] = frozenset()  # weights given back to the pool (KunServe)
         positions = max_positions or config.max_position_embeddings
         inv_freq = inverse_frequencies(head_dim, config.rope_theta, dict(config.rope_scaling or ()))
         self.rope_table = place(cos_sin_table(positions, inv_freq, torch.float32)).to(dtype)
 
-    def _load_layer(self, weights, index: int, place) -> dict:
+    def _load_layer(self, weights, index: int, place, place_matrix) -> dict:
         c, s, d = self.config, self.shard, self.config.head_dim
         prefix = f"model.layers.{index}."
         attn = prefix + "self_attn."
@@ -117,9 +128,9 @@ class LlamaModel:
         layer = {
             "input_norm": place(weights[prefix + "input_layernorm.weight"]),
             "post_norm": place(weights[prefix + "post_attention_layernorm.weight"]),
-            "qkv": place(qkv),
-            "o": place(weights[attn + "o_proj.weight"][:, s.heads.start * d : s.heads.stop * d]),
-            "gate_up": place(
+            "qkv": place_matrix(qkv),
+            "o": place_matrix(weights[attn + "o_proj.weight"][:, s.heads.start * d : s.heads.stop * d]),
+            "gate_up": place_matrix(
                 torch.cat(
                     [
                         weights[prefix + "mlp.gate_proj.weight"][s.mlp_columns.start : s.mlp_columns.stop],
@@ -127,7 +138,7 @@ class LlamaModel:
                     ]
                 )
             ),
-            "down": place(weights[prefix + "mlp.down_proj.weight"][:, s.mlp_columns.start : s.mlp_columns.stop]),
+            "down": place_matrix(weights[prefix + "mlp.down_proj.weight"][:, s.mlp_columns.start : s.mlp_columns.stop]),
             "spec": LayerAttentionSpec(
                 num_heads=self.num_heads,
                 num_kv_heads=self.num_kv_heads,
@@ -176,10 +187,7 @@ class LlamaModel:
 
     # ---- forward ---------------------------------------------------------------------------
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        # transformers' order: normalise in fp32, cast back, then scale
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        torch.mul(x, torch.rsqrt(variance + self.config.rms_norm_eps), out=out)
-        return out.mul_(weight)
+        return self.ops.rms_norm(x, weight, out, self.config.rms_norm_eps)
 
     def forward(
         self,
@@ -199,7 +207,10 @@ class LlamaModel:
                       layer_hook: LayerHook | None = None) -> torch.Tensor:
         """Runs `layers` over buffers["hidden"] (first embedding the tokens when `embed`; otherwise the
         caller has put the previous stage's hidden states there); returns that buffer. A pipeline stage
-        of cooperative execution runs its own layer range; `forward` runs them all."""
+        of cooperative execution runs its own layer range; `forward` runs them all.
+
+        Each block's output projection is added to the residual stream by the next block's norm
+        (`add_rms_norm`: one pass where the elementwise ops are fused), the stage's last one at its end."""
         missing = self.dropped_layers.intersection(layers)
         if missing:
             raise LayersDroppedError(f"layers {sorted(missing)} are dropped on this replica")
@@ -208,14 +219,17 @@ class LlamaModel:
             torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
         rope = self.rope_table[batch.positions]  # [T, 2, D]
         cos, sin = rope[:, 0:1], rope[:, 1:2]
+        pending = None  # the residual not yet added to `hidden`
         for index in layers:
             layer = self.layers[index]
             if layer_hook is not None:
                 layer_hook.before(index)
-            self._attention_block(layer, hidden, cos, sin, kv_caches[index], batch, buffers)
+            pending = self._attention_block(layer, hidden, pending, cos, sin, kv_caches[index], batch, buffers)
             if layer_hook is not None:  # the layer's KV is written: its write-back overlaps the MLP
                 layer_hook.after(index)
-            self._mlp_block(layer, hidden, buffers)
+            pending = self._mlp_block(layer, hidden, pending, buffers)
+        if pending is not None:
+            hidden.add_(pending)
         return hidden
 
     def compute_logits(self, batch: ForwardBatch, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -227,45 +241,38 @@ class LlamaModel:
         last = buffers["last_hidden"]
         torch.index_select(hidden, 0, batch.logits_indices, out=last)
         normed_last = self._rms_norm(last, self.final_norm, last)
-        if self.dtype == torch.float32:
-            self.linear(normed_last, self.lm_head, logits)
-        else:
-            logits.copy_(torch.mm(normed_last, self.lm_head.t()))
+        self.linear(normed_last, self.lm_head, logits)  # fp32 logits: the sampler's argmax reads fp32
         return logits
 
-    def _attention_block(self, layer, hidden, cos, sin, kv_cache, batch, buffers) -> None:
+    def _attention_block(self, layer, hidden, pending, cos, sin, kv_cache, batch, buffers) -> torch.Tensor:
         num_tokens, head_dim = hidden.shape[0], self.config.head_dim
-        normed = self._rms_norm(hidden, layer["input_norm"], buffers["normed"])
+        normed = self.ops.add_rms_norm(hidden, pending, layer["input_norm"], buffers["normed"],
+                                       self.config.rms_norm_eps)
         qkv = buffers["qkv"]
-        if "qkv_bias" in layer:
-            torch.addmm(layer["qkv_bias"], normed, layer["qkv"].t(), out=qkv)
-        else:
-            self.linear(normed, layer["qkv"], qkv)
+        self.linear(normed, layer["qkv"], qkv, layer.get("qkv_bias"))
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, head_dim)
         if "q_norm" in layer:
             q = self._rms_norm(q, layer["q_norm"], torch.empty_like(q))
             k = self._rms_norm(k, layer["k_norm"], torch.empty_like(k))
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q, k = self.ops.rope(q, k, cos, sin)
         attn = buffers["attn"]
         self.attention.forward(layer["spec"], q, k, v, kv_cache[0], kv_cache[1], batch, attn)
         proj = buffers["proj"]
         self.linear(attn.view(num_tokens, -1), layer["o"], proj)
         if self.all_reduce is not None:
             self.all_reduce(proj)
-        hidden.add_(proj)
+        return proj
 
-    def _mlp_block(self, layer, hidden, buffers) -> None:
-        normed = self._rms_norm(hidden, layer["post_norm"], buffers["normed"])
+    def _mlp_block(self, layer, hidden, pending, buffers) -> torch.Tensor:
+        normed = self.ops.add_rms_norm(hidden, pending, layer["post_norm"], buffers["normed"],
+                                       self.config.rms_norm_eps)
         gate_up = buffers["gate_up"]
         self.linear(normed, layer["gate_up"], gate_up)
-        width = gate_up.shape[1] // 2
-        act = buffers["act"]
-        torch.mul(F.silu(gate_up[:, :width]), gate_up[:, width:], out=act)
+        act = self.ops.silu_mul(gate_up, buffers["act"])
         proj = buffers["proj"]
         self.linear(act, layer["down"], proj)
         if self.all_reduce is not None:
             self.all_reduce(proj)
-        hidden.add_(proj)
+        return proj

@@ -22,9 +22,10 @@ def process_group_backend(config: EngineConfig) -> str:
 
 
 def join_group(config: EngineConfig, init_method_file: str, rank: int) -> None:
-    if config.device == "cpu":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: stay on loopback
-    else:
+    if config.process_group_interface is not None:
+        variable = "GLOO_SOCKET_IFNAME" if config.device == "cpu" else "NCCL_SOCKET_IFNAME"
+        os.environ[variable] = config.process_group_interface
+    if config.device == "cuda":
         torch.cuda.set_device(0)  # Ray gives each rank actor its own visible GPU
     dist.init_process_group(process_group_backend(config), init_method=f"file://{init_method_file}",
                             rank=rank, world_size=config.tensor_parallel_size)

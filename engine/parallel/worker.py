@@ -29,7 +29,7 @@ class WorkerProcess:
         """Serves steps until rank 0 says stop; returns the number of steps run."""
         join_group(self.config, self.init_method_file, self.rank)
         state = build_rank(self.config, self.rank, self.config.tensor_parallel_size, all_reduce=dist.all_reduce)
-        mirror = LayoutMirror(state.kv_spec, state.pool, state.dtype, state.host_buffer)
+        mirror = LayoutMirror(state.kv_spec, state.pool, state.dtype, state.host_buffer, layout=self.config.kv_layout)
         runner = ModelRunner(state.model, mirror, state.workspace, sampler=None)
         num_steps = 0
         try:

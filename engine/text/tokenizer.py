@@ -9,7 +9,6 @@ the file's path, size and mtime and the transformers version, and later starts r
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -20,13 +19,9 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.api import InvalidRequestError
-from engine.weights import ModelSource, resolve_model_source
+from engine.weights import CACHE_ENV, ModelSource, default_cache_dir, resolve_model_source
 
-CACHE_ENV = "ELASTIC_SERVE_CACHE_DIR"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "elastic-serve")
+__all__ = ["CACHE_ENV", "default_cache_dir", "load_tokenizer"]
 
 
 def _gguf_cache_key(path: Path) -> str:

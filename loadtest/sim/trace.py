@@ -1,8 +1,12 @@
-"""Request traces for the packing simulation: a synthetic diurnal one, or a file.
+"""Request traces for the simulator: synthetic (diurnal, bursty, several models) or replayed from a file.
 
-A trace is a tuple of `TraceRequest` sorted by arrival. Files are CSV (a header with `arrival`,
-`prompt_tokens`, `output_tokens`; other columns ignored) or JSONL (one object per line with those keys);
-arrival is in seconds from the start of the trace.
+A trace is a tuple of `TraceRequest` sorted by arrival (seconds from the start of the trace). Files
+(`load_trace`, the format told by the header):
+- our own CSV (`arrival`, `prompt_tokens`, `output_tokens`, optional `model`) or JSONL with those keys;
+- BurstGPT (github.com/HPMLL/BurstGPT): `Timestamp` (s), `Model`, `Request tokens`, `Response tokens`;
+  rows with 0 response tokens (failed requests) are skipped;
+- Azure LLM inference traces (github.com/Azure/AzurePublicDataset, AzureLLMInferenceTrace_{code,conv}
+  2023/2024): `TIMESTAMP` (a date-time), `ContextTokens`, `GeneratedTokens`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import csv
 import json
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ class TraceRequest:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    model: str = ""  # which deployment serves it ("" = the only one)
 
     def __post_init__(self) -> None:
         if self.arrival_s < 0 or self.prompt_tokens < 1 or self.output_tokens < 1:
@@ -84,19 +90,77 @@ def _clipped_lognormal(rng: np.random.Generator, median: float, sigma: float, bo
 
 
 def load_trace(path: str | Path) -> tuple[TraceRequest, ...]:
-    """Reads a CSV or JSONL trace (by extension: .jsonl/.json are JSON lines, anything else CSV)."""
+    """Reads a trace file: JSONL by extension (.jsonl/.json), else CSV in one of the formats above."""
     path = Path(path)
     with path.open(newline="") as handle:
         if path.suffix in (".jsonl", ".json"):
             rows = [json.loads(line) for line in handle if line.strip()]
         else:
             rows = list(csv.DictReader(handle))
-    try:
-        requests = [TraceRequest(float(row["arrival"]), int(row["prompt_tokens"]), int(row["output_tokens"]))
-                    for row in rows]
-    except KeyError as error:
-        raise ValueError(f"{path}: every row needs arrival, prompt_tokens, output_tokens (missing {error})") from None
-    return tuple(sorted(requests, key=lambda request: request.arrival_s))
+    if not rows:
+        return ()
+    columns = set(rows[0])
+    if {"Timestamp", "Request tokens", "Response tokens"} <= columns:  # BurstGPT
+        requests = [TraceRequest(float(row["Timestamp"]), max(1, int(row["Request tokens"])),
+                                 int(row["Response tokens"]), row.get("Model", "")) for row in rows
+                    if int(row["Response tokens"]) > 0]
+    elif {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} <= columns:  # Azure
+        times = [datetime.fromisoformat(row["TIMESTAMP"].strip()[:26]) for row in rows]
+        start = min(times)
+        requests = [TraceRequest((when - start).total_seconds(), max(1, int(row["ContextTokens"])),
+                                 max(1, int(row["GeneratedTokens"]))) for when, row in zip(times, rows, strict=True)]
+    else:
+        try:
+            requests = [TraceRequest(float(row["arrival"]), int(row["prompt_tokens"]), int(row["output_tokens"]),
+                                     row.get("model") or "") for row in rows]
+        except KeyError as error:
+            raise ValueError(f"{path}: not BurstGPT, Azure, or arrival/prompt_tokens/output_tokens "
+                             f"(missing {error})") from None
+    requests.sort(key=lambda request: request.arrival_s)
+    start = requests[0].arrival_s if requests else 0.0
+    return tuple(TraceRequest(r.arrival_s - start, r.prompt_tokens, r.output_tokens, r.model) for r in requests)
+
+
+def write_trace(path: str | Path, trace: tuple[TraceRequest, ...]) -> None:
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("arrival", "prompt_tokens", "output_tokens", "model"))
+        writer.writerows((f"{r.arrival_s:.6f}", r.prompt_tokens, r.output_tokens, r.model) for r in trace)
+
+
+@dataclass(frozen=True)
+class BurstyTrace:
+    """Diurnal arrivals (`diurnal`) with bursts on top: burst episodes start as a Poisson process
+    (`bursts_per_hour`), each lasting an exponential time (mean `burst_mean_s`) during which the rate is
+    multiplied by `burst_factor` (BurstGPT's observation: short surges several times the base rate)."""
+
+    diurnal: DiurnalTrace
+    bursts_per_hour: float = 2.0
+    burst_mean_s: float = 120.0
+    burst_factor: float = 3.0
+
+    def generate(self, seed: int) -> tuple[TraceRequest, ...]:
+        rng = np.random.default_rng(seed + 7919)
+        base = self.diurnal.generate(seed)
+        duration = self.diurnal.hours * 3600
+        extra_rate = self.diurnal.mean_rate_per_s * (self.burst_factor - 1)
+        extra: list[TraceRequest] = []
+        for start in np.sort(rng.uniform(0, duration, rng.poisson(self.bursts_per_hour * self.diurnal.hours))):
+            length = rng.exponential(self.burst_mean_s)
+            count = rng.poisson(extra_rate * self.diurnal.rate_at(start) / self.diurnal.mean_rate_per_s * length)
+            times = np.sort(rng.uniform(start, min(duration, start + length), count))
+            d = self.diurnal
+            prompts = _clipped_lognormal(rng, d.prompt_median, d.prompt_sigma, d.prompt_range, count)
+            outputs = _clipped_lognormal(rng, d.output_median, d.output_sigma, d.output_range, count)
+            extra += [TraceRequest(float(t), int(p), int(o)) for t, p, o in zip(times, prompts, outputs, strict=True)]
+        return tuple(sorted(base + tuple(extra), key=lambda r: r.arrival_s))
+
+
+def multi_model(traces: dict[str, tuple[TraceRequest, ...]]) -> tuple[TraceRequest, ...]:
+    """One trace of several deployments' requests (each tagged with its model)."""
+    merged = [TraceRequest(r.arrival_s, r.prompt_tokens, r.output_tokens, model) for model, trace in traces.items()
+              for r in trace]
+    return tuple(sorted(merged, key=lambda r: (r.arrival_s, r.model)))
 
 
 def clip_to_context(trace: tuple[TraceRequest, ...], max_model_len: int) -> tuple[TraceRequest, ...]:
@@ -105,5 +169,5 @@ def clip_to_context(trace: tuple[TraceRequest, ...], max_model_len: int) -> tupl
     for request in trace:
         prompt = min(request.prompt_tokens, max_model_len - 1)
         output = min(request.output_tokens, max_model_len - prompt)
-        result.append(TraceRequest(request.arrival_s, prompt, output))
+        result.append(TraceRequest(request.arrival_s, prompt, output, request.model))
     return tuple(result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from memory.vmm.base import PhysicalChunk
 
@@ -21,6 +22,9 @@ class KVBlock:
     chunks: list[PhysicalChunk]  # [K of layer 0, V of layer 0, K of layer 1, ...] of the group
     ref_count: int = 0
     block_hash: int | None = None  # set once the block is full and its tokens are known
+    page: int = -1  # its page index in the request's token order, once hashed (for the evictor)
+    reused: bool = False  # a prefix hit has used it (the evictor keeps hit prefixes longest)
+    release: int = 0  # the request that parked it (one request's blocks are evicted as a group)
 
 
 def chain_hash(parent_hash: int | None, token_ids: Sequence[int]) -> int:
@@ -47,6 +51,9 @@ class PrefixCache:
     num_queried_tokens: int = 0
     num_hit_tokens: int = 0
     num_evictable_chunks: int = 0  # kept as a count: the scheduler asks for it many times per step
+    # None: plain LRU; else an Evictor (memory/kv/evictor.py) picks inside the oldest release
+    evictor: Any = None
+    current_release: int = 0  # the release blocks parked now join (the manager sets it per request)
 
     def lookup(self, group: int, block_hash: int) -> KVBlock | None:
         return self.by_hash.get((group, block_hash))
@@ -65,11 +72,13 @@ class PrefixCache:
         if self.evictable.pop(block.block_id, None) is not None:
             self.num_evictable_chunks -= len(block.chunks)
         block.ref_count += 1
+        block.reused = True
 
     def park(self, block: KVBlock) -> None:
         """The last holder let go of a hashed block: keep it, evictable, most recent last."""
         if block.block_id not in self.evictable:
             self.num_evictable_chunks += len(block.chunks)
+        block.release = self.current_release
         self.evictable[block.block_id] = block
         self.evictable.move_to_end(block.block_id)
 
@@ -81,7 +90,13 @@ class PrefixCache:
     def evict_oldest(self) -> KVBlock | None:
         if not self.evictable:
             return None
-        _, block = self.evictable.popitem(last=False)
+        if self.evictor is None:
+            _, block = self.evictable.popitem(last=False)
+        else:
+            oldest = next(iter(self.evictable.values())).release
+            release = [b for b in self.evictable.values() if b.release == oldest]
+            block = self.evictor.choose(release)
+            del self.evictable[block.block_id]
         self.num_evictable_chunks -= len(block.chunks)
         del self.by_hash[(block.group, block.block_hash)]
         block.block_hash = None

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from memory.kv.blocks import KVBlock
+from memory.kv.layout_base import HostCopies
 from memory.kv.spec import KVCacheSpec
 from memory.virtual_tensor import VirtualTensor
 from memory.vmm.base import VmmBackend
 
 
-class ContiguousLayout:
+class ContiguousLayout(HostCopies):
     name = "contiguous"
 
     def __init__(self, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype):
@@ -90,17 +91,6 @@ class ContiguousLayout:
         key, value = self.tensors[layer]
         return key.page_tensor(index), value.page_tensor(index)
 
-    def copy_block_to_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
-        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
-            host_buffer.copy_in(host_slot, view)
-
-    def copy_block_from_host(self, slot: int, page: int, block: KVBlock, host_buffer, host_slots: list[int]) -> None:
-        for host_slot, view in zip(host_slots, self.block_pages(slot, page, block), strict=True):
-            host_buffer.copy_out(host_slot, view)
-
-    def release_host(self, host_buffer, host_slots: list[int]) -> None:
-        host_buffer.free(host_slots)
-
     def block_freed(self, block: KVBlock) -> None:
         """The block's chunks went back to the pool (a mirroring layout forwards this)."""
 
@@ -122,4 +112,3 @@ class ContiguousLayout:
             v.close()
 
 
-LAYOUTS = {"contiguous": ContiguousLayout}

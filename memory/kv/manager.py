@@ -19,8 +19,10 @@ import torch
 
 from memory.host_buffer import HostBuffer
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
-from memory.kv.contiguous import LAYOUTS
+from memory.kv.cache_policy import policy_for
+from memory.kv.evictor import EVICTORS
 from memory.kv.host_tier import HostChunkTier
+from memory.kv.layouts import LAYOUTS
 from memory.kv.mirror import RecordingLayout
 from memory.kv.residency import DEVICE, HOST, HostPage, LayerResidency
 from memory.kv.spec import KVCacheSpec
@@ -38,6 +40,7 @@ class RequestKV:
     host_slots: list[list[list[int] | None]] | None = None  # set while swapped: per group, per page
     residency: list[str] = field(default_factory=list)  # per layer: where its new pages go, "device" | "host"
     host_pages: dict[tuple[int, int], HostPage] = field(default_factory=dict)  # (layer, page) -> host slots
+    release: int = 0  # tags the cached blocks it parks, for the evictor (one id per request)
 
     @property
     def is_swapped(self) -> bool:
@@ -56,6 +59,7 @@ class KVCacheManager(LayerResidency):
         host_buffer: HostBuffer | None = None,
         enable_prefix_caching: bool = True,
         layout_log: list | None = None,
+        evictor: str = "lru",
         host_tier: HostChunkTier | None = None,
     ):
         if pool.chunk_bytes != spec.page_bytes:
@@ -73,7 +77,11 @@ class KVCacheManager(LayerResidency):
         self.prefix = PrefixCache()
         self.requests: dict[str, RequestKV] = {}
         self._next_block_id = 0
+        self._next_release = 0
         self._chunks_per_block = [2 * len(group.layers) for group in spec.groups]
+        self.policies = [policy_for(group, spec.tokens_per_page) for group in spec.groups]  # per kind
+        if evictor != "lru":  # LRU is PrefixCache's own order
+            self.prefix.evictor = EVICTORS[evictor](self.policies)
         self._init_residency()
         pool.register(KV_CLIENT, reclaim=self._reclaim, reclaimable=lambda: self.prefix.num_evictable_chunks)
 
@@ -122,13 +130,7 @@ class KVCacheManager(LayerResidency):
 
     def _pages_needed(self, group: int, num_tokens: int) -> range:
         """Page indices a request with `num_tokens` tokens must have mapped in this group."""
-        last = self.spec.num_pages(num_tokens)
-        window = self.spec.groups[group].sliding_window
-        if window is None:
-            return range(last)
-        # the next query (position num_tokens - 1 or later) sees keys > position - window
-        first_needed_token = max(0, num_tokens - window)
-        return range(first_needed_token // self.spec.tokens_per_page, last)
+        return self.policies[group].resident_pages(num_tokens)
 
     def chunks_to_grow(self, request_id: str | None, num_tokens: int, offloaded: Sequence[int] = ()) -> int:
         """Device chunks that growing `request_id` (None: a new request whose layers `offloaded`
@@ -150,20 +152,23 @@ class KVCacheManager(LayerResidency):
 
     # ---- admission and growth ------------------------------------------------------------------
     def match_prefix(self, token_ids: Sequence[int]) -> int:
-        """How many leading tokens are cached in every layer group (whole pages; at least one token
-        is always left to compute so the request has logits to sample from)."""
+        """The longest prefix (whole pages; at least one token is always left to compute so the
+        request has logits to sample from) whose pages every layer group's policy needs are cached:
+        all pages before it for full attention, only the window's pages before it for a sliding
+        window (Jenga's aligned prefix-subset hit)."""
         if not self.enable_prefix_caching:
             return 0
-        num_pages = 0
-        parent = None
         page_tokens = self.spec.tokens_per_page
-        while (num_pages + 1) * page_tokens <= len(token_ids) - 1:
-            start = num_pages * page_tokens
-            parent = chain_hash(parent, token_ids[start : start + page_tokens])
-            if any(self.prefix.lookup(group, parent) is None for group in range(len(self.spec.groups))):
-                break
-            num_pages += 1
-        return num_pages * page_tokens
+        hashes: list[int] = []
+        while (len(hashes) + 1) * page_tokens <= len(token_ids) - 1:
+            start = len(hashes) * page_tokens
+            hashes.append(chain_hash(hashes[-1] if hashes else None, token_ids[start : start + page_tokens]))
+        for num_pages in range(len(hashes), 0, -1):
+            hit = num_pages * page_tokens
+            if all(self.prefix.lookup(group, hashes[page]) is not None
+                   for group, policy in enumerate(self.policies) for page in policy.hit_pages(hit)):
+                return hit
+        return 0
 
     def admit(self, request_id: str, token_ids: Sequence[int], offloaded: Sequence[int] = ()) -> int:
         """Gives a new request a slot and maps its cached prefix pages (shared, not copied). The
@@ -180,11 +185,15 @@ class KVCacheManager(LayerResidency):
         for layer in offloaded:
             state.residency[layer] = HOST
         parent = None
+        needed = [policy.hit_pages(num_cached) for policy in self.policies]
         for page in range(num_cached // self.spec.tokens_per_page):
             start = page * self.spec.tokens_per_page
             parent = chain_hash(parent, token_ids[start : start + self.spec.tokens_per_page])
             state.hashes.append(parent)
             for group in range(len(self.spec.groups)):
+                if page not in needed[group]:  # e.g. slid out of the window: not needed, maybe evicted
+                    state.blocks[group].append(None)
+                    continue
                 block = self.prefix.lookup(group, parent)
                 self.prefix.hold(block)
                 self.layout.map_block(slot, page, block)
@@ -260,12 +269,14 @@ class KVCacheManager(LayerResidency):
                     block = state.blocks[group][page]
                     # a block with layers on the host is private: other requests could not map it
                     if block is not None and block.block_hash is None and self.is_whole_on_device(block):
+                        block.page = page
                         self.prefix.insert(block, block_hash)
         self._drop_out_of_window(state)
 
     def free(self, request_id: str) -> None:
         """Releases everything the request holds (finished, aborted, or preempted to recompute)."""
         state = self.requests.pop(request_id)
+        self.prefix.current_release = state.release
         if state.is_swapped:
             host_slots = [slot for group in state.host_slots for page in group if page for slot in page]
             self.layout.release_host(self.host_buffer, host_slots)
@@ -289,6 +300,7 @@ class KVCacheManager(LayerResidency):
         """Copies the request's pages to the host buffer and frees them on the device. Returns bytes."""
         state = self.requests[request_id]
         slot = self.slot_of(request_id)
+        self.prefix.current_release = state.release
         state.host_slots = []
         num_bytes = 0
         for group, pages in enumerate(state.blocks):
@@ -382,8 +394,9 @@ class KVCacheManager(LayerResidency):
 
     # ---- internals -----------------------------------------------------------------------------
     def _new_state(self, request_id: str) -> RequestKV:
+        self._next_release += 1
         state = RequestKV(request_id, blocks=[[] for _ in self.spec.groups],
-                          residency=[DEVICE] * self.spec.num_layers)
+                          residency=[DEVICE] * self.spec.num_layers, release=self._next_release)
         self.requests[request_id] = state
         return state
 
@@ -452,6 +465,7 @@ class KVCacheManager(LayerResidency):
         if state.is_swapped:
             return
         slot = self.slot_of(state.request_id)
+        self.prefix.current_release = state.release
         for group, spec_group in enumerate(self.spec.groups):
             if spec_group.sliding_window is None:
                 continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from memory.kv.blocks import KVBlock
-from memory.kv.contiguous import LAYOUTS
+from memory.kv.layouts import LAYOUTS
 from memory.kv.spec import KVCacheSpec
 
 KV_CLIENT = "kv"

@@ -40,6 +40,9 @@ class FakeTokenizer:
         ids = [byte + BYTE_OFFSET for byte in text.encode()]
         return [BOS, *ids] if add_special_tokens else ids
 
+    def get_vocab(self) -> dict[str, int]:
+        return {"<pad>": PAD, "<s>": BOS, "</s>": EOS, **{chr(byte): byte + BYTE_OFFSET for byte in range(256)}}
+
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         data = bytes(token_id - BYTE_OFFSET for token_id in token_ids if token_id >= BYTE_OFFSET)
         return data.decode(errors="replace")
@@ -80,6 +83,7 @@ class FakeEngine:
     finished: dict[str, str] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
     is_dead: bool = False
+    death: str = "fake engine marked dead"
     is_started: bool = False
     rank_placements: list[dict[str, Any]] = field(default_factory=list)
 
@@ -99,7 +103,12 @@ class FakeEngine:
 
     async def check_health(self) -> None:
         if self.is_dead:
-            raise EngineDeadError("fake engine marked dead")
+            raise EngineDeadError(self.death)
+
+    def die(self, reason: str) -> None:
+        """Like AsyncEngine when its loop breaks: running streams raise EngineDeadError, health fails."""
+        self.is_dead = True
+        self.death = reason
 
     # ---- generation ------------------------------------------------------------------------------
 
@@ -143,6 +152,8 @@ class FakeEngine:
                 live.is_running = True
                 for index, token_id in enumerate(tokens):
                     await asyncio.sleep(self.token_delay_s)
+                    if self.is_dead:  # the loop died: the contract raises EngineDeadError in every stream
+                        raise EngineDeadError(self.death)
                     if request.request_id in self.aborted:
                         finish_reason = "abort"
                         yield RequestOutput(request.request_id, (), "", "abort", num_prompt, index)
@@ -238,7 +249,7 @@ class FakeWorkerProcess:
 
 def create_fake_tp_engine(app_args: Any, **options: Any):
     """A fake engine whose ranks 1..N-1 are FakeWorkerProcess actors started by the real WorkerLauncher;
-    /v1/memory reports where each rank runs (pid, placement group, Ray resources)."""
+    /v1/memory reports where each rank runs (pid, node, placement group, Ray resources)."""
     import os
 
     import ray
@@ -250,7 +261,8 @@ def create_fake_tp_engine(app_args: Any, **options: Any):
                               worker_path="tests.deployments.fake_engine:FakeWorkerProcess")
     launcher.start()
     context = ray.get_runtime_context()
-    ranks = [{"pid": os.getpid(), "placement_group_id": context.get_placement_group_id(),
+    ranks = [{"pid": os.getpid(), "node_id": context.get_node_id(),
+              "placement_group_id": context.get_placement_group_id(),
               "resources": context.get_assigned_resources()}, *launcher.describe_workers()]
     engine = FakeEngine(num_ranks=app_args.tensor_parallel_size, **options)
     engine.rank_placements = ranks

@@ -18,6 +18,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Serve's proxies run deployments/ingress/proxy_guard.py, as under `python -m deployments.launch`.
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deployments.ingress.proxy_guard:proxy_middlewares")
 
 
 def free_port() -> int:

@@ -83,7 +83,8 @@ def test_serve_config_yaml_is_valid_and_uses_the_router():
     assert app["import_path"] == "deployments.app:build_app"
     AppArgs.model_validate(app["args"])
     [deployment] = app["deployments"]
-    assert deployment["name"] == "LLMServer" and deployment["num_replicas"] == 2
+    assert deployment["name"] == "LLMServer" and deployment["num_replicas"] == 1  # both cores to one replica
+    assert app["args"]["cpus_per_rank"] == 2
     router = deployment["request_router_config"]
     # Serve accepts misspelled keys silently (the period would fall back to 10 s): check every key.
     assert set(router) <= set(RequestRouterConfig.model_fields)

@@ -93,7 +93,16 @@ def _tiny_config(arch: str, vocab_size: int, layer_types: Sequence[str], sliding
         from transformers import MinistralConfig
 
         return MinistralConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    raise ValueError(f"unknown tiny architecture {arch!r} (qwen3 | mistral)")
+    if arch == "gemma3":
+        # Gemma 3 with what the 270M model leaves at defaults moved off them: a query scale that is
+        # not head_dim, a final logit soft-cap, a scaled global RoPE.
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(**common, query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+                                rope_parameters={
+                                    FULL_ATTENTION: {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                                    SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": 10000.0}})
+    raise ValueError(f"unknown tiny architecture {arch!r} (qwen3 | mistral | gemma3)")
 
 
 def make_tiny_random_checkpoint(
@@ -119,7 +128,10 @@ def make_tiny_random_checkpoint(
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.dim() > 1:
-                parameter.normal_(0.0, 0.5 if "embed" in name else 1.0 / parameter.shape[1] ** 0.5)
+                parameter.normal_(0.0, (0.5 if arch != "gemma3" else 0.1) if "embed" in name
+                                  else 1.0 / parameter.shape[1] ** 0.5)
+            elif arch == "gemma3" and "norm" in name:  # Gemma scales by 1 + w from w = 0: vary w
+                parameter.normal_(0.0, 0.3)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory

@@ -6,8 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.cluster.controller import ClusterState, NoMigration, create_migration_policy
-from deployments.cluster.router import is_fresh, rank_by_headroom
+from deployments.cluster.ranking import is_fresh, rank_by_headroom
+from deployments.cluster.state import ClusterState
+from deployments.migration.policy import NoMigration, create_migration_policy
+from deployments.telemetry import ReplicaReport, ReplicaStats, RoutingStats
 
 
 class Clock:
@@ -19,23 +21,23 @@ class Clock:
 
 
 def stats(running=0, waiting=0, used=0, free=100):
-    return {"num_running": running, "num_waiting": waiting, "num_swapped": 0, "kv_chunks_used": used,
-            "kv_chunks_free": free, "kv_usage": used / (used + free)}
+    return ReplicaStats(num_running=running, num_waiting=waiting, num_swapped=0, kv_chunks_used=used,
+                        kv_chunks_free=free)
 
 
 def test_cluster_view_totals_fresh_replicas_and_expires_silent_ones():
     clock = Clock()
     state = ClusterState(stale_after_s=2.0, expire_after_s=10.0, clock=clock)
-    pools = [{"chunks_per_client": {"kv": 10}, "num_free_chunks": 90}]
-    state.report("a", pools, stats(running=2, used=10, free=90))
-    state.report("b", pools, stats(running=1, waiting=3, used=30, free=70))
+    pools = ({"chunks_per_client": {"kv": 10}, "num_free_chunks": 90},)
+    state.report("a", ReplicaReport(stats(running=2, used=10, free=90), pools))
+    state.report("b", ReplicaReport(stats(running=1, waiting=3, used=30, free=70), pools))
     view = state.view(NoMigration())
     assert view["num_replicas"] == 2 and view["migration_policy"] == "none" and view["migrations"] == []
     assert view["totals"] == {"num_running": 3, "num_waiting": 3, "num_swapped": 0, "kv_chunks_used": 40,
                               "kv_chunks_free": 160, "kv_usage": 0.2}
-    assert view["replicas"]["a"]["pools"] == pools and view["replicas"]["a"]["is_stale"] is False
+    assert view["replicas"]["a"]["pools"] == list(pools) and view["replicas"]["a"]["is_stale"] is False
     clock.now += 3
-    state.report("a", pools, stats(running=5, used=10, free=90))
+    state.report("a", ReplicaReport(stats(running=5, used=10, free=90), pools))
     view = state.view(NoMigration())
     assert view["replicas"]["b"]["is_stale"] is True and view["replicas"]["b"]["age_s"] == 3.0
     assert view["totals"]["num_running"] == 5  # the stale replica is left out
@@ -69,11 +71,14 @@ def names(groups):
     return [sorted(replica.name for replica in group) for group in groups]
 
 
-def test_freshness():
-    assert is_fresh({"kv_free_chunks": 1, "num_waiting": 0, "timestamp": 99.0}, 100.0, 2.0)
-    assert not is_fresh({"kv_free_chunks": 1, "num_waiting": 0, "timestamp": 97.0}, 100.0, 2.0)
-    assert not is_fresh({}, 100.0, 2.0)
-    assert not is_fresh({"kv_free_chunks": 1, "timestamp": 100.0}, 100.0, 2.0)
+def test_freshness_and_the_typed_stats_serve_carries_as_a_dict():
+    assert is_fresh(RoutingStats(kv_free_chunks=1, num_waiting=0, timestamp=99.0), 100.0, 2.0)
+    assert not is_fresh(RoutingStats(kv_free_chunks=1, num_waiting=0, timestamp=97.0), 100.0, 2.0)
+    assert not is_fresh(None, 100.0, 2.0)
+    assert RoutingStats.from_dict({}) is None
+    assert RoutingStats.from_dict({"kv_free_chunks": 1, "timestamp": 100.0}) is None  # no num_waiting
+    full = RoutingStats(kv_free_chunks=5, num_waiting=1, timestamp=3.0, kv_usage=0.5, num_running=2, is_draining=True)
+    assert RoutingStats.from_dict(full.to_dict()) == full
 
 
 def test_more_headroom_ranks_first():

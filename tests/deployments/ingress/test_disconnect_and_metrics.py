@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.ingress.engine_bindings import EngineBindings
 from deployments.ingress.openai_app import AppSettings, build_openai_app
+from tests.deployments.asgi_call import AsgiCall
 from tests.deployments.fake_engine import FakeEngine
 
 LABELS = {"model_name": "fake-model", "replica": "r1"}
@@ -18,43 +18,6 @@ LABELS = {"model_name": "fake-model", "replica": "r1"}
 def make_app(engine: FakeEngine):
     return build_openai_app(lambda: engine, AppSettings(bindings=EngineBindings.from_engine_package(),
                                                         replica_id="r1"))
-
-
-class AsgiCall:
-    """One HTTP request driven by hand, so the test decides when the client goes away."""
-
-    def __init__(self, app, path: str, body: dict, disconnect_after_chunks: int | None = None):
-        self.app = app
-        self.body = json.dumps(body).encode()
-        self.scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
-            "query_string": b"", "headers": [(b"content-type", b"application/json")],
-            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
-        }
-        self.disconnect_after_chunks = disconnect_after_chunks
-        self.disconnected = asyncio.Event()
-        self.chunks: list[bytes] = []
-        self.status: int | None = None
-        self._body_sent = False
-
-    async def receive(self):
-        if not self._body_sent:
-            self._body_sent = True
-            return {"type": "http.request", "body": self.body, "more_body": False}
-        await self.disconnected.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message):
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        elif message["type"] == "http.response.body" and message.get("body"):
-            self.chunks.append(message["body"])
-            if self.disconnect_after_chunks is not None and len(self.chunks) >= self.disconnect_after_chunks:
-                self.disconnected.set()
-
-    async def run(self):
-        await self.app(self.scope, self.receive, self.send)
 
 
 @pytest.mark.anyio

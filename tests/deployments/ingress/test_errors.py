@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -136,20 +139,31 @@ def test_dead_engine_is_500(make_client):
                  code="engine_dead")
 
 
-def test_engine_failure_mid_stream_is_one_error_event_then_end(client, engine):
+def trace_id_of(message: str) -> str:
+    match = re.fullmatch(r".*\(trace id ([0-9a-f]{16})\)\.", message)
+    assert match, message
+    return match.group(1)
+
+
+def test_engine_failure_mid_stream_is_an_error_event_then_done(client, engine, caplog):
     response = client.post("/v1/completions", json={"prompt": "please FAIL", "max_tokens": 8, "stream": True})
     assert response.status_code == 200
     events = sse_events(response.text)
-    assert "[DONE]" not in events
-    assert len(events) == 3  # two tokens, then the error
-    assert events[-1] == ('{"error": {"message": "fake engine failure", "type": "server_error", '
-                          '"param": null, "code": "internal_error"}}')
+    assert len(events) == 4  # two tokens, the error, [DONE]
+    assert events[-1] == "[DONE]"
+    body = json.loads(events[-2])
+    assert body["error"]["type"] == "server_error" and body["error"]["code"] == "internal_error"
+    trace_id = trace_id_of(body["error"]["message"])
+    assert "fake engine failure" not in events[-2]  # the engine's message goes to the log only
+    assert any(trace_id in record.getMessage() and "fake engine failure" in record.getMessage()
+               for record in caplog.records)
 
 
-def test_engine_failure_without_stream_is_500(client):
+def test_engine_failure_without_stream_is_500_with_a_trace_id(client):
     response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "FAIL"}]})
-    assert response.json() == error("fake engine failure", type="server_error", code="internal_error")
-    assert response.status_code == 500
+    message = assert_error(response, 500, type="server_error", code="internal_error")
+    trace_id_of(message)
+    assert response.headers["x-elastic-replica"] == "replica-under-test"
 
 
 def test_the_server_keeps_serving_after_errors(client):
@@ -166,5 +180,8 @@ def test_unexpected_failures_are_openai_shaped_500(make_client, engine):
     client = make_client(engine, cluster_view=broken_cluster_view)
     assert_error(client.get("/v1/cluster"), 503, type="server_error", code="controller_unavailable")
     engine.memory_telemetry = lambda: 1 / 0
-    message = assert_error(client.get("/v1/memory"), 500, type="server_error", code="internal_error")
-    assert "ZeroDivisionError" in message
+    response = client.get("/v1/memory")
+    message = assert_error(response, 500, type="server_error", code="internal_error")
+    assert "ZeroDivision" not in message and "division" not in message
+    trace_id_of(message)
+    assert response.headers["x-elastic-replica"] == "replica-under-test"

@@ -129,7 +129,8 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(cluster, clien
     assert bad_value.value.body["param"] == "temperature"
     failing = httpx.post(f"{base}/v1/completions", json={"prompt": "FAIL", "max_tokens": 9, "stream": True})
     assert failing.status_code == 200
-    assert failing.text.strip().splitlines()[-1].startswith('data: {"error": ')
+    last_events = [line for line in failing.text.strip().splitlines() if line][-2:]
+    assert last_events[0].startswith('data: {"error": ') and last_events[1] == "data: [DONE]"
     assert client.completions.create(model="fake-model", prompt="ok", max_tokens=2).choices[0].text
 
 
@@ -217,9 +218,10 @@ def test_controller_exits_once_every_replica_is_gone(cluster):
     import ray
 
     from deployments.cluster.controller import get_or_create_controller
+    from deployments.telemetry import ReplicaReport, ReplicaStats
 
     controller = get_or_create_controller("short-lived-controller", "elastic-serve", idle_exit_s=1.0)
-    ray.get(controller.report.remote("r1", [], {"num_running": 0}))
+    ray.get(controller.report.remote("r1", ReplicaReport(ReplicaStats())))
     assert ray.get(controller.cluster_view.remote())["num_replicas"] == 1
     ray.get(controller.deregister.remote("r1"))
 

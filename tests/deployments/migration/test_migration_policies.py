@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from deployments.cluster.controller import ClusterState
+from deployments.cluster.state import ClusterState
 from deployments.migration.planner import MigrationPlanner
 from deployments.migration.policy import (
     BalanceAndPackPolicy,
@@ -17,6 +17,7 @@ from deployments.migration.policy import (
     RequestLoad,
     create_migration_policy,
 )
+from deployments.telemetry import ReplicaReport, ReplicaStats
 
 
 def request(request_id, kv_chunks, remaining=100, migratable=True):
@@ -178,10 +179,9 @@ def test_orders_are_delivered_once_and_retired_when_the_source_stops_listing_the
     p, clock = planner()
     loads = {"hot": HOT, "cold": COLD}
     assert [o.request_id for o in p.plan(loads)] == ["b"]
-    assert p.take_orders("cold") == []
-    assert p.take_orders("hot") == [{"request_id": "b", "source": "hot", "target": "cold", "mode": "auto",
-                                     "reason": "balance"}]
-    assert p.take_orders("hot") == []
+    assert p.take_orders("cold") == ()
+    assert p.take_orders("hot") == (MigrationOrder("b", "hot", "cold", "auto", "balance"),)
+    assert p.take_orders("hot") == ()
     assert p.view()["in_flight"][0]["state"] == "delivered"
     p.observe("hot", migrating=["b"])  # running
     assert len(p.view()["in_flight"]) == 1
@@ -195,7 +195,7 @@ def test_orders_are_delivered_once_and_retired_when_the_source_stops_listing_the
     assert [o.request_id for o in p.plan(loads)] == ["c"]
     clock.now += 10.0
     p.observe("hot", migrating=[])
-    assert p.take_orders("hot")[0]["request_id"] == "c"
+    assert p.take_orders("hot")[0].request_id == "c"
 
 
 def test_planning_is_rate_limited_and_in_flight_orders_take_slots():
@@ -227,7 +227,7 @@ def test_forced_orders_by_response_id_wait_for_the_request_to_be_reported():
     orders = p.plan({"hot": with_request, "cold": COLD})
     assert [(o.request_id, o.source, o.target, o.mode, o.reason) for o in orders] == [
         ("cmpl-7-0", "hot", "cold", "recompute", "forced"), ("cmpl-7-1", "hot", "cold", "recompute", "forced")]
-    assert [order["request_id"] for order in p.take_orders("hot")] == ["cmpl-7-0", "cmpl-7-1"]
+    assert [order.request_id for order in p.take_orders("hot")] == ["cmpl-7-0", "cmpl-7-1"]
     result = p.force("z", target="hot", replicas={"hot": with_request, "cold": COLD})
     assert result["status"] == "queued" and result["orders"][0]["target"] == "hot"
     with pytest.raises(ValueError, match="no replica"):
@@ -241,13 +241,12 @@ def test_forced_orders_by_response_id_wait_for_the_request_to_be_reported():
 
 def test_cluster_state_builds_loads_and_shows_migration_totals():
     state = ClusterState(clock=lambda: 10.0)
-    detail = {"capacity_chunks": 100, "used_chunks": 40, "waiting_chunks": 10, "migrating": ["r"],
-              "requests": [{"request_id": "r", "status": "running", "num_tokens": 80, "num_remaining": 20,
-                            "kv_chunks": 40, "is_migratable": True}],
-              "migration": {"started": 3, "committed": 2, "aborted": 1, "downtime_sum_s": 0.5, "downtime_count": 2}}
-    state.report("a", [], {"kv_chunks_used": 40, "kv_chunks_free": 60}, detail)
-    state.report("b", [], {"kv_chunks_used": 0, "kv_chunks_free": 100})  # a replica without migration
-    assert state.loads() == {"a": ReplicaLoad("a", 100, 40, 10, (RequestLoad("r", 80, 20, 40, True),))}
+    load = ReplicaLoad("a", 100, 40, 10, (RequestLoad("r", 80, 20, 40, True),))
+    counters = {"started": 3, "committed": 2, "aborted": 1, "downtime_sum_s": 0.5, "downtime_count": 2}
+    state.report("a", ReplicaReport(ReplicaStats(kv_chunks_used=40, kv_chunks_free=60), load=load,
+                                    migrating=("r",), migration=counters))
+    state.report("b", ReplicaReport(ReplicaStats(kv_chunks_used=0, kv_chunks_free=100)))  # no migration
+    assert state.loads() == {"a": load}
     view = state.view(BalancePolicy())
     assert view["replicas"]["a"]["kv_load"] == 0.5 and view["replicas"]["a"]["migrating"] == ["r"]
     assert view["migration_totals"]["committed"] == 2 and view["migration_totals"]["mean_downtime_s"] == 0.25

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from deployments.cluster.router import rank_by_headroom, route
+from deployments.cluster.ranking import rank_by_headroom, route
 
 
 def replica(unique_id, free=100, waiting=0, draining=False, now=100.0):

@@ -7,12 +7,13 @@ pytest-asyncio is not installed: each test runs its coroutine with asyncio.run.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
 
-from engine.api import EngineStats, GenerateRequest, InvalidRequestError, RequestOutput
-from engine.async_engine import AsyncEngine
+from engine.api import EngineStats, GenerateRequest, InvalidRequestError, RequestOutput, TokenLogprob
+from engine.async_engine import AsyncEngine, _coalesce
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
 from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy, run_all
@@ -72,8 +73,11 @@ def test_concurrent_streams_give_the_sync_engines_tokens(started, prompts, smoll
     for index, outputs in enumerate(all_outputs):
         tokens = [token for output in outputs for token in output.new_token_ids]
         assert tokens == reference[index], f"stream {index}"
-        assert [output.finish_reason for output in outputs] == [None] * (NUM_NEW - 1) + ["length"]
-        assert [output.num_output_tokens for output in outputs] == list(range(1, NUM_NEW + 1))
+        # a consumer that falls behind gets the waiting outputs merged (engine/async_engine.py _coalesce)
+        assert [output.finish_reason for output in outputs] == [None] * (len(outputs) - 1) + ["length"]
+        counts = [output.num_output_tokens for output in outputs]
+        assert counts == list(itertools.accumulate(len(output.new_token_ids) for output in outputs))
+        assert counts[-1] == NUM_NEW
         assert all(output.request_id == f"stream{index}" for output in outputs)
         assert outputs[-1].num_prompt_tokens == len(prompts[index])
         assert "".join(output.text_delta for output in outputs) == smollm2_tokenizer.decode(tokens)
@@ -151,3 +155,26 @@ def test_bad_input_fails_its_own_stream_only(started, prompts):
     assert good0[-1].finish_reason == good3[-1].finish_reason == "length"
     assert async_engine.is_running
     asyncio.run(wait_for_stats(async_engine, idle))
+
+
+def test_outputs_waiting_behind_one_are_merged_into_it_and_an_error_comes_after():
+    def output(tokens, text, count, finish=None):
+        return RequestOutput("r", tokens, text, finish_reason=finish, num_prompt_tokens=5, num_output_tokens=count,
+                             logprobs=tuple(TokenLogprob(t, -1.0, ()) for t in tokens))
+
+    async def main():
+        stream = asyncio.Queue()
+        waiting = (output((2,), "b", 2), output((3, 4), "cd", 4), output((5,), "e", 5, "length"), output((9,), "x", 6))
+        for item in waiting:
+            stream.put_nowait(item)
+        merged, error = _coalesce(output((1,), "a", 1), stream)
+        assert error is None and stream.qsize() == 1  # it stops at the finishing output
+        assert merged == output((1, 2, 3, 4, 5), "abcde", 5, "length")
+        stream = asyncio.Queue()
+        failure = RuntimeError("step failed")
+        for item in (output((2,), "b", 2), failure, output((3,), "c", 3)):
+            stream.put_nowait(item)
+        assert _coalesce(output((1,), "a", 1), stream) == (output((1, 2), "ab", 2), failure)
+        assert _coalesce(output((7,), "g", 7), asyncio.Queue()) == (output((7,), "g", 7), None)  # nothing waiting
+
+    asyncio.run(main())

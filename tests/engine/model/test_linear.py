@@ -51,6 +51,62 @@ def test_what_the_kernel_does_not_take_goes_to_torch(native):
 
 def test_registry():
     assert isinstance(create_linear("torch"), TorchLinear)
-    assert isinstance(create_linear("auto"), TorchLinear)  # NativeLinear is one too
+    assert isinstance(create_linear("auto"), TorchLinear)  # NativeLinear and OneDnnLinear are ones too
+    assert type(create_linear("auto", "cuda")) in (NativeLinear, TorchLinear)  # never packs GPU weights
     with pytest.raises(ValueError, match="unknown linear backend"):
         create_linear("cublas")
+
+
+# ---- onednn: bf16 weights pre-packed, their bytes in the caller's (the pool's) memory -------------------------
+@pytest.fixture(scope="module")
+def onednn():
+    from engine.model.onednn_linear import OneDnnLinear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("no AVX512-BF16 / AMX here: `auto` does not pick onednn")
+    return OneDnnLinear(TorchLinear())
+
+
+@pytest.mark.parametrize("rows", [1, 16, 300])
+@pytest.mark.parametrize("out_features, in_features", [(960, 576), (7, 64)])
+def test_onednn_packed_weight_lives_in_the_allocators_memory_and_matches_mm(onednn, rows, out_features, in_features):
+    from engine.model.onednn_linear import PackedWeight
+
+    generator = torch.Generator().manual_seed(rows + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    arena = torch.zeros(out_features * in_features * 2 + 16384, dtype=torch.uint8)
+    placed = []
+
+    def allocate(tensor):  # a bump allocator over `arena`, like engine/device/weight_arena.py
+        view = arena[4096 - 64 : 4096 - 64 + tensor.numel()].view(tensor.dtype)
+        view.copy_(tensor)
+        placed.append(tensor.numel())
+        return view
+
+    packed = onednn.place(weight, allocate)
+    assert isinstance(packed, PackedWeight) and packed.shape == (out_features, in_features)
+    assert len(placed) == 1  # one blob: the packed bytes (padded to oneDNN's blocks for odd shapes)
+    if out_features % 64 == 0:
+        assert placed == [out_features * in_features * 2]  # as big as plain bf16
+    assert packed.storage.data_ptr() == arena.data_ptr() + 4096 - 64
+    out = torch.full((rows, out_features), float("nan"), dtype=torch.bfloat16)
+    assert onednn(x, packed, out) is out
+    expected = torch.mm(x.float(), weight.float().t())
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    arena[4096 - 64 :].zero_()  # the product reads the arena's bytes, not a copy of its own
+    torch.testing.assert_close(onednn(x, packed, out).float(), torch.zeros(rows, out_features))
+
+
+def test_onednn_leaves_fp32_to_its_fallback_and_writes_fp32_logits(onednn):
+    weight, x = torch.randn(10, 32), torch.randn(3, 32)
+    placed = onednn.place(weight, lambda tensor: tensor)
+    assert placed is weight  # fp32: stored plain, products by the fallback (bit-equal to torch.mm)
+    assert torch.equal(onednn(x, placed, torch.empty(3, 10)), torch.mm(x, weight.t()))
+    packed = onednn.place(weight.bfloat16(), lambda tensor: tensor.clone())
+    logits = torch.empty(3, 10)  # fp32 logits from a bf16 product (what the sampler's argmax reads)
+    onednn(x.bfloat16(), packed, logits)
+    torch.testing.assert_close(logits, torch.mm(x.bfloat16(), weight.bfloat16().t()).float())
+    bias = torch.randn(10).bfloat16()
+    torch.testing.assert_close(onednn(x.bfloat16(), packed, torch.empty(3, 10, dtype=torch.bfloat16), bias),
+                               torch.addmm(bias, x.bfloat16(), weight.bfloat16().t()))

@@ -11,6 +11,7 @@ import pytest
 
 from loadtest.offline import bench as offline
 from loadtest.offline import peer as offline_peer
+from loadtest.peers.vllm_cpu import OFFLINE_CHILD, find_peer_dir
 
 
 def test_table_and_speedup_direction():
@@ -28,15 +29,15 @@ def test_table_and_speedup_direction():
 def test_missing_peer_is_skipped_with_instructions(tmp_path, capsys):
     args = SimpleNamespace(peer_dir=str(tmp_path / "nothing-here"), peer_dtype=None, dtype="auto", output_len=4,
                            threads=1, num_prompts=1)
-    assert offline_peer.find_peer_dir(str(tmp_path / "nothing-here")) is None
+    assert find_peer_dir(str(tmp_path / "nothing-here")) is None
     assert offline_peer.start_vllm(args, 8) is None
-    assert "setup.sh" in capsys.readouterr().err
+    assert "make peer" in capsys.readouterr().err
 
 
 def test_peer_child_imports_only_the_standard_library():
     """The child runs in vLLM's venv, where this repository's packages do not exist."""
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['engine'] = None; "
-            f"import runpy; runpy.run_path({offline_peer.__file__!r}, run_name='not_main')")
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['engine'] = None; sys.modules['loadtest'] = None; "
+            f"import runpy; runpy.run_path({str(OFFLINE_CHILD)!r}, run_name='not_main')")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -80,3 +81,22 @@ def test_tiny_run_numbers(tiny_run):
         assert entry["peak_activation_held_bytes"] > 0
     assert capacity["predicted_ratio"] == elastic["predicted"] / static["predicted"]
     assert elastic["sweep"]["1"] >= static["sweep"]["1"] >= 1  # pure accounting at a budget not run
+
+
+@pytest.mark.slow
+def test_tiny_mixed_run_compares_four_configurations(capsys):
+    argv = ["--mode", "mixed", "--mixed-short", "3", "--prompt-len", "16", "--output-len", "4", "--mixed-long", "2",
+            "--capacity-prompt-len", "96", "--mixed-long-output-len", "2", "--mixed-gap", "2", "--threads", "1",
+            "--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--max-prefill-chunk-tokens", "128",
+            "--budget-gib", "0.6", "--dtype", "float32"]
+    configs = offline.main(argv)["mixed"]["configs"]
+    assert list(configs) == ["elastic fixed", "elastic adaptive", "static fixed", "static ceiling"]
+    assert set(configs["elastic fixed"]["chunk_budgets"]) == {32} == set(configs["static fixed"]["chunk_budgets"])
+    assert set(configs["static ceiling"]["chunk_budgets"]) == {128}
+    assert max(configs["elastic adaptive"]["chunk_budgets"]) == 128  # room enough at 0.6 GiB: the chunk swells
+    assert configs["elastic fixed"]["activation_reserved_bytes"] == 0
+    reserved = [configs[name]["activation_reserved_bytes"] for name in ("static fixed", "static ceiling")]
+    assert 0 < reserved[0] < reserved[1]
+    for entry in configs.values():
+        assert entry["long_ttft_p50_ms"] > 0 and entry["decode_tok_s"] > 0 and entry["num_preemptions"] == 0
+    assert "step budgets chosen" in capsys.readouterr().out

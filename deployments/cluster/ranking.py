@@ -1,0 +1,87 @@
+"""The KV-headroom ranking of replicas for one request (pure Python; KVHeadroomRouter and the simulator run it).
+
+Replicas publish `RoutingStats` (deployments/telemetry.py). Ranking, best group first (Serve sends to the
+shortest queue inside a group and spills to the next group when every replica of a group is at
+`max_ongoing_requests`):
+  1. fresh replicas with no waiting queue whose KV headroom is within `headroom_tolerance` of the best;
+  2. the other fresh replicas, one per group, by (waiting queue, less headroom);
+  3. replicas whose stats are missing or older than `stats_max_age_s`, together.
+With no fresh stats at all it is power of two choices on queue length, like Serve's default router.
+Stats are missing for a moment after a replica starts, and a replica whose `record_routing_stats` fails keeps
+its last value with no flag: hence the timestamp. A replica being drained by the packing policy
+(`is_draining`) gets new requests only when no other replica can take them.
+
+Replica-to-replica calls (live migration) name their destination with the keyword argument
+`target_replica=<replica id>`: such a request goes to that replica and no other. `pin_to_one_replica=True`
+sends every new request to the replica with the lowest id while it has room: a deliberately skewed load for
+migration tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from deployments.telemetry import RoutingStats
+
+TARGET_KWARG = "target_replica"  # deployments/migration/transport.py sets it
+
+R = TypeVar("R")
+
+
+def serve_stats(replica: Any) -> RoutingStats | None:
+    """The typed stats of one of Serve's RunningReplica objects (their `.routing_stats` is a dict)."""
+    return RoutingStats.from_dict(replica.routing_stats)
+
+
+def is_fresh(stats: RoutingStats | None, now: float, max_age_s: float) -> bool:
+    return stats is not None and now - stats.timestamp <= max_age_s
+
+
+def rank_by_headroom(replicas: Sequence[R], now: float, max_age_s: float = 2.0, headroom_tolerance: float = 0.1,
+                     stats_of: Callable[[R], RoutingStats | None] = serve_stats,
+                     rng: random.Random | None = None) -> list[list[R]]:
+    """Ranked groups of `replicas`, best first; see the module doc. `rng`: the randomness of ties (the
+    simulator passes a seeded one)."""
+    rng = rng or random.Random()
+    stats = {id(replica): stats_of(replica) for replica in replicas}
+    fresh = [replica for replica in replicas if is_fresh(stats[id(replica)], now, max_age_s)]
+    stale = [replica for replica in replicas if not is_fresh(stats[id(replica)], now, max_age_s)]
+    if not fresh:
+        return [rng.sample(stale, min(2, len(stale)))] if stale else []
+    not_waiting = [replica for replica in fresh if stats[id(replica)].num_waiting == 0]
+    best_headroom = max((stats[id(replica)].kv_free_chunks for replica in not_waiting), default=None)
+    top: list[R] = []
+    if best_headroom is not None:
+        threshold = best_headroom * (1.0 - headroom_tolerance)
+        top = [replica for replica in not_waiting if stats[id(replica)].kv_free_chunks >= threshold]
+    rest = sorted((replica for replica in fresh if replica not in top),
+                  key=lambda replica: (stats[id(replica)].num_waiting, -stats[id(replica)].kv_free_chunks))
+    rng.shuffle(top)  # Serve takes the first of equal queue lengths: do not always favour one replica
+    groups = [top] if top else []
+    groups.extend([replica] for replica in rest)
+    if stale:
+        groups.append(stale)
+    draining = {id(replica) for replica in replicas if stats[id(replica)] and stats[id(replica)].is_draining}
+    kept = [[replica for replica in group if id(replica) not in draining] for group in groups]
+    drained = [replica for group in groups for replica in group if id(replica) in draining]
+    return [group for group in kept if group] + ([drained] if drained else [])
+
+
+def replica_key(replica: Any) -> str:
+    return getattr(replica.replica_id, "unique_id", str(replica.replica_id))
+
+
+def route(replicas: Sequence[R], kwargs: Mapping[str, Any] | None, now: float, max_age_s: float = 2.0,
+          headroom_tolerance: float = 0.1, pin_to_one_replica: bool = False,
+          stats_of: Callable[[R], RoutingStats | None] = serve_stats,
+          key: Callable[[R], str] = replica_key) -> list[list[R]]:
+    """The ranked groups for one request: its target replica alone if it names one (none while that replica
+    is not a candidate: Serve retries), else by headroom (or pinned)."""
+    target = (kwargs or {}).get(TARGET_KWARG)
+    if target is not None:
+        return [[replica for replica in replicas if key(replica) == target]]
+    if pin_to_one_replica and replicas:
+        return [[replica] for replica in sorted(replicas, key=key)]
+    return rank_by_headroom(replicas, now, max_age_s, headroom_tolerance, stats_of)

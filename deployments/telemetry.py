@@ -1,0 +1,146 @@
+"""Typed telemetry between replicas, the cluster controller, the router and the simulator (pure Python).
+
+Nothing here imports Ray or the engine, so the router (pickled by value into Serve's proxies) and the
+simulator (loadtest/sim) import it cheaply. The records:
+
+- `RoutingStats`: what a replica publishes for the router every `request_routing_stats_period_s` (Serve
+  carries it as a dict: `to_dict` / `from_dict`, which returns None for a missing or partial one).
+- `RequestLoad`, `ReplicaLoad`: one replica's KV load and its requests, what migration policies plan with.
+- `MigrationOrder`: one planned migration.
+- `ReplicaReport`: one telemetry push to the controller (engine stats, pool telemetry, and the load and
+  migration state when the replica can migrate: `load is None` means it cannot).
+- `ControllerReply`: the controller's answer to a report (orders for that replica, whether it is drained).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+MODES = ("auto", "copy", "recompute")
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    kv_free_chunks: int  # what the KV cache could still take (free pool chunks included)
+    num_waiting: int
+    timestamp: float  # wall clock when published: the router ignores stale stats
+    kv_usage: float = 0.0
+    num_running: int = 0
+    is_draining: bool = False  # the packing policy is emptying this replica: route here last
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RoutingStats | None:
+        """The stats Serve holds for a replica; None while it has published none (or an incomplete dict)."""
+        if not data:
+            return None
+        try:
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        except TypeError:  # a required field is missing
+            return None
+
+
+@dataclass(frozen=True)
+class RequestLoad:
+    request_id: str
+    num_tokens: int
+    num_remaining: int  # output tokens it may still produce
+    kv_chunks: int  # KV chunks it takes (on any replica: same model, same page size)
+    is_migratable: bool = True
+    status: str = "running"  # the engine's RequestStatus value
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    replica_id: str
+    capacity_chunks: int  # KV chunks used + free
+    used_chunks: int
+    waiting_chunks: int = 0  # what its waiting and swapped requests need to run
+    requests: tuple[RequestLoad, ...] = ()
+    started_at: float = 0.0  # when the replica started (wall clock): Serve scales down the newest first
+
+    @property
+    def demand_chunks(self) -> int:
+        return self.used_chunks + self.waiting_chunks
+
+    @property
+    def load(self) -> float:
+        return self.demand_chunks / self.capacity_chunks if self.capacity_chunks else 1.0
+
+    def moved(self, request: RequestLoad, incoming: bool) -> ReplicaLoad:
+        """This replica after `request` left it (incoming=False) or arrived (incoming=True)."""
+        if incoming:
+            return replace(self, used_chunks=self.used_chunks + request.kv_chunks,
+                           requests=(*self.requests, replace(request, is_migratable=False)))
+        return replace(self, used_chunks=max(0, self.used_chunks - request.kv_chunks),
+                       requests=tuple(r for r in self.requests if r.request_id != request.request_id))
+
+
+@dataclass(frozen=True)
+class MigrationOrder:
+    request_id: str
+    source: str
+    target: str
+    mode: str = "auto"  # auto: the source chooses copy or recompute from its cost model
+    reason: str = "balance"  # balance | pack | forced
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.source == self.target:
+            raise ValueError("a migration needs two different replicas")
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """The engine counters a replica reports (engine.api.EngineStats's fields, same names and meaning)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_swapped: int = 0
+    kv_chunks_used: int = 0
+    kv_chunks_free: int = 0
+    num_preemptions: int = 0  # cumulative
+    kv_usage: float = 0.0
+    num_prefix_cache_hits: int = 0
+    num_prefix_cache_queries: int = 0
+    kv_chunks_cached: int = 0
+
+    @classmethod
+    def of(cls, stats: Any) -> ReplicaStats:
+        """From an EngineStats (or anything with these attributes)."""
+        return cls(**{f.name: getattr(stats, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    stats: ReplicaStats
+    pools: tuple[Mapping[str, Any], ...] = ()  # PoolTelemetry.to_dict() per tensor-parallel rank (shown as is)
+    load: ReplicaLoad | None = None  # None: this replica does not take part in migration
+    migrating: tuple[str, ...] = ()  # delivered orders it is still running
+    migration: Mapping[str, float] = field(default_factory=dict)  # cumulative counters (MigrationStats)
+
+
+@dataclass(frozen=True)
+class ControllerReply:
+    orders: tuple[MigrationOrder, ...] = ()
+    is_draining: bool = False
+    shutdown_at: float | None = None  # time.time() by which the replica must have drained (app shutdown)
+
+
+def replica_load(replica_id: str, stats: Any, loads: Any, started_at: float,
+                 busy: frozenset[str] | set[str] = frozenset()) -> ReplicaLoad:
+    """A replica's `ReplicaLoad` from its EngineStats and `engine.migration.request_loads(engine)`; requests in
+    `busy` (already migrating) are not migratable. The live replica and the simulated one both build it here."""
+    requests = tuple(RequestLoad(load.request_id, load.num_tokens, load.num_remaining, load.kv_chunks,
+                                 load.is_migratable and load.request_id not in busy, load.status) for load in loads)
+    waiting = sum(load.kv_chunks for load in loads if load.status in ("waiting", "swapped"))
+    return ReplicaLoad(replica_id, stats.kv_chunks_used + stats.kv_chunks_free, stats.kv_chunks_used, waiting,
+                       requests, started_at)

@@ -1,0 +1,88 @@
+/* The bf16 decoder's elementwise ops, each one pass in C instead of 3-7 torch ops (each a dispatch and a
+ * pass over memory): residual add + RMSNorm, RoPE on q and k in place, SiLU(gate) * up.
+ *
+ * Every op rounds to bf16 where the torch ops it replaces round (after each torch op), so it computes what
+ * engine/model/elementwise.py's torch version computes, up to the order of the fp32 sum in RMSNorm.
+ * Plain C with -march=native: gcc vectorises the loops for whatever the CPU has (AVX2 or AVX-512).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t value) {
+    uint32_t bits = ((uint32_t)value) << 16;
+    float out;
+    memcpy(&out, &bits, sizeof(out));
+    return out;
+}
+
+static inline uint16_t f32_to_bf16(float value) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof(bits));
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float round_bf16(float value) { return bf16_to_f32(f32_to_bf16(value)); }
+
+/* hidden += delta (if delta), then out = (hidden * rsqrt(mean(hidden^2) + eps)) * weight, row by row */
+void add_rms_norm_bf16(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight, uint16_t *out,
+                       int64_t num_rows, int64_t width, int64_t hidden_stride, int64_t out_stride, float eps,
+                       int64_t num_threads) {
+    #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_rows >= 8)
+    for (int64_t r = 0; r < num_rows; ++r) {
+        uint16_t *row = hidden + r * hidden_stride;
+        if (delta != NULL) {
+            const uint16_t *add = delta + r * width;
+            for (int64_t i = 0; i < width; ++i) row[i] = f32_to_bf16(bf16_to_f32(row[i]) + bf16_to_f32(add[i]));
+        }
+        float total = 0.f;
+        for (int64_t i = 0; i < width; ++i) {
+            const float value = bf16_to_f32(row[i]);
+            total += value * value;
+        }
+        const float scale = 1.f / sqrtf(total / (float)width + eps);
+        uint16_t *target = out + r * out_stride;
+        for (int64_t i = 0; i < width; ++i)
+            target[i] = f32_to_bf16(round_bf16(bf16_to_f32(row[i]) * scale) * bf16_to_f32(weight[i]));
+    }
+}
+
+/* x[t, h, :] <- x * cos[t] + rotate_half(x) * sin[t] in place, for q's and k's heads of each token.
+ * x rows are `row_stride` apart (the fused qkv buffer); cos/sin rows `table_stride` apart. */
+void rope_bf16(uint16_t *x, int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t row_stride,
+               const uint16_t *cos, const uint16_t *sin, int64_t table_stride, int64_t num_threads) {
+    const int64_t half = head_dim / 2;
+    #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_tokens >= 8)
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const uint16_t *c = cos + t * table_stride;
+        const uint16_t *s = sin + t * table_stride;
+        for (int64_t h = 0; h < num_heads; ++h) {
+            uint16_t *head = x + t * row_stride + h * head_dim;
+            for (int64_t i = 0; i < half; ++i) {
+                const float first = bf16_to_f32(head[i]), second = bf16_to_f32(head[i + half]);
+                const float new_first = round_bf16(first * bf16_to_f32(c[i])) +
+                                        round_bf16(-second * bf16_to_f32(s[i]));
+                const float new_second = round_bf16(second * bf16_to_f32(c[i + half])) +
+                                         round_bf16(first * bf16_to_f32(s[i + half]));
+                head[i] = f32_to_bf16(new_first);
+                head[i + half] = f32_to_bf16(new_second);
+            }
+        }
+    }
+}
+
+/* out[t, j] = silu(gate_up[t, j]) * gate_up[t, width + j] */
+void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t num_rows, int64_t width, int64_t num_threads) {
+    #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_rows >= 4)
+    for (int64_t r = 0; r < num_rows; ++r) {
+        const uint16_t *gate = gate_up + r * 2 * width;
+        const uint16_t *up = gate + width;
+        uint16_t *target = out + r * width;
+        for (int64_t j = 0; j < width; ++j) {
+            const float g = bf16_to_f32(gate[j]);
+            target[j] = f32_to_bf16(round_bf16(g / (1.f + expf(-g))) * bf16_to_f32(up[j]));
+        }
+    }
+}

@@ -1,0 +1,251 @@
+"""Jenga's benchmarks, each side by side in one run and at one device budget.
+
+- `memory`: how many requests' KV fit, and how much of the held KV memory is in use, with the LCM
+  two-level allocator vs padding every kind to the largest page (vLLM's hybrid manager) vs a static
+  partition per kind (shares proportional to the workload's mean demand: its best static split).
+  Workloads: Gemma 3 270M with long prompts (full and sliding kinds), and SmolLM2-135M + Gemma 3 270M
+  in one pool (three kinds). Page sizes are the models' real ones (bf16, 16 tokens per page), on the
+  `sim` backend with 2 MiB chunks (CUDA's granule); requests are admitted in order until one does not fit.
+- `evictor`: Gemma 3 270M's KV manager (real KVCacheManager on the `sim` backend) under a shared-prefix
+  workload with a KV budget that forces evictions: prefix-hit rate with `lru` vs `prefix_subset`.
+- `paged`: SmolLM2 engine steps on CPU, `contiguous` vs `paged` layout, interleaved rounds in one process.
+- `attention`: one layer's decode attention (SmolLM2's heads, 16 requests x 256 tokens, fp32, 1 thread):
+  the native kernel in place (contiguous) vs the paged torch path (gather through the block table, then
+  the same kernel), interleaved calls, medians.
+
+    python -m loadtest.bench.jenga memory [--budget-gib 2]
+    python -m loadtest.bench.jenga evictor [--requests 400]
+    python -m loadtest.bench.jenga paged [--rounds 3]
+    python -m loadtest.bench.jenga attention [--iterations 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from memory import ElasticPool, create_backend
+from memory.kv import KVCacheManager, KVCacheSpec
+from memory.kv.cache_policy import FullAttentionPolicy, SlidingWindowPolicy
+from memory.lcm_allocator import LcmAllocator
+
+CHUNK = 2 << 20
+PAGE_TOKENS = 16
+BF16 = 2
+# kind -> (layers, KV heads x head_dim, cache policy); the real models' shapes
+KINDS = {
+    "smollm2/full": (30, 3 * 64, FullAttentionPolicy(PAGE_TOKENS)),
+    "gemma3/full": (3, 1 * 256, FullAttentionPolicy(PAGE_TOKENS)),
+    "gemma3/sliding": (15, 1 * 256, SlidingWindowPolicy(PAGE_TOKENS, 512)),
+}
+MODEL_KINDS = {"smollm2": ("smollm2/full",), "gemma3": ("gemma3/full", "gemma3/sliding")}
+
+
+def page_bytes(kind: str) -> int:
+    layers, width, _ = KINDS[kind]
+    return PAGE_TOKENS * width * BF16 * 2 * layers  # K and V of every layer of the kind
+
+
+def pages_for(kind: str, num_tokens: int) -> int:
+    return len(KINDS[kind][2].resident_pages(num_tokens))
+
+
+def workload(name: str, count: int, seed: int = 0) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    if name == "gemma3-long":
+        return [("gemma3", rng.randint(2048, 8192)) for _ in range(count)]
+    every = 4 if name == "mix-shifted" else 2  # shifted: 3 SmolLM2 requests per Gemma one
+    return [(("smollm2", rng.randint(256, 2048)) if i % every else ("gemma3", rng.randint(2048, 8192)))
+            for i in range(count)]
+
+
+def admit_until_full(allocator: LcmAllocator, requests: list[tuple[str, int]]) -> int:
+    admitted = 0
+    for model, tokens in requests:
+        taken = []
+        for kind in MODEL_KINDS[model]:
+            pages = allocator.allocate(kind, pages_for(kind, tokens))
+            if pages is None:
+                allocator.free([p for group in taken for p in group])
+                return admitted
+            taken.append(pages)
+        admitted += 1
+    return admitted
+
+
+def bench_memory(budget_gib: float) -> None:
+    print(f"{'workload':<14} {'allocator':<18} {'requests':>8} {'KV held MiB':>12} {'in use':>7}  large page")
+    for name in ("gemma3-long", "two-model-mix", "mix-shifted"):
+        requests = workload(name, 10_000)
+        kinds = sorted({k for model, _ in requests for k in MODEL_KINDS[model]})
+        sizes = {kind: page_bytes(kind) for kind in kinds}
+        # the static split is planned on the 1:1 mix (mix-shifted: the traffic moved after planning)
+        planned = workload("two-model-mix", 10_000) if name == "mix-shifted" else requests
+        demand = {kind: sum(pages_for(kind, t) * sizes[kind] for m, t in planned if kind in MODEL_KINDS[m])
+                  for kind in kinds}
+        shares = {kind: demand[kind] / sum(demand.values()) for kind in kinds}
+        variants = {
+            "lcm": lambda pool, s=sizes: LcmAllocator(pool, "kv", s),
+            "pad-to-largest": lambda pool, s=sizes: LcmAllocator.pad_to_largest(pool, "kv", s),
+            "static-partition": lambda pool, s=sizes, sh=shares: LcmAllocator.static_partition(pool, "kv", s, sh),
+        }
+        for label, make in variants.items():
+            pool = ElasticPool(create_backend("sim"), int(budget_gib * (1 << 30)) // CHUNK * CHUNK, CHUNK)
+            allocator = make(pool)
+            admitted = admit_until_full(allocator, requests)
+            stats = allocator.all_telemetry().values()
+            held = sum(t.bytes_held for t in stats)
+            used = sum(t.bytes_used for t in stats)
+            print(f"{name:<14} {label:<18} {admitted:>8} {held / 2**20:>12.1f} {used / held:>7.1%}  "
+                  f"{allocator.chunks_per_large_page} chunk(s)")
+            allocator.close()
+            pool.close()
+
+
+def bench_evictor(num_requests: int, model: str, seed: int = 0) -> None:
+    """Shared system prompts (8 of 1-3 K tokens, Zipf-popular) + private questions, on Gemma 3's layer
+    groups (3 full + 15 sliding layers) or SmolLM2's (30 full layers)."""
+    from memory.kv import LayerGroup
+
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(1, 250_000) for _ in range(rng.randint(64, 192) * PAGE_TOKENS)] for _ in range(8)]
+    weights = [1 / (i + 1) for i in range(len(prefixes))]
+    requests = [rng.choices(prefixes, weights)[0] + [rng.randrange(1, 250_000) for _ in range(rng.randint(20, 200))]
+                for _ in range(num_requests)]
+    if model == "gemma3":
+        groups = (LayerGroup(tuple(range(5, 18, 6)), None), LayerGroup(tuple(i for i in range(18) if i % 6 != 5), 512))
+        shape = dict(num_layers=18, num_kv_heads=1, head_dim=256)
+        budget_pages = 12_000  # about 2.5 whole cached prefixes (every sliding page kept), 6 windows-only
+    else:  # SmolLM2's 30 full layers (2 KV heads here so a 16-token page stays a whole 4 KiB host page)
+        groups = (LayerGroup(tuple(range(30)), None),)
+        shape = dict(num_layers=30, num_kv_heads=2, head_dim=64)
+        budget_pages = 30_000  # about 3 cached prefixes next to the running request
+    spec = KVCacheSpec(**shape, dtype_bytes=BF16, groups=groups, max_slots=4, max_len=4096,
+                       tokens_per_page=PAGE_TOKENS)
+    print(f"{'evictor':<14} {'hit rate':>8} {'prompt tokens computed':>23}")
+    for evictor in ("lru", "prefix_subset"):
+        # 4-8 KiB pages on the host backend: nothing is mapped until used
+        kv_pool = ElasticPool(create_backend("host"), budget_pages * spec.page_bytes, spec.page_bytes)
+        kv = KVCacheManager(spec, kv_pool, torch.bfloat16, evictor=evictor)
+        computed = 0
+        for index, prompt in enumerate(requests):
+            request_id = f"r{index}"
+            hit = kv.admit(request_id, prompt)
+            computed += len(prompt) - hit
+            for end in [*range(hit + 256, len(prompt), 256), len(prompt)]:
+                if not kv.grow(request_id, end):
+                    raise RuntimeError("budget too small for one request")
+                kv.commit(request_id, prompt, end)
+            kv.free(request_id)
+        rate = kv.prefix.num_hit_tokens / kv.prefix.num_queried_tokens
+        print(f"{evictor:<14} {rate:>8.1%} {computed:>23,}")
+        kv.close()
+        kv_pool.close()
+
+
+def bench_paged(rounds: int) -> None:
+    from engine.config import EngineConfig
+    from engine.core.engine import LLMEngine
+    from engine.text.tokenizer import load_tokenizer
+    from tests.engine.engine_helpers import PROMPTS, greedy, run_all
+
+    tokenizer = load_tokenizer(None)
+    prompts = [tokenizer(text).input_ids for text in PROMPTS] * 2
+    def config(layout: str) -> EngineConfig:
+        return EngineConfig(dtype="float32", num_threads=1, max_model_len=512, max_num_seqs=16,
+                            max_num_batched_tokens=256, tokens_per_page=16, device_memory_bytes=1 << 30,
+                            kv_layout=layout, enable_prefix_caching=False)
+
+    engines = {layout: LLMEngine(config(layout), tokenizer=tokenizer) for layout in ("contiguous", "paged")}
+    times: dict[str, list[float]] = {layout: [] for layout in engines}
+    outputs = {}
+    for index in range(rounds):
+        for layout, engine in engines.items():
+            started = time.perf_counter()
+            out = run_all(engine, prompts, greedy(48), prefix=f"{layout}{index}-")
+            times[layout].append(time.perf_counter() - started)
+            outputs[layout] = [out[key] for key in sorted(out)]
+    for layout, values in times.items():
+        print(f"{layout:<11} best {min(values):.2f} s  all {' '.join(f'{v:.2f}' for v in values)}")
+    print(f"paged / contiguous (best rounds): {min(times['paged']) / min(times['contiguous']):.3f}; "
+          f"same tokens: {outputs['paged'] == outputs['contiguous']}")
+    for engine in engines.values():
+        engine.close()
+
+
+def bench_attention(iterations: int, batch_size: int = 16, length: int = 256) -> None:
+    import statistics
+
+    from engine.attention import LayerAttentionSpec, create_attention_backend
+    from engine.attention.paged_torch import PagedTorchBackend
+    from engine.core.forward_batch import ForwardBatch
+    from memory.kv import LayerGroup
+
+    torch.set_num_threads(1)
+    kv_heads, head_dim, heads = 3, 64, 9
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=4,
+                       groups=(LayerGroup((0,), None),), max_slots=batch_size, max_len=2 * length,
+                       tokens_per_page=PAGE_TOKENS)
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(batch_size, length, kv_heads, head_dim, generator=generator)
+    values = torch.randn(batch_size, length, kv_heads, head_dim, generator=generator)
+    managers = {}
+    for layout in ("contiguous", "paged"):
+        pool = ElasticPool(create_backend("host"), 4096 * spec.page_bytes, spec.page_bytes)
+        kv = managers[layout] = KVCacheManager(spec, pool, torch.float32, layout=layout)
+        for b in range(batch_size):
+            kv.admit(f"r{b}", [b])
+            kv.grow(f"r{b}", length)
+            kv.write_kv(f"r{b}", 0, [(keys[b, : length - 1], values[b, : length - 1])])
+    native = create_attention_backend("native")
+    backends = {"contiguous": native, "paged": PagedTorchBackend(native)}
+    q = torch.randn(batch_size, heads, head_dim, generator=generator)
+    k, v = keys[:, -1], values[:, -1]
+    batch = ForwardBatch(
+        input_ids=torch.zeros(batch_size, dtype=torch.int64), positions=torch.full((batch_size,), length - 1),
+        token_slots=torch.arange(batch_size), num_decode_tokens=batch_size, decode_slots=torch.arange(batch_size),
+        decode_context_lens=torch.full((batch_size,), length), decode_slots_are_prefix=True,
+        max_decode_context_len=length, prefills=(), logits_indices=torch.arange(batch_size))
+    layer = LayerAttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, sliding_window=None)
+    outputs = {layout: torch.empty(batch_size, heads, head_dim) for layout in managers}
+    times: dict[str, list[float]] = {layout: [] for layout in managers}
+    for _ in range(iterations):
+        for layout, kv in managers.items():
+            key_cache, value_cache = kv.layer_caches()[0]
+            started = time.perf_counter()
+            backends[layout].forward(layer, q, k, v, key_cache, value_cache, batch, outputs[layout])
+            times[layout].append(time.perf_counter() - started)
+    medians = {layout: statistics.median(values) for layout, values in times.items()}
+    for layout, median in medians.items():
+        print(f"{layout:<11} median {median * 1e6:.0f} us")
+    print(f"paged / contiguous: {medians['paged'] / medians['contiguous']:.2f}; "
+          f"bit-identical: {torch.equal(outputs['paged'], outputs['contiguous'])}")
+    for kv in managers.values():
+        kv.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    sub.add_parser("memory").add_argument("--budget-gib", type=float, default=2.0)
+    evictor = sub.add_parser("evictor")
+    evictor.add_argument("--requests", type=int, default=400)
+    evictor.add_argument("--model", choices=("gemma3", "smollm2"), default="gemma3")
+    sub.add_parser("paged").add_argument("--rounds", type=int, default=3)
+    sub.add_parser("attention").add_argument("--iterations", type=int, default=300)
+    args = parser.parse_args()
+    if args.bench == "memory":
+        bench_memory(args.budget_gib)
+    elif args.bench == "evictor":
+        bench_evictor(args.requests, args.model)
+    elif args.bench == "paged":
+        bench_paged(args.rounds)
+    else:
+        bench_attention(args.iterations)
+
+
+if __name__ == "__main__":
+    main()

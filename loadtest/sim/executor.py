@@ -1,0 +1,92 @@
+"""The cost-model executor: what stands in for the ModelRunner in a simulated replica.
+
+It has the ModelRunner's interface as the scheduler and the engine's step loop use it
+(`activation_chunks`, `activation_chunks_charged_to_kv`, `run(plan, states) -> SampleResult`): the
+activation workspace is the engine's own `ActivationWorkspace` on the `sim` backend, sized by the engine's
+own buffer plan (`LlamaModel.plan_buffers`), inflated before each step and left for KV to reclaim after it,
+exactly as on a device. Instead of running a model it says how long the step took (`step_s`, from
+cost.py) and "samples" token 0 for every row (simulated requests ignore EOS and stop at max_tokens).
+
+`BookkeepingLayout` is a KV layout that maps nothing in virtual memory: the manager decides exactly as with
+the engine's `contiguous` layout (slots, pages, chunks), without one VMM call per chunk (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+
+from engine.core.sampler import SampleResult
+from engine.core.scheduler import SchedulerOutput
+from engine.device.activation_workspace import ActivationWorkspace
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel, ShardPlan
+from loadtest.sim.cost import CostModel, StepShape
+from memory.kv import KVCacheSpec
+from memory.kv.layouts import LAYOUTS
+
+
+def step_shape(plan: SchedulerOutput) -> StepShape:
+    return StepShape(tuple(chunk.start + 1 for chunk in plan.decodes),
+                     tuple((len(chunk.token_ids), chunk.start) for chunk in plan.prefills),
+                     len(plan.decodes) + sum(chunk.samples for chunk in plan.prefills))
+
+
+class SimExecutor:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, workspace: ActivationWorkspace, cost: CostModel):
+        self.workspace = workspace
+        self.cost = cost
+        shard = ShardPlan.for_rank(config, 0, 1)
+        self._activation_bytes = lru_cache(maxsize=4096)(
+            lambda num_tokens, num_sampled: LlamaModel.plan_buffers(config, shard, dtype, num_tokens,
+                                                                    num_sampled).num_bytes)
+
+    def activation_chunks(self, num_tokens: int, num_sampled: int) -> int:
+        if num_tokens == 0:
+            return 0
+        return self.workspace.num_pages_for(self._activation_bytes(num_tokens, max(num_sampled, 1)))
+
+    def activation_chunks_charged_to_kv(self, num_tokens: int, num_sampled: int) -> int:
+        return self.workspace.pages_charged_to_kv(self.activation_chunks(num_tokens, num_sampled))
+
+    def run(self, plan: SchedulerOutput, states: Sequence[object]) -> SampleResult:
+        """The step's memory effect (its workspace balloons up, then may be reclaimed); token 0 per row."""
+        shape = step_shape(plan)
+        self.workspace.acquire(self._activation_bytes(shape.num_tokens, max(shape.num_sampled, 1)))
+        self.workspace.release()
+        return SampleResult([0] * shape.num_sampled, [None] * shape.num_sampled)
+
+    def step_s(self, plan: SchedulerOutput) -> float:
+        return self.cost.step_s(step_shape(plan))
+
+
+class BookkeepingLayout:
+    """A KV layout that places nothing in virtual memory (see the module doc)."""
+
+    name = "bookkeeping"
+
+    def __init__(self, spec: KVCacheSpec, backend: object, dtype: torch.dtype) -> None:
+        self.spec = spec
+
+    def layer_caches(self) -> list:
+        raise NotImplementedError("the bookkeeping layout has no tensors")
+
+    def map_block(self, slot: int, page: int, block: object) -> None:
+        pass
+
+    def unmap_block(self, slot: int, page: int, block: object) -> None:
+        pass
+
+    def move_block(self, block: object, src_slot: int, dst_slot: int, page: int) -> None:
+        pass
+
+    def block_freed(self, block: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+LAYOUTS.setdefault(BookkeepingLayout.name, BookkeepingLayout)

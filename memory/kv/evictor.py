@@ -1,0 +1,69 @@
+"""Which cached KV block to evict next: plain LRU, or Jenga's prefix-subset evictor.
+
+Cached blocks are parked by the request that held them last (its *release*: pages that slid out of a
+window while it ran, and the rest when it ends); the release holding the least recently parked block
+goes first, under both evictors. They differ inside it:
+- `lru` evicts in park order. A request frees page 0 first, so its head goes first and every prefix
+  hit on that chain is lost with the first eviction.
+- `prefix_subset` evicts what loses the least hit length. The release's target hit ends at its
+  deepest page a prefix hit has used (a shared prompt), or, if none was, at its deepest full-attention
+  page. Pages past the target go first (tail first: nobody hit them); then the blocks the target hit
+  does not need (sliding-window pages before its window, oldest first), which lose nothing of it;
+  then the target's own pages, deepest first in every kind, each costing one page of hit length, so
+  the cached prefix shrinks from its end while staying a valid hit for every kind (balanced and
+  aligned, as in the paper).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+
+from memory.kv.blocks import KVBlock
+from memory.kv.cache_policy import CachePolicy, FullAttentionPolicy
+
+
+class Evictor(ABC):
+    name: str
+
+    @abstractmethod
+    def choose(self, release: Sequence[KVBlock]) -> KVBlock:
+        """The block to evict from the oldest release (its blocks in park order; never empty)."""
+
+
+class LruEvictor(Evictor):
+    name = "lru"
+
+    def __init__(self, policies: Sequence[CachePolicy]):
+        self.policies = policies
+
+    def choose(self, release: Sequence[KVBlock]) -> KVBlock:
+        return release[0]
+
+
+class PrefixSubsetEvictor(Evictor):
+    name = "prefix_subset"
+
+    def __init__(self, policies: Sequence[CachePolicy]):
+        self.policies = policies
+
+    def choose(self, release: Sequence[KVBlock]) -> KVBlock:
+        reused = [b.page for b in release if b.reused]
+        full_pages = [b.page for b in release if isinstance(self.policies[b.group], FullAttentionPolicy)]
+        target_page = max(reused or full_pages or [b.page for b in release])
+        target_hit = (target_page + 1) * self.policies[0].page_tokens
+
+        def cost(block: KVBlock) -> tuple[int, int, int]:
+            if block.page > target_page:
+                return (0, -block.page, block.group)  # past every hit so far: tail first
+            if block.page not in self.policies[block.group].hit_pages(target_hit):
+                return (1, block.page, block.group)  # not needed by the target hit: free to drop
+            return (2, -block.page, block.group)  # shortens the hit by a page: the deepest first
+
+        return min(release, key=cost)
+
+
+EVICTORS: Mapping[str, Callable[[Sequence[CachePolicy]], Evictor]] = {
+    LruEvictor.name: LruEvictor,
+    PrefixSubsetEvictor.name: PrefixSubsetEvictor,
+}

@@ -1,0 +1,193 @@
+"""Jenga's two-level allocator: large pages from the ElasticPool, each cut into one kind's small pages.
+
+Kinds (a layer group of one model, another model's KV, a constant-size state) each have their own
+small-page size. A *large page* is `chunks_per_large_page` pool chunks, sized as the least common
+multiple of every kind's small-page size rounded up to whole chunks, so every kind cuts it into a
+whole number of small pages (with no waste when the LCM is itself a whole number of chunks; else
+the remainder is counted as fragmentation). A large page belongs to one kind at a time; once all
+its small pages are free it goes straight back to the pool, where the activations and the other
+kinds can take it, so every kind still balloons against everything else.
+
+Variants (the benchmarks' baselines) are the same class with other numbers:
+- `pad_to_largest`: every kind's small page is the largest one (vLLM's hybrid KV cache manager);
+- `static_partition`: each kind may hold at most a fixed number of large pages.
+
+Contract (checked by tests/memory/test_lcm_allocator.py's state machine): the pool's budget is
+never exceeded (chunks come only from `pool.inflate`); a small page is free in exactly one large
+page or held by exactly one owner; a large page with no small page in use is never kept; a kind's
+held bytes = its large pages x large-page bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from memory.pool import ElasticPool, PoolExhausted
+from memory.vmm.base import PhysicalChunk
+
+
+@dataclass(frozen=True)
+class SmallPage:
+    kind: str
+    large_page: int  # id of the large page it is cut from
+    index: int  # position inside that large page (byte offset = index * the kind's small-page bytes)
+
+
+@dataclass(frozen=True)
+class KindTelemetry:
+    kind: str
+    small_page_bytes: int  # what the kind asked for
+    allocated_page_bytes: int  # what one of its pages takes (padding variants: more than asked)
+    num_large_pages: int
+    num_pages_used: int
+    bytes_held: int  # large pages owned by the kind
+    bytes_used: int  # the requested bytes of the small pages in use
+
+    @property
+    def internal_fragmentation_bytes(self) -> int:
+        return self.bytes_held - self.bytes_used
+
+    @property
+    def utilisation(self) -> float:
+        return self.bytes_used / self.bytes_held if self.bytes_held else 1.0
+
+
+@dataclass
+class _LargePage:
+    page_id: int
+    kind: str
+    chunks: list[PhysicalChunk]
+    free: list[int]  # free small-page indices, ascending (lowest given first)
+    used: int = 0
+
+
+@dataclass
+class LcmAllocator:
+    pool: ElasticPool
+    client: str
+    small_page_bytes: Mapping[str, int]  # kind -> bytes one small page of it holds
+    allocated_page_bytes: Mapping[str, int] | None = None  # None: as requested (pad_to_largest overrides)
+    max_large_pages: Mapping[str, int] | None = None  # static partition per kind; None: all share the pool
+    large_page_bytes: int = field(init=False)
+    chunks_per_large_page: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.small_page_bytes or any(size < 1 for size in self.small_page_bytes.values()):
+            raise ValueError("every kind needs a positive small-page size")
+        self.allocated_page_bytes = dict(self.allocated_page_bytes or self.small_page_bytes)
+        for kind, size in self.small_page_bytes.items():
+            if self.allocated_page_bytes[kind] < size:
+                raise ValueError(f"kind {kind!r}: allocated pages smaller than requested")
+        common = math.lcm(*self.allocated_page_bytes.values())
+        self.chunks_per_large_page = -(-common // self.pool.chunk_bytes)
+        self.large_page_bytes = self.chunks_per_large_page * self.pool.chunk_bytes
+        self._pages_per_large = {kind: self.large_page_bytes // size
+                                 for kind, size in self.allocated_page_bytes.items()}
+        self._large: dict[int, _LargePage] = {}
+        self._by_kind: dict[str, list[int]] = {kind: [] for kind in self.small_page_bytes}
+        self._used: set[SmallPage] = set()
+        self._next_id = 0
+        if self.client not in self.pool.clients:
+            self.pool.register(self.client)
+
+    @classmethod
+    def pad_to_largest(cls, pool: ElasticPool, client: str, small_page_bytes: Mapping[str, int]) -> LcmAllocator:
+        largest = max(small_page_bytes.values())
+        return cls(pool, client, small_page_bytes, allocated_page_bytes=dict.fromkeys(small_page_bytes, largest))
+
+    @classmethod
+    def static_partition(cls, pool: ElasticPool, client: str, small_page_bytes: Mapping[str, int],
+                         shares: Mapping[str, float]) -> LcmAllocator:
+        """Each kind gets `share` of the large pages the pool's free chunks make, fixed up front."""
+        probe = cls(pool, client, small_page_bytes)
+        total = pool.num_free() // probe.chunks_per_large_page
+        limits = {kind: int(total * shares[kind]) for kind in small_page_bytes}
+        return cls(pool, client, small_page_bytes, max_large_pages=limits)
+
+    # ---- queries -------------------------------------------------------------------------------
+    def pages_per_large_page(self, kind: str) -> int:
+        return self._pages_per_large[kind]
+
+    def num_free_pages(self, kind: str) -> int:
+        """Small pages of `kind` obtainable now without evicting anything: free ones in the kind's large
+        pages plus whole new large pages the pool could lend."""
+        in_kind = sum(len(self._large[i].free) for i in self._by_kind[kind])
+        new_large = self.pool.num_obtainable(self.client) // self.chunks_per_large_page
+        if self.max_large_pages is not None:
+            new_large = min(new_large, self.max_large_pages[kind] - len(self._by_kind[kind]))
+        return in_kind + max(new_large, 0) * self._pages_per_large[kind]
+
+    def telemetry(self, kind: str) -> KindTelemetry:
+        large = self._by_kind[kind]
+        used = sum(self._large[i].used for i in large)
+        return KindTelemetry(kind, self.small_page_bytes[kind], self.allocated_page_bytes[kind], len(large), used,
+                             len(large) * self.large_page_bytes, used * self.small_page_bytes[kind])
+
+    def all_telemetry(self) -> dict[str, KindTelemetry]:
+        return {kind: self.telemetry(kind) for kind in self.small_page_bytes}
+
+    def large_page_chunks(self, large_page: int) -> list[PhysicalChunk]:
+        return list(self._large[large_page].chunks)
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def allocate(self, kind: str, count: int = 1) -> list[SmallPage] | None:
+        """`count` small pages of `kind` (lowest large page first, to keep large pages full so empty
+        ones can go back); None, with nothing taken, if they cannot all be had."""
+        if count > self.num_free_pages(kind):
+            return None
+        pages: list[SmallPage] = []
+        for large_id in sorted(self._by_kind[kind]):
+            large = self._large[large_id]
+            while large.free and len(pages) < count:
+                pages.append(self._take(large))
+        while len(pages) < count:
+            large = self._new_large_page(kind)
+            if large is None:  # the pool changed under us: undo, all or nothing
+                self.free(pages)
+                return None
+            while large.free and len(pages) < count:
+                pages.append(self._take(large))
+        return pages
+
+    def free(self, pages: list[SmallPage]) -> None:
+        for page in pages:
+            if page not in self._used:
+                raise ValueError(f"{page} is not allocated")
+            self._used.discard(page)
+            large = self._large[page.large_page]
+            large.used -= 1
+            large.free.append(page.index)
+            large.free.sort()
+            if large.used == 0:  # whole large page free: back to the pool for any kind or balloon
+                del self._large[large.page_id]
+                self._by_kind[large.kind].remove(large.page_id)
+                self.pool.deflate(self.client, large.chunks)
+
+    def close(self) -> None:
+        for large in self._large.values():
+            self.pool.deflate(self.client, large.chunks)
+        self._large.clear()
+        self._used.clear()
+        for pages in self._by_kind.values():
+            pages.clear()
+
+    def _take(self, large: _LargePage) -> SmallPage:
+        page = SmallPage(large.kind, large.page_id, large.free.pop(0))
+        large.used += 1
+        self._used.add(page)
+        return page
+
+    def _new_large_page(self, kind: str) -> _LargePage | None:
+        if self.max_large_pages is not None and len(self._by_kind[kind]) >= self.max_large_pages[kind]:
+            return None
+        try:
+            chunks = self.pool.inflate(self.client, self.chunks_per_large_page)
+        except PoolExhausted:
+            return None
+        large = _LargePage(self._next_id, kind, chunks, list(range(self._pages_per_large[kind])))
+        self._next_id += 1
+        self._large[large.page_id] = large
+        self._by_kind[kind].append(large.page_id)
+        return large

@@ -1,0 +1,183 @@
+"""Gemma 3: config from GGUF and HF, the embedded model's source, and greedy tokens equal transformers'.
+
+The default suite runs a tiny random Gemma 3 (every Gemma-specific switch moved off the 270M model's
+defaults: query scale, logit soft-cap, scaled global RoPE, untied head) through the engine; the real
+Gemma 3 270M runs under `slow` (loading it and transformers' reference takes about a minute here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import Gemma3TextConfig
+
+from engine.config import EngineConfig
+from engine.core.engine import LLMEngine
+from engine.model.config import FULL_ATTENTION, GEMMA3, SLIDING_ATTENTION, ModelConfig, model_config_from_gguf
+from engine.weights import gemma3_gguf_path, resolve_model_source
+from engine.weights.gguf_file import GgufFile
+from tests.engine.core.test_engine_exactness import small_config as exactness_config
+from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy, run_all
+from tests.engine.reference import hf_greedy, hf_model_from_weights, make_tiny_random_checkpoint
+
+F, S = FULL_ATTENTION, SLIDING_ATTENTION
+
+
+@pytest.fixture(scope="module")
+def gemma3_source():
+    return resolve_model_source("gemma3-270m")
+
+
+def test_short_names_resolve(gemma3_source, smollm2_source):
+    assert resolve_model_source("smollm2-135m") == resolve_model_source(None) == smollm2_source
+    assert gemma3_source.format == "gguf" and gemma3_source.path.name == "gemma-3-270m-q4_k_m.gguf"
+    assert resolve_model_source("Gemma3-270M") == gemma3_source
+
+
+def test_assembled_file_is_reused_from_the_cache(tmp_path):
+    cached = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    cached.write_bytes(b"already assembled")  # present = verified: never re-hashed nor re-assembled
+    assert gemma3_gguf_path(tmp_path) == cached
+    assert cached.read_bytes() == b"already assembled"
+
+
+def test_config_from_gguf(gemma3_source):
+    gguf = GgufFile(gemma3_source.path)
+    config = model_config_from_gguf(gguf.metadata, gguf.tensors.keys())
+    assert config.architecture == GEMMA3
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+            config.intermediate_size, config.vocab_size) == (18, 640, 4, 1, 256, 2048, 262144)
+    assert config.layer_types == ((S,) * 5 + (F,)) * 3 and config.sliding_window == 512
+    assert (config.rope_theta, config.rope_local_theta, config.rope_scaling) == (1e6, 1e4, None)
+    assert (config.query_pre_attn_scalar, config.final_logit_softcapping) == (256, None)
+    assert config.tie_word_embeddings and config.use_qk_norm and not config.attention_bias
+    assert (config.bos_token_id, config.eos_token_ids, config.max_position_embeddings) == (2, (1,), 32768)
+    # transformers reads the same model from our HF config, and we read it back unchanged
+    assert ModelConfig.from_hf_config(config.to_hf_config()) == config
+    hf = Gemma3TextConfig(**{k: v for k, v in config.to_hf_config().items() if k != "model_type"})
+    assert tuple(hf.layer_types) == config.layer_types and hf.query_pre_attn_scalar == 256
+
+
+def test_hf_config_of_transformers_4_spelling():
+    config = ModelConfig.from_hf_config({
+        "model_type": "gemma3_text", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32,
+        "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window": 16, "sliding_window_pattern": 6,
+        "query_pre_attn_scalar": 48, "final_logit_softcapping": 30.0, "rope_scaling": {"rope_type": "linear",
+                                                                                       "factor": 8.0},
+    })
+    assert config.layer_types == (S,) * 5 + (F, S)
+    assert (config.rope_local_theta, config.query_pre_attn_scalar, config.final_logit_softcapping) == (1e4, 48, 30.0)
+    assert config.rope_scaling == (("factor", 8.0), ("rope_type", "linear"))
+    with pytest.raises(ValueError, match="rope_local_theta"):
+        dataclasses.replace(config, rope_local_theta=None)
+
+
+def small_config(**overrides) -> EngineConfig:
+    return exactness_config(**{"max_num_batched_tokens": 24, "tokens_per_page": 32, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Gemma 3 (window 40) and transformers' greedy tokens for its prompts."""
+    directory = make_tiny_random_checkpoint(tmp_path_factory.mktemp("tiny-gemma3"), arch="gemma3",
+                                            layer_types=(S, S, F, S, F), sliding_window=40)
+    hf = hf_model_from_weights(str(directory), dtype=torch.float32)
+    long_text = " ".join(PROMPTS[6:8] * 3)
+    prompts = [smollm2_tokenizer(text).input_ids for text in [*PROMPTS[:4], long_text, long_text[40:]]]
+    reference = hf_greedy(hf, prompts, 16)
+    assert len({tuple(tokens) for tokens in reference}) == len(reference)  # decisive, distinct outputs
+    return directory, prompts, reference
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_tiny_gemma3_matches_transformers(tiny_gemma3, smollm2_tokenizer, layout):
+    """Batching, chunked prefill (24-token budget) and a 40-token window over 32-token pages."""
+    directory, prompts, reference = tiny_gemma3
+    engine = LLMEngine(small_config(model=str(directory), kv_layout=layout), tokenizer=smollm2_tokenizer)
+    try:
+        assert engine.model_config.query_pre_attn_scalar != engine.model_config.head_dim
+        assert max(len(p) for p in prompts) > 40 + 32  # pages really leave the window
+        ours = run_all(engine, prompts, greedy(16))
+        assert [ours[f"r{i}"] for i in range(len(prompts))] == reference
+        assert_pool_idle(engine)
+    finally:
+        engine.close()
+
+
+# ---- the real Gemma 3 270M (slow) ---------------------------------------------------------------
+NUM_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def gemma3_tokenizer(gemma3_source):
+    from engine.text.tokenizer import load_tokenizer
+
+    return load_tokenizer(gemma3_source)
+
+
+@pytest.fixture(scope="module")
+def gemma3_fp32(gemma3_source):
+    from engine.weights import load_weights
+
+    return load_weights(gemma3_source, dtype=torch.float32, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def gemma3_prompts(gemma3_tokenizer):
+    # the last prompt is longer than the 512-token window, so sliding layers drop pages mid-prefill
+    long_text = " ".join(PROMPTS * 8)
+    prompts = [gemma3_tokenizer(text).input_ids for text in [*PROMPTS[:5], long_text]]
+    assert len(prompts[-1]) > 600
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def gemma3_reference(gemma3_source, gemma3_fp32, gemma3_prompts):
+    hf = hf_model_from_weights(gemma3_source, dtype=torch.float32, loaded=gemma3_fp32)
+    return hf_greedy(hf, gemma3_prompts, NUM_NEW)
+
+
+def gemma3_config(**overrides) -> EngineConfig:
+    return small_config(**{"model": "gemma3-270m", "max_model_len": 1024, "max_num_seqs": 8,
+                           "max_num_batched_tokens": 128, "tokens_per_page": 64, "device_memory_bytes": 3 << 30,
+                           **overrides})
+
+
+@pytest.mark.slow
+def test_gemma3_weights_equal_transformers_gguf_loading(gemma3_source, gemma3_fp32):
+    """Our dequantization (K-quants included), name map and norm offsets against transformers' own."""
+    from tests.engine.reference import hf_gguf_tensors
+
+    _, weights = gemma3_fp32
+    reference = hf_gguf_tensors(gemma3_source)
+    assert set(reference) - {"lm_head.weight"} == set(weights)
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, reference[name].float()), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "layout"), [(None, "contiguous"), (None, "paged"), ("swap", "contiguous"),
+                                              ("recompute", "paged")])
+def test_gemma3_270m_matches_transformers(gemma3_tokenizer, gemma3_prompts, gemma3_reference, mode, layout):
+    """Batched chunked prefill past the window; then under a KV budget that forces preemption."""
+    engine = LLMEngine(gemma3_config(kv_layout=layout), tokenizer=gemma3_tokenizer)
+    try:
+        if mode is not None:
+            weights = engine.pool.num_held("weights") * engine.pool.chunk_bytes
+            kv_per_token = engine.kv_spec.bytes_per_token * 2 * engine.kv_spec.num_layers
+            budget = weights + engine.peak_activation_bytes + 900 * kv_per_token
+            engine.close()
+            engine = LLMEngine(gemma3_config(device_memory_bytes=budget, preemption_mode=mode, kv_layout=layout,
+                                             enable_prefix_caching=False), tokenizer=gemma3_tokenizer)
+        ours = run_all(engine, gemma3_prompts, greedy(NUM_NEW))
+        assert [ours[f"r{i}"] for i in range(len(gemma3_prompts))] == gemma3_reference
+        if mode == "swap":
+            assert engine.scheduler.num_swaps > 0
+        elif mode == "recompute":
+            assert engine.scheduler.num_recomputes > 0
+        assert_pool_idle(engine)
+    finally:
+        engine.close()

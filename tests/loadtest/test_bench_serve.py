@@ -1,0 +1,34 @@
+"""loadtest/bench/serve.py without servers: the level arithmetic and the ratio table."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.bench.serve import Level, parse_args, ratio_table
+from loadtest.metrics import RequestRecord
+
+
+def record(start: float, ttft: float, e2e: float, tokens: int, error: str | None = None) -> RequestRecord:
+    return RequestRecord("r", "completions", start, e2e, ttft, (ttft,), 128, tokens, tokens, True, error)
+
+
+def test_level_counts_ok_tokens_over_the_window_and_takes_latencies_from_ok_requests():
+    records = [record(100.0, 0.1, 1.37, 128), record(100.5, 0.3, 1.57, 128), record(101.0, None, 0.5, 0, "HTTP 503")]
+    level = Level.of(8, records, "1.0 -> 2.0")
+    assert level.output_tok_s == pytest.approx(256 / 2.07, rel=1e-12)  # from the first start to the last end
+    assert (level.ttft_p50_ms, level.ttft_p99_ms) == (200.0, 298.0)
+    assert round(level.tpot_mean_ms, 6) == 10.0  # (1.37 - 0.1) / 127 and (1.57 - 0.3) / 127
+    assert (level.num_requests, level.num_errors) == (3, 1)
+
+
+def test_ratio_table_puts_ours_over_the_peer_for_rates_and_the_peer_over_ours_for_times():
+    ours = [Level(1, 80.0, 50.0, 60.0, 12.0, 3, 0, "a")]
+    peer = [Level(1, 40.0, 100.0, 120.0, 24.0, 3, 0, "b")]
+    row = ratio_table(ours, peer).splitlines()[2]
+    assert row.split("|")[1:4] == [" 1 ", " 80.0 / 40.0 ", " 2.00x "]
+    assert " 2.00x " in row.split("|")[6] and " 2.00x " in row.split("|")[8]
+
+
+def test_defaults_are_the_issue_s_levels():
+    args = parse_args([])
+    assert args.concurrency == [1, 8, 32] and args.config == "serve_config.yaml"

@@ -1,0 +1,106 @@
+"""Per-kind cache policies and the prefix-subset evictor, with exact pages, hit lengths and block ids:
+a full-attention group and a sliding-window group (window 2 pages) on the `sim` backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memory import ElasticPool, create_backend
+from memory.kv import KVCacheManager, KVCacheSpec, LayerGroup
+from memory.kv.cache_policy import FullAttentionPolicy, SlidingWindowPolicy
+
+P = 1024  # tokens per page: 2 MiB pages of 8 KV heads x 128 x bf16
+
+
+def test_policies_resident_and_hit_pages():
+    full, sliding = FullAttentionPolicy(P), SlidingWindowPolicy(P, 2 * P)
+    assert full.resident_pages(3 * P + 1) == range(4) and full.hit_pages(3 * P) == range(3)
+    assert sliding.resident_pages(3 * P + 1) == range(1, 4)  # keys > 3P - 2P: from token P + 1
+    assert sliding.hit_pages(3 * P) == range(1, 3)  # query 3P sees keys from P + 1: pages 1 and 2
+    assert sliding.hit_pages(2 * P) == range(0, 2) and sliding.hit_pages(0) == range(0)
+    assert SlidingWindowPolicy(P, P // 2).hit_pages(3 * P) == range(2, 3)
+
+
+def _kv(evictor: str, window: int | None = 2 * P) -> tuple[KVCacheManager, ElasticPool]:
+    groups = (LayerGroup((0,), None), LayerGroup((1,), window)) if window else (LayerGroup((0, 1), None),)
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=8, head_dim=128, dtype_bytes=2, groups=groups, max_slots=4,
+                       max_len=8 * P, tokens_per_page=P)
+    pool = ElasticPool(create_backend("sim"), 64 * spec.page_bytes, spec.page_bytes)
+    pool.register("activations")
+    return KVCacheManager(spec, pool, torch.bfloat16, evictor=evictor), pool
+
+
+def _cached(kv: KVCacheManager) -> list[tuple[int, int]]:
+    """(group, page) of every evictable block, in block-id order."""
+    return sorted((b.group, b.page) for b in kv.prefix.evictable.values())
+
+
+def _run_once(kv: KVCacheManager, prompt: list[int]) -> None:
+    """A chunked prefill of one page per step, then the request ends."""
+    assert kv.admit("a", prompt) == 0
+    for end in [*range(P, len(prompt), P), len(prompt)]:
+        assert kv.grow("a", end)
+        kv.commit("a", prompt, end)
+    kv.free("a")
+
+
+@pytest.mark.parametrize("evictor", ["lru", "prefix_subset"])
+def test_sliding_models_hit_without_the_pages_that_left_the_window(evictor):
+    kv, _ = _kv(evictor)
+    prompt = list(range(6 * P + 1))
+    _run_once(kv, prompt)
+    # full attention cached pages 0..5; the sliding group cached 0..3 (dropped mid-request) and 4, 5
+    assert _cached(kv) == [(0, p) for p in range(6)] + [(1, p) for p in range(6)]
+    # evict the sliding pages the hit does not need: a hit of 6 pages needs only sliding pages 4 and 5
+    for block in [b for b in list(kv.prefix.evictable.values()) if b.group == 1 and b.page < 4]:
+        del kv.prefix.by_hash[(1, block.block_hash)]
+        kv.prefix.evictable.pop(block.block_id)
+    assert kv.match_prefix(prompt) == 6 * P
+    assert kv.admit("b", prompt) == 6 * P
+    blocks = kv.requests["b"].blocks
+    assert [b is not None for b in blocks[1]] == [False] * 4 + [True] * 2  # only the window is mapped
+    assert kv.match_prefix(prompt[: 5 * P + 1]) == 0  # a 5-page hit would need sliding page 3: gone
+    kv.close()
+
+
+def _eviction_order(evictor: str, window: int | None = 2 * P) -> tuple[list[tuple[int, int]], list[int]]:
+    """Evicts one block at a time (the activations balloon reclaims); records what went and the
+    prefix hit length left after each eviction."""
+    kv, pool = _kv(evictor, window)
+    prompt = list(range(6 * P + 1))
+    _run_once(kv, prompt)
+    order, hits = [], []
+    taken = []
+    while kv.prefix.evictable:
+        before = {b.block_id: (b.group, b.page) for b in kv.prefix.evictable.values()}
+        taken += pool.inflate("activations", pool.num_free() + 1)  # one more chunk than is free
+        gone = [before[i] for i in before if i not in kv.prefix.evictable]
+        order += gone
+        hits.append(kv.match_prefix(prompt))
+    pool.deflate("activations", taken)
+    kv.close()
+    return order, hits
+
+
+def test_prefix_subset_evictor_loses_the_least_hit_length():
+    order, hits = _eviction_order("prefix_subset")
+    # the sliding pages no hit of the full prefix needs go first (oldest first), then the tail of
+    # every kind, deepest first: the cached prefix shrinks from its end
+    assert order == [(1, 0), (1, 1), (1, 2), (1, 3), (0, 5), (1, 5), (0, 4), (1, 4),
+                     (0, 3), (0, 2), (0, 1), (0, 0)]
+    assert hits[:4] == [6 * P] * 4  # four evictions cost nothing
+    lru_order, lru_hits = _eviction_order("lru")
+    # LRU drops the sliding pages first too (they were parked first, while the request ran), then
+    # the head of the full-attention chain
+    assert lru_order[:5] == [(1, 0), (1, 1), (1, 2), (1, 3), (0, 0)]
+    assert lru_hits[:4] == [6 * P] * 4 and lru_hits[4] == 0
+    assert hits[4] == 0  # tail page 5 gone: a 5-page hit would need sliding page 3, evicted already
+
+
+def test_full_attention_chains_shrink_from_the_tail_not_the_head():
+    order, hits = _eviction_order("prefix_subset", window=None)
+    assert order == [(0, p) for p in range(5, -1, -1)]
+    assert hits == [5 * P, 4 * P, 3 * P, 2 * P, P, 0]  # every eviction costs one page of hit length
+    lru_order, lru_hits = _eviction_order("lru", window=None)
+    assert lru_order == [(0, p) for p in range(6)] and lru_hits == [0] * 6  # the head went first
