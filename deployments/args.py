@@ -132,6 +132,9 @@ class AppArgs(BaseModel):
     enable_prefix_caching: bool | None = None
     ttft_slo_ms: float | None = Field(default=None, gt=0)
     tpot_slo_ms: float | None = Field(default=None, gt=0)
+    priority_scale: float | None = Field(default=None, ge=1)  # class targets = targets * scale ** priority
+    # LayerKV: layerwise admits prompts whose whole KV does not fit with top layers on the host (docs/LAYERKV.md)
+    kv_offload: Literal["none", "layerwise"] | None = None
     stall_timeout_s: float | None = Field(default=None, gt=0)  # health fails when one engine step runs longer
     engine_options: dict[str, Any] = Field(default_factory=dict)  # any other EngineConfig field
     # HTTP.
@@ -194,6 +197,7 @@ class AppArgs(BaseModel):
             "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_num_waiting": self.max_num_waiting, "enable_prefix_caching": self.enable_prefix_caching,
             "ttft_slo_ms": self.ttft_slo_ms, "tpot_slo_ms": self.tpot_slo_ms,
+            "priority_scale": self.priority_scale, "kv_offload": self.kv_offload,
             "stall_timeout_s": self.stall_timeout_s,
         }
         kwargs = {name: value for name, value in values.items() if value is not None}

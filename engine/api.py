@@ -33,6 +33,7 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     arrival_time: float = 0.0  # time.monotonic() when the HTTP layer received it
+    priority: int = 0  # lower is more urgent (vLLM's `priority`); scales the SLO targets (engine/core/slo.py)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,12 @@ class EngineStats:
     num_prefix_cache_hits: int  # cumulative tokens
     num_prefix_cache_queries: int  # cumulative tokens
     kv_chunks_cached: int = 0  # held by the kv balloon for the prefix cache only (reclaimable)
+    kv_offloaded_layers: int = 0  # (request, layer) pairs with pages on the host (layer-wise offloading)
+    kv_host_bytes: int = 0  # host-buffer bytes those pages take
+    kv_bytes_fetched: int = 0  # cumulative bytes staged from the host for offloaded layers
+    kv_bytes_fetched_last_step: int = 0
+    slo_attained: int = 0  # finished requests that met their class's TTFT and TPOT targets
+    slo_finished: int = 0
     # KunServe parameter dropping: normal | dropping | dropped | restoring; the weights given back to the
     # pool; the share of idle stage time while this replica serves in a cooperative pipeline
     drop_state: str = "normal"

@@ -54,6 +54,14 @@ class EngineConfig:
     stall_timeout_s: float = 60.0
     kv_layout: str = "contiguous"  # "contiguous" (per-slot virtual ranges) | "paged" (block tables)
     kv_evictor: str = "lru"  # cached KV blocks: "lru" | "prefix_subset" (Jenga: least hit length lost first)
+    # LayerKV: "layerwise" admits a prompt whose KV does not all fit with its top layers on the host,
+    # demotes layers before preempting, stages host layers per step (docs/LAYERKV.md); "none" does not
+    kv_offload: str = "none"
+    # how offloaded layers are read: "copy" (staged one layer ahead by a copy thread / CUDA stream),
+    # "inline" (staged on the compute thread), "in_place" (host backend: host pages mapped and read where
+    # they are), "auto" (in_place on the host backend, copy elsewhere; see docs/LAYERKV.md)
+    kv_staging: str = "auto"
+    priority_scale: float = 2.0  # a request's SLO targets are scaled by priority_scale ** priority
     # KunServe: keep a host copy of every layer's weights so layer ranges can be dropped (their memory
     # goes to KV) and restored by copy; costs host RAM equal to the layers' weights
     enable_parameter_dropping: bool = False
@@ -75,6 +83,17 @@ class EngineConfig:
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.kv_offload not in ("none", "layerwise"):
+            raise ValueError(f"kv_offload must be none or layerwise, got {self.kv_offload!r}")
+        if self.kv_staging not in ("auto", "copy", "inline", "in_place"):
+            raise ValueError(f"kv_staging must be auto, copy, inline or in_place, got {self.kv_staging!r}")
+        if self.kv_staging == "in_place" and self.backend_name != "host":
+            raise ValueError("kv_staging: in_place needs the host VMM backend (device and host share RAM)")
+        if self.kv_offload == "layerwise" and (self.tensor_parallel_size > 1 or not self.host_buffer_bytes
+                                               or self.kv_layout != "contiguous"):
+            raise ValueError("kv_offload: layerwise needs a host buffer, tensor_parallel_size 1, kv_layout contiguous")
+        if self.priority_scale < 1:
+            raise ValueError("priority_scale must be >= 1")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be > 0")
         if self.enable_parameter_dropping and self.tensor_parallel_size > 1:
@@ -88,6 +107,12 @@ class EngineConfig:
             fast = self.device == "cuda" or cpu_has_fast_bf16()
             return torch.bfloat16 if fast else torch.float32
         return getattr(torch, self.dtype)
+
+    @property
+    def staging_mode(self) -> str:
+        if self.kv_staging == "auto":
+            return "in_place" if self.backend_name == "host" else "copy"
+        return self.kv_staging
 
     @property
     def backend_name(self) -> str:

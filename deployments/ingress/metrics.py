@@ -58,6 +58,13 @@ class EngineStateCollector(Collector):
             ("kv_cache_usage_perc", "KV cache usage in [0, 1] (used / (used + free)).", stats.kv_usage),
             ("kv_cache_used_chunks", "Pool chunks the KV cache holds.", stats.kv_chunks_used),
             ("kv_cache_free_chunks", "Chunks the KV cache could still get.", stats.kv_chunks_free),
+            ("kv_offloaded_layers", "(request, layer) pairs whose KV pages are in the host buffer (LayerKV).",
+             stats.kv_offloaded_layers),
+            ("kv_offloaded_host_bytes", "Host-buffer bytes held by offloaded layers.", stats.kv_host_bytes),
+            ("kv_fetched_bytes_last_step", "Bytes the last step staged from the host for offloaded layers.",
+             stats.kv_bytes_fetched_last_step),
+            ("slo_attainment", "Finished requests that met their class's TTFT and TPOT targets, in [0, 1].",
+             stats.slo_attained / stats.slo_finished if stats.slo_finished else 1.0),
             ("weights_dropped_bytes", "Weight bytes given back to the pool (KunServe parameter dropping).",
              stats.dropped_weight_bytes),
             ("pipeline_bubble_ratio", "Idle share of the two stages' time in cooperative pipeline steps.",
@@ -77,6 +84,9 @@ class EngineStateCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", stats.num_prefix_cache_hits),
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              stats.num_prefix_cache_queries),
+            ("kv_fetched_bytes", "Bytes staged from the host for offloaded layers.", stats.kv_bytes_fetched),
+            ("slo_attained", "Finished requests that met their SLO class targets.", stats.slo_attained),
+            ("slo_finished", "Finished requests counted for SLO attainment.", stats.slo_finished),
         ]
         for name, documentation, value in counters:
             family = self._family(CounterMetricFamily, name, documentation)

@@ -85,6 +85,7 @@ class _SamplingFields(BodyRequest):
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: StrictBool | None = None
+    priority: int = 0  # vLLM's: lower is more urgent; the request's SLO class (engine/core/slo.py)
 
     @field_validator("stop")
     @classmethod

@@ -155,13 +155,13 @@ class OpenAIServing:
         return requested
 
     async def _start(self, engine: EngineClient, prefix: str, prompt_ids: Sequence[int],
-                     sampling_kwargs: list[SamplingKwargs]) -> tuple[str, GenerationRun]:
+                     sampling_kwargs: list[SamplingKwargs], priority: int = 0) -> tuple[str, GenerationRun]:
         bindings = self._bindings_provider()
         params = [bindings.sampling_params_cls(**kwargs) for kwargs in sampling_kwargs]
         response_id = new_id(prefix)
         arrival_time = time.monotonic()
         prompt = tuple(prompt_ids)
-        requests = [GenerateRequest(f"{response_id}-{index}", prompt, sampling, arrival_time)
+        requests = [GenerateRequest(f"{response_id}-{index}", prompt, sampling, arrival_time, priority)
                     for index, sampling in enumerate(params)]
         if self.is_draining:
             raise errors.shutting_down()
@@ -199,7 +199,7 @@ class OpenAIServing:
             prompt_ids = self._checked_token_ids(engine, request.prompt)
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.max_tokens, "prompt")
         sampling_kwargs = request.sampling_kwargs(max_tokens, self._default_sampling)
-        response_id, run = await self._start(engine, "cmpl", prompt_ids, sampling_kwargs)
+        response_id, run = await self._start(engine, "cmpl", prompt_ids, sampling_kwargs, request.priority)
         created = now_s()
         if request.stream:
             stream = self._completion_stream(engine, run, response_id, created, model, request.include_usage,
@@ -298,7 +298,8 @@ class OpenAIServing:
         prompt_ids = await self._encode_chat(engine, request.chat_messages())
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.requested_max_tokens, "messages")
         response_id, run = await self._start(engine, "chatcmpl", prompt_ids,
-                                             request.sampling_kwargs(max_tokens, self._default_sampling))
+                                             request.sampling_kwargs(max_tokens, self._default_sampling),
+                                             request.priority)
         created = now_s()
         if request.stream:
             stream = self._chat_stream(engine, run, response_id, created, model, request, len(prompt_ids))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from engine.api import EngineStats, GenerateRequest, InvalidRequestError, LayersDroppedError, RequestOutput
 from engine.config import EngineConfig
 from engine.core.chunk_policy import create_chunk_policy
+from engine.core.layer_staging import StagingStats
 from engine.core.request import Request
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler, SamplingState
@@ -27,6 +28,7 @@ from engine.weights import resolve_model_source
 if TYPE_CHECKING:
     from engine.parallel.executor import TensorParallelExecutor
 from memory.kv import KV_CLIENT, KVCacheManager
+from memory.kv.host_tier import HostChunkTier
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +54,18 @@ class LLMEngine:
         self.workspace = rank.workspace
         self.peak_activation_bytes = rank.peak_activation_bytes
         layout_log = executor.layout_log if executor is not None else None
+        host_tier = None
+        if config.kv_offload == "layerwise" and config.staging_mode == "in_place":
+            host_tier = HostChunkTier(rank.pool.backend, rank.kv_spec.page_bytes,
+                                      config.host_buffer_bytes // rank.kv_spec.page_bytes)
         self.kv = KVCacheManager(rank.kv_spec, rank.pool, rank.dtype, host_buffer=rank.host_buffer,
                                  enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log,
-                                 layout=config.kv_layout, evictor=config.kv_evictor)
+                                 layout=config.kv_layout, evictor=config.kv_evictor,
+                                 host_tier=host_tier)
         self.sampler = Sampler(model_config.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor)
+        self.staging = StagingStats()  # LayerKV: bytes staged from the host (written by the runner)
+        self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor, config.staging_mode,
+                                  self.staging)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -65,6 +74,8 @@ class LLMEngine:
                 preemption_mode=config.preemption_mode,
                 tpot_slo_ms=config.tpot_slo_ms,
                 ttft_slo_ms=config.ttft_slo_ms,
+                kv_offload=config.kv_offload,
+                priority_scale=config.priority_scale,
             ),
             self.kv,
             self.runner.activation_chunks_charged_to_kv,
@@ -117,6 +128,7 @@ class LLMEngine:
                 sampling=SamplingState(params, prompt),
                 detokenizer=detokenizer,
                 arrival_time=request.arrival_time or time.monotonic(),
+                priority=request.priority,
             )
         )
 
@@ -143,6 +155,7 @@ class LLMEngine:
         started = time.perf_counter()
         result = self.runner.run(plan, self._sampling_states(plan))
         self.scheduler.cost_model.observe(plan.num_tokens, (time.perf_counter() - started) * 1e3)
+        self.scheduler.cost_model.observe_copy(self.staging.bytes_fetched_last_step, self.staging.copy_ms_last_step)
         return self.update(plan, result)
 
     def _sampled_requests(self, plan: SchedulerOutput) -> list[Request]:
@@ -232,6 +245,12 @@ class LLMEngine:
             num_prefix_cache_hits=self.kv.prefix.num_hit_tokens,
             num_prefix_cache_queries=self.kv.prefix.num_queried_tokens,
             kv_chunks_cached=self.kv.prefix.num_evictable_chunks,
+            kv_offloaded_layers=sum(self.kv.offloaded_requests_per_layer()),
+            kv_host_bytes=self.kv.num_offloaded_host_chunks * self.kv.spec.page_bytes,
+            kv_bytes_fetched=self.staging.bytes_fetched,
+            kv_bytes_fetched_last_step=self.staging.bytes_fetched_last_step,
+            slo_attained=self.scheduler.attainment.num_attained,
+            slo_finished=self.scheduler.attainment.num_finished,
             drop_state=self.drop_state,
             dropped_weight_bytes=self.dropped_weight_bytes,
             pipeline_bubble_ratio=self.pipeline_bubble_ratio,
@@ -240,6 +259,12 @@ class LLMEngine:
     def memory_telemetry(self) -> list[dict]:
         """One pool telemetry dict per tensor-parallel rank (the workers' are gathered)."""
         local = self.pool.telemetry().to_dict()
+        local["kv_residency"] = {  # LayerKV: where the running requests' layers live
+            "offloaded_requests_per_layer": self.kv.offloaded_requests_per_layer(),
+            "host_bytes": self.kv.num_offloaded_host_chunks * self.kv.spec.page_bytes,
+            "bytes_fetched": self.staging.bytes_fetched,
+            "bytes_fetched_last_step": self.staging.bytes_fetched_last_step,
+        }
         if self.executor is None:
             return [local]
         return self.executor.gather_telemetry(local)

@@ -58,6 +58,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0
+    priority: int = 0  # lower is more urgent (vLLM's convention); picks the request's SLO class
     first_token_time: float | None = None
     finish_reason: str | None = None
 

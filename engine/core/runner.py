@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.core.forward_batch import ForwardBatch, PrefillChunk
+from engine.core.layer_staging import COPY_ENGINES, LayerStager, StagingStats, StepSpan, staging_plan
 from engine.core.sampler import Sampler, SampleResult, SamplingState
 from engine.core.scheduler import SchedulerOutput
 from engine.device.activation_workspace import ActivationWorkspace
@@ -22,13 +23,16 @@ if TYPE_CHECKING:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, kv: KVCacheManager | LayoutMirror, workspace: ActivationWorkspace,
-                 sampler: Sampler | None, executor: TensorParallelExecutor | None = None):
+                 sampler: Sampler | None, executor: TensorParallelExecutor | None = None,
+                 kv_staging: str = "copy", staging_stats: StagingStats | None = None):
         self.model = model
         self.executor = executor
         self.kv = kv
         self.workspace = workspace
         self.sampler = sampler
         self.device = model.embed.device
+        self.copies = COPY_ENGINES[kv_staging](self.device)  # stages offloaded layers' KV (LayerKV)
+        self.staging_stats = staging_stats or StagingStats()
         self._activation_bytes = lru_cache(maxsize=4096)(
             lambda num_tokens, num_sampled: model.buffer_plan(num_tokens, num_sampled).num_bytes
         )
@@ -92,9 +96,27 @@ class ModelRunner:
         num_sampled = int(batch.logits_indices.shape[0])
         plan = self.model.buffer_plan(batch.num_tokens, max(num_sampled, 1))
         workspace = self.workspace.acquire(plan.num_bytes)
-        with torch.inference_mode():
-            logits = self.model.forward(batch, self.kv.layer_caches(), plan.carve(workspace))
+        stager = self._stager(output)
+        try:
+            with torch.inference_mode():
+                logits = self.model.forward(batch, self.kv.layer_caches(), plan.carve(workspace), stager)
+        finally:
+            if stager is not None:
+                stager.close()
+        self.staging_stats.record(stager)
         return logits[:num_sampled]
+
+    def _stager(self, output: SchedulerOutput) -> LayerStager | None:
+        """Stages the host-resident layers of this step's requests (None when nothing is offloaded)."""
+        if not isinstance(self.kv, KVCacheManager) or not self.kv.num_offloaded_host_chunks:
+            return None
+        spans = [StepSpan(chunk.request_id, chunk.slot, chunk.start, chunk.start + len(chunk.token_ids))
+                 for chunk in output.decodes + output.prefills]
+        plan = staging_plan(self.kv, spans)
+        if not any(plan):
+            return None
+        return LayerStager(self.kv.layout, self.kv.host_buffer, self.kv.pool, plan, self.copies,
+                           self.workspace.give_back)
 
     def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
         """Runs one step. `states` are the sampling states of the rows that sample, in row order

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.core.chunk_policy import ChunkPolicy, FixedChunkPolicy, StepMemory
+from engine.core.offload_policy import OFFLOAD_POLICIES
 from engine.core.request import Request, RequestStatus
+from engine.core.slo import SloAttainment, SloTargets
 from engine.core.step_cost import StepCostModel
 from memory.kv import KVCacheManager
 
@@ -30,10 +32,14 @@ class SchedulerConfig:
     preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
     tpot_slo_ms: float | None = None  # decode steps should not get slower than this
     ttft_slo_ms: float | None = None
+    kv_offload: str = "none"  # "none" | "layerwise" (engine/core/offload_policy.py)
+    priority_scale: float = 2.0  # SLO class targets = targets * scale ** priority (engine/core/slo.py)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.kv_offload not in OFFLOAD_POLICIES:
+            raise ValueError(f"kv_offload must be one of {sorted(OFFLOAD_POLICIES)}, got {self.kv_offload!r}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class _StepBuilder:
     decode_ids: list[str] = field(default_factory=list)
     prefill_plan: list[tuple[str, int, int]] = field(default_factory=list)  # (id, start, num_tokens)
     preempted: list[str] = field(default_factory=list)
+    spans: dict[str, int] = field(default_factory=dict)  # request id -> tokens it has after the step
 
 
 class Scheduler:
@@ -87,6 +94,9 @@ class Scheduler:
         self.kv = kv
         self.activation_chunks = activation_chunks
         self.cost_model = cost_model or StepCostModel()
+        self.slo = SloTargets(config.ttft_slo_ms, config.tpot_slo_ms, config.priority_scale)
+        self.offload = OFFLOAD_POLICIES[config.kv_offload](kv, self.slo)
+        self.attainment = SloAttainment()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last one is preempted first
         self.swapped: deque[Request] = deque()
@@ -99,7 +109,11 @@ class Scheduler:
     # ---- queue -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        # priority order (stable): a request goes behind every waiting one at least as urgent
+        index = len(self.waiting)
+        while index > 0 and self.waiting[index - 1].priority > request.priority:
+            index -= 1
+        self.waiting.insert(index, request)
 
     def finish(self, request: Request, reason: str) -> None:
         """Ends a request (finished or aborted) and frees all it holds."""
@@ -115,6 +129,8 @@ class Scheduler:
             self.kv.free(request.request_id)
         else:
             self.waiting.remove(request)
+        if reason != "abort":
+            self.attainment.record(self.slo.attained(request, time.monotonic()))
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
@@ -159,6 +175,7 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         step = _StepBuilder(self._token_budget())
+        self._promote_offloaded(step)
         self._schedule_running(step)
         if not step.preempted:
             self._schedule_swapped(step)
@@ -176,7 +193,10 @@ class Scheduler:
         budget = self.chunk_policy.token_budget(self._step_memory())
         if self.config.tpot_slo_ms is None or not self.running:
             return budget
-        capped = min(budget, max(len(self.running) + 1, self.cost_model.max_tokens_within(self.config.tpot_slo_ms)))
+        # offloaded layers' fetches take their share of the TPOT target first
+        fetch_ms = self.cost_model.fetch_ms(self.offload.fetch_bytes(self.running))
+        within = self.cost_model.max_tokens_within(self.config.tpot_slo_ms - fetch_ms)
+        capped = min(budget, max(len(self.running) + 1, within))
         if self.config.ttft_slo_ms is not None and self.waiting:
             oldest = self.waiting[0]
             waited_ms = (time.monotonic() - oldest.arrival_time) * 1e3
@@ -190,10 +210,26 @@ class Scheduler:
         return StepMemory(self.kv.num_available_chunks(), next_kv, len(self.running))
 
     def _fits(self, step: _StepBuilder, request_id: str | None, num_tokens: int, new_tokens: int, sampled: int) -> bool:
-        """Whether growing `request_id` to `num_tokens` leaves room for the step's activations."""
+        """Whether growing `request_id` to `num_tokens` leaves room for the step's activations
+        (and the staging buffer its offloaded layers need)."""
+        return self._shortfall(step, request_id, num_tokens, new_tokens, sampled) <= 0
+
+    def _shortfall(self, step: _StepBuilder, request_id: str, num_tokens: int, new_tokens: int, sampled: int) -> int:
         need = self.kv.chunks_to_grow(request_id, num_tokens)
         workspace = self.activation_chunks(step.num_tokens + new_tokens, step.num_seqs + sampled)
-        return need + workspace <= self.kv.num_available_chunks()
+        staging = self.offload.staging({**step.spans, request_id: num_tokens})
+        return need + workspace + staging - self.kv.num_available_chunks()
+
+    def _promote_offloaded(self, step: _StepBuilder) -> None:
+        """Memory freed: offloaded layers come back (the offload policy says whose, in what order),
+        keeping room for a full step's activations and every running request's next page."""
+        def spare() -> int:
+            reserve = self.activation_chunks(step.token_budget, len(self.running) + 1)
+            reserve += sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
+            return self.kv.num_available_chunks() - reserve
+
+        if self.running:
+            self.offload.promote(self.running, spare, bool(self.waiting))
 
     def _schedule_running(self, step: _StepBuilder) -> None:
         index = 0
@@ -208,6 +244,10 @@ class Scheduler:
             end = request.num_computed_tokens + num_new
             samples = 1 if end == request.num_tokens else 0
             while not self._fits(step, request.request_id, end, num_new, samples):
+                # layers of the requests with the most TPOT slack go to the host before anyone is preempted
+                shortfall = self._shortfall(step, request.request_id, end, num_new, samples)
+                if self.offload.demote(shortfall, self.running):
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim, step)
                 if victim is request:
@@ -251,10 +291,16 @@ class Scheduler:
             # admit only if the whole prompt's KV fits (growing chunk by chunk would just preempt)
             need = self.kv.chunks_to_grow(None, request.num_tokens + 1) - self._cached_chunks(num_cached)
             workspace = self.activation_chunks(step.num_tokens + num_new, step.num_seqs + samples)
-            if need + next_pages + workspace > self.kv.num_available_chunks():
+            available = self.kv.num_available_chunks() - next_pages - workspace - self.offload.staging(step.spans)
+            # () when the whole prompt fits; layer-wise: the top layers to keep on the host; None: wait
+            offloaded = self.offload.layers_to_offload(request, num_cached, num_cached + num_new, need, available)
+            if offloaded is None:
                 return
             self.waiting.popleft()
-            request.num_cached_tokens = self.kv.admit(request.request_id, token_ids)
+            if offloaded:  # with some layers on the host
+                request.num_cached_tokens = self.kv.admit(request.request_id, token_ids, offloaded)
+            else:
+                request.num_cached_tokens = self.kv.admit(request.request_id, token_ids)
             request.num_computed_tokens = request.num_cached_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -277,6 +323,7 @@ class Scheduler:
             step.prefill_plan.append((request.request_id, request.num_computed_tokens, num_new))
         else:
             step.decode_ids.append(request.request_id)
+        step.spans[request.request_id] = request.num_computed_tokens + num_new
         step.num_tokens += num_new
         step.num_seqs += int(samples)
 
@@ -304,6 +351,7 @@ class Scheduler:
         step.preempted.append(request.request_id)
 
     def _unschedule(self, request: Request, step: _StepBuilder) -> None:
+        step.spans.pop(request.request_id, None)
         if request.request_id in step.decode_ids:
             step.decode_ids.remove(request.request_id)
             step.num_tokens -= 1

@@ -1,4 +1,5 @@
-"""A running estimate of step time as a function of its token count (for SLO-aware budgets)."""
+"""A running estimate of step time as a function of its token count (for SLO-aware budgets), plus the
+time to fetch offloaded layers' KV from the host: bytes ÷ the copy bandwidth measured on past steps."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ class StepCostModel:
         self.base_ms = base_ms
         self.per_token_ms = per_token_ms
         self._sums = [0.0] * 5  # weight, sum x, sum y, sum xx, sum xy
+        self.copy_bytes_per_ms = 5e6  # host -> device staging bandwidth (5 GB/s until measured)
+
+    def observe_copy(self, num_bytes: int, copy_ms: float) -> None:
+        """A step staged `num_bytes` of offloaded KV in `copy_ms` of copy time: update the bandwidth."""
+        if num_bytes > 0 and copy_ms > 0:
+            self.copy_bytes_per_ms = self.decay * self.copy_bytes_per_ms + (1 - self.decay) * num_bytes / copy_ms
+
+    def fetch_ms(self, num_bytes: int) -> float:
+        return num_bytes / self.copy_bytes_per_ms
 
     def observe(self, num_tokens: int, step_ms: float) -> None:
         w, sx, sy, sxx, sxy = (value * self.decay for value in self._sums)

@@ -52,6 +52,12 @@ class ActivationWorkspace:
         """The step is over: its pages may be reclaimed (they stay mapped until someone asks)."""
         self.floor = 0
 
+    def give_back(self, num_pages: int) -> int:
+        """Unmaps up to `num_pages` pages the running step does not use (for another activations
+        user in the same step, such as the KV staging buffer: the pool never reclaims a balloon for
+        itself). Returns how many went back to the pool."""
+        return self._reclaim(num_pages)
+
     def _reclaim(self, num_pages: int) -> int:
         give = min(num_pages, self.num_mapped - self.floor)
         if give <= 0:

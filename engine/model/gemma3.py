@@ -29,7 +29,7 @@ from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
 from engine.model.config import SLIDING_ATTENTION, ModelConfig
 from engine.model.linear import TorchLinear
-from engine.model.llama import Allocator, LlamaModel, ShardPlan, _rows
+from engine.model.llama import Allocator, LayerHook, LlamaModel, ShardPlan, _rows
 from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 
 
@@ -129,7 +129,8 @@ class Gemma3Model(LlamaModel):
         return torch.mul(normed, weight, out=out)
 
     def forward_stage(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                      buffers: dict[str, torch.Tensor], layers: range, embed: bool) -> torch.Tensor:
+                      buffers: dict[str, torch.Tensor], layers: range, embed: bool,
+                      layer_hook: LayerHook | None = None) -> torch.Tensor:
         """Runs `layers` over buffers["hidden"] (embedding the tokens first when `embed`), as
         LlamaModel.forward_stage (a cooperative pipeline stage); returns that buffer."""
         missing = self.dropped_layers.intersection(layers)
@@ -145,7 +146,11 @@ class Gemma3Model(LlamaModel):
             rope[kind] = (rows[:, 0:1].to(self.dtype), rows[:, 1:2].to(self.dtype))
         for index in layers:
             layer = self.layers[index]
+            if layer_hook is not None:
+                layer_hook.before(index)
             self._attention_block(layer, hidden, *rope[layer["rope"]], kv_caches[index], batch, buffers)
+            if layer_hook is not None:  # layer-wise KV offloading: this layer's KV is written
+                layer_hook.after(index)
             self._mlp_block(layer, hidden, buffers)
         return hidden
 

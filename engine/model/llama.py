@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -26,6 +27,14 @@ from engine.model.rope import cos_sin_table, inverse_frequencies
 
 # returns a pool-backed copy of the tensor, on the pages of `layer` (None: tensors every layer uses)
 Allocator = Callable[..., torch.Tensor]
+
+
+class LayerHook(Protocol):
+    """Called around each layer's attention (engine/core/layer_staging.py stages offloaded KV)."""
+
+    def before(self, layer: int) -> None: ...
+
+    def after(self, layer: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -185,13 +194,17 @@ class LlamaModel:
         batch: ForwardBatch,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         buffers: dict[str, torch.Tensor],
+        layer_hook: LayerHook | None = None,
     ) -> torch.Tensor:
-        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view)."""
-        self.forward_stage(batch, kv_caches, buffers, range(self.config.num_layers), embed=True)
+        """Runs the step; returns fp32 logits [len(logits_indices), vocab] (a workspace view).
+        `layer_hook` (layer-wise KV offloading) is told before a layer's attention and after it."""
+        self.forward_stage(batch, kv_caches, buffers, range(self.config.num_layers), embed=True,
+                           layer_hook=layer_hook)
         return self.compute_logits(batch, buffers)
 
     def forward_stage(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                      buffers: dict[str, torch.Tensor], layers: range, embed: bool) -> torch.Tensor:
+                      buffers: dict[str, torch.Tensor], layers: range, embed: bool,
+                      layer_hook: LayerHook | None = None) -> torch.Tensor:
         """Runs `layers` over buffers["hidden"] (first embedding the tokens when `embed`; otherwise the
         caller has put the previous stage's hidden states there); returns that buffer. A pipeline stage
         of cooperative execution runs its own layer range; `forward` runs them all.
@@ -209,7 +222,11 @@ class LlamaModel:
         pending = None  # the residual not yet added to `hidden`
         for index in layers:
             layer = self.layers[index]
+            if layer_hook is not None:
+                layer_hook.before(index)
             pending = self._attention_block(layer, hidden, pending, cos, sin, kv_caches[index], batch, buffers)
+            if layer_hook is not None:  # the layer's KV is written: its write-back overlaps the MLP
+                layer_hook.after(index)
             pending = self._mlp_block(layer, hidden, pending, buffers)
         if pending is not None:
             hidden.add_(pending)

@@ -2,6 +2,12 @@
 
 import sys
 
-from loadtest.offline.bench import main
+argv = sys.argv[1:]
+if argv[:2] == ["--mode", "burst"]:  # its own knobs (loadtest/offline/burst.py)
+    from loadtest.offline.burst import main as burst_main
 
-main(sys.argv[1:])
+    burst_main(argv[2:])
+else:
+    from loadtest.offline.bench import main
+
+    main(argv)

@@ -82,6 +82,11 @@ class PrefixCache:
         self.evictable[block.block_id] = block
         self.evictable.move_to_end(block.block_id)
 
+    def forget(self, block: KVBlock) -> None:
+        """A held block stops being a cache entry (its pages are about to diverge from its hash)."""
+        del self.by_hash[(block.group, block.block_hash)]
+        block.block_hash = None
+
     def evict_oldest(self) -> KVBlock | None:
         if not self.evictable:
             return None

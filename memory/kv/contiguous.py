@@ -42,13 +42,16 @@ class ContiguousLayout(KVLayout):
         return slot * self.spec.pages_per_slot + page
 
     def _block_tensors(self, block: KVBlock) -> list[VirtualTensor]:
-        """The virtual tensors a block's chunks belong to, in the block's chunk order."""
+        """The virtual tensors of a block's device chunks, in the block's chunk order. A chunk is
+        None where that layer's page lives on the host (layer-wise offloading): nothing is mapped."""
         layers = self.spec.groups[block.group].layers
-        return [tensor for layer in layers if layer in self.held_layers for tensor in self.tensors[layer]]
+        tensors = [tensor for layer in layers if layer in self.held_layers for tensor in self.tensors[layer]]
+        return [tensor for tensor, chunk in zip(tensors, block.chunks, strict=True) if chunk is not None]
 
     def map_block(self, slot: int, page: int, block: KVBlock) -> None:
         index = self._page(slot, page)
-        for tensor, chunk in zip(self._block_tensors(block), block.chunks, strict=True):
+        chunks = [chunk for chunk in block.chunks if chunk is not None]
+        for tensor, chunk in zip(self._block_tensors(block), chunks, strict=True):
             tensor.map_page(index, chunk)
 
     def unmap_block(self, slot: int, page: int, block: KVBlock) -> None:
@@ -63,9 +66,30 @@ class ContiguousLayout(KVLayout):
             tensor.move_page(src, dst)
 
     def block_pages(self, slot: int, page: int, block: KVBlock) -> list[torch.Tensor]:
-        """uint8 views of a mapped block's chunks (for copies to and from the host)."""
+        """uint8 views of a mapped block's device chunks (for copies to and from the host)."""
         index = self._page(slot, page)
         return [tensor.page_tensor(index) for tensor in self._block_tensors(block)]
+
+    # ---- one layer's page (layer-wise residency and staging) ---------------------------------
+    def layer_page_tensors(self, layer: int) -> tuple[VirtualTensor, VirtualTensor]:
+        return self.tensors[layer]
+
+    def map_layer_page(self, layer: int, slot: int, page: int, key_chunk, value_chunk) -> None:
+        index = self._page(slot, page)
+        key, value = self.tensors[layer]
+        key.map_page(index, key_chunk)
+        value.map_page(index, value_chunk)
+
+    def unmap_layer_page(self, layer: int, slot: int, page: int) -> None:
+        index = self._page(slot, page)
+        for tensor in self.tensors[layer]:
+            tensor.unmap_page(index)
+
+    def layer_page_views(self, layer: int, slot: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 views of one layer's K and V page of a slot (mapped or about to be read as zeros)."""
+        index = self._page(slot, page)
+        key, value = self.tensors[layer]
+        return key.page_tensor(index), value.page_tensor(index)
 
     def block_freed(self, block: KVBlock) -> None:
         """The block's chunks went back to the pool (a mirroring layout forwards this)."""

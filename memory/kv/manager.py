@@ -21,9 +21,11 @@ from memory.host_buffer import HostBuffer
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
 from memory.kv.cache_policy import policy_for
 from memory.kv.evictor import EVICTORS
+from memory.kv.host_tier import HostChunkTier
 from memory.kv.layout import KVLayout
 from memory.kv.mirror import RecordingLayout
 from memory.kv.registry import create_layout
+from memory.kv.residency import DEVICE, HOST, HostPage, LayerResidency
 from memory.kv.spec import KVCacheSpec
 from memory.pool import ElasticPool, PoolExhausted
 
@@ -37,7 +39,8 @@ class RequestKV:
     blocks: list[list[KVBlock | None]] = field(default_factory=list)  # per group, per page
     hashes: list[int] = field(default_factory=list)  # chained hashes of full pages committed so far
     host_slots: list[list[list[int] | None]] | None = None  # set while swapped: per group, per page
-    residency: list[str] = field(default_factory=list)  # per layer: "device" | "host"
+    residency: list[str] = field(default_factory=list)  # per layer: where its new pages go, "device" | "host"
+    host_pages: dict[tuple[int, int], HostPage] = field(default_factory=dict)  # (layer, page) -> host slots
     release: int = 0  # tags the cached blocks it parks, for the evictor (one id per request)
 
     @property
@@ -45,7 +48,9 @@ class RequestKV:
         return self.host_slots is not None
 
 
-class KVCacheManager:
+class KVCacheManager(LayerResidency):
+    _kv_client = KV_CLIENT
+
     def __init__(
         self,
         spec: KVCacheSpec,
@@ -56,12 +61,14 @@ class KVCacheManager:
         enable_prefix_caching: bool = True,
         layout_log: list | None = None,
         evictor: str = "lru",
+        host_tier: HostChunkTier | None = None,
     ):
         if pool.chunk_bytes != spec.page_bytes:
             raise ValueError(f"pool chunks ({pool.chunk_bytes} B) must equal KV pages ({spec.page_bytes} B)")
         self.spec = spec
         self.pool = pool
         self.host_buffer = host_buffer
+        self.host_tier = host_tier  # in-place offloading (host backend): offloaded pages stay mapped
         self.layout: KVLayout = create_layout(layout, spec, pool.backend, dtype)
         if layout_log is not None:  # tensor parallelism: other ranks replay these layout calls
             self.layout = RecordingLayout(self.layout, layout_log)
@@ -76,6 +83,7 @@ class KVCacheManager:
         self.policies = [policy_for(group, spec.tokens_per_page) for group in spec.groups]  # per kind
         if evictor != "lru":  # LRU is PrefixCache's own order
             self.prefix.evictor = EVICTORS[evictor](self.policies)
+        self._init_residency()
         pool.register(KV_CLIENT, reclaim=self._reclaim, reclaimable=lambda: self.prefix.num_evictable_chunks)
 
     # ---- which layers keep KV here -------------------------------------------------------------
@@ -125,15 +133,19 @@ class KVCacheManager:
         """Page indices a request with `num_tokens` tokens must have mapped in this group."""
         return self.policies[group].resident_pages(num_tokens)
 
-    def chunks_to_grow(self, request_id: str | None, num_tokens: int) -> int:
-        """Chunks that growing `request_id` (None: a new request) to `num_tokens` tokens would take."""
+    def chunks_to_grow(self, request_id: str | None, num_tokens: int, offloaded: Sequence[int] = ()) -> int:
+        """Device chunks that growing `request_id` (None: a new request whose layers `offloaded`
+        live on the host) to `num_tokens` tokens would take."""
         state = self.requests.get(request_id) if request_id is not None else None
         total = 0
         for group in range(len(self.spec.groups)):
             have = state.blocks[group] if state else []
             needed = self._pages_needed(group, num_tokens)
             missing = sum(1 for page in needed if page >= len(have) or have[page] is None)
-            total += missing * self._chunks_per_block[group]
+            per_page = self._chunks_per_block[group]
+            if offloaded or (state is not None and HOST in state.residency):
+                per_page = self._device_chunks_per_page(group, state.residency if state else None, offloaded)
+            total += missing * per_page
         return total
 
     def can_grow(self, request_id: str | None, num_tokens: int) -> bool:
@@ -160,15 +172,20 @@ class KVCacheManager:
                 return hit
         return 0
 
-    def admit(self, request_id: str, token_ids: Sequence[int]) -> int:
-        """Gives a new request a slot and maps its cached prefix pages (shared, not copied).
+    def admit(self, request_id: str, token_ids: Sequence[int], offloaded: Sequence[int] = ()) -> int:
+        """Gives a new request a slot and maps its cached prefix pages (shared, not copied). The
+        layers in `offloaded` keep their new pages on the host (cached prefix pages stay shared).
 
         Returns the number of prompt tokens whose KV is already there."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id} is already in the KV cache")
         num_cached = self.match_prefix(token_ids)
         slot = self.slots.assign(request_id)
+        if offloaded:
+            self._check_all_layers_held()
         state = self._new_state(request_id)
+        for layer in offloaded:
+            state.residency[layer] = HOST
         parent = None
         needed = [policy.hit_pages(num_cached) for policy in self.policies]
         for page in range(num_cached // self.spec.tokens_per_page):
@@ -202,18 +219,39 @@ class KVCacheManager:
             for page in self._pages_needed(group, num_tokens):
                 if page >= len(pages) or pages[page] is None:
                     wanted.append((group, page))
-        num_chunks = sum(self._chunks_per_block[group] for group, _ in wanted)
         if not wanted:
             return True
+        layered = HOST in state.residency  # some layers live on the host (layer-wise offloading)
+        num_chunks = sum(self._device_chunks_per_page(group, state.residency, ()) if layered
+                         else self._chunks_per_block[group] for group, _ in wanted)
+        host_pages = []
+        for group, page in wanted:
+            host = self._allocate_host_pages(state, group, page)
+            if host is None:
+                for _, _, allocated in host_pages:
+                    self.host_buffer.free([slot for _, pair in allocated for slot in pair])
+                return False
+            host_pages.append((group, page, host))
         chunks = self._take_chunks(num_chunks)
         if chunks is None:
+            for _, _, allocated in host_pages:
+                self.host_buffer.free([slot for _, pair in allocated for slot in pair])
             return False
+        tier_chunks = []
+        if self.host_tier is not None:
+            num_tier = sum(self._host_chunks_per_page(group, state.residency) for group, _ in wanted)
+            if num_tier > self.host_tier.num_free:
+                self.pool.deflate(KV_CLIENT, chunks)
+                return False
+            tier_chunks = self.host_tier.allocate(num_tier)
         slot = self.slot_of(request_id)
-        for group, page in wanted:
-            block = self._new_block(group, chunks)
+        for group, page, host in host_pages:
+            block = self._new_block(group, chunks, state.residency if layered else None, tier_chunks)
             pages = state.blocks[group]
             pages.extend([None] * (page + 1 - len(pages)))
             pages[page] = block
+            for layer, pair in host:
+                state.host_pages[(layer, page)] = pair
             self.layout.map_block(slot, page, block)
         return True
 
@@ -231,7 +269,8 @@ class KVCacheManager:
                 state.hashes.append(block_hash)
                 for group in range(len(self.spec.groups)):
                     block = state.blocks[group][page]
-                    if block is not None and block.block_hash is None:
+                    # a block with layers on the host is private: other requests could not map it
+                    if block is not None and block.block_hash is None and self.is_whole_on_device(block):
                         block.page = page
                         self.prefix.insert(block, block_hash)
         self._drop_out_of_window(state)
@@ -245,17 +284,18 @@ class KVCacheManager:
             self.layout.release_host(self.host_buffer, host_slots)
             return
         slot = self.slot_of(request_id)
-        for pages in state.blocks:
+        for group, pages in enumerate(state.blocks):
             for page, block in enumerate(pages):
                 if block is not None:
                     self.layout.unmap_block(slot, page, block)
                     self._release(block)
+                    self._free_host_pages(state, group, page)
         self._release_slot(request_id)
 
     # ---- swap ----------------------------------------------------------------------------------
     def can_swap_out(self, request_id: str) -> bool:
         state = self.requests[request_id]
-        needed = sum(self._chunks_per_block[g] for g, pages in enumerate(state.blocks) for b in pages if b)
+        needed = sum(1 for pages in state.blocks for b in pages if b for chunk in b.chunks if chunk is not None)
         return self.host_buffer is not None and needed <= self.host_buffer.num_free
 
     def swap_out(self, request_id: str) -> int:
@@ -265,22 +305,24 @@ class KVCacheManager:
         self.prefix.current_release = state.release
         state.host_slots = []
         num_bytes = 0
-        for pages in state.blocks:
+        for group, pages in enumerate(state.blocks):
             host_pages: list[list[int] | None] = []
             for page, block in enumerate(pages):
                 if block is None:
                     host_pages.append(None)
                     continue
-                host = self.host_buffer.allocate(len(block.chunks))
-                self.layout.copy_block_to_host(slot, page, block, self.host_buffer, host)
-                num_bytes += len(host) * self.spec.page_bytes
-                host_pages.append(host)
+                device = [chunk for chunk in block.chunks if chunk is not None]
+                copied = self.host_buffer.allocate(len(device))
+                self.layout.copy_block_to_host(slot, page, block, self.host_buffer, copied)
+                num_bytes += len(copied) * self.spec.page_bytes
+                host_pages.append(self._swapped_block_slots(state, group, page, block, copied))
                 self.layout.unmap_block(slot, page, block)
                 self._release(block)
             state.host_slots.append(host_pages)
         state.blocks = [[None] * len(pages) for pages in state.blocks]
         state.hashes = []  # swapped-in pages are private copies
-        state.residency = ["host"] * self.spec.num_layers
+        state.host_pages = {}  # now part of host_slots
+        state.residency = [HOST] * self.spec.num_layers
         self._release_slot(request_id)
         self.pool.record_swap(bytes_out=num_bytes)
         return num_bytes
@@ -310,16 +352,20 @@ class KVCacheManager:
                 self.layout.release_host(self.host_buffer, host)
                 num_bytes += len(host) * self.spec.page_bytes
         state.host_slots = None
-        state.residency = ["device"] * self.spec.num_layers
+        state.residency = [DEVICE] * self.spec.num_layers
         self.pool.record_swap(bytes_in=num_bytes)
         return True
 
     # ---- migration (staged: the source keeps decoding while pages are copied) -----------------
     def read_kv(self, request_id: str, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of tokens [start, end) of K and V, per layer (layout-independent)."""
-        if self.requests[request_id].is_swapped:
+        state = self.requests[request_id]
+        if state.is_swapped:
             raise ValueError("swap the request in before reading its KV")
-        return self.layout.read_tokens(self.slot_of(request_id), start, end)
+        layers = self.layout.read_tokens(self.slot_of(request_id), start, end)
+        for (layer, page) in state.host_pages:  # offloaded pages read as zeros in the device view
+            self._overlay_host_page(state, layers, layer, page, start, end)
+        return layers
 
     def reserve_import(self, request_id: str, num_tokens: int) -> bool:
         """Gives an incoming request a slot and every page for `num_tokens` tokens (sliding windows
@@ -352,7 +398,7 @@ class KVCacheManager:
     def _new_state(self, request_id: str) -> RequestKV:
         self._next_release += 1
         state = RequestKV(request_id, blocks=[[] for _ in self.spec.groups],
-                          residency=["device"] * self.spec.num_layers, release=self._next_release)
+                          residency=[DEVICE] * self.spec.num_layers, release=self._next_release)
         self.requests[request_id] = state
         return state
 
@@ -381,8 +427,15 @@ class KVCacheManager:
         chunks.reverse()  # _new_block pops from the end: keep ascending chunk order per block
         return chunks
 
-    def _new_block(self, group: int, chunks: list) -> KVBlock:
-        taken = [chunks.pop() for _ in range(self._chunks_per_block[group])]
+    def _new_block(self, group: int, chunks: list, residency: list[str] | None = None,
+                   tier_chunks: list | None = None) -> KVBlock:
+        """A block from `chunks` (popped). At the chunk positions of layers living on the host: a
+        host-tier chunk (in place) or None (the page is in the host buffer)."""
+        if residency is None:
+            taken = [chunks.pop() for _ in range(self._chunks_per_block[group])]
+        else:
+            taken = [chunks.pop() if residency[layer] == DEVICE else (tier_chunks.pop() if tier_chunks else None)
+                     for layer in self.spec.groups[group].layers for _ in range(2)]
         block = KVBlock(self._next_block_id, group, taken, ref_count=1)
         self._next_block_id += 1
         return block
@@ -397,7 +450,7 @@ class KVCacheManager:
             self._deflate_block(block)
 
     def _deflate_block(self, block: KVBlock) -> None:
-        self.pool.deflate(KV_CLIENT, block.chunks)
+        self._release_chunks(block.chunks)
         self.layout.block_freed(block)
 
     def _release_slot(self, request_id: str) -> None:
@@ -424,6 +477,7 @@ class KVCacheManager:
                 if pages[page] is not None:
                     self.layout.unmap_block(slot, page, pages[page])
                     self._release(pages[page])
+                    self._free_host_pages(state, group, page)
                     pages[page] = None
 
     def _reclaim(self, num_chunks: int) -> int:
@@ -441,3 +495,5 @@ class KVCacheManager:
         while self.prefix.evictable:
             self._deflate_block(self.prefix.evict_oldest())
         self.layout.close()
+        if self.host_tier is not None:
+            self.host_tier.close()

@@ -54,6 +54,11 @@ def test_engine_config_from_args():
     defaults = engine_config.EngineConfig()
     assert AppArgs(device="cpu").to_engine_config() == engine_config.EngineConfig(device="cpu", num_threads=1)
     assert defaults.max_num_waiting == AppArgs().to_engine_config(device="cpu").max_num_waiting
+    layered = AppArgs(kv_offload="layerwise", priority_scale=3).to_engine_config(device="cpu")
+    assert (layered.kv_offload, layered.priority_scale, layered.staging_mode) == ("layerwise", 3, "in_place")
+    assert defaults.kv_offload == "none"
+    with pytest.raises(ValueError):
+        AppArgs(kv_offload="blockwise")
     tuned = AppArgs(engine_options={"tokens_per_page": 64}).to_engine_config(device="cpu")
     assert tuned.tokens_per_page == 64
     with pytest.raises(ValueError, match="tokens_per_pag"):

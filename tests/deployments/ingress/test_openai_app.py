@@ -63,6 +63,15 @@ def test_default_model_name_and_sampling_knobs_reach_the_engine(client, engine):
     assert (sampling.min_tokens, sampling.ignore_eos, sampling.stop, sampling.stop_token_ids) == (
         2, True, ("zz",), (9,))
     assert sampling.skip_special_tokens is False and sampling.logprobs is None
+    assert engine.submitted[0].priority == 0
+
+
+def test_priority_reaches_the_engine_like_vllm(client, engine):
+    for path, body in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        response = client.post(path, json={**body, "max_tokens": 2, "priority": -2})
+        assert response.status_code == 200, response.text
+    assert [request.priority for request in engine.submitted] == [-2, -2]
 
 
 def test_chat_renders_the_template_and_answers_as_assistant(client, engine):

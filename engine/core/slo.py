@@ -1,0 +1,85 @@
+"""SLO classes and attainment: per-deployment TTFT/TPOT targets scaled by a request's `priority`.
+
+`priority` follows vLLM: an integer, lower is more urgent, 0 by default. A request's class targets are
+the deployment's targets times `priority_scale ** priority` (priority clamped to [-4, 4]): with the
+default scale 2, priority -1 must start twice as fast and priority 1 may take twice as long. A
+request *attains* its SLO when its TTFT and its mean TPOT are both within its class targets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from engine.core.request import Request
+
+_NO_TARGET_SLACK_MS = 1e9  # with no TPOT target, slack orders by priority, then newest first
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    priority_scale: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.priority_scale < 1:
+            raise ValueError("priority_scale must be >= 1")
+
+    def _scale(self, request: Request) -> float:
+        return self.priority_scale ** max(-4, min(4, request.priority))
+
+    def ttft_target_ms(self, request: Request) -> float | None:
+        return None if self.ttft_ms is None else self.ttft_ms * self._scale(request)
+
+    def tpot_target_ms(self, request: Request) -> float | None:
+        return None if self.tpot_ms is None else self.tpot_ms * self._scale(request)
+
+    def ttft_deadline(self, request: Request) -> float:
+        """monotonic() time by which the first token is due (arrival time without a target)."""
+        target = self.ttft_target_ms(request)
+        return request.arrival_time + (0.0 if target is None else target / 1e3)
+
+    @staticmethod
+    def observed_tpot_ms(request: Request, now: float | None = None) -> float | None:
+        if request.first_token_time is None or len(request.output_token_ids) < 2:
+            return None
+        now = time.monotonic() if now is None else now
+        return (now - request.first_token_time) * 1e3 / (len(request.output_token_ids) - 1)
+
+    def tpot_slack_ms(self, request: Request) -> float:
+        """How far the request is inside its TPOT target (negative: missing it). Without a target or
+        a measurement yet: lower priority and later arrival mean more slack."""
+        target, observed = self.tpot_target_ms(request), self.observed_tpot_ms(request)
+        if target is None or observed is None:
+            return _NO_TARGET_SLACK_MS * request.priority + request.arrival_time
+        return target - observed
+
+    def urgency(self, request: Request) -> tuple[int, float]:
+        """Sort key, most urgent first: priority, then the earliest TTFT deadline."""
+        return request.priority, self.ttft_deadline(request)
+
+    def attained(self, request: Request, finished_at: float) -> bool:
+        ttft, tpot = self.ttft_target_ms(request), self.tpot_target_ms(request)
+        if request.first_token_time is None:
+            return False
+        if ttft is not None and (request.first_token_time - request.arrival_time) * 1e3 > ttft:
+            return False
+        observed = self.observed_tpot_ms(request, finished_at)
+        return tpot is None or observed is None or observed <= tpot
+
+
+@dataclass
+class SloAttainment:
+    """Finished requests that met their class targets, out of all finished (aborts not counted)."""
+
+    num_attained: int = 0
+    num_finished: int = 0
+
+    def record(self, attained: bool) -> None:
+        self.num_finished += 1
+        self.num_attained += int(attained)
+
+    @property
+    def ratio(self) -> float:
+        return self.num_attained / self.num_finished if self.num_finished else 1.0

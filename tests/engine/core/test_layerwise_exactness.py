@@ -1,0 +1,133 @@
+"""Layer-wise KV offloading (LayerKV) gives transformers' greedy tokens: requests with no, some and
+all but one layer on the host, in one batch with fully resident requests, with chunked prefill
+(prefill writes offloaded layers straight to the host), with layers demoted and promoted during
+decode, through every staging mode (copy thread, inline, in place). Bookkeeping ends at zero: no
+chunk, host slot or staging leak."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.api import GenerateRequest
+from engine.core.engine import LLMEngine
+from engine.core.offload_policy import LayerwiseOffload
+from tests.engine.core.test_engine_exactness import NUM_NEW, assert_same, small_config
+from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, collect_steps, greedy, run_all
+from tests.engine.reference import hf_greedy
+
+NUM_LAYERS = 30  # SmolLM2-135M
+
+
+class ScriptedOffload(LayerwiseOffload):
+    """Admits each request with the layers the test names on the host, whether or not it would fit,
+    and never promotes by itself (the tests promote and demote at chosen steps)."""
+
+    def __init__(self, kv, slo, layers_by_request: dict[str, tuple[int, ...]]):
+        super().__init__(kv, slo)
+        self.layers_by_request = layers_by_request
+
+    def layers_to_offload(self, request, num_cached, end, need, available):
+        return self.layers_by_request.get(request.request_id, ())
+
+    def promote(self, running, spare_chunks, has_waiting):
+        return 0  # never by itself
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_tokenizer):
+    return [smollm2_tokenizer(text).input_ids for text in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(prompts, hf_smollm2):
+    return hf_greedy(hf_smollm2, prompts, NUM_NEW)
+
+
+OFFLOADED = {
+    "r0": (),  # fully resident, in the same batch as the others
+    "r1": tuple(range(15, NUM_LAYERS)),  # some (the top half)
+    "r2": tuple(range(1, NUM_LAYERS)),  # all but the first
+    "r3": tuple(range(NUM_LAYERS - 1)),  # all but the last
+    "r4": tuple(range(0, NUM_LAYERS, 2)),  # every other layer: every fetch overlaps a resident layer
+    "r6": (0, 29),  # the longest prompt: chunked into several steps
+}
+
+
+# copy is the GPU's path; inline and in_place run with `make test-all` (each loads the model again)
+@pytest.mark.parametrize("staging", ["copy", pytest.param("inline", marks=pytest.mark.slow),
+                                     pytest.param("in_place", marks=pytest.mark.slow)])
+def test_offloaded_layers_give_transformers_tokens(smollm2_tokenizer, prompts, reference, staging):
+    config = small_config(kv_offload="layerwise", kv_staging=staging, num_threads=1)
+    engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
+    try:
+        engine.scheduler.offload = ScriptedOffload(engine.kv, engine.scheduler.slo, OFFLOADED)
+        # one step in: prompts are admitted with their layers where the script says
+        tokens: dict[str, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            engine.add_request(GenerateRequest(f"r{index}", tuple(prompt), greedy(NUM_NEW)))
+        collect_steps(engine, tokens, steps=1)
+        assert engine.kv.offloaded_layers("r2") == OFFLOADED["r2"]
+        assert engine.kv.layer_chunk_counts("r2")[5][0] == 0 < engine.kv.layer_chunk_counts("r2")[0][0]
+        assert engine.staging.bytes_fetched_last_step == 0  # first chunks: only write-backs
+        collect_steps(engine, tokens)
+        assert_same(tokens, reference)
+        assert engine.kv.num_bytes_promoted == 0  # every offloaded layer stayed on the host to the end
+        if staging == "in_place":  # host pages are read where they are: nothing staged
+            assert engine.staging.bytes_fetched == 0 and engine.kv.host_tier.num_used == 0
+        else:
+            assert engine.staging.bytes_fetched > 0
+        assert_pool_idle(engine)
+        assert engine.kv.host_buffer.used_bytes == 0 and engine.pool.num_held("activations") >= 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("staging", [pytest.param("copy", marks=pytest.mark.slow), "in_place"])
+def test_demote_and_promote_during_decode_keep_tokens(smollm2_tokenizer, prompts, reference, staging):
+    config = small_config(kv_offload="layerwise", kv_staging=staging, num_threads=1)
+    engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
+    try:
+        engine.scheduler.offload = ScriptedOffload(engine.kv, engine.scheduler.slo, {})
+        chosen = [0, 3, 6]
+        for index in chosen:
+            engine.add_request(GenerateRequest(f"r{index}", tuple(prompts[index]), greedy(NUM_NEW)))
+        tokens: dict[str, list[int]] = {}
+        while not all(len(tokens.get(f"r{i}", [])) >= 3 for i in chosen):
+            collect_steps(engine, tokens, steps=1)
+        held = engine.pool.num_held("kv")
+        freed = sum(engine.kv.demote("r0", layer) for layer in range(4, NUM_LAYERS))
+        freed += sum(engine.kv.demote("r6", layer) for layer in range(0, NUM_LAYERS, 3))
+        assert engine.pool.num_held("kv") == held - freed and freed > 0
+        collect_steps(engine, tokens, steps=3)  # decodes with layers fetched from the host
+        assert engine.staging.bytes_fetched_last_step > 0 if staging == "copy" else engine.kv.host_tier.num_used > 0
+        assert engine.kv.promote("r6", 3) and engine.kv.promote("r0", 29)
+        assert engine.kv.layer_chunk_counts("r6")[3][1] == 0
+        collect_steps(engine, tokens)
+        for index in chosen:
+            assert tokens[f"r{index}"] == reference[index], index
+        assert_pool_idle(engine)
+        assert engine.kv.host_buffer.used_bytes == 0
+    finally:
+        engine.close()
+
+
+def test_layerwise_admission_under_a_tight_budget_matches_transformers(smollm2_tokenizer, prompts, reference):
+    """The real policy: a pool too small for every prompt's whole KV at once admits them anyway
+    (top layers on the host), demotes before preempting, promotes when memory frees."""
+    probe = LLMEngine(small_config(num_threads=1), tokenizer=smollm2_tokenizer)
+    weights = probe.pool.num_held("weights")
+    activations = probe.runner.activation_chunks(probe.config.max_num_batched_tokens + 16, 16)
+    page_bytes = probe.kv_spec.page_bytes
+    kv_one_prompt = probe.kv.chunks_to_grow(None, max(len(p) for p in prompts) + NUM_NEW)
+    probe.close()
+    budget = (weights + activations + 2 * kv_one_prompt) * page_bytes
+    config = small_config(kv_offload="layerwise", device_memory_bytes=budget, num_threads=1)
+    engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
+    try:
+        ours = run_all(engine, prompts, greedy(NUM_NEW))
+        assert_same(ours, reference)
+        assert engine.scheduler.offload.num_partial_admissions > 0  # some layers really lived on the host
+        assert_pool_idle(engine)
+        assert engine.kv.host_buffer.used_bytes == 0
+    finally:
+        engine.close()
