@@ -27,6 +27,10 @@ class LayersDroppedError(EngineError):
     stage of a cooperative pipeline, or after restoring them."""
 
 
+# The finish reason of a request that moved to another replica (engine/migration.py): its local stream ends
+# there and the consumer goes on with the destination's stream.
+HANDED_OFF = "migrated"
+
 @dataclass(frozen=True)
 class GenerateRequest:
     request_id: str

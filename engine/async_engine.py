@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 from engine.api import (
+    HANDED_OFF,
     EngineDeadError,
     EngineOverloadedError,
     EngineStats,
@@ -53,18 +54,20 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
                    text_delta=first.text_delta + later.text_delta, logprobs=first.logprobs + later.logprobs)
 
 
-def _coalesce(output: RequestOutput, stream: asyncio.Queue) -> tuple[RequestOutput, BaseException | None]:
+def _coalesce(output: RequestOutput,
+              stream: asyncio.Queue) -> tuple[RequestOutput, RequestOutput | BaseException | None]:
     """`output` merged with the outputs already waiting behind it. When the consumer (SSE encoding, Serve's
     streaming) falls behind the engine, it then handles one chunk per request per catch-up instead of one per
     token, so per-chunk Python work stops growing with the lag and taking CPU from the engine. Nothing waits
-    for more: a consumer that keeps up still gets every step's tokens at once. An error queued behind is
-    returned to raise after the merged output."""
+    for more: a consumer that keeps up still gets every step's tokens at once. What must stay apart is
+    returned to come after the merged output: an error queued behind it, and a hand-off ("migrated": the
+    consumer switches to the destination's stream there and reads no tokens from that output)."""
     while not output.is_finished:
         try:
             later = stream.get_nowait()
         except asyncio.QueueEmpty:
             break
-        if isinstance(later, BaseException):
+        if isinstance(later, BaseException) or later.finish_reason == HANDED_OFF:
             return output, later
         output = merge_outputs(output, later)
     return output, None
@@ -170,11 +173,14 @@ class AsyncEngine:
                 output = await stream.get()
                 if isinstance(output, BaseException):
                     raise output
-                output, pending_error = _coalesce(output, stream)
+                output, after = _coalesce(output, stream)
                 finished = output.is_finished
                 yield output
-                if pending_error is not None:
-                    raise pending_error
+                if isinstance(after, BaseException):
+                    raise after
+                if after is not None:
+                    finished = after.is_finished
+                    yield after
         finally:
             self._streams.pop(request_id, None)
             if not finished:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.api import HANDED_OFF
 from engine.core.engine import LLMEngine
 from engine.core.request import Request, RequestStatus
 from engine.core.sampler import SamplingState
@@ -128,7 +129,7 @@ def pause(engine: LLMEngine, request_id: str) -> RequestSnapshot:
 def release(engine: LLMEngine, request_id: str) -> None:
     """The destination committed: free everything the paused request held here (no output)."""
     request = _request(engine, request_id)
-    engine.scheduler.finish(request, "migrated")
+    engine.scheduler.finish(request, HANDED_OFF)
 
 
 def resume(engine: LLMEngine, request_id: str) -> None:

@@ -20,9 +20,9 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
-from engine.api import RequestOutput
+from engine.api import HANDED_OFF, RequestOutput
 
-MIGRATED = "migrated"
+MIGRATED = HANDED_OFF  # the finish reason that ends a source stream at the hand-off
 ABANDON_TIMEOUT_S = 10.0
 logger = logging.getLogger("ray.serve")
 _ABANDONING: set[asyncio.Task] = set()  # cancels on their way to a destination (kept from garbage collection)
