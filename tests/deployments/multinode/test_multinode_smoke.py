@@ -13,7 +13,8 @@ from deployments.ingress.openai_app import REPLICA_HEADER
 from tests.deployments.multinode.multinode_cluster import MultiNodeRayCluster, replica_nodes
 from tests.deployments.serve_helpers import cluster_view, wait_for, wait_for_fresh_replicas
 
-pytestmark = pytest.mark.timeout(240)
+# slow: a 3-node cluster takes 70-180 s to start on a 2-core box and was seen to hang once there
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 CONTROLLER = "multinode-smoke-controller"
 APP = "mn-fake"
 
