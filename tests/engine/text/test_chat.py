@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.text.tokenizer import encode_chat
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COMMON_ARGS = ["--temperature", "0", "--dtype", "float32", "--max-model-len", "512", "--threads", "1"]
 STATS = re.compile(r"\[(\d+) prompt tokens \((\d+) cached\), (\d+) generated in [\d.]+ s \([\d.]+ tok/s\), "
                    r"finish: (\w+)\]")
