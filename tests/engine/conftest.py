@@ -7,6 +7,7 @@ import torch
 
 from engine.text.tokenizer import load_tokenizer
 from engine.weights import load_weights, resolve_model_source
+from tests.engine.engine_helpers import PROMPTS
 from tests.engine.reference import hf_model_from_weights, make_tiny_random_checkpoint
 
 
@@ -41,3 +42,9 @@ def tiny_qwen3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_mistral_dir(tmp_path_factory):
     return make_tiny_random_checkpoint(tmp_path_factory.mktemp("tiny-mistral"), arch="mistral")
+
+
+@pytest.fixture(scope="session")
+def prompts(smollm2_tokenizer):
+    """The shared PROMPTS as SmolLM2 token ids (a module may override it with its own set)."""
+    return [smollm2_tokenizer(text).input_ids for text in PROMPTS]

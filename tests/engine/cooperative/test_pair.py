@@ -15,7 +15,7 @@ from engine.cooperative.carry import CarryPolicy
 from engine.cooperative.pair import CooperativePair, PairState
 from engine.cooperative.transport import ProcessGroupTransport
 from engine.core.engine import LLMEngine
-from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy
+from tests.engine.engine_helpers import assert_pool_idle, greedy
 from tests.engine.reference import hf_greedy, hf_model_from_source
 
 NUM_NEW = 10
@@ -27,11 +27,6 @@ def config(model_dir, **overrides) -> EngineConfig:
                 host_buffer_bytes=4 << 20, enable_parameter_dropping=True)
     base.update(overrides)
     return EngineConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def prompts(smollm2_tokenizer):
-    return [smollm2_tokenizer(text).input_ids for text in PROMPTS]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from engine.config import EngineConfig
 from engine.core.chunk_policy import AdaptiveChunkPolicy, FixedChunkPolicy, StepMemory, create_chunk_policy
 from engine.core.engine import LLMEngine
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT
-from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy
+from tests.engine.engine_helpers import assert_pool_idle, greedy
 from tests.engine.reference import hf_greedy
 
 NUM_NEW = 12
@@ -64,11 +64,6 @@ def engine_config(**overrides) -> EngineConfig:
                 host_buffer_bytes=64 << 20, enable_prefix_caching=False)
     base.update(overrides)
     return EngineConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def prompts(smollm2_tokenizer):
-    return [smollm2_tokenizer(text).input_ids for text in PROMPTS]
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,6 @@ def small_config(**overrides) -> EngineConfig:
 
 
 @pytest.fixture(scope="module")
-def prompts(smollm2_tokenizer):
-    return [smollm2_tokenizer(text).input_ids for text in PROMPTS]
-
-
-@pytest.fixture(scope="module")
 def reference(prompts, hf_smollm2):
     return hf_greedy(hf_smollm2, prompts, NUM_NEW)
 

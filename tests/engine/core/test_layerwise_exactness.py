@@ -12,7 +12,7 @@ from engine.api import GenerateRequest
 from engine.core.engine import LLMEngine
 from engine.core.offload_policy import LayerwiseOffload
 from tests.engine.core.test_engine_exactness import NUM_NEW, assert_same, small_config
-from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, collect_steps, greedy, run_all
+from tests.engine.engine_helpers import assert_pool_idle, collect_steps, greedy, run_all
 from tests.engine.reference import hf_greedy
 
 NUM_LAYERS = 30  # SmolLM2-135M
@@ -31,11 +31,6 @@ class ScriptedOffload(LayerwiseOffload):
 
     def promote(self, running, spare_chunks, has_waiting):
         return 0  # never by itself
-
-
-@pytest.fixture(scope="module")
-def prompts(smollm2_tokenizer):
-    return [smollm2_tokenizer(text).input_ids for text in PROMPTS]
 
 
 @pytest.fixture(scope="module")

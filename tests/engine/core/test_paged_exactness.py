@@ -7,13 +7,8 @@ import pytest
 
 from engine.core.engine import LLMEngine
 from tests.engine.core.test_engine_exactness import NUM_NEW, NUM_NEW_LONG, assert_same, small_config
-from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy, run_all
+from tests.engine.engine_helpers import assert_pool_idle, greedy, run_all
 from tests.engine.reference import hf_greedy
-
-
-@pytest.fixture(scope="module")
-def prompts(smollm2_tokenizer):
-    return [smollm2_tokenizer(text).input_ids for text in PROMPTS]
 
 
 def test_paged_batched_prefill_and_prefix_hits_match_transformers(smollm2_tokenizer, hf_smollm2, prompts):
