@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -17,6 +18,16 @@ from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _LOADED: dict[Path, ctypes.CDLL] = {}
+_LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def _source_bytes(source: Path) -> bytes:
+    """The source and, recursively, the local headers it includes (`#include "..."`): what the cache key
+    must cover so that editing a shared header rebuilds every kernel using it."""
+    code = source.read_bytes()
+    for name in _LOCAL_INCLUDE.findall(code):
+        code += _source_bytes((source.parent / name.decode()).resolve())
+    return code
 
 
 def _cache_dir() -> Path:
@@ -31,7 +42,7 @@ def load_library(source: Path) -> ctypes.CDLL:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError(f"no C compiler found to build {source.name}")
-    code = source.read_bytes()
+    code = _source_bytes(source)
     digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if not target.exists():

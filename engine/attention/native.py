@@ -20,4 +20,6 @@ def load_decode_kernels() -> ctypes.CDLL:
         function.restype = None
         function.argtypes = [pointer, pointer, pointer, int64, int64, pointer, pointer, int64, int64, int64,
                              int64, int64, ctypes.c_float, pointer, int64]
+    library.store_rows.restype = int64
+    library.store_rows.argtypes = [pointer, int64, int64, int64, int64, pointer, pointer, int64, pointer, int64, int64]
     return library

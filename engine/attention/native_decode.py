@@ -16,6 +16,22 @@ class NativeDecodeBackend(TorchSdpaBackend):
     def __init__(self):
         self._library = load_decode_kernels()
 
+    def _store(self, cache, batch, values) -> None:
+        # one memcpy per token row where each token's heads are contiguous in the cache and in `values`
+        if not (cache.device.type == values.device.type == "cpu" and cache.dtype == values.dtype
+                and cache.stride(-1) == values.stride(-1) == 1 and cache.stride(2) == values.stride(1) == cache.shape[3]
+                and batch.token_slots.dtype == batch.positions.dtype == torch.int64
+                and batch.token_slots.is_contiguous() and batch.positions.is_contiguous()):
+            return super()._store(cache, batch, values)
+        size = cache.element_size()
+        bad = self._library.store_rows(cache.data_ptr(), cache.shape[0], cache.stride(0) * size, cache.shape[1],
+                                       cache.stride(1) * size, batch.token_slots.data_ptr(), batch.positions.data_ptr(),
+                                       values.shape[0], values.data_ptr(), values.stride(0) * size,
+                                       cache.shape[2] * cache.shape[3] * size)
+        if bad:
+            raise IndexError(f"KV row {bad - 1}: slot {int(batch.token_slots[bad - 1])} position "
+                             f"{int(batch.positions[bad - 1])} outside the cache {tuple(cache.shape[:2])}")
+
     def _decode(self, spec: LayerAttentionSpec, q, key_cache, value_cache, batch, out) -> None:
         if key_cache.dtype not in _KERNELS or key_cache.device.type != "cpu":
             return super()._decode(spec, q, key_cache, value_cache, batch, out)

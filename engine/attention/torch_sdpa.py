@@ -26,14 +26,17 @@ def store_kv(cache: torch.Tensor, batch: ForwardBatch, values: torch.Tensor) -> 
 
 class TorchSdpaBackend(AttentionBackend):
     def forward(self, spec, q, k, v, key_cache, value_cache, batch: ForwardBatch, out) -> None:
-        store_kv(key_cache, batch, k)
-        store_kv(value_cache, batch, v)
+        self._store(key_cache, batch, k)
+        self._store(value_cache, batch, v)
         num_decode = batch.num_decode_tokens
         if num_decode:
             self._decode(spec, q[:num_decode], key_cache, value_cache, batch, out[:num_decode])
         for chunk in batch.prefills:
             rows = slice(chunk.token_offset, chunk.token_offset + chunk.num_tokens)
             self._prefill(spec, q[rows], key_cache, value_cache, chunk.slot, chunk.start_position, out[rows])
+
+    def _store(self, cache: torch.Tensor, batch: ForwardBatch, values: torch.Tensor) -> None:
+        store_kv(cache, batch, values)
 
     def _decode(self, spec: LayerAttentionSpec, q, key_cache, value_cache, batch, out) -> None:
         length = batch.max_decode_context_len
