@@ -67,6 +67,17 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class KVKindStats:
+    """One KV kind (a layer group's page size) in Jenga's LCM allocator (the `paged` layout)."""
+
+    kind: str  # "<owner>/g<group>"
+    page_bytes: int
+    bytes_held: int  # large pages the kind owns
+    bytes_used: int  # its small pages in use (live and cached)
+    internal_fragmentation_bytes: int  # held - used: free small pages inside its large pages
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A cheap snapshot for routing, metrics and the controller."""
 
@@ -91,6 +102,7 @@ class EngineStats:
     drop_state: str = "normal"
     dropped_weight_bytes: int = 0
     pipeline_bubble_ratio: float = 0.0
+    kv_kinds: tuple[KVKindStats, ...] = ()  # per kind, paged layout only (loose chunks have no kinds)
 
 
 class Tokenizer(Protocol):

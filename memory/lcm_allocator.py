@@ -12,16 +12,25 @@ Variants (the benchmarks' baselines) are the same class with other numbers:
 - `pad_to_largest`: every kind's small page is the largest one (vLLM's hybrid KV cache manager);
 - `static_partition`: each kind may hold at most a fixed number of large pages.
 
+Kinds can be added later with `register` (a second model's KV manager drawing from the same pool:
+memory/kv/balloon.py); the large-page size is recomputed while no large page is held, and after that a
+new kind must fit in the current large page (its remainder counts as fragmentation).
+
+Evictable pages: a small page in use may be marked evictable (a cached prefix block nobody holds). A
+large page whose pages in use are all evictable is *reclaimable*: evicting them returns it to the pool.
+`pool_chunks_for` says how many pool chunks an allocation would need once everything evictable were
+evicted, which is what the KV manager's admission checks compare against.
+
 Contract (checked by tests/memory/test_lcm_allocator.py's state machine): the pool's budget is
 never exceeded (chunks come only from `pool.inflate`); a small page is free in exactly one large
 page or held by exactly one owner; a large page with no small page in use is never kept; a kind's
-held bytes = its large pages x large-page bytes.
+held bytes = its large pages x large-page bytes; the evictable counts equal the marked pages.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from memory.pool import ElasticPool, PoolExhausted
@@ -61,7 +70,11 @@ class _LargePage:
     chunks: list[PhysicalChunk]
     free: list[int]  # free small-page indices, ascending (lowest given first)
     used: int = 0
+    evictable: int = 0  # pages in use marked evictable
 
+    @property
+    def reclaimable(self) -> bool:
+        return self.used == self.evictable
 
 @dataclass
 class LcmAllocator:
@@ -74,23 +87,52 @@ class LcmAllocator:
     chunks_per_large_page: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if not self.small_page_bytes or any(size < 1 for size in self.small_page_bytes.values()):
+        if any(size < 1 for size in self.small_page_bytes.values()):
             raise ValueError("every kind needs a positive small-page size")
+        self._variant = self.allocated_page_bytes is not None or self.max_large_pages is not None
+        self.small_page_bytes = dict(self.small_page_bytes)
         self.allocated_page_bytes = dict(self.allocated_page_bytes or self.small_page_bytes)
         for kind, size in self.small_page_bytes.items():
             if self.allocated_page_bytes[kind] < size:
                 raise ValueError(f"kind {kind!r}: allocated pages smaller than requested")
-        common = math.lcm(*self.allocated_page_bytes.values())
+        self._large: dict[int, _LargePage] = {}
+        self._by_kind: dict[str, list[int]] = {kind: [] for kind in self.small_page_bytes}
+        self._used: set[SmallPage] = set()
+        self._evictable: set[SmallPage] = set()
+        self._num_reclaimable = dict.fromkeys(self.small_page_bytes, 0)  # per kind: reclaimable large pages
+        self._next_id = 0
+        self._size_large_pages()
+        if self.client not in self.pool.clients:
+            self.pool.register(self.client)
+
+    def _size_large_pages(self) -> None:
+        common = math.lcm(*self.allocated_page_bytes.values()) if self.allocated_page_bytes else 1
         self.chunks_per_large_page = -(-common // self.pool.chunk_bytes)
         self.large_page_bytes = self.chunks_per_large_page * self.pool.chunk_bytes
         self._pages_per_large = {kind: self.large_page_bytes // size
                                  for kind, size in self.allocated_page_bytes.items()}
-        self._large: dict[int, _LargePage] = {}
-        self._by_kind: dict[str, list[int]] = {kind: [] for kind in self.small_page_bytes}
-        self._used: set[SmallPage] = set()
-        self._next_id = 0
-        if self.client not in self.pool.clients:
-            self.pool.register(self.client)
+
+    def register(self, small_page_bytes: Mapping[str, int]) -> None:
+        """Adds kinds (or resizes kinds that hold nothing). While no large page is held the large-page
+        size becomes the LCM of every kind; after that a kind must fit in one large page."""
+        if self._variant:
+            raise ValueError("the padding and static-partition variants are built with all their kinds")
+        for kind, size in small_page_bytes.items():
+            if size < 1:
+                raise ValueError(f"kind {kind!r} needs a positive small-page size")
+            if self._by_kind.get(kind):
+                raise ValueError(f"kind {kind!r} holds large pages: it cannot be resized now")
+        if self._large and max(small_page_bytes.values(), default=0) > self.large_page_bytes:
+            raise ValueError(f"a new kind's page exceeds the {self.large_page_bytes} B large pages already in use")
+        for kind, size in small_page_bytes.items():
+            self.small_page_bytes[kind] = self.allocated_page_bytes[kind] = size
+            self._by_kind.setdefault(kind, [])
+            self._num_reclaimable.setdefault(kind, 0)
+        if not self._large:
+            self._size_large_pages()
+        else:
+            for kind, size in small_page_bytes.items():
+                self._pages_per_large[kind] = self.large_page_bytes // size
 
     @classmethod
     def pad_to_largest(cls, pool: ElasticPool, client: str, small_page_bytes: Mapping[str, int]) -> LcmAllocator:
@@ -118,6 +160,46 @@ class LcmAllocator:
         if self.max_large_pages is not None:
             new_large = min(new_large, self.max_large_pages[kind] - len(self._by_kind[kind]))
         return in_kind + max(new_large, 0) * self._pages_per_large[kind]
+
+    def num_local_pages(self, kind: str) -> int:
+        """Small pages of `kind` its large pages would have free once every evictable page were evicted
+        (large pages that would empty entirely are not counted: they go back to the pool)."""
+        in_kind = sum(len(self._large[i].free) + self._large[i].evictable for i in self._by_kind[kind])
+        return in_kind - self._num_reclaimable[kind] * self._pages_per_large[kind]
+
+    def num_reclaimable_chunks(self, kinds: Iterable[str] | None = None) -> int:
+        """Pool chunks that evicting every evictable page (of `kinds`; None: all) would give back."""
+        return self.chunks_per_large_page * sum(self._num_reclaimable[kind] for kind in kinds or self._num_reclaimable)
+
+    def pool_chunks_for(self, pages: Mapping[str, int]) -> int:
+        """Pool chunks that allocating `pages` (kind -> count) needs beyond the kinds' local pages."""
+        large = sum(-(-max(0, count - self.num_local_pages(kind)) // self._pages_per_large[kind])
+                    for kind, count in pages.items() if count)
+        return large * self.chunks_per_large_page
+
+    def set_evictable(self, page: SmallPage, evictable: bool) -> None:
+        """Marks a page in use as evictable (a cached block nobody holds) or held again."""
+        if page not in self._used:
+            raise ValueError(f"{page} is not allocated")
+        if (page in self._evictable) == evictable:
+            return
+        large = self._large[page.large_page]
+        before = large.reclaimable
+        if evictable:
+            self._evictable.add(page)
+            large.evictable += 1
+        else:
+            self._evictable.discard(page)
+            large.evictable -= 1
+        self._num_reclaimable[large.kind] += large.reclaimable - before
+
+    def small_page_chunks(self, page: SmallPage) -> list[PhysicalChunk]:
+        """The pool chunks a small page occupies, when its kind's pages are whole chunks."""
+        size = self.allocated_page_bytes[page.kind]
+        if size % self.pool.chunk_bytes:
+            raise ValueError(f"kind {page.kind!r}: {size} B pages are not whole {self.pool.chunk_bytes} B chunks")
+        per_page = size // self.pool.chunk_bytes
+        return self._large[page.large_page].chunks[page.index * per_page:(page.index + 1) * per_page]
 
     def telemetry(self, kind: str) -> KindTelemetry:
         large = self._by_kind[kind]
@@ -151,30 +233,57 @@ class LcmAllocator:
                 pages.append(self._take(large))
         return pages
 
-    def free(self, pages: list[SmallPage]) -> None:
+    def allocate_many(self, counts: Mapping[str, int]) -> dict[str, list[SmallPage]] | None:
+        """`allocate` for several kinds at once: all of them, or None with nothing taken."""
+        taken: dict[str, list[SmallPage]] = {}
+        for kind, count in counts.items():
+            pages = self.allocate(kind, count)
+            if pages is None:
+                for got in taken.values():
+                    self.free(got)
+                return None
+            taken[kind] = pages
+        return taken
+
+    def free(self, pages: list[SmallPage]) -> int:
+        """Frees pages (evictable or not); returns the pool chunks given back (emptied large pages)."""
+        returned = 0
         for page in pages:
             if page not in self._used:
                 raise ValueError(f"{page} is not allocated")
-            self._used.discard(page)
             large = self._large[page.large_page]
+            before = large.reclaimable
+            if page in self._evictable:
+                self._evictable.discard(page)
+                large.evictable -= 1
+            self._used.discard(page)
             large.used -= 1
             large.free.append(page.index)
             large.free.sort()
             if large.used == 0:  # whole large page free: back to the pool for any kind or balloon
+                self._num_reclaimable[large.kind] -= before
                 del self._large[large.page_id]
                 self._by_kind[large.kind].remove(large.page_id)
                 self.pool.deflate(self.client, large.chunks)
+                returned += len(large.chunks)
+            else:
+                self._num_reclaimable[large.kind] += large.reclaimable - before
+        return returned
 
     def close(self) -> None:
         for large in self._large.values():
             self.pool.deflate(self.client, large.chunks)
         self._large.clear()
         self._used.clear()
+        self._evictable.clear()
+        self._num_reclaimable = dict.fromkeys(self._num_reclaimable, 0)
         for pages in self._by_kind.values():
             pages.clear()
 
     def _take(self, large: _LargePage) -> SmallPage:
         page = SmallPage(large.kind, large.page_id, large.free.pop(0))
+        if large.reclaimable and large.used:  # a live page joins: no longer reclaimable
+            self._num_reclaimable[large.kind] -= 1
         large.used += 1
         self._used.add(page)
         return page

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from engine.api import EngineStats, GenerateRequest, InvalidRequestError, LayersDroppedError, RequestOutput
+from engine.api import EngineStats, GenerateRequest, InvalidRequestError, KVKindStats, LayersDroppedError, RequestOutput
 from engine.config import EngineConfig
 from engine.core.chunk_policy import create_chunk_policy
 from engine.core.layer_staging import StagingStats
@@ -244,7 +244,7 @@ class LLMEngine:
             kv_usage=used / max(1, used + free),
             num_prefix_cache_hits=self.kv.prefix.num_hit_tokens,
             num_prefix_cache_queries=self.kv.prefix.num_queried_tokens,
-            kv_chunks_cached=self.kv.prefix.num_evictable_chunks,
+            kv_chunks_cached=self.kv.num_cached_chunks(),
             kv_offloaded_layers=sum(self.kv.offloaded_requests_per_layer()),
             kv_host_bytes=self.kv.num_offloaded_host_chunks * self.kv.spec.page_bytes,
             kv_bytes_fetched=self.staging.bytes_fetched,
@@ -254,6 +254,8 @@ class LLMEngine:
             drop_state=self.drop_state,
             dropped_weight_bytes=self.dropped_weight_bytes,
             pipeline_bubble_ratio=self.pipeline_bubble_ratio,
+            kv_kinds=tuple(KVKindStats(t.kind, t.small_page_bytes, t.bytes_held, t.bytes_used,
+                                       t.internal_fragmentation_bytes) for t in self.kv.kind_telemetry().values()),
         )
 
     def memory_telemetry(self) -> list[dict]:

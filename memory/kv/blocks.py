@@ -25,6 +25,7 @@ class KVBlock:
     page: int = -1  # its page index in the request's token order, once hashed (for the evictor)
     reused: bool = False  # a prefix hit has used it (the evictor keeps hit prefixes longest)
     release: int = 0  # the request that parked it (one request's blocks are evicted as a group)
+    small_page: Any = None  # its page in the LCM allocator (memory/kv/block_source.py LcmBlocks); None: loose chunks
 
 
 def chain_hash(parent_hash: int | None, token_ids: Sequence[int]) -> int:

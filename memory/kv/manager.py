@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from memory.host_buffer import HostBuffer
+from memory.kv.balloon import KVBalloon
+from memory.kv.block_source import BlockSource, LcmBlocks, LooseChunks, TakenBlock
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
 from memory.kv.cache_policy import policy_for
 from memory.kv.evictor import EVICTORS
@@ -62,7 +64,12 @@ class KVCacheManager(LayerResidency):
         layout_log: list | None = None,
         evictor: str = "lru",
         host_tier: HostChunkTier | None = None,
+        balloon: KVBalloon | None = None,
+        owner: str = KV_CLIENT,
     ):
+        """`paged` layouts take their blocks from Jenga's LCM allocator in `balloon` (the pool's `kv`
+        client, shared with other KV managers of the same pool under distinct `owner` names; None: a
+        balloon of its own); `contiguous` takes loose pool chunks."""
         if pool.chunk_bytes != spec.page_bytes:
             raise ValueError(f"pool chunks ({pool.chunk_bytes} B) must equal KV pages ({spec.page_bytes} B)")
         self.spec = spec
@@ -84,7 +91,13 @@ class KVCacheManager(LayerResidency):
         if evictor != "lru":  # LRU is PrefixCache's own order
             self.prefix.evictor = EVICTORS[evictor](self.policies)
         self._init_residency()
-        pool.register(KV_CLIENT, reclaim=self._reclaim, reclaimable=lambda: self.prefix.num_evictable_chunks)
+        self.blocks: BlockSource
+        if layout == "paged":
+            self.blocks = LcmBlocks(self, balloon if balloon is not None else KVBalloon(pool), owner)
+        elif balloon is not None:
+            raise ValueError(f"the {layout!r} layout takes loose chunks: only paged KV shares an LCM balloon")
+        else:
+            self.blocks = LooseChunks(self)
 
     # ---- which layers keep KV here -------------------------------------------------------------
     def hold_layers(self, layers) -> None:
@@ -101,6 +114,7 @@ class KVCacheManager(LayerResidency):
             self._deflate_block(self.prefix.evict_oldest())
         self.layout.held_layers = held
         self._chunks_per_block = [2 * sum(layer in held for layer in group.layers) for group in self.spec.groups]
+        self.blocks.resize(self._chunks_per_block)
         self.enable_prefix_caching = self._prefix_caching_wanted and len(held) == self.spec.num_layers
 
     @property
@@ -120,11 +134,19 @@ class KVCacheManager(LayerResidency):
 
     def num_used_chunks(self) -> int:
         """Chunks the kv balloon holds for live requests (not counting evictable cached blocks)."""
-        return self.pool.num_held(KV_CLIENT) - self.prefix.num_evictable_chunks
+        return self.blocks.used()
 
     def num_available_chunks(self) -> int:
         """Chunks a new allocation could get: free, evictable cache, and what other balloons give back."""
-        return self.prefix.num_evictable_chunks + self._pool_available()
+        return self.blocks.available()
+
+    def num_cached_chunks(self) -> int:
+        """Chunks the kv balloon holds only for evictable cached blocks (paged: whole large pages)."""
+        return self.blocks.cached()
+
+    def kind_telemetry(self):
+        """Per layer-group kind: bytes held, used and internally fragmented ({} for loose chunks)."""
+        return self.blocks.telemetry()
 
     def _pool_available(self) -> int:
         return self.pool.num_obtainable(KV_CLIENT)
@@ -137,16 +159,17 @@ class KVCacheManager(LayerResidency):
         """Device chunks that growing `request_id` (None: a new request whose layers `offloaded`
         live on the host) to `num_tokens` tokens would take."""
         state = self.requests.get(request_id) if request_id is not None else None
+        layered = offloaded or (state is not None and HOST in state.residency)
         total = 0
+        missing_per_group = []
         for group in range(len(self.spec.groups)):
             have = state.blocks[group] if state else []
             needed = self._pages_needed(group, num_tokens)
             missing = sum(1 for page in needed if page >= len(have) or have[page] is None)
-            per_page = self._chunks_per_block[group]
-            if offloaded or (state is not None and HOST in state.residency):
-                per_page = self._device_chunks_per_page(group, state.residency if state else None, offloaded)
-            total += missing * per_page
-        return total
+            missing_per_group.append(missing)
+            if layered:
+                total += missing * self._device_chunks_per_page(group, state.residency if state else None, offloaded)
+        return total if layered else self.blocks.chunks_for(missing_per_group)
 
     def can_grow(self, request_id: str | None, num_tokens: int) -> bool:
         """Whether `grow` would succeed now (engine/cooperative/kv.py asks every stage before growing)."""
@@ -198,6 +221,7 @@ class KVCacheManager(LayerResidency):
                     continue
                 block = self.prefix.lookup(group, parent)
                 self.prefix.hold(block)
+                self.blocks.parked(block, False)
                 self.layout.map_block(slot, page, block)
                 state.blocks[group].append(block)
         state.num_tokens = num_cached
@@ -222,6 +246,17 @@ class KVCacheManager(LayerResidency):
         if not wanted:
             return True
         layered = HOST in state.residency  # some layers live on the host (layer-wise offloading)
+        if not layered and self.host_tier is None:
+            taken = self.blocks.take([group for group, _ in wanted])
+            if taken is None:
+                return False
+            slot = self.slot_of(request_id)
+            for (group, page), chunks in zip(wanted, taken, strict=True):
+                pages = state.blocks[group]
+                pages.extend([None] * (page + 1 - len(pages)))
+                pages[page] = self._block_of(group, chunks)
+                self.layout.map_block(slot, page, pages[page])
+            return True
         num_chunks = sum(self._device_chunks_per_page(group, state.residency, ()) if layered
                          else self._chunks_per_block[group] for group, _ in wanted)
         host_pages = []
@@ -329,23 +364,24 @@ class KVCacheManager(LayerResidency):
 
     def chunks_to_swap_in(self, request_id: str) -> int:
         state = self.requests[request_id]
-        return sum(self._chunks_per_block[g] for g, pages in enumerate(state.host_slots) for p in pages if p)
+        return self.blocks.chunks_for([sum(1 for p in pages if p) for pages in state.host_slots])
 
     def swap_in(self, request_id: str) -> bool:
         """Brings a swapped request back into a slot. False (no change) if memory or slots lack."""
         state = self.requests[request_id]
         if self.num_free_slots == 0:
             return False
-        chunks = self._take_chunks(self.chunks_to_swap_in(request_id))
-        if chunks is None:
+        taken = self.blocks.take([group for group, pages in enumerate(state.host_slots) for p in pages if p])
+        if taken is None:
             return False
+        taken.reverse()
         slot = self.slots.assign(request_id)
         num_bytes = 0
         for group, host_pages in enumerate(state.host_slots):
             for page, host in enumerate(host_pages):
                 if host is None:
                     continue
-                block = self._new_block(group, chunks)
+                block = self._block_of(group, taken.pop())
                 state.blocks[group][page] = block
                 self.layout.map_block(slot, page, block)
                 self.layout.copy_block_from_host(slot, page, block, self.host_buffer, host)
@@ -373,14 +409,15 @@ class KVCacheManager(LayerResidency):
         if self.num_free_slots == 0 or request_id in self.requests:
             return False
         num_pages = self.spec.num_pages(num_tokens)
-        chunks = self._take_chunks(sum(self._chunks_per_block) * num_pages)
-        if chunks is None:
+        taken = self.blocks.take([group for group in range(len(self.spec.groups)) for _ in range(num_pages)])
+        if taken is None:
             return False
+        taken.reverse()
         slot = self.slots.assign(request_id)
         state = self._new_state(request_id)
         for group in range(len(self.spec.groups)):
             for page in range(num_pages):
-                block = self._new_block(group, chunks)
+                block = self._block_of(group, taken.pop())
                 state.blocks[group].append(block)
                 self.layout.map_block(slot, page, block)
         return True
@@ -427,6 +464,12 @@ class KVCacheManager(LayerResidency):
         chunks.reverse()  # _new_block pops from the end: keep ascending chunk order per block
         return chunks
 
+    def _block_of(self, group: int, taken: TakenBlock) -> KVBlock:
+        chunks, small_page = taken
+        block = KVBlock(self._next_block_id, group, chunks, ref_count=1, small_page=small_page)
+        self._next_block_id += 1
+        return block
+
     def _new_block(self, group: int, chunks: list, residency: list[str] | None = None,
                    tier_chunks: list | None = None) -> KVBlock:
         """A block from `chunks` (popped). At the chunk positions of layers living on the host: a
@@ -446,11 +489,12 @@ class KVCacheManager(LayerResidency):
             return
         if block.block_hash is not None:
             self.prefix.park(block)
+            self.blocks.parked(block, True)
         else:
             self._deflate_block(block)
 
     def _deflate_block(self, block: KVBlock) -> None:
-        self._release_chunks(block.chunks)
+        self.blocks.give_back(block)
         self.layout.block_freed(block)
 
     def _release_slot(self, request_id: str) -> None:
@@ -495,5 +539,6 @@ class KVCacheManager(LayerResidency):
         while self.prefix.evictable:
             self._deflate_block(self.prefix.evict_oldest())
         self.layout.close()
+        self.blocks.close()
         if self.host_tier is not None:
             self.host_tier.close()

@@ -60,4 +60,4 @@ def assert_pool_idle(engine: LLMEngine) -> None:
     assert not engine.kv.requests and engine.kv.slots.num_used == 0
     held = sum(telemetry.chunks_per_client.values())
     assert held + telemetry.num_free_chunks == telemetry.num_chunks
-    assert telemetry.chunks_per_client["kv"] == engine.kv.prefix.num_evictable_chunks
+    assert telemetry.chunks_per_client["kv"] == engine.kv.num_cached_chunks()
