@@ -12,6 +12,12 @@ descriptor torch serialises for AOTInductor (`_get_mkldnn_serialized_md` and the
 `aoti_torch_create_tensor_from_blob_v2`, which wraps, never copies or frees, the blob). The malloc'd original
 is then dropped. The wrapper does not own the arena bytes, so `PackedWeight` holds both.
 
+Products of a few rows (decode at batch <= `SKINNY_MAX_ROWS`) skip oneDNN: csrc/packed_gemm_bf16.c reads the
+same packed bytes with AVX512-BF16 at close to the memory bandwidth (oneDNN's kernels read them at about
+half of it at these sizes). It relies on the blocked layout oneDNN chose (32 outputs x pairs of inputs,
+see the C file), which `pack` verifies on every weight (its size and a sample of its values); a weight whose
+layout differs keeps oneDNN for every size.
+
 Only bf16 CPU weights are packed; everything else goes to the wrapped fallback backend (native / torch),
 so fp32 outputs are unchanged.
 """
@@ -25,10 +31,15 @@ from pathlib import Path
 import torch
 
 from engine.model.linear import Allocator, TorchLinear
+from engine.native_build import load_library
 
 # oneDNN picks a blocked layout by the batch-size hint; the layout for hint 1 is a GEMV layout that is slow
 # from a few rows on, while the one for 16+ serves every batch size (decode and prefill) well.
 PACK_BATCH_HINT = 16
+# at most this many rows go to the packed small-batch kernel: whole decode steps of SmolLM2 (bf16, 2 threads,
+# AMX box) measured 20.9 -> 16.4 ms at batch 1, even at 2, slower from 4 (its dot products become compute-bound
+# where oneDNN uses AMX tiles); per-shape times: `python -m engine.model.onednn_linear`
+SKINNY_MAX_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,7 @@ class PackedWeight:
 
     tensor: torch.Tensor
     storage: torch.Tensor
+    k_padded: int | None = None  # set when the bytes are in the layout packed_gemm_bf16.c reads
 
     @property
     def shape(self) -> torch.Size:
@@ -76,15 +88,52 @@ class _BlobShim:
         return torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr(self.capsule(handle.value, None, None))
 
 
+def blocked_pairs_layout(weight: torch.Tensor, raw: torch.Tensor, samples: int = 2048) -> int | None:
+    """The padded input length if `raw` (packed bytes) holds `weight` [out, in] in the 32-output x input-pair
+    blocks packed_gemm_bf16.c reads, else None: the byte count must match and a fixed sample of values
+    (corners included) must sit where that layout puts them."""
+    out_features, in_features = weight.shape
+    k_padded = -(-in_features // 32) * 32
+    if raw.numel() != -(-out_features // 32) * 32 * k_padded * 2:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.tensor([0, out_features - 1]), torch.randint(out_features, (samples,), generator=generator)])
+    cols = torch.cat([torch.tensor([0, in_features - 1]), torch.randint(in_features, (samples,), generator=generator)])
+    positions = (rows // 32) * 32 * k_padded + (cols // 2) * 64 + (rows % 32) * 2 + cols % 2
+    stored = raw.view(torch.int16)[positions]
+    return k_padded if torch.equal(stored, weight.view(torch.int16)[rows, cols]) else None
+
+
 def pack(weight: torch.Tensor, allocate: Allocator, shim: _BlobShim) -> PackedWeight:
     """`weight` [out, in] bf16 packed for oneDNN, its bytes placed by `allocate`."""
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
     num_bytes = torch.ops.mkldnn._nbytes(packed)
     raw = torch.empty(num_bytes, dtype=torch.uint8)
     ctypes.memmove(raw.data_ptr(), torch.ops.mkldnn.data_ptr(packed), num_bytes)
+    k_padded = blocked_pairs_layout(weight.contiguous(), raw)
     storage = allocate(raw)
     metadata = torch.ops.mkldnn._get_mkldnn_serialized_md(packed)
-    return PackedWeight(shim.wrap(storage, packed.shape, metadata), storage)
+    return PackedWeight(shim.wrap(storage, packed.shape, metadata), storage, k_padded)
+
+
+class _PackedGemm:
+    """ctypes view of csrc/packed_gemm_bf16.c (built where the CPU has AVX512-BF16)."""
+
+    def __init__(self):
+        self.kernel = load_library(Path(__file__).parent / "csrc" / "packed_gemm_bf16.c").packed_gemm_bf16
+        self.kernel.restype = None
+        self.kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 7
+
+    def takes(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> bool:
+        return (weight.k_padded is not None and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.bfloat16
+                and x.dim() == 2 and x.stride(1) == 1 and out.stride(1) == 1 and x.shape[1] == weight.shape[1]
+                and out.shape == (x.shape[0], weight.shape[0]) and out.dtype in (torch.bfloat16, torch.float32))
+
+    def __call__(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> torch.Tensor:
+        self.kernel(x.data_ptr(), x.stride(0), weight.storage.data_ptr(), out.data_ptr(), out.stride(0),
+                    int(out.dtype == torch.float32), x.shape[0], weight.shape[0], weight.shape[1], weight.k_padded,
+                    torch.get_num_threads())
+        return out
 
 
 def onednn_available() -> bool:
@@ -103,6 +152,10 @@ class OneDnnLinear(TorchLinear):
             raise RuntimeError("oneDNN bf16 needs AVX512-BF16 or AMX")
         self.fallback = fallback or TorchLinear()
         self._shim = _BlobShim()
+        try:
+            self._skinny: _PackedGemm | None = _PackedGemm()
+        except (RuntimeError, OSError):  # no AVX512-BF16 to build it for (AMX alone): oneDNN for every size
+            self._skinny = None
 
     def place(self, weight: torch.Tensor, allocate: Allocator):
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
@@ -112,30 +165,41 @@ class OneDnnLinear(TorchLinear):
     def __call__(self, x, weight, out, bias=None):
         if not isinstance(weight, PackedWeight):
             return self.fallback(x, weight, out, bias)
+        if bias is None and self._skinny is not None and self._skinny.takes(x, weight, out):
+            return self._skinny(x, weight, out)
         result = torch.ops.mkldnn._linear_pointwise(x, weight.tensor, bias, "none", [], "")
         return out.copy_(result)
 
 
 def _benchmark() -> None:
-    """Per-linear time of SmolLM2's shapes, torch.mm vs packed, interleaved (medians of 30)."""
+    """Per-linear time of SmolLM2's shapes: torch.mm, oneDNN on the packed weight, and the packed small-batch
+    kernel, interleaved (medians of 30). Each product gets its own copy of the weight, 8 copies in turn, so
+    the weights stream from memory as in a model's step (one cached weight flatters every contender)."""
     import time
 
     linear = OneDnnLinear(TorchLinear())
+    skinny = linear._skinny
     for out_features, in_features in ((960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)):
-        weight = torch.randn(out_features, in_features).bfloat16()
-        packed = linear.place(weight, lambda tensor: tensor.clone())
-        for rows in (1, 4, 16, 64, 512):
+        copies = 2 if out_features > 10000 else 8
+        weights = [torch.randn(out_features, in_features).bfloat16() for _ in range(copies)]
+        packed = [linear.place(weight, lambda tensor: tensor.clone()) for weight in weights]
+        for rows in (1, 2, 4, 8, 16, 32, 64, 512):
             x = torch.randn(rows, in_features).bfloat16()
             out = torch.empty(rows, out_features, dtype=torch.bfloat16)
-            times: dict[str, list[float]] = {"mm": [], "packed": []}
-            for _ in range(30):
-                for name, stored in (("mm", weight), ("packed", packed)):
+            runs = {"torch.mm": lambda i: torch.mm(x, weights[i].t(), out=out),
+                    "onednn": lambda i: out.copy_(torch.ops.mkldnn._linear_pointwise(x, packed[i].tensor, None,
+                                                                                     "none", [], ""))}
+            if skinny is not None and rows <= 64 and packed[0].k_padded is not None:
+                runs["skinny"] = lambda i: skinny(x, packed[i], out)
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for repeat in range(30):
+                for name, run in runs.items():
                     started = time.perf_counter()
-                    linear(x, stored, out)  # a plain tensor goes to the fallback: torch.mm
+                    run(repeat % copies)
                     times[name].append(time.perf_counter() - started)
-            mm, pk = (sorted(values)[len(values) // 2] * 1e6 for values in times.values())
-            print(f"{out_features}x{in_features} rows {rows:4d}: torch.mm {mm:8.0f} us  packed {pk:8.0f} us  "
-                  f"{mm / pk:5.2f}x")
+            medians = {name: sorted(values)[len(values) // 2] * 1e6 for name, values in times.items()}
+            print(f"{out_features}x{in_features} rows {rows:4d}: " + "  ".join(
+                f"{name} {value:7.0f} us" for name, value in medians.items()))
 
 
 if __name__ == "__main__":

@@ -111,3 +111,36 @@ def test_onednn_leaves_fp32_to_its_fallback_and_writes_fp32_logits(onednn):
     bias = torch.randn(10).bfloat16()
     torch.testing.assert_close(onednn(x.bfloat16(), packed, torch.empty(3, 10, dtype=torch.bfloat16), bias),
                                torch.addmm(bias, x.bfloat16(), weight.bfloat16().t()))
+
+
+# ---- the packed small-batch kernel: the same packed bytes, read by csrc/packed_gemm_bf16.c ------------------
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("out_features, in_features", [(960, 576), (70, 45), (49152 // 64, 576)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_packed_small_batch_kernel_matches_fp32_products(onednn, rows, out_features, in_features, out_dtype):
+    """Odd shapes too (a partial 32-row block, an odd input length); fp32 logits and bf16 outputs; rows of x
+    and y apart by more than a row (views into wider buffers, as the model passes them)."""
+    if onednn._skinny is None:
+        pytest.skip("no AVX512-BF16 here: oneDNN serves every size")
+    generator = torch.Generator().manual_seed(rows * out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    packed = onednn.place(weight, lambda tensor: tensor.clone())
+    assert packed.k_padded == -(-in_features // 32) * 32  # the layout was recognised
+    x = torch.randn(rows, in_features + 5, generator=generator).bfloat16()[:, :in_features]
+    out = torch.full((rows, out_features + 3), float("nan"), dtype=out_dtype)[:, :out_features]
+    assert onednn._skinny.takes(x, packed, out)
+    onednn(x, packed, out)
+    expected = torch.mm(x.float(), weight.float().t())
+    tolerance = 2e-2 if out_dtype == torch.bfloat16 else 1e-4  # fp32: only the order of the fp32 sums differs
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_packed_layout_is_verified_not_assumed():
+    from engine.model.onednn_linear import blocked_pairs_layout
+
+    weight = torch.randn(64, 64).bfloat16()
+    plain = weight.contiguous().view(torch.uint8).flatten()  # right size, wrong layout
+    assert blocked_pairs_layout(weight, plain) is None
+    assert blocked_pairs_layout(weight, plain[:-2]) is None
+    blocked = weight.view(2, 32, 32, 2).permute(0, 2, 1, 3).contiguous().view(torch.uint8).flatten()
+    assert blocked_pairs_layout(weight, blocked) == 64
