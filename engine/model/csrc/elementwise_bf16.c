@@ -29,26 +29,51 @@ static inline uint16_t f32_to_bf16(float value) { /* round to nearest even, as t
 static inline float round_bf16(float value) { return bf16_to_f32(f32_to_bf16(value)); }
 
 /* hidden += delta (if delta), then out = (hidden * rsqrt(mean(hidden^2) + eps)) * weight, row by row */
+static void add_rms_norm_row(uint16_t *row, const uint16_t *add, const uint16_t *weight, uint16_t *target,
+                             int64_t width, float eps) {
+    int64_t i = 0;
+    float total = 0.f;
+#if defined(__AVX512F__)
+    /* the same roundings 16 at a time; only the order of the fp32 sum of squares differs */
+    __m512 squares = _mm512_setzero_ps();
+    for (; i < width; i += 16) {
+        const __mmask16 mask = width - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (width - i)) - 1u);
+        __m512 value = bf16x16_to_ps(_mm256_maskz_loadu_epi16(mask, row + i));
+        if (add != NULL) {
+            value = round_bf16_ps(_mm512_add_ps(value, bf16x16_to_ps(_mm256_maskz_loadu_epi16(mask, add + i))));
+            _mm256_mask_storeu_epi16(row + i, mask, ps_to_bf16x16(value));
+        }
+        squares = _mm512_fmadd_ps(value, value, squares);
+    }
+    total = _mm512_reduce_add_ps(squares);
+    const float scale = 1.f / sqrtf(total / (float)width + eps);
+    for (i = 0; i < width; i += 16) {
+        const __mmask16 mask = width - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (width - i)) - 1u);
+        const __m512 value = bf16x16_to_ps(_mm256_maskz_loadu_epi16(mask, row + i));
+        const __m512 scaled = round_bf16_ps(_mm512_mul_ps(value, _mm512_set1_ps(scale)));
+        const __m512 w = bf16x16_to_ps(_mm256_maskz_loadu_epi16(mask, weight + i));
+        _mm256_mask_storeu_epi16(target + i, mask, ps_to_bf16x16(_mm512_mul_ps(scaled, w)));
+    }
+#else
+    if (add != NULL)
+        for (i = 0; i < width; ++i) row[i] = f32_to_bf16(bf16_to_f32(row[i]) + bf16_to_f32(add[i]));
+    for (i = 0; i < width; ++i) {
+        const float value = bf16_to_f32(row[i]);
+        total += value * value;
+    }
+    const float scale = 1.f / sqrtf(total / (float)width + eps);
+    for (i = 0; i < width; ++i)
+        target[i] = f32_to_bf16(round_bf16(bf16_to_f32(row[i]) * scale) * bf16_to_f32(weight[i]));
+#endif
+}
+
 void add_rms_norm_bf16(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight, uint16_t *out,
                        int64_t num_rows, int64_t width, int64_t hidden_stride, int64_t out_stride, float eps,
                        int64_t num_threads) {
     #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_rows >= 8)
-    for (int64_t r = 0; r < num_rows; ++r) {
-        uint16_t *row = hidden + r * hidden_stride;
-        if (delta != NULL) {
-            const uint16_t *add = delta + r * width;
-            for (int64_t i = 0; i < width; ++i) row[i] = f32_to_bf16(bf16_to_f32(row[i]) + bf16_to_f32(add[i]));
-        }
-        float total = 0.f;
-        for (int64_t i = 0; i < width; ++i) {
-            const float value = bf16_to_f32(row[i]);
-            total += value * value;
-        }
-        const float scale = 1.f / sqrtf(total / (float)width + eps);
-        uint16_t *target = out + r * out_stride;
-        for (int64_t i = 0; i < width; ++i)
-            target[i] = f32_to_bf16(round_bf16(bf16_to_f32(row[i]) * scale) * bf16_to_f32(weight[i]));
-    }
+    for (int64_t r = 0; r < num_rows; ++r)
+        add_rms_norm_row(hidden + r * hidden_stride, delta == NULL ? NULL : delta + r * width, weight,
+                         out + r * out_stride, width, eps);
 }
 
 /* x[t, h, :] <- x * cos[t] + rotate_half(x) * sin[t] in place, for q's and k's heads of each token.
@@ -62,7 +87,25 @@ void rope_bf16(uint16_t *x, int64_t num_tokens, int64_t num_heads, int64_t head_
         const uint16_t *s = sin + t * table_stride;
         for (int64_t h = 0; h < num_heads; ++h) {
             uint16_t *head = x + t * row_stride + h * head_dim;
-            for (int64_t i = 0; i < half; ++i) {
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            for (; i + 16 <= half; i += 16) {  /* the same roundings, 16 at a time */
+                const __m512 first = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(head + i)));
+                const __m512 second = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(head + i + half)));
+                const __m512 c0 = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(c + i)));
+                const __m512 c1 = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(c + i + half)));
+                const __m512 s0 = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(s + i)));
+                const __m512 s1 = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(s + i + half)));
+                const __m512 negated = _mm512_sub_ps(_mm512_setzero_ps(), second);
+                const __m512 new_first = _mm512_add_ps(round_bf16_ps(_mm512_mul_ps(first, c0)),
+                                                       round_bf16_ps(_mm512_mul_ps(negated, s0)));
+                const __m512 new_second = _mm512_add_ps(round_bf16_ps(_mm512_mul_ps(second, c1)),
+                                                        round_bf16_ps(_mm512_mul_ps(first, s1)));
+                _mm256_storeu_si256((__m256i *)(head + i), ps_to_bf16x16(new_first));
+                _mm256_storeu_si256((__m256i *)(head + i + half), ps_to_bf16x16(new_second));
+            }
+#endif
+            for (; i < half; ++i) {
                 const float first = bf16_to_f32(head[i]), second = bf16_to_f32(head[i + half]);
                 const float new_first = round_bf16(first * bf16_to_f32(c[i])) +
                                         round_bf16(-second * bf16_to_f32(s[i]));

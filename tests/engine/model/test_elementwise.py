@@ -31,12 +31,13 @@ def count_calls(native, name: str, monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("rows", [1, 9])
-def test_add_rms_norm_matches_torch(native, rows, monkeypatch):
+@pytest.mark.parametrize("width", [576, 100])  # 100: the vector loop's masked tail
+def test_add_rms_norm_matches_torch(native, rows, width, monkeypatch):
     calls = count_calls(native, "_norm", monkeypatch)
     generator = torch.Generator().manual_seed(rows)
-    hidden = torch.randn(rows, 576, generator=generator).bfloat16()
-    delta = torch.randn(rows, 576, generator=generator).bfloat16()
-    weight = torch.rand(576, generator=generator).bfloat16()
+    hidden = torch.randn(rows, width, generator=generator).bfloat16()
+    delta = torch.randn(rows, width, generator=generator).bfloat16()
+    weight = torch.rand(width, generator=generator).bfloat16()
     expected_hidden = hidden.clone()
     expected = TorchElementwise().add_rms_norm(expected_hidden, delta, weight, torch.empty_like(hidden), EPS)
     out = torch.empty_like(hidden)
@@ -48,10 +49,11 @@ def test_add_rms_norm_matches_torch(native, rows, monkeypatch):
 
 
 @pytest.mark.parametrize("tokens", [1, 5])  # one token: torch gives q and k different strides on dim 0
-def test_rope_in_place_on_the_fused_qkv_rows_matches_torch(native, tokens, monkeypatch):
+@pytest.mark.parametrize("dim", [64, 40])  # 40: half a head is 16 + a scalar tail of 4
+def test_rope_in_place_on_the_fused_qkv_rows_matches_torch(native, tokens, dim, monkeypatch):
     calls = count_calls(native, "_rope", monkeypatch)
     generator = torch.Generator().manual_seed(1)
-    heads, kv_heads, dim = 9, 3, 64
+    heads, kv_heads = 9, 3
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=generator).bfloat16()
     table = torch.randn(tokens, 2, dim, generator=generator).bfloat16()
     cos, sin = table[:, 0:1], table[:, 1:2]
