@@ -20,17 +20,33 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from memory.kv.balloon import KVBalloon
-from memory.kv.blocks import KVBlock
+from memory.kv.blocks import KVBlock, PrefixCache
+from memory.kv.layout import KVLayout
 from memory.lcm_allocator import KindTelemetry, SmallPage
+from memory.pool import ElasticPool
 from memory.vmm.base import PhysicalChunk
 
-if TYPE_CHECKING:  # the manager owns its source; only its type is needed here
-    from memory.kv.manager import KVCacheManager
-
 TakenBlock = tuple[list[PhysicalChunk], SmallPage | None]
+
+
+class BlockOwner(Protocol):
+    """What a source needs of the KVCacheManager that owns it (the manager imports this module, not the
+    other way round)."""
+
+    pool: ElasticPool
+    prefix: PrefixCache
+    layout: KVLayout
+    _kv_client: str
+    _chunks_per_block: list[int]
+
+    def _reclaim(self, chunks: int) -> int: ...
+
+    def _take_chunks(self, count: int) -> list[PhysicalChunk] | None: ...
+
+    def _release_chunks(self, chunks: Sequence[PhysicalChunk]) -> None: ...
 
 
 class BlockSource(ABC):
@@ -71,7 +87,7 @@ class BlockSource(ABC):
 
 
 class LooseChunks(BlockSource):
-    def __init__(self, kv: KVCacheManager):
+    def __init__(self, kv: BlockOwner):
         self.kv = kv
         kv.pool.register(kv._kv_client, reclaim=kv._reclaim, reclaimable=lambda: kv.prefix.num_evictable_chunks)
 
@@ -98,7 +114,7 @@ class LooseChunks(BlockSource):
 
 
 class LcmBlocks(BlockSource):
-    def __init__(self, kv: KVCacheManager, balloon: KVBalloon, owner: str):
+    def __init__(self, kv: BlockOwner, balloon: KVBalloon, owner: str):
         self.kv = kv
         self.balloon = balloon
         self.allocator = balloon.allocator

@@ -125,6 +125,9 @@ def test_packed_small_batch_kernel_matches_fp32_products(onednn, rows, out_featu
     generator = torch.Generator().manual_seed(rows * out_features + in_features)
     weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
     packed = onednn.place(weight, lambda tensor: tensor.clone())
+    if packed.k_padded is None:  # oneDNN blocks differently on some CPUs (AMX boxes): oneDNN then serves all sizes
+        assert not onednn._skinny.takes(torch.zeros(rows, in_features).bfloat16(), packed, torch.empty(rows, out_features))
+        pytest.skip("oneDNN chose a blocked layout the small-batch kernel does not read on this CPU")
     assert packed.k_padded == -(-in_features // 32) * 32  # the layout was recognised
     x = torch.randn(rows, in_features + 5, generator=generator).bfloat16()[:, :in_features]
     out = torch.full((rows, out_features + 3), float("nan"), dtype=out_dtype)[:, :out_features]
