@@ -15,8 +15,8 @@ is then dropped. The wrapper does not own the arena bytes, so `PackedWeight` hol
 Products of a few rows (decode at batch <= `SKINNY_MAX_ROWS`) skip oneDNN: csrc/packed_gemm_bf16.c reads the
 same packed bytes with AVX512-BF16 at close to the memory bandwidth (oneDNN's kernels read them at about
 half of it at these sizes). It relies on the blocked layout oneDNN chose (32 or 64 outputs x pairs of
-inputs, by CPU; see the C file), which `pack` verifies on every weight (its size and a sample of its values); a weight whose
-layout differs keeps oneDNN for every size.
+inputs, by CPU; see the C file), which `pack` verifies on every weight (its size and a sample of its
+values); a weight whose layout differs keeps oneDNN for every size.
 
 Only bf16 CPU weights are packed; everything else goes to the wrapped fallback backend (native / torch),
 so fp32 outputs are unchanged.
@@ -99,8 +99,10 @@ def blocked_pairs_layout(weight: torch.Tensor, raw: torch.Tensor, samples: int =
     that layout puts them."""
     out_features, in_features = weight.shape
     generator = torch.Generator().manual_seed(0)
-    rows = torch.cat([torch.tensor([0, out_features - 1]), torch.randint(out_features, (samples,), generator=generator)])
-    cols = torch.cat([torch.tensor([0, in_features - 1]), torch.randint(in_features, (samples,), generator=generator)])
+    rows = torch.randint(out_features, (samples,), generator=generator)
+    cols = torch.randint(in_features, (samples,), generator=generator)
+    rows = torch.cat([torch.tensor([0, out_features - 1]), rows])  # the corners too
+    cols = torch.cat([torch.tensor([0, in_features - 1]), cols])
     expected = weight.view(torch.int16)[rows, cols]
     for block in (32, 64):
         for k_multiple in (32, 64):
@@ -132,7 +134,8 @@ class _PackedGemm:
     def __init__(self):
         self.kernel = load_library(Path(__file__).parent / "csrc" / "packed_gemm_bf16.c").packed_gemm_bf16
         self.kernel.restype = None
-        self.kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 8
+        pointer, integer = ctypes.c_void_p, ctypes.c_int64
+        self.kernel.argtypes = [pointer, integer, pointer, pointer] + [integer] * 8
 
     def takes(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> bool:
         return (weight.k_padded is not None and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.bfloat16
@@ -196,11 +199,11 @@ def _benchmark() -> None:
         for rows in (1, 2, 4, 8, 16, 32, 64, 512):
             x = torch.randn(rows, in_features).bfloat16()
             out = torch.empty(rows, out_features, dtype=torch.bfloat16)
-            runs = {"torch.mm": lambda i: torch.mm(x, weights[i].t(), out=out),
-                    "onednn": lambda i: out.copy_(torch.ops.mkldnn._linear_pointwise(x, packed[i].tensor, None,
-                                                                                     "none", [], ""))}
+            runs = {"torch.mm": lambda i, x=x, out=out: torch.mm(x, weights[i].t(), out=out),
+                    "onednn": lambda i, x=x, out=out: out.copy_(
+                        torch.ops.mkldnn._linear_pointwise(x, packed[i].tensor, None, "none", [], ""))}
             if skinny is not None and rows <= 64 and packed[0].k_padded is not None:
-                runs["skinny"] = lambda i: skinny(x, packed[i], out)
+                runs["skinny"] = lambda i, x=x, out=out: skinny(x, packed[i], out)
             times: dict[str, list[float]] = {name: [] for name in runs}
             for repeat in range(30):
                 for name, run in runs.items():
