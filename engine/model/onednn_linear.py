@@ -199,11 +199,11 @@ def _benchmark() -> None:
         for rows in (1, 2, 4, 8, 16, 32, 64, 512):
             x = torch.randn(rows, in_features).bfloat16()
             out = torch.empty(rows, out_features, dtype=torch.bfloat16)
-            runs = {"torch.mm": lambda i, x=x, out=out: torch.mm(x, weights[i].t(), out=out),
-                    "onednn": lambda i, x=x, out=out: out.copy_(
+            runs = {"torch.mm": lambda i, x=x, out=out, weights=weights: torch.mm(x, weights[i].t(), out=out),
+                    "onednn": lambda i, x=x, out=out, packed=packed: out.copy_(
                         torch.ops.mkldnn._linear_pointwise(x, packed[i].tensor, None, "none", [], ""))}
             if skinny is not None and rows <= 64 and packed[0].k_padded is not None:
-                runs["skinny"] = lambda i, x=x, out=out: skinny(x, packed[i], out)
+                runs["skinny"] = lambda i, x=x, out=out, packed=packed: skinny(x, packed[i], out)
             times: dict[str, list[float]] = {name: [] for name in runs}
             for repeat in range(30):
                 for name, run in runs.items():
