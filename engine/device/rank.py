@@ -16,6 +16,7 @@ import torch
 from engine.attention import create_attention_backend
 from engine.attention.paged_torch import PagedTorchBackend
 from engine.config import EngineConfig
+from engine.core.sampling_workspace import peak_rows, sampling_plan
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
 from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena, measure_segments, placed_bytes
 from engine.model.config import ModelConfig
@@ -118,8 +119,10 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     weight_bytes = placed_bytes(segment_bytes, chunk)  # each layer on pages of its own (so it can be dropped)
     # the largest step the scheduler may plan: a full prefill budget plus a decode for every slot
     max_step_tokens = max(config.max_num_batched_tokens, config.max_prefill_chunk_tokens or 0) + config.max_num_seqs
+    # and the sampler's temporaries when every row is drawn, filtered and reports logprobs
+    peak_sampler_bytes = sampling_plan(peak_rows(config.max_num_seqs), model_config.vocab_size).num_bytes
     plan = model_type.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
-    peak_activation_bytes = plan.num_bytes
+    peak_activation_bytes = plan.num_bytes + peak_sampler_bytes
     if weight_bytes + peak_activation_bytes // 8 > config.device_memory_bytes:
         raise ValueError(f"device memory {config.device_memory_bytes} B cannot hold the weights ({weight_bytes} B) "
                          "and a minimal activation workspace")
@@ -127,7 +130,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     if config.pool_policy == "static":
         activation_tokens = config.static_activation_tokens or max_step_tokens
         activation_bytes = model_type.plan_buffers(model_config, shard, dtype, activation_tokens,
-                                                   config.max_num_seqs).num_bytes
+                                                   config.max_num_seqs).num_bytes + peak_sampler_bytes
         static_split = static_split_chunks(weight_bytes, activation_bytes, config.device_memory_bytes, chunk)
     host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
     pool = ElasticPool(backend, config.device_memory_bytes, chunk, config.pool_policy,

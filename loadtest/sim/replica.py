@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from engine.core.request import Request
+from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.device.activation_workspace import ActivationWorkspace
 from engine.device.rank import page_tokens_for, static_split_chunks
@@ -113,7 +114,7 @@ class SimEngine:
     def kv_capacity_chunks(self) -> int:
         """Chunks KV could ever hold (as LLMEngine._kv_capacity_chunks)."""
         shared = self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
-            self.config.max_num_batched_tokens, 1)
+            self.config.max_num_batched_tokens, SampledRows.plain(1))
         share = self.pool.policy.headroom("kv", 0)
         return shared if share is None else min(share, shared)
 

@@ -46,7 +46,7 @@ def test_peer_child_imports_only_the_standard_library():
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("offline") / "offline.json"
     argv = ["--mode", "all", "--num-prompts", "2", "--prompt-len", "8", "--output-len", "8", "--threads", "1",
-            "--max-num-seqs", "8", "--max-num-batched-tokens", "128", "--budget-gib", "0.52", "--dtype", "float32",
+            "--max-num-seqs", "8", "--max-num-batched-tokens", "128", "--budget-gib", "0.53", "--dtype", "float32",
             "--capacity-prompt-len", "64", "--capacity-output-len", "8", "--json", str(out)]
     return offline.main(argv), json.loads(out.read_text())
 
