@@ -9,6 +9,7 @@ cost.py) and "samples" token 0 for every row (simulated requests ignore EOS and 
 
 `BookkeepingLayout` is a KV layout that maps nothing in virtual memory: the manager decides exactly as with
 the engine's `contiguous` layout (slots, pages, chunks), without one VMM call per chunk (tested).
+`PagedBookkeepingLayout` does the same for the `paged` layout: blocks are small pages of the LCM allocator.
 """
 
 from __future__ import annotations
@@ -106,3 +107,11 @@ class BookkeepingLayout(KVLayout):
 
     def close(self) -> None:
         pass
+
+
+class PagedBookkeepingLayout(BookkeepingLayout):
+    """The `paged` layout's decisions without placing anything: its blocks are small pages of Jenga's LCM
+    allocator (the KV manager takes them through `LcmBlocks` from a KVBalloon), as `paged` blocks are."""
+
+    name = "bookkeeping-paged"
+    small_pages = True
