@@ -7,9 +7,18 @@ the `static` pool policy the shares are fixed with the engine's own `static_spli
 what engine/migration.py reads (`scheduler`, `kv`, `kv_spec`, `runner`, `max_model_len`), so the live
 migration functions (`request_loads`, `reserve`, `release`, `cancel`) run on it unchanged.
 
+With `kv_offload: layerwise` (LayerKV) the replica also has a host buffer (slot bookkeeping only) and the
+scheduler's real offloading policy (engine/core/offload_policy.py) admits prompts with top layers on the
+host, demotes and promotes layers; the executor stages them as the runner does and the cost model charges
+the copies (and the layers the scheduler demoted or promoted while planning: their bytes over PCIe before
+the step). Layer-wise residency needs the model's real layers (`fuse_layers=False`). The scheduler's SLO
+targets, its clock (the virtual one) and its step-cost model (fed every simulated step's time and staged
+bytes, as LLMEngine.step feeds it measured ones) are the engine's.
+
 `SimReplica` drives the engine's step loop `schedule() -> run() -> update()` on a virtual clock. A step
 whose plan is decode-only, preempts nothing and admits nothing is *fast-forwarded*: the same batch
-decodes on, step after step, with no KV change, until some request needs a new page, lets a page slide
+decodes on (nothing offloaded: a step that stages host pages, or may promote them, is planned alone),
+step after step, with no KV change, until some request needs a new page, lets a page slide
 out of its window, or finishes; those steps are applied in bulk (each request's tokens, computed count
 and KV length advance together), and their times come from the cost model in one vectorised call. The
 scheduler would plan exactly these steps (nothing it looks at changes in between; a test compares with
@@ -19,6 +28,7 @@ here, a migration) first brings the replica to the end of the step in progress (
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +38,14 @@ import torch
 
 from engine.core.request import Request
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.core.step_cost import StepCostModel
 from engine.device.activation_workspace import ActivationWorkspace
 from engine.device.rank import page_tokens_for, static_split_chunks
 from engine.device.weight_arena import WEIGHTS_CLIENT
 from engine.model.llama import LlamaModel, ShardPlan
 from engine.sampling_params import SamplingParams
 from loadtest.sim.cost import CostModel
-from loadtest.sim.executor import BookkeepingLayout, PagedBookkeepingLayout, SimExecutor
+from loadtest.sim.executor import BookkeepingHostBuffer, BookkeepingLayout, PagedBookkeepingLayout, SimExecutor
 from loadtest.sim.hardware import get_device
 from loadtest.sim.models import get_model
 from memory import ElasticPool
@@ -65,6 +76,10 @@ class ReplicaConfig:
     kv_layout: str = "bookkeeping"
     page_policy: Any = "lcm"  # small-page layouts: memory/page_policies.py name or PagePolicy
     fast_forward: bool = True
+    kv_offload: str = "none"  # or "layerwise" (LayerKV; needs fuse_layers=False and a host buffer)
+    host_buffer_bytes: int = 0  # host RAM for offloaded layers and swapped requests (bookkeeping only)
+    ttft_slo_ms: float | None = None  # the scheduler's SLO targets (engine/core/slo.py)
+    tpot_slo_ms: float | None = None
 
 
 def kv_spec_for(config: ReplicaConfig) -> KVCacheSpec:
@@ -132,10 +147,14 @@ class SharedDevice:
 
 class SimEngine:
     """The engine's memory and scheduling parts, sized for `config.model` on `config.device` (alone, or as
-    one of the models of a `SharedDevice`)."""
+    one of the models of a `SharedDevice`). `clock` is the scheduler's idea of now (the replica's virtual
+    time)."""
 
-    def __init__(self, config: ReplicaConfig, shared: SharedDevice | None = None):
+    def __init__(self, config: ReplicaConfig, clock: Callable[[], float] = time.monotonic,
+                 shared: SharedDevice | None = None):
         self.config = config
+        if config.kv_offload != "none" and (config.fuse_layers or not config.host_buffer_bytes):
+            raise ValueError("kv_offload: layerwise needs fuse_layers=False (per-layer KV) and a host buffer")
         self.model = model = get_model(config.model)
         self.device = device = get_device(config.device)
         self.model_config = engine_model = model.engine_config()
@@ -146,21 +165,25 @@ class SimEngine:
         register_layout(BookkeepingLayout)  # (idempotent) so that config.kv_layout may name them
         register_layout(PagedBookkeepingLayout)
         if shared is not None:
-            self.pool, self.workspace = shared.pool, shared.workspace
+            self.pool, self.workspace, self.host_buffer = shared.pool, shared.workspace, None
             self.kv = KVCacheManager(spec, self.pool, DTYPE, layout=config.kv_layout, enable_prefix_caching=False,
                                      balloon=shared.balloon, owner=config.model)
         else:
             self.pool = self._own_pool(config, spec)
             balloon = KVBalloon(self.pool, page_policy=config.page_policy) \
                 if layout_class(config.kv_layout).small_pages else None
-            self.kv = KVCacheManager(spec, self.pool, DTYPE, layout=config.kv_layout, enable_prefix_caching=False,
-                                     balloon=balloon)
+            self.host_buffer = BookkeepingHostBuffer(config.host_buffer_bytes, spec.page_bytes) \
+                if config.host_buffer_bytes else None
+            self.kv = KVCacheManager(spec, self.pool, DTYPE, layout=config.kv_layout, host_buffer=self.host_buffer,
+                                     enable_prefix_caching=False, balloon=balloon)
             self.workspace = ActivationWorkspace(self.pool, peak_activation_bytes(config))
-        self.runner = SimExecutor(engine_model, DTYPE, self.workspace, self.cost)
+        self.runner = SimExecutor(engine_model, DTYPE, self.workspace, self.cost, self.kv)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_model_len=config.max_model_len, preemption_mode="recompute"),
-            self.kv, self.runner.activation_chunks_charged_to_kv)
+                            max_model_len=config.max_model_len, preemption_mode="recompute",
+                            ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
+                            kv_offload=config.kv_offload),
+            self.kv, self.runner.activation_chunks_charged_to_kv, StepCostModel(), clock=clock)
 
     def _own_pool(self, config: ReplicaConfig, spec: KVCacheSpec) -> ElasticPool:
         model, device = self.model, self.device
@@ -204,8 +227,11 @@ class SimEngine:
         return low
 
     def is_idle(self) -> bool:
-        """No request and no KV held (the workspace may keep pages: KV reclaims them on demand)."""
-        return not self.scheduler.has_work and not self.kv.requests and self.kv.num_used_chunks() == 0
+        """No request and no KV held, on the device or the host (the workspace may keep pages: KV reclaims
+        them on demand)."""
+        host_used = self.host_buffer.used_bytes if self.host_buffer is not None else 0
+        return not self.scheduler.has_work and not self.kv.requests and self.kv.num_used_chunks() == 0 \
+            and host_used == 0
 
     def close(self) -> None:
         self.kv.close()
@@ -234,7 +260,8 @@ class SimReplica:
     def __init__(self, replica_id: str, config: ReplicaConfig, now: float,
                  on_finish: Callable[[Request, float], None], shared: SharedDevice | None = None):
         self.replica_id = replica_id
-        self.engine = SimEngine(config, shared)
+        self.now = now  # the engine's clock: the time of the schedule or the step end being applied
+        self.engine = SimEngine(config, clock=lambda: self.now, shared=shared)
         self.config = config
         self.clock = now  # the last step boundary
         self.started_at = now
@@ -247,6 +274,7 @@ class SimReplica:
         self.max_decode_batch = 0  # the most requests decoding in one step
         self.decode_only_tokens = 0  # tokens of decode-only steps, and their time (decode throughput)
         self.decode_only_s = 0.0
+        self.admitted_at: dict[str, float] = {}  # when each request's first prefill chunk was planned
 
     @property
     def busy_until(self) -> float | None:
@@ -265,17 +293,25 @@ class SimReplica:
         self.clock = max(self.clock, now)
         if not self.engine.scheduler.has_work:
             return None
+        self.now = self.clock
+        kv = self.engine.kv
+        moved = kv.num_bytes_demoted + kv.num_bytes_promoted
         plan = self.engine.scheduler.schedule()
         self.num_schedules += 1
         if plan.is_empty:
             return None
+        # layers demoted or promoted while planning were copied over PCIe before the step could run
+        moved_s = self.engine.cost.host_link_s(kv.num_bytes_demoted + kv.num_bytes_promoted - moved)
         self.engine.runner.run(plan, ())
         self.max_decode_batch = max(self.max_decode_batch, len(plan.decodes))
+        for chunk in plan.prefills:
+            self.admitted_at.setdefault(chunk.request_id, self.clock)
         num_steps = self._replayable_steps(plan)
         if num_steps > 1:
             times = self.engine.cost.decode_steps_s([chunk.start + 1 for chunk in plan.decodes], num_steps)
         else:
             times = np.array([self.engine.runner.step_s(plan)])
+        times[0] += moved_s
         self._run = _Run(plan, self.clock, self.clock + np.cumsum(times))
         self.version += 1
         return float(self._run.ends[-1])
@@ -301,6 +337,7 @@ class SimReplica:
             return
         self.version += 1
         num = len(run.ends) if until is None else min(len(run.ends), int(np.searchsorted(run.ends, until)) + 1)
+        self._observe(run, num)
         self._update(run.plan, float(run.ends[0]))
         if num > 1:
             self._replay(run.plan, num - 1, float(run.ends[num - 1]))
@@ -315,8 +352,20 @@ class SimReplica:
         if self._run is not None and now < float(self._run.ends[-1]):
             self.complete(until=now)
 
+    def _observe(self, run: _Run, num: int) -> None:
+        """What LLMEngine.step tells the scheduler's step-cost model after each step: its time and the bytes
+        it staged from the host with their copy time (steps replayed in bulk were planned alike, staged none)."""
+        model, executor = self.engine.scheduler.cost_model, self.engine.runner
+        times = np.diff(run.ends[:num], prepend=run.start) * 1e3
+        model.observe(run.plan.num_tokens, float(times[0]))
+        fetched = sum(fetched for fetched, _ in executor.last_staged)
+        model.observe_copy(fetched, self.engine.cost.host_link_s(fetched) * 1e3)
+        for step_ms in times[1:]:
+            model.observe(len(run.plan.decodes), float(step_ms))
+
     def _update(self, plan: SchedulerOutput, end: float) -> None:
         """LLMEngine.update without text: the sampled rows get a token; finished requests leave."""
+        self.now = end
         scheduler = self.engine.scheduler
         sampled = [scheduler.requests[c.request_id] for c in plan.decodes] + [
             scheduler.requests[c.request_id] for c in plan.prefills if c.samples]
@@ -332,6 +381,7 @@ class SimReplica:
     def _replay(self, plan: SchedulerOutput, num: int, end: float) -> None:
         """`num` more decode steps of the same batch, in bulk (see the module doc)."""
         scheduler, kv = self.engine.scheduler, self.engine.kv
+        self.now = end
         for chunk in plan.decodes:
             request = scheduler.requests[chunk.request_id]
             computed = request.num_computed_tokens + num
@@ -345,7 +395,8 @@ class SimReplica:
 
     def _replayable_steps(self, plan: SchedulerOutput) -> int:
         """How many steps in a row the scheduler would plan exactly like `plan` (1: just this one)."""
-        if not self.fast_forward or plan.prefills or plan.preempted or not plan.decodes:
+        if not self.fast_forward or plan.prefills or plan.preempted or not plan.decodes \
+                or self.engine.kv.num_offloaded_host_chunks:
             return 1
         scheduler, spec = self.engine.scheduler, self.engine.kv_spec
         page = spec.tokens_per_page

@@ -26,7 +26,7 @@ REQUESTS = workload(MIX, 48, (2048, 6144), (16, 64), seed=3)
 
 def test_the_device_runs_the_deployed_classes_on_one_balloon():
     shared = SharedDevice(CONFIGS, PadToLargest())
-    engines = [SimEngine(config, shared) for config in CONFIGS]
+    engines = [SimEngine(config, shared=shared) for config in CONFIGS]
     try:
         for engine in engines:
             assert type(engine.scheduler) is Scheduler and type(engine.kv) is KVCacheManager
