@@ -15,7 +15,8 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-EXPERIMENT_MODULES = ("loadtest.sim.ellm", "loadtest.sim.mell", "loadtest.sim.plan", "loadtest.sim.calibrate")
+EXPERIMENT_MODULES = ("loadtest.sim.ellm", "loadtest.sim.mell", "loadtest.sim.plan", "loadtest.sim.calibrate",
+                      "loadtest.sim.gpu_calibration")
 
 
 @dataclass(frozen=True)
