@@ -9,7 +9,8 @@ shape: prefills of one 512 / 2,048 / 8,192-token prompt, and decode steps of 1 /
 ~1K-token context. Each timed step is `schedule() -> run() -> update()` in wall-clock time with the device
 synchronized before and after (`seconds`, what the simulator's step stands for), with the run's device time
 between two CUDA events beside it (`gpu_seconds`). Warm-ups run each shape first. The file also keeps the
-device's measured ceilings (a bf16 8192^3 matrix product, a device-to-device copy). Should the engine fail on
+device's measured ceilings (a bf16 8192^3 matrix product, a device-to-device copy, pinned host <-> device
+copies). Should the engine fail on
 the device, the same shapes are timed with transformers' own model of the same config, bf16 (`"engine":
 "transformers"` in the file).
 
@@ -109,7 +110,13 @@ def ceilings() -> dict:
     source = torch.randn(1 << 30, device="cuda", dtype=torch.float32)  # 4 GiB
     target = torch.empty_like(source)
     copy_s = timed(lambda: target.copy_(source))
-    return {"bf16_matmul_flops": 2 * 8192 ** 3 / matmul_s, "copy_bytes_per_s": 2 * source.numel() * 4 / copy_s}
+    pinned = torch.empty(source.numel() // 4, dtype=torch.float32, pin_memory=True)  # 1 GiB
+    on_device = source[: pinned.numel()]
+    h2d_s = timed(lambda: on_device.copy_(pinned, non_blocking=True), 5)
+    d2h_s = timed(lambda: pinned.copy_(on_device, non_blocking=True), 5)
+    return {"bf16_matmul_flops": 2 * 8192 ** 3 / matmul_s, "copy_bytes_per_s": 2 * source.numel() * 4 / copy_s,
+            "host_to_device_bytes_per_s": pinned.numel() * 4 / h2d_s,
+            "device_to_host_bytes_per_s": pinned.numel() * 4 / d2h_s}
 
 
 def _engine_scenarios(model_name: str, work: Path, shapes: Shapes) -> list[dict]:
