@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 EXPERIMENT_MODULES = ("loadtest.sim.ellm", "loadtest.sim.mell", "loadtest.sim.layerkv", "loadtest.sim.jenga",
-                      "loadtest.sim.kunserve", "loadtest.sim.plan", "loadtest.sim.calibrate")
+                      "loadtest.sim.kunserve", "loadtest.sim.plan", "loadtest.sim.calibrate",
+                      "loadtest.sim.gpu_calibration")
 
 
 @dataclass(frozen=True)
