@@ -33,7 +33,7 @@ import torch
 from engine.core.engine import LLMEngine
 from loadtest.offline.capacity import format_capacity, run_capacity
 from loadtest.offline.engine_runner import MIB, build_engine, make_prompts, run_engine
-from loadtest.offline.mixed import format_mixed, run_mixed
+from loadtest.offline.mixed import format_mixed, plot_timelines, run_mixed
 from loadtest.offline.tables import comparison_table, load_average
 from loadtest.offline.vocab import format_vocab, run_vocab
 
@@ -119,6 +119,8 @@ def run_modes(args) -> dict:
         results["capacity"] = run_capacity(args, tokenizer)
     if args.mode == "mixed":
         results["mixed"] = run_mixed(args, tokenizer)
+        if args.plot:
+            plot_timelines(results["mixed"], args.plot)
     if args.mode == "vocab":
         results["vocab"] = run_vocab(args)
     return results
