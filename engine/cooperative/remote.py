@@ -248,6 +248,12 @@ class RemoteLeader:
                 self.peer_requests.discard(payload)
         return mine
 
+    def tick(self) -> list[RequestOutput]:  # engine/async_engine.py drives the pair through this
+        return self.step()
+
+    def is_idle(self) -> bool:
+        return not self.engine.has_work
+
     # ---- dissolving --------------------------------------------------------------------------------
     def restore(self) -> int:
         """Both replicas serve alone again: the follower's requests go back to it (to recompute), this
