@@ -308,7 +308,11 @@ class AsyncEngine:
             outputs = driver.tick()
         except Exception as error:  # noqa: BLE001 - as a failed step: its requests fail, the loop goes on
             logger.exception("cooperative pair step failed")
-            outputs = self._fail_running(error)
+            try:
+                outputs = self._fail_running(error)
+            except Exception:  # noqa: BLE001 - a step that failed inside the scheduler left it inconsistent
+                logger.exception("could not end the failed step's requests")
+                outputs = []
         for output in outputs:
             self._deliver(output.request_id, output)
         if not driver.is_formed:

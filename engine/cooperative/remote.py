@@ -66,8 +66,9 @@ def snapshot_of(request: Request) -> RequestSnapshot:
 def shadow_kv(engine: LLMEngine, budget_chunks: int, layers: range, log: list) -> KVCacheManager:
     """The follower's KV manager as the leader plans with it: same spec and layout, `budget_chunks` chunks."""
     spec = engine.kv_spec
-    pool = ElasticPool(SimBackend(granularity=spec.page_bytes), max(1, budget_chunks) * spec.page_bytes,
-                       spec.page_bytes)
+    # the largest power of two dividing a page: the sim backend's addresses stay aligned to it
+    pool = ElasticPool(SimBackend(granularity=spec.page_bytes & -spec.page_bytes),
+                       max(1, budget_chunks) * spec.page_bytes, spec.page_bytes)
     kv = KVCacheManager(spec, pool, engine.dtype, layout=engine.config.kv_layout, enable_prefix_caching=False,
                         layout_log=log)
     kv.hold_layers(layers)
