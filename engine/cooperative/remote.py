@@ -174,6 +174,7 @@ class RemoteLeader:
         self.split = engine.model_config.num_layers
         self.peer_requests: set[str] = set()  # requests whose client is on the follower
         self.stats = PipelineStats()
+        self.num_peer_requests_finished = 0  # the follower's requests that ended here while the pair was formed
         self.num_peer_requests_ended = 0  # the follower's requests dropped when it died
         self._runner: RemotePipelineRunner | None = None
         self._shadow: KVCacheManager | None = None
@@ -226,9 +227,11 @@ class RemoteLeader:
             outputs = self.engine.step() if self.engine.has_work else []  # a failed step changed no tokens
             self.engine.pipeline_bubble_ratio = self.bubble_ratio
             for output in outputs:
-                (theirs if output.request_id in self.peer_requests else mine).append(output)
-                if output.is_finished:
+                is_theirs = output.request_id in self.peer_requests
+                (theirs if is_theirs else mine).append(output)
+                if output.is_finished and is_theirs:
                     self.peer_requests.discard(output.request_id)
+                    self.num_peer_requests_finished += 1
             theirs += self._refused
             self._refused = []
             self.channel.send_object(("sync", self._runner.take_log(), theirs))

@@ -20,7 +20,7 @@ from engine.text.tokenizer import load_tokenizer
 from engine.weights import resolve_model_source
 from tests.engine.engine_helpers import greedy
 
-TIMEOUT_S = 20
+TIMEOUT_S = 60  # a loaded shared box: spawning the peer and its first steps can take long
 
 
 def pair_config(model_dir, **overrides) -> EngineConfig:

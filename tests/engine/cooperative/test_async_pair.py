@@ -43,14 +43,13 @@ def test_served_replicas_stream_through_the_pair_exactly(tiny_qwen3_dir, prompts
         assert await engine.cooperate(leader, lambda: leader.form(*DROP)) > 0
         assert engine.stats().drop_state == "dropped"
         await consume(engine.generate(GenerateRequest("d", tuple(prompts[3]), greedy(8))), tokens, "d")
-        seen: set = set()
-        for _ in range(2000):  # until the follower's "c" came and went
-            peers = await engine.run_in_engine(lambda _: frozenset(leader.peer_requests))
-            seen |= peers
-            if "c" in seen and "c" not in peers:
+        for _ in range(3000):  # until the follower's "c" (8 tokens, wholly while dropped) ended
+            finished, peers = await engine.run_in_engine(
+                lambda _: (leader.num_peer_requests_finished, frozenset(leader.peer_requests)))
+            if finished:
                 break
             await asyncio.sleep(0.01)
-        assert "b" in peers and not a.done()  # both 64-token streams span the restore
+        assert finished == 1 and peers == {"b"} and not a.done()  # both 64-token streams span the restore
         await engine.run_in_engine(lambda _: leader.restore())
         await a
         theirs = await asyncio.to_thread(channel.recv_object)
