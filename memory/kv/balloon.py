@@ -24,11 +24,15 @@ EvictOne = Callable[[], int | None]
 
 
 class KVBalloon:
-    def __init__(self, pool: ElasticPool, client: str = KV_CLIENT):
+    def __init__(self, pool: ElasticPool, client: str = KV_CLIENT,
+                 make_allocator: Callable[[ElasticPool, str], LcmAllocator] | None = None):
+        """`make_allocator(pool, client)`: an allocator built with every member's kinds up front (the
+        benchmarks' pad-to-largest and static-partition baselines); None: the LCM allocator, kinds added
+        as members attach."""
         self.pool = pool
         self.client = client
         pool.register(client, reclaim=self._reclaim, reclaimable=self._reclaimable)
-        self.allocator = LcmAllocator(pool, client, {})
+        self.allocator = (make_allocator or (lambda p, c: LcmAllocator(p, c, {})))(pool, client)
         self._members: dict[str, EvictOne] = {}
 
     def attach(self, owner: str, small_page_bytes: Mapping[str, int], evict_one: EvictOne) -> dict[str, str]:
@@ -37,7 +41,9 @@ class KVBalloon:
         if owner in self._members:
             raise ValueError(f"a KV manager named {owner!r} is already attached")
         kinds = {name: f"{owner}/{name}" for name in small_page_bytes}
-        self.allocator.register({kinds[name]: size for name, size in small_page_bytes.items()})
+        sizes = {kinds[name]: size for name, size in small_page_bytes.items()}
+        if any(self.allocator.small_page_bytes.get(kind) != size for kind, size in sizes.items()):
+            self.allocator.register(sizes)  # (an allocator built with these kinds already has them)
         self._members[owner] = evict_one
         return kinds
 

@@ -20,7 +20,7 @@ from engine.model.config import SLIDING_ATTENTION as S
 from tests.engine.engine_helpers import PROMPTS, greedy
 from tests.engine.reference import hf_greedy, hf_model_from_weights, make_tiny_random_checkpoint
 
-NUM_NEW = 10
+NUM_NEW = 16  # every SmolLM2 request crosses a 16-token page boundary while it decodes
 GEMMA = "tiny-gemma3"
 
 
@@ -34,8 +34,8 @@ def tiny_gemma3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def group_prompts(smollm2_tokenizer):
     long_text = " ".join(PROMPTS[2:8] * 2)  # past the window and over two of Gemma's 96-token pages
-    prompts = [smollm2_tokenizer(text).input_ids for text in [*PROMPTS[:4], long_text]]
-    assert len(prompts[-1]) > 96 + 40
+    prompts = [smollm2_tokenizer(text).input_ids for text in [long_text, *PROMPTS[:4]]]
+    assert len(prompts[0]) > 96 + 40
     return prompts
 
 
@@ -124,9 +124,10 @@ def test_interleaved_requests_to_two_models_in_one_pool_match_transformers(group
 
 def test_two_models_preempting_each_other_in_a_tight_pool_match_transformers(
         group, tiny_gemma3, tokenizers, group_prompts, references):
-    """Room for the weights, the workspace and 14 large pages of KV: SmolLM2's long request alone takes 13."""
+    """Room for the weights, the workspace and 21 large pages of KV: the requests' prompts take 21 (SmolLM2's
+    long one 14, its short ones 5, Gemma's 2), and every SmolLM2 request needs one more page as it decodes."""
     large = group.balloon.allocator.chunks_per_large_page * group.pool.chunk_bytes
-    budget = group.pool.num_held("weights") * group.pool.chunk_bytes + group.workspace.buffer.nbytes + 14 * large
+    budget = group.pool.num_held("weights") * group.pool.chunk_bytes + group.workspace.buffer.nbytes + 21 * large
     tight = EngineGroup(group_configs(tiny_gemma3[0], device_memory_bytes=budget), tokenizers)
     try:
         check_interleaved_run(tight, group_prompts, references)
@@ -144,3 +145,49 @@ def test_requests_route_by_model_and_an_unknown_model_is_refused(group):
     with pytest.raises(InvalidRequestError):  # request ids are unique across the models
         group.add_request(GenerateRequest("a", (1, 2), greedy(2), model=GEMMA))
     assert group.abort("a").finish_reason == "abort" and not group.has_work
+
+
+@pytest.mark.slow
+def test_smollm2_and_gemma3_270m_in_one_pool_match_transformers(smollm2_tokenizer, hf_smollm2):
+    """The issue's pair, `models: [smollm2-135m, gemma3-270m]`, in fp32: SmolLM2 pages of 16 tokens x 768 B,
+    Gemma's of 12 tokens x 1 KiB; Gemma's long prompt slides past its 512-token window."""
+    from engine.text.tokenizer import load_tokenizer
+    from engine.weights import load_weights, resolve_model_source
+
+    gemma_source = resolve_model_source("gemma3-270m")
+    gemma_tokenizer = load_tokenizer(gemma_source)
+    texts = [*PROMPTS[:3], " ".join(PROMPTS * 8)]
+    prompts = {"smollm2-135m": [smollm2_tokenizer(text).input_ids for text in texts[:3]],
+               "gemma3-270m": [gemma_tokenizer(text).input_ids for text in texts]}
+    assert len(prompts["gemma3-270m"][-1]) > 600
+    hf_gemma = hf_model_from_weights(gemma_source, dtype=torch.float32,
+                                     loaded=load_weights(gemma_source, dtype=torch.float32, show_progress=False))
+    expected = {"smollm2-135m": hf_greedy(hf_smollm2, prompts["smollm2-135m"], NUM_NEW),
+                "gemma3-270m": hf_greedy(hf_gemma, prompts["gemma3-270m"], NUM_NEW)}
+    del hf_gemma
+    base = dict(dtype="float32", num_threads=2, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=128,
+                tokens_per_page=16, device_memory_bytes=3 << 30, host_buffer_bytes=0, kv_layout="paged")
+    group = EngineGroup([EngineConfig(**base), EngineConfig(**base, model="gemma3-270m")],
+                        {"smollm2-135m": smollm2_tokenizer, "gemma3-270m": gemma_tokenizer})
+    try:
+        assert {name: e.kv_spec.tokens_per_page for name, e in group.engines.items()} == {
+            "smollm2-135m": 16, "gemma3-270m": 12}
+        tokens: dict[str, list[int]] = {}
+        for index in range(4):
+            for name in group.model_names:
+                if index < len(prompts[name]):
+                    request_id = f"{name}-{index}"
+                    group.add_request(GenerateRequest(request_id, tuple(prompts[name][index]), greedy(NUM_NEW),
+                                                      model=name))
+                    tokens[request_id] = []
+            for output in group.step():
+                tokens[output.request_id].extend(output.new_token_ids)
+        while group.has_work:
+            for output in group.step():
+                tokens[output.request_id].extend(output.new_token_ids)
+            assert_every_chunk_accounted(group)
+        for name, reference in expected.items():
+            assert [tokens[f"{name}-{index}"] for index in range(len(reference))] == reference, name
+        assert group.pool.num_held("kv") == group.balloon.allocator.num_reclaimable_chunks()
+    finally:
+        group.close()
