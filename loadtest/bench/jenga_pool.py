@@ -21,7 +21,7 @@ from engine.core.engine_group import shared_page_bytes
 from memory import ElasticPool, create_backend
 from memory.kv import KVCacheManager, KVCacheSpec, LayerGroup
 from memory.kv.balloon import KVBalloon
-from memory.lcm_allocator import LcmAllocator
+from memory.page_policies import StaticPartition
 
 BF16 = 2
 WINDOW = 512
@@ -87,11 +87,7 @@ def bench_pool(budget_gib: float) -> None:
     planned = workload(False, 10_000)
     demand = kind_demand(chunk, models, planned)
     shares = {kind: need / sum(demand.values()) for kind, need in demand.items()}
-    variants = {
-        "lcm": None,
-        "pad-to-largest": lambda pool, client: LcmAllocator.pad_to_largest(pool, client, sizes),
-        "static-partition": lambda pool, client: LcmAllocator.static_partition(pool, client, sizes, shares),
-    }
+    variants = {"lcm": "lcm", "pad-to-largest": "pad_to_largest", "static-partition": StaticPartition(shares)}
     print(f"one pool chunk: {chunk} B; page tokens: "
           + ", ".join(f"{name} {spec.tokens_per_page}" for name, spec in models.items())
           + "; small pages (chunks): " + ", ".join(f"{kind} {size // chunk}" for kind, size in sizes.items()))
@@ -102,7 +98,7 @@ def bench_pool(budget_gib: float) -> None:
         for label, make in variants.items():
             pool = ElasticPool(create_backend("sim", granularity=4096), int(budget_gib * (1 << 30)) // chunk * chunk,
                                chunk)
-            balloon = KVBalloon(pool, make_allocator=make)
+            balloon = KVBalloon(pool, page_policy=make)
             managers = {model: KVCacheManager(spec, pool, torch.bfloat16, layout="paged", balloon=balloon,
                                               owner=model, enable_prefix_caching=False)
                         for model, spec in models.items()}

@@ -162,8 +162,7 @@ class LcmBlocks(BlockSource):
                 taken.append(([], None))
                 continue
             page = next(order[self.kinds[g]])
-            # a padded page (the pad-to-largest baseline) is longer than the block: its head holds the block
-            taken.append((self.allocator.small_page_chunks(page)[:self.kv._chunks_per_block[g]], page))
+            taken.append((self.allocator.small_page_chunks(page), page))
         return taken
 
     def give_back(self, block: KVBlock) -> None:

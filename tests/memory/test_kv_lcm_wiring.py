@@ -13,7 +13,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from memory import ElasticPool, create_backend
 from memory.kv import KVCacheManager, KVCacheSpec, LayerGroup
 from memory.kv.balloon import KVBalloon
-from memory.lcm_allocator import LcmAllocator
 
 PAGE = 4  # tokens per page
 CHUNK = PAGE * 1 * 256 * 4  # one layer's K (or V) page: 4 tokens x 1 head x 256 x fp32 = 4 KiB
@@ -103,8 +102,7 @@ def test_a_padding_balloon_gives_each_block_the_head_of_a_largest_page():
     """The pad-to-largest baseline behind the same balloon: every kind's page is 8 chunks (SMOL's block);
     a block maps only the chunks its layers need, the rest of the page is the padding's waste."""
     pool = _pool(72)
-    sizes = {"gemma/g0": 4 * CHUNK, "gemma/g1": 6 * CHUNK, "smol/g0": 8 * CHUNK}
-    balloon = KVBalloon(pool, make_allocator=lambda p, client: LcmAllocator.pad_to_largest(p, client, sizes))
+    balloon = KVBalloon(pool, page_policy="pad_to_largest")
     gemma = KVCacheManager(GEMMA, pool, torch.float32, layout="paged", balloon=balloon, owner="gemma")
     smol = KVCacheManager(SMOL, pool, torch.float32, layout="paged", balloon=balloon, owner="smol")
     alloc = balloon.allocator
