@@ -1,7 +1,7 @@
 """Two models from one replica's pool (EngineGroup): SmolLM2 and a tiny random Gemma 3 (sliding and full
 layers) share one ElasticPool: both models' weights, their KV as three kinds with different small pages in
 LCM-sized large pages of one KVBalloon, and one activation workspace. Interleaved greedy requests to both
-give exactly transformers' fp32 tokens for each, with room to spare and under a budget so tight that the
+give exactly transformers' fp32 tokens for each, with room to spare and (`slow`) under a budget so tight that the
 two models' KV preempt each other's requests; the pool never exceeds its budget, every chunk is accounted
 for after every step, and once all requests finish KV holds only evictable cache."""
 
@@ -122,6 +122,7 @@ def test_interleaved_requests_to_two_models_in_one_pool_match_transformers(group
     assert set(group.memory_telemetry()[0]["models"]) == {"smollm2-135m", GEMMA}
 
 
+@pytest.mark.slow  # a second group and a longer run: ~40 s on a quiet 2-core box
 def test_two_models_preempting_each_other_in_a_tight_pool_match_transformers(
         group, tiny_gemma3, tokenizers, group_prompts, references):
     """Room for the weights, the workspace and 21 large pages of KV: the requests' prompts take 21 (SmolLM2's
