@@ -29,8 +29,9 @@ here, a migration) first brings the replica to the end of the step in progress (
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,11 +45,14 @@ from engine.device.weight_arena import WEIGHTS_CLIENT
 from engine.model.llama import LlamaModel, ShardPlan
 from engine.sampling_params import SamplingParams
 from loadtest.sim.cost import CostModel
-from loadtest.sim.executor import BookkeepingHostBuffer, BookkeepingLayout, SimExecutor
+from loadtest.sim.executor import BookkeepingHostBuffer, BookkeepingLayout, PagedBookkeepingLayout, SimExecutor
 from loadtest.sim.hardware import get_device
 from loadtest.sim.models import get_model
 from memory import ElasticPool
 from memory.kv import KVCacheManager, KVCacheSpec, register_layout
+from memory.kv.balloon import KVBalloon
+from memory.kv.registry import layout_class
+from memory.page_policies import PagePolicy
 from memory.vmm.sim import SimBackend
 
 MIB = 1 << 20
@@ -67,7 +71,10 @@ class ReplicaConfig:
     max_model_len: int = 32768
     granularity: int = 2 * MIB  # the VMM page (cuMemCreate's granularity on NVIDIA GPUs)
     fuse_layers: bool = True  # one layer group: fold the layers into one (same decisions, far fewer chunks)
-    kv_layout: str = "bookkeeping"  # or "contiguous", the engine's (same decisions, slower)
+    # "bookkeeping" (decides as `contiguous`, maps nothing), "bookkeeping-paged" (decides as `paged`: blocks
+    # are small pages of the LCM allocator in a KVBalloon), or the engine's own "contiguous" / "paged"
+    kv_layout: str = "bookkeeping"
+    page_policy: Any = "lcm"  # small-page layouts: memory/page_policies.py name or PagePolicy
     fast_forward: bool = True
     kv_offload: str = "none"  # or "layerwise" (LayerKV; needs fuse_layers=False and a host buffer)
     host_buffer_bytes: int = 0  # host RAM for offloaded layers and swapped requests (bookkeeping only)
@@ -75,11 +82,76 @@ class ReplicaConfig:
     tpot_slo_ms: float | None = None
 
 
-class SimEngine:
-    """The engine's memory and scheduling parts, sized for `config.model` on `config.device`. `clock` is
-    the scheduler's idea of now (the replica's virtual time)."""
+def kv_spec_for(config: ReplicaConfig) -> KVCacheSpec:
+    """The engine's KV spec for the model (engine/device/rank.py's sizing: a page of one layer's K is whole
+    VMM granules); with `fuse_layers` and one layer group, the layers folded into one."""
+    model = get_model(config.model)
+    groups = KVCacheSpec.group_layers([model.window_of(layer) for layer in range(model.num_layers)])
+    fused = config.fuse_layers and len(groups) == 1
+    layers = 1 if fused else model.num_layers
+    heads = model.num_kv_heads * (model.num_layers if fused else 1)
+    page_tokens = page_tokens_for(16, [model.num_kv_heads * model.head_dim * model.dtype_bytes], config.granularity)
+    slot_len = -(-config.max_model_len // page_tokens) * page_tokens
+    if fused:
+        groups = KVCacheSpec.group_layers([model.window_of(0)])
+    return KVCacheSpec(layers, heads, model.head_dim, model.dtype_bytes, groups, config.max_num_seqs, slot_len,
+                       page_tokens)
 
-    def __init__(self, config: ReplicaConfig, clock: Callable[[], float] = time.monotonic):
+
+def peak_activation_bytes(config: ReplicaConfig, num_tokens: int | None = None) -> int:
+    """The activation workspace of the largest step (or of `num_tokens` tokens), by the engine's buffer plan."""
+    engine_model = get_model(config.model).engine_config()
+    tokens = num_tokens or config.max_num_batched_tokens + config.max_num_seqs
+    return LlamaModel.plan_buffers(engine_model, ShardPlan.for_rank(engine_model, 0, 1), DTYPE, tokens,
+                                   config.max_num_seqs).num_bytes
+
+
+class SharedDevice:
+    """One device whose pool several models' engines share (Jenga's multi-model pool): every model's
+    weights in the `weights` balloon, their KV managers attached to one KVBalloon (so their kinds are
+    small pages of one LCM allocator), one activation workspace (the device runs one step at a time)
+    sized for the largest model's largest step. The configs must agree on the device, the granularity
+    and the KV layout, and their KV pages must be the same size (one pool chunk)."""
+
+    def __init__(self, configs: Sequence[ReplicaConfig],
+                 page_policy: str | PagePolicy | Callable[[int], PagePolicy] = "lcm"):
+        first = configs[0]
+        if any((c.device, c.granularity, c.gpu_memory_utilization) != (first.device, first.granularity,
+                                                                       first.gpu_memory_utilization)
+               for c in configs):
+            raise ValueError("the models of one device must agree on the device and its granularity")
+        chunks = {kv_spec_for(config).page_bytes for config in configs}
+        if len(chunks) != 1:
+            raise ValueError(f"the models' KV pages differ ({sorted(chunks)} B): one pool needs one chunk size")
+        self.chunk_bytes = chunk = chunks.pop()
+        device = get_device(first.device)
+        budget = int(device.memory_bytes * first.gpu_memory_utilization) // chunk * chunk
+        self.pool = ElasticPool(SimBackend(granularity=first.granularity), budget, chunk, "elastic")
+        self.pool.register(WEIGHTS_CLIENT)
+        weight_chunks = sum(-(-get_model(config.model).weight_bytes // chunk) for config in configs)
+        if weight_chunks >= self.pool.num_chunks:
+            raise ValueError(f"the weights of {[c.model for c in configs]} do not fit on {device.name}")
+        self.pool.inflate(WEIGHTS_CLIENT, weight_chunks)
+        self.peak_activation_bytes = max(peak_activation_bytes(config) for config in configs)
+        activation_chunks = -(-self.peak_activation_bytes // chunk)
+        self.kv_budget_chunks = self.pool.num_chunks - weight_chunks - activation_chunks
+        if callable(page_policy) and not isinstance(page_policy, PagePolicy):  # sized by the KV budget
+            page_policy = page_policy(self.kv_budget_chunks)
+        self.balloon = KVBalloon(self.pool, page_policy=page_policy)
+        self.workspace = ActivationWorkspace(self.pool, self.peak_activation_bytes)
+
+    def close(self) -> None:
+        self.workspace.close()
+        self.pool.close()
+
+
+class SimEngine:
+    """The engine's memory and scheduling parts, sized for `config.model` on `config.device` (alone, or as
+    one of the models of a `SharedDevice`). `clock` is the scheduler's idea of now (the replica's virtual
+    time)."""
+
+    def __init__(self, config: ReplicaConfig, clock: Callable[[], float] = time.monotonic,
+                 shared: SharedDevice | None = None):
         self.config = config
         if config.kv_offload != "none" and (config.fuse_layers or not config.host_buffer_bytes):
             raise ValueError("kv_offload: layerwise needs fuse_layers=False (per-layer KV) and a host buffer")
@@ -88,43 +160,25 @@ class SimEngine:
         self.model_config = engine_model = model.engine_config()
         self.cost = CostModel(model, device)
         self.max_model_len = config.max_model_len
-        groups = KVCacheSpec.group_layers([model.window_of(layer) for layer in range(model.num_layers)])
-        fused = config.fuse_layers and len(groups) == 1
-        layers = 1 if fused else model.num_layers
-        heads = model.num_kv_heads * (model.num_layers if fused else 1)
-        page_tokens = page_tokens_for(16, [model.num_kv_heads * model.head_dim * model.dtype_bytes],
-                                      config.granularity)
-        slot_len = -(-config.max_model_len // page_tokens) * page_tokens
-        if fused:
-            groups = KVCacheSpec.group_layers([model.window_of(0)])
-        self.kv_spec = spec = KVCacheSpec(layers, heads, model.head_dim, model.dtype_bytes, groups,
-                                          config.max_num_seqs, slot_len, page_tokens)
-        chunk = spec.page_bytes
-        budget = int(device.memory_bytes * config.gpu_memory_utilization) // chunk * chunk
-        shard = ShardPlan.for_rank(engine_model, 0, 1)
-        max_step_tokens = config.max_num_batched_tokens + config.max_num_seqs
-        peak_activation = LlamaModel.plan_buffers(engine_model, shard, DTYPE, max_step_tokens,
-                                                  config.max_num_seqs).num_bytes
-        static_split = None
-        if config.pool_policy == "static":
-            tokens = config.static_activation_tokens or max_step_tokens
-            reserved = LlamaModel.plan_buffers(engine_model, shard, DTYPE, tokens, config.max_num_seqs).num_bytes
-            static_split = static_split_chunks(model.weight_bytes, reserved, budget, chunk)
-            if static_split["kv"] < 1:
-                raise ValueError(f"{model.name} on {device.name}: no room for KV beside the static reserve")
-        self.pool = ElasticPool(SimBackend(granularity=config.granularity), budget, chunk, config.pool_policy,
-                                static_split=static_split)
-        self.pool.register(WEIGHTS_CLIENT)
-        weight_chunks = -(-model.weight_bytes // chunk)
-        if weight_chunks >= self.pool.num_chunks:
-            raise ValueError(f"{model.name} ({model.weight_bytes / 1e9:.1f} GB) does not fit on {device.name}")
-        self.pool.inflate(WEIGHTS_CLIENT, weight_chunks)
-        register_layout(BookkeepingLayout)  # (idempotent) so that config.kv_layout may name it
-        self.host_buffer = BookkeepingHostBuffer(config.host_buffer_bytes, chunk) if config.host_buffer_bytes \
-            else None
-        self.kv = KVCacheManager(spec, self.pool, DTYPE, layout=config.kv_layout, host_buffer=self.host_buffer,
-                                 enable_prefix_caching=False)
-        self.workspace = ActivationWorkspace(self.pool, peak_activation)
+        self.kv_spec = spec = kv_spec_for(config)
+        self.shared = shared
+        self.weight_chunks: list = []  # (own pool) the weights balloon's chunks; the last ones are dropped first
+        self.dropped: list = []
+        register_layout(BookkeepingLayout)  # (idempotent) so that config.kv_layout may name them
+        register_layout(PagedBookkeepingLayout)
+        if shared is not None:
+            self.pool, self.workspace, self.host_buffer = shared.pool, shared.workspace, None
+            self.kv = KVCacheManager(spec, self.pool, DTYPE, layout=config.kv_layout, enable_prefix_caching=False,
+                                     balloon=shared.balloon, owner=config.model)
+        else:
+            self.pool = self._own_pool(config, spec)
+            balloon = KVBalloon(self.pool, page_policy=config.page_policy) \
+                if layout_class(config.kv_layout).small_pages else None
+            self.host_buffer = BookkeepingHostBuffer(config.host_buffer_bytes, spec.page_bytes) \
+                if config.host_buffer_bytes else None
+            self.kv = KVCacheManager(spec, self.pool, DTYPE, layout=config.kv_layout, host_buffer=self.host_buffer,
+                                     enable_prefix_caching=False, balloon=balloon)
+            self.workspace = ActivationWorkspace(self.pool, peak_activation_bytes(config))
         self.runner = SimExecutor(engine_model, DTYPE, self.workspace, self.cost, self.kv)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -132,6 +186,52 @@ class SimEngine:
                             ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
                             kv_offload=config.kv_offload),
             self.kv, self.runner.activation_chunks_charged_to_kv, StepCostModel(), clock=clock)
+
+    def _own_pool(self, config: ReplicaConfig, spec: KVCacheSpec) -> ElasticPool:
+        model, device = self.model, self.device
+        chunk = spec.page_bytes
+        budget = int(device.memory_bytes * config.gpu_memory_utilization) // chunk * chunk
+        static_split = None
+        if config.pool_policy == "static":
+            reserved = peak_activation_bytes(config, config.static_activation_tokens)
+            static_split = static_split_chunks(model.weight_bytes, reserved, budget, chunk)
+            if static_split["kv"] < 1:
+                raise ValueError(f"{model.name} on {device.name}: no room for KV beside the static reserve")
+        pool = ElasticPool(SimBackend(granularity=config.granularity), budget, chunk, config.pool_policy,
+                           static_split=static_split)
+        pool.register(WEIGHTS_CLIENT)
+        weight_chunks = -(-model.weight_bytes // chunk)
+        if weight_chunks >= pool.num_chunks:
+            raise ValueError(f"{model.name} ({model.weight_bytes / 1e9:.1f} GB) does not fit on {device.name}")
+        self.weight_chunks = pool.inflate(WEIGHTS_CLIENT, weight_chunks)
+        return pool
+
+    # ---- KunServe: dropping and restoring layers' weights ------------------------------------------------
+    @property
+    def chunks_per_layer(self) -> int:
+        """Pool chunks one decoder layer's weights free when dropped (each layer on pages of its own)."""
+        return self.model.layer_params * self.model.dtype_bytes // self.pool.chunk_bytes
+
+    def drop_layers(self, num_layers: int) -> int:
+        """Deflates the weights balloon by `num_layers` layers' chunks (free for KV at once); returns them."""
+        count = num_layers * self.chunks_per_layer
+        if not 0 <= num_layers < self.model.num_layers or count > len(self.weight_chunks) - len(self.dropped):
+            raise ValueError(f"cannot drop {num_layers} layers")
+        kept = len(self.weight_chunks) - len(self.dropped) - count
+        dropped = self.weight_chunks[kept:len(self.weight_chunks) - len(self.dropped)]
+        self.pool.deflate(WEIGHTS_CLIENT, dropped)
+        self.dropped = dropped + self.dropped
+        return count
+
+    def restore_layers(self) -> int:
+        """Inflates the weights balloon back to every layer (PoolExhausted, changing nothing, if KV holds the
+        memory); returns the chunks taken."""
+        count = len(self.dropped)
+        if count:
+            chunks = self.pool.inflate(WEIGHTS_CLIENT, count)
+            self.weight_chunks[len(self.weight_chunks) - count:] = chunks
+        self.dropped = []
+        return count
 
     def kv_capacity_chunks(self) -> int:
         """Chunks KV could ever hold (as LLMEngine._kv_capacity_chunks)."""
@@ -163,9 +263,10 @@ class SimEngine:
             and host_used == 0
 
     def close(self) -> None:
-        self.workspace.close()
         self.kv.close()
-        self.pool.close()
+        if self.shared is None:
+            self.workspace.close()
+            self.pool.close()
 
 
 def sim_request(request_id: str, num_prompt: int, max_tokens: int, arrival: float,
@@ -186,14 +287,15 @@ class _Run:
 
 class SimReplica:
     def __init__(self, replica_id: str, config: ReplicaConfig, now: float,
-                 on_finish: Callable[[Request, float], None]):
+                 on_finish: Callable[[Request, float], None], shared: SharedDevice | None = None):
         self.replica_id = replica_id
         self.now = now  # the engine's clock: the time of the schedule or the step end being applied
-        self.engine = SimEngine(config, clock=lambda: self.now)
+        self.engine = SimEngine(config, clock=lambda: self.now, shared=shared)
         self.config = config
         self.clock = now  # the last step boundary
         self.started_at = now
         self.on_finish = on_finish
+        self.fast_forward = config.fast_forward  # a device shared by several engines turns it off while others run
         self._run: _Run | None = None
         self.version = 0  # bumped whenever the step in flight changes: older wake-ups are stale
         self.num_steps = 0
@@ -235,13 +337,27 @@ class SimReplica:
             self.admitted_at.setdefault(chunk.request_id, self.clock)
         num_steps = self._replayable_steps(plan)
         if num_steps > 1:
-            times = self.engine.cost.decode_steps_s([chunk.start + 1 for chunk in plan.decodes], num_steps)
+            times = self.engine.runner.decode_steps_s([chunk.start + 1 for chunk in plan.decodes], num_steps)
         else:
             times = np.array([self.engine.runner.step_s(plan)])
         times[0] += moved_s
         self._run = _Run(plan, self.clock, self.clock + np.cumsum(times))
         self.version += 1
         return float(self._run.ends[-1])
+
+    def step_times(self) -> np.ndarray:
+        """Durations of the steps in flight (empty: none)."""
+        if self._run is None:
+            return np.zeros(0)
+        return np.diff(self._run.ends, prepend=self._run.start)
+
+    def retime(self, ends: Sequence[float]) -> None:
+        """Keeps only the first len(ends) steps in flight and makes them end at `ends` (a device shared with
+        other engines interleaves its steps with theirs: loadtest/sim/device.py)."""
+        if self._run is None or not 1 <= len(ends) <= len(self._run.ends):
+            raise ValueError("retime keeps between one and all of the steps in flight")
+        self._run.ends = np.asarray(ends, dtype=np.float64)
+        self.version += 1
 
     def complete(self, until: float | None = None) -> None:
         """Applies the steps in flight that end by `until` and the one in progress then (None: all)."""
@@ -308,7 +424,7 @@ class SimReplica:
 
     def _replayable_steps(self, plan: SchedulerOutput) -> int:
         """How many steps in a row the scheduler would plan exactly like `plan` (1: just this one)."""
-        if not self.config.fast_forward or plan.prefills or plan.preempted or not plan.decodes \
+        if not self.fast_forward or plan.prefills or plan.preempted or not plan.decodes \
                 or self.engine.kv.num_offloaded_host_chunks:
             return 1
         scheduler, spec = self.engine.scheduler, self.engine.kv_spec
