@@ -195,8 +195,12 @@ class Cluster:
         group = next(group for group in groups if group)
         live = min(group, key=lambda live: live.replica.num_ongoing())  # Serve: the shortest queue in a group
         trace = record.trace
+        self._add(live, sim_request(record.request_id, trace.prompt_tokens, trace.output_tokens, trace.arrival_s))
+
+    def _add(self, live: _Live, request: Request) -> None:
+        """The routed request joins its replica (KunServe's cluster: the pipeline its replica is part of)."""
         live.replica.interrupt(self.now)
-        live.replica.add(sim_request(record.request_id, trace.prompt_tokens, trace.output_tokens, trace.arrival_s))
+        live.replica.add(request)
         self._kick(live.replica)
 
     def _on_finish(self, request: Request, when: float) -> None:

@@ -162,6 +162,8 @@ class SimEngine:
         self.max_model_len = config.max_model_len
         self.kv_spec = spec = kv_spec_for(config)
         self.shared = shared
+        self.weight_chunks: list = []  # (own pool) the weights balloon's chunks; the last ones are dropped first
+        self.dropped: list = []
         register_layout(BookkeepingLayout)  # (idempotent) so that config.kv_layout may name them
         register_layout(PagedBookkeepingLayout)
         if shared is not None:
@@ -201,8 +203,35 @@ class SimEngine:
         weight_chunks = -(-model.weight_bytes // chunk)
         if weight_chunks >= pool.num_chunks:
             raise ValueError(f"{model.name} ({model.weight_bytes / 1e9:.1f} GB) does not fit on {device.name}")
-        pool.inflate(WEIGHTS_CLIENT, weight_chunks)
+        self.weight_chunks = pool.inflate(WEIGHTS_CLIENT, weight_chunks)
         return pool
+
+    # ---- KunServe: dropping and restoring layers' weights ------------------------------------------------
+    @property
+    def chunks_per_layer(self) -> int:
+        """Pool chunks one decoder layer's weights free when dropped (each layer on pages of its own)."""
+        return self.model.layer_params * self.model.dtype_bytes // self.pool.chunk_bytes
+
+    def drop_layers(self, num_layers: int) -> int:
+        """Deflates the weights balloon by `num_layers` layers' chunks (free for KV at once); returns them."""
+        count = num_layers * self.chunks_per_layer
+        if not 0 <= num_layers < self.model.num_layers or count > len(self.weight_chunks) - len(self.dropped):
+            raise ValueError(f"cannot drop {num_layers} layers")
+        kept = len(self.weight_chunks) - len(self.dropped) - count
+        dropped = self.weight_chunks[kept:len(self.weight_chunks) - len(self.dropped)]
+        self.pool.deflate(WEIGHTS_CLIENT, dropped)
+        self.dropped = dropped + self.dropped
+        return count
+
+    def restore_layers(self) -> int:
+        """Inflates the weights balloon back to every layer (PoolExhausted, changing nothing, if KV holds the
+        memory); returns the chunks taken."""
+        count = len(self.dropped)
+        if count:
+            chunks = self.pool.inflate(WEIGHTS_CLIENT, count)
+            self.weight_chunks[len(self.weight_chunks) - count:] = chunks
+        self.dropped = []
+        return count
 
     def kv_capacity_chunks(self) -> int:
         """Chunks KV could ever hold (as LLMEngine._kv_capacity_chunks)."""
@@ -308,7 +337,7 @@ class SimReplica:
             self.admitted_at.setdefault(chunk.request_id, self.clock)
         num_steps = self._replayable_steps(plan)
         if num_steps > 1:
-            times = self.engine.cost.decode_steps_s([chunk.start + 1 for chunk in plan.decodes], num_steps)
+            times = self.engine.runner.decode_steps_s([chunk.start + 1 for chunk in plan.decodes], num_steps)
         else:
             times = np.array([self.engine.runner.step_s(plan)])
         times[0] += moved_s
