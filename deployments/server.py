@@ -133,7 +133,8 @@ class LLMServer:
         if self.engine.supports_migration:
             self._start_migration(context)
         self._cooperation: Cooperation | None = None
-        if self.args.parameter_dropping.enabled and hasattr(self.engine, "cooperate"):
+        dropping = self.args.parameter_dropping.enabled
+        if dropping and self.engine.supports_migration and hasattr(self.engine, "cooperate"):
             self._start_cooperation(context)
         self._controller = ControllerClient(self.replica_id, self.args.controller_name,
                                             self.args.controller_namespace, self.args.migration_policy,
