@@ -61,6 +61,10 @@ def build_elastic_engine(args: AppArgs) -> BuiltEngine:
     from engine.async_engine import AsyncEngine
 
     device = resolve_device(args.device)
+    if args.models is not None:  # several models, one pool (engine/core/engine_group.py)
+        from engine.core.engine_group import EngineGroup
+
+        return BuiltEngine(AsyncEngine(EngineGroup(args.to_engine_configs(device=device))))
     config = args.to_engine_config(device=device)
     if args.tensor_parallel_size == 1:
         return BuiltEngine(AsyncEngine.from_config(config))
@@ -111,7 +115,7 @@ class LLMServer:
         self._started_at = time.time()  # the packing policy's `drain: newest` and the autoscaler compare these
         _set_torch_threads(self.args.threads_per_rank())
         started = time.monotonic()
-        what = self.args.engine_factory or self.args.model or "the embedded SmolLM2"
+        what = self.args.engine_factory or self.args.model or self.args.models or "the embedded SmolLM2"
         logger.info("replica %s: loading %s (%d torch threads)...", self.replica_id, what,
                     self.args.threads_per_rank())
         self._built = await asyncio.to_thread(build_engine, self.args)

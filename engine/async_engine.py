@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from engine.api import (
     HANDED_OFF,
+    EngineClient,
     EngineDeadError,
     EngineOverloadedError,
     EngineStats,
@@ -30,8 +31,10 @@ from engine.api import (
 )
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
+from engine.model_view import ModelView
 
 if TYPE_CHECKING:
+    from engine.core.engine_group import EngineGroup
     from engine.parallel.executor import TensorParallelExecutor
 
 logger = logging.getLogger(__name__)
@@ -74,16 +77,21 @@ def _coalesce(output: RequestOutput,
 
 
 class AsyncEngine:
-    """An `engine.api.EngineClient` around one LLMEngine (with its tensor-parallel executor, if any)."""
+    """An `engine.api.EngineClient` around one LLMEngine (with its tensor-parallel executor, if any), or
+    around an EngineGroup (several models of one pool, stepped by this one thread; `for_model(name)` gives
+    each model's client, engine/model_view.py)."""
 
-    supports_migration = True  # engine/migration.py works on LLMEngine
+    supports_migration = True  # engine/migration.py works on LLMEngine (an EngineGroup declares False)
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine | EngineGroup):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
         self.model_name = engine.model_name
+        self.model_names: tuple[str, ...] = engine.model_names
+        self.supports_migration = engine.supports_migration
+        self._views: dict[str, ModelView] = {}
         self.config = engine.config
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -99,6 +107,16 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, config: EngineConfig, executor: TensorParallelExecutor | None = None) -> AsyncEngine:
         return cls(LLMEngine(config, executor=executor))
+
+    def for_model(self, name: str) -> EngineClient:
+        """The client of one served model (this engine itself when it serves one); KeyError if not served."""
+        if name not in self.model_names:
+            raise KeyError(f"model {name!r} is not served here (models: {list(self.model_names)})")
+        if len(self.model_names) == 1:
+            return self
+        if name not in self._views:
+            self._views[name] = ModelView(self, self.engine.engines[name])
+        return self._views[name]
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -129,7 +147,7 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError(f"the engine loop is not running ({self._error!r})")
         self.engine.validate(request)  # uses only immutable engine facts: safe off the engine thread
-        if len(self._streams) >= self.config.max_num_waiting + self.config.max_num_seqs:
+        if len(self._streams) >= self.engine.max_in_flight:
             raise EngineOverloadedError(f"{len(self._streams)} requests in flight; try again shortly")
         stream = self._open_stream(request.request_id)
 
@@ -262,7 +280,7 @@ class AsyncEngine:
                     outputs = self.engine.step()
                 except Exception as error:  # noqa: BLE001 - a bad step fails its requests, not the loop
                     logger.exception("engine step failed")
-                    outputs = self._fail_running(error)
+                    outputs = self.engine.fail_running(error)
                 for output in outputs:
                     self._deliver(output.request_id, output)
                 self._refresh_observations()
@@ -271,17 +289,6 @@ class AsyncEngine:
             logger.exception("engine loop died")
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(str(error)))
-
-    def _fail_running(self, error: Exception) -> list[RequestOutput]:
-        outputs = []
-        for request in list(self.engine.scheduler.running):
-            self.engine.scheduler.finish(request, "error")
-            outputs.append(
-                RequestOutput(request.request_id, (), "", finish_reason="error", error=str(error),
-                              num_prompt_tokens=len(request.prompt_token_ids),
-                              num_output_tokens=len(request.output_token_ids))
-            )
-        return outputs
 
     def _refresh_observations(self) -> None:
         self._stats = self.engine.stats()

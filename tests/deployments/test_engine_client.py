@@ -13,6 +13,7 @@ import pytest
 from engine.api import EngineClient, GenerateRequest, RequestOutput
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.model_view import ModelView
 from engine.sampling_params import SamplingParams
 from tests.deployments.fake_engine import FakeEngine
 
@@ -66,11 +67,11 @@ def _public_members(cls) -> set[str]:
 def test_the_protocol_names_what_deployments_calls():
     methods, data = _protocol_members()
     assert methods == {"start", "shutdown", "check_health", "generate", "abort", "stats", "memory_telemetry",
-                       "run_in_engine", "stream_attached", "end_stream"}
-    assert data == {"model_name", "max_model_len", "tokenizer", "model_config", "supports_migration"}
+                       "run_in_engine", "stream_attached", "end_stream", "for_model"}
+    assert data == {"model_name", "model_names", "max_model_len", "tokenizer", "model_config", "supports_migration"}
 
 
-@pytest.mark.parametrize("cls", [AsyncEngine, FakeEngine])
+@pytest.mark.parametrize("cls", [AsyncEngine, FakeEngine, ModelView])
 def test_engine_satisfies_the_protocol_with_the_same_signatures(cls):
     methods, data = _protocol_members()
     for name in sorted(methods):
@@ -81,6 +82,7 @@ def test_engine_satisfies_the_protocol_with_the_same_signatures(cls):
 def test_supports_migration_is_declared_not_detected():
     assert AsyncEngine.supports_migration is True
     assert FakeEngine.supports_migration is False
+    assert ModelView.supports_migration is False  # one model of several in one pool (an EngineGroup)
 
 
 def test_the_fake_has_every_public_member_of_async_engine_with_its_signature():
