@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=4, help="base users (4x during the spike)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--device-memory", default="300MiB",
-                        help="each replica's pool (tight: the bf16 weights and KV for about 1400 tokens)")
+    parser.add_argument("--device-memory", default="370MiB",
+                        help="each replica's pool (tight: the bf16 weights, 312 MiB, and KV for ~17 pages)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path("results/kunserve-serve"))
     parser.add_argument("--plot", type=Path, help="copy the dropping run's memory plot here")
