@@ -90,7 +90,9 @@ def test_the_fake_has_every_public_member_of_async_engine_with_its_signature():
                  "token_delay_s", "kv_total_chunks", "tokens_per_chunk", "num_ranks", "max_num_seqs",
                  "max_num_waiting", "submitted", "finished", "aborted", "is_dead", "is_started", "rank_placements",
                  "die", "death"}
-    real_only = {"engine", "config"}  # the wrapped LLMEngine and its EngineConfig: a fake has neither
+    # the wrapped LLMEngine and its EngineConfig, and KunServe's pair driving (which needs the LLMEngine):
+    # a fake has none of them (LLMServer forms pairs only with an engine that has `cooperate`)
+    real_only = {"engine", "config", "cooperate", "driver"}
     real, fake = _public_members(AsyncEngine), _public_members(FakeEngine)
     assert real - real_only <= fake, sorted(real - real_only - fake)
     assert fake - real == fake_only, sorted(fake - real)
