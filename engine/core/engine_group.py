@@ -183,7 +183,7 @@ class EngineGroup:
         local["models"] = {
             name: {"weights_bytes": engine.rank.arena.held_bytes,
                    "kv_tokens_per_page": engine.kv_spec.tokens_per_page,
-                   "kv_kinds": sorted(kind.kind for kind in engine.stats().kv_kinds)}
+                   "kv_kinds": sorted(engine.kv.kind_telemetry())}
             for name, engine in self.engines.items()}
         return [local]
 

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from deployments.args import AppArgs
 from deployments.ingress.engine_bindings import EngineBindings
 from deployments.ingress.openai_app import AppSettings, build_openai_app
+from deployments.server import build_engine
 from engine.async_engine import AsyncEngine
 from engine.core.engine_group import EngineGroup
 from engine.model.config import FULL_ATTENTION as F
@@ -39,7 +40,8 @@ def app_client(tiny_models):
     args = AppArgs(models=[str(path) for path in tiny_models.values()], dtype="float32", device="cpu",
                    device_memory="256MiB", host_buffer="16MiB", num_threads=2,
                    engine_options={"max_model_len": 128, "max_num_seqs": 4, "tokens_per_page": 16})
-    engine = AsyncEngine(EngineGroup(args.to_engine_configs()))
+    engine = build_engine(args).engine  # the replica's own path: an AsyncEngine over an EngineGroup
+    assert isinstance(engine, AsyncEngine) and isinstance(engine.engine, EngineGroup)
     engine.start_thread()
     app = build_openai_app(lambda: engine, AppSettings(replica_id="two-models",
                                                        bindings=EngineBindings.from_engine_package()))
