@@ -18,8 +18,9 @@ the device, the same shapes are timed with transformers' own model of the same c
 "transformers"` in the file).
 
 The check compares every scenario's median step with the `h200` cost model's prediction for the same step
-shapes; loadtest/sim/gpu_calibration.json holds the run that docs/SIMULATOR.md reports, and
-tests/loadtest/sim/test_calibration.py holds the model to it.
+shapes. loadtest/sim/gpu_calibration.json holds the torch-graph run docs/SIMULATOR.md reports (the device time
+the roofline describes; tests/loadtest/sim/test_calibration.py holds the model to it within ±30%), and
+loadtest/sim/gpu_engine_steps.json our eager engine's run on the same H200 (host-bound: `--file` compares it).
 """
 
 from __future__ import annotations

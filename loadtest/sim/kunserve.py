@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from deployments.telemetry import ReplicaLoad
 from engine.core.request import Request
 from loadtest.sim.cluster import Cluster, ClusterConfig
 from loadtest.sim.pair import PipelineOptions, SimPair
+from loadtest.sim.plan import pool_plots
 from loadtest.sim.registry import experiment
 from loadtest.sim.replica import ReplicaConfig
 from loadtest.sim.report import RunResult, Slo, summarize, table
@@ -138,6 +140,7 @@ class SpikeResult:
     spike_ttft_s: np.ndarray
     goodput_per_s: float
     log: DropLog | None
+    cluster: Cluster  # its timeline samples the pools every second (the balloon plot)
 
 
 def run_variant(trace: tuple[TraceRequest, ...], spike: SpikeTrace, config: ClusterConfig, label: str,
@@ -155,14 +158,14 @@ def run_variant(trace: tuple[TraceRequest, ...], spike: SpikeTrace, config: Clus
         if not engine.is_idle() or engine.dropped or engine.pool.num_held("kv"):
             raise AssertionError(f"{label}: {live.replica.replica_id} did not end idle with all its weights")
     return SpikeResult(label, result, result.ttft_s[in_spike], float(met.sum()) / spike.seconds,
-                       cluster.log if isinstance(cluster, DroppingCluster) else None)
+                       cluster.log if isinstance(cluster, DroppingCluster) else None, cluster)
 
 
 def compare(spike: SpikeTrace, replica: ReplicaConfig, num_replicas: int, seed: int, slo: Slo,
             dropping: DroppingConfig, options: PipelineOptions = PipelineOptions()) -> dict[str, SpikeResult]:
     trace = spike.generate(seed)
-    config = ClusterConfig(replica=replica, num_replicas=num_replicas, seed=seed)
-    balance = ClusterConfig(replica=replica, num_replicas=num_replicas, seed=seed, migration_policy="balance")
+    config = ClusterConfig(replica=replica, num_replicas=num_replicas, seed=seed, sample_period_s=1.0)
+    balance = replace(config, migration_policy="balance")
     return {"none": run_variant(trace, spike, config, "none", None, slo),
             "migration": run_variant(trace, spike, balance, "migration (balance)", None, slo),
             "dropping": run_variant(trace, spike, config, "parameter dropping", dropping, slo, options)}
@@ -185,6 +188,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-micro-batch-tokens", type=int, default=64, help="the engine's default: 64")
     parser.add_argument("--slo", default="ttft=2,tpot=0.1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default=None, help="a folder: each run's pool balloons and TTFT CDF as PNGs")
 
 
 def _ms(values: np.ndarray, q: float) -> str:
@@ -223,5 +227,9 @@ def run(args: argparse.Namespace) -> int:
                         "kept (first,from)", "bubble"), rows))
     print("kept (first,from): each drop order's first replica keeps layers [0, first), the second [from, L)")
     print(f"seed: {SEED}")
+    if args.plot:
+        for name, result in results.items():
+            for path in pool_plots(result.cluster, result.run, Path(args.plot) / name, f"{result.label}, spike"):
+                print(f"wrote {path}")
     print(f"simulated in {time.perf_counter() - started:.1f} s")
     return 0

@@ -87,7 +87,7 @@ def test_dropping_lowers_the_spike_tail_ttft_every_request_finishes_once_and_run
 
 
 def test_kunserve_command(capsys):
-    assert main(["kunserve", "--seconds", "50", "--spike-at", "10", "--spike-s", "20"]) == 0
+    assert main(["kunserve", "--seconds", "30", "--spike-at", "5", "--spike-s", "10"]) == 0
     out = capsys.readouterr().out
     assert "SIMULATED KunServe" in out and "72.2x" in out and "parameter dropping" in out
 
