@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import create_attention_backend
-from engine.attention.paged_torch import PagedTorchBackend
+from engine.attention.paged_native import paged_backend
 from engine.config import EngineConfig
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
 from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena, measure_segments, placed_bytes
@@ -91,8 +91,8 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
     slot_len = -(-max_len // page_tokens) * page_tokens
     attention = create_attention_backend(config.attention_backend)
-    if config.kv_layout == "paged":  # reads K/V through block tables, then attends with the chosen backend
-        attention = PagedTorchBackend(attention)
+    if config.kv_layout == "paged":  # reads K/V through block tables (in place with the native kernels)
+        attention = paged_backend(attention)
     linear = create_linear(config.linear_backend, config.device)
 
     model_type = model_class(model_config)
