@@ -16,7 +16,7 @@ from engine.attention.native_decode import NativeDecodeBackend
 from engine.attention.paged_native import PagedNativeBackend
 from engine.attention.paged_torch import PagedTorchBackend
 from engine.attention.torch_sdpa import TorchSdpaBackend
-from engine.core.forward_batch import ForwardBatch
+from engine.core.forward_batch import ForwardBatch, PrefillChunk
 from memory.kv.paged import PagedLayerCache
 
 NUM_SLOTS, PAGES_PER_SLOT = 6, 24
@@ -127,3 +127,35 @@ def test_paged_store_equals_torch_and_refuses_pages_not_held(dtype):
         with pytest.raises(IndexError, match="row 1"):
             backend._store(cache, _store_batch(torch.tensor([1, bad_slot]), torch.tensor([2, bad_position])), rows[:2])
     assert torch.equal(cache.pages.nan_to_num(), before.nan_to_num())  # a refused store writes nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 6])
+def test_paged_forward_equals_contiguous_forward_on_a_mixed_step(dtype, window):
+    """One step of two decodes, a prompt's first chunk (attends to its own K/V) and a chunk after cached
+    tokens (gathers its pages): the paged native backend writes the same K/V and gives the same output, bit
+    for bit, as the contiguous native backend on the same tokens."""
+    page_tokens, kv_heads, heads, head_dim = 5, 3, 9, 64
+    slots, lens = torch.tensor([3, 0, 5, 1]), torch.tensor([12, 7, 9, 14])  # after the step
+    (keys, dense_keys), (values, dense_values) = _paged_cache(lens, slots, page_tokens, kv_heads, head_dim, dtype,
+                                                              None)
+    generator = torch.Generator().manual_seed(2)
+    first, later = 9, 6  # slot 5: tokens 0-8 new; slot 1: tokens 8-13 new after 8 cached
+    positions = torch.cat([lens[:2] - 1, torch.arange(first), torch.arange(14 - later, 14)])
+    batch = ForwardBatch(
+        input_ids=torch.zeros(17, dtype=torch.long), positions=positions,
+        token_slots=torch.cat([slots[:2], torch.full((first,), 5), torch.full((later,), 1)]), num_decode_tokens=2,
+        decode_slots=slots[:2], decode_context_lens=lens[:2], decode_slots_are_prefix=False,
+        max_decode_context_len=12, logits_indices=torch.tensor([0, 1, 10, 16]),
+        prefills=(PrefillChunk(5, 0, first, 2), PrefillChunk(1, 14 - later, later, 2 + first)))
+    q = torch.randn(17, heads, head_dim, generator=generator).to(dtype)
+    k, v = (torch.randn(17, kv_heads, head_dim, generator=generator).to(dtype) for _ in "kv")
+    spec = LayerAttentionSpec(heads, kv_heads, head_dim, window)
+    dense = NativeDecodeBackend()
+    got, expected = torch.empty_like(q), torch.empty_like(q)
+    PagedNativeBackend(dense).forward(spec, q, k, v, keys, values, batch, got)
+    dense.forward(spec, q, k, v, dense_keys, dense_values, batch, expected)
+    assert torch.equal(got, expected)
+    for paged, contiguous in ((keys, dense_keys), (values, dense_values)):
+        pages, offsets = paged.block_table[batch.token_slots, positions // page_tokens], positions % page_tokens
+        assert torch.equal(paged.pages[pages, offsets], contiguous[batch.token_slots, positions])
