@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU machines take the local CPU wheel so no multi-GB CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install serve test test-all test-multinode bench lint clean peer
+.PHONY: install serve test test-all test-gpu test-multinode bench lint clean peer
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+# Needs an NVIDIA GPU and cuda-python: the CUDA VMM backend, the pinned host buffer, the engine on CUDA
+# (greedy tokens equal transformers', contiguous and paged KV, LayerKV copy staging, KunServe drop/restore)
+GPU_TESTS := tests/memory/test_vmm_cuda.py tests/memory/test_host_buffer.py tests/engine/test_cuda_engine.py
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu $(GPU_TESTS)
 
 # Several raylets on this machine (ray.cluster_utils.Cluster): placement, migration and node loss across nodes.
 test-multinode: $(STAMP)

@@ -1,7 +1,8 @@
 """HostBuffer: host RAM as the extension of a device pool (offloaded KV pages, parked weights).
 
 One big host tensor cut into `page_bytes` slots; pinned when the device is CUDA so copies can be
-asynchronous. Slots are handed out lowest-first.
+asynchronous. Slots are handed out lowest-first. `HostSlots` is the slot bookkeeping alone (the
+simulator's byte-less host buffer builds on it: loadtest/sim/executor.py).
 """
 
 from __future__ import annotations
@@ -21,27 +22,21 @@ class HostBufferFull(MemoryError):
         self.available = available
 
 
-class HostBuffer:
-    """`capacity_bytes // page_bytes` slots of `page_bytes` bytes of host memory for `device`.
+class HostSlots:
+    """`capacity_bytes // page_bytes` slots of `page_bytes` bytes: which are free, which are taken.
 
     Contract: `allocate(n)` returns n distinct free slot ids or raises HostBufferFull; `free`
-    takes back allocated slots (double free raises); `view(slot)` is a uint8 tensor of page_bytes;
-    `copy_in`/`copy_out` copy a whole page between a slot and a tensor of page_bytes bytes
-    (non-blocking when the device is CUDA: synchronize before reading the destination).
+    takes back allocated slots (double free raises).
     """
 
-    def __init__(self, capacity_bytes: int, page_bytes: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, capacity_bytes: int, page_bytes: int) -> None:
         if page_bytes <= 0:
             raise ValueError(f"page_bytes must be positive, got {page_bytes}")
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
-        self.device = torch.device(device)
         self.page_bytes = int(page_bytes)
         self.num_slots = int(capacity_bytes) // self.page_bytes
         self.capacity_bytes = self.num_slots * self.page_bytes
-        self.is_pinned = self.device.type == "cuda"
-        # torch.empty: pages are touched (and count in RSS) only when a slot is first written.
-        self._storage = torch.empty(self.capacity_bytes, dtype=torch.uint8, pin_memory=self.is_pinned)
         self._free_slots = list(range(self.num_slots))  # a sorted list is a valid heap
         self._is_allocated = bytearray(self.num_slots)
 
@@ -77,6 +72,26 @@ class HostBuffer:
             self._is_allocated[slot] = 0
             heapq.heappush(self._free_slots, slot)
 
+    def _check_allocated(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+        if not self._is_allocated[slot]:
+            raise ValueError(f"slot {slot} is not allocated")
+
+
+class HostBuffer(HostSlots):
+    """HostSlots backed by host memory for `device`: `view(slot)` is a uint8 tensor of page_bytes;
+    `copy_in`/`copy_out` copy a whole page between a slot and a tensor of page_bytes bytes
+    (non-blocking when the device is CUDA: synchronize before reading the destination).
+    """
+
+    def __init__(self, capacity_bytes: int, page_bytes: int, device: str | torch.device = "cpu") -> None:
+        super().__init__(capacity_bytes, page_bytes)
+        self.device = torch.device(device)
+        self.is_pinned = self.device.type == "cuda"
+        # torch.empty: pages are touched (and count in RSS) only when a slot is first written.
+        self._storage = torch.empty(self.capacity_bytes, dtype=torch.uint8, pin_memory=self.is_pinned)
+
     def view(self, slot: int) -> torch.Tensor:
         """The slot's bytes as a 1-D uint8 host tensor (a view, not a copy)."""
         self._check_allocated(slot)
@@ -98,9 +113,3 @@ class HostBuffer:
             raise ValueError(f"tensor of {tensor.numel() * tensor.element_size()} bytes is not one "
                              f"{self.page_bytes}-byte page")
         return tensor.reshape(-1).view(torch.uint8)
-
-    def _check_allocated(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots:
-            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
-        if not self._is_allocated[slot]:
-            raise ValueError(f"slot {slot} is not allocated")

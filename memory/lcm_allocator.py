@@ -8,13 +8,18 @@ the remainder is counted as fragmentation). A large page belongs to one kind at 
 its small pages are free it goes straight back to the pool, where the activations and the other
 kinds can take it, so every kind still balloons against everything else.
 
-Variants (the benchmarks' baselines) are the same class with other numbers:
+Variants (the benchmarks' baselines) are the same class with another page policy
+(memory/page_policies.py, by name):
 - `pad_to_largest`: every kind's small page is the largest one (vLLM's hybrid KV cache manager);
 - `static_partition`: each kind may hold at most a fixed number of large pages.
+A padded page holds the kind's data in its first bytes (`small_page_chunks` returns those chunks); the
+rest is held and never used. Beyond a static partition's limit `pool_chunks_for` says "more than the pool
+has", so the KV manager's admission checks see the kind as full.
 
 Kinds can be added later with `register` (a second model's KV manager drawing from the same pool:
-memory/kv/balloon.py); the large-page size is recomputed while no large page is held, and after that a
-new kind must fit in the current large page (its remainder counts as fragmentation).
+memory/kv/balloon.py); the policy re-sizes every kind, the large-page size is recomputed while no large
+page is held, and after that a new kind must fit in the current large page (its remainder counts as
+fragmentation) and a kind holding pages keeps its size.
 
 Evictable pages: a small page in use may be marked evictable (a cached prefix block nobody holds). A
 large page whose pages in use are all evictable is *reclaimable*: evicting them returns it to the pool.
@@ -33,6 +38,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from memory.page_policies import PadToLargest, PagePolicy, StaticPartition, create_page_policy
 from memory.pool import ElasticPool, PoolExhausted
 from memory.vmm.base import PhysicalChunk
 
@@ -81,72 +87,81 @@ class LcmAllocator:
     pool: ElasticPool
     client: str
     small_page_bytes: Mapping[str, int]  # kind -> bytes one small page of it holds
-    allocated_page_bytes: Mapping[str, int] | None = None  # None: as requested (pad_to_largest overrides)
-    max_large_pages: Mapping[str, int] | None = None  # static partition per kind; None: all share the pool
+    policy: PagePolicy | str = "lcm"  # memory/page_policies.py: how pages are sized and shares capped
+    allocated_page_bytes: dict[str, int] = field(init=False)  # what one page of each kind takes
+    max_large_pages: dict[str, int] | None = field(init=False)  # per kind (static partition); None: no cap
     large_page_bytes: int = field(init=False)
     chunks_per_large_page: int = field(init=False)
 
     def __post_init__(self) -> None:
         if any(size < 1 for size in self.small_page_bytes.values()):
             raise ValueError("every kind needs a positive small-page size")
-        self._variant = self.allocated_page_bytes is not None or self.max_large_pages is not None
+        if isinstance(self.policy, str):
+            self.policy = create_page_policy(self.policy)
         self.small_page_bytes = dict(self.small_page_bytes)
-        self.allocated_page_bytes = dict(self.allocated_page_bytes or self.small_page_bytes)
-        for kind, size in self.small_page_bytes.items():
-            if self.allocated_page_bytes[kind] < size:
-                raise ValueError(f"kind {kind!r}: allocated pages smaller than requested")
         self._large: dict[int, _LargePage] = {}
         self._by_kind: dict[str, list[int]] = {kind: [] for kind in self.small_page_bytes}
         self._used: set[SmallPage] = set()
         self._evictable: set[SmallPage] = set()
         self._num_reclaimable = dict.fromkeys(self.small_page_bytes, 0)  # per kind: reclaimable large pages
         self._next_id = 0
+        self.allocated_page_bytes = self._allocated()
         self._size_large_pages()
         if self.client not in self.pool.clients:
             self.pool.register(self.client)
 
+    def _allocated(self) -> dict[str, int]:
+        allocated = self.policy.allocated_bytes(self.small_page_bytes)
+        for kind, size in self.small_page_bytes.items():
+            if allocated[kind] < size:
+                raise ValueError(f"kind {kind!r}: allocated pages smaller than requested")
+        return allocated
+
     def _size_large_pages(self) -> None:
-        common = math.lcm(*self.allocated_page_bytes.values()) if self.allocated_page_bytes else 1
-        self.chunks_per_large_page = -(-common // self.pool.chunk_bytes)
-        self.large_page_bytes = self.chunks_per_large_page * self.pool.chunk_bytes
+        if not self._large:
+            common = math.lcm(*self.allocated_page_bytes.values()) if self.allocated_page_bytes else 1
+            self.chunks_per_large_page = -(-common // self.pool.chunk_bytes)
+            self.large_page_bytes = self.chunks_per_large_page * self.pool.chunk_bytes
         self._pages_per_large = {kind: self.large_page_bytes // size
                                  for kind, size in self.allocated_page_bytes.items()}
+        self.max_large_pages = self.policy.large_page_limits(self.allocated_page_bytes, self.chunks_per_large_page,
+                                                             self.pool)
 
     def register(self, small_page_bytes: Mapping[str, int]) -> None:
         """Adds kinds (or resizes kinds that hold nothing). While no large page is held the large-page
         size becomes the LCM of every kind; after that a kind must fit in one large page."""
-        if self._variant:
-            raise ValueError("the padding and static-partition variants are built with all their kinds")
         for kind, size in small_page_bytes.items():
             if size < 1:
                 raise ValueError(f"kind {kind!r} needs a positive small-page size")
             if self._by_kind.get(kind):
                 raise ValueError(f"kind {kind!r} holds large pages: it cannot be resized now")
-        if self._large and max(small_page_bytes.values(), default=0) > self.large_page_bytes:
+        sizes = {**self.small_page_bytes, **small_page_bytes}
+        allocated = self.policy.allocated_bytes(sizes)
+        for kind, pages in self._by_kind.items():
+            if pages and allocated[kind] != self.allocated_page_bytes[kind]:
+                raise ValueError(f"kind {kind!r} holds large pages: the policy cannot resize its pages now")
+        if self._large and max(allocated.values(), default=0) > self.large_page_bytes:
             raise ValueError(f"a new kind's page exceeds the {self.large_page_bytes} B large pages already in use")
-        for kind, size in small_page_bytes.items():
-            self.small_page_bytes[kind] = self.allocated_page_bytes[kind] = size
+        for kind in small_page_bytes:
             self._by_kind.setdefault(kind, [])
             self._num_reclaimable.setdefault(kind, 0)
-        if not self._large:
-            self._size_large_pages()
-        else:
-            for kind, size in small_page_bytes.items():
-                self._pages_per_large[kind] = self.large_page_bytes // size
+        self.small_page_bytes = sizes
+        self.allocated_page_bytes = self._allocated()
+        self._size_large_pages()
 
     @classmethod
     def pad_to_largest(cls, pool: ElasticPool, client: str, small_page_bytes: Mapping[str, int]) -> LcmAllocator:
-        largest = max(small_page_bytes.values())
-        return cls(pool, client, small_page_bytes, allocated_page_bytes=dict.fromkeys(small_page_bytes, largest))
+        return cls(pool, client, small_page_bytes, PadToLargest())
 
     @classmethod
     def static_partition(cls, pool: ElasticPool, client: str, small_page_bytes: Mapping[str, int],
                          shares: Mapping[str, float]) -> LcmAllocator:
         """Each kind gets `share` of the large pages the pool's free chunks make, fixed up front."""
-        probe = cls(pool, client, small_page_bytes)
-        total = pool.num_free() // probe.chunks_per_large_page
-        limits = {kind: int(total * shares[kind]) for kind in small_page_bytes}
-        return cls(pool, client, small_page_bytes, max_large_pages=limits)
+        return cls(pool, client, small_page_bytes, StaticPartition(shares))
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy.name
 
     # ---- queries -------------------------------------------------------------------------------
     def pages_per_large_page(self, kind: str) -> int:
@@ -173,8 +188,14 @@ class LcmAllocator:
 
     def pool_chunks_for(self, pages: Mapping[str, int]) -> int:
         """Pool chunks that allocating `pages` (kind -> count) needs beyond the kinds' local pages."""
-        large = sum(-(-max(0, count - self.num_local_pages(kind)) // self._pages_per_large[kind])
-                    for kind, count in pages.items() if count)
+        large = 0
+        for kind, count in pages.items():
+            if not count:
+                continue
+            new = -(-max(0, count - self.num_local_pages(kind)) // self._pages_per_large[kind])
+            if self.max_large_pages is not None and new > self.max_large_pages[kind] - len(self._by_kind[kind]):
+                return self.pool.num_chunks + 1  # beyond the kind's share: more than the pool could ever give
+            large += new
         return large * self.chunks_per_large_page
 
     def set_evictable(self, page: SmallPage, evictable: bool) -> None:
@@ -194,12 +215,13 @@ class LcmAllocator:
         self._num_reclaimable[large.kind] += large.reclaimable - before
 
     def small_page_chunks(self, page: SmallPage) -> list[PhysicalChunk]:
-        """The pool chunks a small page occupies, when its kind's pages are whole chunks."""
-        size = self.allocated_page_bytes[page.kind]
-        if size % self.pool.chunk_bytes:
+        """The pool chunks a small page's data occupies (a padded page: its first ones), when its kind's
+        pages are whole chunks."""
+        size, wanted = self.allocated_page_bytes[page.kind], self.small_page_bytes[page.kind]
+        if size % self.pool.chunk_bytes or wanted % self.pool.chunk_bytes:
             raise ValueError(f"kind {page.kind!r}: {size} B pages are not whole {self.pool.chunk_bytes} B chunks")
-        per_page = size // self.pool.chunk_bytes
-        return self._large[page.large_page].chunks[page.index * per_page:(page.index + 1) * per_page]
+        start = page.index * (size // self.pool.chunk_bytes)
+        return self._large[page.large_page].chunks[start:start + wanted // self.pool.chunk_bytes]
 
     def telemetry(self, kind: str) -> KindTelemetry:
         large = self._by_kind[kind]

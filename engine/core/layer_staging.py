@@ -245,7 +245,17 @@ class LayerStager:
 
     def _unmap(self, layer: int) -> None:
         for copy in self._mapped.pop(layer, []):
-            key, value = self.layout.layer_page_tensors(layer)
-            index = copy.slot * self.layout.spec.pages_per_slot + copy.page
-            self._free.append(key.unmap_page(index))
-            self._free.append(value.unmap_page(index))
+            self._free.extend(self.layout.unmap_layer_page(layer, copy.slot, copy.page))
+
+
+def step_stager(kv, output, copies: CopyEngine, make_room: Callable[[int], int] | None) -> LayerStager | None:
+    """The stager of one step's plan (`output`: a SchedulerOutput) over `kv` (a KVCacheManager); None when
+    the step touches no host page. The ModelRunner and the simulator's executor both build it here."""
+    if not kv.num_offloaded_host_chunks:
+        return None
+    spans = [StepSpan(chunk.request_id, chunk.slot, chunk.start, chunk.start + len(chunk.token_ids))
+             for chunk in output.decodes + output.prefills]
+    plan = staging_plan(kv, spans)
+    if not any(plan):
+        return None
+    return LayerStager(kv.layout, kv.host_buffer, kv.pool, plan, copies, make_room)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.core.forward_batch import ForwardBatch, PrefillChunk
-from engine.core.layer_staging import COPY_ENGINES, LayerStager, StagingStats, StepSpan, staging_plan
+from engine.core.layer_staging import COPY_ENGINES, LayerStager, StagingStats, step_stager
 from engine.core.sampler import Sampler, SampleResult, SamplingState
 from engine.core.scheduler import SchedulerOutput
 from engine.device.activation_workspace import ActivationWorkspace
@@ -108,15 +108,9 @@ class ModelRunner:
 
     def _stager(self, output: SchedulerOutput) -> LayerStager | None:
         """Stages the host-resident layers of this step's requests (None when nothing is offloaded)."""
-        if not isinstance(self.kv, KVCacheManager) or not self.kv.num_offloaded_host_chunks:
+        if not isinstance(self.kv, KVCacheManager):
             return None
-        spans = [StepSpan(chunk.request_id, chunk.slot, chunk.start, chunk.start + len(chunk.token_ids))
-                 for chunk in output.decodes + output.prefills]
-        plan = staging_plan(self.kv, spans)
-        if not any(plan):
-            return None
-        return LayerStager(self.kv.layout, self.kv.host_buffer, self.kv.pool, plan, self.copies,
-                           self.workspace.give_back)
+        return step_stager(self.kv, output, self.copies, self.workspace.give_back)
 
     def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
         """Runs one step. `states` are the sampling states of the rows that sample, in row order

@@ -88,13 +88,15 @@ class Scheduler:
         activation_chunks: Callable[[int, int], int],  # (num_tokens, num_sampled) -> chunks KV must leave free
         cost_model: StepCostModel | None = None,
         chunk_policy: ChunkPolicy | None = None,  # the step's token budget (default: max_num_batched_tokens)
+        clock: Callable[[], float] = time.monotonic,  # request times' clock (the simulator's is virtual)
     ):
         self.config = config
+        self.clock = clock
         self.chunk_policy = chunk_policy or FixedChunkPolicy(config.max_num_batched_tokens)
         self.kv = kv
         self.activation_chunks = activation_chunks
         self.cost_model = cost_model or StepCostModel()
-        self.slo = SloTargets(config.ttft_slo_ms, config.tpot_slo_ms, config.priority_scale)
+        self.slo = SloTargets(config.ttft_slo_ms, config.tpot_slo_ms, config.priority_scale, clock)
         self.offload = OFFLOAD_POLICIES[config.kv_offload](kv, self.slo)
         self.attainment = SloAttainment()
         self.waiting: deque[Request] = deque()
@@ -130,7 +132,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         if reason != "abort":
-            self.attainment.record(self.slo.attained(request, time.monotonic()))
+            self.attainment.record(self.slo.attained(request, self.clock()))
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
@@ -199,7 +201,7 @@ class Scheduler:
         capped = min(budget, max(len(self.running) + 1, within))
         if self.config.ttft_slo_ms is not None and self.waiting:
             oldest = self.waiting[0]
-            waited_ms = (time.monotonic() - oldest.arrival_time) * 1e3
+            waited_ms = (self.clock() - oldest.arrival_time) * 1e3
             prefill_ms = self.cost_model.predict_ms(min(oldest.num_tokens, budget))
             if waited_ms + prefill_ms >= self.config.ttft_slo_ms:
                 return budget

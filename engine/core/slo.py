@@ -9,7 +9,8 @@ request *attains* its SLO when its TTFT and its mean TPOT are both within its cl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from engine.core.request import Request
 
@@ -21,6 +22,9 @@ class SloTargets:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     priority_scale: float = 2.0
+    # what "now" is (arrival and first-token times are on this clock): the engine's monotonic time, the
+    # simulator's virtual time
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.priority_scale < 1:
@@ -36,15 +40,14 @@ class SloTargets:
         return None if self.tpot_ms is None else self.tpot_ms * self._scale(request)
 
     def ttft_deadline(self, request: Request) -> float:
-        """monotonic() time by which the first token is due (arrival time without a target)."""
+        """`clock` time by which the first token is due (arrival time without a target)."""
         target = self.ttft_target_ms(request)
         return request.arrival_time + (0.0 if target is None else target / 1e3)
 
-    @staticmethod
-    def observed_tpot_ms(request: Request, now: float | None = None) -> float | None:
+    def observed_tpot_ms(self, request: Request, now: float | None = None) -> float | None:
         if request.first_token_time is None or len(request.output_token_ids) < 2:
             return None
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         return (now - request.first_token_time) * 1e3 / (len(request.output_token_ids) - 1)
 
     def tpot_slack_ms(self, request: Request) -> float:

@@ -30,7 +30,9 @@ def _onednn(device: str = "cpu") -> TorchLinear:
 
 
 def _auto(device: str = "cpu") -> TorchLinear:
-    return _onednn() if device == "cpu" and onednn_available() else _native_or_torch()
+    if device != "cpu":  # the C kernels take CPU memory only: on a GPU, torch (cuBLAS) does every product
+        return TorchLinear()
+    return _onednn() if onednn_available() else _native_or_torch()
 
 
 _LINEARS: dict[str, Callable[[str], TorchLinear]] = {"torch": lambda device="cpu": TorchLinear(),

@@ -14,9 +14,9 @@ is then dropped. The wrapper does not own the arena bytes, so `PackedWeight` hol
 
 Products of a few rows (decode at batch <= `SKINNY_MAX_ROWS`) skip oneDNN: csrc/packed_gemm_bf16.c reads the
 same packed bytes with AVX512-BF16 at close to the memory bandwidth (oneDNN's kernels read them at about
-half of it at these sizes). It relies on the blocked layout oneDNN chose (32 outputs x pairs of inputs,
-see the C file), which `pack` verifies on every weight (its size and a sample of its values); a weight whose
-layout differs keeps oneDNN for every size.
+half of it at these sizes). It relies on the blocked layout oneDNN chose (32 or 64 outputs x pairs of
+inputs, by CPU; see the C file), which `pack` verifies on every weight (its size and a sample of its
+values); a weight whose layout differs keeps oneDNN for every size.
 
 Only bf16 CPU weights are packed; everything else goes to the wrapped fallback backend (native / torch),
 so fp32 outputs are unchanged.
@@ -36,9 +36,12 @@ from engine.native_build import load_library
 # oneDNN picks a blocked layout by the batch-size hint; the layout for hint 1 is a GEMV layout that is slow
 # from a few rows on, while the one for 16+ serves every batch size (decode and prefill) well.
 PACK_BATCH_HINT = 16
-# at most this many rows go to the packed small-batch kernel: whole decode steps of SmolLM2 (bf16, 2 threads,
-# AMX box) measured 20.9 -> 16.4 ms at batch 1, even at 2, slower from 4 (its dot products become compute-bound
-# where oneDNN uses AMX tiles); per-shape times: `python -m engine.model.onednn_linear`
+# at most this many rows go to the packed small-batch kernel. With AMX, oneDNN's tiles win from 4 rows: whole
+# decode steps of SmolLM2 (bf16, 2 threads, AMX box) measured 20.9 -> 16.4 ms at batch 1, even at 2, slower
+# from 4. Without AMX (AVX512-BF16 only) the kernel beats oneDNN per product up to 16 rows on the layer
+# shapes (576x576: 93 vs 145 us at 1 row, 154 vs 193 us at 16; the 49152-wide lm head loses from 4 rows), but
+# whole decode steps at batch 4-16 measured no steady gain (/tmp A/B, within noise), so 2 everywhere.
+# Per-shape times: `python -m engine.model.onednn_linear`.
 SKINNY_MAX_ROWS = 2
 
 
@@ -49,6 +52,7 @@ class PackedWeight:
     tensor: torch.Tensor
     storage: torch.Tensor
     k_padded: int | None = None  # set when the bytes are in the layout packed_gemm_bf16.c reads
+    block: int = 32  # outputs per block of that layout
 
     @property
     def shape(self) -> torch.Size:
@@ -88,20 +92,27 @@ class _BlobShim:
         return torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr(self.capsule(handle.value, None, None))
 
 
-def blocked_pairs_layout(weight: torch.Tensor, raw: torch.Tensor, samples: int = 2048) -> int | None:
-    """The padded input length if `raw` (packed bytes) holds `weight` [out, in] in the 32-output x input-pair
-    blocks packed_gemm_bf16.c reads, else None: the byte count must match and a fixed sample of values
-    (corners included) must sit where that layout puts them."""
+def blocked_pairs_layout(weight: torch.Tensor, raw: torch.Tensor, samples: int = 2048) -> tuple[int, int] | None:
+    """(outputs per block, padded input length) if `raw` (packed bytes) holds `weight` [out, in] in the
+    B-output x input-pair blocks packed_gemm_bf16.c reads (B = 32 or 64, inputs padded to a multiple of 32 or
+    64), else None: the byte count must match and a fixed sample of values (corners included) must sit where
+    that layout puts them."""
     out_features, in_features = weight.shape
-    k_padded = -(-in_features // 32) * 32
-    if raw.numel() != -(-out_features // 32) * 32 * k_padded * 2:
-        return None
     generator = torch.Generator().manual_seed(0)
-    rows = torch.cat([torch.tensor([0, out_features - 1]), torch.randint(out_features, (samples,), generator=generator)])
-    cols = torch.cat([torch.tensor([0, in_features - 1]), torch.randint(in_features, (samples,), generator=generator)])
-    positions = (rows // 32) * 32 * k_padded + (cols // 2) * 64 + (rows % 32) * 2 + cols % 2
-    stored = raw.view(torch.int16)[positions]
-    return k_padded if torch.equal(stored, weight.view(torch.int16)[rows, cols]) else None
+    rows = torch.randint(out_features, (samples,), generator=generator)
+    cols = torch.randint(in_features, (samples,), generator=generator)
+    rows = torch.cat([torch.tensor([0, out_features - 1]), rows])  # the corners too
+    cols = torch.cat([torch.tensor([0, in_features - 1]), cols])
+    expected = weight.view(torch.int16)[rows, cols]
+    for block in (32, 64):
+        for k_multiple in (32, 64):
+            k_padded = -(-in_features // k_multiple) * k_multiple
+            if raw.numel() != -(-out_features // block) * block * k_padded * 2:
+                continue
+            positions = (rows // block) * block * k_padded + (cols // 2) * 2 * block + (rows % block) * 2 + cols % 2
+            if torch.equal(raw.view(torch.int16)[positions], expected):
+                return block, k_padded
+    return None
 
 
 def pack(weight: torch.Tensor, allocate: Allocator, shim: _BlobShim) -> PackedWeight:
@@ -110,10 +121,11 @@ def pack(weight: torch.Tensor, allocate: Allocator, shim: _BlobShim) -> PackedWe
     num_bytes = torch.ops.mkldnn._nbytes(packed)
     raw = torch.empty(num_bytes, dtype=torch.uint8)
     ctypes.memmove(raw.data_ptr(), torch.ops.mkldnn.data_ptr(packed), num_bytes)
-    k_padded = blocked_pairs_layout(weight.contiguous(), raw)
+    layout = blocked_pairs_layout(weight.contiguous(), raw)
+    block, k_padded = layout if layout is not None else (32, None)
     storage = allocate(raw)
     metadata = torch.ops.mkldnn._get_mkldnn_serialized_md(packed)
-    return PackedWeight(shim.wrap(storage, packed.shape, metadata), storage, k_padded)
+    return PackedWeight(shim.wrap(storage, packed.shape, metadata), storage, k_padded, block)
 
 
 class _PackedGemm:
@@ -122,7 +134,8 @@ class _PackedGemm:
     def __init__(self):
         self.kernel = load_library(Path(__file__).parent / "csrc" / "packed_gemm_bf16.c").packed_gemm_bf16
         self.kernel.restype = None
-        self.kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 7
+        pointer, integer = ctypes.c_void_p, ctypes.c_int64
+        self.kernel.argtypes = [pointer, integer, pointer, pointer] + [integer] * 8
 
     def takes(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> bool:
         return (weight.k_padded is not None and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.bfloat16
@@ -132,7 +145,7 @@ class _PackedGemm:
     def __call__(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> torch.Tensor:
         self.kernel(x.data_ptr(), x.stride(0), weight.storage.data_ptr(), out.data_ptr(), out.stride(0),
                     int(out.dtype == torch.float32), x.shape[0], weight.shape[0], weight.shape[1], weight.k_padded,
-                    torch.get_num_threads())
+                    weight.block, torch.get_num_threads())
         return out
 
 
@@ -186,11 +199,11 @@ def _benchmark() -> None:
         for rows in (1, 2, 4, 8, 16, 32, 64, 512):
             x = torch.randn(rows, in_features).bfloat16()
             out = torch.empty(rows, out_features, dtype=torch.bfloat16)
-            runs = {"torch.mm": lambda i: torch.mm(x, weights[i].t(), out=out),
-                    "onednn": lambda i: out.copy_(torch.ops.mkldnn._linear_pointwise(x, packed[i].tensor, None,
-                                                                                     "none", [], ""))}
+            runs = {"torch.mm": lambda i, x=x, out=out, weights=weights: torch.mm(x, weights[i].t(), out=out),
+                    "onednn": lambda i, x=x, out=out, packed=packed: out.copy_(
+                        torch.ops.mkldnn._linear_pointwise(x, packed[i].tensor, None, "none", [], ""))}
             if skinny is not None and rows <= 64 and packed[0].k_padded is not None:
-                runs["skinny"] = lambda i: skinny(x, packed[i], out)
+                runs["skinny"] = lambda i, x=x, out=out, packed=packed: skinny(x, packed[i], out)
             times: dict[str, list[float]] = {name: [] for name in runs}
             for repeat in range(30):
                 for name, run in runs.items():

@@ -9,6 +9,7 @@ the file's path, size and mtime and the transformers version, and later starts r
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from engine.api import InvalidRequestError
 from engine.weights import CACHE_ENV, ModelSource, default_cache_dir, resolve_model_source
 
-__all__ = ["CACHE_ENV", "default_cache_dir", "load_tokenizer"]
+__all__ = ["CACHE_ENV", "default_cache_dir", "load_tokenizer", "numbered_tokenizer"]
 
 
 def _gguf_cache_key(path: Path) -> str:
@@ -66,11 +67,24 @@ def load_tokenizer(
         cache_dir = None
     if source.format == "gguf":
         tokenizer = _load_gguf_tokenizer(source, Path(cache_dir) if cache_dir is not None else None)
+    elif source.format == "random" and not (source.directory / "tokenizer.json").is_file():
+        tokenizer = numbered_tokenizer(json.loads((source.directory / "config.json").read_text())["vocab_size"])
     else:
         tokenizer = AutoTokenizer.from_pretrained(source.directory, use_fast=True)
     if not tokenizer.is_fast:
         raise ValueError(f"{source.name}: no fast tokenizer available (incremental detokenizing needs one)")
     return tokenizer
+
+
+def numbered_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
+    """A fast word-level tokenizer whose token i is the word `<i>` (<1> is EOS, <2> BOS): the tokenizer of a
+    `random:` model, and of tiny test checkpoints built where no real tokenizer is installed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<0>", eos_token="<1>", bos_token="<2>")
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -1,6 +1,7 @@
 """Where a model's weights come from, and loading them as HF-named float tensors.
 
-`resolve_model_source` turns what a user typed (None, a registered name, a directory, a .gguf path)
+`resolve_model_source` turns what a user typed (None, a registered name, a directory, a .gguf path,
+`random:DIR` for random weights of DIR/config.json's shapes)
 into a `ModelSource`; `load_weights` reads it with the loader registered for its format.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 from engine.model.config import ModelConfig
 from engine.weights.gguf_loader import load_gguf
+from engine.weights.random_weights import load_random
 from engine.weights.safetensors_loader import load_safetensors
 
 __all__ = ["CACHE_ENV", "ModelSource", "resolve_model_source", "load_weights", "embedded_gguf_path", "gemma3_gguf_path",
@@ -98,7 +100,9 @@ DEFAULT_MODEL = "smollm2-135m"
 LOADERS: dict[str, Callable[..., tuple[ModelConfig, dict[str, torch.Tensor]]]] = {
     "gguf": load_gguf,
     "safetensors": load_safetensors,
+    "random": load_random,  # `random:DIR`: config.json only, random weights (timing at real shapes)
 }
+RANDOM_PREFIX = "random:"
 
 
 def resolve_model_source(model: str | Path | None) -> ModelSource:
@@ -108,6 +112,11 @@ def resolve_model_source(model: str | Path | None) -> ModelSource:
         return model
     if str(model).lower() in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[str(model).lower()]()
+    if str(model).startswith(RANDOM_PREFIX):
+        path = Path(str(model)[len(RANDOM_PREFIX):]).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{model}: no config.json in {path}")
+        return ModelSource("random", path.resolve(), f"{path.name}-random")
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource("gguf", path.resolve(), path.stem)
@@ -119,7 +128,7 @@ def resolve_model_source(model: str | Path | None) -> ModelSource:
         return ModelSource("safetensors", path.resolve(), path.name)
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a known name ({sorted(EMBEDDED_MODELS)}), "
-        "a .gguf file nor a directory with config.json and *.safetensors"
+        "a .gguf file, a directory with config.json and *.safetensors, nor random:DIR (config.json, random weights)"
     )
 
 

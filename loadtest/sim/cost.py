@@ -17,6 +17,15 @@ the window, which is what makes Gemma-3-class models cheap at long contexts.
 On a device without overlap (`DeviceSpec.overlap=False`: our CPU engine, as its calibration shows) each
 part's compute and memory times add up instead of the larger one counting.
 
+Offloaded layers (LayerKV): a step that stages host-resident KV pages is a pipeline of one compute engine
+and one copy engine, in the order engine/core/layer_staging.py's `LayerStager` issues work: layers 0 and 1
+are fetched before layer 0 runs; after layer l computes, its written pages go back to the host and the
+fetch of layer l + 2 starts (neither before layer l ends: the copy stream waits on the compute stream);
+layer l computes once its own fetch has landed; the step ends when both engines are done. Each layer's
+compute is the step's compute time over the number of layers (identical decoder layers); a copy takes
+its bytes over the device's host link (`pcie_bytes_per_s · pcie_efficiency`). In steady state a layer
+costs max(compute, write-back + fetch): copies hide behind compute until they are the longer of the two.
+
 Limits: no tensor parallelism (one device per replica), no communication inside a step, no CUDA-graph
 padding, no quantisation, sampling cost folded into `seq_overhead`. docs/SIMULATOR.md lists the sources
 of each device constant and the calibration against this box.
@@ -40,6 +49,7 @@ class StepShape:
     decode_contexts: tuple[int, ...] = ()  # keys each decode attends (its position + 1)
     prefills: tuple[tuple[int, int], ...] = ()  # (num_tokens, start) per prefill chunk
     num_sampled: int = 0
+    staged: tuple[tuple[int, int], ...] = ()  # per layer: (bytes fetched from the host, bytes written back)
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +86,7 @@ class CostModel:
         self._attn_flops_per_pair = 4 * model.num_heads * model.head_dim
         self._kv_bytes = model.kv_bytes_per_token_layer
         self._combine = np.maximum if d.overlap else np.add
+        self._copy_rate = d.pcie_bytes_per_s * d.pcie_efficiency
 
     # ---- one step ---------------------------------------------------------------------------------
     def _linear_s(self, num_tokens, num_sampled):
@@ -100,9 +111,31 @@ class CostModel:
             prefill_read = sum(min(s + n, n + cap - 1) for n, s in shape.prefills)
             pairs += num_layers * (decode + prefill_pairs)
             kv_read += num_layers * (decode + prefill_read)
-        seconds = self._linear_s(shape.num_tokens, shape.num_sampled) + self._attention_s(
-            pairs, kv_read, shape.num_tokens)
-        return float(seconds) + self._fixed_s + shape.num_seqs * self.device.seq_overhead_s
+        seconds = float(self._linear_s(shape.num_tokens, shape.num_sampled) + self._attention_s(
+            pairs, kv_read, shape.num_tokens)) + self._fixed_s
+        if shape.staged:
+            seconds = self.staged_s(seconds, shape.staged)
+        return seconds + shape.num_seqs * self.device.seq_overhead_s
+
+    def staged_s(self, compute_s: float, staged: tuple[tuple[int, int], ...]) -> float:
+        """A step of `compute_s` on the device whose layers stage `staged` bytes (see the module doc)."""
+        layer_s = compute_s / len(staged)
+        fetch = [fetched / self._copy_rate for fetched, _ in staged]
+        back = [written / self._copy_rate for _, written in staged]
+        copy_end = fetch[0] + (fetch[1] if len(staged) > 1 else 0.0)
+        ready = [fetch[0], copy_end]  # when layers 0 and 1 have landed
+        compute_end = 0.0
+        for layer in range(len(staged)):
+            compute_end = max(compute_end, ready[layer]) + layer_s
+            copy_end = max(copy_end, compute_end) + back[layer]
+            if layer + 2 < len(staged):
+                copy_end += fetch[layer + 2]
+                ready.append(copy_end)
+        return max(compute_end, copy_end)
+
+    def host_link_s(self, num_bytes: int) -> float:
+        """Bytes over the host link, either way (the engine's StepCostModel learns its rate as copy bandwidth)."""
+        return num_bytes / self._copy_rate
 
     def decode_steps_s(self, contexts: Sequence[int], num_steps: int) -> np.ndarray:
         """Times of `num_steps` decode-only steps of the same batch, every context one longer each step."""

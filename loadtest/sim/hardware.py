@@ -33,11 +33,12 @@ class DeviceSpec:
     # GPU kernels overlap their compute with their memory traffic (roofline: the larger of the two counts);
     # our CPU engine's step times add up instead (measured: calibration.json fits a sum, not a max)
     overlap: bool = True
+    pcie_efficiency: float = 1.0  # share of `pcie_bytes_per_s` pinned host <-> device copies reach
 
     def __post_init__(self) -> None:
         if min(self.memory_bytes, self.flops, self.hbm_bytes_per_s, self.network_bytes_per_s) <= 0:
             raise ValueError("memory, flops, bandwidths must be > 0")
-        for name in ("gemm_efficiency", "attention_efficiency", "memory_efficiency"):
+        for name in ("gemm_efficiency", "attention_efficiency", "memory_efficiency", "pcie_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1]")
 
@@ -54,8 +55,10 @@ class DeviceSpec:
 # - seq overhead 20 us: vLLM's per-sequence scheduling + sampling on the host (vLLM v1 design notes give
 #   ~tens of us per request per step before async scheduling).
 # - network 25 GB/s: one 200 Gb/s InfiniBand/RoCE NIC per GPU, as Llumnix and Mell's KV migration assume.
+# - PCIe 0.80: pinned cudaMemcpyAsync host <-> device reaches ~25 of 32 GB/s on Gen4 x16 and ~50-55 of 64 GB/s
+#   on Gen5 x16 (NVIDIA's nvbandwidth / bandwidthTest figures; PCIe packet overhead takes the rest).
 _NVIDIA = dict(kernel_overhead_s=4e-6, seq_overhead_s=20e-6, gemm_efficiency=0.70, attention_efficiency=0.50,
-               memory_efficiency=0.80, network_bytes_per_s=25 * GB)
+               memory_efficiency=0.80, network_bytes_per_s=25 * GB, pcie_efficiency=0.80)
 
 DEVICES: dict[str, DeviceSpec] = {
     # A100 SXM4 80GB datasheet: 312 TFLOP/s bf16 dense, 2,039 GB/s HBM2e, PCIe Gen4 x16 (32 GB/s each way),

@@ -10,6 +10,8 @@ Sources (config.json on huggingface.co, read for the fields below):
 - llama-3-8b: meta-llama/Meta-Llama-3-8B; llama-3-70b: meta-llama/Meta-Llama-3-70B
 - qwen2.5-7b: Qwen/Qwen2.5-7B-Instruct (the Qwen class: 7:1 grouped-query attention, 152K vocabulary)
 - gemma-3-12b: google/gemma-3-12b-it (text_config; sliding_window 1024, sliding_window_pattern 6)
+- gemma-3-27b: google/gemma-3-27b-it (text_config; 62 layers, 16 KV heads of 128, sliding_window 1024,
+  sliding_window_pattern 6)
 - gemma-3-270m: google/gemma-3-270m (sliding_window 512, pattern 6)
 - smollm2-135m: HuggingFaceTB/SmolLM2-135M-Instruct (the model embedded in this repository)
 """
@@ -122,6 +124,10 @@ _HF_CONFIGS: dict[str, dict[str, Any]] = {
                    "tie_word_embeddings": False, "max_position_embeddings": 131072},  # with YaRN
     "gemma-3-12b": {"hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48,
                     "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 262208,
+                    "tie_word_embeddings": True, "max_position_embeddings": 131072, "sliding_window": 1024,
+                    "sliding_window_pattern": 6},
+    "gemma-3-27b": {"hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62,
+                    "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128, "vocab_size": 262208,
                     "tie_word_embeddings": True, "max_position_embeddings": 131072, "sliding_window": 1024,
                     "sliding_window_pattern": 6},
     "gemma-3-270m": {"hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,

@@ -15,7 +15,8 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-EXPERIMENT_MODULES = ("loadtest.sim.ellm", "loadtest.sim.mell", "loadtest.sim.plan", "loadtest.sim.calibrate")
+EXPERIMENT_MODULES = ("loadtest.sim.ellm", "loadtest.sim.mell", "loadtest.sim.layerkv", "loadtest.sim.jenga",
+                      "loadtest.sim.plan", "loadtest.sim.calibrate", "loadtest.sim.gpu_calibration")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,5 @@ def load_all() -> dict[str, Experiment]:
 
     for module in EXPERIMENT_MODULES:
         importlib.import_module(module)
-    not_built("layerkv", "LayerKV")
-    not_built("jenga", "Jenga")
     not_built("kunserve", "KunServe")
     return EXPERIMENTS

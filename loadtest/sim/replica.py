@@ -7,9 +7,18 @@ the `static` pool policy the shares are fixed with the engine's own `static_spli
 what engine/migration.py reads (`scheduler`, `kv`, `kv_spec`, `runner`, `max_model_len`), so the live
 migration functions (`request_loads`, `reserve`, `release`, `cancel`) run on it unchanged.
 
+With `kv_offload: layerwise` (LayerKV) the replica also has a host buffer (slot bookkeeping only) and the
+scheduler's real offloading policy (engine/core/offload_policy.py) admits prompts with top layers on the
+host, demotes and promotes layers; the executor stages them as the runner does and the cost model charges
+the copies (and the layers the scheduler demoted or promoted while planning: their bytes over PCIe before
+the step). Layer-wise residency needs the model's real layers (`fuse_layers=False`). The scheduler's SLO
+targets, its clock (the virtual one) and its step-cost model (fed every simulated step's time and staged
+bytes, as LLMEngine.step feeds it measured ones) are the engine's.
+
 `SimReplica` drives the engine's step loop `schedule() -> run() -> update()` on a virtual clock. A step
 whose plan is decode-only, preempts nothing and admits nothing is *fast-forwarded*: the same batch
-decodes on, step after step, with no KV change, until some request needs a new page, lets a page slide
+decodes on (nothing offloaded: a step that stages host pages, or may promote them, is planned alone),
+step after step, with no KV change, until some request needs a new page, lets a page slide
 out of its window, or finishes; those steps are applied in bulk (each request's tokens, computed count
 and KV length advance together), and their times come from the cost model in one vectorised call. The
 scheduler would plan exactly these steps (nothing it looks at changes in between; a test compares with
@@ -19,25 +28,31 @@ here, a migration) first brings the replica to the end of the step in progress (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from engine.core.request import Request
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.core.step_cost import StepCostModel
 from engine.device.activation_workspace import ActivationWorkspace
 from engine.device.rank import page_tokens_for, static_split_chunks
 from engine.device.weight_arena import WEIGHTS_CLIENT
 from engine.model.llama import LlamaModel, ShardPlan
 from engine.sampling_params import SamplingParams
 from loadtest.sim.cost import CostModel
-from loadtest.sim.executor import BookkeepingLayout, SimExecutor
+from loadtest.sim.executor import BookkeepingHostBuffer, BookkeepingLayout, PagedBookkeepingLayout, SimExecutor
 from loadtest.sim.hardware import get_device
 from loadtest.sim.models import get_model
 from memory import ElasticPool
 from memory.kv import KVCacheManager, KVCacheSpec, register_layout
+from memory.kv.balloon import KVBalloon
+from memory.kv.registry import layout_class
+from memory.page_policies import PagePolicy
 from memory.vmm.sim import SimBackend
 
 MIB = 1 << 20
@@ -56,59 +71,138 @@ class ReplicaConfig:
     max_model_len: int = 32768
     granularity: int = 2 * MIB  # the VMM page (cuMemCreate's granularity on NVIDIA GPUs)
     fuse_layers: bool = True  # one layer group: fold the layers into one (same decisions, far fewer chunks)
-    kv_layout: str = "bookkeeping"  # or "contiguous", the engine's (same decisions, slower)
+    # "bookkeeping" (decides as `contiguous`, maps nothing), "bookkeeping-paged" (decides as `paged`: blocks
+    # are small pages of the LCM allocator in a KVBalloon), or the engine's own "contiguous" / "paged"
+    kv_layout: str = "bookkeeping"
+    page_policy: Any = "lcm"  # small-page layouts: memory/page_policies.py name or PagePolicy
     fast_forward: bool = True
+    kv_offload: str = "none"  # or "layerwise" (LayerKV; needs fuse_layers=False and a host buffer)
+    host_buffer_bytes: int = 0  # host RAM for offloaded layers and swapped requests (bookkeeping only)
+    ttft_slo_ms: float | None = None  # the scheduler's SLO targets (engine/core/slo.py)
+    tpot_slo_ms: float | None = None
+
+
+def kv_spec_for(config: ReplicaConfig) -> KVCacheSpec:
+    """The engine's KV spec for the model (engine/device/rank.py's sizing: a page of one layer's K is whole
+    VMM granules); with `fuse_layers` and one layer group, the layers folded into one."""
+    model = get_model(config.model)
+    groups = KVCacheSpec.group_layers([model.window_of(layer) for layer in range(model.num_layers)])
+    fused = config.fuse_layers and len(groups) == 1
+    layers = 1 if fused else model.num_layers
+    heads = model.num_kv_heads * (model.num_layers if fused else 1)
+    page_tokens = page_tokens_for(16, [model.num_kv_heads * model.head_dim * model.dtype_bytes], config.granularity)
+    slot_len = -(-config.max_model_len // page_tokens) * page_tokens
+    if fused:
+        groups = KVCacheSpec.group_layers([model.window_of(0)])
+    return KVCacheSpec(layers, heads, model.head_dim, model.dtype_bytes, groups, config.max_num_seqs, slot_len,
+                       page_tokens)
+
+
+def peak_activation_bytes(config: ReplicaConfig, num_tokens: int | None = None) -> int:
+    """The activation workspace of the largest step (or of `num_tokens` tokens), by the engine's buffer plan."""
+    engine_model = get_model(config.model).engine_config()
+    tokens = num_tokens or config.max_num_batched_tokens + config.max_num_seqs
+    return LlamaModel.plan_buffers(engine_model, ShardPlan.for_rank(engine_model, 0, 1), DTYPE, tokens,
+                                   config.max_num_seqs).num_bytes
+
+
+class SharedDevice:
+    """One device whose pool several models' engines share (Jenga's multi-model pool): every model's
+    weights in the `weights` balloon, their KV managers attached to one KVBalloon (so their kinds are
+    small pages of one LCM allocator), one activation workspace (the device runs one step at a time)
+    sized for the largest model's largest step. The configs must agree on the device, the granularity
+    and the KV layout, and their KV pages must be the same size (one pool chunk)."""
+
+    def __init__(self, configs: Sequence[ReplicaConfig],
+                 page_policy: str | PagePolicy | Callable[[int], PagePolicy] = "lcm"):
+        first = configs[0]
+        if any((c.device, c.granularity, c.gpu_memory_utilization) != (first.device, first.granularity,
+                                                                       first.gpu_memory_utilization)
+               for c in configs):
+            raise ValueError("the models of one device must agree on the device and its granularity")
+        chunks = {kv_spec_for(config).page_bytes for config in configs}
+        if len(chunks) != 1:
+            raise ValueError(f"the models' KV pages differ ({sorted(chunks)} B): one pool needs one chunk size")
+        self.chunk_bytes = chunk = chunks.pop()
+        device = get_device(first.device)
+        budget = int(device.memory_bytes * first.gpu_memory_utilization) // chunk * chunk
+        self.pool = ElasticPool(SimBackend(granularity=first.granularity), budget, chunk, "elastic")
+        self.pool.register(WEIGHTS_CLIENT)
+        weight_chunks = sum(-(-get_model(config.model).weight_bytes // chunk) for config in configs)
+        if weight_chunks >= self.pool.num_chunks:
+            raise ValueError(f"the weights of {[c.model for c in configs]} do not fit on {device.name}")
+        self.pool.inflate(WEIGHTS_CLIENT, weight_chunks)
+        self.peak_activation_bytes = max(peak_activation_bytes(config) for config in configs)
+        activation_chunks = -(-self.peak_activation_bytes // chunk)
+        self.kv_budget_chunks = self.pool.num_chunks - weight_chunks - activation_chunks
+        if callable(page_policy) and not isinstance(page_policy, PagePolicy):  # sized by the KV budget
+            page_policy = page_policy(self.kv_budget_chunks)
+        self.balloon = KVBalloon(self.pool, page_policy=page_policy)
+        self.workspace = ActivationWorkspace(self.pool, self.peak_activation_bytes)
+
+    def close(self) -> None:
+        self.workspace.close()
+        self.pool.close()
 
 
 class SimEngine:
-    """The engine's memory and scheduling parts, sized for `config.model` on `config.device`."""
+    """The engine's memory and scheduling parts, sized for `config.model` on `config.device` (alone, or as
+    one of the models of a `SharedDevice`). `clock` is the scheduler's idea of now (the replica's virtual
+    time)."""
 
-    def __init__(self, config: ReplicaConfig):
+    def __init__(self, config: ReplicaConfig, clock: Callable[[], float] = time.monotonic,
+                 shared: SharedDevice | None = None):
         self.config = config
+        if config.kv_offload != "none" and (config.fuse_layers or not config.host_buffer_bytes):
+            raise ValueError("kv_offload: layerwise needs fuse_layers=False (per-layer KV) and a host buffer")
         self.model = model = get_model(config.model)
         self.device = device = get_device(config.device)
         self.model_config = engine_model = model.engine_config()
         self.cost = CostModel(model, device)
         self.max_model_len = config.max_model_len
-        groups = KVCacheSpec.group_layers([model.window_of(layer) for layer in range(model.num_layers)])
-        fused = config.fuse_layers and len(groups) == 1
-        layers = 1 if fused else model.num_layers
-        heads = model.num_kv_heads * (model.num_layers if fused else 1)
-        page_tokens = page_tokens_for(16, [model.num_kv_heads * model.head_dim * model.dtype_bytes],
-                                      config.granularity)
-        slot_len = -(-config.max_model_len // page_tokens) * page_tokens
-        if fused:
-            groups = KVCacheSpec.group_layers([model.window_of(0)])
-        self.kv_spec = spec = KVCacheSpec(layers, heads, model.head_dim, model.dtype_bytes, groups,
-                                          config.max_num_seqs, slot_len, page_tokens)
+        self.kv_spec = spec = kv_spec_for(config)
+        self.shared = shared
+        register_layout(BookkeepingLayout)  # (idempotent) so that config.kv_layout may name them
+        register_layout(PagedBookkeepingLayout)
+        if shared is not None:
+            self.pool, self.workspace, self.host_buffer = shared.pool, shared.workspace, None
+            self.kv = KVCacheManager(spec, self.pool, DTYPE, layout=config.kv_layout, enable_prefix_caching=False,
+                                     balloon=shared.balloon, owner=config.model)
+        else:
+            self.pool = self._own_pool(config, spec)
+            balloon = KVBalloon(self.pool, page_policy=config.page_policy) \
+                if layout_class(config.kv_layout).small_pages else None
+            self.host_buffer = BookkeepingHostBuffer(config.host_buffer_bytes, spec.page_bytes) \
+                if config.host_buffer_bytes else None
+            self.kv = KVCacheManager(spec, self.pool, DTYPE, layout=config.kv_layout, host_buffer=self.host_buffer,
+                                     enable_prefix_caching=False, balloon=balloon)
+            self.workspace = ActivationWorkspace(self.pool, peak_activation_bytes(config))
+        self.runner = SimExecutor(engine_model, DTYPE, self.workspace, self.cost, self.kv)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=config.max_model_len, preemption_mode="recompute",
+                            ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
+                            kv_offload=config.kv_offload),
+            self.kv, self.runner.activation_chunks_charged_to_kv, StepCostModel(), clock=clock)
+
+    def _own_pool(self, config: ReplicaConfig, spec: KVCacheSpec) -> ElasticPool:
+        model, device = self.model, self.device
         chunk = spec.page_bytes
         budget = int(device.memory_bytes * config.gpu_memory_utilization) // chunk * chunk
-        shard = ShardPlan.for_rank(engine_model, 0, 1)
-        max_step_tokens = config.max_num_batched_tokens + config.max_num_seqs
-        peak_activation = LlamaModel.plan_buffers(engine_model, shard, DTYPE, max_step_tokens,
-                                                  config.max_num_seqs).num_bytes
         static_split = None
         if config.pool_policy == "static":
-            tokens = config.static_activation_tokens or max_step_tokens
-            reserved = LlamaModel.plan_buffers(engine_model, shard, DTYPE, tokens, config.max_num_seqs).num_bytes
+            reserved = peak_activation_bytes(config, config.static_activation_tokens)
             static_split = static_split_chunks(model.weight_bytes, reserved, budget, chunk)
             if static_split["kv"] < 1:
                 raise ValueError(f"{model.name} on {device.name}: no room for KV beside the static reserve")
-        self.pool = ElasticPool(SimBackend(granularity=config.granularity), budget, chunk, config.pool_policy,
-                                static_split=static_split)
-        self.pool.register(WEIGHTS_CLIENT)
+        pool = ElasticPool(SimBackend(granularity=config.granularity), budget, chunk, config.pool_policy,
+                           static_split=static_split)
+        pool.register(WEIGHTS_CLIENT)
         weight_chunks = -(-model.weight_bytes // chunk)
-        if weight_chunks >= self.pool.num_chunks:
+        if weight_chunks >= pool.num_chunks:
             raise ValueError(f"{model.name} ({model.weight_bytes / 1e9:.1f} GB) does not fit on {device.name}")
-        self.pool.inflate(WEIGHTS_CLIENT, weight_chunks)
-        register_layout(BookkeepingLayout)  # (idempotent) so that config.kv_layout may name it
-        self.kv = KVCacheManager(spec, self.pool, DTYPE, layout=config.kv_layout, enable_prefix_caching=False)
-        self.workspace = ActivationWorkspace(self.pool, peak_activation)
-        self.runner = SimExecutor(engine_model, DTYPE, self.workspace, self.cost)
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_model_len=config.max_model_len, preemption_mode="recompute"),
-            self.kv, self.runner.activation_chunks_charged_to_kv)
+        pool.inflate(WEIGHTS_CLIENT, weight_chunks)
+        return pool
 
     def kv_capacity_chunks(self) -> int:
         """Chunks KV could ever hold (as LLMEngine._kv_capacity_chunks)."""
@@ -133,13 +227,17 @@ class SimEngine:
         return low
 
     def is_idle(self) -> bool:
-        """No request and no KV held (the workspace may keep pages: KV reclaims them on demand)."""
-        return not self.scheduler.has_work and not self.kv.requests and self.kv.num_used_chunks() == 0
+        """No request and no KV held, on the device or the host (the workspace may keep pages: KV reclaims
+        them on demand)."""
+        host_used = self.host_buffer.used_bytes if self.host_buffer is not None else 0
+        return not self.scheduler.has_work and not self.kv.requests and self.kv.num_used_chunks() == 0 \
+            and host_used == 0
 
     def close(self) -> None:
-        self.workspace.close()
         self.kv.close()
-        self.pool.close()
+        if self.shared is None:
+            self.workspace.close()
+            self.pool.close()
 
 
 def sim_request(request_id: str, num_prompt: int, max_tokens: int, arrival: float,
@@ -160,13 +258,15 @@ class _Run:
 
 class SimReplica:
     def __init__(self, replica_id: str, config: ReplicaConfig, now: float,
-                 on_finish: Callable[[Request, float], None]):
+                 on_finish: Callable[[Request, float], None], shared: SharedDevice | None = None):
         self.replica_id = replica_id
-        self.engine = SimEngine(config)
+        self.now = now  # the engine's clock: the time of the schedule or the step end being applied
+        self.engine = SimEngine(config, clock=lambda: self.now, shared=shared)
         self.config = config
         self.clock = now  # the last step boundary
         self.started_at = now
         self.on_finish = on_finish
+        self.fast_forward = config.fast_forward  # a device shared by several engines turns it off while others run
         self._run: _Run | None = None
         self.version = 0  # bumped whenever the step in flight changes: older wake-ups are stale
         self.num_steps = 0
@@ -174,6 +274,7 @@ class SimReplica:
         self.max_decode_batch = 0  # the most requests decoding in one step
         self.decode_only_tokens = 0  # tokens of decode-only steps, and their time (decode throughput)
         self.decode_only_s = 0.0
+        self.admitted_at: dict[str, float] = {}  # when each request's first prefill chunk was planned
 
     @property
     def busy_until(self) -> float | None:
@@ -192,20 +293,42 @@ class SimReplica:
         self.clock = max(self.clock, now)
         if not self.engine.scheduler.has_work:
             return None
+        self.now = self.clock
+        kv = self.engine.kv
+        moved = kv.num_bytes_demoted + kv.num_bytes_promoted
         plan = self.engine.scheduler.schedule()
         self.num_schedules += 1
         if plan.is_empty:
             return None
+        # layers demoted or promoted while planning were copied over PCIe before the step could run
+        moved_s = self.engine.cost.host_link_s(kv.num_bytes_demoted + kv.num_bytes_promoted - moved)
         self.engine.runner.run(plan, ())
         self.max_decode_batch = max(self.max_decode_batch, len(plan.decodes))
+        for chunk in plan.prefills:
+            self.admitted_at.setdefault(chunk.request_id, self.clock)
         num_steps = self._replayable_steps(plan)
         if num_steps > 1:
             times = self.engine.cost.decode_steps_s([chunk.start + 1 for chunk in plan.decodes], num_steps)
         else:
             times = np.array([self.engine.runner.step_s(plan)])
+        times[0] += moved_s
         self._run = _Run(plan, self.clock, self.clock + np.cumsum(times))
         self.version += 1
         return float(self._run.ends[-1])
+
+    def step_times(self) -> np.ndarray:
+        """Durations of the steps in flight (empty: none)."""
+        if self._run is None:
+            return np.zeros(0)
+        return np.diff(self._run.ends, prepend=self._run.start)
+
+    def retime(self, ends: Sequence[float]) -> None:
+        """Keeps only the first len(ends) steps in flight and makes them end at `ends` (a device shared with
+        other engines interleaves its steps with theirs: loadtest/sim/device.py)."""
+        if self._run is None or not 1 <= len(ends) <= len(self._run.ends):
+            raise ValueError("retime keeps between one and all of the steps in flight")
+        self._run.ends = np.asarray(ends, dtype=np.float64)
+        self.version += 1
 
     def complete(self, until: float | None = None) -> None:
         """Applies the steps in flight that end by `until` and the one in progress then (None: all)."""
@@ -214,6 +337,7 @@ class SimReplica:
             return
         self.version += 1
         num = len(run.ends) if until is None else min(len(run.ends), int(np.searchsorted(run.ends, until)) + 1)
+        self._observe(run, num)
         self._update(run.plan, float(run.ends[0]))
         if num > 1:
             self._replay(run.plan, num - 1, float(run.ends[num - 1]))
@@ -228,8 +352,20 @@ class SimReplica:
         if self._run is not None and now < float(self._run.ends[-1]):
             self.complete(until=now)
 
+    def _observe(self, run: _Run, num: int) -> None:
+        """What LLMEngine.step tells the scheduler's step-cost model after each step: its time and the bytes
+        it staged from the host with their copy time (steps replayed in bulk were planned alike, staged none)."""
+        model, executor = self.engine.scheduler.cost_model, self.engine.runner
+        times = np.diff(run.ends[:num], prepend=run.start) * 1e3
+        model.observe(run.plan.num_tokens, float(times[0]))
+        fetched = sum(fetched for fetched, _ in executor.last_staged)
+        model.observe_copy(fetched, self.engine.cost.host_link_s(fetched) * 1e3)
+        for step_ms in times[1:]:
+            model.observe(len(run.plan.decodes), float(step_ms))
+
     def _update(self, plan: SchedulerOutput, end: float) -> None:
         """LLMEngine.update without text: the sampled rows get a token; finished requests leave."""
+        self.now = end
         scheduler = self.engine.scheduler
         sampled = [scheduler.requests[c.request_id] for c in plan.decodes] + [
             scheduler.requests[c.request_id] for c in plan.prefills if c.samples]
@@ -245,6 +381,7 @@ class SimReplica:
     def _replay(self, plan: SchedulerOutput, num: int, end: float) -> None:
         """`num` more decode steps of the same batch, in bulk (see the module doc)."""
         scheduler, kv = self.engine.scheduler, self.engine.kv
+        self.now = end
         for chunk in plan.decodes:
             request = scheduler.requests[chunk.request_id]
             computed = request.num_computed_tokens + num
@@ -258,7 +395,8 @@ class SimReplica:
 
     def _replayable_steps(self, plan: SchedulerOutput) -> int:
         """How many steps in a row the scheduler would plan exactly like `plan` (1: just this one)."""
-        if not self.config.fast_forward or plan.prefills or plan.preempted or not plan.decodes:
+        if not self.fast_forward or plan.prefills or plan.preempted or not plan.decodes \
+                or self.engine.kv.num_offloaded_host_chunks:
             return 1
         scheduler, spec = self.engine.scheduler, self.engine.kv_spec
         page = spec.tokens_per_page

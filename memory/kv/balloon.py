@@ -7,6 +7,8 @@ name, plus a callback that evicts one of its cached blocks. So two models' KV wi
 and the activations all draw on one ElasticPool: a large page no kind uses goes back to the pool, and
 when the pool asks the balloon for memory back, the members evict cached blocks (each in its own
 evictor's order, members in registration order) until enough large pages have emptied.
+`page_policy` (memory/page_policies.py) picks the allocator variant: `lcm` (Jenga), `pad_to_largest`
+(vLLM's one page size) or a `StaticPartition` of the budget per kind, the benchmarks' baselines.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from memory.lcm_allocator import KindTelemetry, LcmAllocator
+from memory.page_policies import PagePolicy
 from memory.pool import ElasticPool
 
 KV_CLIENT = "kv"
@@ -24,11 +27,11 @@ EvictOne = Callable[[], int | None]
 
 
 class KVBalloon:
-    def __init__(self, pool: ElasticPool, client: str = KV_CLIENT):
+    def __init__(self, pool: ElasticPool, client: str = KV_CLIENT, page_policy: PagePolicy | str = "lcm"):
         self.pool = pool
         self.client = client
         pool.register(client, reclaim=self._reclaim, reclaimable=self._reclaimable)
-        self.allocator = LcmAllocator(pool, client, {})
+        self.allocator = LcmAllocator(pool, client, {}, page_policy)
         self._members: dict[str, EvictOne] = {}
 
     def attach(self, owner: str, small_page_bytes: Mapping[str, int], evict_one: EvictOne) -> dict[str, str]:

@@ -71,19 +71,17 @@ class ContiguousLayout(KVLayout):
         return [tensor.page_tensor(index) for tensor in self._block_tensors(block)]
 
     # ---- one layer's page (layer-wise residency and staging) ---------------------------------
-    def layer_page_tensors(self, layer: int) -> tuple[VirtualTensor, VirtualTensor]:
-        return self.tensors[layer]
-
     def map_layer_page(self, layer: int, slot: int, page: int, key_chunk, value_chunk) -> None:
         index = self._page(slot, page)
         key, value = self.tensors[layer]
         key.map_page(index, key_chunk)
         value.map_page(index, value_chunk)
 
-    def unmap_layer_page(self, layer: int, slot: int, page: int) -> None:
+    def unmap_layer_page(self, layer: int, slot: int, page: int) -> tuple:
+        """Unmaps one layer's K and V page of a slot; returns the two chunks that were there."""
         index = self._page(slot, page)
-        for tensor in self.tensors[layer]:
-            tensor.unmap_page(index)
+        key, value = self.tensors[layer]
+        return key.unmap_page(index), value.unmap_page(index)
 
     def layer_page_views(self, layer: int, slot: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 views of one layer's K and V page of a slot (mapped or about to be read as zeros)."""

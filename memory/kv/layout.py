@@ -37,6 +37,9 @@ KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V
 
 class KVLayout(ABC):
     name: ClassVar[str]
+    # True: blocks are small pages of Jenga's LCM allocator (memory/kv/block_source.py LcmBlocks), as the
+    # `paged` layout places them; False: a block is loose pool chunks (`contiguous`)
+    small_pages: ClassVar[bool] = False
 
     @abstractmethod
     def __init__(self, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype) -> None: ...

@@ -67,9 +67,9 @@ class KVCacheManager(LayerResidency):
         balloon: KVBalloon | None = None,
         owner: str = KV_CLIENT,
     ):
-        """`paged` layouts take their blocks from Jenga's LCM allocator in `balloon` (the pool's `kv`
-        client, shared with other KV managers of the same pool under distinct `owner` names; None: a
-        balloon of its own); `contiguous` takes loose pool chunks."""
+        """Layouts of small pages (`paged`) take their blocks from Jenga's LCM allocator in `balloon` (the
+        pool's `kv` client, shared with other KV managers of the same pool under distinct `owner` names;
+        None: a balloon of its own); `contiguous` takes loose pool chunks."""
         if pool.chunk_bytes != spec.page_bytes:
             raise ValueError(f"pool chunks ({pool.chunk_bytes} B) must equal KV pages ({spec.page_bytes} B)")
         self.spec = spec
@@ -77,6 +77,7 @@ class KVCacheManager(LayerResidency):
         self.host_buffer = host_buffer
         self.host_tier = host_tier  # in-place offloading (host backend): offloaded pages stay mapped
         self.layout: KVLayout = create_layout(layout, spec, pool.backend, dtype)
+        small_pages = self.layout.small_pages
         if layout_log is not None:  # tensor parallelism: other ranks replay these layout calls
             self.layout = RecordingLayout(self.layout, layout_log)
         self.enable_prefix_caching = enable_prefix_caching
@@ -92,7 +93,7 @@ class KVCacheManager(LayerResidency):
             self.prefix.evictor = EVICTORS[evictor](self.policies)
         self._init_residency()
         self.blocks: BlockSource
-        if layout == "paged":
+        if small_pages:
             self.blocks = LcmBlocks(self, balloon if balloon is not None else KVBalloon(pool), owner)
         elif balloon is not None:
             raise ValueError(f"the {layout!r} layout takes loose chunks: only paged KV shares an LCM balloon")

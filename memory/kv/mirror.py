@@ -4,6 +4,10 @@ Rank 0 decides everything (slots, pages, sharing, swaps); its layout is wrapped 
 `RecordingLayout` that appends each layout call, by block id, to a log. Rank 0 broadcasts the log
 with the step's plan and every other rank replays it with `LayoutMirror` on its own pool, so each
 rank's KV cache has the same pages at the same virtual places for its own shard of heads.
+
+A cooperative pipeline (KunServe, engine/cooperative/follower.py) replays its leader's log the same way on
+the follower, into the follower's own layout whose `held_layers` mask keeps pages only for the layers
+the follower serves: a block there takes 2 chunks per held layer of its group.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ class RecordingLayout(KVLayout):
 
     def layer_caches(self) -> list[tuple]:
         return self._layout.layer_caches()
+
+    @property
+    def held_layers(self) -> frozenset[int]:
+        return self._layout.held_layers
+
+    @held_layers.setter
+    def held_layers(self, layers: frozenset[int]) -> None:  # KVCacheManager.hold_layers (KunServe)
+        self._layout.held_layers = layers
 
     def block_pages(self, slot: int, page: int, block: KVBlock) -> list[torch.Tensor]:
         return self._layout.block_pages(slot, page, block)
@@ -78,13 +90,19 @@ class RecordingLayout(KVLayout):
 class LayoutMirror:
     """Replays rank 0's layout log on this rank's pool and virtual tensors."""
 
-    def __init__(self, spec: KVCacheSpec, pool, dtype: torch.dtype, host_buffer=None, layout: str = "contiguous"):
+    def __init__(self, spec: KVCacheSpec, pool, dtype: torch.dtype, host_buffer=None, layout: str = "contiguous",
+                 existing: KVLayout | None = None):
+        """`existing`: replay into this layout (a KV manager's, whose owner registered the pool's `kv` client)
+        instead of building one; `close` then leaves the layout open."""
         self.spec = spec
         self.pool = pool
         self.host_buffer = host_buffer
-        self.layout = create_layout(layout, spec, pool.backend, dtype)
+        self._owns_layout = existing is None
+        self.layout = create_layout(layout, spec, pool.backend, dtype) if existing is None else existing
         self.blocks: dict[int, KVBlock] = {}
-        pool.register(KV_CLIENT)
+        self._mapped: dict[int, set[tuple[int, int]]] = {}  # block id -> (slot, page) where it is mapped
+        if existing is None:
+            pool.register(KV_CLIENT)
 
     def layer_caches(self) -> list[tuple]:
         return self.layout.layer_caches()
@@ -96,19 +114,25 @@ class LayoutMirror:
     def _block(self, block_id: int, group: int) -> KVBlock:
         block = self.blocks.get(block_id)
         if block is None:
-            num_chunks = 2 * len(self.spec.groups[group].layers)
+            held = getattr(self.layout, "held_layers", None)
+            layers = self.spec.groups[group].layers
+            num_chunks = 2 * (len(layers) if held is None else sum(layer in held for layer in layers))
             block = KVBlock(block_id, group, self.pool.inflate(KV_CLIENT, num_chunks), ref_count=1)
             self.blocks[block_id] = block
         return block
 
     def _map(self, block_id: int, group: int, slot: int, page: int) -> None:
         self.layout.map_block(slot, page, self._block(block_id, group))
+        self._mapped.setdefault(block_id, set()).add((slot, page))
 
     def _unmap(self, block_id: int, slot: int, page: int) -> None:
         self.layout.unmap_block(slot, page, self.blocks[block_id])
+        self._mapped[block_id].discard((slot, page))
 
     def _move(self, block_id: int, src_slot: int, dst_slot: int, page: int) -> None:
         self.layout.move_block(self.blocks[block_id], src_slot, dst_slot, page)
+        self._mapped[block_id].discard((src_slot, page))
+        self._mapped[block_id].add((dst_slot, page))
 
     def _to_host(self, block_id: int, slot: int, page: int, host_slots: tuple[int, ...]) -> None:
         allocated = self.host_buffer.allocate(len(host_slots))
@@ -124,10 +148,21 @@ class LayoutMirror:
 
     def _free(self, block_id: int) -> None:
         block = self.blocks.pop(block_id)
+        self._mapped.pop(block_id, None)
         self.pool.deflate(KV_CLIENT, block.chunks)
 
     def close(self) -> None:
-        self.layout.close()
+        if self._owns_layout:
+            self.layout.close()
+        else:  # the layout lives on: no page may stay mapped to a chunk given back
+            for block_id, places in self._mapped.items():
+                for slot, page in places:
+                    self.layout.unmap_block(slot, page, self.blocks[block_id])
         for block in self.blocks.values():
             self.pool.deflate(KV_CLIENT, block.chunks)
         self.blocks.clear()
+        self._mapped.clear()
+
+    @property
+    def num_chunks(self) -> int:
+        return sum(len(block.chunks) for block in self.blocks.values())

@@ -46,6 +46,7 @@ class PagedLayerCache:
 
 class PagedLayout(KVLayout):
     name = "paged"
+    small_pages = True
 
     def __init__(self, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype):
         self.spec = spec

@@ -34,12 +34,15 @@ def available_layouts() -> tuple[str, ...]:
     return tuple(sorted(_LAYOUTS))
 
 
-def create_layout(name: str, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype) -> KVLayout:
+def layout_class(name: str) -> type[KVLayout]:
     try:
-        layout = _LAYOUTS[name]
+        return _LAYOUTS[name]
     except KeyError:
         raise KeyError(f"unknown KV layout {name!r}; registered: {', '.join(available_layouts())}") from None
-    return layout(spec, backend, dtype)
+
+
+def create_layout(name: str, spec: KVCacheSpec, backend: VmmBackend, dtype: torch.dtype) -> KVLayout:
+    return layout_class(name)(spec, backend, dtype)
 
 
 register_layout(ContiguousLayout)

@@ -7,8 +7,8 @@
   tensors equal transformers' own (`hf_gguf_tensors`).
 - `hf_greedy`: transformers' greedy tokens, one prompt at a time (no padding to reason about).
 - `make_tiny_random_checkpoint`: a tiny randomly initialised Qwen3 / Mistral-style checkpoint with
-  mixed sliding-window and full-attention layers, written as config.json + safetensors + tokenizer,
-  built without any download.
+  mixed sliding-window and full-attention layers (or a plain Llama), written as config.json +
+  safetensors + tokenizer, built without any download.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def hf_greedy(model: PreTrainedModel, prompts_token_ids: Sequence[Sequence[int]]
     on this transformers version it changed the greedy tokens, not only where they stop."""
     outputs = []
     for prompt in prompts_token_ids:
-        input_ids = torch.tensor([list(prompt)], dtype=torch.long)
+        input_ids = torch.tensor([list(prompt)], dtype=torch.long, device=model.device)
         generated = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
             max_new_tokens=max_new_tokens, top_k=None, top_p=None, temperature=None,
@@ -82,6 +82,11 @@ def _tiny_config(arch: str, vocab_size: int, layer_types: Sequence[str], sliding
         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=bos_token_id,
         eos_token_id=eos_token_id, sliding_window=sliding_window, layer_types=list(layer_types),
     )
+    if arch == "llama":  # every layer full attention
+        from transformers import LlamaConfig
+
+        del common["sliding_window"], common["layer_types"]
+        return LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if arch == "qwen3":
         from transformers import Qwen3Config
 
@@ -102,7 +107,9 @@ def _tiny_config(arch: str, vocab_size: int, layer_types: Sequence[str], sliding
                                 rope_parameters={
                                     FULL_ATTENTION: {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
                                     SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": 10000.0}})
-    raise ValueError(f"unknown tiny architecture {arch!r} (qwen3 | mistral | gemma3)")
+    raise ValueError(f"unknown tiny architecture {arch!r} (llama | qwen3 | mistral | gemma3)")
+
+
 
 
 def make_tiny_random_checkpoint(
@@ -112,13 +119,16 @@ def make_tiny_random_checkpoint(
     sliding_window: int = 8,
     seed: int = 0,
     tokenizer_cache_dir: Path | str | bool | None = True,
+    tokenizer=None,
 ) -> Path:
-    """Write a tiny random model (SmolLM2's tokenizer and vocabulary) to `tmp_dir`; return the dir."""
+    """Write a tiny random model to `tmp_dir`; return the dir. Its vocabulary is `tokenizer`'s
+    (default: SmolLM2's, from the embedded model)."""
     from transformers import AutoModelForCausalLM as AutoModel
 
     directory = Path(tmp_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(None, cache_dir=tokenizer_cache_dir)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(None, cache_dir=tokenizer_cache_dir)
     config = _tiny_config(arch, len(tokenizer), layer_types, sliding_window,
                           tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(seed)

@@ -169,8 +169,7 @@ def test_traces_replay_burstgpt_azure_and_our_csv(tmp_path):
 
 
 def test_commands(capsys):
-    assert main(["layerkv"]) == 2 and "not built yet" in capsys.readouterr().out
-    assert main(["jenga"]) == 2 and main(["kunserve"]) == 2
+    assert main(["kunserve"]) == 2 and "not built yet" in capsys.readouterr().out
     capsys.readouterr()
     assert main(["ellm", "--inputs", "32768", "--requests", "16"]) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,183 @@
+"""A cooperative pair across two processes (KunServe), the follower's side: stage 2.
+
+The follower keeps layers [second_from, L). Forming the pair, it hands its requests in flight to the
+leader (snapshots: they recompute there), drops its first layers, keeps KV pages only for layers
+[split, L) and offers the leader its free KV chunks (less one full step's workspace) as the budget of
+the leader's shadow of its KV manager (remote.py). From then on it serves the leader's messages:
+
+- "step": the layout log since the last message (replayed on its own pool: memory/kv/mirror.py into its
+  KV manager's layout, whose layer mask keeps only its layers' pages) and the step's micro-batches; per
+  micro-batch it receives stage 1's hidden states, runs its layers, and sends back the final hidden
+  states of the rows that sample; then its busy time (for the bubble ratio).
+- "sync": the log, and the outputs of the requests whose clients are connected here (returned by
+  `serve_one`, for their streams); it answers with its inbox: new requests and aborts from its clients.
+- "restore": the log (which frees every page) and its requests back as snapshots: it copies its layers
+  back from the host copy and serves alone again, its requests recomputing their KV.
+
+If the leader dies (`PeerLost`), the follower restores its layers from its host copy and serves alone;
+its requests that were running on the pipeline end with a clear error (their state was on the leader).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from engine.api import GenerateRequest, RequestOutput
+from engine.cooperative.channel import PairChannel, PeerLost
+from engine.cooperative.pipeline import num_sampled
+from engine.cooperative.remote import pipeline_split, snapshot_of
+from engine.core.engine import LLMEngine
+from engine.migration import attach
+from memory.kv.mirror import LayoutMirror
+
+LEADER_ERROR = "the replica serving the other half of this request's layers failed"
+
+
+class RemoteFollower:
+    def __init__(self, engine: LLMEngine, channel: PairChannel):
+        self.engine = engine
+        self.channel = channel
+        self.is_formed = False
+        self.split = engine.model_config.num_layers
+        self.forwarded: set[str] = set()  # this replica's requests running on the leader
+        self.num_steps = 0
+        self._mirror: LayoutMirror | None = None
+        self._inbox: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+
+    # ---- forming -----------------------------------------------------------------------------------
+    def form(self, first_keeps: int, second_from: int) -> int:
+        engine = self.engine
+        num_layers = engine.model_config.num_layers
+        split = pipeline_split(num_layers, first_keeps, second_from)
+        engine.drop_state = "dropping"
+        snapshots = [snapshot_of(request) for request in engine.scheduler.take_all_for_recompute()]
+        freed = engine.drop_layers(range(0, second_from))
+        engine.kv.hold_layers(range(split, num_layers))
+        self._mirror = LayoutMirror(engine.kv_spec, engine.pool, engine.dtype, existing=engine.kv.layout)
+        workspace = engine.runner.activation_chunks(engine.config.max_num_batched_tokens, engine.config.max_num_seqs)
+        budget = max(0, engine.kv.num_available_chunks() - workspace)
+        with self._lock:
+            self.forwarded = {snapshot.request_id for snapshot in snapshots}
+            self.is_formed = True
+        self.split = split
+        self.channel.send_object(("formed", budget, snapshots))
+        engine.drop_state = "dropped"
+        return freed
+
+    # ---- this replica's clients ----------------------------------------------------------------------
+    def submit(self, request: GenerateRequest) -> None:
+        """A request from a client connected here: runs on the pipeline while formed (any thread)."""
+        with self._lock:
+            if self.is_formed:
+                self.engine.validate(request)
+                self._inbox.append(("add", request))
+                self.forwarded.add(request.request_id)
+                return
+        self.engine.add_request(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        with self._lock:
+            if self.is_formed:
+                self._inbox.append(("abort", request_id))
+                self.forwarded.discard(request_id)
+                return None
+        return self.engine.abort(request_id)
+
+    # ---- serving the leader --------------------------------------------------------------------------
+    def serve_one(self) -> list[RequestOutput]:
+        """Handles the leader's next message; returns outputs of this replica's requests."""
+        try:
+            message = self.channel.recv_object()
+            kind, log = message[0], message[1]
+            self._mirror.apply(log)
+            if kind == "step":
+                self._step(message[2])
+                return []
+            if kind == "sync":
+                return self._sync(message[2])
+            if kind == "restore":
+                self._restore(message[2])
+                return []
+            raise RuntimeError(f"unknown pair message {kind!r}")
+        except PeerLost:
+            return self._leader_lost()
+
+    def _step(self, micro_batches) -> None:
+        runner = self.engine.runner
+        model = runner.model
+        layers = range(self.split, self.engine.model_config.num_layers)
+        busy = 0.0
+        for micro in micro_batches:
+            batch = runner.build_batch(micro)
+            plan = model.buffer_plan(batch.num_tokens, max(num_sampled(micro), 1))
+            workspace = runner.workspace.acquire(plan.num_bytes)
+            try:
+                with torch.inference_mode():
+                    buffers = plan.carve(workspace)
+                    self.channel.recv_tensor(buffers["hidden"])  # waiting for stage 1 is idle time
+                    started = time.perf_counter()
+                    hidden = model.forward_stage(batch, runner.kv.layer_caches(), buffers, layers, embed=False)
+                    self.channel.send_tensor(hidden.index_select(0, batch.logits_indices))
+                    busy += time.perf_counter() - started
+            finally:
+                runner.workspace.release()
+        self.channel.send_tensor(torch.tensor([busy], dtype=torch.float64))
+        self.channel.flush()
+        self.num_steps += 1
+
+    def _sync(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            for output in outputs:
+                if output.is_finished:
+                    self.forwarded.discard(output.request_id)
+        self.channel.send_object(inbox)
+        return outputs
+
+    def _restore(self, snapshots) -> None:
+        engine = self.engine
+        engine.drop_state = "restoring"
+        with self._lock:
+            self._leave()
+            engine.restore_layers(range(engine.model_config.num_layers))
+            for snapshot in snapshots:
+                attach(engine, snapshot, 0)  # recomputes its KV here, its tokens so far kept
+            self.forwarded.clear()
+            self._add_unsent()
+        self.channel.send_object("restored")
+        self.channel.flush()
+        engine.drop_state = "normal"
+
+    def _leader_lost(self) -> list[RequestOutput]:
+        engine = self.engine
+        with self._lock:
+            if self._mirror is not None:
+                self._leave()
+            engine.restore_layers(range(engine.model_config.num_layers))
+            self._add_unsent()
+            ended = [RequestOutput(request_id, (), "", "error", 0, 0, error=LEADER_ERROR)
+                     for request_id in sorted(self.forwarded)]
+            self.forwarded.clear()
+        engine.drop_state = "normal"
+        return ended
+
+    def _leave(self) -> None:
+        self._mirror.close()
+        self._mirror = None
+        self.engine.kv.hold_layers(range(self.engine.model_config.num_layers))
+        self.split = self.engine.model_config.num_layers
+        self.is_formed = False
+
+    def _add_unsent(self) -> None:
+        """Requests submitted since the last sync never reached the leader: they run here."""
+        for kind, payload in self._inbox:
+            if kind == "add":
+                self.forwarded.discard(payload.request_id)
+                self.engine.add_request(payload)
+            else:
+                self.engine.abort(payload)
+        self._inbox = []

@@ -1,0 +1,105 @@
+"""The other process of a cross-process cooperative pair in tests: joins a two-rank gloo group and plays
+the follower (stage 2) or the leader (stage 1) of engine/cooperative/, driven by a fixed script."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch.distributed as dist
+
+from engine.api import GenerateRequest
+from engine.config import EngineConfig
+from engine.cooperative.channel import PairChannel
+from engine.cooperative.follower import RemoteFollower
+from engine.cooperative.remote import RemoteLeader
+from engine.core.engine import LLMEngine
+from engine.text.tokenizer import load_tokenizer
+from engine.weights import resolve_model_source
+from tests.engine.engine_helpers import greedy
+
+TIMEOUT_S = 20
+
+
+def pair_config(model_dir, **overrides) -> EngineConfig:
+    base = dict(model=str(model_dir), dtype="float32", num_threads=1, max_model_len=256, max_num_seqs=8,
+                max_num_batched_tokens=32, tokens_per_page=16, device_memory_bytes=64 << 20,
+                host_buffer_bytes=4 << 20, enable_parameter_dropping=True)
+    base.update(overrides)
+    return EngineConfig(**base)
+
+
+def host_store() -> dist.TCPStore:
+    """The test process hosts the group's store (whichever rank it plays)."""
+    return dist.TCPStore("127.0.0.1", 0, 2, True, timeout=datetime.timedelta(seconds=TIMEOUT_S),
+                         wait_for_workers=False)
+
+
+def join(port: int, rank: int, store: dist.TCPStore | None = None) -> PairChannel:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    if store is None:
+        store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout)
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    channel = PairChannel(dist.ProcessGroupGloo(dist.PrefixStore("pair/", store), rank, 2, options), rank)
+    channel.store = store  # the store must live as long as the group
+    return channel
+
+
+def engine_for(model_dir) -> LLMEngine:
+    return LLMEngine(pair_config(model_dir), tokenizer=load_tokenizer(resolve_model_source(None)))
+
+
+def add(engine_or_side, request_id: str, prompt, max_tokens: int) -> None:
+    request = GenerateRequest(request_id, tuple(prompt), greedy(max_tokens))
+    if isinstance(engine_or_side, RemoteFollower):
+        engine_or_side.submit(request)
+    else:
+        engine_or_side.add_request(request)
+
+
+def collect(tokens: dict, outputs) -> None:
+    for output in outputs:
+        tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
+        if output.finish_reason == "error":
+            tokens.setdefault("errors", []).append((output.request_id, output.error))
+
+
+def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after_syncs: int | None = None) -> None:
+    """Serves "b" alone for 4 steps, forms the pair, submits "c" (8 tokens, wholly while dropped) and "f"
+    (24 tokens, spans the restore), serves until restored, finishes alone, sends its tokens to rank 0.
+    `die_after_syncs`: exits abruptly after that many syncs instead (a replica dying while dropped)."""
+    channel = join(port, 1)
+    engine = engine_for(model_dir)
+    follower = RemoteFollower(engine, channel)
+    tokens: dict = {}
+    add(engine, "b", prompts[1], 24)
+    for _ in range(4):
+        collect(tokens, engine.step())
+    follower.form(*drop)
+    add(follower, "c", prompts[2], 8)
+    add(follower, "f", prompts[5], 24)
+    num_syncs = 0
+    while follower.is_formed:
+        collect(tokens, follower.serve_one())
+        num_syncs += follower.num_steps > 0
+        if die_after_syncs is not None and follower.num_steps >= die_after_syncs:
+            os._exit(0)
+    while engine.has_work:
+        collect(tokens, engine.step())
+    channel.send_object({"tokens": tokens, "weights": engine.pool.num_held("weights"),
+                         "dropped": engine.dropped_weight_bytes, "kv_used": engine.kv.num_used_chunks(),
+                         "steps": follower.num_steps})
+    channel.flush()
+
+
+def run_leader_then_die(model_dir, port: int, prompts, drop: tuple[int, int], steps: int) -> None:
+    """Forms the pair as the leader, runs `steps` steps, then exits abruptly (the leader dying while dropped)."""
+    channel = join(port, 0)
+    leader = RemoteLeader(engine_for(model_dir), channel, min_micro_batch_tokens=8)
+    leader.form(*drop)
+    for _ in range(steps):
+        leader.step()
+    os._exit(0)

@@ -1,0 +1,133 @@
+"""KunServe across two processes: the leader (this test process) runs stage 1 and the pair's scheduler,
+the follower (a spawned process) runs stage 2; hidden states go over a two-rank gloo group, the
+follower's KV layout replays the leader's log with a layer mask. Greedy tokens equal transformers' (fp32)
+for requests that span the drop, run wholly while dropped (from either replica's clients) and span the
+restore; a replica dying while dropped leaves its peer serving alone from its host copy."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+from engine.cooperative.follower import LEADER_ERROR, RemoteFollower
+from engine.cooperative.remote import RemoteLeader
+from tests.engine.cooperative.pair_process import (
+    add,
+    collect,
+    engine_for,
+    host_store,
+    join,
+    run_follower,
+    run_leader_then_die,
+)
+from tests.engine.engine_helpers import assert_pool_idle
+from tests.engine.reference import hf_greedy, hf_model_from_source
+
+DROP = (2, 2)  # the tiny model has 4 layers: the leader keeps [0, 2), the follower [2, 4)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen3_dir, prompts):
+    return hf_greedy(hf_model_from_source(str(tiny_qwen3_dir)), prompts, 24)
+
+
+def spawn(target, *args) -> multiprocessing.Process:
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
+
+
+def assert_same(tokens: dict, reference, index: int, request_id: str, count: int) -> None:
+    assert tokens[request_id] == reference[index][:count], request_id
+
+
+def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference):
+    store = host_store()
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP)
+    channel = join(store.port, 0, store)
+    engine = engine_for(tiny_qwen3_dir)
+    leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8)
+    tokens: dict = {}
+    add(engine, "a", prompts[0], 8)  # spans the drop, ends while dropped
+    for _ in range(4):
+        collect(tokens, engine.step())
+    weights = engine.pool.num_held("weights")
+    freed = leader.form(*DROP)
+    assert freed == engine.rank.arena.layer_chunks([2, 3]) > 0
+    assert engine.pool.num_held("weights") == weights - freed and engine.drop_state == "dropped"
+    add(engine, "d", prompts[3], 8)  # wholly while dropped
+    add(engine, "e", prompts[4], 24)  # spans the restore
+    seen_peer = set()
+    for _ in range(200):
+        collect(tokens, leader.step())
+        seen_peer |= leader.peer_requests
+        if {"a", "d"} <= tokens.keys() and len(tokens["d"]) == 8 and {"c", "f"} <= seen_peer \
+                and "c" not in leader.peer_requests:
+            break
+    assert leader.bubble_ratio > 0 and leader._runner.stats.num_steps > 0
+    assert "f" in leader.peer_requests and len(tokens["e"]) < 24  # both still running: they span the restore
+    assert leader.restore() == freed
+    assert engine.pool.num_held("weights") == weights and engine.drop_state == "normal"
+    while engine.has_work:
+        collect(tokens, leader.step())
+    theirs = channel.recv_object()
+    process.join(timeout=30)
+    assert process.exitcode == 0
+    for request_id, index, count in (("a", 0, 8), ("d", 3, 8), ("e", 4, 24)):
+        assert_same(tokens, reference, index, request_id, count)
+    for request_id, index, count in (("b", 1, 24), ("c", 2, 8), ("f", 5, 24)):
+        assert_same(theirs["tokens"], reference, index, request_id, count)
+    assert "errors" not in tokens and "errors" not in theirs["tokens"]
+    assert theirs["dropped"] == 0 and theirs["kv_used"] == 0 and theirs["steps"] > 0
+    assert_pool_idle(engine)
+    engine.close()
+
+
+@pytest.mark.slow  # about 12 s: a second spawned process (the fast path is the test above)
+def test_follower_dying_while_dropped_leaves_the_leader_serving(tiny_qwen3_dir, prompts, reference):
+    store = host_store()
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, 3)
+    channel = join(store.port, 0, store)
+    engine = engine_for(tiny_qwen3_dir)
+    leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8)
+    tokens: dict = {}
+    add(engine, "a", prompts[0], 24)
+    freed = leader.form(*DROP)
+    for _ in range(50):
+        collect(tokens, leader.step())
+        if not leader.is_formed:
+            break
+    assert not leader.is_formed and engine.dropped_weight_bytes == 0 and engine.drop_state == "normal"
+    assert leader.num_peer_requests_ended >= 1 and freed > 0  # the follower's "b" (and what it sent) went with it
+    while engine.has_work:
+        collect(tokens, leader.step())
+    assert_same(tokens, reference, 0, "a", 24)
+    assert_pool_idle(engine)
+    process.join(timeout=30)
+    engine.close()
+
+
+@pytest.mark.slow
+def test_leader_dying_while_dropped_ends_the_followers_requests_with_an_error(tiny_qwen3_dir, prompts, reference):
+    store = host_store()
+    process = spawn(run_leader_then_die, tiny_qwen3_dir, store.port, prompts, DROP, 3)
+    channel = join(store.port, 1, store)
+    engine = engine_for(tiny_qwen3_dir)
+    follower = RemoteFollower(engine, channel)
+    add(engine, "b", prompts[1], 24)
+    follower.form(*DROP)
+    tokens: dict = {}
+    for _ in range(100):
+        collect(tokens, follower.serve_one())
+        if not follower.is_formed:
+            break
+    assert not follower.is_formed and engine.dropped_weight_bytes == 0
+    assert tokens["errors"] == [("b", LEADER_ERROR)]
+    add(follower, "g", prompts[6], 8)  # the survivor serves alone again
+    while engine.has_work:
+        collect(tokens, engine.step())
+    assert_same(tokens, reference, 6, "g", 8)
+    assert_pool_idle(engine)
+    process.join(timeout=30)
+    engine.close()
