@@ -20,7 +20,7 @@ from engine.core.forward_batch import ForwardBatch, PrefillChunk
 from memory.kv.paged import PagedLayerCache
 
 NUM_SLOTS, PAGES_PER_SLOT = 6, 24
-AVX2_FLAGS = tuple("-march=x86-64-v3" if flag == "-march=native" else flag for flag in native.FLAGS)
+AVX2_FLAGS = tuple("-march=haswell" if flag == "-march=native" else flag for flag in native.FLAGS)
 
 
 def _paged_cache(lens, slots, page_tokens, kv_heads, head_dim, dtype, window, seed=0):
@@ -59,7 +59,7 @@ def _decode_batch(slots, lens) -> ForwardBatch:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("page_tokens", [1, 3, 5, 16])
+@pytest.mark.parametrize("page_tokens", [1, 5, 16])
 @pytest.mark.parametrize("window", [None, 7])
 # SmolLM2's heads (3/9/64: the AVX512-BF16 path), Gemma 3's (1/4/256), and the generic loop's (3/9/16)
 @pytest.mark.parametrize("shape", [(3, 9, 64), (1, 4, 256), (3, 9, 16)])
@@ -82,7 +82,7 @@ def test_paged_decode_equals_contiguous_kernel(dtype, page_tokens, window, shape
     torch.testing.assert_close(got, reference, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for x86-64-v3 (AVX2, no AVX-512)")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for Haswell (AVX2, no AVX-512)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_avx2_only_build_reads_pages_like_the_native_build(dtype):
     """The kernels built without AVX-512 (fp32 auto-vectorised, bf16 widened in the generic loop) give what
