@@ -8,7 +8,7 @@
   the requests in turn, page by page, as decoding requests grow. Interleaved calls, medians.
 - `paged`: whole SmolLM2 engines on CPU, `contiguous` vs `paged` layout, 1 thread, 16 prompts of ~150
   tokens x 48 new tokens, interleaved rounds in one process; the prefill phase (until every request has its
-  first token) and the decode phase are timed apart.
+  first token) and the decode phase are timed apart, in wall time and in process CPU time.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from memory import ElasticPool, create_backend
 from memory.kv import KVCacheManager, KVCacheSpec, LayerGroup
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PHASES = ("prefill wall", "decode wall", "prefill CPU", "decode CPU")
 
 
 def _filled_managers(dtype: torch.dtype, batch_size: int, length: int, page_tokens: int):
@@ -123,23 +124,25 @@ def _bench_attention_dtype(dtype_name: str, dtype: torch.dtype, iterations: int,
         kv.close()
 
 
-def _timed_run(engine, prompts, params, prefix: str) -> tuple[float, float, dict[str, list[int]]]:
-    """(prefill-phase seconds, decode-phase seconds, tokens per request): the prefill phase lasts until every
-    request has its first token."""
+def _timed_run(engine, prompts, params, prefix: str) -> tuple[list[float], dict[str, list[int]]]:
+    """([prefill wall, decode wall, prefill CPU, decode CPU] seconds, tokens per request): the prefill phase
+    lasts until every request has its first token. CPU time is the process's (one torch thread): on a
+    shared box it counts the work done, where wall time also counts the waits for a core."""
     from engine.api import GenerateRequest
 
     outputs: dict[str, list[int]] = {}
     for index, prompt in enumerate(prompts):
         engine.add_request(GenerateRequest(f"{prefix}{index}", tuple(prompt), params))
         outputs[f"{prefix}{index}"] = []
-    phases = [0.0, 0.0]
+    phases = [0.0, 0.0, 0.0, 0.0]
     while engine.has_work:
         phase = int(all(outputs.values()))
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for output in engine.step():
             outputs[output.request_id].extend(output.new_token_ids)
-        phases[phase] += time.perf_counter() - started
-    return phases[0], phases[1], {key[len(prefix):]: value for key, value in outputs.items()}
+        phases[phase] += time.perf_counter() - wall
+        phases[2 + phase] += time.process_time() - cpu
+    return phases, {key[len(prefix):]: value for key, value in outputs.items()}
 
 
 def bench_paged(rounds: int, dtypes: list[str]) -> None:
@@ -160,21 +163,19 @@ def bench_paged(rounds: int, dtypes: list[str]) -> None:
                                 kv_layout=layout, enable_prefix_caching=False)
 
         engines = {layout: LLMEngine(config(layout), tokenizer=tokenizer) for layout in ("contiguous", "paged")}
-        times: dict[str, list[tuple[float, float]]] = {layout: [] for layout in engines}
+        times: dict[str, list[list[float]]] = {layout: [] for layout in engines}
         outputs = {}
         for index in range(rounds):
             for layout, engine in engines.items():
-                prefill, decode, outputs[layout] = _timed_run(engine, prompts, greedy(48), f"{layout}{index}-")
-                times[layout].append((prefill, decode))
+                phases, outputs[layout] = _timed_run(engine, prompts, greedy(48), f"{layout}{index}-")
+                times[layout].append(phases)
         for layout, values in times.items():
-            print(f"[{dtype}] {layout:<11} prefill {' '.join(f'{p:.2f}' for p, _ in values)} s, "
-                  f"decode {' '.join(f'{d:.2f}' for _, d in values)} s")
-        for phase, name in ((0, "prefill"), (1, "decode"), (None, "total")):
-            def seconds(pair, phase=phase):
-                return sum(pair) if phase is None else pair[phase]
-            per_round = [seconds(p) / seconds(c) for p, c in zip(times["paged"], times["contiguous"], strict=True)]
-            best = min(map(seconds, times["paged"])) / min(map(seconds, times["contiguous"]))
-            print(f"[{dtype}] paged / contiguous {name}: best rounds {best:.3f}, per round "
+            print(f"[{dtype}] {layout:<11} " + "; ".join(
+                f"{name} {' '.join(f'{phases[i]:.2f}' for phases in values)} s" for i, name in enumerate(PHASES)))
+        for i, name in enumerate(PHASES):
+            per_round = [p[i] / c[i] for p, c in zip(times["paged"], times["contiguous"], strict=True)]
+            best = min(p[i] for p in times["paged"]) / min(c[i] for c in times["contiguous"])
+            print(f"[{dtype}] paged / contiguous, {name}: best rounds {best:.3f}, per round "
                   f"{' '.join(f'{r:.3f}' for r in per_round)} (median {statistics.median(per_round):.3f})")
         print(f"[{dtype}] same tokens: {outputs['paged'] == outputs['contiguous']}")
         for engine in engines.values():
