@@ -48,7 +48,7 @@ def _table_args(table: torch.Tensor | None) -> tuple[int, int, int]:
     return table.data_ptr(), table.shape[0], table.stride(0)
 
 
-def decode(library: ctypes.CDLL, spec: LayerAttentionSpec, q: torch.Tensor, key_cache: torch.Tensor,
+def decode_in_place(library: ctypes.CDLL, spec: LayerAttentionSpec, q: torch.Tensor, key_cache: torch.Tensor,
            value_cache: torch.Tensor, table: torch.Tensor | None, slots: torch.Tensor, lens: torch.Tensor,
            out: torch.Tensor) -> None:
     """out[b] = attention of q[b] over the first lens[b] tokens of the sequence in slot slots[b] (the last
@@ -67,7 +67,7 @@ def decode(library: ctypes.CDLL, spec: LayerAttentionSpec, q: torch.Tensor, key_
         out.copy_(result)
 
 
-def store(library: ctypes.CDLL, cache: torch.Tensor, table: torch.Tensor | None, slots: torch.Tensor,
+def store_rows(library: ctypes.CDLL, cache: torch.Tensor, table: torch.Tensor | None, slots: torch.Tensor,
           positions: torch.Tensor, values: torch.Tensor) -> None:
     """cache row of (slots[i], positions[i]) = values[i], one memcpy per row; IndexError (nothing written) for
     a row outside the cache or, paged, on a page the slot does not hold."""
@@ -84,7 +84,7 @@ def store(library: ctypes.CDLL, cache: torch.Tensor, table: torch.Tensor | None,
 
 
 def can_store(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> bool:
-    """Whether `store` takes these: rows in place in both, same dtype, int64 contiguous indices."""
+    """Whether `store_rows` takes these: rows in place in both, same dtype, int64 contiguous indices."""
     return (rows_in_place(cache) and values.device.type == "cpu" and cache.dtype == values.dtype
             and values.stride(-1) == 1 and values.stride(1) == cache.shape[3]
             and slots.dtype == positions.dtype == torch.int64 and slots.is_contiguous() and positions.is_contiguous())

@@ -3,23 +3,23 @@ gather, K and V read once per key/value head); prefill chunks use scaled_dot_pro
 
 from __future__ import annotations
 
-from engine.attention import native
 from engine.attention.base import LayerAttentionSpec
+from engine.attention.native import can_store, decode_in_place, load_decode_kernels, rows_in_place, store_rows
 from engine.attention.torch_sdpa import TorchSdpaBackend
 
 
 class NativeDecodeBackend(TorchSdpaBackend):
     def __init__(self):
-        self._library = native.load_decode_kernels()
+        self._library = load_decode_kernels()
 
     def _store(self, cache, batch, values) -> None:
         # one memcpy per token row where each token's heads are contiguous in the cache and in `values`
-        if not native.can_store(cache, values, batch.token_slots, batch.positions):
+        if not can_store(cache, values, batch.token_slots, batch.positions):
             return super()._store(cache, batch, values)
-        native.store(self._library, cache, None, batch.token_slots, batch.positions, values)
+        store_rows(self._library, cache, None, batch.token_slots, batch.positions, values)
 
     def _decode(self, spec: LayerAttentionSpec, q, key_cache, value_cache, batch, out) -> None:
-        if not native.rows_in_place(key_cache):
+        if not rows_in_place(key_cache):
             return super()._decode(spec, q, key_cache, value_cache, batch, out)
-        native.decode(self._library, spec, q, key_cache, value_cache, None, batch.decode_slots,
+        decode_in_place(self._library, spec, q, key_cache, value_cache, None, batch.decode_slots,
                       batch.decode_context_lens, out)

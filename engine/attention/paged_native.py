@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import native
 from engine.attention.base import AttentionBackend, LayerAttentionSpec
+from engine.attention.native import can_store, decode_in_place, rows_in_place, store_rows
 from engine.attention.native_decode import NativeDecodeBackend
 from engine.attention.paged_torch import PagedTorchBackend
 from engine.core.forward_batch import ForwardBatch
@@ -27,16 +27,16 @@ class PagedNativeBackend(PagedTorchBackend):
         self._library = dense._library
 
     def _store(self, cache: PagedLayerCache, batch: ForwardBatch, values) -> None:
-        if native.can_store(cache.pages, values, batch.token_slots, batch.positions) and _tables_ok(cache.block_table):
-            native.store(self._library, cache.pages, cache.block_table, batch.token_slots, batch.positions, values)
+        if can_store(cache.pages, values, batch.token_slots, batch.positions) and _tables_ok(cache.block_table):
+            store_rows(self._library, cache.pages, cache.block_table, batch.token_slots, batch.positions, values)
         else:
             super()._store(cache, batch, values)
 
     def _decode(self, spec: LayerAttentionSpec, q, key_cache: PagedLayerCache, value_cache: PagedLayerCache,
                 batch: ForwardBatch, out) -> None:
-        if (native.rows_in_place(key_cache.pages) and key_cache.pages.stride() == value_cache.pages.stride()
+        if (rows_in_place(key_cache.pages) and key_cache.pages.stride() == value_cache.pages.stride()
                 and _tables_ok(key_cache.block_table)):
-            native.decode(self._library, spec, q, key_cache.pages, value_cache.pages, key_cache.block_table,
+            decode_in_place(self._library, spec, q, key_cache.pages, value_cache.pages, key_cache.block_table,
                           batch.decode_slots, batch.decode_context_lens, out)
         else:
             super()._decode(spec, q, key_cache, value_cache, batch, out)

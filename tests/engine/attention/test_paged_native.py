@@ -73,8 +73,8 @@ def test_paged_decode_equals_contiguous_kernel(dtype, page_tokens, window, shape
     spec = LayerAttentionSpec(heads, kv_heads, head_dim, window)
     library = native.load_decode_kernels()
     got, contiguous, reference = (torch.empty(slots.shape[0], heads, head_dim) for _ in range(3))
-    native.decode(library, spec, query, keys.pages, values.pages, keys.block_table, slots, lens, got)
-    native.decode(library, spec, query, dense_keys, dense_values, None, slots, lens, contiguous)
+    native.decode_in_place(library, spec, query, keys.pages, values.pages, keys.block_table, slots, lens, got)
+    native.decode_in_place(library, spec, query, dense_keys, dense_values, None, slots, lens, contiguous)
     assert torch.equal(got, contiguous)
     batch = _decode_batch(slots, lens)
     TorchSdpaBackend()._decode(spec, query.float(), dense_keys.float(), dense_values.float(), batch, reference)
@@ -96,7 +96,8 @@ def test_avx2_only_build_reads_pages_like_the_native_build(dtype):
     outputs = []
     for library in (native.load_decode_kernels(), native.load_decode_kernels(AVX2_FLAGS)):
         outputs.append(torch.empty(3, heads, head_dim))
-        native.decode(library, spec, query, keys.pages, values.pages, keys.block_table, slots, lens, outputs[-1])
+        native.decode_in_place(library, spec, query, keys.pages, values.pages, keys.block_table, slots, lens,
+                               outputs[-1])
     assert not outputs[1].isnan().any()
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
 
