@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -108,6 +108,10 @@ class AppArgs(BaseModel):
 
     # What to serve.
     model: str | None = None  # None: smollm2-135m; embedded smollm2-135m | gemma3-270m, an HF directory or .gguf
+    # Several models from one replica's pool (instead of `model`): e.g. [smollm2-135m, gemma3-270m]. Their
+    # weights, KV (paged, Jenga's LCM allocator) and activations share one ElasticPool; the request's `model`
+    # field picks one (the first is the default); no tensor parallelism, migration or parameter dropping.
+    models: list[str] | None = Field(default=None, min_length=2)
     served_model_name: str | None = None  # the name clients send; None: the engine's model name
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if torch sees a GPU, else cpu
@@ -154,6 +158,18 @@ class AppArgs(BaseModel):
     # Another engine behind the same HTTP layer ("module:callable"; tests use a fake engine).
     engine_factory: str | None = None
     engine_factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_models(self):
+        if self.models is None:
+            return self
+        if self.model is not None or self.served_model_name is not None:
+            raise ValueError("models: serves each model under its own name; leave model and served_model_name out")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models: a model is listed twice: {self.models}")
+        if self.tensor_parallel_size != 1 or self.parameter_dropping.enabled:
+            raise ValueError("models: several models in one pool need tensor_parallel_size 1 and no parameter dropping")
+        return self
 
     @field_validator("device_memory", "host_buffer", "max_body_bytes", mode="before")
     @classmethod
@@ -207,3 +223,12 @@ class AppArgs(BaseModel):
         kwargs.update(device=device or resolve_device(self.device), num_threads=self.threads_per_rank(),
                       tensor_parallel_size=self.tensor_parallel_size)
         return EngineConfig(**kwargs)
+
+    def to_engine_configs(self, device: str | None = None) -> list:
+        """One EngineConfig per served model: `models:` (each on the `paged` layout unless engine_options
+        says otherwise, which the EngineGroup then refuses), or the single `model`."""
+        config = self.to_engine_config(device)
+        if self.models is None:
+            return [config]
+        layout = self.engine_options.get("kv_layout", "paged")
+        return [dataclasses.replace(config, model=model, kv_layout=layout) for model in self.models]

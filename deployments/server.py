@@ -29,6 +29,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.args import AppArgs, resolve_device
 from deployments.cluster.autoscaling import autoscaling_metrics
 from deployments.cluster.controller import ControllerClient, controller_options
+from deployments.cluster.cooperation import Cooperation
 from deployments.cluster.placement import local_node, tensor_parallel_interface
 from deployments.cluster.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
 from deployments.ingress.engine_bindings import EngineBindings
@@ -37,7 +38,7 @@ from deployments.migration.endpoint import AdoptStream, MigrationEndpoint
 from deployments.migration.kv_channel import ChannelAddress, KVChannels, StageHeader
 from deployments.migration.relay import RelayRegistry
 from deployments.migration.source import MigrationManager, MigrationStats
-from deployments.migration.transport import make_peer
+from deployments.migration.transport import ServeHandlePeer, make_peer
 from deployments.telemetry import ControllerReply, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
 from engine.api import EngineClient, EngineStats
 from engine.migration import KVStage, RequestSnapshot
@@ -61,6 +62,10 @@ def build_elastic_engine(args: AppArgs) -> BuiltEngine:
     from engine.async_engine import AsyncEngine
 
     device = resolve_device(args.device)
+    if args.models is not None:  # several models, one pool (engine/core/engine_group.py)
+        from engine.core.engine_group import EngineGroup
+
+        return BuiltEngine(AsyncEngine(EngineGroup(args.to_engine_configs(device=device))))
     config = args.to_engine_config(device=device)
     if args.tensor_parallel_size == 1:
         return BuiltEngine(AsyncEngine.from_config(config))
@@ -111,7 +116,7 @@ class LLMServer:
         self._started_at = time.time()  # the packing policy's `drain: newest` and the autoscaler compare these
         _set_torch_threads(self.args.threads_per_rank())
         started = time.monotonic()
-        what = self.args.engine_factory or self.args.model or "the embedded SmolLM2"
+        what = self.args.engine_factory or self.args.model or self.args.models or "the embedded SmolLM2"
         logger.info("replica %s: loading %s (%d torch threads)...", self.replica_id, what,
                     self.args.threads_per_rank())
         self._built = await asyncio.to_thread(build_engine, self.args)
@@ -127,6 +132,10 @@ class LLMServer:
         self._endpoint: MigrationEndpoint | None = None
         if self.engine.supports_migration:
             self._start_migration(context)
+        self._cooperation: Cooperation | None = None
+        dropping = self.args.parameter_dropping.enabled
+        if dropping and self.engine.supports_migration and hasattr(self.engine, "cooperate"):
+            self._start_cooperation(context)
         self._controller = ControllerClient(self.replica_id, self.args.controller_name,
                                             self.args.controller_namespace, self.args.migration_policy,
                                             options=controller_options(self.args))
@@ -143,6 +152,24 @@ class LLMServer:
         self._endpoint = MigrationEndpoint(self.engine, config, self._migration_stats, self._relays, self._channels)
         self._migrations = MigrationManager(self.engine, peer, self._relays, config, self._migration_stats)
         logger.info("replica %s: migrations move KV through %s", self.replica_id, peer.name)
+
+    def _start_cooperation(self, context: ReplicaContext) -> None:
+        """KunServe: this replica forms cooperative pairs when the controller orders (deployments/cluster/
+        cooperation.py); the pair's other replica is reached like a migration's destination."""
+        handle = ServeHandlePeer(context.deployment, context.app_name)
+
+        async def join(follower: str, address: ChannelAddress, first_keeps: int, second_from: int) -> None:
+            await handle.call("cooperation_join", follower, self.replica_id, address, first_keeps, second_from)
+
+        self._cooperation = Cooperation(self.replica_id, self.engine, local_node(self.args.network_interface), join,
+                                        timeout_s=max(30.0, self.args.migration.to_config().call_timeout_s))
+
+    async def cooperation_join(self, leader: str, address: ChannelAddress, first_keeps: int, second_from: int,
+                               target_replica: str) -> None:
+        """KunServe: join `leader`'s cooperative pair as its follower (called by the leader)."""
+        if target_replica != self.replica_id or self._cooperation is None:
+            raise RuntimeError(f"cooperation call for {target_replica} reached {self.replica_id}")
+        await self._cooperation.join(leader, address, first_keeps, second_from)
 
     def __serve_build_asgi_app__(self):
         settings = AppSettings(served_model_name=self.args.served_model_name, api_key=self.args.api_key,
@@ -227,6 +254,8 @@ class LLMServer:
             try:
                 engine_stats = self.engine.stats()
                 report = ReplicaReport(ReplicaStats.of(engine_stats), tuple(self.engine.memory_telemetry()))
+                if self._cooperation is not None:
+                    report = dataclasses.replace(report, dropping=self._cooperation.status(engine_stats))
                 if self._migrations is not None:
                     await self._endpoint.expire_stale()
                     report = await self._with_migration(report, engine_stats)
@@ -261,11 +290,19 @@ class LLMServer:
             logger.info("replica %s: draining for shutdown (%.1f s left)", self.replica_id,
                         reply.shutdown_at - time.time())
             self._drain_task = asyncio.get_running_loop().create_task(self.drain(reply.shutdown_at))
+        for layer_order in reply.layer_orders:
+            if self._cooperation is not None:
+                task = asyncio.get_running_loop().create_task(self._cooperation.follow(layer_order))
+                task.add_done_callback(self._log_failure)
         for order in reply.orders:
             if self._migrations is not None and order.source == self.replica_id:
                 task = self._migrations.submit(order.request_id, order.target, order.mode)
                 logger.info("replica %s: migration order %s -> %s %s", self.replica_id, order.request_id,
                             order.target, "started" if task is not None else "not started (busy)")
+
+    def _log_failure(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("replica %s: layer order failed: %r", self.replica_id, task.exception())
 
     async def __del__(self):
         # Also runs after a failed __init__: every step checks that its part was set up. Serve calls this

@@ -9,6 +9,8 @@ simulator (loadtest/sim) import it cheaply. The records:
 - `MigrationOrder`: one planned migration.
 - `ReplicaReport`: one telemetry push to the controller (engine stats, pool telemetry, and the load and
   migration state when the replica can migrate: `load is None` means it cannot).
+- `DropStatus`: a replica's KunServe parameter-dropping facts (layers, their chunks, its state and peer).
+- `LayerOrder`: the controller's order to form a cooperative pair (drop layers) or to dissolve it (restore).
 - `ControllerReply`: the controller's answer to a report (orders for that replica, whether it is drained).
 """
 
@@ -120,12 +122,42 @@ class ReplicaStats:
 
 
 @dataclass(frozen=True)
+class DropStatus:
+    """What a replica that can drop parameters reports (deployments/cluster/drop_coordinator.py)."""
+
+    model: str
+    num_layers: int
+    chunks_per_layer: int  # device chunks one layer's weights take
+    state: str = "normal"  # normal | dropping | dropped | restoring
+    peer: str | None = None  # its partner while not normal
+    dropped_layers: int = 0
+    ttft_growth: float = 1.0  # recent TTFT / baseline TTFT
+
+
+@dataclass(frozen=True)
+class LayerOrder:
+    """Drop: this replica forms a pair with `peer`; the leader keeps layers [0, first_keeps), the follower
+    [second_from, num_layers). Restore: the pair dissolves (`peer` None: the peer is gone, restore alone)."""
+
+    action: str  # "drop" | "restore"
+    role: str  # "leader" | "follower"
+    peer: str | None
+    first_keeps: int = 0
+    second_from: int = 0
+
+    def __post_init__(self) -> None:
+        if self.action not in ("drop", "restore") or self.role not in ("leader", "follower"):
+            raise ValueError(f"bad layer order {self.action!r} / {self.role!r}")
+
+
+@dataclass(frozen=True)
 class ReplicaReport:
     stats: ReplicaStats
     pools: tuple[Mapping[str, Any], ...] = ()  # PoolTelemetry.to_dict() per tensor-parallel rank (shown as is)
     load: ReplicaLoad | None = None  # None: this replica does not take part in migration
     migrating: tuple[str, ...] = ()  # delivered orders it is still running
     migration: Mapping[str, float] = field(default_factory=dict)  # cumulative counters (MigrationStats)
+    dropping: DropStatus | None = None  # None: this replica cannot drop parameters
 
 
 @dataclass(frozen=True)
@@ -133,6 +165,7 @@ class ControllerReply:
     orders: tuple[MigrationOrder, ...] = ()
     is_draining: bool = False
     shutdown_at: float | None = None  # time.time() by which the replica must have drained (app shutdown)
+    layer_orders: tuple[LayerOrder, ...] = ()  # KunServe: form or dissolve a cooperative pair
 
 
 def replica_load(replica_id: str, stats: Any, loads: Any, started_at: float,

@@ -38,6 +38,7 @@ class GenerateRequest:
     sampling: SamplingParams
     arrival_time: float = 0.0  # time.monotonic() when the HTTP layer received it
     priority: int = 0  # lower is more urgent (vLLM's `priority`); scales the SLO targets (engine/core/slo.py)
+    model: str | None = None  # which of the engine's models (an EngineGroup serves several); None: its default
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class EngineStats:
     dropped_weight_bytes: int = 0
     pipeline_bubble_ratio: float = 0.0
     kv_kinds: tuple[KVKindStats, ...] = ()  # per kind, paged layout only (loose chunks have no kinds)
+    # an EngineGroup's models, each with its own stats (these fields are then their sums): (model, stats)
+    per_model: tuple[tuple[str, EngineStats], ...] = ()
 
 
 class Tokenizer(Protocol):
@@ -130,6 +133,8 @@ class EngineClient(Protocol):
       yielded; the last output has `finish_reason` set; closing the generator early aborts the request.
     - `stats()` and `memory_telemetry()` are cheap snapshots, safe to call from the event loop at any time.
     - `check_health()` raises `EngineDeadError` once the engine cannot serve any more.
+    - `for_model(name)` is the client of one of `model_names` (its tokenizer, limits, stats; its requests
+      go to that model); KeyError for a model not served. With one model it is the engine itself.
     - Live migration (deployments/migration/) runs only where `supports_migration` is True; then
       `run_in_engine(function, *args)` runs `function(<the engine's LLMEngine>, *args)` on the engine's own
       thread between two steps (the `engine.migration` functions), `stream_attached` subscribes to a request's
@@ -138,11 +143,14 @@ class EngineClient(Protocol):
       methods; deployments/ never calls them on it.
     """
 
-    model_name: str
+    model_name: str  # the default model (requests that name none)
+    model_names: tuple[str, ...]  # every model this engine serves, the default first
     max_model_len: int
     tokenizer: Tokenizer
     model_config: ModelFacts
     supports_migration: bool
+
+    def for_model(self, name: str) -> EngineClient: ...
 
     async def start(self) -> None: ...
 

@@ -6,6 +6,12 @@ steps, so no engine state is touched from two threads. Outputs go back to each r
 queue with `call_soon_threadsafe`. A failing step fails only the requests in it; the loop goes on.
 `check_health()` fails when the loop died, or when one pass of it (inbox + step) has been running for
 more than `config.stall_timeout_s` (a hung kernel or collective): a long request is many short steps.
+
+KunServe across replicas: `cooperate(driver, form)` forms a cooperative pair on the engine thread and then
+lets the pair's side drive the loop (engine/cooperative/remote.py's `RemoteLeader`, follower.py's
+`RemoteFollower`: each `tick()` is one step or one message of the pair) until the pair dissolves; while
+this replica follows, its clients' requests go to the leader through the follower and their outputs come
+back from it to the same streams.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from engine.api import (
     HANDED_OFF,
+    EngineClient,
     EngineDeadError,
     EngineOverloadedError,
     EngineStats,
@@ -30,8 +37,10 @@ from engine.api import (
 )
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
+from engine.model_view import ModelView
 
 if TYPE_CHECKING:
+    from engine.core.engine_group import EngineGroup
     from engine.parallel.executor import TensorParallelExecutor
 
 logger = logging.getLogger(__name__)
@@ -74,16 +83,21 @@ def _coalesce(output: RequestOutput,
 
 
 class AsyncEngine:
-    """An `engine.api.EngineClient` around one LLMEngine (with its tensor-parallel executor, if any)."""
+    """An `engine.api.EngineClient` around one LLMEngine (with its tensor-parallel executor, if any), or
+    around an EngineGroup (several models of one pool, stepped by this one thread; `for_model(name)` gives
+    each model's client, engine/model_view.py)."""
 
-    supports_migration = True  # engine/migration.py works on LLMEngine
+    supports_migration = True  # engine/migration.py works on LLMEngine (an EngineGroup declares False)
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine | EngineGroup):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
         self.model_name = engine.model_name
+        self.model_names: tuple[str, ...] = engine.model_names
+        self.supports_migration = engine.supports_migration
+        self._views: dict[str, ModelView] = {}
         self.config = engine.config
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -95,10 +109,21 @@ class AsyncEngine:
         self._telemetry = [engine.pool.telemetry().to_dict()]
         self._telemetry_time = 0.0
         self._busy_since: float | None = None  # when the current loop pass started working; None: idle
+        self._driver = None  # KunServe: this replica's side of a cooperative pair while it is formed
 
     @classmethod
     def from_config(cls, config: EngineConfig, executor: TensorParallelExecutor | None = None) -> AsyncEngine:
         return cls(LLMEngine(config, executor=executor))
+
+    def for_model(self, name: str) -> EngineClient:
+        """The client of one served model (this engine itself when it serves one); KeyError if not served."""
+        if name not in self.model_names:
+            raise KeyError(f"model {name!r} is not served here (models: {list(self.model_names)})")
+        if len(self.model_names) == 1:
+            return self
+        if name not in self._views:
+            self._views[name] = ModelView(self, self.engine.engines[name])
+        return self._views[name]
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -129,7 +154,7 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError(f"the engine loop is not running ({self._error!r})")
         self.engine.validate(request)  # uses only immutable engine facts: safe off the engine thread
-        if len(self._streams) >= self.config.max_num_waiting + self.config.max_num_seqs:
+        if len(self._streams) >= self.engine.max_in_flight:
             raise EngineOverloadedError(f"{len(self._streams)} requests in flight; try again shortly")
         stream = self._open_stream(request.request_id)
 
@@ -156,6 +181,21 @@ class AsyncEngine:
         stream = self._open_stream(request_id)
         async for output in self._stream(request_id, stream, lambda: self.run_in_engine(attach, *args)):
             yield output
+
+    async def cooperate(self, driver, form: Callable[[], T]) -> T:
+        """Runs `form()` (forming a cooperative pair) on the engine thread, then `driver` runs the loop."""
+
+        def install(engine: LLMEngine) -> T:
+            result = form()
+            self._driver = driver
+            self._refresh_observations()
+            return result
+
+        return await self.run_in_engine(install)
+
+    @property
+    def driver(self):
+        return self._driver
 
     def _open_stream(self, request_id: str) -> asyncio.Queue:
         if request_id in self._streams:  # registering it would take over the running stream
@@ -237,13 +277,17 @@ class AsyncEngine:
                 else:
                     loop.call_soon_threadsafe(_settle, future, result, None)
                 continue
+            target = self._driver if self._driver is not None and hasattr(self._driver, "submit") else None
             if kind == "add":
                 try:
-                    self.engine.add_request(payload)
+                    if target is not None:  # following a pair: the leader runs it
+                        target.submit(payload)
+                    else:
+                        self.engine.add_request(payload)
                 except Exception as error:  # noqa: BLE001 - reported to that request only
                     self._deliver(payload.request_id, error)
             else:
-                output = self.engine.abort(payload)
+                output = target.abort(payload) if target is not None else self.engine.abort(payload)
                 if output is not None:
                     self._deliver(payload, output)
 
@@ -252,6 +296,9 @@ class AsyncEngine:
             while not self._stop:
                 self._busy_since = time.monotonic()
                 self._drain_inbox()
+                if self._driver is not None:
+                    self._tick()
+                    continue
                 if not self.engine.has_work:
                     self._refresh_observations()
                     self._busy_since = None
@@ -262,7 +309,7 @@ class AsyncEngine:
                     outputs = self.engine.step()
                 except Exception as error:  # noqa: BLE001 - a bad step fails its requests, not the loop
                     logger.exception("engine step failed")
-                    outputs = self._fail_running(error)
+                    outputs = self.engine.fail_running(error)
                 for output in outputs:
                     self._deliver(output.request_id, output)
                 self._refresh_observations()
@@ -272,16 +319,27 @@ class AsyncEngine:
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(str(error)))
 
-    def _fail_running(self, error: Exception) -> list[RequestOutput]:
-        outputs = []
-        for request in list(self.engine.scheduler.running):
-            self.engine.scheduler.finish(request, "error")
-            outputs.append(
-                RequestOutput(request.request_id, (), "", finish_reason="error", error=str(error),
-                              num_prompt_tokens=len(request.prompt_token_ids),
-                              num_output_tokens=len(request.output_token_ids))
-            )
-        return outputs
+    def _tick(self) -> None:
+        """One step or message of the cooperative pair; the engine's own loop again once it dissolved."""
+        driver = self._driver
+        try:
+            outputs = driver.tick()
+        except Exception as error:  # noqa: BLE001 - as a failed step: its requests fail, the loop goes on
+            logger.exception("cooperative pair step failed")
+            try:
+                outputs = self.engine.fail_running(error)
+            except Exception:  # noqa: BLE001 - a step that failed inside the scheduler left it inconsistent
+                logger.exception("could not end the failed step's requests")
+                outputs = []
+        for output in outputs:
+            self._deliver(output.request_id, output)
+        if not driver.is_formed:
+            self._driver = None
+        self._refresh_observations()
+        if driver.is_idle():
+            self._busy_since = None
+            self._wake.wait(timeout=0.005)  # a leader with no work still exchanges with its follower
+            self._wake.clear()
 
     def _refresh_observations(self) -> None:
         self._stats = self.engine.stats()

@@ -6,6 +6,8 @@ when it can migrate, its `ReplicaLoad`, the migrations it runs and its migration
 also run by the simulator): the latest report per replica, and migration planning by a policy chosen
 by name (deployments/migration/policy.py: `none`, `balance`, `balance+pack`) in a `MigrationPlanner`;
 the orders go back to each source replica in the `ControllerReply`, with whether it is being drained.
+With `parameter_dropping.enabled`, KunServe's drop plan runs on every report too (drop_coordinator.py)
+and its `LayerOrder`s ride in the same reply.
 When every replica has deregistered (the application was deleted) and none comes back within
 `idle_exit_s`, the actor ends itself: `serve.shutdown()` does not stop detached actors.
 """
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from deployments.cluster.drop_plan import DroppingConfig
 from deployments.cluster.placement import controller_scheduling_strategy
 from deployments.cluster.state import ClusterCore, ClusterState  # noqa: F401 - ClusterState re-exported
 from deployments.migration.policy import (  # noqa: F401 - re-exported: the registry's historical home
@@ -41,9 +44,11 @@ class ClusterController:
     def __init__(self, migration_policy: str = "none", stale_after_s: float = 2.0,
                  expire_after_s: float = 10.0, idle_exit_s: float = 30.0,
                  migration_policy_options: dict[str, Any] | None = None, max_concurrent_migrations: int = 2,
-                 plan_interval_s: float = 1.0, migration_cooldown_s: float = 10.0):
+                 plan_interval_s: float = 1.0, migration_cooldown_s: float = 10.0,
+                 parameter_dropping: dict[str, Any] | None = None):
+        dropping = DroppingConfig(**parameter_dropping) if parameter_dropping else None
         self._core = ClusterCore(migration_policy, stale_after_s, expire_after_s, migration_policy_options,
-                                 max_concurrent_migrations, plan_interval_s, migration_cooldown_s)
+                                 max_concurrent_migrations, plan_interval_s, migration_cooldown_s, dropping=dropping)
         self._idle_exit_s = idle_exit_s
         self._has_had_replicas = False
         self._idle_since: float | None = None
@@ -113,7 +118,8 @@ def get_or_create_controller(name: str, namespace: str, migration_policy: str = 
 def controller_options(args: AppArgs) -> dict[str, Any]:
     """The ClusterController arguments that come from AppArgs."""
     return {"migration_policy_options": dict(args.migration_policy_options),
-            "max_concurrent_migrations": args.migration.max_concurrent}
+            "max_concurrent_migrations": args.migration.max_concurrent,
+            "parameter_dropping": args.parameter_dropping.model_dump()}
 
 
 def stop_controller(name: str, namespace: str) -> bool:

@@ -27,6 +27,9 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.telemetry import ReplicaLoad
 
 
 class DropState(str, enum.Enum):
@@ -71,6 +74,14 @@ class DropTelemetry:
     state: DropState = DropState.NORMAL
     peer: str | None = None  # the partner while not NORMAL
     dropped_layers: int = 0
+
+    @classmethod
+    def from_load(cls, load: ReplicaLoad, model: str, num_layers: int, chunks_per_layer: int,
+                  **fields: Any) -> DropTelemetry:
+        """From the `ReplicaLoad` migration policies plan with (deployments/telemetry.py): the same capacity,
+        used and waiting chunks; the dropping fields (preemptions, TTFT growth, state, peer) by name."""
+        return cls(load.replica_id, model, num_layers, chunks_per_layer, load.capacity_chunks, load.used_chunks,
+                   load.waiting_chunks, **fields)
 
     @property
     def demand_chunks(self) -> int:

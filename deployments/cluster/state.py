@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from deployments.cluster.drop_coordinator import DropCoordinator
+from deployments.cluster.drop_plan import DroppingConfig
 from deployments.migration.planner import MigrationPlanner
 from deployments.migration.policy import MigrationPolicy, create_migration_policy
 from deployments.telemetry import ControllerReply, ReplicaLoad, ReplicaReport
@@ -51,6 +53,10 @@ class ClusterState:
         now = self._clock()
         return {replica_id: received.report.load for replica_id, received in sorted(self._reports.items())
                 if now - received.received_at <= self.stale_after_s and received.report.load is not None}
+
+    def fresh_ids(self) -> set[str]:
+        now = self._clock()
+        return {rid for rid, received in self._reports.items() if now - received.received_at <= self.stale_after_s}
 
     def remove(self, replica_id: str) -> None:
         self._reports.pop(replica_id, None)
@@ -106,8 +112,10 @@ class ClusterCore:
     def __init__(self, migration_policy: str = "none", stale_after_s: float = 2.0, expire_after_s: float = 10.0,
                  migration_policy_options: dict[str, Any] | None = None, max_concurrent_migrations: int = 2,
                  plan_interval_s: float = 1.0, migration_cooldown_s: float = 10.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, dropping: DroppingConfig | None = None):
         self.state = ClusterState(stale_after_s, expire_after_s, clock)
+        # KunServe: None unless parameter_dropping is enabled
+        self.dropping = DropCoordinator(dropping, clock) if dropping is not None and dropping.enabled else None
         self.planner = MigrationPlanner(create_migration_policy(migration_policy, migration_policy_options),
                                         max_concurrent=max_concurrent_migrations, plan_interval_s=plan_interval_s,
                                         cooldown_s=migration_cooldown_s, clock=clock)
@@ -118,22 +126,38 @@ class ClusterCore:
 
     def report(self, replica_id: str, report: ReplicaReport) -> ControllerReply:
         self.state.report(replica_id, report)
+        layer_orders = self._plan_drops(replica_id, report)
         if report.load is None:
-            return ControllerReply()
+            return ControllerReply(layer_orders=layer_orders)
         self.planner.observe(replica_id, report.migrating)
         try:
             self.planner.plan(self.state.loads())
         except Exception:  # a policy bug must not stop telemetry
             logger.exception("migration planning failed")
         return ControllerReply(self.planner.take_orders(replica_id),
-                               replica_id in self.planner.policy.scale_down_candidates())
+                               replica_id in self.planner.policy.scale_down_candidates(), layer_orders=layer_orders)
+
+    def _plan_drops(self, replica_id: str, report: ReplicaReport) -> tuple:
+        if self.dropping is None:
+            return ()
+        try:
+            self.dropping.observe(replica_id, report)
+            self.dropping.plan(self.state.fresh_ids())
+        except Exception:  # a plan bug must not stop telemetry
+            logger.exception("drop planning failed")
+        return self.dropping.take_orders(replica_id)
 
     def deregister(self, replica_id: str) -> None:
         self.state.remove(replica_id)
+        if self.dropping is not None:
+            self.dropping.forget(replica_id)
         self.planner.forget_replica(replica_id)
 
     def view(self) -> dict[str, Any]:
-        return self.state.view(self.planner.policy, self.planner)
+        view = self.state.view(self.planner.policy, self.planner)
+        if self.dropping is not None:
+            view["parameter_dropping"] = self.dropping.view()
+        return view
 
     def force_migration(self, request_id: str, target: str | None = None, mode: str = "auto") -> dict[str, Any]:
         return self.planner.force(request_id, target, mode, self.state.loads())

@@ -39,12 +39,13 @@ class _Choice:
 
 class GenerationRun:
     def __init__(self, engine: EngineClient, requests: list[GenerateRequest], metrics: ServingMetrics,
-                 relays: RelayRegistry | None = None):
+                 relays: RelayRegistry | None = None, model_name: str | None = None):
+        """`model_name`: the served name its metrics carry (None: the app's default model)."""
         self._engine = engine
         self._metrics = metrics
         self._relays = relays
         self._choices = [
-            _Choice(index, request, engine.generate(request), RequestTimer(metrics, request.arrival_time))
+            _Choice(index, request, engine.generate(request), RequestTimer(metrics, request.arrival_time, model_name))
             for index, request in enumerate(requests)
         ]
         self._is_closed = False

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.api import EngineClient
+from engine.api import EngineClient, EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,15 @@ E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20
 
 
 class EngineStateCollector(Collector):
-    """Gauges and cumulative counters taken from the engine when Prometheus scrapes."""
+    """Gauges and cumulative counters taken from the engine when Prometheus scrapes: per served model (the
+    `model_name` label) from that model's stats; the pool's series once, labelled with every model's name
+    joined by '+' (several models of one replica share one pool)."""
 
-    def __init__(self, engine_provider: Callable[[], EngineClient | None], labels: dict[str, str]):
+    def __init__(self, engine_provider: Callable[[], EngineClient | None], labels: dict[str, str],
+                 served_models: Callable[[], dict[str, str]] | None = None):
         self._engine_provider = engine_provider
         self._labels = labels
+        self._served_models = served_models  # the name clients send -> the engine's model name
 
     def _family(self, kind, name: str, documentation: str, extra_labels: tuple[str, ...] = ()):
         return kind(PREFIX + name, documentation, labels=(*self._labels, *extra_labels))
@@ -45,54 +49,66 @@ class EngineStateCollector(Collector):
     def collect(self) -> Iterator:
         try:
             engine = self._engine_provider()
-            stats = engine.stats()
+            models = (self._served_models() if self._served_models is not None
+                      else {self._labels["model_name"]: engine.model_name})
+            per_model = [([served, self._labels["replica"]], engine.for_model(name).stats())
+                         for served, name in models.items()]
             telemetry = engine.memory_telemetry()
         except Exception:  # a scrape must never fail because the engine is starting or gone
             logger.debug("engine state unavailable for metrics", exc_info=True)
             return
-        base = list(self._labels.values())
+        yield from self._model_families(per_model)
+        yield from self._pool_families(["+".join(models), self._labels["replica"]], telemetry)
+
+    def _model_families(self, per_model: list[tuple[list[str], EngineStats]]) -> Iterator:
         gauges = [
-            ("num_requests_running", "Requests in the running batch.", stats.num_running),
-            ("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
-            ("num_requests_swapped", "Preempted requests whose KV is in the host buffer.", stats.num_swapped),
-            ("kv_cache_usage_perc", "KV cache usage in [0, 1] (used / (used + free)).", stats.kv_usage),
-            ("kv_cache_used_chunks", "Pool chunks the KV cache holds.", stats.kv_chunks_used),
-            ("kv_cache_free_chunks", "Chunks the KV cache could still get.", stats.kv_chunks_free),
+            ("num_requests_running", "Requests in the running batch.", lambda s: s.num_running),
+            ("num_requests_waiting", "Requests waiting to be scheduled.", lambda s: s.num_waiting),
+            ("num_requests_swapped", "Preempted requests whose KV is in the host buffer.", lambda s: s.num_swapped),
+            ("kv_cache_usage_perc", "KV cache usage in [0, 1] (used / (used + free)).", lambda s: s.kv_usage),
+            ("kv_cache_used_chunks", "Pool chunks the KV cache holds.", lambda s: s.kv_chunks_used),
+            ("kv_cache_free_chunks", "Chunks the KV cache could still get.", lambda s: s.kv_chunks_free),
             ("kv_offloaded_layers", "(request, layer) pairs whose KV pages are in the host buffer (LayerKV).",
-             stats.kv_offloaded_layers),
-            ("kv_offloaded_host_bytes", "Host-buffer bytes held by offloaded layers.", stats.kv_host_bytes),
+             lambda s: s.kv_offloaded_layers),
+            ("kv_offloaded_host_bytes", "Host-buffer bytes held by offloaded layers.", lambda s: s.kv_host_bytes),
             ("kv_fetched_bytes_last_step", "Bytes the last step staged from the host for offloaded layers.",
-             stats.kv_bytes_fetched_last_step),
+             lambda s: s.kv_bytes_fetched_last_step),
             ("slo_attainment", "Finished requests that met their class's TTFT and TPOT targets, in [0, 1].",
-             stats.slo_attained / stats.slo_finished if stats.slo_finished else 1.0),
+             lambda s: s.slo_attained / s.slo_finished if s.slo_finished else 1.0),
             ("weights_dropped_bytes", "Weight bytes given back to the pool (KunServe parameter dropping).",
-             stats.dropped_weight_bytes),
+             lambda s: s.dropped_weight_bytes),
             ("pipeline_bubble_ratio", "Idle share of the two stages' time in cooperative pipeline steps.",
-             stats.pipeline_bubble_ratio),
+             lambda s: s.pipeline_bubble_ratio),
         ]
-        for name, documentation, value in gauges:
-            family = self._family(GaugeMetricFamily, name, documentation)
-            family.add_metric(base, value)
-            yield family
+        counters = [
+            ("num_preemptions", "Preemptions (swap or recompute).", lambda s: s.num_preemptions),
+            ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", lambda s: s.num_prefix_cache_hits),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             lambda s: s.num_prefix_cache_queries),
+            ("kv_fetched_bytes", "Bytes staged from the host for offloaded layers.", lambda s: s.kv_bytes_fetched),
+            ("slo_attained", "Finished requests that met their SLO class targets.", lambda s: s.slo_attained),
+            ("slo_finished", "Finished requests counted for SLO attainment.", lambda s: s.slo_finished),
+        ]
+        for kind, metrics in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, documentation, value in metrics:
+                family = self._family(kind, name, documentation)
+                for base, stats in per_model:
+                    family.add_metric(base, value(stats))
+                yield family
         state = self._family(GaugeMetricFamily, "parameter_drop_state",
                              "1 for the replica's parameter-dropping state, 0 for the others.", ("state",))
-        for name in DROP_STATES:
-            state.add_metric([*base, name], float(stats.drop_state == name))
+        kinds = self._family(GaugeMetricFamily, "kv_kind_bytes", "Per KV kind of the LCM allocator (paged layout): "
+                             "bytes its large pages hold, bytes in use, free small pages inside them.",
+                             ("kind", "state"))
+        for base, stats in per_model:
+            for name in DROP_STATES:
+                state.add_metric([*base, name], float(stats.drop_state == name))
+            for kind in stats.kv_kinds:
+                for what, value in (("held", kind.bytes_held), ("used", kind.bytes_used),
+                                    ("fragmentation", kind.internal_fragmentation_bytes)):
+                    kinds.add_metric([*base, kind.kind, what], value)
         yield state
-        counters = [
-            ("num_preemptions", "Preemptions (swap or recompute).", stats.num_preemptions),
-            ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", stats.num_prefix_cache_hits),
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-             stats.num_prefix_cache_queries),
-            ("kv_fetched_bytes", "Bytes staged from the host for offloaded layers.", stats.kv_bytes_fetched),
-            ("slo_attained", "Finished requests that met their SLO class targets.", stats.slo_attained),
-            ("slo_finished", "Finished requests counted for SLO attainment.", stats.slo_finished),
-        ]
-        for name, documentation, value in counters:
-            family = self._family(CounterMetricFamily, name, documentation)
-            family.add_metric(base, value)
-            yield family
-        yield from self._pool_families(base, telemetry)
+        yield kinds
 
     def _pool_families(self, base: list[str], telemetry: list[dict[str, Any]]) -> Iterator:
         chunks = self._family(GaugeMetricFamily, "pool_chunks", "Pool chunks per balloon (and free).",
@@ -173,7 +189,10 @@ class ServingMetrics:
     """All metrics of one app, in its own registry."""
 
     def __init__(self, engine_provider: Callable[[], EngineClient | None], model_name: str, replica_id: str,
-                 migration_stats: Callable[[], dict[str, Any]] | None = None):
+                 migration_stats: Callable[[], dict[str, Any]] | None = None,
+                 served_models: Callable[[], dict[str, str]] | None = None):
+        """`model_name`: the default model's served name; `served_models`: every served name -> the engine's
+        model name (None: the default model only)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._labels = {"model_name": model_name, "replica": replica_id}
         names = tuple(self._labels)
@@ -197,19 +216,20 @@ class ServingMetrics:
                                              INTER_TOKEN_BUCKETS)
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to last token.",
                                              E2E_BUCKETS)
-        self.registry.register(EngineStateCollector(engine_provider, self._labels))
+        self.registry.register(EngineStateCollector(engine_provider, self._labels, served_models))
         if migration_stats is not None:
             self.registry.register(MigrationCollector(migration_stats, self._labels))
 
     def labels(self, metric, **extra):
-        return metric.labels(**self._labels, **extra)
+        """`metric` with this app's labels; `model_name` in `extra` overrides the default model's name."""
+        return metric.labels(**{**self._labels, **extra})
 
     def record_error(self, status: int) -> None:
         self.labels(self.http_errors, status=str(status)).inc()
 
-    def record_finished(self, finished_reason: str, num_prompt_tokens: int) -> None:
-        self.labels(self.request_success, finished_reason=finished_reason).inc()
-        self.labels(self.prompt_tokens).inc(num_prompt_tokens)
+    def record_finished(self, finished_reason: str, num_prompt_tokens: int, **model) -> None:
+        self.labels(self.request_success, finished_reason=finished_reason, **model).inc()
+        self.labels(self.prompt_tokens, **model).inc(num_prompt_tokens)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -218,8 +238,9 @@ class ServingMetrics:
 class RequestTimer:
     """Latency bookkeeping of one engine request; observes into `ServingMetrics` as tokens arrive."""
 
-    def __init__(self, metrics: ServingMetrics, arrival_time: float):
+    def __init__(self, metrics: ServingMetrics, arrival_time: float, model_name: str | None = None):
         self._metrics = metrics
+        self._model = {} if model_name is None else {"model_name": model_name}
         self._arrival_time = arrival_time
         self._last_token_time: float | None = None
         self.is_finished = False
@@ -233,19 +254,19 @@ class RequestTimer:
             return
         metrics = self._metrics
         if self._last_token_time is None:
-            metrics.labels(metrics.time_to_first_token).observe(now - self._arrival_time)
+            metrics.labels(metrics.time_to_first_token, **self._model).observe(now - self._arrival_time)
         else:
             # Tokens that arrive together (multi-token steps) share the gap evenly.
             gap = (now - self._last_token_time) / num_new_tokens
-            inter_token = metrics.labels(metrics.inter_token_latency)
+            inter_token = metrics.labels(metrics.inter_token_latency, **self._model)
             for _ in range(num_new_tokens):
                 inter_token.observe(gap)
-        metrics.labels(metrics.generation_tokens).inc(num_new_tokens)
+        metrics.labels(metrics.generation_tokens, **self._model).inc(num_new_tokens)
         self._last_token_time = now
 
     def on_finished(self, finished_reason: str, num_prompt_tokens: int, now: float) -> None:
         if self.is_finished:
             return
         self.is_finished = True
-        self._metrics.record_finished(finished_reason, num_prompt_tokens)
-        self._metrics.labels(self._metrics.e2e_request_latency).observe(now - self._arrival_time)
+        self._metrics.record_finished(finished_reason, num_prompt_tokens, **self._model)
+        self._metrics.labels(self._metrics.e2e_request_latency, **self._model).observe(now - self._arrival_time)

@@ -47,7 +47,7 @@ class ClusterAdmin(Protocol):
 
 @dataclass(frozen=True)
 class AppSettings:
-    served_model_name: str | None = None  # None: the engine's model_name
+    served_model_name: str | None = None  # None: the engine's model_name (an engine of several models: theirs)
     api_key: str | None = field(default=None, repr=False)  # set: /v1/* needs `Authorization: Bearer <key>`
     replica_id: str = "local"
     bindings: EngineBindings | None = None  # None: the engine package's own (imported on first use)
@@ -69,14 +69,18 @@ def build_openai_app(engine_provider: Callable[[], EngineClient | None], setting
             bindings_cache.append(EngineBindings.from_engine_package())
         return bindings_cache[0]
 
-    def served_model_name() -> str:
-        if settings.served_model_name:
-            return settings.served_model_name
+    def served_models() -> dict[str, str]:
+        """The names clients send -> the engine's model names, the default model first."""
         engine = engine_provider()
-        return engine.model_name if engine is not None else "unknown"
+        if engine is None:
+            return {settings.served_model_name or "unknown": ""}
+        if settings.served_model_name and len(engine.model_names) == 1:
+            return {settings.served_model_name: engine.model_name}
+        return {name: name for name in engine.model_names}
 
-    metrics = ServingMetrics(engine_provider, served_model_name(), settings.replica_id, settings.migration_stats)
-    serving = OpenAIServing(engine_provider, bindings_provider, metrics, served_model_name,
+    metrics = ServingMetrics(engine_provider, next(iter(served_models())), settings.replica_id,
+                             settings.migration_stats, served_models)
+    serving = OpenAIServing(engine_provider, bindings_provider, metrics, served_models,
                             settings.default_sampling,
                             settings.relays if settings.relays is not None else RelayRegistry())
     app.state.metrics = metrics
@@ -104,8 +108,9 @@ def build_openai_app(engine_provider: Callable[[], EngineClient | None], setting
     @v1.get("/models")
     async def models():
         engine = serving.engine()
-        card = ModelCard(id=served_model_name(), created=now_s(), max_model_len=engine.max_model_len)
-        return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+        cards = [ModelCard(id=served, created=now_s(), max_model_len=engine.for_model(name).max_model_len)
+                 for served, name in served_models().items()]
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
     @v1.get("/memory")
     async def memory():

@@ -75,14 +75,14 @@ class _RunStreamingResponse(StreamingResponse):
 class OpenAIServing:
     def __init__(self, engine_provider: Callable[[], EngineClient | None],
                  bindings_provider: Callable[[], EngineBindings], metrics: ServingMetrics,
-                 served_model_name: Callable[[], str],
+                 served_models: Callable[[], dict[str, str]],
                  default_sampling: SamplingKwargs | None = None, relays: RelayRegistry | None = None):
         self._default_sampling = dict(default_sampling or {})
         self._relays = relays
         self._engine_provider = engine_provider
         self._bindings_provider = bindings_provider
         self._metrics = metrics
-        self._served_model_name = served_model_name
+        self._served_models = served_models  # the name clients send -> the engine's model name; default first
         self._text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="elastic-text")
         self._token_chars: dict[int, int] = {}  # id(tokenizer) -> its longest vocabulary entry
         self._runs: set[GenerationRun] = set()
@@ -136,11 +136,14 @@ class OpenAIServing:
                 raise errors.invalid_request(f"stop_token_ids: token id {token_id} is outside the vocabulary "
                                              f"[0, {vocab_size})", "stop_token_ids")
 
-    def check_model(self, requested: str | None) -> str:
-        served = self._served_model_name()
-        if requested is not None and requested != served:
+    def resolve_model(self, requested: str | None) -> tuple[str, EngineClient]:
+        """The served name and the engine client of the model a request names (None: the default one);
+        404 model_not_found for a model this replica does not serve."""
+        models = self._served_models()
+        served = next(iter(models)) if requested is None else requested
+        if served not in models:
             raise errors.model_not_found(requested)
-        return served
+        return served, self.engine().for_model(models[served])
 
     def _max_tokens(self, engine: EngineClient, num_prompt_tokens: int, requested: int | None, param: str) -> int:
         max_model_len = engine.max_model_len
@@ -155,7 +158,8 @@ class OpenAIServing:
         return requested
 
     async def _start(self, engine: EngineClient, prefix: str, prompt_ids: Sequence[int],
-                     sampling_kwargs: list[SamplingKwargs], priority: int = 0) -> tuple[str, GenerationRun]:
+                     sampling_kwargs: list[SamplingKwargs], priority: int = 0,
+                     model: str | None = None) -> tuple[str, GenerationRun]:
         bindings = self._bindings_provider()
         params = [bindings.sampling_params_cls(**kwargs) for kwargs in sampling_kwargs]
         response_id = new_id(prefix)
@@ -165,7 +169,7 @@ class OpenAIServing:
                     for index, sampling in enumerate(params)]
         if self.is_draining:
             raise errors.shutting_down()
-        run = GenerationRun(engine, requests, self._metrics, self._relays)
+        run = GenerationRun(engine, requests, self._metrics, self._relays, model_name=model)
         self._runs.add(run)
         run.on_close(self._runs.discard)
         try:
@@ -190,8 +194,7 @@ class OpenAIServing:
     # ---- /v1/completions --------------------------------------------------------------------------
 
     async def completions(self, request: CompletionRequest):
-        model = self.check_model(request.model)
-        engine = self.engine()
+        model, engine = self.resolve_model(request.model)
         self._check_stop_token_ids(engine, request.stop_token_ids)
         if isinstance(request.prompt, str):
             prompt_ids = await self._encode_prompt(engine, request.prompt)
@@ -199,7 +202,7 @@ class OpenAIServing:
             prompt_ids = self._checked_token_ids(engine, request.prompt)
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.max_tokens, "prompt")
         sampling_kwargs = request.sampling_kwargs(max_tokens, self._default_sampling)
-        response_id, run = await self._start(engine, "cmpl", prompt_ids, sampling_kwargs, request.priority)
+        response_id, run = await self._start(engine, "cmpl", prompt_ids, sampling_kwargs, request.priority, model)
         created = now_s()
         if request.stream:
             stream = self._completion_stream(engine, run, response_id, created, model, request.include_usage,
@@ -292,14 +295,13 @@ class OpenAIServing:
     # ---- /v1/chat/completions ---------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest):
-        model = self.check_model(request.model)
-        engine = self.engine()
+        model, engine = self.resolve_model(request.model)
         self._check_stop_token_ids(engine, request.stop_token_ids)
         prompt_ids = await self._encode_chat(engine, request.chat_messages())
         max_tokens = self._max_tokens(engine, len(prompt_ids), request.requested_max_tokens, "messages")
         response_id, run = await self._start(engine, "chatcmpl", prompt_ids,
                                              request.sampling_kwargs(max_tokens, self._default_sampling),
-                                             request.priority)
+                                             request.priority, model)
         created = now_s()
         if request.stream:
             stream = self._chat_stream(engine, run, response_id, created, model, request, len(prompt_ids))

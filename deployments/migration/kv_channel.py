@@ -113,6 +113,21 @@ class _Pair:
         _synchronize(flat.device)
 
 
+def open_group(address: ChannelAddress, rank: int, store: dist.Store, node: NodeAddress, timeout_s: float) -> _Pair:
+    """A two-rank group like the KV channels' (blocking until the peer joins): KunServe's cooperative pairs
+    use it for their stage-to-stage traffic (deployments/cluster/cooperation.py)."""
+    return _Pair(address, rank, store, node, timeout_s)
+
+
+def host_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's store for a new group, on this node's address at a free port."""
+    return dist.TCPStore(host, 0, 2, True, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def join_store(address: ChannelAddress, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(address.host, address.port, 2, False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def _gloo_device(node: NodeAddress, peer_node_id: str):
     if peer_node_id != node.node_id and node.interface is not None:
         return dist.ProcessGroupGloo.create_device(interface=node.interface)
@@ -162,8 +177,7 @@ class KVChannels:
             pair = self._senders.get(peer)
             if pair is not None and pair.backend == backend:
                 return pair
-            store = dist.TCPStore(self.host, 0, 2, True, timeout=datetime.timedelta(seconds=self.timeout_s),
-                                  wait_for_workers=False)
+            store = host_store(self.host, self.timeout_s)
             address = ChannelAddress(self.host, store.port, f"kv/{uuid.uuid4().hex}/", backend)
             building = asyncio.ensure_future(asyncio.to_thread(_Pair, address, SENDER, store, self.node,
                                                                self.timeout_s))
@@ -182,9 +196,7 @@ class KVChannels:
         self._receivers.pop(peer, None)
 
         def build() -> _Pair:
-            store = dist.TCPStore(address.host, address.port, 2, False,
-                                  timeout=datetime.timedelta(seconds=self.timeout_s))
-            return _Pair(address, RECEIVER, store, self.node, self.timeout_s)
+            return _Pair(address, RECEIVER, join_store(address, self.timeout_s), self.node, self.timeout_s)
 
         self._receivers[peer] = await asyncio.to_thread(build)
         self.num_groups_built += 1

@@ -45,6 +45,10 @@ class ServeHandlePeer(MigrationPeer):
             response.cancel()  # a timed-out call must not run later on the destination
             raise
 
+    async def call(self, method: str, target: str, *args: Any) -> Any:
+        """`LLMServer.<method>(*args)` on the replica `target` (also KunServe's pair forming)."""
+        return await self._call(method, target, *args)
+
     async def reserve(self, target: str, request_id: str, num_tokens: int) -> bool:
         return await self._call("migration_reserve", target, request_id, num_tokens)
 

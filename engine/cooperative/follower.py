@@ -106,6 +106,12 @@ class RemoteFollower:
         except PeerLost:
             return self._leader_lost()
 
+    def tick(self) -> list[RequestOutput]:  # engine/async_engine.py drives the pair through this
+        return self.serve_one()
+
+    def is_idle(self) -> bool:
+        return False  # it waits for the leader's next message (the leader paces the pair)
+
     def _step(self, micro_batches) -> None:
         runner = self.engine.runner
         model = runner.model

@@ -66,8 +66,9 @@ def snapshot_of(request: Request) -> RequestSnapshot:
 def shadow_kv(engine: LLMEngine, budget_chunks: int, layers: range, log: list) -> KVCacheManager:
     """The follower's KV manager as the leader plans with it: same spec and layout, `budget_chunks` chunks."""
     spec = engine.kv_spec
-    pool = ElasticPool(SimBackend(granularity=spec.page_bytes), max(1, budget_chunks) * spec.page_bytes,
-                       spec.page_bytes)
+    # the largest power of two dividing a page: the sim backend's addresses stay aligned to it
+    pool = ElasticPool(SimBackend(granularity=spec.page_bytes & -spec.page_bytes),
+                       max(1, budget_chunks) * spec.page_bytes, spec.page_bytes)
     kv = KVCacheManager(spec, pool, engine.dtype, layout=engine.config.kv_layout, enable_prefix_caching=False,
                         layout_log=log)
     kv.hold_layers(layers)
@@ -173,6 +174,7 @@ class RemoteLeader:
         self.split = engine.model_config.num_layers
         self.peer_requests: set[str] = set()  # requests whose client is on the follower
         self.stats = PipelineStats()
+        self.num_peer_requests_finished = 0  # the follower's requests that ended here while the pair was formed
         self.num_peer_requests_ended = 0  # the follower's requests dropped when it died
         self._runner: RemotePipelineRunner | None = None
         self._shadow: KVCacheManager | None = None
@@ -225,9 +227,11 @@ class RemoteLeader:
             outputs = self.engine.step() if self.engine.has_work else []  # a failed step changed no tokens
             self.engine.pipeline_bubble_ratio = self.bubble_ratio
             for output in outputs:
-                (theirs if output.request_id in self.peer_requests else mine).append(output)
-                if output.is_finished:
+                is_theirs = output.request_id in self.peer_requests
+                (theirs if is_theirs else mine).append(output)
+                if output.is_finished and is_theirs:
                     self.peer_requests.discard(output.request_id)
+                    self.num_peer_requests_finished += 1
             theirs += self._refused
             self._refused = []
             self.channel.send_object(("sync", self._runner.take_log(), theirs))
@@ -247,6 +251,12 @@ class RemoteLeader:
                 self.engine.abort(payload)
                 self.peer_requests.discard(payload)
         return mine
+
+    def tick(self) -> list[RequestOutput]:  # engine/async_engine.py drives the pair through this
+        return self.step()
+
+    def is_idle(self) -> bool:
+        return not self.engine.has_work
 
     # ---- dissolving --------------------------------------------------------------------------------
     def restore(self) -> int:

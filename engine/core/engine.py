@@ -19,7 +19,7 @@ from engine.core.request import Request
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler, SamplingState
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.device.rank import build_rank
+from engine.device.rank import RankState, build_rank
 from engine.device.weight_arena import WEIGHTS_CLIENT
 from engine.text.detokenizer import IncrementalDetokenizer
 from engine.text.tokenizer import load_tokenizer
@@ -28,22 +28,36 @@ from engine.weights import resolve_model_source
 if TYPE_CHECKING:
     from engine.parallel.executor import TensorParallelExecutor
 from memory.kv import KV_CLIENT, KVCacheManager
+from memory.kv.balloon import KVBalloon
 from memory.kv.host_tier import HostChunkTier
 
 logger = logging.getLogger(__name__)
 
 
+def kv_kinds_telemetry(kinds) -> dict[str, dict[str, int]]:
+    """Per KV kind of the LCM allocator: its small page, the bytes its large pages hold, the bytes in use."""
+    return {t.kind: {"page_bytes": t.small_page_bytes, "bytes_held": t.bytes_held, "bytes_used": t.bytes_used,
+                     "internal_fragmentation_bytes": t.internal_fragmentation_bytes} for t in kinds}
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer=None, executor: TensorParallelExecutor | None = None):
+    supports_migration = True  # engine/migration.py works on it
+
+    def __init__(self, config: EngineConfig, tokenizer=None, executor: TensorParallelExecutor | None = None,
+                 rank: RankState | None = None, kv_balloon: KVBalloon | None = None, name: str | None = None):
+        """`rank`, `kv_balloon`, `name`: this engine is one model of several sharing a pool (an EngineGroup
+        placed its weights in `rank` and shares its activation workspace and `kv_balloon`, where this
+        engine's KV kinds are `<name>/g<group>`); `name` is the model's name (default: its source's)."""
         self.config = config
         self.executor = executor
         self.source = resolve_model_source(config.model)
-        self.model_name = self.source.name
+        self.model_name = name or self.source.name
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.source)
         if executor is not None:
             executor.start()
         all_reduce = executor.all_reduce if executor is not None else None
-        rank = build_rank(config, 0, config.tensor_parallel_size, all_reduce)
+        if rank is None:
+            rank = build_rank(config, 0, config.tensor_parallel_size, all_reduce)
         self.rank = rank
         self.dtype = rank.dtype
         self.model_config = model_config = rank.model_config
@@ -61,7 +75,8 @@ class LLMEngine:
         self.kv = KVCacheManager(rank.kv_spec, rank.pool, rank.dtype, host_buffer=rank.host_buffer,
                                  enable_prefix_caching=config.enable_prefix_caching, layout_log=layout_log,
                                  layout=config.kv_layout, evictor=config.kv_evictor,
-                                 host_tier=host_tier)
+                                 host_tier=host_tier, balloon=kv_balloon,
+                                 owner=KV_CLIENT if name is None else name)
         self.sampler = Sampler(model_config.eos_token_ids)
         self.staging = StagingStats()  # LayerKV: bytes staged from the host (written by the runner)
         self.runner = ModelRunner(self.model, self.kv, self.workspace, self.sampler, executor, config.staging_mode,
@@ -94,6 +109,9 @@ class LLMEngine:
         """Raises InvalidRequestError for a request that can never run here."""
         prompt = request.prompt_token_ids
         params = request.sampling
+        if request.model is not None and request.model != self.model_name:
+            raise InvalidRequestError(f"this engine serves {self.model_name!r}, not {request.model!r}", param="model",
+                                      code="model_not_found")
         if not prompt:
             raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
         vocab = self.model_config.vocab_size
@@ -142,6 +160,25 @@ class LLMEngine:
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name,)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests an AsyncEngine accepts at once (running and waiting) before it sheds load."""
+        return self.config.max_num_waiting + self.config.max_num_seqs
+
+    def fail_running(self, error: Exception) -> list[RequestOutput]:
+        """A step failed: its running requests end with finish_reason "error" (the others go on)."""
+        outputs = []
+        for request in list(self.scheduler.running):
+            self.scheduler.finish(request, "error")
+            outputs.append(RequestOutput(request.request_id, (), "", finish_reason="error", error=str(error),
+                                         num_prompt_tokens=len(request.prompt_token_ids),
+                                         num_output_tokens=len(request.output_token_ids)))
+        return outputs
 
     # ---- the step loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -267,6 +304,7 @@ class LLMEngine:
             "bytes_fetched": self.staging.bytes_fetched,
             "bytes_fetched_last_step": self.staging.bytes_fetched_last_step,
         }
+        local["kv_kinds"] = kv_kinds_telemetry(self.kv.kind_telemetry().values())  # Jenga: per KV kind (paged)
         if self.executor is None:
             return [local]
         return self.executor.gather_telemetry(local)

@@ -8,7 +8,13 @@
 - demotion: under pressure, before anyone is preempted, layers of the requests with the most TPOT
   slack move to the host (top layer first);
 - promotion: when memory frees, offloaded layers come back, most urgent request first, but only when
-  no prompt is waiting or the request is missing its TPOT target (TTFT comes first, as LayerKV argues).
+  no prompt is waiting or the request is missing its TPOT target (TTFT comes first, as LayerKV argues);
+- decode pacing (with a TPOT target): a step decodes requests with host pages only while their fetches
+  fit the time the target leaves after the step's compute, least TPOT slack first (one always decodes
+  when no resident request does, so everyone progresses); the others sit the step out with their KV where
+  it is, and their device layers are what admission demotes to start a waiting prompt (with a TTFT
+  target). A prompt thus gets its first token early and decodes at the pace the host link allows, where
+  otherwise every decode step would pay every offloaded request's fetch.
 Whole-request swap or recompute stays the scheduler's last resort.
 """
 
@@ -44,6 +50,16 @@ class NoOffload:
 
     def demote(self, num_chunks: int, candidates: Sequence[Request]) -> int:
         return 0
+
+    def decodes_to_defer(self, running: Sequence[Request], budget_bytes: float) -> set[str]:
+        """Decoding requests that sit this step out so that the step stages at most `budget_bytes`."""
+        return set()
+
+    def make_room(self, request: Request, num_cached: int, end: int, available: int,
+                  candidates: Sequence[Request]) -> bool:
+        """Demotes layers of `candidates` until the prompt can start with its layers on the host; True if
+        that freed all it needs."""
+        return False
 
     def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int], has_waiting: bool) -> int:
         """Brings offloaded layers back within `spare_chunks()`; returns the chunks used."""
@@ -86,6 +102,23 @@ class LayerwiseOffload(NoOffload):
         chunk needs; None if even all of them on the host do not."""
         if need <= available:
             return ()
+        for offloaded, device in self._admissions(request, num_cached, end):
+            if device <= available:
+                self.num_partial_admissions += 1
+                return offloaded
+        return None
+
+    def make_room(self, request: Request, num_cached: int, end: int, available: int,
+                  candidates: Sequence[Request]) -> bool:
+        options = list(self._admissions(request, num_cached, end))
+        if len(options) < self.kv.spec.num_layers or options[-1][1] <= available or not candidates:
+            return False  # the host buffer cannot take all its layers, or it fits already
+        shortfall = options[-1][1] - available
+        return self.demote(shortfall, candidates) >= shortfall
+
+    def _admissions(self, request: Request, num_cached: int, end: int):
+        """(top layers on the host, device chunks incl. the first chunk's staging) for 1, 2, ... host
+        layers, as long as the host buffer holds them."""
         kv, total = self.kv, request.num_tokens + 1
         num_layers = kv.spec.num_layers
         cached_pages = kv.spec.num_pages(num_cached)
@@ -97,13 +130,10 @@ class LayerwiseOffload(NoOffload):
             host = kv.host_chunks_to_grow(None, total, offloaded) - (
                 kv.host_chunks_to_grow(None, num_cached, offloaded) if num_cached else 0)
             if kv.host_buffer is None or host > kv.host_buffer.num_free:
-                return None
+                return
             staging = 0 if kv.host_tier is not None else staging_chunks(
                 [step_pages if layer in offloaded else 0 for layer in range(num_layers)])
-            if device + staging <= available:
-                self.num_partial_admissions += 1
-                return offloaded
-        return None
+            yield offloaded, device + staging
 
     def demote(self, num_chunks: int, candidates: Sequence[Request]) -> int:
         """Moves layers of the requests with the most TPOT slack to the host until `num_chunks`
@@ -122,6 +152,21 @@ class LayerwiseOffload(NoOffload):
                 freed += self.kv.demote(request_id, layer)
                 self.num_demotions += 1
         return freed
+
+    def decodes_to_defer(self, running: Sequence[Request], budget_bytes: float) -> set[str]:
+        """Decodes with host pages, least TPOT slack first, while their fetches fit `budget_bytes`; the rest
+        wait. When no resident request decodes, the most urgent offloaded one always does."""
+        decoding = [r for r in running if not r.is_prefilling]
+        offloaded = [r for r in decoding if self.kv.requests[r.request_id].host_pages]
+        must_one = len(offloaded) == len(decoding)
+        deferred, used = set(), 0
+        for index, request in enumerate(sorted(offloaded, key=self.slo.tpot_slack_ms)):
+            num_bytes = self.fetch_bytes([request])
+            if used + num_bytes <= budget_bytes or (index == 0 and must_one):
+                used += num_bytes
+            else:
+                deferred.add(request.request_id)
+        return deferred
 
     def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int], has_waiting: bool) -> int:
         """Brings offloaded layers back while the spare chunks last, most urgent request first."""

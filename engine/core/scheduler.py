@@ -107,6 +107,7 @@ class Scheduler:
         self.num_swaps = 0
         self.num_recomputes = 0
         self.plan_observers: list[Callable[[SchedulerOutput], None]] = []
+        self._deferred: set[str] = set()  # decodes sitting this step out (offloaded layers, TPOT target)
 
     # ---- queue -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -176,6 +177,7 @@ class Scheduler:
 
     # ---- planning ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        self._deferred = self._decodes_to_defer()
         step = _StepBuilder(self._token_budget())
         self._promote_offloaded(step)
         self._schedule_running(step)
@@ -188,22 +190,33 @@ class Scheduler:
             observer(output)
         return output
 
+    def _decodes_to_defer(self) -> set[str]:
+        """With a TPOT target: decodes whose host pages do not fit the fetch time the target leaves after
+        the step's compute sit this step out (engine/core/offload_policy.py)."""
+        if self.config.tpot_slo_ms is None or not self.running:
+            return set()
+        left_ms = self.config.tpot_slo_ms - self.cost_model.predict_ms(len(self.running))
+        return self.offload.decodes_to_defer(self.running, max(0.0, left_ms) * self.cost_model.copy_bytes_per_ms)
+
     def _token_budget(self) -> int:
         """Tokens this step may compute. With a TPOT target, prefill tokens are capped so the step stays
-        within it (every running request waits for the step); with a TTFT target, a waiting request
-        about to miss it lifts the cap so its prefill goes through (TTFT before TPOT, as LayerKV argues)."""
+        within it (every decoding request waits for the step); with a TTFT target, a prompt without its
+        first token (waiting, or admitted and still prefilling) about to miss it lifts the cap so its
+        prefill goes through (TTFT before TPOT, as LayerKV argues)."""
         budget = self.chunk_policy.token_budget(self._step_memory())
         if self.config.tpot_slo_ms is None or not self.running:
             return budget
         # offloaded layers' fetches take their share of the TPOT target first
-        fetch_ms = self.cost_model.fetch_ms(self.offload.fetch_bytes(self.running))
+        decoding = [r for r in self.running if r.request_id not in self._deferred]
+        fetch_ms = self.cost_model.fetch_ms(self.offload.fetch_bytes(decoding))
         within = self.cost_model.max_tokens_within(self.config.tpot_slo_ms - fetch_ms)
-        capped = min(budget, max(len(self.running) + 1, within))
-        if self.config.ttft_slo_ms is not None and self.waiting:
-            oldest = self.waiting[0]
+        capped = min(budget, max(len(decoding) + 1, within))
+        prompts = [r for r in self.running if r.first_token_time is None] + list(self.waiting)[:1]
+        if self.config.ttft_slo_ms is not None and prompts:
+            oldest = min(prompts, key=lambda request: request.arrival_time)
             waited_ms = (self.clock() - oldest.arrival_time) * 1e3
-            prefill_ms = self.cost_model.predict_ms(min(oldest.num_tokens, budget))
-            if waited_ms + prefill_ms >= self.config.ttft_slo_ms:
+            left = oldest.num_tokens - oldest.num_computed_tokens
+            if waited_ms + self.cost_model.predict_ms(min(left, budget)) >= self.config.ttft_slo_ms:
                 return budget
         return capped
 
@@ -224,10 +237,17 @@ class Scheduler:
 
     def _promote_offloaded(self, step: _StepBuilder) -> None:
         """Memory freed: offloaded layers come back (the offload policy says whose, in what order),
-        keeping room for a full step's activations and every running request's next page."""
+        keeping room for a full step's activations, every running request's next page and every prompt's
+        next chunk (what promotion took, a prefill would otherwise demote again at once)."""
+        ends = {r.request_id: min(r.num_tokens, r.num_computed_tokens + (step.token_budget if r.is_prefilling else 2))
+                for r in self.running}
+
         def spare() -> int:
             reserve = self.activation_chunks(step.token_budget, len(self.running) + 1)
-            reserve += sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
+            reserve += sum(self.kv.chunks_to_grow(request_id, end) for request_id, end in ends.items())
+            # the step's staging buffer for what stays offloaded (as if nothing were promoted: an upper bound)
+            reserve += self.offload.staging({request_id: end for request_id, end in ends.items()
+                                             if request_id not in self._deferred})
             return self.kv.num_available_chunks() - reserve
 
         if self.running:
@@ -239,6 +259,9 @@ class Scheduler:
             request = self.running[index]
             if step.num_tokens >= step.token_budget:
                 break
+            if request.request_id in self._deferred:  # its fetches do not fit this step's TPOT target
+                index += 1
+                continue
             if request.is_prefilling:
                 num_new = min(request.num_tokens - request.num_computed_tokens, step.token_budget - step.num_tokens)
             else:
@@ -296,6 +319,10 @@ class Scheduler:
             available = self.kv.num_available_chunks() - next_pages - workspace - self.offload.staging(step.spans)
             # () when the whole prompt fits; layer-wise: the top layers to keep on the host; None: wait
             offloaded = self.offload.layers_to_offload(request, num_cached, num_cached + num_new, need, available)
+            if offloaded is None and self.config.ttft_slo_ms is not None and self._deferred and \
+                    self.offload.make_room(request, num_cached, num_cached + num_new, available, [
+                        r for r in self.running if r.request_id in self._deferred and self.slo.tpot_slack_ms(r) >= 0]):
+                continue  # (TTFT first) waiting decodes still within their TPOT target gave layers to the host
             if offloaded is None:
                 return
             self.waiting.popleft()

@@ -2,7 +2,9 @@
 
 `build_rank` is shared by rank 0 (inside LLMEngine) and by the worker ranks (engine/parallel/worker.py), so
 every rank sizes its pool, pages and workspace the same way: the same KV page in tokens, the same
-activation plan per step, its own shard of heads and MLP columns.
+activation plan per step, its own shard of heads and MLP columns. It is two halves: `plan_rank` (load and
+measure: KV page, weight segments, the largest step's activations) and `place_rank` (weights into a pool);
+an EngineGroup (engine/core/engine_group.py) plans several models first, then places them all in one pool.
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ class RankState:
     model: DecoderModel
     workspace: ActivationWorkspace
     peak_activation_bytes: int  # the largest step's activation plan (what a static split reserves)
+    owns_pool: bool = True  # False: the pool and workspace are shared by several models (EngineGroup closes them)
 
     def close(self) -> None:
-        self.workspace.close()
+        if self.owns_pool:
+            self.workspace.close()
         self.arena.close()
-        self.pool.close()
+        if self.owns_pool:
+            self.pool.close()
 
 
 def page_tokens_for(requested: int, bytes_per_token: list[int], granularity: int) -> int:
@@ -74,20 +79,51 @@ def measure_weight_bytes(build: Callable, page_bytes: int = 1) -> int:
     return placed_bytes(measure_segments(build), page_bytes)
 
 
-def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
-               all_reduce: Callable[[torch.Tensor], None] | None = None) -> RankState:
+@dataclass
+class RankPlan:
+    """Everything a rank measures before its pool exists: the model's loaded weights, its KV shape and
+    page, the placed size of each weight segment and the largest step's activation plan."""
+
+    config: EngineConfig
+    model_config: ModelConfig
+    dtype: torch.dtype
+    max_len: int
+    kv_spec: KVCacheSpec
+    segment_bytes: dict
+    peak_activation_bytes: int
+    max_step_tokens: int
+    build: Callable  # build(allocate) -> DecoderModel, placing every tensor through `allocate`
+    weights: dict  # the loaded host tensors (cleared once placed)
+    model_type: type
+
+
+def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype, world_size: int = 1) -> list[int]:
+    """Bytes of one token's K (or V) in one layer, per rank."""
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    return [len(ShardPlan.for_rank(model_config, r, world_size).kv_heads) * model_config.head_dim * dtype_bytes
+            for r in range(world_size)]
+
+
+def plan_rank(config: EngineConfig, granularity: int, rank: int = 0, world_size: int = 1,
+              all_reduce: Callable[[torch.Tensor], None] | None = None, loaded: tuple | None = None,
+              page_bytes: int | None = None) -> RankPlan:
+    """`granularity`: the VMM backend's; `loaded`: (ModelConfig, weights) already loaded in the config's
+    dtype (else loaded here); `page_bytes`: a KV page of exactly this many bytes (several models sharing
+    one pool's chunk), else the smallest multiple of `tokens_per_page` tokens that is whole granules."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     dtype = config.torch_dtype
-    model_config, weights = load_weights(resolve_model_source(config.model), dtype)
+    model_config, weights = loaded if loaded is not None else load_weights(resolve_model_source(config.model), dtype)
     shards = [ShardPlan.for_rank(model_config, r, world_size) for r in range(world_size)]
     shard = shards[rank]
-    backend = create_backend(config.backend_name)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    page_tokens = page_tokens_for(
-        config.tokens_per_page, [len(s.kv_heads) * model_config.head_dim * dtype_bytes for s in shards],
-        backend.granularity,
-    )
+    per_token = kv_bytes_per_token(model_config, dtype, world_size)
+    if page_bytes is not None:
+        if any(page_bytes % size for size in per_token):
+            raise ValueError(f"a KV page of {page_bytes} B is not a whole number of {per_token} B tokens")
+        page_tokens = page_bytes // per_token[0]
+    else:
+        page_tokens = page_tokens_for(config.tokens_per_page, per_token, granularity)
     max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
     slot_len = -(-max_len // page_tokens) * page_tokens
     attention = create_attention_backend(config.attention_backend)
@@ -113,30 +149,46 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
         max_len=slot_len,
         tokens_per_page=page_tokens,
     )
-    chunk = spec.page_bytes
-    segment_bytes = measure_segments(build)
-    weight_bytes = placed_bytes(segment_bytes, chunk)  # each layer on pages of its own (so it can be dropped)
     # the largest step the scheduler may plan: a full prefill budget plus a decode for every slot
     max_step_tokens = max(config.max_num_batched_tokens, config.max_prefill_chunk_tokens or 0) + config.max_num_seqs
     plan = model_type.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
-    peak_activation_bytes = plan.num_bytes
-    if weight_bytes + peak_activation_bytes // 8 > config.device_memory_bytes:
+    return RankPlan(config, model_config, dtype, max_len, spec, measure_segments(build), plan.num_bytes,
+                    max_step_tokens, build, weights, model_type)
+
+
+def place_rank(plan: RankPlan, pool: ElasticPool, workspace: ActivationWorkspace | None = None,
+               keep_host_copy: bool = False) -> RankState:
+    """Places the planned model's weights in `pool` (the `weights` balloon); `workspace`: an activation
+    workspace shared with other models of the same pool (then the pool and workspace are not this rank's
+    to close), else one of its own sized to the plan's largest step."""
+    arena = WeightArena(pool, plan.segment_bytes, keep_host_copy=keep_host_copy, device=plan.config.device)
+    model = plan.build(arena.place)
+    arena.seal()
+    plan.weights.clear()  # the placed copies live in the pool now
+    owns_pool = workspace is None
+    if workspace is None:
+        workspace = ActivationWorkspace(pool, plan.peak_activation_bytes)
+    return RankState(plan.config, plan.model_config, plan.dtype, plan.max_len, plan.kv_spec, pool, pool.host_buffer,
+                     arena, model, workspace, plan.peak_activation_bytes, owns_pool)
+
+
+def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
+               all_reduce: Callable[[torch.Tensor], None] | None = None) -> RankState:
+    backend = create_backend(config.backend_name)
+    plan = plan_rank(config, backend.granularity, rank, world_size, all_reduce)
+    chunk = plan.kv_spec.page_bytes
+    weight_bytes = placed_bytes(plan.segment_bytes, chunk)  # each layer on pages of its own (so it can be dropped)
+    if weight_bytes + plan.peak_activation_bytes // 8 > config.device_memory_bytes:
         raise ValueError(f"device memory {config.device_memory_bytes} B cannot hold the weights ({weight_bytes} B) "
                          "and a minimal activation workspace")
     static_split = None
     if config.pool_policy == "static":
-        activation_tokens = config.static_activation_tokens or max_step_tokens
-        activation_bytes = model_type.plan_buffers(model_config, shard, dtype, activation_tokens,
-                                                   config.max_num_seqs).num_bytes
+        activation_tokens = config.static_activation_tokens or plan.max_step_tokens
+        shard = ShardPlan.for_rank(plan.model_config, rank, world_size)
+        activation_bytes = plan.model_type.plan_buffers(plan.model_config, shard, plan.dtype, activation_tokens,
+                                                        config.max_num_seqs).num_bytes
         static_split = static_split_chunks(weight_bytes, activation_bytes, config.device_memory_bytes, chunk)
     host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
     pool = ElasticPool(backend, config.device_memory_bytes, chunk, config.pool_policy,
                        static_split=static_split, host_buffer=host_buffer)
-    arena = WeightArena(pool, segment_bytes, keep_host_copy=config.enable_parameter_dropping and world_size == 1,
-                        device=config.device)
-    model = build(arena.place)
-    arena.seal()
-    weights.clear()  # the placed copies live in the pool now
-    workspace = ActivationWorkspace(pool, peak_activation_bytes)
-    return RankState(config, model_config, dtype, max_len, spec, pool, host_buffer, arena, model, workspace,
-                     peak_activation_bytes)
+    return place_rank(plan, pool, keep_host_copy=config.enable_parameter_dropping and world_size == 1)

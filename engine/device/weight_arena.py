@@ -75,7 +75,8 @@ class WeightArena:
                  device: str | torch.device = "cpu"):
         self.pool = pool
         self.page_bytes = pool.chunk_bytes
-        pool.register(WEIGHTS_CLIENT)
+        if WEIGHTS_CLIENT not in pool.clients:  # several models' arenas share one pool's balloon (EngineGroup)
+            pool.register(WEIGHTS_CLIENT)
         self.segments = {key: _Segment(pool, num_bytes) for key, num_bytes in segment_bytes.items()}
         self.layers = sorted(key for key in self.segments if key is not SHARED)
         self.device = torch.device(device)
@@ -114,6 +115,11 @@ class WeightArena:
     def layer_chunks(self, layers: Iterable[int]) -> int:
         """Chunks the given layers' weights take on the device (dropped or not)."""
         return sum(self.segments[layer].num_mapped for layer in layers)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of pool chunks this arena's weights hold now."""
+        return sum(s.num_mapped for s in self.segments.values() if not s.is_dropped) * self.page_bytes
 
     @property
     def dropped_bytes(self) -> int:

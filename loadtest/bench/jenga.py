@@ -8,14 +8,15 @@
   `sim` backend with 2 MiB chunks (CUDA's granule); requests are admitted in order until one does not fit.
 - `evictor`: Gemma 3 270M's KV manager (real KVCacheManager on the `sim` backend) under a shared-prefix
   workload with a KV budget that forces evictions: prefix-hit rate with `lru` vs `prefix_subset`.
-- `paged`: SmolLM2 engine steps on CPU, `contiguous` vs `paged` layout, interleaved rounds in one process.
-- `attention`: one layer's decode attention (SmolLM2's heads, 16 requests x 256 tokens, fp32, 1 thread):
-  the native kernel in place (contiguous) vs the paged torch path (gather through the block table, then
-  the same kernel), interleaved calls, medians.
+- `pool`: the two-model mix through two real paged KV managers on one KVBalloon, with the pages an
+  EngineGroup gives SmolLM2 and Gemma 3 in one pool (loadtest/bench/jenga_pool.py): LCM vs padding vs static.
+- `paged`, `attention`: paged vs contiguous on CPU, whole SmolLM2 engines and one attention layer, fp32 and
+  bf16 (loadtest/bench/jenga_paged.py).
 
     python -m loadtest.bench.jenga memory [--budget-gib 2]
     python -m loadtest.bench.jenga evictor [--requests 400]
-    python -m loadtest.bench.jenga paged [--rounds 3]
+    python -m loadtest.bench.jenga pool [--budget-gib 2]
+    python -m loadtest.bench.jenga paged [--rounds 3] [--dtype float32 bfloat16]
     python -m loadtest.bench.jenga attention [--iterations 300]
 """
 
@@ -153,6 +154,7 @@ def main() -> None:
     evictor = sub.add_parser("evictor")
     evictor.add_argument("--requests", type=int, default=400)
     evictor.add_argument("--model", choices=("gemma3", "smollm2"), default="gemma3")
+    sub.add_parser("pool").add_argument("--budget-gib", type=float, default=2.0)
     paged = sub.add_parser("paged")
     paged.add_argument("--rounds", type=int, default=3)
     paged.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
@@ -162,6 +164,10 @@ def main() -> None:
         bench_memory(args.budget_gib)
     elif args.bench == "evictor":
         bench_evictor(args.requests, args.model)
+    elif args.bench == "pool":
+        from loadtest.bench.jenga_pool import bench_pool
+
+        bench_pool(args.budget_gib)
     elif args.bench == "paged":
         bench_paged(args.rounds, args.dtype)
     else:

@@ -51,6 +51,7 @@ class ClusterConfig:
     routing_period_s: float = 0.5  # request_routing_stats_period_s
     stats_max_age_s: float = 2.0
     telemetry_period_s: float = 1.0  # the deployed replicas push every 0.5 s; 1 s here (speed)
+    sample_period_s: float = 10.0  # the timeline's pool samples (the plots)
     max_concurrent_migrations: int = 2
     plan_interval_s: float = 1.0
     migration_cooldown_s: float = 10.0
@@ -195,8 +196,12 @@ class Cluster:
         group = next(group for group in groups if group)
         live = min(group, key=lambda live: live.replica.num_ongoing())  # Serve: the shortest queue in a group
         trace = record.trace
+        self._add(live, sim_request(record.request_id, trace.prompt_tokens, trace.output_tokens, trace.arrival_s))
+
+    def _add(self, live: _Live, request: Request) -> None:
+        """The routed request joins its replica (KunServe's cluster: the pipeline its replica is part of)."""
         live.replica.interrupt(self.now)
-        live.replica.add(sim_request(record.request_id, trace.prompt_tokens, trace.output_tokens, trace.arrival_s))
+        live.replica.add(request)
         self._kick(live.replica)
 
     def _on_finish(self, request: Request, when: float) -> None:
@@ -228,7 +233,7 @@ class Cluster:
             live.is_draining = reply.is_draining
             for order in reply.orders:
                 self._migrate(order)
-        if not self.timeline or self.now - self.timeline[-1].time_s >= 10.0:
+        if not self.timeline or self.now - self.timeline[-1].time_s >= self.config.sample_period_s:
             self.timeline.append(self._sample())
 
     def _sample(self) -> Sample:

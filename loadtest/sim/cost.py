@@ -70,11 +70,16 @@ def _capped_sum(start: int, stop: int, window: int | None) -> int:
 
 
 class CostModel:
-    def __init__(self, model: ModelSpec, device: DeviceSpec):
+    """`layers` (default: all) and `head` (the LM head and the per-sequence host work) make it the cost of one
+    pipeline stage: KunServe's pair runs layers [0, split) on one replica and the rest + the head on the other."""
+
+    def __init__(self, model: ModelSpec, device: DeviceSpec, layers: range | None = None, head: bool = True):
         self.model = model
         self.device = device
+        layers = range(model.num_layers) if layers is None else layers
+        self.num_layers = len(layers)
         windows: dict[int | None, int] = {}
-        for layer in range(model.num_layers):
+        for layer in layers:
             window = model.window_of(layer)
             windows[window] = windows.get(window, 0) + 1
         self._windows = tuple(windows.items())  # (window or None, number of layers)
@@ -82,22 +87,25 @@ class CostModel:
         self._gemm_rate = d.flops * d.gemm_efficiency
         self._attn_rate = d.flops * d.attention_efficiency
         self._mem_rate = d.hbm_bytes_per_s * d.memory_efficiency
-        self._fixed_s = model.num_layers * d.kernels_per_layer * d.kernel_overhead_s
+        self._fixed_s = self.num_layers * d.kernels_per_layer * d.kernel_overhead_s
         self._attn_flops_per_pair = 4 * model.num_heads * model.head_dim
         self._kv_bytes = model.kv_bytes_per_token_layer
         self._combine = np.maximum if d.overlap else np.add
         self._copy_rate = d.pcie_bytes_per_s * d.pcie_efficiency
+        self._linear_params = self.num_layers * model.layer_params
+        self._head_params = model.lm_head_params if head else 0
+        self._seq_overhead_s = d.seq_overhead_s if head else 0.0
 
     # ---- one step ---------------------------------------------------------------------------------
     def _linear_s(self, num_tokens, num_sampled):
-        m = self.model
-        flops = 2.0 * m.linear_params * num_tokens + 2.0 * m.lm_head_params * num_sampled
-        weight_bytes = (m.linear_params + m.lm_head_params * (np.asarray(num_sampled) > 0)) * m.dtype_bytes
+        flops = 2.0 * self._linear_params * num_tokens + 2.0 * self._head_params * num_sampled
+        weight_bytes = (self._linear_params + self._head_params * (np.asarray(num_sampled) > 0)) * \
+            self.model.dtype_bytes
         return self._combine(flops / self._gemm_rate, weight_bytes / self._mem_rate)
 
     def _attention_s(self, pairs, kv_tokens_read, num_tokens):
         """`pairs` and `kv_tokens_read` summed over layers already."""
-        kv_bytes = self._kv_bytes * (kv_tokens_read + num_tokens * self.model.num_layers)
+        kv_bytes = self._kv_bytes * (kv_tokens_read + num_tokens * self.num_layers)
         return self._combine(self._attn_flops_per_pair * pairs / self._attn_rate, kv_bytes / self._mem_rate)
 
     def step_s(self, shape: StepShape) -> float:
@@ -115,7 +123,7 @@ class CostModel:
             pairs, kv_read, shape.num_tokens)) + self._fixed_s
         if shape.staged:
             seconds = self.staged_s(seconds, shape.staged)
-        return seconds + shape.num_seqs * self.device.seq_overhead_s
+        return seconds + shape.num_seqs * self._seq_overhead_s
 
     def staged_s(self, compute_s: float, staged: tuple[tuple[int, int], ...]) -> float:
         """A step of `compute_s` on the device whose layers stage `staged` bytes (see the module doc)."""
@@ -150,7 +158,7 @@ class CostModel:
                 attended = np.minimum(base[None, :] + steps[:, None], window).sum(axis=1)
             pairs += num_layers * attended
         seconds = self._linear_s(batch, batch) + self._attention_s(pairs, pairs, batch)
-        return np.broadcast_to(seconds, (num_steps,)) + self._fixed_s + batch * self.device.seq_overhead_s
+        return np.broadcast_to(seconds, (num_steps,)) + self._fixed_s + batch * self._seq_overhead_s
 
     # ---- whole operations ------------------------------------------------------------------------
     def prefill_s(self, num_tokens: int, chunk: int) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from engine.core.layer_staging import InlineCopies, LayerStager, step_stager
@@ -99,6 +100,10 @@ class SimExecutor:
         """The time of `plan`, the step `run` ran last (its staged bytes count)."""
         return self.cost.step_s(step_shape(plan, self.last_staged))
 
+    def decode_steps_s(self, contexts: Sequence[int], num_steps: int) -> np.ndarray:
+        """Times of `num_steps` decode-only steps of the same batch (fast-forward)."""
+        return self.cost.decode_steps_s(contexts, num_steps)
+
 
 class BookkeepingLayout(KVLayout):
     """A KV layout that places nothing in virtual memory (see the module doc). It holds no bytes: placing
@@ -152,7 +157,7 @@ class BookkeepingLayout(KVLayout):
         raise NotImplementedError("the bookkeeping layout holds no KV data")
 
     def write_tokens(self, slot: int, start: int, layers: KVLayers) -> None:
-        raise NotImplementedError("the bookkeeping layout holds no KV data")
+        pass  # no bytes: KV carried into these pages (KunServe's pair forming, restoring) places nothing
 
     def close(self) -> None:
         pass

@@ -10,13 +10,17 @@ shape: prefills of one 512 / 2,048 / 8,192-token prompt, and decode steps of 1 /
 synchronized before and after (`seconds`, what the simulator's step stands for), with the run's device time
 between two CUDA events beside it (`gpu_seconds`). Warm-ups run each shape first. The file also keeps the
 device's measured ceilings (a bf16 8192^3 matrix product, a device-to-device copy, pinned host <-> device
-copies). Should the engine fail on
+copies) and launch costs (a tiny kernel launched eagerly, and replayed from a CUDA graph). `--engine torch-graph`
+times the same shapes as a plain-torch step replayed from a CUDA graph (loadtest/sim/gpu_forward.py): the
+device time without host overhead. `--profile FILE` writes torch.profiler's table of three engine decode
+steps (batch 8) to FILE. Should the engine fail on
 the device, the same shapes are timed with transformers' own model of the same config, bf16 (`"engine":
 "transformers"` in the file).
 
 The check compares every scenario's median step with the `h200` cost model's prediction for the same step
-shapes; loadtest/sim/gpu_calibration.json holds the run that docs/SIMULATOR.md reports, and
-tests/loadtest/sim/test_calibration.py holds the model to it.
+shapes. loadtest/sim/gpu_calibration.json holds the torch-graph run docs/SIMULATOR.md reports (the device time
+the roofline describes; tests/loadtest/sim/test_calibration.py holds the model to it within ±30%), and
+loadtest/sim/gpu_engine_steps.json our eager engine's run on the same H200 (host-bound: `--file` compares it).
 """
 
 from __future__ import annotations
@@ -114,12 +118,30 @@ def ceilings() -> dict:
     on_device = source[: pinned.numel()]
     h2d_s = timed(lambda: on_device.copy_(pinned, non_blocking=True), 5)
     d2h_s = timed(lambda: pinned.copy_(on_device, non_blocking=True), 5)
+    small = torch.randn(4096, device="cuda")
+
+    def launches() -> None:
+        for _ in range(1000):
+            small.mul_(1.0)
+
+    launches()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    launches()
+    torch.cuda.synchronize()
+    eager_launch_s = (time.perf_counter() - started) / 1000
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launches()
+    graph_kernel_s = timed(graph.replay, 5) / 1000
     return {"bf16_matmul_flops": 2 * 8192 ** 3 / matmul_s, "copy_bytes_per_s": 2 * source.numel() * 4 / copy_s,
             "host_to_device_bytes_per_s": pinned.numel() * 4 / h2d_s,
-            "device_to_host_bytes_per_s": pinned.numel() * 4 / d2h_s}
+            "device_to_host_bytes_per_s": pinned.numel() * 4 / d2h_s,
+            "eager_launch_s": eager_launch_s, "graph_kernel_s": graph_kernel_s}
 
 
-def _engine_scenarios(model_name: str, work: Path, shapes: Shapes) -> list[dict]:
+def _engine_scenarios(model_name: str, work: Path, shapes: Shapes, profile: Path | None = None) -> list[dict]:
+    """The timed scenarios; with `profile`, only torch.profiler's tables of three decode steps at batch 8."""
 
     from engine.api import GenerateRequest
     from engine.config import EngineConfig
@@ -159,6 +181,9 @@ def _engine_scenarios(model_name: str, work: Path, shapes: Shapes) -> list[dict]
         return steps
 
     try:
+        if profile is not None:
+            _profile_decode(engine, add, step, profile, shapes.context)
+            return []
         scenarios = []
         for tokens in shapes.prefill:
             add(1, tokens, 1)
@@ -182,6 +207,28 @@ def _engine_scenarios(model_name: str, work: Path, shapes: Shapes) -> list[dict]
         return scenarios
     finally:
         engine.close()
+
+
+def _profile_decode(engine, add, step, path: Path, context: int, batch: int = 8) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    add(batch, context, 8)
+    while engine.scheduler.waiting or any(r.is_prefilling for r in engine.scheduler.running):
+        step()
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        seconds = [step()["seconds"] for _ in range(3)]
+    averages = profiler.key_averages()
+    kernels = sum(event.count for event in averages if event.device_type.name == "CUDA")
+    text = [f"three decode steps at batch {batch}, context ~{context}: {[round(t * 1e3, 2) for t in seconds]} ms "
+            f"(under the profiler); {kernels} device kernels/copies in all, {kernels / 3:.0f} per step",
+            averages.table(sort_by="self_cpu_time_total", row_limit=35)]
+    if torch.cuda.is_available():
+        text.append(averages.table(sort_by="self_cuda_time_total", row_limit=25))
+    path.write_text("\n\n".join(text) + "\n")
+    print(text[0], flush=True)
 
 
 def _transformers_scenarios(model_name: str, shapes: Shapes) -> list[dict]:
@@ -230,8 +277,8 @@ def _transformers_scenarios(model_name: str, shapes: Shapes) -> list[dict]:
 
 
 def record(model_name: str = "llama-3-8b", shapes: Shapes | None = None, engine: str = "elastic-serve") -> dict:
-    """Times the scenarios with `engine` ("elastic-serve", falling back to transformers should it fail, or
-    "transformers")."""
+    """Times the scenarios with `engine` ("elastic-serve", falling back to transformers should it fail;
+    "transformers"; "torch-graph")."""
     import torch
 
     shapes = shapes or Shapes()
@@ -246,6 +293,12 @@ def record(model_name: str = "llama-3-8b", shapes: Shapes | None = None, engine:
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "ceilings": ceilings() if on_gpu else {"bf16_matmul_flops": 0.0, "copy_bytes_per_s": 0.0}}
     print(f"ceilings: {data['ceilings']}", flush=True)
+    if engine == "torch-graph":
+        from loadtest.sim.gpu_forward import graph_scenarios
+
+        data["scenarios"] = graph_scenarios(get_model(model_name), shapes.prefill, shapes.decode, shapes.context)
+        data["engine"] = engine
+        return data
     if engine == "elastic-serve":
         try:
             with tempfile.TemporaryDirectory() as work:
@@ -277,7 +330,10 @@ def _arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where --record writes (default: the checked file)")
     parser.add_argument("--file", type=Path, default=GPU_CALIBRATION_FILE, help="recorded steps to compare with")
     parser.add_argument("--model", default="llama-3-8b")
-    parser.add_argument("--engine", default="elastic-serve", choices=["elastic-serve", "transformers"])
+    parser.add_argument("--engine", default="elastic-serve", choices=["elastic-serve", "transformers",
+                                                                                    "torch-graph"])
+    parser.add_argument("--profile", type=Path, default=None, help="only profile three engine decode steps "
+                        "(batch 8) and write torch.profiler's tables here")
     parser.add_argument("--dry-run-on-cpu", action="store_true", help="record small shapes on the CPU (checks "
                         "the recording code; the numbers mean nothing)")
 
@@ -285,6 +341,11 @@ def _arguments(parser) -> None:
 @experiment("gpu-calibrate", "the cost model's h200 constants against our engine's steps on a GPU", _arguments)
 def main(args) -> int:
     path = args.file
+    if args.profile:
+        shapes = Shapes((32,), (8,), 32, device="cpu") if args.dry_run_on_cpu else Shapes(prefill=(1024,))
+        with tempfile.TemporaryDirectory() as work:
+            _engine_scenarios(args.model, Path(work), shapes, args.profile)
+        return 0
     if args.record:
         shapes = Shapes((16, 32), (1, 4), 32, 2, 3, "cpu", 2 << 30) if args.dry_run_on_cpu else Shapes()
         data = record(args.model, shapes, args.engine)

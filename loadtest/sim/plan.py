@@ -45,14 +45,15 @@ def _try(trace, model: str, gpu: str, num: int, seed: int) -> tuple[Cluster, Run
     return cluster, summarize(cluster, f"{num} GPUs", time.perf_counter() - started)
 
 
-def _plots(cluster: Cluster, result: RunResult, out: Path, title: str) -> list[Path]:
+def pool_plots(cluster: Cluster, result: RunResult, out: Path, title: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    times = np.array([sample.time_s for sample in cluster.timeline]) / 60
+    minutes = cluster.now > 600  # short runs (a spike) in seconds
+    times = np.array([sample.time_s for sample in cluster.timeline]) / (60 if minutes else 1)
     chunk_gib = cluster.replicas[0].engine.pool.chunk_bytes / 2**30
     figure, axis = plt.subplots(figsize=(8, 4))
     order = {"weights": 0, "activations": 1, "kv": 2}
@@ -60,7 +61,8 @@ def _plots(cluster: Cluster, result: RunResult, out: Path, title: str) -> list[P
                      key=lambda client: (order.get(client, 3), client))
     stacks = [[sample.pool_chunks.get(client, 0) * chunk_gib for sample in cluster.timeline] for client in clients]
     axis.stackplot(times, stacks, labels=clients)
-    axis.set(xlabel="minutes", ylabel="GiB held (all GPUs)", title=f"SIMULATED pool balloons: {title}")
+    axis.set(xlabel="minutes" if minutes else "seconds", ylabel="GiB held (all GPUs)",
+             title=f"SIMULATED pool balloons: {title}")
     axis.legend(loc="upper left")
     balloons = out / "pool_balloons.png"
     figure.savefig(balloons, dpi=100, bbox_inches="tight")
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     passed = ok(num)
     print(f"GPUs needed: {num}" if passed else f"GPUs needed: more than {args.max_gpus} (the SLO is not met)")
     cluster, result = tried[num]
-    for path in _plots(cluster, result, Path(args.out), f"{args.model} x {num} on {args.gpu}"):
+    for path in pool_plots(cluster, result, Path(args.out), f"{args.model} x {num} on {args.gpu}"):
         print(f"wrote {path}")
     print(f"simulated in {time.perf_counter() - started:.1f} s")
     return 0 if passed else 1

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 EXPERIMENT_MODULES = ("loadtest.sim.ellm", "loadtest.sim.mell", "loadtest.sim.layerkv", "loadtest.sim.jenga",
-                      "loadtest.sim.plan", "loadtest.sim.calibrate", "loadtest.sim.gpu_calibration")
+                      "loadtest.sim.kunserve", "loadtest.sim.plan", "loadtest.sim.calibrate",
+                      "loadtest.sim.gpu_calibration")
 
 
 @dataclass(frozen=True)
@@ -65,5 +66,4 @@ def load_all() -> dict[str, Experiment]:
 
     for module in EXPERIMENT_MODULES:
         importlib.import_module(module)
-    not_built("kunserve", "KunServe")
     return EXPERIMENTS

@@ -31,118 +31,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import torch
 
 from engine.core.request import Request
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.core.step_cost import StepCostModel
 from engine.device.activation_workspace import ActivationWorkspace
-from engine.device.rank import page_tokens_for, static_split_chunks
+from engine.device.rank import static_split_chunks
 from engine.device.weight_arena import WEIGHTS_CLIENT
-from engine.model.llama import LlamaModel, ShardPlan
 from engine.sampling_params import SamplingParams
 from loadtest.sim.cost import CostModel
 from loadtest.sim.executor import BookkeepingHostBuffer, BookkeepingLayout, PagedBookkeepingLayout, SimExecutor
 from loadtest.sim.hardware import get_device
 from loadtest.sim.models import get_model
+from loadtest.sim.sizing import DTYPE, ReplicaConfig, SharedDevice, kv_spec_for, peak_activation_bytes
 from memory import ElasticPool
 from memory.kv import KVCacheManager, KVCacheSpec, register_layout
 from memory.kv.balloon import KVBalloon
 from memory.kv.registry import layout_class
-from memory.page_policies import PagePolicy
 from memory.vmm.sim import SimBackend
 
-MIB = 1 << 20
-DTYPE = torch.bfloat16
-
-
-@dataclass(frozen=True)
-class ReplicaConfig:
-    model: str = "llama-3-8b"
-    device: str = "h100-80g"
-    gpu_memory_utilization: float = 0.90  # vLLM's default share of the device an engine takes
-    pool_policy: str = "elastic"  # or "static": fixed weight / activation / KV shares
-    static_activation_tokens: int | None = None  # static: activations reserved for this many tokens per step
-    max_num_seqs: int = 256  # vLLM's default batch limit
-    max_num_batched_tokens: int = 2048  # chunked-prefill token budget per step
-    max_model_len: int = 32768
-    granularity: int = 2 * MIB  # the VMM page (cuMemCreate's granularity on NVIDIA GPUs)
-    fuse_layers: bool = True  # one layer group: fold the layers into one (same decisions, far fewer chunks)
-    # "bookkeeping" (decides as `contiguous`, maps nothing), "bookkeeping-paged" (decides as `paged`: blocks
-    # are small pages of the LCM allocator in a KVBalloon), or the engine's own "contiguous" / "paged"
-    kv_layout: str = "bookkeeping"
-    page_policy: Any = "lcm"  # small-page layouts: memory/page_policies.py name or PagePolicy
-    fast_forward: bool = True
-    kv_offload: str = "none"  # or "layerwise" (LayerKV; needs fuse_layers=False and a host buffer)
-    host_buffer_bytes: int = 0  # host RAM for offloaded layers and swapped requests (bookkeeping only)
-    ttft_slo_ms: float | None = None  # the scheduler's SLO targets (engine/core/slo.py)
-    tpot_slo_ms: float | None = None
-
-
-def kv_spec_for(config: ReplicaConfig) -> KVCacheSpec:
-    """The engine's KV spec for the model (engine/device/rank.py's sizing: a page of one layer's K is whole
-    VMM granules); with `fuse_layers` and one layer group, the layers folded into one."""
-    model = get_model(config.model)
-    groups = KVCacheSpec.group_layers([model.window_of(layer) for layer in range(model.num_layers)])
-    fused = config.fuse_layers and len(groups) == 1
-    layers = 1 if fused else model.num_layers
-    heads = model.num_kv_heads * (model.num_layers if fused else 1)
-    page_tokens = page_tokens_for(16, [model.num_kv_heads * model.head_dim * model.dtype_bytes], config.granularity)
-    slot_len = -(-config.max_model_len // page_tokens) * page_tokens
-    if fused:
-        groups = KVCacheSpec.group_layers([model.window_of(0)])
-    return KVCacheSpec(layers, heads, model.head_dim, model.dtype_bytes, groups, config.max_num_seqs, slot_len,
-                       page_tokens)
-
-
-def peak_activation_bytes(config: ReplicaConfig, num_tokens: int | None = None) -> int:
-    """The activation workspace of the largest step (or of `num_tokens` tokens), by the engine's buffer plan."""
-    engine_model = get_model(config.model).engine_config()
-    tokens = num_tokens or config.max_num_batched_tokens + config.max_num_seqs
-    return LlamaModel.plan_buffers(engine_model, ShardPlan.for_rank(engine_model, 0, 1), DTYPE, tokens,
-                                   config.max_num_seqs).num_bytes
-
-
-class SharedDevice:
-    """One device whose pool several models' engines share (Jenga's multi-model pool): every model's
-    weights in the `weights` balloon, their KV managers attached to one KVBalloon (so their kinds are
-    small pages of one LCM allocator), one activation workspace (the device runs one step at a time)
-    sized for the largest model's largest step. The configs must agree on the device, the granularity
-    and the KV layout, and their KV pages must be the same size (one pool chunk)."""
-
-    def __init__(self, configs: Sequence[ReplicaConfig],
-                 page_policy: str | PagePolicy | Callable[[int], PagePolicy] = "lcm"):
-        first = configs[0]
-        if any((c.device, c.granularity, c.gpu_memory_utilization) != (first.device, first.granularity,
-                                                                       first.gpu_memory_utilization)
-               for c in configs):
-            raise ValueError("the models of one device must agree on the device and its granularity")
-        chunks = {kv_spec_for(config).page_bytes for config in configs}
-        if len(chunks) != 1:
-            raise ValueError(f"the models' KV pages differ ({sorted(chunks)} B): one pool needs one chunk size")
-        self.chunk_bytes = chunk = chunks.pop()
-        device = get_device(first.device)
-        budget = int(device.memory_bytes * first.gpu_memory_utilization) // chunk * chunk
-        self.pool = ElasticPool(SimBackend(granularity=first.granularity), budget, chunk, "elastic")
-        self.pool.register(WEIGHTS_CLIENT)
-        weight_chunks = sum(-(-get_model(config.model).weight_bytes // chunk) for config in configs)
-        if weight_chunks >= self.pool.num_chunks:
-            raise ValueError(f"the weights of {[c.model for c in configs]} do not fit on {device.name}")
-        self.pool.inflate(WEIGHTS_CLIENT, weight_chunks)
-        self.peak_activation_bytes = max(peak_activation_bytes(config) for config in configs)
-        activation_chunks = -(-self.peak_activation_bytes // chunk)
-        self.kv_budget_chunks = self.pool.num_chunks - weight_chunks - activation_chunks
-        if callable(page_policy) and not isinstance(page_policy, PagePolicy):  # sized by the KV budget
-            page_policy = page_policy(self.kv_budget_chunks)
-        self.balloon = KVBalloon(self.pool, page_policy=page_policy)
-        self.workspace = ActivationWorkspace(self.pool, self.peak_activation_bytes)
-
-    def close(self) -> None:
-        self.workspace.close()
-        self.pool.close()
+__all__ = ["DTYPE", "ReplicaConfig", "SharedDevice", "SimEngine", "SimReplica", "kv_spec_for", "sim_request"]
 
 
 class SimEngine:
@@ -162,6 +72,8 @@ class SimEngine:
         self.max_model_len = config.max_model_len
         self.kv_spec = spec = kv_spec_for(config)
         self.shared = shared
+        self.weight_chunks: list = []  # (own pool) the weights balloon's chunks; the last ones are dropped first
+        self.dropped: list = []
         register_layout(BookkeepingLayout)  # (idempotent) so that config.kv_layout may name them
         register_layout(PagedBookkeepingLayout)
         if shared is not None:
@@ -201,8 +113,35 @@ class SimEngine:
         weight_chunks = -(-model.weight_bytes // chunk)
         if weight_chunks >= pool.num_chunks:
             raise ValueError(f"{model.name} ({model.weight_bytes / 1e9:.1f} GB) does not fit on {device.name}")
-        pool.inflate(WEIGHTS_CLIENT, weight_chunks)
+        self.weight_chunks = pool.inflate(WEIGHTS_CLIENT, weight_chunks)
         return pool
+
+    # ---- KunServe: dropping and restoring layers' weights ------------------------------------------------
+    @property
+    def chunks_per_layer(self) -> int:
+        """Pool chunks one decoder layer's weights free when dropped (each layer on pages of its own)."""
+        return self.model.layer_params * self.model.dtype_bytes // self.pool.chunk_bytes
+
+    def drop_layers(self, num_layers: int) -> int:
+        """Deflates the weights balloon by `num_layers` layers' chunks (free for KV at once); returns them."""
+        count = num_layers * self.chunks_per_layer
+        if not 0 <= num_layers < self.model.num_layers or count > len(self.weight_chunks) - len(self.dropped):
+            raise ValueError(f"cannot drop {num_layers} layers")
+        kept = len(self.weight_chunks) - len(self.dropped) - count
+        dropped = self.weight_chunks[kept:len(self.weight_chunks) - len(self.dropped)]
+        self.pool.deflate(WEIGHTS_CLIENT, dropped)
+        self.dropped = dropped + self.dropped
+        return count
+
+    def restore_layers(self) -> int:
+        """Inflates the weights balloon back to every layer (PoolExhausted, changing nothing, if KV holds the
+        memory); returns the chunks taken."""
+        count = len(self.dropped)
+        if count:
+            chunks = self.pool.inflate(WEIGHTS_CLIENT, count)
+            self.weight_chunks[len(self.weight_chunks) - count:] = chunks
+        self.dropped = []
+        return count
 
     def kv_capacity_chunks(self) -> int:
         """Chunks KV could ever hold (as LLMEngine._kv_capacity_chunks)."""
@@ -253,7 +192,8 @@ class _Run:
 
     plan: SchedulerOutput
     start: float
-    ends: np.ndarray  # cumulative end times of the steps
+    ends: np.ndarray  # end times of the steps
+    durations: np.ndarray  # each step's own time (on a shared device others' steps may come in between)
 
 
 class SimReplica:
@@ -308,11 +248,11 @@ class SimReplica:
             self.admitted_at.setdefault(chunk.request_id, self.clock)
         num_steps = self._replayable_steps(plan)
         if num_steps > 1:
-            times = self.engine.cost.decode_steps_s([chunk.start + 1 for chunk in plan.decodes], num_steps)
+            times = self.engine.runner.decode_steps_s([chunk.start + 1 for chunk in plan.decodes], num_steps)
         else:
             times = np.array([self.engine.runner.step_s(plan)])
         times[0] += moved_s
-        self._run = _Run(plan, self.clock, self.clock + np.cumsum(times))
+        self._run = _Run(plan, self.clock, self.clock + np.cumsum(times), np.asarray(times, dtype=np.float64))
         self.version += 1
         return float(self._run.ends[-1])
 
@@ -320,7 +260,7 @@ class SimReplica:
         """Durations of the steps in flight (empty: none)."""
         if self._run is None:
             return np.zeros(0)
-        return np.diff(self._run.ends, prepend=self._run.start)
+        return self._run.durations
 
     def retime(self, ends: Sequence[float]) -> None:
         """Keeps only the first len(ends) steps in flight and makes them end at `ends` (a device shared with
@@ -328,6 +268,7 @@ class SimReplica:
         if self._run is None or not 1 <= len(ends) <= len(self._run.ends):
             raise ValueError("retime keeps between one and all of the steps in flight")
         self._run.ends = np.asarray(ends, dtype=np.float64)
+        self._run.durations = self._run.durations[:len(ends)]
         self.version += 1
 
     def complete(self, until: float | None = None) -> None:
@@ -356,7 +297,7 @@ class SimReplica:
         """What LLMEngine.step tells the scheduler's step-cost model after each step: its time and the bytes
         it staged from the host with their copy time (steps replayed in bulk were planned alike, staged none)."""
         model, executor = self.engine.scheduler.cost_model, self.engine.runner
-        times = np.diff(run.ends[:num], prepend=run.start) * 1e3
+        times = run.durations[:num] * 1e3
         model.observe(run.plan.num_tokens, float(times[0]))
         fetched = sum(fetched for fetched, _ in executor.last_staged)
         model.observe_copy(fetched, self.engine.cost.host_link_s(fetched) * 1e3)

@@ -156,6 +156,43 @@ class BurstyTrace:
         return tuple(sorted(base + tuple(extra), key=lambda r: r.arrival_s))
 
 
+@dataclass(frozen=True)
+class SpikeTrace:
+    """KunServe's memory spike: Poisson arrivals at `base_rate_per_s`, `factor` times that for `spike_s` seconds
+    from `spike_at_s`; clipped log-normal prompt and output lengths (medians, sigmas, ranges as below)."""
+
+    seconds: float = 120.0
+    base_rate_per_s: float = 0.3
+    factor: float = 4.0
+    spike_at_s: float = 30.0
+    spike_s: float = 30.0
+    prompt_median: float = 4096
+    prompt_sigma: float = 0.6
+    prompt_range: tuple[int, int] = (256, 16384)
+    output_median: float = 2048
+    output_sigma: float = 0.6
+    output_range: tuple[int, int] = (16, 4096)
+
+    def __post_init__(self) -> None:
+        if min(self.seconds, self.base_rate_per_s, self.factor) <= 0 or self.spike_s < 0:
+            raise ValueError("seconds, base_rate_per_s and factor must be > 0, spike_s >= 0")
+
+    def in_spike(self, time_s: float) -> bool:
+        return self.spike_at_s <= time_s < self.spike_at_s + self.spike_s
+
+    def generate(self, seed: int) -> tuple[TraceRequest, ...]:
+        """Arrivals by thinning a Poisson process at the spike's rate; the same seed gives the same trace."""
+        rng = np.random.default_rng(seed)
+        peak = self.base_rate_per_s * max(1.0, self.factor)
+        times = np.sort(rng.uniform(0.0, self.seconds, rng.poisson(peak * self.seconds)))
+        rate = np.where((times >= self.spike_at_s) & (times < self.spike_at_s + self.spike_s),
+                        self.base_rate_per_s * self.factor, self.base_rate_per_s)
+        times = times[rng.uniform(0.0, peak, len(times)) < rate]
+        prompts = _clipped_lognormal(rng, self.prompt_median, self.prompt_sigma, self.prompt_range, len(times))
+        outputs = _clipped_lognormal(rng, self.output_median, self.output_sigma, self.output_range, len(times))
+        return tuple(TraceRequest(float(t), int(p), int(o)) for t, p, o in zip(times, prompts, outputs, strict=True))
+
+
 def multi_model(traces: dict[str, tuple[TraceRequest, ...]]) -> tuple[TraceRequest, ...]:
     """One trace of several deployments' requests (each tagged with its model)."""
     merged = [TraceRequest(r.arrival_s, r.prompt_tokens, r.output_tokens, model) for model, trace in traces.items()

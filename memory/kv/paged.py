@@ -57,16 +57,23 @@ class PagedLayout(KVLayout):
             tuple(VirtualTensor(backend, shape, dtype, spec.page_bytes) for _ in "kv") for _ in range(spec.num_layers)
         ]
         self.tables = [torch.full((spec.max_slots, spec.pages_per_slot), NULL_PAGE, dtype=torch.int64)
-                       for _ in spec.groups]
+                       for _ in spec.groups]  # the books, in host memory
+        # what attention indexes with: the same tables where the pages are (one copy per step that changed them)
+        self.device = backend.device
+        self._device_tables = [t.to(self.device) for t in self.tables] if self.device.type == "cuda" else self.tables
+        self._stale_groups: set[int] = set()
         self._group_of_layer = {layer: g for g, group in enumerate(spec.groups) for layer in group.layers}
         self._free_pages = list(range(NULL_PAGE + 1, self.num_pages))  # a heap: the lowest free index first
         self._page_of: dict[int, int] = {}  # block id -> page index while mapped
         self._mappings: dict[int, int] = {}  # block id -> (slot, page) entries pointing at it
 
     def layer_caches(self) -> list[tuple[PagedLayerCache, PagedLayerCache]]:
+        for group in self._stale_groups:
+            self._device_tables[group].copy_(self.tables[group])
+        self._stale_groups.clear()
         caches = []
         for layer, (k, v) in enumerate(self.tensors):
-            table = self.tables[self._group_of_layer[layer]]
+            table = self._device_tables[self._group_of_layer[layer]]
             caches.append((PagedLayerCache(k.tensor, table), PagedLayerCache(v.tensor, table)))
         return caches
 
@@ -89,6 +96,7 @@ class PagedLayout(KVLayout):
             self._page_of[block.block_id] = index
         self._mappings[block.block_id] = self._mappings.get(block.block_id, 0) + 1
         table[slot, page] = index
+        self._stale_groups.add(block.group)
 
     def unmap_block(self, slot: int, page: int, block: KVBlock) -> None:
         table = self.tables[block.group]
@@ -97,6 +105,7 @@ class PagedLayout(KVLayout):
             raise ValueError(f"slot {slot} page {page} does not hold block {block.block_id}")
         table[slot, page] = NULL_PAGE
         self._mappings[block.block_id] -= 1
+        self._stale_groups.add(block.group)
         if self._mappings[block.block_id] == 0:
             del self._mappings[block.block_id]
             del self._page_of[block.block_id]
@@ -108,6 +117,7 @@ class PagedLayout(KVLayout):
         table = self.tables[block.group]
         table[dst_slot, page] = table[src_slot, page]
         table[src_slot, page] = NULL_PAGE
+        self._stale_groups.add(block.group)
 
     def block_pages(self, slot: int, page: int, block: KVBlock) -> list[torch.Tensor]:
         index = self._page_of[block.block_id]

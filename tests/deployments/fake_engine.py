@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.api import (
+    EngineClient,
     EngineDeadError,
     EngineOverloadedError,
     EngineStats,
@@ -198,6 +199,16 @@ class FakeEngine:
         live = self._live.get(request_id)
         if live is not None:
             live.last_output = output
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name,)
+
+    def for_model(self, name: str) -> EngineClient:
+        """One model: the fake itself (KeyError for another name, as AsyncEngine)."""
+        if name != self.model_name:
+            raise KeyError(name)
+        return self
 
     def max_tokens_that_fit(self, num_prompt_tokens: int) -> int:
         """The largest max_tokens for this prompt: the context, and all of the KV chunks for one request."""

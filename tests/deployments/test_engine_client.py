@@ -13,6 +13,7 @@ import pytest
 from engine.api import EngineClient, GenerateRequest, RequestOutput
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.model_view import ModelView
 from engine.sampling_params import SamplingParams
 from tests.deployments.fake_engine import FakeEngine
 
@@ -66,11 +67,11 @@ def _public_members(cls) -> set[str]:
 def test_the_protocol_names_what_deployments_calls():
     methods, data = _protocol_members()
     assert methods == {"start", "shutdown", "check_health", "generate", "abort", "stats", "memory_telemetry",
-                       "run_in_engine", "stream_attached", "end_stream"}
-    assert data == {"model_name", "max_model_len", "tokenizer", "model_config", "supports_migration"}
+                       "run_in_engine", "stream_attached", "end_stream", "for_model"}
+    assert data == {"model_name", "model_names", "max_model_len", "tokenizer", "model_config", "supports_migration"}
 
 
-@pytest.mark.parametrize("cls", [AsyncEngine, FakeEngine])
+@pytest.mark.parametrize("cls", [AsyncEngine, FakeEngine, ModelView])
 def test_engine_satisfies_the_protocol_with_the_same_signatures(cls):
     methods, data = _protocol_members()
     for name in sorted(methods):
@@ -81,6 +82,7 @@ def test_engine_satisfies_the_protocol_with_the_same_signatures(cls):
 def test_supports_migration_is_declared_not_detected():
     assert AsyncEngine.supports_migration is True
     assert FakeEngine.supports_migration is False
+    assert ModelView.supports_migration is False  # one model of several in one pool (an EngineGroup)
 
 
 def test_the_fake_has_every_public_member_of_async_engine_with_its_signature():
@@ -88,7 +90,9 @@ def test_the_fake_has_every_public_member_of_async_engine_with_its_signature():
                  "token_delay_s", "kv_total_chunks", "tokens_per_chunk", "num_ranks", "max_num_seqs",
                  "max_num_waiting", "submitted", "finished", "aborted", "is_dead", "is_started", "rank_placements",
                  "die", "death"}
-    real_only = {"engine", "config"}  # the wrapped LLMEngine and its EngineConfig: a fake has neither
+    # the wrapped LLMEngine and its EngineConfig, and KunServe's pair driving (which needs the LLMEngine):
+    # a fake has none of them (LLMServer forms pairs only with an engine that has `cooperate`)
+    real_only = {"engine", "config", "cooperate", "driver"}
     real, fake = _public_members(AsyncEngine), _public_members(FakeEngine)
     assert real - real_only <= fake, sorted(real - real_only - fake)
     assert fake - real == fake_only, sorted(fake - real)

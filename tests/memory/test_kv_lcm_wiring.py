@@ -98,6 +98,31 @@ def test_two_managers_share_one_balloon_and_never_share_a_large_page():
     assert pool.num_held("kv") == 0
 
 
+def test_a_padding_balloon_gives_each_block_the_head_of_a_largest_page():
+    """The pad-to-largest baseline behind the same balloon: every kind's page is 8 chunks (SMOL's block);
+    a block maps only the chunks its layers need, the rest of the page is the padding's waste."""
+    pool = _pool(72)
+    balloon = KVBalloon(pool, page_policy="pad_to_largest")
+    gemma = KVCacheManager(GEMMA, pool, torch.float32, layout="paged", balloon=balloon, owner="gemma")
+    smol = KVCacheManager(SMOL, pool, torch.float32, layout="paged", balloon=balloon, owner="smol")
+    alloc = balloon.allocator
+    try:
+        assert alloc.chunks_per_large_page == 8 and alloc.pages_per_large_page("gemma/g0") == 1
+        gemma.admit("g", [1] * 5)
+        assert gemma.grow("g", 5)  # two pages of each kind: four 8-chunk pages where LCM takes one 12-chunk page
+        full, sliding = gemma.requests["g"].blocks
+        assert [len(b.chunks) for b in (*full, *sliding)] == [4, 4, 6, 6]
+        assert [b.chunks for b in full] == [alloc.large_page_chunks(b.small_page.large_page)[:4] for b in full]
+        assert pool.num_held("kv") == 32 and gemma.num_available_chunks() == 40
+        smol.admit("s", [2] * 20)
+        assert smol.grow("s", 20) and pool.num_held("kv") == 72  # 5 SMOL pages: the pool is full
+        assert not gemma.grow("g", 9)
+    finally:
+        gemma.close()
+        smol.close()
+    assert pool.num_held("kv") == 0
+
+
 NAMES = ("a", "b", "c")
 
 

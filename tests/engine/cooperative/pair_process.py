@@ -3,12 +3,14 @@ the follower (stage 2) or the leader (stage 1) of engine/cooperative/, driven by
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 
 import torch.distributed as dist
 
 from engine.api import GenerateRequest
+from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.cooperative.channel import PairChannel
 from engine.cooperative.follower import RemoteFollower
@@ -18,7 +20,7 @@ from engine.text.tokenizer import load_tokenizer
 from engine.weights import resolve_model_source
 from tests.engine.engine_helpers import greedy
 
-TIMEOUT_S = 20
+TIMEOUT_S = 60  # a loaded shared box: spawning the peer and its first steps can take long
 
 
 def pair_config(model_dir, **overrides) -> EngineConfig:
@@ -103,3 +105,39 @@ def run_leader_then_die(model_dir, port: int, prompts, drop: tuple[int, int], st
     for _ in range(steps):
         leader.step()
     os._exit(0)
+
+
+async def consume(stream, tokens: dict, request_id: str, first: asyncio.Event | None = None) -> None:
+    async for output in stream:
+        tokens.setdefault(request_id, []).extend(output.new_token_ids)
+        if output.finish_reason == "error":
+            tokens.setdefault("errors", []).append((request_id, output.error))
+        if first is not None:
+            first.set()
+
+
+def run_async_follower(model_dir, port: int, prompts, drop: tuple[int, int]) -> None:
+    """The follower as a served replica runs it: an AsyncEngine whose clients stream "b" (64 tokens: from
+    before the drop to after the restore) and "c" (8 tokens, wholly while dropped) from it."""
+
+    async def main() -> dict:
+        channel = join(port, 1)
+        engine = AsyncEngine(engine_for(model_dir))
+        await engine.start()
+        tokens: dict = {}
+        first = asyncio.Event()
+        b = asyncio.ensure_future(consume(engine.generate(GenerateRequest("b", tuple(prompts[1]), greedy(64))),
+                                          tokens, "b", first))
+        await first.wait()
+        follower = RemoteFollower(engine.engine, channel)
+        await engine.cooperate(follower, lambda: follower.form(*drop))
+        await consume(engine.generate(GenerateRequest("c", tuple(prompts[2]), greedy(8))), tokens, "c")
+        await b
+        while engine.driver is not None:
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+        channel.send_object({"tokens": tokens, "steps": follower.num_steps})
+        channel.flush()
+        return tokens
+
+    asyncio.run(main())

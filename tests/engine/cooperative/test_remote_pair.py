@@ -42,6 +42,7 @@ def assert_same(tokens: dict, reference, index: int, request_id: str, count: int
     assert tokens[request_id] == reference[index][:count], request_id
 
 
+@pytest.mark.slow  # about 10-15 s; the default suite runs the served path (test_async_pair.py)
 def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference):
     store = host_store()
     process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP)

@@ -152,3 +152,26 @@ def test_slo_attainment_uses_the_class_targets(build):
     scheduler.finish(slow, "stop")
     scheduler.finish(batch, "abort")  # aborts are not counted
     assert (scheduler.attainment.num_attained, scheduler.attainment.num_finished) == (0, 1)
+
+
+def test_decodes_with_host_layers_are_paced_by_the_tpot_target(build):
+    scheduler = build(100, tpot_slo_ms=50.0)
+    scheduler.add(_request("a", 64, arrival=1.0))
+    scheduler.add(_request("b", 64, arrival=2.0))  # later: more slack while neither has a TPOT yet
+    _run_step(scheduler)  # both prefill whole (40 chunks each) and sample their first token
+    for name in ("a", "b"):
+        assert scheduler.kv.demote(name, 3) and scheduler.kv.demote(name, 2)
+    running, policy = scheduler.running, scheduler.offload
+    one = policy.fetch_bytes([scheduler.requests["a"]])
+    assert one == 2 * 5 * 2 * scheduler.kv.spec.page_bytes  # 2 layers x 5 pages x (K, V)
+    assert policy.decodes_to_defer(running, 2 * one) == set()
+    assert policy.decodes_to_defer(running, one) == {"b"}
+    assert policy.decodes_to_defer(running, 0) == {"b"}  # no resident decode: the most urgent one goes on
+    assert scheduler.kv.promote("a", 2) and scheduler.kv.promote("a", 3)
+    assert policy.decodes_to_defer(running, 0) == {"b"}  # a decodes resident; b's fetch does not fit
+    assert policy.decodes_to_defer(running, one) == set()
+    assert scheduler.kv.demote("a", 3) and scheduler.kv.demote("a", 2)
+    # 50 ms target - (10 + 2) ms predicted compute = 38 ms of copies: one request's fetch fits, not two
+    scheduler.cost_model.copy_bytes_per_ms = one / 30.0
+    plan = scheduler.schedule()
+    assert [chunk.request_id for chunk in plan.decodes] == ["a"] and scheduler.requests["b"].num_computed_tokens == 64

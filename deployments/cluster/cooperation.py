@@ -1,0 +1,110 @@
+"""KunServe on a Serve replica: carrying out the controller's `LayerOrder`s (drop_coordinator.py).
+
+Drop, as the pair's leader (the replica that keeps the first layers): host a store for a new two-rank
+group (gloo on CPU, NCCL on GPU; built like the migration's KV channels, deployments/migration/
+kv_channel.py) and, at once, ask the follower through a targeted Serve call (`LLMServer.cooperation_join`,
+the migration's control channel) to join it. The follower joins, forms its side on its engine thread
+(hands its requests in flight to the leader, drops its first layers, offers its free KV) and answers;
+then the leader forms its side. From then on both AsyncEngine loops are driven by the pair
+(engine/cooperative/remote.py, follower.py): the follower's clients keep streaming from it.
+
+Restore, as the leader: the pair dissolves from the leader's engine thread (the follower hears it over
+the group). A follower's own orders need no action (the leader drives both); a restore ordered to a
+replica whose peer is gone is already done by the pair itself when its group failed (`PeerLost`): the
+survivor restored from its host copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from deployments.cluster.placement import NodeAddress
+from deployments.migration.kv_channel import ChannelAddress, backend_for, host_store, join_store, open_group
+from deployments.telemetry import DropStatus, LayerOrder
+from engine.api import EngineStats
+from engine.cooperative.channel import PairChannel
+from engine.cooperative.follower import RemoteFollower
+from engine.cooperative.remote import RemoteLeader
+
+logger = logging.getLogger("ray.serve")
+
+JoinCall = Callable[[str, ChannelAddress, int, int], Awaitable[None]]  # (follower, address, first_keeps, second_from)
+
+
+class Cooperation:
+    def __init__(self, replica_id: str, engine, node: NodeAddress, join: JoinCall, timeout_s: float = 30.0,
+                 num_micro_batches: int = 2, min_micro_batch_tokens: int = 64):
+        """`engine`: the replica's AsyncEngine; `join(follower, address, first_keeps, second_from)` calls
+        `cooperation_join` on the follower replica."""
+        self.replica_id = replica_id
+        self.engine = engine
+        self.node = node
+        self._join = join
+        self.timeout_s = timeout_s
+        self.num_micro_batches = num_micro_batches
+        self.min_micro_batch_tokens = min_micro_batch_tokens
+        self.peer: str | None = None
+        self._groups: list = []  # the live group (and its store) of the current pair
+        self._busy = asyncio.Lock()
+
+    def status(self, stats: EngineStats) -> DropStatus:
+        llm = self.engine.engine
+        arena = llm.rank.arena
+        driver = self.engine.driver
+        peer = self.peer if driver is not None and driver.is_formed else None
+        return DropStatus(llm.model_name, llm.model_config.num_layers, arena.layer_chunks([0]), stats.drop_state,
+                          peer, len(arena.dropped_layers))
+
+    async def follow(self, order: LayerOrder) -> None:
+        async with self._busy:
+            driver = self.engine.driver
+            if order.action == "drop" and order.role == "leader" and driver is None:
+                await self._lead(order)
+            elif order.action == "restore" and isinstance(driver, RemoteLeader) and driver.is_formed:
+                restored = await self.engine.run_in_engine(lambda _: driver.restore())
+                logger.info("replica %s: pair with %s restored (%d chunks back)", self.replica_id, self.peer, restored)
+                self._end()
+            else:
+                logger.info("replica %s: layer order %s needs nothing here", self.replica_id, order)
+
+    async def _lead(self, order: LayerOrder) -> None:
+        store = host_store(self.node.host, self.timeout_s)
+        address = ChannelAddress(self.node.host, store.port, f"pair/{uuid.uuid4().hex}/",
+                                 backend_for(self.engine.engine.model.embed.device))
+        building = asyncio.ensure_future(asyncio.to_thread(open_group, address, PairChannel.LEADER, store, self.node,
+                                                           self.timeout_s))
+        try:
+            await asyncio.gather(building, self._join(order.peer, address, order.first_keeps, order.second_from))
+        except BaseException:
+            building.cancel()  # the thread ends at the store's timeout
+            raise
+        group = building.result()
+        self._groups = [group, store]
+        leader = RemoteLeader(self.engine.engine, PairChannel(group.group, PairChannel.LEADER), self.num_micro_batches,
+                              self.min_micro_batch_tokens)
+        freed = await self.engine.cooperate(leader, lambda: leader.form(order.first_keeps, order.second_from))
+        self.peer = order.peer
+        logger.info("replica %s: leads a pair with %s, keeps layers [0, %d) (%d chunks freed)", self.replica_id,
+                    order.peer, order.first_keeps, freed)
+
+    async def join(self, leader: str, address: ChannelAddress, first_keeps: int, second_from: int) -> None:
+        """The follower's side of forming a pair (called by the leader through Serve)."""
+        async with self._busy:
+            if self.engine.driver is not None:
+                raise RuntimeError(f"replica {self.replica_id} is already in a pair")
+            group = await asyncio.to_thread(lambda: open_group(address, PairChannel.FOLLOWER,
+                                                               join_store(address, self.timeout_s), self.node,
+                                                               self.timeout_s))
+            self._groups = [group]
+            follower = RemoteFollower(self.engine.engine, PairChannel(group.group, PairChannel.FOLLOWER))
+            freed = await self.engine.cooperate(follower, lambda: follower.form(first_keeps, second_from))
+            self.peer = leader
+            logger.info("replica %s: follows %s, keeps layers [%d, L) (%d chunks freed)", self.replica_id, leader,
+                        second_from, freed)
+
+    def _end(self) -> None:
+        self.peer = None
+        self._groups = []

@@ -1,0 +1,73 @@
+"""The cluster controller runs KunServe's drop plan over the replicas' typed reports and sends each replica
+its LayerOrders in the reply: hysteresis before the drop, one order per pair while it is carried out, the
+restore to the pair's leader after calm, at once to a survivor whose peer went silent."""
+
+from __future__ import annotations
+
+from deployments.cluster.drop_plan import DroppingConfig
+from deployments.cluster.state import ClusterCore
+from deployments.telemetry import DropStatus, LayerOrder, ReplicaLoad, ReplicaReport, ReplicaStats
+
+CONFIG = DroppingConfig(enabled=True, high_watermark=0.9, restore_watermark=0.5, drop_after_s=1.0,
+                        restore_after_s=5.0)
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def report(used: int, waiting: int = 0, state: str = "normal", peer: str | None = None, dropped: int = 0,
+           preemptions: int = 0) -> ReplicaReport:
+    stats = ReplicaStats(kv_chunks_used=used, kv_chunks_free=100 + dropped * 10 - used, num_preemptions=preemptions)
+    return ReplicaReport(stats, load=ReplicaLoad("x", 100, used, waiting),
+                         dropping=DropStatus("m", 30, 10, state, peer, dropped))
+
+
+def test_orders_follow_the_plan_with_hysteresis_and_reach_each_replica_once():
+    clock = Clock()
+    core = ClusterCore(stale_after_s=2.0, clock=clock, dropping=CONFIG)
+    assert core.report("b", report(50)).layer_orders == ()
+    assert core.report("a", report(95, 40)).layer_orders == ()  # pressure starts: hysteresis
+    clock.now += 1.0
+    # a: demand 135 vs 0.9 * 100 -> 5 layers; b needs none but drops one; "a" < "b": a leads
+    assert core.report("b", report(50)).layer_orders == (LayerOrder("drop", "follower", "a", 25, 1),)
+    reply = core.report("a", report(95, 40))
+    assert reply.layer_orders == (LayerOrder("drop", "leader", "b", first_keeps=25, second_from=1),)
+    assert core.report("b", report(50)).layer_orders == ()
+    clock.now += 0.5  # still reporting normal (the order is on its way): never ordered twice
+    assert core.report("a", report(95, 40)).layer_orders == ()
+    assert core.view()["parameter_dropping"]["replicas"]["a"]["state"] == "dropping"
+    clock.now += 0.5
+    core.report("a", report(30, state="dropped", peer="b", dropped=5))
+    core.report("b", report(20, state="dropped", peer="a", dropped=1))
+    assert core.view()["parameter_dropping"]["num_drops"] == 1
+    orders = []
+    for _ in range(5):  # calm for restore_after_s: the leader restores, the follower hears it from the leader
+        clock.now += 1.0
+        orders.append((core.report("b", report(20, state="dropped", peer="a", dropped=1)).layer_orders,
+                       core.report("a", report(30, state="dropped", peer="b", dropped=5)).layer_orders))
+    assert orders == [((), ())] * 4 + [((), (LayerOrder("restore", "leader", "b"),))]
+    assert core.report("b", report(20, state="dropped", peer="a", dropped=1)).layer_orders == ()
+    assert core.view()["parameter_dropping"]["replicas"]["b"]["state"] == "restoring"  # until it reports normal
+
+
+def test_a_survivor_restores_at_once_when_its_peer_goes_silent():
+    clock = Clock()
+    core = ClusterCore(stale_after_s=2.0, clock=clock, dropping=CONFIG)
+    # a restarted controller hears a dropped replica before its peer: it waits for the peer's report
+    assert core.report("a", report(90, state="dropped", peer="b", dropped=3)).layer_orders == ()
+    assert core.report("b", report(90, state="dropped", peer="a", dropped=3)).layer_orders == ()
+    clock.now += 3.0  # b is stale
+    assert core.report("a", report(90, state="dropped", peer="b", dropped=3)).layer_orders == (
+        LayerOrder("restore", "leader", None),)
+
+
+def test_disabled_or_unable_replicas_get_no_orders():
+    core = ClusterCore(dropping=DroppingConfig())
+    assert core.dropping is None and core.report("a", report(99, 99)).layer_orders == ()
+    core = ClusterCore(dropping=CONFIG)
+    plain = ReplicaReport(ReplicaStats(kv_chunks_used=99, kv_chunks_free=1))
+    assert core.report("a", plain).layer_orders == () and core.view()["parameter_dropping"]["replicas"] == {}
