@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import create_attention_backend
-from engine.attention.paged_torch import PagedTorchBackend
+from engine.attention.paged_native import paged_backend
 from engine.config import EngineConfig
 from engine.core.sampling_workspace import peak_rows, sampling_plan
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
@@ -128,8 +128,8 @@ def plan_rank(config: EngineConfig, granularity: int, rank: int = 0, world_size:
     max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
     slot_len = -(-max_len // page_tokens) * page_tokens
     attention = create_attention_backend(config.attention_backend)
-    if config.kv_layout == "paged":  # reads K/V through block tables, then attends with the chosen backend
-        attention = PagedTorchBackend(attention)
+    if config.kv_layout == "paged":  # reads K/V through block tables (in place with the native kernels)
+        attention = paged_backend(attention)
     linear = create_linear(config.linear_backend, config.device)
 
     model_type = model_class(model_config)
