@@ -33,7 +33,7 @@ import torch
 from engine.core.engine import LLMEngine
 from loadtest.offline.capacity import format_capacity, run_capacity
 from loadtest.offline.engine_runner import MIB, build_engine, make_prompts, run_engine
-from loadtest.offline.mixed import format_mixed, plot_timelines, run_mixed
+from loadtest.offline.mixed import CONFIGS, format_mixed, plot_timelines, run_mixed
 from loadtest.offline.tables import comparison_table, load_average
 from loadtest.offline.vocab import format_vocab, run_vocab
 
@@ -199,6 +199,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-long", type=int, default=4, help="mixed: long prompts (capacity-prompt-len tokens)")
     parser.add_argument("--mixed-gap", type=int, default=6, help="mixed: steps between long arrivals")
     parser.add_argument("--mixed-long-output-len", type=int, default=16)
+    parser.add_argument("--mixed-configs", default=None,
+                        help="mixed: a comma-separated subset of: " + ", ".join(CONFIGS) + " (default: all four)")
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="default: max(64, num-prompts) capped at 256 (throughput), 64 (capacity)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each column is its best round")

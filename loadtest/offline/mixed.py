@@ -104,7 +104,9 @@ def run_mixed(args, tokenizer=None) -> dict:
     budget = int(args.budget_gib * GIB)
     ceiling = args.max_prefill_chunk_tokens or 8192
     result: dict = {"budget_bytes": budget, "ceiling": ceiling, "configs": {}}
-    for name, setting in CONFIGS.items():
+    names = args.mixed_configs.split(",") if getattr(args, "mixed_configs", None) else list(CONFIGS)
+    for name in names:
+        setting = CONFIGS[name]
         engine = build_engine(args, tokenizer=tokenizer, pool_policy=setting["pool_policy"],
                               device_memory_bytes=budget, max_num_seqs=args.max_num_seqs or 64, max_model_len=None,
                               max_prefill_chunk_tokens=ceiling if setting["ceiling"] else None)
