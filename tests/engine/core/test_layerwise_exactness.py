@@ -12,6 +12,7 @@ from engine import migration
 from engine.api import GenerateRequest
 from engine.core.engine import LLMEngine
 from engine.core.offload_policy import LayerwiseOffload
+from engine.core.sampling_workspace import SampledRows
 from tests.engine.core.test_engine_exactness import NUM_NEW, assert_same, small_config
 from tests.engine.engine_helpers import assert_pool_idle, collect_steps, greedy, run_all
 from tests.engine.reference import hf_greedy
@@ -112,7 +113,7 @@ def test_layerwise_admission_under_a_tight_budget_matches_transformers(smollm2_t
     (top layers on the host), demotes before preempting, promotes when memory frees."""
     probe = LLMEngine(small_config(num_threads=1), tokenizer=smollm2_tokenizer)
     weights = probe.pool.num_held("weights")
-    activations = probe.runner.activation_chunks(probe.config.max_num_batched_tokens + 16, 16)
+    activations = probe.runner.activation_chunks(probe.config.max_num_batched_tokens + 16, SampledRows.plain(16))
     page_bytes = probe.kv_spec.page_bytes
     kv_one_prompt = probe.kv.chunks_to_grow(None, max(len(p) for p in prompts) + NUM_NEW)
     probe.close()
