@@ -22,6 +22,7 @@ from engine.api import HANDED_OFF
 from engine.core.engine import LLMEngine
 from engine.core.request import Request, RequestStatus
 from engine.core.sampler import SamplingState
+from engine.core.sampling_workspace import SampledRows
 from engine.model.llama import ShardPlan
 from engine.sampling_params import SamplingParams
 from engine.text.detokenizer import IncrementalDetokenizer
@@ -145,7 +146,7 @@ def reserve(engine: LLMEngine, request_id: str, num_tokens: int) -> bool:
     if request_id in engine.scheduler.requests or request_id in engine.kv.requests:
         return False
     room = num_tokens + engine.kv_spec.tokens_per_page
-    workspace = engine.runner.activation_chunks_charged_to_kv(1, 1)
+    workspace = engine.runner.activation_chunks_charged_to_kv(1, SampledRows.plain(1))
     if engine.kv.chunks_to_grow(None, room) + workspace > engine.kv.num_available_chunks():
         return False
     return engine.kv.reserve_import(request_id, room)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_LOADED: dict[Path, ctypes.CDLL] = {}
+_LOADED: dict[tuple[Path, tuple[str, ...]], ctypes.CDLL] = {}
 _LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
@@ -35,24 +35,25 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def load_library(source: Path) -> ctypes.CDLL:
-    """The compiled `source` (built on first use, once per process). Raises RuntimeError if it cannot be."""
-    if source in _LOADED:
-        return _LOADED[source]
+def load_library(source: Path, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
+    """The compiled `source` (built on first use, once per process and flags). Raises RuntimeError if it cannot
+    be. `flags` other than FLAGS build for another target (tests build the AVX2-only variant this way)."""
+    if (source, flags) in _LOADED:
+        return _LOADED[(source, flags)]
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError(f"no C compiler found to build {source.name}")
     code = _source_bytes(source)
-    digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"compiling {source.name} failed:\n{result.stderr}")
             os.replace(built, target)  # atomic: concurrent builders never see half a file
-    _LOADED[source] = library = ctypes.CDLL(str(target))
+    _LOADED[(source, flags)] = library = ctypes.CDLL(str(target))
     return library

@@ -94,7 +94,10 @@ def plot_throughput(
     _save(figure, path)
 
 
-def plot_memory(points: Sequence[MemoryPoint], path: Path, title: str, origin: float = 0.0) -> None:
+def plot_memory(points: Sequence[MemoryPoint], path: Path, title: str, origin: float = 0.0, panel: str = "replica",
+                xlabel: str = "seconds since the first request") -> None:
+    """One stacked panel of balloons per `point.replica` (a replica, or in the offline benchmark a
+    configuration), over `point.time - origin`."""
     replicas = sorted({point.replica for point in points})
     if not replicas:
         figure, axis = plt.subplots(figsize=(9, 3))
@@ -123,11 +126,11 @@ def plot_memory(points: Sequence[MemoryPoint], path: Path, title: str, origin: f
         if any(point.host_bytes is not None for point in series):
             axis.plot(xs, [(point.host_bytes or 0.0) / GIB for point in series], "k--", label="host buffer used")
         ranks = max(point.num_ranks for point in series)
-        axis.set_title(f"{title}: pool of replica {replica} ({ranks} rank{'s' if ranks != 1 else ''})")
+        axis.set_title(f"{title}: pool of {panel} {replica} ({ranks} rank{'s' if ranks != 1 else ''})")
         axis.set_ylabel("GiB")
         axis.grid(alpha=0.3)
         axis.legend(loc="upper left", fontsize=8)
-    axes[-1, 0].set_xlabel("seconds since the first request")
+    axes[-1, 0].set_xlabel(xlabel)
     _save(figure, path)
 
 

@@ -30,6 +30,7 @@ from engine.cooperative.channel import PairChannel, PeerLost
 from engine.cooperative.pipeline import num_sampled
 from engine.cooperative.remote import pipeline_split, snapshot_of
 from engine.core.engine import LLMEngine
+from engine.core.sampling_workspace import SampledRows
 from engine.migration import attach
 from memory.kv.mirror import LayoutMirror
 
@@ -58,7 +59,9 @@ class RemoteFollower:
         freed = engine.drop_layers(range(0, second_from))
         engine.kv.hold_layers(range(split, num_layers))
         self._mirror = LayoutMirror(engine.kv_spec, engine.pool, engine.dtype, existing=engine.kv.layout)
-        workspace = engine.runner.activation_chunks(engine.config.max_num_batched_tokens, engine.config.max_num_seqs)
+        # stage 2 samples nothing here (the leader samples): its rows are plain
+        workspace = engine.runner.activation_chunks(engine.config.max_num_batched_tokens,
+                                                    SampledRows.plain(engine.config.max_num_seqs))
         budget = max(0, engine.kv.num_available_chunks() - workspace)
         with self._lock:
             self.forwarded = {snapshot.request_id for snapshot in snapshots}

@@ -23,7 +23,8 @@ import torch
 
 from engine.cooperative.transport import HiddenTransport, QueueTransport
 from engine.core.runner import ModelRunner
-from engine.core.sampler import Sampler, SampleResult, SamplingState
+from engine.core.sampler import Sampler, SampleResult, SamplingState, rows_of
+from engine.core.sampling_workspace import SampledRows, sampling_plan
 from engine.core.scheduler import ScheduledChunk, SchedulerOutput
 
 
@@ -112,13 +113,12 @@ class PipelineRunner:
         return (self.first.model.dropped_layers.intersection(self.first_layers)
                 | self.second.model.dropped_layers.intersection(self.second_layers))
 
-    def activation_chunks(self, num_tokens: int, num_sampled: int) -> int:
-        return max(self.first.activation_chunks(num_tokens, num_sampled),
-                   self.second.activation_chunks(num_tokens, num_sampled))
+    def activation_chunks(self, num_tokens: int, rows: SampledRows) -> int:
+        return max(self.first.activation_chunks(num_tokens, rows), self.second.activation_chunks(num_tokens, rows))
 
-    def activation_chunks_charged_to_kv(self, num_tokens: int, num_sampled: int) -> int:
-        return max(self.first.activation_chunks_charged_to_kv(num_tokens, num_sampled),
-                   self.second.activation_chunks_charged_to_kv(num_tokens, num_sampled))
+    def activation_chunks_charged_to_kv(self, num_tokens: int, rows: SampledRows) -> int:
+        return max(self.first.activation_chunks_charged_to_kv(num_tokens, rows),
+                   self.second.activation_chunks_charged_to_kv(num_tokens, rows))
 
     def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
         """One step; `states` as for ModelRunner.run (sampled rows in order)."""
@@ -168,7 +168,8 @@ class PipelineRunner:
         runner = self.second
         rows = num_sampled(micro)
         plan = runner.model.buffer_plan(batch.num_tokens, max(rows, 1))
-        workspace = runner.workspace.acquire(plan.num_bytes)
+        sampler_bytes = sampling_plan(rows_of(states), runner.model.config.vocab_size).num_bytes
+        workspace = runner.workspace.acquire(plan.num_bytes + sampler_bytes)
         try:
             with torch.inference_mode():
                 buffers = plan.carve(workspace)
@@ -177,7 +178,8 @@ class PipelineRunner:
                 runner.model.forward_stage(batch, runner.kv.layer_caches(), buffers, self.second_layers,
                                            embed=False)
                 logits = runner.model.compute_logits(batch, buffers)[:rows]
-                result = self.sampler.sample(logits, states) if rows else SampleResult([], [])
+                result = (self.sampler.sample(logits, states, workspace[plan.num_bytes:]) if rows
+                          else SampleResult([], []))
             busy[1] += time.perf_counter() - started
             return result
         finally:

@@ -38,7 +38,8 @@ from engine.cooperative.pipeline import PipelineStats, num_sampled, split_micro_
 from engine.core.engine import LLMEngine
 from engine.core.request import Request
 from engine.core.runner import ModelRunner
-from engine.core.sampler import SampleResult, SamplingState
+from engine.core.sampler import SampleResult, SamplingState, rows_of
+from engine.core.sampling_workspace import SampledRows, sampling_plan
 from engine.core.scheduler import SchedulerOutput
 from engine.migration import RequestSnapshot, attach
 from memory.kv import KVCacheManager
@@ -92,11 +93,11 @@ class RemotePipelineRunner:
     def missing_layers(self) -> frozenset[int]:
         return self.first.model.dropped_layers.intersection(self.first_layers)
 
-    def activation_chunks(self, num_tokens: int, num_sampled: int) -> int:
-        return self.first.activation_chunks(num_tokens, num_sampled)
+    def activation_chunks(self, num_tokens: int, rows: SampledRows) -> int:
+        return self.first.activation_chunks(num_tokens, rows)
 
-    def activation_chunks_charged_to_kv(self, num_tokens: int, num_sampled: int) -> int:
-        return self.first.activation_chunks_charged_to_kv(num_tokens, num_sampled)
+    def activation_chunks_charged_to_kv(self, num_tokens: int, rows: SampledRows) -> int:
+        return self.first.activation_chunks_charged_to_kv(num_tokens, rows)
 
     def take_log(self) -> list:
         log = list(self.layout_log)
@@ -145,14 +146,15 @@ class RemotePipelineRunner:
             return SampleResult([], [])
         model = self.first.model
         plan = model.buffer_plan(rows, rows)
-        workspace = self.first.workspace.acquire(plan.num_bytes)
+        sampler_bytes = sampling_plan(rows_of(states), model.config.vocab_size).num_bytes
+        workspace = self.first.workspace.acquire(plan.num_bytes + sampler_bytes)
         try:
             with torch.inference_mode():
                 buffers = plan.carve(workspace)
                 buffers["hidden"][:rows].copy_(last)
-                rows_of = SimpleNamespace(logits_indices=torch.arange(rows, device=last.device))
-                logits = model.compute_logits(rows_of, buffers)[:rows]
-                return self.sampler.sample(logits, states)
+                indices = SimpleNamespace(logits_indices=torch.arange(rows, device=last.device))
+                logits = model.compute_logits(indices, buffers)[:rows]
+                return self.sampler.sample(logits, states, workspace[plan.num_bytes:])
         finally:
             self.first.workspace.release()
 

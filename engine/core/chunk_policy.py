@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.core.sampling_workspace import SampledRows
+
 
 @dataclass(frozen=True)
 class StepMemory:
@@ -29,6 +31,7 @@ class StepMemory:
     available_chunks: int  # chunks KV and this step's workspace could take now (free + reclaimable)
     next_kv_chunks: int  # chunks the running requests need for their next token
     num_running: int  # running requests (each may add one decode token and one sampled row)
+    sampled_rows: SampledRows  # the rows of a step where every running request samples, and one more
 
 
 class ChunkPolicy(ABC):
@@ -65,11 +68,11 @@ class FixedChunkPolicy(ChunkPolicy):
 class AdaptiveChunkPolicy(ChunkPolicy):
     """The largest of floor, 2*floor, 4*floor, ..., ceiling that fits the pool now.
 
-    `activation_chunks(num_tokens, num_sampled)` is what the step's workspace costs KV (zero under a
+    `activation_chunks(num_tokens, sampled_rows)` is what the step's workspace costs KV (zero under a
     static split: the reserved share pays); `kv_chunks(num_tokens)` is the KV a fresh request of that
     many tokens takes."""
 
-    def __init__(self, floor: int, ceiling: int, activation_chunks: Callable[[int, int], int],
+    def __init__(self, floor: int, ceiling: int, activation_chunks: Callable[[int, SampledRows], int],
                  kv_chunks: Callable[[int], int]):
         super().__init__()
         if not 1 <= floor <= ceiling:
@@ -85,7 +88,7 @@ class AdaptiveChunkPolicy(ChunkPolicy):
 
     def fits(self, budget: int, memory: StepMemory) -> bool:
         prefill_tokens = max(0, budget - memory.num_running)
-        need = (self.activation_chunks(budget, memory.num_running + 1) + memory.next_kv_chunks
+        need = (self.activation_chunks(budget, memory.sampled_rows) + memory.next_kv_chunks
                 + self.kv_chunks(prefill_tokens))
         return need <= memory.available_chunks
 
@@ -96,7 +99,7 @@ class AdaptiveChunkPolicy(ChunkPolicy):
         return self.floor
 
 
-def create_chunk_policy(floor: int, ceiling: int | None, activation_chunks: Callable[[int, int], int],
+def create_chunk_policy(floor: int, ceiling: int | None, activation_chunks: Callable[[int, SampledRows], int],
                         kv_chunks: Callable[[int], int]) -> ChunkPolicy:
     """Fixed when no ceiling above the floor is configured, adaptive otherwise."""
     if ceiling is None or ceiling <= floor:

@@ -18,6 +18,7 @@ from engine.core.layer_staging import StagingStats
 from engine.core.request import Request
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler, SamplingState
+from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.device.rank import RankState, build_rank
 from engine.device.weight_arena import WEIGHTS_CLIENT
@@ -313,7 +314,7 @@ class LLMEngine:
         """Chunks KV could ever hold: the budget less the weights and one full step's workspace
         (or KV's own share, under a fixed split)."""
         shared = self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
-            self.config.max_num_batched_tokens, 1)
+            self.config.max_num_batched_tokens, SampledRows.plain(1))
         share = self.pool.policy.headroom(KV_CLIENT, 0)
         return shared if share is None else min(share, shared)
 

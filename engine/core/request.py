@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.core.sampler import SamplingState
+from engine.core.sampling_workspace import SampledRows, row_demand
 from engine.sampling_params import SamplingParams
 from engine.text.detokenizer import IncrementalDetokenizer
 
@@ -90,3 +91,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def row_demand(self) -> SampledRows:
+        """What this request's sampled row asks of the sampler's workspace in the coming step (a request
+        without sampling state, as the simulator's, by its parameters)."""
+        if self.sampling is None:
+            return row_demand(self.params, needs_stop_mask=False)
+        return self.sampling.row_demand()

@@ -10,7 +10,8 @@ import torch
 
 from engine.core.forward_batch import ForwardBatch, PrefillChunk
 from engine.core.layer_staging import COPY_ENGINES, LayerStager, StagingStats, step_stager
-from engine.core.sampler import Sampler, SampleResult, SamplingState
+from engine.core.sampler import Sampler, SampleResult, SamplingState, rows_of
+from engine.core.sampling_workspace import SampledRows, sampling_plan
 from engine.core.scheduler import SchedulerOutput
 from engine.device.activation_workspace import ActivationWorkspace
 from engine.model.registry import DecoderModel
@@ -33,23 +34,26 @@ class ModelRunner:
         self.device = model.embed.device
         self.copies = COPY_ENGINES[kv_staging](self.device)  # stages offloaded layers' KV (LayerKV)
         self.staging_stats = staging_stats or StagingStats()
+        vocab_size = model.config.vocab_size
         self._activation_bytes = lru_cache(maxsize=4096)(
-            lambda num_tokens, num_sampled: model.buffer_plan(num_tokens, num_sampled).num_bytes
+            lambda num_tokens, rows: (model.buffer_plan(num_tokens, max(rows.num_rows, 1)).num_bytes
+                                      + sampling_plan(rows, vocab_size).num_bytes)
         )
 
     def missing_layers(self) -> frozenset[int]:
         """Layers a step needs whose weights are not here (dropped): the step cannot run."""
         return self.model.dropped_layers
 
-    def activation_chunks(self, num_tokens: int, num_sampled: int) -> int:
-        """Workspace pages a step of `num_tokens` tokens with `num_sampled` sampled rows needs."""
+    def activation_chunks(self, num_tokens: int, rows: SampledRows) -> int:
+        """Workspace pages a step of `num_tokens` tokens with these sampled rows needs: the model's
+        buffers and the sampler's temporaries."""
         if num_tokens == 0:
             return 0
-        return self.workspace.num_pages_for(self._activation_bytes(num_tokens, max(num_sampled, 1)))
+        return self.workspace.num_pages_for(self._activation_bytes(num_tokens, rows))
 
-    def activation_chunks_charged_to_kv(self, num_tokens: int, num_sampled: int) -> int:
+    def activation_chunks_charged_to_kv(self, num_tokens: int, rows: SampledRows) -> int:
         """What the scheduler must keep free of KV for a step of this size (see ActivationWorkspace)."""
-        return self.workspace.pages_charged_to_kv(self.activation_chunks(num_tokens, num_sampled))
+        return self.workspace.pages_charged_to_kv(self.activation_chunks(num_tokens, rows))
 
     def build_batch(self, output: SchedulerOutput) -> ForwardBatch:
         input_ids: list[int] = []
@@ -89,13 +93,15 @@ class ModelRunner:
             logits_indices=as_tensor(logits_rows),
         )
 
-    def _forward(self, output: SchedulerOutput) -> torch.Tensor:
-        """Runs the model for the step in a freshly acquired workspace; returns the sampled rows' logits.
-        The caller releases the workspace once it is done with the logits."""
+    def _forward(self, output: SchedulerOutput, rows: SampledRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the model for the step in a freshly acquired workspace; returns the sampled rows' logits
+        and the workspace's bytes left for the sampler (sized for `rows`; none when None).
+        The caller releases the workspace once it is done with both."""
         batch = self.build_batch(output)
         num_sampled = int(batch.logits_indices.shape[0])
         plan = self.model.buffer_plan(batch.num_tokens, max(num_sampled, 1))
-        workspace = self.workspace.acquire(plan.num_bytes)
+        sampler_bytes = sampling_plan(rows, self.model.config.vocab_size).num_bytes if rows is not None else 0
+        workspace = self.workspace.acquire(plan.num_bytes + sampler_bytes)
         stager = self._stager(output)
         try:
             with torch.inference_mode():
@@ -104,7 +110,7 @@ class ModelRunner:
             if stager is not None:
                 stager.close()
         self.staging_stats.record(stager)
-        return logits[:num_sampled]
+        return logits[:num_sampled], workspace[plan.num_bytes:]
 
     def _stager(self, output: SchedulerOutput) -> LayerStager | None:
         """Stages the host-resident layers of this step's requests (None when nothing is offloaded)."""
@@ -118,17 +124,17 @@ class ModelRunner:
         if self.executor is not None:
             self.executor.broadcast_step(output)
         try:
-            logits = self._forward(output)
+            logits, sampler_workspace = self._forward(output, rows_of(states))
             if logits.shape[0] == 0:
                 return SampleResult([], [])
             with torch.inference_mode():
-                return self.sampler.sample(logits, states)
+                return self.sampler.sample(logits, states, sampler_workspace)
         finally:
             self.workspace.release()
 
     def forward_only(self, output: SchedulerOutput) -> None:
         """A tensor-parallel worker's step: same computation, no sampling."""
         try:
-            self._forward(output)
+            self._forward(output, None)
         finally:
             self.workspace.release()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from engine.core.chunk_policy import ChunkPolicy, FixedChunkPolicy, StepMemory
 from engine.core.offload_policy import OFFLOAD_POLICIES
 from engine.core.request import Request, RequestStatus
+from engine.core.sampling_workspace import NO_ROWS, SampledRows
 from engine.core.slo import SloAttainment, SloTargets
 from engine.core.step_cost import StepCostModel
 from memory.kv import KVCacheManager
@@ -59,6 +60,7 @@ class SchedulerOutput:
     prefills: tuple[ScheduledChunk, ...]  # prompt chunks (or recompute chunks), in admission order
     preempted: tuple[str, ...]  # requests that lost their KV slot in this step (swap or recompute)
     num_activation_chunks: int  # workspace chunks of this step that KV had to leave free
+    sampled_rows: SampledRows = NO_ROWS  # what the step's sampled rows ask of the sampler's workspace
 
     @property
     def num_tokens(self) -> int:
@@ -73,7 +75,8 @@ class SchedulerOutput:
 class _StepBuilder:
     token_budget: int
     num_tokens: int = 0
-    num_seqs: int = 0
+    rows: SampledRows = NO_ROWS  # the sampled rows so far, by what they ask of the sampler's workspace
+    row_of: dict[str, SampledRows] = field(default_factory=dict)  # request id -> its sampled row
     decode_ids: list[str] = field(default_factory=list)
     prefill_plan: list[tuple[str, int, int]] = field(default_factory=list)  # (id, start, num_tokens)
     preempted: list[str] = field(default_factory=list)
@@ -85,7 +88,7 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         kv: KVCacheManager,
-        activation_chunks: Callable[[int, int], int],  # (num_tokens, num_sampled) -> chunks KV must leave free
+        activation_chunks: Callable[[int, SampledRows], int],  # (num_tokens, sampled rows) -> chunks KV must leave free
         cost_model: StepCostModel | None = None,
         chunk_policy: ChunkPolicy | None = None,  # the step's token budget (default: max_num_batched_tokens)
         clock: Callable[[], float] = time.monotonic,  # request times' clock (the simulator's is virtual)
@@ -222,16 +225,22 @@ class Scheduler:
 
     def _step_memory(self) -> StepMemory:
         next_kv = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 1) for r in self.running)
-        return StepMemory(self.kv.num_available_chunks(), next_kv, len(self.running))
+        return StepMemory(self.kv.num_available_chunks(), next_kv, len(self.running), self._full_step_rows())
 
-    def _fits(self, step: _StepBuilder, request_id: str | None, num_tokens: int, new_tokens: int, sampled: int) -> bool:
+    def _full_step_rows(self) -> SampledRows:
+        """The sampled rows of a step in which every running request samples, and one more (plain) row."""
+        return SampledRows.of(r.row_demand() for r in self.running) + SampledRows.plain(1)
+
+    def _fits(self, step: _StepBuilder, request_id: str | None, num_tokens: int, new_tokens: int,
+              sampled: SampledRows) -> bool:
         """Whether growing `request_id` to `num_tokens` leaves room for the step's activations
         (and the staging buffer its offloaded layers need)."""
         return self._shortfall(step, request_id, num_tokens, new_tokens, sampled) <= 0
 
-    def _shortfall(self, step: _StepBuilder, request_id: str, num_tokens: int, new_tokens: int, sampled: int) -> int:
+    def _shortfall(self, step: _StepBuilder, request_id: str, num_tokens: int, new_tokens: int,
+                   sampled: SampledRows) -> int:
         need = self.kv.chunks_to_grow(request_id, num_tokens)
-        workspace = self.activation_chunks(step.num_tokens + new_tokens, step.num_seqs + sampled)
+        workspace = self.activation_chunks(step.num_tokens + new_tokens, step.rows + sampled)
         staging = self.offload.staging({**step.spans, request_id: num_tokens})
         return need + workspace + staging - self.kv.num_available_chunks()
 
@@ -243,7 +252,7 @@ class Scheduler:
                 for r in self.running}
 
         def spare() -> int:
-            reserve = self.activation_chunks(step.token_budget, len(self.running) + 1)
+            reserve = self.activation_chunks(step.token_budget, self._full_step_rows())
             reserve += sum(self.kv.chunks_to_grow(request_id, end) for request_id, end in ends.items())
             # the step's staging buffer for what stays offloaded (as if nothing were promoted: an upper bound)
             reserve += self.offload.staging({request_id: end for request_id, end in ends.items()
@@ -267,7 +276,7 @@ class Scheduler:
             else:
                 num_new = 1
             end = request.num_computed_tokens + num_new
-            samples = 1 if end == request.num_tokens else 0
+            samples = request.row_demand() if end == request.num_tokens else NO_ROWS
             while not self._fits(step, request.request_id, end, num_new, samples):
                 # layers of the requests with the most TPOT slack go to the host before anyone is preempted
                 shortfall = self._shortfall(step, request.request_id, end, num_new, samples)
@@ -280,14 +289,15 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 break  # the request preempted itself: everything after it is gone too
             self._grow(request, end)
-            self._add_to_step(step, request, num_new, bool(samples))
+            self._add_to_step(step, request, num_new, samples)
             index += 1
 
     def _schedule_swapped(self, step: _StepBuilder) -> None:
         while self.swapped and len(self.running) < self.config.max_num_seqs and self.kv.num_free_slots:
             request = self.swapped[0]
             need = self.kv.chunks_to_swap_in(request.request_id)
-            workspace = self.activation_chunks(step.num_tokens + 1, step.num_seqs + 1)
+            row = request.row_demand()
+            workspace = self.activation_chunks(step.num_tokens + 1, step.rows + row)
             if need + workspace > self.kv.num_available_chunks() or step.num_tokens >= step.token_budget:
                 return
             end = request.num_computed_tokens + 1
@@ -296,10 +306,10 @@ class Scheduler:
             self.swapped.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            if not self._fits(step, request.request_id, end, 1, 1):
+            if not self._fits(step, request.request_id, end, 1, row):
                 return  # back in a slot; it decodes next step
             self._grow(request, end)
-            self._add_to_step(step, request, 1, True)
+            self._add_to_step(step, request, 1, row)
 
     def _schedule_waiting(self, step: _StepBuilder) -> None:
         # pages the running requests need for their next token are spoken for before anyone is admitted
@@ -312,10 +322,10 @@ class Scheduler:
             token_ids = request.all_token_ids
             num_cached = self.kv.match_prefix(token_ids)
             num_new = min(request.num_tokens - num_cached, budget_left)
-            samples = 1 if num_cached + num_new == request.num_tokens else 0
+            samples = request.row_demand() if num_cached + num_new == request.num_tokens else NO_ROWS
             # admit only if the whole prompt's KV fits (growing chunk by chunk would just preempt)
             need = self.kv.chunks_to_grow(None, request.num_tokens + 1) - self._cached_chunks(num_cached)
-            workspace = self.activation_chunks(step.num_tokens + num_new, step.num_seqs + samples)
+            workspace = self.activation_chunks(step.num_tokens + num_new, step.rows + samples)
             available = self.kv.num_available_chunks() - next_pages - workspace - self.offload.staging(step.spans)
             # () when the whole prompt fits; layer-wise: the top layers to keep on the host; None: wait
             offloaded = self.offload.layers_to_offload(request, num_cached, num_cached + num_new, need, available)
@@ -335,7 +345,7 @@ class Scheduler:
             self.running.append(request)
             end = request.num_computed_tokens + num_new
             self._grow(request, end)
-            self._add_to_step(step, request, num_new, bool(samples))
+            self._add_to_step(step, request, num_new, samples)
 
     def _grow(self, request: Request, num_tokens: int) -> None:
         """Every caller checked first that the chunks are there (`_fits` or the admission check), so a
@@ -347,14 +357,16 @@ class Scheduler:
     def _cached_chunks(self, num_cached_tokens: int) -> int:
         return self.kv.chunks_to_grow(None, num_cached_tokens) if num_cached_tokens else 0
 
-    def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int, samples: bool) -> None:
+    def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int, samples: SampledRows) -> None:
         if request.is_prefilling:
             step.prefill_plan.append((request.request_id, request.num_computed_tokens, num_new))
         else:
             step.decode_ids.append(request.request_id)
         step.spans[request.request_id] = request.num_computed_tokens + num_new
         step.num_tokens += num_new
-        step.num_seqs += int(samples)
+        if samples.num_rows:
+            step.rows += samples
+            step.row_of[request.request_id] = samples
 
     def _preempt(self, request: Request, step: _StepBuilder) -> None:
         """Takes the request's KV slot away without losing it: swap to host, else recompute later."""
@@ -381,15 +393,14 @@ class Scheduler:
 
     def _unschedule(self, request: Request, step: _StepBuilder) -> None:
         step.spans.pop(request.request_id, None)
+        step.rows -= step.row_of.pop(request.request_id, NO_ROWS)
         if request.request_id in step.decode_ids:
             step.decode_ids.remove(request.request_id)
             step.num_tokens -= 1
-            step.num_seqs -= 1
         for entry in list(step.prefill_plan):
             if entry[0] == request.request_id:
                 step.prefill_plan.remove(entry)
                 step.num_tokens -= entry[2]
-                step.num_seqs -= int(entry[1] + entry[2] == request.num_tokens)
 
     def _output(self, step: _StepBuilder) -> SchedulerOutput:
         decodes = []
@@ -405,12 +416,12 @@ class Scheduler:
             tokens = tuple(request.tokens[start : start + num_new])
             samples = start + num_new == request.num_tokens
             prefills.append(ScheduledChunk(request_id, self.kv.slot_of(request_id), start, tokens, samples))
-        num_sampled = len(decodes) + sum(chunk.samples for chunk in prefills)
         return SchedulerOutput(
             decodes=tuple(decodes),
             prefills=tuple(prefills),
             preempted=tuple(step.preempted),
-            num_activation_chunks=self.activation_chunks(step.num_tokens, num_sampled),
+            num_activation_chunks=self.activation_chunks(step.num_tokens, step.rows),
+            sampled_rows=step.rows,
         )
 
     # ---- after the step ------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import create_attention_backend
-from engine.attention.paged_torch import PagedTorchBackend
+from engine.attention.paged_native import paged_backend
 from engine.config import EngineConfig
+from engine.core.sampling_workspace import peak_rows, sampling_plan
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT, ActivationWorkspace
 from engine.device.weight_arena import WEIGHTS_CLIENT, WeightArena, measure_segments, placed_bytes
 from engine.model.config import ModelConfig
@@ -127,8 +128,8 @@ def plan_rank(config: EngineConfig, granularity: int, rank: int = 0, world_size:
     max_len = config.max_model_len or min(model_config.max_position_embeddings, 8192)
     slot_len = -(-max_len // page_tokens) * page_tokens
     attention = create_attention_backend(config.attention_backend)
-    if config.kv_layout == "paged":  # reads K/V through block tables, then attends with the chosen backend
-        attention = PagedTorchBackend(attention)
+    if config.kv_layout == "paged":  # reads K/V through block tables (in place with the native kernels)
+        attention = paged_backend(attention)
     linear = create_linear(config.linear_backend, config.device)
 
     model_type = model_class(model_config)
@@ -152,8 +153,15 @@ def plan_rank(config: EngineConfig, granularity: int, rank: int = 0, world_size:
     # the largest step the scheduler may plan: a full prefill budget plus a decode for every slot
     max_step_tokens = max(config.max_num_batched_tokens, config.max_prefill_chunk_tokens or 0) + config.max_num_seqs
     plan = model_type.plan_buffers(model_config, shard, dtype, max_step_tokens, config.max_num_seqs)
-    return RankPlan(config, model_config, dtype, max_len, spec, measure_segments(build), plan.num_bytes,
-                    max_step_tokens, build, weights, model_type)
+    # the workspace's peak: that step's buffers and the sampler's peak
+    return RankPlan(config, model_config, dtype, max_len, spec, measure_segments(build),
+                    plan.num_bytes + peak_sampler_bytes(config, model_config), max_step_tokens, build, weights,
+                    model_type)
+
+
+def peak_sampler_bytes(config: EngineConfig, model_config: ModelConfig) -> int:
+    """The sampler's temporaries at their peak: every row drawn, filtered and reporting logprobs."""
+    return sampling_plan(peak_rows(config.max_num_seqs), model_config.vocab_size).num_bytes
 
 
 def place_rank(plan: RankPlan, pool: ElasticPool, workspace: ActivationWorkspace | None = None,
@@ -187,6 +195,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
         shard = ShardPlan.for_rank(plan.model_config, rank, world_size)
         activation_bytes = plan.model_type.plan_buffers(plan.model_config, shard, plan.dtype, activation_tokens,
                                                         config.max_num_seqs).num_bytes
+        activation_bytes += peak_sampler_bytes(config, plan.model_config)  # the static split reserves it too
         static_split = static_split_chunks(weight_bytes, activation_bytes, config.device_memory_bytes, chunk)
     host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
     pool = ElasticPool(backend, config.device_memory_bytes, chunk, config.pool_policy,

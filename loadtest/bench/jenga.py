@@ -10,15 +10,13 @@
   workload with a KV budget that forces evictions: prefix-hit rate with `lru` vs `prefix_subset`.
 - `pool`: the two-model mix through two real paged KV managers on one KVBalloon, with the pages an
   EngineGroup gives SmolLM2 and Gemma 3 in one pool (loadtest/bench/jenga_pool.py): LCM vs padding vs static.
-- `paged`: SmolLM2 engine steps on CPU, `contiguous` vs `paged` layout, interleaved rounds in one process.
-- `attention`: one layer's decode attention (SmolLM2's heads, 16 requests x 256 tokens, fp32, 1 thread):
-  the native kernel in place (contiguous) vs the paged torch path (gather through the block table, then
-  the same kernel), interleaved calls, medians.
+- `paged`, `attention`: paged vs contiguous on CPU, whole SmolLM2 engines and one attention layer, fp32 and
+  bf16 (loadtest/bench/jenga_paged.py).
 
     python -m loadtest.bench.jenga memory [--budget-gib 2]
     python -m loadtest.bench.jenga evictor [--requests 400]
     python -m loadtest.bench.jenga pool [--budget-gib 2]
-    python -m loadtest.bench.jenga paged [--rounds 3]
+    python -m loadtest.bench.jenga paged [--rounds 3] [--dtype float32 bfloat16]
     python -m loadtest.bench.jenga attention [--iterations 300]
 """
 
@@ -26,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 
 import torch
 
+from loadtest.bench.jenga_paged import DTYPES, bench_attention, bench_paged
 from memory import ElasticPool, create_backend
 from memory.kv import KVCacheManager, KVCacheSpec
 from memory.kv.cache_policy import FullAttentionPolicy, SlidingWindowPolicy
@@ -149,87 +147,6 @@ def bench_evictor(num_requests: int, model: str, seed: int = 0) -> None:
         kv_pool.close()
 
 
-def bench_paged(rounds: int) -> None:
-    from engine.config import EngineConfig
-    from engine.core.engine import LLMEngine
-    from engine.text.tokenizer import load_tokenizer
-    from tests.engine.engine_helpers import PROMPTS, greedy, run_all
-
-    tokenizer = load_tokenizer(None)
-    prompts = [tokenizer(text).input_ids for text in PROMPTS] * 2
-    def config(layout: str) -> EngineConfig:
-        return EngineConfig(dtype="float32", num_threads=1, max_model_len=512, max_num_seqs=16,
-                            max_num_batched_tokens=256, tokens_per_page=16, device_memory_bytes=1 << 30,
-                            kv_layout=layout, enable_prefix_caching=False)
-
-    engines = {layout: LLMEngine(config(layout), tokenizer=tokenizer) for layout in ("contiguous", "paged")}
-    times: dict[str, list[float]] = {layout: [] for layout in engines}
-    outputs = {}
-    for index in range(rounds):
-        for layout, engine in engines.items():
-            started = time.perf_counter()
-            out = run_all(engine, prompts, greedy(48), prefix=f"{layout}{index}-")
-            times[layout].append(time.perf_counter() - started)
-            outputs[layout] = [out[key] for key in sorted(out)]
-    for layout, values in times.items():
-        print(f"{layout:<11} best {min(values):.2f} s  all {' '.join(f'{v:.2f}' for v in values)}")
-    print(f"paged / contiguous (best rounds): {min(times['paged']) / min(times['contiguous']):.3f}; "
-          f"same tokens: {outputs['paged'] == outputs['contiguous']}")
-    for engine in engines.values():
-        engine.close()
-
-
-def bench_attention(iterations: int, batch_size: int = 16, length: int = 256) -> None:
-    import statistics
-
-    from engine.attention import LayerAttentionSpec, create_attention_backend
-    from engine.attention.paged_torch import PagedTorchBackend
-    from engine.core.forward_batch import ForwardBatch
-    from memory.kv import LayerGroup
-
-    torch.set_num_threads(1)
-    kv_heads, head_dim, heads = 3, 64, 9
-    spec = KVCacheSpec(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=4,
-                       groups=(LayerGroup((0,), None),), max_slots=batch_size, max_len=2 * length,
-                       tokens_per_page=PAGE_TOKENS)
-    generator = torch.Generator().manual_seed(0)
-    keys = torch.randn(batch_size, length, kv_heads, head_dim, generator=generator)
-    values = torch.randn(batch_size, length, kv_heads, head_dim, generator=generator)
-    managers = {}
-    for layout in ("contiguous", "paged"):
-        pool = ElasticPool(create_backend("host"), 4096 * spec.page_bytes, spec.page_bytes)
-        kv = managers[layout] = KVCacheManager(spec, pool, torch.float32, layout=layout)
-        for b in range(batch_size):
-            kv.admit(f"r{b}", [b])
-            kv.grow(f"r{b}", length)
-            kv.write_kv(f"r{b}", 0, [(keys[b, : length - 1], values[b, : length - 1])])
-    native = create_attention_backend("native")
-    backends = {"contiguous": native, "paged": PagedTorchBackend(native)}
-    q = torch.randn(batch_size, heads, head_dim, generator=generator)
-    k, v = keys[:, -1], values[:, -1]
-    batch = ForwardBatch(
-        input_ids=torch.zeros(batch_size, dtype=torch.int64), positions=torch.full((batch_size,), length - 1),
-        token_slots=torch.arange(batch_size), num_decode_tokens=batch_size, decode_slots=torch.arange(batch_size),
-        decode_context_lens=torch.full((batch_size,), length), decode_slots_are_prefix=True,
-        max_decode_context_len=length, prefills=(), logits_indices=torch.arange(batch_size))
-    layer = LayerAttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, sliding_window=None)
-    outputs = {layout: torch.empty(batch_size, heads, head_dim) for layout in managers}
-    times: dict[str, list[float]] = {layout: [] for layout in managers}
-    for _ in range(iterations):
-        for layout, kv in managers.items():
-            key_cache, value_cache = kv.layer_caches()[0]
-            started = time.perf_counter()
-            backends[layout].forward(layer, q, k, v, key_cache, value_cache, batch, outputs[layout])
-            times[layout].append(time.perf_counter() - started)
-    medians = {layout: statistics.median(values) for layout, values in times.items()}
-    for layout, median in medians.items():
-        print(f"{layout:<11} median {median * 1e6:.0f} us")
-    print(f"paged / contiguous: {medians['paged'] / medians['contiguous']:.2f}; "
-          f"bit-identical: {torch.equal(outputs['paged'], outputs['contiguous'])}")
-    for kv in managers.values():
-        kv.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -238,7 +155,9 @@ def main() -> None:
     evictor.add_argument("--requests", type=int, default=400)
     evictor.add_argument("--model", choices=("gemma3", "smollm2"), default="gemma3")
     sub.add_parser("pool").add_argument("--budget-gib", type=float, default=2.0)
-    sub.add_parser("paged").add_argument("--rounds", type=int, default=3)
+    paged = sub.add_parser("paged")
+    paged.add_argument("--rounds", type=int, default=3)
+    paged.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
     sub.add_parser("attention").add_argument("--iterations", type=int, default=300)
     args = parser.parse_args()
     if args.bench == "memory":
@@ -250,7 +169,7 @@ def main() -> None:
 
         bench_pool(args.budget_gib)
     elif args.bench == "paged":
-        bench_paged(args.rounds)
+        bench_paged(args.rounds, args.dtype)
     else:
         bench_attention(args.iterations)
 

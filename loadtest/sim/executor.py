@@ -29,6 +29,7 @@ import torch
 
 from engine.core.layer_staging import InlineCopies, LayerStager, step_stager
 from engine.core.sampler import SampleResult
+from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import SchedulerOutput
 from engine.device.activation_workspace import ActivationWorkspace
 from engine.model.config import ModelConfig
@@ -64,13 +65,15 @@ class SimExecutor:
             lambda num_tokens, num_sampled: LlamaModel.plan_buffers(config, shard, dtype, num_tokens,
                                                                     num_sampled).num_bytes)
 
-    def activation_chunks(self, num_tokens: int, num_sampled: int) -> int:
+    def activation_chunks(self, num_tokens: int, rows: SampledRows) -> int:
+        """The model's buffers for the step (the simulator does not model the sampler's temporaries:
+        its requests sample nothing)."""
         if num_tokens == 0:
             return 0
-        return self.workspace.num_pages_for(self._activation_bytes(num_tokens, max(num_sampled, 1)))
+        return self.workspace.num_pages_for(self._activation_bytes(num_tokens, max(rows.num_rows, 1)))
 
-    def activation_chunks_charged_to_kv(self, num_tokens: int, num_sampled: int) -> int:
-        return self.workspace.pages_charged_to_kv(self.activation_chunks(num_tokens, num_sampled))
+    def activation_chunks_charged_to_kv(self, num_tokens: int, rows: SampledRows) -> int:
+        return self.workspace.pages_charged_to_kv(self.activation_chunks(num_tokens, rows))
 
     def run(self, plan: SchedulerOutput, states: Sequence[object]) -> SampleResult:
         """The step's memory effect (its workspace balloons up, offloaded layers are staged layer by layer,

@@ -32,6 +32,7 @@ from deployments.cluster.drop_plan import DropOrder
 from engine.cooperative.carry import CarriedKV, CarryPolicy, place
 from engine.cooperative.kv import PipelineKV
 from engine.core.request import Request
+from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import SchedulerOutput
 from loadtest.sim.cost import CostModel, StepShape
 from loadtest.sim.executor import SimExecutor, step_shape
@@ -72,11 +73,11 @@ class PipelineExecutor:
         self.busy_s = self.wall_s = 0.0  # both stages' busy time and the steps' time: the bubble ratio
 
     # the ModelRunner interface the scheduler and SimReplica use
-    def activation_chunks(self, num_tokens: int, num_sampled: int) -> int:
-        return self.inner.activation_chunks(num_tokens, num_sampled)
+    def activation_chunks(self, num_tokens: int, rows: SampledRows) -> int:
+        return self.inner.activation_chunks(num_tokens, rows)
 
-    def activation_chunks_charged_to_kv(self, num_tokens: int, num_sampled: int) -> int:
-        return self.inner.activation_chunks_charged_to_kv(num_tokens, num_sampled)
+    def activation_chunks_charged_to_kv(self, num_tokens: int, rows: SampledRows) -> int:
+        return self.inner.activation_chunks_charged_to_kv(num_tokens, rows)
 
     def run(self, plan: SchedulerOutput, states: Sequence[object]):
         return self.inner.run(plan, states)

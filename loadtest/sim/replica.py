@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.core.request import Request
+from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.core.step_cost import StepCostModel
 from engine.device.activation_workspace import ActivationWorkspace
@@ -146,7 +147,7 @@ class SimEngine:
     def kv_capacity_chunks(self) -> int:
         """Chunks KV could ever hold (as LLMEngine._kv_capacity_chunks)."""
         shared = self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
-            self.config.max_num_batched_tokens, 1)
+            self.config.max_num_batched_tokens, SampledRows.plain(1))
         share = self.pool.policy.headroom("kv", 0)
         return shared if share is None else min(share, shared)
 

@@ -5,13 +5,15 @@ Per layer, K and V are virtual tensors `[num_pages, tokens_per_page, kv_heads, h
 by *page index*: a block's chunks are mapped once, at the page index the layout gives it when it is
 first mapped, however many requests share it. Each layer group has a block table
 `[max_slots, pages_per_slot]` (int64) saying which page index holds page `p` of slot `s`; attention
-reads K/V through it (engine/attention/paged.py). Page index 0 is never mapped: table entries of
-pages a request does not hold (not yet grown, or slid out of a window) point there, and it reads as
-zeros, so gathered padding is finite and masked like the contiguous layout's holes.
+reads K/V through it (engine/attention/paged_native.py in place, paged_torch.py by gathering). Page
+index 0 is never mapped: table entries of pages a request does not hold (not yet grown, or slid out of
+a window) point there, and it reads as zeros, so gathered padding is finite and masked like the
+contiguous layout's holes.
 
 Compared with `contiguous`: sharing a prefix block maps it once (not once per slot), moving a request
 to another slot rewrites one table row (no remapping), and the virtual range is sized by pages, not
-by max_slots x max_len; the price is a gather through the table when attention reads.
+by max_slots x max_len; the price is a table lookup per page when attention reads (or, without the native
+kernels and for prefill chunks over cached pages, a gather).
 """
 
 from __future__ import annotations

@@ -1,12 +1,19 @@
-/* Decode attention over the contiguous KV layout, reading the cache in place.
+/* Decode attention reading the KV cache in place, in either KV layout, and the KV row store.
  *
- * One query token per sequence. For sequence b the keys are k_cache[slot_b, t, :, :] for t in
- * [start_b, len_b) (start_b > 0 only for sliding windows). Each sequence is one task: token by token,
- * its whole K row (every key/value head, contiguous) is scored against the G = H / KVH query heads of
- * each key/value head, the scores are softmaxed, and the values are accumulated the same way, so K and
- * V are each read once, front to back. (A task per (sequence, head) read the same bytes in strided
- * pieces and measured 2x slower at batch 8-64; each dot product is summed in the same order either
- * way, so the results are bit-identical.) No gather, no copy. fp32 accumulation; the cache is fp32 or bf16.
+ * Both layouts are pages of `page_tokens` token rows, `token_stride` elements apart, pages `page_stride`
+ * elements apart. Paged (block tables): page p of the sequence in slot s is pages[tables[s, p]], so token t's
+ * row starts at tables[s * table_stride + t / P] * page_stride + (t % P) * token_stride. Contiguous
+ * (tables == NULL): each slot is one page of max_len tokens, so the row is s * page_stride + t * token_stride.
+ * Each sequence's row offsets are worked out once (no division per token) and both passes read through them.
+ *
+ * One query token per sequence. For sequence b the keys are its tokens t in [start_b, len_b) (start_b > 0
+ * only for sliding windows; pages before the window are never read). Each sequence is one task: token by
+ * token, its whole K row (every key/value head, contiguous) is scored against the G = H / KVH query heads of
+ * each key/value head, the scores are softmaxed, and the values are accumulated the same way, so K and V are
+ * each read once, front to back. (A task per (sequence, head) read the same bytes in strided pieces and
+ * measured 2x slower at batch 8-64; each dot product is summed in the same order either way, so the results
+ * are bit-identical.) The layout only changes where a row is, never the order of any sum, so paged and
+ * contiguous results are bit-identical. No gather, no copy. fp32 accumulation; the cache is fp32 or bf16.
  */
 #include <math.h>
 #include <stdint.h>
@@ -20,32 +27,63 @@ static inline float bf16_to_float(uint16_t value) {
     return out;
 }
 
+/* offsets[i] = element offset of token start + i's row, i < count, for the sequence in `slot` */
+static void row_offsets(int64_t *offsets, const int64_t *tables, int64_t table_stride, int64_t slot,
+                        int64_t page_stride, int64_t page_tokens, int64_t token_stride, int64_t start, int64_t count) {
+    const int64_t *table = tables ? tables + slot * table_stride : NULL;
+    int64_t page = start / page_tokens, within = start % page_tokens;
+    int64_t base = (table ? table[page] : slot) * page_stride;
+    for (int64_t t = 0; t < count; ++t) {
+        offsets[t] = base + within * token_stride;
+        if (++within == page_tokens && t + 1 < count) {
+            within = 0;
+            base = (table ? table[++page] : slot) * page_stride;
+        }
+    }
+}
+
+/* Per-thread scratch: scores [num_heads, count] and row offsets [count], grown as needed. */
+typedef struct {
+    int64_t capacity;
+    float *scores;
+    int64_t *offsets;
+} Scratch;
+
+static void reserve(Scratch *scratch, int64_t count, int64_t num_heads) {
+    if (count <= scratch->capacity) return;
+    scratch->capacity = count * 2;
+    free(scratch->scores);
+    free(scratch->offsets);
+    scratch->scores = (float *)malloc(sizeof(float) * scratch->capacity * num_heads);
+    scratch->offsets = (int64_t *)malloc(sizeof(int64_t) * scratch->capacity);
+}
+
+#define DECODE_ARGS(KV_T)                                                                                   \
+    const float *q, const KV_T *k_cache, const KV_T *v_cache, int64_t page_stride, int64_t token_stride,    \
+    int64_t page_tokens, const int64_t *tables, int64_t table_stride, const int64_t *slots,                  \
+    const int64_t *lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,        \
+    int64_t window, float scale, float *out, int64_t num_threads
+
 #define DEFINE_DECODE(NAME, KV_T, LOAD)                                                              \
-void NAME(const float *q, const KV_T *k_cache, const KV_T *v_cache, int64_t slot_stride,           \
-          int64_t token_stride, const int64_t *slots, const int64_t *lens, int64_t num_seqs,        \
-          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale,   \
-          float *out, int64_t num_threads) {                                                        \
+void NAME(DECODE_ARGS(KV_T)) {                                                                      \
     _Pragma("omp parallel num_threads(num_threads)")                                                \
     {                                                                                               \
-        int64_t capacity = 0;                                                                       \
-        float *scores = NULL;                                                                       \
+        Scratch scratch = {0, NULL, NULL};                                                          \
         float *acc = (float *)malloc(sizeof(float) * num_heads * head_dim);                         \
         _Pragma("omp for schedule(dynamic, 1)")                                                     \
         for (int64_t b = 0; b < num_seqs; ++b) {                                                    \
             const int64_t len = lens[b];                                                            \
             const int64_t start = (window > 0 && len > window) ? len - window : 0;                  \
             const int64_t count = len - start;                                                      \
-            if (count * num_heads > capacity) {                                                     \
-                capacity = count * num_heads * 2;                                                   \
-                free(scores);                                                                       \
-                scores = (float *)malloc(sizeof(float) * capacity);                                 \
-            }                                                                                       \
+            reserve(&scratch, count, num_heads);                                                    \
+            float *scores = scratch.scores;                                                         \
+            const int64_t *offsets = scratch.offsets;                                               \
+            row_offsets(scratch.offsets, tables, table_stride, slots[b], page_stride, page_tokens,  \
+                        token_stride, start, count);                                                \
             const int64_t group = num_heads / num_kv_heads;                                         \
-            const KV_T *keys = k_cache + slots[b] * slot_stride;                                    \
-            const KV_T *values = v_cache + slots[b] * slot_stride;                                  \
             const float *query = q + b * num_heads * head_dim;                                      \
             for (int64_t t = 0; t < count; ++t) {                                                   \
-                const KV_T *row = keys + (start + t) * token_stride;                                \
+                const KV_T *row = k_cache + offsets[t];                                             \
                 for (int64_t h = 0; h < num_kv_heads; ++h) {                                        \
                     const KV_T *key = row + h * head_dim;                                           \
                     for (int64_t g = 0; g < group; ++g) {                                           \
@@ -68,7 +106,7 @@ void NAME(const float *q, const KV_T *k_cache, const KV_T *v_cache, int64_t slot
             }                                                                                       \
             memset(acc, 0, sizeof(float) * num_heads * head_dim);                                   \
             for (int64_t t = 0; t < count; ++t) {                                                   \
-                const KV_T *row = values + (start + t) * token_stride;                              \
+                const KV_T *row = v_cache + offsets[t];                                             \
                 for (int64_t h = 0; h < num_kv_heads; ++h) {                                        \
                     const KV_T *value = row + h * head_dim;                                         \
                     for (int64_t g = 0; g < group; ++g) {                                           \
@@ -81,7 +119,8 @@ void NAME(const float *q, const KV_T *k_cache, const KV_T *v_cache, int64_t slot
             }                                                                                       \
             memcpy(out + b * num_heads * head_dim, acc, sizeof(float) * num_heads * head_dim);      \
         }                                                                                           \
-        free(scores);                                                                               \
+        free(scratch.scores);                                                                       \
+        free(scratch.offsets);                                                                      \
         free(acc);                                                                                  \
     }                                                                                               \
 }
@@ -96,13 +135,14 @@ DEFINE_DECODE(decode_attention_bf16_scalar, uint16_t, LOAD_BF16)
 
 #define MAX_GROUP 7   /* group * 4 value accumulators + 4 loaded values fit the 32 vector registers */
 
-/* One sequence of the bf16 cache with AVX512-BF16. q holds bf16 values widened to fp32 (the model's q is
- * bf16), so narrowing it back is exact and vdpbf16ps forms each q.k product exactly, summed in fp32.
- * Scores: per token and key/value head, the head's key is read once (head_dim / 32 vectors) and dotted with
- * the group's queries. Softmax with a vector exp; the 1 / sum is applied once at the end. Values: per
- * key/value head and 64-wide column block, the group's accumulators stay in registers over all tokens. */
-static void decode_one_bf16(const float *query, const uint16_t *keys, const uint16_t *values, int64_t start,
-                            int64_t count, int64_t token_stride, int64_t num_heads, int64_t num_kv_heads,
+/* One sequence of the bf16 cache with AVX512-BF16; token start + t's row is at offsets[t]. q holds bf16
+ * values widened to fp32 (the model's q is bf16), so narrowing it back is exact and vdpbf16ps forms each
+ * q.k product exactly, summed in fp32. Scores: per token and key/value head, the head's key is read once
+ * (head_dim / 32 vectors) and dotted with the group's queries. Softmax with a vector exp; the 1 / sum is
+ * applied once at the end. Values: per key/value head and 64-wide column block, the group's accumulators
+ * stay in registers over all tokens. */
+static void decode_one_bf16(const float *query, const uint16_t *keys, const uint16_t *values,
+                            const int64_t *offsets, int64_t count, int64_t num_heads, int64_t num_kv_heads,
                             int64_t head_dim, float scale, float *scores, __m512bh *q_bf16, float *out) {
     const int64_t group = num_heads / num_kv_heads, chunks = head_dim / 32;
     for (int64_t hg = 0; hg < num_heads; ++hg)
@@ -111,7 +151,7 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
             q_bf16[hg * chunks + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(source + 16), _mm512_loadu_ps(source));
         }
     for (int64_t t = 0; t < count; ++t) {
-        const uint16_t *row = keys + (start + t) * token_stride;
+        const uint16_t *row = keys + offsets[t];
         for (int64_t h = 0; h < num_kv_heads; ++h) {
             const uint16_t *key = row + h * head_dim;
             for (int64_t g = 0; g < group; ++g) {
@@ -148,10 +188,11 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
             __m512 acc[MAX_GROUP][4];
             for (int64_t g = 0; g < group; ++g)
                 for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
-            const uint16_t *column = values + start * token_stride + h * head_dim + block;
-            for (int64_t t = 0; t < count; ++t, column += token_stride) {
+            const uint16_t *column = values + h * head_dim + block;
+            for (int64_t t = 0; t < count; ++t) {
                 __m512 v[4];
-                for (int i = 0; i < 4; ++i) v[i] = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(column + 16 * i)));
+                for (int i = 0; i < 4; ++i)
+                    v[i] = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(column + offsets[t] + 16 * i)));
                 for (int64_t g = 0; g < group; ++g) {
                     const __m512 p = _mm512_set1_ps(scores[(h * group + g) * count + t]);
                     for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
@@ -166,36 +207,31 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
     }
 }
 
-void decode_attention_bf16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int64_t slot_stride,
-                           int64_t token_stride, const int64_t *slots, const int64_t *lens, int64_t num_seqs,
-                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale,
-                           float *out, int64_t num_threads) {
+void decode_attention_bf16(DECODE_ARGS(uint16_t)) {
     const int64_t group = num_heads / num_kv_heads;
     if (head_dim % 64 != 0 || group > MAX_GROUP) {  /* shapes the vector path does not take */
-        decode_attention_bf16_scalar(q, k_cache, v_cache, slot_stride, token_stride, slots, lens, num_seqs,
-                                     num_heads, num_kv_heads, head_dim, window, scale, out, num_threads);
+        decode_attention_bf16_scalar(q, k_cache, v_cache, page_stride, token_stride, page_tokens, tables,
+                                     table_stride, slots, lens, num_seqs, num_heads, num_kv_heads, head_dim,
+                                     window, scale, out, num_threads);
         return;
     }
     _Pragma("omp parallel num_threads(num_threads)")
     {
-        int64_t capacity = 0;
-        float *scores = NULL;
+        Scratch scratch = {0, NULL, NULL};
         __m512bh *q_bf16 = (__m512bh *)aligned_alloc(64, sizeof(__m512bh) * num_heads * (head_dim / 32));
         _Pragma("omp for schedule(dynamic, 1)")
         for (int64_t b = 0; b < num_seqs; ++b) {
             const int64_t len = lens[b];
             const int64_t start = (window > 0 && len > window) ? len - window : 0;
             const int64_t count = len - start;
-            if (count * num_heads > capacity) {
-                capacity = count * num_heads * 2;
-                free(scores);
-                scores = (float *)malloc(sizeof(float) * capacity);
-            }
-            decode_one_bf16(q + b * num_heads * head_dim, k_cache + slots[b] * slot_stride,
-                            v_cache + slots[b] * slot_stride, start, count, token_stride, num_heads, num_kv_heads,
-                            head_dim, scale, scores, q_bf16, out + b * num_heads * head_dim);
+            reserve(&scratch, count, num_heads);
+            row_offsets(scratch.offsets, tables, table_stride, slots[b], page_stride, page_tokens, token_stride,
+                        start, count);
+            decode_one_bf16(q + b * num_heads * head_dim, k_cache, v_cache, scratch.offsets, count, num_heads,
+                            num_kv_heads, head_dim, scale, scratch.scores, q_bf16, out + b * num_heads * head_dim);
         }
-        free(scores);
+        free(scratch.scores);
+        free(scratch.offsets);
         free(q_bf16);
     }
 }
@@ -203,16 +239,32 @@ void decode_attention_bf16(const float *q, const uint16_t *k_cache, const uint16
 DEFINE_DECODE(decode_attention_bf16, uint16_t, LOAD_BF16)
 #endif
 
-/* cache[slots[i], positions[i], :] = rows[i, :] for i < num_rows: each step's new keys (or values) written
- * into the contiguous layout, `row_bytes` per token, source rows `source_stride` bytes apart (a view into
- * the fused qkv buffer). Strides are in bytes. Replaces an index_copy_ per layer and tensor that cost
- * ~80 us at batch 64 for ~25 KB of data. */
-int64_t store_rows(char *cache, int64_t num_slots, int64_t slot_stride, int64_t max_len, int64_t token_stride,
-                   const int64_t *slots, const int64_t *positions, int64_t num_rows, const char *rows,
-                   int64_t source_stride, int64_t row_bytes) {
-    for (int64_t i = 0; i < num_rows; ++i)  /* checked like torch's indexing: returns the first bad row + 1 */
-        if (slots[i] < 0 || slots[i] >= num_slots || positions[i] < 0 || positions[i] >= max_len) return i + 1;
-    for (int64_t i = 0; i < num_rows; ++i)
-        memcpy(cache + slots[i] * slot_stride + positions[i] * token_stride, rows + i * source_stride, row_bytes);
+/* Each step's new keys (or values) written into the cache, one memcpy per token row: row i (`row_bytes`,
+ * source rows `source_stride` bytes apart: a view into the fused qkv buffer) goes to token positions[i] of
+ * the sequence in slot slots[i], addressed as in the decode kernels (strides in bytes here). Replaces an
+ * index_copy_ (or, paged, a two-index index_put) per layer and tensor that cost ~80 us at batch 64 for
+ * ~25 KB of data. Checked like torch's indexing before anything is written: returns the first bad row + 1.
+ * Contiguous (tables == NULL): slot < num_pages and position < page_tokens. Paged: slot < table_rows,
+ * position / page_tokens < table_stride, and the page there must be mapped (index 1..num_pages-1: page 0
+ * is the layout's never-mapped null page). */
+int64_t store_rows(char *cache, int64_t num_pages, int64_t page_stride, int64_t page_tokens, int64_t token_stride,
+                   const int64_t *tables, int64_t table_rows, int64_t table_stride, const int64_t *slots,
+                   const int64_t *positions, int64_t num_rows, const char *rows, int64_t source_stride,
+                   int64_t row_bytes) {
+    for (int64_t i = 0; i < num_rows; ++i) {
+        if (positions[i] < 0 || slots[i] < 0) return i + 1;
+        if (tables == NULL) {
+            if (slots[i] >= num_pages || positions[i] >= page_tokens) return i + 1;
+        } else {
+            if (slots[i] >= table_rows || positions[i] / page_tokens >= table_stride) return i + 1;
+            const int64_t page = tables[slots[i] * table_stride + positions[i] / page_tokens];
+            if (page < 1 || page >= num_pages) return i + 1;
+        }
+    }
+    for (int64_t i = 0; i < num_rows; ++i) {
+        const int64_t page = tables ? tables[slots[i] * table_stride + positions[i] / page_tokens] : slots[i];
+        const int64_t within = tables ? positions[i] % page_tokens : positions[i];
+        memcpy(cache + page * page_stride + within * token_stride, rows + i * source_stride, row_bytes);
+    }
     return 0;
 }

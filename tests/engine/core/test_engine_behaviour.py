@@ -15,6 +15,7 @@ import pytest
 from engine.api import GenerateRequest, InvalidRequestError, RequestOutput
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
+from engine.core.sampling_workspace import SampledRows
 from engine.sampling_params import SamplingParams
 from engine.text.tokenizer import encode_chat
 from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy
@@ -163,7 +164,7 @@ def test_activations_take_back_chunks_kv_freed(engine, smollm2_tokenizer, tokeni
     weight_chunks = engine.pool.num_held("weights")
     # KV room for six blocks beyond the largest step's workspace: filling it with cached pages from
     # smaller steps leaves fewer free chunks than the big step's workspace must grow by.
-    other_chunks = probe.activation_chunks(big_tokens, 1) + 6 * per_block
+    other_chunks = probe.activation_chunks(big_tokens, SampledRows.plain(1)) + 6 * per_block
     config = small_config(max_num_seqs=4, max_num_batched_tokens=big_tokens, host_buffer_bytes=0,
                           device_memory_bytes=(weight_chunks + other_chunks) * engine.pool.chunk_bytes)
     small = LLMEngine(config, tokenizer=smollm2_tokenizer)
@@ -178,9 +179,9 @@ def test_activations_take_back_chunks_kv_freed(engine, smollm2_tokenizer, tokeni
         kv_before = before.chunks_per_client["kv"]
         activations_before = before.chunks_per_client["activations"]
         big_prompt = tokenize("Elastic: " + " ".join(PROMPTS))[:big_tokens]
-        step_workspace = small.runner.activation_chunks(big_tokens, 1)
+        step_workspace = small.runner.activation_chunks(big_tokens, SampledRows.plain(1))
         step_kv = small.kv.chunks_to_grow(None, big_tokens)
-        assert activations_before == small.runner.activation_chunks(filler_tokens, 1)
+        assert activations_before == small.runner.activation_chunks(filler_tokens, SampledRows.plain(1))
         # the precondition that makes this test mean something: free chunks alone cannot feed the step
         assert before.num_free_chunks < step_kv + step_workspace - activations_before
         assert kv_before == small.kv.prefix.num_evictable_chunks > 0

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from engine import migration
 from engine.api import GenerateRequest
 from engine.core.engine import LLMEngine
 from engine.core.offload_policy import LayerwiseOffload
+from engine.core.sampling_workspace import SampledRows
 from tests.engine.core.test_engine_exactness import NUM_NEW, assert_same, small_config
 from tests.engine.engine_helpers import assert_pool_idle, collect_steps, greedy, run_all
 from tests.engine.reference import hf_greedy
@@ -111,7 +113,7 @@ def test_layerwise_admission_under_a_tight_budget_matches_transformers(smollm2_t
     (top layers on the host), demotes before preempting, promotes when memory frees."""
     probe = LLMEngine(small_config(num_threads=1), tokenizer=smollm2_tokenizer)
     weights = probe.pool.num_held("weights")
-    activations = probe.runner.activation_chunks(probe.config.max_num_batched_tokens + 16, 16)
+    activations = probe.runner.activation_chunks(probe.config.max_num_batched_tokens + 16, SampledRows.plain(16))
     page_bytes = probe.kv_spec.page_bytes
     kv_one_prompt = probe.kv.chunks_to_grow(None, max(len(p) for p in prompts) + NUM_NEW)
     probe.close()
@@ -126,3 +128,42 @@ def test_layerwise_admission_under_a_tight_budget_matches_transformers(smollm2_t
         assert engine.kv.host_buffer.used_bytes == 0
     finally:
         engine.close()
+
+
+@pytest.mark.slow  # two engines and a migration (~1 min of CPU): `make test-all`
+@pytest.mark.parametrize("staging", ["copy", "in_place"])
+def test_a_request_migrated_with_layers_on_the_host_gives_transformers_tokens(smollm2_tokenizer, prompts,
+                                                                               reference, staging):
+    """The source holds layers 10-29 of the request on the host from admission and demotes layer 5 while it
+    decodes; staged copies (read_kv overlays the host pages) carry them to a destination that holds every
+    layer on its device."""
+    source = LLMEngine(small_config(kv_offload="layerwise", kv_staging=staging, num_threads=1),
+                       tokenizer=smollm2_tokenizer)
+    destination = LLMEngine(small_config(num_threads=1), tokenizer=smollm2_tokenizer)
+    try:
+        source.scheduler.offload = ScriptedOffload(source.kv, source.scheduler.slo, {"r6": tuple(range(10, 30))})
+        tokens: dict[str, list[int]] = {}
+        source.add_request(GenerateRequest("r6", tuple(prompts[6]), greedy(NUM_NEW)))
+        while len(tokens.get("r6", [])) < 2:  # chunked prefill, then a decode
+            collect_steps(source, tokens, steps=1)
+        stages = [migration.copy_kv(source, "r6", 0)]
+        assert source.kv.demote("r6", 5) > 0
+        assert source.kv.offloaded_layers("r6") == (5, *range(10, 30))
+        collect_steps(source, tokens, steps=2)  # it decodes on, staging its host layers
+        stages.append(migration.copy_kv(source, "r6", stages[-1].end))
+        snapshot = migration.pause(source, "r6")
+        stages.append(migration.copy_kv(source, "r6", stages[-1].end))
+        assert migration.reserve(destination, "r6", snapshot.num_tokens)
+        for stage in stages:
+            migration.write_kv(destination, "r6", stage)
+        migration.attach(destination, snapshot, snapshot.num_computed_tokens)
+        migration.release(source, "r6")
+        assert_pool_idle(source)
+        assert source.kv.host_buffer.used_bytes == 0 and source.kv.num_offloaded_host_chunks == 0
+        assert destination.kv.offloaded_layers("r6") == ()  # arrives whole on the destination's device
+        collect_steps(destination, tokens)
+        assert tokens["r6"] == reference[6][: len(tokens["r6"])] and len(tokens["r6"]) == len(reference[6])
+        assert_pool_idle(destination)
+    finally:
+        source.close()
+        destination.close()

@@ -116,8 +116,8 @@ def test_top_k_top_p_min_p_keep_exactly_the_allowed_tokens():
     assert support(top_p=1e-6) == {0}
 
 
-def test_top_p_wider_than_the_candidate_set_falls_back_to_sorting():
-    logits = torch.zeros(5000)  # uniform: a 0.5 nucleus is 2500 tokens, beyond the 1024 candidates
+def test_a_wide_top_p_nucleus_is_kept_whole():
+    logits = torch.zeros(5000)  # uniform: a 0.5 nucleus is 2500 tokens
     counts = sample_counts(SamplingParams(top_p=0.5), logits, 1500)
     drawn = counts.nonzero().flatten()
     assert 1024 < len(drawn) <= 2501
@@ -145,7 +145,7 @@ def test_repetition_presence_and_frequency_penalties_change_exactly_the_seen_log
 
 def _processed_logits(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
     processed = logits.clone()
-    Sampler._apply_penalties(processed, [state])
+    Sampler._penalize(processed[0], state)
     return processed
 
 

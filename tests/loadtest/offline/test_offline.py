@@ -46,7 +46,7 @@ def test_peer_child_imports_only_the_standard_library():
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("offline") / "offline.json"
     argv = ["--mode", "all", "--num-prompts", "2", "--prompt-len", "8", "--output-len", "8", "--threads", "1",
-            "--max-num-seqs", "8", "--max-num-batched-tokens", "128", "--budget-gib", "0.52", "--dtype", "float32",
+            "--max-num-seqs", "8", "--max-num-batched-tokens", "128", "--budget-gib", "0.53", "--dtype", "float32",
             "--capacity-prompt-len", "64", "--capacity-output-len", "8", "--json", str(out)]
     return offline.main(argv), json.loads(out.read_text())
 
@@ -85,8 +85,10 @@ def test_tiny_run_numbers(tiny_run):
 
 
 @pytest.mark.slow
-def test_tiny_mixed_run_compares_four_configurations(capsys):
-    argv = ["--mode", "mixed", "--mixed-short", "3", "--prompt-len", "16", "--output-len", "4", "--mixed-long", "2",
+def test_tiny_mixed_run_compares_four_configurations(capsys, tmp_path):
+    plot = tmp_path / "memory.png"
+    argv = ["--plot", str(plot), "--mode", "mixed", "--mixed-short", "3",
+            "--prompt-len", "16", "--output-len", "4", "--mixed-long", "2",
             "--capacity-prompt-len", "96", "--mixed-long-output-len", "2", "--mixed-gap", "2", "--threads", "1",
             "--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--max-prefill-chunk-tokens", "128",
             "--budget-gib", "0.6", "--dtype", "float32"]
@@ -101,3 +103,10 @@ def test_tiny_mixed_run_compares_four_configurations(capsys):
     for entry in configs.values():
         assert entry["long_ttft_p50_ms"] > 0 and entry["decode_tok_s"] > 0 and entry["num_preemptions"] == 0
     assert "step budgets chosen" in capsys.readouterr().out
+    # the balloons after every step: activations swell with the adaptive chunks, and the plot is drawn
+    for entry in configs.values():
+        assert len(entry["timeline"]) == entry["num_steps"]
+    def peak(name, client):
+        return max(point["chunks"].get(client, 0) for point in configs[name]["timeline"])
+    assert peak("elastic adaptive", "activations") > peak("elastic fixed", "activations")
+    assert plot.stat().st_size > 10_000

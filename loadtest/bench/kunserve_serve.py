@@ -1,0 +1,137 @@
+"""`python -m loadtest.bench.kunserve_serve`: KunServe's memory spike through Ray Serve and Locust.
+
+For each mode (`none`: no dropping, no migration; `dropping`: parameter dropping; `migration`: the
+`balance` migration policy only) it starts a throwaway local Ray cluster (its own temp dir), deploys two
+LLMServer replicas with tight pools, runs `python -m loadtest.run --scenario spike` against them (Locust in
+its own process: base users, 4x for the middle third of the run, then back) and shuts everything down.
+Then it prints one table line per mode from each run's summary.json (TTFT p50/p99 overall and of requests
+sent during the spike, TPOT mean/p99, goodput) and copies the dropping run's memory plot (the weights
+balloon shrinking and growing) to --plot.
+
+    python -m loadtest.bench.kunserve_serve --duration 90 --users 4 --plot docs/kunserve-serve-spike-memory.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+MODES = {
+    "none": {"migration_policy": "none"},
+    "dropping": {"migration_policy": "none", "parameter_dropping": {
+        "enabled": True, "high_watermark": 0.9, "restore_watermark": 0.5, "drop_after_s": 1.0,
+        "restore_after_s": 5.0}},
+    "migration": {"migration_policy": "balance"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_args(mode: str, device_memory: str, dtype: str) -> dict:
+    return {"device": "cpu", "dtype": dtype, "device_memory": device_memory, "host_buffer": "64MiB",
+            "enable_prefix_caching": False, "max_model_len": 512, "num_threads": 1,
+            "controller_name": f"kunserve-bench-{mode}", **MODES[mode],
+            "deployment_options": {"num_replicas": 2}}
+
+
+def wait_ready(base: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            view = requests.get(f"{base}/v1/cluster", timeout=5).json()
+            if view["num_replicas"] == 2 and not any(e["is_stale"] for e in view["replicas"].values()):
+                return
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        time.sleep(1.0)
+    raise TimeoutError("the two replicas did not report in time")
+
+
+def run_mode(mode: str, options: argparse.Namespace, out: Path) -> dict:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    temp_dir = tempfile.mkdtemp(prefix="rk-", dir="/tmp")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    root = str(Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=False)
+    dropping_view: dict = {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(serve_args(mode, options.device_memory, options.dtype)), name="llm", route_prefix="/")
+        wait_ready(base)
+        folder = out / mode
+        command = [sys.executable, "-m", "loadtest.run", "--scenario", "spike", "--host", base,
+                   "--duration", str(options.duration), "--users", str(options.users), "--label", mode,
+                   "--prompt-tokens", str(options.prompt_tokens), "--output-tokens", str(options.output_tokens),
+                   "--out", str(folder)]
+        subprocess.run(command, check=True)
+        dropping_view = requests.get(f"{base}/v1/cluster", timeout=10).json().get("parameter_dropping", {})
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["parameter_dropping"] = dropping_view
+    return summary
+
+
+def row(mode: str, summary: dict) -> str:
+    def ms(block: str, key: str) -> str:
+        value = (summary.get(block) or {}).get(key)
+        return "—" if value is None else f"{value:.0f}"
+
+    drops = summary.get("parameter_dropping") or {}
+    return (f"| {mode} | {ms('ttft_ms', 'p50')} / {ms('ttft_ms', 'p99')} | {ms('tpot_ms', 'mean')} / "
+            f"{ms('tpot_ms', 'p99')} | {summary.get('goodput_output_tokens_per_s', 0):.1f} | "
+            f"{summary.get('num_ok')} / {summary.get('num_requests')} | "
+            f"{drops.get('num_drops', '—')} / {drops.get('num_restores', '—')} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench.kunserve_serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--modes", default="none,dropping,migration")
+    parser.add_argument("--duration", type=float, default=90.0, help="seconds of load; the spike is the middle third")
+    parser.add_argument("--users", type=int, default=4, help="base users (4x during the spike)")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--device-memory", default="370MiB",
+                        help="each replica's pool (tight: the bf16 weights, 312 MiB, and KV for ~17 pages)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=Path("results/kunserve-serve"))
+    parser.add_argument("--plot", type=Path, help="copy the dropping run's memory plot here")
+    options = parser.parse_args(argv)
+    summaries = {mode: run_mode(mode, options, options.out) for mode in options.modes.split(",")}
+    print("| mode | TTFT p50 / p99 (ms) | TPOT mean / p99 (ms) | goodput (tok/s) | ok / requests | drops / restores |")
+    print("|---|---|---|---|---|---|")
+    for mode, summary in summaries.items():
+        print(row(mode, summary))
+    if options.plot is not None and (options.out / "dropping" / "memory.png").exists():
+        shutil.copy(options.out / "dropping" / "memory.png", options.plot)
+
+
+if __name__ == "__main__":
+    main()
