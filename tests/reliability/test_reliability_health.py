@@ -35,6 +35,9 @@ class SteppedEngine:
     model_config = None
     max_model_len = 64
     model_name = "stepped"
+    model_names = ("stepped",)
+    supports_migration = False
+    max_in_flight = 16
     executor = None
 
     def __init__(self, stall_timeout_s: float, step_s: float):
