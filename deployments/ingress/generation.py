@@ -49,6 +49,7 @@ class GenerationRun:
             for index, request in enumerate(requests)
         ]
         self._is_closed = False
+        self._is_aborted = False
         self._close_callbacks: list = []
 
     def on_close(self, callback) -> None:
@@ -57,13 +58,18 @@ class GenerationRun:
 
     async def abort(self) -> None:
         """Asks the engine to end every unfinished choice: each stream then ends with finish_reason
-        "abort", which the HTTP layer reports to the client (the server-side end of a request)."""
+        "abort", which the HTTP layer reports to the client (the server-side end of a request). A choice
+        whose request has not reached the engine yet is aborted as soon as its first output arrives."""
+        self._is_aborted = True
         for choice in self._choices:
             if not choice.is_finished:
-                try:
-                    await self._engine.abort(choice.request.request_id)
-                except Exception:
-                    logger.warning("abort of %s failed", choice.request.request_id, exc_info=True)
+                await self._abort_choice(choice)
+
+    async def _abort_choice(self, choice: _Choice) -> None:
+        try:
+            await self._engine.abort(choice.request.request_id)
+        except Exception:
+            logger.warning("abort of %s failed", choice.request.request_id, exc_info=True)
 
     async def start(self) -> None:
         """Waits for every choice's first output and raises the first error; the caller then closes the run,
@@ -83,6 +89,8 @@ class GenerationRun:
             choice.timer.is_finished = True
             raise
         self._observe(choice, choice.first_output)
+        if self._is_aborted and not choice.is_finished:  # aborted before the engine had the request
+            await self._abort_choice(choice)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) pairs in arrival order; each choice ends with a finished output."""

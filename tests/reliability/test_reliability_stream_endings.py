@@ -103,3 +103,25 @@ def test_an_engine_failure_mid_chat_stream_ends_with_error_then_done():
     response = asyncio.run(scenario())
     events = sse_events(response.text)
     _assert_ends_with_error(events, "internal_error")
+
+
+def test_a_run_aborted_before_its_request_reaches_the_engine_still_ends_aborted():
+    """abort_all can land between a run's registration and its request's first step into the engine (the
+    engine then knows no such request): the run aborts it as soon as its first output arrives."""
+    from deployments.ingress.generation import GenerationRun
+    from deployments.ingress.metrics import ServingMetrics
+    from engine.api import GenerateRequest
+    from engine.sampling_params import SamplingParams
+
+    engine = FakeEngine(token_delay_s=0.01, max_model_len=1024)
+    request = GenerateRequest("late-0", (1, 2), SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+
+    async def scenario():
+        run = GenerationRun(engine, [request], ServingMetrics(lambda: engine, "fake-model", "r"))
+        await run.abort()  # before start(): the engine has not seen the request
+        await run.start()
+        return [output async for _, output in run.outputs()]
+
+    outputs = asyncio.run(scenario())
+    assert outputs[-1].finish_reason == "abort"
+    assert sum(len(output.new_token_ids) for output in outputs) < 200
