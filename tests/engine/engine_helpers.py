@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from engine.api import GenerateRequest
 from engine.core.engine import LLMEngine
+from engine.core.offload_policy import LayerwiseOffload
 from engine.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -61,3 +62,18 @@ def assert_pool_idle(engine: LLMEngine) -> None:
     held = sum(telemetry.chunks_per_client.values())
     assert held + telemetry.num_free_chunks == telemetry.num_chunks
     assert telemetry.chunks_per_client["kv"] == engine.kv.num_cached_chunks()
+
+
+class ScriptedOffload(LayerwiseOffload):
+    """Admits each request with the layers the test names on the host, whether or not it would fit,
+    and never promotes by itself (the tests promote and demote at chosen steps)."""
+
+    def __init__(self, kv, slo, layers_by_request: dict[str, tuple[int, ...]]):
+        super().__init__(kv, slo)
+        self.layers_by_request = layers_by_request
+
+    def layers_to_offload(self, request, num_cached, end, need, available):
+        return self.layers_by_request.get(request.request_id, ())
+
+    def promote(self, running, spare_chunks, has_waiting):
+        return 0  # never by itself

@@ -17,9 +17,8 @@ import torch
 from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
-from engine.core.offload_policy import LayerwiseOffload
 from engine.text.tokenizer import numbered_tokenizer
-from tests.engine.engine_helpers import assert_pool_idle, collect_steps, greedy, run_all
+from tests.engine.engine_helpers import ScriptedOffload, assert_pool_idle, collect_steps, greedy, run_all
 from tests.engine.reference import hf_greedy, make_tiny_random_checkpoint
 
 DEVICE = os.environ.get("ELASTIC_SERVE_TEST_DEVICE", "cuda")
@@ -91,20 +90,6 @@ def test_greedy_tokens_equal_transformers_on_the_device(checkpoints, tokenizer, 
         assert_pool_idle(engine)
     finally:
         engine.close()
-
-
-class ScriptedOffload(LayerwiseOffload):
-    """Admits each request with the layers the test names on the host; never promotes by itself."""
-
-    def __init__(self, kv, slo, layers_by_request: dict[str, tuple[int, ...]]):
-        super().__init__(kv, slo)
-        self.layers_by_request = layers_by_request
-
-    def layers_to_offload(self, request, num_cached, end, need, available):
-        return self.layers_by_request.get(request.request_id, ())
-
-    def promote(self, running, spare_chunks, has_waiting):
-        return 0
 
 
 def test_layerwise_offload_stages_host_layers_on_a_copy_stream(checkpoints, tokenizer, prompts, references):

@@ -11,28 +11,12 @@ import pytest
 from engine import migration
 from engine.api import GenerateRequest
 from engine.core.engine import LLMEngine
-from engine.core.offload_policy import LayerwiseOffload
 from engine.core.sampling_workspace import SampledRows
 from tests.engine.core.test_engine_exactness import NUM_NEW, assert_same, small_config
-from tests.engine.engine_helpers import assert_pool_idle, collect_steps, greedy, run_all
+from tests.engine.engine_helpers import ScriptedOffload, assert_pool_idle, collect_steps, greedy, run_all
 from tests.engine.reference import hf_greedy
 
 NUM_LAYERS = 30  # SmolLM2-135M
-
-
-class ScriptedOffload(LayerwiseOffload):
-    """Admits each request with the layers the test names on the host, whether or not it would fit,
-    and never promotes by itself (the tests promote and demote at chosen steps)."""
-
-    def __init__(self, kv, slo, layers_by_request: dict[str, tuple[int, ...]]):
-        super().__init__(kv, slo)
-        self.layers_by_request = layers_by_request
-
-    def layers_to_offload(self, request, num_cached, end, need, available):
-        return self.layers_by_request.get(request.request_id, ())
-
-    def promote(self, running, spare_chunks, has_waiting):
-        return 0  # never by itself
 
 
 @pytest.fixture(scope="module")
