@@ -91,6 +91,7 @@ class LLMEngine:
                 tpot_slo_ms=config.tpot_slo_ms,
                 ttft_slo_ms=config.ttft_slo_ms,
                 kv_offload=config.kv_offload,
+                memory_arbiter=config.memory_arbiter,
                 priority_scale=config.priority_scale,
             ),
             self.kv,
