@@ -92,6 +92,7 @@ class LLMEngine:
                 tpot_slo_ms=config.tpot_slo_ms,
                 ttft_slo_ms=config.ttft_slo_ms,
                 kv_offload=config.kv_offload,
+                memory_arbiter=config.memory_arbiter,
                 priority_scale=config.priority_scale,
             ),
             self.kv,
@@ -117,6 +118,10 @@ class LLMEngine:
                                       code="model_not_found")
         if not prompt:
             raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
+        cap = self.config.max_logprobs
+        if params.logprobs is not None and (cap is None or params.logprobs > cap):
+            served = "this server does not return logprobs" if cap is None else f"at most {cap} are allowed"
+            raise InvalidRequestError(f"logprobs: {served} (max_logprobs), got {params.logprobs}", param="logprobs")
         vocab = self.model_config.vocab_size
         if any(not 0 <= token < vocab for token in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
