@@ -59,7 +59,7 @@ class Cooperation:
         driver = self.engine.driver
         peer = self.peer if driver is not None and driver.is_formed else None
         return DropStatus(llm.model_name, llm.model_config.num_layers, arena.layer_chunks([0]), stats.drop_state,
-                          peer, len(arena.dropped_layers))
+                          peer, len(arena.dropped_layers), stats.ttft_growth)
 
     async def follow(self, order: LayerOrder) -> None:
         async with self._busy:

@@ -108,6 +108,7 @@ class DroppingCluster(Cluster):
         peer = None if pair is None else (pair.second if pair.first.replica_id == replica_id else pair.first)
         return DropTelemetry.from_load(
             load, engine.model.name, engine.model.num_layers, engine.chunks_per_layer, num_new_preemptions=new,
+            ttft_growth=self.live[replica_id].replica.ttft_growth(self.now),
             state=DropState.NORMAL if pair is None else DropState.DROPPED,
             peer=None if peer is None else peer.replica_id,
             dropped_layers=len(engine.dropped) // max(1, engine.chunks_per_layer))
