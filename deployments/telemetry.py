@@ -137,16 +137,17 @@ class DropStatus:
 @dataclass(frozen=True)
 class LayerOrder:
     """Drop: this replica forms a pair with `peer`; the leader keeps layers [0, first_keeps), the follower
-    [second_from, num_layers). Restore: the pair dissolves (`peer` None: the peer is gone, restore alone)."""
+    [second_from, num_layers). Grow (to the leader of a formed pair): both drop more, to keep those.
+    Restore: the pair dissolves (`peer` None: the peer is gone, restore alone)."""
 
-    action: str  # "drop" | "restore"
+    action: str  # "drop" | "grow" | "restore"
     role: str  # "leader" | "follower"
     peer: str | None
     first_keeps: int = 0
     second_from: int = 0
 
     def __post_init__(self) -> None:
-        if self.action not in ("drop", "restore") or self.role not in ("leader", "follower"):
+        if self.action not in ("drop", "grow", "restore") or self.role not in ("leader", "follower"):
             raise ValueError(f"bad layer order {self.action!r} / {self.role!r}")
 
 

@@ -103,6 +103,7 @@ class EngineStats:
     drop_state: str = "normal"
     dropped_weight_bytes: int = 0
     pipeline_bubble_ratio: float = 0.0
+    ttft_growth: float = 1.0  # recent TTFT over this replica's unloaded baseline (engine/core/ttft_growth.py)
     kv_kinds: tuple[KVKindStats, ...] = ()  # per kind, paged layout only (loose chunks have no kinds)
     # an EngineGroup's models, each with its own stats (these fields are then their sums): (model, stats)
     per_model: tuple[tuple[str, EngineStats], ...] = ()

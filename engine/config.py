@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.sampling_params import MAX_TOP_LOGPROBS
+
 
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls are fast only with AVX512-BF16 or AMX; on plain AVX2 they are ~6x slower than fp32
@@ -34,6 +36,13 @@ class EngineConfig:
     # eLLM: when set above max_num_batched_tokens, each step's budget is chosen between the two from the
     # pool's free memory (engine/core/chunk_policy.py); a static pool reserves activations for this ceiling
     max_prefill_chunk_tokens: int | None = None
+    # who gives way when KV and the step's activations both want memory (engine/core/memory_arbiter.py):
+    # "kv_first" (KV keeps what it needs) | "slo" (also swaps decodes out so a prompt about to miss its TTFT
+    # target gets a larger chunk; needs max_prefill_chunk_tokens and ttft_slo_ms to do anything)
+    memory_arbiter: str = "kv_first"
+    # the most top logprobs a request may ask for (vLLM's max_logprobs; a request above it gets a 400);
+    # None: logprobs are not served at all, and a static split reserves no log_softmax rows for them
+    max_logprobs: int | None = 20
     max_num_waiting: int = 256  # beyond this, generate() raises EngineOverloadedError
     tokens_per_page: int = 128  # KV page: this many tokens of one layer's K (or V)
     enable_prefix_caching: bool = True
@@ -71,6 +80,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.max_logprobs is not None and not 0 <= self.max_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"max_logprobs must be None or in [0, {MAX_TOP_LOGPROBS}], got {self.max_logprobs!r}")
+        if self.memory_arbiter not in ("kv_first", "slo"):
+            raise ValueError(f"memory_arbiter must be kv_first or slo, got {self.memory_arbiter!r}")
         if self.pool_policy not in ("elastic", "static"):
             raise ValueError(f"pool_policy must be elastic or static, got {self.pool_policy!r}")
         if self.kv_evictor not in ("lru", "prefix_subset"):

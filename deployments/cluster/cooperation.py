@@ -8,6 +8,9 @@ the migration's control channel) to join it. The follower joins, forms its side 
 then the leader forms its side. From then on both AsyncEngine loops are driven by the pair
 (engine/cooperative/remote.py, follower.py): the follower's clients keep streaming from it.
 
+Grow, as the leader (the plan's order to drop more while the pair stays under pressure): on the leader's
+engine thread, between two steps, over the pair's group (engine/cooperative/remote.py `RemoteLeader.grow`).
+
 Restore, as the leader: the pair dissolves from the leader's engine thread (the follower hears it over
 the group). A follower's own orders need no action (the leader drives both); a restore ordered to a
 replica whose peer is gone is already done by the pair itself when its group failed (`PeerLost`): the
@@ -56,13 +59,17 @@ class Cooperation:
         driver = self.engine.driver
         peer = self.peer if driver is not None and driver.is_formed else None
         return DropStatus(llm.model_name, llm.model_config.num_layers, arena.layer_chunks([0]), stats.drop_state,
-                          peer, len(arena.dropped_layers))
+                          peer, len(arena.dropped_layers), stats.ttft_growth)
 
     async def follow(self, order: LayerOrder) -> None:
         async with self._busy:
             driver = self.engine.driver
             if order.action == "drop" and order.role == "leader" and driver is None:
                 await self._lead(order)
+            elif order.action == "grow" and isinstance(driver, RemoteLeader) and driver.is_formed:
+                freed = await self.engine.run_in_engine(lambda _: driver.grow(order.first_keeps, order.second_from))
+                logger.info("replica %s: pair with %s grew its drop, keeps [0, %d), the follower [%d, L) (%d chunks "
+                            "freed here)", self.replica_id, self.peer, order.first_keeps, order.second_from, freed)
             elif order.action == "restore" and isinstance(driver, RemoteLeader) and driver.is_formed:
                 restored = await self.engine.run_in_engine(lambda _: driver.restore())
                 logger.info("replica %s: pair with %s restored (%d chunks back)", self.replica_id, self.peer, restored)

@@ -13,7 +13,8 @@ later), the replica still reports `normal` (or `dropped`): the coordinator count
 pair is never ordered twice. The pair's leader (`DropOrder.first`, which keeps the first layers) runs
 the pair's scheduler and starts the restore; the follower learns of it from the leader (engine/
 cooperative/follower.py), so a restore order goes to the leader only, or to the survivor of a pair whose
-peer is gone.
+peer is gone. So does a grow (the plan's `grows`: a pair still under pressure drops more); both replicas
+count as `dropping` until they report the grown number of dropped layers.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ class DropCoordinator:
         self.plan_state = PlanState()
         self.num_drops = 0
         self.num_restores = 0
+        self.num_grows = 0
         self._telemetry: dict[str, DropTelemetry] = {}
         self._preemptions: dict[str, int] = {}
         self._roles: dict[str, tuple[str, str | None]] = {}  # replica -> (role, peer) in its current pair
-        self._ordered: dict[str, tuple[DropState, str | None, float]] = {}  # ordered state, peer, when
+        # ordered state, peer, when, and the dropped layers it must report (a grow keeps the state)
+        self._ordered: dict[str, tuple[DropState, str | None, float, int]] = {}
         self._orders: dict[str, list[LayerOrder]] = {}
 
     def observe(self, replica_id: str, report: ReplicaReport) -> None:
@@ -51,8 +54,9 @@ class DropCoordinator:
         state, peer = DropState(status.state), status.peer
         ordered = self._ordered.get(replica_id)
         if ordered is not None:
-            target, ordered_peer, since = ordered
-            if state is target or self.clock() - since > self.order_timeout_s:
+            target, ordered_peer, since, at_least = ordered
+            done = state is target and (target is not DropState.DROPPED or status.dropped_layers >= at_least)
+            if done or self.clock() - since > self.order_timeout_s:
                 del self._ordered[replica_id]
             else:  # the order is on its way: count the replica as already changing
                 state = DropState.DROPPING if target is DropState.DROPPED else DropState.RESTORING
@@ -79,16 +83,23 @@ class DropCoordinator:
             self._order(drop.second, LayerOrder("drop", "follower", drop.first, drop.first_keeps, drop.second_from),
                         DropState.DROPPED, now)
             self.num_drops += 1
+        for grow in plan.grows:  # to the leader, which tells the follower over the pair's group
+            num_layers = self._telemetry[grow.first].num_layers
+            self._orders.setdefault(grow.first, []).append(
+                LayerOrder("grow", "leader", grow.second, grow.first_keeps, grow.second_from))
+            self._ordered[grow.first] = (DropState.DROPPED, grow.second, now, num_layers - grow.first_keeps)
+            self._ordered[grow.second] = (DropState.DROPPED, grow.first, now, grow.second_from)
+            self.num_grows += 1
         for restore in plan.restores:
             role, _ = self._roles.get(restore.first, ("leader", None))
             self._order(restore.first, LayerOrder("restore", role, restore.second), DropState.NORMAL, now)
             if restore.second is not None:
-                self._ordered[restore.second] = (DropState.NORMAL, restore.first, now)
+                self._ordered[restore.second] = (DropState.NORMAL, restore.first, now, 0)
             self.num_restores += 1
 
     def _order(self, replica_id: str, order: LayerOrder, target: DropState, now: float) -> None:
         self._orders.setdefault(replica_id, []).append(order)
-        self._ordered[replica_id] = (target, order.peer, now)
+        self._ordered[replica_id] = (target, order.peer, now, 0)
         if order.action == "drop":
             self._roles[replica_id] = (order.role, order.peer)
         else:
@@ -104,5 +115,6 @@ class DropCoordinator:
     def view(self) -> dict[str, Any]:
         """The `parameter_dropping` part of /v1/cluster."""
         return {"enabled": self.config.enabled, "num_drops": self.num_drops, "num_restores": self.num_restores,
+                "num_grows": self.num_grows,
                 "replicas": {rid: {"state": t.state.value, "peer": t.peer, "dropped_layers": t.dropped_layers,
                                    "kv_load": round(t.load(), 4)} for rid, t in sorted(self._telemetry.items())}}

@@ -19,6 +19,14 @@ of a pair drops its last layers and the second its first layers, never together 
 so the pair still holds a full copy. A replica with no deficit of its own still drops one layer if its
 partner needs it (no pair forms with nothing dropped). A dropped replica whose peer is gone (no fresh
 report) restores at once, alone.
+
+Growing: a dropped pair whose pressure lasts `drop_after_s` (counted again from each drop or grow carried
+out) drops more, up to `max_drop_fraction` each (`DropPlan.grows`: the pair's new `first_keeps` /
+`second_from`). Each side of the pipeline holds the KV of its own layers, and the queued requests (on the
+leader's queue: the pair's scheduler) wait for KV on both, so each side's load is (its used KV + the
+pair's queued demand) / its capacity; a side drops ceil(its deficit / chunks per layer) more layers, or
+one more on each side when the pressure is preemptions or TTFT growth only. The pipeline's cut stays
+where it is: with `max_drop_fraction` <= 0.5 the layers dropped are never the ones a side runs.
 """
 
 from __future__ import annotations
@@ -112,6 +120,7 @@ class RestoreOrder:
 class PlanState:
     pressured_since: Mapping[str, float] = field(default_factory=dict)  # replica -> when pressure began
     calm_since: Mapping[str, float] = field(default_factory=dict)  # first of a dropped pair -> when calm began
+    grow_since: Mapping[str, float] = field(default_factory=dict)  # first of a dropped pair -> pressure began
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class DropPlan:
     drops: tuple[DropOrder, ...]
     restores: tuple[RestoreOrder, ...]
     state: PlanState
+    grows: tuple[DropOrder, ...] = ()  # dropped pairs dropping more: their new first_keeps / second_from
 
 
 def is_pressured(replica: DropTelemetry, config: DroppingConfig) -> bool:
@@ -143,6 +153,7 @@ def plan_drops(replicas: Sequence[DropTelemetry], config: DroppingConfig, previo
     pressured_since = {r.replica_id: previous.pressured_since.get(r.replica_id, now)
                        for r in replicas if r.state is DropState.NORMAL and is_pressured(r, config)}
     restores, calm_since = _restores(replicas, by_id, config, previous, now)
+    grows, grow_since = _grows(replicas, by_id, config, previous, now)
     ready = sorted((by_id[rid] for rid, since in pressured_since.items() if now - since >= config.drop_after_s),
                    key=lambda r: (-r.load(), r.replica_id))
     free = {r.replica_id for r in replicas if r.state is DropState.NORMAL}
@@ -157,8 +168,9 @@ def plan_drops(replicas: Sequence[DropTelemetry], config: DroppingConfig, previo
         drops.append(order)
         free -= {replica.replica_id, partner.replica_id}
     paired = {rid for order in drops for rid in (order.first, order.second)}
-    state = PlanState({rid: since for rid, since in pressured_since.items() if rid not in paired}, calm_since)
-    return DropPlan(tuple(drops), tuple(restores), state)
+    state = PlanState({rid: since for rid, since in pressured_since.items() if rid not in paired}, calm_since,
+                      grow_since)
+    return DropPlan(tuple(drops), tuple(restores), state, tuple(grows))
 
 
 def _partner(replica: DropTelemetry, candidates: list[DropTelemetry],
@@ -174,10 +186,48 @@ def _partner(replica: DropTelemetry, candidates: list[DropTelemetry],
 
 def _drop_order(a: DropTelemetry, b: DropTelemetry, config: DroppingConfig) -> DropOrder:
     first, second = sorted((a, b), key=lambda r: r.replica_id)  # a stable role per pair
-    cap = max(1, math.floor(config.max_drop_fraction * first.num_layers))
+    cap = _drop_cap(first, config)
     first_drops = min(cap, max(1, layers_to_drop(first, config)))
     second_drops = min(cap, max(1, layers_to_drop(second, config)), first.num_layers - first_drops)
     return DropOrder(first.replica_id, second.replica_id, first.num_layers - first_drops, second_drops)
+
+
+def _drop_cap(replica: DropTelemetry, config: DroppingConfig) -> int:
+    return max(1, math.floor(config.max_drop_fraction * replica.num_layers))
+
+
+def _more_layers(side: DropTelemetry, queued: int, config: DroppingConfig) -> int:
+    """Layers one side of a dropped pair drops more for its used KV plus the pair's queued demand."""
+    deficit = side.used_chunks + queued - config.high_watermark * side.capacity_chunks
+    return math.ceil(deficit / (config.high_watermark * max(1, side.chunks_per_layer))) if deficit > 0 else 0
+
+
+def _grows(replicas: Sequence[DropTelemetry], by_id: Mapping[str, DropTelemetry], config: DroppingConfig,
+           previous: PlanState, now: float) -> tuple[list[DropOrder], dict[str, float]]:
+    grows, grow_since = [], {}
+    for first in sorted(replicas, key=lambda r: r.replica_id):
+        second = by_id.get(first.peer) if first.peer else None
+        if first.state is not DropState.DROPPED or second is None or second.state is not DropState.DROPPED \
+                or first.replica_id > second.replica_id:
+            continue
+        queued = max(first.waiting_chunks, second.waiting_chunks)  # the pair's queue waits for both sides
+        more = [_more_layers(side, queued, config) for side in (first, second)]
+        signals = any(r.num_new_preemptions > 0 or r.ttft_growth >= config.ttft_growth_trigger for r in (first, second))
+        if not any(more) and not signals:
+            continue
+        if not any(more):
+            more = [1, 1]
+        room = [_drop_cap(side, config) - side.dropped_layers for side in (first, second)]
+        more = [min(want, max(0, left)) for want, left in zip(more, room, strict=True)]
+        if not any(more):
+            continue  # at the cap: the pair serves with what it has
+        since = previous.grow_since.get(first.replica_id, now)
+        if now - since < config.drop_after_s:
+            grow_since[first.replica_id] = since
+            continue
+        grows.append(DropOrder(first.replica_id, second.replica_id,
+                               first.num_layers - first.dropped_layers - more[0], second.dropped_layers + more[1]))
+    return grows, grow_since
 
 
 def _restores(replicas: Sequence[DropTelemetry], by_id: Mapping[str, DropTelemetry], config: DroppingConfig,

@@ -11,6 +11,8 @@ the leader's shadow of its KV manager (remote.py). From then on it serves the le
   states of the rows that sample; then its busy time (for the bubble ratio).
 - "sync": the log, and the outputs of the requests whose clients are connected here (returned by
   `serve_one`, for their streams); it answers with its inbox: new requests and aborts from its clients.
+- "grow": layers to drop more (ones stage 1 runs, so no KV moves); it answers with the chunks freed,
+  which the leader's shadow then offers to its KV.
 - "restore": the log (which frees every page) and its requests back as snapshots: it copies its layers
   back from the host copy and serves alone again, its requests recomputing their KV.
 
@@ -27,8 +29,8 @@ import torch
 
 from engine.api import GenerateRequest, RequestOutput
 from engine.cooperative.channel import PairChannel, PeerLost
-from engine.cooperative.pipeline import num_sampled
-from engine.cooperative.remote import pipeline_split, snapshot_of
+from engine.cooperative.pipeline import num_sampled, pipeline_split
+from engine.cooperative.remote import snapshot_of
 from engine.core.engine import LLMEngine
 from engine.core.sampling_workspace import SampledRows
 from engine.migration import attach
@@ -102,6 +104,10 @@ class RemoteFollower:
                 return []
             if kind == "sync":
                 return self._sync(message[2])
+            if kind == "grow":
+                freed = self.engine.drop_layers(message[2])  # layers it holds but stage 1 runs: no KV moves
+                self.channel.send_object(("grown", freed))
+                return []
             if kind == "restore":
                 self._restore(message[2])
                 return []

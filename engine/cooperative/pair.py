@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from engine.api import RequestOutput
 from engine.cooperative.carry import CarriedKV, CarryPolicy, KVLayers, place, snapshot
 from engine.cooperative.kv import PipelineKV
-from engine.cooperative.pipeline import PipelineRunner, PipelineStats
+from engine.cooperative.pipeline import PipelineRunner, PipelineStats, grown_layers, pipeline_split
 from engine.cooperative.transport import HiddenTransport
 from engine.core.engine import LLMEngine
 from engine.core.request import Request, RequestStatus
@@ -57,6 +57,7 @@ class CooperativePair:
         self.min_micro_batch_tokens = min_micro_batch_tokens
         self.state = PairState.NORMAL
         self.split = self.num_layers
+        self.kept = (self.num_layers, 0)  # (first_keeps, second_from)
         self.homes: dict[str, LLMEngine] = {}  # while dropped: request id -> the engine it came in on
         self._runner: PipelineRunner | None = None
         self._saved = None  # the first engine's own (kv, runner, activation charge) while dropped
@@ -74,11 +75,7 @@ class CooperativePair:
         serving every request of both on the pipeline. Returns the chunks freed on both."""
         if self.state is not PairState.NORMAL:
             raise RuntimeError(f"the pair is {self.state.value}")
-        lowest, highest = max(second_from, 1), min(first_keeps, self.num_layers - 1)
-        if not (0 <= second_from and first_keeps <= self.num_layers and lowest <= highest):
-            raise ValueError(f"first keeps [0, {first_keeps}), second keeps [{second_from}, {self.num_layers}): "
-                             "each must keep some layers and together all of them")
-        split = min(max(self.num_layers // 2, lowest), highest)
+        split = pipeline_split(self.num_layers, first_keeps, second_from)
         for engine in (self.first, self.second):  # checked before anything changes
             if any(request.status is RequestStatus.PAUSED for request in engine.scheduler.requests.values()):
                 raise RuntimeError("a request is being migrated; finish or abort the migration first")
@@ -102,10 +99,22 @@ class CooperativePair:
         scheduler.activation_chunks = self._runner.activation_chunks_charged_to_kv
         self.first.runner = self._runner
         self.split = split
+        self.kept = (first_keeps, second_from)
         self.state = PairState.DROPPED
         for home, request in sorted(taken, key=lambda pair: pair[1].arrival_time):
             self._place(self.first, request, home, carried)
         self._set_state("dropped")
+        return freed
+
+    def grow(self, first_keeps: int, second_from: int) -> int:
+        """Drops more while dropped (the drop plan's `grows`): the first engine then keeps [0, first_keeps),
+        the second [second_from, L). The cut stays, so neither drops a layer it runs: requests go on
+        untouched and the chunks freed are KV's in the next step. Returns them."""
+        if self.state is not PairState.DROPPED:
+            raise RuntimeError(f"the pair is {self.state.value}")
+        first, second = grown_layers(self.num_layers, self.split, self.kept, (first_keeps, second_from))
+        freed = self.first.drop_layers(first) + self.second.drop_layers(second)
+        self.kept = (first_keeps, second_from)
         return freed
 
     def add_request(self, request, home: LLMEngine) -> None:
@@ -186,6 +195,7 @@ class CooperativePair:
         for engine in (self.first, self.second):
             engine.kv.hold_layers(range(self.num_layers))
         self.split = self.num_layers
+        self.kept = (self.num_layers, 0)
         self.state = PairState.NORMAL
         return taken, carried
 

@@ -28,6 +28,27 @@ from engine.core.sampling_workspace import SampledRows, sampling_plan
 from engine.core.scheduler import ScheduledChunk, SchedulerOutput
 
 
+def pipeline_split(num_layers: int, first_keeps: int, second_from: int) -> int:
+    """Where the pipeline cuts: the middle of the model, clamped into the layers both sides hold."""
+    lowest, highest = max(second_from, 1), min(first_keeps, num_layers - 1)
+    if not (0 <= second_from and first_keeps <= num_layers and lowest <= highest):
+        raise ValueError(f"first keeps [0, {first_keeps}), second keeps [{second_from}, {num_layers}): "
+                         "each must keep some layers and together all of them")
+    return min(max(num_layers // 2, lowest), highest)
+
+
+def grown_layers(num_layers: int, split: int, kept: tuple[int, int], grown: tuple[int, int]) -> tuple[range, range]:
+    """The layers each side of a formed pair drops more when it goes from keeping `kept` to `grown`
+    ((first_keeps, second_from) each): the first's and the second's. The cut stays at `split`, so a side
+    only ever drops layers the other one runs: no KV moves."""
+    (keeps, start), (new_keeps, new_start) = kept, grown
+    if new_keeps > keeps or new_start < start:
+        raise ValueError(f"going from {kept} to {grown} gives layers back: that is a restore")
+    if new_keeps < split or new_start > split or new_keeps > num_layers:
+        raise ValueError(f"keeping {grown} would drop layers a stage runs (the cut is at {split})")
+    return range(new_keeps, keeps), range(start, new_start)
+
+
 def split_micro_batches(output: SchedulerOutput, num_micro_batches: int) -> list[SchedulerOutput]:
     """Cuts a step into at most `num_micro_batches` contiguous pieces of about equal token counts."""
     target = -(-output.num_tokens // max(1, num_micro_batches))

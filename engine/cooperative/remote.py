@@ -34,7 +34,7 @@ from engine.api import RequestOutput
 from engine.cooperative.carry import place
 from engine.cooperative.channel import PairChannel, PeerLost
 from engine.cooperative.kv import PipelineKV
-from engine.cooperative.pipeline import PipelineStats, num_sampled, split_micro_batches
+from engine.cooperative.pipeline import PipelineStats, grown_layers, num_sampled, pipeline_split, split_micro_batches
 from engine.core.engine import LLMEngine
 from engine.core.request import Request
 from engine.core.runner import ModelRunner
@@ -47,15 +47,6 @@ from memory.pool import ElasticPool
 from memory.vmm.sim import SimBackend
 
 
-def pipeline_split(num_layers: int, first_keeps: int, second_from: int) -> int:
-    """Where the pipeline cuts: the middle of the model, clamped into the layers both sides hold."""
-    lowest, highest = max(second_from, 1), min(first_keeps, num_layers - 1)
-    if not (0 <= second_from and first_keeps <= num_layers and lowest <= highest):
-        raise ValueError(f"first keeps [0, {first_keeps}), second keeps [{second_from}, {num_layers}): "
-                         "each must keep some layers and together all of them")
-    return min(max(num_layers // 2, lowest), highest)
-
-
 def snapshot_of(request: Request) -> RequestSnapshot:
     """A request's state for the other process (its KV is recomputed there)."""
     return RequestSnapshot(request.request_id, tuple(request.prompt_token_ids), tuple(request.output_token_ids),
@@ -64,16 +55,24 @@ def snapshot_of(request: Request) -> RequestSnapshot:
                            request.arrival_time, request.num_cached_tokens, 0)
 
 
-def shadow_kv(engine: LLMEngine, budget_chunks: int, layers: range, log: list) -> KVCacheManager:
-    """The follower's KV manager as the leader plans with it: same spec and layout, `budget_chunks` chunks."""
+RESERVE = "offered_later"  # the shadow pool's chunks the follower has not offered (yet): it frees them by growing
+
+
+def shadow_kv(engine: LLMEngine, budget_chunks: int, layers: range, log: list,
+              reserve_chunks: int = 0) -> tuple[KVCacheManager, list]:
+    """The follower's KV manager as the leader plans with it: same spec and layout, `budget_chunks` chunks
+    now; `reserve_chunks` more that its KV gets only as the follower offers them (`offer`). Returns it and
+    the reserve's chunks."""
     spec = engine.kv_spec
     # the largest power of two dividing a page: the sim backend's addresses stay aligned to it
     pool = ElasticPool(SimBackend(granularity=spec.page_bytes & -spec.page_bytes),
-                       max(1, budget_chunks) * spec.page_bytes, spec.page_bytes)
+                       (max(1, budget_chunks) + reserve_chunks) * spec.page_bytes, spec.page_bytes)
+    pool.register(RESERVE)  # never reclaimed: no callback
+    reserve = pool.inflate(RESERVE, reserve_chunks) if reserve_chunks else []
     kv = KVCacheManager(spec, pool, engine.dtype, layout=engine.config.kv_layout, enable_prefix_caching=False,
                         layout_log=log)
     kv.hold_layers(layers)
-    return kv
+    return kv, reserve
 
 
 class RemotePipelineRunner:
@@ -183,6 +182,8 @@ class RemoteLeader:
         self._saved = None
         self._runner_log: list = []
         self._refused: list[RequestOutput] = []  # the follower's requests this replica could not take
+        self._reserve: list = []  # the shadow's chunks the follower has not offered yet
+        self.kept = (self.split, 0)  # (first_keeps, second_from) while formed
 
     # ---- forming -----------------------------------------------------------------------------------
     def form(self, first_keeps: int, second_from: int) -> int:
@@ -199,7 +200,9 @@ class RemoteLeader:
         freed = engine.drop_layers(range(first_keeps, num_layers))
         engine.kv.hold_layers(range(0, split))
         log: list = []
-        self._shadow = shadow_kv(engine, budget, range(split, num_layers), log)
+        # the follower may later drop its layers [second_from, split) too (`grow`) and offer their chunks
+        self._shadow, self._reserve = shadow_kv(engine, budget, range(split, num_layers), log,
+                                                engine.rank.arena.layer_chunks(range(second_from, split)))
         scheduler = engine.scheduler
         self._saved = (scheduler.kv, engine.runner, scheduler.activation_chunks)
         self._runner = RemotePipelineRunner(engine.runner, split, self.channel, log, self.num_micro_batches,
@@ -208,6 +211,7 @@ class RemoteLeader:
         scheduler.activation_chunks = self._runner.activation_chunks_charged_to_kv
         engine.runner = self._runner
         self.split = split
+        self.kept = (first_keeps, second_from)
         self.is_formed = True
         for item in sorted([*taken, *snapshots], key=lambda item: item.arrival_time):
             if isinstance(item, Request):
@@ -216,6 +220,29 @@ class RemoteLeader:
                 attach(engine, item, 0)
                 self.peer_requests.add(item.request_id)
         engine.drop_state = "dropped"
+        return freed
+
+    def grow(self, first_keeps: int, second_from: int) -> int:
+        """Drops more while formed (the drop plan's `grows`): the follower drops its layers up to
+        `second_from` and offers their chunks, which the shadow's KV gets from its reserve; this replica
+        drops [first_keeps, ...). The cut stays, so no request's KV moves. Returns the chunks freed here
+        (0 if the follower died meanwhile: the pair then ended)."""
+        if not self.is_formed:
+            raise RuntimeError("the pair is not formed")
+        mine, theirs = grown_layers(self.engine.model_config.num_layers, self.split, self.kept,
+                                    (first_keeps, second_from))
+        try:
+            self.channel.send_object(("grow", self._runner.take_log(), theirs))
+            kind, offered = self.channel.recv_object()
+        except PeerLost:
+            self._peer_lost()
+            return 0
+        if kind != "grown":
+            raise RuntimeError(f"the follower answered {kind!r} to growing the drop")
+        offered, self._reserve = self._reserve[:offered], self._reserve[offered:]
+        self._shadow.pool.deflate(RESERVE, offered)
+        freed = self.engine.drop_layers(mine)
+        self.kept = (first_keeps, second_from)
         return freed
 
     # ---- serving -----------------------------------------------------------------------------------
@@ -289,7 +316,10 @@ class RemoteLeader:
         self.stats.add(self._runner.stats)
         scheduler.kv, engine.runner, scheduler.activation_chunks = self._saved
         self._shadow.close()
+        self._shadow.pool.close()
         self._runner = self._saved = self._shadow = None
+        self._reserve = []
+        self.kept = (engine.model_config.num_layers, 0)
         engine.kv.hold_layers(range(engine.model_config.num_layers))
         self.split = engine.model_config.num_layers
         self.is_formed = False

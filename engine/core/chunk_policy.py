@@ -50,6 +50,10 @@ class ChunkPolicy(ABC):
         self.chosen[budget] += 1
         return budget
 
+    def fitting_budget(self, memory: StepMemory) -> int:
+        """What `token_budget` would return, without counting it."""
+        return self._budget(memory)
+
     @abstractmethod
     def _budget(self, memory: StepMemory) -> int: ...
 

@@ -20,6 +20,7 @@ from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler, SamplingState
 from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.core.ttft_growth import TtftGrowth, expected_ttft_s
 from engine.device.rank import RankState, build_rank
 from engine.device.weight_arena import WEIGHTS_CLIENT
 from engine.text.detokenizer import IncrementalDetokenizer
@@ -91,6 +92,7 @@ class LLMEngine:
                 tpot_slo_ms=config.tpot_slo_ms,
                 ttft_slo_ms=config.ttft_slo_ms,
                 kv_offload=config.kv_offload,
+                memory_arbiter=config.memory_arbiter,
                 priority_scale=config.priority_scale,
             ),
             self.kv,
@@ -101,6 +103,7 @@ class LLMEngine:
         )
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.num_steps = 0
+        self.ttft = TtftGrowth()
         # set by a cooperative pair (engine/cooperative/pair.py) around a drop and a restore
         self.drop_state = "normal"
         self.pipeline_bubble_ratio = 0.0
@@ -115,6 +118,10 @@ class LLMEngine:
                                       code="model_not_found")
         if not prompt:
             raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
+        cap = self.config.max_logprobs
+        if params.logprobs is not None and (cap is None or params.logprobs > cap):
+            served = "this server does not return logprobs" if cap is None else f"at most {cap} are allowed"
+            raise InvalidRequestError(f"logprobs: {served} (max_logprobs), got {params.logprobs}", param="logprobs")
         vocab = self.model_config.vocab_size
         if any(not 0 <= token < vocab for token in prompt):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -148,6 +155,7 @@ class LLMEngine:
                 detokenizer=detokenizer,
                 arrival_time=request.arrival_time or time.monotonic(),
                 priority=request.priority,
+                arrived_unloaded=not self.scheduler.waiting and not self.scheduler.swapped,
             )
         )
 
@@ -213,6 +221,9 @@ class LLMEngine:
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
+                if len(request.output_token_ids) == 1:  # its very first token (not one after a migration)
+                    self.ttft.observe(request.arrival_time, now, self._expected_ttft_s(request),
+                                      request.arrived_unloaded)
             reason = self._token_finish_reason(request, token)
             if reason == "stop":  # EOS / stop token ids are not part of the text (as OpenAI does)
                 step = request.detokenizer.step([], is_last=True)
@@ -269,6 +280,17 @@ class LLMEngine:
         return self.rank.arena.dropped_bytes
 
     # ---- observation -----------------------------------------------------------------------------
+    def _expected_ttft_s(self, request: Request) -> float:
+        return expected_ttft_s(self.scheduler.cost_model, len(request.prompt_token_ids),
+                               self.config.max_num_batched_tokens)
+
+    def ttft_growth(self) -> float:
+        """Recent TTFT over this replica's unloaded baseline (engine/core/ttft_growth.py), counting the
+        requests still queued for their first token."""
+        queued = [(r.arrival_time, self._expected_ttft_s(r)) for r in self.scheduler.waiting
+                  if r.first_token_time is None]
+        return self.ttft.growth(time.monotonic(), queued)
+
     def stats(self) -> EngineStats:
         used = self.kv.num_used_chunks()
         free = self.kv.num_available_chunks()
@@ -292,6 +314,7 @@ class LLMEngine:
             drop_state=self.drop_state,
             dropped_weight_bytes=self.dropped_weight_bytes,
             pipeline_bubble_ratio=self.pipeline_bubble_ratio,
+            ttft_growth=self.ttft_growth(),
             kv_kinds=tuple(KVKindStats(t.kind, t.small_page_bytes, t.bytes_held, t.bytes_used,
                                        t.internal_fragmentation_bytes) for t in self.kv.kind_telemetry().values()),
         )

@@ -207,4 +207,5 @@ def merge_stats(stats: Sequence[EngineStats], per_model: tuple[tuple[str, Engine
     free = max(s.kv_chunks_free for s in stats)
     kinds: tuple[KVKindStats, ...] = tuple(kind for s in stats for kind in s.kv_kinds)
     return replace(stats[0], **summed, kv_chunks_free=free, kv_usage=used / max(1, used + free), kv_kinds=kinds,
-                   pipeline_bubble_ratio=max(s.pipeline_bubble_ratio for s in stats), per_model=per_model)
+                   pipeline_bubble_ratio=max(s.pipeline_bubble_ratio for s in stats),
+                   ttft_growth=max(s.ttft_growth for s in stats), per_model=per_model)

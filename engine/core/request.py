@@ -61,6 +61,7 @@ class Request:
     num_preemptions: int = 0
     priority: int = 0  # lower is more urgent (vLLM's convention); picks the request's SLO class
     first_token_time: float | None = None
+    arrived_unloaded: bool = False  # nobody was queued ahead of it (its TTFT counts toward the baseline)
     finish_reason: str | None = None
 
     @property

@@ -67,9 +67,10 @@ def row_demand(params: SamplingParams, needs_stop_mask: bool) -> SampledRows:
     return SampledRows(1, int(edited), int(drawn), int(params.logprobs is not None), int(filtered))
 
 
-def peak_rows(max_num_seqs: int) -> SampledRows:
-    """The most a step can ask for: every row drawn, filtered and reporting logprobs."""
-    return SampledRows(max_num_seqs, 0, max_num_seqs, max_num_seqs, max_num_seqs)
+def peak_rows(max_num_seqs: int, logprobs: bool = True) -> SampledRows:
+    """The most a step can ask for: every row drawn, filtered and (unless the engine serves no logprobs:
+    `max_logprobs` None) reporting logprobs."""
+    return SampledRows(max_num_seqs, 0, max_num_seqs, max_num_seqs if logprobs else 0, max_num_seqs)
 
 
 def sampling_plan(rows: SampledRows, vocab_size: int) -> BufferPlan:

@@ -16,7 +16,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.core.arbiter_view import swap_candidates, urgent_prompt
 from engine.core.chunk_policy import ChunkPolicy, FixedChunkPolicy, StepMemory
+from engine.core.memory_arbiter import ArbiterView, MemoryArbiter
 from engine.core.offload_policy import OFFLOAD_POLICIES
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_workspace import NO_ROWS, SampledRows
@@ -34,6 +36,7 @@ class SchedulerConfig:
     tpot_slo_ms: float | None = None  # decode steps should not get slower than this
     ttft_slo_ms: float | None = None
     kv_offload: str = "none"  # "none" | "layerwise" (engine/core/offload_policy.py)
+    memory_arbiter: str = "kv_first"  # "kv_first" | "slo" (engine/core/memory_arbiter.py)
     priority_scale: float = 2.0  # SLO class targets = targets * scale ** priority (engine/core/slo.py)
     # pace decodes and budget prefill tokens to this fraction of the TPOT target (pacing *to* the target leaves
     # half the requests above it)
@@ -104,6 +107,7 @@ class Scheduler:
         self.kv = kv
         self.activation_chunks = activation_chunks
         self.cost_model = cost_model or StepCostModel()
+        self.arbiter = MemoryArbiter(self.chunk_policy, self.cost_model.predict_ms, config.memory_arbiter)
         self.slo = SloTargets(config.ttft_slo_ms, config.tpot_slo_ms, config.priority_scale, clock)
         self.offload = OFFLOAD_POLICIES[config.kv_offload](kv, self.slo, self.cost_model, config.tpot_margin)
         self.attainment = SloAttainment()
@@ -186,7 +190,8 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self._deferred = self._decodes_to_defer()
-        step = _StepBuilder(self._token_budget())
+        step = _StepBuilder(0)
+        step.token_budget = self._token_budget(step)
         self._promote_offloaded(step)
         self._schedule_running(step)
         if not step.preempted:
@@ -205,22 +210,43 @@ class Scheduler:
             return set()
         return self.offload.decodes_to_defer(self.running, self.cost_model.predict_ms(len(self.running)))
 
-    def _token_budget(self) -> int:
-        """Tokens this step may compute. With a TPOT target, prefill tokens are capped so the step stays
-        within `tpot_margin` x it (every decoding request waits for the step); with a TTFT target, a prompt
-        without its first token (waiting, or admitted and still prefilling) about to miss it, and not missed
-        yet, lifts the cap so its prefill goes through (TTFT before TPOT, as LayerKV argues; a TTFT already
-        missed is not worth the running requests' TPOT)."""
-        budget = self.chunk_policy.token_budget(self._step_memory())
+    def _token_budget(self, step: _StepBuilder | None = None) -> int:
+        """Tokens this step may compute: the memory arbiter's decision (engine/core/memory_arbiter.py) over
+        the chunk policy's budget and the SLO cap; the victims it names are swapped out first."""
+        step = step or _StepBuilder(0)
+        memory = self._step_memory()
+        budget = self.chunk_policy.token_budget(memory)
+        cap = self._slo_cap(budget)
+        prompt = urgent_prompt(self.running, self.slo, self.clock()) if self.arbiter.mode == "slo" else None
+        victims = () if prompt is None or self.config.preemption_mode == "recompute" else \
+            swap_candidates(self.running, prompt, self.kv, self.slo, self.cost_model)
+        decodes = sum(1 for r in self.running if not r.is_prefilling and r.request_id not in self._deferred)
+        decision = self.arbiter.decide(ArbiterView(memory, budget, cap, prompt, victims, decodes))
+        if not decision.victims:
+            return decision.budget
+        for request_id in decision.victims:
+            self._preempt(self.requests[request_id], step)
+        # the freed chunks were an estimate: never plan a budget the pool cannot now pay for
+        memory = self._step_memory()
+        if self.chunk_policy.fits(decision.budget, memory):
+            return decision.budget
+        fits = self.chunk_policy.fitting_budget(memory)
+        return fits if cap is None else max(1, min(fits, cap))
+
+    def _slo_cap(self, budget: int) -> int | None:
+        """With a TPOT target, prefill tokens are capped so the step stays within `tpot_margin` x it (every
+        decoding request waits for the step); with a TTFT target, a prompt without its first token (waiting, or
+        admitted and still prefilling) about to miss it, and not past it yet, lifts the cap so its prefill goes
+        through (TTFT before TPOT, as LayerKV argues; a TTFT already lost is not worth the running requests'
+        TPOT). None: no cap."""
         if self.config.tpot_slo_ms is None or not self.running:
-            return budget
+            return None
         # offloaded layers' fetches run one layer ahead of compute: the step takes about the longer of the two
         # (a prefill chunk's own fetches are not counted: they shrink per token as its chunk grows)
         decoding = [r for r in self.running if r.request_id not in self._deferred and not r.is_prefilling]
         target_ms = self.config.tpot_margin * self.config.tpot_slo_ms
         fetch_ms = self.cost_model.fetch_ms(self.offload.fetch_bytes(decoding))
         within = self.cost_model.max_tokens_within(target_ms) if fetch_ms < target_ms else 1
-        capped = min(budget, max(len(decoding) + 1, within))
         prompts = [r for r in self.running if r.first_token_time is None] + list(self.waiting)[:1]
         if self.config.ttft_slo_ms is not None and prompts:
             oldest = min(prompts, key=lambda request: request.arrival_time)
@@ -228,8 +254,8 @@ class Scheduler:
             left = oldest.num_tokens - oldest.num_computed_tokens
             target = self.slo.ttft_target_ms(oldest)
             if waited_ms < target <= waited_ms + self.cost_model.predict_ms(min(left, budget)):
-                return budget
-        return capped
+                return None
+        return max(len(decoding) + 1, within)
 
     def _step_memory(self) -> StepMemory:
         next_kv = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 1) for r in self.running)

@@ -160,8 +160,10 @@ def plan_rank(config: EngineConfig, granularity: int, rank: int = 0, world_size:
 
 
 def peak_sampler_bytes(config: EngineConfig, model_config: ModelConfig) -> int:
-    """The sampler's temporaries at their peak: every row drawn, filtered and reporting logprobs."""
-    return sampling_plan(peak_rows(config.max_num_seqs), model_config.vocab_size).num_bytes
+    """The sampler's temporaries at their peak: every row drawn, filtered and reporting logprobs (none
+    when the engine serves no logprobs)."""
+    rows = peak_rows(config.max_num_seqs, logprobs=config.max_logprobs is not None)
+    return sampling_plan(rows, model_config.vocab_size).num_bytes
 
 
 def place_rank(plan: RankPlan, pool: ElasticPool, workspace: ActivationWorkspace | None = None,

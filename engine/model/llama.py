@@ -21,6 +21,7 @@ from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
 from engine.model.buffers import BufferPlan
 from engine.model.config import ModelConfig
+from engine.model.decode_step import DecodeStep
 from engine.model.elementwise import TorchElementwise, create_elementwise
 from engine.model.linear import TorchLinear
 from engine.model.rope import cos_sin_table, inverse_frequencies
@@ -113,6 +114,8 @@ class LlamaModel:
         positions = max_positions or config.max_position_embeddings
         inv_freq = inverse_frequencies(head_dim, config.rope_theta, dict(config.rope_scaling or ()))
         self.rope_table = place(cos_sin_table(positions, inv_freq, torch.float32)).to(dtype)
+        # small decode steps in one native call where every op is native (engine/model/decode_step.py)
+        self.decode_step = DecodeStep.for_model(self)
 
     def _load_layer(self, weights, index: int, place, place_matrix) -> dict:
         c, s, d = self.config, self.shard, self.config.head_dim
@@ -217,6 +220,8 @@ class LlamaModel:
         hidden = buffers["hidden"]
         if embed:
             torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
+            if self.decode_step is not None and self.decode_step.takes(batch, kv_caches, layers, layer_hook):
+                return self.decode_step.run(batch, kv_caches, buffers)
         rope = self.rope_table[batch.positions]  # [T, 2, D]
         cos, sin = rope[:, 0:1], rope[:, 1:2]
         pending = None  # the residual not yet added to `hidden`

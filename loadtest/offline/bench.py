@@ -199,8 +199,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-long", type=int, default=4, help="mixed: long prompts (capacity-prompt-len tokens)")
     parser.add_argument("--mixed-gap", type=int, default=6, help="mixed: steps between long arrivals")
     parser.add_argument("--mixed-long-output-len", type=int, default=16)
+    parser.add_argument("--ttft-slo-ms", type=float, default=None,
+                        help="mixed: the engines' TTFT target (the `slo` memory arbiter's judge)")
     parser.add_argument("--mixed-configs", default=None,
-                        help="mixed: a comma-separated subset of: " + ", ".join(CONFIGS) + " (default: all four)")
+                        help="mixed: a comma-separated subset of: " + ", ".join(CONFIGS)
+                        + " (default: all but the slo one)")
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="default: max(64, num-prompts) capped at 256 (throughput), 64 (capacity)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each column is its best round")

@@ -9,6 +9,8 @@ schedule of arrivals whatever the box's load.
 Configurations (the elastic/static pair at each prefill-chunk setting):
 - elastic fixed: one pool, every step's budget is max_num_batched_tokens (today's default)
 - elastic adaptive: one pool, the budget swells up to --max-prefill-chunk-tokens when KV leaves room
+- elastic adaptive slo: the same with the `slo` memory arbiter (engine/core/memory_arbiter.py): decodes are
+  swapped out so a long prompt about to miss `--ttft-slo-ms` gets a larger chunk (not run unless named)
 - static fixed: activations reserved at start for max_num_batched_tokens + max_num_seqs tokens
 - static ceiling: activations reserved at start for the ceiling (eLLM's static baseline for large chunks)
 
@@ -30,6 +32,7 @@ from loadtest.telemetry import MemoryPoint
 CONFIGS = {
     "elastic fixed": dict(pool_policy="elastic", ceiling=False),
     "elastic adaptive": dict(pool_policy="elastic", ceiling=True),
+    "elastic adaptive slo": dict(pool_policy="elastic", ceiling=True, arbiter="slo"),
     "static fixed": dict(pool_policy="static", ceiling=False),
     "static ceiling": dict(pool_policy="static", ceiling=True),
 }
@@ -96,6 +99,8 @@ def run_one(engine, short_prompts, long_prompts, args) -> dict:
         "activation_reserved_bytes": engine.pool.policy.shares.get("activations", 0) * engine.pool.chunk_bytes
         if engine.config.pool_policy == "static" else 0,
         "chunk_budgets": chosen,
+        "arbiter_actions": dict(engine.scheduler.arbiter.actions),
+        "arbiter_swaps": engine.scheduler.arbiter.num_victims,
         "load": load_average(),
     }
 
@@ -104,12 +109,15 @@ def run_mixed(args, tokenizer=None) -> dict:
     budget = int(args.budget_gib * GIB)
     ceiling = args.max_prefill_chunk_tokens or 8192
     result: dict = {"budget_bytes": budget, "ceiling": ceiling, "configs": {}}
-    names = args.mixed_configs.split(",") if getattr(args, "mixed_configs", None) else list(CONFIGS)
+    names = args.mixed_configs.split(",") if getattr(args, "mixed_configs", None) else \
+        [name for name in CONFIGS if "slo" not in name]
     for name in names:
         setting = CONFIGS[name]
         engine = build_engine(args, tokenizer=tokenizer, pool_policy=setting["pool_policy"],
                               device_memory_bytes=budget, max_num_seqs=args.max_num_seqs or 64, max_model_len=None,
-                              max_prefill_chunk_tokens=ceiling if setting["ceiling"] else None)
+                              max_prefill_chunk_tokens=ceiling if setting["ceiling"] else None,
+                              memory_arbiter=setting.get("arbiter", "kv_first"),
+                              ttft_slo_ms=getattr(args, "ttft_slo_ms", None))
         tokenizer = engine.tokenizer
         short = make_prompts(tokenizer, args.mixed_short, args.prompt_len, args.seed)
         long = make_prompts(tokenizer, args.mixed_long, args.capacity_prompt_len, args.seed + 1)
@@ -119,6 +127,8 @@ def run_mixed(args, tokenizer=None) -> dict:
         while engine.has_work:
             engine.step()
         engine.scheduler.chunk_policy.chosen.clear()
+        engine.scheduler.arbiter.actions.clear()
+        engine.scheduler.arbiter.num_victims = 0
         peak = {"activations": 0, "kv": 0}
         pool, step, timeline = engine.pool, engine.step, []
         started = time.perf_counter()
@@ -171,7 +181,8 @@ def format_mixed(result: dict, args) -> str:
         ("long TTFT p50 ms", "long_ttft_p50_ms"), ("long TTFT p99 ms", "long_ttft_p99_ms"),
         ("short TTFT p50 ms", "short_ttft_p50_ms"), ("short TPOT p50 ms", "short_tpot_p50_ms"),
         ("short TPOT p99 ms", "short_tpot_p99_ms"), ("short decode tok/s", "decode_tok_s"),
-        ("preemptions", "num_preemptions"), ("steps", "num_steps"), ("mean running", "mean_running"),
+        ("preemptions", "num_preemptions"), ("swapped by the arbiter", "arbiter_swaps"),
+        ("steps", "num_steps"), ("mean running", "mean_running"),
         ("max running", "max_running"), ("wall s", "wall_s"),
     ]
     rows = [["", *names]]

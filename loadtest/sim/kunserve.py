@@ -48,6 +48,7 @@ SEED = "KunServe (arXiv 2412.18169): up to 72.2x lower tail TTFT than Llumnix, v
 @dataclass
 class DropLog:
     drops: list[tuple[float, DropOrder]] = field(default_factory=list)
+    grows: list[tuple[float, DropOrder]] = field(default_factory=list)
     restores: list[float] = field(default_factory=list)
     bubble_ratios: list[float] = field(default_factory=list)
     carried: int = 0
@@ -90,6 +91,8 @@ class DroppingCluster(Cluster):
             self._restore(self.pairs[order.first])
         for order in plan.drops:
             self._drop(order)
+        for order in plan.grows:
+            self._grow(order)
         self.log.weights.append((self.now, sum(live.replica.engine.pool.num_held("weights")
                                                for live in self.live.values())))
 
@@ -105,6 +108,7 @@ class DroppingCluster(Cluster):
         peer = None if pair is None else (pair.second if pair.first.replica_id == replica_id else pair.first)
         return DropTelemetry.from_load(
             load, engine.model.name, engine.model.num_layers, engine.chunks_per_layer, num_new_preemptions=new,
+            ttft_growth=self.live[replica_id].replica.ttft_growth(self.now),
             state=DropState.NORMAL if pair is None else DropState.DROPPED,
             peer=None if peer is None else peer.replica_id,
             dropped_layers=len(engine.dropped) // max(1, engine.chunks_per_layer))
@@ -119,6 +123,15 @@ class DroppingCluster(Cluster):
         self.log.drops.append((self.now, order))
         self._kick(first)
         self._kick(second)
+
+    def _grow(self, order: DropOrder) -> None:
+        pair = self.pairs[order.first]
+        for replica in (pair.first, pair.second):
+            replica.interrupt(self.now)
+        pair.grow(order)  # unmapping: no stall, the chunks are KV's in the next step
+        self.log.grows.append((self.now, order))
+        self._kick(pair.first)
+        self._kick(pair.second)
 
     def _restore(self, pair: SimPair) -> None:
         for replica in (pair.first, pair.second):
@@ -191,6 +204,19 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="a folder: each run's pool balloons and TTFT CDF as PNGs")
 
 
+def _kept(log: DropLog) -> str:
+    """Each pair's layers kept when it formed and, if it grew, at its deepest: "31,2>22,10"."""
+    pairs: list[list[DropOrder]] = []
+    for _, order, is_drop in sorted([(t, o, True) for t, o in log.drops] + [(t, o, False) for t, o in log.grows],
+                                    key=lambda event: (event[0], not event[2])):
+        if is_drop:
+            pairs.append([order])
+        else:
+            next(orders for orders in reversed(pairs) if orders[0].first == order.first).append(order)
+    return "/".join(">".join(f"{o.first_keeps},{o.second_from}" for o in (orders[0], orders[-1])[:len(orders)])
+                    for orders in pairs)
+
+
 def _ms(values: np.ndarray, q: float) -> str:
     return f"{np.percentile(values, q) * 1e3:.0f}" if len(values) else "-"
 
@@ -216,16 +242,17 @@ def run(args: argparse.Namespace) -> int:
                      _ms(result.spike_ttft_s, 99), f"{base_p99 / p99:.1f}x" if p99 else "-",
                      f"{run_.tpot_s.mean() * 1e3:.1f}", _ms(run_.tpot_s, 99), f"{result.goodput_per_s:.2f}",
                      run_.num_preemptions, run_.num_copies + run_.num_recomputes,
-                     len(log.drops) if log else "-",
-                     "/".join(f"{o.first_keeps},{o.second_from}" for _, o in log.drops) if log and log.drops else "-",
+                     (f"{len(log.drops)}+{len(log.grows)}" if log.grows else len(log.drops)) if log else "-",
+                     _kept(log) if log and log.drops else "-",
                      f"{np.mean(log.bubble_ratios):.2f}" if log and log.bubble_ratios else "-"))
     title = (f"SIMULATED KunServe: {args.replicas} x {args.model} on {args.gpu} ({args.memory_fraction:.0%} of each "
              f"device), {args.rate:g} req/s, x{args.factor:g} for {args.spike_s:g} s from t={args.spike_at:g} s, "
              f"SLO {args.slo}, seed {args.seed}")
     print(table(title, ("run", "requests", "in spike", "spike TTFT p50 ms", "spike TTFT p99 ms", "p99 x none",
-                        "TPOT mean ms", "TPOT p99 ms", "goodput req/s", "preempted", "migrations", "drops",
+                        "TPOT mean ms", "TPOT p99 ms", "goodput req/s", "preempted", "migrations", "drops+grows",
                         "kept (first,from)", "bubble"), rows))
-    print("kept (first,from): each drop order's first replica keeps layers [0, first), the second [from, L)")
+    print("kept (first,from): each drop order's first replica keeps layers [0, first), the second [from, L); "
+          "a>b: as formed > at its deepest after growing")
     print(f"seed: {SEED}")
     if args.plot:
         for name, result in results.items():

@@ -31,6 +31,7 @@ import numpy as np
 from deployments.cluster.drop_plan import DropOrder
 from engine.cooperative.carry import CarriedKV, CarryPolicy, place
 from engine.cooperative.kv import PipelineKV
+from engine.cooperative.pipeline import grown_layers, pipeline_split
 from engine.core.request import Request
 from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import SchedulerOutput
@@ -155,10 +156,7 @@ class SimPair:
         engine = first.engine
         self.first, self.second, self.order, self.options = first, second, order, options
         self.num_layers = num_layers = engine.model.num_layers
-        lowest, highest = max(order.second_from, 1), min(order.first_keeps, num_layers - 1)
-        if lowest > highest:
-            raise ValueError(f"{order}: the pair would not hold a full copy of the layers")
-        self.split = min(max(num_layers // 2, lowest), highest)
+        self.split = pipeline_split(num_layers, order.first_keeps, order.second_from)
         device = engine.device
         self.link_bytes_per_s = device.nvlink_bytes_per_s if options.link == "nvlink" else device.pcie_bytes_per_s
         self.carry = CarryPolicy(options.carry, self.link_bytes_per_s)
@@ -200,6 +198,16 @@ class SimPair:
             self._place(first.scheduler, request, carried)
         for replica in (self.first, self.second):
             replica.clock = max(replica.clock, now + stall)
+        return freed
+
+    def grow(self, order: DropOrder) -> int:
+        """Drops more while formed (the plan's `grows`): the first keeps [0, order.first_keeps), the second
+        [order.second_from, L). The cut stays where it is, so only weights of layers a side does not run go:
+        no KV moves, and the freed chunks are KV's in the next step. Returns the chunks freed."""
+        first, second = grown_layers(self.num_layers, self.split, (self.order.first_keeps, self.order.second_from),
+                                     (order.first_keeps, order.second_from))
+        freed = self.first.engine.drop_layers(len(first)) + self.second.engine.drop_layers(len(second))
+        self.order = order
         return freed
 
     def add(self, request: Request, home: SimReplica) -> None:

@@ -38,6 +38,7 @@ from engine.core.request import Request
 from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.core.step_cost import StepCostModel
+from engine.core.ttft_growth import TtftGrowth, expected_ttft_s
 from engine.device.activation_workspace import ActivationWorkspace
 from engine.device.rank import static_split_chunks
 from engine.device.weight_arena import WEIGHTS_CLIENT
@@ -218,6 +219,7 @@ class SimReplica:
         self.decode_only_tokens = 0  # tokens of decode-only steps, and their time (decode throughput)
         self.decode_only_s = 0.0
         self.admitted_at: dict[str, float] = {}  # when each request's first prefill chunk was planned
+        self.ttft = TtftGrowth()  # as LLMEngine keeps it: recent TTFT over the unloaded baseline
 
     @property
     def busy_until(self) -> float | None:
@@ -226,7 +228,19 @@ class SimReplica:
 
     # ---- requests ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        self.engine.scheduler.add(request)
+        scheduler = self.engine.scheduler
+        request.arrived_unloaded = not scheduler.waiting and not scheduler.swapped  # as LLMEngine.add_request
+        scheduler.add(request)
+
+    def _expected_ttft_s(self, request: Request) -> float:
+        return expected_ttft_s(self.engine.scheduler.cost_model, len(request.prompt_token_ids),
+                               self.engine.config.max_num_batched_tokens)
+
+    def ttft_growth(self, now: float) -> float:
+        """LLMEngine.ttft_growth at `now`: the requests still queued for their first token count too."""
+        queued = [(r.arrival_time, self._expected_ttft_s(r)) for r in self.engine.scheduler.waiting
+                  if r.first_token_time is None]
+        return self.ttft.growth(now, queued)
 
     # ---- the step loop ----------------------------------------------------------------------------
     def start(self, now: float) -> float | None:
@@ -317,6 +331,7 @@ class SimReplica:
             request.output_token_ids.append(0)
             if request.first_token_time is None:
                 request.first_token_time = end
+                self.ttft.observe(request.arrival_time, end, self._expected_ttft_s(request), request.arrived_unloaded)
             if len(request.output_token_ids) >= request.params.max_tokens or request.num_tokens >= self.max_model_len:
                 scheduler.finish(request, "length")
                 self.on_finish(request, end)

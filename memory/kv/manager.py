@@ -329,6 +329,12 @@ class KVCacheManager(LayerResidency):
         self._release_slot(request_id)
 
     # ---- swap ----------------------------------------------------------------------------------
+    def chunks_freed_by_swap(self, request_id: str) -> int:
+        """Device chunks swapping the request out gives back (its pages no other request shares)."""
+        state = self.requests[request_id]
+        return sum(1 for pages in state.blocks for b in pages if b and b.ref_count == 1
+                   for chunk in b.chunks if chunk is not None)
+
     def can_swap_out(self, request_id: str) -> bool:
         state = self.requests[request_id]
         needed = sum(1 for pages in state.blocks for b in pages if b for chunk in b.chunks if chunk is not None)

@@ -71,3 +71,27 @@ def test_disabled_or_unable_replicas_get_no_orders():
     core = ClusterCore(dropping=CONFIG)
     plain = ReplicaReport(ReplicaStats(kv_chunks_used=99, kv_chunks_free=1))
     assert core.report("a", plain).layer_orders == () and core.view()["parameter_dropping"]["replicas"] == {}
+
+
+def test_a_pair_still_under_pressure_is_ordered_to_drop_more_through_its_leader_once():
+    clock = Clock()
+    core = ClusterCore(stale_after_s=2.0, clock=clock, dropping=CONFIG)
+    # formed: a dropped 2 layers, b 1; a's capacity 120 (100 + 2 x 10), 115 used + 20 queued: still pressed
+    for _ in range(2):
+        assert core.report("b", report(100, state="dropped", peer="a", dropped=1)).layer_orders == ()
+        assert core.report("a", report(115, 20, state="dropped", peer="b", dropped=2)).layer_orders == ()
+        clock.now += 0.5
+    clock.now += 0.5
+    assert core.report("b", report(100, state="dropped", peer="a", dropped=1)).layer_orders == ()
+    # a: 115 + 20 - 0.9 x 120 = 27 -> 3 layers more; b: 100 + 20 - 0.9 x 110 = 21 -> 3 more
+    assert core.report("a", report(115, 20, state="dropped", peer="b", dropped=2)).layer_orders == (
+        LayerOrder("grow", "leader", "b", first_keeps=25, second_from=4),)
+    for _ in range(3):  # carried out over the group: until both report it, both count as dropping
+        clock.now += 1.0
+        assert core.report("b", report(100, state="dropped", peer="a", dropped=1)).layer_orders == ()
+        assert core.report("a", report(115, 20, state="dropped", peer="b", dropped=2)).layer_orders == ()
+    view = core.view()["parameter_dropping"]
+    assert view["num_grows"] == 1 and view["replicas"]["b"]["state"] == "dropping"
+    core.report("b", report(100, state="dropped", peer="a", dropped=4))
+    core.report("a", report(115, 20, state="dropped", peer="b", dropped=5))
+    assert core.view()["parameter_dropping"]["replicas"]["a"]["state"] == "dropped"

@@ -72,3 +72,35 @@ def test_restore_after_calm_and_at_once_when_the_peer_is_gone():
     assert dict(plan_drops(busy, CONFIG, first.state, 56.0).state.calm_since) == {}  # calm broken: starts over
     orphan = [replica("a", 90, peer="gone", **dropped)]
     assert plan_drops(orphan, CONFIG, None, 1.0).restores == (RestoreOrder("a", None),)
+
+
+def pair(used_a: int, used_b: int, waiting: int = 0, dropped: tuple[int, int] = (2, 1), **extra):
+    return [replica("a", used_a, waiting, peer="b", state=DropState.DROPPED, dropped_layers=dropped[0], **extra),
+            replica("b", used_b, peer="a", state=DropState.DROPPED, dropped_layers=dropped[1])]
+
+
+def test_a_pair_under_pressure_drops_more_after_hysteresis_sized_per_side():
+    pressed = pair(95, 80, waiting=20)
+    first = plan_drops(pressed, CONFIG, None, 100.0)
+    assert first.grows == () and dict(first.state.grow_since) == {"a": 100.0}
+    assert plan_drops(pressed, CONFIG, first.state, 100.5).grows == ()
+    plan = plan_drops(pressed, CONFIG, first.state, 101.0)
+    # the queue (20 chunks, on the leader) waits for both sides: a 95 + 20 - 90 = 25 -> 3 layers more,
+    # b 80 + 20 - 90 = 10 -> 2 more
+    assert plan.grows == (DropOrder("a", "b", first_keeps=30 - 2 - 3, second_from=1 + 2),)
+    assert dict(plan.state.grow_since) == {} and plan.drops == plan.restores == ()
+    # once carried out, the pressure must last drop_after_s again
+    assert plan_drops(pair(95, 80, 20, dropped=(5, 3)), CONFIG, plan.state, 101.5).grows == ()
+
+
+def test_a_pair_grows_only_the_side_that_needs_it_one_layer_each_on_preemptions_and_never_past_the_cap():
+    only_a = plan_drops(pair(99, 10), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
+    assert only_a.grows == (DropOrder("a", "b", first_keeps=28 - 1, second_from=1),)
+    signals = plan_drops(pair(10, 10, num_new_preemptions=1), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
+    assert signals.grows == (DropOrder("a", "b", first_keeps=27, second_from=2),)
+    capped = plan_drops(pair(100, 100, 500, dropped=(14, 15)), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
+    assert capped.grows == (DropOrder("a", "b", first_keeps=15, second_from=15),)
+    at_cap = plan_drops(pair(100, 100, 500, dropped=(15, 15)), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
+    assert at_cap.grows == () and dict(at_cap.state.grow_since) == {}
+    calm = plan_drops(pair(50, 50), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
+    assert calm.grows == () and dict(calm.state.grow_since) == {}

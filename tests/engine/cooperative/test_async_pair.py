@@ -1,7 +1,7 @@
 """KunServe across two processes as served replicas run it: each replica's AsyncEngine loop is driven by its
 side of the pair (`AsyncEngine.cooperate`), and each replica's clients keep streaming from it. Greedy tokens
-equal transformers' (fp32) for streams from before the drop to after the restore, and wholly while dropped,
-on both replicas."""
+equal transformers' (fp32) for streams from before the drop to after the restore (across a grown drop), and wholly while
+dropped, on both replicas."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from engine.cooperative.remote import RemoteLeader
 from tests.engine.cooperative.pair_process import consume, engine_for, greedy, host_store, join, run_async_follower
 from tests.engine.reference import hf_greedy, hf_model_from_source
 
-DROP = (2, 2)
+DROP = (3, 1)  # layers 1 and 2 on both; the pair then grows to (2, 2)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,16 @@ def test_served_replicas_stream_through_the_pair_exactly(tiny_qwen3_dir, prompts
         assert await engine.cooperate(leader, lambda: leader.form(*DROP)) > 0
         assert engine.stats().drop_state == "dropped"
         await consume(engine.generate(GenerateRequest("d", tuple(prompts[3]), greedy(8))), tokens, "d")
+        # the plan's grow: the follower drops layer 1 and offers its chunks (the shadow's KV gets them), the
+        # leader drops layer 2; the cut stays, no KV moves, and the streams go on
+        def grow(llm):
+            offered = leader._shadow.num_available_chunks()
+            return leader.grow(2, 2), leader._shadow.num_available_chunks() - offered, llm.dropped_weight_bytes
+
+        grown, offered, dropped = await engine.run_in_engine(grow)
+        arena = engine.engine.rank.arena
+        assert grown == offered == arena.layer_chunks([2]) > 0
+        assert dropped == arena.layer_chunks([2, 3]) * engine.engine.pool.chunk_bytes
         for _ in range(3000):  # until the follower's "c" (8 tokens, wholly while dropped) ended
             finished, peers = await engine.run_in_engine(
                 lambda _: (leader.num_peer_requests_finished, frozenset(leader.peer_requests)))

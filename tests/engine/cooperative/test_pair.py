@@ -146,15 +146,32 @@ def test_pipeline_serves_both_replicas_requests_exactly(pair, prompts, reference
     assert_pool_idle(second)
 
 
-def test_partial_drop_keeps_the_overlap_on_both(pair, prompts, reference):
+def test_partial_drop_keeps_the_overlap_on_both_and_grows_exactly(pair, prompts, reference):
     freed = pair.drop(first_keeps=3, second_from=1)  # layers 1 and 2 stay on both; only 0 and 3 go
     assert freed == pair.first.rank.arena.layer_chunks([3]) + pair.second.rank.arena.layer_chunks([0])
     assert pair.split == 2
     tokens: dict[str, list[int]] = {}
     add(pair, "x", prompts[1], pair.second)
-    run_pair(pair, tokens)
-    assert tokens["x"] == reference[1]
-    pair.restore()
+    add(pair, "y", prompts[5], pair.first)
+    run_pair(pair, tokens, steps=3)
+    # the plan's grow while the pair stays under pressure: the overlap goes too, the cut stays, no KV moves
+    with pytest.raises(ValueError, match="cut"):
+        pair.grow(first_keeps=1, second_from=1)
+    with pytest.raises(ValueError, match="restore"):
+        pair.grow(first_keeps=4, second_from=1)
+    available = [engine.kv.num_available_chunks() for engine in (pair.first, pair.second)]
+    grown = pair.grow(first_keeps=2, second_from=2)
+    assert grown == pair.first.rank.arena.layer_chunks([2]) + pair.second.rank.arena.layer_chunks([1])
+    assert pair.first.model.dropped_layers == {2, 3} and pair.second.model.dropped_layers == {0, 1}
+    assert [engine.kv.num_available_chunks() for engine in (pair.first, pair.second)] == [
+        available[0] + pair.first.rank.arena.layer_chunks([2]), available[1] + pair.second.rank.arena.layer_chunks([1])]
+    for engine in (pair.first, pair.second):
+        assert_pool_exact(engine)
+    add(pair, "z", prompts[7], pair.second)  # wholly on the grown pipeline
+    run_pair(pair, tokens, steps=4)
+    assert pair.restore() == freed + grown
+    run_pair(pair, tokens)  # x and y span the grow and the restore
+    assert [tokens[rid] for rid in ("x", "y", "z")] == [reference[1], reference[5], reference[7]]
 
 
 def test_peer_lost_while_dropped(pair, prompts, reference):

@@ -13,6 +13,7 @@ from engine.core.engine import LLMEngine
 from engine.core.sampler import Sampler, SamplingState, rows_of
 from engine.core.sampling_workspace import SampledRows, peak_rows, sampling_plan
 from engine.device.activation_workspace import ACTIVATIONS_CLIENT
+from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from tests.engine.engine_helpers import assert_pool_idle
 from tests.engine.reference import hf_greedy
@@ -96,11 +97,34 @@ def logprob_params(index: int) -> SamplingParams:
     return SamplingParams(temperature=0, logprobs=2, max_tokens=NUM_NEW, ignore_eos=True)
 
 
+def test_an_engine_serving_no_logprobs_refuses_them_and_its_static_split_reserves_no_logprobs_rows(
+        smollm2_tokenizer, engine_prompts):
+    engine = LLMEngine(engine_config(pool_policy="static", max_logprobs=None), tokenizer=smollm2_tokenizer)
+    try:
+        vocab, pool = engine.model_config.vocab_size, engine.pool
+        plan = type(engine.model).plan_buffers(engine.model_config, engine.model.shard, engine.dtype, 64 + 4, 4)
+        reserved = plan.num_bytes + sampling_plan(peak_rows(4, logprobs=False), vocab).num_bytes
+        assert pool.policy.shares[ACTIVATIONS_CLIENT] == -(-reserved // pool.chunk_bytes)
+        assert sampling_plan(peak_rows(4), vocab).num_bytes - sampling_plan(peak_rows(4, logprobs=False), vocab) \
+            .num_bytes == 4 * vocab * 4  # one fp32 log_softmax row per sequence fewer
+        with pytest.raises(InvalidRequestError, match="does not return logprobs") as refused:
+            engine.add_request(GenerateRequest("lp", tuple(engine_prompts[0]), SamplingParams(logprobs=0)))
+        assert refused.value.param == "logprobs"
+        with pytest.raises(ValueError):
+            EngineConfig(max_logprobs=21)
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("policy", ["elastic", "static"])
 def test_sampling_with_logprobs_is_charged_to_the_pool_and_matches_transformers(
         smollm2_tokenizer, engine_prompts, hf_smollm2, policy):
-    engine = LLMEngine(engine_config(pool_policy=policy), tokenizer=smollm2_tokenizer)
+    engine = LLMEngine(engine_config(pool_policy=policy, max_logprobs=2), tokenizer=smollm2_tokenizer)
     pool, runner, vocab = engine.pool, engine.runner, engine.model_config.vocab_size
+    with pytest.raises(InvalidRequestError, match="at most 2") as refused:  # above max_logprobs: a 400
+        engine.add_request(GenerateRequest("too-many", tuple(engine_prompts[0]),
+                                           SamplingParams(temperature=0, logprobs=3)))
+    assert refused.value.param == "logprobs" and not engine.has_work
     if policy == "static":  # the static split reserves the sampler's peak at start
         peak = sampling_plan(peak_rows(4), vocab).num_bytes
         assert pool.policy.shares[ACTIVATIONS_CLIENT] * pool.chunk_bytes >= engine.peak_activation_bytes >= peak

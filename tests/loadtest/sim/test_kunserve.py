@@ -60,6 +60,14 @@ def test_a_pair_drops_weights_to_kv_serves_as_a_pipeline_and_restores():
     assert len(first.engine.scheduler.requests) == 6 and pair.num_carried == 2  # the two prefilling kept their KV
     assert {pair.homes[f"q{i}"].replica_id for i in range(6)} == {"r0", "r1"}
     assert first.engine.kv.num_available_chunks() > available  # the dropped layers' chunks hold KV now
+    # the plan's grow: 2 more layers on the first, 3 on the second, straight to KV; the cut stays
+    with pytest.raises(ValueError, match="cut"):
+        pair.grow(DropOrder("r0", "r1", first_keeps=15, second_from=2))
+    kv_before = [replica.engine.kv.num_available_chunks() for replica in (first, second)]
+    assert pair.grow(DropOrder("r0", "r1", first_keeps=26, second_from=5)) == (2 + 3) * per_layer
+    assert [replica.engine.kv.num_available_chunks() for replica in (first, second)] == [
+        kv_before[0] + 2 * per_layer, kv_before[1] + 3 * per_layer]
+    assert first.engine.pool.num_held("weights") == weights - 6 * per_layer and pair.split == 16
     now = first.clock
     while (end := first.start(now)) is not None:
         first.complete()
@@ -95,7 +103,7 @@ def test_kunserve_command(capsys):
 @pytest.mark.parametrize("bad", [DropOrder("r0", "r1", first_keeps=10, second_from=20)])
 def test_a_pair_must_hold_every_layer(bad):
     replicas = [SimReplica(f"r{i}", TIGHT, 0.0, lambda request, when: None) for i in range(2)]
-    with pytest.raises(ValueError, match="full copy"):
+    with pytest.raises(ValueError, match="together all of them"):
         SimPair(*replicas, bad, PipelineOptions())
     for replica in replicas:
         replica.engine.close()

@@ -1,0 +1,84 @@
+/* One sequence's decode attention over a bf16 cache with AVX512-BF16 (see decode_attention.c), shared with
+ * the fused decode step (engine/model/csrc/decode_step_bf16.c) so both give the same bits. */
+#ifndef ELASTIC_DECODE_ATTENTION_BF16_H
+#define ELASTIC_DECODE_ATTENTION_BF16_H
+#include <math.h>
+#include <stdint.h>
+
+#include "../../csrc/simd_exp.h"
+
+#define MAX_GROUP 7   /* group * 4 value accumulators + 4 loaded values fit the 32 vector registers */
+
+/* One sequence of the bf16 cache with AVX512-BF16; token start + t's row is at offsets[t]. q holds bf16
+ * values widened to fp32 (the model's q is bf16), so narrowing it back is exact and vdpbf16ps forms each
+ * q.k product exactly, summed in fp32. Scores: per token and key/value head, the head's key is read once
+ * (head_dim / 32 vectors) and dotted with the group's queries. Softmax with a vector exp; the 1 / sum is
+ * applied once at the end. Values: per key/value head and 64-wide column block, the group's accumulators
+ * stay in registers over all tokens. */
+static void decode_one_bf16(const float *query, const uint16_t *keys, const uint16_t *values,
+                            const int64_t *offsets, int64_t count, int64_t num_heads, int64_t num_kv_heads,
+                            int64_t head_dim, float scale, float *scores, __m512bh *q_bf16, float *out) {
+    const int64_t group = num_heads / num_kv_heads, chunks = head_dim / 32;
+    for (int64_t hg = 0; hg < num_heads; ++hg)
+        for (int64_t c = 0; c < chunks; ++c) {
+            const float *source = query + hg * head_dim + c * 32;
+            q_bf16[hg * chunks + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(source + 16), _mm512_loadu_ps(source));
+        }
+    for (int64_t t = 0; t < count; ++t) {
+        const uint16_t *row = keys + offsets[t];
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+            const uint16_t *key = row + h * head_dim;
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t hg = h * group + g;
+                __m512 dot = _mm512_setzero_ps();
+                for (int64_t c = 0; c < chunks; ++c)
+                    dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(key + c * 32), q_bf16[hg * chunks + c]);
+                scores[hg * count + t] = _mm512_reduce_add_ps(dot) * scale;
+            }
+        }
+    }
+    for (int64_t hg = 0; hg < num_heads; ++hg) {
+        float *line = scores + hg * count;
+        float peak = -INFINITY;
+        for (int64_t t = 0; t < count; ++t) peak = line[t] > peak ? line[t] : peak;
+        __m512 sums = _mm512_setzero_ps();
+        int64_t t = 0;
+        for (; t + 16 <= count; t += 16) {
+            const __m512 e = exp512_ps(_mm512_sub_ps(_mm512_loadu_ps(line + t), _mm512_set1_ps(peak)));
+            _mm512_storeu_ps(line + t, e);
+            sums = _mm512_add_ps(sums, e);
+        }
+        if (t < count) {
+            const __mmask16 tail = (__mmask16)((1u << (count - t)) - 1u);
+            const __m512 e = exp512_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, line + t), _mm512_set1_ps(peak)));
+            _mm512_mask_storeu_ps(line + t, tail, e);
+            sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(tail, e));
+        }
+        const float inverse = 1.f / _mm512_reduce_add_ps(sums);
+        for (int64_t d = 0; d < head_dim; ++d) out[hg * head_dim + d] = inverse;  /* scaled below */
+    }
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+        for (int64_t block = 0; block < head_dim; block += 64) {
+            __m512 acc[MAX_GROUP][4];
+            for (int64_t g = 0; g < group; ++g)
+                for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
+            const uint16_t *column = values + h * head_dim + block;
+            for (int64_t t = 0; t < count; ++t) {
+                __m512 v[4];
+                for (int i = 0; i < 4; ++i)
+                    v[i] = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(column + offsets[t] + 16 * i)));
+                for (int64_t g = 0; g < group; ++g) {
+                    const __m512 p = _mm512_set1_ps(scores[(h * group + g) * count + t]);
+                    for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_fmadd_ps(p, v[i], acc[g][i]);
+                }
+            }
+            for (int64_t g = 0; g < group; ++g) {
+                float *target = out + (h * group + g) * head_dim + block;
+                for (int i = 0; i < 4; ++i)
+                    _mm512_storeu_ps(target + 16 * i, _mm512_mul_ps(acc[g][i], _mm512_loadu_ps(target + 16 * i)));
+            }
+        }
+    }
+}
+
+#endif

@@ -1,0 +1,197 @@
+/* A whole decode step of a Llama-family decoder's layers in one call: bf16, a few rows (decode at small batch
+ * sizes), weights in oneDNN's blocked layout (packed_gemm_bf16.h), the KV cache in the contiguous layout.
+ *
+ * Why: at batch 1 a step only streams the weights (~270 MB for SmolLM2-135M), ~8 ms at the bandwidth two cores
+ * reach here, but the per-op path ran ~300 kernel calls per step, each a Python call and a fork/join of the
+ * OpenMP team. With OMP_WAIT_POLICY=PASSIVE (or a busy box) every join put a thread to sleep and every fork
+ * woke it (a futex each, tens of us), and the decode attention ran one sequence per thread, so batch 1 used
+ * one core. Here one parallel region runs every layer; the threads meet at a spinning barrier between phases
+ * (it yields the core after a few microseconds of spinning, so a descheduled partner does not stall it).
+ *
+ * Per layer, each phase split over the threads, with a barrier after each:
+ *   hidden += pending residual, normed = rms_norm(hidden)          rows
+ *   qkv = normed @ Wqkv^T                                            output blocks
+ *   rope(q, k) in place; k, v rows stored into the cache             (row, head) pairs
+ *   attn = decode attention over the slot's cache                    rows
+ *   proj = attn @ Wo^T                                               output blocks
+ *   hidden += proj, normed = rms_norm(hidden)                        rows
+ *   gate_up = normed @ Wgu^T                                         output blocks
+ *   act = silu(gate) * up                                            column ranges
+ *   proj = act @ Wdown^T                                             output blocks
+ * and hidden += proj after the last layer. Every value is computed by the same routine, summed in the same
+ * order and rounded where the per-op kernels round (packed_gemm_bf16.h, elementwise_bf16.h,
+ * decode_attention_bf16.h), so the step's bits equal the per-op path's with the packed GEMM for every
+ * product (tests/engine/model/test_decode_step.py).
+ */
+#if !defined(__AVX512BF16__) || !defined(__AVX512F__)
+#error "decode_step_bf16 needs AVX512-BF16 (the engine keeps the per-op path)"
+#endif
+#include <immintrin.h>
+#include <omp.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../attention/csrc/decode_attention_bf16.h"
+#include "elementwise_bf16.h"
+#include "packed_gemm_bf16.h"
+
+typedef struct {
+    const uint16_t *weight;  /* packed bytes */
+    int64_t out_features, in_features, k_padded, block;
+} Packed;
+
+typedef struct {
+    const uint16_t *input_norm, *post_norm;
+    Packed qkv, o, gate_up, down;
+    uint16_t *k_cache, *v_cache;  /* [slots, max_len, kv_heads, head_dim] */
+    int64_t slot_stride, token_stride, max_len, num_slots, window;  /* strides in elements; window 0: none */
+} Layer;
+
+typedef struct {
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate;
+    float eps, scale;
+    const uint16_t *rope_table;  /* [positions, 2, head_dim]: cos, sin */
+} Shape;
+
+/* sense-free barrier: the last to arrive bumps the generation; the others spin on it, then yield */
+typedef struct {
+    int count, generation, threads;
+} Barrier;
+
+#define SPINS_BEFORE_YIELD 1000
+
+static void barrier_wait(Barrier *barrier) {
+    const int generation = __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&barrier->count, 1, __ATOMIC_ACQ_REL) == barrier->threads) {
+        __atomic_store_n(&barrier->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&barrier->generation, generation + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE) == generation; ++spins) {
+        if (spins < SPINS_BEFORE_YIELD) _mm_pause();
+        else sched_yield();
+    }
+}
+
+/* [first, last) of `total` items for thread `tid` of `threads`, in contiguous, near-equal shares */
+static inline void share(int64_t total, int tid, int threads, int64_t *first, int64_t *last) {
+    *first = total * tid / threads;
+    *last = total * (tid + 1) / threads;
+}
+
+static void gemm_share(const uint16_t *x, int64_t ldx, const Packed *w, uint16_t *y, int64_t m, int tid,
+                       int threads) {
+    int64_t first, last;
+    share((w->out_features + w->block - 1) / w->block, tid, threads, &first, &last);
+    packed_gemm_blocks(x, ldx, w->weight, y, w->out_features, 0, m, w->out_features, w->in_features, w->k_padded,
+                       w->block, first, last);
+}
+
+static void norm_share(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t m,
+                       int64_t width, float eps, int tid, int threads) {
+    int64_t first, last;
+    share(m, tid, threads, &first, &last);
+    for (int64_t r = first; r < last; ++r)
+        add_rms_norm_row(hidden + r * width, delta == NULL ? NULL : delta + r * width, weight, out + r * width,
+                         width, eps);
+}
+
+/* Checks every row's slot and position against every layer's cache before anything is written: returns the
+ * first bad row + 1, or 0. */
+static int64_t check_rows(const Layer *layers, int64_t num_layers, const int64_t *slots, const int64_t *positions,
+                          int64_t m) {
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t l = 0; l < num_layers; ++l)
+            if (slots[i] < 0 || positions[i] < 0 || slots[i] >= layers[l].num_slots
+                || positions[i] >= layers[l].max_len)
+                return i + 1;
+    return 0;
+}
+
+/* hidden [m, hidden] holds the embedded tokens; on return, the last layer's output (residual added).
+ * Row i decodes the sequence in slots[i] at positions[i] (its context positions[i] + 1 tokens).
+ * Scratch buffers: normed, proj [m, hidden]; qkv [m, (H + 2 KVH) D]; attn [m, H D]; gate_up [m, 2 I];
+ * act [m, I]. Returns 0, or the first row + 1 whose slot / position is outside a cache (nothing written). */
+int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidden, int64_t m,
+                         const int64_t *slots, const int64_t *positions, uint16_t *normed, uint16_t *qkv,
+                         uint16_t *attn, uint16_t *proj, uint16_t *gate_up, uint16_t *act, int64_t num_threads) {
+    const int64_t bad = check_rows(layers, shape->num_layers, slots, positions, m);
+    if (bad) return bad;
+    const int64_t width = shape->hidden, d = shape->head_dim, heads = shape->num_heads, kv_heads = shape->num_kv_heads;
+    const int64_t q_size = heads * d, kv_size = kv_heads * d, qkv_width = q_size + 2 * kv_size;
+    const int64_t inter = shape->intermediate;
+    int64_t max_len = 1;
+    for (int64_t i = 0; i < m; ++i) max_len = positions[i] + 1 > max_len ? positions[i] + 1 : max_len;
+    Barrier barrier = {0, 0, (int)num_threads};
+    #pragma omp parallel num_threads(num_threads)
+    {
+        const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
+        __atomic_store_n(&barrier.threads, threads, __ATOMIC_RELAXED);  /* every thread stores the same value */
+        float *scores = (float *)malloc(sizeof(float) * heads * max_len);
+        int64_t *offsets = (int64_t *)malloc(sizeof(int64_t) * max_len);
+        float *query = (float *)malloc(sizeof(float) * q_size);
+        float *result = (float *)malloc(sizeof(float) * q_size);
+        __m512bh *q_bf16 = (__m512bh *)aligned_alloc(64, sizeof(__m512bh) * heads * (d / 32));
+        const uint16_t *pending = NULL;  /* the residual not yet added to hidden */
+        int64_t first, last;
+        for (int64_t l = 0; l < shape->num_layers; ++l) {
+            const Layer *layer = layers + l;
+            norm_share(hidden, pending, layer->input_norm, normed, m, width, shape->eps, tid, threads);
+            barrier_wait(&barrier);
+            gemm_share(normed, width, &layer->qkv, qkv, m, tid, threads);
+            barrier_wait(&barrier);
+            /* rope on q's and k's heads, then k and v rows into the cache */
+            share(m * (heads + kv_heads), tid, threads, &first, &last);
+            for (int64_t task = first; task < last; ++task) {
+                const int64_t row = task / (heads + kv_heads), head = task % (heads + kv_heads);
+                const uint16_t *table = shape->rope_table + positions[row] * 2 * d;
+                rope_head(qkv + row * qkv_width + head * d, table, table + d, d / 2);
+            }
+            barrier_wait(&barrier);
+            share(m, tid, threads, &first, &last);
+            for (int64_t row = first; row < last; ++row) {
+                const int64_t at = slots[row] * layer->slot_stride + positions[row] * layer->token_stride;
+                memcpy(layer->k_cache + at, qkv + row * qkv_width + q_size, sizeof(uint16_t) * kv_size);
+                memcpy(layer->v_cache + at, qkv + row * qkv_width + q_size + kv_size, sizeof(uint16_t) * kv_size);
+                const int64_t len = positions[row] + 1;
+                const int64_t start = (layer->window > 0 && len > layer->window) ? len - layer->window : 0;
+                for (int64_t t = start; t < len; ++t)
+                    offsets[t - start] = slots[row] * layer->slot_stride + t * layer->token_stride;
+                for (int64_t j = 0; j < q_size; ++j) query[j] = bf16_to_f32(qkv[row * qkv_width + j]);
+                decode_one_bf16(query, layer->k_cache, layer->v_cache, offsets, len - start, heads, kv_heads, d,
+                                shape->scale, scores, q_bf16, result);
+                for (int64_t j = 0; j < q_size; j += 16)
+                    _mm256_storeu_si256((__m256i *)(attn + row * q_size + j), ps_to_bf16x16(_mm512_loadu_ps(result + j)));
+            }
+            barrier_wait(&barrier);
+            gemm_share(attn, q_size, &layer->o, proj, m, tid, threads);
+            barrier_wait(&barrier);
+            norm_share(hidden, proj, layer->post_norm, normed, m, width, shape->eps, tid, threads);
+            barrier_wait(&barrier);
+            gemm_share(normed, width, &layer->gate_up, gate_up, m, tid, threads);
+            barrier_wait(&barrier);
+            share(m * inter, tid, threads, &first, &last);
+            for (int64_t row = first / inter; row * inter < last; ++row) {
+                const int64_t from = first > row * inter ? first - row * inter : 0;
+                const int64_t to = last < (row + 1) * inter ? last - row * inter : inter;
+                silu_mul_columns(gate_up + row * 2 * inter, gate_up + row * 2 * inter + inter, act + row * inter,
+                                 from, to);
+            }
+            barrier_wait(&barrier);
+            gemm_share(act, inter, &layer->down, proj, m, tid, threads);
+            barrier_wait(&barrier);
+            pending = proj;
+        }
+        /* the last layer's residual: hidden += proj, rounded as torch's bf16 add */
+        share(m * width, tid, threads, &first, &last);
+        for (int64_t i = first; i < last; ++i) hidden[i] = f32_to_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(proj[i]));
+        free(scores);
+        free(offsets);
+        free(query);
+        free(result);
+        free(q_bf16);
+    }
+    return 0;
+}

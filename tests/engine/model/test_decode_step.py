@@ -1,0 +1,96 @@
+"""The fused bf16 decode step (engine/model/decode_step.py) computes what the per-op path computes, bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import engine.model.onednn_linear as onednn_linear
+from engine.config import EngineConfig
+from engine.core.engine import LLMEngine
+from engine.core.forward_batch import ForwardBatch
+from engine.model.decode_step import MAX_ROWS
+from tests.engine.engine_helpers import greedy, run_all
+
+pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="needs AVX512-BF16")
+
+# head_dim 64 (what the vector attention takes), 3 query heads per key/value head, an intermediate size and a
+# vocabulary that are not multiples of the packed blocks
+CONFIG = {"vocab_size": 1000, "hidden_size": 192, "intermediate_size": 200, "num_hidden_layers": 2,
+          "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 512,
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def _engine(tmp_path, model_type: str, dtype: str = "bfloat16") -> LLMEngine:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = dict(CONFIG, model_type=model_type)
+    if model_type == "mistral":
+        config["sliding_window"] = 6  # every layer slides: decode reads only the window
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return LLMEngine(EngineConfig(model=f"random:{tmp_path}", dtype=dtype, num_threads=2, max_model_len=64,
+                                  device_memory_bytes=64 << 20, host_buffer_bytes=0, tokens_per_page=16,
+                                  enable_prefix_caching=False))
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def engine(request, tmp_path_factory):
+    engine = _engine(tmp_path_factory.mktemp("decode-step") / request.param, request.param)
+    yield engine
+    engine.close()
+
+
+def test_fused_step_equals_the_per_op_path_bit_for_bit(engine, monkeypatch):
+    # the per-op path with the packed GEMM for every product (by default oneDNN takes products of 3+ rows)
+    monkeypatch.setattr(onednn_linear, "SKINNY_MAX_ROWS", 64)
+    model = engine.runner.model
+    fused = model.decode_step
+    assert fused is not None
+    logits, fused_rows = [], []
+    compute_logits, run = model.compute_logits, fused.run
+    monkeypatch.setattr(model, "compute_logits",
+                        lambda *args: logits.append(compute_logits(*args).clone()) or logits[-1])
+    monkeypatch.setattr(fused, "run", lambda batch, *args: fused_rows.append(batch.num_tokens) or run(batch, *args))
+    # five prompts finishing at different lengths: decode steps of 5, 4, ... 1 rows
+    prompts = [[5 + i] * (3 + 3 * i) for i in range(5)]
+    params = [greedy(4 + 2 * i) for i in range(5)]
+    runs = []
+    for decode_step in (None, fused):
+        monkeypatch.setattr(model, "decode_step", decode_step)
+        logits.clear()
+        runs.append((run_all(engine, prompts, params), list(logits)))
+    (per_op_tokens, per_op_logits), (fused_tokens, fused_logits) = runs
+    assert sorted(set(fused_rows)) == [1, 2, 3, 4, 5]
+    assert fused_tokens == per_op_tokens
+    assert len(fused_logits) == len(per_op_logits)
+    assert all(torch.equal(a, b) for a, b in zip(fused_logits, per_op_logits, strict=True))
+
+
+def test_fused_step_takes_only_small_pure_decode_steps_and_checks_rows(engine):
+    model = engine.runner.model
+    caches = engine.kv.layer_caches()
+    layers = range(CONFIG["num_hidden_layers"])
+
+    def batch(rows: int, prefill: bool = False, position: int = 3) -> ForwardBatch:
+        ids = torch.full((rows,), 7, dtype=torch.int64)
+        slots = torch.arange(rows)
+        return ForwardBatch(ids, torch.full((rows,), position), slots, rows - int(prefill), slots,
+                            torch.full((rows,), position + 1), True, position + 1, (), slots)
+
+    assert model.decode_step.takes(batch(MAX_ROWS), caches, layers, None)
+    assert not model.decode_step.takes(batch(MAX_ROWS + 1), caches, layers, None)
+    assert not model.decode_step.takes(batch(2, prefill=True), caches, layers, None)
+    assert not model.decode_step.takes(batch(2), caches, range(1), None)  # a pipeline stage
+    assert not model.decode_step.takes(batch(2), caches, layers, object())  # layer-wise KV offload
+    buffers = model.buffer_plan(1, 1).carve(torch.zeros(model.buffer_plan(1, 1).num_bytes, dtype=torch.uint8))
+    with pytest.raises(IndexError, match="outside the cache"):
+        model.decode_step.run(batch(1, position=caches[0][0].shape[1]), caches, buffers)
+
+
+def test_no_fused_step_in_fp32(tmp_path):
+    engine = _engine(tmp_path, "llama", dtype="float32")
+    try:
+        assert engine.runner.model.decode_step is None
+    finally:
+        engine.close()
