@@ -97,12 +97,24 @@ def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after
     channel.flush()
 
 
-def run_leader_then_die(model_dir, port: int, prompts, drop: tuple[int, int], steps: int) -> None:
-    """Forms the pair as the leader, runs `steps` steps, then exits abruptly (the leader dying while dropped)."""
+def run_leader_then_die(model_dir, port: int, prompts, drop: tuple[int, int], steps: int,
+                        mid_step: bool = False) -> None:
+    """Forms the pair as the leader, runs `steps` steps, then exits abruptly (the leader dying while dropped);
+    `mid_step`: in the middle of the next step, once the follower has its plan and waits for hidden states."""
     channel = join(port, 0)
     leader = RemoteLeader(engine_for(model_dir), channel, min_micro_batch_tokens=8)
     leader.form(*drop)
     for _ in range(steps):
+        leader.step()
+    if mid_step:
+        send_object = channel.send_object
+
+        def send_then_die_at_the_hidden_states(message) -> None:
+            send_object(message)
+            if message[0] == "step":
+                channel.send_tensor = lambda *args, **kwargs: os._exit(0)
+
+        channel.send_object = send_then_die_at_the_hidden_states
         leader.step()
     os._exit(0)
 

@@ -7,12 +7,14 @@ restore; a replica dying while dropped leaves its peer serving alone from its ho
 from __future__ import annotations
 
 import multiprocessing
+import time
 
 import pytest
 
 from engine.cooperative.follower import LEADER_ERROR, RemoteFollower
 from engine.cooperative.remote import RemoteLeader
 from tests.engine.cooperative.pair_process import (
+    TIMEOUT_S,
     add,
     collect,
     engine_for,
@@ -110,19 +112,24 @@ def test_follower_dying_while_dropped_leaves_the_leader_serving(tiny_qwen3_dir, 
 
 
 @pytest.mark.slow
-def test_leader_dying_while_dropped_ends_the_followers_requests_with_an_error(tiny_qwen3_dir, prompts, reference):
+@pytest.mark.parametrize("mid_step", [False, True], ids=["between-steps", "mid-step"])
+def test_leader_dying_while_dropped_ends_the_followers_requests_with_an_error(tiny_qwen3_dir, prompts, reference,
+                                                                            mid_step):
     store = host_store()
-    process = spawn(run_leader_then_die, tiny_qwen3_dir, store.port, prompts, DROP, 3)
+    process = spawn(run_leader_then_die, tiny_qwen3_dir, store.port, prompts, DROP, 3, mid_step)
     channel = join(store.port, 1, store)
     engine = engine_for(tiny_qwen3_dir)
     follower = RemoteFollower(engine, channel)
     add(engine, "b", prompts[1], 24)
     follower.form(*DROP)
     tokens: dict = {}
+    started = time.monotonic()
     for _ in range(100):
         collect(tokens, follower.serve_one())
         if not follower.is_formed:
             break
+    # a dead process closes its sockets: the group fails at once, long before its timeout
+    assert time.monotonic() - started < TIMEOUT_S / 4
     assert not follower.is_formed and engine.dropped_weight_bytes == 0
     assert tokens["errors"] == [("b", LEADER_ERROR)]
     add(follower, "g", prompts[6], 8)  # the survivor serves alone again

@@ -135,9 +135,27 @@ def gemma3_prompts(gemma3_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def gemma3_reference(gemma3_source, gemma3_fp32, gemma3_prompts):
-    hf = hf_model_from_weights(gemma3_source, dtype=torch.float32, loaded=gemma3_fp32)
-    return hf_greedy(hf, gemma3_prompts, NUM_NEW)
+def gemma3_hf(gemma3_source, gemma3_fp32):
+    return hf_model_from_weights(gemma3_source, dtype=torch.float32, loaded=gemma3_fp32)
+
+
+@pytest.fixture(scope="module")
+def gemma3_reference(gemma3_hf, gemma3_prompts):
+    return hf_greedy(gemma3_hf, gemma3_prompts, NUM_NEW)
+
+
+# preemption: the long prompt is admitted first, then short ones whose outputs outgrow the KV share
+NUM_NEW_PREEMPT = 32
+
+
+@pytest.fixture(scope="module")
+def gemma3_preempt_prompts(gemma3_tokenizer, gemma3_prompts):
+    return [gemma3_prompts[-1], *(gemma3_tokenizer(text).input_ids for text in PROMPTS[2:8])]
+
+
+@pytest.fixture(scope="module")
+def gemma3_preempt_reference(gemma3_hf, gemma3_preempt_prompts):
+    return hf_greedy(gemma3_hf, gemma3_preempt_prompts, NUM_NEW_PREEMPT)
 
 
 def gemma3_config(**overrides) -> EngineConfig:
@@ -159,25 +177,55 @@ def test_gemma3_weights_equal_transformers_gguf_loading(gemma3_source, gemma3_fp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "layout"), [(None, "contiguous"), (None, "paged"), ("swap", "contiguous"),
-                                              ("recompute", "paged")])
-def test_gemma3_270m_matches_transformers(gemma3_tokenizer, gemma3_prompts, gemma3_reference, mode, layout):
-    """Batched chunked prefill past the window; then under a KV budget that forces preemption."""
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_gemma3_270m_matches_transformers(gemma3_tokenizer, gemma3_prompts, gemma3_reference, layout):
+    """Batched chunked prefill (128-token budget) with a prompt longer than the 512-token window."""
     engine = LLMEngine(gemma3_config(kv_layout=layout), tokenizer=gemma3_tokenizer)
     try:
-        if mode is not None:
-            weights = engine.pool.num_held("weights") * engine.pool.chunk_bytes
-            kv_per_token = engine.kv_spec.bytes_per_token * 2 * engine.kv_spec.num_layers
-            budget = weights + engine.peak_activation_bytes + 900 * kv_per_token
-            engine.close()
-            engine = LLMEngine(gemma3_config(device_memory_bytes=budget, preemption_mode=mode, kv_layout=layout,
-                                             enable_prefix_caching=False), tokenizer=gemma3_tokenizer)
+        assert engine.kv.layout.name == layout
+        assert len(gemma3_prompts[-1]) > 512 + engine.kv_spec.tokens_per_page  # pages leave the window
         ours = run_all(engine, gemma3_prompts, greedy(NUM_NEW))
         assert [ours[f"r{i}"] for i in range(len(gemma3_prompts))] == gemma3_reference
-        if mode == "swap":
-            assert engine.scheduler.num_swaps > 0
-        elif mode == "recompute":
-            assert engine.scheduler.num_recomputes > 0
+        assert engine.scheduler.num_preemptions == 0
+        assert_pool_idle(engine)
+    finally:
+        engine.close()
+
+
+def preempting_config(tokenizer, prompts, **overrides) -> EngineConfig:
+    """A static pool whose KV share holds the long prompt grown by all its new tokens, every short prompt
+    admitted, and only 30% of what the short ones grow by decoding: they must preempt each other."""
+    base = gemma3_config(tokens_per_page=16, pool_policy="static", enable_prefix_caching=False, **overrides)
+    probe = LLMEngine(base, tokenizer=tokenizer)
+    try:
+        def need(num_tokens: int) -> int:
+            return probe.kv.chunks_to_grow(None, num_tokens)
+
+        admitted = need(len(prompts[0]) + NUM_NEW_PREEMPT) + sum(need(len(p) + 1) for p in prompts[1:])
+        grown = sum(need(len(p) + NUM_NEW_PREEMPT) - need(len(p) + 1) for p in prompts[1:])
+        not_kv = probe.pool.num_chunks - probe.pool.policy.shares["kv"]
+        chunk_bytes = probe.pool.chunk_bytes
+    finally:
+        probe.close()
+    return dataclasses.replace(base, device_memory_bytes=(not_kv + admitted + grown * 3 // 10) * chunk_bytes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_gemma3_270m_preempted_matches_transformers(gemma3_tokenizer, gemma3_preempt_prompts,
+                                                    gemma3_preempt_reference, mode, layout):
+    """Running requests whose outputs outgrow the KV share are preempted (by `mode` only, asserted by the
+    scheduler's counters) and resumed; greedy tokens stay transformers'."""
+    prompts = gemma3_preempt_prompts
+    config = preempting_config(gemma3_tokenizer, prompts, kv_layout=layout, preemption_mode=mode)
+    engine = LLMEngine(config, tokenizer=gemma3_tokenizer)
+    try:
+        assert engine.kv.layout.name == layout
+        ours = run_all(engine, prompts, greedy(NUM_NEW_PREEMPT))
+        assert [ours[f"r{i}"] for i in range(len(prompts))] == gemma3_preempt_reference
+        swaps, recomputes = engine.scheduler.num_swaps, engine.scheduler.num_recomputes
+        assert (swaps > 0, recomputes > 0) == ((True, False) if mode == "swap" else (False, True))
         assert_pool_idle(engine)
     finally:
         engine.close()
