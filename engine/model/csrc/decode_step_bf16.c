@@ -5,8 +5,8 @@
  * reach here, but the per-op path ran ~300 kernel calls per step, each a Python call and a fork/join of the
  * OpenMP team. With OMP_WAIT_POLICY=PASSIVE (or a busy box) every join put a thread to sleep and every fork
  * woke it (a futex each, tens of us), and the decode attention ran one sequence per thread, so batch 1 used
- * one core. Here one parallel region runs every layer; the threads meet at a spinning barrier between phases
- * (it yields the core after a few microseconds of spinning, so a descheduled partner does not stall it).
+ * one core. Here one parallel region runs every layer; the threads meet at a barrier between phases that
+ * spins briefly, then sleeps on a futex (barrier_wait).
  *
  * Per layer, each phase split over the threads, with a barrier after each:
  *   hidden += pending residual, normed = rms_norm(hidden)          rows
@@ -26,9 +26,13 @@
 #if !defined(__AVX512BF16__) || !defined(__AVX512F__)
 #error "decode_step_bf16 needs AVX512-BF16 (the engine keeps the per-op path)"
 #endif
+#define _GNU_SOURCE
 #include <immintrin.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <omp.h>
-#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,24 +59,32 @@ typedef struct {
     const uint16_t *rope_table;  /* [positions, 2, head_dim]: cos, sin */
 } Shape;
 
-/* sense-free barrier: the last to arrive bumps the generation; the others spin on it, then yield */
+/* The last thread to arrive bumps the generation; the others spin on it for a few microseconds (phases are
+ * tens of microseconds apart on a quiet box), then sleep on a futex, so a thread descheduled on a busy box
+ * costs its partner no CPU. The releaser wakes sleepers only when there are any (no syscall on the fast path). */
 typedef struct {
-    int count, generation, threads;
+    int count, generation, threads, sleepers;
 } Barrier;
 
-#define SPINS_BEFORE_YIELD 1000
+#define SPINS_BEFORE_SLEEP 2000
 
 static void barrier_wait(Barrier *barrier) {
     const int generation = __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&barrier->count, 1, __ATOMIC_ACQ_REL) == barrier->threads) {
         __atomic_store_n(&barrier->count, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&barrier->generation, generation + 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&barrier->generation, generation + 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&barrier->sleepers, __ATOMIC_SEQ_CST))
+            syscall(SYS_futex, &barrier->generation, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
         return;
     }
-    for (int spins = 0; __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE) == generation; ++spins) {
-        if (spins < SPINS_BEFORE_YIELD) _mm_pause();
-        else sched_yield();
+    for (int spins = 0; spins < SPINS_BEFORE_SLEEP; ++spins) {
+        if (__atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE) != generation) return;
+        _mm_pause();
     }
+    __atomic_add_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&barrier->generation, __ATOMIC_SEQ_CST) == generation)
+        syscall(SYS_futex, &barrier->generation, FUTEX_WAIT_PRIVATE, generation, NULL, NULL, 0);
+    __atomic_sub_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
 }
 
 /* [first, last) of `total` items for thread `tid` of `threads`, in contiguous, near-equal shares */
@@ -124,7 +136,7 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
     const int64_t inter = shape->intermediate;
     int64_t max_len = 1;
     for (int64_t i = 0; i < m; ++i) max_len = positions[i] + 1 > max_len ? positions[i] + 1 : max_len;
-    Barrier barrier = {0, 0, (int)num_threads};
+    Barrier barrier = {0, 0, (int)num_threads, 0};
     #pragma omp parallel num_threads(num_threads)
     {
         const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
