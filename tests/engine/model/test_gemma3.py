@@ -179,7 +179,8 @@ def test_gemma3_weights_equal_transformers_gguf_loading(gemma3_source, gemma3_fp
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 def test_gemma3_270m_matches_transformers(gemma3_tokenizer, gemma3_prompts, gemma3_reference, layout):
-    """Batched chunked prefill (128-token budget) with a prompt longer than the 512-token window."""
+    """Batched chunked prefill (128-token budget) with a prompt longer than the 512-token window, then a
+    prefix hit on it that reaches past the window."""
     engine = LLMEngine(gemma3_config(kv_layout=layout), tokenizer=gemma3_tokenizer)
     try:
         assert engine.kv.layout.name == layout
@@ -187,6 +188,11 @@ def test_gemma3_270m_matches_transformers(gemma3_tokenizer, gemma3_prompts, gemm
         ours = run_all(engine, gemma3_prompts, greedy(NUM_NEW))
         assert [ours[f"r{i}"] for i in range(len(gemma3_prompts))] == gemma3_reference
         assert engine.scheduler.num_preemptions == 0
+        # the long prompt again: a prefix hit past the window (sliding layers map only the window's pages)
+        hits = engine.kv.prefix.num_hit_tokens
+        again = run_all(engine, [gemma3_prompts[-1]], greedy(NUM_NEW), prefix="b")
+        assert engine.kv.prefix.num_hit_tokens - hits > 512 + engine.kv_spec.tokens_per_page
+        assert again["b0"] == gemma3_reference[-1]
         assert_pool_idle(engine)
     finally:
         engine.close()
