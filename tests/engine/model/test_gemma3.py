@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import Gemma3TextConfig
 
+from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
 from engine.model.config import FULL_ATTENTION, GEMMA3, SLIDING_ATTENTION, ModelConfig, model_config_from_gguf
@@ -105,6 +106,43 @@ def test_tiny_gemma3_matches_transformers(tiny_gemma3, smollm2_tokenizer, layout
         assert_pool_idle(engine)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("copy_kv", [True, False], ids=["copy", "recompute"])
+def test_tiny_gemma3_migrated_request_matches_transformers(tiny_gemma3, smollm2_tokenizer, copy_kv):
+    """A request past its 40-token window moves to another engine (paged) mid-decode, its KV copied in
+    stages (only the pages each kind still holds) or recomputed; tokens stay transformers'."""
+    from engine import migration
+    from tests.engine.engine_helpers import collect_steps
+
+    directory, prompts, reference = tiny_gemma3
+    prompt, expected = prompts[4], reference[4]
+    assert len(prompt) > 40 + 32
+    config = small_config(model=str(directory), kv_layout="paged")
+    source = LLMEngine(config, tokenizer=smollm2_tokenizer)
+    destination = LLMEngine(config, tokenizer=smollm2_tokenizer)
+    try:
+        tokens: dict[str, list[int]] = {}
+        source.add_request(GenerateRequest("m", tuple(prompt), greedy(16)))
+        collect_steps(source, tokens, steps=6)
+        stages = [migration.copy_kv(source, "m", 0)]
+        collect_steps(source, tokens, steps=2)
+        snapshot = migration.pause(source, "m")
+        stages.append(migration.copy_kv(source, "m", stages[-1].end))
+        assert stages[-1].end == snapshot.num_computed_tokens > 40 + 32
+        assert migration.reserve(destination, "m", snapshot.num_tokens)
+        if copy_kv:
+            for stage in stages:
+                migration.write_kv(destination, "m", stage)
+        migration.attach(destination, snapshot, snapshot.num_computed_tokens if copy_kv else 0)
+        migration.release(source, "m")
+        assert_pool_idle(source)
+        collect_steps(destination, tokens)
+        assert tokens["m"] == expected
+        assert_pool_idle(destination)
+    finally:
+        source.close()
+        destination.close()
 
 
 # ---- the real Gemma 3 270M (slow) ---------------------------------------------------------------
