@@ -200,8 +200,8 @@ class LLMEngine:
             return []
         started = time.perf_counter()
         result = self.runner.run(plan, self._sampling_states(plan))
-        self.scheduler.cost_model.observe(plan.num_tokens, (time.perf_counter() - started) * 1e3)
-        self.scheduler.cost_model.observe_copy(self.staging.bytes_fetched_last_step, self.staging.copy_ms_last_step)
+        self.scheduler.cost_model.observe_step(plan.num_tokens, (time.perf_counter() - started) * 1e3,
+                                               self.staging.bytes_fetched_last_step, self.staging.copy_ms_last_step)
         return self.update(plan, result)
 
     def _sampled_requests(self, plan: SchedulerOutput) -> list[Request]:

@@ -4,27 +4,35 @@
 `layerwise`:
 - admission: a prompt whose whole KV does not fit is admitted with its lowest layers on the device
   and the fewest top layers on the host that make it fit (with the step's staging buffer, which the
-  activations balloon lends: 2 x the pages of the two largest consecutive offloaded layers);
-- demotion: under pressure, before anyone is preempted, layers of the requests with the most TPOT
-  slack move to the host (top layer first);
-- promotion: when memory frees, offloaded layers come back, most urgent request first, but only when
-  no prompt is waiting or the request is missing its TPOT target (TTFT comes first, as LayerKV argues);
-- decode pacing (with a TPOT target): a step decodes requests with host pages only while their fetches
-  fit the time the target leaves after the step's compute, least TPOT slack first (one always decodes
-  when no resident request does, so everyone progresses); the others sit the step out with their KV where
-  it is, and their device layers are what admission demotes to start a waiting prompt (with a TTFT
-  target). A prompt thus gets its first token early and decodes at the pace the host link allows, where
-  otherwise every decode step would pay every offloaded request's fetch.
+  activations balloon lends: 2 x the pages of the two largest consecutive offloaded layers) -- but only
+  when that saves its TTFT (with a TTFT target: not already lost) and its TPOT target can absorb those
+  host layers (`tpot_feasible`, with a TPOT target): the running batch's paced fetch budget
+  (`tpot_margin` x the target, less a decode step) takes its per-step fetch. (A forecast of when the memory
+  the running requests free brings it back whole, `forecast_promotion`, is written but off: admitting on
+  it parked too many requests on the host and lost more SLOs, docs/LAYERKV.md.) Otherwise it waits;
+- decode pacing (with a TPOT target): a step decodes requests with host pages, least laxity first
+  (`SloTargets.laxity_ms`: how long a request may still sit out and meet `tpot_margin` x its target), while
+  their fetches hide behind the step's compute; a request with no laxity left may also use what
+  `tpot_margin` x the target leaves after the compute. The others sit the step out (parked: their first
+  token is out, their outputs wait for promotion), so resident decodes are not slowed by PCIe. When no
+  resident request decodes, the least-laxity offloaded one always does (progress);
+- promotion: when memory frees, offloaded layers come back before new prompts are admitted with host
+  layers, least laxity first (a parked request decodes at device speed once whole); the scheduler keeps
+  back what the waiting head needs to start with all its layers on the host;
+- demotion: under pressure, before anyone is preempted, layers of the requests with the most laxity move
+  to the host (top layer first).
 Whole-request swap or recompute stays the scheduler's last resort.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 
 from engine.core.layer_staging import staging_chunks
 from engine.core.request import Request
 from engine.core.slo import SloTargets
+from engine.core.step_cost import StepCostModel
 from memory.kv import KVCacheManager
 from memory.kv.residency import DEVICE, HOST
 
@@ -32,36 +40,48 @@ from memory.kv.residency import DEVICE, HOST
 class NoOffload:
     name = "none"
 
-    def __init__(self, kv: KVCacheManager, slo: SloTargets):
+    def __init__(self, kv: KVCacheManager, slo: SloTargets, cost_model: StepCostModel | None = None,
+                 tpot_margin: float = 1.0):
         self.kv = kv
+        self.slo = slo
+        self.cost_model = cost_model or StepCostModel()
+        self.margin = tpot_margin
 
     def staging(self, spans: dict[str, int]) -> int:
         return 0
+
+    def laxity_ms(self, request: Request, step_ms: float) -> float:
+        """How long the request may sit out decode steps and meet `tpot_margin` x its TPOT target."""
+        return self.slo.laxity_ms(request, step_ms, self.margin)
 
     def fetch_bytes(self, running: Sequence[Request]) -> int:
         """Bytes a decode step of `running` stages from the host (0: nothing offloaded or in place)."""
         return 0
 
     def layers_to_offload(self, request: Request, num_cached: int, end: int, need: int,
-                          available: int) -> tuple[int, ...] | None:
+                          available: int, running: Sequence[Request] = ()) -> tuple[int, ...] | None:
         """Which layers of a prompt to admit on the host: () if its whole KV (`need` device chunks)
         fits in `available`, None if it must wait."""
         return () if need <= available else None
 
+    def admission_reserve(self, num_cached: int, end: int) -> int:
+        """Device chunks a prompt needs to start with every layer on the host (its first chunk's staging)."""
+        return 0
+
     def demote(self, num_chunks: int, candidates: Sequence[Request]) -> int:
         return 0
 
-    def decodes_to_defer(self, running: Sequence[Request], budget_bytes: float) -> set[str]:
-        """Decoding requests that sit this step out so that the step stages at most `budget_bytes`."""
+    def decodes_to_defer(self, running: Sequence[Request], compute_ms: float) -> set[str]:
+        """Decoding requests that sit out a step whose compute takes `compute_ms` (their fetches would slow it)."""
         return set()
 
     def make_room(self, request: Request, num_cached: int, end: int, available: int,
-                  candidates: Sequence[Request]) -> bool:
+                  candidates: Sequence[Request], running: Sequence[Request] = ()) -> bool:
         """Demotes layers of `candidates` until the prompt can start with its layers on the host; True if
         that freed all it needs."""
         return False
 
-    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int], has_waiting: bool) -> int:
+    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int]) -> int:
         """Brings offloaded layers back within `spare_chunks()`; returns the chunks used."""
         return 0
 
@@ -69,12 +89,14 @@ class NoOffload:
 class LayerwiseOffload(NoOffload):
     name = "layerwise"
 
-    def __init__(self, kv: KVCacheManager, slo: SloTargets):
-        super().__init__(kv, slo)
-        self.slo = slo
+    def __init__(self, kv: KVCacheManager, slo: SloTargets, cost_model: StepCostModel | None = None,
+                 tpot_margin: float = 1.0):
+        super().__init__(kv, slo, cost_model, tpot_margin)
         self.num_demotions = 0
         self.num_promotions = 0
         self.num_partial_admissions = 0  # prompts admitted with layers on the host
+        self.forecast_promotion = False  # admit on a promotion forecast too (measured worse: docs/LAYERKV.md)
+        self.num_held_back = 0  # admissions with host layers refused by the TPOT forecast (a step may count one)
 
     def staging(self, spans: dict[str, int]) -> int:
         """Staging chunks a step computing each request up to `spans[request_id]` tokens needs."""
@@ -97,22 +119,94 @@ class LayerwiseOffload(NoOffload):
         return 2 * pages * self.kv.spec.page_bytes
 
     def layers_to_offload(self, request: Request, num_cached: int, end: int, need: int,
-                          available: int) -> tuple[int, ...] | None:
+                          available: int, running: Sequence[Request] = ()) -> tuple[int, ...] | None:
         """The fewest top layers to put on the host so the prompt fits with the staging its first
-        chunk needs; None if even all of them on the host do not."""
+        chunk needs; None if even all of them on the host do not, or its TPOT target cannot absorb them."""
         if need <= available:
             return ()
         for offloaded, device in self._admissions(request, num_cached, end):
             if device <= available:
+                if not self.tpot_feasible(request, offloaded, running):
+                    self.num_held_back += 1
+                    return None
                 self.num_partial_admissions += 1
                 return offloaded
         return None
 
+    def admission_reserve(self, num_cached: int, end: int) -> int:
+        if self.kv.host_tier is not None:
+            return 0
+        step_pages = self.kv.spec.num_pages(end) - self.kv.spec.num_pages(num_cached)
+        return staging_chunks([step_pages] * self.kv.spec.num_layers)
+
+    def tpot_feasible(self, request: Request, offloaded: Sequence[int], running: Sequence[Request]) -> bool:
+        """Whether admitting a prompt with `offloaded` layers on the host is worth it: it saves its TTFT (with
+        a TTFT target: its first token, after the prefill ahead of it, is still due in time), and it can still
+        decode within `tpot_margin` x its TPOT target: the running batch's fetch budget absorbs its per-step
+        fetch, or (with `forecast_promotion`, off: measured worse) the memory the resident requests free as
+        they finish (forecast: their remaining tokens x a decode step) brings it back whole, after the
+        offloaded requests already waiting for promotion, early enough that it decodes its outputs in time
+        (parked until then). No TPOT condition without a target or in place."""
+        kv, cost = self.kv, self.cost_model
+        step_ms = self.decode_step_ms(running)
+        prefill_left = sum(r.num_tokens - r.num_computed_tokens for r in running if r.is_prefilling)
+        first_token_ms = cost.predict_ms(prefill_left + request.num_tokens)
+        ttft = self.slo.ttft_target_ms(request)
+        if ttft is not None and (self.slo.clock() - request.arrival_time) * 1e3 + first_token_ms > ttft:
+            return False  # its TTFT is lost anyway: host layers would cost fetches and promotions for nothing
+        target = self.slo.tpot_target_ms(request)
+        if target is None or self.kv.host_tier is not None:
+            return True
+        host_chunks = kv.host_chunks_to_grow(None, request.num_tokens + 1, offloaded)
+        decoding = [r for r in running if not r.is_prefilling]
+        fetch = self.fetch_bytes(decoding) + host_chunks * kv.spec.page_bytes
+        if step_ms + cost.fetch_ms(fetch) <= self.margin * target:
+            return True
+        if not self.forecast_promotion:
+            return False
+        wait_ms = self._promotion_wait_ms(host_chunks, running, step_ms)
+        max_tokens = request.params.max_tokens
+        return max(0.0, wait_ms - first_token_ms) + max_tokens * step_ms <= \
+            self.margin * target * max(max_tokens - 1, 1)
+
+    def _promotion_wait_ms(self, num_chunks: int, running: Sequence[Request], step_ms: float) -> float:
+        """Forecast: ms until the device has `num_chunks` for a newcomer, after every running request with host
+        pages got its own back (least laxity first), as requests finish: a resident one after its remaining
+        tokens, a promoted one after its remaining tokens from its promotion (inf if that never frees enough)."""
+        releases, parked = [], []
+        for request in running:
+            state = self.kv.requests[request.request_id]
+            steps = max(request.params.max_tokens - len(request.output_token_ids), 0)
+            prefill_ms = self.cost_model.predict_ms(request.num_tokens - request.num_computed_tokens) \
+                if request.is_prefilling else 0.0
+            if state.host_pages:
+                parked.append((self.laxity_ms(request, step_ms), 2 * len(state.host_pages),
+                               prefill_ms + steps * step_ms, self.kv.chunks_to_grow(None, request.num_tokens)))
+            else:
+                held = self.kv.chunks_to_grow(None, request.num_computed_tokens)
+                releases.append((prefill_ms + steps * step_ms, held))
+        queue = [(need, decode_ms, total) for _, need, decode_ms, total in sorted(parked)] + [(num_chunks, 0.0, 0)]
+        heapq.heapify(releases)
+        free, now = 0, 0.0
+        while True:
+            while queue and queue[0][0] <= free:
+                need, decode_ms, total = queue.pop(0)
+                free -= need
+                if not queue:
+                    return now
+                heapq.heappush(releases, (now + decode_ms, total))
+            if not releases:
+                return float("inf")
+            now, chunks = heapq.heappop(releases)
+            free += chunks
+
     def make_room(self, request: Request, num_cached: int, end: int, available: int,
-                  candidates: Sequence[Request]) -> bool:
+                  candidates: Sequence[Request], running: Sequence[Request] = ()) -> bool:
         options = list(self._admissions(request, num_cached, end))
         if len(options) < self.kv.spec.num_layers or options[-1][1] <= available or not candidates:
             return False  # the host buffer cannot take all its layers, or it fits already
+        if not self.tpot_feasible(request, options[-1][0], running):
+            return False
         shortfall = options[-1][1] - available
         return self.demote(shortfall, candidates) >= shortfall
 
@@ -135,11 +229,19 @@ class LayerwiseOffload(NoOffload):
                 [step_pages if layer in offloaded else 0 for layer in range(num_layers)])
             yield offloaded, device + staging
 
+    def decode_step_ms(self, running: Sequence[Request]) -> float:
+        """A decode step's time as the running requests see it now: their mean observed TPOT (prefill chunks
+        between decodes included), the cost model's prediction before any has one."""
+        observed = [tpot for tpot in (self.slo.observed_tpot_ms(r) for r in running) if tpot is not None]
+        return sum(observed) / len(observed) if observed else self.cost_model.predict_ms(len(running) + 1)
+
     def demote(self, num_chunks: int, candidates: Sequence[Request]) -> int:
-        """Moves layers of the requests with the most TPOT slack to the host until `num_chunks`
-        device chunks are free; returns how many were freed."""
+        """Moves layers of the requests with the most laxity to the host until `num_chunks` device chunks
+        are free; returns how many were freed."""
         freed = 0
-        for request in sorted(candidates, key=self.slo.tpot_slack_ms, reverse=True):
+        step_ms = self.cost_model.predict_ms(len(candidates))
+        order = sorted(candidates, key=lambda r: (self.laxity_ms(r, step_ms), self.slo.tpot_slack_ms(r)), reverse=True)
+        for request in order:
             request_id = request.request_id
             device_layers = [layer for layer, where in enumerate(self.kv.requests[request_id].residency)
                              if where == DEVICE]
@@ -153,32 +255,45 @@ class LayerwiseOffload(NoOffload):
                 self.num_demotions += 1
         return freed
 
-    def decodes_to_defer(self, running: Sequence[Request], budget_bytes: float) -> set[str]:
-        """Decodes with host pages, least TPOT slack first, while their fetches fit `budget_bytes`; the rest
-        wait. When no resident request decodes, the most urgent offloaded one always does."""
+    def decodes_to_defer(self, running: Sequence[Request], compute_ms: float) -> set[str]:
+        """Decodes with host pages, least laxity first, while their fetches hide behind `compute_ms` (or, for a
+        request with no laxity left or when no resident request decodes, fit what `tpot_margin` x the TPOT
+        target leaves after it); the rest wait. When no resident request decodes, the least-laxity offloaded
+        one always does."""
+        if self.slo.tpot_ms is None:
+            return set()
         decoding = [r for r in running if not r.is_prefilling]
         offloaded = [r for r in decoding if self.kv.requests[r.request_id].host_pages]
+        rate = self.cost_model.copy_bytes_per_ms
+        hidden = compute_ms * rate
+        paced = max(0.0, self.margin * self.slo.tpot_ms - compute_ms) * rate
         must_one = len(offloaded) == len(decoding)
         deferred, used = set(), 0
-        for index, request in enumerate(sorted(offloaded, key=self.slo.tpot_slack_ms)):
+        laxity = {r.request_id: self.laxity_ms(r, compute_ms) for r in offloaded}
+        for index, request in enumerate(sorted(offloaded, key=lambda r: laxity[r.request_id])):
             num_bytes = self.fetch_bytes([request])
-            if used + num_bytes <= budget_bytes or (index == 0 and must_one):
+            # with no resident decode in the step, there is no one else's TPOT to protect
+            limit = paced if laxity[request.request_id] <= 0 or must_one else hidden
+            if used + num_bytes <= limit or (index == 0 and must_one):
                 used += num_bytes
             else:
                 deferred.add(request.request_id)
         return deferred
 
-    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int], has_waiting: bool) -> int:
-        """Brings offloaded layers back while the spare chunks last, most urgent request first."""
-        if not any(self.kv.requests[r.request_id].residency.count(HOST) or self.kv.requests[r.request_id].host_pages
-                   for r in running):
+    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int]) -> int:
+        """Brings offloaded layers back while the spare chunks last: decoding requests least laxity first (a
+        parked request decodes at device speed once whole), then prompts still prefilling, most urgent first."""
+        offloaded = [r for r in running if self.kv.requests[r.request_id].residency.count(HOST)
+                     or self.kv.requests[r.request_id].host_pages]
+        if not offloaded:
             return 0
         spare, used = spare_chunks(), 0
         if spare <= 0:
             return 0
-        for request in sorted(running, key=self.slo.urgency):
-            if has_waiting and self.slo.tpot_slack_ms(request) >= 0:
-                continue
+        step_ms = self.cost_model.predict_ms(len(running))
+        order = sorted((r for r in offloaded if not r.is_prefilling), key=lambda r: self.laxity_ms(r, step_ms)) + \
+            sorted((r for r in offloaded if r.is_prefilling), key=self.slo.urgency)
+        for request in order:
             for layer in self.kv.layers_with_host_pages(request.request_id):
                 need = self.kv.chunks_to_promote(request.request_id, layer)
                 if used + need > spare or not self.kv.promote(request.request_id, layer):
@@ -186,7 +301,6 @@ class LayerwiseOffload(NoOffload):
                 used += need
                 self.num_promotions += 1
         return used
-
 
 OFFLOAD_POLICIES = {"none": NoOffload, "layerwise": LayerwiseOffload}
 

@@ -38,10 +38,15 @@ class SchedulerConfig:
     kv_offload: str = "none"  # "none" | "layerwise" (engine/core/offload_policy.py)
     memory_arbiter: str = "kv_first"  # "kv_first" | "slo" (engine/core/memory_arbiter.py)
     priority_scale: float = 2.0  # SLO class targets = targets * scale ** priority (engine/core/slo.py)
+    # pace decodes and budget prefill tokens to this fraction of the TPOT target (pacing *to* the target leaves
+    # half the requests above it)
+    tpot_margin: float = 0.8
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if not 0 < self.tpot_margin <= 1:
+            raise ValueError(f"tpot_margin must be in (0, 1], got {self.tpot_margin}")
         if self.kv_offload not in OFFLOAD_POLICIES:
             raise ValueError(f"kv_offload must be one of {sorted(OFFLOAD_POLICIES)}, got {self.kv_offload!r}")
 
@@ -104,7 +109,7 @@ class Scheduler:
         self.cost_model = cost_model or StepCostModel()
         self.arbiter = MemoryArbiter(self.chunk_policy, self.cost_model.predict_ms, config.memory_arbiter)
         self.slo = SloTargets(config.ttft_slo_ms, config.tpot_slo_ms, config.priority_scale, clock)
-        self.offload = OFFLOAD_POLICIES[config.kv_offload](kv, self.slo)
+        self.offload = OFFLOAD_POLICIES[config.kv_offload](kv, self.slo, self.cost_model, config.tpot_margin)
         self.attainment = SloAttainment()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last one is preempted first
@@ -199,12 +204,11 @@ class Scheduler:
         return output
 
     def _decodes_to_defer(self) -> set[str]:
-        """With a TPOT target: decodes whose host pages do not fit the fetch time the target leaves after
-        the step's compute sit this step out (engine/core/offload_policy.py)."""
+        """With a TPOT target: decodes whose fetches of host pages would slow the step and that can still meet
+        their target later sit this step out (engine/core/offload_policy.py)."""
         if self.config.tpot_slo_ms is None or not self.running:
             return set()
-        left_ms = self.config.tpot_slo_ms - self.cost_model.predict_ms(len(self.running))
-        return self.offload.decodes_to_defer(self.running, max(0.0, left_ms) * self.cost_model.copy_bytes_per_ms)
+        return self.offload.decodes_to_defer(self.running, self.cost_model.predict_ms(len(self.running)))
 
     def _token_budget(self, step: _StepBuilder | None = None) -> int:
         """Tokens this step may compute: the memory arbiter's decision (engine/core/memory_arbiter.py) over
@@ -230,22 +234,26 @@ class Scheduler:
         return fits if cap is None else max(1, min(fits, cap))
 
     def _slo_cap(self, budget: int) -> int | None:
-        """With a TPOT target, prefill tokens are capped so the step stays within it (every decoding request
-        waits for the step); with a TTFT target, a prompt without its first token (waiting, or admitted and
-        still prefilling) about to miss it lifts the cap so its prefill goes through (TTFT before TPOT, as
-        LayerKV argues). None: no cap."""
+        """With a TPOT target, prefill tokens are capped so the step stays within `tpot_margin` x it (every
+        decoding request waits for the step); with a TTFT target, a prompt without its first token (waiting, or
+        admitted and still prefilling) about to miss it, and not past it yet, lifts the cap so its prefill goes
+        through (TTFT before TPOT, as LayerKV argues; a TTFT already lost is not worth the running requests'
+        TPOT). None: no cap."""
         if self.config.tpot_slo_ms is None or not self.running:
             return None
-        # offloaded layers' fetches take their share of the TPOT target first
-        decoding = [r for r in self.running if r.request_id not in self._deferred]
+        # offloaded layers' fetches run one layer ahead of compute: the step takes about the longer of the two
+        # (a prefill chunk's own fetches are not counted: they shrink per token as its chunk grows)
+        decoding = [r for r in self.running if r.request_id not in self._deferred and not r.is_prefilling]
+        target_ms = self.config.tpot_margin * self.config.tpot_slo_ms
         fetch_ms = self.cost_model.fetch_ms(self.offload.fetch_bytes(decoding))
-        within = self.cost_model.max_tokens_within(self.config.tpot_slo_ms - fetch_ms)
+        within = self.cost_model.max_tokens_within(target_ms) if fetch_ms < target_ms else 1
         prompts = [r for r in self.running if r.first_token_time is None] + list(self.waiting)[:1]
         if self.config.ttft_slo_ms is not None and prompts:
             oldest = min(prompts, key=lambda request: request.arrival_time)
             waited_ms = (self.clock() - oldest.arrival_time) * 1e3
             left = oldest.num_tokens - oldest.num_computed_tokens
-            if waited_ms + self.cost_model.predict_ms(min(left, budget)) >= self.config.ttft_slo_ms:
+            target = self.slo.ttft_target_ms(oldest)
+            if waited_ms < target <= waited_ms + self.cost_model.predict_ms(min(left, budget)):
                 return None
         return max(len(decoding) + 1, within)
 
@@ -285,8 +293,14 @@ class Scheduler:
                                              if request_id not in self._deferred})
             return self.kv.num_available_chunks() - reserve
 
+        # what the waiting head needs to start with all its layers on the host stays free (no promotion that
+        # the admission below would demote again)
+        head_reserve = 0
+        if self.waiting:
+            head = self.waiting[0]
+            head_reserve = self.offload.admission_reserve(0, min(head.num_tokens, step.token_budget))
         if self.running:
-            self.offload.promote(self.running, spare, bool(self.waiting))
+            self.offload.promote(self.running, lambda: spare() - head_reserve)
 
     def _schedule_running(self, step: _StepBuilder) -> None:
         index = 0
@@ -340,6 +354,7 @@ class Scheduler:
     def _schedule_waiting(self, step: _StepBuilder) -> None:
         # pages the running requests need for their next token are spoken for before anyone is admitted
         next_pages = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
+        step_ms = self.cost_model.predict_ms(len(self.running))
         while self.waiting and len(self.running) < self.config.max_num_seqs and self.kv.num_free_slots:
             budget_left = step.token_budget - step.num_tokens
             if budget_left <= 0:
@@ -354,10 +369,13 @@ class Scheduler:
             workspace = self.activation_chunks(step.num_tokens + num_new, step.rows + samples)
             available = self.kv.num_available_chunks() - next_pages - workspace - self.offload.staging(step.spans)
             # () when the whole prompt fits; layer-wise: the top layers to keep on the host; None: wait
-            offloaded = self.offload.layers_to_offload(request, num_cached, num_cached + num_new, need, available)
+            offloaded = self.offload.layers_to_offload(request, num_cached, num_cached + num_new, need, available,
+                                                       self.running)
             if offloaded is None and self.config.ttft_slo_ms is not None and self._deferred and \
                     self.offload.make_room(request, num_cached, num_cached + num_new, available, [
-                        r for r in self.running if r.request_id in self._deferred and self.slo.tpot_slack_ms(r) >= 0]):
+                        r for r in self.running
+                        if r.request_id in self._deferred and self.offload.laxity_ms(r, step_ms) >= 0],
+                        self.running):
                 continue  # (TTFT first) waiting decodes still within their TPOT target gave layers to the host
             if offloaded is None:
                 return

@@ -58,6 +58,19 @@ class SloTargets:
             return _NO_TARGET_SLACK_MS * request.priority + request.arrival_time
         return target - observed
 
+    def laxity_ms(self, request: Request, step_ms: float, margin: float = 1.0) -> float:
+        """How long (ms) the request may still sit out decode steps and yet finish its outputs within `margin`
+        x its TPOT target (a mean over its outputs, as attainment measures it), decoding from now on at
+        `step_ms` a token (`max_tokens` outputs assumed: a stop string only ends it sooner). Negative: it
+        misses even decoding every step. inf without a TPOT target or before its first token."""
+        target = self.tpot_target_ms(request)
+        if target is None or request.first_token_time is None:
+            return float("inf")
+        max_tokens = max(request.params.max_tokens, len(request.output_token_ids))
+        remaining = max_tokens - len(request.output_token_ids)
+        deadline_ms = request.first_token_time * 1e3 + margin * target * max(max_tokens - 1, 1)
+        return deadline_ms - self.clock() * 1e3 - remaining * step_ms
+
     def urgency(self, request: Request) -> tuple[int, float]:
         """Sort key, most urgent first: priority, then the earliest TTFT deadline."""
         return request.priority, self.ttft_deadline(request)

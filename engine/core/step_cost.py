@@ -7,17 +7,27 @@ from __future__ import annotations
 class StepCostModel:
     """step_ms ≈ base_ms + per_token_ms * num_tokens, fitted by exponentially weighted least squares."""
 
-    def __init__(self, decay: float = 0.95, base_ms: float = 20.0, per_token_ms: float = 1.0):
+    def __init__(self, decay: float = 0.95, base_ms: float = 20.0, per_token_ms: float = 1.0,
+                 copy_bytes_per_ms: float = 5e6):
         self.decay = decay
         self.base_ms = base_ms
         self.per_token_ms = per_token_ms
         self._sums = [0.0] * 5  # weight, sum x, sum y, sum xx, sum xy
-        self.copy_bytes_per_ms = 5e6  # host -> device staging bandwidth (5 GB/s until measured)
+        # host -> device staging bandwidth: a prior (5 GB/s, or one copy timed at start-up), then learned
+        self.copy_bytes_per_ms = copy_bytes_per_ms
 
     def observe_copy(self, num_bytes: int, copy_ms: float) -> None:
         """A step staged `num_bytes` of offloaded KV in `copy_ms` of copy time: update the bandwidth."""
         if num_bytes > 0 and copy_ms > 0:
             self.copy_bytes_per_ms = self.decay * self.copy_bytes_per_ms + (1 - self.decay) * num_bytes / copy_ms
+
+    def observe_step(self, num_tokens: int, step_ms: float, fetched_bytes: int = 0, copy_ms: float = 0.0) -> None:
+        """One step ran: learn the copy bandwidth from what it staged, and the compute line from its time unless
+        its copies took half of it or more (a copy-bound step says nothing about compute: learning from it would
+        shrink every later step's token budget, and with it prefill chunks, which then stage more per token)."""
+        self.observe_copy(fetched_bytes, copy_ms)
+        if copy_ms < 0.5 * step_ms:
+            self.observe(num_tokens, step_ms)
 
     def fetch_ms(self, num_bytes: int) -> float:
         return num_bytes / self.copy_bytes_per_ms

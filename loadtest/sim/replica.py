@@ -97,7 +97,9 @@ class SimEngine:
                             max_model_len=config.max_model_len, preemption_mode="recompute",
                             ttft_slo_ms=config.ttft_slo_ms, tpot_slo_ms=config.tpot_slo_ms,
                             kv_offload=config.kv_offload),
-            self.kv, self.runner.activation_chunks_charged_to_kv, StepCostModel(), clock=clock)
+            self.kv, self.runner.activation_chunks_charged_to_kv,
+            # the host link's rate as the engine would time it at start-up (learned from staged steps after)
+            StepCostModel(copy_bytes_per_ms=1e-3 / self.cost.host_link_s(1)), clock=clock)
 
     def _own_pool(self, config: ReplicaConfig, spec: KVCacheSpec) -> ElasticPool:
         model, device = self.model, self.device
@@ -313,9 +315,8 @@ class SimReplica:
         it staged from the host with their copy time (steps replayed in bulk were planned alike, staged none)."""
         model, executor = self.engine.scheduler.cost_model, self.engine.runner
         times = run.durations[:num] * 1e3
-        model.observe(run.plan.num_tokens, float(times[0]))
         fetched = sum(fetched for fetched, _ in executor.last_staged)
-        model.observe_copy(fetched, self.engine.cost.host_link_s(fetched) * 1e3)
+        model.observe_step(run.plan.num_tokens, float(times[0]), fetched, self.engine.cost.host_link_s(fetched) * 1e3)
         for step_ms in times[1:]:
             model.observe(len(run.plan.decodes), float(step_ms))
 

@@ -23,7 +23,9 @@ class KVBlock:
     ref_count: int = 0
     block_hash: int | None = None  # set once the block is full and its tokens are known
     page: int = -1  # its page index in the request's token order, once hashed (for the evictor)
-    reused: bool = False  # a prefix hit has used it (the evictor keeps hit prefixes longest)
+    # a prefix hit has used it, or another request computed the same tokens again (a shared prefix that
+    # missed): the evictor keeps such prefixes longest
+    reused: bool = False
     release: int = 0  # the request that parked it (one request's blocks are evicted as a group)
     small_page: Any = None  # its page in the LCM allocator (memory/kv/block_source.py LcmBlocks); None: loose chunks
 
@@ -52,7 +54,7 @@ class PrefixCache:
     num_queried_tokens: int = 0
     num_hit_tokens: int = 0
     num_evictable_chunks: int = 0  # kept as a count: the scheduler asks for it many times per step
-    # None: plain LRU; else an Evictor (memory/kv/evictor.py) picks inside the oldest release
+    # None: plain LRU; else an Evictor (memory/kv/evictor.py) picks among the evictable blocks
     evictor: Any = None
     current_release: int = 0  # the release blocks parked now join (the manager sets it per request)
 
@@ -94,9 +96,7 @@ class PrefixCache:
         if self.evictor is None:
             _, block = self.evictable.popitem(last=False)
         else:
-            oldest = next(iter(self.evictable.values())).release
-            release = [b for b in self.evictable.values() if b.release == oldest]
-            block = self.evictor.choose(release)
+            block = self.evictor.choose_among(list(self.evictable.values()))
             del self.evictable[block.block_id]
         self.num_evictable_chunks -= len(block.chunks)
         del self.by_hash[(block.group, block.block_hash)]

@@ -30,6 +30,11 @@ class Evictor(ABC):
     def choose(self, release: Sequence[KVBlock]) -> KVBlock:
         """The block to evict from the oldest release (its blocks in park order; never empty)."""
 
+    def choose_among(self, blocks: Sequence[KVBlock]) -> KVBlock:
+        """The block to evict of every evictable one (least recently parked first): from the oldest release."""
+        oldest = blocks[0].release
+        return self.choose([b for b in blocks if b.release == oldest])
+
 
 class LruEvictor(Evictor):
     name = "lru"
@@ -48,6 +53,28 @@ class PrefixSubsetEvictor(Evictor):
         self.policies = policies
 
     def choose(self, release: Sequence[KVBlock]) -> KVBlock:
+        return min(release, key=self._cost_in(release))
+
+    def choose_among(self, blocks: Sequence[KVBlock]) -> KVBlock:
+        """Blocks no release's target hit needs go first, whichever release parked them (a prompt that
+        missed parks every sliding page it slid past: they must not outlive older releases' hits);
+        then the oldest release's, as `choose` orders them."""
+        releases: dict[int, list[KVBlock]] = {}
+        for block in blocks:
+            releases.setdefault(block.release, []).append(block)
+        best, best_key = blocks[0], None
+        for rank, release in enumerate(releases.values()):
+            cost = self._cost_in(release)
+            for block in release:
+                key = cost(block)
+                key = (key[0] == 2, rank, key)
+                if best_key is None or key < best_key:
+                    best, best_key = block, key
+            if not best_key[0]:
+                break  # a free block: later releases rank after it
+        return best
+
+    def _cost_in(self, release: Sequence[KVBlock]) -> Callable[[KVBlock], tuple[int, int, int]]:
         reused = [b.page for b in release if b.reused]
         full_pages = [b.page for b in release if isinstance(self.policies[b.group], FullAttentionPolicy)]
         target_page = max(reused or full_pages or [b.page for b in release])
@@ -60,7 +87,7 @@ class PrefixSubsetEvictor(Evictor):
                 return (1, block.page, block.group)  # not needed by the target hit: free to drop
             return (2, -block.page, block.group)  # shortens the hit by a page: the deepest first
 
-        return min(release, key=cost)
+        return cost
 
 
 EVICTORS: Mapping[str, Callable[[Sequence[CachePolicy]], Evictor]] = {

@@ -303,12 +303,17 @@ class KVCacheManager(LayerResidency):
                 parent = state.hashes[-1] if state.hashes else None
                 block_hash = chain_hash(parent, token_ids[page * page_tokens : (page + 1) * page_tokens])
                 state.hashes.append(block_hash)
+                shared = False
                 for group in range(len(self.spec.groups)):
                     block = state.blocks[group][page]
                     # a block with layers on the host is private: other requests could not map it
                     if block is not None and block.block_hash is None and self.is_whole_on_device(block):
                         block.page = page
-                        self.prefix.insert(block, block_hash)
+                        shared |= self.prefix.insert(block, block_hash) is not block
+                if shared:  # another request cached these tokens too: a shared prefix reaches this page
+                    for pages in state.blocks:
+                        if pages[page] is not None and pages[page].block_hash is not None:
+                            pages[page].reused = True
         self._drop_out_of_window(state)
 
     def free(self, request_id: str) -> None:

@@ -72,8 +72,8 @@ class ScriptedOffload(LayerwiseOffload):
         super().__init__(kv, slo)
         self.layers_by_request = layers_by_request
 
-    def layers_to_offload(self, request, num_cached, end, need, available):
+    def layers_to_offload(self, request, num_cached, end, need, available, running=()):
         return self.layers_by_request.get(request.request_id, ())
 
-    def promote(self, running, spare_chunks, has_waiting):
+    def promote(self, running, spare_chunks):
         return 0  # never by itself

@@ -104,3 +104,41 @@ def test_full_attention_chains_shrink_from_the_tail_not_the_head():
     assert hits == [5 * P, 4 * P, 3 * P, 2 * P, P, 0]  # every eviction costs one page of hit length
     lru_order, lru_hits = _eviction_order("lru", window=None)
     assert lru_order == [(0, p) for p in range(6)] and lru_hits == [0] * 6  # the head went first
+
+
+def test_a_shared_prefix_that_missed_keeps_its_window_and_free_blocks_go_first_in_every_release():
+    """A (4 shared pages + its own 2) ran; its slid-out sliding pages (0-3) are gone, so B (the same 4
+    pages + other ones) misses and computes them again: B's commit finds A's full pages under the same
+    hashes, so B's sliding pages 0-3 count as a shared prefix (B's target hit is 4 pages). The
+    prefix-subset evictor then drops what no release's target needs first, in every release (B's tail past
+    its shared prefix, B's sliding pages before that prefix's window) before the target pages of the oldest
+    release (A's): the shared 4-page hit survives ten evictions (looking only inside the oldest release, the
+    evictor lost it at the fifth)."""
+    kv, pool = _kv("prefix_subset")
+    shared = list(range(4 * P))
+    prompt_a = shared + list(range(10**6, 10**6 + 2 * P + 1))
+    prompt_b = shared + list(range(2 * 10**6, 2 * 10**6 + 2 * P + 1))
+    prompt_c = shared + [7] * P  # a third request on the shared prefix
+    _run_once(kv, prompt_a)
+    for block in [b for b in list(kv.prefix.evictable.values()) if b.group == 1 and b.page < 4]:
+        del kv.prefix.by_hash[(1, block.block_hash)]
+        kv.prefix.evictable.pop(block.block_id)
+    assert kv.match_prefix(prompt_b) == 0
+    _run_once(kv, prompt_b)
+    release_a = min(b.release for b in kv.prefix.evictable.values())
+    assert sorted((b.group, b.page) for b in kv.prefix.evictable.values() if b.reused) == [(1, p) for p in range(4)]
+    assert kv.match_prefix(prompt_c) == 4 * P
+    order, hits, taken = [], [], []
+    while kv.prefix.evictable:
+        before = {b.block_id: ("a" if b.release == release_a else "b", b.group, b.page)
+                  for b in kv.prefix.evictable.values()}
+        taken += pool.inflate("activations", pool.num_free() + 1)
+        order += [before[i] for i in before if i not in kv.prefix.evictable]
+        hits.append(kv.match_prefix(prompt_c))
+    pool.deflate("activations", taken)
+    kv.close()
+    assert order[:10] == [("b", 0, 5), ("b", 1, 5), ("b", 0, 4), ("b", 1, 4),  # B past its shared prefix
+                          ("b", 1, 0), ("b", 1, 1),  # B's sliding pages its 4-page hit does not need
+                          ("a", 0, 5), ("a", 1, 5), ("a", 0, 4), ("a", 1, 4)]  # A's tail, deepest first
+    assert hits[:10] == [4 * P] * 10 and hits[10] == 0  # then A's full page 3: the shared chain breaks
+    assert order[10] == ("a", 0, 3)

@@ -86,11 +86,15 @@ def test_fetching_offloaded_layers_takes_its_share_of_the_tpot_target(build):
     _run_step(scheduler)  # layers 1-3 on the host; the next decode stages 5 pages of each
     assert scheduler.offload.fetch_bytes(scheduler.running) == 3 * 5 * 2 * scheduler.kv.spec.page_bytes
     scheduler.cost_model.observe_copy(0, 1.0)  # nothing copied: the bandwidth stays
-    scheduler.cost_model.copy_bytes_per_ms = scheduler.offload.fetch_bytes(scheduler.running) / 20.0
-    assert scheduler._token_budget() == 20  # (50 ms - 20 ms fetch - 10 ms base) / 1 ms per token
+    fetch = scheduler.offload.fetch_bytes(scheduler.running)
+    # the fetch runs one layer ahead of compute: the step takes the longer of the two, within 0.8 x 50 ms
+    scheduler.cost_model.copy_bytes_per_ms = fetch / 20.0
+    assert scheduler._token_budget() == 30  # 20 ms of fetch hide behind (40 ms - 10 ms base) / 1 ms per token
+    scheduler.cost_model.copy_bytes_per_ms = fetch / 45.0
+    assert scheduler._token_budget() == 2  # 45 ms of fetch alone exceed 40 ms: the decode and one token more
     assert scheduler.kv.promote("a", 1) and scheduler.kv.promote("a", 2)
     assert not scheduler.kv.promote("a", 3)  # 6 chunks left, layer 3 needs 8: it stays on the host
-    assert scheduler._token_budget() == 33  # one layer left to fetch: 20 / 3 ms
+    assert scheduler._token_budget() == 30  # one layer left to fetch: 15 ms
 
 
 def test_in_place_needs_no_staging_so_fewer_layers_go_to_the_host(build):
@@ -164,14 +168,14 @@ def test_decodes_with_host_layers_are_paced_by_the_tpot_target(build):
     running, policy = scheduler.running, scheduler.offload
     one = policy.fetch_bytes([scheduler.requests["a"]])
     assert one == 2 * 5 * 2 * scheduler.kv.spec.page_bytes  # 2 layers x 5 pages x (K, V)
-    assert policy.decodes_to_defer(running, 2 * one) == set()
-    assert policy.decodes_to_defer(running, one) == {"b"}
-    assert policy.decodes_to_defer(running, 0) == {"b"}  # no resident decode: the most urgent one goes on
+    scheduler.cost_model.copy_bytes_per_ms = one / 10.0  # one request's fetch takes 10 ms
+    assert policy.decodes_to_defer(running, 20.0) == set()  # both fetches hide behind 20 ms of compute
+    # no resident decode: no one else's TPOT to protect, up to 0.8 x 50 - 5 = 35 ms of fetch
+    assert policy.decodes_to_defer(running, 5.0) == set()
     assert scheduler.kv.promote("a", 2) and scheduler.kv.promote("a", 3)
-    assert policy.decodes_to_defer(running, 0) == {"b"}  # a decodes resident; b's fetch does not fit
-    assert policy.decodes_to_defer(running, one) == set()
-    assert scheduler.kv.demote("a", 3) and scheduler.kv.demote("a", 2)
-    # 50 ms target - (10 + 2) ms predicted compute = 38 ms of copies: one request's fetch fits, not two
-    scheduler.cost_model.copy_bytes_per_ms = one / 30.0
-    plan = scheduler.schedule()
-    assert [chunk.request_id for chunk in plan.decodes] == ["a"] and scheduler.requests["b"].num_computed_tokens == 64
+    assert policy.decodes_to_defer(running, 5.0) == {"b"}  # a decodes resident: b's 10 ms would slow it
+    assert policy.decodes_to_defer(running, 12.0) == set()  # hidden behind 12 ms of compute
+    b = scheduler.requests["b"]
+    b.first_token_time = scheduler.clock() - 1.0  # 1 s for one token, 7 to go within 0.8 x 50 ms x 7: no laxity
+    assert policy.laxity_ms(b, 5.0) < 0
+    assert policy.decodes_to_defer(running, 5.0) == set()  # urgent: it may use the margin's 35 ms

@@ -42,7 +42,7 @@ def make_scheduler():
         kv = KVCacheManager(spec, pool, torch.float32, host_buffer=host, enable_prefix_caching=prefix_caching)
         opened.append((kv, pool))
         config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                 max_model_len=64, preemption_mode=preemption_mode, **slo)
+                                 max_model_len=64, preemption_mode=preemption_mode, tpot_margin=1.0, **slo)
         return Scheduler(config, kv, activation_chunks, StepCostModel(base_ms=10.0, per_token_ms=1.0))
 
     yield make
@@ -202,8 +202,13 @@ def test_tpot_target_caps_the_prefill_and_a_late_request_lifts_the_cap(make_sche
     late = make_scheduler(max_num_batched_tokens=32, tpot_slo_ms=20.0, ttft_slo_ms=500.0)
     add(late, "a", 2, max_tokens=16)
     assert step(late)["prefills"] == [("a", 0, 0, 2, True)]
-    add(late, "late", 30, arrival_time=time.monotonic() - 1.0)  # waited 1 s already: TTFT before TPOT
+    add(late, "late", 30, arrival_time=time.monotonic() - 0.48)  # 480 ms + a 40 ms prefill: TTFT before TPOT
     assert step(late) == {"decodes": [("a", 0, 2)], "prefills": [("late", 1, 0, 30, True)], "preempted": []}
+    lost = make_scheduler(max_num_batched_tokens=32, tpot_slo_ms=20.0, ttft_slo_ms=500.0)
+    add(lost, "a", 2, max_tokens=16)
+    step(lost)
+    add(lost, "lost", 30, arrival_time=time.monotonic() - 1.0)  # its TTFT is lost: the decode's TPOT is kept
+    assert step(lost) == {"decodes": [("a", 0, 2)], "prefills": [("lost", 1, 0, 9, False)], "preempted": []}
 
 
 def test_plan_observers_see_every_plan_before_the_step_runs(make_scheduler):

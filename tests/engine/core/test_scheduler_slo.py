@@ -16,13 +16,13 @@ from memory import ElasticPool, create_backend
 from memory.kv import KVCacheManager, KVCacheSpec, LayerGroup
 
 
-def _scheduler(tpot_slo_ms=None, ttft_slo_ms=None) -> Scheduler:
+def _scheduler(tpot_slo_ms=None, ttft_slo_ms=None, tpot_margin=1.0) -> Scheduler:
     spec = KVCacheSpec(num_layers=2, num_kv_heads=8, head_dim=128, dtype_bytes=2, groups=(LayerGroup((0, 1), None),),
                        max_slots=8, max_len=8192, tokens_per_page=1024)
     kv = KVCacheManager(spec, ElasticPool(create_backend("sim"), 8 << 30, spec.page_bytes), torch.bfloat16)
     cost = StepCostModel(base_ms=10.0, per_token_ms=1.0)
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=8192,
-                             tpot_slo_ms=tpot_slo_ms, ttft_slo_ms=ttft_slo_ms)
+                             tpot_slo_ms=tpot_slo_ms, ttft_slo_ms=ttft_slo_ms, tpot_margin=tpot_margin)
     return Scheduler(config, kv, activation_chunks=lambda tokens, sampled: 0, cost_model=cost)
 
 
@@ -38,6 +38,9 @@ def test_tpot_target_caps_prefill_tokens_per_step():
         request.status = RequestStatus.RUNNING
     assert scheduler._token_budget() == 40  # (50 ms - 10 ms base) / 1 ms per token
     assert _scheduler()._token_budget() == 512
+    margined = _scheduler(tpot_slo_ms=50.0, tpot_margin=0.8)
+    margined.running = scheduler.running
+    assert margined._token_budget() == 30  # (0.8 x 50 ms - 10 ms) / 1 ms: a margin below the target
 
 
 def test_request_about_to_miss_ttft_lifts_the_cap():
@@ -47,6 +50,8 @@ def test_request_about_to_miss_ttft_lifts_the_cap():
     assert scheduler._token_budget() == 40
     scheduler.waiting.appendleft(_request("late", time.monotonic() - 0.4))  # 400 ms + 300 ms prefill > 500
     assert scheduler._token_budget() == 512
+    scheduler.waiting[0].arrival_time -= 0.2  # 600 ms: its TTFT is lost, the running decodes' TPOT is not
+    assert scheduler._token_budget() == 40
 
 
 def test_cost_model_learns_a_line():

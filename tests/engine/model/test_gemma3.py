@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import Gemma3TextConfig
 
+from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
 from engine.model.config import FULL_ATTENTION, GEMMA3, SLIDING_ATTENTION, ModelConfig, model_config_from_gguf
@@ -107,6 +108,43 @@ def test_tiny_gemma3_matches_transformers(tiny_gemma3, smollm2_tokenizer, layout
         engine.close()
 
 
+@pytest.mark.parametrize("copy_kv", [True, False], ids=["copy", "recompute"])
+def test_tiny_gemma3_migrated_request_matches_transformers(tiny_gemma3, smollm2_tokenizer, copy_kv):
+    """A request past its 40-token window moves to another engine (paged) mid-decode, its KV copied in
+    stages (only the pages each kind still holds) or recomputed; tokens stay transformers'."""
+    from engine import migration
+    from tests.engine.engine_helpers import collect_steps
+
+    directory, prompts, reference = tiny_gemma3
+    prompt, expected = prompts[4], reference[4]
+    assert len(prompt) > 40 + 32
+    config = small_config(model=str(directory), kv_layout="paged")
+    source = LLMEngine(config, tokenizer=smollm2_tokenizer)
+    destination = LLMEngine(config, tokenizer=smollm2_tokenizer)
+    try:
+        tokens: dict[str, list[int]] = {}
+        source.add_request(GenerateRequest("m", tuple(prompt), greedy(16)))
+        collect_steps(source, tokens, steps=6)
+        stages = [migration.copy_kv(source, "m", 0)]
+        collect_steps(source, tokens, steps=2)
+        snapshot = migration.pause(source, "m")
+        stages.append(migration.copy_kv(source, "m", stages[-1].end))
+        assert stages[-1].end == snapshot.num_computed_tokens > 40 + 32
+        assert migration.reserve(destination, "m", snapshot.num_tokens)
+        if copy_kv:
+            for stage in stages:
+                migration.write_kv(destination, "m", stage)
+        migration.attach(destination, snapshot, snapshot.num_computed_tokens if copy_kv else 0)
+        migration.release(source, "m")
+        assert_pool_idle(source)
+        collect_steps(destination, tokens)
+        assert tokens["m"] == expected
+        assert_pool_idle(destination)
+    finally:
+        source.close()
+        destination.close()
+
+
 # ---- the real Gemma 3 270M (slow) ---------------------------------------------------------------
 NUM_NEW = 10
 
@@ -179,7 +217,8 @@ def test_gemma3_weights_equal_transformers_gguf_loading(gemma3_source, gemma3_fp
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 def test_gemma3_270m_matches_transformers(gemma3_tokenizer, gemma3_prompts, gemma3_reference, layout):
-    """Batched chunked prefill (128-token budget) with a prompt longer than the 512-token window."""
+    """Batched chunked prefill (128-token budget) with a prompt longer than the 512-token window, then a
+    prefix hit on it that reaches past the window."""
     engine = LLMEngine(gemma3_config(kv_layout=layout), tokenizer=gemma3_tokenizer)
     try:
         assert engine.kv.layout.name == layout
@@ -187,6 +226,11 @@ def test_gemma3_270m_matches_transformers(gemma3_tokenizer, gemma3_prompts, gemm
         ours = run_all(engine, gemma3_prompts, greedy(NUM_NEW))
         assert [ours[f"r{i}"] for i in range(len(gemma3_prompts))] == gemma3_reference
         assert engine.scheduler.num_preemptions == 0
+        # the long prompt again: a prefix hit past the window (sliding layers map only the window's pages)
+        hits = engine.kv.prefix.num_hit_tokens
+        again = run_all(engine, [gemma3_prompts[-1]], greedy(NUM_NEW), prefix="b")
+        assert engine.kv.prefix.num_hit_tokens - hits > 512 + engine.kv_spec.tokens_per_page
+        assert again["b0"] == gemma3_reference[-1]
         assert_pool_idle(engine)
     finally:
         engine.close()
