@@ -173,3 +173,20 @@ def test_packed_layout_is_verified_not_assumed():
     assert blocked_pairs_layout(weight, blocked) == (32, 64)
     blocked = weight.view(1, 64, 32, 2).permute(0, 2, 1, 3).contiguous().view(torch.uint8).flatten()
     assert blocked_pairs_layout(weight, blocked) == (64, 64)
+
+
+@pytest.mark.parametrize("source", ["packed_gemm_bf16.c", "decode_step_bf16.c"])
+def test_bf16_kernels_decline_a_build_without_avx512_bf16(source):
+    """On an AVX2-only CPU the bf16 kernels refuse to build (RuntimeError), which their Python sides catch to
+    keep oneDNN's products and the per-op path."""
+    import shutil
+    from pathlib import Path
+
+    from engine import native_build
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    avx2_flags = tuple("-march=haswell" if flag == "-march=native" else flag for flag in native_build.FLAGS)
+    path = Path(native_build.__file__).parent / "model" / "csrc" / source
+    with pytest.raises(RuntimeError, match="needs AVX512-BF16"):
+        native_build.load_library(path, avx2_flags)
