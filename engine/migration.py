@@ -177,14 +177,18 @@ def resume(engine: LLMEngine, request_id: str) -> None:
 
 # ---- destination -------------------------------------------------------------------------------
 def reserve(engine: LLMEngine, request_id: str, num_tokens: int) -> bool:
-    """Takes a slot and pages for `num_tokens` tokens of KV (+1 page of growth). False if no room."""
+    """Takes a slot and pages for `num_tokens` tokens of KV (+1 page of growth). False if no room. With
+    `kv_offload: layerwise` a request whose whole KV does not fit on the device gets its top layers on the
+    host (the offload policy's admission rule: `layers_to_import`)."""
     if request_id in engine.scheduler.requests or request_id in engine.kv.requests:
         return False
     room = num_tokens + engine.kv_spec.tokens_per_page
     workspace = engine.runner.activation_chunks_charged_to_kv(1, SampledRows.plain(1))
-    if engine.kv.chunks_to_grow(None, room) + workspace > engine.kv.num_available_chunks():
+    offloaded = engine.scheduler.offload.layers_to_import(num_tokens, room,
+                                                          engine.kv.num_available_chunks() - workspace)
+    if offloaded is None:
         return False
-    return engine.kv.reserve_import(request_id, room)
+    return engine.kv.reserve_import(request_id, room, offloaded)
 
 
 def write_kv(engine: LLMEngine, request_id: str, stage: KVStage) -> None:
