@@ -25,8 +25,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import NamedTuple
 
-import torch
-
 from memory.host_buffer import HostBufferFull
 from memory.kv.host_tier import HOST_TIER
 
@@ -318,12 +316,6 @@ class LayerResidency:
             if host is not None:
                 self.host_buffer.free(list(host))
 
-    def _host_page_views(self, state, layer: int, page: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        host = state.host_pages.get((layer, page))
-        if host is None:
-            return None
-        return self.host_buffer.view(host.key), self.host_buffer.view(host.value)
-
     def _swapped_block_slots(self, state, group: int, page: int, block, copied: list[int]) -> list[int]:
         """A swapped-out block's host slots in chunk order: `copied` for its device chunks, the
         offloaded layers' host pages (taken over, not copied) for the others."""
@@ -336,15 +328,3 @@ class LayerResidency:
             else:
                 slots += list(state.host_pages.pop((layer, page)))
         return slots
-
-    def _overlay_host_page(self, state, layers: list, layer: int, page: int, start: int, end: int) -> None:
-        """Writes the tokens of one host page that fall in [start, end) into `layers` (read_kv's copies)."""
-        page_tokens = self.spec.tokens_per_page
-        first, last = max(start, page * page_tokens), min(end, (page + 1) * page_tokens)
-        if first >= last:
-            return
-        key, value = layers[layer]
-        for tensor, host_view in zip((key, value), self._host_page_views(state, layer, page), strict=True):
-            page_view = host_view.view(tensor.dtype).view(page_tokens, *tensor.shape[1:])
-            offset = page * page_tokens
-            tensor[first - start : last - start].copy_(page_view[first - offset : last - offset])
