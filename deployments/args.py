@@ -96,10 +96,14 @@ class ParameterDroppingArgs(BaseModel):
     restore_after_s: float = Field(default=5.0, ge=0)  # hysteresis before restoring
     peer_hang_s: float = Field(default=3.0, gt=0.5)  # a paired replica silent this long is lost (heartbeat)
 
+    def plan_options(self) -> dict:
+        """The drop plan's options (`DroppingConfig`'s fields; `peer_hang_s` is the replicas' own)."""
+        return self.model_dump(exclude={"peer_hang_s"})
+
     def to_config(self):
         from deployments.cluster.drop_plan import DroppingConfig
 
-        return DroppingConfig(**self.model_dump(exclude={"peer_hang_s"}))
+        return DroppingConfig(**self.plan_options())
 
 
 class AppArgs(BaseModel):
