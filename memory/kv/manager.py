@@ -266,13 +266,13 @@ class KVCacheManager(LayerResidency, LayeredMigration):
             host = self._allocate_host_pages(state, group, page)
             if host is None:
                 for _, _, allocated in host_pages:
-                    self.host_buffer.free([slot for _, pair in allocated for slot in pair])
+                    self.layout.release_host(self.host_buffer, [slot for _, pair in allocated for slot in pair])
                 return False
             host_pages.append((group, page, host))
         chunks = self._take_chunks(num_chunks)
         if chunks is None:
             for _, _, allocated in host_pages:
-                self.host_buffer.free([slot for _, pair in allocated for slot in pair])
+                self.layout.release_host(self.host_buffer, [slot for _, pair in allocated for slot in pair])
             return False
         tier_chunks = []
         if self.host_tier is not None:
