@@ -23,6 +23,7 @@ from memory.kv.block_source import BlockSource, LcmBlocks, LooseChunks, TakenBlo
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
 from memory.kv.cache_policy import policy_for
 from memory.kv.evictor import EVICTORS
+from memory.kv.fork import SequenceFork
 from memory.kv.host_tier import HostChunkTier
 from memory.kv.layout import KVLayout
 from memory.kv.mirror import RecordingLayout
@@ -50,7 +51,7 @@ class RequestKV:
         return self.host_slots is not None
 
 
-class KVCacheManager(LayerResidency):
+class KVCacheManager(LayerResidency, SequenceFork):
     _kv_client = KV_CLIENT
 
     def __init__(
