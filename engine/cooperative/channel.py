@@ -4,7 +4,8 @@
 Rank 0 is the leader (stage 1, the pair's scheduler), rank 1 the follower (stage 2). Each direction keeps
 its own tag counter, so point-to-point messages match one to one in the order they were sent. Objects
 (control messages: step plans, layout logs, request snapshots, outputs) travel pickled as a length and a
-byte tensor; tensors (hidden states) travel as they are. Any failure of the group (the peer died, the
+byte tensor; tensors (hidden states) travel as they are; KV carried across forming and dissolving travels as the
+migration's KV stages. Any failure of the group (the peer died, the
 timeout passed) raises `PeerLost`; the pair then ends (engine/cooperative/remote.py, follower.py).
 """
 
@@ -14,6 +15,8 @@ import itertools
 import pickle
 
 import torch
+
+from engine.migration import KVStage, pack, unpack
 
 
 class PeerLost(ConnectionError):
@@ -73,3 +76,15 @@ class PairChannel:
         size = self.recv_tensor(torch.empty(1, dtype=torch.int64))
         payload = self.recv_tensor(torch.empty(int(size.item()), dtype=torch.uint8))
         return pickle.loads(payload.numpy().tobytes())
+
+    def send_stage(self, stage: KVStage) -> None:
+        """Some layers of one request's KV (a pair forming or dissolving): a header, then one flat tensor, in
+        the migration's wire format (engine/migration.py `pack`)."""
+        header, flat = pack(stage)
+        self.send_object(header)
+        self.send_tensor(flat)
+
+    def recv_stage(self, device: torch.device | str = "cpu") -> KVStage:
+        header = self.recv_object()
+        flat = self.recv_tensor(torch.empty(header.numel, dtype=getattr(torch, header.dtype), device=device))
+        return unpack(header, flat)

@@ -248,14 +248,21 @@ class LayerStager:
             self._free.extend(self.layout.unmap_layer_page(layer, copy.slot, copy.page))
 
 
-def step_stager(kv, output, copies: CopyEngine, make_room: Callable[[int], int] | None) -> LayerStager | None:
-    """The stager of one step's plan (`output`: a SchedulerOutput) over `kv` (a KVCacheManager); None when
-    the step touches no host page. The ModelRunner and the simulator's executor both build it here."""
+def step_staging_plan(kv, output) -> list[list[StagedCopy]] | None:
+    """What one step (`output`: a SchedulerOutput) stages over `kv` (a KVCacheManager); None when it touches
+    no host page. Under tensor parallelism rank 0 sends it to the other ranks with the step (memory/kv/mirror.py)."""
     if not kv.num_offloaded_host_chunks:
         return None
     spans = [StepSpan(chunk.request_id, chunk.slot, chunk.start, chunk.start + len(chunk.token_ids))
              for chunk in output.decodes + output.prefills]
     plan = staging_plan(kv, spans)
-    if not any(plan):
+    return plan if any(plan) else None
+
+
+def step_stager(kv, output, copies: CopyEngine, make_room: Callable[[int], int] | None) -> LayerStager | None:
+    """The stager of one step's plan over `kv`; None when the step touches no host page. The ModelRunner and
+    the simulator's executor both build it here."""
+    plan = step_staging_plan(kv, output)
+    if plan is None:
         return None
     return LayerStager(kv.layout, kv.host_buffer, kv.pool, plan, copies, make_room)

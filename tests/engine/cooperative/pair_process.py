@@ -12,6 +12,7 @@ import torch.distributed as dist
 from engine.api import GenerateRequest
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.cooperative.carry import CarryPolicy
 from engine.cooperative.channel import PairChannel
 from engine.cooperative.follower import RemoteFollower
 from engine.cooperative.remote import RemoteLeader
@@ -69,13 +70,15 @@ def collect(tokens: dict, outputs) -> None:
             tokens.setdefault("errors", []).append((output.request_id, output.error))
 
 
-def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after_syncs: int | None = None) -> None:
+def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after_syncs: int | None = None,
+                 carry: str = "auto") -> None:
     """Serves "b" alone for 4 steps, forms the pair, submits "c" (8 tokens, wholly while dropped) and "f"
     (24 tokens, spans the restore), serves until restored, finishes alone, sends its tokens to rank 0.
-    `die_after_syncs`: exits abruptly after that many syncs instead (a replica dying while dropped)."""
+    `die_after_syncs`: exits abruptly after that many syncs instead (a replica dying while dropped);
+    `carry`: the CarryPolicy mode for its requests' KV."""
     channel = join(port, 1)
     engine = engine_for(model_dir)
-    follower = RemoteFollower(engine, channel)
+    follower = RemoteFollower(engine, channel, CarryPolicy(carry))
     tokens: dict = {}
     add(engine, "b", prompts[1], 24)
     for _ in range(4):
@@ -93,7 +96,8 @@ def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after
         collect(tokens, engine.step())
     channel.send_object({"tokens": tokens, "weights": engine.pool.num_held("weights"),
                          "dropped": engine.dropped_weight_bytes, "kv_used": engine.kv.num_used_chunks(),
-                         "steps": follower.num_steps})
+                         "steps": follower.num_steps, "carried": follower.num_carried,
+                         "recomputed": follower.num_recomputed})
     channel.flush()
 
 
@@ -141,14 +145,15 @@ def run_async_follower(model_dir, port: int, prompts, drop: tuple[int, int]) -> 
         b = asyncio.ensure_future(consume(engine.generate(GenerateRequest("b", tuple(prompts[1]), greedy(64))),
                                           tokens, "b", first))
         await first.wait()
-        follower = RemoteFollower(engine.engine, channel)
+        follower = RemoteFollower(engine.engine, channel, CarryPolicy("copy"))
         await engine.cooperate(follower, lambda: follower.form(*drop))
         await consume(engine.generate(GenerateRequest("c", tuple(prompts[2]), greedy(8))), tokens, "c")
         await b
         while engine.driver is not None:
             await asyncio.sleep(0.01)
         await engine.shutdown()
-        channel.send_object({"tokens": tokens, "steps": follower.num_steps})
+        channel.send_object({"tokens": tokens, "steps": follower.num_steps, "carried": follower.num_carried,
+                             "recomputed": follower.num_recomputed})
         channel.flush()
         return tokens
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from engine.cooperative.carry import CarryPolicy
 from engine.cooperative.follower import LEADER_ERROR, RemoteFollower
 from engine.cooperative.remote import RemoteLeader
 from tests.engine.cooperative.pair_process import (
@@ -23,6 +24,7 @@ from tests.engine.cooperative.pair_process import (
     run_follower,
     run_leader_then_die,
 )
+from tests.engine.cooperative.test_pair import assert_pool_exact
 from tests.engine.engine_helpers import assert_pool_idle
 from tests.engine.reference import hf_greedy, hf_model_from_source
 
@@ -44,13 +46,16 @@ def assert_same(tokens: dict, reference, index: int, request_id: str, count: int
     assert tokens[request_id] == reference[index][:count], request_id
 
 
-@pytest.mark.slow  # about 10-15 s; the default suite runs the served path (test_async_pair.py)
-def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference):
+@pytest.mark.slow  # about 10-15 s each; the default suite runs the served path (test_async_pair.py)
+@pytest.mark.parametrize("carry", ["copy", "recompute"])
+def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference, carry):
+    """Requests in flight when the pair forms ("a" here, "b" there) and when it restores ("e" here, "f"
+    there) keep their KV over the channel (copy) or recompute it; either way the tokens are transformers'."""
     store = host_store()
-    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP)
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, carry)
     channel = join(store.port, 0, store)
     engine = engine_for(tiny_qwen3_dir)
-    leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8)
+    leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8, carry=CarryPolicy(carry))
     tokens: dict = {}
     add(engine, "a", prompts[0], 8)  # spans the drop, ends while dropped
     for _ in range(4):
@@ -59,6 +64,9 @@ def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, re
     freed = leader.form(*DROP)
     assert freed == engine.rank.arena.layer_chunks([2, 3]) > 0
     assert engine.pool.num_held("weights") == weights - freed and engine.drop_state == "dropped"
+    # "a" and the follower's "b" were running: placed with their KV (copy), or waiting to recompute
+    assert (leader.num_carried, leader.num_recomputed) == ((2, 0) if carry == "copy" else (0, 1))
+    assert_pool_exact(engine)
     add(engine, "d", prompts[3], 8)  # wholly while dropped
     add(engine, "e", prompts[4], 24)  # spans the restore
     seen_peer = set()
@@ -70,8 +78,17 @@ def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, re
             break
     assert leader.bubble_ratio > 0 and leader._runner.stats.num_steps > 0
     assert "f" in leader.peer_requests and len(tokens["e"]) < 24  # both still running: they span the restore
+    running = {request.request_id for request in engine.scheduler.running}
+    assert {"e", "f"} <= running  # both carried across the restore (with whichever others still run)
+    back = running & leader.peer_requests
     assert leader.restore() == freed
     assert engine.pool.num_held("weights") == weights and engine.drop_state == "normal"
+    assert_pool_exact(engine)
+    if carry == "copy":  # "e" came back with layers [2, 4) from the follower, "f" went to it with [0, 2)
+        assert leader.num_recomputed == 0 and leader.num_carried == 2 + len(running - back)
+        assert engine.scheduler.requests["e"].num_computed_tokens > 0
+    else:
+        assert leader.num_carried == 0 and leader.num_recomputed == 1 + len(running)
     while engine.has_work:
         collect(tokens, leader.step())
     theirs = channel.recv_object()
@@ -83,6 +100,9 @@ def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, re
         assert_same(theirs["tokens"], reference, index, request_id, count)
     assert "errors" not in tokens and "errors" not in theirs["tokens"]
     assert theirs["dropped"] == 0 and theirs["kv_used"] == 0 and theirs["steps"] > 0
+    # the follower's side: "f" (and any other of its requests still running) placed with their KV on restoring;
+    # "b" recomputing from forming on
+    assert (theirs["carried"], theirs["recomputed"]) == ((len(back), 0) if carry == "copy" else (0, 1))
     assert_pool_idle(engine)
     engine.close()
 
