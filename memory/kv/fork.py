@@ -19,10 +19,10 @@ class SequenceFork:
     """Mixed into KVCacheManager (it provides requests, slots, blocks, layout, prefix, spec)."""
 
     def can_fork(self, request_id: str) -> bool:
-        """Whether the request's KV is forkable at all (on the device, every layer held here)."""
+        """Whether the request's KV is forkable at all (on the device: not swapped, no layer on the host). The
+        copy is logged by a recording layout, so tensor-parallel ranks and a cooperative follower replay it."""
         state = self.requests.get(request_id)
-        return (state is not None and not state.is_swapped and HOST not in state.residency
-                and not state.host_pages and len(self.held_layers) == self.spec.num_layers)
+        return state is not None and not state.is_swapped and HOST not in state.residency and not state.host_pages
 
     def chunks_to_fork(self, num_tokens: int) -> int:
         """Device chunks one fork of a request with `num_tokens` computed tokens takes: a private copy of the

@@ -146,3 +146,19 @@ def test_aborting_before_the_fork(engine, prompt):
     engine.abort("a1")
     assert not engine.has_work
     assert_pool_idle(engine)
+
+
+def test_greedy_choices_on_the_paged_layout(smollm2_tokenizer, prompt, hf_smollm2):
+    """The same fork through the paged layout (block tables; the copy of the partial page is a small page)."""
+    config = EngineConfig(dtype="float32", num_threads=2, max_model_len=256, max_num_seqs=8,
+                          max_num_batched_tokens=32, tokens_per_page=16, device_memory_bytes=1 << 30,
+                          host_buffer_bytes=16 << 20, kv_layout="paged")
+    paged = LLMEngine(config, tokenizer=smollm2_tokenizer)
+    try:
+        expected = hf_greedy(hf_smollm2, [prompt], NUM_NEW)[0]
+        tokens, prefilled = run(paged, prompt, [greedy(NUM_NEW)] * 3, "q", group="cmpl-5")
+        assert prefilled == len(prompt)
+        assert tokens["q0"] == tokens["q1"] == tokens["q2"] == expected
+        assert_pool_idle(paged)
+    finally:
+        paged.close()
