@@ -121,7 +121,7 @@ class ModelRunner:
         if staging is None:
             return None
         return LayerStager(self.kv.layout, self.kv.host_buffer, self.kv.pool, staging, self.copies,
-                           self.workspace.give_back)
+                           self.kv.spec.tokens_per_page, self.workspace.give_back)
 
     def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
         """Runs one step. `states` are the sampling states of the rows that sample, in row order
