@@ -8,6 +8,8 @@
   `sim` backend with 2 MiB chunks (CUDA's granule); requests are admitted in order until one does not fit.
 - `evictor`: Gemma 3 270M's KV manager (real KVCacheManager on the `sim` backend) under a shared-prefix
   workload with a KV budget that forces evictions: prefix-hit rate with `lru` vs `prefix_subset`.
+- `evictor-engine`: the same question through the real Gemma 3 270M engine, both evictors side by side
+  in one run: hit rate and output tokens/s (loadtest/bench/jenga_evictor.py).
 - `pool`: the two-model mix through two real paged KV managers on one KVBalloon, with the pages an
   EngineGroup gives SmolLM2 and Gemma 3 in one pool (loadtest/bench/jenga_pool.py): LCM vs padding vs static.
 - `paged`, `attention`: paged vs contiguous on CPU, whole SmolLM2 engines and one attention layer, fp32 and
@@ -15,6 +17,7 @@
 
     python -m loadtest.bench.jenga memory [--budget-gib 2]
     python -m loadtest.bench.jenga evictor [--requests 400]
+    python -m loadtest.bench.jenga evictor-engine [--requests 48] [--kv-mib 80] [--concurrency 4]
     python -m loadtest.bench.jenga pool [--budget-gib 2]
     python -m loadtest.bench.jenga paged [--rounds 3] [--dtype float32 bfloat16]
     python -m loadtest.bench.jenga attention [--iterations 300]
@@ -154,6 +157,13 @@ def main() -> None:
     evictor = sub.add_parser("evictor")
     evictor.add_argument("--requests", type=int, default=400)
     evictor.add_argument("--model", choices=("gemma3", "smollm2"), default="gemma3")
+    engine = sub.add_parser("evictor-engine")
+    engine.add_argument("--requests", type=int, default=48)
+    engine.add_argument("--kv-mib", type=float, default=80.0)
+    engine.add_argument("--concurrency", type=int, default=4)
+    engine.add_argument("--max-tokens", type=int, default=16)
+    engine.add_argument("--threads", type=int, default=1)
+    engine.add_argument("--layout", choices=("contiguous", "paged"), default="contiguous")
     sub.add_parser("pool").add_argument("--budget-gib", type=float, default=2.0)
     paged = sub.add_parser("paged")
     paged.add_argument("--rounds", type=int, default=3)
@@ -164,6 +174,10 @@ def main() -> None:
         bench_memory(args.budget_gib)
     elif args.bench == "evictor":
         bench_evictor(args.requests, args.model)
+    elif args.bench == "evictor-engine":
+        from loadtest.bench.jenga_evictor import bench_evictor_engine
+
+        bench_evictor_engine(args.requests, args.kv_mib, args.concurrency, args.max_tokens, args.threads, args.layout)
     elif args.bench == "pool":
         from loadtest.bench.jenga_pool import bench_pool
 
