@@ -85,17 +85,18 @@ def _eviction_order(evictor: str, window: int | None = 2 * P) -> tuple[list[tupl
 
 def test_prefix_subset_evictor_loses_the_least_hit_length():
     order, hits = _eviction_order("prefix_subset")
-    # the sliding pages no hit of the full prefix needs go first (oldest first), then the tail of
-    # every kind, deepest first: the cached prefix shrinks from its end
-    assert order == [(1, 0), (1, 1), (1, 2), (1, 3), (0, 5), (1, 5), (0, 4), (1, 4),
-                     (0, 3), (0, 2), (0, 1), (0, 0)]
-    assert hits[:4] == [6 * P] * 4  # four evictions cost nothing
+    # no hit has used this release yet, so its shared boundary may be anywhere within a window (2 pages) of
+    # its end: only the sliding pages no such hit needs go first (0, 1), then the tail of every kind,
+    # deepest first: the cached prefix shrinks from its end, a valid hit for every kind at each length
+    assert order == [(1, 0), (1, 1), (0, 5), (1, 5), (0, 4), (1, 4),
+                     (0, 3), (1, 3), (0, 2), (1, 2), (0, 1), (0, 0)]
+    assert hits[:6] == [6 * P, 6 * P, 5 * P, 5 * P, 4 * P, 4 * P]
+    assert hits[6:] == [0] * 6  # full page 3 gone: a 3-page hit would need sliding page 1, evicted first
     lru_order, lru_hits = _eviction_order("lru")
     # LRU drops the sliding pages first too (they were parked first, while the request ran), then
     # the head of the full-attention chain
     assert lru_order[:5] == [(1, 0), (1, 1), (1, 2), (1, 3), (0, 0)]
     assert lru_hits[:4] == [6 * P] * 4 and lru_hits[4] == 0
-    assert hits[4] == 0  # tail page 5 gone: a 5-page hit would need sliding page 3, evicted already
 
 
 def test_full_attention_chains_shrink_from_the_tail_not_the_head():
@@ -187,7 +188,9 @@ def test_exact_block_ids_of_a_hit_and_of_each_eviction_for_mixed_kinds(evictor):
     if evictor == "lru":  # park order: A's leftovers, then B's sliding block 3 (window of the hit): lost
         assert order == [1, 6, 7, 3, 0, 2, 4, 10, 5, 11]
         assert hits == [3, 3, 3, 0, 0, 0, 0, 0, 0, 0]
-    else:  # what no target hit needs, in every release (A's slid-out 1, B's private tail 10, 11), then the
-        # oldest release's target deepest first (A's 6, 7), then B's: 4 (full page 2) breaks the hit
-        assert order == [1, 10, 11, 6, 7, 4, 5, 2, 3, 0]
+    else:  # what no target hit needs, in every release (B's private tail 10, 11: B's hit says where its
+        # shared prefix ends; A's slid-out 1 stays: no hit has used A, so a hit at any page within a window of
+        # A's end is kept possible), then the oldest release deepest first (A's 6, 7, 1), then B's: 4 (full
+        # page 2) breaks the hit
+        assert order == [10, 11, 6, 7, 1, 4, 5, 2, 3, 0]
         assert hits == [3, 3, 3, 3, 3, 0, 0, 0, 0, 0]
