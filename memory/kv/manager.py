@@ -458,7 +458,8 @@ class KVCacheManager(LayerResidency):
             return []
         if num_chunks > self.num_available_chunks():
             return None
-        free_now = min(num_chunks, self.pool.num_free())
+        # free chunks KV may take now (a static split caps KV at its share, whatever else is free)
+        free_now = min(num_chunks, self.pool.num_free(), self.pool.num_obtainable(KV_CLIENT))
         chunks = self.pool.inflate(KV_CLIENT, free_now) if free_now else []
         while len(chunks) < num_chunks and self.prefix.evictable:
             evicted = self.prefix.evict_oldest()
