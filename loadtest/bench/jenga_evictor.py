@@ -60,20 +60,21 @@ class EngineRun:
                 self.in_flight -= 1
 
 
-def _config(kv_mib: float, threads: int, layout: str, max_len: int) -> EngineConfig:
-    return EngineConfig(model="gemma3-270m", dtype="auto", pool_policy="static", tokens_per_page=16,
+def _config(threads: int, layout: str, max_len: int, dtype: str) -> EngineConfig:
+    return EngineConfig(model="gemma3-270m", dtype=dtype, pool_policy="static", tokens_per_page=16,
                         max_model_len=max_len, max_num_seqs=8, max_num_batched_tokens=256, num_threads=threads,
                         kv_layout=layout, device_memory_bytes=8 << 30)
 
 
-def build_engines(kv_mib: float, threads: int, layout: str, max_len: int = 1280) -> dict[str, object]:
+def build_engines(kv_mib: float, threads: int, layout: str, dtype: str = "auto",
+                  max_len: int = 1280) -> dict[str, object]:
     """One engine per evictor from one load of the weights, each with a static KV share of `kv_mib`."""
     from engine.core.engine import LLMEngine
     from engine.device.rank import build_rank
     from engine.text.tokenizer import load_tokenizer
     from engine.weights import load_weights, resolve_model_source
 
-    base = _config(kv_mib, threads, layout, max_len)
+    base = _config(threads, layout, max_len, dtype)
     source = resolve_model_source(base.model)
     loaded_config, weights = load_weights(source, base.torch_dtype, show_progress=False)
     probe = build_rank(base, loaded=(loaded_config, dict(weights)))  # what the weights and activations take
@@ -92,10 +93,10 @@ def build_engines(kv_mib: float, threads: int, layout: str, max_len: int = 1280)
 
 
 def bench_evictor_engine(num_requests: int, kv_mib: float, concurrency: int, max_tokens: int, threads: int,
-                         layout: str, seed: int = 0) -> None:
+                         layout: str, dtype: str = "auto", seed: int = 0) -> None:
     prompts = shared_prefix_workload(num_requests, seed)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    engines = build_engines(kv_mib, threads, layout)
+    engines = build_engines(kv_mib, threads, layout, dtype)
     first = next(iter(engines.values()))
     print(f"Gemma 3 270M ({first.dtype}, {layout} layout, {first.kv_spec.tokens_per_page}-token pages), "
           f"{num_requests} requests, {sum(map(len, prompts)):,} prompt tokens, {max_tokens} new tokens each, "

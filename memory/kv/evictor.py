@@ -103,3 +103,15 @@ EVICTORS: Mapping[str, Callable[[Sequence[CachePolicy]], Evictor]] = {
     LruEvictor.name: LruEvictor,
     PrefixSubsetEvictor.name: PrefixSubsetEvictor,
 }
+AUTO = "auto"
+
+
+def resolve_evictor(name: str, policies: Sequence[CachePolicy]) -> str:
+    """`auto`: `prefix_subset` when a kind has a sliding window (measured above LRU there, docs/JENGA.md),
+    else `lru` (full attention alone gains less, for a scan of the cache per eviction); other names as given."""
+    if name == AUTO:
+        sliding = any(isinstance(p, SlidingWindowPolicy) for p in policies)
+        return PrefixSubsetEvictor.name if sliding else LruEvictor.name
+    if name not in EVICTORS:
+        raise ValueError(f"unknown KV evictor {name!r} (auto | {' | '.join(EVICTORS)})")
+    return name

@@ -194,3 +194,14 @@ def test_exact_block_ids_of_a_hit_and_of_each_eviction_for_mixed_kinds(evictor):
         # page 2) breaks the hit
         assert order == [10, 11, 6, 7, 1, 4, 5, 2, 3, 0]
         assert hits == [3, 3, 3, 3, 3, 0, 0, 0, 0, 0]
+
+
+def test_auto_evictor_is_prefix_subset_for_sliding_kinds_only():
+    kv, _ = _kv("auto")
+    assert kv.evictor == "prefix_subset" and kv.prefix.evictor is not None
+    kv.close()
+    kv, _ = _kv("auto", window=None)
+    assert kv.evictor == "lru" and kv.prefix.evictor is None
+    kv.close()
+    with pytest.raises(ValueError, match="unknown KV evictor"):
+        _kv("fifo")

@@ -100,6 +100,7 @@ def test_tiny_gemma3_matches_transformers(tiny_gemma3, smollm2_tokenizer, layout
     engine = LLMEngine(small_config(model=str(directory), kv_layout=layout), tokenizer=smollm2_tokenizer)
     try:
         assert engine.model_config.query_pre_attn_scalar != engine.model_config.head_dim
+        assert engine.kv.evictor == "prefix_subset"  # kv_evictor: auto, for a model with sliding layers
         assert max(len(p) for p in prompts) > 40 + 32  # pages really leave the window
         ours = run_all(engine, prompts, greedy(16))
         assert [ours[f"r{i}"] for i in range(len(prompts))] == reference
