@@ -104,9 +104,8 @@ class EngineConfig:
             raise ValueError(f"kv_staging must be auto, copy, inline or in_place, got {self.kv_staging!r}")
         if self.kv_staging == "in_place" and self.backend_name != "host":
             raise ValueError("kv_staging: in_place needs the host VMM backend (device and host share RAM)")
-        if self.kv_offload == "layerwise" and (self.tensor_parallel_size > 1 or not self.host_buffer_bytes
-                                               or self.kv_layout != "contiguous"):
-            raise ValueError("kv_offload: layerwise needs a host buffer, tensor_parallel_size 1, kv_layout contiguous")
+        if self.kv_offload == "layerwise" and (not self.host_buffer_bytes or self.kv_layout != "contiguous"):
+            raise ValueError("kv_offload: layerwise needs a host buffer and kv_layout contiguous")
         if self.priority_scale < 1:
             raise ValueError("priority_scale must be >= 1")
         if self.stall_timeout_s <= 0:

@@ -14,6 +14,7 @@ share (`ShardPlan`). So requests move between replicas of any TP sizes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,40 @@ class KVStage:
     @property
     def num_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+
+# ---- the wire format of a KV stage (deployments/migration/kv_channel.py; KunServe's pair channel) --------
+@dataclass(frozen=True)
+class StageHeader:
+    start: int
+    end: int
+    shapes: tuple[tuple[int, ...], ...]  # K0, V0, K1, V1, ... (layers may differ in heads and head size)
+    dtype: str  # e.g. "float32"
+    tag: int  # the point-to-point tag of this transfer
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+
+def pack(stage: KVStage, tag: int = 0) -> tuple[StageHeader, torch.Tensor]:
+    tensors = [tensor for pair in stage.layers for tensor in pair]
+    dtype = tensors[0].dtype if tensors else torch.float32
+    if any(tensor.dtype != dtype for tensor in tensors):
+        raise ValueError("a KV stage must have one dtype")
+    header = StageHeader(stage.start, stage.end, tuple(tuple(t.shape) for t in tensors),
+                         str(dtype).removeprefix("torch."), tag)
+    flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0, dtype=dtype)
+    return header, flat
+
+
+def unpack(header: StageHeader, flat: torch.Tensor) -> KVStage:
+    tensors, offset = [], 0
+    for shape in header.shapes:
+        size = math.prod(shape)
+        tensors.append(flat[offset:offset + size].view(shape))
+        offset += size
+    return KVStage(header.start, header.end, list(zip(tensors[0::2], tensors[1::2], strict=True)))
 
 
 @dataclass(frozen=True)
@@ -91,7 +126,8 @@ def _read_all_heads(engine: LLMEngine, request_id: str, start: int, end: int) ->
     if engine.executor is None:
         return local
     local = [(k.cpu(), v.cpu()) for k, v in local]  # the ranks' shares meet on the host
-    ranks = engine.executor.read_kv(engine.kv.slot_of(request_id), start, end, local)
+    host_pages = engine.kv.requests[request_id].host_pages  # each rank reads its heads of these from its host
+    ranks = engine.executor.read_kv(engine.kv.slot_of(request_id), start, end, local, host_pages)
     return [(torch.cat([rank[layer][0] for rank in ranks], dim=1), torch.cat([rank[layer][1] for rank in ranks], dim=1))
             for layer in range(len(local))]
 
@@ -106,7 +142,8 @@ def _write_all_heads(engine: LLMEngine, request_id: str, start: int, layers: KVL
         heads = ShardPlan.for_rank(engine.model_config, rank, world_size).kv_heads
         shares.append([(k[:, heads.start:heads.stop].contiguous(), v[:, heads.start:heads.stop].contiguous())
                        for k, v in layers])
-    mine = engine.executor.write_kv(engine.kv.slot_of(request_id), start, shares)
+    mine = engine.executor.write_kv(engine.kv.slot_of(request_id), start, shares,
+                                    engine.kv.requests[request_id].host_pages)
     engine.kv.write_kv(request_id, start, mine)
 
 
@@ -142,14 +179,18 @@ def resume(engine: LLMEngine, request_id: str) -> None:
 
 # ---- destination -------------------------------------------------------------------------------
 def reserve(engine: LLMEngine, request_id: str, num_tokens: int) -> bool:
-    """Takes a slot and pages for `num_tokens` tokens of KV (+1 page of growth). False if no room."""
+    """Takes a slot and pages for `num_tokens` tokens of KV (+1 page of growth). False if no room. With
+    `kv_offload: layerwise` a request whose whole KV does not fit on the device gets its top layers on the
+    host (the offload policy's admission rule: `layers_to_import`)."""
     if request_id in engine.scheduler.requests or request_id in engine.kv.requests:
         return False
     room = num_tokens + engine.kv_spec.tokens_per_page
     workspace = engine.runner.activation_chunks_charged_to_kv(1, SampledRows.plain(1))
-    if engine.kv.chunks_to_grow(None, room) + workspace > engine.kv.num_available_chunks():
+    offloaded = engine.scheduler.offload.layers_to_import(num_tokens, room,
+                                                          engine.kv.num_available_chunks() - workspace)
+    if offloaded is None:
         return False
-    return engine.kv.reserve_import(request_id, room)
+    return engine.kv.reserve_import(request_id, room, offloaded)
 
 
 def write_kv(engine: LLMEngine, request_id: str, stage: KVStage) -> None:
@@ -162,12 +203,11 @@ def cancel(engine: LLMEngine, request_id: str) -> None:
         engine.kv.free(request_id)
 
 
-def attach(engine: LLMEngine, snapshot: RequestSnapshot, num_kv_tokens: int) -> Request:
-    """Makes the migrated request run here. With num_kv_tokens == 0 its KV is recomputed (Mell's
-    adaptive choice for short contexts); otherwise the reserved pages hold that many tokens."""
+def request_from_snapshot(engine: LLMEngine, snapshot: RequestSnapshot) -> Request:
+    """The request a snapshot describes, not yet in any scheduler (no KV computed)."""
     sampling = SamplingState.import_state(snapshot.sampling_state)
     params: SamplingParams = sampling.params
-    request = Request(
+    return Request(
         request_id=snapshot.request_id,
         prompt_token_ids=list(snapshot.prompt_token_ids),
         params=params,
@@ -177,6 +217,12 @@ def attach(engine: LLMEngine, snapshot: RequestSnapshot, num_kv_tokens: int) -> 
         output_token_ids=list(snapshot.output_token_ids),
         num_cached_tokens=snapshot.num_cached_tokens,
     )
+
+
+def attach(engine: LLMEngine, snapshot: RequestSnapshot, num_kv_tokens: int) -> Request:
+    """Makes the migrated request run here. With num_kv_tokens == 0 its KV is recomputed (Mell's
+    adaptive choice for short contexts); otherwise the reserved pages hold that many tokens."""
+    request = request_from_snapshot(engine, snapshot)
     if num_kv_tokens == 0:
         cancel(engine, snapshot.request_id)
         engine.scheduler.add(request)  # recompute prompt + outputs, then continue decoding

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
-import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,43 +28,10 @@ import torch
 import torch.distributed as dist
 
 from deployments.cluster.placement import NodeAddress
-from engine.migration import KVStage
+from engine.migration import KVStage, StageHeader, pack, unpack  # the wire format lives with KVStage
 
 SENDER, RECEIVER = 0, 1
 LOCAL_NODE = "local"  # the node id of channels made outside Ray (tests, benchmarks): all on one node
-
-
-@dataclass(frozen=True)
-class StageHeader:
-    start: int
-    end: int
-    shapes: tuple[tuple[int, ...], ...]  # K0, V0, K1, V1, ... (layers may differ in heads and head size)
-    dtype: str  # e.g. "float32"
-    tag: int  # the point-to-point tag of this transfer
-
-    @property
-    def numel(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes)
-
-
-def pack(stage: KVStage, tag: int) -> tuple[StageHeader, torch.Tensor]:
-    tensors = [tensor for pair in stage.layers for tensor in pair]
-    dtype = tensors[0].dtype if tensors else torch.float32
-    if any(tensor.dtype != dtype for tensor in tensors):
-        raise ValueError("a KV stage must have one dtype")
-    header = StageHeader(stage.start, stage.end, tuple(tuple(t.shape) for t in tensors),
-                         str(dtype).removeprefix("torch."), tag)
-    flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0, dtype=dtype)
-    return header, flat
-
-
-def unpack(header: StageHeader, flat: torch.Tensor) -> KVStage:
-    tensors, offset = [], 0
-    for shape in header.shapes:
-        size = math.prod(shape)
-        tensors.append(flat[offset:offset + size].view(shape))
-        offset += size
-    return KVStage(header.start, header.end, list(zip(tensors[0::2], tensors[1::2], strict=True)))
 
 
 @dataclass(frozen=True)

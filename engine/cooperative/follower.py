@@ -1,7 +1,8 @@
 """A cooperative pair across two processes (KunServe), the follower's side: stage 2.
 
 The follower keeps layers [second_from, L). Forming the pair, it hands its requests in flight to the
-leader (snapshots: they recompute there), drops its first layers, keeps KV pages only for layers
+leader (snapshots, with layers [0, split) of the KV of those the carry policy copies; it keeps their other
+layers until the leader has placed them), drops its first layers, keeps KV pages only for layers
 [split, L) and offers the leader its free KV chunks (less one full step's workspace) as the budget of
 the leader's shadow of its KV manager (remote.py). From then on it serves the leader's messages:
 
@@ -13,8 +14,13 @@ the leader's shadow of its KV manager (remote.py). From then on it serves the le
   `serve_one`, for their streams); it answers with its inbox: new requests and aborts from its clients.
 - "grow": layers to drop more (ones stage 1 runs, so no KV moves); it answers with the chunks freed,
   which the leader's shadow then offers to its KV.
-- "restore": the log (which frees every page) and its requests back as snapshots: it copies its layers
-  back from the host copy and serves alone again, its requests recomputing their KV.
+- "carry" (once, right after forming): the log that maps the pages of the requests the leader placed with
+  their KV; it writes layers [split, L) of each: its own requests' from what it kept while forming, the
+  leader's as they come over the channel (carry.py decides copy or recompute per request, by cost).
+- "restore": the log (which frees every page), its requests back as snapshots and the requests whose KV is
+  copied: before replaying the log it reads their layers [split, L) (sending the leader's own requests'
+  to it), then copies its weights back from the host copy and serves alone again, its requests placed with
+  their KV (layers [0, split) from the leader) or recomputing it.
 
 If the leader dies (`PeerLost`), the follower restores its layers from its host copy and serves alone;
 its requests that were running on the pipeline end with a clear error (their state was on the leader).
@@ -28,20 +34,25 @@ import time
 import torch
 
 from engine.api import GenerateRequest, RequestOutput
+from engine.cooperative.carry import CarriedKV, CarryPolicy, place, snapshot, spread
 from engine.cooperative.channel import PairChannel, PeerLost
 from engine.cooperative.pipeline import num_sampled, pipeline_split
 from engine.cooperative.remote import snapshot_of
 from engine.core.engine import LLMEngine
 from engine.core.sampling_workspace import SampledRows
-from engine.migration import attach
+from engine.migration import KVStage, attach, request_from_snapshot
 from memory.kv.mirror import LayoutMirror
 
 LEADER_ERROR = "the replica serving the other half of this request's layers failed"
 
 
 class RemoteFollower:
-    def __init__(self, engine: LLMEngine, channel: PairChannel):
+    def __init__(self, engine: LLMEngine, channel: PairChannel, carry: CarryPolicy | None = None):
         self.engine = engine
+        self.carry = carry or CarryPolicy()
+        self.num_carried = 0  # its requests placed here with their KV copied back (restoring)
+        self.num_recomputed = 0  # its requests that had KV and recompute it (forming; restoring: only if no room)
+        self._kept: dict[str, list] = {}  # forming: its copied requests' KV until the leader placed them
         self.channel = channel
         self.is_formed = False
         self.split = engine.model_config.num_layers
@@ -57,7 +68,14 @@ class RemoteFollower:
         num_layers = engine.model_config.num_layers
         split = pipeline_split(num_layers, first_keeps, second_from)
         engine.drop_state = "dropping"
-        snapshots = [snapshot_of(request) for request in engine.scheduler.take_all_for_recompute()]
+        scheduler = engine.scheduler
+        carried = snapshot(scheduler, lambda request_id, n: engine.kv.read_kv(request_id, 0, n), self.carry,
+                           2 * engine.kv_spec.bytes_per_token, lambda _: split)  # layers [0, split) move
+        self.num_recomputed += sum(request.request_id not in carried and request.num_computed_tokens > 0
+                                   for request in scheduler.running)
+        snapshots = [snapshot_of(request, carried[request.request_id].num_tokens if request.request_id in carried
+                                 else 0) for request in scheduler.take_all_for_recompute()]
+        self._kept = {request_id: kv.layers[split:] for request_id, kv in carried.items()}
         freed = engine.drop_layers(range(0, second_from))
         engine.kv.hold_layers(range(split, num_layers))
         self._mirror = LayoutMirror(engine.kv_spec, engine.pool, engine.dtype, existing=engine.kv.layout)
@@ -70,6 +88,9 @@ class RemoteFollower:
             self.is_formed = True
         self.split = split
         self.channel.send_object(("formed", budget, snapshots))
+        for item in snapshots:  # the leader receives them in this order
+            if item.request_id in carried:
+                self.channel.send_stage(KVStage(0, item.num_computed_tokens, carried[item.request_id].layers[:split]))
         engine.drop_state = "dropped"
         return freed
 
@@ -98,7 +119,13 @@ class RemoteFollower:
         try:
             message = self.channel.recv_object()
             kind, log = message[0], message[1]
+            if kind == "restore":  # it reads the KV going back before the log frees its pages
+                self._restore(log, *message[2:])
+                return []
             self._mirror.apply(log)
+            if kind == "carry":
+                self._carry(message[2])
+                return []
             if kind == "step":
                 self._step(message[2])
                 return []
@@ -107,9 +134,6 @@ class RemoteFollower:
             if kind == "grow":
                 freed = self.engine.drop_layers(message[2])  # layers it holds but stage 1 runs: no KV moves
                 self.channel.send_object(("grown", freed))
-                return []
-            if kind == "restore":
-                self._restore(message[2])
                 return []
             raise RuntimeError(f"unknown pair message {kind!r}")
         except PeerLost:
@@ -153,22 +177,54 @@ class RemoteFollower:
         self.channel.send_object(inbox)
         return outputs
 
-    def _restore(self, snapshots) -> None:
+    def _carry(self, entries) -> None:
+        """Forming, once the leader placed the requests it carried (the log mapped their pages here): writes
+        layers [split, L) of each, this replica's own from what it kept, the leader's as they come."""
+        num_layers, layout = self.engine.model_config.num_layers, self.engine.kv.layout
+        for request_id, slot, _, is_leaders in entries:
+            layers = self.channel.recv_stage().layers if is_leaders else self._kept.pop(request_id)
+            layout.write_tokens(slot, 0, spread(num_layers, {self.split: layers}))
+        self.num_recomputed += len(self._kept)  # the leader had no room for these: they recompute there
+        self._kept = {}
+
+    def _restore(self, log, snapshots, entries) -> None:
+        """Reads layers [split, L) of every request the leader copies (sending the leader's own to it), replays
+        the log, copies its weights back and takes its requests back: with their KV (layers [0, split) from the
+        leader) or recomputing it; tokens so far kept."""
         engine = self.engine
         engine.drop_state = "restoring"
+        num_layers, split = engine.model_config.num_layers, self.split
+        kept = {}
+        for request_id, slot, tokens, is_mine in entries:
+            layers = engine.kv.layout.read_tokens(slot, 0, tokens)[split:]
+            if is_mine:
+                kept[request_id] = layers
+            else:
+                self.channel.send_stage(KVStage(0, tokens, layers))
         with self._lock:
+            self._mirror.apply(log)
             self._leave()
-            engine.restore_layers(range(engine.model_config.num_layers))
-            for snapshot in snapshots:
-                attach(engine, snapshot, 0)  # recomputes its KV here, its tokens so far kept
+            engine.restore_layers(range(num_layers))
+            first_half = {request_id: self.channel.recv_stage().layers for request_id in kept}
+            for item in snapshots:
+                if item.request_id in kept:
+                    carried = CarriedKV(item.num_computed_tokens, first_half[item.request_id] + kept[item.request_id])
+                    placed = place(engine.scheduler, request_from_snapshot(engine, item), carried)
+                    self.num_carried += placed
+                    self.num_recomputed += not placed
+                else:
+                    attach(engine, item, 0)  # recomputes its KV here, its tokens so far kept
             self.forwarded.clear()
             self._add_unsent()
         self.channel.send_object("restored")
         self.channel.flush()
+        self.channel.close()
         engine.drop_state = "normal"
 
     def _leader_lost(self) -> list[RequestOutput]:
         engine = self.engine
+        self.channel.close()
+        self._kept = {}
         with self._lock:
             if self._mirror is not None:
                 self._leave()

@@ -66,7 +66,7 @@ class CooperativePair:
         self.num_carried = 0  # requests that kept their KV across a drop or restore
         self.num_recomputed = 0  # requests that recomputed it
         spec = first.kv_spec
-        self._kv_bytes_per_token = 2 * spec.num_layers * spec.bytes_per_token
+        self._layer_bytes_per_token = 2 * spec.bytes_per_token  # K and V of one layer
         self._was_running: set[str] = set()  # while carrying: requests that had KV before the change
 
     # ---- forming the pipeline -------------------------------------------------------------------
@@ -84,8 +84,9 @@ class CooperativePair:
         taken = []
         for engine in (self.first, self.second):
             self._was_running.update(request.request_id for request in engine.scheduler.running)
+            moved = self.num_layers - split if engine is self.first else split  # its KV that changes replica
             carried.update(snapshot(engine.scheduler, lambda rid, n, kv=engine.kv: kv.read_kv(rid, 0, n),
-                                    self.carry, self._kv_bytes_per_token))
+                                    self.carry, self._layer_bytes_per_token, lambda _, moved=moved: moved))
             taken += [(engine, request) for request in engine.scheduler.take_all_for_recompute()]
         freed = self.first.drop_layers(range(first_keeps, self.num_layers))
         freed += self.second.drop_layers(range(0, second_from))
@@ -185,7 +186,8 @@ class CooperativePair:
 
     def _dissolve(self, read_kv: bool = True) -> tuple[list[Request], dict[str, CarriedKV]]:
         scheduler = self.first.scheduler
-        carried = snapshot(scheduler, self._read_pipeline_kv, self.carry, self._kv_bytes_per_token) if read_kv else {}
+        carried = snapshot(scheduler, self._read_pipeline_kv, self.carry, self._layer_bytes_per_token,
+                           self._moved_home) if read_kv else {}
         self._was_running.update(request.request_id for request in scheduler.running)
         taken = scheduler.take_all_for_recompute()
         self.stats.add(self._runner.stats)
@@ -202,6 +204,10 @@ class CooperativePair:
     def _set_state(self, state: str) -> None:
         for engine in (self.first, self.second):
             engine.drop_state = state
+
+    def _moved_home(self, request: Request) -> int:
+        """How many layers of a request's KV change replica when it goes home."""
+        return self.num_layers - self.split if self.homes[request.request_id] is self.first else self.split
 
     def _read_pipeline_kv(self, request_id: str, num_tokens: int) -> KVLayers:
         """Each layer's KV from the stage that holds it."""

@@ -17,9 +17,12 @@ requests' own sampling states, so seeded sampling is exact.
 
 Requests keep a home: those that arrived at the follower (forwarded by it) stream their outputs back to
 it in a "sync" message after each step, which also brings the follower's new requests and aborts. Forming
-and dissolving recompute every request in flight (the cross-process carry; tokens so far are kept: none is
-lost or repeated). If the follower dies (`PeerLost`), the leader restores its layers from its host copy,
-serves its own requests alone, and ends the follower's with an error.
+and dissolving carry every request in flight (carry.py): its KV is copied over the channel — layers
+[split, L) of the leader's requests to the follower on forming, each half to the replica that will hold it
+on restoring — or recomputed, as the same `CarryPolicy` as the in-process pair decides from the layers that
+change replica; tokens so far are kept, so none is lost or repeated. If the follower dies (`PeerLost`),
+the leader restores its layers from its host copy, serves its own requests alone, and ends the
+follower's with an error.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from types import SimpleNamespace
 import torch
 
 from engine.api import RequestOutput
-from engine.cooperative.carry import place
+from engine.cooperative import carry as carrying
+from engine.cooperative.carry import CarriedKV, CarryPolicy, place, snapshot, spread, to_copy
 from engine.cooperative.channel import PairChannel, PeerLost
 from engine.cooperative.kv import PipelineKV
 from engine.cooperative.pipeline import PipelineStats, grown_layers, num_sampled, pipeline_split, split_micro_batches
@@ -41,18 +45,19 @@ from engine.core.runner import ModelRunner
 from engine.core.sampler import SampleResult, SamplingState, rows_of
 from engine.core.sampling_workspace import SampledRows, sampling_plan
 from engine.core.scheduler import SchedulerOutput
-from engine.migration import RequestSnapshot, attach
+from engine.migration import KVStage, RequestSnapshot, request_from_snapshot
 from memory.kv import KVCacheManager
 from memory.pool import ElasticPool
 from memory.vmm.sim import SimBackend
 
 
-def snapshot_of(request: Request) -> RequestSnapshot:
-    """A request's state for the other process (its KV is recomputed there)."""
+def snapshot_of(request: Request, num_kv_tokens: int = 0) -> RequestSnapshot:
+    """A request's state for the other process; `num_kv_tokens`: how many tokens of KV go with it (0: it
+    recomputes its KV there)."""
     return RequestSnapshot(request.request_id, tuple(request.prompt_token_ids), tuple(request.output_token_ids),
                            request.sampling.export_state(),
                            request.detokenizer.export_state() if request.detokenizer is not None else {},
-                           request.arrival_time, request.num_cached_tokens, 0)
+                           request.arrival_time, request.num_cached_tokens, num_kv_tokens)
 
 
 RESERVE = "offered_later"  # the shadow pool's chunks the follower has not offered (yet): it frees them by growing
@@ -166,8 +171,12 @@ class RemoteLeader:
     requests; the follower's go back to it over the channel."""
 
     def __init__(self, engine: LLMEngine, channel: PairChannel, num_micro_batches: int = 2,
-                 min_micro_batch_tokens: int = 64):
+                 min_micro_batch_tokens: int = 64, carry: CarryPolicy | None = None):
         self.engine = engine
+        self.carry = carry or CarryPolicy()
+        self.num_carried = 0  # requests whose KV this replica placed by copy (forming: both; restoring: its own)
+        self.num_recomputed = 0  # requests that had KV and recompute it (forming: its own; restoring: both)
+        self._layer_bytes_per_token = 2 * engine.kv_spec.bytes_per_token
         self.channel = channel
         self.num_micro_batches = num_micro_batches
         self.min_micro_batch_tokens = min_micro_batch_tokens
@@ -195,7 +204,12 @@ class RemoteLeader:
         kind, budget, snapshots = self.channel.recv_object()
         if kind != "formed":
             raise RuntimeError(f"the follower answered {kind!r} to forming the pair")
+        # layers [0, split) of the follower's requests it copies (it keeps [split, L) until "carry")
+        theirs = {item.request_id: self.channel.recv_stage().layers for item in snapshots if item.num_computed_tokens}
         engine.drop_state = "dropping"
+        mine = snapshot(engine.scheduler, lambda request_id, n: engine.kv.read_kv(request_id, 0, n), self.carry,
+                        self._layer_bytes_per_token, lambda _: num_layers - split)
+        was_running = {request.request_id for request in engine.scheduler.running}
         taken = engine.scheduler.take_all_for_recompute()
         freed = engine.drop_layers(range(first_keeps, num_layers))
         engine.kv.hold_layers(range(0, split))
@@ -213,12 +227,33 @@ class RemoteLeader:
         self.split = split
         self.kept = (first_keeps, second_from)
         self.is_formed = True
+        reserved, entries = [], []
         for item in sorted([*taken, *snapshots], key=lambda item: item.arrival_time):
             if isinstance(item, Request):
-                place(scheduler, item, None)
+                request, carried = item, mine.get(item.request_id)
             else:
-                attach(engine, item, 0)
+                request = request_from_snapshot(engine, item)
                 self.peer_requests.add(item.request_id)
+                layers = theirs.get(item.request_id)
+                carried = CarriedKV(item.num_computed_tokens, spread(num_layers, {0: layers})) if layers else None
+                if layers:  # the follower counts the ones it chose to recompute
+                    was_running.add(item.request_id)
+            if carrying.reserve(scheduler, request, carried):
+                reserved.append((request, carried))
+                entries.append((request.request_id, scheduler.kv.slot_of(request.request_id), carried.num_tokens,
+                                isinstance(item, Request)))
+            else:
+                carrying.recompute(scheduler, request)
+                self.num_recomputed += request.request_id in was_running
+        # the follower maps the reserved pages (the log), then writes layers [split, L): its own requests' from
+        # what it kept, this replica's from here; only then do the pages of tokens past a window go
+        self.channel.send_object(("carry", self._runner.take_log(), entries))
+        for request_id, _, num_tokens, is_mine in entries:
+            if is_mine:
+                self.channel.send_stage(KVStage(0, num_tokens, mine[request_id].layers[split:]))
+        for request, carried in reserved:
+            carrying.settle(scheduler, request, carried)
+        self.num_carried += len(reserved)
         engine.drop_state = "dropped"
         return freed
 
@@ -293,16 +328,44 @@ class RemoteLeader:
         replica copies its dropped layers back. Returns the chunks the weights took back here."""
         engine = self.engine
         engine.drop_state = "restoring"
+        num_layers, split, scheduler = engine.model_config.num_layers, self.split, engine.scheduler
+        peers = self.peer_requests
+        chosen = to_copy(self.carry, [(request, split if request.request_id in peers else num_layers - split)
+                                      for request in scheduler.running], self._layer_bytes_per_token,
+                         scheduler.cost_model)
+        # (request, its slot on both sides, tokens, whether it goes to the follower); layers [0, split) are here
+        entries = [(request_id, scheduler.kv.slot_of(request_id), tokens, request_id in peers)
+                   for request_id, tokens in chosen.items()]
+        first_half = {request_id: engine.kv.read_kv(request_id, 0, tokens)[:split]
+                      for request_id, tokens in chosen.items()}
+        was_running = {request.request_id for request in scheduler.running}
+        self.num_recomputed += len((was_running & peers) - chosen.keys())  # the follower's that go back without KV
         taken = self._dissolve()
-        back = [snapshot_of(request) for request in taken if request.request_id in self.peer_requests]
-        self.channel.send_object(("restore", self._runner_log, back))
-        restored = engine.restore_layers(range(engine.model_config.num_layers))
+        back = [snapshot_of(request, chosen.get(request.request_id, 0)) for request in taken
+                if request.request_id in peers]
+        # the follower reads layers [split, L) of every copied request before it replays the log (which frees)
+        self.channel.send_object(("restore", self._runner_log, back, entries))
+        for request_id, _, tokens, is_theirs in entries:
+            if is_theirs:
+                self.channel.send_stage(KVStage(0, tokens, first_half[request_id]))
+        restored = engine.restore_layers(range(num_layers))
+        second_half = {request_id: self.channel.recv_stage().layers for request_id, _, _, is_theirs in entries
+                       if not is_theirs}
         for request in taken:
-            if request.request_id not in self.peer_requests:
-                place(engine.scheduler, request, None)
+            request_id = request.request_id
+            if request_id in peers:
+                continue
+            carried = None
+            if request_id in second_half:
+                carried = CarriedKV(chosen[request_id], first_half[request_id] + second_half[request_id])
+            if place(scheduler, request, carried):
+                self.num_carried += 1
+            else:
+                self.num_recomputed += request_id in was_running
         self.peer_requests.clear()
         answer = self.channel.recv_object()
         self.channel.flush()
+        self.channel.close()
         engine.drop_state = "normal"
         if answer != "restored":
             raise RuntimeError(f"the follower answered {answer!r} to the restore")
@@ -330,6 +393,7 @@ class RemoteLeader:
         recompute the KV half of which was there); the follower's requests end here, their clients
         were connected to the dead process."""
         engine = self.engine
+        self.channel.close()
         taken = self._dissolve()
         engine.restore_layers(range(engine.model_config.num_layers))
         engine.drop_state = "normal"

@@ -64,6 +64,11 @@ class NoOffload:
         fits in `available`, None if it must wait."""
         return () if need <= available else None
 
+    def layers_to_import(self, num_tokens: int, room: int, available: int) -> tuple[int, ...] | None:
+        """Which layers of a migrated request (`num_tokens` tokens, pages reserved for `room`) to import onto
+        the host: () if its whole KV fits in `available` device chunks, None if it must be refused."""
+        return () if self.kv.chunks_to_grow(None, room) <= available else None
+
     def admission_reserve(self, num_cached: int, end: int) -> int:
         """Device chunks a prompt needs to start with every layer on the host (its first chunk's staging)."""
         return 0
@@ -130,6 +135,25 @@ class LayerwiseOffload(NoOffload):
                     self.num_held_back += 1
                     return None
                 self.num_partial_admissions += 1
+                return offloaded
+        return None
+
+    def layers_to_import(self, num_tokens: int, room: int, available: int) -> tuple[int, ...] | None:
+        """Admission's rule for a migrated request: the fewest top layers on the host that make its device
+        part fit with the staging its next decode needs (every page of its offloaded layers up to that token,
+        two consecutive layers at a time), as long as the host holds them."""
+        kv = self.kv
+        if kv.chunks_to_grow(None, room) <= available:
+            return ()
+        num_layers = kv.spec.num_layers
+        decode_pages = kv.spec.num_pages(num_tokens)
+        for num_host in range(1, num_layers + 1):
+            offloaded = tuple(range(num_layers - num_host, num_layers))
+            if kv.host_chunks_to_grow(None, room, offloaded) > kv.host_room():
+                return None
+            staging = 0 if kv.host_tier is not None else staging_chunks(
+                [decode_pages if layer in offloaded else 0 for layer in range(num_layers)])
+            if kv.chunks_to_grow(None, room, offloaded) + staging <= available:
                 return offloaded
         return None
 
@@ -223,7 +247,7 @@ class LayerwiseOffload(NoOffload):
                 kv.chunks_to_grow(None, num_cached, offloaded) if num_cached else 0)
             host = kv.host_chunks_to_grow(None, total, offloaded) - (
                 kv.host_chunks_to_grow(None, num_cached, offloaded) if num_cached else 0)
-            if kv.host_buffer is None or host > kv.host_buffer.num_free:
+            if host > kv.host_room():
                 return
             staging = 0 if kv.host_tier is not None else staging_chunks(
                 [step_pages if layer in offloaded else 0 for layer in range(num_layers)])

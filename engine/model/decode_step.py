@@ -29,8 +29,10 @@ from engine.model.onednn_linear import PackedWeight
 from engine.native_build import load_library
 
 logger = logging.getLogger(__name__)
-# decode steps of at most this many rows take the fused step (beyond it, oneDNN's products win per layer)
-MAX_ROWS = 16
+# decode steps of at most this many rows take the fused step: on CPUs without AMX, any the engine makes
+# (max_num_seqs is 64 by default; the packed kernel beats oneDNN at every size there); with AMX, oneDNN's tiles
+# win the products of a few tens of rows, so only small steps
+MAX_ROWS = 16 if torch.cpu._is_amx_tile_supported() else 256
 _MAX_GROUP = 7  # query heads per key/value head the vector attention takes (decode_attention_bf16.h)
 
 

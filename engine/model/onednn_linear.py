@@ -12,11 +12,12 @@ descriptor torch serialises for AOTInductor (`_get_mkldnn_serialized_md` and the
 `aoti_torch_create_tensor_from_blob_v2`, which wraps, never copies or frees, the blob). The malloc'd original
 is then dropped. The wrapper does not own the arena bytes, so `PackedWeight` holds both.
 
-Products of a few rows (decode at batch <= `SKINNY_MAX_ROWS`) skip oneDNN: csrc/packed_gemm_bf16.c reads the
-same packed bytes with AVX512-BF16 at close to the memory bandwidth (oneDNN's kernels read them at about
-half of it at these sizes). It relies on the blocked layout oneDNN chose (32 or 64 outputs x pairs of
-inputs, by CPU; see the C file), which `pack` verifies on every weight (its size and a sample of its
-values); a weight whose layout differs keeps oneDNN for every size.
+Products of a few rows (decode at batch <= `SKINNY_MAX_ROWS`; every product on CPUs without AMX) skip oneDNN:
+csrc/packed_gemm_bf16.c reads the same packed bytes at close to the memory bandwidth (oneDNN's kernels read
+them at about half of it at decode sizes) and computes faster than oneDNN's AVX512-BF16 kernels. It relies
+on the blocked layout oneDNN chose (32 or 64 outputs x pairs of inputs, by CPU; see the C file), which `pack`
+verifies on every weight (its size and a sample of its values); a weight whose layout differs keeps oneDNN
+for every size. Its logits are fp32 sums (oneDNN's are rounded to bf16 and widened).
 
 Only bf16 CPU weights are packed; everything else goes to the wrapped fallback backend (native / torch),
 so fp32 outputs are unchanged.
@@ -36,13 +37,13 @@ from engine.native_build import load_library
 # oneDNN picks a blocked layout by the batch-size hint; the layout for hint 1 is a GEMV layout that is slow
 # from a few rows on, while the one for 16+ serves every batch size (decode and prefill) well.
 PACK_BATCH_HINT = 16
-# at most this many rows go to the packed small-batch kernel. With AMX, oneDNN's tiles win from 4 rows: whole
-# decode steps of SmolLM2 (bf16, 2 threads, AMX box) measured 20.9 -> 16.4 ms at batch 1, even at 2, slower
-# from 4. Without AMX (AVX512-BF16 only) the kernel beats oneDNN per product up to 16 rows on the layer
-# shapes (576x576: 93 vs 145 us at 1 row, 154 vs 193 us at 16; the 49152-wide lm head loses from 4 rows), but
-# whole decode steps at batch 4-16 measured no steady gain (/tmp A/B, within noise), so 2 everywhere.
-# Per-shape times: `python -m engine.model.onednn_linear`.
-SKINNY_MAX_ROWS = 2
+# at most this many rows go to the packed kernel. With AMX, oneDNN's tiles win from 4 rows: whole decode steps
+# of SmolLM2 (bf16, 2 threads, AMX box) measured 20.9 -> 16.4 ms at batch 1, even at 2, slower from 4. Without
+# AMX (AVX512-BF16 only) the kernel's fp32 FMAs (csrc/packed_gemm_bf16.h) beat oneDNN at every size on the
+# layer shapes, prefill included (2026-12-05, 2 threads: 3072x576 at 64 rows 2.0 vs 4.4 ms, at 512 rows 21 vs
+# 39 ms; 576x576 at 16 rows 98 vs 167 us), so there it takes every product. Per-shape times:
+# `python -m engine.model.onednn_linear`.
+SKINNY_MAX_ROWS = 2 if torch.cpu._is_amx_tile_supported() else 1 << 30
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class _PackedGemm:
 
     def __init__(self):
         self.kernel = load_library(Path(__file__).parent / "csrc" / "packed_gemm_bf16.c").packed_gemm_bf16
-        self.kernel.restype = None
+        self.kernel.restype = ctypes.c_int64
         pointer, integer = ctypes.c_void_p, ctypes.c_int64
         self.kernel.argtypes = [pointer, integer, pointer, pointer] + [integer] * 8
 
@@ -143,9 +144,10 @@ class _PackedGemm:
                 and out.shape == (x.shape[0], weight.shape[0]) and out.dtype in (torch.bfloat16, torch.float32))
 
     def __call__(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> torch.Tensor:
-        self.kernel(x.data_ptr(), x.stride(0), weight.storage.data_ptr(), out.data_ptr(), out.stride(0),
-                    int(out.dtype == torch.float32), x.shape[0], weight.shape[0], weight.shape[1], weight.k_padded,
-                    weight.block, torch.get_num_threads())
+        if self.kernel(x.data_ptr(), x.stride(0), weight.storage.data_ptr(), out.data_ptr(), out.stride(0),
+                       int(out.dtype == torch.float32), x.shape[0], weight.shape[0], weight.shape[1], weight.k_padded,
+                       weight.block, torch.get_num_threads()):
+            raise MemoryError(f"packed GEMM: no memory for the fp32 copy of a {tuple(x.shape)} input")
         return out
 
 
@@ -196,13 +198,13 @@ def _benchmark() -> None:
         copies = 2 if out_features > 10000 else 8
         weights = [torch.randn(out_features, in_features).bfloat16() for _ in range(copies)]
         packed = [linear.place(weight, lambda tensor: tensor.clone()) for weight in weights]
-        for rows in (1, 2, 4, 8, 16, 32, 64, 512):
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 512):
             x = torch.randn(rows, in_features).bfloat16()
             out = torch.empty(rows, out_features, dtype=torch.bfloat16)
             runs = {"torch.mm": lambda i, x=x, out=out, weights=weights: torch.mm(x, weights[i].t(), out=out),
                     "onednn": lambda i, x=x, out=out, packed=packed: out.copy_(
                         torch.ops.mkldnn._linear_pointwise(x, packed[i].tensor, None, "none", [], ""))}
-            if skinny is not None and rows <= 64 and packed[0].k_padded is not None:
+            if skinny is not None and packed[0].k_padded is not None:
                 runs["skinny"] = lambda i, x=x, out=out, packed=packed: skinny(x, packed[i], out)
             times: dict[str, list[float]] = {name: [] for name in runs}
             for repeat in range(30):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deployments.cluster.drop_plan import DropOrder
-from engine.cooperative.carry import CarriedKV, CarryPolicy, place
+from engine.cooperative.carry import CarriedKV, CarryPolicy, place, to_copy
 from engine.cooperative.kv import PipelineKV
 from engine.cooperative.pipeline import grown_layers, pipeline_split
 from engine.core.request import Request
@@ -169,13 +169,10 @@ class SimPair:
     def _exchange(self, moves: Sequence[tuple[Request, int]], scheduler) -> tuple[dict[str, CarriedKV], float]:
         """CarryPolicy's choice for each (running request, layers whose KV changes replica); the link time of
         the KV that moves."""
-        carried, moved = {}, 0
-        for request, num_layers in moves:
-            tokens = request.num_computed_tokens
-            num_bytes = tokens * num_layers * self.layer_kv_bytes
-            if tokens and self.carry.copies(tokens, num_bytes, scheduler.cost_model):
-                carried[request.request_id] = CarriedKV(tokens, [])
-                moved += num_bytes
+        layers = {request.request_id: num_layers for request, num_layers in moves}
+        chosen = to_copy(self.carry, moves, self.layer_kv_bytes, scheduler.cost_model)
+        moved = sum(tokens * layers[request_id] * self.layer_kv_bytes for request_id, tokens in chosen.items())
+        carried = {request_id: CarriedKV(tokens, []) for request_id, tokens in chosen.items()}
         return carried, moved / self.link_bytes_per_s
 
     def drop(self, now: float) -> int:

@@ -93,8 +93,11 @@ class ContiguousLayout(KVLayout):
         """The block's chunks went back to the pool (a mirroring layout forwards this)."""
 
     def read_tokens(self, slot: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of a slot's tokens [start, end) of K and V, per layer (for migration)."""
-        return [(k.tensor[slot, start:end].clone(), v.tensor[slot, start:end].clone()) for k, v in self.tensors]
+        """Copies of a slot's tokens [start, end) of K and V, per layer (for migration); a layer held
+        elsewhere (KunServe) has no pages here and reads as zeros, without touching its virtual range."""
+        return [(k.tensor[slot, start:end].clone(), v.tensor[slot, start:end].clone()) if layer in self.held_layers
+                else (torch.zeros_like(k.tensor[slot, start:end]), torch.zeros_like(v.tensor[slot, start:end]))
+                for layer, (k, v) in enumerate(self.tensors)]
 
     def write_tokens(self, slot: int, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Writes K and V of every held layer (a layer held elsewhere has no pages here to write)."""

@@ -24,6 +24,7 @@ from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
 from memory.kv.cache_policy import policy_for
 from memory.kv.evictor import EVICTORS, resolve_evictor
 from memory.kv.host_tier import HostChunkTier
+from memory.kv.layered_migration import LayeredMigration
 from memory.kv.layout import KVLayout
 from memory.kv.mirror import RecordingLayout
 from memory.kv.registry import create_layout
@@ -50,7 +51,7 @@ class RequestKV:
         return self.host_slots is not None
 
 
-class KVCacheManager(LayerResidency):
+class KVCacheManager(LayerResidency, LayeredMigration):
     _kv_client = KV_CLIENT
 
     def __init__(
@@ -266,13 +267,13 @@ class KVCacheManager(LayerResidency):
             host = self._allocate_host_pages(state, group, page)
             if host is None:
                 for _, _, allocated in host_pages:
-                    self.host_buffer.free([slot for _, pair in allocated for slot in pair])
+                    self.layout.release_host(self.host_buffer, [slot for _, pair in allocated for slot in pair])
                 return False
             host_pages.append((group, page, host))
         chunks = self._take_chunks(num_chunks)
         if chunks is None:
             for _, _, allocated in host_pages:
-                self.host_buffer.free([slot for _, pair in allocated for slot in pair])
+                self.layout.release_host(self.host_buffer, [slot for _, pair in allocated for slot in pair])
             return False
         tier_chunks = []
         if self.host_tier is not None:
@@ -412,15 +413,17 @@ class KVCacheManager(LayerResidency):
         if state.is_swapped:
             raise ValueError("swap the request in before reading its KV")
         layers = self.layout.read_tokens(self.slot_of(request_id), start, end)
-        for (layer, page) in state.host_pages:  # offloaded pages read as zeros in the device view
-            self._overlay_host_page(state, layers, layer, page, start, end)
+        self._read_host_overlay(state, layers, start, end)  # offloaded pages read as zeros in the device view
         return layers
 
-    def reserve_import(self, request_id: str, num_tokens: int) -> bool:
+    def reserve_import(self, request_id: str, num_tokens: int, offloaded: Sequence[int] = ()) -> bool:
         """Gives an incoming request a slot and every page for `num_tokens` tokens (sliding windows
-        included, so any token can be written). False, with nothing held, if it does not fit."""
+        included, so any token can be written), the layers in `offloaded` on the host. False, with nothing
+        held, if it does not fit."""
         if self.num_free_slots == 0 or request_id in self.requests:
             return False
+        if offloaded:
+            return self._reserve_layered_import(request_id, num_tokens, offloaded)
         num_pages = self.spec.num_pages(num_tokens)
         taken = self.blocks.take([group for group in range(len(self.spec.groups)) for _ in range(num_pages)])
         if taken is None:
@@ -436,6 +439,7 @@ class KVCacheManager(LayerResidency):
         return True
 
     def write_kv(self, request_id: str, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        layers = self._write_host_tokens(self.requests[request_id], start, layers)  # offloaded layers' pages
         self.layout.write_tokens(self.slot_of(request_id), start, layers)
 
     def finish_import(self, request_id: str, num_tokens: int) -> None:

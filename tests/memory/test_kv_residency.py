@@ -157,3 +157,27 @@ def test_sliding_window_pages_leave_the_host_too(kv_env):
     assert kv.layer_chunk_counts("d") == [(8, 0), (8, 0), (4, 0), (0, 4)]
     kv.free("d")
     assert pool.num_held("kv") == kv.prefix.num_evictable_chunks and host.used_bytes == 0
+
+
+def test_import_with_layers_on_the_host_writes_reads_and_frees_exactly(kv_env):
+    """Migration's destination: a reservation with its top layers on the host (every page of them in the
+    host buffer, nothing of them in the pool); staged copies written through `write_kv` read back whole;
+    a reservation the host cannot take is refused with nothing held; free gives everything back."""
+    source, _, _ = kv_env()
+    source.admit("m", [1] * 40)
+    assert source.grow("m", 40)
+    fill(source, "m", 0, 40)
+    kv, pool, host = kv_env(num_chunks=16, host_pages=16)
+    assert not kv.reserve_import("m", 48, offloaded=(1, 2, 3))  # 3 pages x 3 layers x (K, V) = 18 host pages > 16
+    assert pool.num_held("kv") == 0 and host.used_bytes == 0 and not kv.requests and kv.slots.num_used == 0
+    assert kv.reserve_import("m", 48, offloaded=(2, 3))
+    assert kv.layer_chunk_counts("m") == [(6, 0), (6, 0), (0, 6), (0, 6)]
+    assert pool.num_held("kv") == 12 and host.used_bytes == 12 * kv.spec.page_bytes
+    for start, end in ((0, 20), (20, 40)):  # staged copies, one across a page boundary
+        kv.write_kv("m", start, source.read_kv("m", start, end))
+    kv.finish_import("m", 40)
+    check(kv, "m", 40)
+    slot = kv.slot_of("m")
+    assert not kv.layout.tensors[2][0].tensor[slot, :40].any()  # layer 2 went to the host, not the pool
+    kv.free("m")
+    assert pool.num_held("kv") == 0 and host.used_bytes == 0 and kv.num_offloaded_host_chunks == 0

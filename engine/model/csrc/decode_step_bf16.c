@@ -93,12 +93,16 @@ static inline void share(int64_t total, int tid, int threads, int64_t *first, in
     *last = total * (tid + 1) / threads;
 }
 
-static void gemm_share(const uint16_t *x, int64_t ldx, const Packed *w, uint16_t *y, int64_t m, int tid,
-                       int threads) {
+/* this thread's share of the product's work units; x32 is the thread's own fp32 copy of x (each thread
+ * converts every row, which costs a few microseconds and saves a barrier) */
+static void gemm_share(const uint16_t *x, int64_t ldx, const Packed *w, uint16_t *y, int64_t m, float *x32,
+                       int tid, int threads) {
     int64_t first, last;
-    share((w->out_features + w->block - 1) / w->block, tid, threads, &first, &last);
-    packed_gemm_blocks(x, ldx, w->weight, y, w->out_features, 0, m, w->out_features, w->in_features, w->k_padded,
-                       w->block, first, last);
+    share(packed_gemm_num_units(m, w->out_features, w->block), tid, threads, &first, &last);
+    if (first == last) return;
+    bf16_rows_to_f32(x, ldx, m, w->in_features, x32);
+    packed_gemm_units(x32, w->weight, y, w->out_features, 0, m, w->out_features, w->in_features, w->k_padded,
+                      w->block, first, last);
 }
 
 static void norm_share(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t m,
@@ -134,6 +138,8 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
     const int64_t width = shape->hidden, d = shape->head_dim, heads = shape->num_heads, kv_heads = shape->num_kv_heads;
     const int64_t q_size = heads * d, kv_size = kv_heads * d, qkv_width = q_size + 2 * kv_size;
     const int64_t inter = shape->intermediate;
+    int64_t widest = width > q_size ? width : q_size;
+    widest = widest > inter ? widest : inter;
     int64_t max_len = 1;
     for (int64_t i = 0; i < m; ++i) max_len = positions[i] + 1 > max_len ? positions[i] + 1 : max_len;
     Barrier barrier = {0, 0, (int)num_threads, 0};
@@ -146,13 +152,14 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
         float *query = (float *)malloc(sizeof(float) * q_size);
         float *result = (float *)malloc(sizeof(float) * q_size);
         __m512bh *q_bf16 = (__m512bh *)aligned_alloc(64, sizeof(__m512bh) * heads * (d / 32));
+        float *x32 = (float *)malloc(sizeof(float) * m * f32_row_length(widest));
         const uint16_t *pending = NULL;  /* the residual not yet added to hidden */
         int64_t first, last;
         for (int64_t l = 0; l < shape->num_layers; ++l) {
             const Layer *layer = layers + l;
             norm_share(hidden, pending, layer->input_norm, normed, m, width, shape->eps, tid, threads);
             barrier_wait(&barrier);
-            gemm_share(normed, width, &layer->qkv, qkv, m, tid, threads);
+            gemm_share(normed, width, &layer->qkv, qkv, m, x32, tid, threads);
             barrier_wait(&barrier);
             /* rope on q's and k's heads, then k and v rows into the cache */
             share(m * (heads + kv_heads), tid, threads, &first, &last);
@@ -178,11 +185,11 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
                     _mm256_storeu_si256((__m256i *)(attn + row * q_size + j), ps_to_bf16x16(_mm512_loadu_ps(result + j)));
             }
             barrier_wait(&barrier);
-            gemm_share(attn, q_size, &layer->o, proj, m, tid, threads);
+            gemm_share(attn, q_size, &layer->o, proj, m, x32, tid, threads);
             barrier_wait(&barrier);
             norm_share(hidden, proj, layer->post_norm, normed, m, width, shape->eps, tid, threads);
             barrier_wait(&barrier);
-            gemm_share(normed, width, &layer->gate_up, gate_up, m, tid, threads);
+            gemm_share(normed, width, &layer->gate_up, gate_up, m, x32, tid, threads);
             barrier_wait(&barrier);
             share(m * inter, tid, threads, &first, &last);
             for (int64_t row = first / inter; row * inter < last; ++row) {
@@ -192,7 +199,7 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
                                  from, to);
             }
             barrier_wait(&barrier);
-            gemm_share(act, inter, &layer->down, proj, m, tid, threads);
+            gemm_share(act, inter, &layer->down, proj, m, x32, tid, threads);
             barrier_wait(&barrier);
             pending = proj;
         }
@@ -204,6 +211,7 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
         free(query);
         free(result);
         free(q_bf16);
+        free(x32);
     }
     return 0;
 }

@@ -9,18 +9,30 @@
  * by x's pair broadcast to every lane, so a block needs no horizontal sums. A decode-sized product only
  * streams the weight once (x stays in L1), and oneDNN's own kernels for a few rows read it at about half the
  * bandwidth this does (see `python -m engine.model.onednn_linear`). Rows of x are taken ROWS at a time; a
- * block (B x k bf16, 36-72 KiB for k = 576) stays in L1/L2 across those passes. fp32 accumulation; y is
+ * block (B x k bf16, 36-72 KiB for k = 576) stays in L1/L2 across those passes. The products are fp32 FMAs
+ * that give vdpbf16ps' bits (packed_gemm_bf16.h). fp32 accumulation; y is
  * written as bf16 (rounded to nearest even) or fp32 (logits). The layout is checked at pack time, never
  * assumed: onednn_linear.py verifies it on every weight before using this kernel. */
 #if !defined(__AVX512BF16__) || !defined(__AVX512F__)
 #error "packed_gemm_bf16 needs AVX512-BF16 (the engine keeps oneDNN's kernels)"
 #endif
+#include <stdlib.h>
+
 #include "packed_gemm_bf16.h"
 
-void packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
-                      int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block, int64_t num_threads) {
-    const int64_t num_blocks = (n + block - 1) / block;
-    #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t b = 0; b < num_blocks; ++b)
-        packed_gemm_blocks(x, ldx, w, y, ldy, y_is_f32, m, n, k, k_padded, block, b, b + 1);
+/* Returns 0, or -1 when the fp32 copy of x could not be allocated (nothing written). */
+int64_t packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
+                         int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block, int64_t num_threads) {
+    const int64_t ld32 = f32_row_length(k), units = packed_gemm_num_units(m, n, block);
+    float *x32 = (float *)malloc(sizeof(float) * (size_t)(m * ld32));
+    if (x32 == NULL) return -1;
+    #pragma omp parallel num_threads(num_threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r) bf16_rows_to_f32(x + r * ldx, ldx, 1, k, x32 + r * ld32);
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; ++u) packed_gemm_units(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, u, u + 1);
+    }
+    free(x32);
+    return 0;
 }

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import signal
 
 import torch.distributed as dist
 
 from engine.api import GenerateRequest
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.cooperative.carry import CarryPolicy
 from engine.cooperative.channel import PairChannel
 from engine.cooperative.follower import RemoteFollower
 from engine.cooperative.remote import RemoteLeader
@@ -37,7 +39,9 @@ def host_store() -> dist.TCPStore:
                          wait_for_workers=False)
 
 
-def join(port: int, rank: int, store: dist.TCPStore | None = None) -> PairChannel:
+def join(port: int, rank: int, store: dist.TCPStore | None = None, hang_after_s: float | None = None) -> PairChannel:
+    """`hang_after_s`: watch the peer with a heartbeat (engine/cooperative/heartbeat.py) through a store client
+    of its own."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
     if store is None:
@@ -47,6 +51,8 @@ def join(port: int, rank: int, store: dist.TCPStore | None = None) -> PairChanne
     options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
     channel = PairChannel(dist.ProcessGroupGloo(dist.PrefixStore("pair/", store), rank, 2, options), rank)
     channel.store = store  # the store must live as long as the group
+    if hang_after_s is not None:
+        channel.watch(dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout), hang_after_s=hang_after_s)
     return channel
 
 
@@ -69,13 +75,15 @@ def collect(tokens: dict, outputs) -> None:
             tokens.setdefault("errors", []).append((output.request_id, output.error))
 
 
-def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after_syncs: int | None = None) -> None:
+def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after_syncs: int | None = None,
+                 carry: str = "auto", hang_after_s: float | None = None) -> None:
     """Serves "b" alone for 4 steps, forms the pair, submits "c" (8 tokens, wholly while dropped) and "f"
     (24 tokens, spans the restore), serves until restored, finishes alone, sends its tokens to rank 0.
-    `die_after_syncs`: exits abruptly after that many syncs instead (a replica dying while dropped)."""
-    channel = join(port, 1)
+    `die_after_syncs`: exits abruptly after that many syncs instead (a replica dying while dropped);
+    `carry`: the CarryPolicy mode for its requests' KV; `hang_after_s`: watch the leader with a heartbeat."""
+    channel = join(port, 1, hang_after_s=hang_after_s)
     engine = engine_for(model_dir)
-    follower = RemoteFollower(engine, channel)
+    follower = RemoteFollower(engine, channel, CarryPolicy(carry))
     tokens: dict = {}
     add(engine, "b", prompts[1], 24)
     for _ in range(4):
@@ -93,15 +101,29 @@ def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after
         collect(tokens, engine.step())
     channel.send_object({"tokens": tokens, "weights": engine.pool.num_held("weights"),
                          "dropped": engine.dropped_weight_bytes, "kv_used": engine.kv.num_used_chunks(),
-                         "steps": follower.num_steps})
+                         "steps": follower.num_steps, "carried": follower.num_carried,
+                         "recomputed": follower.num_recomputed})
     channel.flush()
 
 
-def run_leader_then_die(model_dir, port: int, prompts, drop: tuple[int, int], steps: int,
-                        mid_step: bool = False) -> None:
+def run_leader_then_die(model_dir, port: int | None, prompts, drop: tuple[int, int], steps: int,
+                        mid_step: bool = False, hang: bool = False, ports=None) -> None:
     """Forms the pair as the leader, runs `steps` steps, then exits abruptly (the leader dying while dropped);
-    `mid_step`: in the middle of the next step, once the follower has its plan and waits for hidden states."""
-    channel = join(port, 0)
+    `mid_step`: in the middle of the next step, once the follower has its plan and waits for hidden states.
+    `hang`: stops itself (SIGSTOP) instead of exiting: alive, its sockets open, answering nothing. `port`
+    None: it hosts the group's store (as a Serve leader does) and puts the port in `ports`."""
+    store = None
+    if port is None:
+        store = host_store()
+        port = store.port
+        ports.put(port)
+    channel = join(port, 0, store, hang_after_s=2.0 if hang else None)
+
+    def die() -> None:
+        if hang:
+            os.kill(os.getpid(), signal.SIGSTOP)  # the test kills it
+        os._exit(0)
+
     leader = RemoteLeader(engine_for(model_dir), channel, min_micro_batch_tokens=8)
     leader.form(*drop)
     for _ in range(steps):
@@ -112,11 +134,11 @@ def run_leader_then_die(model_dir, port: int, prompts, drop: tuple[int, int], st
         def send_then_die_at_the_hidden_states(message) -> None:
             send_object(message)
             if message[0] == "step":
-                channel.send_tensor = lambda *args, **kwargs: os._exit(0)
+                channel.send_tensor = lambda *args, **kwargs: die()
 
         channel.send_object = send_then_die_at_the_hidden_states
         leader.step()
-    os._exit(0)
+    die()
 
 
 async def consume(stream, tokens: dict, request_id: str, first: asyncio.Event | None = None) -> None:
@@ -141,14 +163,15 @@ def run_async_follower(model_dir, port: int, prompts, drop: tuple[int, int]) -> 
         b = asyncio.ensure_future(consume(engine.generate(GenerateRequest("b", tuple(prompts[1]), greedy(64))),
                                           tokens, "b", first))
         await first.wait()
-        follower = RemoteFollower(engine.engine, channel)
+        follower = RemoteFollower(engine.engine, channel, CarryPolicy("copy"))
         await engine.cooperate(follower, lambda: follower.form(*drop))
         await consume(engine.generate(GenerateRequest("c", tuple(prompts[2]), greedy(8))), tokens, "c")
         await b
         while engine.driver is not None:
             await asyncio.sleep(0.01)
         await engine.shutdown()
-        channel.send_object({"tokens": tokens, "steps": follower.num_steps})
+        channel.send_object({"tokens": tokens, "steps": follower.num_steps, "carried": follower.num_carried,
+                             "recomputed": follower.num_recomputed})
         channel.flush()
         return tokens
 

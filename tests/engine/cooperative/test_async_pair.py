@@ -1,7 +1,7 @@
 """KunServe across two processes as served replicas run it: each replica's AsyncEngine loop is driven by its
 side of the pair (`AsyncEngine.cooperate`), and each replica's clients keep streaming from it. Greedy tokens
-equal transformers' (fp32) for streams from before the drop to after the restore (across a grown drop), and wholly while
-dropped, on both replicas."""
+equal transformers' (fp32) for streams from before the drop to after the restore (across a grown drop), their KV
+copied across the forming and the restore, and wholly while dropped, on both replicas."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from engine.api import GenerateRequest
 from engine.async_engine import AsyncEngine
+from engine.cooperative.carry import CarryPolicy
 from engine.cooperative.remote import RemoteLeader
 from tests.engine.cooperative.pair_process import consume, engine_for, greedy, host_store, join, run_async_follower
 from tests.engine.reference import hf_greedy, hf_model_from_source
@@ -39,7 +40,7 @@ def test_served_replicas_stream_through_the_pair_exactly(tiny_qwen3_dir, prompts
         a = asyncio.ensure_future(consume(engine.generate(GenerateRequest("a", tuple(prompts[0]), greedy(64))),
                                           tokens, "a", first))
         await first.wait()
-        leader = RemoteLeader(engine.engine, channel, min_micro_batch_tokens=8)
+        leader = RemoteLeader(engine.engine, channel, min_micro_batch_tokens=8, carry=CarryPolicy("copy"))
         assert await engine.cooperate(leader, lambda: leader.form(*DROP)) > 0
         assert engine.stats().drop_state == "dropped"
         await consume(engine.generate(GenerateRequest("d", tuple(prompts[3]), greedy(8))), tokens, "d")
@@ -65,6 +66,8 @@ def test_served_replicas_stream_through_the_pair_exactly(tiny_qwen3_dir, prompts
         theirs = await asyncio.to_thread(channel.recv_object)
         assert engine.driver is None and engine.stats().drop_state == "normal"
         assert leader.stats.num_steps > 0 and 0 < leader.bubble_ratio < 1
+        # "a" and "b" kept their KV across the forming and "a" across the restore (copied, never recomputed)
+        assert (leader.num_carried, leader.num_recomputed) == (3, 0)
         await engine.shutdown()
         return tokens, theirs
 
@@ -74,3 +77,4 @@ def test_served_replicas_stream_through_the_pair_exactly(tiny_qwen3_dir, prompts
     assert tokens["a"] == reference[0] and tokens["d"] == reference[3][:8]
     assert theirs["tokens"]["b"] == reference[1] and theirs["tokens"]["c"] == reference[2][:8]
     assert theirs["steps"] > 0 and "errors" not in tokens and "errors" not in theirs["tokens"]
+    assert (theirs["carried"], theirs["recomputed"]) == (1, 0)  # "b" came back with layers [0, 2) copied

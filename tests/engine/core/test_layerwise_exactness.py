@@ -13,7 +13,7 @@ from engine.api import GenerateRequest
 from engine.core.engine import LLMEngine
 from engine.core.sampling_workspace import SampledRows
 from tests.engine.core.test_engine_exactness import NUM_NEW, assert_same, small_config
-from tests.engine.engine_helpers import ScriptedOffload, assert_pool_idle, collect_steps, greedy, run_all
+from tests.engine.engine_helpers import PROMPTS, ScriptedOffload, assert_pool_idle, collect_steps, greedy, run_all
 from tests.engine.reference import hf_greedy
 
 NUM_LAYERS = 30  # SmolLM2-135M
@@ -151,3 +151,66 @@ def test_a_request_migrated_with_layers_on_the_host_gives_transformers_tokens(sm
     finally:
         source.close()
         destination.close()
+
+
+DEVICE_LAYERS = 12  # of 30: what the destination's device takes of the migrated request
+
+
+@pytest.mark.parametrize("staging", ["copy", pytest.param("in_place", marks=pytest.mark.slow)])
+def test_a_request_migrated_onto_the_destinations_host_gives_transformers_tokens(smollm2_tokenizer, hf_smollm2,
+                                                                                 staging):
+    """A destination whose device holds only 12 of the request's 30 layers (besides a step's activations and
+    the next decode's staging) reserves them there and puts layers 12-29 in its host buffer (in place: host-tier
+    chunks); the staged copies land on both tiers, and it decodes on to transformers' tokens."""
+    prompt = smollm2_tokenizer(" ".join(PROMPTS[i] for i in (6, 2, 4))).input_ids  # long enough that KV counts
+    expected = hf_greedy(hf_smollm2, [prompt], NUM_NEW)[0]
+    source = LLMEngine(small_config(num_threads=1), tokenizer=smollm2_tokenizer)
+    destination = None
+    try:
+        spec = source.kv_spec
+        tokens: dict[str, list[int]] = {}
+        source.add_request(GenerateRequest("r6", tuple(prompt), greedy(NUM_NEW)))
+        while len(tokens.get("r6", [])) < 3:
+            collect_steps(source, tokens, steps=1)
+        stages = [migration.copy_kv(source, "r6", 0)]
+        collect_steps(source, tokens, steps=1)
+        snapshot, tail = migration.pause_and_copy_tail(source, "r6", stages[-1].end)
+        pages = spec.num_pages(snapshot.num_tokens + spec.tokens_per_page)  # the reservation: +1 page of growth
+        decode_pages = spec.num_pages(snapshot.num_tokens)  # what the next decode stages per offloaded layer
+        staging_need = 0 if staging == "in_place" else 2 * 2 * decode_pages  # two consecutive layers, K and V
+        decode_step = source.runner.activation_chunks(1, SampledRows.plain(1))  # a decode step's activations
+        # the smallest workspace a pool may have (an eighth of the peak) comes on top of it, so KV gets less
+        workspace = max(decode_step, -(-source.peak_activation_bytes // 8 // spec.page_bytes) + 1)
+        kv_chunks = 2 * DEVICE_LAYERS * pages + staging_need + 1  # one more layer would need 2 x pages more
+        budget = (source.pool.num_held("weights") + workspace + kv_chunks - (workspace - decode_step)) * spec.page_bytes
+        assert kv_chunks > workspace - decode_step
+        destination = LLMEngine(small_config(kv_offload="layerwise", kv_staging=staging, num_threads=1,
+                                             device_memory_bytes=budget), tokenizer=smollm2_tokenizer)
+        assert destination.kv.num_available_chunks() == decode_step + kv_chunks
+        assert migration.reserve(destination, "r6", snapshot.num_tokens)
+        assert destination.kv.offloaded_layers("r6") == tuple(range(DEVICE_LAYERS, NUM_LAYERS))
+        counts = [(2 * pages, 0)] * DEVICE_LAYERS + [(0, 2 * pages)] * (NUM_LAYERS - DEVICE_LAYERS)
+        assert destination.kv.layer_chunk_counts("r6") == counts
+        assert destination.pool.num_held("kv") == 2 * DEVICE_LAYERS * pages
+        host_chunks = 2 * (NUM_LAYERS - DEVICE_LAYERS) * pages
+        if staging == "in_place":
+            assert destination.kv.host_tier.num_used == host_chunks
+        else:
+            assert destination.kv.host_buffer.used_bytes == host_chunks * spec.page_bytes
+        for stage in [*stages, tail]:
+            migration.write_kv(destination, "r6", stage)
+        migration.attach(destination, snapshot, snapshot.num_computed_tokens)
+        migration.release(source, "r6")
+        assert_pool_idle(source)
+        collect_steps(destination, tokens, steps=1)
+        if staging == "copy":  # the decode fetched layers 12-29 from the host
+            assert destination.staging.bytes_fetched_last_step == 2 * (NUM_LAYERS - DEVICE_LAYERS) * decode_pages \
+                * spec.page_bytes
+        collect_steps(destination, tokens)
+        assert tokens["r6"] == expected
+        assert_pool_idle(destination)
+        assert destination.kv.host_buffer.used_bytes == 0 and destination.kv.num_offloaded_host_chunks == 0
+    finally:
+        source.close()
+        if destination is not None:
+            destination.close()

@@ -41,9 +41,19 @@ def engine(request, tmp_path_factory):
     engine.close()
 
 
-def test_fused_step_equals_the_per_op_path_bit_for_bit(engine, monkeypatch):
-    # the per-op path with the packed GEMM for every product (by default oneDNN takes products of 3+ rows)
-    monkeypatch.setattr(onednn_linear, "SKINNY_MAX_ROWS", 64)
+# five prompts finishing at different lengths: decode steps of 5, 4, ... 1 rows; then twenty (steps of more rows
+# than a work unit of the packed kernel: products split by rows as well as by output blocks)
+CASES = {"small": ([[5 + i] * (3 + 3 * i) for i in range(5)], [greedy(4 + 2 * i) for i in range(5)], [1, 2, 3, 4, 5]),
+         "wide": ([[9 + i] * (2 + i) for i in range(20)], [greedy(3 + i // 5) for i in range(20)], [5, 10, 15, 20])}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_step_equals_the_per_op_path_bit_for_bit(engine, monkeypatch, case):
+    prompts, params, expected_rows = CASES[case]
+    if max(expected_rows) > MAX_ROWS:
+        pytest.skip(f"the fused step takes at most {MAX_ROWS} rows here (AMX)")
+    # the per-op path with the packed GEMM for every product (with AMX oneDNN takes products of 3+ rows)
+    monkeypatch.setattr(onednn_linear, "SKINNY_MAX_ROWS", 1 << 30)
     model = engine.runner.model
     fused = model.decode_step
     assert fused is not None
@@ -52,22 +62,19 @@ def test_fused_step_equals_the_per_op_path_bit_for_bit(engine, monkeypatch):
     monkeypatch.setattr(model, "compute_logits",
                         lambda *args: logits.append(compute_logits(*args).clone()) or logits[-1])
     monkeypatch.setattr(fused, "run", lambda batch, *args: fused_rows.append(batch.num_tokens) or run(batch, *args))
-    # five prompts finishing at different lengths: decode steps of 5, 4, ... 1 rows
-    prompts = [[5 + i] * (3 + 3 * i) for i in range(5)]
-    params = [greedy(4 + 2 * i) for i in range(5)]
     runs = []
     for decode_step in (None, fused):
         monkeypatch.setattr(model, "decode_step", decode_step)
         logits.clear()
         runs.append((run_all(engine, prompts, params), list(logits)))
     (per_op_tokens, per_op_logits), (fused_tokens, fused_logits) = runs
-    assert sorted(set(fused_rows)) == [1, 2, 3, 4, 5]
+    assert sorted(set(fused_rows)) == expected_rows
     assert fused_tokens == per_op_tokens
     assert len(fused_logits) == len(per_op_logits)
     assert all(torch.equal(a, b) for a, b in zip(fused_logits, per_op_logits, strict=True))
 
 
-def test_fused_step_takes_only_small_pure_decode_steps_and_checks_rows(engine):
+def test_fused_step_takes_only_pure_decode_steps_and_checks_rows(engine):
     model = engine.runner.model
     caches = engine.kv.layer_caches()
     layers = range(CONFIG["num_hidden_layers"])

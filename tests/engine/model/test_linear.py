@@ -107,14 +107,17 @@ def test_onednn_leaves_fp32_to_its_fallback_and_writes_fp32_logits(onednn):
     packed = onednn.place(weight.bfloat16(), lambda tensor: tensor.clone())
     logits = torch.empty(3, 10)  # fp32 logits from a bf16 product (what the sampler's argmax reads)
     onednn(x.bfloat16(), packed, logits)
-    torch.testing.assert_close(logits, torch.mm(x.bfloat16(), weight.bfloat16().t()).float())
+    if onednn._skinny is not None and onednn._skinny.takes(x.bfloat16(), packed, logits):  # sums kept in fp32
+        torch.testing.assert_close(logits, torch.mm(x.bfloat16().float(), weight.bfloat16().float().t()))
+    else:  # oneDNN's product is rounded to bf16, then widened
+        torch.testing.assert_close(logits, torch.mm(x.bfloat16(), weight.bfloat16().t()).float())
     bias = torch.randn(10).bfloat16()
     torch.testing.assert_close(onednn(x.bfloat16(), packed, torch.empty(3, 10, dtype=torch.bfloat16), bias),
                                torch.addmm(bias, x.bfloat16(), weight.bfloat16().t()))
 
 
 # ---- the packed small-batch kernel: the same packed bytes, read by csrc/packed_gemm_bf16.c ------------------
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 21])
 @pytest.mark.parametrize("out_features, in_features", [(960, 576), (70, 45), (49152 // 64, 576)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_packed_small_batch_kernel_matches_fp32_products(onednn, rows, out_features, in_features, out_dtype):
@@ -136,6 +139,29 @@ def test_packed_small_batch_kernel_matches_fp32_products(onednn, rows, out_featu
     torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 21])
+@pytest.mark.parametrize("out_features, in_features", [(70, 45), (200, 192)])
+def test_packed_kernel_sums_in_vdpbf16ps_order(onednn, rows, out_features, in_features):
+    """Bit for bit what vdpbf16ps gives (each output's fp32 sum over input pairs, odd input first, each
+    exact bf16 product added with one rounding), so every path using the kernel, the fused decode step's
+    and the per-op one, at any row count and thread split, gives the same bits."""
+    if onednn._skinny is None:
+        pytest.skip("no AVX512-BF16 here: oneDNN serves every size")
+    generator = torch.Generator().manual_seed(rows + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    packed = onednn.place(weight, lambda tensor: tensor.clone())
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    onednn._skinny(x, packed, out)
+    w, xs = weight.float(), x.float()
+    expected = torch.zeros(rows, out_features)
+    for p in range(0, in_features, 2):  # a product of two bf16 values is exact in fp32: one rounding per add
+        if p + 1 < in_features:
+            expected = expected + xs[:, p + 1 : p + 2] * w[:, p + 1]
+        expected = expected + xs[:, p : p + 1] * w[:, p]
+    assert torch.equal(out, expected)
+
+
 def test_packed_layout_is_verified_not_assumed():
     from engine.model.onednn_linear import blocked_pairs_layout
 
@@ -147,3 +173,20 @@ def test_packed_layout_is_verified_not_assumed():
     assert blocked_pairs_layout(weight, blocked) == (32, 64)
     blocked = weight.view(1, 64, 32, 2).permute(0, 2, 1, 3).contiguous().view(torch.uint8).flatten()
     assert blocked_pairs_layout(weight, blocked) == (64, 64)
+
+
+@pytest.mark.parametrize("source", ["packed_gemm_bf16.c", "decode_step_bf16.c"])
+def test_bf16_kernels_decline_a_build_without_avx512_bf16(source):
+    """On an AVX2-only CPU the bf16 kernels refuse to build (RuntimeError), which their Python sides catch to
+    keep oneDNN's products and the per-op path."""
+    import shutil
+    from pathlib import Path
+
+    from engine import native_build
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    avx2_flags = tuple("-march=haswell" if flag == "-march=native" else flag for flag in native_build.FLAGS)
+    path = Path(native_build.__file__).parent / "model" / "csrc" / source
+    with pytest.raises(RuntimeError, match="needs AVX512-BF16"):
+        native_build.load_library(path, avx2_flags)

@@ -1,0 +1,94 @@
+"""Decode steps of the engine side by side: the fused decode step (engine/model/decode_step.py) against the
+per-op path, at several batch sizes, in one process.
+
+For each batch size B, B requests of `--prompt-len` tokens are prefilled, then `--steps` pure decode steps
+are timed (`LLMEngine.step`, wall and this process's CPU time), the two paths alternating step by step
+(the per-op path by setting the model's `decode_step` to None), after `--warmup` steps of each. The table
+shows medians and the ratio; run it with OMP_WAIT_POLICY=PASSIVE on a shared box and quote the load average
+it prints.
+
+    python -m loadtest.bench.decode_step [--batches 1 8 32 64] [--steps 20] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from engine.api import GenerateRequest
+from engine.config import EngineConfig
+from engine.core.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+
+def _time_steps(engine: LLMEngine, paths: dict, steps: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    model = engine.runner.model
+    times = {name: {"wall": [], "cpu": []} for name in paths}
+    for index in range((warmup + steps) * len(paths)):
+        name = list(paths)[index % len(paths)]
+        model.decode_step = paths[name]
+        wall, cpu = time.perf_counter(), time.process_time()
+        engine.step()
+        if index >= warmup * len(paths):
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+    return times
+
+
+def measure(batch: int, args) -> dict[str, dict[str, float]]:
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
+                                    device_memory_bytes=int(args.memory_gib * (1 << 30)), enable_prefix_caching=False,
+                                    max_num_seqs=max(batch, 1)))
+    try:
+        fused = engine.runner.model.decode_step
+        paths = {"fused": fused, "per-op": None} if fused is not None else {"per-op": None}
+        total_steps = (args.warmup + args.steps) * len(paths) + 2
+        params = SamplingParams(temperature=0.0, max_tokens=total_steps, ignore_eos=True)
+        vocab = engine.runner.model.config.vocab_size
+        for index in range(batch):  # distinct prompts: nothing shared between requests
+            prompt = tuple((1000 + 7 * index + 13 * t) % vocab for t in range(args.prompt_len))
+            engine.add_request(GenerateRequest(f"b{batch}-{index}", prompt, params))
+        while any(request.num_computed_tokens < len(request.prompt_token_ids) for request in engine.scheduler.running) \
+                or engine.scheduler.waiting:
+            engine.step()  # prefill (and the first decode rows riding with it)
+        times = _time_steps(engine, paths, args.steps, args.warmup)
+        return {name: {kind: statistics.median(values) * 1e3 for kind, values in series.items()}
+                for name, series in times.items()}
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per path")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--model", default=None, help="default: the engine's (embedded SmolLM2-135M)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory-gib", type=float, default=2.0)
+    args = parser.parse_args()
+    flags = [flag for flag in ("avx512_bf16", "amx_tile") if flag in open("/proc/cpuinfo").read()]
+    print(f"flags: {' '.join(flags) or 'neither avx512_bf16 nor amx'}; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; threads {args.threads or torch.get_num_threads()}; "
+          f"{args.dtype}; load average before {os.getloadavg()[0]:.2f}")
+    print("| batch | fused ms | per-op ms | per-op / fused | CPU ms per step fused / per-op |")
+    print("|---|---|---|---|---|")
+    for batch in args.batches:
+        result = measure(batch, args)
+        fused, per_op = result.get("fused"), result["per-op"]
+        if fused is None:
+            print(f"| {batch} | - | {per_op['wall']:.1f} | - | - / {per_op['cpu']:.1f} |")
+            continue
+        print(f"| {batch} | {fused['wall']:.1f} | {per_op['wall']:.1f} | {per_op['wall'] / fused['wall']:.2f}x | "
+              f"{fused['cpu']:.1f} / {per_op['cpu']:.1f} |", flush=True)
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
