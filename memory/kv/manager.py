@@ -23,6 +23,7 @@ from memory.kv.block_source import BlockSource, LcmBlocks, LooseChunks, TakenBlo
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
 from memory.kv.cache_policy import policy_for
 from memory.kv.evictor import EVICTORS, resolve_evictor
+from memory.kv.fork import SequenceFork
 from memory.kv.host_tier import HostChunkTier
 from memory.kv.layered_migration import LayeredMigration
 from memory.kv.layout import KVLayout
@@ -51,7 +52,7 @@ class RequestKV:
         return self.host_slots is not None
 
 
-class KVCacheManager(LayerResidency, LayeredMigration):
+class KVCacheManager(LayerResidency, LayeredMigration, SequenceFork):
     _kv_client = KV_CLIENT
 
     def __init__(

@@ -49,14 +49,16 @@ def assert_same(tokens: dict, reference, index: int, request_id: str, count: int
 
 
 @pytest.mark.slow  # about 10-15 s each; the default suite runs the served path (test_async_pair.py)
-@pytest.mark.parametrize("carry", ["copy", "recompute"])
-def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference, carry):
+@pytest.mark.parametrize(("carry", "kv_layout"), [("copy", "contiguous"), ("recompute", "contiguous"),
+                                                   ("copy", "paged")])
+def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference, carry, kv_layout):
     """Requests in flight when the pair forms ("a" here, "b" there) and when it restores ("e" here, "f"
-    there) keep their KV over the channel (copy) or recompute it; either way the tokens are transformers'."""
+    there) keep their KV over the channel (copy) or recompute it; either way the tokens are transformers'.
+    On either KV layout (the follower replays the leader's log into its own)."""
     store = host_store()
-    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, carry)
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, carry, None, kv_layout)
     channel = join(store.port, 0, store)
-    engine = engine_for(tiny_qwen3_dir)
+    engine = engine_for(tiny_qwen3_dir, kv_layout)
     leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8, carry=CarryPolicy(carry))
     tokens: dict = {}
     add(engine, "a", prompts[0], 8)  # spans the drop, ends while dropped
