@@ -64,7 +64,9 @@ class ModelRunner:
             positions.append(chunk.start)
             slots.append(chunk.slot)
         prefills = []
-        logits_rows = list(range(len(output.decodes)))
+        forks = dict(output.forks)  # a leader's row is sampled once more for each of its forks (n > 1)
+        logits_rows = [row for row, chunk in enumerate(output.decodes)
+                       for _ in range(1 + len(forks.get(chunk.request_id, ())))]
         for chunk in output.prefills:
             offset = len(input_ids)
             count = len(chunk.token_ids)
@@ -73,7 +75,7 @@ class ModelRunner:
             slots.extend([chunk.slot] * count)
             prefills.append(PrefillChunk(chunk.slot, chunk.start, count, offset))
             if chunk.samples:
-                logits_rows.append(offset + count - 1)
+                logits_rows.extend([offset + count - 1] * (1 + len(forks.get(chunk.request_id, ()))))
         decode_slots = [chunk.slot for chunk in output.decodes]
         context_lens = [chunk.start + 1 for chunk in output.decodes]
 

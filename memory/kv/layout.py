@@ -13,6 +13,9 @@ Contract, for a block of layer group g (its chunks: for each layer of g in order
   - `block_pages(slot, page, block)`: uint8 views of a mapped block's chunks; through them
     `copy_block_to_host` / `copy_block_from_host` copy the block to / from host-buffer slots (one host slot
     per chunk, in chunk order); `release_host` frees host slots.
+  - `copy_block(src_slot, dst_slot, page, src, dst)` copies the bytes of block `src`, mapped at `page` of
+    `src_slot`, into block `dst`, mapped at the same page of `dst_slot` (a forked request's private copy of
+    its parent's last partial page).
   - `block_freed(block)`: the block's chunks went back to the pool (a recording layout logs it);
     `host_allocated(host_slots)`: slots were taken for offloaded layers' pages (likewise).
   - Layer-wise offloading (`contiguous` only): `map_layer_page` / `unmap_layer_page` / `layer_page_views` for
@@ -77,6 +80,11 @@ class KVLayout(ABC):
 
     def release_host(self, host_buffer: HostBuffer, host_slots: list[int]) -> None:
         host_buffer.free(host_slots)
+
+    def copy_block(self, src_slot: int, dst_slot: int, page: int, src: KVBlock, dst: KVBlock) -> None:
+        for source, target in zip(self.block_pages(src_slot, page, src), self.block_pages(dst_slot, page, dst),
+                                  strict=True):
+            target.copy_(source)
 
     def block_freed(self, block: KVBlock) -> None:  # noqa: B027 - most layouts keep no state per block
         """The block's chunks went back to the pool (RecordingLayout logs it for the other ranks)."""

@@ -90,6 +90,10 @@ class RecordingLayout(KVLayout):
         self._layout.release_host(host_buffer, host_slots)
         self._log.append(("release_host", tuple(host_slots)))
 
+    def copy_block(self, src_slot: int, dst_slot: int, page: int, src: KVBlock, dst: KVBlock) -> None:
+        self._layout.copy_block(src_slot, dst_slot, page, src, dst)
+        self._log.append(("copy", src_slot, dst_slot, page, src.block_id, dst.block_id))
+
     def block_freed(self, block: KVBlock) -> None:
         self._layout.block_freed(block)
         self._log.append(("free", block.block_id))
@@ -207,6 +211,9 @@ class LayoutMirror:
 
     def _from_host(self, block_id: int, slot: int, page: int, host_slots: tuple[int, ...]) -> None:
         self.layout.copy_block_from_host(slot, page, self.blocks[block_id], self.host_buffer, list(host_slots))
+
+    def _copy(self, src_slot: int, dst_slot: int, page: int, src_id: int, dst_id: int) -> None:
+        self.layout.copy_block(src_slot, dst_slot, page, self.blocks[src_id], self.blocks[dst_id])
 
     def _release_host(self, host_slots: tuple[int, ...]) -> None:
         self.host_buffer.free(list(host_slots))
