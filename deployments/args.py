@@ -94,11 +94,16 @@ class ParameterDroppingArgs(BaseModel):
     max_drop_fraction: float = Field(default=0.5, gt=0, le=0.5)  # of a replica's layers (a pair keeps a full copy)
     drop_after_s: float = Field(default=1.0, ge=0)  # hysteresis before dropping
     restore_after_s: float = Field(default=5.0, ge=0)  # hysteresis before restoring
+    peer_hang_s: float = Field(default=3.0, gt=0.5)  # a paired replica silent this long is lost (heartbeat)
+
+    def plan_options(self) -> dict:
+        """The drop plan's options (`DroppingConfig`'s fields; `peer_hang_s` is the replicas' own)."""
+        return self.model_dump(exclude={"peer_hang_s"})
 
     def to_config(self):
         from deployments.cluster.drop_plan import DroppingConfig
 
-        return DroppingConfig(**self.model_dump())
+        return DroppingConfig(**self.plan_options())
 
 
 class AppArgs(BaseModel):

@@ -162,7 +162,8 @@ class LLMServer:
             await handle.call("cooperation_join", follower, self.replica_id, address, first_keeps, second_from)
 
         self._cooperation = Cooperation(self.replica_id, self.engine, local_node(self.args.network_interface), join,
-                                        timeout_s=max(30.0, self.args.migration.to_config().call_timeout_s))
+                                        timeout_s=max(30.0, self.args.migration.to_config().call_timeout_s),
+                                        hang_after_s=self.args.parameter_dropping.peer_hang_s)
 
     async def cooperation_join(self, leader: str, address: ChannelAddress, first_keeps: int, second_from: int,
                                target_replica: str) -> None:

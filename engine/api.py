@@ -39,6 +39,9 @@ class GenerateRequest:
     arrival_time: float = 0.0  # time.monotonic() when the HTTP layer received it
     priority: int = 0  # lower is more urgent (vLLM's `priority`); scales the SLO targets (engine/core/slo.py)
     model: str | None = None  # which of the engine's models (an EngineGroup serves several); None: its default
+    # the choices of one OpenAI request (n > 1) carry one group and the same prompt: the engine prefills it once
+    # and forks its KV for each choice (engine/core/forks.py); None: a request on its own
+    prompt_group: str | None = None
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,8 @@ def _read_all_heads(engine: LLMEngine, request_id: str, start: int, end: int) ->
     if engine.executor is None:
         return local
     local = [(k.cpu(), v.cpu()) for k, v in local]  # the ranks' shares meet on the host
-    ranks = engine.executor.read_kv(engine.kv.slot_of(request_id), start, end, local)
+    host_pages = engine.kv.requests[request_id].host_pages  # each rank reads its heads of these from its host
+    ranks = engine.executor.read_kv(engine.kv.slot_of(request_id), start, end, local, host_pages)
     return [(torch.cat([rank[layer][0] for rank in ranks], dim=1), torch.cat([rank[layer][1] for rank in ranks], dim=1))
             for layer in range(len(local))]
 
@@ -141,7 +142,8 @@ def _write_all_heads(engine: LLMEngine, request_id: str, start: int, layers: KVL
         heads = ShardPlan.for_rank(engine.model_config, rank, world_size).kv_heads
         shares.append([(k[:, heads.start:heads.stop].contiguous(), v[:, heads.start:heads.stop].contiguous())
                        for k, v in layers])
-    mine = engine.executor.write_kv(engine.kv.slot_of(request_id), start, shares)
+    mine = engine.executor.write_kv(engine.kv.slot_of(request_id), start, shares,
+                                    engine.kv.requests[request_id].host_pages)
     engine.kv.write_kv(request_id, start, mine)
 
 

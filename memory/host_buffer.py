@@ -102,6 +102,13 @@ class HostBuffer(HostSlots):
         """Copy one page from `src` (any device/dtype, page_bytes bytes) into `slot`."""
         self.view(slot).copy_(self._as_bytes(src), non_blocking=self.is_pinned)
 
+    def copy_in_bytes(self, slot: int, src: torch.Tensor, start: int, end: int) -> None:
+        """Copy bytes [start, end) of a page `src` (page_bytes bytes) into the same bytes of `slot` (a few
+        rows of a page: what a step wrote)."""
+        if not 0 <= start <= end <= self.page_bytes:
+            raise ValueError(f"bytes [{start}, {end}) are not in a {self.page_bytes}-byte page")
+        self.view(slot)[start:end].copy_(self._as_bytes(src)[start:end], non_blocking=self.is_pinned)
+
     def copy_out(self, slot: int, dst: torch.Tensor) -> None:
         """Copy `slot` into `dst` (contiguous, page_bytes bytes, any device/dtype)."""
         if not dst.is_contiguous():

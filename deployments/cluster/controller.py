@@ -119,7 +119,7 @@ def controller_options(args: AppArgs) -> dict[str, Any]:
     """The ClusterController arguments that come from AppArgs."""
     return {"migration_policy_options": dict(args.migration_policy_options),
             "max_concurrent_migrations": args.migration.max_concurrent,
-            "parameter_dropping": args.parameter_dropping.model_dump()}
+            "parameter_dropping": args.parameter_dropping.plan_options()}
 
 
 def stop_controller(name: str, namespace: str) -> bool:

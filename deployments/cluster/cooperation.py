@@ -6,7 +6,9 @@ kv_channel.py) and, at once, ask the follower through a targeted Serve call (`LL
 the migration's control channel) to join it. The follower joins, forms its side on its engine thread
 (hands its requests in flight to the leader, drops its first layers, offers its free KV) and answers;
 then the leader forms its side. From then on both AsyncEngine loops are driven by the pair
-(engine/cooperative/remote.py, follower.py): the follower's clients keep streaming from it.
+(engine/cooperative/remote.py, follower.py): the follower's clients keep streaming from it. Each side
+watches the other with a heartbeat through the pair's store (engine/cooperative/heartbeat.py): a peer that
+hangs is lost after `parameter_dropping.peer_hang_s`, not at the group's timeout.
 
 Grow, as the leader (the plan's order to drop more while the pair stays under pressure): on the leader's
 engine thread, between two steps, over the pair's group (engine/cooperative/remote.py `RemoteLeader.grow`).
@@ -39,9 +41,11 @@ JoinCall = Callable[[str, ChannelAddress, int, int], Awaitable[None]]  # (follow
 
 class Cooperation:
     def __init__(self, replica_id: str, engine, node: NodeAddress, join: JoinCall, timeout_s: float = 30.0,
-                 num_micro_batches: int = 2, min_micro_batch_tokens: int = 64):
+                 num_micro_batches: int = 2, min_micro_batch_tokens: int = 64, hang_after_s: float = 3.0):
         """`engine`: the replica's AsyncEngine; `join(follower, address, first_keeps, second_from)` calls
-        `cooperation_join` on the follower replica."""
+        `cooperation_join` on the follower replica; `hang_after_s`: a peer silent this long (no heartbeat) is
+        lost, well before the group's `timeout_s`."""
+        self.hang_after_s = hang_after_s
         self.replica_id = replica_id
         self.engine = engine
         self.node = node
@@ -90,8 +94,8 @@ class Cooperation:
             raise
         group = building.result()
         self._groups = [group, store]
-        leader = RemoteLeader(self.engine.engine, PairChannel(group.group, PairChannel.LEADER), self.num_micro_batches,
-                              self.min_micro_batch_tokens)
+        channel = await self._channel(group, address, PairChannel.LEADER)
+        leader = RemoteLeader(self.engine.engine, channel, self.num_micro_batches, self.min_micro_batch_tokens)
         freed = await self.engine.cooperate(leader, lambda: leader.form(order.first_keeps, order.second_from))
         self.peer = order.peer
         logger.info("replica %s: leads a pair with %s, keeps layers [0, %d) (%d chunks freed)", self.replica_id,
@@ -106,11 +110,17 @@ class Cooperation:
                                                                join_store(address, self.timeout_s), self.node,
                                                                self.timeout_s))
             self._groups = [group]
-            follower = RemoteFollower(self.engine.engine, PairChannel(group.group, PairChannel.FOLLOWER))
+            follower = RemoteFollower(self.engine.engine, await self._channel(group, address, PairChannel.FOLLOWER))
             freed = await self.engine.cooperate(follower, lambda: follower.form(first_keeps, second_from))
             self.peer = leader
             logger.info("replica %s: follows %s, keeps layers [%d, L) (%d chunks freed)", self.replica_id, leader,
                         second_from, freed)
+
+    async def _channel(self, group, address: ChannelAddress, rank: int) -> PairChannel:
+        """The pair's channel over `group`, watching the peer with a heartbeat through a store client of its own."""
+        channel = PairChannel(group.group, rank)
+        channel.watch(await asyncio.to_thread(join_store, address, self.timeout_s), hang_after_s=self.hang_after_s)
+        return channel
 
     def _end(self) -> None:
         self.peer = None

@@ -165,8 +165,9 @@ class OpenAIServing:
         response_id = new_id(prefix)
         arrival_time = time.monotonic()
         prompt = tuple(prompt_ids)
-        requests = [GenerateRequest(f"{response_id}-{index}", prompt, sampling, arrival_time, priority)
-                    for index, sampling in enumerate(params)]
+        group = response_id if len(params) > 1 else None  # n > 1: the engine prefills the prompt once, forks its KV
+        requests = [GenerateRequest(f"{response_id}-{index}", prompt, sampling, arrival_time, priority,
+                                    prompt_group=group) for index, sampling in enumerate(params)]
         if self.is_draining:
             raise errors.shutting_down()
         run = GenerationRun(engine, requests, self._metrics, self._relays, model_name=model)

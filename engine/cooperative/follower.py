@@ -218,10 +218,12 @@ class RemoteFollower:
             self._add_unsent()
         self.channel.send_object("restored")
         self.channel.flush()
+        self.channel.close()
         engine.drop_state = "normal"
 
     def _leader_lost(self) -> list[RequestOutput]:
         engine = self.engine
+        self.channel.close()
         self._kept = {}
         with self._lock:
             if self._mirror is not None:

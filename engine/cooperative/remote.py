@@ -365,6 +365,7 @@ class RemoteLeader:
         self.peer_requests.clear()
         answer = self.channel.recv_object()
         self.channel.flush()
+        self.channel.close()
         engine.drop_state = "normal"
         if answer != "restored":
             raise RuntimeError(f"the follower answered {answer!r} to the restore")
@@ -392,6 +393,7 @@ class RemoteLeader:
         recompute the KV half of which was there); the follower's requests end here, their clients
         were connected to the dead process."""
         engine = self.engine
+        self.channel.close()
         taken = self._dissolve()
         engine.restore_layers(range(engine.model_config.num_layers))
         engine.drop_state = "normal"

@@ -155,6 +155,7 @@ class LLMEngine:
                 detokenizer=detokenizer,
                 arrival_time=request.arrival_time or time.monotonic(),
                 priority=request.priority,
+                prompt_group=request.prompt_group,
                 arrived_unloaded=not self.scheduler.waiting and not self.scheduler.swapped,
             )
         )
@@ -205,8 +206,12 @@ class LLMEngine:
         return self.update(plan, result)
 
     def _sampled_requests(self, plan: SchedulerOutput) -> list[Request]:
+        """In row order: decodes, then the prefill chunks that sample; each followed by its forks (n > 1)."""
         chunks = list(plan.decodes) + [chunk for chunk in plan.prefills if chunk.samples]
-        return [self.scheduler.requests[chunk.request_id] for chunk in chunks]
+        forks = dict(plan.forks)
+        requests = self.scheduler.requests
+        return [requests[request_id] for chunk in chunks
+                for request_id in (chunk.request_id, *forks.get(chunk.request_id, ()))]
 
     def _sampling_states(self, plan: SchedulerOutput) -> list[SamplingState]:
         return [request.sampling for request in self._sampled_requests(plan)]

@@ -6,7 +6,8 @@ staging chunk, and that chunk is *mapped at the request's own page* of layer l's
 attention therefore reads (and writes the step's new K/V into) the staging buffer through the very
 views it uses for resident pages, with no change to the kernels and no gather, and requests with
 and without offloaded layers share one batch. Right after layer l's attention, the pages the step
-wrote go back to the host and the staging chunks are unmapped and reused for layer l + 2.
+wrote go back to the host (only the token rows it wrote: one per decode) and the staging chunks are
+unmapped and reused for layer l + 2.
 
 Double buffering: fetches and write-backs run in order on one copy engine (a thread on CPU, a CUDA
 stream on GPU), so layer l + 1's fetch overlaps layer l's compute and at most two layers hold
@@ -38,7 +39,11 @@ class StagedCopy(NamedTuple):
     page: int
     host: HostPage
     fetch: bool  # the page holds tokens already: copy it in before the layer runs
-    write_back: bool  # the step writes tokens into it: copy it out after the layer ran
+    rows: tuple[int, int]  # the page's token rows [first, end) the step writes: copied out after the layer ran
+
+    @property
+    def write_back(self) -> bool:
+        return self.rows[1] > self.rows[0]
 
 
 class StepSpan(NamedTuple):
@@ -57,11 +62,12 @@ def staging_plan(kv, spans: Sequence[StepSpan]) -> list[list[StagedCopy]]:
     for span in spans:
         if not kv.has_host_pages(span.request_id):
             continue
-        first_written = span.start // page_tokens
         for layer in range(kv.spec.num_layers):
             for staged in kv.staged_pages(span.request_id, layer, span.end):
+                first = staged.page * page_tokens
+                rows = (max(span.start - first, 0), max(min(span.end - first, page_tokens), 0))
                 plan[layer].append(StagedCopy(span.slot, staged.page, staged.host, staged.has_data,
-                                              staged.page >= first_written))
+                                              rows if rows[1] > rows[0] else (0, 0)))
     return plan
 
 
@@ -132,8 +138,8 @@ class ThreadCopies:
 
 
 class CudaStreamCopies:
-    """Copies enqueued on a side stream; the compute stream waits on an event per job. Written for
-    GPUs and untested here (no GPU on the development machine). A job that unmaps pages first waits
+    """Copies enqueued on a side stream; the compute stream waits on an event per job (run on an H200 by
+    tests/engine/test_cuda_engine.py; no GPU on the development machine). A job that unmaps pages first waits
     for the compute stream (`fence`), since attention kernels may still be reading them."""
 
     def __init__(self, device: torch.device) -> None:
@@ -167,9 +173,10 @@ class LayerStager:
     writes layer l's new tokens back and starts the fetch of layer l + 2. `close()` always runs."""
 
     def __init__(self, layout, host_buffer, pool: ElasticPool, plan: list[list[StagedCopy]],
-                 copies: CopyEngine, make_room: Callable[[int], int] | None = None) -> None:
+                 copies: CopyEngine, page_tokens: int, make_room: Callable[[int], int] | None = None) -> None:
         self.layout = layout
         self.host_buffer = host_buffer
+        self.row_bytes = host_buffer.page_bytes // page_tokens  # one token's K (or V) of this rank's heads
         self.pool = pool
         self.plan = plan
         self.copies = copies
@@ -233,12 +240,14 @@ class LayerStager:
         self.copy_seconds += time.perf_counter() - started
 
     def _write_back(self, layer: int) -> None:
+        """Copies the rows the step wrote (a decode: one token's) of each staged page back to the host."""
         for copy in self.plan[layer]:
             if copy.write_back:
+                start, end = copy.rows[0] * self.row_bytes, copy.rows[1] * self.row_bytes
                 key_view, value_view = self.layout.layer_page_views(layer, copy.slot, copy.page)
-                self.host_buffer.copy_in(copy.host.key, key_view)
-                self.host_buffer.copy_in(copy.host.value, value_view)
-                self.bytes_written_back += 2 * self.host_buffer.page_bytes
+                self.host_buffer.copy_in_bytes(copy.host.key, key_view, start, end)
+                self.host_buffer.copy_in_bytes(copy.host.value, value_view, start, end)
+                self.bytes_written_back += 2 * (end - start)
         if self.host_buffer.is_pinned:  # the device copies must land before the pages are unmapped
             torch.cuda.current_stream().synchronize()
         self._unmap(layer)
@@ -248,14 +257,21 @@ class LayerStager:
             self._free.extend(self.layout.unmap_layer_page(layer, copy.slot, copy.page))
 
 
-def step_stager(kv, output, copies: CopyEngine, make_room: Callable[[int], int] | None) -> LayerStager | None:
-    """The stager of one step's plan (`output`: a SchedulerOutput) over `kv` (a KVCacheManager); None when
-    the step touches no host page. The ModelRunner and the simulator's executor both build it here."""
+def step_staging_plan(kv, output) -> list[list[StagedCopy]] | None:
+    """What one step (`output`: a SchedulerOutput) stages over `kv` (a KVCacheManager); None when it touches
+    no host page. Under tensor parallelism rank 0 sends it to the other ranks with the step (memory/kv/mirror.py)."""
     if not kv.num_offloaded_host_chunks:
         return None
     spans = [StepSpan(chunk.request_id, chunk.slot, chunk.start, chunk.start + len(chunk.token_ids))
              for chunk in output.decodes + output.prefills]
     plan = staging_plan(kv, spans)
-    if not any(plan):
+    return plan if any(plan) else None
+
+
+def step_stager(kv, output, copies: CopyEngine, make_room: Callable[[int], int] | None) -> LayerStager | None:
+    """The stager of one step's plan over `kv`; None when the step touches no host page. The ModelRunner and
+    the simulator's executor both build it here."""
+    plan = step_staging_plan(kv, output)
+    if plan is None:
         return None
-    return LayerStager(kv.layout, kv.host_buffer, kv.pool, plan, copies, make_room)
+    return LayerStager(kv.layout, kv.host_buffer, kv.pool, plan, copies, kv.spec.tokens_per_page, make_room)

@@ -43,6 +43,7 @@ class RequestStatus(enum.Enum):
     RUNNING = "running"  # has a KV slot
     SWAPPED = "swapped"  # KV parked in the host buffer
     PAUSED = "paused"  # keeps its KV slot but is not scheduled (the last stage of a live migration)
+    FOLLOWING = "following"  # another choice of its prompt leads the prefill; it forks that KV (engine/core/forks.py)
     FINISHED = "finished"
 
 
@@ -63,6 +64,7 @@ class Request:
     first_token_time: float | None = None
     arrived_unloaded: bool = False  # nobody was queued ahead of it (its TTFT counts toward the baseline)
     finish_reason: str | None = None
+    prompt_group: str | None = None  # the choices of one OpenAI request (n > 1): prefilled once, KV forked
 
     @property
     def num_tokens(self) -> int:

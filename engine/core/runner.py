@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.core.forward_batch import ForwardBatch, PrefillChunk
-from engine.core.layer_staging import COPY_ENGINES, LayerStager, StagingStats, step_stager
+from engine.core.layer_staging import COPY_ENGINES, LayerStager, StagedCopy, StagingStats, step_staging_plan
 from engine.core.sampler import Sampler, SampleResult, SamplingState, rows_of
 from engine.core.sampling_workspace import SampledRows, sampling_plan
 from engine.core.scheduler import SchedulerOutput
@@ -64,7 +64,9 @@ class ModelRunner:
             positions.append(chunk.start)
             slots.append(chunk.slot)
         prefills = []
-        logits_rows = list(range(len(output.decodes)))
+        forks = dict(output.forks)  # a leader's row is sampled once more for each of its forks (n > 1)
+        logits_rows = [row for row, chunk in enumerate(output.decodes)
+                       for _ in range(1 + len(forks.get(chunk.request_id, ())))]
         for chunk in output.prefills:
             offset = len(input_ids)
             count = len(chunk.token_ids)
@@ -73,7 +75,7 @@ class ModelRunner:
             slots.extend([chunk.slot] * count)
             prefills.append(PrefillChunk(chunk.slot, chunk.start, count, offset))
             if chunk.samples:
-                logits_rows.append(offset + count - 1)
+                logits_rows.extend([offset + count - 1] * (1 + len(forks.get(chunk.request_id, ()))))
         decode_slots = [chunk.slot for chunk in output.decodes]
         context_lens = [chunk.start + 1 for chunk in output.decodes]
 
@@ -93,16 +95,17 @@ class ModelRunner:
             logits_indices=as_tensor(logits_rows),
         )
 
-    def _forward(self, output: SchedulerOutput, rows: SampledRows | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the model for the step in a freshly acquired workspace; returns the sampled rows' logits
-        and the workspace's bytes left for the sampler (sized for `rows`; none when None).
-        The caller releases the workspace once it is done with both."""
+    def _forward(self, output: SchedulerOutput, rows: SampledRows | None,
+                 staging: list[list[StagedCopy]] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the model for the step in a freshly acquired workspace, staging the host pages `staging`
+        names; returns the sampled rows' logits and the workspace's bytes left for the sampler (sized for
+        `rows`; none when None). The caller releases the workspace once it is done with both."""
         batch = self.build_batch(output)
         num_sampled = int(batch.logits_indices.shape[0])
         plan = self.model.buffer_plan(batch.num_tokens, max(num_sampled, 1))
         sampler_bytes = sampling_plan(rows, self.model.config.vocab_size).num_bytes if rows is not None else 0
         workspace = self.workspace.acquire(plan.num_bytes + sampler_bytes)
-        stager = self._stager(output)
+        stager = self._stager(staging)
         try:
             with torch.inference_mode():
                 logits = self.model.forward(batch, self.kv.layer_caches(), plan.carve(workspace), stager)
@@ -112,19 +115,22 @@ class ModelRunner:
         self.staging_stats.record(stager)
         return logits[:num_sampled], workspace[plan.num_bytes:]
 
-    def _stager(self, output: SchedulerOutput) -> LayerStager | None:
-        """Stages the host-resident layers of this step's requests (None when nothing is offloaded)."""
-        if not isinstance(self.kv, KVCacheManager):
+    def _stager(self, staging: list[list[StagedCopy]] | None) -> LayerStager | None:
+        """Stages the host-resident layers of this step's requests (None when nothing is offloaded). A
+        tensor-parallel worker stages its own heads' share of the same pages (its host buffer mirrors rank 0's)."""
+        if staging is None:
             return None
-        return step_stager(self.kv, output, self.copies, self.workspace.give_back)
+        return LayerStager(self.kv.layout, self.kv.host_buffer, self.kv.pool, staging, self.copies,
+                           self.kv.spec.tokens_per_page, self.workspace.give_back)
 
     def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
         """Runs one step. `states` are the sampling states of the rows that sample, in row order
         (decodes, then the prefill chunks that end a prompt)."""
+        staging = step_staging_plan(self.kv, output) if isinstance(self.kv, KVCacheManager) else None
         if self.executor is not None:
-            self.executor.broadcast_step(output)
+            self.executor.broadcast_step(output, staging)
         try:
-            logits, sampler_workspace = self._forward(output, rows_of(states))
+            logits, sampler_workspace = self._forward(output, rows_of(states), staging)
             if logits.shape[0] == 0:
                 return SampleResult([], [])
             with torch.inference_mode():
@@ -135,6 +141,6 @@ class ModelRunner:
     def forward_only(self, output: SchedulerOutput) -> None:
         """A tensor-parallel worker's step: same computation, no sampling."""
         try:
-            self._forward(output, None)
+            self._forward(output, None, self.kv.take_staging_plan())
         finally:
             self.workspace.release()

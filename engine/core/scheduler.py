@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from engine.core.arbiter_view import swap_candidates, urgent_prompt
 from engine.core.chunk_policy import ChunkPolicy, FixedChunkPolicy, StepMemory
+from engine.core.forks import PromptForks
 from engine.core.memory_arbiter import ArbiterView, MemoryArbiter
 from engine.core.offload_policy import OFFLOAD_POLICIES
 from engine.core.request import Request, RequestStatus
@@ -69,6 +70,9 @@ class SchedulerOutput:
     preempted: tuple[str, ...]  # requests that lost their KV slot in this step (swap or recompute)
     num_activation_chunks: int  # workspace chunks of this step that KV had to leave free
     sampled_rows: SampledRows = NO_ROWS  # what the step's sampled rows ask of the sampler's workspace
+    # (leader id, follower ids): the followers sample their first token from copies of the leader's logits row,
+    # right after it in row order, and fork its KV after the step (engine/core/forks.py)
+    forks: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +93,12 @@ class _StepBuilder:
     prefill_plan: list[tuple[str, int, int]] = field(default_factory=list)  # (id, start, num_tokens)
     preempted: list[str] = field(default_factory=list)
     spans: dict[str, int] = field(default_factory=dict)  # request id -> tokens it has after the step
+    forks: dict[str, list[str]] = field(default_factory=dict)  # leader id -> followers forking after the step
+    fork_chunks: dict[str, int] = field(default_factory=dict)  # leader id -> chunks its followers' forks take
+
+    @property
+    def num_forks(self) -> int:
+        return sum(len(followers) for followers in self.forks.values())
 
 
 class Scheduler:
@@ -115,6 +125,7 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: the last one is preempted first
         self.swapped: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
+        self.forks = PromptForks()  # the choices of one prompt waiting for their leader's prefill
         self.num_preemptions = 0
         self.num_swaps = 0
         self.num_recomputes = 0
@@ -124,6 +135,9 @@ class Scheduler:
     # ---- queue -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
+        if self.forks.join(request):  # another choice of its prompt leads the prefill
+            request.status = RequestStatus.FOLLOWING
+            return
         # priority order (stable): a request goes behind every waiting one at least as urgent
         index = len(self.waiting)
         while index > 0 and self.waiting[index - 1].priority > request.priority:
@@ -142,8 +156,16 @@ class Scheduler:
         elif request.status is RequestStatus.SWAPPED:
             self.swapped.remove(request)
             self.kv.free(request.request_id)
+        elif request.status is RequestStatus.FOLLOWING:
+            self.forks.leave(request)
         else:
             self.waiting.remove(request)
+        followers = self.forks.close(request)
+        if followers:  # it ended before its first token: its first follower leads the others
+            followers[0].status = RequestStatus.WAITING
+            self.waiting.appendleft(followers[0])
+            for follower in followers:
+                self.forks.join(follower)
         if reason != "abort":
             self.attainment.record(self.slo.attained(request, self.clock()))
         request.status = RequestStatus.FINISHED
@@ -177,6 +199,7 @@ class Scheduler:
                 self.kv.free(request.request_id)
             request.num_computed_tokens = 0
             request.status = RequestStatus.WAITING
+        self.forks.clear()
         self.waiting.clear()
         self.running.clear()
         self.swapped.clear()
@@ -263,7 +286,8 @@ class Scheduler:
 
     def _full_step_rows(self) -> SampledRows:
         """The sampled rows of a step in which every running request samples, and one more (plain) row."""
-        return SampledRows.of(r.row_demand() for r in self.running) + SampledRows.plain(1)
+        return SampledRows.of(r.row_demand() for r in [*self.running, *self.forks.all_followers()]) + \
+            SampledRows.plain(1)
 
     def _fits(self, step: _StepBuilder, request_id: str | None, num_tokens: int, new_tokens: int,
               sampled: SampledRows) -> bool:
@@ -273,7 +297,7 @@ class Scheduler:
 
     def _shortfall(self, step: _StepBuilder, request_id: str, num_tokens: int, new_tokens: int,
                    sampled: SampledRows) -> int:
-        need = self.kv.chunks_to_grow(request_id, num_tokens)
+        need = self.kv.chunks_to_grow(request_id, num_tokens) + sum(step.fork_chunks.values())
         workspace = self.activation_chunks(step.num_tokens + new_tokens, step.rows + sampled)
         staging = self.offload.staging({**step.spans, request_id: num_tokens})
         return need + workspace + staging - self.kv.num_available_chunks()
@@ -331,6 +355,8 @@ class Scheduler:
             self._grow(request, end)
             self._add_to_step(step, request, num_new, samples)
             index += 1
+            if samples.num_rows:
+                self._plan_forks(step, request, end)
 
     def _schedule_swapped(self, step: _StepBuilder) -> None:
         while self.swapped and len(self.running) < self.config.max_num_seqs and self.kv.num_free_slots:
@@ -338,7 +364,8 @@ class Scheduler:
             need = self.kv.chunks_to_swap_in(request.request_id)
             row = request.row_demand()
             workspace = self.activation_chunks(step.num_tokens + 1, step.rows + row)
-            if need + workspace > self.kv.num_available_chunks() or step.num_tokens >= step.token_budget:
+            if need + workspace + sum(step.fork_chunks.values()) > self.kv.num_available_chunks() or \
+                    step.num_tokens >= step.token_budget:
                 return
             end = request.num_computed_tokens + 1
             if not self.kv.swap_in(request.request_id):
@@ -350,12 +377,15 @@ class Scheduler:
                 return  # back in a slot; it decodes next step
             self._grow(request, end)
             self._add_to_step(step, request, 1, row)
+            if end == request.num_tokens:
+                self._plan_forks(step, request, end)
 
     def _schedule_waiting(self, step: _StepBuilder) -> None:
         # pages the running requests need for their next token are spoken for before anyone is admitted
         next_pages = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
         step_ms = self.cost_model.predict_ms(len(self.running))
-        while self.waiting and len(self.running) < self.config.max_num_seqs and self.kv.num_free_slots:
+        while self.waiting and len(self.running) + step.num_forks < self.config.max_num_seqs and \
+                self.kv.num_free_slots > step.num_forks:
             budget_left = step.token_budget - step.num_tokens
             if budget_left <= 0:
                 return
@@ -367,7 +397,8 @@ class Scheduler:
             # admit only if the whole prompt's KV fits (growing chunk by chunk would just preempt)
             need = self.kv.chunks_to_grow(None, request.num_tokens + 1) - self._cached_chunks(num_cached)
             workspace = self.activation_chunks(step.num_tokens + num_new, step.rows + samples)
-            available = self.kv.num_available_chunks() - next_pages - workspace - self.offload.staging(step.spans)
+            available = self.kv.num_available_chunks() - next_pages - workspace - self.offload.staging(step.spans) \
+                - sum(step.fork_chunks.values())
             # () when the whole prompt fits; layer-wise: the top layers to keep on the host; None: wait
             offloaded = self.offload.layers_to_offload(request, num_cached, num_cached + num_new, need, available,
                                                        self.running)
@@ -390,6 +421,8 @@ class Scheduler:
             end = request.num_computed_tokens + num_new
             self._grow(request, end)
             self._add_to_step(step, request, num_new, samples)
+            if samples.num_rows:
+                self._plan_forks(step, request, end)
 
     def _grow(self, request: Request, num_tokens: int) -> None:
         """Every caller checked first that the chunks are there (`_fits` or the admission check), so a
@@ -411,6 +444,54 @@ class Scheduler:
         if samples.num_rows:
             step.rows += samples
             step.row_of[request.request_id] = samples
+
+    def _plan_forks(self, step: _StepBuilder, leader: Request, end: int) -> None:
+        """The leader's first token is planned: each of its followers that fits (a slot, its row in the step's
+        workspace, the chunks of its copy of the last partial page) samples in this step and forks the
+        leader's KV after it; the others become ordinary waiting requests."""
+        followers = self.forks.close(leader)
+        if not followers:
+            return
+        cost = self.kv.chunks_to_fork(end)
+        forkable = self.kv.can_fork(leader.request_id)
+        planned, released = [], []
+        for follower in followers:
+            row = follower.row_demand()
+            forks_so_far = step.num_forks + len(planned)
+            need = sum(step.fork_chunks.values()) + cost * (len(planned) + 1) + \
+                self.activation_chunks(step.num_tokens, step.rows + row) + self.offload.staging(step.spans)
+            fits = forkable and len(self.running) + forks_so_far < self.config.max_num_seqs and \
+                self.kv.num_free_slots > forks_so_far and need <= self.kv.num_available_chunks()
+            if not fits:
+                released.append(follower)
+                continue
+            planned.append(follower.request_id)
+            step.rows += row
+            step.row_of[follower.request_id] = row
+        if planned:
+            step.forks[leader.request_id] = planned
+            step.fork_chunks[leader.request_id] = cost * len(planned)
+        for follower in reversed(released):
+            follower.status = RequestStatus.WAITING
+            self.waiting.appendleft(follower)
+
+    def _fork(self, leader_id: str, follower_ids: tuple[str, ...]) -> None:
+        """After the step: the followers take the leader's KV (shared pages, a copy of the last partial one) and
+        run; one whose fork fails after all recomputes its prompt and first token as an ordinary request."""
+        leader = self.requests.get(leader_id)
+        for follower_id in follower_ids:
+            follower = self.requests.get(follower_id)
+            if follower is None:
+                continue
+            if leader is not None and leader.status is RequestStatus.RUNNING and \
+                    self.kv.fork(leader_id, follower_id):
+                follower.num_computed_tokens = follower.num_cached_tokens = leader.num_computed_tokens
+                follower.status = RequestStatus.RUNNING
+                self.running.append(follower)
+            else:
+                follower.num_computed_tokens = 0
+                follower.status = RequestStatus.WAITING
+                self.waiting.appendleft(follower)
 
     def _preempt(self, request: Request, step: _StepBuilder) -> None:
         """Takes the request's KV slot away without losing it: swap to host, else recompute later."""
@@ -438,6 +519,11 @@ class Scheduler:
     def _unschedule(self, request: Request, step: _StepBuilder) -> None:
         step.spans.pop(request.request_id, None)
         step.rows -= step.row_of.pop(request.request_id, NO_ROWS)
+        step.fork_chunks.pop(request.request_id, None)
+        for follower_id in step.forks.pop(request.request_id, []):  # it samples later: they follow it again
+            step.rows -= step.row_of.pop(follower_id, NO_ROWS)
+            follower = self.requests[follower_id]
+            self.forks.rejoin(request, follower)
         if request.request_id in step.decode_ids:
             step.decode_ids.remove(request.request_id)
             step.num_tokens -= 1
@@ -466,6 +552,7 @@ class Scheduler:
             preempted=tuple(step.preempted),
             num_activation_chunks=self.activation_chunks(step.num_tokens, step.rows),
             sampled_rows=step.rows,
+            forks=tuple((leader, tuple(followers)) for leader, followers in step.forks.items()),
         )
 
     # ---- after the step ------------------------------------------------------------------------
@@ -477,3 +564,5 @@ class Scheduler:
                 continue
             request.num_computed_tokens = chunk.start + len(chunk.token_ids)
             self.kv.commit(chunk.request_id, request.tokens, request.num_computed_tokens)
+        for leader_id, follower_ids in output.forks:
+            self._fork(leader_id, follower_ids)

@@ -47,7 +47,10 @@ class TensorParallelExecutor:
         self.layout_log.clear()
         dist.broadcast_object_list(message, src=0, device=object_device(self.config))
 
-    def broadcast_step(self, plan: SchedulerOutput) -> None:
+    def broadcast_step(self, plan: SchedulerOutput, staging: list | None = None) -> None:
+        """Sends the step's plan; `staging` (LayerKV: the host pages each layer stages) rides the layout log."""
+        if staging is not None:
+            self.layout_log.append(("stage", staging))
         self._broadcast(STEP, plan)
 
     def gather_telemetry(self, local: dict) -> list[dict]:
@@ -57,17 +60,20 @@ class TensorParallelExecutor:
         dist.gather_object(local, gathered, dst=0)
         return gathered
 
-    def read_kv(self, slot: int, start: int, end: int, local: KVLayers) -> list[KVLayers]:
-        """Every rank's copy (its own heads) of tokens [start, end) of `slot`, rank order; rank 0's is `local`."""
-        self._broadcast(READ_KV, (slot, start, end))
+    def read_kv(self, slot: int, start: int, end: int, local: KVLayers,
+                host_pages: dict | None = None) -> list[KVLayers]:
+        """Every rank's copy (its own heads) of tokens [start, end) of `slot`, rank order; rank 0's is `local`.
+        `host_pages` ((layer, page) -> host slots, LayerKV): pages each rank reads from its host buffer."""
+        self._broadcast(READ_KV, (slot, start, end, host_pages or {}))
         gathered: list = [None] * self.config.tensor_parallel_size
         dist.gather_object(local, gathered, dst=0)
         return gathered
 
-    def write_kv(self, slot: int, start: int, per_rank: list[KVLayers]) -> KVLayers:
+    def write_kv(self, slot: int, start: int, per_rank: list[KVLayers], host_pages: dict | None = None) -> KVLayers:
         """Sends each rank its heads' share of KV for `slot` from token `start` (the layout calls made so far,
-        e.g. the reservation's pages, travel first); returns rank 0's share."""
-        self._broadcast(WRITE_KV, (slot, start))
+        e.g. the reservation's pages, travel first); returns rank 0's share. `host_pages` as in `read_kv`:
+        those pages' tokens go into each rank's host buffer."""
+        self._broadcast(WRITE_KV, (slot, start, host_pages or {}))
         mine: list = [None]
         dist.scatter_object_list(mine, per_rank, src=0)
         return mine[0]

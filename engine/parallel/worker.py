@@ -12,6 +12,8 @@ from engine.config import EngineConfig
 from engine.core.runner import ModelRunner
 from engine.device.rank import build_rank
 from engine.parallel.group import READ_KV, STOP, TELEMETRY, WRITE_KV, join_group, object_device
+from memory.kv.host_tier import HostChunkTier
+from memory.kv.layered_migration import overlay_host_pages, write_host_pages
 from memory.kv.mirror import LayoutMirror
 
 
@@ -29,8 +31,14 @@ class WorkerProcess:
         """Serves steps until rank 0 says stop; returns the number of steps run."""
         join_group(self.config, self.init_method_file, self.rank)
         state = build_rank(self.config, self.rank, self.config.tensor_parallel_size, all_reduce=dist.all_reduce)
-        mirror = LayoutMirror(state.kv_spec, state.pool, state.dtype, state.host_buffer, layout=self.config.kv_layout)
-        runner = ModelRunner(state.model, mirror, state.workspace, sampler=None)
+        host_tier = None
+        if self.config.kv_offload == "layerwise" and self.config.staging_mode == "in_place":
+            host_tier = HostChunkTier(state.pool.backend, state.kv_spec.page_bytes,
+                                      self.config.host_buffer_bytes // state.kv_spec.page_bytes)
+        mirror = LayoutMirror(state.kv_spec, state.pool, state.dtype, state.host_buffer, layout=self.config.kv_layout,
+                              host_tier=host_tier)
+        runner = ModelRunner(state.model, mirror, state.workspace, sampler=None, kv_staging=self.config.staging_mode)
+        page_tokens = state.kv_spec.tokens_per_page
         num_steps = 0
         try:
             while True:
@@ -43,13 +51,16 @@ class WorkerProcess:
                 if kind == TELEMETRY:
                     dist.gather_object(state.pool.telemetry().to_dict(), None, dst=0)
                 elif kind == READ_KV:
-                    slot, start, end = payload
-                    layers = [(k.cpu(), v.cpu()) for k, v in mirror.layout.read_tokens(slot, start, end)]
-                    dist.gather_object(layers, None, dst=0)
+                    slot, start, end, host_pages = payload
+                    layers = mirror.layout.read_tokens(slot, start, end)
+                    overlay_host_pages(mirror.host_buffer, host_pages, layers, start, end, page_tokens)
+                    dist.gather_object([(k.cpu(), v.cpu()) for k, v in layers], None, dst=0)
                 elif kind == WRITE_KV:
                     share: list = [None]
                     dist.scatter_object_list(share, None, src=0)
-                    mirror.layout.write_tokens(payload[0], payload[1], share[0])
+                    slot, start, host_pages = payload
+                    layers = write_host_pages(mirror.host_buffer, host_pages, share[0], start, page_tokens)
+                    mirror.layout.write_tokens(slot, start, layers)
                 else:
                     runner.forward_only(payload)
                     num_steps += 1

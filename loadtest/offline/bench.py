@@ -223,6 +223,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-batches", type=_ints, default=[32, 64], help="vocab: batch sizes, e.g. 32,64")
     parser.add_argument("--vocab-budgets-gib", type=_floats, default=[1.0, 1.25], help="vocab: one budget per batch")
     parser.add_argument("--vocab-logprobs", type=int, default=5, help="vocab: top logprobs of the logprobs runs")
+    parser.add_argument("--vocab-sampling", type=lambda text: tuple(text.split(",")), default=("greedy", "logprobs"),
+                        help="vocab: the sampling settings, of greedy,logprobs,top_p (top_p: drawn rows, seeded)")
+    parser.add_argument("--vocab-top-p", type=float, default=0.9, help="vocab: top_p of the top_p runs (temperature 1)")
     parser.add_argument("--plot", default=None, help="mixed: PNG of the pool's balloons per step, per configuration")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the numbers here")

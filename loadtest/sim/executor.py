@@ -47,9 +47,10 @@ def step_shape(plan: SchedulerOutput, staged: tuple[tuple[int, int], ...] = ()) 
 
 
 def staged_bytes(stager: LayerStager, page_bytes: int) -> tuple[tuple[int, int], ...]:
-    """Per layer: (bytes fetched from the host before it runs, bytes written back after), K and V."""
+    """Per layer: (bytes fetched from the host before it runs, bytes written back after: the rows the step
+    wrote), K and V."""
     return tuple((2 * page_bytes * sum(copy.fetch for copy in layer),
-                  2 * page_bytes * sum(copy.write_back for copy in layer)) for layer in stager.plan)
+                  2 * stager.row_bytes * sum(copy.rows[1] - copy.rows[0] for copy in layer)) for layer in stager.plan)
 
 
 class SimExecutor:
@@ -60,6 +61,7 @@ class SimExecutor:
         self.kv = kv
         self.last_staged: tuple[tuple[int, int], ...] = ()  # the last step's staged bytes per layer
         self.bytes_fetched = 0  # host -> device bytes staged over the run
+        self.bytes_written_back = 0  # device -> host bytes the staged layers' new tokens took back
         shard = ShardPlan.for_rank(config, 0, 1)
         self._activation_bytes = lru_cache(maxsize=4096)(
             lambda num_tokens, num_sampled: LlamaModel.plan_buffers(config, shard, dtype, num_tokens,
@@ -97,6 +99,7 @@ class SimExecutor:
         finally:
             stager.close()
         self.bytes_fetched += stager.bytes_fetched
+        self.bytes_written_back += stager.bytes_written_back
         return staged_bytes(stager, self.kv.spec.page_bytes)
 
     def step_s(self, plan: SchedulerOutput) -> float:
@@ -181,6 +184,9 @@ class BookkeepingHostBuffer(HostSlots):
     is_pinned = False
 
     def copy_in(self, slot: int, src: object) -> None:
+        self._check_allocated(slot)
+
+    def copy_in_bytes(self, slot: int, src: object, start: int, end: int) -> None:
         self._check_allocated(slot)
 
     def copy_out(self, slot: int, dst: object) -> None:

@@ -149,8 +149,9 @@ def _mechanism_rows(runs: dict[str, tuple[RunResult, Cluster]]) -> list[tuple[st
         steps = max(replica.num_steps, 1)
         columns.append((str(replica.max_decode_batch), str(getattr(policy, "num_partial_admissions", 0)),
                         f"{getattr(policy, 'num_demotions', 0)} / {getattr(policy, 'num_promotions', 0)}",
-                        f"{executor.bytes_fetched / steps / 2**20:.0f} MiB", str(scheduler.num_preemptions),
+                        f"{executor.bytes_fetched / steps / 2**20:.0f} MiB",
+                        f"{executor.bytes_written_back / steps / 2**20:.2f} MiB", str(scheduler.num_preemptions),
                         str(replica.num_steps)))
     names = ("largest decode batch", "prompts admitted with host layers", "layer demotions / promotions",
-             "host -> device per step (mean)", "preemptions", "steps")
+             "host -> device per step (mean)", "device -> host per step (mean)", "preemptions", "steps")
     return [(name, (columns[0][i], columns[1][i])) for i, name in enumerate(names)]

@@ -92,6 +92,8 @@ class LayeredMigration:
             return False
         tier_chunks = self.host_tier.allocate(num_host) if self.host_tier is not None else []
         host_slots = self.host_buffer.allocate(num_host) if self.host_tier is None else []
+        if host_slots:
+            self.layout.host_allocated(host_slots)
         host_slots.reverse()
         slot = self.slots.assign(request_id)
         state = self._new_state(request_id)

@@ -189,16 +189,15 @@ class LayerResidency:
         if self.host_tier is not None:
             return self._demote_in_place(state, layer, blocks)
         host_slots = self.host_buffer.allocate(2 * len(blocks)) if blocks else []
+        if host_slots:
+            self.layout.host_allocated(host_slots)
         slot = self.slot_of(request_id)
         freed = []
         for index, (page, block) in enumerate(blocks):
             if block.block_hash is not None:  # a partial block is no longer a prefix-cache entry
                 self.prefix.forget(block)
             host = HostPage(host_slots[2 * index], host_slots[2 * index + 1])
-            key_view, value_view = self.layout.layer_page_views(layer, slot, page)
-            self.host_buffer.copy_in(host.key, key_view)
-            self.host_buffer.copy_in(host.value, value_view)
-            self.layout.unmap_layer_page(layer, slot, page)
+            self.layout.layer_page_to_host(block, layer, slot, page, self.host_buffer, host)
             freed += block.chunks[position : position + 2]
             block.chunks[position] = block.chunks[position + 1] = None
             state.host_pages[(layer, page)] = host
@@ -230,11 +229,8 @@ class LayerResidency:
             key_chunk, value_chunk = chunks.pop(), chunks.pop()
             block = state.blocks[group][page]
             block.chunks[position], block.chunks[position + 1] = key_chunk, value_chunk
-            self.layout.map_layer_page(layer, slot, page, key_chunk, value_chunk)
-            key_view, value_view = self.layout.layer_page_views(layer, slot, page)
-            self.host_buffer.copy_out(host.key, key_view)
-            self.host_buffer.copy_out(host.value, value_view)
-            self.host_buffer.free(list(host))
+            self.layout.layer_page_from_host(block, layer, slot, page, (key_chunk, value_chunk), self.host_buffer, host)
+            self.layout.release_host(self.host_buffer, list(host))
         state.residency[layer] = DEVICE
         self.num_bytes_promoted += 2 * len(pages) * self.spec.page_bytes
         return True
@@ -243,14 +239,9 @@ class LayerResidency:
     def _swap_page_chunks(self, state, layer: int, page: int, block, new_chunks: list) -> list:
         """Replaces one layer's K and V chunks of a mapped page, carrying the data over; returns the old."""
         _, position = self._layer_position[layer]
-        slot = self.slot_of(state.request_id)
-        data = [view.clone() for view in self.layout.layer_page_views(layer, slot, page)]
-        self.layout.unmap_layer_page(layer, slot, page)
+        self.layout.swap_layer_page(block, layer, self.slot_of(state.request_id), page, tuple(new_chunks))
         old = block.chunks[position : position + 2]
         block.chunks[position], block.chunks[position + 1] = new_chunks
-        self.layout.map_layer_page(layer, slot, page, *new_chunks)
-        for view, saved in zip(self.layout.layer_page_views(layer, slot, page), data, strict=True):
-            view.copy_(saved)
         return old
 
     def _demote_in_place(self, state, layer: int, blocks: list) -> int:
@@ -308,13 +299,14 @@ class LayerResidency:
             slots = self.host_buffer.allocate(2 * len(layers))
         except (HostBufferFull, AttributeError):
             return None
+        self.layout.host_allocated(slots)
         return [(layer, HostPage(slots[2 * i], slots[2 * i + 1])) for i, layer in enumerate(layers)]
 
     def _free_host_pages(self, state, group: int, page: int) -> None:
         for layer in self.spec.groups[group].layers:
             host = state.host_pages.pop((layer, page), None)
             if host is not None:
-                self.host_buffer.free(list(host))
+                self.layout.release_host(self.host_buffer, list(host))
 
     def _swapped_block_slots(self, state, group: int, page: int, block, copied: list[int]) -> list[int]:
         """A swapped-out block's host slots in chunk order: `copied` for its device chunks, the

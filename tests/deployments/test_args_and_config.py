@@ -103,7 +103,8 @@ def test_parameter_dropping_args():
             config.drop_after_s, config.restore_after_s) == (True, 0.8, 0.4, 0.25, 1.0, 5.0)
     assert args.to_engine_config().enable_parameter_dropping is True
     assert AppArgs(device="cpu").to_engine_config().enable_parameter_dropping is False
-    for bad in ({"enabeld": True}, {"max_drop_fraction": 0.75}, {"high_watermark": 0}):
+    assert args.parameter_dropping.peer_hang_s == 3.0  # the pair's heartbeat (not the plan's: not in its config)
+    for bad in ({"enabeld": True}, {"max_drop_fraction": 0.75}, {"high_watermark": 0}, {"peer_hang_s": 0.1}):
         with pytest.raises(ValidationError):
             AppArgs(parameter_dropping=bad)
     with pytest.raises(ValueError, match="restore_watermark"):

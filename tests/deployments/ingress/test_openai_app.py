@@ -158,13 +158,15 @@ def test_chat_stream_role_then_content_then_finish(client, engine):
                                    "total_tokens": num_prompt + 3}
 
 
-def test_n_choices_are_separate_engine_requests_merged(client, engine):
+def test_n_choices_are_engine_requests_of_one_prompt_group_merged(client, engine):
     response = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "n": 3, "seed": 10})
     body = response.json()
     assert [choice["index"] for choice in body["choices"]] == [0, 1, 2]
     assert [request.request_id for request in engine.submitted] == [f"{body['id']}-{i}" for i in range(3)]
     assert [request.sampling.seed for request in engine.submitted] == [10, 11, 12]
     assert all(request.sampling.n == 1 for request in engine.submitted)
+    # one prompt group: the engine prefills the prompt once and forks its KV for each choice
+    assert [request.prompt_group for request in engine.submitted] == [body["id"]] * 3
     assert body["usage"]["completion_tokens"] == 9
     stream = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 2, "stream": True})
@@ -172,6 +174,8 @@ def test_n_choices_are_separate_engine_requests_merged(client, engine):
     finishes = [(c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in chunks
                 if c["choices"][0]["finish_reason"]]
     assert sorted(finishes) == [(0, "length"), (1, "length")]
+    client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 1})
+    assert engine.submitted[-1].prompt_group is None  # a single choice is a request on its own
 
 
 def test_completion_logprobs(client):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import signal
 
 import torch.distributed as dist
 
@@ -38,7 +39,9 @@ def host_store() -> dist.TCPStore:
                          wait_for_workers=False)
 
 
-def join(port: int, rank: int, store: dist.TCPStore | None = None) -> PairChannel:
+def join(port: int, rank: int, store: dist.TCPStore | None = None, hang_after_s: float | None = None) -> PairChannel:
+    """`hang_after_s`: watch the peer with a heartbeat (engine/cooperative/heartbeat.py) through a store client
+    of its own."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
     if store is None:
@@ -48,11 +51,13 @@ def join(port: int, rank: int, store: dist.TCPStore | None = None) -> PairChanne
     options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
     channel = PairChannel(dist.ProcessGroupGloo(dist.PrefixStore("pair/", store), rank, 2, options), rank)
     channel.store = store  # the store must live as long as the group
+    if hang_after_s is not None:
+        channel.watch(dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout), hang_after_s=hang_after_s)
     return channel
 
 
-def engine_for(model_dir) -> LLMEngine:
-    return LLMEngine(pair_config(model_dir), tokenizer=load_tokenizer(resolve_model_source(None)))
+def engine_for(model_dir, kv_layout: str = "contiguous") -> LLMEngine:
+    return LLMEngine(pair_config(model_dir, kv_layout=kv_layout), tokenizer=load_tokenizer(resolve_model_source(None)))
 
 
 def add(engine_or_side, request_id: str, prompt, max_tokens: int) -> None:
@@ -71,13 +76,13 @@ def collect(tokens: dict, outputs) -> None:
 
 
 def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after_syncs: int | None = None,
-                 carry: str = "auto") -> None:
+                 carry: str = "auto", hang_after_s: float | None = None, kv_layout: str = "contiguous") -> None:
     """Serves "b" alone for 4 steps, forms the pair, submits "c" (8 tokens, wholly while dropped) and "f"
     (24 tokens, spans the restore), serves until restored, finishes alone, sends its tokens to rank 0.
     `die_after_syncs`: exits abruptly after that many syncs instead (a replica dying while dropped);
-    `carry`: the CarryPolicy mode for its requests' KV."""
-    channel = join(port, 1)
-    engine = engine_for(model_dir)
+    `carry`: the CarryPolicy mode for its requests' KV; `hang_after_s`: watch the leader with a heartbeat."""
+    channel = join(port, 1, hang_after_s=hang_after_s)
+    engine = engine_for(model_dir, kv_layout)
     follower = RemoteFollower(engine, channel, CarryPolicy(carry))
     tokens: dict = {}
     add(engine, "b", prompts[1], 24)
@@ -101,11 +106,24 @@ def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after
     channel.flush()
 
 
-def run_leader_then_die(model_dir, port: int, prompts, drop: tuple[int, int], steps: int,
-                        mid_step: bool = False) -> None:
+def run_leader_then_die(model_dir, port: int | None, prompts, drop: tuple[int, int], steps: int,
+                        mid_step: bool = False, hang: bool = False, ports=None) -> None:
     """Forms the pair as the leader, runs `steps` steps, then exits abruptly (the leader dying while dropped);
-    `mid_step`: in the middle of the next step, once the follower has its plan and waits for hidden states."""
-    channel = join(port, 0)
+    `mid_step`: in the middle of the next step, once the follower has its plan and waits for hidden states.
+    `hang`: stops itself (SIGSTOP) instead of exiting: alive, its sockets open, answering nothing. `port`
+    None: it hosts the group's store (as a Serve leader does) and puts the port in `ports`."""
+    store = None
+    if port is None:
+        store = host_store()
+        port = store.port
+        ports.put(port)
+    channel = join(port, 0, store, hang_after_s=2.0 if hang else None)
+
+    def die() -> None:
+        if hang:
+            os.kill(os.getpid(), signal.SIGSTOP)  # the test kills it
+        os._exit(0)
+
     leader = RemoteLeader(engine_for(model_dir), channel, min_micro_batch_tokens=8)
     leader.form(*drop)
     for _ in range(steps):
@@ -116,11 +134,11 @@ def run_leader_then_die(model_dir, port: int, prompts, drop: tuple[int, int], st
         def send_then_die_at_the_hidden_states(message) -> None:
             send_object(message)
             if message[0] == "step":
-                channel.send_tensor = lambda *args, **kwargs: os._exit(0)
+                channel.send_tensor = lambda *args, **kwargs: die()
 
         channel.send_object = send_then_die_at_the_hidden_states
         leader.step()
-    os._exit(0)
+    die()
 
 
 async def consume(stream, tokens: dict, request_id: str, first: asyncio.Event | None = None) -> None:

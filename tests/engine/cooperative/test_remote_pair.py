@@ -7,6 +7,8 @@ restore; a replica dying while dropped leaves its peer serving alone from its ho
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import time
 
 import pytest
@@ -47,14 +49,16 @@ def assert_same(tokens: dict, reference, index: int, request_id: str, count: int
 
 
 @pytest.mark.slow  # about 10-15 s each; the default suite runs the served path (test_async_pair.py)
-@pytest.mark.parametrize("carry", ["copy", "recompute"])
-def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference, carry):
+@pytest.mark.parametrize(("carry", "kv_layout"), [("copy", "contiguous"), ("recompute", "contiguous"),
+                                                   ("copy", "paged")])
+def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference, carry, kv_layout):
     """Requests in flight when the pair forms ("a" here, "b" there) and when it restores ("e" here, "f"
-    there) keep their KV over the channel (copy) or recompute it; either way the tokens are transformers'."""
+    there) keep their KV over the channel (copy) or recompute it; either way the tokens are transformers'.
+    On either KV layout (the follower replays the leader's log into its own)."""
     store = host_store()
-    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, carry)
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, carry, None, kv_layout)
     channel = join(store.port, 0, store)
-    engine = engine_for(tiny_qwen3_dir)
+    engine = engine_for(tiny_qwen3_dir, kv_layout)
     leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8, carry=CarryPolicy(carry))
     tokens: dict = {}
     add(engine, "a", prompts[0], 8)  # spans the drop, ends while dropped
@@ -159,3 +163,81 @@ def test_leader_dying_while_dropped_ends_the_followers_requests_with_an_error(ti
     assert_pool_idle(engine)
     process.join(timeout=30)
     engine.close()
+
+
+HANG_S = 2.0  # the heartbeat's verdict; the group's own timeout is TIMEOUT_S (60 s)
+
+
+@pytest.mark.slow  # about 15 s: a spawned follower that the test stops (SIGSTOP) while dropped
+def test_a_hung_follower_is_noticed_by_its_heartbeat_and_the_leader_serves_alone(tiny_qwen3_dir, prompts, reference):
+    store = host_store()
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, "auto", HANG_S)
+    try:
+        channel = join(store.port, 0, store, hang_after_s=HANG_S)
+        engine = engine_for(tiny_qwen3_dir)
+        leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8)
+        tokens: dict = {}
+        add(engine, "a", prompts[0], 24)
+        leader.form(*DROP)
+        for _ in range(3):
+            collect(tokens, leader.step())
+        assert leader.is_formed and len(tokens.get("a", [])) < 24
+        os.kill(process.pid, signal.SIGSTOP)  # alive, its sockets open, answering nothing
+        stopped = time.monotonic()
+        while leader.is_formed:
+            collect(tokens, leader.step())
+        noticed = time.monotonic() - stopped
+        # the heartbeat, not the group's timeout: about HANG_S after the last beat
+        assert HANG_S - 0.5 < noticed < HANG_S + 4, noticed
+        assert channel.silent_for is not None and channel.silent_for > HANG_S
+        assert engine.dropped_weight_bytes == 0 and engine.drop_state == "normal"
+        assert leader.num_peer_requests_ended >= 1  # the follower's "b": its client is on the stopped replica
+        while engine.has_work:
+            collect(tokens, leader.step())
+        assert_same(tokens, reference, 0, "a", 24)
+        assert "errors" not in tokens
+        assert_pool_idle(engine)
+        engine.close()
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(timeout=30)
+
+
+@pytest.mark.slow  # about 15 s each
+@pytest.mark.parametrize("mid_step", [False, True], ids=["between-steps", "mid-step"])
+def test_a_hung_leader_is_noticed_by_its_heartbeat_and_the_follower_serves_alone(tiny_qwen3_dir, prompts, reference,
+                                                                               mid_step):
+    """The leader hosts the group's store (as in Serve) and stops itself after 3 steps: the follower's
+    heartbeat calls to the store time out too. Its forwarded request ends with an error event."""
+    ports = multiprocessing.get_context("spawn").Queue()
+    process = spawn(run_leader_then_die, tiny_qwen3_dir, None, prompts, DROP, 3, mid_step, True, ports)
+    try:
+        channel = join(ports.get(timeout=TIMEOUT_S), 1, hang_after_s=HANG_S)
+        engine = engine_for(tiny_qwen3_dir)
+        follower = RemoteFollower(engine, channel)
+        add(engine, "b", prompts[1], 24)
+        follower.form(*DROP)
+        tokens: dict = {}
+        started = time.monotonic()
+        while follower.is_formed:
+            collect(tokens, follower.serve_one())
+        # forming's exchange, 3 steps, then HANG_S of silence: far below the group's timeout
+        assert time.monotonic() - started < HANG_S + 6 < TIMEOUT_S / 4
+        assert channel.silent_for is not None and channel.silent_for > HANG_S
+        assert _state(process.pid) == "T"  # it was hung, not dead
+        assert engine.dropped_weight_bytes == 0 and engine.drop_state == "normal"
+        assert tokens["errors"] == [("b", LEADER_ERROR)]
+        add(follower, "g", prompts[6], 8)  # the survivor serves alone again
+        while engine.has_work:
+            collect(tokens, engine.step())
+        assert_same(tokens, reference, 6, "g", 8)
+        assert_pool_idle(engine)
+        engine.close()
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(timeout=30)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]

@@ -76,16 +76,12 @@ def reference(prompts, hf_smollm2):
     return hf_greedy(hf_smollm2, prompts, NUM_NEW)
 
 
-def checked_run(engine: LLMEngine, prompts) -> dict[str, list[int]]:
-    """Runs every prompt to the end, checking before each step that its workspace is obtainable and after
-    each step that the pool is within budget."""
-    tokens: dict[str, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        engine.add_request(GenerateRequest(f"r{index}", tuple(prompt), greedy(NUM_NEW)))
-        tokens[f"r{index}"] = []
+def checked_steps(engine: LLMEngine, tokens: dict[str, list[int]], steps: int | None) -> None:
+    """Runs `steps` steps (None: to the end), checking before each step that its workspace is obtainable and
+    after each step that the pool is within budget; adds each request's new tokens to `tokens`."""
     pool, runner = engine.pool, engine.runner
-    for _ in range(10_000):
-        if not engine.has_work:
+    for count in range(10_000):
+        if not engine.has_work or (steps is not None and count >= steps):
             break
         plan = engine.scheduler.schedule()
         if plan.is_empty:
@@ -93,12 +89,22 @@ def checked_run(engine: LLMEngine, prompts) -> dict[str, list[int]]:
         need = runner.activation_chunks(plan.num_tokens, plan.sampled_rows)
         assert need <= engine.workspace.num_mapped + pool.num_obtainable(ACTIVATIONS_CLIENT)
         for output in engine.update(plan, runner.run(plan, engine._sampling_states(plan))):
-            tokens[output.request_id].extend(output.new_token_ids)
+            tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
         telemetry = pool.telemetry()
         assert sum(telemetry.chunks_per_client.values()) <= telemetry.num_chunks
         assert telemetry.num_alive_chunks <= telemetry.num_chunks
-    assert not engine.has_work
-    assert pool.telemetry().num_exhausted == 0
+    if steps is None:
+        assert not engine.has_work
+
+
+def checked_run(engine: LLMEngine, prompts) -> dict[str, list[int]]:
+    """Runs every prompt to the end with the checks of `checked_steps`."""
+    tokens: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        engine.add_request(GenerateRequest(f"r{index}", tuple(prompt), greedy(NUM_NEW)))
+        tokens[f"r{index}"] = []
+    checked_steps(engine, tokens, None)
+    assert engine.pool.telemetry().num_exhausted == 0
     return tokens
 
 

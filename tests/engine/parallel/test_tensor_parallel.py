@@ -22,7 +22,8 @@ from engine.device.rank import measure_weight_bytes
 from engine.model.llama import LlamaModel, ShardPlan
 from engine.parallel.executor import create_executor
 from engine.parallel.worker import WorkerProcess
-from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, collect_steps, greedy, run_all
+from tests.engine.engine_helpers import PROMPTS, ScriptedOffload, assert_pool_idle, collect_steps, greedy, run_all
+from tests.engine.reference import hf_greedy
 
 NUM_NEW = 10
 NUM_NEW_LONG = 40
@@ -144,3 +145,63 @@ def test_requests_migrate_between_tp2_and_tp1(tmp_path, prompts, smollm2_tokeniz
         assert_pool_idle(tp1)
     finally:
         tp1.close()
+
+
+# per request of the module's prompts: the layers admitted on the host (the scripted policy of the layer-wise tests)
+OFFLOADED = {"r0": (), "r1": tuple(range(15, 30)), "r2": tuple(range(1, 30)), "r3": tuple(range(29)),
+             "r4": tuple(range(0, 30, 2)), "r5": (0, 29)}
+
+
+def _same_pages_on_every_rank(engine: LLMEngine) -> None:
+    """Rank 1 (one of the three KV heads: pages half rank 0's bytes) holds the same pages on the same tier."""
+    ranks = engine.memory_telemetry()
+    assert ranks[1]["chunks_per_client"]["kv"] == ranks[0]["chunks_per_client"]["kv"]
+    assert ranks[1]["host_buffer_used_bytes"] * 2 == ranks[0]["host_buffer_used_bytes"]
+
+
+@pytest.mark.slow  # a TP=2 engine and transformers' reference (~1 min of CPU each): `make test-all`
+@pytest.mark.parametrize("staging", ["copy", "in_place"])
+def test_tp2_layerwise_with_offloaded_layers_gives_transformers_tokens(tmp_path, prompts, smollm2_tokenizer,
+                                                                        hf_smollm2, staging):
+    """Rank 0's layout log carries the host pages' slots, each block's chunk kinds, layers demoted and promoted
+    during decode and every step's staging plan; rank 1 keeps its heads of the same pages on the same tier and
+    stages them the same way, so the tokens are transformers'. A request leaving with layers on the host reads
+    them from both ranks' host buffers (migrated to a TP=1 engine); coming back with layers imported onto the
+    host, both ranks write their heads of those layers into their host buffers."""
+    reference = hf_greedy(hf_smollm2, prompts, NUM_NEW_LONG)
+    config = _config(2, kv_offload="layerwise", kv_staging=staging)
+    with _tp2_engine(tmp_path, config, smollm2_tokenizer) as engine:
+        engine.scheduler.offload = ScriptedOffload(engine.kv, engine.scheduler.slo, OFFLOADED)
+        tokens: dict[str, list[int]] = {}
+        for index, prompt in enumerate(prompts):  # r1 runs long enough to be migrated late
+            num_new = NUM_NEW_LONG if index == 1 else NUM_NEW
+            engine.add_request(GenerateRequest(f"r{index}", tuple(prompt), greedy(num_new)))
+        while not all(len(tokens.get(f"r{index}", [])) >= 2 for index in range(len(prompts))):
+            collect_steps(engine, tokens, steps=1)
+        assert engine.kv.offloaded_layers("r2") == OFFLOADED["r2"]
+        _same_pages_on_every_rank(engine)
+        freed = sum(engine.kv.demote("r0", layer) for layer in range(20, 30))
+        assert freed > 0
+        collect_steps(engine, tokens, steps=2)  # r0 decodes with layers 20-29 on the host
+        _same_pages_on_every_rank(engine)
+        assert engine.kv.promote("r1", 29) and engine.kv.promote("r0", 25)
+        assert engine.kv.layer_chunk_counts("r0")[25][1] == 0
+        collect_steps(engine, tokens, steps=1)
+        _same_pages_on_every_rank(engine)
+        tp1 = LLMEngine(_config(1), tokenizer=smollm2_tokenizer)
+        try:
+            _migrate(engine, tp1, "r1", tokens)  # layers 15-28 still on both ranks' hosts
+            collect_steps(tp1, tokens, steps=2)
+            engine.scheduler.offload.imported_layers = tuple(range(10, 30))
+            _migrate(tp1, engine, "r1", tokens)  # and back, imported with layers 10-29 onto both ranks' hosts
+            assert engine.kv.offloaded_layers("r1") == tuple(range(10, 30))
+            _same_pages_on_every_rank(engine)
+            assert_pool_idle(tp1)
+        finally:
+            tp1.close()
+        collect_steps(engine, tokens)
+        for index, expected in enumerate(reference):
+            assert tokens[f"r{index}"] == expected[: NUM_NEW_LONG if index == 1 else NUM_NEW], index
+        assert_pool_idle(engine)
+        _same_pages_on_every_rank(engine)
+        assert engine.kv.host_buffer.used_bytes == 0
