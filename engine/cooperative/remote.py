@@ -344,13 +344,21 @@ class RemoteLeader:
         back = [snapshot_of(request, chosen.get(request.request_id, 0)) for request in taken
                 if request.request_id in peers]
         # the follower reads layers [split, L) of every copied request before it replays the log (which frees)
-        self.channel.send_object(("restore", self._runner_log, back, entries))
-        for request_id, _, tokens, is_theirs in entries:
-            if is_theirs:
-                self.channel.send_stage(KVStage(0, tokens, first_half[request_id]))
+        second_half, lost = {}, False
+        try:
+            self.channel.send_object(("restore", self._runner_log, back, entries))
+            for request_id, _, tokens, is_theirs in entries:
+                if is_theirs:
+                    self.channel.send_stage(KVStage(0, tokens, first_half[request_id]))
+        except PeerLost:
+            lost = True
         restored = engine.restore_layers(range(num_layers))
-        second_half = {request_id: self.channel.recv_stage().layers for request_id, _, _, is_theirs in entries
-                       if not is_theirs}
+        try:
+            if not lost:
+                second_half = {request_id: self.channel.recv_stage().layers for request_id, _, _, is_theirs in entries
+                               if not is_theirs}
+        except PeerLost:  # the follower died restoring: this replica's requests recompute, its own went with it
+            lost, second_half = True, {}
         for request in taken:
             request_id = request.request_id
             if request_id in peers:
@@ -363,8 +371,12 @@ class RemoteLeader:
             else:
                 self.num_recomputed += request_id in was_running
         self.peer_requests.clear()
-        answer = self.channel.recv_object()
-        self.channel.flush()
+        answer = "restored"
+        if lost:
+            self.num_peer_requests_ended += len(back)
+        else:
+            answer = self.channel.recv_object()
+            self.channel.flush()
         self.channel.close()
         engine.drop_state = "normal"
         if answer != "restored":
