@@ -62,7 +62,9 @@ class EngineConfig:
     # has run this long; a long request is many short steps, so it never trips this.
     stall_timeout_s: float = 60.0
     kv_layout: str = "contiguous"  # "contiguous" (per-slot virtual ranges) | "paged" (block tables)
-    kv_evictor: str = "lru"  # cached KV blocks: "lru" | "prefix_subset" (Jenga: least hit length lost first)
+    # cached KV blocks: "lru" | "prefix_subset" (Jenga: least hit length lost first) | "auto" (prefix_subset
+    # when the model has sliding-window layers, lru otherwise; docs/JENGA.md measures both)
+    kv_evictor: str = "auto"
     # LayerKV: "layerwise" admits a prompt whose KV does not all fit with its top layers on the host,
     # demotes layers before preempting, stages host layers per step (docs/LAYERKV.md); "none" does not
     kv_offload: str = "none"
@@ -86,8 +88,8 @@ class EngineConfig:
             raise ValueError(f"memory_arbiter must be kv_first or slo, got {self.memory_arbiter!r}")
         if self.pool_policy not in ("elastic", "static"):
             raise ValueError(f"pool_policy must be elastic or static, got {self.pool_policy!r}")
-        if self.kv_evictor not in ("lru", "prefix_subset"):
-            raise ValueError(f"kv_evictor must be lru or prefix_subset, got {self.kv_evictor!r}")
+        if self.kv_evictor not in ("auto", "lru", "prefix_subset"):
+            raise ValueError(f"kv_evictor must be auto, lru or prefix_subset, got {self.kv_evictor!r}")
         if self.kv_layout not in ("contiguous", "paged"):
             raise ValueError(f"kv_layout must be contiguous or paged, got {self.kv_layout!r}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):

@@ -183,9 +183,11 @@ def place_rank(plan: RankPlan, pool: ElasticPool, workspace: ActivationWorkspace
 
 
 def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
-               all_reduce: Callable[[torch.Tensor], None] | None = None) -> RankState:
+               all_reduce: Callable[[torch.Tensor], None] | None = None, loaded: tuple | None = None) -> RankState:
+    """`loaded`: (ModelConfig, weights) already loaded in the config's dtype (the dict is emptied once the
+    weights are placed: pass a copy to build several ranks from one load)."""
     backend = create_backend(config.backend_name)
-    plan = plan_rank(config, backend.granularity, rank, world_size, all_reduce)
+    plan = plan_rank(config, backend.granularity, rank, world_size, all_reduce, loaded=loaded)
     chunk = plan.kv_spec.page_bytes
     weight_bytes = placed_bytes(plan.segment_bytes, chunk)  # each layer on pages of its own (so it can be dropped)
     if weight_bytes + plan.peak_activation_bytes // 8 > config.device_memory_bytes:

@@ -6,15 +6,19 @@
   Workloads: Gemma 3 270M with long prompts (full and sliding kinds), and SmolLM2-135M + Gemma 3 270M
   in one pool (three kinds). Page sizes are the models' real ones (bf16, 16 tokens per page), on the
   `sim` backend with 2 MiB chunks (CUDA's granule); requests are admitted in order until one does not fit.
-- `evictor`: Gemma 3 270M's KV manager (real KVCacheManager on the `sim` backend) under a shared-prefix
-  workload with a KV budget that forces evictions: prefix-hit rate with `lru` vs `prefix_subset`.
+- `evictor`: Gemma 3 270M's (or SmolLM2's) KV manager (the real KVCacheManager on the `host` backend, no
+  model) under a shared-prefix workload with a KV budget that forces evictions: prefix-hit rate with `lru`
+  vs `prefix_subset`.
+- `evictor-engine`: the same question through the real Gemma 3 270M engine, both evictors side by side
+  in one run: hit rate and output tokens/s (loadtest/bench/jenga_evictor.py).
 - `pool`: the two-model mix through two real paged KV managers on one KVBalloon, with the pages an
   EngineGroup gives SmolLM2 and Gemma 3 in one pool (loadtest/bench/jenga_pool.py): LCM vs padding vs static.
 - `paged`, `attention`: paged vs contiguous on CPU, whole SmolLM2 engines and one attention layer, fp32 and
   bf16 (loadtest/bench/jenga_paged.py).
 
     python -m loadtest.bench.jenga memory [--budget-gib 2]
-    python -m loadtest.bench.jenga evictor [--requests 400]
+    python -m loadtest.bench.jenga evictor [--requests 400] [--model smollm2] [--workload short --budget-mib 40]
+    python -m loadtest.bench.jenga evictor-engine [--requests 48] [--kv-mib 80] [--concurrency 4] [--layout paged]
     python -m loadtest.bench.jenga pool [--budget-gib 2]
     python -m loadtest.bench.jenga paged [--rounds 3] [--dtype float32 bfloat16]
     python -m loadtest.bench.jenga attention [--iterations 300]
@@ -106,16 +110,23 @@ def bench_memory(budget_gib: float) -> None:
             pool.close()
 
 
-def bench_evictor(num_requests: int, model: str, seed: int = 0) -> None:
-    """Shared system prompts (8 of 1-3 K tokens, Zipf-popular) + private questions, on Gemma 3's layer
-    groups (3 full + 15 sliding layers) or SmolLM2's (30 full layers)."""
+def bench_evictor(num_requests: int, model: str, workload: str = "long", budget_mib: float | None = None,
+                  seed: int = 0) -> None:
+    """Shared system prompts + private questions, on Gemma 3's layer groups (3 full + 15 sliding layers)
+    or SmolLM2's (30 full layers), one request at a time. `long`: 8 prompts of 1-3 K tokens, Zipf-popular,
+    + 20-200-token questions; `short`: the engine bench's workload (`evictor-engine`: 6 prompts of
+    608-1,024 tokens + 20-100-token questions)."""
+    from loadtest.bench.jenga_evictor import shared_prefix_workload
     from memory.kv import LayerGroup
 
     rng = random.Random(seed)
-    prefixes = [[rng.randrange(1, 250_000) for _ in range(rng.randint(64, 192) * PAGE_TOKENS)] for _ in range(8)]
-    weights = [1 / (i + 1) for i in range(len(prefixes))]
-    requests = [rng.choices(prefixes, weights)[0] + [rng.randrange(1, 250_000) for _ in range(rng.randint(20, 200))]
-                for _ in range(num_requests)]
+    if workload == "short":
+        requests = shared_prefix_workload(num_requests, seed, PAGE_TOKENS)
+    else:
+        prefixes = [[rng.randrange(1, 250_000) for _ in range(rng.randint(64, 192) * PAGE_TOKENS)] for _ in range(8)]
+        weights = [1 / (i + 1) for i in range(len(prefixes))]
+        requests = [rng.choices(prefixes, weights)[0]
+                    + [rng.randrange(1, 250_000) for _ in range(rng.randint(20, 200))] for _ in range(num_requests)]
     if model == "gemma3":
         groups = (LayerGroup(tuple(range(5, 18, 6)), None), LayerGroup(tuple(i for i in range(18) if i % 6 != 5), 512))
         shape = dict(num_layers=18, num_kv_heads=1, head_dim=256)
@@ -126,7 +137,9 @@ def bench_evictor(num_requests: int, model: str, seed: int = 0) -> None:
         budget_pages = 30_000  # about 3 cached prefixes next to the running request
     spec = KVCacheSpec(**shape, dtype_bytes=BF16, groups=groups, max_slots=4, max_len=4096,
                        tokens_per_page=PAGE_TOKENS)
-    print(f"{'evictor':<14} {'hit rate':>8} {'prompt tokens computed':>23}")
+    if budget_mib is not None:
+        budget_pages = int(budget_mib * 2**20) // spec.page_bytes
+    print(f"{'evictor':<14} {'hit rate':>8} {'prompt tokens computed':>23}   ({budget_pages:,} pages of KV)")
     for evictor in ("lru", "prefix_subset"):
         # 4-8 KiB pages on the host backend: nothing is mapped until used
         kv_pool = ElasticPool(create_backend("host"), budget_pages * spec.page_bytes, spec.page_bytes)
@@ -154,6 +167,16 @@ def main() -> None:
     evictor = sub.add_parser("evictor")
     evictor.add_argument("--requests", type=int, default=400)
     evictor.add_argument("--model", choices=("gemma3", "smollm2"), default="gemma3")
+    evictor.add_argument("--workload", choices=("long", "short"), default="long")
+    evictor.add_argument("--budget-mib", type=float, default=None, help="KV budget (default: per model)")
+    engine = sub.add_parser("evictor-engine")
+    engine.add_argument("--requests", type=int, default=48)
+    engine.add_argument("--kv-mib", type=float, default=80.0)
+    engine.add_argument("--concurrency", type=int, default=4)
+    engine.add_argument("--max-tokens", type=int, default=16)
+    engine.add_argument("--threads", type=int, default=1)
+    engine.add_argument("--layout", choices=("contiguous", "paged"), default="contiguous")
+    engine.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
     sub.add_parser("pool").add_argument("--budget-gib", type=float, default=2.0)
     paged = sub.add_parser("paged")
     paged.add_argument("--rounds", type=int, default=3)
@@ -163,7 +186,12 @@ def main() -> None:
     if args.bench == "memory":
         bench_memory(args.budget_gib)
     elif args.bench == "evictor":
-        bench_evictor(args.requests, args.model)
+        bench_evictor(args.requests, args.model, args.workload, args.budget_mib)
+    elif args.bench == "evictor-engine":
+        from loadtest.bench.jenga_evictor import bench_evictor_engine
+
+        bench_evictor_engine(args.requests, args.kv_mib, args.concurrency, args.max_tokens, args.threads, args.layout,
+                             args.dtype)
     elif args.bench == "pool":
         from loadtest.bench.jenga_pool import bench_pool
 

@@ -11,7 +11,10 @@ goes first, under both evictors. They differ inside it:
   does not need (sliding-window pages before its window, oldest first), which lose nothing of it;
   then the target's own pages, deepest first in every kind, each costing one page of hit length, so
   the cached prefix shrinks from its end while staying a valid hit for every kind (balanced and
-  aligned, as in the paper).
+  aligned, as in the paper). A release no hit has used yet does not know where its shared prefix ends
+  (its prompt's private tail is past it): it keeps the sliding pages of every hit within one window of
+  its end, not only the last window's, so a hit at the shared boundary is still there when the next
+  request on that prefix comes (measured: docs/JENGA.md).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 
 from memory.kv.blocks import KVBlock
-from memory.kv.cache_policy import CachePolicy, FullAttentionPolicy
+from memory.kv.cache_policy import CachePolicy, FullAttentionPolicy, SlidingWindowPolicy
 
 
 class Evictor(ABC):
@@ -51,6 +54,8 @@ class PrefixSubsetEvictor(Evictor):
 
     def __init__(self, policies: Sequence[CachePolicy]):
         self.policies = policies
+        # how far before a release's end its unknown shared boundary may be: the widest window
+        self.reach = max((p.window for p in policies if isinstance(p, SlidingWindowPolicy)), default=0)
 
     def choose(self, release: Sequence[KVBlock]) -> KVBlock:
         return min(release, key=self._cost_in(release))
@@ -78,12 +83,16 @@ class PrefixSubsetEvictor(Evictor):
         reused = [b.page for b in release if b.reused]
         full_pages = [b.page for b in release if isinstance(self.policies[b.group], FullAttentionPolicy)]
         target_page = max(reused or full_pages or [b.page for b in release])
-        target_hit = (target_page + 1) * self.policies[0].page_tokens
+        page_tokens = self.policies[0].page_tokens
+        target_hit = (target_page + 1) * page_tokens
+        # no hit has used it: the shared boundary may be anywhere within `reach` tokens of its end
+        low_hit = target_hit if reused else max(0, target_hit - self.reach) // page_tokens * page_tokens
+        needed = [range(p.hit_pages(low_hit).start, p.hit_pages(target_hit).stop) for p in self.policies]
 
         def cost(block: KVBlock) -> tuple[int, int, int]:
             if block.page > target_page:
                 return (0, -block.page, block.group)  # past every hit so far: tail first
-            if block.page not in self.policies[block.group].hit_pages(target_hit):
+            if block.page not in needed[block.group]:
                 return (1, block.page, block.group)  # not needed by the target hit: free to drop
             return (2, -block.page, block.group)  # shortens the hit by a page: the deepest first
 
@@ -94,3 +103,15 @@ EVICTORS: Mapping[str, Callable[[Sequence[CachePolicy]], Evictor]] = {
     LruEvictor.name: LruEvictor,
     PrefixSubsetEvictor.name: PrefixSubsetEvictor,
 }
+AUTO = "auto"
+
+
+def resolve_evictor(name: str, policies: Sequence[CachePolicy]) -> str:
+    """`auto`: `prefix_subset` when a kind has a sliding window (measured above LRU there, docs/JENGA.md),
+    else `lru` (full attention alone gains less, for a scan of the cache per eviction); other names as given."""
+    if name == AUTO:
+        sliding = any(isinstance(p, SlidingWindowPolicy) for p in policies)
+        return PrefixSubsetEvictor.name if sliding else LruEvictor.name
+    if name not in EVICTORS:
+        raise ValueError(f"unknown KV evictor {name!r} (auto | {' | '.join(EVICTORS)})")
+    return name

@@ -22,7 +22,7 @@ from memory.kv.balloon import KVBalloon
 from memory.kv.block_source import BlockSource, LcmBlocks, LooseChunks, TakenBlock
 from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
 from memory.kv.cache_policy import policy_for
-from memory.kv.evictor import EVICTORS
+from memory.kv.evictor import EVICTORS, resolve_evictor
 from memory.kv.fork import SequenceFork
 from memory.kv.host_tier import HostChunkTier
 from memory.kv.layered_migration import LayeredMigration
@@ -64,7 +64,7 @@ class KVCacheManager(LayerResidency, LayeredMigration, SequenceFork):
         host_buffer: HostBuffer | None = None,
         enable_prefix_caching: bool = True,
         layout_log: list | None = None,
-        evictor: str = "lru",
+        evictor: str = "lru",  # | "prefix_subset" | "auto" (prefix_subset when a kind has a sliding window)
         host_tier: HostChunkTier | None = None,
         balloon: KVBalloon | None = None,
         owner: str = KV_CLIENT,
@@ -91,8 +91,9 @@ class KVCacheManager(LayerResidency, LayeredMigration, SequenceFork):
         self._next_release = 0
         self._chunks_per_block = [2 * len(group.layers) for group in spec.groups]
         self.policies = [policy_for(group, spec.tokens_per_page) for group in spec.groups]  # per kind
-        if evictor != "lru":  # LRU is PrefixCache's own order
-            self.prefix.evictor = EVICTORS[evictor](self.policies)
+        self.evictor = resolve_evictor(evictor, self.policies)  # auto: prefix_subset for sliding kinds
+        if self.evictor != "lru":  # LRU is PrefixCache's own order
+            self.prefix.evictor = EVICTORS[self.evictor](self.policies)
         self._init_residency()
         self.blocks: BlockSource
         if small_pages:
@@ -463,7 +464,8 @@ class KVCacheManager(LayerResidency, LayeredMigration, SequenceFork):
             return []
         if num_chunks > self.num_available_chunks():
             return None
-        free_now = min(num_chunks, self.pool.num_free())
+        # free chunks KV may take now (a static split caps KV at its share, whatever else is free)
+        free_now = min(num_chunks, self.pool.num_free(), self.pool.num_obtainable(KV_CLIENT))
         chunks = self.pool.inflate(KV_CLIENT, free_now) if free_now else []
         while len(chunks) < num_chunks and self.prefix.evictable:
             evicted = self.prefix.evict_oldest()

@@ -66,6 +66,9 @@ class PagedLayout(KVLayout):
         self._free_pages = list(range(NULL_PAGE + 1, self.num_pages))  # a heap: the lowest free index first
         self._page_of: dict[int, int] = {}  # block id -> page index while mapped
         self._mappings: dict[int, int] = {}  # block id -> (slot, page) entries pointing at it
+        # layers whose pages this device keeps (all, unless a peer holds some layers' KV: KunServe); a block
+        # has chunks only for these (KVCacheManager.hold_layers)
+        self.held_layers = frozenset(range(spec.num_layers))
 
     def layer_caches(self) -> list[tuple[PagedLayerCache, PagedLayerCache]]:
         for group in self._stale_groups:
@@ -79,7 +82,7 @@ class PagedLayout(KVLayout):
 
     def _block_tensors(self, block: KVBlock) -> list[VirtualTensor]:
         layers = self.spec.groups[block.group].layers
-        return [tensor for layer in layers for tensor in self.tensors[layer]]
+        return [tensor for layer in layers if layer in self.held_layers for tensor in self.tensors[layer]]
 
     def page_index(self, block: KVBlock) -> int:
         return self._page_of[block.block_id]
@@ -129,15 +132,23 @@ class PagedLayout(KVLayout):
         return table[slot, positions // self.spec.tokens_per_page], positions % self.spec.tokens_per_page
 
     def read_tokens(self, slot: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of a slot's tokens [start, end) of K and V, per layer (for migration)."""
+        """Copies of a slot's tokens [start, end) of K and V, per layer (for migration); a layer held
+        elsewhere (KunServe) has no pages here and reads as zeros."""
         out = []
         for layer, (k, v) in enumerate(self.tensors):
             pages, offsets = self._token_rows(layer, slot, start, end)
-            out.append((k.tensor[pages, offsets].clone(), v.tensor[pages, offsets].clone()))
+            if layer in self.held_layers:
+                out.append((k.tensor[pages, offsets].clone(), v.tensor[pages, offsets].clone()))
+            else:
+                shape = (end - start, *k.tensor.shape[2:])
+                out.append((k.tensor.new_zeros(shape), v.tensor.new_zeros(shape)))
         return out
 
     def write_tokens(self, slot: int, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Writes K and V of every held layer (a layer held elsewhere has no pages here to write)."""
         for layer, ((k, v), (key, value)) in enumerate(zip(self.tensors, layers, strict=True)):
+            if layer not in self.held_layers:
+                continue
             pages, offsets = self._token_rows(layer, slot, start, start + key.shape[0])
             k.tensor[pages, offsets] = key
             v.tensor[pages, offsets] = value

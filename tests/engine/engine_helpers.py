@@ -71,9 +71,15 @@ class ScriptedOffload(LayerwiseOffload):
     def __init__(self, kv, slo, layers_by_request: dict[str, tuple[int, ...]]):
         super().__init__(kv, slo)
         self.layers_by_request = layers_by_request
+        self.imported_layers: tuple[int, ...] | None = None  # set: a migrated request's layers put on the host
 
     def layers_to_offload(self, request, num_cached, end, need, available, running=()):
         return self.layers_by_request.get(request.request_id, ())
+
+    def layers_to_import(self, num_tokens, room, available):
+        if self.imported_layers is None:
+            return super().layers_to_import(num_tokens, room, available)
+        return self.imported_layers
 
     def promote(self, running, spare_chunks):
         return 0  # never by itself

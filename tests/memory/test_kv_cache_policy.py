@@ -85,17 +85,18 @@ def _eviction_order(evictor: str, window: int | None = 2 * P) -> tuple[list[tupl
 
 def test_prefix_subset_evictor_loses_the_least_hit_length():
     order, hits = _eviction_order("prefix_subset")
-    # the sliding pages no hit of the full prefix needs go first (oldest first), then the tail of
-    # every kind, deepest first: the cached prefix shrinks from its end
-    assert order == [(1, 0), (1, 1), (1, 2), (1, 3), (0, 5), (1, 5), (0, 4), (1, 4),
-                     (0, 3), (0, 2), (0, 1), (0, 0)]
-    assert hits[:4] == [6 * P] * 4  # four evictions cost nothing
+    # no hit has used this release yet, so its shared boundary may be anywhere within a window (2 pages) of
+    # its end: only the sliding pages no such hit needs go first (0, 1), then the tail of every kind,
+    # deepest first: the cached prefix shrinks from its end, a valid hit for every kind at each length
+    assert order == [(1, 0), (1, 1), (0, 5), (1, 5), (0, 4), (1, 4),
+                     (0, 3), (1, 3), (0, 2), (1, 2), (0, 1), (0, 0)]
+    assert hits[:6] == [6 * P, 6 * P, 5 * P, 5 * P, 4 * P, 4 * P]
+    assert hits[6:] == [0] * 6  # full page 3 gone: a 3-page hit would need sliding page 1, evicted first
     lru_order, lru_hits = _eviction_order("lru")
     # LRU drops the sliding pages first too (they were parked first, while the request ran), then
     # the head of the full-attention chain
     assert lru_order[:5] == [(1, 0), (1, 1), (1, 2), (1, 3), (0, 0)]
     assert lru_hits[:4] == [6 * P] * 4 and lru_hits[4] == 0
-    assert hits[4] == 0  # tail page 5 gone: a 5-page hit would need sliding page 3, evicted already
 
 
 def test_full_attention_chains_shrink_from_the_tail_not_the_head():
@@ -142,3 +143,65 @@ def test_a_shared_prefix_that_missed_keeps_its_window_and_free_blocks_go_first_i
                           ("a", 0, 5), ("a", 1, 5), ("a", 0, 4), ("a", 1, 4)]  # A's tail, deepest first
     assert hits[:10] == [4 * P] * 10 and hits[10] == 0  # then A's full page 3: the shared chain breaks
     assert order[10] == ("a", 0, 3)
+
+
+def _block_ids(kv: KVCacheManager, request_id: str) -> list[list[int | None]]:
+    return [[None if b is None else b.block_id for b in pages] for pages in kv.requests[request_id].blocks]
+
+
+def _prefill(kv: KVCacheManager, request_id: str, prompt: list[int], hit: int) -> None:
+    assert kv.admit(request_id, prompt) == hit
+    for end in [*range(hit + P, len(prompt), P), len(prompt)]:
+        assert kv.grow(request_id, end)
+        kv.commit(request_id, prompt, end)
+
+
+@pytest.mark.parametrize("evictor", ["lru", "prefix_subset"])
+def test_exact_block_ids_of_a_hit_and_of_each_eviction_for_mixed_kinds(evictor):
+    """vLLM v1 style: a full-attention group (layer 0) and a sliding group (layer 1, window 2 pages); block ids
+    are handed out in grow order. A (4 pages + 1 token) runs; B shares its first 3 pages and hits them
+    (the full group maps A's blocks 0, 2, 4; the sliding group only the window: A's 3, 5); C would hit the
+    same 3 pages. Then one block at a time is evicted: the exact ids, and C's hit length after each."""
+    kv, pool = _kv(evictor)
+    a = list(range(4 * P + 1))
+    b = a[: 3 * P] + list(range(10**6, 10**6 + P + 1))
+    c = a[: 3 * P] + [7] * P
+    _prefill(kv, "a", a, 0)
+    assert _block_ids(kv, "a") == [[0, 2, 4, 6, 8], [None, None, 5, 7, 9]]  # sliding ids 1, 3 slid out
+    kv.free("a")  # the partial page (8, 9) is not cached; the slid-out pages were parked first
+    assert list(kv.prefix.evictable) == [1, 3, 0, 2, 4, 6, 5, 7]
+    assert kv.match_prefix(b) == 3 * P
+    _prefill(kv, "b", b, 3 * P)
+    assert _block_ids(kv, "b") == [[0, 2, 4, 10, 12], [None, None, 5, 11, 13]]
+    assert kv.requests["b"].blocks[1][1] is None  # B's hit mapped A's sliding block 3; it slid out again
+    kv.free("b")
+    assert list(kv.prefix.evictable) == [1, 6, 7, 3, 0, 2, 4, 10, 5, 11]
+    assert kv.match_prefix(c) == 3 * P
+    order, hits, taken = [], [], []
+    while kv.prefix.evictable:
+        before = list(kv.prefix.evictable)
+        taken += pool.inflate("activations", pool.num_free() + 1)
+        order += [i for i in before if i not in kv.prefix.evictable]
+        hits.append(kv.match_prefix(c) // P)
+    pool.deflate("activations", taken)
+    kv.close()
+    if evictor == "lru":  # park order: A's leftovers, then B's sliding block 3 (window of the hit): lost
+        assert order == [1, 6, 7, 3, 0, 2, 4, 10, 5, 11]
+        assert hits == [3, 3, 3, 0, 0, 0, 0, 0, 0, 0]
+    else:  # what no target hit needs, in every release (B's private tail 10, 11: B's hit says where its
+        # shared prefix ends; A's slid-out 1 stays: no hit has used A, so a hit at any page within a window of
+        # A's end is kept possible), then the oldest release deepest first (A's 6, 7, 1), then B's: 4 (full
+        # page 2) breaks the hit
+        assert order == [10, 11, 6, 7, 1, 4, 5, 2, 3, 0]
+        assert hits == [3, 3, 3, 3, 3, 0, 0, 0, 0, 0]
+
+
+def test_auto_evictor_is_prefix_subset_for_sliding_kinds_only():
+    kv, _ = _kv("auto")
+    assert kv.evictor == "prefix_subset" and kv.prefix.evictor is not None
+    kv.close()
+    kv, _ = _kv("auto", window=None)
+    assert kv.evictor == "lru" and kv.prefix.evictor is None
+    kv.close()
+    with pytest.raises(ValueError, match="unknown KV evictor"):
+        _kv("fifo")

@@ -79,6 +79,27 @@ def test_prefix_pages_are_shared_then_cached_then_evicted(sim_kv):
     assert kv.prefix.num_evictable_chunks == 4 and kv.match_prefix(prompt) == 0  # the first page went first
 
 
+def test_a_static_kv_share_at_its_limit_evicts_its_cache_while_other_shares_idle():
+    """Static split: KV holds its whole share (cached pages), the activation share is free. A new page
+    must come from KV's own cache: the free chunks of the idle activation share are not KV's to take."""
+    spec = _spec(1024, 2, kv_heads=8, head_dim=128, layers=2, slots=4)
+    pool = ElasticPool(create_backend("sim"), 16 * spec.page_bytes, spec.page_bytes, "static",
+                       static_split={"kv": 8, "activations": 8})
+    pool.register("activations")
+    kv = KVCacheManager(spec, pool, torch.bfloat16)
+    prompt = list(range(2 * 1024))
+    kv.admit("a", prompt)
+    assert kv.grow("a", 2048)
+    kv.commit("a", prompt, 2048)
+    kv.free("a")
+    assert pool.num_held("kv") == 8 == kv.prefix.num_evictable_chunks and pool.num_free() == 8
+    kv.admit("b", [7] * 10)
+    assert kv.grow("b", 1024)  # 4 chunks: evicted from KV's cache, not inflated past its share
+    assert pool.num_held("kv") == 8 and kv.prefix.num_evictable_chunks == 4 and pool.num_free() == 8
+    kv.free("b")
+    kv.close()
+
+
 def test_sliding_window_pages_leave_the_window(sim_kv):
     spec = _spec(1024, 2, kv_heads=8, head_dim=128, layers=3, window=1500)
     pool = ElasticPool(create_backend("sim"), 8 << 30, spec.page_bytes)

@@ -1,5 +1,5 @@
-"""Random admit / grow / demote / promote / swap / free sequences on the KV manager with layer-wise
-residency, against a model of every token's value.
+"""Random admit / migrate in (with layers on the host) / grow / demote / promote / swap / free sequences on
+the KV manager with layer-wise residency, against a model of every token's value.
 
 Checked after every step: the kv balloon holds exactly the live requests' device chunks plus the
 evictable cache; the host buffer holds exactly the offloaded pages and the swapped requests' slots;
@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from memory import ElasticPool, HostBuffer, create_backend
 from memory.kv import KVCacheManager
 from memory.kv.host_tier import HostChunkTier
-from tests.memory.test_kv_residency import PAGE_TOKENS, _spec, check, fill
+from tests.memory.test_kv_residency import HEAD_DIM, PAGE_TOKENS, _spec, check, expected, fill
 
 NUM_CHUNKS = 40
 HOST_PAGES = 40
@@ -52,6 +52,33 @@ class ResidencyMachine(RuleBasedStateMachine):
         self.kv.admit(name, [ord(name)] * num, offloaded=sorted(offloaded))
         self.tokens[name] = 0
         self.grow(name, num)
+
+    @rule(name=st.sampled_from(NAMES), offloaded=st.sets(st.integers(0, 3), min_size=1, max_size=4),
+          num=st.integers(1, 40), split=st.integers(0, 40))
+    def migrate_in(self, name: str, offloaded: set[int], num: int, split: int) -> None:
+        """A migrated request imported with `offloaded` on the host, its KV written in two staged copies."""
+        if name in self.tokens or not self.kv.num_free_slots:
+            return
+        pages = self.kv.spec.num_pages(num)
+        device = 2 * pages * (self.kv.spec.num_layers - len(offloaded))
+        held, used = self.pool.num_held("kv"), self.host.used_bytes
+        host = 2 * pages * len(offloaded)
+        fits = device <= self.kv.num_available_chunks() and host <= (self.tier or self.host).num_free
+        assert self.kv.reserve_import(name, num, sorted(offloaded)) == fits
+        if not fits:
+            assert (self.pool.num_held("kv"), self.host.used_bytes, name in self.kv.requests) == (held, used, False)
+            return
+        split = min(split, num)
+        def values(layer: int, which: int, start: int, end: int) -> torch.Tensor:
+            column = torch.tensor([expected(name, layer, which, p) for p in range(start, end)])
+            return column.view(-1, 1, 1).expand(-1, 1, HEAD_DIM).contiguous()
+
+        for start, end in ((0, split), (split, num)):
+            if end > start:
+                self.kv.write_kv(name, start, [(values(layer, 0, start, end), values(layer, 1, start, end))
+                                               for layer in range(self.kv.spec.num_layers)])
+        self.kv.finish_import(name, num)
+        self.tokens[name] = num
 
     @rule(name=st.sampled_from(NAMES), num=st.integers(1, 20))
     def grow(self, name: str, num: int) -> None:

@@ -74,10 +74,13 @@ kinds = st.sampled_from(("a", "b", "c"))
 class LcmMachine(RuleBasedStateMachine):
     """Random allocate/free of three kinds with coprime sizes, while activations balloon."""
 
+    num_chunks = 40
+    sizes = {"a": 2 * CHUNK, "b": 3 * CHUNK, "c": 5 * CHUNK}  # one 30-chunk large page at a time
+
     def __init__(self) -> None:
         super().__init__()
-        self.pool = _pool(40)
-        self.alloc = LcmAllocator(self.pool, "kv", {"a": 2 * CHUNK, "b": 3 * CHUNK, "c": 5 * CHUNK})
+        self.pool = _pool(self.num_chunks)
+        self.alloc = LcmAllocator(self.pool, "kv", self.sizes)
         self.held: list[SmallPage] = []
         self.activations: list = []
 
@@ -111,6 +114,7 @@ class LcmMachine(RuleBasedStateMachine):
     @invariant()
     def within_budget_and_every_page_in_one_place(self):
         held_chunks = self.pool.num_held("kv")
+        assert held_chunks <= self.pool.num_chunks
         assert held_chunks + self.pool.num_held("activations") + self.pool.num_free() == self.pool.num_chunks
         assert len(set(self.held)) == len(self.held)
         places = set()
@@ -121,6 +125,7 @@ class LcmMachine(RuleBasedStateMachine):
         for large_id, large in self.alloc._large.items():
             assert large.used > 0  # empty large pages went back to the pool
             assert large.used + len(large.free) == self.alloc.pages_per_large_page(large.kind)
+            assert len(set(large.free)) == len(large.free)
             for index in large.free:
                 places.add((large_id, index))
         for page in self.held:
@@ -135,3 +140,21 @@ class LcmMachine(RuleBasedStateMachine):
 
 TestLcmMachine = LcmMachine.TestCase
 TestLcmMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+class SubChunkCoprimeMachine(LcmMachine):
+    """Coprime small pages smaller than a chunk (3, 5 and 7 eighths): the LCM (105 eighths = 13.1 chunks)
+    is rounded up to 14 chunks, so each large page has slack, and 60 chunks hold four large pages at once
+    (kinds take turns holding them)."""
+
+    num_chunks = 60
+    sizes = {"a": 3 * CHUNK // 8, "b": 5 * CHUNK // 8, "c": 7 * CHUNK // 8}
+
+    @invariant()
+    def large_pages_are_whole_chunks_with_slack(self):
+        assert self.alloc.chunks_per_large_page == 14
+        assert [self.alloc.pages_per_large_page(k) for k in "abc"] == [37, 22, 16]  # floor(14 x 8 / size)
+
+
+TestSubChunkCoprimeMachine = SubChunkCoprimeMachine.TestCase
+TestSubChunkCoprimeMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

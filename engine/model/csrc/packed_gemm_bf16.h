@@ -47,9 +47,9 @@ static inline void bf16_rows_to_f32(const uint16_t *x, int64_t ldx, int64_t m, i
  * straight from memory. An odd k's last pair is (x[k - 1], 0) against the weight's zero padding, as
  * vdpbf16ps took it. */
 static inline __attribute__((always_inline)) void block_rows(
-        const float *x32, int64_t ld32, const uint16_t *base, void *y, int64_t ldy, int y_is_f32,
+        const float *x32, int64_t ld32, const uint16_t *base, int64_t stride, void *y, int64_t ldy, int y_is_f32,
         int64_t i0, int64_t first, int64_t valid, const int VEC, const int R) {
-    const int64_t pairs = ld32 / 2, stride = VEC * 32;  /* bf16 elements per input pair */
+    const int64_t pairs = ld32 / 2;  /* stride: bf16 elements per input pair in the block (2 x its outputs) */
     const __m512i odd_half = _mm512_set1_epi32((int)0xffff0000u);
     __m512 acc[ROWS][4];
     for (int r = 0; r < R; ++r)
@@ -75,9 +75,9 @@ static inline __attribute__((always_inline)) void block_rows(
 }
 
 /* block_rows with VEC and the row count as constants (rows < ROWS only for a last, partial group). */
-#define BLOCK_ROWS(VEC, R) block_rows(x32, ld32, base, y, ldy, (int)y_is_f32, i0, first, valid, VEC, R)
+#define BLOCK_ROWS(VEC, R) block_rows(x32, ld32, base, stride, y, ldy, (int)y_is_f32, i0, first, valid, VEC, R)
 static inline __attribute__((always_inline)) void row_group(
-        const float *x32, int64_t ld32, const uint16_t *base, void *y, int64_t ldy, int64_t y_is_f32,
+        const float *x32, int64_t ld32, const uint16_t *base, int64_t stride, void *y, int64_t ldy, int64_t y_is_f32,
         int64_t i0, int rows, int64_t first, int64_t valid, const int VEC) {
     switch (rows) {
         case 1: BLOCK_ROWS(VEC, 1); break;
@@ -87,20 +87,39 @@ static inline __attribute__((always_inline)) void row_group(
     }
 }
 
+/* Products of at most SLICE_ROWS rows only stream the weight: their units are 32-output slices (half a
+ * 64-output block), so that two threads split SmolLM2's 576 outputs (nine 64-blocks) evenly. Beyond, a
+ * unit's whole block keeps 16 accumulators busy. */
+#define SLICE_ROWS 4
+
 /* how many work units a product of m rows and n outputs in blocks of `block` has */
 static inline int64_t packed_gemm_num_units(int64_t m, int64_t n, int64_t block) {
-    return (n + block - 1) / block * ((m + UNIT_ROWS - 1) / UNIT_ROWS);
+    const int64_t blocks = (n + block - 1) / block;
+    return m <= SLICE_ROWS ? blocks * (block / 32) : blocks * ((m + UNIT_ROWS - 1) / UNIT_ROWS);
 }
 
 /* units [first_unit, last_unit) of y = x w^T, x given as x32 (bf16_rows_to_f32 of x's m rows of k inputs).
- * Unit u: output block u / row_chunks, rows [UNIT_ROWS * (u % row_chunks), ... + UNIT_ROWS) (consecutive
- * units share a block, so a thread's share reads each block once). */
+ * Up to SLICE_ROWS rows, unit u is the 32-output slice u of the outputs, for every row; beyond, unit u is
+ * output block u / row_chunks, rows [UNIT_ROWS * (u % row_chunks), ... + UNIT_ROWS) (consecutive units share a
+ * block, so a thread's share reads each block once). Any split sums each output in the same order. */
 static inline void packed_gemm_units(const float *x32, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
                                      int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block,
                                      int64_t first_unit, int64_t last_unit) {
     const int64_t ld32 = f32_row_length(k), row_chunks = (m + UNIT_ROWS - 1) / UNIT_ROWS;
     const unsigned int mxcsr = _mm_getcsr();
     _mm_setcsr(mxcsr | 0x8040u);  /* FTZ | DAZ, as vdpbf16ps: denormal inputs read 0, denormal sums flush */
+    if (m <= SLICE_ROWS) {
+        const int64_t per_block = block / 32;
+        for (int64_t u = first_unit; u < last_unit; ++u) {
+            const int64_t b = u / per_block, slice = u % per_block, first = b * block + 32 * slice;
+            const int64_t valid = n - first < 32 ? n - first : 32;
+            if (valid > 0)
+                row_group(x32, ld32, w + b * block * k_padded + 64 * slice, 2 * block, y, ldy, y_is_f32, 0, (int)m,
+                          first, valid, 2);
+        }
+        _mm_setcsr(mxcsr);
+        return;
+    }
     for (int64_t u = first_unit; u < last_unit; ++u) {
         const int64_t b = u / row_chunks, row_end = (u % row_chunks + 1) * UNIT_ROWS;
         const uint16_t *base = w + b * block * k_padded;
@@ -108,8 +127,8 @@ static inline void packed_gemm_units(const float *x32, const uint16_t *w, void *
         const int64_t valid = n - first < block ? n - first : block;
         for (int64_t i0 = (u % row_chunks) * UNIT_ROWS; i0 < m && i0 < row_end; i0 += ROWS) {
             const int rows = m - i0 < ROWS ? (int)(m - i0) : ROWS;
-            if (block == 64) row_group(x32, ld32, base, y, ldy, y_is_f32, i0, rows, first, valid, 4);
-            else row_group(x32, ld32, base, y, ldy, y_is_f32, i0, rows, first, valid, 2);
+            if (block == 64) row_group(x32, ld32, base, 128, y, ldy, y_is_f32, i0, rows, first, valid, 4);
+            else row_group(x32, ld32, base, 64, y, ldy, y_is_f32, i0, rows, first, valid, 2);
         }
     }
     _mm_setcsr(mxcsr);

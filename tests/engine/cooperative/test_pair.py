@@ -238,3 +238,37 @@ def test_no_drop_while_a_request_is_being_migrated(pair, prompts, reference):
     migration.resume(pair.first, "m")
     run_pair(pair, tokens)
     assert tokens["m"] == reference[2]
+
+
+def test_the_paged_layout_holds_only_its_layers_and_the_pipeline_stays_exact(tiny_qwen3_dir, smollm2_tokenizer,
+                                                                              prompts, reference):
+    """`hold_layers` on the paged layout (Jenga's small pages): each stage's blocks take pages of its layers
+    only, the pair carries KV by copy across the drop and the restore, the pool stays exact, tokens equal
+    transformers'."""
+    first, second = (LLMEngine(config(tiny_qwen3_dir, kv_layout="paged"), tokenizer=smollm2_tokenizer)
+                     for _ in range(2))
+    pair = CooperativePair(first, second, carry=CarryPolicy("copy"), min_micro_batch_tokens=8)
+    tokens: dict[str, list[int]] = {}
+    add(pair, "before-first", prompts[2], first)
+    add(pair, "before-second", prompts[6], second)
+    run_pair(pair, tokens, steps=4)
+    full = first.kv.chunks_to_grow(None, 64)
+    pair.drop(first_keeps=2, second_from=2)
+    assert (pair.num_carried, pair.num_recomputed) == (2, 0)
+    assert first.kv.held_layers == {0, 1} and second.kv.held_layers == {2, 3}
+    assert first.kv.chunks_to_grow(None, 64) < full  # a block takes pages of 2 layers of 4, not all
+    for engine in (first, second):
+        assert_pool_exact(engine)
+    add(pair, "while-first", prompts[0], first)
+    run_pair(pair, tokens, steps=6)
+    running = len(first.scheduler.running)
+    assert running > 0
+    pair.restore()
+    assert (pair.num_carried, pair.num_recomputed) == (2 + running, 0)
+    assert first.kv.held_layers == second.kv.held_layers == {0, 1, 2, 3}
+    run_pair(pair, tokens)
+    expected = {"before-first": 2, "before-second": 6, "while-first": 0}
+    assert {rid: tokens[rid] for rid in expected} == {rid: reference[i] for rid, i in expected.items()}
+    for engine in (first, second):
+        assert_pool_idle(engine)
+        engine.close()

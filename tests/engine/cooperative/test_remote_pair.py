@@ -49,14 +49,16 @@ def assert_same(tokens: dict, reference, index: int, request_id: str, count: int
 
 
 @pytest.mark.slow  # about 10-15 s each; the default suite runs the served path (test_async_pair.py)
-@pytest.mark.parametrize("carry", ["copy", "recompute"])
-def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference, carry):
+@pytest.mark.parametrize(("carry", "kv_layout"), [("copy", "contiguous"), ("recompute", "contiguous"),
+                                                   ("copy", "paged")])
+def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference, carry, kv_layout):
     """Requests in flight when the pair forms ("a" here, "b" there) and when it restores ("e" here, "f"
-    there) keep their KV over the channel (copy) or recompute it; either way the tokens are transformers'."""
+    there) keep their KV over the channel (copy) or recompute it; either way the tokens are transformers'.
+    On either KV layout (the follower replays the leader's log into its own)."""
     store = host_store()
-    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, carry)
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, carry, None, kv_layout)
     channel = join(store.port, 0, store)
-    engine = engine_for(tiny_qwen3_dir)
+    engine = engine_for(tiny_qwen3_dir, kv_layout)
     leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8, carry=CarryPolicy(carry))
     tokens: dict = {}
     add(engine, "a", prompts[0], 8)  # spans the drop, ends while dropped
@@ -125,6 +127,33 @@ def test_follower_dying_while_dropped_leaves_the_leader_serving(tiny_qwen3_dir, 
             break
     assert not leader.is_formed and engine.dropped_weight_bytes == 0 and engine.drop_state == "normal"
     assert leader.num_peer_requests_ended >= 1 and freed > 0  # the follower's "b" (and what it sent) went with it
+    while engine.has_work:
+        collect(tokens, leader.step())
+    assert_same(tokens, reference, 0, "a", 24)
+    assert_pool_idle(engine)
+    process.join(timeout=30)
+    engine.close()
+
+
+@pytest.mark.slow  # about 12 s
+def test_follower_dying_during_the_restore_leaves_the_leader_serving(tiny_qwen3_dir, prompts, reference):
+    """The follower exits on the restore message, before sending back the leader's requests' layers
+    [split, L): the leader still restores, its own requests recompute that KV and finish exactly."""
+    store = host_store()
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, "copy", None, "contiguous", True)
+    channel = join(store.port, 0, store)
+    engine = engine_for(tiny_qwen3_dir)
+    leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8, carry=CarryPolicy("copy"))
+    tokens: dict = {}
+    add(engine, "a", prompts[0], 24)
+    freed = leader.form(*DROP)
+    for _ in range(4):
+        collect(tokens, leader.step())
+    assert len(tokens["a"]) < 24
+    assert leader.restore() == freed
+    assert not leader.is_formed and engine.dropped_weight_bytes == 0 and engine.drop_state == "normal"
+    assert leader.num_peer_requests_ended >= 1  # the follower's "b" (and what it sent) went with it
+    assert engine.scheduler.requests["a"].num_computed_tokens == 0  # its copy never came: it recomputes
     while engine.has_work:
         collect(tokens, leader.step())
     assert_same(tokens, reference, 0, "a", 24)

@@ -100,6 +100,7 @@ def test_tiny_gemma3_matches_transformers(tiny_gemma3, smollm2_tokenizer, layout
     engine = LLMEngine(small_config(model=str(directory), kv_layout=layout), tokenizer=smollm2_tokenizer)
     try:
         assert engine.model_config.query_pre_attn_scalar != engine.model_config.head_dim
+        assert engine.kv.evictor == "prefix_subset"  # kv_evictor: auto, for a model with sliding layers
         assert max(len(p) for p in prompts) > 40 + 32  # pages really leave the window
         ours = run_all(engine, prompts, greedy(16))
         assert [ours[f"r{i}"] for i in range(len(prompts))] == reference
@@ -108,17 +109,18 @@ def test_tiny_gemma3_matches_transformers(tiny_gemma3, smollm2_tokenizer, layout
         engine.close()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
 @pytest.mark.parametrize("copy_kv", [True, False], ids=["copy", "recompute"])
-def test_tiny_gemma3_migrated_request_matches_transformers(tiny_gemma3, smollm2_tokenizer, copy_kv):
-    """A request past its 40-token window moves to another engine (paged) mid-decode, its KV copied in
-    stages (only the pages each kind still holds) or recomputed; tokens stay transformers'."""
+def test_tiny_gemma3_migrated_request_matches_transformers(tiny_gemma3, smollm2_tokenizer, copy_kv, layout):
+    """A request past its 40-token window moves to another engine (same layout) mid-decode, its KV copied
+    in stages (only the pages each kind still holds) or recomputed; tokens stay transformers'."""
     from engine import migration
     from tests.engine.engine_helpers import collect_steps
 
     directory, prompts, reference = tiny_gemma3
     prompt, expected = prompts[4], reference[4]
     assert len(prompt) > 40 + 32
-    config = small_config(model=str(directory), kv_layout="paged")
+    config = small_config(model=str(directory), kv_layout=layout)
     source = LLMEngine(config, tokenizer=smollm2_tokenizer)
     destination = LLMEngine(config, tokenizer=smollm2_tokenizer)
     try:
@@ -143,6 +145,80 @@ def test_tiny_gemma3_migrated_request_matches_transformers(tiny_gemma3, smollm2_
     finally:
         source.close()
         destination.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_shared(tiny_gemma3):
+    """The long prompt, and two prompts sharing its first 100 tokens (three 32-token pages: a hit of 96
+    tokens, past the 40-token window and a page), with transformers' greedy tokens."""
+    directory, prompts, _ = tiny_gemma3
+    shared = prompts[4][:100]
+    variants = [prompts[4], shared + prompts[0], shared + prompts[3]]
+    hf = hf_model_from_weights(str(directory), dtype=torch.float32)
+    return variants, hf_greedy(hf, variants, 16)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_tiny_gemma3_prefix_hits_past_the_window_match_transformers(tiny_gemma3, tiny_gemma3_shared,
+                                                                    smollm2_tokenizer, layout):
+    """After the long prompt ran, it again and two prompts on its first 100 tokens hit past the window:
+    the sliding layers map only the window's pages (never page 0), and tokens stay transformers'."""
+    directory = tiny_gemma3[0]
+    prompts, reference = tiny_gemma3_shared
+    engine = LLMEngine(small_config(model=str(directory), kv_layout=layout), tokenizer=smollm2_tokenizer)
+    try:
+        page = engine.kv_spec.tokens_per_page
+        sliding = [g for g, group in enumerate(engine.kv_spec.groups) if group.sliding_window is not None]
+        assert page == 32 and sliding
+        assert run_all(engine, prompts[:1], greedy(16)) == {"r0": reference[0]}
+        hits = engine.kv.prefix.num_hit_tokens
+        tokens: dict[str, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            engine.add_request(GenerateRequest(f"b{index}", tuple(prompt), greedy(16)))
+        seen = set()
+        while engine.has_work:
+            for output in engine.step():
+                tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
+            for request_id, state in engine.kv.requests.items():
+                seen.add(request_id)
+                assert all(state.blocks[g][0] is None for g in sliding)  # page 0 left every window
+        assert seen == {"b0", "b1", "b2"}
+        assert [tokens[f"b{i}"] for i in range(3)] == reference
+        assert engine.kv.prefix.num_hit_tokens - hits == (len(prompts[0]) - 1) // page * page + 2 * 3 * page
+        assert engine.scheduler.num_preemptions == 0
+        assert_pool_idle(engine)
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_preempt(tiny_gemma3):
+    """The long prompt first, then the short ones, with 80 new tokens each (their outputs grow by two or
+    three pages, so they outgrow the KV share of `preempting_config`)."""
+    directory, prompts, _ = tiny_gemma3
+    ordered = [prompts[4], *prompts[:4]]
+    hf = hf_model_from_weights(str(directory), dtype=torch.float32)
+    return ordered, hf_greedy(hf, ordered, 80)
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_tiny_gemma3_preempted_matches_transformers(tiny_gemma3, tiny_gemma3_preempt, smollm2_tokenizer,
+                                                    mode, layout):
+    """Past its 40-token window, under swap or recompute preemption (only `mode`, asserted by the
+    scheduler's counters), on both layouts: tokens stay transformers'."""
+    prompts, reference = tiny_gemma3_preempt
+    base = small_config(model=str(tiny_gemma3[0]), kv_layout=layout, preemption_mode=mode, tokens_per_page=16)
+    config = preempting_config(smollm2_tokenizer, prompts, base, 80)
+    engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
+    try:
+        ours = run_all(engine, prompts, greedy(80))
+        assert [ours[f"r{i}"] for i in range(len(prompts))] == reference
+        swaps, recomputes = engine.scheduler.num_swaps, engine.scheduler.num_recomputes
+        assert (swaps > 0, recomputes > 0) == ((True, False) if mode == "swap" else (False, True))
+        assert_pool_idle(engine)
+    finally:
+        engine.close()
 
 
 # ---- the real Gemma 3 270M (slow) ---------------------------------------------------------------
@@ -236,17 +312,17 @@ def test_gemma3_270m_matches_transformers(gemma3_tokenizer, gemma3_prompts, gemm
         engine.close()
 
 
-def preempting_config(tokenizer, prompts, **overrides) -> EngineConfig:
-    """A static pool whose KV share holds the long prompt grown by all its new tokens, every short prompt
-    admitted, and only 30% of what the short ones grow by decoding: they must preempt each other."""
-    base = gemma3_config(tokens_per_page=16, pool_policy="static", enable_prefix_caching=False, **overrides)
+def preempting_config(tokenizer, prompts, base: EngineConfig, num_new: int = NUM_NEW_PREEMPT) -> EngineConfig:
+    """A static pool whose KV share holds the first (long) prompt grown by all its new tokens, every short
+    prompt admitted, and only 30% of what the short ones grow by decoding: they must preempt each other."""
+    base = dataclasses.replace(base, pool_policy="static", enable_prefix_caching=False)
     probe = LLMEngine(base, tokenizer=tokenizer)
     try:
         def need(num_tokens: int) -> int:
             return probe.kv.chunks_to_grow(None, num_tokens)
 
-        admitted = need(len(prompts[0]) + NUM_NEW_PREEMPT) + sum(need(len(p) + 1) for p in prompts[1:])
-        grown = sum(need(len(p) + NUM_NEW_PREEMPT) - need(len(p) + 1) for p in prompts[1:])
+        admitted = need(len(prompts[0]) + num_new) + sum(need(len(p) + 1) for p in prompts[1:])
+        grown = sum(need(len(p) + num_new) - need(len(p) + 1) for p in prompts[1:])
         not_kv = probe.pool.num_chunks - probe.pool.policy.shares["kv"]
         chunk_bytes = probe.pool.chunk_bytes
     finally:
@@ -262,7 +338,8 @@ def test_gemma3_270m_preempted_matches_transformers(gemma3_tokenizer, gemma3_pre
     """Running requests whose outputs outgrow the KV share are preempted (by `mode` only, asserted by the
     scheduler's counters) and resumed; greedy tokens stay transformers'."""
     prompts = gemma3_preempt_prompts
-    config = preempting_config(gemma3_tokenizer, prompts, kv_layout=layout, preemption_mode=mode)
+    base = gemma3_config(tokens_per_page=16, kv_layout=layout, preemption_mode=mode)
+    config = preempting_config(gemma3_tokenizer, prompts, base)
     engine = LLMEngine(config, tokenizer=gemma3_tokenizer)
     try:
         assert engine.kv.layout.name == layout

@@ -162,6 +162,20 @@ def test_packed_kernel_sums_in_vdpbf16ps_order(onednn, rows, out_features, in_fe
     assert torch.equal(out, expected)
 
 
+def test_packed_kernel_rows_do_not_depend_on_the_batch(onednn):
+    """A row's outputs are the same bits whether it is multiplied alone or among 40 rows (a prompt chunk, a
+    decode batch): the kernel sums each output in one fixed order at every size and thread split."""
+    if onednn._skinny is None:
+        pytest.skip("no AVX512-BF16 here: oneDNN serves every size")
+    generator = torch.Generator().manual_seed(3)
+    packed = onednn.place(torch.randn(200, 192, generator=generator).bfloat16(), lambda tensor: tensor.clone())
+    x = torch.randn(40, 192, generator=generator).bfloat16()
+    together = onednn._skinny(x, packed, torch.empty(40, 200, dtype=torch.bfloat16))
+    for row in (0, 17, 39):
+        alone = onednn._skinny(x[row : row + 1], packed, torch.empty(1, 200, dtype=torch.bfloat16))
+        assert torch.equal(alone[0], together[row])
+
+
 def test_packed_layout_is_verified_not_assumed():
     from engine.model.onednn_linear import blocked_pairs_layout
 

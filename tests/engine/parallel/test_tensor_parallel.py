@@ -166,7 +166,8 @@ def test_tp2_layerwise_with_offloaded_layers_gives_transformers_tokens(tmp_path,
     """Rank 0's layout log carries the host pages' slots, each block's chunk kinds, layers demoted and promoted
     during decode and every step's staging plan; rank 1 keeps its heads of the same pages on the same tier and
     stages them the same way, so the tokens are transformers'. A request leaving with layers on the host reads
-    them from both ranks' host buffers (migrated to a TP=1 engine)."""
+    them from both ranks' host buffers (migrated to a TP=1 engine); coming back with layers imported onto the
+    host, both ranks write their heads of those layers into their host buffers."""
     reference = hf_greedy(hf_smollm2, prompts, NUM_NEW_LONG)
     config = _config(2, kv_offload="layerwise", kv_staging=staging)
     with _tp2_engine(tmp_path, config, smollm2_tokenizer) as engine:
@@ -190,7 +191,11 @@ def test_tp2_layerwise_with_offloaded_layers_gives_transformers_tokens(tmp_path,
         tp1 = LLMEngine(_config(1), tokenizer=smollm2_tokenizer)
         try:
             _migrate(engine, tp1, "r1", tokens)  # layers 15-28 still on both ranks' hosts
-            collect_steps(tp1, tokens)
+            collect_steps(tp1, tokens, steps=2)
+            engine.scheduler.offload.imported_layers = tuple(range(10, 30))
+            _migrate(tp1, engine, "r1", tokens)  # and back, imported with layers 10-29 onto both ranks' hosts
+            assert engine.kv.offloaded_layers("r1") == tuple(range(10, 30))
+            _same_pages_on_every_rank(engine)
             assert_pool_idle(tp1)
         finally:
             tp1.close()
