@@ -9,11 +9,7 @@ once and logs its layout calls; each message to the follower carries the log, wh
 on its own pool (memory/kv/mirror.py with a layer mask), as tensor-parallel ranks replay rank 0's. So a
 request has the same slot and pages on both sides and neither side can run out of KV the other planned.
 
-A step (`RemotePipelineRunner.run`) sends the plan cut in micro-batches, then per micro-batch runs stage 1
-and sends its hidden states without waiting, so the follower computes micro-batch i while the leader
-computes i+1; the follower sends back the final hidden states of the rows that sample and its busy time.
-The leader applies the final norm and lm head (its shared tensors are never dropped) and samples with the
-requests' own sampling states, so seeded sampling is exact.
+A step runs on `RemotePipelineRunner` (remote_runner.py): stage 1 here, stage 2 on the follower.
 
 Requests keep a home: those that arrived at the follower (forwarded by it) stream their outputs back to
 it in a "sync" message after each step, which also brings the follower's new requests and aborts. Forming
@@ -27,24 +23,15 @@ follower's with an error.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from types import SimpleNamespace
-
-import torch
-
 from engine.api import RequestOutput
 from engine.cooperative import carry as carrying
 from engine.cooperative.carry import CarriedKV, CarryPolicy, place, snapshot, spread, to_copy
 from engine.cooperative.channel import PairChannel, PeerLost
 from engine.cooperative.kv import PipelineKV
-from engine.cooperative.pipeline import PipelineStats, grown_layers, num_sampled, pipeline_split, split_micro_batches
+from engine.cooperative.pipeline import PipelineStats, grown_layers, pipeline_split
+from engine.cooperative.remote_runner import RemotePipelineRunner
 from engine.core.engine import LLMEngine
 from engine.core.request import Request
-from engine.core.runner import ModelRunner
-from engine.core.sampler import SampleResult, SamplingState, rows_of
-from engine.core.sampling_workspace import SampledRows, sampling_plan
-from engine.core.scheduler import SchedulerOutput
 from engine.migration import KVStage, RequestSnapshot, request_from_snapshot
 from memory.kv import KVCacheManager
 from memory.pool import ElasticPool
@@ -78,92 +65,6 @@ def shadow_kv(engine: LLMEngine, budget_chunks: int, layers: range, log: list,
                         layout_log=log)
     kv.hold_layers(layers)
     return kv, reserve
-
-
-class RemotePipelineRunner:
-    """The leader's runner while the pair is formed: stage 1 here, stage 2 in the follower's process."""
-
-    def __init__(self, first: ModelRunner, split: int, channel: PairChannel, layout_log: list,
-                 num_micro_batches: int = 2, min_micro_batch_tokens: int = 64):
-        self.first = first
-        self.first_layers = range(0, split)
-        self.channel = channel
-        self.layout_log = layout_log
-        self.num_micro_batches = num_micro_batches
-        self.min_micro_batch_tokens = min_micro_batch_tokens
-        self.sampler = first.sampler
-        self.stats = PipelineStats()
-
-    def missing_layers(self) -> frozenset[int]:
-        return self.first.model.dropped_layers.intersection(self.first_layers)
-
-    def activation_chunks(self, num_tokens: int, rows: SampledRows) -> int:
-        return self.first.activation_chunks(num_tokens, rows)
-
-    def activation_chunks_charged_to_kv(self, num_tokens: int, rows: SampledRows) -> int:
-        return self.first.activation_chunks_charged_to_kv(num_tokens, rows)
-
-    def take_log(self) -> list:
-        log = list(self.layout_log)
-        self.layout_log.clear()
-        return log
-
-    def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
-        started = time.perf_counter()
-        count = min(self.num_micro_batches, max(1, output.num_tokens // self.min_micro_batch_tokens))
-        micro_batches = split_micro_batches(output, count)
-        self.channel.send_object(("step", self.take_log(), micro_batches))
-        busy = 0.0
-        model = self.first.model
-        for micro in micro_batches:
-            begun = time.perf_counter()
-            batch = self.first.build_batch(micro)
-            plan = model.buffer_plan(batch.num_tokens, max(num_sampled(micro), 1))
-            workspace = self.first.workspace.acquire(plan.num_bytes)
-            try:
-                with torch.inference_mode():
-                    hidden = model.forward_stage(batch, self.first.kv.layer_caches(), plan.carve(workspace),
-                                                 self.first_layers, embed=True)
-                    self.channel.send_tensor(hidden.clone())  # the workspace is reused by the next micro-batch
-            finally:
-                self.first.workspace.release()
-            busy += time.perf_counter() - begun
-        token_ids, logprobs, offset = [], [], 0
-        for micro in micro_batches:
-            rows = num_sampled(micro)
-            last = self.channel.recv_tensor(torch.empty(rows, model.config.hidden_size, dtype=model.dtype))
-            begun = time.perf_counter()
-            result = self._sample(last, list(states[offset:offset + rows]))
-            busy += time.perf_counter() - begun
-            token_ids += result.token_ids
-            logprobs += result.logprobs
-            offset += rows
-        follower_busy = self.channel.recv_tensor(torch.empty(1, dtype=torch.float64))
-        self.channel.flush()
-        self.stats.add(PipelineStats(1, len(micro_batches), time.perf_counter() - started,
-                                     (busy, float(follower_busy.item()))))
-        return SampleResult(token_ids, logprobs)
-
-    def _sample(self, last: torch.Tensor, states: list[SamplingState]) -> SampleResult:
-        rows = last.shape[0]
-        if rows == 0:
-            return SampleResult([], [])
-        model = self.first.model
-        plan = model.buffer_plan(rows, rows)
-        sampler_bytes = sampling_plan(rows_of(states), model.config.vocab_size).num_bytes
-        workspace = self.first.workspace.acquire(plan.num_bytes + sampler_bytes)
-        try:
-            with torch.inference_mode():
-                buffers = plan.carve(workspace)
-                buffers["hidden"][:rows].copy_(last)
-                indices = SimpleNamespace(logits_indices=torch.arange(rows, device=last.device))
-                logits = model.compute_logits(indices, buffers)[:rows]
-                return self.sampler.sample(logits, states, workspace[plan.num_bytes:])
-        finally:
-            self.first.workspace.release()
-
-    def close(self) -> None:
-        pass
 
 
 class RemoteLeader:
@@ -344,13 +245,21 @@ class RemoteLeader:
         back = [snapshot_of(request, chosen.get(request.request_id, 0)) for request in taken
                 if request.request_id in peers]
         # the follower reads layers [split, L) of every copied request before it replays the log (which frees)
-        self.channel.send_object(("restore", self._runner_log, back, entries))
-        for request_id, _, tokens, is_theirs in entries:
-            if is_theirs:
-                self.channel.send_stage(KVStage(0, tokens, first_half[request_id]))
+        second_half, lost = {}, False
+        try:
+            self.channel.send_object(("restore", self._runner_log, back, entries))
+            for request_id, _, tokens, is_theirs in entries:
+                if is_theirs:
+                    self.channel.send_stage(KVStage(0, tokens, first_half[request_id]))
+        except PeerLost:
+            lost = True
         restored = engine.restore_layers(range(num_layers))
-        second_half = {request_id: self.channel.recv_stage().layers for request_id, _, _, is_theirs in entries
-                       if not is_theirs}
+        try:
+            if not lost:
+                second_half = {request_id: self.channel.recv_stage().layers for request_id, _, _, is_theirs in entries
+                               if not is_theirs}
+        except PeerLost:  # the follower died restoring: this replica's requests recompute, its own went with it
+            lost, second_half = True, {}
         for request in taken:
             request_id = request.request_id
             if request_id in peers:
@@ -363,8 +272,12 @@ class RemoteLeader:
             else:
                 self.num_recomputed += request_id in was_running
         self.peer_requests.clear()
-        answer = self.channel.recv_object()
-        self.channel.flush()
+        answer = "restored"
+        if lost:
+            self.num_peer_requests_ended += len(back)
+        else:
+            answer = self.channel.recv_object()
+            self.channel.flush()
         self.channel.close()
         engine.drop_state = "normal"
         if answer != "restored":

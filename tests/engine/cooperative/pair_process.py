@@ -76,14 +76,18 @@ def collect(tokens: dict, outputs) -> None:
 
 
 def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after_syncs: int | None = None,
-                 carry: str = "auto", hang_after_s: float | None = None, kv_layout: str = "contiguous") -> None:
+                 carry: str = "auto", hang_after_s: float | None = None, kv_layout: str = "contiguous",
+                 die_at_restore: bool = False) -> None:
     """Serves "b" alone for 4 steps, forms the pair, submits "c" (8 tokens, wholly while dropped) and "f"
     (24 tokens, spans the restore), serves until restored, finishes alone, sends its tokens to rank 0.
     `die_after_syncs`: exits abruptly after that many syncs instead (a replica dying while dropped);
-    `carry`: the CarryPolicy mode for its requests' KV; `hang_after_s`: watch the leader with a heartbeat."""
+    `carry`: the CarryPolicy mode for its requests' KV; `hang_after_s`: watch the leader with a heartbeat;
+    `die_at_restore`: exits abruptly on the leader's restore message, before answering it."""
     channel = join(port, 1, hang_after_s=hang_after_s)
     engine = engine_for(model_dir, kv_layout)
     follower = RemoteFollower(engine, channel, CarryPolicy(carry))
+    if die_at_restore:
+        follower._restore = lambda *args: os._exit(0)
     tokens: dict = {}
     add(engine, "b", prompts[1], 24)
     for _ in range(4):

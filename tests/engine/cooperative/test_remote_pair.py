@@ -135,6 +135,33 @@ def test_follower_dying_while_dropped_leaves_the_leader_serving(tiny_qwen3_dir, 
     engine.close()
 
 
+@pytest.mark.slow  # about 12 s
+def test_follower_dying_during_the_restore_leaves_the_leader_serving(tiny_qwen3_dir, prompts, reference):
+    """The follower exits on the restore message, before sending back the leader's requests' layers
+    [split, L): the leader still restores, its own requests recompute that KV and finish exactly."""
+    store = host_store()
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, "copy", None, "contiguous", True)
+    channel = join(store.port, 0, store)
+    engine = engine_for(tiny_qwen3_dir)
+    leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8, carry=CarryPolicy("copy"))
+    tokens: dict = {}
+    add(engine, "a", prompts[0], 24)
+    freed = leader.form(*DROP)
+    for _ in range(4):
+        collect(tokens, leader.step())
+    assert len(tokens["a"]) < 24
+    assert leader.restore() == freed
+    assert not leader.is_formed and engine.dropped_weight_bytes == 0 and engine.drop_state == "normal"
+    assert leader.num_peer_requests_ended >= 1  # the follower's "b" (and what it sent) went with it
+    assert engine.scheduler.requests["a"].num_computed_tokens == 0  # its copy never came: it recomputes
+    while engine.has_work:
+        collect(tokens, leader.step())
+    assert_same(tokens, reference, 0, "a", 24)
+    assert_pool_idle(engine)
+    process.join(timeout=30)
+    engine.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mid_step", [False, True], ids=["between-steps", "mid-step"])
 def test_leader_dying_while_dropped_ends_the_followers_requests_with_an_error(tiny_qwen3_dir, prompts, reference,
