@@ -111,11 +111,12 @@ def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after
 
 
 def run_leader_then_die(model_dir, port: int | None, prompts, drop: tuple[int, int], steps: int,
-                        mid_step: bool = False, hang: bool = False, ports=None) -> None:
+                        mid_step: bool = False, hang: bool = False, ports=None, at_restore: bool = False) -> None:
     """Forms the pair as the leader, runs `steps` steps, then exits abruptly (the leader dying while dropped);
     `mid_step`: in the middle of the next step, once the follower has its plan and waits for hidden states.
     `hang`: stops itself (SIGSTOP) instead of exiting: alive, its sockets open, answering nothing. `port`
-    None: it hosts the group's store (as a Serve leader does) and puts the port in `ports`."""
+    None: it hosts the group's store (as a Serve leader does) and puts the port in `ports`. `at_restore`: after
+    the steps it restores, and exits just after sending the restore message (before any KV)."""
     store = None
     if port is None:
         store = host_store()
@@ -142,6 +143,17 @@ def run_leader_then_die(model_dir, port: int | None, prompts, drop: tuple[int, i
 
         channel.send_object = send_then_die_at_the_hidden_states
         leader.step()
+    if at_restore:
+        send = channel.send_object
+
+        def send_then_die_at_the_restore(message) -> None:
+            send(message)
+            if message[0] == "restore":
+                channel.flush()
+                die()
+
+        channel.send_object = send_then_die_at_the_restore
+        leader.restore()
     die()
 
 
