@@ -31,8 +31,8 @@ static inline __m512 sum16_ps(const __m512 v[16]) {
 /* One sequence of the bf16 cache with AVX512-BF16; token start + t's row is at offsets[t]. q holds bf16
  * values widened to fp32 (the model's q is bf16), so narrowing it back is exact and vdpbf16ps forms each
  * q.k product exactly, summed in fp32. Scores: per token and key/value head, the head's key is read once
- * (head_dim / 32 vectors) and dotted with the group's queries, 16 tokens at a time (sum16_ps). Softmax with a vector exp; the 1 / sum is
- * applied once at the end. Values: per key/value head and 64-wide column block, the group's accumulators
+ * (head_dim / 32 vectors) and dotted with the group's queries, 16 tokens at a time (sum16_ps). Softmax with a
+ * vector exp; the 1 / sum is applied once at the end. Values: per key/value head and 64-wide column block, the group's accumulators
  * stay in registers over all tokens. */
 static void decode_one_bf16(const float *query, const uint16_t *keys, const uint16_t *values,
                             const int64_t *offsets, int64_t count, int64_t num_heads, int64_t num_kv_heads,
