@@ -77,12 +77,13 @@ def collect(tokens: dict, outputs) -> None:
 
 def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after_syncs: int | None = None,
                  carry: str = "auto", hang_after_s: float | None = None, kv_layout: str = "contiguous",
-                 die_at_restore: bool = False) -> None:
+                 die_at_restore: bool = False, results=None) -> None:
     """Serves "b" alone for 4 steps, forms the pair, submits "c" (8 tokens, wholly while dropped) and "f"
     (24 tokens, spans the restore), serves until restored, finishes alone, sends its tokens to rank 0.
     `die_after_syncs`: exits abruptly after that many syncs instead (a replica dying while dropped);
     `carry`: the CarryPolicy mode for its requests' KV; `hang_after_s`: watch the leader with a heartbeat;
-    `die_at_restore`: exits abruptly on the leader's restore message, before answering it."""
+    `die_at_restore`: exits abruptly on the leader's restore message, before answering it; `results`: a
+    queue that also gets its summary (the channel may be gone by then)."""
     channel = join(port, 1, hang_after_s=hang_after_s)
     engine = engine_for(model_dir, kv_layout)
     follower = RemoteFollower(engine, channel, CarryPolicy(carry))
@@ -103,6 +104,8 @@ def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after
             os._exit(0)
     while engine.has_work:
         collect(tokens, engine.step())
+    if results is not None:
+        results.put({"tokens": tokens, "dropped": engine.dropped_weight_bytes, "state": engine.drop_state})
     channel.send_object({"tokens": tokens, "weights": engine.pool.num_held("weights"),
                          "dropped": engine.dropped_weight_bytes, "kv_used": engine.kv.num_used_chunks(),
                          "steps": follower.num_steps, "carried": follower.num_carried,

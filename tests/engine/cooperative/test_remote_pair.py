@@ -224,7 +224,9 @@ HANG_S = 2.0  # the heartbeat's verdict; the group's own timeout is TIMEOUT_S (6
 @pytest.mark.slow  # about 15 s: a spawned follower that the test stops (SIGSTOP) while dropped
 def test_a_hung_follower_is_noticed_by_its_heartbeat_and_the_leader_serves_alone(tiny_qwen3_dir, prompts, reference):
     store = host_store()
-    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, "auto", HANG_S)
+    results = multiprocessing.get_context("spawn").Queue()
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, "auto", HANG_S, "contiguous",
+                    False, results)
     try:
         channel = join(store.port, 0, store, hang_after_s=HANG_S)
         engine = engine_for(tiny_qwen3_dir)
@@ -251,6 +253,12 @@ def test_a_hung_follower_is_noticed_by_its_heartbeat_and_the_leader_serves_alone
         assert "errors" not in tokens
         assert_pool_idle(engine)
         engine.close()
+        # the stopped follower resumes: its group is closed, it restores alone and its clients' requests (which
+        # ran on the leader) end with the error event
+        os.kill(process.pid, signal.SIGCONT)
+        theirs = results.get(timeout=TIMEOUT_S)
+        assert theirs["dropped"] == 0 and theirs["state"] == "normal"
+        assert {request_id for request_id, error in theirs["tokens"]["errors"] if error == LEADER_ERROR} >= {"b"}
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.join(timeout=30)
