@@ -10,16 +10,16 @@ chunks in the very next step) and its KV manager keeps only its stage's layers (
 replica's scheduler plans for both with a `PipelineKV` over the two managers (admission on the tighter
 stage). Restoring dissolves it the same way and inflates the weights again.
 
-What is modelled (`PipelineExecutor`, the first replica's runner while dropped): a step is cut by the engine's
-own `MicroBatchCut` (engine/cooperative/pipeline.py): up to `num_micro_batches` micro-batches of at least
-`min_micro_batch_tokens` tokens (the engine's defaults: 2 and 64, so decode batches under 128 rows run whole),
-or with `min_decode_rows` > 0 also cut by decode rows (bubble hiding for small decode batches); stage 1 (layers [0, split), on the first replica) and
-stage 2 (the rest + LM head + sampling, on the second) each take the cost model's time for their layers
-(`CostModel(layers=..., head=...)`); a micro-batch's hidden states (tokens x hidden x 2 B) cross the link
-(NVLink or PCIe) before stage 2 runs it; stage 1 runs micro-batch i+1 while stage 2 runs i. Forming the
-pair stalls both replicas for the KV they exchange over the link; restoring stalls each for its dropped
-weights over PCIe (the host copy) plus the KV coming back. Stage 2's activation workspace is not
-simulated (the first replica's is charged for the whole step).
+What is modelled (`PipelineExecutor`, the first replica's runner while dropped): a step is cut by the
+engine's own `MicroBatchCut` (engine/cooperative/pipeline.py): up to `num_micro_batches` micro-batches of at
+least `min_micro_batch_tokens` tokens (the engine's defaults: 2 and 64, so decode batches under 128 rows run
+whole), or with `min_decode_rows` > 0 also by decode rows (bubble hiding for small decode batches); stage 1
+(layers [0, split), on the first replica) and stage 2 (the rest + LM head + sampling, on the second) each
+take the cost model's time for their layers (`CostModel(layers=..., head=...)`); a micro-batch's hidden
+states (tokens x hidden x 2 B) cross the link (NVLink or PCIe) before stage 2 runs it; stage 1 runs
+micro-batch i+1 while stage 2 runs i. Forming the pair stalls both replicas for the KV they exchange over
+the link; restoring stalls each for its dropped weights over PCIe (the host copy) plus the KV coming back.
+Stage 2's activation workspace is not simulated (the first replica's is charged for the whole step).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from engine.cooperative.pipeline import MicroBatchCut, grown_layers, pipeline_sp
 from engine.core.request import Request
 from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import SchedulerOutput
-from loadtest.sim.cost import CostModel, StepShape
+from loadtest.sim.cost import CostModel
 from loadtest.sim.executor import SimExecutor, step_shape
 from loadtest.sim.replica import SimReplica
 
