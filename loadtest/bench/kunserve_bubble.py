@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="steps per mode per round")
     parser.add_argument("--min-decode-rows", type=int, default=1, help="the cut mode's MicroBatchCut")
     args = parser.parse_args()
-    max_tokens = 2 * args.rounds * args.steps + 8
+    max_tokens = 2 * args.rounds * args.steps + 8 + args.prompt_tokens // 64  # room for recompute steps
     store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=TIMEOUT, wait_for_workers=False)
     process = multiprocessing.get_context("spawn").Process(
         target=run_follower, args=(store.port, args.dtype, args.requests, args.prompt_tokens, max_tokens),
@@ -77,13 +77,15 @@ def main() -> None:
     leader = RemoteLeader(engine, channel, carry=CarryPolicy("copy"))
     channel.send_object((half, half))
     leader.form(half, half)
-    for _ in range(2):  # warm-up: the first pipeline steps
+    collect(tokens, leader.step())
+    # warm-up, and until no request prefills (those whose KV did not fit to copy recompute it)
+    while any(request.is_prefilling for request in engine.scheduler.requests.values()):
         collect(tokens, leader.step())
     modes = {"whole": MicroBatchCut(), f"cut >= {args.min_decode_rows} rows": MicroBatchCut(
         min_decode_rows=args.min_decode_rows)}
     times: dict[str, list[float]] = {name: [] for name in modes}
     stats = {name: PipelineStats() for name in modes}
-    rows = set()
+    rows, prefill_steps = set(), 0
     for _ in range(args.rounds):
         for name, cut in modes.items():
             leader._runner.cut = cut
@@ -91,6 +93,7 @@ def main() -> None:
             before.add(leader._runner.stats)
             for _ in range(args.steps):
                 rows.add(len(engine.scheduler.running))
+                prefill_steps += any(request.is_prefilling for request in engine.scheduler.requests.values())
                 started = time.perf_counter()
                 collect(tokens, leader.step())
                 times[name].append(time.perf_counter() - started)
@@ -103,7 +106,9 @@ def main() -> None:
     engine.close()
     whole = statistics.mean(times["whole"])
     print(f"cross-process pair, {args.dtype}, {args.requests} + {args.requests} requests of {args.prompt_tokens} "
-          f"prompt tokens (decode rows per step {sorted(rows)}), {args.rounds} rounds x {args.steps} steps per mode")
+          f"prompt tokens (running per step {sorted(rows)}; {prefill_steps} steps had a prefill; carried at forming "
+          f"{leader.num_carried}, recomputed {leader.num_recomputed}"
+          f"), {args.rounds} rounds x {args.steps} steps per mode")
     print(f"{'mode':>16}  {'micro-batches/step':>18}  {'ms/step mean':>12}  {'median':>7}  {'x whole':>7}  "
           f"{'bubble':>6}  {'busy stage 1 / 2 ms/step':>24}")
     for name in modes:
