@@ -177,6 +177,7 @@ def main() -> None:
     engine.add_argument("--threads", type=int, default=1)
     engine.add_argument("--layout", choices=("contiguous", "paged"), default="contiguous")
     engine.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
+    engine.add_argument("--seed", type=int, default=0, help="the workload's random seed")
     sub.add_parser("pool").add_argument("--budget-gib", type=float, default=2.0)
     paged = sub.add_parser("paged")
     paged.add_argument("--rounds", type=int, default=3)
@@ -191,7 +192,7 @@ def main() -> None:
         from loadtest.bench.jenga_evictor import bench_evictor_engine
 
         bench_evictor_engine(args.requests, args.kv_mib, args.concurrency, args.max_tokens, args.threads, args.layout,
-                             args.dtype)
+                             args.dtype, args.seed)
     elif args.bench == "pool":
         from loadtest.bench.jenga_pool import bench_pool
 
