@@ -190,24 +190,31 @@ class RemoteFollower:
     def _restore(self, log, snapshots, entries) -> None:
         """Reads layers [split, L) of every request the leader copies (sending the leader's own to it), replays
         the log, copies its weights back and takes its requests back: with their KV (layers [0, split) from the
-        leader) or recomputing it; tokens so far kept."""
+        leader) or recomputing it; tokens so far kept. If the leader is lost meanwhile, every request it sent
+        back recomputes (its snapshot is all it needs)."""
         engine = self.engine
         engine.drop_state = "restoring"
         num_layers, split = engine.model_config.num_layers, self.split
-        kept = {}
-        for request_id, slot, tokens, is_mine in entries:
-            layers = engine.kv.layout.read_tokens(slot, 0, tokens)[split:]
-            if is_mine:
-                kept[request_id] = layers
-            else:
-                self.channel.send_stage(KVStage(0, tokens, layers))
+        kept, first_half, lost = {}, {}, False
+        try:
+            for request_id, slot, tokens, is_mine in entries:
+                layers = engine.kv.layout.read_tokens(slot, 0, tokens)[split:]
+                if is_mine:
+                    kept[request_id] = layers
+                else:
+                    self.channel.send_stage(KVStage(0, tokens, layers))
+        except PeerLost:
+            lost = True
         with self._lock:
             self._mirror.apply(log)
             self._leave()
             engine.restore_layers(range(num_layers))
-            first_half = {request_id: self.channel.recv_stage().layers for request_id in kept}
+            try:
+                first_half = {} if lost else {request_id: self.channel.recv_stage().layers for request_id in kept}
+            except PeerLost:
+                lost, first_half = True, {}
             for item in snapshots:
-                if item.request_id in kept:
+                if item.request_id in first_half:
                     carried = CarriedKV(item.num_computed_tokens, first_half[item.request_id] + kept[item.request_id])
                     placed = place(engine.scheduler, request_from_snapshot(engine, item), carried)
                     self.num_carried += placed
@@ -216,8 +223,9 @@ class RemoteFollower:
                     attach(engine, item, 0)  # recomputes its KV here, its tokens so far kept
             self.forwarded.clear()
             self._add_unsent()
-        self.channel.send_object("restored")
-        self.channel.flush()
+        if not lost:
+            self.channel.send_object("restored")
+            self.channel.flush()
         self.channel.close()
         engine.drop_state = "normal"
 

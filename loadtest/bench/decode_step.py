@@ -8,6 +8,11 @@ shows medians and the ratio; run it with OMP_WAIT_POLICY=PASSIVE on a shared box
 it prints.
 
     python -m loadtest.bench.decode_step [--batches 1 8 32 64] [--steps 20] [--dtype bfloat16]
+
+`--closed-loop C` instead runs what a served load at concurrency C runs, at the engine: C users, each sending
+`--requests-per-user` requests one after another (as loadtest.bench.serve's client does), the two paths
+alternating per step, and prints each step shape (pure decode rows; or decode rows + prompt tokens) with its
+count and median time per path: which steps the load makes, and what each path costs on them.
 """
 
 from __future__ import annotations
@@ -62,6 +67,61 @@ def measure(batch: int, args) -> dict[str, dict[str, float]]:
         engine.close()
 
 
+def closed_loop(users: int, args) -> None:
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
+                                    device_memory_bytes=int(args.memory_gib * (1 << 30)), enable_prefix_caching=False,
+                                    max_num_seqs=max(users, 1)))
+    try:
+        model = engine.runner.model
+        fused = model.decode_step
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        vocab = model.config.vocab_size
+        plans, sent = [], [0] * users
+        engine.scheduler.plan_observers.append(plans.append)
+
+        def submit(user: int) -> None:
+            index = user * args.requests_per_user + sent[user]
+            prompt = tuple((1000 + 7 * index + 13 * t) % vocab for t in range(args.prompt_len))
+            engine.add_request(GenerateRequest(f"u{user}-{sent[user]}", prompt, params))
+            sent[user] += 1
+
+        for user in range(users):
+            submit(user)
+        times: dict[tuple[str, str], list[float]] = {}
+        step = 0
+        while engine.has_work:
+            path = "fused" if fused is not None and step % 2 == 0 else "per-op"
+            model.decode_step = fused if path == "fused" else None
+            started = time.perf_counter()
+            outputs = engine.step()
+            elapsed = time.perf_counter() - started
+            step += 1
+            plan = plans[-1] if plans else None
+            plans.clear()
+            if plan is not None and not plan.is_empty:
+                prompt_tokens = sum(len(chunk.token_ids) for chunk in plan.prefills)
+                shape = (f"decode {len(plan.decodes)}" if not prompt_tokens
+                         else f"mixed {len(plan.decodes)} + {prompt_tokens}")
+                times.setdefault((shape, path), []).append(elapsed)
+            for output in outputs:
+                user = int(output.request_id[1:].split("-")[0])
+                if output.is_finished and sent[user] < args.requests_per_user:
+                    submit(user)
+        model.decode_step = fused
+        print(f"closed loop, {users} users x {args.requests_per_user} requests, {args.prompt_len}/{args.output_len}:")
+        print("| step shape (mixed steps run per-op either way) | steps fused on / off | median ms fused on / off |")
+        print("|---|---|---|")
+        for shape in sorted({shape for shape, _ in times}, key=lambda text: (text[0], len(text), text)):
+            counts, medians = [], []
+            for path in ("fused", "per-op"):
+                values = times.get((shape, path), [])
+                counts.append(str(len(values)))
+                medians.append(f"{statistics.median(values) * 1e3:.1f}" if values else "-")
+            print(f"| {shape} | {' / '.join(counts)} | {' / '.join(medians)} |")
+    finally:
+        engine.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -72,11 +132,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--memory-gib", type=float, default=2.0)
+    parser.add_argument("--closed-loop", type=int, default=None, metavar="C",
+                        help="instead: C users sending requests one after another; step shapes and their times")
+    parser.add_argument("--requests-per-user", type=int, default=3)
+    parser.add_argument("--output-len", type=int, default=128, help="closed loop: tokens per request")
     args = parser.parse_args()
     flags = [flag for flag in ("avx512_bf16", "amx_tile") if flag in open("/proc/cpuinfo").read()]
     print(f"flags: {' '.join(flags) or 'neither avx512_bf16 nor amx'}; OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; threads {args.threads or torch.get_num_threads()}; "
           f"{args.dtype}; load average before {os.getloadavg()[0]:.2f}")
+    if args.closed_loop is not None:
+        closed_loop(args.closed_loop, args)
+        print(f"load average after {os.getloadavg()[0]:.2f}")
+        return
     print("| batch | fused ms | per-op ms | per-op / fused | CPU ms per step fused / per-op |")
     print("|---|---|---|---|---|")
     for batch in args.batches:

@@ -9,11 +9,30 @@
 
 #define MAX_GROUP 7   /* group * 4 value accumulators + 4 loaded values fit the 32 vector registers */
 
+/* The 16 horizontal sums of v[0..15] in one vector (lane t: the sum of v[t]), each added in the tree order of
+ * gcc's _mm512_reduce_add_ps (lanes i + 8 onto i, then + 4, then + 2, then + 1), so each equals
+ * _mm512_reduce_add_ps(v[t]) bit for bit, at ~3 operations per sum instead of ~9. */
+static inline __m512 sum16_ps(const __m512 v[16]) {
+    __m512 w[8], x[4], y[2];
+    for (int k = 0; k < 8; ++k)  /* lanes 0-7: v[2k][i] + v[2k][i + 8]; lanes 8-15: the same of v[2k + 1] */
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44));
+    for (int k = 0; k < 4; ++k)  /* 128-bit block j: token 4k + j's four partial sums (+ 4) */
+        x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD),
+                             _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88));
+    for (int k = 0; k < 2; ++k)  /* block j: two partial sums (+ 2) of token 8k + j, then of token 8k + 4 + j */
+        y[k] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
+    /* block j: the sums (+ 1) of tokens j, 4 + j, 8 + j, 12 + j; then into token order */
+    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
+}
+
 /* One sequence of the bf16 cache with AVX512-BF16; token start + t's row is at offsets[t]. q holds bf16
  * values widened to fp32 (the model's q is bf16), so narrowing it back is exact and vdpbf16ps forms each
  * q.k product exactly, summed in fp32. Scores: per token and key/value head, the head's key is read once
- * (head_dim / 32 vectors) and dotted with the group's queries. Softmax with a vector exp; the 1 / sum is
- * applied once at the end. Values: per key/value head and 64-wide column block, the group's accumulators
+ * (head_dim / 32 vectors) and dotted with the group's queries, 16 tokens at a time (sum16_ps). Softmax with a
+ * vector exp; the 1 / sum is applied once at the end. Values: per key/value head and 64-wide column block, the group's accumulators
  * stay in registers over all tokens. */
 static void decode_one_bf16(const float *query, const uint16_t *keys, const uint16_t *values,
                             const int64_t *offsets, int64_t count, int64_t num_heads, int64_t num_kv_heads,
@@ -24,7 +43,21 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
             const float *source = query + hg * head_dim + c * 32;
             q_bf16[hg * chunks + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(source + 16), _mm512_loadu_ps(source));
         }
-    for (int64_t t = 0; t < count; ++t) {
+    int64_t t = 0;
+    for (; t + 16 <= count; t += 16)  /* 16 tokens' scores at once, summed as one token's below */
+        for (int64_t h = 0; h < num_kv_heads; ++h)
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t hg = h * group + g;
+                __m512 dot[16];
+                for (int i = 0; i < 16; ++i) {
+                    const uint16_t *key = keys + offsets[t + i] + h * head_dim;
+                    dot[i] = _mm512_setzero_ps();
+                    for (int64_t c = 0; c < chunks; ++c)
+                        dot[i] = _mm512_dpbf16_ps(dot[i], (__m512bh)_mm512_loadu_si512(key + c * 32), q_bf16[hg * chunks + c]);
+                }
+                _mm512_storeu_ps(scores + hg * count + t, _mm512_mul_ps(sum16_ps(dot), _mm512_set1_ps(scale)));
+            }
+    for (; t < count; ++t) {
         const uint16_t *row = keys + offsets[t];
         for (int64_t h = 0; h < num_kv_heads; ++h) {
             const uint16_t *key = row + h * head_dim;

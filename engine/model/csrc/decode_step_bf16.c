@@ -1,5 +1,5 @@
-/* A whole decode step of a Llama-family decoder's layers in one call: bf16, a few rows (decode at small batch
- * sizes), weights in oneDNN's blocked layout (packed_gemm_bf16.h), the KV cache in the contiguous layout.
+/* A whole decode step of a Llama-family decoder's layers in one call: bf16, one row per decoding sequence (any
+ * number), weights in oneDNN's blocked layout (packed_gemm_bf16.h), the KV cache in the contiguous layout.
  *
  * Why: at batch 1 a step only streams the weights (~270 MB for SmolLM2-135M), ~8 ms at the bandwidth two cores
  * reach here, but the per-op path ran ~300 kernel calls per step, each a Python call and a fork/join of the
@@ -8,16 +8,17 @@
  * one core. Here one parallel region runs every layer; the threads meet at a barrier between phases that
  * spins briefly, then sleeps on a futex (barrier_wait).
  *
- * Per layer, each phase split over the threads, with a barrier after each:
+ * Per layer, each phase split over the threads, with a barrier after each (7 per layer):
  *   hidden += pending residual, normed = rms_norm(hidden)          rows
- *   qkv = normed @ Wqkv^T                                            output blocks
- *   rope(q, k) in place; k, v rows stored into the cache             (row, head) pairs
- *   attn = decode attention over the slot's cache                    rows
- *   proj = attn @ Wo^T                                               output blocks
+ *   qkv = normed @ Wqkv^T                                            work units (packed_gemm_bf16.h)
+ *   rope(q, k) in place, k, v into the cache, decode attention       (row, key/value head) pairs
+ *   proj = attn @ Wo^T                                               work units
  *   hidden += proj, normed = rms_norm(hidden)                        rows
- *   gate_up = normed @ Wgu^T                                         output blocks
- *   act = silu(gate) * up                                            column ranges
- *   proj = act @ Wdown^T                                             output blocks
+ *   gate_up = normed @ Wgu^T, act = silu(gate) * up                  gate units and the up units of the same
+ *                                                                    columns (a barrier between the two when
+ *                                                                    the intermediate size is not a whole
+ *                                                                    number of 64-output blocks)
+ *   proj = act @ Wdown^T                                             work units
  * and hidden += proj after the last layer. Every value is computed by the same routine, summed in the same
  * order and rounded where the per-op kernels round (packed_gemm_bf16.h, elementwise_bf16.h,
  * decode_attention_bf16.h), so the step's bits equal the per-op path's with the packed GEMM for every
@@ -137,7 +138,10 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
     if (bad) return bad;
     const int64_t width = shape->hidden, d = shape->head_dim, heads = shape->num_heads, kv_heads = shape->num_kv_heads;
     const int64_t q_size = heads * d, kv_size = kv_heads * d, qkv_width = q_size + 2 * kv_size;
-    const int64_t inter = shape->intermediate;
+    const int64_t inter = shape->intermediate, group = heads / kv_heads;
+    /* the gate_up product's units split into gate and up halves that cover the same columns when the
+     * intermediate size is a whole number of 64-output blocks (SmolLM2: 1536) */
+    const int paired_mlp = inter % 64 == 0;
     int64_t widest = width > q_size ? width : q_size;
     widest = widest > inter ? widest : inter;
     int64_t max_len = 1;
@@ -161,42 +165,64 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
             barrier_wait(&barrier);
             gemm_share(normed, width, &layer->qkv, qkv, m, x32, tid, threads);
             barrier_wait(&barrier);
-            /* rope on q's and k's heads, then k and v rows into the cache */
-            share(m * (heads + kv_heads), tid, threads, &first, &last);
+            /* per (row, key/value head): rope on the head's query heads and its key head, its key and value
+             * rows into the cache, attention of those query heads over the slot's cache (every head's values
+             * are computed by the same routines as on the per-op path; a task only reads its own head) */
+            share(m * kv_heads, tid, threads, &first, &last);
             for (int64_t task = first; task < last; ++task) {
-                const int64_t row = task / (heads + kv_heads), head = task % (heads + kv_heads);
+                const int64_t row = task / kv_heads, h = task % kv_heads;
+                uint16_t *q = qkv + row * qkv_width + h * group * d;
+                uint16_t *k = qkv + row * qkv_width + q_size + h * d, *v = k + kv_size;
                 const uint16_t *table = shape->rope_table + positions[row] * 2 * d;
-                rope_head(qkv + row * qkv_width + head * d, table, table + d, d / 2);
-            }
-            barrier_wait(&barrier);
-            share(m, tid, threads, &first, &last);
-            for (int64_t row = first; row < last; ++row) {
-                const int64_t at = slots[row] * layer->slot_stride + positions[row] * layer->token_stride;
-                memcpy(layer->k_cache + at, qkv + row * qkv_width + q_size, sizeof(uint16_t) * kv_size);
-                memcpy(layer->v_cache + at, qkv + row * qkv_width + q_size + kv_size, sizeof(uint16_t) * kv_size);
+                for (int64_t g = 0; g < group; ++g) rope_head(q + g * d, table, table + d, d / 2);
+                rope_head(k, table, table + d, d / 2);
+                const int64_t at = slots[row] * layer->slot_stride + positions[row] * layer->token_stride + h * d;
+                memcpy(layer->k_cache + at, k, sizeof(uint16_t) * d);
+                memcpy(layer->v_cache + at, v, sizeof(uint16_t) * d);
                 const int64_t len = positions[row] + 1;
                 const int64_t start = (layer->window > 0 && len > layer->window) ? len - layer->window : 0;
                 for (int64_t t = start; t < len; ++t)
                     offsets[t - start] = slots[row] * layer->slot_stride + t * layer->token_stride;
-                for (int64_t j = 0; j < q_size; ++j) query[j] = bf16_to_f32(qkv[row * qkv_width + j]);
-                decode_one_bf16(query, layer->k_cache, layer->v_cache, offsets, len - start, heads, kv_heads, d,
-                                shape->scale, scores, q_bf16, result);
-                for (int64_t j = 0; j < q_size; j += 16)
-                    _mm256_storeu_si256((__m256i *)(attn + row * q_size + j), ps_to_bf16x16(_mm512_loadu_ps(result + j)));
+                for (int64_t j = 0; j < group * d; ++j) query[j] = bf16_to_f32(q[j]);
+                decode_one_bf16(query, layer->k_cache + h * d, layer->v_cache + h * d, offsets, len - start, group, 1,
+                                d, shape->scale, scores, q_bf16, result);
+                for (int64_t j = 0; j < group * d; j += 16)
+                    _mm256_storeu_si256((__m256i *)(attn + row * q_size + h * group * d + j),
+                                        ps_to_bf16x16(_mm512_loadu_ps(result + j)));
             }
             barrier_wait(&barrier);
             gemm_share(attn, q_size, &layer->o, proj, m, x32, tid, threads);
             barrier_wait(&barrier);
             norm_share(hidden, proj, layer->post_norm, normed, m, width, shape->eps, tid, threads);
             barrier_wait(&barrier);
-            gemm_share(normed, width, &layer->gate_up, gate_up, m, x32, tid, threads);
-            barrier_wait(&barrier);
-            share(m * inter, tid, threads, &first, &last);
-            for (int64_t row = first / inter; row * inter < last; ++row) {
-                const int64_t from = first > row * inter ? first - row * inter : 0;
-                const int64_t to = last < (row + 1) * inter ? last - row * inter : inter;
-                silu_mul_columns(gate_up + row * 2 * inter, gate_up + row * 2 * inter + inter, act + row * inter,
-                                 from, to);
+            if (paired_mlp) {  /* gate and up columns of the same units, then SiLU x up on them: no barrier */
+                const Packed *w = &layer->gate_up;
+                const int64_t half = packed_gemm_num_units(m, w->out_features, w->block) / 2;
+                share(half, tid, threads, &first, &last);
+                if (first < last) {
+                    bf16_rows_to_f32(normed, width, m, width, x32);
+                    packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,
+                                      w->k_padded, w->block, first, last);
+                    packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,
+                                      w->k_padded, w->block, first + half, last + half);
+                    for (int64_t u = first; u < last; ++u) {
+                        int64_t col0, col1, row0, row1;
+                        packed_gemm_unit_region(u, m, w->out_features, w->block, &col0, &col1, &row0, &row1);
+                        for (int64_t row = row0; row < row1; ++row)
+                            silu_mul_columns(gate_up + row * 2 * inter, gate_up + row * 2 * inter + inter,
+                                             act + row * inter, col0, col1);
+                    }
+                }
+            } else {
+                gemm_share(normed, width, &layer->gate_up, gate_up, m, x32, tid, threads);
+                barrier_wait(&barrier);
+                share(m * inter, tid, threads, &first, &last);
+                for (int64_t row = first / inter; row * inter < last; ++row) {
+                    const int64_t from = first > row * inter ? first - row * inter : 0;
+                    const int64_t to = last < (row + 1) * inter ? last - row * inter : inter;
+                    silu_mul_columns(gate_up + row * 2 * inter, gate_up + row * 2 * inter + inter, act + row * inter,
+                                     from, to);
+                }
             }
             barrier_wait(&barrier);
             gemm_share(act, inter, &layer->down, proj, m, x32, tid, threads);

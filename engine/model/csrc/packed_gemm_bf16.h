@@ -98,6 +98,25 @@ static inline int64_t packed_gemm_num_units(int64_t m, int64_t n, int64_t block)
     return m <= SLICE_ROWS ? blocks * (block / 32) : blocks * ((m + UNIT_ROWS - 1) / UNIT_ROWS);
 }
 
+/* the outputs [*col0, *col1) and rows [*row0, *row1) unit u of packed_gemm_units computes */
+static inline void packed_gemm_unit_region(int64_t u, int64_t m, int64_t n, int64_t block, int64_t *col0,
+                                           int64_t *col1, int64_t *row0, int64_t *row1) {
+    if (m <= SLICE_ROWS) {
+        *col0 = 32 * u;
+        *col1 = *col0 + 32;
+        *row0 = 0;
+        *row1 = m;
+    } else {
+        const int64_t row_chunks = (m + UNIT_ROWS - 1) / UNIT_ROWS;
+        *col0 = u / row_chunks * block;
+        *col1 = *col0 + block;
+        *row0 = u % row_chunks * UNIT_ROWS;
+        *row1 = *row0 + UNIT_ROWS;
+    }
+    *col1 = *col1 < n ? *col1 : n;
+    *row1 = *row1 < m ? *row1 : m;
+}
+
 /* units [first_unit, last_unit) of y = x w^T, x given as x32 (bf16_rows_to_f32 of x's m rows of k inputs).
  * Up to SLICE_ROWS rows, unit u is the 32-output slice u of the outputs, for every row; beyond, unit u is
  * output block u / row_chunks, rows [UNIT_ROWS * (u % row_chunks), ... + UNIT_ROWS) (consecutive units share a

@@ -77,12 +77,13 @@ def collect(tokens: dict, outputs) -> None:
 
 def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after_syncs: int | None = None,
                  carry: str = "auto", hang_after_s: float | None = None, kv_layout: str = "contiguous",
-                 die_at_restore: bool = False) -> None:
+                 die_at_restore: bool = False, results=None) -> None:
     """Serves "b" alone for 4 steps, forms the pair, submits "c" (8 tokens, wholly while dropped) and "f"
     (24 tokens, spans the restore), serves until restored, finishes alone, sends its tokens to rank 0.
     `die_after_syncs`: exits abruptly after that many syncs instead (a replica dying while dropped);
     `carry`: the CarryPolicy mode for its requests' KV; `hang_after_s`: watch the leader with a heartbeat;
-    `die_at_restore`: exits abruptly on the leader's restore message, before answering it."""
+    `die_at_restore`: exits abruptly on the leader's restore message, before answering it; `results`: a
+    queue that also gets its summary (the channel may be gone by then)."""
     channel = join(port, 1, hang_after_s=hang_after_s)
     engine = engine_for(model_dir, kv_layout)
     follower = RemoteFollower(engine, channel, CarryPolicy(carry))
@@ -103,6 +104,8 @@ def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after
             os._exit(0)
     while engine.has_work:
         collect(tokens, engine.step())
+    if results is not None:
+        results.put({"tokens": tokens, "dropped": engine.dropped_weight_bytes, "state": engine.drop_state})
     channel.send_object({"tokens": tokens, "weights": engine.pool.num_held("weights"),
                          "dropped": engine.dropped_weight_bytes, "kv_used": engine.kv.num_used_chunks(),
                          "steps": follower.num_steps, "carried": follower.num_carried,
@@ -111,11 +114,12 @@ def run_follower(model_dir, port: int, prompts, drop: tuple[int, int], die_after
 
 
 def run_leader_then_die(model_dir, port: int | None, prompts, drop: tuple[int, int], steps: int,
-                        mid_step: bool = False, hang: bool = False, ports=None) -> None:
+                        mid_step: bool = False, hang: bool = False, ports=None, at_restore: bool = False) -> None:
     """Forms the pair as the leader, runs `steps` steps, then exits abruptly (the leader dying while dropped);
     `mid_step`: in the middle of the next step, once the follower has its plan and waits for hidden states.
     `hang`: stops itself (SIGSTOP) instead of exiting: alive, its sockets open, answering nothing. `port`
-    None: it hosts the group's store (as a Serve leader does) and puts the port in `ports`."""
+    None: it hosts the group's store (as a Serve leader does) and puts the port in `ports`. `at_restore`: after
+    the steps it restores, and exits just after sending the restore message (before any KV)."""
     store = None
     if port is None:
         store = host_store()
@@ -142,6 +146,17 @@ def run_leader_then_die(model_dir, port: int | None, prompts, drop: tuple[int, i
 
         channel.send_object = send_then_die_at_the_hidden_states
         leader.step()
+    if at_restore:
+        send = channel.send_object
+
+        def send_then_die_at_the_restore(message) -> None:
+            send(message)
+            if message[0] == "restore":
+                channel.flush()
+                die()
+
+        channel.send_object = send_then_die_at_the_restore
+        leader.restore()
     die()
 
 

@@ -192,13 +192,41 @@ def test_leader_dying_while_dropped_ends_the_followers_requests_with_an_error(ti
     engine.close()
 
 
+@pytest.mark.slow  # about 12 s
+def test_leader_dying_during_the_restore_leaves_the_followers_requests_recomputing(tiny_qwen3_dir, prompts,
+                                                                                  reference):
+    """The leader exits right after its restore message (the follower's requests as snapshots, their KV to
+    follow): the follower restores and its request recomputes and finishes exactly, no error."""
+    store = host_store()
+    process = spawn(run_leader_then_die, tiny_qwen3_dir, store.port, prompts, DROP, 3, False, False, None, True)
+    channel = join(store.port, 1, store)
+    engine = engine_for(tiny_qwen3_dir)
+    follower = RemoteFollower(engine, channel, CarryPolicy("copy"))
+    add(engine, "b", prompts[1], 24)
+    follower.form(*DROP)
+    tokens: dict = {}
+    while follower.is_formed:
+        collect(tokens, follower.serve_one())
+    assert engine.dropped_weight_bytes == 0 and engine.drop_state == "normal"
+    assert "b" in engine.scheduler.requests and engine.scheduler.requests["b"].num_computed_tokens == 0
+    while engine.has_work:
+        collect(tokens, engine.step())
+    assert "errors" not in tokens
+    assert_same(tokens, reference, 1, "b", 24)
+    assert_pool_idle(engine)
+    process.join(timeout=30)
+    engine.close()
+
+
 HANG_S = 2.0  # the heartbeat's verdict; the group's own timeout is TIMEOUT_S (60 s)
 
 
 @pytest.mark.slow  # about 15 s: a spawned follower that the test stops (SIGSTOP) while dropped
 def test_a_hung_follower_is_noticed_by_its_heartbeat_and_the_leader_serves_alone(tiny_qwen3_dir, prompts, reference):
     store = host_store()
-    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, "auto", HANG_S)
+    results = multiprocessing.get_context("spawn").Queue()
+    process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, "auto", HANG_S, "contiguous",
+                    False, results)
     try:
         channel = join(store.port, 0, store, hang_after_s=HANG_S)
         engine = engine_for(tiny_qwen3_dir)
@@ -225,6 +253,12 @@ def test_a_hung_follower_is_noticed_by_its_heartbeat_and_the_leader_serves_alone
         assert "errors" not in tokens
         assert_pool_idle(engine)
         engine.close()
+        # the stopped follower resumes: its group is closed, it restores alone and its clients' requests (which
+        # ran on the leader) end with the error event
+        os.kill(process.pid, signal.SIGCONT)
+        theirs = results.get(timeout=TIMEOUT_S)
+        assert theirs["dropped"] == 0 and theirs["state"] == "normal"
+        assert {request_id for request_id, error in theirs["tokens"]["errors"] if error == LEADER_ERROR} >= {"b"}
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.join(timeout=30)

@@ -23,9 +23,12 @@ CONFIG = {"vocab_size": 1000, "hidden_size": 192, "intermediate_size": 200, "num
           "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
-def _engine(tmp_path, model_type: str, dtype: str = "bfloat16") -> LLMEngine:
+def _engine(tmp_path, variant: str, dtype: str = "bfloat16") -> LLMEngine:
     tmp_path.mkdir(parents=True, exist_ok=True)
+    model_type, _, intermediate = variant.partition("-")
     config = dict(CONFIG, model_type=model_type)
+    if intermediate:  # a whole number of 64-output blocks: the fused step pairs gate and up columns
+        config["intermediate_size"] = int(intermediate)
     if model_type == "mistral":
         config["sliding_window"] = 6  # every layer slides: decode reads only the window
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -34,7 +37,7 @@ def _engine(tmp_path, model_type: str, dtype: str = "bfloat16") -> LLMEngine:
                                   enable_prefix_caching=False))
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "llama-256"])
 def engine(request, tmp_path_factory):
     engine = _engine(tmp_path_factory.mktemp("decode-step") / request.param, request.param)
     yield engine
