@@ -1,11 +1,13 @@
 """A decode step's layers in one native call (csrc/decode_step_bf16.c), for bf16 Llama-family models on
-AVX512-BF16 CPUs at small batch sizes.
+AVX512-BF16 CPUs: pure decode steps of any size without AMX, of at most 16 rows with it (`MAX_ROWS`).
 
 The per-op path runs ~10 kernel calls per layer (~300 per step for SmolLM2), each a Python call and a fork/join
 of the OpenMP team; under `OMP_WAIT_POLICY=PASSIVE` or on a busy box every join sleeps and every fork wakes a
 thread, and the decode attention ran one sequence per thread. `DecodeStep` runs all layers in one parallel
 region with a spinning barrier between phases (see the C file), computing every value with the same routines
-as the per-op kernels, so its bits equal that path's with the packed GEMM for every product.
+as the per-op kernels, so its bits equal that path's with the packed GEMM for every product. Beyond ~8 rows the
+step is bound by the products' FLOPs rather than the weights' bytes; the packed GEMM's fp32 FMAs (csrc/
+packed_gemm_bf16.h) then set its pace, and the fused call saves the per-op path's ~300 fork/joins.
 
 `DecodeStep.for_model` returns None unless every piece it replaces is the native one: weights packed in the
 layout the packed GEMM reads (engine/model/onednn_linear.py), the native bf16 elementwise ops, the native decode

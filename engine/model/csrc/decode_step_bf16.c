@@ -1,5 +1,5 @@
-/* A whole decode step of a Llama-family decoder's layers in one call: bf16, a few rows (decode at small batch
- * sizes), weights in oneDNN's blocked layout (packed_gemm_bf16.h), the KV cache in the contiguous layout.
+/* A whole decode step of a Llama-family decoder's layers in one call: bf16, one row per decoding sequence (any
+ * number), weights in oneDNN's blocked layout (packed_gemm_bf16.h), the KV cache in the contiguous layout.
  *
  * Why: at batch 1 a step only streams the weights (~270 MB for SmolLM2-135M), ~8 ms at the bandwidth two cores
  * reach here, but the per-op path ran ~300 kernel calls per step, each a Python call and a fork/join of the
