@@ -77,6 +77,7 @@ def main() -> None:
     leader = RemoteLeader(engine, channel, carry=CarryPolicy("copy"))
     channel.send_object((half, half))
     leader.form(half, half)
+    carried, recomputed = leader.num_carried, leader.num_recomputed
     collect(tokens, leader.step())
     # warm-up, and until no request prefills (those whose KV did not fit to copy recompute it)
     while any(request.is_prefilling for request in engine.scheduler.requests.values()):
@@ -107,7 +108,7 @@ def main() -> None:
     whole = statistics.mean(times["whole"])
     print(f"cross-process pair, {args.dtype}, {args.requests} + {args.requests} requests of {args.prompt_tokens} "
           f"prompt tokens (running per step {sorted(rows)}; {prefill_steps} steps had a prefill; carried at forming "
-          f"{leader.num_carried}, recomputed {leader.num_recomputed}"
+          f"{carried}, recomputed {recomputed}"
           f"), {args.rounds} rounds x {args.steps} steps per mode")
     print(f"{'mode':>16}  {'micro-batches/step':>18}  {'ms/step mean':>12}  {'median':>7}  {'x whole':>7}  "
           f"{'bubble':>6}  {'busy stage 1 / 2 ms/step':>24}")
