@@ -182,9 +182,13 @@ class LcmAllocator:
         in_kind = sum(len(self._large[i].free) + self._large[i].evictable for i in self._by_kind[kind])
         return in_kind - self._num_reclaimable[kind] * self._pages_per_large[kind]
 
-    def num_reclaimable_chunks(self, kinds: Iterable[str] | None = None) -> int:
-        """Pool chunks that evicting every evictable page (of `kinds`; None: all) would give back."""
-        return self.chunks_per_large_page * sum(self._num_reclaimable[kind] for kind in kinds or self._num_reclaimable)
+    def num_reclaimable_chunks(self, kinds: Iterable[str] | None = None, holding: Iterable[SmallPage] = ()) -> int:
+        """Pool chunks that evicting every evictable page (of `kinds`; None: all) would give back, with the
+        evictable pages in `holding` kept (their large pages then stay)."""
+        kept = {page.large_page for page in holding if self._large[page.large_page].reclaimable}
+        kinds = set(kinds or self._num_reclaimable)
+        kept_pages = sum(1 for large in kept if self._large[large].kind in kinds)
+        return self.chunks_per_large_page * (sum(self._num_reclaimable[kind] for kind in kinds) - kept_pages)
 
     def pool_chunks_for(self, pages: Mapping[str, int]) -> int:
         """Pool chunks that allocating `pages` (kind -> count) needs beyond the kinds' local pages."""

@@ -326,7 +326,9 @@ class Scheduler:
             # admit only if the whole prompt's KV fits (growing chunk by chunk would just preempt)
             need = self.kv.chunks_to_grow(None, request.num_tokens + 1) - self._cached_chunks(num_cached)
             workspace = self.activation_chunks(step.num_tokens + num_new, step.rows + samples)
-            available = self.kv.num_available_chunks() - next_pages - workspace - self.offload.staging(step.spans) \
+            # the hit's cached blocks are counted in `need` as already there: they are not room as well
+            available = self.kv.num_available_chunks(self.kv.hit_blocks(token_ids, num_cached)) - next_pages \
+                - workspace - self.offload.staging(step.spans) \
                 - sum(step.fork_chunks.values())
             # () when the whole prompt fits; layer-wise: the top layers to keep on the host; None: wait
             offloaded = self.offload.layers_to_offload(request, num_cached, num_cached + num_new, need, available,

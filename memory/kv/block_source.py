@@ -55,8 +55,9 @@ class BlockSource(ABC):
         """Pool chunks that `pages[g]` new blocks of each group g need."""
 
     @abstractmethod
-    def available(self) -> int:
-        """Pool chunks a new allocation could get: free, evictable, and what other balloons give back."""
+    def available(self, holding: Sequence[KVBlock] = ()) -> int:
+        """Pool chunks a new allocation could get: free, evictable, and what other balloons give back,
+        once the cached blocks in `holding` are held (no longer evictable)."""
 
     @abstractmethod
     def used(self) -> int:
@@ -94,8 +95,9 @@ class LooseChunks(BlockSource):
     def chunks_for(self, pages: Sequence[int]) -> int:
         return sum(count * per_block for count, per_block in zip(pages, self.kv._chunks_per_block, strict=True))
 
-    def available(self) -> int:
-        return self.kv.prefix.num_evictable_chunks + self.kv.pool.num_obtainable(self.kv._kv_client)
+    def available(self, holding: Sequence[KVBlock] = ()) -> int:
+        pinned = sum(len(block.chunks) for block in {id(b): b for b in holding if b.ref_count == 0}.values())
+        return self.kv.prefix.num_evictable_chunks - pinned + self.kv.pool.num_obtainable(self.kv._kv_client)
 
     def used(self) -> int:
         return self.kv.pool.num_held(self.kv._kv_client) - self.kv.prefix.num_evictable_chunks
@@ -133,9 +135,12 @@ class LcmBlocks(BlockSource):
     def chunks_for(self, pages: Sequence[int]) -> int:
         return self.allocator.pool_chunks_for(self._paged(pages))
 
-    def available(self) -> int:
-        # every member's cached blocks can be evicted for this one (take() evicts across the balloon)
-        return self.kv.pool.num_obtainable(self.balloon.client) + self.allocator.num_reclaimable_chunks()
+    def available(self, holding: Sequence[KVBlock] = ()) -> int:
+        # every member's cached blocks can be evicted for this one (take() evicts across the balloon), but
+        # a large page only gives back whole: one held small page keeps all of it
+        pinned = [block.small_page for block in holding if block.ref_count == 0 and block.small_page is not None]
+        return self.kv.pool.num_obtainable(self.balloon.client) + self.allocator.num_reclaimable_chunks(
+            holding=pinned)
 
     def used(self) -> int:
         held = sum(self.allocator.telemetry(kind).num_large_pages for kind in self.kinds)

@@ -142,9 +142,25 @@ class KVCacheManager(LayerResidency, LayeredMigration, KVSwap, KVImportExport, S
         """Chunks the kv balloon holds for live requests (not counting evictable cached blocks)."""
         return self.blocks.used()
 
-    def num_available_chunks(self) -> int:
-        """Chunks a new allocation could get: free, evictable cache, and what other balloons give back."""
-        return self.blocks.available()
+    def num_available_chunks(self, holding: Sequence[KVBlock] = ()) -> int:
+        """Chunks a new allocation could get: free, evictable cache, and what other balloons give back,
+        once the cached blocks in `holding` are held (a prefix hit pins them: they stop being room).
+        The one measure of room: admission, preemption and the step's workspace check all use it."""
+        return self.blocks.available(holding)
+
+    def hit_blocks(self, token_ids: Sequence[int], num_cached: int) -> list[KVBlock]:
+        """The cached blocks `admit` would hold for a prefix hit of `num_cached` tokens."""
+        return [block for _, _, _, block in self._hit(token_ids, num_cached) if block is not None]
+
+    def _hit(self, token_ids: Sequence[int], num_cached: int):
+        """(page, its hash, group, cached block or None when the group does not need the page) of a hit."""
+        parent = None
+        needed = [policy.hit_pages(num_cached) for policy in self.policies]
+        for page in range(num_cached // self.spec.tokens_per_page):
+            start = page * self.spec.tokens_per_page
+            parent = chain_hash(parent, token_ids[start : start + self.spec.tokens_per_page])
+            for group in range(len(self.spec.groups)):
+                yield page, parent, group, (self.prefix.lookup(group, parent) if page in needed[group] else None)
 
     def num_cached_chunks(self) -> int:
         """Chunks the kv balloon holds only for evictable cached blocks (paged: whole large pages)."""
@@ -215,21 +231,16 @@ class KVCacheManager(LayerResidency, LayeredMigration, KVSwap, KVImportExport, S
         state = self._new_state(request_id)
         for layer in offloaded:
             state.residency[layer] = HOST
-        parent = None
-        needed = [policy.hit_pages(num_cached) for policy in self.policies]
-        for page in range(num_cached // self.spec.tokens_per_page):
-            start = page * self.spec.tokens_per_page
-            parent = chain_hash(parent, token_ids[start : start + self.spec.tokens_per_page])
-            state.hashes.append(parent)
-            for group in range(len(self.spec.groups)):
-                if page not in needed[group]:  # e.g. slid out of the window: not needed, maybe evicted
-                    state.blocks[group].append(None)
-                    continue
-                block = self.prefix.lookup(group, parent)
-                self.prefix.hold(block)
-                self.blocks.parked(block, False)
-                self.layout.map_block(slot, page, block)
-                state.blocks[group].append(block)
+        for page, page_hash, group, block in self._hit(token_ids, num_cached):
+            if len(state.hashes) == page:
+                state.hashes.append(page_hash)
+            if block is None:  # e.g. slid out of the window: not needed, maybe evicted
+                state.blocks[group].append(None)
+                continue
+            self.prefix.hold(block)
+            self.blocks.parked(block, False)
+            self.layout.map_block(slot, page, block)
+            state.blocks[group].append(block)
         state.num_tokens = num_cached
         if self.enable_prefix_caching:
             self.prefix.num_queried_tokens += len(token_ids)

@@ -200,3 +200,28 @@ class SharedBalloonMachine(RuleBasedStateMachine):
 
 TestSharedBalloonMachine = SharedBalloonMachine.TestCase
 TestSharedBalloonMachine.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+
+
+def test_a_prefix_hit_is_not_counted_as_room_once_it_is_held():
+    """Admission counts a hit's cached pages as already there; they must not also count as room (their large
+    pages stop being reclaimable once held). Counting them twice let a tight two-model pool admit a request
+    and then fail its step's workspace (PoolExhausted)."""
+    pool = _pool(24)
+    kv = KVCacheManager(SMOL, pool, torch.float32, layout="paged")
+    try:
+        assert kv.blocks.allocator.chunks_per_large_page == 8  # one block a large page
+        prompt = list(range(9))
+        kv.admit("a", prompt)
+        assert kv.grow("a", 9)
+        kv.commit("a", prompt, 9)
+        kv.free("a")  # pages 0 and 1 cached (two reclaimable large pages), the partial page 2 went back
+        assert pool.num_held("kv") == 16 and kv.num_available_chunks() == 24
+        again = [*range(8), 99, 98]
+        assert kv.match_prefix(again) == 8
+        hit = kv.hit_blocks(again, 8)
+        assert [block.page for block in hit] == [0, 1]
+        assert kv.num_available_chunks(hit) == 8  # what is left once the hit is held
+        kv.admit("b", again)
+        assert kv.num_available_chunks() == 8
+    finally:
+        kv.close()

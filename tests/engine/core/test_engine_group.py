@@ -127,14 +127,33 @@ def test_two_models_preempting_each_other_in_a_tight_pool_match_transformers(
         group, tiny_gemma3, tokenizers, group_prompts, references):
     """Room for the weights, the workspace and 13 large pages of KV: the requests' prompts take 21 (SmolLM2's
     long one 14, its short ones 5, Gemma's 2), and every SmolLM2 request needs one more page as it decodes.
-    (The workspace, ~11 large pages, lends KV what a step does not map: with 21 pages nothing was preempted.
-    With 10 a step's workspace could not inflate at all: PoolExhausted, an open bug of the group.)"""
+    (The workspace, ~11 large pages, lends KV what a step does not map: with 21 pages nothing was preempted.)"""
     large = group.balloon.allocator.chunks_per_large_page * group.pool.chunk_bytes
     budget = group.pool.num_held("weights") * group.pool.chunk_bytes + group.workspace.buffer.nbytes + 13 * large
     tight = EngineGroup(group_configs(tiny_gemma3[0], device_memory_bytes=budget), tokenizers)
     try:
         check_interleaved_run(tight, group_prompts, references)
         assert sum(engine.scheduler.num_preemptions for engine in tight.engines.values()) > 0
+    finally:
+        tight.close()
+
+
+@pytest.mark.slow  # ~20 s each on a quiet 2-core box
+@pytest.mark.parametrize("large_pages, with_workspace", [(10, True), (21, False)])
+def test_a_tighter_pool_never_fails_a_step_for_its_workspace(
+        group, tiny_gemma3, tokenizers, group_prompts, references, large_pages, with_workspace):
+    """Before the fix a SmolLM2 step's workspace could not inflate here (`PoolExhausted: 'activations' asked for
+    35 chunks, 0 available`) and the step's requests ended in error. Cause: admission counted a prefix hit's
+    cached pages twice, once as already there (less KV to grow) and once as room (an evictable large page the
+    workspace could take); holding the hit pinned that page. Now every request finishes with transformers'
+    tokens, SmolLM2 is preempted instead, and the pool is never over budget (checked after every step)."""
+    large = group.balloon.allocator.chunks_per_large_page * group.pool.chunk_bytes
+    budget = group.pool.num_held("weights") * group.pool.chunk_bytes + large_pages * large + (
+        group.workspace.buffer.nbytes if with_workspace else 0)
+    tight = EngineGroup(group_configs(tiny_gemma3[0], device_memory_bytes=budget), tokenizers)
+    try:
+        check_interleaved_run(tight, group_prompts, references)
+        assert tight.engines["smollm2-135m"].scheduler.num_preemptions > 0
     finally:
         tight.close()
 
