@@ -7,24 +7,15 @@ nothing leaked). A tiny 2-layer Llama and a frozen clock make it deterministic a
 
 from __future__ import annotations
 
-import pytest
-
 from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
-from engine.model.config import FULL_ATTENTION
 from tests.engine.core.test_chunk_policy import checked_steps
 from tests.engine.engine_helpers import assert_pool_idle, greedy
-from tests.engine.reference import hf_greedy, hf_model_from_source, make_tiny_random_checkpoint
+from tests.engine.reference import hf_greedy, hf_model_from_source
 
 NOW = 5000.0
 ROOM = 55  # chunks the tenant leaves: one decode with its sampled row fits, the 240-token prompt's KV does not
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
-    return make_tiny_random_checkpoint(tmp_path_factory.mktemp("tiny-llama"), arch="llama",
-                                       layer_types=(FULL_ATTENTION,) * 2, tokenizer=smollm2_tokenizer)
 
 
 def host_slots_held(kv) -> list[int]:
