@@ -18,18 +18,8 @@ NOW = 5000.0
 ROOM = 55  # chunks the tenant leaves: one decode with its sampled row fits, the 240-token prompt's KV does not
 
 
-def host_slots_held(kv) -> list[int]:
-    """Every host-buffer slot a request holds: swapped pages and pages of layers living on the host."""
-    held = []
-    for state in kv.requests.values():
-        if state.host_slots is not None:
-            held += [slot for group in state.host_slots for page in group if page for slot in page]
-        held += [slot for host in state.host_pages.values() for slot in host]
-    return held
-
-
 def assert_host_exact(kv) -> None:
-    held = host_slots_held(kv)
+    held = kv.host_slots_held()
     assert len(held) == len(set(held)), "a host slot is held twice"
     assert len(held) == kv.host_buffer.num_slots - kv.host_buffer.num_free, "host slots leaked or freed twice"
 
