@@ -1,11 +1,14 @@
 """Typed telemetry between replicas, the cluster controller, the router and the simulator (pure Python).
 
-Nothing here imports Ray or the engine, so the router (pickled by value into Serve's proxies) and the
+Nothing here imports Ray or the engine but `engine/host_split.py` (pure Python: the import rule the migration
+policies share with the destination's engine), so the router (pickled by value into Serve's proxies) and the
 simulator (loadtest/sim) import it cheaply. The records:
 
 - `RoutingStats`: what a replica publishes for the router every `request_routing_stats_period_s` (Serve
   carries it as a dict: `to_dict` / `from_dict`, which returns None for a missing or partial one).
-- `RequestLoad`, `ReplicaLoad`: one replica's KV load and its requests, what migration policies plan with.
+- `RequestLoad`, `ReplicaLoad`: one replica's KV load and its requests, what migration policies plan with
+  (with `kv_offload: layerwise`, a request's cost with top layers on a host and a replica's host room:
+  `ReplicaLoad.place` takes a request whole or with those layers on its host, the destination's own rule).
 - `MigrationOrder`: one planned migration.
 - `ReplicaReport`: one telemetry push to the controller (engine stats, pool telemetry, and the load and
   migration state when the replica can migrate: `load is None` means it cannot).
@@ -16,9 +19,12 @@ simulator (loadtest/sim) import it cheaply. The records:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
+
+from engine.host_split import HostRoom, HostSplit, fewest_host_layers
 
 MODES = ("auto", "copy", "recompute")
 
@@ -54,6 +60,7 @@ class RequestLoad:
     kv_chunks: int  # KV chunks it takes (on any replica: same model, same page size)
     is_migratable: bool = True
     status: str = "running"  # the engine's RequestStatus value
+    host_splits: tuple[HostSplit, ...] = ()  # `layerwise`: what it takes with 1, 2, ... top layers on a host
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class ReplicaLoad:
     waiting_chunks: int = 0  # what its waiting and swapped requests need to run
     requests: tuple[RequestLoad, ...] = ()
     started_at: float = 0.0  # when the replica started (wall clock): Serve scales down the newest first
+    host: HostRoom | None = None  # `kv_offload: layerwise`: what its host can take of migrated requests' layers
 
     @property
     def demand_chunks(self) -> int:
@@ -80,6 +88,29 @@ class ReplicaLoad:
                            requests=(*self.requests, replace(request, is_migratable=False)))
         return replace(self, used_chunks=max(0, self.used_chunks - request.kv_chunks),
                        requests=tuple(r for r in self.requests if r.request_id != request.request_id))
+
+    def place(self, request: RequestLoad, limit: float) -> Placement | None:
+        """This replica after taking `request` with its demand kept at most `limit` x its capacity: the whole
+        KV on the device if that fits, else (a `layerwise` replica, `host` set) the fewest top layers on its host
+        that let the device part fit, as long as the host holds them (`fewest_host_layers`: the rule the
+        destination's reserve applies). None if neither."""
+        room = math.floor(limit * self.capacity_chunks + 1e-9) - self.demand_chunks
+        if request.kv_chunks <= room:
+            return Placement(self.moved(request, incoming=True), 0)
+        if self.host is None:
+            return None
+        split = fewest_host_layers(request.host_splits, room, self.host)
+        if split is None:
+            return None
+        after = replace(self, used_chunks=self.used_chunks + split.device_chunks,
+                        requests=(*self.requests, replace(request, is_migratable=False)),
+                        host=replace(self.host, pages=self.host.pages - split.host_pages))
+        return Placement(after, split.num_host_layers)
+
+
+class Placement(NamedTuple):
+    load: ReplicaLoad  # the destination after taking the request
+    num_host_layers: int  # its top layers that go onto the destination's host (0: all on the device)
 
 
 @dataclass(frozen=True)
@@ -170,11 +201,13 @@ class ControllerReply:
 
 
 def replica_load(replica_id: str, stats: Any, loads: Any, started_at: float,
-                 busy: frozenset[str] | set[str] = frozenset()) -> ReplicaLoad:
-    """A replica's `ReplicaLoad` from its EngineStats and `engine.migration.request_loads(engine)`; requests in
-    `busy` (already migrating) are not migratable. The live replica and the simulated one both build it here."""
+                 busy: frozenset[str] | set[str] = frozenset(), host: HostRoom | None = None) -> ReplicaLoad:
+    """A replica's `ReplicaLoad` from its EngineStats, `engine.migration.request_loads(engine)` and
+    `engine.migration.host_room(engine)`; requests in `busy` (already migrating) are not migratable. The live
+    replica and the simulated one both build it here."""
     requests = tuple(RequestLoad(load.request_id, load.num_tokens, load.num_remaining, load.kv_chunks,
-                                 load.is_migratable and load.request_id not in busy, load.status) for load in loads)
+                                 load.is_migratable and load.request_id not in busy, load.status,
+                                 tuple(load.host_splits)) for load in loads)
     waiting = sum(load.kv_chunks for load in loads if load.status in ("waiting", "swapped"))
     return ReplicaLoad(replica_id, stats.kv_chunks_used + stats.kv_chunks_free, stats.kv_chunks_used, waiting,
-                       requests, started_at)
+                       requests, started_at, host)

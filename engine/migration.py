@@ -21,9 +21,11 @@ import torch
 
 from engine.api import HANDED_OFF
 from engine.core.engine import LLMEngine
+from engine.core.offload_policy import LayerwiseOffload
 from engine.core.request import Request, RequestStatus
 from engine.core.sampler import SamplingState
 from engine.core.sampling_workspace import SampledRows
+from engine.host_split import HostRoom, HostSplit
 from engine.model.llama import ShardPlan
 from engine.sampling_params import SamplingParams
 from engine.text.detokenizer import IncrementalDetokenizer
@@ -245,22 +247,34 @@ class RequestLoad:
     kv_chunks: int  # pool chunks its KV takes on a destination (and, running, here)
     is_migratable: bool
     num_preemptions: int
+    host_splits: tuple[HostSplit, ...] = ()  # `layerwise`: its cost with 1, 2, ... top layers on a host
 
 
 def request_loads(engine: LLMEngine) -> list[RequestLoad]:
-    """Every request's size and state, for migration planning (cheap: no tensor is touched)."""
+    """Every request's size and state, for migration planning (cheap: no tensor is touched). With `kv_offload:
+    layerwise` a migratable request also carries what it takes with its top layers on a destination's host
+    (`LayerwiseOffload.import_splits`: the splits a destination's `layers_to_import` chooses from)."""
+    offload = engine.scheduler.offload
+    layerwise = isinstance(offload, LayerwiseOffload)
     loads = []
     for request in engine.scheduler.requests.values():
         remaining = min(request.params.max_tokens - len(request.output_token_ids),
                         engine.max_model_len - request.num_tokens)
         needed = request.num_tokens + (0 if request.status is RequestStatus.RUNNING else 1)
+        migratable = is_migratable(engine, request.request_id)
+        splits = tuple(offload.import_splits(request.num_tokens, needed)) if layerwise and migratable else ()
         loads.append(RequestLoad(
             request_id=request.request_id, status=request.status.value, num_tokens=request.num_tokens,
             num_remaining=max(0, remaining), kv_chunks=engine.kv.chunks_to_grow(None, needed),
-            is_migratable=is_migratable(engine, request.request_id),
-            num_preemptions=request.num_preemptions,
+            is_migratable=migratable, num_preemptions=request.num_preemptions, host_splits=splits,
         ))
     return loads
+
+
+def host_room(engine: LLMEngine) -> HostRoom | None:
+    """What this engine's host can take of migrated requests' top layers (None: `kv_offload: none`)."""
+    offload = engine.scheduler.offload
+    return offload.host_room() if isinstance(offload, LayerwiseOffload) else None
 
 
 def pause_and_copy_tail(engine: LLMEngine, request_id: str, start: int | None,

@@ -129,7 +129,8 @@ class MigrationPlanner:
                 else None
             if request is not None and target is not None:
                 loads[order.source] = source.moved(request, incoming=False)
-                loads[order.target] = target.moved(request, incoming=True)
+                placed = target.place(request, 1.0)  # a layerwise target may hold its top layers on its host
+                loads[order.target] = placed.load if placed is not None else target.moved(request, incoming=True)
         for replica_id, load in loads.items():
             pinned = {r.request_id for r in load.requests if r.is_migratable and
                       (r.request_id in self._orders or r.request_id in self._cooldown_until)}

@@ -22,6 +22,12 @@ may take part in now (`slots`). It returns `MigrationOrder`s. Policies are chose
   scale-down candidate (shown in /v1/cluster; the router sends it new requests last). With `drain: newest`
   it drains the newest replica instead, the one Ray Serve stops first when it scales down: with the
   `kv_packing_policy` autoscaling policy (deployments/cluster/autoscaling.py), Serve removes it once it is empty.
+
+"Fits" is `ReplicaLoad.place`: a destination takes a request whole when its KV keeps the destination at or
+below the watermark; a `kv_offload: layerwise` destination (its `host` reported) also takes one whose device
+part does, with its fewest top layers on the host (the destination's own import rule, engine/host_split.py),
+as long as its host holds them. Packing prefers a destination that takes the request whole (host layers cost
+TPOT where they are copied in); balance takes the first request that fits in its selection order.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.telemetry import MODES, MigrationOrder, ReplicaLoad, RequestLoad
+from deployments.telemetry import MODES, MigrationOrder, Placement, ReplicaLoad, RequestLoad
 
 __all__ = ["MIGRATION_POLICIES", "MODES", "BalanceAndPackPolicy", "BalancePolicy", "MigrationOrder",
            "MigrationPolicy", "NoMigration", "ReplicaLoad", "RequestLoad", "create_migration_policy"]
@@ -96,15 +102,15 @@ class BalancePolicy(MigrationPolicy):
                     break
             if choice is None:
                 break
-            source, target, request = choice
+            source, target, (request, placement) = choice
             orders.append(MigrationOrder(request.request_id, source.replica_id, target.replica_id, self.mode))
             loads[source.replica_id] = source.moved(request, incoming=False)
-            loads[target.replica_id] = target.moved(request, incoming=True)
+            loads[target.replica_id] = placement.load
             slots[source.replica_id] -= 1
             slots[target.replica_id] -= 1
         return orders
 
-    def _pick(self, source: ReplicaLoad, target: ReplicaLoad) -> RequestLoad | None:
+    def _pick(self, source: ReplicaLoad, target: ReplicaLoad) -> tuple[RequestLoad, Placement] | None:
         gap = source.load - target.load
         # chunks that would make the two loads equal: (S - c) / Cs == (T + c) / Ct
         ideal = (source.demand_chunks * target.capacity_chunks - target.demand_chunks * source.capacity_chunks) / (
@@ -114,10 +120,12 @@ class BalancePolicy(MigrationPolicy):
         else:
             key = lambda r: (r.num_remaining, r.kv_chunks, r.request_id)
         for request in sorted((r for r in source.requests if r.is_migratable), key=key):
+            placement = target.place(request, self.high_watermark)
+            if placement is None:
+                continue
             after_source = (source.demand_chunks - request.kv_chunks) / source.capacity_chunks
-            after_target = (target.demand_chunks + request.kv_chunks) / target.capacity_chunks
-            if abs(after_source - after_target) < gap and after_target <= self.high_watermark:
-                return request
+            if abs(after_source - placement.load.load) < gap:
+                return request, placement
         return None
 
 
@@ -155,14 +163,15 @@ class BalanceAndPackPolicy(BalancePolicy):
                               key=lambda r: (-r.kv_chunks, r.request_id)):
             if budget <= 0 or slots.get(drained.replica_id, 0) <= 0:
                 break
-            fitting = [r for r in loads.values() if r.replica_id != drained.replica_id and slots.get(r.replica_id, 0)
-                       and (r.demand_chunks + request.kv_chunks) / r.capacity_chunks <= self.pack_watermark]
+            fitting = [(r, placement) for r in loads.values() if r.replica_id != drained.replica_id
+                       and slots.get(r.replica_id, 0) and (placement := r.place(request, self.pack_watermark))]
             if not fitting:
                 continue
-            target = max(fitting, key=lambda r: (r.load, r.replica_id))  # best fit: the fullest that fits
+            # best fit: the fullest replica that takes it whole, else the fullest that takes it with host layers
+            target, placement = max(fitting, key=lambda f: (f[1].num_host_layers == 0, f[0].load, f[0].replica_id))
             orders.append(MigrationOrder(request.request_id, drained.replica_id, target.replica_id, self.mode,
                                          reason="pack"))
-            loads[target.replica_id] = target.moved(request, incoming=True)
+            loads[target.replica_id] = placement.load
             slots[drained.replica_id] -= 1
             slots[target.replica_id] -= 1
             self._pack_times.append(now)

@@ -36,6 +36,7 @@ from deployments.migration.relay import MIGRATED, Relay, RelayRegistry
 from deployments.telemetry import ReplicaLoad, replica_load
 from engine import migration
 from engine.api import EngineClient, RequestOutput
+from engine.host_split import HostRoom
 from engine.migration import KVStage, MigrationError, RequestSnapshot
 
 if TYPE_CHECKING:
@@ -164,6 +165,10 @@ class _Attempt:
 def _describe(engine: LLMEngine, request_id: str) -> tuple[migration.RequestLoad | None, dict[str, float]]:
     load = next((load for load in migration.request_loads(engine) if load.request_id == request_id), None)
     return load, migration.cost_inputs(engine)
+
+
+def _loads_and_host_room(engine: LLMEngine) -> tuple[list[migration.RequestLoad], HostRoom | None]:
+    return migration.request_loads(engine), migration.host_room(engine)
 
 
 class MigrationManager:
@@ -311,5 +316,5 @@ class MigrationManager:
 
     # ---- what the controller plans with ---------------------------------------------------------------
     async def load_report(self, replica_id: str, stats: Any, started_at: float) -> ReplicaLoad:
-        loads = await self._engine.run_in_engine(migration.request_loads)
-        return replica_load(replica_id, stats, loads, started_at, set(self._active))
+        loads, host = await self._engine.run_in_engine(_loads_and_host_room)
+        return replica_load(replica_id, stats, loads, started_at, set(self._active), host)

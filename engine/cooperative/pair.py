@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from engine.api import RequestOutput
 from engine.cooperative.carry import CarriedKV, CarryPolicy, KVLayers, place, snapshot
 from engine.cooperative.kv import PipelineKV
-from engine.cooperative.pipeline import PipelineRunner, PipelineStats, grown_layers, pipeline_split
+from engine.cooperative.pipeline import MicroBatchCut, PipelineRunner, PipelineStats, grown_layers, pipeline_split
 from engine.cooperative.transport import HiddenTransport
 from engine.core.engine import LLMEngine
 from engine.core.request import Request, RequestStatus
@@ -47,14 +47,13 @@ class HomedOutput:
 
 class CooperativePair:
     def __init__(self, first: LLMEngine, second: LLMEngine, num_micro_batches: int = 2,
-                 carry: CarryPolicy | None = None, min_micro_batch_tokens: int = 64):
+                 carry: CarryPolicy | None = None, min_micro_batch_tokens: int = 64, min_decode_rows: int = 0):
         if first.model_config != second.model_config:
             raise ValueError("a cooperative pair needs two replicas of one model")
         self.first = first
         self.second = second
         self.num_layers = first.model_config.num_layers
-        self.num_micro_batches = num_micro_batches
-        self.min_micro_batch_tokens = min_micro_batch_tokens
+        self.cut = MicroBatchCut(num_micro_batches, min_micro_batch_tokens, min_decode_rows)
         self.state = PairState.NORMAL
         self.split = self.num_layers
         self.kept = (self.num_layers, 0)  # (first_keeps, second_from)
@@ -95,7 +94,7 @@ class CooperativePair:
         scheduler = self.first.scheduler
         self._saved = (scheduler.kv, self.first.runner, scheduler.activation_chunks)
         self._runner = PipelineRunner(self.first.runner, self.second.runner, split, self.first.sampler, transport,
-                                      self.num_micro_batches, self.min_micro_batch_tokens)
+                                      self.cut)
         scheduler.kv = PipelineKV([self.first.kv, self.second.kv])
         scheduler.activation_chunks = self._runner.activation_chunks_charged_to_kv
         self.first.runner = self._runner

@@ -49,6 +49,37 @@ def grown_layers(num_layers: int, split: int, kept: tuple[int, int], grown: tupl
     return range(new_keeps, keeps), range(start, new_start)
 
 
+@dataclass(frozen=True)
+class MicroBatchCut:
+    """How many micro-batches a step is cut into; the one rule the in-process pair, the cross-process pair and
+    the simulator (loadtest/sim/pair.py) use.
+
+    Up to `num_micro_batches`, each of at least `min_tokens` tokens: decode steps of under 2 x `min_tokens`
+    rows run whole (a micro-batch streams its stage's weights once more). With `min_decode_rows` > 0 a step
+    is also cut by its decode rows, into up to `num_micro_batches` micro-batches of at least that many rows,
+    so stage 1 runs the second half of a small decode batch while stage 2 runs the first (bubble hiding). Off
+    by default: on this CPU box it does not pay (docs/KUNSERVE.md, "Cutting decode steps")."""
+
+    num_micro_batches: int = 2
+    min_tokens: int = 64
+    min_decode_rows: int = 0
+
+    def count(self, num_tokens: int, num_decodes: int) -> int:
+        count = num_tokens // self.min_tokens
+        if self.min_decode_rows > 0:
+            count = max(count, num_decodes // self.min_decode_rows)
+        return max(1, min(self.num_micro_batches, count))
+
+    def cut(self, output: SchedulerOutput) -> list[SchedulerOutput]:
+        return split_micro_batches(output, self.count(output.num_tokens, len(output.decodes)))
+
+    def decode_rows(self, num_rows: int) -> list[int]:
+        """The rows of each micro-batch of a step of `num_rows` decodes alone (what `cut` gives it)."""
+        count = self.count(num_rows, num_rows)
+        target = -(-num_rows // count)
+        return [min(target, num_rows - start) for start in range(0, num_rows, target)] if num_rows else []
+
+
 def split_micro_batches(output: SchedulerOutput, num_micro_batches: int) -> list[SchedulerOutput]:
     """Cuts a step into at most `num_micro_batches` contiguous pieces of about equal token counts."""
     target = -(-output.num_tokens // max(1, num_micro_batches))
@@ -111,8 +142,7 @@ class PipelineRunner:
     [split, num_layers) of its own; each writes the KV of its layers into its replica's cache."""
 
     def __init__(self, first: ModelRunner, second: ModelRunner, split: int, sampler: Sampler,
-                 transport: HiddenTransport | None = None, num_micro_batches: int = 2,
-                 min_micro_batch_tokens: int = 64):
+                 transport: HiddenTransport | None = None, cut: MicroBatchCut | None = None):
         num_layers = first.model.config.num_layers
         if not 0 < split < num_layers:
             raise ValueError(f"split {split} must leave layers on both stages (0 < split < {num_layers})")
@@ -122,10 +152,7 @@ class PipelineRunner:
         self.second_layers = range(split, num_layers)
         self.sampler = sampler
         self.transport = transport or QueueTransport()
-        self.num_micro_batches = num_micro_batches
-        # a micro-batch streams its stage's weights once more: decode steps of a few tokens, bound by
-        # weight reads, run whole (measured: python -m loadtest.bench.kunserve)
-        self.min_micro_batch_tokens = min_micro_batch_tokens
+        self.cut = cut or MicroBatchCut()
         self.stats = PipelineStats()
         self._stage_two = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-stage-2")
         self._busy_lock = threading.Lock()
@@ -145,8 +172,7 @@ class PipelineRunner:
         """One step; `states` as for ModelRunner.run (sampled rows in order)."""
         started = time.perf_counter()
         busy = [0.0, 0.0]
-        count = min(self.num_micro_batches, max(1, output.num_tokens // self.min_micro_batch_tokens))
-        micro_batches = split_micro_batches(output, count)
+        micro_batches = self.cut.cut(output)
         futures: list[Future] = []
         offset = sent = 0
         hidden_size = self.first.model.config.hidden_size

@@ -28,7 +28,7 @@ from engine.cooperative import carry as carrying
 from engine.cooperative.carry import CarriedKV, CarryPolicy, place, snapshot, spread, to_copy
 from engine.cooperative.channel import PairChannel, PeerLost
 from engine.cooperative.kv import PipelineKV
-from engine.cooperative.pipeline import PipelineStats, grown_layers, pipeline_split
+from engine.cooperative.pipeline import MicroBatchCut, PipelineStats, grown_layers, pipeline_split
 from engine.cooperative.remote_runner import RemotePipelineRunner
 from engine.core.engine import LLMEngine
 from engine.core.request import Request
@@ -72,15 +72,14 @@ class RemoteLeader:
     requests; the follower's go back to it over the channel."""
 
     def __init__(self, engine: LLMEngine, channel: PairChannel, num_micro_batches: int = 2,
-                 min_micro_batch_tokens: int = 64, carry: CarryPolicy | None = None):
+                 min_micro_batch_tokens: int = 64, carry: CarryPolicy | None = None, min_decode_rows: int = 0):
         self.engine = engine
         self.carry = carry or CarryPolicy()
         self.num_carried = 0  # requests whose KV this replica placed by copy (forming: both; restoring: its own)
         self.num_recomputed = 0  # requests that had KV and recompute it (forming: its own; restoring: both)
         self._layer_bytes_per_token = 2 * engine.kv_spec.bytes_per_token
         self.channel = channel
-        self.num_micro_batches = num_micro_batches
-        self.min_micro_batch_tokens = min_micro_batch_tokens
+        self.cut = MicroBatchCut(num_micro_batches, min_micro_batch_tokens, min_decode_rows)
         self.is_formed = False
         self.split = engine.model_config.num_layers
         self.peer_requests: set[str] = set()  # requests whose client is on the follower
@@ -120,8 +119,7 @@ class RemoteLeader:
                                                 engine.rank.arena.layer_chunks(range(second_from, split)))
         scheduler = engine.scheduler
         self._saved = (scheduler.kv, engine.runner, scheduler.activation_chunks)
-        self._runner = RemotePipelineRunner(engine.runner, split, self.channel, log, self.num_micro_batches,
-                                            self.min_micro_batch_tokens)
+        self._runner = RemotePipelineRunner(engine.runner, split, self.channel, log, self.cut)
         scheduler.kv = PipelineKV([engine.kv, self._shadow])
         scheduler.activation_chunks = self._runner.activation_chunks_charged_to_kv
         engine.runner = self._runner

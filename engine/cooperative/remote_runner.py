@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from engine.cooperative.channel import PairChannel
-from engine.cooperative.pipeline import PipelineStats, num_sampled, split_micro_batches
+from engine.cooperative.pipeline import MicroBatchCut, PipelineStats, num_sampled
 from engine.core.runner import ModelRunner
 from engine.core.sampler import SampleResult, SamplingState, rows_of
 from engine.core.sampling_workspace import SampledRows, sampling_plan
@@ -27,13 +27,12 @@ class RemotePipelineRunner:
     """The leader's runner while the pair is formed: stage 1 here, stage 2 in the follower's process."""
 
     def __init__(self, first: ModelRunner, split: int, channel: PairChannel, layout_log: list,
-                 num_micro_batches: int = 2, min_micro_batch_tokens: int = 64):
+                 cut: MicroBatchCut | None = None):
         self.first = first
         self.first_layers = range(0, split)
         self.channel = channel
         self.layout_log = layout_log
-        self.num_micro_batches = num_micro_batches
-        self.min_micro_batch_tokens = min_micro_batch_tokens
+        self.cut = cut or MicroBatchCut()
         self.sampler = first.sampler
         self.stats = PipelineStats()
 
@@ -53,8 +52,7 @@ class RemotePipelineRunner:
 
     def run(self, output: SchedulerOutput, states: Sequence[SamplingState]) -> SampleResult:
         started = time.perf_counter()
-        count = min(self.num_micro_batches, max(1, output.num_tokens // self.min_micro_batch_tokens))
-        micro_batches = split_micro_batches(output, count)
+        micro_batches = self.cut.cut(output)
         self.channel.send_object(("step", self.take_log(), micro_batches))
         busy = 0.0
         model = self.first.model

@@ -27,12 +27,13 @@ Whole-request swap or recompute stays the scheduler's last resort.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from engine.core.layer_staging import staging_chunks
 from engine.core.request import Request
 from engine.core.slo import SloTargets
 from engine.core.step_cost import StepCostModel
+from engine.host_split import HostRoom, HostSplit, fewest_host_layers
 from memory.kv import KVCacheManager
 from memory.kv.residency import DEVICE, HOST
 
@@ -141,21 +142,30 @@ class LayerwiseOffload(NoOffload):
     def layers_to_import(self, num_tokens: int, room: int, available: int) -> tuple[int, ...] | None:
         """Admission's rule for a migrated request: the fewest top layers on the host that make its device
         part fit with the staging its next decode needs (every page of its offloaded layers up to that token,
-        two consecutive layers at a time), as long as the host holds them."""
-        kv = self.kv
-        if kv.chunks_to_grow(None, room) <= available:
+        two consecutive layers at a time), as long as the host holds them (`fewest_host_layers`, the rule the
+        cluster's migration policies plan with)."""
+        if self.kv.chunks_to_grow(None, room) <= available:
             return ()
+        split = fewest_host_layers(self.import_splits(num_tokens, room), available, self.host_room())
+        if split is None:
+            return None
+        num_layers = self.kv.spec.num_layers
+        return tuple(range(num_layers - split.num_host_layers, num_layers))
+
+    def import_splits(self, num_tokens: int, room: int) -> Iterator[HostSplit]:
+        """A request of `num_tokens` tokens with pages reserved for `room`, with 1, 2, ... of its top layers on
+        the host: device chunks, host pages, and the staging its next decode needs when pages are copied in."""
+        kv = self.kv
         num_layers = kv.spec.num_layers
         decode_pages = kv.spec.num_pages(num_tokens)
         for num_host in range(1, num_layers + 1):
-            offloaded = tuple(range(num_layers - num_host, num_layers))
-            if kv.host_chunks_to_grow(None, room, offloaded) > kv.host_room():
-                return None
-            staging = 0 if kv.host_tier is not None else staging_chunks(
-                [decode_pages if layer in offloaded else 0 for layer in range(num_layers)])
-            if kv.chunks_to_grow(None, room, offloaded) + staging <= available:
-                return offloaded
-        return None
+            offloaded = range(num_layers - num_host, num_layers)
+            staging = staging_chunks([0] * (num_layers - num_host) + [decode_pages] * num_host)
+            yield HostSplit(num_host, *kv.new_request_split(room, offloaded), staging)
+
+    def host_room(self) -> HostRoom:
+        """What this engine's host can still take for offloaded layers, and whether it stages copies."""
+        return HostRoom(self.kv.host_room(), staged=self.kv.host_tier is None)
 
     def admission_reserve(self, num_cached: int, end: int) -> int:
         if self.kv.host_tier is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from engine.core.arbiter_view import swap_candidates, urgent_prompt
 from engine.core.chunk_policy import ChunkPolicy, FixedChunkPolicy, StepMemory
@@ -23,82 +22,12 @@ from engine.core.memory_arbiter import ArbiterView, MemoryArbiter
 from engine.core.offload_policy import OFFLOAD_POLICIES
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_workspace import NO_ROWS, SampledRows
+from engine.core.scheduler_plan import ScheduledChunk, SchedulerConfig, SchedulerOutput, StepBuilder
 from engine.core.slo import SloAttainment, SloTargets
 from engine.core.step_cost import StepCostModel
 from memory.kv import KVCacheManager
 
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
-    tpot_slo_ms: float | None = None  # decode steps should not get slower than this
-    ttft_slo_ms: float | None = None
-    kv_offload: str = "none"  # "none" | "layerwise" (engine/core/offload_policy.py)
-    memory_arbiter: str = "kv_first"  # "kv_first" | "slo" (engine/core/memory_arbiter.py)
-    priority_scale: float = 2.0  # SLO class targets = targets * scale ** priority (engine/core/slo.py)
-    # pace decodes and budget prefill tokens to this fraction of the TPOT target (pacing *to* the target leaves
-    # half the requests above it)
-    tpot_margin: float = 0.8
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
-        if not 0 < self.tpot_margin <= 1:
-            raise ValueError(f"tpot_margin must be in (0, 1], got {self.tpot_margin}")
-        if self.kv_offload not in OFFLOAD_POLICIES:
-            raise ValueError(f"kv_offload must be one of {sorted(OFFLOAD_POLICIES)}, got {self.kv_offload!r}")
-
-
-@dataclass(frozen=True)
-class ScheduledChunk:
-    request_id: str
-    slot: int  # KV slot (read after every slot move of this step)
-    start: int  # first position computed in this step
-    token_ids: tuple[int, ...]  # the tokens whose K/V this step computes
-    samples: bool  # True when the chunk ends at the request's last token (its logits are sampled)
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    """The plan for one step: everything the runner needs and nothing else."""
-
-    decodes: tuple[ScheduledChunk, ...]  # one token each, ascending slot order
-    prefills: tuple[ScheduledChunk, ...]  # prompt chunks (or recompute chunks), in admission order
-    preempted: tuple[str, ...]  # requests that lost their KV slot in this step (swap or recompute)
-    num_activation_chunks: int  # workspace chunks of this step that KV had to leave free
-    sampled_rows: SampledRows = NO_ROWS  # what the step's sampled rows ask of the sampler's workspace
-    # (leader id, follower ids): the followers sample their first token from copies of the leader's logits row,
-    # right after it in row order, and fork its KV after the step (engine/core/forks.py)
-    forks: tuple[tuple[str, tuple[str, ...]], ...] = ()
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.decodes) + sum(len(chunk.token_ids) for chunk in self.prefills)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.decodes and not self.prefills
-
-
-@dataclass
-class _StepBuilder:
-    token_budget: int
-    num_tokens: int = 0
-    rows: SampledRows = NO_ROWS  # the sampled rows so far, by what they ask of the sampler's workspace
-    row_of: dict[str, SampledRows] = field(default_factory=dict)  # request id -> its sampled row
-    decode_ids: list[str] = field(default_factory=list)
-    prefill_plan: list[tuple[str, int, int]] = field(default_factory=list)  # (id, start, num_tokens)
-    preempted: list[str] = field(default_factory=list)
-    spans: dict[str, int] = field(default_factory=dict)  # request id -> tokens it has after the step
-    forks: dict[str, list[str]] = field(default_factory=dict)  # leader id -> followers forking after the step
-    fork_chunks: dict[str, int] = field(default_factory=dict)  # leader id -> chunks its followers' forks take
-
-    @property
-    def num_forks(self) -> int:
-        return sum(len(followers) for followers in self.forks.values())
+__all__ = ["ScheduledChunk", "Scheduler", "SchedulerConfig", "SchedulerOutput", "StepBuilder"]
 
 
 class Scheduler:
@@ -213,7 +142,7 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self._deferred = self._decodes_to_defer()
-        step = _StepBuilder(0)
+        step = StepBuilder(0)
         step.token_budget = self._token_budget(step)
         self._promote_offloaded(step)
         self._schedule_running(step)
@@ -233,10 +162,10 @@ class Scheduler:
             return set()
         return self.offload.decodes_to_defer(self.running, self.cost_model.predict_ms(len(self.running)))
 
-    def _token_budget(self, step: _StepBuilder | None = None) -> int:
+    def _token_budget(self, step: StepBuilder | None = None) -> int:
         """Tokens this step may compute: the memory arbiter's decision (engine/core/memory_arbiter.py) over
         the chunk policy's budget and the SLO cap; the victims it names are swapped out first."""
-        step = step or _StepBuilder(0)
+        step = step or StepBuilder(0)
         memory = self._step_memory()
         budget = self.chunk_policy.token_budget(memory)
         cap = self._slo_cap(budget)
@@ -289,20 +218,20 @@ class Scheduler:
         return SampledRows.of(r.row_demand() for r in [*self.running, *self.forks.all_followers()]) + \
             SampledRows.plain(1)
 
-    def _fits(self, step: _StepBuilder, request_id: str | None, num_tokens: int, new_tokens: int,
+    def _fits(self, step: StepBuilder, request_id: str | None, num_tokens: int, new_tokens: int,
               sampled: SampledRows) -> bool:
         """Whether growing `request_id` to `num_tokens` leaves room for the step's activations
         (and the staging buffer its offloaded layers need)."""
         return self._shortfall(step, request_id, num_tokens, new_tokens, sampled) <= 0
 
-    def _shortfall(self, step: _StepBuilder, request_id: str, num_tokens: int, new_tokens: int,
+    def _shortfall(self, step: StepBuilder, request_id: str, num_tokens: int, new_tokens: int,
                    sampled: SampledRows) -> int:
         need = self.kv.chunks_to_grow(request_id, num_tokens) + sum(step.fork_chunks.values())
         workspace = self.activation_chunks(step.num_tokens + new_tokens, step.rows + sampled)
         staging = self.offload.staging({**step.spans, request_id: num_tokens})
         return need + workspace + staging - self.kv.num_available_chunks()
 
-    def _promote_offloaded(self, step: _StepBuilder) -> None:
+    def _promote_offloaded(self, step: StepBuilder) -> None:
         """Memory freed: offloaded layers come back (the offload policy says whose, in what order),
         keeping room for a full step's activations, every running request's next page and every prompt's
         next chunk (what promotion took, a prefill would otherwise demote again at once)."""
@@ -326,7 +255,7 @@ class Scheduler:
         if self.running:
             self.offload.promote(self.running, lambda: spare() - head_reserve)
 
-    def _schedule_running(self, step: _StepBuilder) -> None:
+    def _schedule_running(self, step: StepBuilder) -> None:
         index = 0
         while index < len(self.running):
             request = self.running[index]
@@ -358,7 +287,7 @@ class Scheduler:
             if samples.num_rows:
                 self._plan_forks(step, request, end)
 
-    def _schedule_swapped(self, step: _StepBuilder) -> None:
+    def _schedule_swapped(self, step: StepBuilder) -> None:
         """Swapped requests come back in order, each only if the KV it needs to finish its prompt and take its
         next token fits beside the running requests' next pages (admission's rule): one that does not stays on
         the host without blocking those behind it (a prompt the pool cannot hold now would only preempt itself
@@ -390,7 +319,7 @@ class Scheduler:
             if end == request.num_tokens:
                 self._plan_forks(step, request, end)
 
-    def _schedule_waiting(self, step: _StepBuilder) -> None:
+    def _schedule_waiting(self, step: StepBuilder) -> None:
         # pages the running requests need for their next token are spoken for before anyone is admitted
         next_pages = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
         step_ms = self.cost_model.predict_ms(len(self.running))
@@ -444,7 +373,7 @@ class Scheduler:
     def _cached_chunks(self, num_cached_tokens: int) -> int:
         return self.kv.chunks_to_grow(None, num_cached_tokens) if num_cached_tokens else 0
 
-    def _add_to_step(self, step: _StepBuilder, request: Request, num_new: int, samples: SampledRows) -> None:
+    def _add_to_step(self, step: StepBuilder, request: Request, num_new: int, samples: SampledRows) -> None:
         if request.is_prefilling:
             step.prefill_plan.append((request.request_id, request.num_computed_tokens, num_new))
         else:
@@ -455,7 +384,7 @@ class Scheduler:
             step.rows += samples
             step.row_of[request.request_id] = samples
 
-    def _plan_forks(self, step: _StepBuilder, leader: Request, end: int) -> None:
+    def _plan_forks(self, step: StepBuilder, leader: Request, end: int) -> None:
         """The leader's first token is planned: each of its followers that fits (a slot, its row in the step's
         workspace, the chunks of its copy of the last partial page) samples in this step and forks the
         leader's KV after it; the others become ordinary waiting requests."""
@@ -503,7 +432,7 @@ class Scheduler:
                 follower.status = RequestStatus.WAITING
                 self.waiting.appendleft(follower)
 
-    def _preempt(self, request: Request, step: _StepBuilder) -> None:
+    def _preempt(self, request: Request, step: StepBuilder) -> None:
         """Takes the request's KV slot away without losing it: swap to host, else recompute later."""
         self.running.remove(request)
         self._unschedule(request, step)
@@ -526,7 +455,7 @@ class Scheduler:
         self.num_preemptions += 1
         step.preempted.append(request.request_id)
 
-    def _unschedule(self, request: Request, step: _StepBuilder) -> None:
+    def _unschedule(self, request: Request, step: StepBuilder) -> None:
         step.spans.pop(request.request_id, None)
         step.rows -= step.row_of.pop(request.request_id, NO_ROWS)
         step.fork_chunks.pop(request.request_id, None)
@@ -542,7 +471,7 @@ class Scheduler:
                 step.prefill_plan.remove(entry)
                 step.num_tokens -= entry[2]
 
-    def _output(self, step: _StepBuilder) -> SchedulerOutput:
+    def _output(self, step: StepBuilder) -> SchedulerOutput:
         decodes = []
         for request_id in step.decode_ids:
             request = self.requests[request_id]

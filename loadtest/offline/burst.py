@@ -27,7 +27,8 @@ from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
 from engine.core.sampling_workspace import SampledRows
-from loadtest.offline.bench import MIB, _load, format_table, greedy, make_prompts
+from loadtest.offline.engine_runner import MIB, greedy, make_prompts
+from loadtest.offline.tables import format_table, load_average
 
 GIB = 1 << 30
 
@@ -101,7 +102,7 @@ def run_burst_system(engine: LLMEngine, prompts: Sequence[Sequence[int]], output
         "slo_attainment": (stats.slo_attained - before.slo_attained) / max(1, stats.slo_finished - before.slo_finished),
         "preemptions": stats.num_preemptions - before.num_preemptions, "steps": steps,
         "fetched_mib_per_step": sum(fetched) / max(1, steps) / MIB, "peak_offloaded_layers": peak_offloaded,
-        "tokens": tokens, "timeline": timeline, "load": _load(),
+        "tokens": tokens, "timeline": timeline, "load": load_average(),
     }
 
 

@@ -228,7 +228,7 @@ class Cluster:
             stats = ReplicaStats(len(engine.scheduler.running), len(engine.scheduler.waiting),
                                  len(engine.scheduler.swapped), used, free)
             load = replica_load(replica_id, stats, engine_migration.request_loads(engine), live.replica.started_at,
-                                live.migrating) if plans else None
+                                live.migrating, engine_migration.host_room(engine)) if plans else None
             reply = self.core.report(replica_id, ReplicaReport(stats, load=load, migrating=tuple(live.migrating)))
             live.is_draining = reply.is_draining
             for order in reply.orders:

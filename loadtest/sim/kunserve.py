@@ -175,13 +175,19 @@ def run_variant(trace: tuple[TraceRequest, ...], spike: SpikeTrace, config: Clus
 
 
 def compare(spike: SpikeTrace, replica: ReplicaConfig, num_replicas: int, seed: int, slo: Slo,
-            dropping: DroppingConfig, options: PipelineOptions = PipelineOptions()) -> dict[str, SpikeResult]:
+            dropping: DroppingConfig, options: PipelineOptions = PipelineOptions(),
+            cut: PipelineOptions | None = None) -> dict[str, SpikeResult]:
+    """The three runs on one trace; with `cut` (the pipeline options with decode steps cut) a fourth beside."""
     trace = spike.generate(seed)
     config = ClusterConfig(replica=replica, num_replicas=num_replicas, seed=seed, sample_period_s=1.0)
     balance = replace(config, migration_policy="balance")
-    return {"none": run_variant(trace, spike, config, "none", None, slo),
-            "migration": run_variant(trace, spike, balance, "migration (balance)", None, slo),
-            "dropping": run_variant(trace, spike, config, "parameter dropping", dropping, slo, options)}
+    results = {"none": run_variant(trace, spike, config, "none", None, slo),
+               "migration": run_variant(trace, spike, balance, "migration (balance)", None, slo),
+               "dropping": run_variant(trace, spike, config, "parameter dropping", dropping, slo, options)}
+    if cut is not None:
+        results["dropping-cut"] = run_variant(trace, spike, config, f"dropping, decode cut >= {cut.min_decode_rows}",
+                                              dropping, slo, cut)
+    return results
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,6 +205,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link", default="nvlink", choices=("nvlink", "pcie"))
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--min-micro-batch-tokens", type=int, default=64, help="the engine's default: 64")
+    parser.add_argument("--min-decode-rows", type=int, default=0,
+                        help="> 0: a fourth run beside, with decode steps cut into micro-batches of >= this many rows")
     parser.add_argument("--slo", default="ttft=2,tpot=0.1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="a folder: each run's pool balloons and TTFT CDF as PNGs")
@@ -229,9 +237,10 @@ def run(args: argparse.Namespace) -> int:
     replica = ReplicaConfig(model=args.model, device=args.gpu, gpu_memory_utilization=args.memory_fraction,
                             fuse_layers=False)
     slo = Slo.parse(args.slo)
-    results = compare(spike, replica, args.replicas, args.seed, slo, DroppingConfig(enabled=True),
-                      PipelineOptions(link=args.link, num_micro_batches=args.micro_batches,
-                                      min_micro_batch_tokens=args.min_micro_batch_tokens))
+    options = PipelineOptions(link=args.link, num_micro_batches=args.micro_batches,
+                              min_micro_batch_tokens=args.min_micro_batch_tokens)
+    cut = replace(options, min_decode_rows=args.min_decode_rows) if args.min_decode_rows > 0 else None
+    results = compare(spike, replica, args.replicas, args.seed, slo, DroppingConfig(enabled=True), options, cut)
     base = results["none"]
     rows = []
     for result in results.values():

@@ -10,15 +10,16 @@ chunks in the very next step) and its KV manager keeps only its stage's layers (
 replica's scheduler plans for both with a `PipelineKV` over the two managers (admission on the tighter
 stage). Restoring dissolves it the same way and inflates the weights again.
 
-What is modelled (`PipelineExecutor`, the first replica's runner while dropped): a step is cut into up to
-`num_micro_batches` micro-batches of at least `min_micro_batch_tokens` tokens (the engine's defaults: 2 and
-64, so decode batches under 128 rows run whole); stage 1 (layers [0, split), on the first replica) and
-stage 2 (the rest + LM head + sampling, on the second) each take the cost model's time for their layers
-(`CostModel(layers=..., head=...)`); a micro-batch's hidden states (tokens x hidden x 2 B) cross the link
-(NVLink or PCIe) before stage 2 runs it; stage 1 runs micro-batch i+1 while stage 2 runs i. Forming the
-pair stalls both replicas for the KV they exchange over the link; restoring stalls each for its dropped
-weights over PCIe (the host copy) plus the KV coming back. Stage 2's activation workspace is not
-simulated (the first replica's is charged for the whole step).
+What is modelled (`PipelineExecutor`, the first replica's runner while dropped): a step is cut by the
+engine's own `MicroBatchCut` (engine/cooperative/pipeline.py): up to `num_micro_batches` micro-batches of at
+least `min_micro_batch_tokens` tokens (the engine's defaults: 2 and 64, so decode batches under 128 rows run
+whole), or with `min_decode_rows` > 0 also by decode rows (bubble hiding for small decode batches); stage 1
+(layers [0, split), on the first replica) and stage 2 (the rest + LM head + sampling, on the second) each
+take the cost model's time for their layers (`CostModel(layers=..., head=...)`); a micro-batch's hidden
+states (tokens x hidden x 2 B) cross the link (NVLink or PCIe) before stage 2 runs it; stage 1 runs
+micro-batch i+1 while stage 2 runs i. Forming the pair stalls both replicas for the KV they exchange over
+the link; restoring stalls each for its dropped weights over PCIe (the host copy) plus the KV coming back.
+Stage 2's activation workspace is not simulated (the first replica's is charged for the whole step).
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import numpy as np
 from deployments.cluster.drop_plan import DropOrder
 from engine.cooperative.carry import CarriedKV, CarryPolicy, place, to_copy
 from engine.cooperative.kv import PipelineKV
-from engine.cooperative.pipeline import grown_layers, pipeline_split
+from engine.cooperative.pipeline import MicroBatchCut, grown_layers, pipeline_split
 from engine.core.request import Request
 from engine.core.sampling_workspace import SampledRows
 from engine.core.scheduler import SchedulerOutput
-from loadtest.sim.cost import CostModel, StepShape
+from loadtest.sim.cost import CostModel
 from loadtest.sim.executor import SimExecutor, step_shape
 from loadtest.sim.replica import SimReplica
 
@@ -45,6 +46,7 @@ class PipelineOptions:
     link: str = "nvlink"  # how hidden states and carried KV move between the pair: nvlink | pcie
     num_micro_batches: int = 2
     min_micro_batch_tokens: int = 64
+    min_decode_rows: int = 0  # > 0: decode steps are cut too, into micro-batches of at least this many rows
     carry: str = "auto"  # CarryPolicy mode: auto | copy | recompute
 
 
@@ -71,6 +73,7 @@ class PipelineExecutor:
         self.link_bytes_per_s = link_bytes_per_s
         self.latency_s = 2 * device.kernel_overhead_s  # a send and a receive per micro-batch
         self.options = options
+        self.cut = MicroBatchCut(options.num_micro_batches, options.min_micro_batch_tokens, options.min_decode_rows)
         self.busy_s = self.wall_s = 0.0  # both stages' busy time and the steps' time: the bubble ratio
 
     # the ModelRunner interface the scheduler and SimReplica use
@@ -87,14 +90,11 @@ class PipelineExecutor:
     def last_staged(self) -> tuple[tuple[int, int], ...]:
         return self.inner.last_staged
 
-    def _num_micro(self, num_tokens: int) -> int:
-        return max(1, min(self.options.num_micro_batches, num_tokens // self.options.min_micro_batch_tokens))
-
     def _transfer_s(self, num_tokens):
         return np.asarray(num_tokens) * self.hidden_bytes / self.link_bytes_per_s + self.latency_s
 
     def step_s(self, plan: SchedulerOutput) -> float:
-        parts = split_shape(step_shape(plan), self._num_micro(step_shape(plan).num_tokens))
+        parts = [step_shape(micro) for micro in self.cut.cut(plan)]  # the engine's cut
         t1 = [self.stage1.step_s(part) for part in parts]
         t2 = [self.stage2.step_s(part) for part in parts]
         wall = float(_pipeline_s(t1, t2, [self._transfer_s(part.num_tokens) for part in parts]))
@@ -102,8 +102,10 @@ class PipelineExecutor:
         return wall
 
     def decode_steps_s(self, contexts: Sequence[int], num_steps: int) -> np.ndarray:
-        num = self._num_micro(len(contexts))
-        parts = [list(contexts[index::num]) for index in range(num)]
+        parts, start = [], 0
+        for rows in self.cut.decode_rows(len(contexts)):  # the engine's cut of a decode step
+            parts.append(list(contexts[start:start + rows]))
+            start += rows
         t1 = [self.stage1.decode_steps_s(part, num_steps) for part in parts]
         t2 = [self.stage2.decode_steps_s(part, num_steps) for part in parts]
         wall = _pipeline_s(t1, t2, [self._transfer_s(len(part)) for part in parts])
@@ -118,35 +120,6 @@ class PipelineExecutor:
     @property
     def bubble_ratio(self) -> float:
         return 1 - self.busy_s / (2 * self.wall_s) if self.wall_s else 0.0
-
-
-def split_shape(shape: StepShape, num: int) -> list[StepShape]:
-    """A step's rows cut into `num` contiguous micro-batches of about equal tokens (a prefill chunk may be cut:
-    its second part starts where the first ends); sampled prefill rows go with the last micro-batch."""
-    if num <= 1:
-        return [shape]
-    target = -(-shape.num_tokens // num)
-    parts: list[tuple[list, list]] = [([], [])]
-    room = target
-    for context in shape.decode_contexts:
-        if room == 0:
-            parts.append(([], []))
-            room = target
-        parts[-1][0].append(context)
-        room -= 1
-    for tokens, start in shape.prefills:
-        while tokens:
-            if room == 0:
-                parts.append(([], []))
-                room = target
-            take = min(tokens, room)
-            parts[-1][1].append((take, start))
-            tokens, start, room = tokens - take, start + take, room - take
-    sampled_prefills = shape.num_sampled - len(shape.decode_contexts)
-    result = [StepShape(tuple(decodes), tuple(prefills), len(decodes)) for decodes, prefills in parts]
-    last = result[-1]
-    result[-1] = StepShape(last.decode_contexts, last.prefills, last.num_sampled + sampled_prefills)
-    return result
 
 
 class SimPair:

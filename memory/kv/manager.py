@@ -25,12 +25,14 @@ from memory.kv.cache_policy import policy_for
 from memory.kv.evictor import EVICTORS, resolve_evictor
 from memory.kv.fork import SequenceFork
 from memory.kv.host_tier import HostChunkTier
+from memory.kv.import_export import KVImportExport
 from memory.kv.layered_migration import LayeredMigration
 from memory.kv.layout import KVLayout
 from memory.kv.mirror import RecordingLayout
 from memory.kv.registry import create_layout
 from memory.kv.residency import DEVICE, HOST, HostPage, LayerResidency
 from memory.kv.spec import KVCacheSpec
+from memory.kv.swap import KVSwap
 from memory.pool import ElasticPool, PoolExhausted
 
 KV_CLIENT = "kv"
@@ -52,7 +54,7 @@ class RequestKV:
         return self.host_slots is not None
 
 
-class KVCacheManager(LayerResidency, LayeredMigration, SequenceFork):
+class KVCacheManager(LayerResidency, LayeredMigration, KVSwap, KVImportExport, SequenceFork):
     _kv_client = KV_CLIENT
 
     def __init__(
@@ -335,133 +337,6 @@ class KVCacheManager(LayerResidency, LayeredMigration, SequenceFork):
                     self._release(block)
                     self._free_host_pages(state, group, page)
         self._release_slot(request_id)
-
-    # ---- swap ----------------------------------------------------------------------------------
-    def chunks_freed_by_swap(self, request_id: str) -> int:
-        """Device chunks swapping the request out gives back (its pages no other request shares)."""
-        state = self.requests[request_id]
-        return sum(1 for pages in state.blocks for b in pages if b and b.ref_count == 1
-                   for chunk in b.chunks if chunk is not None)
-
-    def can_swap_out(self, request_id: str) -> bool:
-        state = self.requests[request_id]
-        needed = sum(1 for pages in state.blocks for b in pages if b for chunk in b.chunks if chunk is not None)
-        return self.host_buffer is not None and needed <= self.host_buffer.num_free
-
-    def swap_out(self, request_id: str) -> int:
-        """Copies the request's pages to the host buffer and frees them on the device. Returns bytes."""
-        state = self.requests[request_id]
-        if state.is_swapped:  # its host slots would be dropped, and a later free could not account for them
-            raise RuntimeError(f"{request_id} is already swapped out")
-        slot = self.slot_of(request_id)
-        self.prefix.current_release = state.release
-        state.host_slots = []
-        num_bytes = 0
-        for group, pages in enumerate(state.blocks):
-            host_pages: list[list[int] | None] = []
-            for page, block in enumerate(pages):
-                if block is None:
-                    host_pages.append(None)
-                    continue
-                device = [chunk for chunk in block.chunks if chunk is not None]
-                copied = self.host_buffer.allocate(len(device))
-                self.layout.copy_block_to_host(slot, page, block, self.host_buffer, copied)
-                num_bytes += len(copied) * self.spec.page_bytes
-                host_pages.append(self._swapped_block_slots(state, group, page, block, copied))
-                self.layout.unmap_block(slot, page, block)
-                self._release(block)
-            state.host_slots.append(host_pages)
-        state.blocks = [[None] * len(pages) for pages in state.blocks]
-        state.hashes = []  # swapped-in pages are private copies
-        state.host_pages = {}  # now part of host_slots
-        state.residency = [HOST] * self.spec.num_layers
-        self._release_slot(request_id)
-        self.pool.record_swap(bytes_out=num_bytes)
-        return num_bytes
-
-    def host_slots_held(self) -> list[int]:
-        """Every host-buffer slot a request holds (swapped pages, pages of layers living on the host): with
-        no other user of the buffer, exactly its allocated slots, each once."""
-        held = []
-        for state in self.requests.values():
-            if state.host_slots is not None:
-                held += [slot for group in state.host_slots for page in group if page for slot in page]
-            held += [slot for host in state.host_pages.values() for slot in host]
-        return held
-
-    def chunks_to_swap_in(self, request_id: str) -> int:
-        state = self.requests[request_id]
-        return self.blocks.chunks_for([sum(1 for p in pages if p) for pages in state.host_slots])
-
-    def swap_in(self, request_id: str) -> bool:
-        """Brings a swapped request back into a slot. False (no change) if memory or slots lack."""
-        state = self.requests[request_id]
-        if not state.is_swapped:
-            raise RuntimeError(f"{request_id} is not swapped out")
-        if self.num_free_slots == 0:
-            return False
-        taken = self.blocks.take([group for group, pages in enumerate(state.host_slots) for p in pages if p])
-        if taken is None:
-            return False
-        taken.reverse()
-        slot = self.slots.assign(request_id)
-        num_bytes = 0
-        for group, host_pages in enumerate(state.host_slots):
-            for page, host in enumerate(host_pages):
-                if host is None:
-                    continue
-                block = self._block_of(group, taken.pop())
-                state.blocks[group][page] = block
-                self.layout.map_block(slot, page, block)
-                self.layout.copy_block_from_host(slot, page, block, self.host_buffer, host)
-                self.layout.release_host(self.host_buffer, host)
-                num_bytes += len(host) * self.spec.page_bytes
-        state.host_slots = None
-        state.residency = [DEVICE] * self.spec.num_layers
-        self.pool.record_swap(bytes_in=num_bytes)
-        return True
-
-    # ---- migration (staged: the source keeps decoding while pages are copied) -----------------
-    def read_kv(self, request_id: str, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of tokens [start, end) of K and V, per layer (layout-independent)."""
-        state = self.requests[request_id]
-        if state.is_swapped:
-            raise ValueError("swap the request in before reading its KV")
-        layers = self.layout.read_tokens(self.slot_of(request_id), start, end)
-        self._read_host_overlay(state, layers, start, end)  # offloaded pages read as zeros in the device view
-        return layers
-
-    def reserve_import(self, request_id: str, num_tokens: int, offloaded: Sequence[int] = ()) -> bool:
-        """Gives an incoming request a slot and every page for `num_tokens` tokens (sliding windows
-        included, so any token can be written), the layers in `offloaded` on the host. False, with nothing
-        held, if it does not fit."""
-        if self.num_free_slots == 0 or request_id in self.requests:
-            return False
-        if offloaded:
-            return self._reserve_layered_import(request_id, num_tokens, offloaded)
-        num_pages = self.spec.num_pages(num_tokens)
-        taken = self.blocks.take([group for group in range(len(self.spec.groups)) for _ in range(num_pages)])
-        if taken is None:
-            return False
-        taken.reverse()
-        slot = self.slots.assign(request_id)
-        state = self._new_state(request_id)
-        for group in range(len(self.spec.groups)):
-            for page in range(num_pages):
-                block = self._block_of(group, taken.pop())
-                state.blocks[group].append(block)
-                self.layout.map_block(slot, page, block)
-        return True
-
-    def write_kv(self, request_id: str, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        layers = self._write_host_tokens(self.requests[request_id], start, layers)  # offloaded layers' pages
-        self.layout.write_tokens(self.slot_of(request_id), start, layers)
-
-    def finish_import(self, request_id: str, num_tokens: int) -> None:
-        """All `num_tokens` tokens are written: the request is an ordinary resident request now."""
-        state = self.requests[request_id]
-        state.num_tokens = num_tokens
-        self._drop_out_of_window(state)
 
     # ---- internals -----------------------------------------------------------------------------
     def _new_state(self, request_id: str) -> RequestKV:

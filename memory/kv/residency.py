@@ -126,6 +126,19 @@ class LayerResidency:
             return 2 * sum(1 for layer in layers if residency[layer] == DEVICE)
         return 2 * sum(1 for layer in layers if layer not in offloaded)
 
+    def new_request_split(self, num_tokens: int, offloaded: Collection[int]) -> tuple[int, int]:
+        """Device chunks and host slots a new request of `num_tokens` tokens with the layers in `offloaded` (not
+        empty) on the host takes: `chunks_to_grow(None, ...)` and `host_chunks_to_grow(None, ...)` in one pass
+        over the layer groups, without walking the pages (the cluster's telemetry asks it per request and layer)."""
+        device = host = 0
+        for group in range(len(self.spec.groups)):
+            layers = self.spec.groups[group].layers
+            num_pages = len(self._pages_needed(group, num_tokens))
+            num_host = sum(1 for layer in layers if layer in offloaded)
+            device += 2 * (len(layers) - num_host) * num_pages
+            host += 2 * num_host * num_pages
+        return device, host
+
     def host_chunks_to_grow(self, request_id: str | None, num_tokens: int, offloaded: Collection[int] = ()) -> int:
         """Host slots that growing `request_id` (None: a new request offloading `offloaded`) takes."""
         state = self.requests.get(request_id) if request_id is not None else None

@@ -18,6 +18,7 @@ from deployments.migration.policy import (
     create_migration_policy,
 )
 from deployments.telemetry import ReplicaReport, ReplicaStats
+from engine.host_split import HostRoom, HostSplit
 
 
 def request(request_id, kv_chunks, remaining=100, migratable=True):
@@ -158,6 +159,68 @@ def test_registry_and_option_checks():
         BalancePolicy(selection="random")
     with pytest.raises(ValueError, match="two different replicas"):
         MigrationOrder("r", "a", "a")
+
+
+# ---- layerwise destinations: a request placed with its top layers on the destination's host ------------------
+def layered(request_id, pages, num_layers=4, remaining=100):
+    """A request of `pages` pages per layer, with the splits a layerwise engine reports for it
+    (engine/core/offload_policy.py, `import_splits`): the other layers' device chunks, the host layers' pages,
+    and the staging its next decode takes when copied in (2 x the pages of two consecutive layers)."""
+    splits = tuple(HostSplit(h, 2 * (num_layers - h) * pages, 2 * h * pages, 2 * pages * min(h, 2))
+                   for h in range(1, num_layers + 1))
+    return replace(request(request_id, 2 * num_layers * pages, remaining), host_splits=splits)
+
+
+def with_host(load, pages, staged=True):
+    return replace(load, host=HostRoom(pages, staged))
+
+
+def test_a_layerwise_destination_takes_a_request_its_device_cannot_hold_whole():
+    big = layered("big", 10)  # 80 chunks; with 1, 2, 3, 4 top layers on a host: 60, 40, 20, 0 device chunks
+    hot, cold = replica("hot", big, extra_used=10), replica("cold", request("z", 10))  # 0.9 and 0.1
+    # whole, big would leave cold at 0.9 > the high watermark: no move without host room
+    assert plan(BalancePolicy(), [hot, cold]) == []
+    # in place (nothing staged): 1 top layer on cold's host, 60 device chunks: cold at 0.7
+    in_place = with_host(cold, 100, staged=False)
+    assert plan(BalancePolicy(), [hot, in_place]) == [("big", "hot", "cold", "balance")]
+    placed = in_place.place(big, 0.8)
+    assert (placed.num_host_layers, placed.load.used_chunks, placed.load.host.pages) == (1, 70, 80)
+    # copies: 1 or 2 host layers need 60 + 20 or 40 + 40 chunks with the staging (> the 70 left); 3 need 20 + 40
+    copying = with_host(cold, 100)
+    assert plan(BalancePolicy(), [hot, copying]) == [("big", "hot", "cold", "balance")]
+    placed = copying.place(big, 0.8)
+    assert (placed.num_host_layers, placed.load.used_chunks, placed.load.host.pages) == (3, 30, 40)
+    # a host that cannot hold those 3 layers (60 pages): refused, like the destination's reserve would
+    assert plan(BalancePolicy(), [hot, with_host(cold, 59)]) == []
+    assert copying.place(request("whole", 80), 0.8) is None  # a `none` source reports no splits
+
+
+def test_host_room_is_used_up_by_the_requests_placed_on_it():
+    room = with_host(replica("cold"), 50, staged=False)
+    first = room.place(layered("r1", 10), 0.3)  # 30 device chunks left: 3 top layers on the host, 60 pages > 50
+    assert first is None
+    first = room.place(layered("r1", 10), 0.6)  # 1 top layer: 60 device chunks, 20 host pages
+    assert (first.num_host_layers, first.load.used_chunks, first.load.host.pages) == (1, 60, 30)
+    second = first.load.place(layered("r2", 5), 0.9)  # 30 chunks left: 1 top layer (30 device, 10 host pages)
+    assert (second.num_host_layers, second.load.used_chunks, second.load.host.pages) == (1, 90, 20)
+    # 10 chunks left: 3 host layers would leave 10 device chunks, but need 30 host pages (20 left)
+    assert second.load.place(layered("r3", 5), 1.0) is None
+    assert [r.request_id for r in second.load.requests] == ["r1", "r2"]
+    assert not any(r.is_migratable for r in second.load.requests)
+
+
+def test_pack_prefers_a_whole_fit_then_the_fullest_host_fit():
+    policy = BalanceAndPackPolicy(pack_watermark=0.6, drain="newest")
+    drained = replace(ReplicaLoad("a", 400, 48, 0, (layered("a1", 6),)), started_at=10.0)  # a1: 48 chunks
+    b = with_host(replica("b", request("b1", 20)), 100, staged=False)  # 40 left: 1 host layer (36 chunks)
+    c = with_host(replica("c", request("c1", 30)), 100, staged=False)  # 30 left: 2 host layers (24 chunks)
+    # neither takes a1 whole (68, 78 > 60): the fullest that takes it with host layers
+    assert plan(policy, [drained, b, c]) == [("a1", "a", "c", "pack")]
+    assert plan(BalanceAndPackPolicy(pack_watermark=0.6, drain="newest"),
+                [drained, replace(b, host=None), replace(c, host=None)]) == []
+    d = replica("d", request("d1", 10))  # 58 <= 60: takes it whole, though it is the emptiest
+    assert plan(BalanceAndPackPolicy(pack_watermark=0.6, drain="newest"), [drained, b, c, d]) == [
+        ("a1", "a", "d", "pack")]
 
 
 # ---- the planner ----------------------------------------------------------------------------------------------

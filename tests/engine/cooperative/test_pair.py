@@ -224,6 +224,50 @@ def test_step_cut_into_micro_batches():
     assert sum(piece.num_tokens for piece in pieces) == 12
 
 
+def test_decode_steps_cut_by_rows_exactly():
+    from engine.cooperative.pipeline import MicroBatchCut
+    from engine.core.scheduler import ScheduledChunk, SchedulerOutput
+
+    def decodes(n):
+        return tuple(ScheduledChunk(f"d{i}", i, 5, (7,), True) for i in range(n))
+
+    default, cut = MicroBatchCut(), MicroBatchCut(min_decode_rows=2)
+    assert [default.count(n, n) for n in (1, 5, 127, 128, 1000)] == [1, 1, 1, 2, 2]  # decode steps run whole
+    assert [cut.count(n, n) for n in (1, 2, 3, 4, 5, 127)] == [1, 1, 1, 2, 2, 2]  # two of >= 2 rows
+    assert MicroBatchCut(4, 64, 2).count(7, 7) == 3 and MicroBatchCut(4, 64, 2).count(9, 9) == 4
+    pieces = cut.cut(SchedulerOutput(decodes(5), (), (), 0))
+    assert [[c.request_id for c in p.decodes] for p in pieces] == [["d0", "d1", "d2"], ["d3", "d4"]]
+    assert [len(p.decodes) for p in default.cut(SchedulerOutput(decodes(5), (), (), 0))] == [5]
+    for n in range(0, 40):  # the simulator's decode-only pieces are the engine's cut
+        assert cut.decode_rows(n) == [len(p.decodes) for p in cut.cut(SchedulerOutput(decodes(n), (), (), 0))
+                                      if p.decodes]
+    # a mixed step: cut by its 4 decode rows into 2 of 7 tokens; the prefill's first part does not sample
+    prefill = ScheduledChunk("p", 9, 0, tuple(range(10)), True)
+    pieces = cut.cut(SchedulerOutput(decodes(4), (prefill,), (), 0))
+    assert [(len(p.decodes), [(c.start, len(c.token_ids), c.samples) for c in p.prefills]) for p in pieces] == [
+        (4, [(0, 3, False)]), (0, [(3, 7, True)])]
+
+
+def test_pipeline_with_decode_steps_cut_equals_transformers(tiny_qwen3_dir, smollm2_tokenizer, prompts, reference):
+    first = LLMEngine(config(tiny_qwen3_dir), tokenizer=smollm2_tokenizer)
+    second = LLMEngine(config(tiny_qwen3_dir), tokenizer=smollm2_tokenizer)
+    # prefill steps (<= 32 tokens) run whole; decode steps of 2+ rows are cut in two of >= 1 row
+    pair = CooperativePair(first, second, carry=CarryPolicy("copy"), min_decode_rows=1)
+    try:
+        pair.drop(first_keeps=2, second_from=2)
+        for index, home in ((0, first), (3, second), (6, first)):
+            add(pair, f"r{index}", prompts[index], home)
+        tokens: dict[str, list[int]] = {}
+        run_pair(pair, tokens)
+        assert {rid: tokens[rid] for rid in ("r0", "r3", "r6")} == {f"r{i}": reference[i] for i in (0, 3, 6)}
+        stats = pair._runner.stats
+        assert stats.num_micro_batches >= stats.num_steps + NUM_NEW - 2  # the shared decode steps ran as two
+        pair.restore()
+    finally:
+        first.close()
+        second.close()
+
+
 def test_no_drop_while_a_request_is_being_migrated(pair, prompts, reference):
     from engine import migration
 

@@ -49,17 +49,20 @@ def assert_same(tokens: dict, reference, index: int, request_id: str, count: int
 
 
 @pytest.mark.slow  # about 10-15 s each; the default suite runs the served path (test_async_pair.py)
-@pytest.mark.parametrize(("carry", "kv_layout"), [("copy", "contiguous"), ("recompute", "contiguous"),
-                                                   ("copy", "paged")])
-def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference, carry, kv_layout):
+@pytest.mark.parametrize(("carry", "kv_layout", "min_decode_rows"), [
+    ("copy", "contiguous", 0), ("recompute", "contiguous", 0), ("copy", "paged", 0), ("copy", "contiguous", 1)])
+def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, reference, carry, kv_layout,
+                                                     min_decode_rows):
     """Requests in flight when the pair forms ("a" here, "b" there) and when it restores ("e" here, "f"
     there) keep their KV over the channel (copy) or recompute it; either way the tokens are transformers'.
-    On either KV layout (the follower replays the leader's log into its own)."""
+    On either KV layout (the follower replays the leader's log into its own), and with decode steps cut into
+    micro-batches of >= 1 row (`min_decode_rows`: the follower runs the first while the leader runs the next)."""
     store = host_store()
     process = spawn(run_follower, tiny_qwen3_dir, store.port, prompts, DROP, None, carry, None, kv_layout)
     channel = join(store.port, 0, store)
     engine = engine_for(tiny_qwen3_dir, kv_layout)
-    leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8, carry=CarryPolicy(carry))
+    leader = RemoteLeader(engine, channel, min_micro_batch_tokens=8, carry=CarryPolicy(carry),
+                          min_decode_rows=min_decode_rows)
     tokens: dict = {}
     add(engine, "a", prompts[0], 8)  # spans the drop, ends while dropped
     for _ in range(4):
@@ -80,7 +83,10 @@ def test_two_processes_serve_as_one_pipeline_exactly(tiny_qwen3_dir, prompts, re
         if {"a", "d"} <= tokens.keys() and len(tokens["d"]) == 8 and {"c", "f"} <= seen_peer \
                 and "c" not in leader.peer_requests:
             break
-    assert leader.bubble_ratio > 0 and leader._runner.stats.num_steps > 0
+    stats = leader._runner.stats
+    assert leader.bubble_ratio > 0 and stats.num_steps > 0
+    if min_decode_rows:  # every step with 2+ decoding requests ran as two micro-batches
+        assert stats.num_micro_batches >= 2 * stats.num_steps - 2
     assert "f" in leader.peer_requests and len(tokens["e"]) < 24  # both still running: they span the restore
     running = {request.request_id for request in engine.scheduler.running}
     assert {"e", "f"} <= running  # both carried across the restore (with whichever others still run)

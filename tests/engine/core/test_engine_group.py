@@ -125,10 +125,12 @@ def test_interleaved_requests_to_two_models_in_one_pool_match_transformers(group
 @pytest.mark.slow  # a second group and a longer run: ~40 s on a quiet 2-core box
 def test_two_models_preempting_each_other_in_a_tight_pool_match_transformers(
         group, tiny_gemma3, tokenizers, group_prompts, references):
-    """Room for the weights, the workspace and 21 large pages of KV: the requests' prompts take 21 (SmolLM2's
-    long one 14, its short ones 5, Gemma's 2), and every SmolLM2 request needs one more page as it decodes."""
+    """Room for the weights, the workspace and 13 large pages of KV: the requests' prompts take 21 (SmolLM2's
+    long one 14, its short ones 5, Gemma's 2), and every SmolLM2 request needs one more page as it decodes.
+    (The workspace, ~11 large pages, lends KV what a step does not map: with 21 pages nothing was preempted.
+    With 10 a step's workspace could not inflate at all: PoolExhausted, an open bug of the group.)"""
     large = group.balloon.allocator.chunks_per_large_page * group.pool.chunk_bytes
-    budget = group.pool.num_held("weights") * group.pool.chunk_bytes + group.workspace.buffer.nbytes + 21 * large
+    budget = group.pool.num_held("weights") * group.pool.chunk_bytes + group.workspace.buffer.nbytes + 13 * large
     tight = EngineGroup(group_configs(tiny_gemma3[0], device_memory_bytes=budget), tokenizers)
     try:
         check_interleaved_run(tight, group_prompts, references)

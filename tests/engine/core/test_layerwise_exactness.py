@@ -202,6 +202,15 @@ def test_a_request_migrated_onto_the_destinations_host_gives_transformers_tokens
         migration.attach(destination, snapshot, snapshot.num_computed_tokens)
         migration.release(source, "r6")
         assert_pool_idle(source)
+        # what the controller plans with: a `none` engine reports no host room; this one its host's free pages and
+        # r6's cost with 1..30 top layers on a host (the splits its own reserve chose from)
+        assert migration.host_room(source) is None
+        room = migration.host_room(destination)
+        assert (room.pages, room.staged) == (destination.kv.host_room(), staging == "copy")
+        (load,) = migration.request_loads(destination)
+        assert load.is_migratable and load.host_splits == tuple(
+            destination.scheduler.offload.import_splits(load.num_tokens, load.num_tokens))
+        assert [s.num_host_layers for s in load.host_splits] == list(range(1, NUM_LAYERS + 1))
         collect_steps(destination, tokens, steps=1)
         if staging == "copy":  # the decode fetched layers 12-29 from the host
             assert destination.staging.bytes_fetched_last_step == 2 * (NUM_LAYERS - DEVICE_LAYERS) * decode_pages \

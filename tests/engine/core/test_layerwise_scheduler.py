@@ -15,6 +15,7 @@ from engine.core.sampler import SamplingState
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.core.slo import SloTargets
 from engine.core.step_cost import StepCostModel
+from engine.host_split import fewest_host_layers
 from engine.sampling_params import SamplingParams
 from memory import ElasticPool, HostBuffer, create_backend
 from memory.kv import KVCacheManager, KVCacheSpec, LayerGroup
@@ -179,3 +180,29 @@ def test_decodes_with_host_layers_are_paced_by_the_tpot_target(build):
     b.first_token_time = scheduler.clock() - 1.0  # 1 s for one token, 7 to go within 0.8 x 50 ms x 7: no laxity
     assert policy.laxity_ms(b, 5.0) < 0
     assert policy.decodes_to_defer(running, 5.0) == set()  # urgent: it may use the margin's 35 ms
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_import_splits_are_what_the_destination_reserves_and_its_rule_picks_from(build, in_place):
+    """The splits a layerwise replica reports for the controller (`import_splits`) count exactly what
+    `chunks_to_grow` / `host_chunks_to_grow` say such an import takes, and `layers_to_import` picks the first
+    that `fewest_host_layers` accepts: the controller's placement (deployments/telemetry.py) uses the same."""
+    scheduler = build(30, in_place=in_place)
+    offload, kv = scheduler.offload, scheduler.kv
+    splits = list(offload.import_splits(64, 65))  # 64 tokens, 5 pages reserved: the next decode stages 4 pages
+    for split in splits:
+        offloaded = tuple(range(4 - split.num_host_layers, 4))
+        assert split.device_chunks == kv.chunks_to_grow(None, 65, offloaded)
+        assert split.host_pages == kv.host_chunks_to_grow(None, 65, offloaded)
+    assert [(s.num_host_layers, s.device_chunks, s.host_pages, s.staging_chunks) for s in splits] == [
+        (1, 30, 10, 8), (2, 20, 20, 16), (3, 10, 30, 16), (4, 0, 40, 16)]
+    room = offload.host_room()
+    assert (room.pages, room.staged) == (64, not in_place)
+    # copies: 30 + 8 and 20 + 16 > 30, 10 + 16 fits; in place nothing is staged: 1 layer (30 chunks) fits
+    assert offload.layers_to_import(64, 65, 30) == ((1, 2, 3) if not in_place else (3,))
+    assert fewest_host_layers(splits, 30, room).num_host_layers == (3 if not in_place else 1)
+    assert offload.layers_to_import(64, 65, 40) == ()  # whole: 40 chunks
+    # 5 chunks: copies cannot stage even all 4 layers (16 chunks); in place all 4 go to the host (40 of 64 pages)
+    expected = None if not in_place else (0, 1, 2, 3)
+    assert offload.layers_to_import(64, 65, 5) == expected
+    assert fewest_host_layers(splits, 5, room) == (None if not in_place else splits[3])

@@ -12,13 +12,16 @@ import loadtest.sim.kunserve as kunserve
 from deployments.cluster import drop_plan
 from deployments.cluster.drop_plan import DropOrder, DroppingConfig
 from engine.cooperative.kv import PipelineKV
+from engine.cooperative.pipeline import MicroBatchCut
+from engine.core.scheduler import ScheduledChunk, SchedulerOutput
 from loadtest.sim.__main__ import main
 from loadtest.sim.cluster import ClusterConfig
 from loadtest.sim.cost import CostModel, StepShape
+from loadtest.sim.executor import step_shape
 from loadtest.sim.hardware import get_device
 from loadtest.sim.kunserve import compare, run_variant
 from loadtest.sim.models import get_model
-from loadtest.sim.pair import PipelineOptions, SimPair, split_shape
+from loadtest.sim.pair import PipelineExecutor, PipelineOptions, SimPair
 from loadtest.sim.replica import ReplicaConfig, SimReplica, sim_request
 from loadtest.sim.report import Slo
 from loadtest.sim.trace import SpikeTrace
@@ -27,11 +30,14 @@ TIGHT = ReplicaConfig(gpu_memory_utilization=0.3, fuse_layers=False)  # Llama-3-
 
 
 def test_micro_batches_keep_every_token_and_stage_costs_add_up():
-    shape = StepShape((100, 200, 300), ((1000, 0), (500, 64)), 4)
-    parts = split_shape(shape, 2)
+    decodes = tuple(ScheduledChunk(f"d{i}", i, context - 1, (7,), True) for i, context in enumerate((100, 200, 300)))
+    prefills = (ScheduledChunk("p", 3, 0, tuple(range(1000)), True),
+                ScheduledChunk("q", 4, 64, tuple(range(500)), False))
+    plan = SchedulerOutput(decodes, prefills, (), 0)
+    parts = [step_shape(micro) for micro in MicroBatchCut().cut(plan)]  # the engine's cut, as the simulator's
     assert [part.num_tokens for part in parts] == [752, 751]
     assert parts[0].prefills == ((749, 0),) and parts[1].prefills == ((251, 749), (500, 64))
-    assert sum(part.num_sampled for part in parts) == 4 and split_shape(shape, 1) == [shape]
+    assert [part.num_sampled for part in parts] == [3, 1] and parts[0].decode_contexts == (100, 200, 300)
     model, device = get_model("llama-3-8b"), get_device("h100-80g")
     full = CostModel(model, device)
     first = CostModel(model, device, range(0, 16), head=False)
@@ -39,6 +45,19 @@ def test_micro_batches_keep_every_token_and_stage_costs_add_up():
     decode = StepShape(tuple(range(1000, 1064)), (), 64)
     assert full.step_s(decode) <= first.step_s(decode) + second.step_s(decode) <= 1.01 * full.step_s(decode)
     assert first.step_s(decode) < second.step_s(decode)  # the LM head and sampling are stage 2's
+
+
+def test_the_simulated_pipeline_cuts_decode_steps_as_the_engine_does():
+    model, device = get_model("llama-3-8b"), get_device("h100-80g")
+    contexts = [1000 + 10 * i for i in range(16)]
+    plan = SchedulerOutput(tuple(ScheduledChunk(f"d{i}", i, c - 1, (7,), True) for i, c in enumerate(contexts)),
+                           (), (), 0)
+    whole, cut = (PipelineExecutor(None, CostModel(model, device), 16, device.nvlink_bytes_per_s,
+                                   PipelineOptions(min_decode_rows=rows)) for rows in (0, 4))
+    for executor in (whole, cut):  # the batched decode path and the step path give the same time
+        assert executor.decode_steps_s(contexts, 1)[0] == pytest.approx(executor.step_s(plan))
+    assert whole.bubble_ratio > 0.45 and cut.bubble_ratio < whole.bubble_ratio - 0.1  # both stages busy
+    assert cut.wall_s > whole.wall_s  # but a weight-bound decode streams each stage's weights twice
 
 
 def test_a_pair_drops_weights_to_kv_serves_as_a_pipeline_and_restores():
