@@ -288,24 +288,34 @@ class Scheduler:
                 self._plan_forks(step, request, end)
 
     def _schedule_swapped(self, step: StepBuilder) -> None:
-        while self.swapped and len(self.running) < self.config.max_num_seqs and self.kv.num_free_slots:
-            request = self.swapped[0]
-            need = self.kv.chunks_to_swap_in(request.request_id)
-            row = request.row_demand()
-            workspace = self.activation_chunks(step.num_tokens + 1, step.rows + row)
-            if need + workspace + sum(step.fork_chunks.values()) > self.kv.num_available_chunks() or \
+        """Swapped requests come back in order, each only if the KV it needs to finish its prompt and take its
+        next token fits beside the running requests' next pages (admission's rule): one that does not stays on
+        the host without blocking those behind it (a prompt the pool cannot hold now would only preempt itself
+        again, swapping in and out forever). New requests wait while anyone is swapped, so room comes."""
+        next_pages = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
+        for request in list(self.swapped):
+            if len(self.running) >= self.config.max_num_seqs or not self.kv.num_free_slots or \
                     step.num_tokens >= step.token_budget:
                 return
+            # its pages back, and the pages up to its next token beyond what it holds
+            need = self.kv.chunks_to_swap_in(request.request_id) + \
+                self.kv.chunks_to_grow(None, request.num_tokens + 1) - \
+                self.kv.chunks_to_grow(None, request.num_computed_tokens)
+            row = request.row_demand()
+            workspace = self.activation_chunks(step.num_tokens + 1, step.rows + row)
+            if need + next_pages + workspace + sum(step.fork_chunks.values()) > self.kv.num_available_chunks():
+                continue
             end = request.num_computed_tokens + 1
             if not self.kv.swap_in(request.request_id):
                 return
-            self.swapped.popleft()
+            self.swapped.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             if not self._fits(step, request.request_id, end, 1, row):
                 return  # back in a slot; it decodes next step
             self._grow(request, end)
             self._add_to_step(step, request, 1, row)
+            next_pages += self.kv.chunks_to_grow(request.request_id, end + 1)
             if end == request.num_tokens:
                 self._plan_forks(step, request, end)
 

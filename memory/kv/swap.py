@@ -26,6 +26,8 @@ class KVSwap:
     def swap_out(self, request_id: str) -> int:
         """Copies the request's pages to the host buffer and frees them on the device. Returns bytes."""
         state = self.requests[request_id]
+        if state.is_swapped:  # its host slots would be dropped, and a later free could not account for them
+            raise RuntimeError(f"{request_id} is already swapped out")
         slot = self.slot_of(request_id)
         self.prefix.current_release = state.release
         state.host_slots = []
@@ -52,6 +54,16 @@ class KVSwap:
         self.pool.record_swap(bytes_out=num_bytes)
         return num_bytes
 
+    def host_slots_held(self) -> list[int]:
+        """Every host-buffer slot a request holds (swapped pages, pages of layers living on the host): with
+        no other user of the buffer, exactly its allocated slots, each once."""
+        held = []
+        for state in self.requests.values():
+            if state.host_slots is not None:
+                held += [slot for group in state.host_slots for page in group if page for slot in page]
+            held += [slot for host in state.host_pages.values() for slot in host]
+        return held
+
     def chunks_to_swap_in(self, request_id: str) -> int:
         state = self.requests[request_id]
         return self.blocks.chunks_for([sum(1 for p in pages if p) for pages in state.host_slots])
@@ -59,6 +71,8 @@ class KVSwap:
     def swap_in(self, request_id: str) -> bool:
         """Brings a swapped request back into a slot. False (no change) if memory or slots lack."""
         state = self.requests[request_id]
+        if not state.is_swapped:
+            raise RuntimeError(f"{request_id} is not swapped out")
         if self.num_free_slots == 0:
             return False
         taken = self.blocks.take([group for group, pages in enumerate(state.host_slots) for p in pages if p])

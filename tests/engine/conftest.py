@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.model.config import FULL_ATTENTION
 from engine.text.tokenizer import load_tokenizer
 from engine.weights import load_weights, resolve_model_source
 from tests.engine.engine_helpers import PROMPTS
@@ -37,6 +38,14 @@ def hf_smollm2(smollm2_source, smollm2_fp32):
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory):
     return make_tiny_random_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), arch="qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random 2-layer Llama (every layer full attention) with SmolLM2's vocabulary: quick engines and a
+    quick transformers reference for scheduling and memory tests."""
+    return make_tiny_random_checkpoint(tmp_path_factory.mktemp("tiny-llama"), arch="llama",
+                                       layer_types=(FULL_ATTENTION,) * 2, tokenizer=smollm2_tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -134,3 +134,46 @@ def test_swap_round_trip_keeps_data():
     finally:
         kv.close()
         pool.close()
+
+
+def _assert_host_exact(kv: KVCacheManager, host: HostBuffer) -> None:
+    held = kv.host_slots_held()
+    assert len(held) == len(set(held)) == host.num_slots - host.num_free  # each allocated slot held once
+
+
+def test_swapping_again_and_again_frees_each_host_slot_once():
+    """Re-swaps (out, in, out, ...) of two requests, then freeing one while swapped: after every operation the
+    allocated host slots are exactly those the requests hold; swapping out twice, or in a request that is not
+    out, is refused without touching the buffer (a second swap-out would lose the first copy's slots)."""
+    spec = _spec(32, 4, kv_heads=2, head_dim=16, layers=2, slots=2)  # 4 KiB pages
+    pool = ElasticPool(create_backend("host"), 64 * spec.page_bytes, spec.page_bytes)
+    host = HostBuffer(64 * spec.page_bytes, spec.page_bytes)
+    kv = KVCacheManager(spec, pool, torch.float32, host_buffer=host)
+    try:
+        for request_id, num_tokens in (("a", 70), ("b", 40)):
+            kv.admit(request_id, [1] * 5)
+            assert kv.grow(request_id, num_tokens)
+        keys = kv.layer_caches()[1][0]
+        keys[kv.slot_of("a"), :70] = torch.arange(70 * 32, dtype=torch.float32).view(70, 2, 16)
+        before = keys[kv.slot_of("a"), :70].clone()
+        for _ in range(3):
+            kv.swap_out("a")
+            _assert_host_exact(kv, host)
+            with pytest.raises(RuntimeError, match="already swapped"):
+                kv.swap_out("a")
+            kv.swap_out("b")
+            assert host.num_free == 64 - (3 + 2) * 4
+            assert kv.swap_in("b") and kv.swap_in("a")
+            with pytest.raises(RuntimeError, match="not swapped"):
+                kv.swap_in("a")
+            _assert_host_exact(kv, host)
+            assert host.num_free == 64
+            assert torch.equal(kv.layer_caches()[1][0][kv.slot_of("a"), :70], before)
+        kv.swap_out("b")
+        kv.free("b")  # aborted while on the host
+        _assert_host_exact(kv, host)
+        kv.free("a")
+        assert host.num_free == 64 and pool.num_held("kv") == 0
+    finally:
+        kv.close()
+        pool.close()

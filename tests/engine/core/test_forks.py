@@ -1,5 +1,9 @@
 """n > 1: the choices of one prompt share its KV (prefilled once, forked) and draw the tokens separate requests
-would draw; the pool holds a shared page once; aborting every choice, before or after the fork, frees it all."""
+would draw; the pool holds a shared page once; aborting every choice, before or after the fork, frees it all.
+
+The default suite runs on a tiny random Llama (SmolLM2's vocabulary, ~10 s in all): seeded draws, greedy tokens
+against transformers on both layouts, the page sharing and the aborts. The same greedy checks on SmolLM2 are
+`slow` (~35 s: a 135M model in fp32 and its transformers reference)."""
 
 from __future__ import annotations
 
@@ -11,24 +15,32 @@ from engine.core.engine import LLMEngine
 from engine.core.request import RequestStatus
 from engine.sampling_params import SamplingParams
 from tests.engine.engine_helpers import assert_pool_idle, greedy
-from tests.engine.reference import hf_greedy
+from tests.engine.reference import hf_greedy, hf_model_from_source
 
 NUM_NEW = 10
 
 
+def fork_config(model: str | None = None, **overrides) -> EngineConfig:
+    return EngineConfig(model=model, dtype="float32", num_threads=2, max_model_len=256, max_num_seqs=8,
+                        max_num_batched_tokens=32, tokens_per_page=16, device_memory_bytes=1 << 30,
+                        host_buffer_bytes=16 << 20, **overrides)
+
+
 @pytest.fixture(scope="module")
-def engine(smollm2_tokenizer):
-    config = EngineConfig(dtype="float32", num_threads=2, max_model_len=256, max_num_seqs=8,
-                          max_num_batched_tokens=32, tokens_per_page=16, device_memory_bytes=1 << 30,
-                          host_buffer_bytes=16 << 20)
-    engine = LLMEngine(config, tokenizer=smollm2_tokenizer)
+def engine(tiny_llama_dir, smollm2_tokenizer):
+    engine = LLMEngine(fork_config(str(tiny_llama_dir)), tokenizer=smollm2_tokenizer)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
+def hf_tiny_llama(tiny_llama_dir):
+    return hf_model_from_source(str(tiny_llama_dir))
+
+
+@pytest.fixture(scope="module")
 def prompt(prompts):
-    prompt = prompts[6]  # 36 tokens: two chunks of 32, and the last page is partly filled
+    prompt = prompts[6]  # 36 tokens: two chunks of 32 (the step budget); its last page is partly filled
     assert len(prompt) % 16 and len(prompt) > 32
     return prompt
 
@@ -99,12 +111,28 @@ def test_seeded_choices_prefill_once_and_draw_what_separate_requests_draw(engine
     assert_pool_idle(engine)
 
 
-def test_greedy_choices_equal_transformers(engine, prompt, hf_smollm2):
-    expected = hf_greedy(hf_smollm2, [prompt], NUM_NEW)[0]
-    tokens, prefilled = run(engine, prompt, [greedy(NUM_NEW), greedy(NUM_NEW)], "h", group="cmpl-2")
-    assert prefilled <= len(prompt)  # once (less what the prefix cache already holds)
-    assert tokens["h0"] == expected and tokens["h1"] == expected
-    assert_pool_idle(engine)
+@pytest.mark.parametrize("kv_layout", ["contiguous", "paged"])
+def test_greedy_choices_equal_transformers(tiny_llama_dir, smollm2_tokenizer, prompt, hf_tiny_llama, kv_layout):
+    """Forked greedy choices on both layouts (on `paged` the copy of the partial page is a small page)."""
+    check_greedy_fork(LLMEngine(fork_config(str(tiny_llama_dir), kv_layout=kv_layout),
+                                tokenizer=smollm2_tokenizer), prompt, hf_tiny_llama)
+
+
+@pytest.mark.slow  # SmolLM2 fp32 engines and transformers' reference: ~35 s
+@pytest.mark.parametrize("kv_layout", ["contiguous", "paged"])
+def test_greedy_choices_equal_transformers_on_smollm2(smollm2_tokenizer, prompt, hf_smollm2, kv_layout):
+    check_greedy_fork(LLMEngine(fork_config(kv_layout=kv_layout), tokenizer=smollm2_tokenizer), prompt, hf_smollm2)
+
+
+def check_greedy_fork(engine: LLMEngine, prompt, hf_model) -> None:
+    try:
+        expected = hf_greedy(hf_model, [prompt], NUM_NEW)[0]
+        tokens, prefilled = run(engine, prompt, [greedy(NUM_NEW)] * 3, "h", group="cmpl-2")
+        assert prefilled == len(prompt)  # once
+        assert tokens["h0"] == tokens["h1"] == tokens["h2"] == expected
+        assert_pool_idle(engine)
+    finally:
+        engine.close()
 
 
 def test_forked_choices_share_the_prompt_pages(engine, prompt):
@@ -115,7 +143,9 @@ def test_forked_choices_share_the_prompt_pages(engine, prompt):
         [RequestStatus.WAITING, RequestStatus.FOLLOWING, RequestStatus.FOLLOWING]
     while any(engine.scheduler.requests[f"k{i}"].status is not RequestStatus.RUNNING for i in range(3)):
         engine.step()
-    full_pages = len(prompt) // 16
+    page_tokens = engine.kv_spec.tokens_per_page  # (at least a pool chunk: 32 tokens for the tiny model)
+    assert len(prompt) % page_tokens
+    full_pages = len(prompt) // page_tokens
     states = [engine.kv.requests[f"k{i}"] for i in range(3)]
     for page in range(full_pages):  # one block per full page, held by all three
         assert states[0].blocks[0][page] is states[1].blocks[0][page] is states[2].blocks[0][page]
@@ -146,19 +176,3 @@ def test_aborting_before_the_fork(engine, prompt):
     engine.abort("a1")
     assert not engine.has_work
     assert_pool_idle(engine)
-
-
-def test_greedy_choices_on_the_paged_layout(smollm2_tokenizer, prompt, hf_smollm2):
-    """The same fork through the paged layout (block tables; the copy of the partial page is a small page)."""
-    config = EngineConfig(dtype="float32", num_threads=2, max_model_len=256, max_num_seqs=8,
-                          max_num_batched_tokens=32, tokens_per_page=16, device_memory_bytes=1 << 30,
-                          host_buffer_bytes=16 << 20, kv_layout="paged")
-    paged = LLMEngine(config, tokenizer=smollm2_tokenizer)
-    try:
-        expected = hf_greedy(hf_smollm2, [prompt], NUM_NEW)[0]
-        tokens, prefilled = run(paged, prompt, [greedy(NUM_NEW)] * 3, "q", group="cmpl-5")
-        assert prefilled == len(prompt)
-        assert tokens["q0"] == tokens["q1"] == tokens["q2"] == expected
-        assert_pool_idle(paged)
-    finally:
-        paged.close()
