@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from memory.kv import KVCacheManager
+from memory.kv import KVBlock, KVCacheManager
 
 
 class PipelineKV:
@@ -27,8 +27,8 @@ class PipelineKV:
     def chunks_to_grow(self, request_id: str | None, num_tokens: int) -> int:
         return max(kv.chunks_to_grow(request_id, num_tokens) for kv in self.stages)
 
-    def num_available_chunks(self) -> int:
-        return min(kv.num_available_chunks() for kv in self.stages)
+    def num_available_chunks(self, holding: Sequence[KVBlock] = ()) -> int:
+        return min(kv.num_available_chunks(holding) for kv in self.stages)
 
     def num_used_chunks(self) -> int:
         return sum(kv.num_used_chunks() for kv in self.stages)
@@ -42,6 +42,9 @@ class PipelineKV:
 
     def match_prefix(self, token_ids: Sequence[int]) -> int:
         return 0  # prefix caching is off while layers are split across replicas
+
+    def hit_blocks(self, token_ids: Sequence[int], num_cached: int) -> list[KVBlock]:
+        return []  # no prefix hit, so no cached block to hold
 
     def admit(self, request_id: str, token_ids: Sequence[int]) -> int:
         for kv in self.stages:
