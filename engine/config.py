@@ -112,6 +112,9 @@ class EngineConfig:
             raise ValueError("stall_timeout_s must be > 0")
         if self.enable_parameter_dropping and self.tensor_parallel_size > 1:
             raise ValueError("parameter dropping needs replicas of the whole model (tensor_parallel_size 1)")
+        if self.enable_parameter_dropping and self.kv_offload == "layerwise":
+            # a pipelined pair's KV (engine/cooperative/kv.py) keeps every layer it holds on the device
+            raise ValueError("kv_offload: layerwise and parameter dropping are not supported together yet")
         if self.host_buffer_bytes < 0 or self.max_num_waiting < 0:
             raise ValueError("host_buffer_bytes and max_num_waiting must be >= 0")
 

@@ -6,7 +6,8 @@ The scheduler asks one question with one number ("does growing this request plus
 fit?"); here it is answered for the tighter stage: a request needs max over stages chunks and the pair
 has min over stages chunks available, so a plan that fits here fits on both. Prefix caching is off on
 both managers while they hold part of the layers, and preempted requests recompute (no swap), so no
-stage's cache can diverge from the other's.
+stage's cache can diverge from the other's. No layer is offloaded to the host either (EngineConfig refuses
+`kv_offload: layerwise` with parameter dropping), so the managers' `offloaded` parameters are absent here.
 """
 
 from __future__ import annotations
@@ -89,8 +90,22 @@ class PipelineKV:
         for kv in self.stages:
             kv.finish_import(request_id, num_tokens)
 
+    def can_fork(self, request_id: str) -> bool:
+        # n > 1 while pipelined: the choices run as ordinary requests (each prefills the prompt); the pipeline
+        # runner samples one row per request, not a fork's extra rows
+        return False
+
+    def chunks_to_fork(self, num_tokens: int) -> int:
+        return max(kv.chunks_to_fork(num_tokens) for kv in self.stages)
+
+    def fork(self, parent_id: str, child_id: str) -> bool:
+        return False  # see can_fork
+
     def can_swap_out(self, request_id: str) -> bool:
         return False  # a preempted request recomputes: its KV is spread over two host buffers otherwise
+
+    def swap_out(self, request_id: str) -> int:
+        raise RuntimeError("no request is ever swapped out of a pipeline")
 
     def chunks_to_swap_in(self, request_id: str) -> int:
         raise RuntimeError("no request is ever swapped out of a pipeline")

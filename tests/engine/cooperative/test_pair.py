@@ -174,6 +174,25 @@ def test_partial_drop_keeps_the_overlap_on_both_and_grows_exactly(pair, prompts,
     assert [tokens[rid] for rid in ("x", "y", "z")] == [reference[1], reference[5], reference[7]]
 
 
+def test_choices_of_one_prompt_run_as_separate_requests_while_dropped(pair, prompts, reference):
+    """n > 1 on the pipeline: the pipeline runner samples one row per request, so the choices do not fork the
+    prompt's KV there: each prefills it as an ordinary request, and every choice gives transformers' tokens."""
+    pair.drop(first_keeps=2, second_from=2)
+    prefilled: list[int] = []
+    pair.first.scheduler.plan_observers.append(
+        lambda plan: prefilled.append(sum(len(chunk.token_ids) for chunk in plan.prefills)))
+    for index in range(3):
+        pair.add_request(GenerateRequest(f"choice{index}", tuple(prompts[6]), greedy(NUM_NEW), prompt_group="g"),
+                         pair.second)
+    tokens: dict[str, list[int]] = {}
+    run_pair(pair, tokens)
+    assert sum(prefilled) == 3 * len(prompts[6])
+    assert tokens == {f"choice{index}": reference[6] for index in range(3)}
+    pair.restore()
+    for engine in (pair.first, pair.second):
+        assert_pool_idle(engine)
+
+
 def test_peer_lost_while_dropped(pair, prompts, reference):
     first, second = pair.first, pair.second
     tokens: dict[str, list[int]] = {}
