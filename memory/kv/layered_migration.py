@@ -17,7 +17,7 @@ heads' host pages at the same slots as rank 0, runs them on its share.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import torch
 
@@ -26,27 +26,27 @@ from memory.kv.residency import DEVICE, HOST, HostPage
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _token_range(page: int, page_tokens: int, start: int, end: int) -> tuple[int, int]:
-    return max(start, page * page_tokens), min(end, (page + 1) * page_tokens)
-
-
-def _page_tensors(host_buffer, host: HostPage, like: torch.Tensor, page_tokens: int):
-    """The host page's K and V as `[page_tokens, heads, dim]` tensors of `like`'s dtype."""
-    return [host_buffer.view(slot).view(like.dtype).view(page_tokens, *like.shape[1:]) for slot in host]
+def _page_spans(host_buffer, host_pages: Mapping[tuple[int, int], HostPage], layers: KVLayers, start: int,
+                end: int, page_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(the slice of a layer's K or V tensor of tokens [start, end), the same tokens' slice of its host page)
+    for every host page in `host_pages` ((layer, page) -> slots) that holds some of those tokens."""
+    for (layer, page), host in host_pages.items():
+        offset = page * page_tokens
+        first, last = max(start, offset), min(end, offset + page_tokens)
+        if first >= last:
+            continue
+        like = layers[layer][0]
+        for tensor, slot in zip(layers[layer], host, strict=True):
+            page_view = host_buffer.view(slot).view(like.dtype).view(page_tokens, *like.shape[1:])
+            yield tensor[first - start : last - start], page_view[first - offset : last - offset]
 
 
 def overlay_host_pages(host_buffer, host_pages: Mapping[tuple[int, int], HostPage], layers: KVLayers,
                        start: int, end: int, page_tokens: int) -> None:
     """Copies the tokens of [start, end) that `host_pages` ((layer, page) -> slots) hold into `layers`
     (per layer K, V of tokens [start, end), as read from the device view)."""
-    for (layer, page), host in host_pages.items():
-        first, last = _token_range(page, page_tokens, start, end)
-        if first >= last:
-            continue
-        offset = page * page_tokens
-        for tensor, page_view in zip(layers[layer], _page_tensors(host_buffer, host, layers[layer][0], page_tokens),
-                                     strict=True):
-            tensor[first - start : last - start].copy_(page_view[first - offset : last - offset])
+    for tensor, page_view in _page_spans(host_buffer, host_pages, layers, start, end, page_tokens):
+        tensor.copy_(page_view)
 
 
 def write_host_pages(host_buffer, host_pages: Mapping[tuple[int, int], HostPage], layers: KVLayers,
@@ -54,16 +54,10 @@ def write_host_pages(host_buffer, host_pages: Mapping[tuple[int, int], HostPage]
     """Writes the tokens of `layers` (per layer K, V from token `start`) that fall in `host_pages` into the
     host buffer; returns `layers` with those layers emptied (zero tokens), for the layout to write the rest."""
     end = start + (layers[0][0].shape[0] if layers else 0)
-    on_host = {layer for layer, _ in host_pages}
-    for (layer, page), host in host_pages.items():
-        first, last = _token_range(page, page_tokens, start, end)
-        if first >= last:
-            continue
-        offset = page * page_tokens
-        for tensor, page_view in zip(layers[layer], _page_tensors(host_buffer, host, layers[layer][0], page_tokens),
-                                     strict=True):
-            page_view[first - offset : last - offset].copy_(tensor[first - start : last - start])
+    for tensor, page_view in _page_spans(host_buffer, host_pages, layers, start, end, page_tokens):
+        page_view.copy_(tensor)
     # an offloaded layer's pages are not mapped in the pool: the layout writes nothing of it
+    on_host = {layer for layer, _ in host_pages}
     return [(key[:0], value[:0]) if layer in on_host else (key, value) for layer, (key, value) in enumerate(layers)]
 
 
