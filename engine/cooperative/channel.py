@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import os
 import pickle
 
 import torch
@@ -26,6 +27,20 @@ import torch.distributed as dist
 
 from engine.cooperative.heartbeat import Heartbeat
 from engine.migration import KVStage, pack, unpack
+
+
+def loopback_pair(port: int, rank: int, timeout: datetime.timedelta, store=None) -> PairChannel:
+    """A pair's channel between two processes of this machine (benchmarks, tests): a gloo group on 127.0.0.1
+    over the TCPStore at `port` (`store`: the one this process hosts, else a client of it is made)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if store is None:
+        store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout)
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    channel = PairChannel(dist.ProcessGroupGloo(dist.PrefixStore("pair/", store), rank, 2, options), rank)
+    channel.store = store  # the store must live as long as the group
+    return channel
 
 
 class PeerLost(ConnectionError):

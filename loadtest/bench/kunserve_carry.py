@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import multiprocessing
-import os
 import time
 
 import torch.distributed as dist
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.cooperative.carry import CarryPolicy
-from engine.cooperative.channel import PairChannel
+from engine.cooperative.channel import PairChannel, loopback_pair
 from engine.cooperative.follower import RemoteFollower
 from engine.cooperative.remote import RemoteLeader
 from engine.core.engine import LLMEngine
@@ -44,15 +43,7 @@ def make_engine(dtype: str) -> LLMEngine:
 
 
 def channel_for(port: int, rank: int, store=None) -> PairChannel:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if store is None:
-        store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=TIMEOUT)
-    options = dist.ProcessGroupGloo._Options()
-    options._timeout = TIMEOUT
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    channel = PairChannel(dist.ProcessGroupGloo(dist.PrefixStore("pair/", store), rank, 2, options), rank)
-    channel.store = store
-    return channel
+    return loopback_pair(port, rank, TIMEOUT, store)
 
 
 def add_requests(engine: LLMEngine, prefix: str, count: int, prompt_tokens: int, max_tokens: int) -> None:

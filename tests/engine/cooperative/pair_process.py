@@ -14,7 +14,7 @@ from engine.api import GenerateRequest
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.cooperative.carry import CarryPolicy
-from engine.cooperative.channel import PairChannel
+from engine.cooperative.channel import PairChannel, loopback_pair
 from engine.cooperative.follower import RemoteFollower
 from engine.cooperative.remote import RemoteLeader
 from engine.core.engine import LLMEngine
@@ -42,15 +42,8 @@ def host_store() -> dist.TCPStore:
 def join(port: int, rank: int, store: dist.TCPStore | None = None, hang_after_s: float | None = None) -> PairChannel:
     """`hang_after_s`: watch the peer with a heartbeat (engine/cooperative/heartbeat.py) through a store client
     of its own."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
-    if store is None:
-        store = dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout)
-    options = dist.ProcessGroupGloo._Options()
-    options._timeout = timeout
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    channel = PairChannel(dist.ProcessGroupGloo(dist.PrefixStore("pair/", store), rank, 2, options), rank)
-    channel.store = store  # the store must live as long as the group
+    channel = loopback_pair(port, rank, timeout, store)
     if hang_after_s is not None:
         channel.watch(dist.TCPStore("127.0.0.1", port, 2, False, timeout=timeout), hang_after_s=hang_after_s)
     return channel
