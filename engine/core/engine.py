@@ -15,7 +15,7 @@ from engine.api import EngineStats, GenerateRequest, InvalidRequestError, KVKind
 from engine.config import EngineConfig
 from engine.core.chunk_policy import create_chunk_policy
 from engine.core.layer_staging import StagingStats
-from engine.core.request import Request
+from engine.core.request import Request, RequestStatus
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler, SamplingState
 from engine.core.sampling_workspace import SampledRows
@@ -103,6 +103,7 @@ class LLMEngine:
         )
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.num_steps = 0
+        self._failed_steps = 0  # in a row: see fail_running
         self.ttft = TtftGrowth()
         # set by a cooperative pair (engine/cooperative/pair.py) around a drop and a restore
         self.drop_state = "normal"
@@ -181,9 +182,17 @@ class LLMEngine:
         return self.config.max_num_waiting + self.config.max_num_seqs
 
     def fail_running(self, error: Exception) -> list[RequestOutput]:
-        """A step failed: its running requests end with finish_reason "error" (the others go on)."""
+        """A step failed: its running requests end with finish_reason "error" (the others go on). A failure
+        with no running request to blame, or the second in a row, ends every request the engine holds (but
+        those paused for a migration): a failure that repeats (the scheduler's own, say) would otherwise
+        spin the loop forever while the waiting requests never hear of it."""
+        self._failed_steps += 1
+        victims = list(self.scheduler.running)
+        if not victims or self._failed_steps > 1:
+            victims = [request for request in self.scheduler.requests.values()
+                       if request.status is not RequestStatus.PAUSED]
         outputs = []
-        for request in list(self.scheduler.running):
+        for request in victims:
             self.scheduler.finish(request, "error")
             outputs.append(RequestOutput(request.request_id, (), "", finish_reason="error", error=str(error),
                                          num_prompt_tokens=len(request.prompt_token_ids),
@@ -203,7 +212,9 @@ class LLMEngine:
         result = self.runner.run(plan, self._sampling_states(plan))
         self.scheduler.cost_model.observe_step(plan.num_tokens, (time.perf_counter() - started) * 1e3,
                                                self.staging.bytes_fetched_last_step, self.staging.copy_ms_last_step)
-        return self.update(plan, result)
+        outputs = self.update(plan, result)
+        self._failed_steps = 0
+        return outputs
 
     def _sampled_requests(self, plan: SchedulerOutput) -> list[Request]:
         """In row order: decodes, then the prefill chunks that sample; each followed by its forks (n > 1)."""
