@@ -10,11 +10,19 @@ A group stays open to followers only until its leader's first token is planned; 
 an ordinary request (the prefix cache still shares the prompt's full pages). Followers whose fork does not
 fit in that step (slots, max_num_seqs, chunks), or whose leader cannot fork (layers on the host), become
 ordinary waiting requests. If the leader ends before it samples (aborted), its first follower leads the rest.
+
+`PromptForks` keeps the groups; `ForkScheduling` is the scheduler's part, mixed into `Scheduler`
+(engine/core/scheduler.py): `_plan_forks` picks the followers that fork in the step sampling their leader's
+first token (a slot each, within `max_num_seqs`, their rows in the step's workspace and the chunks of their
+copies within `_room`, the scheduler's one admission rule) and `_fork` forks them after the step. It uses the
+scheduler's `config`, `kv`, `forks`, `running`, `waiting` and `requests`; a follower not planned, or whose
+fork fails after all, goes to the front of `waiting` as an ordinary request (to recompute its prompt).
 """
 
 from __future__ import annotations
 
-from engine.core.request import Request
+from engine.core.request import Request, RequestStatus
+from engine.core.scheduler_plan import StepBuilder
 
 
 class PromptForks:
@@ -63,3 +71,51 @@ class PromptForks:
     def clear(self) -> None:
         self._leaders.clear()
         self._followers.clear()
+
+
+class ForkScheduling:
+    def _plan_forks(self, step: StepBuilder, leader: Request, end: int) -> None:
+        """The leader's first token is planned: each of its followers that fits (a slot, its row in the step's
+        workspace, the chunks of its copy of the last partial page) samples in this step and forks the
+        leader's KV after it; the others become ordinary waiting requests."""
+        followers = self.forks.close(leader)
+        if not followers:
+            return
+        cost = self.kv.chunks_to_fork(end)
+        forkable = self.kv.can_fork(leader.request_id)
+        planned, released = [], []
+        for follower in followers:
+            row = follower.row_demand()
+            forks_so_far = step.num_forks + len(planned)
+            fits = forkable and len(self.running) + forks_so_far < self.config.max_num_seqs and \
+                self.kv.num_free_slots > forks_so_far and cost * (len(planned) + 1) <= self._room(step, 0, row)
+            if not fits:
+                released.append(follower)
+                continue
+            planned.append(follower.request_id)
+            step.rows += row
+            step.row_of[follower.request_id] = row
+        if planned:
+            step.forks[leader.request_id] = planned
+            step.fork_chunks[leader.request_id] = cost * len(planned)
+        for follower in reversed(released):
+            follower.status = RequestStatus.WAITING
+            self.waiting.appendleft(follower)
+
+    def _fork(self, leader_id: str, follower_ids: tuple[str, ...]) -> None:
+        """After the step: the followers take the leader's KV (shared pages, a copy of the last partial one) and
+        run; one whose fork fails after all recomputes its prompt and first token as an ordinary request."""
+        leader = self.requests.get(leader_id)
+        for follower_id in follower_ids:
+            follower = self.requests.get(follower_id)
+            if follower is None:
+                continue
+            if leader is not None and leader.status is RequestStatus.RUNNING and \
+                    self.kv.fork(leader_id, follower_id):
+                follower.num_computed_tokens = follower.num_cached_tokens = leader.num_computed_tokens
+                follower.status = RequestStatus.RUNNING
+                self.running.append(follower)
+            else:
+                follower.num_computed_tokens = 0
+                follower.status = RequestStatus.WAITING
+                self.waiting.appendleft(follower)

@@ -7,30 +7,35 @@ budget, the KV slots and the memory left after the step's activation workspace a
 drops a request: preempted ones are swapped to the host buffer or put back in front to recompute.
 Whoever wants to watch the plans (the offline benchmark) appends a callback to `plan_observers`: each
 gets every plan right after it is made, before the step runs.
+
+Preemption and the swapped requests' return are engine/core/preemption.py (`Preemption`); the forks of a
+prompt's choices (n > 1) are engine/core/forks.py (`ForkScheduling`); both are mixed in here. Every path that
+puts KV into the step (running, swapped, waiting, forks) measures room with one rule, `_room`.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from engine.core.arbiter_view import swap_candidates, urgent_prompt
 from engine.core.chunk_policy import ChunkPolicy, FixedChunkPolicy, StepMemory
-from engine.core.forks import PromptForks
+from engine.core.forks import ForkScheduling, PromptForks
 from engine.core.memory_arbiter import ArbiterView, MemoryArbiter
 from engine.core.offload_policy import OFFLOAD_POLICIES
+from engine.core.preemption import Preemption
 from engine.core.request import Request, RequestStatus
 from engine.core.sampling_workspace import NO_ROWS, SampledRows
 from engine.core.scheduler_plan import ScheduledChunk, SchedulerConfig, SchedulerOutput, StepBuilder
 from engine.core.slo import SloAttainment, SloTargets
 from engine.core.step_cost import StepCostModel
-from memory.kv import KVCacheManager
+from memory.kv import KVBlock, KVCacheManager
 
 __all__ = ["ScheduledChunk", "Scheduler", "SchedulerConfig", "SchedulerOutput", "StepBuilder"]
 
 
-class Scheduler:
+class Scheduler(Preemption, ForkScheduling):
     def __init__(
         self,
         config: SchedulerConfig,
@@ -226,10 +231,24 @@ class Scheduler:
 
     def _shortfall(self, step: StepBuilder, request_id: str, num_tokens: int, new_tokens: int,
                    sampled: SampledRows) -> int:
-        need = self.kv.chunks_to_grow(request_id, num_tokens) + sum(step.fork_chunks.values())
+        return self.kv.chunks_to_grow(request_id, num_tokens) - \
+            self._room(step, new_tokens, sampled, spans={**step.spans, request_id: num_tokens})
+
+    def _room(self, step: StepBuilder, new_tokens: int, sampled: SampledRows, next_pages: int = 0,
+              holding: Sequence[KVBlock] = (), spans: dict[str, int] | None = None) -> int:
+        """The one admission rule (running, swapped, waiting, forks): chunks left for a request's KV once the
+        step's other claims are met: the running requests' `next_pages`, the step's activation workspace with
+        `new_tokens` more tokens and `sampled` more rows, the staging of offloaded layers the step computing
+        `spans` needs (default: the step's spans), the chunks of the step's forks. `holding`: the cached
+        blocks a prefix hit pins (counted in the request's KV as already there: not room as well)."""
         workspace = self.activation_chunks(step.num_tokens + new_tokens, step.rows + sampled)
-        staging = self.offload.staging({**step.spans, request_id: num_tokens})
-        return need + workspace + staging - self.kv.num_available_chunks()
+        staging = self.offload.staging(step.spans if spans is None else spans)
+        return self.kv.num_available_chunks(holding) - next_pages - workspace - staging - \
+            sum(step.fork_chunks.values())
+
+    def _next_pages(self) -> int:
+        """Chunks the running requests' pages up to their next token take (each will take one more token)."""
+        return sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
 
     def _promote_offloaded(self, step: StepBuilder) -> None:
         """Memory freed: offloaded layers come back (the offload policy says whose, in what order),
@@ -282,46 +301,13 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 break  # the request preempted itself: everything after it is gone too
             self._grow(request, end)
-            self._add_to_step(step, request, num_new, samples)
+            step.add(request, num_new, samples)
             index += 1
             if samples.num_rows:
                 self._plan_forks(step, request, end)
 
-    def _schedule_swapped(self, step: StepBuilder) -> None:
-        """Swapped requests come back in order, each only if the KV it needs to finish its prompt and take its
-        next token fits beside the running requests' next pages (admission's rule): one that does not stays on
-        the host without blocking those behind it (a prompt the pool cannot hold now would only preempt itself
-        again, swapping in and out forever). New requests wait while anyone is swapped, so room comes."""
-        next_pages = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
-        for request in list(self.swapped):
-            if len(self.running) >= self.config.max_num_seqs or not self.kv.num_free_slots or \
-                    step.num_tokens >= step.token_budget:
-                return
-            # its pages back, and the pages up to its next token beyond what it holds
-            need = self.kv.chunks_to_swap_in(request.request_id) + \
-                self.kv.chunks_to_grow(None, request.num_tokens + 1) - \
-                self.kv.chunks_to_grow(None, request.num_computed_tokens)
-            row = request.row_demand()
-            workspace = self.activation_chunks(step.num_tokens + 1, step.rows + row)
-            if need + next_pages + workspace + sum(step.fork_chunks.values()) > self.kv.num_available_chunks():
-                continue
-            end = request.num_computed_tokens + 1
-            if not self.kv.swap_in(request.request_id):
-                return
-            self.swapped.remove(request)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            if not self._fits(step, request.request_id, end, 1, row):
-                return  # back in a slot; it decodes next step
-            self._grow(request, end)
-            self._add_to_step(step, request, 1, row)
-            next_pages += self.kv.chunks_to_grow(request.request_id, end + 1)
-            if end == request.num_tokens:
-                self._plan_forks(step, request, end)
-
     def _schedule_waiting(self, step: StepBuilder) -> None:
-        # pages the running requests need for their next token are spoken for before anyone is admitted
-        next_pages = sum(self.kv.chunks_to_grow(r.request_id, r.num_computed_tokens + 2) for r in self.running)
+        next_pages = self._next_pages()  # spoken for before anyone is admitted
         step_ms = self.cost_model.predict_ms(len(self.running))
         while self.waiting and len(self.running) + step.num_forks < self.config.max_num_seqs and \
                 self.kv.num_free_slots > step.num_forks:
@@ -335,11 +321,7 @@ class Scheduler:
             samples = request.row_demand() if num_cached + num_new == request.num_tokens else NO_ROWS
             # admit only if the whole prompt's KV fits (growing chunk by chunk would just preempt)
             need = self.kv.chunks_to_grow(None, request.num_tokens + 1) - self._cached_chunks(num_cached)
-            workspace = self.activation_chunks(step.num_tokens + num_new, step.rows + samples)
-            # the hit's cached blocks are counted in `need` as already there: they are not room as well
-            available = self.kv.num_available_chunks(self.kv.hit_blocks(token_ids, num_cached)) - next_pages \
-                - workspace - self.offload.staging(step.spans) \
-                - sum(step.fork_chunks.values())
+            available = self._room(step, num_new, samples, next_pages, self.kv.hit_blocks(token_ids, num_cached))
             # () when the whole prompt fits; layer-wise: the top layers to keep on the host; None: wait
             offloaded = self.offload.layers_to_offload(request, num_cached, num_cached + num_new, need, available,
                                                        self.running)
@@ -361,7 +343,7 @@ class Scheduler:
             self.running.append(request)
             end = request.num_computed_tokens + num_new
             self._grow(request, end)
-            self._add_to_step(step, request, num_new, samples)
+            step.add(request, num_new, samples)
             if samples.num_rows:
                 self._plan_forks(step, request, end)
 
@@ -374,104 +356,6 @@ class Scheduler:
 
     def _cached_chunks(self, num_cached_tokens: int) -> int:
         return self.kv.chunks_to_grow(None, num_cached_tokens) if num_cached_tokens else 0
-
-    def _add_to_step(self, step: StepBuilder, request: Request, num_new: int, samples: SampledRows) -> None:
-        if request.is_prefilling:
-            step.prefill_plan.append((request.request_id, request.num_computed_tokens, num_new))
-        else:
-            step.decode_ids.append(request.request_id)
-        step.spans[request.request_id] = request.num_computed_tokens + num_new
-        step.num_tokens += num_new
-        if samples.num_rows:
-            step.rows += samples
-            step.row_of[request.request_id] = samples
-
-    def _plan_forks(self, step: StepBuilder, leader: Request, end: int) -> None:
-        """The leader's first token is planned: each of its followers that fits (a slot, its row in the step's
-        workspace, the chunks of its copy of the last partial page) samples in this step and forks the
-        leader's KV after it; the others become ordinary waiting requests."""
-        followers = self.forks.close(leader)
-        if not followers:
-            return
-        cost = self.kv.chunks_to_fork(end)
-        forkable = self.kv.can_fork(leader.request_id)
-        planned, released = [], []
-        for follower in followers:
-            row = follower.row_demand()
-            forks_so_far = step.num_forks + len(planned)
-            need = sum(step.fork_chunks.values()) + cost * (len(planned) + 1) + \
-                self.activation_chunks(step.num_tokens, step.rows + row) + self.offload.staging(step.spans)
-            fits = forkable and len(self.running) + forks_so_far < self.config.max_num_seqs and \
-                self.kv.num_free_slots > forks_so_far and need <= self.kv.num_available_chunks()
-            if not fits:
-                released.append(follower)
-                continue
-            planned.append(follower.request_id)
-            step.rows += row
-            step.row_of[follower.request_id] = row
-        if planned:
-            step.forks[leader.request_id] = planned
-            step.fork_chunks[leader.request_id] = cost * len(planned)
-        for follower in reversed(released):
-            follower.status = RequestStatus.WAITING
-            self.waiting.appendleft(follower)
-
-    def _fork(self, leader_id: str, follower_ids: tuple[str, ...]) -> None:
-        """After the step: the followers take the leader's KV (shared pages, a copy of the last partial one) and
-        run; one whose fork fails after all recomputes its prompt and first token as an ordinary request."""
-        leader = self.requests.get(leader_id)
-        for follower_id in follower_ids:
-            follower = self.requests.get(follower_id)
-            if follower is None:
-                continue
-            if leader is not None and leader.status is RequestStatus.RUNNING and \
-                    self.kv.fork(leader_id, follower_id):
-                follower.num_computed_tokens = follower.num_cached_tokens = leader.num_computed_tokens
-                follower.status = RequestStatus.RUNNING
-                self.running.append(follower)
-            else:
-                follower.num_computed_tokens = 0
-                follower.status = RequestStatus.WAITING
-                self.waiting.appendleft(follower)
-
-    def _preempt(self, request: Request, step: StepBuilder) -> None:
-        """Takes the request's KV slot away without losing it: swap to host, else recompute later."""
-        self.running.remove(request)
-        self._unschedule(request, step)
-        mode = self.config.preemption_mode
-        can_swap = mode != "recompute" and self.kv.can_swap_out(request.request_id)
-        if mode == "swap" and not can_swap:
-            mode = "recompute"  # the host buffer is full: recompute rather than lose the request
-        if can_swap:
-            self.kv.swap_out(request.request_id)
-            request.status = RequestStatus.SWAPPED
-            self.swapped.appendleft(request)
-            self.num_swaps += 1
-        else:
-            self.kv.free(request.request_id)
-            request.num_computed_tokens = 0
-            request.status = RequestStatus.WAITING
-            self.waiting.appendleft(request)
-            self.num_recomputes += 1
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        step.preempted.append(request.request_id)
-
-    def _unschedule(self, request: Request, step: StepBuilder) -> None:
-        step.spans.pop(request.request_id, None)
-        step.rows -= step.row_of.pop(request.request_id, NO_ROWS)
-        step.fork_chunks.pop(request.request_id, None)
-        for follower_id in step.forks.pop(request.request_id, []):  # it samples later: they follow it again
-            step.rows -= step.row_of.pop(follower_id, NO_ROWS)
-            follower = self.requests[follower_id]
-            self.forks.rejoin(request, follower)
-        if request.request_id in step.decode_ids:
-            step.decode_ids.remove(request.request_id)
-            step.num_tokens -= 1
-        for entry in list(step.prefill_plan):
-            if entry[0] == request.request_id:
-                step.prefill_plan.remove(entry)
-                step.num_tokens -= entry[2]
 
     def _output(self, step: StepBuilder) -> SchedulerOutput:
         decodes = []

@@ -1,6 +1,6 @@
 """What the scheduler plans with and hands out: its config, one step's plan (`SchedulerOutput` of
-`ScheduledChunk`s) and the step being built (`StepBuilder`). The scheduler is engine/core/scheduler.py, which
-re-exports these names.
+`ScheduledChunk`s) and the step being built (`StepBuilder`: requests' tokens added, and taken back when one
+is preempted). The scheduler is engine/core/scheduler.py, which re-exports these names.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.core.offload_policy import OFFLOAD_POLICIES
+from engine.core.request import Request
 from engine.core.sampling_workspace import NO_ROWS, SampledRows
 
 
@@ -84,3 +85,33 @@ class StepBuilder:
     @property
     def num_forks(self) -> int:
         return sum(len(followers) for followers in self.forks.values())
+
+    def add(self, request: Request, num_new: int, samples: SampledRows) -> None:
+        """Computes `num_new` more tokens of the request in this step (a decode, or a prefill chunk)."""
+        if request.is_prefilling:
+            self.prefill_plan.append((request.request_id, request.num_computed_tokens, num_new))
+        else:
+            self.decode_ids.append(request.request_id)
+        self.spans[request.request_id] = request.num_computed_tokens + num_new
+        self.num_tokens += num_new
+        if samples.num_rows:
+            self.rows += samples
+            self.row_of[request.request_id] = samples
+
+    def remove(self, request_id: str) -> list[str]:
+        """Takes back all the step planned for the request (preempted); returns the followers whose forks
+        were planned after its first token (unplanned too: their rows left the step)."""
+        self.spans.pop(request_id, None)
+        self.rows -= self.row_of.pop(request_id, NO_ROWS)
+        self.fork_chunks.pop(request_id, None)
+        followers = self.forks.pop(request_id, [])
+        for follower_id in followers:
+            self.rows -= self.row_of.pop(follower_id, NO_ROWS)
+        if request_id in self.decode_ids:
+            self.decode_ids.remove(request_id)
+            self.num_tokens -= 1
+        for entry in list(self.prefill_plan):
+            if entry[0] == request_id:
+                self.prefill_plan.remove(entry)
+                self.num_tokens -= entry[2]
+        return followers

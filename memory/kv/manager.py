@@ -4,7 +4,8 @@ What it decides: which slot a request occupies, which physical chunks back each 
 full pages are shared through the prefix cache, and what is swapped to the host. Chunks come from
 the ElasticPool only when a page is needed and go back the moment nobody needs them, so KV and
 activations trade memory step by step. The layout (where pages sit in virtual memory) is a strategy
-object; the bookkeeping in `blocks.py` is plain Python.
+object; the bookkeeping in `blocks.py` is plain Python. The prefix cache's matching, hits and commits are
+`PrefixSharing` (prefix_sharing.py), mixed in like residency, swap, migration and forks.
 
 Deterministic: the same sequence of calls gives the same slots, pages and chunks, which is how
 tensor-parallel ranks keep their pools identical (rank 0 broadcasts the calls).
@@ -20,7 +21,7 @@ import torch
 from memory.host_buffer import HostBuffer
 from memory.kv.balloon import KVBalloon
 from memory.kv.block_source import BlockSource, LcmBlocks, LooseChunks, TakenBlock
-from memory.kv.blocks import KVBlock, PrefixCache, SlotTable, chain_hash
+from memory.kv.blocks import KVBlock, PrefixCache, SlotTable
 from memory.kv.cache_policy import policy_for
 from memory.kv.evictor import EVICTORS, resolve_evictor
 from memory.kv.fork import SequenceFork
@@ -29,6 +30,7 @@ from memory.kv.import_export import KVImportExport
 from memory.kv.layered_migration import LayeredMigration
 from memory.kv.layout import KVLayout
 from memory.kv.mirror import RecordingLayout
+from memory.kv.prefix_sharing import PrefixSharing
 from memory.kv.registry import create_layout
 from memory.kv.residency import DEVICE, HOST, HostPage, LayerResidency
 from memory.kv.spec import KVCacheSpec
@@ -54,7 +56,7 @@ class RequestKV:
         return self.host_slots is not None
 
 
-class KVCacheManager(LayerResidency, LayeredMigration, KVSwap, KVImportExport, SequenceFork):
+class KVCacheManager(PrefixSharing, LayerResidency, LayeredMigration, KVSwap, KVImportExport, SequenceFork):
     _kv_client = KV_CLIENT
 
     def __init__(
@@ -148,20 +150,6 @@ class KVCacheManager(LayerResidency, LayeredMigration, KVSwap, KVImportExport, S
         The one measure of room: admission, preemption and the step's workspace check all use it."""
         return self.blocks.available(holding)
 
-    def hit_blocks(self, token_ids: Sequence[int], num_cached: int) -> list[KVBlock]:
-        """The cached blocks `admit` would hold for a prefix hit of `num_cached` tokens."""
-        return [block for _, _, _, block in self._hit(token_ids, num_cached) if block is not None]
-
-    def _hit(self, token_ids: Sequence[int], num_cached: int):
-        """(page, its hash, group, cached block or None when the group does not need the page) of a hit."""
-        parent = None
-        needed = [policy.hit_pages(num_cached) for policy in self.policies]
-        for page in range(num_cached // self.spec.tokens_per_page):
-            start = page * self.spec.tokens_per_page
-            parent = chain_hash(parent, token_ids[start : start + self.spec.tokens_per_page])
-            for group in range(len(self.spec.groups)):
-                yield page, parent, group, (self.prefix.lookup(group, parent) if page in needed[group] else None)
-
     def num_cached_chunks(self) -> int:
         """Chunks the kv balloon holds only for evictable cached blocks (paged: whole large pages)."""
         return self.blocks.cached()
@@ -198,25 +186,6 @@ class KVCacheManager(LayerResidency, LayeredMigration, KVSwap, KVImportExport, S
         return self.chunks_to_grow(request_id, num_tokens) <= self.num_available_chunks()
 
     # ---- admission and growth ------------------------------------------------------------------
-    def match_prefix(self, token_ids: Sequence[int]) -> int:
-        """The longest prefix (whole pages; at least one token is always left to compute so the
-        request has logits to sample from) whose pages every layer group's policy needs are cached:
-        all pages before it for full attention, only the window's pages before it for a sliding
-        window (Jenga's aligned prefix-subset hit)."""
-        if not self.enable_prefix_caching:
-            return 0
-        page_tokens = self.spec.tokens_per_page
-        hashes: list[int] = []
-        while (len(hashes) + 1) * page_tokens <= len(token_ids) - 1:
-            start = len(hashes) * page_tokens
-            hashes.append(chain_hash(hashes[-1] if hashes else None, token_ids[start : start + page_tokens]))
-        for num_pages in range(len(hashes), 0, -1):
-            hit = num_pages * page_tokens
-            if all(self.prefix.lookup(group, hashes[page]) is not None
-                   for group, policy in enumerate(self.policies) for page in policy.hit_pages(hit)):
-                return hit
-        return 0
-
     def admit(self, request_id: str, token_ids: Sequence[int], offloaded: Sequence[int] = ()) -> int:
         """Gives a new request a slot and maps its cached prefix pages (shared, not copied). The
         layers in `offloaded` keep their new pages on the host (cached prefix pages stay shared).
@@ -231,20 +200,8 @@ class KVCacheManager(LayerResidency, LayeredMigration, KVSwap, KVImportExport, S
         state = self._new_state(request_id)
         for layer in offloaded:
             state.residency[layer] = HOST
-        for page, page_hash, group, block in self._hit(token_ids, num_cached):
-            if len(state.hashes) == page:
-                state.hashes.append(page_hash)
-            if block is None:  # e.g. slid out of the window: not needed, maybe evicted
-                state.blocks[group].append(None)
-                continue
-            self.prefix.hold(block)
-            self.blocks.parked(block, False)
-            self.layout.map_block(slot, page, block)
-            state.blocks[group].append(block)
+        self._map_hit(state, slot, token_ids, num_cached)
         state.num_tokens = num_cached
-        if self.enable_prefix_caching:
-            self.prefix.num_queried_tokens += len(token_ids)
-            self.prefix.num_hit_tokens += num_cached
         self._drop_out_of_window(state)
         return num_cached
 
@@ -313,23 +270,7 @@ class KVCacheManager(LayerResidency, LayeredMigration, KVSwap, KVImportExport, S
         state = self.requests[request_id]
         state.num_tokens = num_tokens
         if self.enable_prefix_caching:
-            page_tokens = self.spec.tokens_per_page
-            while (len(state.hashes) + 1) * page_tokens <= num_tokens:
-                page = len(state.hashes)
-                parent = state.hashes[-1] if state.hashes else None
-                block_hash = chain_hash(parent, token_ids[page * page_tokens : (page + 1) * page_tokens])
-                state.hashes.append(block_hash)
-                shared = False
-                for group in range(len(self.spec.groups)):
-                    block = state.blocks[group][page]
-                    # a block with layers on the host is private: other requests could not map it
-                    if block is not None and block.block_hash is None and self.is_whole_on_device(block):
-                        block.page = page
-                        shared |= self.prefix.insert(block, block_hash) is not block
-                if shared:  # another request cached these tokens too: a shared prefix reaches this page
-                    for pages in state.blocks:
-                        if pages[page] is not None and pages[page].block_hash is not None:
-                            pages[page].reused = True
+            self._share_full_pages(state, token_ids)
         self._drop_out_of_window(state)
 
     def free(self, request_id: str) -> None:
@@ -442,15 +383,6 @@ class KVCacheManager(LayerResidency, LayeredMigration, KVSwap, KVImportExport, S
                     self._release(pages[page])
                     self._free_host_pages(state, group, page)
                     pages[page] = None
-
-    def _reclaim(self, num_chunks: int) -> int:
-        """The pool asks for memory back: give up least recently used cached pages."""
-        given = 0
-        while given < num_chunks and self.prefix.evictable:
-            block = self.prefix.evict_oldest()
-            self._deflate_block(block)
-            given += len(block.chunks)
-        return given
 
     def close(self) -> None:
         for request_id in list(self.requests):

@@ -17,16 +17,18 @@ from memory.kv import KVCacheManager
 
 
 def scheduler_kv_members() -> set[str]:
-    """Every `self.kv.<member>` the Scheduler uses."""
-    tree = ast.parse(Path(inspect.getfile(scheduler)).read_text())
-    return {node.attr for node in ast.walk(tree)
+    """Every `self.kv.<member>` the Scheduler uses, in its module and those of its mixins (preemption, forks)."""
+    modules = {inspect.getfile(cls) for cls in scheduler.Scheduler.__mro__ if cls is not object}
+    trees = [ast.parse(Path(module).read_text()) for module in sorted(modules)]
+    return {node.attr for tree in trees for node in ast.walk(tree)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
             and node.value.attr == "kv" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
 
 
 def test_the_scan_sees_the_schedulers_questions():
     members = scheduler_kv_members()
-    assert {"chunks_to_grow", "num_available_chunks", "admit", "grow", "free", "fork"} <= members
+    assert {"chunks_to_grow", "num_available_chunks", "admit", "grow", "free", "fork", "swap_in", "swap_out",
+            "can_fork"} <= members
 
 
 def test_pipeline_kv_answers_every_question_the_scheduler_asks():
