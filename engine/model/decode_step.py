@@ -27,7 +27,7 @@ from engine.attention.native import rows_in_place
 from engine.attention.native_decode import NativeDecodeBackend
 from engine.core.forward_batch import ForwardBatch
 from engine.model.elementwise import NativeBf16Elementwise
-from engine.model.onednn_linear import PackedWeight
+from engine.model.onednn_linear import PackedWeight, set_bf16_dot
 from engine.native_build import load_library
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def _packed(weight: PackedWeight) -> _Packed:
 
 def _kernel():
     library = load_library(Path(__file__).parent / "csrc" / "decode_step_bf16.c")
+    set_bf16_dot(library)  # the packed kernel's routine: the same bits as the per-op path's products
     function = library.decode_step_bf16
     function.restype = ctypes.c_int64
     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int64]

@@ -19,6 +19,9 @@ on the blocked layout oneDNN chose (32 or 64 outputs x pairs of inputs, by CPU; 
 verifies on every weight (its size and a sample of its values); a weight whose layout differs keeps oneDNN
 for every size. Its logits are fp32 sums (oneDNN's are rounded to bf16 and widened).
 
+The kernel computes with one of two routines that give the same bits, fp32 FMAs or vdpbf16ps, whichever is
+faster on this CPU (`bf16_dot`: timed once per process; FMAs on the AVX512-BF16 Xeon, vdpbf16ps on Zen 4).
+
 Only bf16 CPU weights are packed; everything else goes to the wrapped fallback backend (native / torch),
 so fp32 outputs are unchanged.
 """
@@ -26,6 +29,8 @@ so fp32 outputs are unchanged.
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +49,38 @@ PACK_BATCH_HINT = 16
 # 39 ms; 576x576 at 16 rows 98 vs 167 us), so there it takes every product. Per-shape times:
 # `python -m engine.model.onednn_linear`.
 SKINNY_MAX_ROWS = 2 if torch.cpu._is_amx_tile_supported() else 1 << 30
+PACKED_GEMM_SOURCE = Path(__file__).parent / "csrc" / "packed_gemm_bf16.c"
+# the packed kernel's two routines (csrc/packed_gemm_bf16.h), same bits: ELASTIC_SERVE_BF16_DOT picks one, else
+# the faster one on a timed product
+BF16_DOTS = ("fma", "vdpbf16ps")
+_chosen_dot: int | None = None
+logger = logging.getLogger(__name__)
+
+
+def bf16_dot() -> str:
+    """The routine the packed kernel and the fused decode step compute products with in this process:
+    `ELASTIC_SERVE_BF16_DOT` (fma | vdpbf16ps) if set, else the faster of the two on a 64-row product, one
+    thread, best of 7 each, alternating (vdpbf16ps only when at least 10% faster: the FMAs are the measured
+    choice on Intel's AVX512-BF16 CPUs). Decided once; every product gives the same bits either way."""
+    global _chosen_dot
+    if _chosen_dot is None:
+        forced = os.environ.get("ELASTIC_SERVE_BF16_DOT", "").strip().lower()
+        if forced in BF16_DOTS:
+            _chosen_dot = BF16_DOTS.index(forced)
+        else:
+            timer = load_library(PACKED_GEMM_SOURCE).packed_gemm_time_dots
+            timer.restype, timer.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_void_p]
+            times = (ctypes.c_int64 * 2)()
+            _chosen_dot = int(timer(7, times) == 0 and times[1] < 0.9 * times[0])
+            logger.info("packed bf16 products: %s (64x512x576, one thread: FMAs %.0f us, vdpbf16ps %.0f us)",
+                        BF16_DOTS[_chosen_dot], times[0] / 1e3, times[1] / 1e3)
+    return BF16_DOTS[_chosen_dot]
+
+
+def set_bf16_dot(library: ctypes.CDLL, dot: str | None = None) -> None:
+    """Makes `library` (one built with csrc/packed_gemm_bf16.h) compute with `dot` (default: `bf16_dot()`)."""
+    library.packed_gemm_set_dot.restype, library.packed_gemm_set_dot.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    library.packed_gemm_set_dot(BF16_DOTS.index(dot or bf16_dot()))
 
 
 @dataclass(frozen=True)
@@ -133,7 +170,9 @@ class _PackedGemm:
     """ctypes view of csrc/packed_gemm_bf16.c (built where the CPU has AVX512-BF16)."""
 
     def __init__(self):
-        self.kernel = load_library(Path(__file__).parent / "csrc" / "packed_gemm_bf16.c").packed_gemm_bf16
+        library = load_library(PACKED_GEMM_SOURCE)
+        set_bf16_dot(library)
+        self.kernel = library.packed_gemm_bf16
         self.kernel.restype = ctypes.c_int64
         pointer, integer = ctypes.c_void_p, ctypes.c_int64
         self.kernel.argtypes = [pointer, integer, pointer, pointer] + [integer] * 8

@@ -94,14 +94,14 @@ static inline void share(int64_t total, int tid, int threads, int64_t *first, in
     *last = total * (tid + 1) / threads;
 }
 
-/* this thread's share of the product's work units; x32 is the thread's own fp32 copy of x (each thread
- * converts every row, which costs a few microseconds and saves a barrier) */
+/* this thread's share of the product's work units; x32 is the thread's own copy of x (packed_gemm_x: each
+ * thread converts every row, which costs a few microseconds and saves a barrier) */
 static void gemm_share(const uint16_t *x, int64_t ldx, const Packed *w, uint16_t *y, int64_t m, float *x32,
                        int tid, int threads) {
     int64_t first, last;
     share(packed_gemm_num_units(m, w->out_features, w->block), tid, threads, &first, &last);
     if (first == last) return;
-    bf16_rows_to_f32(x, ldx, m, w->in_features, x32);
+    packed_gemm_x(x, ldx, m, w->in_features, x32);
     packed_gemm_units(x32, w->weight, y, w->out_features, 0, m, w->out_features, w->in_features, w->k_padded,
                       w->block, first, last);
 }
@@ -200,7 +200,7 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
                 const int64_t half = packed_gemm_num_units(m, w->out_features, w->block) / 2;
                 share(half, tid, threads, &first, &last);
                 if (first < last) {
-                    bf16_rows_to_f32(normed, width, m, width, x32);
+                    packed_gemm_x(normed, width, m, width, x32);
                     packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,
                                       w->k_padded, w->block, first, last);
                     packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,

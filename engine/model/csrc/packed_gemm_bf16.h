@@ -8,7 +8,11 @@
  * vdpbf16ps computes (Intel's definition; checked bit for bit on millions of random and denormal-heavy
  * operands), at about 1.5x its throughput here (vdpbf16ps issues about once a cycle, FMAs twice): 3072x576 at
  * 64 rows 130 vs 82 GFLOP/s on one core of the AVX512-BF16 Xeon without AMX, and never slower at 1-2 rows,
- * where both stream the weight. x is converted to fp32 once per call (bf16_rows_to_f32). */
+ * where both stream the weight. On AMD's Zen 4 it is the other way round (vdpbf16ps does 32 pairs a cycle, an
+ * FMA 16 values): 3072x576 at 64 rows 223 (vdpbf16ps) vs 115 GFLOP/s (FMAs) on one core of the 2-vCPU EPYC,
+ * same bits. So both routines are here and `packed_gemm_set_dot` picks one per library (the engine times them
+ * once per process: engine/model/onednn_linear.py `bf16_dot`). x is prepared once per call (packed_gemm_x):
+ * converted to fp32 for the FMAs, copied as bf16 pairs for vdpbf16ps. */
 #ifndef ELASTIC_PACKED_GEMM_BF16_H
 #define ELASTIC_PACKED_GEMM_BF16_H
 #include <immintrin.h>
@@ -42,19 +46,53 @@ static inline void bf16_rows_to_f32(const uint16_t *x, int64_t ldx, int64_t m, i
     }
 }
 
+/* 1: the products run as vdpbf16ps, 0: as fp32 FMAs (the same bits either way). Set once, before any product
+ * (packed_gemm_set_dot: each library including this header has its own). */
+static int packed_gemm_dpbf16 = 0;
+
+int64_t packed_gemm_set_dot(int64_t use_dpbf16) {
+    packed_gemm_dpbf16 = use_dpbf16 != 0;
+    return packed_gemm_dpbf16;
+}
+
+/* x's m rows of k inputs as the products read them, in a buffer of m * f32_row_length(k) floats: fp32 values
+ * (FMAs) or, for vdpbf16ps, the bf16 pairs (x[2p], x[2p + 1]) as one 32-bit word each at the start of each row
+ * (an odd k's last pair (x[k - 1], 0)) */
+static inline void packed_gemm_x(const uint16_t *x, int64_t ldx, int64_t m, int64_t k, float *x32) {
+    if (!packed_gemm_dpbf16) {
+        bf16_rows_to_f32(x, ldx, m, k, x32);
+        return;
+    }
+    const int64_t ld32 = f32_row_length(k);
+    for (int64_t r = 0; r < m; ++r) {
+        uint16_t *row = (uint16_t *)(x32 + r * ld32);
+        memcpy(row, x + r * ldx, sizeof(uint16_t) * (size_t)k);
+        if (k & 1) row[k] = 0;
+    }
+}
+
 /* Rows [i0, i0 + R) of one block of VEC x 16 outputs. VEC and R are compile-time constants at each call, so
  * the R x VEC accumulators stay in registers and the loops have no branches; x's values are broadcast
  * straight from memory. An odd k's last pair is (x[k - 1], 0) against the weight's zero padding, as
- * vdpbf16ps took it. */
+ * vdpbf16ps took it. DP (a constant too): the products as vdpbf16ps on x's pairs (packed_gemm_x). */
 static inline __attribute__((always_inline)) void block_rows(
         const float *x32, int64_t ld32, const uint16_t *base, int64_t stride, void *y, int64_t ldy, int y_is_f32,
-        int64_t i0, int64_t first, int64_t valid, const int VEC, const int R) {
+        int64_t i0, int64_t first, int64_t valid, const int VEC, const int R, const int DP) {
     const int64_t pairs = ld32 / 2;  /* stride: bf16 elements per input pair in the block (2 x its outputs) */
     const __m512i odd_half = _mm512_set1_epi32((int)0xffff0000u);
     __m512 acc[ROWS][4];
     for (int r = 0; r < R; ++r)
         for (int v = 0; v < VEC; ++v) acc[r][v] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < pairs; ++p) {
+    if (DP) {
+        for (int64_t p = 0; p < pairs; ++p)
+            for (int v = 0; v < VEC; ++v) {
+                const __m512bh w = (__m512bh)_mm512_loadu_si512(base + p * stride + v * 32);
+                for (int r = 0; r < R; ++r) {
+                    const uint32_t *xr = (const uint32_t *)(x32 + (i0 + r) * ld32);
+                    acc[r][v] = _mm512_dpbf16_ps(acc[r][v], w, (__m512bh)_mm512_set1_epi32((int)xr[p]));
+                }
+            }
+    } else for (int64_t p = 0; p < pairs; ++p) {
         for (int v = 0; v < VEC; ++v) {
             const __m512i w = _mm512_loadu_si512(base + p * stride + v * 32);
             const __m512 w_odd = _mm512_castsi512_ps(_mm512_and_si512(w, odd_half));
@@ -75,10 +113,10 @@ static inline __attribute__((always_inline)) void block_rows(
 }
 
 /* block_rows with VEC and the row count as constants (rows < ROWS only for a last, partial group). */
-#define BLOCK_ROWS(VEC, R) block_rows(x32, ld32, base, stride, y, ldy, (int)y_is_f32, i0, first, valid, VEC, R)
+#define BLOCK_ROWS(VEC, R) block_rows(x32, ld32, base, stride, y, ldy, (int)y_is_f32, i0, first, valid, VEC, R, DP)
 static inline __attribute__((always_inline)) void row_group(
         const float *x32, int64_t ld32, const uint16_t *base, int64_t stride, void *y, int64_t ldy, int64_t y_is_f32,
-        int64_t i0, int rows, int64_t first, int64_t valid, const int VEC) {
+        int64_t i0, int rows, int64_t first, int64_t valid, const int VEC, const int DP) {
     switch (rows) {
         case 1: BLOCK_ROWS(VEC, 1); break;
         case 2: BLOCK_ROWS(VEC, 2); break;
@@ -117,13 +155,13 @@ static inline void packed_gemm_unit_region(int64_t u, int64_t m, int64_t n, int6
     *row1 = *row1 < m ? *row1 : m;
 }
 
-/* units [first_unit, last_unit) of y = x w^T, x given as x32 (bf16_rows_to_f32 of x's m rows of k inputs).
+/* units [first_unit, last_unit) of y = x w^T, x given as x32 (packed_gemm_x of x's m rows of k inputs).
  * Up to SLICE_ROWS rows, unit u is the 32-output slice u of the outputs, for every row; beyond, unit u is
  * output block u / row_chunks, rows [UNIT_ROWS * (u % row_chunks), ... + UNIT_ROWS) (consecutive units share a
  * block, so a thread's share reads each block once). Any split sums each output in the same order. */
-static inline void packed_gemm_units(const float *x32, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
-                                     int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block,
-                                     int64_t first_unit, int64_t last_unit) {
+static inline __attribute__((always_inline)) void packed_gemm_units_dot(
+        const float *x32, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32, int64_t m, int64_t n, int64_t k,
+        int64_t k_padded, int64_t block, int64_t first_unit, int64_t last_unit, const int DP) {
     const int64_t ld32 = f32_row_length(k), row_chunks = (m + UNIT_ROWS - 1) / UNIT_ROWS;
     const unsigned int mxcsr = _mm_getcsr();
     _mm_setcsr(mxcsr | 0x8040u);  /* FTZ | DAZ, as vdpbf16ps: denormal inputs read 0, denormal sums flush */
@@ -134,7 +172,7 @@ static inline void packed_gemm_units(const float *x32, const uint16_t *w, void *
             const int64_t valid = n - first < 32 ? n - first : 32;
             if (valid > 0)
                 row_group(x32, ld32, w + b * block * k_padded + 64 * slice, 2 * block, y, ldy, y_is_f32, 0, (int)m,
-                          first, valid, 2);
+                          first, valid, 2, DP);
         }
         _mm_setcsr(mxcsr);
         return;
@@ -146,10 +184,19 @@ static inline void packed_gemm_units(const float *x32, const uint16_t *w, void *
         const int64_t valid = n - first < block ? n - first : block;
         for (int64_t i0 = (u % row_chunks) * UNIT_ROWS; i0 < m && i0 < row_end; i0 += ROWS) {
             const int rows = m - i0 < ROWS ? (int)(m - i0) : ROWS;
-            if (block == 64) row_group(x32, ld32, base, 128, y, ldy, y_is_f32, i0, rows, first, valid, 4);
-            else row_group(x32, ld32, base, 64, y, ldy, y_is_f32, i0, rows, first, valid, 2);
+            if (block == 64) row_group(x32, ld32, base, 128, y, ldy, y_is_f32, i0, rows, first, valid, 4, DP);
+            else row_group(x32, ld32, base, 64, y, ldy, y_is_f32, i0, rows, first, valid, 2, DP);
         }
     }
     _mm_setcsr(mxcsr);
+}
+
+static inline void packed_gemm_units(const float *x32, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
+                                     int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block,
+                                     int64_t first_unit, int64_t last_unit) {
+    if (packed_gemm_dpbf16)
+        packed_gemm_units_dot(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, first_unit, last_unit, 1);
+    else
+        packed_gemm_units_dot(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, first_unit, last_unit, 0);
 }
 #endif

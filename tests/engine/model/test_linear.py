@@ -204,3 +204,43 @@ def test_bf16_kernels_decline_a_build_without_avx512_bf16(source):
     path = Path(native_build.__file__).parent / "model" / "csrc" / source
     with pytest.raises(RuntimeError, match="needs AVX512-BF16"):
         native_build.load_library(path, avx2_flags)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 21, 64])
+@pytest.mark.parametrize("out_features, in_features", [(70, 45), (200, 192), (960, 576)])
+def test_the_packed_kernels_two_routines_give_the_same_bits(onednn, rows, out_features, in_features):
+    """fp32 FMAs and vdpbf16ps (csrc/packed_gemm_bf16.h; `bf16_dot` picks the faster per CPU) give the same
+    bits, denormal inputs included (read as 0 by both), for bf16 and fp32 outputs; each sums in vdpbf16ps'
+    order (the test above, per routine, on normal values)."""
+    from engine.model.onednn_linear import BF16_DOTS, PACKED_GEMM_SOURCE, bf16_dot, set_bf16_dot
+    from engine.native_build import load_library
+
+    if onednn._skinny is None:
+        pytest.skip("no AVX512-BF16 here: oneDNN serves every size")
+    library = load_library(PACKED_GEMM_SOURCE)
+    generator = torch.Generator().manual_seed(rows * 7 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    weight[torch.rand(weight.shape, generator=generator) < 0.05] *= 1e-39  # bf16 denormals
+    packed = onednn.place(weight.bfloat16(), lambda tensor: tensor.clone())
+    x = torch.randn(rows, in_features + 3, generator=generator)
+    x[torch.rand(x.shape, generator=generator) < 0.05] *= 1e-39
+    x = x.bfloat16()[:, :in_features]
+    normal_x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    normal_w = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    normal_packed = onednn.place(normal_w, lambda tensor: tensor.clone())
+    expected = torch.zeros(rows, out_features)
+    for p in range(0, in_features, 2):
+        if p + 1 < in_features:
+            expected = expected + normal_x[:, p + 1 : p + 2].float() * normal_w[:, p + 1].float()
+        expected = expected + normal_x[:, p : p + 1].float() * normal_w[:, p].float()
+    results = {}
+    try:
+        for dot in BF16_DOTS:
+            set_bf16_dot(library, dot)
+            for dtype in (torch.bfloat16, torch.float32):
+                results[dot, dtype] = onednn._skinny(x, packed, torch.empty(rows, out_features, dtype=dtype))
+            assert torch.equal(onednn._skinny(normal_x, normal_packed, torch.empty(rows, out_features)), expected)
+    finally:
+        set_bf16_dot(library, bf16_dot())
+    for dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(results["fma", dtype], results["vdpbf16ps", dtype])
