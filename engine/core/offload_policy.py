@@ -5,29 +5,32 @@
 - admission: a prompt whose whole KV does not fit is admitted with its lowest layers on the device
   and the fewest top layers on the host that make it fit (with the step's staging buffer, which the
   activations balloon lends: 2 x the pages of the two largest consecutive offloaded layers) -- but only
-  when that saves its TTFT (with a TTFT target: not already lost) and its TPOT target can absorb those
-  host layers (`tpot_feasible`, with a TPOT target): the running batch's paced fetch budget
-  (`tpot_margin` x the target, less a decode step) takes its per-step fetch. (A forecast of when the memory
-  the running requests free brings it back whole, `forecast_promotion`, is written but off: admitting on
-  it parked too many requests on the host and lost more SLOs, docs/LAYERKV.md.) Otherwise it waits;
+  when that saves its TTFT (with a TTFT target: not already lost) and it can still meet its TPOT target
+  (`tpot_feasible`, with a TPOT target): the running batch's paced fetch budget (`tpot_margin` x the
+  target, less a decode step) takes its per-step fetch, or a forecast says the memory the running
+  requests free as they finish brings it back whole early enough (it is parked until then: its first
+  token is out at once, its outputs wait). Otherwise it waits;
 - decode pacing (with a TPOT target): a step decodes requests with host pages, least laxity first
   (`SloTargets.laxity_ms`: how long a request may still sit out and meet `tpot_margin` x its target), while
-  their fetches hide behind the step's compute; a request with no laxity left may also use what
-  `tpot_margin` x the target leaves after the compute. The others sit the step out (parked: their first
-  token is out, their outputs wait for promotion), so resident decodes are not slowed by PCIe. When no
+  their fetches add no stall to the step (`fetch_stall_ms`: a layer's copy overlaps one layer's compute);
+  a request with no laxity left may stall it up to what `tpot_margin` x the target leaves after the
+  compute. The others sit the step out (parked), so resident decodes are not slowed by PCIe. When no
   resident request decodes, the least-laxity offloaded one always does (progress);
 - promotion: when memory frees, offloaded layers come back before new prompts are admitted with host
-  layers, least laxity first (a parked request decodes at device speed once whole); the scheduler keeps
-  back what the waiting head needs to start with all its layers on the host;
-- demotion: under pressure, before anyone is preempted, layers of the requests with the most laxity move
-  to the host (top layer first).
+  layers: decodes least laxity first, each made whole or left alone (a fragment more still fetches every
+  step), taking the device layers of parked decodes with more laxity when the spare memory alone is
+  short (consolidation: memory held as fragments of many parked requests decodes nobody at device speed);
+  then prompts still prefilling, most urgent first; the scheduler keeps back what the waiting head needs
+  to start with all its layers on the host;
+- demotion: under pressure, before anyone is preempted, layers move to the host top layer first: parked
+  decodes' first, then a prefilling prompt's own, then those of the requests with the most laxity.
 Whole-request swap or recompute stays the scheduler's last resort.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Set
 
 from engine.core.layer_staging import staging_chunks
 from engine.core.request import Request
@@ -87,8 +90,10 @@ class NoOffload:
         that freed all it needs."""
         return False
 
-    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int]) -> int:
-        """Brings offloaded layers back within `spare_chunks()`; returns the chunks used."""
+    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int],
+                parked: Set[str] = frozenset()) -> int:
+        """Brings offloaded layers back within `spare_chunks()` (`parked`: decodes sitting this step out);
+        returns the chunks used."""
         return 0
 
 
@@ -101,7 +106,7 @@ class LayerwiseOffload(NoOffload):
         self.num_demotions = 0
         self.num_promotions = 0
         self.num_partial_admissions = 0  # prompts admitted with layers on the host
-        self.forecast_promotion = False  # admit on a promotion forecast too (measured worse: docs/LAYERKV.md)
+        self.num_consolidations = 0  # parked requests made whole with other parked requests' device layers
         self.num_held_back = 0  # admissions with host layers refused by the TPOT forecast (a step may count one)
 
     def staging(self, spans: dict[str, int]) -> int:
@@ -177,10 +182,10 @@ class LayerwiseOffload(NoOffload):
         """Whether admitting a prompt with `offloaded` layers on the host is worth it: it saves its TTFT (with
         a TTFT target: its first token, after the prefill ahead of it, is still due in time), and it can still
         decode within `tpot_margin` x its TPOT target: the running batch's fetch budget absorbs its per-step
-        fetch, or (with `forecast_promotion`, off: measured worse) the memory the resident requests free as
-        they finish (forecast: their remaining tokens x a decode step) brings it back whole, after the
-        offloaded requests already waiting for promotion, early enough that it decodes its outputs in time
-        (parked until then). No TPOT condition without a target or in place."""
+        fetch, or the memory the resident requests free as they finish (forecast: their remaining tokens x a
+        decode step of the requests decoding at device speed) brings it back whole, after the offloaded
+        requests already waiting for promotion, early enough that it decodes its outputs in time (parked until
+        then). No TPOT condition without a target or in place."""
         kv, cost = self.kv, self.cost_model
         step_ms = self.decode_step_ms(running)
         prefill_left = sum(r.num_tokens - r.num_computed_tokens for r in running if r.is_prefilling)
@@ -196,11 +201,13 @@ class LayerwiseOffload(NoOffload):
         fetch = self.fetch_bytes(decoding) + host_chunks * kv.spec.page_bytes
         if step_ms + cost.fetch_ms(fetch) <= self.margin * target:
             return True
-        if not self.forecast_promotion:
-            return False
-        wait_ms = self._promotion_wait_ms(host_chunks, running, step_ms)
+        # the forecast runs over many steps: a decode step of the requests that decode at device speed (the
+        # observed TPOTs above include the prefill chunks of the burst now, not the decodes after it)
+        resident = sum(1 for r in decoding if not kv.requests[r.request_id].host_pages)
+        decode_ms = cost.predict_ms(resident + 1)
+        wait_ms = self._promotion_wait_ms(host_chunks, running, decode_ms)
         max_tokens = request.params.max_tokens
-        return max(0.0, wait_ms - first_token_ms) + max_tokens * step_ms <= \
+        return max(0.0, wait_ms - first_token_ms) + max_tokens * decode_ms <= \
             self.margin * target * max(max_tokens - 1, 1)
 
     def _promotion_wait_ms(self, num_chunks: int, running: Sequence[Request], step_ms: float) -> float:
@@ -290,51 +297,92 @@ class LayerwiseOffload(NoOffload):
         return freed
 
     def decodes_to_defer(self, running: Sequence[Request], compute_ms: float) -> set[str]:
-        """Decodes with host pages, least laxity first, while their fetches hide behind `compute_ms` (or, for a
-        request with no laxity left or when no resident request decodes, fit what `tpot_margin` x the TPOT
-        target leaves after it); the rest wait. When no resident request decodes, the least-laxity offloaded
-        one always does."""
+        """Decodes with host pages, least laxity first, while the stall their fetches add to a step of
+        `compute_ms` stays nil (`fetch_stall_ms`), or, for a request with no laxity left or when no resident
+        request decodes, within what `tpot_margin` x the TPOT target leaves after the compute; the rest wait.
+        When no resident request decodes, the least-laxity offloaded one always does."""
         if self.slo.tpot_ms is None:
             return set()
         decoding = [r for r in running if not r.is_prefilling]
         offloaded = [r for r in decoding if self.kv.requests[r.request_id].host_pages]
-        rate = self.cost_model.copy_bytes_per_ms
-        hidden = compute_ms * rate
-        paced = max(0.0, self.margin * self.slo.tpot_ms - compute_ms) * rate
+        paced = max(0.0, self.margin * self.slo.tpot_ms - compute_ms)
         must_one = len(offloaded) == len(decoding)
-        deferred, used = set(), 0
+        deferred, staged = set(), [0] * self.kv.spec.num_layers
         laxity = {r.request_id: self.laxity_ms(r, compute_ms) for r in offloaded}
         for index, request in enumerate(sorted(offloaded, key=lambda r: laxity[r.request_id])):
-            num_bytes = self.fetch_bytes([request])
+            with_it = [total + own for total, own in zip(staged, self.layer_fetch_bytes(request), strict=True)]
             # with no resident decode in the step, there is no one else's TPOT to protect
-            limit = paced if laxity[request.request_id] <= 0 or must_one else hidden
-            if used + num_bytes <= limit or (index == 0 and must_one):
-                used += num_bytes
+            limit = paced if must_one or laxity[request.request_id] <= 0 else 0.0
+            if self.fetch_stall_ms(with_it, compute_ms) <= limit or (index == 0 and must_one):
+                staged = with_it
             else:
                 deferred.add(request.request_id)
         return deferred
 
-    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int]) -> int:
-        """Brings offloaded layers back while the spare chunks last: decoding requests least laxity first (a
-        parked request decodes at device speed once whole), then prompts still prefilling, most urgent first."""
+    def layer_fetch_bytes(self, request: Request) -> list[int]:
+        """Bytes a decode step of `request` stages per layer (its host pages there, both ways)."""
+        request_id, end = request.request_id, request.num_computed_tokens + 1
+        staged = [0] * self.kv.spec.num_layers
+        for layer in self.kv.layers_with_host_pages(request_id):
+            staged[layer] = 2 * self.kv.num_pages_to_stage(request_id, layer, end) * self.kv.spec.page_bytes
+        return staged
+
+    def fetch_stall_ms(self, staged: Sequence[int], compute_ms: float) -> float:
+        """What staging `staged` bytes per layer adds to a step of `compute_ms`: a layer's fetch overlaps one
+        layer's compute (the stager copies one layer ahead), so a step stalls by each layer's copy time beyond
+        a layer's share of the compute (offloaded layers are the top ones: their fetches do not spread out)."""
+        layer_ms = compute_ms / len(staged)
+        rate = self.cost_model.copy_bytes_per_ms
+        return sum(max(0.0, num_bytes / rate - layer_ms) for num_bytes in staged if num_bytes)
+
+    def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int],
+                parked: Set[str] = frozenset()) -> int:
+        """Brings offloaded layers back while the spare chunks last: decoding requests least laxity first, each
+        made whole or left alone (a parked request decodes at device speed once whole; a fragment more still
+        fetches every step), then prompts still prefilling, most urgent first (any layers that fit).
+        Consolidation: a decode that the spare chunks cannot make whole takes the device layers of `parked`
+        decodes (sitting this step out) with more laxity (they go to the host, one layer kept) when that makes
+        it whole: memory held as fragments of many parked requests decodes nobody at device speed, the same
+        memory holding whole requests does. Donors come later in the order than the request they give to, so
+        nobody made whole in a call gives its layers away in the same call."""
         offloaded = [r for r in running if self.kv.requests[r.request_id].residency.count(HOST)
                      or self.kv.requests[r.request_id].host_pages]
-        if not offloaded:
-            return 0
-        spare, used = spare_chunks(), 0
-        if spare <= 0:
+        if not offloaded or spare_chunks() <= 0 and not parked:
             return 0
         step_ms = self.cost_model.predict_ms(len(running))
-        order = sorted((r for r in offloaded if not r.is_prefilling), key=lambda r: self.laxity_ms(r, step_ms)) + \
-            sorted((r for r in offloaded if r.is_prefilling), key=self.slo.urgency)
-        for request in order:
-            for layer in self.kv.layers_with_host_pages(request.request_id):
-                need = self.kv.chunks_to_promote(request.request_id, layer)
-                if used + need > spare or not self.kv.promote(request.request_id, layer):
+        laxity = {r.request_id: self.laxity_ms(r, step_ms) for r in offloaded}
+        decoding = sorted((r for r in offloaded if not r.is_prefilling), key=lambda r: laxity[r.request_id])
+        order = decoding + sorted((r for r in offloaded if r.is_prefilling), key=self.slo.urgency)
+        used = 0
+        for index, request in enumerate(order):
+            request_id = request.request_id
+            layers = self.kv.layers_with_host_pages(request_id)
+            need = sum(self.kv.chunks_to_promote(request_id, layer) for layer in layers)
+            spare = spare_chunks()
+            if need > spare and not request.is_prefilling:
+                # donors: parked decodes with more laxity (later in the order, none of them made whole yet)
+                donors = [r for r in decoding[index + 1:] if r.request_id in parked]
+                if spare + self._donatable(donors) < need:
+                    continue  # a decode is made whole or left alone: a fragment more still fetches every step
+                self.demote(need - spare, donors)
+                self.num_consolidations += 1
+            for layer in layers:
+                chunks = self.kv.chunks_to_promote(request_id, layer)
+                if chunks > spare_chunks() or not self.kv.promote(request_id, layer):
                     return used
-                used += need
+                used += chunks
                 self.num_promotions += 1
         return used
+
+    def _donatable(self, donors: Sequence[Request]) -> int:
+        """Device chunks `demote` could free from `donors` (each keeps one device layer), host room allowing."""
+        total = 0
+        for request in donors:
+            request_id = request.request_id
+            device_layers = [layer for layer, where in enumerate(self.kv.requests[request_id].residency)
+                             if where == DEVICE]
+            total += sum(self.kv.chunks_freed_by_demoting(request_id, layer) for layer in device_layers[1:])
+        return min(total, self.kv.host_buffer.num_free)
 
 OFFLOAD_POLICIES = {"none": NoOffload, "layerwise": LayerwiseOffload}
 

@@ -272,7 +272,9 @@ class Scheduler(Preemption, ForkScheduling):
             head = self.waiting[0]
             head_reserve = self.offload.admission_reserve(0, min(head.num_tokens, step.token_budget))
         if self.running:
-            self.offload.promote(self.running, lambda: spare() - head_reserve)
+            self.offload.promote(self.running, lambda: spare() - head_reserve, self._deferred)
+            # a parked request made whole decodes this step
+            self._deferred = {request_id for request_id in self._deferred if self.kv.has_host_pages(request_id)}
 
     def _schedule_running(self, step: StepBuilder) -> None:
         index = 0
@@ -290,9 +292,13 @@ class Scheduler(Preemption, ForkScheduling):
             end = request.num_computed_tokens + num_new
             samples = request.row_demand() if end == request.num_tokens else NO_ROWS
             while not self._fits(step, request.request_id, end, num_new, samples):
-                # layers of the requests with the most TPOT slack go to the host before anyone is preempted
+                # layers go to the host before anyone is preempted: parked decodes' first, then a prompt's own,
+                # then those of the requests with the most TPOT slack (a whole decode demoted fetches every
+                # step, or parks and is made whole again with others' layers: the memory would go round)
                 shortfall = self._shortfall(step, request.request_id, end, num_new, samples)
-                if self.offload.demote(shortfall, self.running):
+                parked = [r for r in self.running if r.request_id in self._deferred and r is not request]
+                own = [request] if request.is_prefilling else []
+                if any(self.offload.demote(shortfall, candidates) for candidates in (parked, own, self.running)):
                     continue
                 victim = self.running[-1]
                 self._preempt(victim, step)

@@ -1,8 +1,8 @@
 """LayerKV's experiment: a burst of long prompts on a pool that holds only a few requests' whole KV,
 `kv_offload: none` against `layerwise`.
 
-    python -m loadtest.sim layerkv [--model llama-3-8b] [--gpu h100-80g] [--requests 32] [--prompts 2048,32768]
-                                   [--output 256] [--burst-s 0] [--kv-requests 4] [--slo ttft=10,tpot=0.1]
+    python -m loadtest.sim layerkv [--model llama-3-8b] [--gpu h100-80g] [--requests 32] [--prompts 2048,8192]
+                                   [--output 1024] [--burst-s 0] [--kv-requests 4] [--slo ttft=10,tpot=0.1]
 
 One replica (the engine's Scheduler, KVCacheManager and ElasticPool on the `sim` backend, the cost-model
 executor; loadtest/sim/replica.py) serves `--requests` prompts of uniformly random lengths in `--prompts`
@@ -79,8 +79,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--gpu", default="h100-80g")
     parser.add_argument("--requests", type=int, default=32, help="prompts in the burst")
-    parser.add_argument("--prompts", default="2048,32768", help="min,max prompt tokens (uniform)")
-    parser.add_argument("--output", type=int, default=256, help="output tokens per request")
+    parser.add_argument("--prompts", default="2048,8192", help="min,max prompt tokens (uniform)")
+    parser.add_argument("--output", type=int, default=1024, help="output tokens per request")
     parser.add_argument("--burst-s", type=float, default=0.0, help="arrivals spread over this long (0: at once)")
     parser.add_argument("--kv-requests", type=int, default=4,
                         help="the pool holds this many whole requests of the longest prompt (0: whole device)")

@@ -198,6 +198,7 @@ class _Run:
     start: float
     ends: np.ndarray  # end times of the steps
     durations: np.ndarray  # each step's own time (on a shared device others' steps may come in between)
+    planning_s: float = 0.0  # layers moved while planning, in the first step's duration (not in the engine's timer)
 
 
 class SimReplica:
@@ -269,7 +270,8 @@ class SimReplica:
         else:
             times = np.array([self.engine.runner.step_s(plan)])
         times[0] += moved_s
-        self._run = _Run(plan, self.clock, self.clock + np.cumsum(times), np.asarray(times, dtype=np.float64))
+        self._run = _Run(plan, self.clock, self.clock + np.cumsum(times), np.asarray(times, dtype=np.float64),
+                         moved_s)
         self.version += 1
         return float(self._run.ends[-1])
 
@@ -312,9 +314,11 @@ class SimReplica:
 
     def _observe(self, run: _Run, num: int) -> None:
         """What LLMEngine.step tells the scheduler's step-cost model after each step: its time and the bytes
-        it staged from the host with their copy time (steps replayed in bulk were planned alike, staged none)."""
+        it staged from the host with their copy time (steps replayed in bulk were planned alike, staged none).
+        The engine times a step from after planning: layers moved while planning are not in it."""
         model, executor = self.engine.scheduler.cost_model, self.engine.runner
         times = run.durations[:num] * 1e3
+        times[0] -= run.planning_s * 1e3
         fetched = sum(fetched for fetched, _ in executor.last_staged)
         model.observe_step(run.plan.num_tokens, float(times[0]), fetched, self.engine.cost.host_link_s(fetched) * 1e3)
         for step_ms in times[1:]:

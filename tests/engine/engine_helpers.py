@@ -81,5 +81,5 @@ class ScriptedOffload(LayerwiseOffload):
             return super().layers_to_import(num_tokens, room, available)
         return self.imported_layers
 
-    def promote(self, running, spare_chunks):
+    def promote(self, running, spare_chunks, parked=frozenset()):
         return 0  # never by itself

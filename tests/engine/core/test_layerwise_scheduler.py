@@ -170,12 +170,19 @@ def test_decodes_with_host_layers_are_paced_by_the_tpot_target(build):
     one = policy.fetch_bytes([scheduler.requests["a"]])
     assert one == 2 * 5 * 2 * scheduler.kv.spec.page_bytes  # 2 layers x 5 pages x (K, V)
     scheduler.cost_model.copy_bytes_per_ms = one / 10.0  # one request's fetch takes 10 ms
-    assert policy.decodes_to_defer(running, 20.0) == set()  # both fetches hide behind 20 ms of compute
-    # no resident decode: no one else's TPOT to protect, up to 0.8 x 50 - 5 = 35 ms of fetch
+    # a layer's copy overlaps one layer's compute: both fetch 10 ms into each of layers 2 and 3, a 20 ms step
+    # computes 5 ms a layer, so they stall it 2 x 5 ms, within the 0.8 x 50 - 20 = 20 ms no resident decode's
+    # TPOT leaves
+    assert policy.fetch_stall_ms([0, 0, 2 * one // 2, 2 * one // 2], 20.0) == pytest.approx(10.0)
+    assert policy.decodes_to_defer(running, 20.0) == set()
+    # no resident decode: no one else's TPOT to protect, up to 0.8 x 50 - 5 = 35 ms of stall (here 17.5 ms)
     assert policy.decodes_to_defer(running, 5.0) == set()
     assert scheduler.kv.promote("a", 2) and scheduler.kv.promote("a", 3)
-    assert policy.decodes_to_defer(running, 5.0) == {"b"}  # a decodes resident: b's 10 ms would slow it
-    assert policy.decodes_to_defer(running, 12.0) == set()  # hidden behind 12 ms of compute
+    assert policy.decodes_to_defer(running, 5.0) == {"b"}  # a decodes resident: b's 2 x 3.75 ms would slow it
+    # 12 ms of compute would hide b's 10 ms if copies spread over the step, but its two layers' copies overlap
+    # only two layers' compute (3 ms each): 4 ms of stall
+    assert policy.decodes_to_defer(running, 12.0) == {"b"}
+    assert policy.decodes_to_defer(running, 20.0) == set()  # 5 ms a layer: each 5 ms copy hides
     b = scheduler.requests["b"]
     b.first_token_time = scheduler.clock() - 1.0  # 1 s for one token, 7 to go within 0.8 x 50 ms x 7: no laxity
     assert policy.laxity_ms(b, 5.0) < 0
