@@ -85,9 +85,9 @@ class NoOffload:
         return set()
 
     def make_room(self, request: Request, num_cached: int, end: int, available: int,
-                  candidates: Sequence[Request], running: Sequence[Request] = ()) -> bool:
-        """Demotes layers of `candidates` until the prompt can start with its layers on the host; True if
-        that freed all it needs."""
+                  running: Sequence[Request], parked: Set[str] = frozenset()) -> bool:
+        """Demotes layers of running decodes (the policy says whose; `parked`: decodes sitting this step out)
+        until the prompt can start with its layers on the host; True if that freed all it needs."""
         return False
 
     def promote(self, running: Sequence[Request], spare_chunks: Callable[[], int],
@@ -186,6 +186,8 @@ class LayerwiseOffload(NoOffload):
         decode step of the requests decoding at device speed) brings it back whole, after the offloaded
         requests already waiting for promotion, early enough that it decodes its outputs in time (parked until
         then). No TPOT condition without a target or in place."""
+        if self.kv.host_tier is not None:
+            return True  # in place, host layers cost no fetch: nothing to weigh against an earlier start
         kv, cost = self.kv, self.cost_model
         step_ms = self.decode_step_ms(running)
         prefill_left = sum(r.num_tokens - r.num_computed_tokens for r in running if r.is_prefilling)
@@ -194,7 +196,7 @@ class LayerwiseOffload(NoOffload):
         if ttft is not None and (self.slo.clock() - request.arrival_time) * 1e3 + first_token_ms > ttft:
             return False  # its TTFT is lost anyway: host layers would cost fetches and promotions for nothing
         target = self.slo.tpot_target_ms(request)
-        if target is None or self.kv.host_tier is not None:
+        if target is None:
             return True
         host_chunks = kv.host_chunks_to_grow(None, request.num_tokens + 1, offloaded)
         decoding = [r for r in running if not r.is_prefilling]
@@ -242,14 +244,24 @@ class LayerwiseOffload(NoOffload):
             free += chunks
 
     def make_room(self, request: Request, num_cached: int, end: int, available: int,
-                  candidates: Sequence[Request], running: Sequence[Request] = ()) -> bool:
+                  running: Sequence[Request], parked: Set[str] = frozenset()) -> bool:
+        """Donors: in place, any decode (a demoted layer is read where it lands at the same speed: one copy,
+        no later cost); staged, with a TTFT target (TTFT first), parked decodes still within their TPOT target
+        (a resident decode demoted would fetch every step)."""
+        if self.kv.host_tier is not None:
+            donors = [r for r in running if not r.is_prefilling]
+        elif self.slo.ttft_ms is not None:
+            step_ms = self.cost_model.predict_ms(len(running))
+            donors = [r for r in running if r.request_id in parked and self.laxity_ms(r, step_ms) >= 0]
+        else:
+            donors = []
         options = list(self._admissions(request, num_cached, end))
-        if len(options) < self.kv.spec.num_layers or options[-1][1] <= available or not candidates:
+        if len(options) < self.kv.spec.num_layers or options[-1][1] <= available or not donors:
             return False  # the host buffer cannot take all its layers, or it fits already
         if not self.tpot_feasible(request, options[-1][0], running):
             return False
         shortfall = options[-1][1] - available
-        return self.demote(shortfall, candidates) >= shortfall
+        return self.demote(shortfall, donors) >= shortfall
 
     def _admissions(self, request: Request, num_cached: int, end: int):
         """(top layers on the host, device chunks incl. the first chunk's staging) for 1, 2, ... host

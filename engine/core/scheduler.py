@@ -314,7 +314,6 @@ class Scheduler(Preemption, ForkScheduling):
 
     def _schedule_waiting(self, step: StepBuilder) -> None:
         next_pages = self._next_pages()  # spoken for before anyone is admitted
-        step_ms = self.cost_model.predict_ms(len(self.running))
         while self.waiting and len(self.running) + step.num_forks < self.config.max_num_seqs and \
                 self.kv.num_free_slots > step.num_forks:
             budget_left = step.token_budget - step.num_tokens
@@ -331,12 +330,9 @@ class Scheduler(Preemption, ForkScheduling):
             # () when the whole prompt fits; layer-wise: the top layers to keep on the host; None: wait
             offloaded = self.offload.layers_to_offload(request, num_cached, num_cached + num_new, need, available,
                                                        self.running)
-            if offloaded is None and self.config.ttft_slo_ms is not None and self._deferred and \
-                    self.offload.make_room(request, num_cached, num_cached + num_new, available, [
-                        r for r in self.running
-                        if r.request_id in self._deferred and self.offload.laxity_ms(r, step_ms) >= 0],
-                        self.running):
-                continue  # (TTFT first) waiting decodes still within their TPOT target gave layers to the host
+            if offloaded is None and self.offload.make_room(request, num_cached, num_cached + num_new, available,
+                                                            self.running, self._deferred):
+                continue  # decodes gave layers to the host (the offload policy says whose)
             if offloaded is None:
                 return
             self.waiting.popleft()
