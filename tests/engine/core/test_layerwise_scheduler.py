@@ -213,3 +213,44 @@ def test_import_splits_are_what_the_destination_reserves_and_its_rule_picks_from
     expected = None if not in_place else (0, 1, 2, 3)
     assert offload.layers_to_import(64, 65, 5) == expected
     assert fewest_host_layers(splits, 5, room) == (None if not in_place else splits[3])
+
+
+def test_in_place_a_prompt_starts_by_demoting_a_decodes_layers(build):
+    """In place a demoted layer is read where it lands, so when even all of a prompt's layers on the host do
+    not fit (the running decode's next page takes the last chunks), a decode's top layer goes to the host
+    tier and the prompt starts at once instead of waiting for the decode to finish."""
+    scheduler = build(40, in_place=True)
+    scheduler.add(_request("a", 79))  # 80 tokens with its first output: 5 pages x 4 layers x (K, V) = 40 chunks
+    _run_step(scheduler)
+    assert scheduler.kv.offloaded_layers("a") == () and scheduler.kv.num_available_chunks() == 0
+    scheduler.add(_request("b", 64))
+    plan = scheduler.schedule()  # a's 81st token needs a 6th page on every device layer: 8 chunks short
+    assert [c.request_id for c in plan.decodes] == ["a"] and [c.request_id for c in plan.prefills] == ["b"]
+    assert scheduler.kv.offloaded_layers("a") == (3,)  # one layer (10 chunks) covers the 8 short
+    assert scheduler.kv.offloaded_layers("b") == (0, 1, 2, 3)
+    assert scheduler.offload.num_demotions == 1
+
+
+def test_promotion_makes_a_decode_whole_from_parked_fragments_or_leaves_it(build):
+    """Spare memory too small to make the least-laxity decode whole: parked decodes with more laxity give it
+    their device layers (each keeps one) and it decodes at device speed; one that still cannot be made whole
+    gets nothing (a fragment more would still fetch every step)."""
+    scheduler = build(100, tpot_slo_ms=50.0)
+    for name in ("p1", "p2", "p3"):
+        scheduler.add(_request(name, 31))  # 32 tokens with the first output: 2 pages x 4 layers x (K, V)
+    _run_step(scheduler)
+    kv, policy, now = scheduler.kv, scheduler.offload, scheduler.clock()
+    for name, layers, age in (("p1", (3, 2, 1), 0.3), ("p2", (3, 2), 0.2), ("p3", (3,), 0.1)):
+        for layer in layers:
+            assert kv.demote(name, layer)
+        scheduler.requests[name].first_token_time = now - age  # p1 waited longest: least laxity
+    running = scheduler.running
+    laxity = [policy.laxity_ms(scheduler.requests[name], 10.0) for name in ("p1", "p2", "p3")]
+    assert laxity == sorted(laxity)
+    reserve = kv.num_available_chunks() - 4  # 4 chunks spare; p1 needs 3 layers x 4 = 12
+    used = policy.promote(running, lambda: kv.num_available_chunks() - reserve, parked={"p2", "p3"})
+    assert used == 12 and policy.num_consolidations == 1
+    assert kv.offloaded_layers("p1") == ()  # whole
+    assert kv.offloaded_layers("p3") == (1, 2, 3)  # gave layers 1 and 2 (8 chunks), kept layer 0
+    assert kv.offloaded_layers("p2") == (2, 3)  # nothing left to make it whole from: left alone
+    assert kv.num_available_chunks() - reserve == 0
