@@ -191,6 +191,16 @@ class AppArgs(BaseModel):
             raise ValueError(f"default_sampling: unknown knobs {unknown}; known: {sorted(DEFAULTABLE_SAMPLING)}")
         return value
 
+    @field_validator("engine_options")
+    @classmethod
+    def _stream_pacing(cls, value):
+        # EngineConfig checks every field in the replica; this one is checked here too, so that a bad pace
+        # fails `serve run` at once (the streams' chunks a second: None or > 0, engine/stream_pacer.py)
+        rate = value.get("stream_chunks_per_s")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+            raise ValueError(f"engine_options: stream_chunks_per_s must be null or a number > 0, got {rate!r}")
+        return value
+
     @field_validator("api_key")
     @classmethod
     def _non_empty_key(cls, value):

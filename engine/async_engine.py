@@ -3,7 +3,9 @@ to asyncio consumers.
 
 The engine thread owns the engine: every add and abort reaches it through an inbox drained between
 steps, so no engine state is touched from two threads. Outputs go back to each request's asyncio
-queue with `call_soon_threadsafe`. A failing step fails only the requests in it; the loop goes on.
+queue with `call_soon_threadsafe`, paced there (engine/stream_pacer.py, `config.stream_chunks_per_s`): with
+many streams open, the outputs a stream receives between two deliveries are merged into one chunk. A
+failing step fails only the requests in it; the loop goes on.
 `check_health()` fails when the loop died, or when one pass of it (inbox + step) has been running for
 more than `config.stall_timeout_s` (a hung kernel or collective): a long request is many short steps.
 
@@ -22,11 +24,9 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 from engine.api import (
-    HANDED_OFF,
     EngineClient,
     EngineDeadError,
     EngineOverloadedError,
@@ -38,6 +38,7 @@ from engine.api import (
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
 from engine.model_view import ModelView
+from engine.stream_pacer import PacedStream, merge_outputs, stands_apart
 
 if TYPE_CHECKING:
     from engine.core.engine_group import EngineGroup
@@ -56,27 +57,21 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_result(result)
 
 
-def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """One output standing for two consecutive ones of the same request (tokens, text and logprobs joined;
-    counts and finish from the later)."""
-    return replace(later, new_token_ids=first.new_token_ids + later.new_token_ids,
-                   text_delta=first.text_delta + later.text_delta, logprobs=first.logprobs + later.logprobs)
-
-
 def _coalesce(output: RequestOutput,
               stream: asyncio.Queue) -> tuple[RequestOutput, RequestOutput | BaseException | None]:
     """`output` merged with the outputs already waiting behind it. When the consumer (SSE encoding, Serve's
     streaming) falls behind the engine, it then handles one chunk per request per catch-up instead of one per
     token, so per-chunk Python work stops growing with the lag and taking CPU from the engine. Nothing waits
     for more: a consumer that keeps up still gets every step's tokens at once. What must stay apart is
-    returned to come after the merged output: an error queued behind it, and a hand-off ("migrated": the
-    consumer switches to the destination's stream there and reads no tokens from that output)."""
+    returned to come after the merged output: an error queued behind it (an exception, a failed or aborted
+    request), and a hand-off ("migrated": the consumer switches to the destination's stream there and reads
+    no tokens from that output). engine/stream_pacer.py paces what reaches the queue in the first place."""
     while not output.is_finished:
         try:
             later = stream.get_nowait()
         except asyncio.QueueEmpty:
             break
-        if isinstance(later, BaseException) or later.finish_reason == HANDED_OFF:
+        if stands_apart(later):
             return output, later
         output = merge_outputs(output, later)
     return output, None
@@ -101,7 +96,7 @@ class AsyncEngine:
         self.config = engine.config
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, PacedStream] = {}  # request id -> its stream (queue, loop, pacing)
         self._stop = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -201,7 +196,8 @@ class AsyncEngine:
         if request_id in self._streams:  # registering it would take over the running stream
             raise InvalidRequestError(f"request id {request_id!r} is already running here", param="request_id")
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._streams[request_id] = PacedStream(asyncio.get_running_loop(), stream, self.config.stream_chunks_per_s,
+                                                self._streams.__len__)
         return stream
 
     async def _stream(self, request_id: str, stream: asyncio.Queue, start) -> AsyncIterator[RequestOutput]:
@@ -222,7 +218,9 @@ class AsyncEngine:
                     finished = after.is_finished
                     yield after
         finally:
-            self._streams.pop(request_id, None)
+            paced = self._streams.pop(request_id, None)
+            if paced is not None:
+                paced.close()
             if not finished:
                 self._inbox.put(("abort", request_id))
                 self._wake.set()
@@ -257,10 +255,9 @@ class AsyncEngine:
 
     # ---- the engine thread -----------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
-        entry = self._streams.get(request_id)
-        if entry is not None:
-            loop, stream = entry
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        paced = self._streams.get(request_id)
+        if paced is not None:  # paced on the stream's loop (engine/stream_pacer.py): never waits here
+            paced.loop.call_soon_threadsafe(paced.put, item)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -61,6 +61,11 @@ class EngineConfig:
     # Health: the engine counts as stalled (check_health fails) when one pass of its loop (inbox + step)
     # has run this long; a long request is many short steps, so it never trips this.
     stall_timeout_s: float = 60.0
+    # Stream pacing (engine/stream_pacer.py): with N streams open, a stream's next output goes out no earlier
+    # than min(N / stream_chunks_per_s, 0.25) s after its previous one; outputs arriving sooner are merged.
+    # It bounds the chunks a second that asyncio, SSE and Serve's proxy handle (their CPU is taken from the
+    # step's GEMMs). The first and the last output of a stream are never held. None: every step's output.
+    stream_chunks_per_s: float | None = 200.0
     kv_layout: str = "contiguous"  # "contiguous" (per-slot virtual ranges) | "paged" (block tables)
     # cached KV blocks: "lru" | "prefix_subset" (Jenga: least hit length lost first) | "auto" (prefix_subset
     # when the model has sliding-window layers, lru otherwise; docs/JENGA.md measures both)
@@ -110,6 +115,10 @@ class EngineConfig:
             raise ValueError("priority_scale must be >= 1")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be > 0")
+        if self.stream_chunks_per_s is not None and (isinstance(self.stream_chunks_per_s, bool)
+                                                     or not isinstance(self.stream_chunks_per_s, (int, float))
+                                                     or not self.stream_chunks_per_s > 0):
+            raise ValueError(f"stream_chunks_per_s must be None or a number > 0, got {self.stream_chunks_per_s!r}")
         if self.enable_parameter_dropping and self.tensor_parallel_size > 1:
             raise ValueError("parameter dropping needs replicas of the whole model (tensor_parallel_size 1)")
         if self.enable_parameter_dropping and self.kv_offload == "layerwise":

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 # the same for every model of a pool (the first config's are taken; a different value is an error)
 SHARED_FIELDS = ("device", "vmm_backend", "device_memory_bytes", "host_buffer_bytes", "dtype", "pool_policy",
-                 "kv_layout", "tensor_parallel_size", "num_threads")
+                 "kv_layout", "tensor_parallel_size", "num_threads", "stream_chunks_per_s")
 
 
 def shared_page_bytes(tokens_per_page: int, bytes_per_token: Sequence[int], granularity: int) -> int:

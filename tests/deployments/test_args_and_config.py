@@ -65,6 +65,21 @@ def test_engine_config_from_args():
         AppArgs(engine_options={"tokens_per_pag": 64}).to_engine_config(device="cpu")
 
 
+def test_stream_pacing_reaches_the_engine_config_from_the_yaml():
+    engine_config = pytest.importorskip("engine.config")
+    [app] = yaml.safe_load(CONFIG.read_text())["applications"]
+    shipped = AppArgs.model_validate(app["args"]).to_engine_config(device="cpu")
+    assert shipped.stream_chunks_per_s == engine_config.EngineConfig().stream_chunks_per_s == 200
+    for value in (50, 12.5, None):  # the yaml's engine_options: {stream_chunks_per_s: N} (null: pacing off)
+        args = AppArgs.model_validate(app["args"] | {"engine_options": {"stream_chunks_per_s": value}})
+        assert args.to_engine_config(device="cpu").stream_chunks_per_s == value
+    for bad in (0, -1, "fast", True, float("nan")):  # refused when the args are read, before any replica
+        with pytest.raises(ValidationError, match="stream_chunks_per_s"):
+            AppArgs.model_validate(app["args"] | {"engine_options": {"stream_chunks_per_s": bad}})
+        with pytest.raises(ValueError, match="stream_chunks_per_s"):  # and by EngineConfig itself
+            engine_config.EngineConfig(stream_chunks_per_s=bad)
+
+
 def test_deployment_options_place_one_bundle_per_rank():
     assert deployment_options(AppArgs(device="cpu")) == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0}}
     tp = deployment_options(AppArgs(device="cpu", tensor_parallel_size=2, cpus_per_rank=0.5))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.api import GenerateRequest
+from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
 from engine.core.offload_policy import LayerwiseOffload
 from engine.sampling_params import SamplingParams
@@ -20,6 +21,27 @@ PROMPTS = [
     "easy to change. In my experience, the best way to get there is",
     "Q: What is the boiling point of water at sea level?\nA:",
 ]
+
+
+def tiny_engine(model_dir, tokenizer, **options) -> LLMEngine:
+    """A small fp32 engine of two running requests over `model_dir` (tiny_llama_dir); `options` override."""
+    config = dict(model=str(model_dir), dtype="float32", num_threads=1, max_model_len=256, max_num_seqs=2,
+                  max_num_batched_tokens=32, tokens_per_page=16, device_memory_bytes=256 << 20)
+    return LLMEngine(EngineConfig(**(config | options)), tokenizer=tokenizer)
+
+
+class Fault:
+    """Makes the scheduler raise while `on` is set, like a bug that every step hits."""
+
+    def __init__(self, scheduler):
+        self.on = False
+        self._schedule = scheduler.schedule
+        scheduler.schedule = self
+
+    def __call__(self):
+        if self.on:
+            raise RuntimeError("scheduler bug")
+        return self._schedule()
 
 
 def greedy(max_tokens: int, **overrides) -> SamplingParams:

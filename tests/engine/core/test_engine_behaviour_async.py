@@ -1,5 +1,7 @@
 """AsyncEngine on a real LLMEngine: concurrent streams give the sync engine's tokens, closing a stream
-early aborts its request and frees its KV, and bad input fails only its own stream.
+early aborts its request and frees its KV, and bad input fails only its own stream. Stream pacing
+(engine/stream_pacer.py): many streams get few chunks with the unpaced run's tokens, text and logprobs; paced
+off, one chunk per token; an error comes after the tokens held for it.
 
 pytest-asyncio is not installed: each test runs its coroutine with asyncio.run.
 """
@@ -16,7 +18,8 @@ from engine.api import EngineStats, GenerateRequest, InvalidRequestError, Reques
 from engine.async_engine import AsyncEngine, _coalesce
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
-from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy, run_all
+from engine.stream_pacer import PacedStream, pace_interval
+from tests.engine.engine_helpers import PROMPTS, Fault, assert_pool_idle, greedy, run_all, tiny_engine
 
 NUM_NEW = 6
 STREAM_PROMPTS = PROMPTS[:4]
@@ -176,5 +179,157 @@ def test_outputs_waiting_behind_one_are_merged_into_it_and_an_error_comes_after(
             stream.put_nowait(item)
         assert _coalesce(output((1,), "a", 1), stream) == (output((1, 2), "ab", 2), failure)
         assert _coalesce(output((7,), "g", 7), asyncio.Queue()) == (output((7,), "g", 7), None)  # nothing waiting
+
+    asyncio.run(main())
+
+
+# ---- stream pacing ---------------------------------------------------------------------------------------
+PACED_STREAMS = 8
+PACED_TOKENS = 96
+
+
+def pacing_engine(model_dir, tokenizer, chunks_per_s: float | None) -> LLMEngine:
+    """The tiny model: steps of a few ms, far shorter than the pacing interval."""
+    return tiny_engine(model_dir, tokenizer, max_num_seqs=PACED_STREAMS, max_num_batched_tokens=256,
+                       stream_chunks_per_s=chunks_per_s)
+
+
+def pause_before_each_step(engine: LLMEngine, seconds: float) -> None:
+    """The engine thread sleeps (the GIL released) before each step, so every consumer has read the last
+    step's outputs before the next one comes: an unpaced stream then gets exactly one chunk per step."""
+    step = engine.step
+
+    def paused_step():
+        time.sleep(seconds)
+        return step()
+
+    engine.step = paused_step
+
+
+def stream_all(engine: LLMEngine, prompts, params) -> list[list[tuple[float, RequestOutput]]]:
+    """Every prompt at once through an AsyncEngine around `engine` (shut down after, which closes the engine);
+    each stream's (loop time it was read, output) list."""
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+        await async_engine.start()
+        loop = asyncio.get_running_loop()
+
+        async def one(index):
+            request = GenerateRequest(f"paced{index}", tuple(prompts[index]), params)
+            return [(loop.time(), output) async for output in async_engine.generate(request)]
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(len(prompts)))), timeout=120)
+        finally:
+            await async_engine.shutdown()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def pacing_prompts(smollm2_tokenizer):
+    return [list(smollm2_tokenizer(text).input_ids) for text in PROMPTS[:PACED_STREAMS]]
+
+
+@pytest.fixture(scope="module")
+def unpaced_run(tiny_llama_dir, smollm2_tokenizer, pacing_prompts):
+    """The streams with pacing off (stream_chunks_per_s None), each consumer keeping up."""
+    engine = pacing_engine(tiny_llama_dir, smollm2_tokenizer, None)
+    pause_before_each_step(engine, 0.01)
+    return stream_all(engine, pacing_prompts, greedy(PACED_TOKENS, logprobs=1))
+
+
+def test_unpaced_streams_get_one_chunk_per_token(unpaced_run):
+    for index, read in enumerate(unpaced_run):
+        outputs = [output for _, output in read]
+        assert [len(output.new_token_ids) for output in outputs] == [1] * PACED_TOKENS, f"stream {index}"
+        assert outputs[-1].finish_reason == "length"
+
+
+def test_many_paced_streams_get_few_chunks_with_the_unpaced_runs_tokens(tiny_llama_dir, smollm2_tokenizer,
+                                                                         pacing_prompts, unpaced_run):
+    chunks_per_s = 40.0  # 8 streams: a chunk every 0.2 s at most per stream
+    engine = pacing_engine(tiny_llama_dir, smollm2_tokenizer, chunks_per_s)
+    pause_before_each_step(engine, 0.005)  # the run spans several intervals
+    paced_run = stream_all(engine, pacing_prompts, greedy(PACED_TOKENS, logprobs=1))
+    interval = pace_interval(PACED_STREAMS, chunks_per_s)
+    for index, (read, unpaced) in enumerate(zip(paced_run, unpaced_run, strict=True)):
+        outputs = [output for _, output in read]
+        plain = [output for _, output in unpaced]
+        # the same tokens, text and logprobs, grouped into few chunks
+        for field in ("new_token_ids", "logprobs"):
+            assert [x for output in outputs for x in getattr(output, field)] == \
+                [x for output in plain for x in getattr(output, field)], f"stream {index}: {field}"
+        assert "".join(output.text_delta for output in outputs) == "".join(output.text_delta for output in plain)
+        assert len(outputs) <= PACED_TOKENS // 8, f"stream {index}: {len(outputs)} chunks"
+        assert len(outputs[0].new_token_ids) == 1  # the first token went out at once (TTFT is never held)
+        assert [output.finish_reason for output in outputs] == [None] * (len(outputs) - 1) + ["length"]
+        assert outputs[-1].num_output_tokens == PACED_TOKENS
+        # between two deliveries at least the interval (the last, finishing, one is never held)
+        times = [at for at, _ in read]
+        gaps = [later - earlier for earlier, later in zip(times[:-2], times[1:-1], strict=True)]
+        assert all(gap >= interval - 0.03 for gap in gaps), (index, gaps)
+
+
+def test_an_error_mid_stream_comes_after_the_tokens_held_for_it(tiny_llama_dir, smollm2_tokenizer, prompts):
+    # one stream at 1 chunk a second: each output after the first is held up to 0.25 s (MAX_INTERVAL_S)
+    engine = tiny_engine(tiny_llama_dir, smollm2_tokenizer, stream_chunks_per_s=1.0)  # shutdown closes it
+    fault = Fault(engine.scheduler)
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+        await async_engine.start()
+        outputs = []
+        try:
+            async for output in async_engine.generate(GenerateRequest("failing", tuple(prompts[0]), greedy(200))):
+                outputs.append(output)
+                if len(outputs) == 1:  # a few steps' tokens wait behind the first, then every step fails
+                    steps = engine.num_steps
+                    while engine.num_steps < steps + 3:
+                        await asyncio.sleep(0.001)
+                    fault.on = True
+            return outputs
+        finally:
+            await async_engine.shutdown()
+
+    outputs = asyncio.run(asyncio.wait_for(main(), timeout=60))
+    first, held, error = outputs  # the failure did not wait for the interval, and the held tokens came first
+    assert len(first.new_token_ids) == 1 and first.finish_reason is None
+    assert len(held.new_token_ids) >= 3 and held.finish_reason is None
+    assert error.finish_reason == "error" and "scheduler bug" in error.error and error.new_token_ids == ()
+    assert len(first.new_token_ids) + len(held.new_token_ids) == error.num_output_tokens  # none lost
+
+
+def test_paced_stream_merges_until_the_interval_and_never_holds_endings():
+    def output(tokens, finish=None):
+        return RequestOutput("r", tokens, "".join(map(str, tokens)), finish_reason=finish, num_output_tokens=tokens[-1]
+                             if tokens else 0)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        paced = PacedStream(loop, queue, 10.0, lambda: 2)  # 2 streams at 10 chunks/s: 0.2 s apart
+        paced.put(output((1,)))
+        paced.put(output((2,)))
+        paced.put(output((3,)))
+        assert [queue.get_nowait()] == [output((1,))] and queue.empty()  # the first at once, the rest held
+        await asyncio.sleep(0.3)
+        assert queue.get_nowait() == output((2, 3)) and queue.empty()
+        paced.put(output((4,)))
+        failure = RuntimeError("loop died")
+        paced.put(failure)  # not held, and after the held token
+        assert [queue.get_nowait(), queue.get_nowait()] == [output((4,)), failure]
+        paced.put(output((5,)))
+        paced.put(output((6,), "length"))  # a finishing output is never held: it takes the pending along
+        assert queue.get_nowait() == output((5, 6), "length") and queue.empty()
+        paced.put(output((7,)))
+        paced.close()  # the consumer left: the timer goes, nothing more is delivered
+        await asyncio.sleep(0.3)
+        assert queue.empty()
+        unpaced = PacedStream(loop, queue, None, lambda: 100)
+        for tokens in ((1,), (2,), (3,)):
+            unpaced.put(output(tokens))
+        assert [queue.get_nowait() for _ in range(3)] == [output((1,)), output((2,)), output((3,))]
 
     asyncio.run(main())

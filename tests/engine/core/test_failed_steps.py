@@ -11,36 +11,14 @@ import pytest
 
 from engine.api import GenerateRequest
 from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.core.engine import LLMEngine
-from tests.engine.engine_helpers import assert_pool_idle, greedy
-
-
-def make_engine(model_dir, tokenizer) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", num_threads=1, max_model_len=256,
-                                  max_num_seqs=2, max_num_batched_tokens=32, tokens_per_page=16,
-                                  device_memory_bytes=256 << 20), tokenizer=tokenizer)
+from tests.engine.engine_helpers import Fault, assert_pool_idle, greedy, tiny_engine
 
 
 @pytest.fixture
 def engine(tiny_llama_dir, smollm2_tokenizer):
-    engine = make_engine(tiny_llama_dir, smollm2_tokenizer)
+    engine = tiny_engine(tiny_llama_dir, smollm2_tokenizer)
     yield engine
     engine.close()
-
-
-class Fault:
-    """Makes the scheduler raise while `on` is set, like a bug that every step hits."""
-
-    def __init__(self, scheduler):
-        self.on = False
-        self._schedule = scheduler.schedule
-        scheduler.schedule = self
-
-    def __call__(self):
-        if self.on:
-            raise RuntimeError("scheduler bug")
-        return self._schedule()
 
 
 def test_a_repeating_failure_ends_every_request_instead_of_spinning(engine, prompts):
@@ -71,7 +49,7 @@ def test_a_repeating_failure_ends_every_request_instead_of_spinning(engine, prom
 
 
 def test_the_async_loop_ends_the_streams_of_a_scheduler_that_always_fails(tiny_llama_dir, smollm2_tokenizer, prompts):
-    engine = make_engine(tiny_llama_dir, smollm2_tokenizer)  # the AsyncEngine's shutdown closes it
+    engine = tiny_engine(tiny_llama_dir, smollm2_tokenizer)  # the AsyncEngine's shutdown closes it
     fault = Fault(engine.scheduler)
     fault.on = True
 
