@@ -34,6 +34,9 @@ class PipelineKV:
     def num_used_chunks(self) -> int:
         return sum(kv.num_used_chunks() for kv in self.stages)
 
+    def has_host_pages(self, request_id: str) -> bool:
+        return False  # no layer-wise offload in a pipeline (EngineConfig refuses the pair)
+
     def can_grow(self, request_id: str | None, num_tokens: int) -> bool:
         return all(kv.can_grow(request_id, num_tokens) for kv in self.stages)
 

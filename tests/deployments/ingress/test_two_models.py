@@ -6,6 +6,8 @@ engine's series per model, /v1/memory shows every KV kind of the shared pool."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -84,7 +86,12 @@ def test_the_model_field_routes_and_unknown_models_get_404(app_client, tiny_mode
 def test_metrics_are_per_model_and_memory_shows_every_kv_kind(app_client):
     client, engine = app_client
     client.post("/v1/completions", json={"model": "tiny-gemma3", "prompt": PROMPT, "max_tokens": 2})
+    # the engine refreshes its stats after it has delivered the step's outputs: the response can come first
+    deadline = time.monotonic() + 10.0
     metrics = client.get("/metrics").text
+    while 'model_name="tiny-gemma3",replica="two-models"} 1.0' in metrics and time.monotonic() < deadline:
+        time.sleep(0.05)
+        metrics = client.get("/metrics").text
     for model in ("tiny-qwen3", "tiny-gemma3"):
         assert f'elastic:num_requests_running{{model_name="{model}",replica="two-models"}} 0.0' in metrics
         assert f'elastic:kv_kind_bytes{{kind="{model}/g0",model_name="{model}",replica="two-models",state="held"}}' \
