@@ -61,8 +61,9 @@ IS_FORCING_OUTPUT_LENGTH = os.environ.get("LOADTEST_FORCE_OUTPUT_LENGTH", "1") !
 _SHAPE_SPEC = shapes.ShapeSpec.from_env(os.environ["LOADTEST_SHAPE"]) if os.environ.get("LOADTEST_SHAPE") else None
 _PLAN = _SHAPE_SPEC.plan() if _SHAPE_SPEC else None
 if _PLAN is not None:
-    # Locust uses the LoadTestShape subclass it finds in this module; there is exactly one, or none.
-    LoadShape = shapes.load_test_shape(_PLAN)
+    # Locust uses the LoadTestShape subclass it finds in this module; there is exactly one, or none. A
+    # one-shot plan ends the test once the open-loop user has every answer (RUN is made below).
+    LoadShape = shapes.load_test_shape(_PLAN, is_answered=lambda: RUN.is_schedule_answered)
 
 
 def _load_workload() -> Workload:
@@ -88,6 +89,7 @@ class _Run:
         # the open-loop schedule and the perf_counter() time it counts from (when the open-loop user began)
         self.arrivals: Iterator[float] | None = None
         self.arrivals_origin = 0.0
+        self.is_schedule_answered = False  # the schedule is over and every request it sent has its answer
         path = os.environ.get("LOADTEST_REQUESTS_FILE")
         self._records = open(path, "a", encoding="utf-8", buffering=1) if path else None
 
@@ -125,6 +127,7 @@ RUN = _Run()
 @events.test_start.add_listener
 def _on_test_start(environment, **_kwargs) -> None:
     RUN.arrivals = None  # a new test in the web UI starts its arrival schedule over
+    RUN.is_schedule_answered = False
 
 
 class LlmUser(HttpUser):
@@ -281,6 +284,7 @@ class OpenLoopUser(LlmUser):
                     continue
                 in_flight.spawn(self.run_session, session, pool_name)
             in_flight.join()
+            RUN.is_schedule_answered = True  # a one-shot shape ends the test at its next tick
         finally:
             in_flight.kill(block=False)
         # The schedule is done. Idle rather than return (Locust would run the task again) until the test stops.

@@ -140,7 +140,8 @@ def _ms(stats: LatencyStats, field: str) -> str:
 
 
 def format_summary(summary: Summary) -> str:
-    lines = [f"{summary.label or 'run'} · {summary.scenario} · {summary.window_s:.1f} s window"]
+    lines = [f"{summary.label or 'run'} · {summary.scenario} · {summary.window_s:.1f} s window "
+             "(the makespan: first request sent -> last finished)"]
     lines.append(f"{'latency (ms)':<14}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}{'count':>9}")
     for name, stats in (
         ("TTFT", summary.ttft_ms),

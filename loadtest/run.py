@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--label", default="", help="name of this run in tables and comparisons")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length of fixed-length scenarios (128)")
     parser.add_argument("--output-tokens", type=int, help="output length of fixed-length scenarios (128)")
+    parser.add_argument("--burst-size", type=int, help="requests of a one-shot burst (layerkv-burst: 8)")
     parser.add_argument(
         "--context-tokens",
         type=int,
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         context_tokens=args.context_tokens or server.max_model_len or 4096,
         prompt_tokens=args.prompt_tokens,
         output_tokens=args.output_tokens,
+        burst_size=args.burst_size,
         seed=args.seed,
     )
     plan = scenario.build(settings)

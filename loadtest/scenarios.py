@@ -24,6 +24,7 @@ class RunSettings:
     context_tokens: int = 4096  # the model's context, for long-context prompts
     prompt_tokens: int | None = None  # override of fixed-length scenarios
     output_tokens: int | None = None
+    burst_size: int | None = None  # requests of a one-shot burst
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -33,6 +34,8 @@ class RunSettings:
             raise ValueError("users must be >= 1")
         if self.rate_per_s is not None and self.rate_per_s <= 0:
             raise ValueError("rate must be positive")
+        if self.burst_size is not None and self.burst_size < 1:
+            raise ValueError("burst_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,18 @@ def _shared_prefix(settings: RunSettings) -> RunPlan:
     )
 
 
+def _layerkv_burst(settings: RunSettings) -> RunPlan:
+    """LayerKV's queued burst through a server: N long-output requests at once, one each, until all are answered
+    (docs/LAYERKV.md, `python -m loadtest.bench.layerkv_serve`)."""
+    size = settings.burst_size or 8
+    distribution = FixedLengths(settings.prompt_tokens or 256, settings.output_tokens or 768)
+    return RunPlan(
+        shape=ShapeSpec("one-shot-burst", {"burst_size": size, "duration_s": settings.duration_s}),
+        user_classes=("OpenLoopUser",),
+        pools={"main": PoolSpec(distribution, size)},
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (
@@ -188,6 +203,11 @@ SCENARIOS: dict[str, Scenario] = {
             "shared-prefix",
             "8 chat users, 4-turn conversations behind a shared system prompt, 75% of prompt tokens a repeated prefix",
             _shared_prefix,
+        ),
+        Scenario(
+            "layerkv-burst",
+            "open loop, once: --burst-size (8) prompts of 256 tokens, 768 out, all at once; ends when all are answered",
+            _layerkv_burst,
         ),
     )
 }

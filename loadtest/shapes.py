@@ -1,8 +1,9 @@
 """When load happens: closed-loop user counts over time and open-loop arrival schedules, as Locust shapes.
 
 Closed-loop users send their next request when the last one finishes, so a slow server slows its own load
-and queueing stays hidden. The open-loop plans (Poisson, long-context bursts) instead schedule arrivals in
-time, whatever the server does; one open-loop Locust user (`OpenLoopUser` in the locustfile) fires them.
+and queueing stays hidden. The open-loop plans (Poisson, long-context bursts, a one-shot burst) instead
+schedule arrivals in time, whatever the server does; one open-loop Locust user (`OpenLoopUser` in the
+locustfile) fires them.
 
 A plan is a frozen dataclass whose load is a pure function of time (`users_at`, `arrival_times`), tested
 without Locust. `load_test_shape(plan)` wraps it in a Locust `LoadTestShape`. Locust is imported only there:
@@ -15,10 +16,11 @@ locustfile's namespace, so the locustfile exports exactly one, chosen by the `LO
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -27,9 +29,11 @@ SPAWN_RATE = 100.0  # users per second: steps and spikes happen at once (Locust 
 
 class LoadPlan:
     """`users_at(t)`: users running `t` seconds into the test, None to end it. Open-loop plans also give
-    `arrival_times()` and name the workload pool (`open_loop_pool`) the open-loop user draws from."""
+    `arrival_times()` and name the workload pool (`open_loop_pool`) the open-loop user draws from. A plan
+    that `ends_when_answered` also ends the test as soon as its last arrival has its answer."""
 
     open_loop_pool: ClassVar[str | None] = None
+    ends_when_answered: ClassVar[bool] = False
     duration_s: float
 
     def users_at(self, time_s: float) -> int | None:
@@ -173,12 +177,35 @@ class LongContextBurst(LoadPlan):
             yield at
 
 
+@dataclass(frozen=True)
+class OneShotBurst(LoadPlan):
+    """Open loop, once: `burst_size` requests arrive together at `at_s`, and the test ends when every one has
+    its answer (or at `duration_s`): a burst's makespan, not a rate (LayerKV's queued prompts)."""
+
+    open_loop_pool: ClassVar[str | None] = "main"
+    ends_when_answered: ClassVar[bool] = True
+    burst_size: int = 8
+    at_s: float = 0.0
+    duration_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.burst_size < 1 or not 0 <= self.at_s < self.duration_s:
+            raise ValueError(f"invalid one-shot burst {self}")
+
+    def users_at(self, time_s: float) -> int | None:
+        return 1 if time_s < self.duration_s else None  # the one open-loop user
+
+    def arrival_times(self) -> Iterator[float]:
+        return itertools.islice(burst_arrivals(self.at_s, self.duration_s, self.burst_size), self.burst_size)
+
+
 SHAPES: dict[str, type[LoadPlan]] = {
     "steady": Steady,
     "step-ramp": StepRamp,
     "spike": Spike,
     "poisson": Poisson,
     "long-context-burst": LongContextBurst,
+    "one-shot-burst": OneShotBurst,
 }
 
 
@@ -216,13 +243,17 @@ class ShapeSpec:
         return asdict(self.plan())
 
 
-def load_test_shape(plan: LoadPlan) -> type:
-    """A Locust `LoadTestShape` class that follows `plan` (imports locust: call it in the Locust process)."""
+def load_test_shape(plan: LoadPlan, is_answered: Callable[[], bool] = lambda: False) -> type:
+    """A Locust `LoadTestShape` class that follows `plan` (imports locust: call it in the Locust process).
+    `is_answered()`: every arrival of the plan has its answer (the locustfile's open-loop user says); a plan
+    that `ends_when_answered` then ends the test at the next tick (Locust ticks once a second)."""
     from locust import LoadTestShape
 
     def tick(self):
         users = plan.users_at(self.get_run_time())
-        return None if users is None else (users, SPAWN_RATE)
+        if users is None or (plan.ends_when_answered and is_answered()):
+            return None
+        return users, SPAWN_RATE
 
     return type(
         f"{type(plan).__name__}Shape",

@@ -150,14 +150,31 @@ def _wait_healthy(base_url: str, process: subprocess.Popen, timeout_s: float) ->
     raise TimeoutError(f"{base_url} not healthy within {timeout_s} s")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, leader_grace_s: float = 60.0) -> None:
+    """SIGTERM to the server's own process first (`python -m deployments.launch` drains, then shuts Serve and
+    its local Ray down), then to its process group (`serve run` dies at once and leaves Ray's children)."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)  # its own process group: serve run's Ray children go too
+        process.terminate()
         try:
-            process.wait(timeout=120)
+            process.wait(timeout=leader_grace_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # its own process group: whatever Ray children are left
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def run_server(command: list[str], env: dict[str, str], base_url: str, log_path: Path, measure_fn,

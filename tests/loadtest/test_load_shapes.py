@@ -14,6 +14,7 @@ from loadtest.scenarios import SCENARIOS, RunSettings
 from loadtest.shapes import (
     SHAPES,
     LongContextBurst,
+    OneShotBurst,
     Poisson,
     ShapeSpec,
     Spike,
@@ -67,6 +68,32 @@ def test_long_context_bursts():
     assert plan.open_loop_pool == "burst"
 
 
+def test_one_shot_burst_sends_every_request_at_once_and_ends_when_they_are_answered():
+    plan = OneShotBurst(burst_size=8, duration_s=600)
+    assert list(plan.arrival_times()) == [0.0] * 8 and list(plan.arrival_times()) == [0.0] * 8  # once, repeatable
+    assert plan.users_at(0) == 1 and plan.users_at(599.9) == 1 and plan.users_at(600) is None  # or at the duration
+    assert plan.open_loop_pool == "main" and plan.ends_when_answered
+    assert list(OneShotBurst(burst_size=3, at_s=2.5, duration_s=10).arrival_times()) == [2.5] * 3
+    assert not any(shape.ends_when_answered for name, shape in SHAPES.items() if name != "one-shot-burst")
+
+
+def test_layerkv_burst_plans_n_prompts_of_p_tokens_with_fixed_outputs():
+    plan = SCENARIOS["layerkv-burst"].build(RunSettings(duration_s=900))
+    shape = plan.shape.plan()
+    assert isinstance(shape, OneShotBurst) and shape.burst_size == 8 and shape.duration_s == 900
+    assert plan.user_classes == ("OpenLoopUser",) and plan.endpoint == "completions"
+    lengths = plan.pools["main"].distribution
+    assert plan.pools["main"].num_sessions == 8
+    assert (lengths.num_prompt_tokens, lengths.num_output_tokens) == (256, 768)
+    settings = RunSettings(duration_s=60, burst_size=3, prompt_tokens=32, output_tokens=16)
+    smaller = SCENARIOS["layerkv-burst"].build(settings)
+    lengths = smaller.pools["main"].distribution
+    assert list(smaller.shape.plan().arrival_times()) == [0.0] * 3 and smaller.pools["main"].num_sessions == 3
+    assert (lengths.num_prompt_tokens, lengths.num_output_tokens) == (32, 16)
+    with pytest.raises(ValueError):
+        RunSettings(burst_size=0)
+
+
 def test_validation():
     with pytest.raises(ValueError):
         Steady(users=0)
@@ -78,6 +105,10 @@ def test_validation():
         StepRamp(start_users=5, max_users=4)
     with pytest.raises(ValueError):
         LongContextBurst(burst_size=0)
+    with pytest.raises(ValueError):
+        OneShotBurst(burst_size=0)
+    with pytest.raises(ValueError):
+        OneShotBurst(at_s=10, duration_s=10)
 
 
 def test_shape_spec_round_trips_through_the_environment():

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib
@@ -82,6 +83,28 @@ def test_open_loop_bursts_of_long_prompts(openai_server, tmp_path):
     starts = sorted(record["start_time"] for record in burst)
     assert starts[3] - starts[0] < 0.3 and 1.0 < starts[4] - starts[0] < 1.6  # together, then 4/3 s apart
     assert_valid_png(out / "memory.png")
+
+
+def test_one_shot_burst_ends_when_every_request_is_answered(openai_server, tmp_path):
+    out = tmp_path / "layerkv-burst"
+    started = time.monotonic()
+    result = run_loadtest(
+        out, openai_server, "--scenario", "layerkv-burst", "--duration", "100", "--burst-size", "4",
+        "--prompt-tokens", "32", "--output-tokens", "16", "--slo-ttft", "1000", "--slo-tpot", "100",
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(record["error"] is None for record in records)
+    assert {record["num_prompt_tokens"] for record in records} == {32}
+    assert {record["num_output_tokens"] for record in records} == {16}
+    starts = sorted(record["start_time"] for record in records)
+    assert starts[-1] - starts[0] < 0.3  # at once
+    assert elapsed < 40, elapsed  # it stopped by itself, long before --duration
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_requests"] == 4 and summary["slo_attainment"] == 1.0
+    assert summary["window_s"] == max(r["start_time"] + r["e2e_s"] for r in records) - starts[0]  # the makespan
+    assert "makespan" in result.stdout
 
 
 def test_bare_locustfile_runs_headless(openai_server, tmp_path):
