@@ -124,10 +124,7 @@ class LayerwiseOffload(NoOffload):
     def fetch_bytes(self, running: Sequence[Request]) -> int:
         if self.kv.host_tier is not None:
             return 0
-        pages = sum(self.kv.num_pages_to_stage(r.request_id, layer, r.num_computed_tokens + 1)
-                    for r in running if self.kv.requests[r.request_id].host_pages
-                    for layer in self.kv.layers_with_host_pages(r.request_id))
-        return 2 * pages * self.kv.spec.page_bytes
+        return sum(sum(self.layer_fetch_bytes(r)) for r in running if self.kv.requests[r.request_id].host_pages)
 
     def layers_to_offload(self, request: Request, num_cached: int, end: int, need: int,
                           available: int, running: Sequence[Request] = ()) -> tuple[int, ...] | None:
@@ -296,9 +293,7 @@ class LayerwiseOffload(NoOffload):
         order = sorted(candidates, key=lambda r: (self.laxity_ms(r, step_ms), self.slo.tpot_slack_ms(r)), reverse=True)
         for request in order:
             request_id = request.request_id
-            device_layers = [layer for layer, where in enumerate(self.kv.requests[request_id].residency)
-                             if where == DEVICE]
-            for layer in reversed(device_layers[1:]):  # keep one layer: a request all on the host stalls
+            for layer in reversed(self._demotable_layers(request_id)):
                 if freed >= num_chunks:
                     return freed
                 gain = self.kv.chunks_freed_by_demoting(request_id, layer)
@@ -391,10 +386,15 @@ class LayerwiseOffload(NoOffload):
         total = 0
         for request in donors:
             request_id = request.request_id
-            device_layers = [layer for layer, where in enumerate(self.kv.requests[request_id].residency)
-                             if where == DEVICE]
-            total += sum(self.kv.chunks_freed_by_demoting(request_id, layer) for layer in device_layers[1:])
+            total += sum(self.kv.chunks_freed_by_demoting(request_id, layer)
+                         for layer in self._demotable_layers(request_id))
         return min(total, self.kv.host_buffer.num_free)
+
+    def _demotable_layers(self, request_id: str) -> list[int]:
+        """The request's device layers but its lowest: it keeps one (a request all on the host stalls)."""
+        residency = self.kv.requests[request_id].residency
+        return [layer for layer, where in enumerate(residency) if where == DEVICE][1:]
+
 
 OFFLOAD_POLICIES = {"none": NoOffload, "layerwise": LayerwiseOffload}
 
