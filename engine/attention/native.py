@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 from engine.attention.base import LayerAttentionSpec
+from engine.core.forward_batch import ForwardBatch
 from engine.native_build import FLAGS, load_library
 
 _SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
+_PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.c"
 _KERNELS = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
 
 
@@ -32,6 +34,21 @@ def load_decode_kernels(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     library.store_rows.restype = int64
     library.store_rows.argtypes = [pointer, int64, int64, int64, int64, pointer, int64, int64, pointer, pointer,
                                    int64, pointer, int64, int64]
+    return library
+
+
+def load_prefill_kernel(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
+    """The bf16 prefill kernel (csrc/prefill_attention.c), or None where the CPU lacks AVX512-BF16 (the
+    backends keep scaled_dot_product_attention for prompts there). Raises RuntimeError when it cannot be built."""
+    library = load_library(_PREFILL_SOURCE, flags)
+    library.prefill_attention_available.restype = ctypes.c_int64
+    if not library.prefill_attention_available():
+        return None
+    int64, pointer = ctypes.c_int64, ctypes.c_void_p
+    library.prefill_attention_bf16.restype = int64
+    library.prefill_attention_bf16.argtypes = [pointer, int64, pointer, pointer, int64, int64, int64, pointer, int64,
+                                               pointer, pointer, pointer, pointer, int64, int64, int64, int64, int64,
+                                               ctypes.c_float, pointer, int64, int64]
     return library
 
 
@@ -65,6 +82,26 @@ def decode_in_place(library: ctypes.CDLL, spec: LayerAttentionSpec, q: torch.Ten
     )
     if result is not out:
         out.copy_(result)
+
+
+def prefill_in_place(library: ctypes.CDLL, spec: LayerAttentionSpec, q: torch.Tensor, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, table: torch.Tensor | None, batch: ForwardBatch,
+                     out: torch.Tensor) -> bool:
+    """out rows of every prompt chunk = its causal (windowed) attention over its sequence's cache, which
+    already holds the chunk's K/V, read in place (bf16 cache, q and out). False (nothing written) for a shape
+    the kernel does not take; the caller then attends with SDPA."""
+    if not (q.dtype == out.dtype == key_cache.dtype == torch.bfloat16 and q.stride(-1) == 1
+            and q.stride(1) == spec.head_dim and out.stride(-1) == 1 and out.stride(1) == spec.head_dim
+            and key_cache.stride() == value_cache.stride() and rows_in_place(key_cache)):
+        return False
+    arrays = batch.prefill_arrays
+    table_ptr, _, table_stride = _table_args(table)
+    return library.prefill_attention_bf16(
+        q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(), key_cache.stride(0),
+        key_cache.stride(1), key_cache.shape[1], table_ptr, table_stride, arrays[0].data_ptr(), arrays[1].data_ptr(),
+        arrays[2].data_ptr(), arrays[3].data_ptr(), arrays.shape[1], spec.num_heads, spec.num_kv_heads,
+        spec.head_dim, spec.sliding_window or 0, spec.head_dim ** -0.5, out.data_ptr(), out.stride(0),
+        torch.get_num_threads()) == 0
 
 
 def store_rows(library: ctypes.CDLL, cache: torch.Tensor, table: torch.Tensor | None, slots: torch.Tensor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention.base import AttentionBackend, LayerAttentionSpec
-from engine.attention.native import can_store, decode_in_place, rows_in_place, store_rows
+from engine.attention.native import can_store, decode_in_place, prefill_in_place, rows_in_place, store_rows
 from engine.attention.native_decode import NativeDecodeBackend
 from engine.attention.paged_torch import PagedTorchBackend
 from engine.core.forward_batch import ForwardBatch
@@ -25,6 +25,7 @@ class PagedNativeBackend(PagedTorchBackend):
     def __init__(self, dense: NativeDecodeBackend):
         super().__init__(dense)
         self._library = dense._library
+        self._prefill_library = dense._prefill_library
 
     def _store(self, cache: PagedLayerCache, batch: ForwardBatch, values) -> None:
         if can_store(cache.pages, values, batch.token_slots, batch.positions) and _tables_ok(cache.block_table):
@@ -40,6 +41,14 @@ class PagedNativeBackend(PagedTorchBackend):
                           batch.decode_slots, batch.decode_context_lens, out)
         else:
             super()._decode(spec, q, key_cache, value_cache, batch, out)
+
+
+    def _prefills(self, spec: LayerAttentionSpec, q, k, v, key_cache: PagedLayerCache, value_cache: PagedLayerCache,
+                  batch: ForwardBatch, out) -> None:
+        if (self._prefill_library is None or not _tables_ok(key_cache.block_table)
+                or not prefill_in_place(self._prefill_library, spec, q, key_cache.pages, value_cache.pages,
+                                        key_cache.block_table, batch, out)):
+            super()._prefills(spec, q, k, v, key_cache, value_cache, batch, out)
 
 
 def paged_backend(dense: AttentionBackend) -> AttentionBackend:

@@ -35,6 +35,13 @@ class PagedTorchBackend(AttentionBackend):
         num_decode = batch.num_decode_tokens
         if num_decode:
             self._decode(spec, q[:num_decode], key_cache, value_cache, batch, out[:num_decode])
+        if batch.prefills:
+            self._prefills(spec, q, k, v, key_cache, value_cache, batch, out)
+
+    def _prefills(self, spec: LayerAttentionSpec, q, k, v, key_cache: PagedLayerCache, value_cache: PagedLayerCache,
+                  batch: ForwardBatch, out) -> None:
+        """Every prompt chunk's attention: a chunk starting at position 0 attends to its own K/V (`k`, `v`),
+        a later one to its slot's pages gathered through the block table; SDPA either way."""
         for chunk in batch.prefills:
             rows = slice(chunk.token_offset, chunk.token_offset + chunk.num_tokens)
             if chunk.start_position == 0 and k.dtype == key_cache.pages.dtype:  # the chunk's own K/V: no gather

@@ -46,6 +46,11 @@ class TorchSdpaBackend(AttentionBackend):
         num_decode = batch.num_decode_tokens
         if num_decode:
             self._decode(spec, q[:num_decode], key_cache, value_cache, batch, out[:num_decode])
+        if batch.prefills:
+            self._prefills(spec, q, key_cache, value_cache, batch, out)
+
+    def _prefills(self, spec: LayerAttentionSpec, q, key_cache, value_cache, batch: ForwardBatch, out) -> None:
+        """Every prompt chunk's attention (its K/V already stored): one SDPA call per chunk."""
         for chunk in batch.prefills:
             rows = slice(chunk.token_offset, chunk.token_offset + chunk.num_tokens)
             self._prefill(spec, q[rows], key_cache, value_cache, chunk.slot, chunk.start_position, out[rows])

@@ -7,6 +7,7 @@ first (one per decoding request), then each prefill chunk's tokens in order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -35,3 +36,11 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @cached_property
+    def prefill_arrays(self) -> torch.Tensor:
+        """[4, num_prefills] int64 on the CPU: each chunk's slot, start position, token offset and token count
+        (the native prefill kernel's arguments), made once per batch however many layers read them."""
+        chunks = self.prefills
+        return torch.tensor([[c.slot for c in chunks], [c.start_position for c in chunks],
+                             [c.token_offset for c in chunks], [c.num_tokens for c in chunks]], dtype=torch.int64)
