@@ -238,6 +238,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--ours-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--running", action="store_true",
+                        help="measure only the server already answering at --ours-url (start none; e.g. to profile it)")
     parser.add_argument("--peer-port", type=int, default=8300)
     parser.add_argument("--only", choices=("ours", "vllm"), default=None)
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to answer")
@@ -256,11 +258,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return lambda: measure(url, prompts, args.concurrency, args.requests_per_user, args.output_tokens)
 
     results: dict[str, tuple[float, list[Level]]] = {}
-    if args.only in (None, "ours"):
+    if args.running:
+        results["ours"] = (0.0, measure_at(args.ours_url)())
+    elif args.only in (None, "ours"):
         command, env = ours_command(args.config)
         results["ours"] = run_server(command, env, args.ours_url, logs / "bench-serve-ours.log",
                                      measure_at(args.ours_url), args.start_timeout)
-    if args.only in (None, "vllm"):
+    if args.only in (None, "vllm") and not args.running:
         folder = find_peer_dir(args.peer_dir)
         if folder is None:
             raise SystemExit(f"vLLM peer not set up: {setup_hint()}")

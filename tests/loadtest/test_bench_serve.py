@@ -1,9 +1,10 @@
-"""loadtest/bench/serve.py without servers: the level arithmetic and the ratio table."""
+"""loadtest/bench/serve.py: level arithmetic and the ratio table without servers; --running on the fake server."""
 
 from __future__ import annotations
 
 import pytest
 
+from loadtest.bench import serve
 from loadtest.bench.serve import Level, parse_args, ratio_table
 from loadtest.metrics import RequestRecord
 
@@ -32,3 +33,14 @@ def test_ratio_table_puts_ours_over_the_peer_for_rates_and_the_peer_over_ours_fo
 def test_defaults_are_the_issue_s_levels():
     args = parse_args([])
     assert args.concurrency == [1, 8, 32] and args.config == "serve_config.yaml"
+
+
+def test_running_measures_the_server_at_the_url_and_starts_none(openai_server, capsys, monkeypatch):
+    def no_server(*args, **kwargs):
+        raise AssertionError("--running must not start a server")
+
+    monkeypatch.setattr(serve, "run_server", no_server)
+    serve.main(["--running", "--ours-url", openai_server, "--concurrency", "2", "--requests-per-user", "1",
+                "--output-tokens", "4"])
+    table = capsys.readouterr().out
+    assert "ours: healthy" in table and "\n| 2 | " in table
