@@ -8,8 +8,7 @@
  * one core. Here one parallel region runs every layer; the threads meet at a barrier between phases that
  * spins briefly, then sleeps on a futex (barrier_wait).
  *
- * Per layer, each phase split over the threads (the products and the attention claimed piece by piece, the
- * rest in fixed shares), with a barrier after each (7 per layer):
+ * Per layer, each phase split over the threads, with a barrier after each (7 per layer):
  *   hidden += pending residual, normed = rms_norm(hidden)          rows
  *   qkv = normed @ Wqkv^T                                            work units (packed_gemm_bf16.h)
  *   rope(q, k) in place, k, v into the cache, decode attention       (row, key/value head) pairs
@@ -95,45 +94,16 @@ static inline void share(int64_t total, int tid, int threads, int64_t *first, in
     *last = total * (tid + 1) / threads;
 }
 
-/* Claims the next `grain` of a phase's `total` items from its counter (every thread starts at zero); false
- * when none are left. */
-static inline int claim(int64_t *counter, int64_t total, int64_t grain, int64_t *first, int64_t *last) {
-    const int64_t at = __atomic_fetch_add(counter, grain, __ATOMIC_RELAXED);
-    if (at >= total) return 0;
-    *first = at;
-    *last = at + grain < total ? at + grain : total;
-    return 1;
-}
-
-/* This thread's items of a phase of `total`: its fixed share of the first packed_gemm_owned_units(total)
- * (*first, *last on the first call, *at == -1), then the rest one at a time from `counter`; false when done. */
-static inline int next_items(int64_t *counter, int64_t total, int tid, int threads, int64_t *at, int64_t *first,
-                             int64_t *last) {
-    const int64_t owned = packed_gemm_owned_units(total);
-    if (*at < 0) {
-        *at = 0;
-        share(owned, tid, threads, first, last);
-        if (*first < *last) return 1;
-    }
-    if (!claim(counter, total - owned, 1, first, last)) return 0;
-    *first += owned, *last += owned;
-    return 1;
-}
-
-#define PHASES 6  /* claimed phases per layer: qkv, attention, o, gate_up, down, paired gate_up + SiLU */
-
-/* the product's work units (next_items); x32 is the thread's own copy of x (packed_gemm_x: each thread that
- * computes units converts every row, which costs a few microseconds and saves a barrier) */
-static void gemm_claimed(const uint16_t *x, int64_t ldx, const Packed *w, uint16_t *y, int64_t m, float *x32,
-                         int64_t *counter, int tid, int threads) {
-    const int64_t units = packed_gemm_num_units(m, w->out_features, w->block);
-    int64_t at = -1, first, last;
-    int converted = 0;
-    while (next_items(counter, units, tid, threads, &at, &first, &last)) {
-        if (!converted) packed_gemm_x(x, ldx, m, w->in_features, x32), converted = 1;
-        packed_gemm_units(x32, w->weight, y, w->out_features, 0, m, w->out_features, w->in_features, w->k_padded,
-                          w->block, first, last);
-    }
+/* this thread's share of the product's work units; x32 is the thread's own copy of x (packed_gemm_x: each
+ * thread converts every row, which costs a few microseconds and saves a barrier) */
+static void gemm_share(const uint16_t *x, int64_t ldx, const Packed *w, uint16_t *y, int64_t m, float *x32,
+                       int tid, int threads) {
+    int64_t first, last;
+    share(packed_gemm_num_units(m, w->out_features, w->block), tid, threads, &first, &last);
+    if (first == last) return;
+    packed_gemm_x(x, ldx, m, w->in_features, x32);
+    packed_gemm_units(x32, w->weight, y, w->out_features, 0, m, w->out_features, w->in_features, w->k_padded,
+                      w->block, first, last);
 }
 
 static void norm_share(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t m,
@@ -177,8 +147,6 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
     int64_t max_len = 1;
     for (int64_t i = 0; i < m; ++i) max_len = positions[i] + 1 > max_len ? positions[i] + 1 : max_len;
     Barrier barrier = {0, 0, (int)num_threads, 0};
-    int64_t work[shape->num_layers * PHASES];  /* each claimed phase's counter (claim), per layer */
-    memset(work, 0, sizeof(work));
     #pragma omp parallel num_threads(num_threads)
     {
         const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
@@ -195,12 +163,12 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
             const Layer *layer = layers + l;
             norm_share(hidden, pending, layer->input_norm, normed, m, width, shape->eps, tid, threads);
             barrier_wait(&barrier);
-            gemm_claimed(normed, width, &layer->qkv, qkv, m, x32, work + PHASES * l, tid, threads);
+            gemm_share(normed, width, &layer->qkv, qkv, m, x32, tid, threads);
             barrier_wait(&barrier);
             /* per (row, key/value head): rope on the head's query heads and its key head, its key and value
              * rows into the cache, attention of those query heads over the slot's cache (every head's values
              * are computed by the same routines as on the per-op path; a task only reads its own head) */
-            for (int64_t at = -1; next_items(work + PHASES * l + 1, m * kv_heads, tid, threads, &at, &first, &last);)
+            share(m * kv_heads, tid, threads, &first, &last);
             for (int64_t task = first; task < last; ++task) {
                 const int64_t row = task / kv_heads, h = task % kv_heads;
                 uint16_t *q = qkv + row * qkv_width + h * group * d;
@@ -223,17 +191,16 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
                                         ps_to_bf16x16(_mm512_loadu_ps(result + j)));
             }
             barrier_wait(&barrier);
-            gemm_claimed(attn, q_size, &layer->o, proj, m, x32, work + PHASES * l + 2, tid, threads);
+            gemm_share(attn, q_size, &layer->o, proj, m, x32, tid, threads);
             barrier_wait(&barrier);
             norm_share(hidden, proj, layer->post_norm, normed, m, width, shape->eps, tid, threads);
             barrier_wait(&barrier);
             if (paired_mlp) {  /* gate and up columns of the same units, then SiLU x up on them: no barrier */
                 const Packed *w = &layer->gate_up;
                 const int64_t half = packed_gemm_num_units(m, w->out_features, w->block) / 2;
-                int converted = 0;
-                int64_t at = -1;
-                while (next_items(work + PHASES * l + 5, half, tid, threads, &at, &first, &last)) {
-                    if (!converted) packed_gemm_x(normed, width, m, width, x32), converted = 1;
+                share(half, tid, threads, &first, &last);
+                if (first < last) {
+                    packed_gemm_x(normed, width, m, width, x32);
                     packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,
                                       w->k_padded, w->block, first, last);
                     packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,
@@ -247,7 +214,7 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
                     }
                 }
             } else {
-                gemm_claimed(normed, width, &layer->gate_up, gate_up, m, x32, work + PHASES * l + 3, tid, threads);
+                gemm_share(normed, width, &layer->gate_up, gate_up, m, x32, tid, threads);
                 barrier_wait(&barrier);
                 share(m * inter, tid, threads, &first, &last);
                 for (int64_t row = first / inter; row * inter < last; ++row) {
@@ -258,7 +225,7 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
                 }
             }
             barrier_wait(&barrier);
-            gemm_claimed(act, inter, &layer->down, proj, m, x32, work + PHASES * l + 4, tid, threads);
+            gemm_share(act, inter, &layer->down, proj, m, x32, tid, threads);
             barrier_wait(&barrier);
             pending = proj;
         }

@@ -26,18 +26,14 @@
 int64_t packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
                          int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block, int64_t num_threads) {
     const int64_t ld32 = f32_row_length(k), units = packed_gemm_num_units(m, n, block);
-    const int64_t owned = packed_gemm_owned_units(units);
     float *x32 = (float *)malloc(sizeof(float) * (size_t)(m * ld32));
     if (x32 == NULL) return -1;
     #pragma omp parallel num_threads(num_threads)
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r) packed_gemm_x(x + r * ldx, ldx, 1, k, x32 + r * ld32);
-        /* fixed shares of the owned units, then the tail claimed unit by unit (packed_gemm_owned_units) */
-        #pragma omp for schedule(static) nowait
-        for (int64_t u = 0; u < owned; ++u) packed_gemm_units(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, u, u + 1);
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = owned; u < units; ++u) packed_gemm_units(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, u, u + 1);
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; ++u) packed_gemm_units(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, u, u + 1);
     }
     free(x32);
     return 0;

@@ -136,15 +136,6 @@ static inline int64_t packed_gemm_num_units(int64_t m, int64_t n, int64_t block)
     return m <= SLICE_ROWS ? blocks * (block / 32) : blocks * ((m + UNIT_ROWS - 1) / UNIT_ROWS);
 }
 
-/* Work units split between threads in two parts: the first PACKED_GEMM_OWNED_EIGHTHS / 8 in fixed contiguous
- * shares (each block read by one core, halves balanced to a unit), the rest claimed one unit at a time by
- * whichever thread gets there first (decode_step_bf16.c, packed_gemm_bf16.c). On a quiet box both threads
- * arrive at the tail together and split it; when one was descheduled (a 2-core box also serving HTTP), the
- * other takes the tail instead of sleeping at the barrier. Which thread computes a unit never changes bits. */
-#define PACKED_GEMM_OWNED_EIGHTHS 7
-
-static inline int64_t packed_gemm_owned_units(int64_t units) { return units * PACKED_GEMM_OWNED_EIGHTHS / 8; }
-
 /* the outputs [*col0, *col1) and rows [*row0, *row1) unit u of packed_gemm_units computes */
 static inline void packed_gemm_unit_region(int64_t u, int64_t m, int64_t n, int64_t block, int64_t *col0,
                                            int64_t *col1, int64_t *row0, int64_t *row1) {
