@@ -42,7 +42,6 @@ class PagedNativeBackend(PagedTorchBackend):
         else:
             super()._decode(spec, q, key_cache, value_cache, batch, out)
 
-
     def _prefills(self, spec: LayerAttentionSpec, q, k, v, key_cache: PagedLayerCache, value_cache: PagedLayerCache,
                   batch: ForwardBatch, out) -> None:
         if (self._prefill_library is None or not _tables_ok(key_cache.block_table)

@@ -98,10 +98,10 @@ static inline __attribute__((always_inline)) void add_values(const uint16_t *pro
 /* scores[r][16 keys at g16] = q_r . k * scale for NR rows from r0, masked keys -inf (NR: a constant) */
 static inline __attribute__((always_inline)) void score_rows(const uint16_t *q, int64_t q_stride, const uint32_t *keys,
                                                              float *scores, int64_t r0, int64_t i0, int64_t h,
-                                                             int64_t group, int64_t head_dim, int64_t words,
-                                                             int64_t g16, int64_t start, int64_t window,
+                                                             int64_t group, int64_t head_dim, int64_t g16, int64_t start, int64_t window,
                                                              __m512i lane_key, __m512i last_key, float scale,
                                                              const int NR) {
+    const int64_t words = head_dim / 2;  /* bf16 pairs per row */
     const int32_t *qrow[NR];
     __m512 dot[NR];
     for (int r = 0; r < NR; ++r) {
@@ -135,6 +135,11 @@ static inline void interleave_rows(const uint16_t *a, const uint16_t *b, int64_t
         _mm512_store_si512(out + 2 * d, _mm512_permutex2var_epi16(x, low, y));
         _mm512_store_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(x, high, y));
     }
+}
+
+/* tasks of a chunk of `len` query tokens: its blocks of QUERY_BLOCK tokens x the key/value heads */
+static inline int64_t chunk_tasks(int64_t len, int64_t num_kv_heads) {
+    return (len + QUERY_BLOCK - 1) / QUERY_BLOCK * num_kv_heads;
 }
 
 /* One task: query tokens [i0, i1) of a chunk (positions start + i), key/value head h. */
@@ -173,10 +178,10 @@ static void attend_block(const uint16_t *q, int64_t q_stride, const uint16_t *k_
             const uint32_t *kb = s->keys + g16 * words * 16;
             int64_t r0 = 0;
             for (; r0 + 8 <= rows; r0 += 8)
-                score_rows(q, q_stride, kb, s->scores, r0, i0, h, group, head_dim, words, g16, start, window,
+                score_rows(q, q_stride, kb, s->scores, r0, i0, h, group, head_dim, g16, start, window,
                            lane_key, last_key, scale, 8);
             for (; r0 < rows; ++r0)
-                score_rows(q, q_stride, kb, s->scores, r0, i0, h, group, head_dim, words, g16, start, window,
+                score_rows(q, q_stride, kb, s->scores, r0, i0, h, group, head_dim, g16, start, window,
                            lane_key, last_key, scale, 1);
         }
         /* 3. online softmax; probabilities to bf16 */
@@ -236,7 +241,7 @@ int64_t prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16
     const int64_t group = num_heads / num_kv_heads;
     if (head_dim % 64 != 0 || head_dim > MAX_HEAD_DIM || group > MAX_GROUP || num_heads % num_kv_heads) return -1;
     int64_t num_tasks = 0;
-    for (int64_t c = 0; c < num_chunks; ++c) num_tasks += (lens[c] + QUERY_BLOCK - 1) / QUERY_BLOCK * num_kv_heads;
+    for (int64_t c = 0; c < num_chunks; ++c) num_tasks += chunk_tasks(lens[c], num_kv_heads);
     Scratch *scratch = (Scratch *)calloc((size_t)num_threads, sizeof(Scratch));
     int ready = scratch != NULL;
     for (int64_t t = 0; ready && t < num_threads; ++t) ready = scratch_init(scratch + t, QUERY_BLOCK * group, head_dim);
@@ -244,8 +249,7 @@ int64_t prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16
         #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
         for (int64_t task = 0; task < num_tasks; ++task) {
             int64_t c = 0, local = task;
-            while (local >= (lens[c] + QUERY_BLOCK - 1) / QUERY_BLOCK * num_kv_heads)
-                local -= (lens[c++] + QUERY_BLOCK - 1) / QUERY_BLOCK * num_kv_heads;
+            for (; local >= chunk_tasks(lens[c], num_kv_heads); ++c) local -= chunk_tasks(lens[c], num_kv_heads);
             const int64_t block = local / num_kv_heads, h = local % num_kv_heads;
             const int64_t i0 = block * QUERY_BLOCK, i1 = i0 + QUERY_BLOCK < lens[c] ? i0 + QUERY_BLOCK : lens[c];
             attend_block(q + offsets[c] * q_stride, q_stride, k_cache, v_cache, page_stride, token_stride,
