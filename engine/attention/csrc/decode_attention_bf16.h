@@ -28,6 +28,31 @@ static inline __m512 sum16_ps(const __m512 v[16]) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
 }
 
+/* The dot products of 16 tokens' keys (token i's row at keys + offsets[i]) with one query head (`chunks`
+ * vectors of 32 bf16), lane i token i's, each summed as _mm512_reduce_add_ps would. */
+static inline __attribute__((always_inline)) __m512 dot16_bf16(const uint16_t *keys, const int64_t *offsets,
+                                                               const __m512bh *q, const int64_t chunks) {
+    __m512 dot[16];
+    for (int i = 0; i < 16; ++i) {
+        const uint16_t *key = keys + offsets[i];
+        dot[i] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c)
+            dot[i] = _mm512_dpbf16_ps(dot[i], (__m512bh)_mm512_loadu_si512(key + c * 32), q[c]);
+    }
+    return sum16_ps(dot);
+}
+
+/* The largest of line[0..count), NaNs skipped (as `x > peak ? x : peak` would: vmaxps returns its second
+ * operand when the first is NaN); 16 lanes at a time, so no chain of scalar compares. */
+static inline float max_ps(const float *line, int64_t count) {
+    __m512 peaks = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= count; t += 16) peaks = _mm512_max_ps(_mm512_loadu_ps(line + t), peaks);
+    float peak = _mm512_reduce_max_ps(peaks);
+    for (; t < count; ++t) peak = line[t] > peak ? line[t] : peak;
+    return peak;
+}
+
 /* One sequence of the bf16 cache with AVX512-BF16; token start + t's row is at offsets[t]. q holds bf16
  * values widened to fp32 (the model's q is bf16), so narrowing it back is exact and vdpbf16ps forms each
  * q.k product exactly, summed in fp32. Scores: per token and key/value head, the head's key is read once
@@ -48,14 +73,11 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
         for (int64_t h = 0; h < num_kv_heads; ++h)
             for (int64_t g = 0; g < group; ++g) {
                 const int64_t hg = h * group + g;
-                __m512 dot[16];
-                for (int i = 0; i < 16; ++i) {
-                    const uint16_t *key = keys + offsets[t + i] + h * head_dim;
-                    dot[i] = _mm512_setzero_ps();
-                    for (int64_t c = 0; c < chunks; ++c)
-                        dot[i] = _mm512_dpbf16_ps(dot[i], (__m512bh)_mm512_loadu_si512(key + c * 32), q_bf16[hg * chunks + c]);
-                }
-                _mm512_storeu_ps(scores + hg * count + t, _mm512_mul_ps(sum16_ps(dot), _mm512_set1_ps(scale)));
+                const __m512bh *q = q_bf16 + hg * chunks;
+                /* a constant chunk count keeps the 16 sums in registers (SmolLM2's head_dim 64: 2 chunks) */
+                const __m512 dots = chunks == 2 ? dot16_bf16(keys + h * head_dim, offsets + t, q, 2)
+                                                : dot16_bf16(keys + h * head_dim, offsets + t, q, chunks);
+                _mm512_storeu_ps(scores + hg * count + t, _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
             }
     for (; t < count; ++t) {
         const uint16_t *row = keys + offsets[t];
@@ -72,8 +94,7 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
     }
     for (int64_t hg = 0; hg < num_heads; ++hg) {
         float *line = scores + hg * count;
-        float peak = -INFINITY;
-        for (int64_t t = 0; t < count; ++t) peak = line[t] > peak ? line[t] : peak;
+        float peak = max_ps(line, count);
         __m512 sums = _mm512_setzero_ps();
         int64_t t = 0;
         for (; t + 16 <= count; t += 16) {
