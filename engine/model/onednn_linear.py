@@ -42,13 +42,18 @@ from engine.native_build import load_library
 # oneDNN picks a blocked layout by the batch-size hint; the layout for hint 1 is a GEMV layout that is slow
 # from a few rows on, while the one for 16+ serves every batch size (decode and prefill) well.
 PACK_BATCH_HINT = 16
-# at most this many rows go to the packed kernel. With AMX, oneDNN's tiles win from 4 rows: whole decode steps
-# of SmolLM2 (bf16, 2 threads, AMX box) measured 20.9 -> 16.4 ms at batch 1, even at 2, slower from 4. Without
-# AMX (AVX512-BF16 only) the kernel's fp32 FMAs (csrc/packed_gemm_bf16.h) beat oneDNN at every size on the
-# layer shapes, prefill included (2026-12-05, 2 threads: 3072x576 at 64 rows 2.0 vs 4.4 ms, at 512 rows 21 vs
-# 39 ms; 576x576 at 16 rows 98 vs 167 us), so there it takes every product. Per-shape times:
-# `python -m engine.model.onednn_linear`.
-SKINNY_MAX_ROWS = 2 if torch.cpu._is_amx_tile_supported() else 1 << 30
+# at most this many rows go to the packed kernel. With AMX its tile routine (csrc/packed_gemm_bf16.h) beats
+# oneDNN at every size up to 32 rows on every SmolLM2 shape (2026-12-06, Xeon with AMX, 2 threads: 3072x576 at
+# 16 rows 125 vs 190 us, 576x1536 at 32 rows 97 vs 159 us, the 49152x576 lm head at 32 rows 5.6 vs 7.5 ms) and
+# on the layer shapes up to 128, but oneDNN takes the lm head from 64 rows (6.8 vs 9.0 ms). Without AMX
+# (AVX512-BF16 only) the kernel's fp32 FMAs beat oneDNN at every size on the layer shapes, prefill included
+# (2026-12-05, 2 threads: 3072x576 at 64 rows 2.0 vs 4.4 ms, at 512 rows 21 vs 39 ms; 576x576 at 16 rows 98
+# vs 167 us), so there it takes every product. Per-shape times: `python -m engine.model.onednn_linear`.
+SKINNY_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
+# products of at least this many rows run on AMX tiles where the CPU has them (ELASTIC_SERVE_AMX_ROWS
+# overrides, 0 turns the tiles off): from one row, as the tiles beat the vector routines at every size (at
+# 1 row 960x576 60 vs 96 us; the lm head ties, both streaming the weight)
+AMX_ROWS = 1
 PACKED_GEMM_SOURCE = Path(__file__).parent / "csrc" / "packed_gemm_bf16.c"
 # the packed kernel's two routines (csrc/packed_gemm_bf16.h), same bits: ELASTIC_SERVE_BF16_DOT picks one, else
 # the faster one on a timed product
@@ -77,10 +82,23 @@ def bf16_dot() -> str:
     return BF16_DOTS[_chosen_dot]
 
 
-def set_bf16_dot(library: ctypes.CDLL, dot: str | None = None) -> None:
-    """Makes `library` (one built with csrc/packed_gemm_bf16.h) compute with `dot` (default: `bf16_dot()`)."""
+def amx_rows() -> int:
+    """The fewest rows a packed product runs on AMX tiles with in this process; 0: never (no AMX, or
+    ELASTIC_SERVE_AMX_ROWS=0)."""
+    if not torch.cpu._is_amx_tile_supported():
+        return 0
+    return int(os.environ.get("ELASTIC_SERVE_AMX_ROWS", AMX_ROWS))
+
+
+def set_bf16_dot(library: ctypes.CDLL, dot: str | None = None, tiles_from: int | None = None) -> None:
+    """Makes `library` (one built with csrc/packed_gemm_bf16.h) compute with `dot` (default: `bf16_dot()`),
+    and products of at least `tiles_from` rows (default: `amx_rows()`; 0: none) on AMX tiles."""
     library.packed_gemm_set_dot.restype, library.packed_gemm_set_dot.argtypes = ctypes.c_int64, [ctypes.c_int64]
     library.packed_gemm_set_dot(BF16_DOTS.index(dot or bf16_dot()))
+    library.packed_gemm_set_amx.restype, library.packed_gemm_set_amx.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    wanted = amx_rows() if tiles_from is None else tiles_from
+    if library.packed_gemm_set_amx(wanted) == 0 and wanted:
+        logger.warning("AMX tiles refused (kernel permission or build): packed products keep the vector routine")
 
 
 @dataclass(frozen=True)

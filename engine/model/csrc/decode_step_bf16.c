@@ -99,9 +99,9 @@ static inline void share(int64_t total, int tid, int threads, int64_t *first, in
 static void gemm_share(const uint16_t *x, int64_t ldx, const Packed *w, uint16_t *y, int64_t m, float *x32,
                        int tid, int threads) {
     int64_t first, last;
-    share(packed_gemm_num_units(m, w->out_features, w->block), tid, threads, &first, &last);
+    share(packed_gemm_num_units(m, w->out_features, w->in_features, w->block), tid, threads, &first, &last);
     if (first == last) return;
-    packed_gemm_x(x, ldx, m, w->in_features, x32);
+    packed_gemm_x(x, ldx, m, w->in_features, x32, packed_gemm_x_pairs(m, w->in_features));
     packed_gemm_units(x32, w->weight, y, w->out_features, 0, m, w->out_features, w->in_features, w->k_padded,
                       w->block, first, last);
 }
@@ -156,7 +156,7 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
         float *query = (float *)malloc(sizeof(float) * q_size);
         float *result = (float *)malloc(sizeof(float) * q_size);
         __m512bh *q_bf16 = (__m512bh *)aligned_alloc(64, sizeof(__m512bh) * heads * (d / 32));
-        float *x32 = (float *)malloc(sizeof(float) * m * f32_row_length(widest));
+        float *x32 = (float *)malloc(sizeof(float) * packed_gemm_x_rows(m) * f32_row_length(widest));
         const uint16_t *pending = NULL;  /* the residual not yet added to hidden */
         int64_t first, last;
         for (int64_t l = 0; l < shape->num_layers; ++l) {
@@ -197,17 +197,17 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
             barrier_wait(&barrier);
             if (paired_mlp) {  /* gate and up columns of the same units, then SiLU x up on them: no barrier */
                 const Packed *w = &layer->gate_up;
-                const int64_t half = packed_gemm_num_units(m, w->out_features, w->block) / 2;
+                const int64_t half = packed_gemm_num_units(m, w->out_features, w->in_features, w->block) / 2;
                 share(half, tid, threads, &first, &last);
                 if (first < last) {
-                    packed_gemm_x(normed, width, m, width, x32);
+                    packed_gemm_x(normed, width, m, width, x32, packed_gemm_x_pairs(m, width));
                     packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,
                                       w->k_padded, w->block, first, last);
                     packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,
                                       w->k_padded, w->block, first + half, last + half);
                     for (int64_t u = first; u < last; ++u) {
                         int64_t col0, col1, row0, row1;
-                        packed_gemm_unit_region(u, m, w->out_features, w->block, &col0, &col1, &row0, &row1);
+                        packed_gemm_unit_region(u, m, w->out_features, w->in_features, w->block, &col0, &col1, &row0, &row1);
                         for (int64_t row = row0; row < row1; ++row)
                             silu_mul_columns(gate_up + row * 2 * inter, gate_up + row * 2 * inter + inter,
                                              act + row * inter, col0, col1);

@@ -13,7 +13,7 @@
  * that give vdpbf16ps' bits (packed_gemm_bf16.h). fp32 accumulation; y is
  * written as bf16 (rounded to nearest even) or fp32 (logits). The layout is checked at pack time, never
  * assumed: onednn_linear.py verifies it on every weight before using this kernel. */
-#define _POSIX_C_SOURCE 199309L  /* clock_gettime */
+#define _GNU_SOURCE  /* clock_gettime, syscall */
 #if !defined(__AVX512BF16__) || !defined(__AVX512F__)
 #error "packed_gemm_bf16 needs AVX512-BF16 (the engine keeps oneDNN's kernels)"
 #endif
@@ -25,13 +25,14 @@
 /* Returns 0, or -1 when the copy of x could not be allocated (nothing written). */
 int64_t packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
                          int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block, int64_t num_threads) {
-    const int64_t ld32 = f32_row_length(k), units = packed_gemm_num_units(m, n, block);
-    float *x32 = (float *)malloc(sizeof(float) * (size_t)(m * ld32));
+    const int64_t ld32 = f32_row_length(k), units = packed_gemm_num_units(m, n, k, block);
+    const int pairs = packed_gemm_x_pairs(m, k);
+    float *x32 = (float *)malloc(sizeof(float) * (size_t)(packed_gemm_x_rows(m) * ld32));
     if (x32 == NULL) return -1;
     #pragma omp parallel num_threads(num_threads)
     {
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; ++r) packed_gemm_x(x + r * ldx, ldx, 1, k, x32 + r * ld32);
+        for (int64_t r = 0; r < m; ++r) packed_gemm_x(x + r * ldx, ldx, 1, k, x32 + r * ld32, pairs);
         #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; ++u) packed_gemm_units(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, u, u + 1);
     }
@@ -45,6 +46,8 @@ int64_t packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void
 int64_t packed_gemm_time_dots(int64_t repeats, int64_t *times) {
     const int64_t m = 64, n = 512, k = 576, ld32 = f32_row_length(k);
     const int saved = packed_gemm_dpbf16;
+    const int64_t saved_amx = packed_gemm_amx_rows;
+    packed_gemm_amx_rows = 0;  /* the two routines, not the tiles */
     uint16_t *w = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * k)), *x = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(m * k));
     float *x32 = (float *)malloc(sizeof(float) * (size_t)(m * ld32)), *y = (float *)malloc(sizeof(float) * (size_t)(m * n));
     if (!w || !x || !x32 || !y) {
@@ -59,13 +62,14 @@ int64_t packed_gemm_time_dots(int64_t repeats, int64_t *times) {
         struct timespec t0, t1;
         packed_gemm_dpbf16 = dot;
         clock_gettime(CLOCK_MONOTONIC, &t0);
-        packed_gemm_x(x, k, m, k, x32);
-        packed_gemm_units(x32, w, y, n, 1, m, n, k, k, 64, 0, packed_gemm_num_units(m, n, 64));
+        packed_gemm_x(x, k, m, k, x32, packed_gemm_x_pairs(m, k));
+        packed_gemm_units(x32, w, y, n, 1, m, n, k, k, 64, 0, packed_gemm_num_units(m, n, k, 64));
         clock_gettime(CLOCK_MONOTONIC, &t1);
         const int64_t ns = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
         times[dot] = ns < times[dot] ? ns : times[dot];
     }
     packed_gemm_dpbf16 = saved;
+    packed_gemm_amx_rows = saved_amx;
     free(w), free(x), free(x32), free(y);
     return 0;
 }

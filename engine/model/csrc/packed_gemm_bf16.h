@@ -55,11 +55,28 @@ int64_t packed_gemm_set_dot(int64_t use_dpbf16) {
     return packed_gemm_dpbf16;
 }
 
-/* x's m rows of k inputs as the products read them, in a buffer of m * f32_row_length(k) floats: fp32 values
- * (FMAs) or, for vdpbf16ps, the bf16 pairs (x[2p], x[2p + 1]) as one 32-bit word each at the start of each row
- * (an odd k's last pair (x[k - 1], 0)) */
-static inline void packed_gemm_x(const uint16_t *x, int64_t ldx, int64_t m, int64_t k, float *x32) {
-    if (!packed_gemm_dpbf16) {
+/* 0 (off) or the fewest rows a product runs on AMX tiles with (packed_gemm_set_amx). Each
+ * library including this header has its own, as packed_gemm_dpbf16. */
+static int64_t packed_gemm_amx_rows = 0;
+
+/* Whether a product of m rows of k inputs runs on AMX tiles: k a whole number of tile rows (32 inputs). */
+static inline int packed_gemm_on_amx(int64_t m, int64_t k) {
+    return packed_gemm_amx_rows > 0 && m >= packed_gemm_amx_rows && k % 32 == 0;
+}
+
+/* Whether x's copy for a product of m rows of k inputs holds bf16 pairs (vdpbf16ps, AMX) or fp32 (FMAs). */
+static inline int packed_gemm_x_pairs(int64_t m, int64_t k) { return packed_gemm_dpbf16 || packed_gemm_on_amx(m, k); }
+
+/* The rows to allocate for x's copy of a product of m rows: AMX tiles read 16 rows at a time (rows past m
+ * only feed outputs that are never stored). */
+static inline int64_t packed_gemm_x_rows(int64_t m) { return (m + 15) / 16 * 16; }
+
+/* x's m rows of k inputs as the products read them, in a buffer of packed_gemm_x_rows(total rows) *
+ * f32_row_length(k) floats: fp32 values (FMAs) or, with `pairs` (packed_gemm_x_pairs of the whole product),
+ * the bf16 pairs (x[2p], x[2p + 1]) as one 32-bit word each at the start of each row (an odd k's last pair
+ * (x[k - 1], 0)) */
+static inline void packed_gemm_x(const uint16_t *x, int64_t ldx, int64_t m, int64_t k, float *x32, int pairs) {
+    if (!pairs) {
         bf16_rows_to_f32(x, ldx, m, k, x32);
         return;
     }
@@ -130,16 +147,20 @@ static inline __attribute__((always_inline)) void row_group(
  * unit's whole block keeps 16 accumulators busy. */
 #define SLICE_ROWS 4
 
-/* how many work units a product of m rows and n outputs in blocks of `block` has */
-static inline int64_t packed_gemm_num_units(int64_t m, int64_t n, int64_t block) {
+/* Whether a product of m rows of k inputs is split into 32-output slices for every row (few rows, off the
+ * tiles), rather than into (output block, UNIT_ROWS rows) units. */
+static inline int packed_gemm_sliced(int64_t m, int64_t k) { return m <= SLICE_ROWS && !packed_gemm_on_amx(m, k); }
+
+/* how many work units a product of m rows of k inputs and n outputs in blocks of `block` has */
+static inline int64_t packed_gemm_num_units(int64_t m, int64_t n, int64_t k, int64_t block) {
     const int64_t blocks = (n + block - 1) / block;
-    return m <= SLICE_ROWS ? blocks * (block / 32) : blocks * ((m + UNIT_ROWS - 1) / UNIT_ROWS);
+    return packed_gemm_sliced(m, k) ? blocks * (block / 32) : blocks * ((m + UNIT_ROWS - 1) / UNIT_ROWS);
 }
 
 /* the outputs [*col0, *col1) and rows [*row0, *row1) unit u of packed_gemm_units computes */
-static inline void packed_gemm_unit_region(int64_t u, int64_t m, int64_t n, int64_t block, int64_t *col0,
+static inline void packed_gemm_unit_region(int64_t u, int64_t m, int64_t n, int64_t k, int64_t block, int64_t *col0,
                                            int64_t *col1, int64_t *row0, int64_t *row1) {
-    if (m <= SLICE_ROWS) {
+    if (packed_gemm_sliced(m, k)) {
         *col0 = 32 * u;
         *col1 = *col0 + 32;
         *row0 = 0;
@@ -165,7 +186,7 @@ static inline __attribute__((always_inline)) void packed_gemm_units_dot(
     const int64_t ld32 = f32_row_length(k), row_chunks = (m + UNIT_ROWS - 1) / UNIT_ROWS;
     const unsigned int mxcsr = _mm_getcsr();
     _mm_setcsr(mxcsr | 0x8040u);  /* FTZ | DAZ, as vdpbf16ps: denormal inputs read 0, denormal sums flush */
-    if (m <= SLICE_ROWS) {
+    if (packed_gemm_sliced(m, k)) {
         const int64_t per_block = block / 32;
         for (int64_t u = first_unit; u < last_unit; ++u) {
             const int64_t b = u / per_block, slice = u % per_block, first = b * block + 32 * slice;
@@ -191,9 +212,112 @@ static inline __attribute__((always_inline)) void packed_gemm_units_dot(
     _mm_setcsr(mxcsr);
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Stores the fp32 tile sums c (rows x 32 outputs, 32 floats apart) into y: rows row0.., outputs first..
+ * (`valid` of them). */
+static inline void amx_store(const float *c, int64_t rows, void *y, int64_t ldy, int y_is_f32, int64_t row0,
+                             int64_t first, int64_t valid) {
+    for (int64_t v = 0; v < 2 && 16 * v < valid; ++v) {
+        const int64_t left = valid - 16 * v;
+        const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+        for (int64_t r = 0; r < rows; ++r)
+            store16(y, (row0 + r) * ldy + first + 16 * v, _mm512_loadu_ps(c + r * 32 + 16 * v), mask, y_is_f32);
+    }
+}
+
+/* Units [first_unit, last_unit) (each output block B, rows [16 j, 16 j + 16)) on AMX tiles. A unit and the
+ * next one when it holds the next 16 rows of the same block run together: per 32 outputs of the block and per
+ * 32 inputs, each 16 outputs' input pairs load once as a B tile (tiles 6, 7; the blocked layout is AMX's:
+ * tile row p = the 16 outputs' (2p, 2p + 1) pairs, 4B bytes apart) and meet both units' 16 rows of x (tiles
+ * 4, 5: bf16 pairs, packed_gemm_x), into fp32 tiles 0-3. tdpbf16ps sums in another order than the FMA /
+ * vdpbf16ps routines, so a product of m rows takes this routine wherever it runs (packed_gemm_on_amx); each
+ * output's sum runs over the inputs in the same order however units are split, so the bits agree there. */
+static void packed_gemm_units_amx(const float *x32, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
+                                  int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block,
+                                  int64_t first_unit, int64_t last_unit) {
+    const int64_t row_bytes = 4 * f32_row_length(k), row_chunks = (m + UNIT_ROWS - 1) / UNIT_ROWS;
+    const int64_t b_stride = 4 * block;  /* bytes from one input pair's row of a block to the next */
+    TileConfig config;
+    memset(&config, 0, sizeof(config));
+    config.palette = 1;
+    for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+    _tile_loadconfig(&config);
+    float c[2 * 16 * 32];
+    for (int64_t u = first_unit; u < last_unit;) {
+        const int64_t b = u / row_chunks, row0 = (u % row_chunks) * UNIT_ROWS;
+        const int both = u + 1 < last_unit && (u + 1) / row_chunks == b;  /* the next 16 rows too */
+        const char *a = (const char *)(x32 + row0 * f32_row_length(k));
+        const char *a2 = a + 16 * row_bytes;
+        for (int64_t half = 0; half < block; half += 32) {
+            const int64_t first = b * block + half;
+            if (first >= n) break;
+            const uint16_t *base = w + b * block * k_padded + 2 * half;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t p = 0; p < k / 2; p += 16) {  /* 16 input pairs per tile */
+                const uint16_t *rows = base + p * 2 * block;
+                _tile_loadd(4, a + 4 * p, row_bytes);
+                _tile_loadd(6, rows, b_stride);
+                _tile_loadd(7, rows + 32, b_stride);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                if (both) {
+                    _tile_loadd(5, a2 + 4 * p, row_bytes);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            const int64_t valid = n - first < 32 ? n - first : 32;
+            _tile_stored(0, c, 4 * 32);
+            _tile_stored(1, c + 16, 4 * 32);
+            amx_store(c, m - row0 < 16 ? m - row0 : 16, y, ldy, (int)y_is_f32, row0, first, valid);
+            if (both) {
+                _tile_stored(2, c, 4 * 32);
+                _tile_stored(3, c + 16, 4 * 32);
+                amx_store(c, m - row0 - 16 < 16 ? m - row0 - 16 : 16, y, ldy, (int)y_is_f32, row0 + 16, first, valid);
+            }
+        }
+        u += both ? 2 : 1;
+    }
+    _tile_release();
+}
+
+/* Turns the AMX routine on for products of at least `min_rows` rows, or off (0): asks the kernel for the tile
+ * state first (arch_prctl ARCH_REQ_XCOMP_PERM, once per process is enough). Returns the rows now in force:
+ * 0 when off or refused. */
+int64_t packed_gemm_set_amx(int64_t min_rows) {
+    if (min_rows > 0 && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0)
+        min_rows = 0;
+    packed_gemm_amx_rows = min_rows > 0 ? min_rows : 0;
+    return packed_gemm_amx_rows;
+}
+#else
+int64_t packed_gemm_set_amx(int64_t min_rows) {
+    (void)min_rows;
+    return 0;
+}
+#endif
+
 static inline void packed_gemm_units(const float *x32, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
                                      int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block,
                                      int64_t first_unit, int64_t last_unit) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (packed_gemm_on_amx(m, k)) {
+        packed_gemm_units_amx(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, first_unit, last_unit);
+        return;
+    }
+#endif
     if (packed_gemm_dpbf16)
         packed_gemm_units_dot(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, first_unit, last_unit, 1);
     else

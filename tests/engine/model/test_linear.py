@@ -144,7 +144,11 @@ def test_packed_small_batch_kernel_matches_fp32_products(onednn, rows, out_featu
 def test_packed_kernel_sums_in_vdpbf16ps_order(onednn, rows, out_features, in_features):
     """Bit for bit what vdpbf16ps gives (each output's fp32 sum over input pairs, odd input first, each
     exact bf16 product added with one rounding), so every path using the kernel, the fused decode step's
-    and the per-op one, at any row count and thread split, gives the same bits."""
+    and the per-op one, at any row count and thread split, gives the same bits. (With AMX, products run on
+    tiles instead: test_the_packed_kernels_amx_tiles_sum_right_and_split_invariantly.)"""
+    from engine.model.onednn_linear import PACKED_GEMM_SOURCE, set_bf16_dot
+    from engine.native_build import load_library
+
     if onednn._skinny is None:
         pytest.skip("no AVX512-BF16 here: oneDNN serves every size")
     generator = torch.Generator().manual_seed(rows + out_features)
@@ -152,7 +156,12 @@ def test_packed_kernel_sums_in_vdpbf16ps_order(onednn, rows, out_features, in_fe
     packed = onednn.place(weight, lambda tensor: tensor.clone())
     x = torch.randn(rows, in_features, generator=generator).bfloat16()
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    onednn._skinny(x, packed, out)
+    library = load_library(PACKED_GEMM_SOURCE)
+    try:
+        set_bf16_dot(library, tiles_from=0)  # the vector routines (AMX's tiles sum in their own order)
+        onednn._skinny(x, packed, out)
+    finally:
+        set_bf16_dot(library)
     w, xs = weight.float(), x.float()
     expected = torch.zeros(rows, out_features)
     for p in range(0, in_features, 2):  # a product of two bf16 values is exact in fp32: one rounding per add
@@ -236,7 +245,7 @@ def test_the_packed_kernels_two_routines_give_the_same_bits(onednn, rows, out_fe
     results = {}
     try:
         for dot in BF16_DOTS:
-            set_bf16_dot(library, dot)
+            set_bf16_dot(library, dot, tiles_from=0)  # the two vector routines, not AMX's tiles
             for dtype in (torch.bfloat16, torch.float32):
                 results[dot, dtype] = onednn._skinny(x, packed, torch.empty(rows, out_features, dtype=dtype))
             assert torch.equal(onednn._skinny(normal_x, normal_packed, torch.empty(rows, out_features)), expected)
@@ -244,3 +253,38 @@ def test_the_packed_kernels_two_routines_give_the_same_bits(onednn, rows, out_fe
         set_bf16_dot(library, bf16_dot())
     for dtype in (torch.bfloat16, torch.float32):
         assert torch.equal(results["fma", dtype], results["vdpbf16ps", dtype])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40, 64])
+@pytest.mark.parametrize("out_features, in_features", [(70, 64), (200, 192), (960, 576), (576, 1536)])
+def test_the_packed_kernels_amx_tiles_sum_right_and_split_invariantly(onednn, rows, out_features, in_features):
+    """Where the CPU has AMX, products on tiles (csrc/packed_gemm_bf16.h, packed_gemm_units_amx) equal the fp32
+    sums to within fp32 rounding, for every row count (partial 16-row tiles, paired units, a partial last
+    block of outputs), bf16 and fp32 outputs; and their bits do not depend on how the threads split the units
+    (the fused decode step splits them its own way: test_decode_step's bit-equality rests on this)."""
+    from engine.model.onednn_linear import PACKED_GEMM_SOURCE, set_bf16_dot
+    from engine.native_build import load_library
+
+    if onednn._skinny is None or not torch.cpu._is_amx_tile_supported():
+        pytest.skip("no AMX here")
+    library = load_library(PACKED_GEMM_SOURCE)
+    generator = torch.Generator().manual_seed(rows * 13 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    packed = onednn.place(weight, lambda tensor: tensor.clone())
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    expected = x.double() @ weight.double().t()
+    threads = torch.get_num_threads()
+    try:
+        set_bf16_dot(library, tiles_from=1)
+        got = {}
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            got[count] = onednn._skinny(x, packed, torch.empty(rows, out_features))
+        bf16 = onednn._skinny(x, packed, torch.empty(rows, out_features, dtype=torch.bfloat16))
+    finally:
+        torch.set_num_threads(threads)
+        set_bf16_dot(library)
+    assert torch.equal(got[1], got[2]) and torch.equal(got[1], got[3])
+    scale = x.double().abs() @ weight.double().abs().t()
+    assert ((got[1].double() - expected).abs() <= 1e-5 * scale + 1e-30).all()
+    assert torch.equal(bf16, got[1].bfloat16())
