@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
 
     config = yaml.safe_load(options.config.read_text())
     os.environ.setdefault(CALLBACK_ENV, CALLBACK_PATH)  # inherited by the proxies Ray starts
+    # a new local cluster's workers at nice 0, not Ray's 15 (EngineConfig.engine_thread_nice explains why)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api  # what `serve run` itself uses to deploy a YAML

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -46,6 +47,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def set_thread_nice(nice: int | None) -> bool:
+    """Sets the calling thread's nice value (Linux: per thread; threads it starts later inherit it). False,
+    with a warning, when the OS refuses (a lower value needs CAP_SYS_NICE); None: nothing to do."""
+    if nice is None or not hasattr(os, "setpriority"):
+        return nice is None
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, nice)
+    except OSError as error:
+        logger.warning("engine loop stays at nice %d (nice %d refused: %s); under Ray, start it with "
+                       "RAY_worker_niceness=0 so workers are not at 15", os.getpriority(os.PRIO_PROCESS, thread),
+                       nice, error.strerror)
+        return False
+    return True
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
@@ -289,6 +306,7 @@ class AsyncEngine:
                     self._deliver(payload, output)
 
     def _run(self) -> None:
+        set_thread_nice(self.config.engine_thread_nice)
         try:
             while not self._stop:
                 self._busy_since = time.monotonic()

@@ -67,6 +67,13 @@ class EngineConfig:
     # step's GEMMs). The first and the last output of a stream are never held. None: every step's output.
     # 50 (was 200): c=8 served 1.19-1.31x output tok/s, a chunk every 20 ms at 1 stream, 160 ms at 8 (SPEED.md).
     stream_chunks_per_s: float | None = 50.0
+    # The engine loop thread's nice value, set when it starts (the OpenMP threads it starts inherit it); None:
+    # inherited. Ray starts workers at nice 15, so every nice-0 process on the box (Ray's GCS, raylet,
+    # dashboard, the client) preempted the step's compute threads and the partner waited at the step's barriers:
+    # served batch-1 TPOT 30.5 ms at 15, 25.4 at 0, 20.8 at -10 against 20.0 offline (Xeon with AMX, 2 cores;
+    # docs/SPEED.md). Lowering it needs CAP_SYS_NICE: without, the loop logs a warning and keeps its value
+    # (RAY_worker_niceness=0 when starting Ray then gives 0).
+    engine_thread_nice: int | None = -10
     kv_layout: str = "contiguous"  # "contiguous" (per-slot virtual ranges) | "paged" (block tables)
     # cached KV blocks: "lru" | "prefix_subset" (Jenga: least hit length lost first) | "auto" (prefix_subset
     # when the model has sliding-window layers, lru otherwise; docs/JENGA.md measures both)
@@ -120,6 +127,11 @@ class EngineConfig:
                                                      or not isinstance(self.stream_chunks_per_s, (int, float))
                                                      or not self.stream_chunks_per_s > 0):
             raise ValueError(f"stream_chunks_per_s must be None or a number > 0, got {self.stream_chunks_per_s!r}")
+        if self.engine_thread_nice is not None and (isinstance(self.engine_thread_nice, bool)
+                                                    or not isinstance(self.engine_thread_nice, int)
+                                                    or not -20 <= self.engine_thread_nice <= 19):
+            raise ValueError(f"engine_thread_nice must be None or an integer in [-20, 19], "
+                             f"got {self.engine_thread_nice!r}")
         if self.enable_parameter_dropping and self.tensor_parallel_size > 1:
             raise ValueError("parameter dropping needs replicas of the whole model (tensor_parallel_size 1)")
         if self.enable_parameter_dropping and self.kv_offload == "layerwise":

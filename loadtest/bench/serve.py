@@ -191,7 +191,7 @@ def run_server(command: list[str], env: dict[str, str], base_url: str, log_path:
 
 def ours_command(config: str) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
-    serve = Path(sys.executable).parent / "serve"
+    serve = Path(sys.executable).parent / "serve"  # as a user runs it: Ray's workers at its nice 15 (README)
     return [str(serve), "run", config], env
 
 

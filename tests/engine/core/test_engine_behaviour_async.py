@@ -333,3 +333,36 @@ def test_paced_stream_merges_until_the_interval_and_never_holds_endings():
         assert [queue.get_nowait() for _ in range(3)] == [output((1,)), output((2,)), output((3,))]
 
     asyncio.run(main())
+
+
+def test_the_engine_thread_takes_its_nice_value_and_survives_a_refusal(monkeypatch):
+    """`set_thread_nice` sets the calling thread's nice (raising it needs no privilege, so this runs
+    anywhere) and leaves other threads alone; a refused value is a warning and False, never an exception
+    (the loop keeps running at its inherited value); None does nothing. The config refuses values outside
+    [-20, 19]."""
+    import os
+    import threading
+
+    from engine.async_engine import set_thread_nice
+
+    def in_thread(function):
+        result = []
+        thread = threading.Thread(target=lambda: result.append(function()))
+        thread.start()
+        thread.join()
+        return result[0]
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    target = min(before + 3, 19)
+    assert in_thread(lambda: (set_thread_nice(target), os.getpriority(os.PRIO_PROCESS, 0))[1]) == target
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # only that thread
+
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    assert in_thread(lambda: set_thread_nice(-10)) is False
+    assert set_thread_nice(None) is True
+    for bad in (-21, 20, 1.5, True):
+        with pytest.raises(ValueError, match="engine_thread_nice"):
+            EngineConfig(dtype="float32", engine_thread_nice=bad)
