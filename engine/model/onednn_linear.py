@@ -243,14 +243,25 @@ class OneDnnLinear(TorchLinear):
         return out.copy_(result)
 
 
+def _without_tiles(skinny: _PackedGemm, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> torch.Tensor:
+    library = load_library(PACKED_GEMM_SOURCE)
+    set_bf16_dot(library, tiles_from=0)
+    try:
+        return skinny(x, weight, out)
+    finally:
+        set_bf16_dot(library)
+
+
 def _benchmark() -> None:
     """Per-linear time of SmolLM2's shapes: torch.mm, oneDNN on the packed weight, and the packed small-batch
-    kernel, interleaved (medians of 30). Each product gets its own copy of the weight, 8 copies in turn, so
-    the weights stream from memory as in a model's step (one cached weight flatters every contender)."""
+    kernel (with AMX: on tiles, "skinny", and on its vector routine, "vector"), interleaved (medians of 30).
+    Each product gets its own copy of the weight, 8 copies in turn, so the weights stream from memory as in a
+    model's step (one cached weight flatters every contender)."""
     import time
 
     linear = OneDnnLinear(TorchLinear())
     skinny = linear._skinny
+    tiles = amx_rows() > 0
     for out_features, in_features in ((960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)):
         copies = 2 if out_features > 10000 else 8
         weights = [torch.randn(out_features, in_features).bfloat16() for _ in range(copies)]
@@ -263,6 +274,8 @@ def _benchmark() -> None:
                         torch.ops.mkldnn._linear_pointwise(x, packed[i].tensor, None, "none", [], ""))}
             if skinny is not None and packed[0].k_padded is not None:
                 runs["skinny"] = lambda i, x=x, out=out, packed=packed: skinny(x, packed[i], out)
+                if tiles:  # the packed kernel on AMX tiles ("skinny") and on its vector routine
+                    runs["vector"] = lambda i, x=x, out=out, packed=packed: _without_tiles(skinny, x, packed[i], out)
             times: dict[str, list[float]] = {name: [] for name in runs}
             for repeat in range(30):
                 for name, run in runs.items():
