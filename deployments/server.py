@@ -122,6 +122,12 @@ class LLMServer:
         self._built = await asyncio.to_thread(build_engine, self.args)
         self.engine = self._built.engine
         await self.engine.start()
+        # this replica's request handlers and routing stats run on this thread: at the engine loop's priority,
+        # or its compute threads would starve them (EngineConfig.engine_thread_nice)
+        from engine.async_engine import AsyncEngine, set_thread_nice
+
+        if isinstance(self.engine, AsyncEngine):  # (a test's fake engine has no loop thread)
+            set_thread_nice(self.engine.config.engine_thread_nice)
         logger.info("replica %s: %s ready in %.1f s", self.replica_id, self.engine.model_name,
                     time.monotonic() - started)
         self._relays = RelayRegistry()
