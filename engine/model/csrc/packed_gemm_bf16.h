@@ -267,6 +267,12 @@ static void packed_gemm_units_amx(const float *x32, const uint16_t *w, void *y, 
             _tile_zero(3);
             for (int64_t p = 0; p < k / 2; p += 16) {  /* 16 input pairs per tile */
                 const uint16_t *rows = base + p * 2 * block;
+                if (p + 32 < k / 2)  /* tile loads stream slower than vector loads: fetch two tiles ahead */
+                    for (int r = 0; r < 16; ++r) {
+                        const char *line = (const char *)(rows + 32 * 2 * block) + r * b_stride;
+                        _mm_prefetch(line, _MM_HINT_T0);
+                        _mm_prefetch(line + 64, _MM_HINT_T0);
+                    }
                 _tile_loadd(4, a + 4 * p, row_bytes);
                 _tile_loadd(6, rows, b_stride);
                 _tile_loadd(7, rows + 32, b_stride);
