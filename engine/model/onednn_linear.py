@@ -28,9 +28,11 @@ so fp32 outputs are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +54,8 @@ PACK_BATCH_HINT = 16
 SKINNY_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
 # products of at least this many rows run on AMX tiles where the CPU has them (ELASTIC_SERVE_AMX_ROWS
 # overrides, 0 turns the tiles off): from one row, as the tiles beat the vector routines at every size (at
-# 1 row 960x576 60 vs 96 us; the lm head ties, both streaming the weight)
+# 1 row 960x576 60 vs 96 us; the lm head, streaming its weight, 0.83-0.87x the time with the tile loop's
+# prefetch)
 AMX_ROWS = 1
 PACKED_GEMM_SOURCE = Path(__file__).parent / "csrc" / "packed_gemm_bf16.c"
 # the packed kernel's two routines (csrc/packed_gemm_bf16.h), same bits: ELASTIC_SERVE_BF16_DOT picks one, else
@@ -243,13 +246,21 @@ class OneDnnLinear(TorchLinear):
         return out.copy_(result)
 
 
-def _without_tiles(skinny: _PackedGemm, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> torch.Tensor:
+@contextlib.contextmanager
+def packed_routine(dot: str | None = None, tiles_from: int | None = None) -> Iterator[None]:
+    """The packed kernel's library computing with `dot` and tiles from `tiles_from` rows (as set_bf16_dot) inside
+    the block, this process's own choice again after it (benchmarks and tests compare the routines)."""
     library = load_library(PACKED_GEMM_SOURCE)
-    set_bf16_dot(library, tiles_from=0)
+    set_bf16_dot(library, dot, tiles_from)
     try:
-        return skinny(x, weight, out)
+        yield
     finally:
         set_bf16_dot(library)
+
+
+def _without_tiles(skinny: _PackedGemm, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> torch.Tensor:
+    with packed_routine(tiles_from=0):
+        return skinny(x, weight, out)
 
 
 def _benchmark() -> None:

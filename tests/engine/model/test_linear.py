@@ -146,8 +146,7 @@ def test_packed_kernel_sums_in_vdpbf16ps_order(onednn, rows, out_features, in_fe
     exact bf16 product added with one rounding), so every path using the kernel, the fused decode step's
     and the per-op one, at any row count and thread split, gives the same bits. (With AMX, products run on
     tiles instead: test_the_packed_kernels_amx_tiles_sum_right_and_split_invariantly.)"""
-    from engine.model.onednn_linear import PACKED_GEMM_SOURCE, set_bf16_dot
-    from engine.native_build import load_library
+    from engine.model.onednn_linear import packed_routine
 
     if onednn._skinny is None:
         pytest.skip("no AVX512-BF16 here: oneDNN serves every size")
@@ -156,12 +155,8 @@ def test_packed_kernel_sums_in_vdpbf16ps_order(onednn, rows, out_features, in_fe
     packed = onednn.place(weight, lambda tensor: tensor.clone())
     x = torch.randn(rows, in_features, generator=generator).bfloat16()
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    library = load_library(PACKED_GEMM_SOURCE)
-    try:
-        set_bf16_dot(library, tiles_from=0)  # the vector routines (AMX's tiles sum in their own order)
+    with packed_routine(tiles_from=0):  # the vector routines (AMX's tiles sum in their own order)
         onednn._skinny(x, packed, out)
-    finally:
-        set_bf16_dot(library)
     w, xs = weight.float(), x.float()
     expected = torch.zeros(rows, out_features)
     for p in range(0, in_features, 2):  # a product of two bf16 values is exact in fp32: one rounding per add
@@ -221,12 +216,10 @@ def test_the_packed_kernels_two_routines_give_the_same_bits(onednn, rows, out_fe
     """fp32 FMAs and vdpbf16ps (csrc/packed_gemm_bf16.h; `bf16_dot` picks the faster per CPU) give the same
     bits, denormal inputs included (read as 0 by both), for bf16 and fp32 outputs; each sums in vdpbf16ps'
     order (the test above, per routine, on normal values)."""
-    from engine.model.onednn_linear import BF16_DOTS, PACKED_GEMM_SOURCE, bf16_dot, set_bf16_dot
-    from engine.native_build import load_library
+    from engine.model.onednn_linear import BF16_DOTS, packed_routine
 
     if onednn._skinny is None:
         pytest.skip("no AVX512-BF16 here: oneDNN serves every size")
-    library = load_library(PACKED_GEMM_SOURCE)
     generator = torch.Generator().manual_seed(rows * 7 + out_features)
     weight = torch.randn(out_features, in_features, generator=generator)
     weight[torch.rand(weight.shape, generator=generator) < 0.05] *= 1e-39  # bf16 denormals
@@ -243,14 +236,11 @@ def test_the_packed_kernels_two_routines_give_the_same_bits(onednn, rows, out_fe
             expected = expected + normal_x[:, p + 1 : p + 2].float() * normal_w[:, p + 1].float()
         expected = expected + normal_x[:, p : p + 1].float() * normal_w[:, p].float()
     results = {}
-    try:
-        for dot in BF16_DOTS:
-            set_bf16_dot(library, dot, tiles_from=0)  # the two vector routines, not AMX's tiles
+    for dot in BF16_DOTS:
+        with packed_routine(dot, tiles_from=0):  # the two vector routines, not AMX's tiles
             for dtype in (torch.bfloat16, torch.float32):
                 results[dot, dtype] = onednn._skinny(x, packed, torch.empty(rows, out_features, dtype=dtype))
             assert torch.equal(onednn._skinny(normal_x, normal_packed, torch.empty(rows, out_features)), expected)
-    finally:
-        set_bf16_dot(library, bf16_dot())
     for dtype in (torch.bfloat16, torch.float32):
         assert torch.equal(results["fma", dtype], results["vdpbf16ps", dtype])
 
@@ -262,12 +252,10 @@ def test_the_packed_kernels_amx_tiles_sum_right_and_split_invariantly(onednn, ro
     sums to within fp32 rounding, for every row count (partial 16-row tiles, paired units, a partial last
     block of outputs), bf16 and fp32 outputs; and their bits do not depend on how the threads split the units
     (the fused decode step splits them its own way: test_decode_step's bit-equality rests on this)."""
-    from engine.model.onednn_linear import PACKED_GEMM_SOURCE, set_bf16_dot
-    from engine.native_build import load_library
+    from engine.model.onednn_linear import packed_routine
 
     if onednn._skinny is None or not torch.cpu._is_amx_tile_supported():
         pytest.skip("no AMX here")
-    library = load_library(PACKED_GEMM_SOURCE)
     generator = torch.Generator().manual_seed(rows * 13 + out_features)
     weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
     packed = onednn.place(weight, lambda tensor: tensor.clone())
@@ -275,15 +263,14 @@ def test_the_packed_kernels_amx_tiles_sum_right_and_split_invariantly(onednn, ro
     expected = x.double() @ weight.double().t()
     threads = torch.get_num_threads()
     try:
-        set_bf16_dot(library, tiles_from=1)
-        got = {}
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            got[count] = onednn._skinny(x, packed, torch.empty(rows, out_features))
-        bf16 = onednn._skinny(x, packed, torch.empty(rows, out_features, dtype=torch.bfloat16))
+        with packed_routine(tiles_from=1):
+            got = {}
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                got[count] = onednn._skinny(x, packed, torch.empty(rows, out_features))
+            bf16 = onednn._skinny(x, packed, torch.empty(rows, out_features, dtype=torch.bfloat16))
     finally:
         torch.set_num_threads(threads)
-        set_bf16_dot(library)
     assert torch.equal(got[1], got[2]) and torch.equal(got[1], got[3])
     scale = x.double().abs() @ weight.double().abs().t()
     assert ((got[1].double() - expected).abs() <= 1e-5 * scale + 1e-30).all()
