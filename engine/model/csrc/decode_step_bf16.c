@@ -8,7 +8,8 @@
  * one core. Here one parallel region runs every layer; the threads meet at a barrier between phases that
  * spins briefly, then sleeps on a futex (barrier_wait).
  *
- * Per layer, each phase split over the threads, with a barrier after each (7 per layer):
+ * Per layer, each phase split over the threads (rows in fixed shares; work units and (row, head) tasks claimed
+ * from a shared counter as threads get to them, `claim`), with a barrier after each (7 per layer):
  *   hidden += pending residual, normed = rms_norm(hidden)          rows
  *   qkv = normed @ Wqkv^T                                            work units (packed_gemm_bf16.h)
  *   rope(q, k) in place, k, v into the cache, decode attention       (row, key/value head) pairs
@@ -94,16 +95,53 @@ static inline void share(int64_t total, int tid, int threads, int64_t *first, in
     *last = total * (tid + 1) / threads;
 }
 
-/* this thread's share of the product's work units; x32 is the thread's own copy of x (packed_gemm_x: each
- * thread converts every row, which costs a few microseconds and saves a barrier) */
-static void gemm_share(const uint16_t *x, int64_t ldx, const Packed *w, uint16_t *y, int64_t m, float *x32,
-                       int tid, int threads) {
+/* The work items of a phase (a product's units, attention's (row, head) tasks) are claimed CLAIM at a time
+ * from one counter shared by the threads, not split in fixed shares: on a box where other processes wake up
+ * (Ray's daemons, the HTTP proxy), a thread that loses its core for a while leaves its items to its partner
+ * instead of making it wait at the next barrier. The counter only grows: every thread of a phase ends it with
+ * one claim past the end, so each phase starts `(claims of the last phase + threads) * CLAIM` further on, a
+ * number every thread computes alike (`Claims.base`, a thread's own copy). Which thread computes an item does
+ * not change its bits. */
+#define CLAIM 2
+
+typedef struct {
+    int64_t next;  /* shared */
+} Counter;
+
+typedef struct {
+    Counter *counter;
+    int64_t base;  /* this thread's copy: where the current phase's items start on the counter */
+    int threads;
+} Claims;
+
+/* the next [*first, *last) of the phase's `total` items for this thread; 0 once the phase has none left */
+static inline int claim(Claims *claims, int64_t total, int64_t *first, int64_t *last) {
+    const int64_t at = __atomic_fetch_add(&claims->counter->next, CLAIM, __ATOMIC_RELAXED) - claims->base;
+    if (at >= total) return 0;
+    *first = at;
+    *last = at + CLAIM < total ? at + CLAIM : total;
+    return 1;
+}
+
+/* after a phase of `total` items, claimed by every thread until claim returned 0 (before the barrier) */
+static inline void end_phase(Claims *claims, int64_t total) {
+    claims->base += ((total + CLAIM - 1) / CLAIM + claims->threads) * CLAIM;
+}
+
+/* the product's work units, claimed as they come; x32 is the thread's own copy of x (packed_gemm_x: each
+ * thread that gets a unit converts every row, which costs a few microseconds and saves a barrier) */
+static void gemm_claimed(const uint16_t *x, int64_t ldx, const Packed *w, uint16_t *y, int64_t m, float *x32,
+                         Claims *claims) {
+    const int64_t units = packed_gemm_num_units(m, w->out_features, w->in_features, w->block);
     int64_t first, last;
-    share(packed_gemm_num_units(m, w->out_features, w->in_features, w->block), tid, threads, &first, &last);
-    if (first == last) return;
-    packed_gemm_x(x, ldx, m, w->in_features, x32, packed_gemm_x_pairs(m, w->in_features));
-    packed_gemm_units(x32, w->weight, y, w->out_features, 0, m, w->out_features, w->in_features, w->k_padded,
-                      w->block, first, last);
+    int converted = 0;
+    while (claim(claims, units, &first, &last)) {
+        if (!converted) packed_gemm_x(x, ldx, m, w->in_features, x32, packed_gemm_x_pairs(m, w->in_features));
+        converted = 1;
+        packed_gemm_units(x32, w->weight, y, w->out_features, 0, m, w->out_features, w->in_features, w->k_padded,
+                          w->block, first, last);
+    }
+    end_phase(claims, units);
 }
 
 static void norm_share(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t m,
@@ -147,10 +185,12 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
     int64_t max_len = 1;
     for (int64_t i = 0; i < m; ++i) max_len = positions[i] + 1 > max_len ? positions[i] + 1 : max_len;
     Barrier barrier = {0, 0, (int)num_threads, 0};
+    Counter counter = {0};
     #pragma omp parallel num_threads(num_threads)
     {
         const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
         __atomic_store_n(&barrier.threads, threads, __ATOMIC_RELAXED);  /* every thread stores the same value */
+        Claims claims = {&counter, 0, threads};
         float *scores = (float *)malloc(sizeof(float) * heads * max_len);
         int64_t *offsets = (int64_t *)malloc(sizeof(int64_t) * max_len);
         float *query = (float *)malloc(sizeof(float) * q_size);
@@ -163,13 +203,12 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
             const Layer *layer = layers + l;
             norm_share(hidden, pending, layer->input_norm, normed, m, width, shape->eps, tid, threads);
             barrier_wait(&barrier);
-            gemm_share(normed, width, &layer->qkv, qkv, m, x32, tid, threads);
+            gemm_claimed(normed, width, &layer->qkv, qkv, m, x32, &claims);
             barrier_wait(&barrier);
             /* per (row, key/value head): rope on the head's query heads and its key head, its key and value
              * rows into the cache, attention of those query heads over the slot's cache (every head's values
              * are computed by the same routines as on the per-op path; a task only reads its own head) */
-            share(m * kv_heads, tid, threads, &first, &last);
-            for (int64_t task = first; task < last; ++task) {
+            while (claim(&claims, m * kv_heads, &first, &last)) for (int64_t task = first; task < last; ++task) {
                 const int64_t row = task / kv_heads, h = task % kv_heads;
                 uint16_t *q = qkv + row * qkv_width + h * group * d;
                 uint16_t *k = qkv + row * qkv_width + q_size + h * d, *v = k + kv_size;
@@ -190,17 +229,19 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
                     _mm256_storeu_si256((__m256i *)(attn + row * q_size + h * group * d + j),
                                         ps_to_bf16x16(_mm512_loadu_ps(result + j)));
             }
+            end_phase(&claims, m * kv_heads);
             barrier_wait(&barrier);
-            gemm_share(attn, q_size, &layer->o, proj, m, x32, tid, threads);
+            gemm_claimed(attn, q_size, &layer->o, proj, m, x32, &claims);
             barrier_wait(&barrier);
             norm_share(hidden, proj, layer->post_norm, normed, m, width, shape->eps, tid, threads);
             barrier_wait(&barrier);
             if (paired_mlp) {  /* gate and up columns of the same units, then SiLU x up on them: no barrier */
                 const Packed *w = &layer->gate_up;
                 const int64_t half = packed_gemm_num_units(m, w->out_features, w->in_features, w->block) / 2;
-                share(half, tid, threads, &first, &last);
-                if (first < last) {
-                    packed_gemm_x(normed, width, m, width, x32, packed_gemm_x_pairs(m, width));
+                int converted = 0;
+                while (claim(&claims, half, &first, &last)) {
+                    if (!converted) packed_gemm_x(normed, width, m, width, x32, packed_gemm_x_pairs(m, width));
+                    converted = 1;
                     packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,
                                       w->k_padded, w->block, first, last);
                     packed_gemm_units(x32, w->weight, gate_up, w->out_features, 0, m, w->out_features, w->in_features,
@@ -213,8 +254,9 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
                                              act + row * inter, col0, col1);
                     }
                 }
+                end_phase(&claims, half);
             } else {
-                gemm_share(normed, width, &layer->gate_up, gate_up, m, x32, tid, threads);
+                gemm_claimed(normed, width, &layer->gate_up, gate_up, m, x32, &claims);
                 barrier_wait(&barrier);
                 share(m * inter, tid, threads, &first, &last);
                 for (int64_t row = first / inter; row * inter < last; ++row) {
@@ -225,7 +267,7 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
                 }
             }
             barrier_wait(&barrier);
-            gemm_share(act, inter, &layer->down, proj, m, x32, tid, threads);
+            gemm_claimed(act, inter, &layer->down, proj, m, x32, &claims);
             barrier_wait(&barrier);
             pending = proj;
         }

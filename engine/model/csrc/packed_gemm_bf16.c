@@ -33,7 +33,9 @@ int64_t packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r) packed_gemm_x(x + r * ldx, ldx, 1, k, x32 + r * ld32, pairs);
-        #pragma omp for schedule(static)
+        /* units two at a time as threads get to them: a thread that loses its core to another process leaves
+         * its partner the rest instead of making it wait at the join (the bits do not depend on the thread) */
+        #pragma omp for schedule(dynamic, 2)
         for (int64_t u = 0; u < units; ++u) packed_gemm_units(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, u, u + 1);
     }
     free(x32);
