@@ -12,7 +12,11 @@ it prints.
 `--closed-loop C` instead runs what a served load at concurrency C runs, at the engine: C users, each sending
 `--requests-per-user` requests one after another (as loadtest.bench.serve's client does), the two paths
 alternating per step, and prints each step shape (pure decode rows; or decode rows + prompt tokens) with its
-count and median time per path: which steps the load makes, and what each path costs on them.
+count and median time per path: which steps the load makes, and what each path costs on them, then the run's
+output tok/s, TTFT p50 / p99 (from a request's submission to the step that gave its first token) and the engine
+thread's CPU time over the steps' wall time (below 1 when its OpenMP partner keeps it waiting, e.g. because
+another process took a core). With `--engine-path` every step takes the path the engine would (no alternation):
+the numbers the served closed loop at concurrency C compares with.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def measure(batch: int, args) -> dict[str, dict[str, float]]:
 def closed_loop(users: int, args) -> None:
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
                                     device_memory_bytes=int(args.memory_gib * (1 << 30)), enable_prefix_caching=False,
-                                    max_num_seqs=max(users, 1)))
+                                    max_num_seqs=max(users, 1), max_num_batched_tokens=args.max_num_batched_tokens))
     try:
         model = engine.runner.model
         fused = model.decode_step
@@ -88,13 +92,18 @@ def closed_loop(users: int, args) -> None:
         for user in range(users):
             submit(user)
         times: dict[tuple[str, str], list[float]] = {}
-        step = 0
+        step, step_wall, step_cpu, tokens = 0, 0.0, 0.0, 0
+        submitted = {f"u{user}-0": time.perf_counter() for user in range(users)}
+        first_token: dict[str, float] = {}
+        run_started = time.perf_counter()
         while engine.has_work:
-            path = "fused" if fused is not None and step % 2 == 0 else "per-op"
+            path = "fused" if fused is not None and (args.engine_path or step % 2 == 0) else "per-op"
             model.decode_step = fused if path == "fused" else None
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             outputs = engine.step()
             elapsed = time.perf_counter() - started
+            step_wall += elapsed
+            step_cpu += time.thread_time() - cpu
             step += 1
             plan = plans[-1] if plans else None
             plans.clear()
@@ -105,8 +114,13 @@ def closed_loop(users: int, args) -> None:
                 times.setdefault((shape, path), []).append(elapsed)
             for output in outputs:
                 user = int(output.request_id[1:].split("-")[0])
+                tokens += len(output.new_token_ids)
+                if output.new_token_ids and output.request_id not in first_token:
+                    first_token[output.request_id] = time.perf_counter() - submitted[output.request_id]
                 if output.is_finished and sent[user] < args.requests_per_user:
+                    submitted[f"u{user}-{sent[user]}"] = time.perf_counter()
                     submit(user)
+        elapsed_run = time.perf_counter() - run_started
         model.decode_step = fused
         print(f"closed loop, {users} users x {args.requests_per_user} requests, {args.prompt_len}/{args.output_len}:")
         print("| step shape (mixed steps run per-op either way) | steps fused on / off | median ms fused on / off |")
@@ -118,6 +132,12 @@ def closed_loop(users: int, args) -> None:
                 counts.append(str(len(values)))
                 medians.append(f"{statistics.median(values) * 1e3:.1f}" if values else "-")
             print(f"| {shape} | {' / '.join(counts)} | {' / '.join(medians)} |")
+        ttfts = sorted(first_token.values())
+        p99 = ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))]
+        label = "engine path" if args.engine_path else "paths alternating"
+        print(f"{label}: {tokens / elapsed_run:.1f} out tok/s ({tokens} tokens in {elapsed_run:.1f} s), "
+              f"TTFT p50 {statistics.median(ttfts) * 1e3:.0f} / p99 {p99 * 1e3:.0f} ms, "
+              f"engine thread CPU / step wall {step_cpu / step_wall:.2f}")
     finally:
         engine.close()
 
@@ -136,6 +156,10 @@ def main() -> None:
                         help="instead: C users sending requests one after another; step shapes and their times")
     parser.add_argument("--requests-per-user", type=int, default=3)
     parser.add_argument("--output-len", type=int, default=128, help="closed loop: tokens per request")
+    parser.add_argument("--engine-path", action="store_true",
+                        help="closed loop: every step on the path the engine picks (no alternation)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="closed loop: the scheduler's chunk (serve_config.yaml ships 2048)")
     args = parser.parse_args()
     flags = [flag for flag in ("avx512_bf16", "amx_tile") if flag in open("/proc/cpuinfo").read()]
     print(f"flags: {' '.join(flags) or 'neither avx512_bf16 nor amx'}; OMP_WAIT_POLICY="
