@@ -26,6 +26,12 @@ from typing import Any, TypeVar
 from deployments.telemetry import RoutingStats
 
 TARGET_KWARG = "target_replica"  # deployments/migration/transport.py sets it
+# Stats older than this rank a replica as unknown. Serve's controller pulls them every ~0.5 s and hands them to the
+# routers by long poll; on a small box whose engine threads run at nice -10 (EngineConfig.engine_thread_nice) the
+# controller, at nice 0, lags: stats 2+ s old were seen under load (a fresh-clone CI run routed a probe to the
+# fuller replica because the emptier one's stats had aged past the former 2 s), and a replica judged by 3-s-old
+# stats is still judged better than one treated as unknown. A replica that stopped reporting is unknown in 5 s.
+STATS_MAX_AGE_S = 5.0
 
 R = TypeVar("R")
 
@@ -39,8 +45,8 @@ def is_fresh(stats: RoutingStats | None, now: float, max_age_s: float) -> bool:
     return stats is not None and now - stats.timestamp <= max_age_s
 
 
-def rank_by_headroom(replicas: Sequence[R], now: float, max_age_s: float = 2.0, headroom_tolerance: float = 0.1,
-                     stats_of: Callable[[R], RoutingStats | None] = serve_stats,
+def rank_by_headroom(replicas: Sequence[R], now: float, max_age_s: float = STATS_MAX_AGE_S,
+                     headroom_tolerance: float = 0.1, stats_of: Callable[[R], RoutingStats | None] = serve_stats,
                      rng: random.Random | None = None) -> list[list[R]]:
     """Ranked groups of `replicas`, best first; see the module doc. `rng`: the randomness of ties (the
     simulator passes a seeded one)."""
@@ -73,7 +79,7 @@ def replica_key(replica: Any) -> str:
     return getattr(replica.replica_id, "unique_id", str(replica.replica_id))
 
 
-def route(replicas: Sequence[R], kwargs: Mapping[str, Any] | None, now: float, max_age_s: float = 2.0,
+def route(replicas: Sequence[R], kwargs: Mapping[str, Any] | None, now: float, max_age_s: float = STATS_MAX_AGE_S,
           headroom_tolerance: float = 0.1, pin_to_one_replica: bool = False,
           stats_of: Callable[[R], RoutingStats | None] = serve_stats,
           key: Callable[[R], str] = replica_key) -> list[list[R]]:

@@ -16,11 +16,14 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from deployments.cluster import ranking
 from deployments.cluster.ranking import TARGET_KWARG, is_fresh, rank_by_headroom, route  # noqa: F401 - re-exported
+
+STATS_MAX_AGE_S = ranking.STATS_MAX_AGE_S
 
 
 class KVHeadroomRouter(RequestRouter):
-    def initialize_state(self, stats_max_age_s: float = 2.0, headroom_tolerance: float = 0.1,
+    def initialize_state(self, stats_max_age_s: float = STATS_MAX_AGE_S, headroom_tolerance: float = 0.1,
                          pin_to_one_replica: bool = False, **_: Any):
         self.stats_max_age_s = float(stats_max_age_s)
         self.headroom_tolerance = float(headroom_tolerance)
@@ -29,5 +32,5 @@ class KVHeadroomRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         kwargs = pending_request.kwargs if pending_request is not None else None
-        return route(candidate_replicas, kwargs, time.time(), getattr(self, "stats_max_age_s", 2.0),
+        return route(candidate_replicas, kwargs, time.time(), getattr(self, "stats_max_age_s", STATS_MAX_AGE_S),
                      getattr(self, "headroom_tolerance", 0.1), getattr(self, "pin_to_one_replica", False))

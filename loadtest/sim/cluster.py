@@ -49,7 +49,7 @@ class ClusterConfig:
     autoscale_period_s: float = 10.0
     startup_s: float = 60.0  # a new replica serves this long after it is asked for (weights, warm-up)
     routing_period_s: float = 0.5  # request_routing_stats_period_s
-    stats_max_age_s: float = 2.0
+    stats_max_age_s: float = 2.0  # simulated stats come on time (no Serve controller): not STATS_MAX_AGE_S
     telemetry_period_s: float = 1.0  # the deployed replicas push every 0.5 s; 1 s here (speed)
     sample_period_s: float = 10.0  # the timeline's pool samples (the plots)
     max_concurrent_migrations: int = 2

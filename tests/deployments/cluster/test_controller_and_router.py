@@ -99,10 +99,13 @@ def test_a_waiting_queue_ranks_after_replicas_without_one():
 
 
 def test_stale_replicas_come_last_and_all_stale_is_power_of_two():
-    stale = fresh("stale", 9999, age=5.0)
+    stale = fresh("stale", 9999, age=6.0)
     empty = replica("starting")
     groups = rank_by_headroom([stale, fresh("ok", 10), empty], now=100.0)
     assert names(groups) == [["ok"], ["stale", "starting"]]
+    # stats a few seconds old (Serve's controller delivering late on a busy box) still rank the replica by them
+    late = fresh("late", 9999, age=3.0)
+    assert names(rank_by_headroom([late, fresh("ok", 10)], now=100.0)) == [["late"], ["ok"]]
     only_stale = [fresh(f"s{i}", 10, age=9.0) for i in range(5)]
     [group] = rank_by_headroom(only_stale, now=100.0)
     assert len(group) == 2 and len({r.name for r in group}) == 2
