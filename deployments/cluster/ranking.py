@@ -28,9 +28,10 @@ from deployments.telemetry import RoutingStats
 TARGET_KWARG = "target_replica"  # deployments/migration/transport.py sets it
 # Stats older than this rank a replica as unknown. Serve's controller pulls them every ~0.5 s and hands them to the
 # routers by long poll; on a small box whose engine threads run at nice -10 (EngineConfig.engine_thread_nice) the
-# controller, at nice 0, lags: stats 2+ s old were seen under load (a fresh-clone CI run routed a probe to the
-# fuller replica because the emptier one's stats had aged past the former 2 s), and a replica judged by 3-s-old
-# stats is still judged better than one treated as unknown. A replica that stopped reporting is unknown in 5 s.
+# controller, at nice 0, can lag (the likely cause of a fresh-clone CI run routing a probe to the fuller replica
+# under the former 2 s: the ranking does that only when the emptier one's stats count as stale; not reproduced),
+# and a replica judged by 3-s-old stats is better judged than treated as unknown. One that stopped reporting is
+# unknown after 5 s.
 STATS_MAX_AGE_S = 5.0
 
 R = TypeVar("R")
