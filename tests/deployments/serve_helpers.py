@@ -50,15 +50,20 @@ def scrape(base_url: str) -> tuple[str, dict[tuple, float]]:
     return replica, samples
 
 
-def metrics_by_replica(base_url: str, num_replicas: int, max_scrapes: int = 200) -> dict[str, dict]:
-    """{replica id: samples}; the proxy sends each scrape to one replica, so scrape until all answered."""
+def metrics_by_replica(base_url: str, num_replicas: int, timeout_s: float = 30.0) -> dict[str, dict]:
+    """{replica id: samples}; the proxy sends each scrape to one replica, so scrape until all answered. The
+    KV-headroom router sends a scrape where its copy of the replicas' stats shows the most headroom, and that copy
+    lags the replicas by seconds (Serve's controller pulls and forwards it): right after a load ends every scrape
+    may go to one replica until the copy shows both idle, so this scrapes for up to `timeout_s`, not a count."""
     by_replica = {}
-    for _ in range(max_scrapes):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         replica, samples = scrape(base_url)
         by_replica.setdefault(replica, samples)
         if len(by_replica) == num_replicas:
             break
-    assert len(by_replica) == num_replicas, f"only saw replicas {sorted(by_replica)}"
+        time.sleep(0.05)
+    assert len(by_replica) == num_replicas, f"only saw replicas {sorted(by_replica)} in {timeout_s} s"
     return by_replica
 
 
