@@ -16,10 +16,13 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from deployments.cluster import ranking
-from deployments.cluster.ranking import TARGET_KWARG, is_fresh, rank_by_headroom, route  # noqa: F401 - re-exported
-
-STATS_MAX_AGE_S = ranking.STATS_MAX_AGE_S
+from deployments.cluster.ranking import (  # noqa: F401 - re-exported
+    STATS_MAX_AGE_S,
+    TARGET_KWARG,
+    is_fresh,
+    rank_by_headroom,
+    route,
+)
 
 
 class KVHeadroomRouter(RequestRouter):

@@ -32,6 +32,7 @@ from engine.api import GenerateRequest
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from loadtest.metrics import percentile
 
 
 def _time_steps(engine: LLMEngine, paths: dict, steps: int, warmup: int) -> dict[str, dict[str, list[float]]]:
@@ -83,17 +84,20 @@ def closed_loop(users: int, args) -> None:
         plans, sent = [], [0] * users
         engine.scheduler.plan_observers.append(plans.append)
 
+        submitted: dict[str, float] = {}  # request id -> when it was added (TTFT)
+
         def submit(user: int) -> None:
             index = user * args.requests_per_user + sent[user]
             prompt = tuple((1000 + 7 * index + 13 * t) % vocab for t in range(args.prompt_len))
-            engine.add_request(GenerateRequest(f"u{user}-{sent[user]}", prompt, params))
+            request_id = f"u{user}-{sent[user]}"
+            submitted[request_id] = time.perf_counter()
+            engine.add_request(GenerateRequest(request_id, prompt, params))
             sent[user] += 1
 
         for user in range(users):
             submit(user)
         times: dict[tuple[str, str], list[float]] = {}
         step, step_wall, step_cpu, tokens = 0, 0.0, 0.0, 0
-        submitted = {f"u{user}-0": time.perf_counter() for user in range(users)}
         first_token: dict[str, float] = {}
         run_started = time.perf_counter()
         while engine.has_work:
@@ -118,7 +122,6 @@ def closed_loop(users: int, args) -> None:
                 if output.new_token_ids and output.request_id not in first_token:
                     first_token[output.request_id] = time.perf_counter() - submitted[output.request_id]
                 if output.is_finished and sent[user] < args.requests_per_user:
-                    submitted[f"u{user}-{sent[user]}"] = time.perf_counter()
                     submit(user)
         elapsed_run = time.perf_counter() - run_started
         model.decode_step = fused
@@ -132,11 +135,10 @@ def closed_loop(users: int, args) -> None:
                 counts.append(str(len(values)))
                 medians.append(f"{statistics.median(values) * 1e3:.1f}" if values else "-")
             print(f"| {shape} | {' / '.join(counts)} | {' / '.join(medians)} |")
-        ttfts = sorted(first_token.values())
-        p99 = ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))]
+        ttfts = list(first_token.values())
         label = "engine path" if args.engine_path else "paths alternating"
         print(f"{label}: {tokens / elapsed_run:.1f} out tok/s ({tokens} tokens in {elapsed_run:.1f} s), "
-              f"TTFT p50 {statistics.median(ttfts) * 1e3:.0f} / p99 {p99 * 1e3:.0f} ms, "
+              f"TTFT p50 {percentile(ttfts, 50) * 1e3:.0f} / p99 {percentile(ttfts, 99) * 1e3:.0f} ms, "
               f"engine thread CPU / step wall {step_cpu / step_wall:.2f}")
     finally:
         engine.close()
