@@ -121,14 +121,17 @@ class Sampler:
                         buffers: dict[str, torch.Tensor]) -> SampleResult:
         token_ids = [0] * len(states)
         edited = iter(buffers["edited"])
+        # one argmax over the batch; a greedy row keeps its pick unless penalties or a banned pick say otherwise
+        picks = argmax_rows(logits) if any(state.params.is_greedy for state in states) else []
         for row, state in enumerate(states):
             if not state.params.is_greedy:
                 continue
-            values = logits[row]
-            if _is_edited(state):
-                values = next(edited)
-                values.copy_(logits[row])  # edited in place; the caller's logits stay as they are
-                self._edit(values, state)
+            if not self._pick_needs_edit(state, picks[row]):
+                token_ids[row] = picks[row]
+                continue
+            values = next(edited)
+            values.copy_(logits[row])  # edited in place; the caller's logits stay as they are
+            self._edit(values, state)
             token_ids[row] = argmax_rows(values.unsqueeze(0))[0]
         drawn = [row for row, state in enumerate(states) if not state.params.is_greedy]
         if drawn:
@@ -139,12 +142,24 @@ class Sampler:
             state.record(token_id)
         return SampleResult(token_ids, self._logprobs(logits, states, token_ids, buffers["logprobs"]))
 
+    def _banned(self, state: SamplingState) -> list[int]:
+        """The tokens min_tokens forbids this step (EOS and the stop ids), or none."""
+        return [*self.eos_token_ids, *state.params.stop_token_ids] if state.needs_stop_mask else []
+
+    def _pick_needs_edit(self, state: SamplingState, pick: int) -> bool:
+        """Whether a greedy row's unedited argmax `pick` may differ from its edited row's argmax.
+
+        Penalties move any value, so they always edit. The stop mask only lowers banned tokens to -inf: if
+        the unedited argmax (the first index holding the maximum) is not banned, every index before it
+        holds less and the mask cannot raise one, so the edited argmax is the same token. A banned pick
+        (also one tied with an allowed token at a later index) takes the edit."""
+        return state.params.has_penalties or pick in self._banned(state)
+
     def _edit(self, row: torch.Tensor, state: SamplingState) -> None:
         """The min_tokens stop mask, then the penalties, on one row [V] in place."""
-        if state.needs_stop_mask:
-            banned = [*self.eos_token_ids, *state.params.stop_token_ids]
-            if banned:
-                row[banned] = float("-inf")
+        banned = self._banned(state)
+        if banned:
+            row[banned] = float("-inf")
         self._penalize(row, state)
 
     @staticmethod

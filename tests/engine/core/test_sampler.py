@@ -161,6 +161,30 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     assert sampler.sample(logits, [state]).token_ids == [EOS]  # two tokens generated: EOS allowed
 
 
+def test_min_tokens_rows_pick_the_masked_argmax_from_one_batch_argmax():
+    # the stop-masked rows take the batch's argmax unless it is banned: check against masking every row
+    logits = random_logits(32, seed=5)
+    stop = [11, 12]
+    banned_top = [0, 5, 9]  # these rows' maxima are EOS or a stop id: they must take the edited argmax
+    for row, token in zip(banned_top, (EOS, 11, 12), strict=True):
+        logits[row, token] = 100.0
+    logits[20, EOS] = logits[20].max() + 1.0  # a tie: EOS (index 2) and token 30 share the maximum
+    logits[20, 30] = logits[20, EOS]
+    params = [SamplingParams(temperature=0, min_tokens=4, stop_token_ids=stop) for _ in range(32)]
+    params[7] = SamplingParams(temperature=0, min_tokens=4, repetition_penalty=1.3)
+    params[8] = SamplingParams(temperature=0)
+    states = states_for(params, prompts=[(1, 2, 3)] * 32)
+    masked = logits.clone()
+    for row, state in enumerate(states):
+        if state.params.min_tokens:
+            masked[row, [EOS, *state.params.stop_token_ids]] = float("-inf")
+    masked[7] = _processed_logits(masked[7:8], states[7])[0]
+    result = Sampler([EOS]).sample(logits, states)
+    assert result.token_ids == masked.argmax(dim=-1).tolist()
+    assert result.token_ids[20] == 30
+    assert all(result.token_ids[row] not in (EOS, 11, 12) for row in banned_top)
+
+
 def test_logprobs_are_the_raw_log_softmax():
     logits = random_logits(3)
     params = [SamplingParams(temperature=0, logprobs=5, repetition_penalty=1.5),
