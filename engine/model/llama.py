@@ -22,7 +22,7 @@ from engine.core.forward_batch import ForwardBatch
 from engine.model.buffers import BufferPlan
 from engine.model.config import ModelConfig
 from engine.model.decode_step import DecodeStep
-from engine.model.elementwise import TorchElementwise, create_elementwise
+from engine.model.elementwise import NativeBf16Elementwise, TorchElementwise, create_elementwise
 from engine.model.linear import TorchLinear
 from engine.model.rope import cos_sin_table, inverse_frequencies
 
@@ -100,6 +100,8 @@ class LlamaModel:
         self.embed = place(weights["model.embed_tokens.weight"])
         # norms, RoPE, SiLU x up (engine/model/elementwise.py): fused C kernels in bf16 on CPU
         self.ops = elementwise or create_elementwise(dtype, self.embed.device.type)
+        # the MLP's product and SiLU x up in one call where the backend has it (its roundings are these ops')
+        self._native_ops = isinstance(self.ops, NativeBf16Elementwise)
         lm_head = weights.get("lm_head.weight")
         if lm_head is None:  # tied: the embedding itself, unless the backend stores products' weights its own way
             embed = self.embed
@@ -273,9 +275,10 @@ class LlamaModel:
     def _mlp_block(self, layer, hidden, pending, buffers) -> torch.Tensor:
         normed = self.ops.add_rms_norm(hidden, pending, layer["post_norm"], buffers["normed"],
                                        self.config.rms_norm_eps)
-        gate_up = buffers["gate_up"]
-        self.linear(normed, layer["gate_up"], gate_up)
-        act = self.ops.silu_mul(gate_up, buffers["act"])
+        gate_up, act = buffers["gate_up"], buffers["act"]
+        if not (self._native_ops and self.linear.gate_up_silu(normed, layer["gate_up"], gate_up, act)):
+            self.linear(normed, layer["gate_up"], gate_up)
+            act = self.ops.silu_mul(gate_up, act)
         proj = buffers["proj"]
         self.linear(act, layer["down"], proj)
         if self.all_reduce is not None:

@@ -197,6 +197,9 @@ class _PackedGemm:
         self.kernel.restype = ctypes.c_int64
         pointer, integer = ctypes.c_void_p, ctypes.c_int64
         self.kernel.argtypes = [pointer, integer, pointer, pointer] + [integer] * 8
+        self.silu_mul_kernel = library.packed_gemm_silu_mul_bf16
+        self.silu_mul_kernel.restype = ctypes.c_int64
+        self.silu_mul_kernel.argtypes = [pointer, integer, pointer, pointer, pointer] + [integer] * 6
 
     def takes(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> bool:
         return (weight.k_padded is not None and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.bfloat16
@@ -209,6 +212,21 @@ class _PackedGemm:
                        weight.block, torch.get_num_threads()):
             raise MemoryError(f"packed GEMM: no memory for the fp32 copy of a {tuple(x.shape)} input")
         return out
+
+    def gate_up_silu(self, x: torch.Tensor, weight: PackedWeight, gate_up: torch.Tensor, act: torch.Tensor) -> bool:
+        """TorchLinear.gate_up_silu in one parallel region (packed_gemm_silu_mul_bf16): False where the product
+        is not this kernel's or the gate/up halves do not split at an output block."""
+        inter = weight.shape[0] // 2
+        if not (self.takes(x, weight, gate_up) and gate_up.dtype == torch.bfloat16 and gate_up.is_contiguous()
+                and weight.shape[0] % 2 == 0 and inter % weight.block == 0 and act.dtype == torch.bfloat16
+                and act.is_contiguous() and act.shape == (x.shape[0], inter)):
+            return False
+        status = self.silu_mul_kernel(x.data_ptr(), x.stride(0), weight.storage.data_ptr(), gate_up.data_ptr(),
+                                      act.data_ptr(), x.shape[0], inter, weight.shape[1], weight.k_padded, weight.block,
+                                      torch.get_num_threads())
+        if status == -1:
+            raise MemoryError(f"packed GEMM: no memory for the fp32 copy of a {tuple(x.shape)} input")
+        return status == 0
 
 
 def onednn_available() -> bool:
@@ -236,6 +254,10 @@ class OneDnnLinear(TorchLinear):
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
             return self.fallback.place(weight, allocate)
         return pack(weight, allocate, self._shim)
+
+    def gate_up_silu(self, x, weight, gate_up, act) -> bool:
+        return (isinstance(weight, PackedWeight) and self._skinny is not None
+                and self._skinny.gate_up_silu(x, weight, gate_up, act))
 
     def __call__(self, x, weight, out, bias=None):
         if not isinstance(weight, PackedWeight):

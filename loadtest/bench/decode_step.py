@@ -79,7 +79,9 @@ def closed_loop(users: int, args) -> None:
     try:
         model = engine.runner.model
         fused = model.decode_step
-        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        # what the served client sends (loadtest/openai_stream.py): min_tokens as well as ignore_eos
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, min_tokens=args.output_len,
+                                ignore_eos=True)
         vocab = model.config.vocab_size
         plans, sent = [], [0] * users
         engine.scheduler.plan_observers.append(plans.append)

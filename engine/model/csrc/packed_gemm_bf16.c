@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "elementwise_bf16.h"
 #include "packed_gemm_bf16.h"
 
 /* Returns 0, or -1 when the copy of x could not be allocated (nothing written). */
@@ -37,6 +38,43 @@ int64_t packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void
          * its partner the rest instead of making it wait at the join (the bits do not depend on the thread) */
         #pragma omp for schedule(dynamic, 2)
         for (int64_t u = 0; u < units; ++u) packed_gemm_units(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, u, u + 1);
+    }
+    free(x32);
+    return 0;
+}
+
+/* act = SiLU(gate) x up of gate_up = x w^T, w holding the `inter` gate outputs then the `inter` up outputs (an
+ * MLP's fused gate_up weight), in one parallel region: each claim takes a gate unit and the up unit over the
+ * same columns and rows (the first and second halves of the units line up when inter % block == 0) and applies
+ * SiLU x up to that region while it is in cache. gate_up is still written (the caller's scratch), and every
+ * value is computed by the same routines in the same order as packed_gemm_bf16 then silu_mul_bf16: same bits.
+ * Saves the separate SiLU x up pass over gate_up (re-read from memory at prefill sizes) and its fork/join.
+ * Returns 0, -1 when the copy of x could not be allocated, -2 when inter is not a multiple of block. */
+int64_t packed_gemm_silu_mul_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *gate_up, uint16_t *act,
+                                  int64_t m, int64_t inter, int64_t k, int64_t k_padded, int64_t block,
+                                  int64_t num_threads) {
+    const int64_t n = 2 * inter, ld32 = f32_row_length(k), half = packed_gemm_num_units(m, n, k, block) / 2;
+    if (inter % block) return -2;
+    const int pairs = packed_gemm_x_pairs(m, k);
+    float *x32 = (float *)malloc(sizeof(float) * (size_t)(packed_gemm_x_rows(m) * ld32));
+    if (x32 == NULL) return -1;
+    #pragma omp parallel num_threads(num_threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r) packed_gemm_x(x + r * ldx, ldx, 1, k, x32 + r * ld32, pairs);
+        /* two units of each half at a time, as threads get to them (packed_gemm_bf16's granularity) */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t first = 0; first < half; first += 2) {
+            const int64_t last = first + 2 < half ? first + 2 : half;
+            packed_gemm_units(x32, w, gate_up, n, 0, m, n, k, k_padded, block, first, last);
+            packed_gemm_units(x32, w, gate_up, n, 0, m, n, k, k_padded, block, first + half, last + half);
+            for (int64_t u = first; u < last; ++u) {
+                int64_t col0, col1, row0, row1;
+                packed_gemm_unit_region(u, m, n, k, block, &col0, &col1, &row0, &row1);
+                for (int64_t row = row0; row < row1; ++row)
+                    silu_mul_columns(gate_up + row * n, gate_up + row * n + inter, act + row * inter, col0, col1);
+            }
+        }
     }
     free(x32);
     return 0;

@@ -275,3 +275,33 @@ def test_the_packed_kernels_amx_tiles_sum_right_and_split_invariantly(onednn, ro
     scale = x.double().abs() @ weight.double().abs().t()
     assert ((got[1].double() - expected).abs() <= 1e-5 * scale + 1e-30).all()
     assert torch.equal(bf16, got[1].bfloat16())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 129])
+@pytest.mark.parametrize("inter, in_features", [(64, 64), (1536, 576), (96, 100)])
+def test_the_fused_gate_up_silu_gives_the_separate_calls_bits(onednn, rows, inter, in_features):
+    """packed_gemm_silu_mul_bf16 (the MLP's product and SiLU x up in one region) writes the same gate_up and act
+    as the packed product then NativeBf16Elementwise.silu_mul, on the vector routine and, where the CPU has
+    them, on AMX tiles; it declines gate/up halves that do not split at an output block (nothing written)."""
+    from engine.model.elementwise import NativeBf16Elementwise
+    from engine.model.onednn_linear import packed_routine
+
+    if onednn._skinny is None:
+        pytest.skip("no AVX512-BF16 here: oneDNN serves every size")
+    ops = NativeBf16Elementwise()
+    generator = torch.Generator().manual_seed(rows * 13 + inter)
+    packed = onednn.place((torch.randn(2 * inter, in_features, generator=generator) * 0.2).bfloat16(),
+                          lambda tensor: tensor.clone())
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    for tiles_from in (0, 1):
+        with packed_routine(tiles_from=tiles_from):
+            gate_up = onednn(x, packed, torch.empty(rows, 2 * inter, dtype=torch.bfloat16))
+            act = ops.silu_mul(gate_up, torch.empty(rows, inter, dtype=torch.bfloat16))
+            fused_gate_up = torch.full_like(gate_up, 7.0)
+            fused_act = torch.full_like(act, 7.0)
+            taken = onednn.gate_up_silu(x, packed, fused_gate_up, fused_act)
+        if inter % packed.block:
+            assert not taken and bool((fused_act == 7.0).all())
+            continue
+        assert taken
+        assert torch.equal(fused_gate_up, gate_up) and torch.equal(fused_act, act)
