@@ -65,8 +65,10 @@ class EngineConfig:
     # than min(N / stream_chunks_per_s, 0.25) s after its previous one; outputs arriving sooner are merged.
     # It bounds the chunks a second that asyncio, SSE and Serve's proxy handle (their CPU is taken from the
     # step's GEMMs). The first and the last output of a stream are never held. None: every step's output.
-    # 50 (was 200): c=8 served 1.19-1.31x output tok/s, a chunk every 20 ms at 1 stream, 160 ms at 8 (SPEED.md).
-    stream_chunks_per_s: float | None = 50.0
+    # 10 (was 50; 200 before): a chunk every 100 ms at 1 stream, 250 ms (the cap) from 3 on. Served c=1 out tok/s
+    # 1.06-1.17x in 4 alternating pairs (TPOT 18.5-20.6 ms against the engine's 17.3); 50 gave c=8 1.19-1.31x over
+    # 200 (docs/SPEED.md 2026-12-06).
+    stream_chunks_per_s: float | None = 10.0
     # The engine loop thread's nice value, set when it starts (the OpenMP threads it starts inherit it); None:
     # inherited. Ray starts workers at nice 15, so every nice-0 process on the box (Ray's GCS, raylet,
     # dashboard, the client) preempted the step's compute threads and the partner waited at the step's barriers:

@@ -69,7 +69,7 @@ def test_stream_pacing_reaches_the_engine_config_from_the_yaml():
     engine_config = pytest.importorskip("engine.config")
     [app] = yaml.safe_load(CONFIG.read_text())["applications"]
     shipped = AppArgs.model_validate(app["args"]).to_engine_config(device="cpu")
-    assert shipped.stream_chunks_per_s == engine_config.EngineConfig().stream_chunks_per_s == 50
+    assert shipped.stream_chunks_per_s == engine_config.EngineConfig().stream_chunks_per_s == 10
     for value in (200, 12.5, None):  # the yaml's engine_options: {stream_chunks_per_s: N} (null: pacing off)
         args = AppArgs.model_validate(app["args"] | {"engine_options": {"stream_chunks_per_s": value}})
         assert args.to_engine_config(device="cpu").stream_chunks_per_s == value
