@@ -73,6 +73,23 @@ def drain(config: dict[str, Any], grace_s: float, log=print) -> None:
     log("drain deadline passed")
 
 
+CAP_SYS_NICE = 23  # linux/capability.h
+
+
+def can_raise_priority(status_path: str = "/proc/self/status") -> bool:
+    """Whether this process (and the Ray workers it starts) may lower nice values: CAP_SYS_NICE in its effective
+    set. Then a replica's engine loop takes nice -10 itself and Ray's other workers are best left at Ray's 15:
+    served, the whole cluster's workers at 0 measured c=1 41.0-46.5 vs 49.1-50.5 and c=32 402-403 vs 421-427
+    out tok/s (docs/SPEED.md, 2026-12-06 evening)."""
+    try:
+        for line in Path(status_path).read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
@@ -84,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
 
     config = yaml.safe_load(options.config.read_text())
     os.environ.setdefault(CALLBACK_ENV, CALLBACK_PATH)  # inherited by the proxies Ray starts
-    # a new local cluster's workers at nice 0, not Ray's 15 (EngineConfig.engine_thread_nice explains why)
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    if not can_raise_priority():
+        # the engine loop cannot lower its nice value below Ray's 15 for its workers: start them at 0
+        # (EngineConfig.engine_thread_nice explains why); with CAP_SYS_NICE it goes to -10 and the rest stay at 15
+        os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api  # what `serve run` itself uses to deploy a YAML
