@@ -23,17 +23,28 @@
 #include "elementwise_bf16.h"
 #include "packed_gemm_bf16.h"
 
+/* the copy of x's m rows of k inputs the units read (packed_gemm_x), or NULL when out of memory */
+static float *alloc_x32(int64_t m, int64_t k) {
+    return (float *)malloc(sizeof(float) * (size_t)(packed_gemm_x_rows(m) * f32_row_length(k)));
+}
+
+/* fills x32 with the calling parallel region's threads, rows split evenly (an orphaned `omp for`) */
+static void team_convert_x(const uint16_t *x, int64_t ldx, int64_t m, int64_t k, float *x32) {
+    const int64_t ld32 = f32_row_length(k);
+    const int pairs = packed_gemm_x_pairs(m, k);
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < m; ++r) packed_gemm_x(x + r * ldx, ldx, 1, k, x32 + r * ld32, pairs);
+}
+
 /* Returns 0, or -1 when the copy of x could not be allocated (nothing written). */
 int64_t packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void *y, int64_t ldy, int64_t y_is_f32,
                          int64_t m, int64_t n, int64_t k, int64_t k_padded, int64_t block, int64_t num_threads) {
-    const int64_t ld32 = f32_row_length(k), units = packed_gemm_num_units(m, n, k, block);
-    const int pairs = packed_gemm_x_pairs(m, k);
-    float *x32 = (float *)malloc(sizeof(float) * (size_t)(packed_gemm_x_rows(m) * ld32));
+    const int64_t units = packed_gemm_num_units(m, n, k, block);
+    float *x32 = alloc_x32(m, k);
     if (x32 == NULL) return -1;
     #pragma omp parallel num_threads(num_threads)
     {
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; ++r) packed_gemm_x(x + r * ldx, ldx, 1, k, x32 + r * ld32, pairs);
+        team_convert_x(x, ldx, m, k, x32);
         /* units two at a time as threads get to them: a thread that loses its core to another process leaves
          * its partner the rest instead of making it wait at the join (the bits do not depend on the thread) */
         #pragma omp for schedule(dynamic, 2)
@@ -53,15 +64,13 @@ int64_t packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void
 int64_t packed_gemm_silu_mul_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *gate_up, uint16_t *act,
                                   int64_t m, int64_t inter, int64_t k, int64_t k_padded, int64_t block,
                                   int64_t num_threads) {
-    const int64_t n = 2 * inter, ld32 = f32_row_length(k), half = packed_gemm_num_units(m, n, k, block) / 2;
+    const int64_t n = 2 * inter, half = packed_gemm_num_units(m, n, k, block) / 2;
     if (inter % block) return -2;
-    const int pairs = packed_gemm_x_pairs(m, k);
-    float *x32 = (float *)malloc(sizeof(float) * (size_t)(packed_gemm_x_rows(m) * ld32));
+    float *x32 = alloc_x32(m, k);
     if (x32 == NULL) return -1;
     #pragma omp parallel num_threads(num_threads)
     {
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; ++r) packed_gemm_x(x + r * ldx, ldx, 1, k, x32 + r * ld32, pairs);
+        team_convert_x(x, ldx, m, k, x32);
         /* two units of each half at a time, as threads get to them (packed_gemm_bf16's granularity) */
         #pragma omp for schedule(dynamic, 1)
         for (int64_t first = 0; first < half; first += 2) {
