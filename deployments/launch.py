@@ -80,7 +80,7 @@ def can_raise_priority(status_path: str = "/proc/self/status") -> bool:
     """Whether this process (and the Ray workers it starts) may lower nice values: CAP_SYS_NICE in its effective
     set. Then a replica's engine loop takes nice -10 itself and Ray's other workers are best left at Ray's 15:
     served, the whole cluster's workers at 0 measured c=1 41.0-46.5 vs 49.1-50.5 and c=32 402-403 vs 421-427
-    out tok/s (docs/SPEED.md, 2026-12-06 evening)."""
+    out tok/s (docs/SPEED.md, 2026-12-06 (night))."""
     try:
         for line in Path(status_path).read_text().splitlines():
             if line.startswith("CapEff:"):
