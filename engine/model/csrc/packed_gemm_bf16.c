@@ -47,8 +47,9 @@ int64_t packed_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, void
         team_convert_x(x, ldx, m, k, x32);
         /* units two at a time as threads get to them: a thread that loses its core to another process leaves
          * its partner the rest instead of making it wait at the join (the bits do not depend on the thread) */
-        #pragma omp for schedule(dynamic, 2)
-        for (int64_t u = 0; u < units; ++u) packed_gemm_units(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, u, u + 1);
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u += 2)  /* a pair: both 32-output slices of a block in one pass (sliced) */
+            packed_gemm_units(x32, w, y, ldy, y_is_f32, m, n, k, k_padded, block, u, u + 2 < units ? u + 2 : units);
     }
     free(x32);
     return 0;

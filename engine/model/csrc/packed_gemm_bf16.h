@@ -191,9 +191,18 @@ static inline __attribute__((always_inline)) void packed_gemm_units_dot(
         for (int64_t u = first_unit; u < last_unit; ++u) {
             const int64_t b = u / per_block, slice = u % per_block, first = b * block + 32 * slice;
             const int64_t valid = n - first < 32 ? n - first : 32;
-            if (valid > 0)
-                row_group(x32, ld32, w + b * block * k_padded + 64 * slice, 2 * block, y, ldy, y_is_f32, 0, (int)m,
-                          first, valid, 2, DP);
+            if (valid <= 0) continue;
+            if (per_block == 2 && slice == 0 && u + 1 < last_unit) {
+                /* both slices of a 64-output block in one pass: its weight read front to back (one slice at a
+                 * time read every other half of it, twice); each output sums over the same pairs in the same
+                 * order, so the bits do not change */
+                const int64_t both = n - first < 64 ? n - first : 64;
+                row_group(x32, ld32, w + b * block * k_padded, 2 * block, y, ldy, y_is_f32, 0, (int)m, first, both, 4, DP);
+                ++u;
+                continue;
+            }
+            row_group(x32, ld32, w + b * block * k_padded + 64 * slice, 2 * block, y, ldy, y_is_f32, 0, (int)m,
+                      first, valid, 2, DP);
         }
         _mm_setcsr(mxcsr);
         return;
