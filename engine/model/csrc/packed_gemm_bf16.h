@@ -143,8 +143,10 @@ static inline __attribute__((always_inline)) void row_group(
 }
 
 /* Products of at most SLICE_ROWS rows only stream the weight: their units are 32-output slices (half a
- * 64-output block), so that two threads split SmolLM2's 576 outputs (nine 64-blocks) evenly. Beyond, a
- * unit's whole block keeps 16 accumulators busy. */
+ * 64-output block), so that two threads can split SmolLM2's 576 outputs (nine 64-blocks) evenly; a thread
+ * given both slices of a block (callers hand out units in pairs) reads the block once, front to back, for
+ * both (measured: a batch-1 decode step 15.5-16.0 -> 9.9-10.0 ms on a 2-vCPU Zen 4). Beyond, a unit's whole
+ * block keeps 16 accumulators busy. */
 #define SLICE_ROWS 4
 
 /* Whether a product of m rows of k inputs is split into 32-output slices for every row (few rows, off the
