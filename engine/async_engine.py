@@ -210,7 +210,11 @@ class AsyncEngine:
         return self._driver
 
     def _open_stream(self, request_id: str) -> asyncio.Queue:
-        if request_id in self._streams:  # registering it would take over the running stream
+        # registering it would take over a running stream; one that has ended (e.g. handed off to another replica,
+        # whose consumer went on with the relay and has not left its generator yet) is replaced: the request may
+        # come back here (migrated away and back) before that consumer lets go
+        current = self._streams.get(request_id)
+        if current is not None and not current.has_ended:
             raise InvalidRequestError(f"request id {request_id!r} is already running here", param="request_id")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = PacedStream(asyncio.get_running_loop(), stream, self.config.stream_chunks_per_s,
@@ -235,8 +239,9 @@ class AsyncEngine:
                     finished = after.is_finished
                     yield after
         finally:
-            paced = self._streams.pop(request_id, None)
-            if paced is not None:
+            paced = self._streams.get(request_id)
+            if paced is not None and paced.queue is stream:  # not a stream that replaced this ended one
+                del self._streams[request_id]
                 paced.close()
             if not finished:
                 self._inbox.put(("abort", request_id))

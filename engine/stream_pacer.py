@@ -61,10 +61,12 @@ class PacedStream:
         self._timer: asyncio.TimerHandle | None = None
         self._last: float | None = None  # loop time of the last delivery; None: nothing delivered yet
         self._closed = False
+        self.has_ended = False  # its last output (or an error) was put: the request no longer runs for it
 
     def put(self, item: RequestOutput | BaseException) -> None:
         if self._closed:
             return
+        self.has_ended = self.has_ended or isinstance(item, BaseException) or item.is_finished
         if self._chunks_per_s is None:
             self.queue.put_nowait(item)
             return

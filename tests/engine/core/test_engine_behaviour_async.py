@@ -366,3 +366,28 @@ def test_the_engine_thread_takes_its_nice_value_and_survives_a_refusal(monkeypat
     for bad in (-21, 20, 1.5, True):
         with pytest.raises(ValueError, match="engine_thread_nice"):
             EngineConfig(dtype="float32", engine_thread_nice=bad)
+
+
+def test_an_ended_stream_gives_its_id_back_before_its_consumer_leaves(tiny_llama_dir, smollm2_tokenizer):
+    """A stream whose last output was put (a request handed off to another replica, whose consumer went on with the
+    relay) is replaced when the same id comes back (migrated back) before that consumer leaves its generator; the
+    old generator's end then leaves the new stream registered. A stream still running is never taken over."""
+    engine = AsyncEngine(tiny_engine(tiny_llama_dir, smollm2_tokenizer))
+
+    async def main():
+        await engine.start()
+        try:
+            old = engine._open_stream("x")
+            with pytest.raises(InvalidRequestError, match="already running"):
+                engine._open_stream("x")
+            engine._streams["x"].put(RequestOutput("x", (1,), "a", finish_reason="handed_off"))
+            old_reader = engine._stream("x", old, lambda: asyncio.sleep(0))
+            assert (await old_reader.__anext__()).finish_reason == "handed_off"  # the consumer has not left yet
+            new = engine._open_stream("x")
+            await old_reader.aclose()  # the old consumer leaves now
+            assert engine._streams["x"].queue is new
+            await engine._stream("x", new, lambda: asyncio.sleep(0)).aclose()
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
