@@ -240,10 +240,11 @@ class AsyncEngine:
                     yield after
         finally:
             paced = self._streams.get(request_id)
-            if paced is not None and paced.queue is stream:  # not a stream that replaced this ended one
+            still_registered = paced is not None and paced.queue is stream  # not replaced after it ended
+            if still_registered:
                 del self._streams[request_id]
                 paced.close()
-            if not finished:
+            if not finished and still_registered:  # a replaced stream had ended: the id's run now is another's
                 self._inbox.put(("abort", request_id))
                 self._wake.set()
 

@@ -387,6 +387,20 @@ def test_an_ended_stream_gives_its_id_back_before_its_consumer_leaves(tiny_llama
             await old_reader.aclose()  # the old consumer leaves now
             assert engine._streams["x"].queue is new
             await engine._stream("x", new, lambda: asyncio.sleep(0)).aclose()
+            # an ended stream whose consumer leaves without reading its last output, after the id came back:
+            # the run the id names now is the new one's, which the old consumer must not abort
+            first = engine._open_stream("y")
+            engine._streams["y"].put(RequestOutput("y", (1,), "a"))
+            first_reader = engine._stream("y", first, lambda: asyncio.sleep(0))
+            await first_reader.__anext__()
+            engine._streams["y"].put(RequestOutput("y", (2,), "b", finish_reason="handed_off"))
+            second = engine._open_stream("y")
+            sent = []
+            engine._inbox.put, put = sent.append, engine._inbox.put
+            await first_reader.aclose()
+            engine._inbox.put = put
+            assert ("abort", "y") not in sent and engine._streams["y"].queue is second
+            await engine._stream("y", second, lambda: asyncio.sleep(0)).aclose()
         finally:
             await engine.shutdown()
 
