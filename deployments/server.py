@@ -40,7 +40,7 @@ from deployments.migration.relay import RelayRegistry
 from deployments.migration.source import MigrationManager, MigrationStats
 from deployments.migration.transport import ServeHandlePeer, make_peer
 from deployments.telemetry import ControllerReply, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
-from engine.api import EngineClient, EngineStats
+from engine.api import EngineClient
 from engine.migration import KVStage, RequestSnapshot
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ class LLMServer:
         self._migration_stats = MigrationStats()
         self._is_draining = False
         self._last_load: ReplicaLoad | None = None
+        self._load_task: asyncio.Future[ReplicaLoad] | None = None  # the engine thread's answer, pending
         self._migrations: MigrationManager | None = None
         self._endpoint: MigrationEndpoint | None = None
         if self.engine.supports_migration:
@@ -265,7 +266,7 @@ class LLMServer:
                     report = dataclasses.replace(report, dropping=self._cooperation.status(engine_stats))
                 if self._migrations is not None:
                     await self._endpoint.expire_stale()
-                    report = await self._with_migration(report, engine_stats)
+                    report = await self._with_migration(report)
                 self._follow(await self._controller.report(report))
                 num_failures = 0
             except asyncio.CancelledError:
@@ -277,15 +278,18 @@ class LLMServer:
                                    num_failures, exc)
             await asyncio.sleep(period_s)
 
-    async def _with_migration(self, report: ReplicaReport, engine_stats: EngineStats) -> ReplicaReport:
-        """The requests' loads come from the engine thread, which a long prefill step can hold for a while:
-        then the previous load goes out again (with fresh counters) rather than none."""
-        try:
-            self._last_load = await asyncio.wait_for(
-                self._migrations.load_report(self.replica_id, engine_stats, self._started_at),
-                self.args.telemetry_period_s)
-        except asyncio.TimeoutError:
-            pass
+    async def _with_migration(self, report: ReplicaReport) -> ReplicaReport:
+        """The requests' loads come from the engine thread between two steps, and a long step (a big prefill,
+        a pair's pipelined step) can hold it past a telemetry period: the call then stays pending across
+        reports, never dropped and asked again (which would never answer while every step is that long), and
+        until it answers the previous load goes out again (with fresh counters)."""
+        if self._load_task is None:
+            self._load_task = asyncio.ensure_future(
+                self._migrations.load_report(self.replica_id, self.engine.stats, self._started_at))
+        done, _ = await asyncio.wait({self._load_task}, timeout=self.args.telemetry_period_s)
+        if done:
+            task, self._load_task = self._load_task, None
+            self._last_load = task.result()
         return dataclasses.replace(report, load=self._last_load, migrating=tuple(self._migrations.migrating),
                                    migration=self._migration_stats.snapshot())
 

@@ -72,6 +72,9 @@ class ReplicaLoad:
     requests: tuple[RequestLoad, ...] = ()
     started_at: float = 0.0  # when the replica started (wall clock): Serve scales down the newest first
     host: HostRoom | None = None  # `kv_offload: layerwise`: what its host can take of migrated requests' layers
+    # what its requests' KV will still grow by until their last possible token (max_tokens or the context
+    # limit; EOS may end them earlier): KunServe's drop plan counts it, migration policies do not
+    growth_chunks: int = 0
 
     @property
     def demand_chunks(self) -> int:
@@ -163,6 +166,12 @@ class DropStatus:
     peer: str | None = None  # its partner while not normal
     dropped_layers: int = 0
     ttft_growth: float = 1.0  # recent TTFT / baseline TTFT
+    # what KV could ever hold here (the budget less the weights and one full step's workspace: what the
+    # scheduler admits against; LLMEngine.kv_capacity_chunks); 0: unknown, the plan takes used + free
+    kv_capacity_chunks: int = 0
+    # the KV its clients' live requests hold at their last possible tokens, counted from their arrival
+    # (AsyncEngine.peak_tokens): demand the engine thread has not seen yet (its stats lag a step)
+    client_peak_chunks: int = 0
 
 
 @dataclass(frozen=True)
@@ -209,5 +218,6 @@ def replica_load(replica_id: str, stats: Any, loads: Any, started_at: float,
                                  load.is_migratable and load.request_id not in busy, load.status,
                                  tuple(load.host_splits)) for load in loads)
     waiting = sum(load.kv_chunks for load in loads if load.status in ("waiting", "swapped"))
+    growth = sum(max(0, load.peak_chunks - load.kv_chunks) for load in loads)
     return ReplicaLoad(replica_id, stats.kv_chunks_used + stats.kv_chunks_free, stats.kv_chunks_used, waiting,
-                       requests, started_at, host)
+                       requests, started_at, host, growth)

@@ -114,6 +114,7 @@ class AsyncEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._streams: dict[str, PacedStream] = {}  # request id -> its stream (queue, loop, pacing)
+        self._peak_tokens: dict[str, int] = {}  # request id -> tokens it holds at its last possible token
         self._stop = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -169,13 +170,24 @@ class AsyncEngine:
         if len(self._streams) >= self.engine.max_in_flight:
             raise EngineOverloadedError(f"{len(self._streams)} requests in flight; try again shortly")
         stream = self._open_stream(request.request_id)
+        self._peak_tokens[request.request_id] = min(self.max_model_len,
+                                                    len(request.prompt_token_ids) + request.sampling.max_tokens)
 
         async def submit() -> None:
             self._inbox.put(("add", request))
             self._wake.set()
 
-        async for output in self._stream(request.request_id, stream, submit):
-            yield output
+        try:
+            async for output in self._stream(request.request_id, stream, submit):
+                yield output
+        finally:
+            self._peak_tokens.pop(request.request_id, None)
+
+    def peak_tokens(self) -> list[int]:
+        """The tokens each request of this replica's clients (`generate`) holds at its last possible token
+        (max_tokens or the context limit), from the moment it arrived: a spike's KV demand seen before the
+        engine thread takes it in (KunServe's drop plan; deployments/cluster/cooperation.py)."""
+        return list(self._peak_tokens.values())
 
     async def run_in_engine(self, function: Callable[..., T], *args: object) -> T:
         """Runs `function(engine, *args)` on the engine thread between two steps; returns its result.

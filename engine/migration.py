@@ -248,6 +248,7 @@ class RequestLoad:
     is_migratable: bool
     num_preemptions: int
     host_splits: tuple[HostSplit, ...] = ()  # `layerwise`: its cost with 1, 2, ... top layers on a host
+    peak_chunks: int = 0  # pool chunks its KV takes at its last possible token (num_tokens + num_remaining)
 
 
 def request_loads(engine: LLMEngine) -> list[RequestLoad]:
@@ -267,6 +268,7 @@ def request_loads(engine: LLMEngine) -> list[RequestLoad]:
             request_id=request.request_id, status=request.status.value, num_tokens=request.num_tokens,
             num_remaining=max(0, remaining), kv_chunks=engine.kv.chunks_to_grow(None, needed),
             is_migratable=migratable, num_preemptions=request.num_preemptions, host_splits=splits,
+            peak_chunks=engine.kv.chunks_to_grow(None, request.num_tokens + max(0, remaining)),
         ))
     return loads
 

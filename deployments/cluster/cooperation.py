@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -62,8 +63,10 @@ class Cooperation:
         arena = llm.rank.arena
         driver = self.engine.driver
         peer = self.peer if driver is not None and driver.is_formed else None
+        # KV chunks of a new request of n tokens: pure arithmetic on the KV layout, safe off the engine thread
+        peak = sum(llm.kv.chunks_to_grow(None, tokens) for tokens in self.engine.peak_tokens())
         return DropStatus(llm.model_name, llm.model_config.num_layers, arena.layer_chunks([0]), stats.drop_state,
-                          peer, len(arena.dropped_layers), stats.ttft_growth)
+                          peer, len(arena.dropped_layers), stats.ttft_growth, llm.kv_capacity_chunks(), peak)
 
     async def follow(self, order: LayerOrder) -> None:
         async with self._busy:
@@ -82,6 +85,7 @@ class Cooperation:
                 logger.info("replica %s: layer order %s needs nothing here", self.replica_id, order)
 
     async def _lead(self, order: LayerOrder) -> None:
+        started = time.monotonic()
         store = host_store(self.node.host, self.timeout_s)
         address = ChannelAddress(self.node.host, store.port, f"pair/{uuid.uuid4().hex}/",
                                  backend_for(self.engine.engine.model.embed.device))
@@ -93,28 +97,34 @@ class Cooperation:
             building.cancel()  # the thread ends at the store's timeout
             raise
         group = building.result()
+        joined = time.monotonic()
         self._groups = [group, store]
         channel = await self._channel(group, address, PairChannel.LEADER)
         leader = RemoteLeader(self.engine.engine, channel, self.num_micro_batches, self.min_micro_batch_tokens)
         freed = await self.engine.cooperate(leader, lambda: leader.form(order.first_keeps, order.second_from))
         self.peer = order.peer
-        logger.info("replica %s: leads a pair with %s, keeps layers [0, %d) (%d chunks freed)", self.replica_id,
-                    order.peer, order.first_keeps, freed)
+        logger.info("replica %s: leads a pair with %s, keeps layers [0, %d) (%d chunks freed); formed in %.2f s "
+                    "(the group and the follower's side %.2f s, this side %.2f s)", self.replica_id, order.peer,
+                    order.first_keeps, freed, time.monotonic() - started, joined - started,
+                    time.monotonic() - joined)
 
     async def join(self, leader: str, address: ChannelAddress, first_keeps: int, second_from: int) -> None:
         """The follower's side of forming a pair (called by the leader through Serve)."""
         async with self._busy:
             if self.engine.driver is not None:
                 raise RuntimeError(f"replica {self.replica_id} is already in a pair")
+            started = time.monotonic()
             group = await asyncio.to_thread(lambda: open_group(address, PairChannel.FOLLOWER,
                                                                join_store(address, self.timeout_s), self.node,
                                                                self.timeout_s))
             self._groups = [group]
+            opened = time.monotonic()
             follower = RemoteFollower(self.engine.engine, await self._channel(group, address, PairChannel.FOLLOWER))
             freed = await self.engine.cooperate(follower, lambda: follower.form(first_keeps, second_from))
             self.peer = leader
-            logger.info("replica %s: follows %s, keeps layers [%d, L) (%d chunks freed)", self.replica_id, leader,
-                        second_from, freed)
+            logger.info("replica %s: follows %s, keeps layers [%d, L) (%d chunks freed); group %.2f s, this side "
+                        "%.2f s", self.replica_id, leader, second_from, freed, opened - started,
+                        time.monotonic() - opened)
 
     async def _channel(self, group, address: ChannelAddress, rank: int) -> PairChannel:
         """The pair's channel over `group`, watching the peer with a heartbeat through a store client of its own."""

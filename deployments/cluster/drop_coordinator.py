@@ -19,12 +19,16 @@ count as `dropping` until they report the grown number of dropped layers.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from deployments.cluster.drop_plan import DroppingConfig, DropState, DropTelemetry, PlanState, plan_drops
 from deployments.telemetry import LayerOrder, ReplicaReport
+
+logger = logging.getLogger(__name__)
 
 
 class DropCoordinator:
@@ -42,6 +46,7 @@ class DropCoordinator:
         # ordered state, peer, when, and the dropped layers it must report (a grow keeps the state)
         self._ordered: dict[str, tuple[DropState, str | None, float, int]] = {}
         self._orders: dict[str, list[LayerOrder]] = {}
+        self.recent: deque[dict[str, Any]] = deque(maxlen=32)  # the last drops and grows, with their telemetry
 
     def observe(self, replica_id: str, report: ReplicaReport) -> None:
         status = report.dropping
@@ -61,11 +66,13 @@ class DropCoordinator:
             else:  # the order is on its way: count the replica as already changing
                 state = DropState.DROPPING if target is DropState.DROPPED else DropState.RESTORING
                 peer = ordered_peer
+        load = report.load
         self._telemetry[replica_id] = DropTelemetry(
             replica_id, status.model, status.num_layers, status.chunks_per_layer,
-            stats.kv_chunks_used + stats.kv_chunks_free, stats.kv_chunks_used,
-            report.load.waiting_chunks if report.load is not None else 0,
-            max(0, stats.num_preemptions - previous), status.ttft_growth, state, peer, status.dropped_layers)
+            status.kv_capacity_chunks or stats.kv_chunks_used + stats.kv_chunks_free, stats.kv_chunks_used,
+            load.waiting_chunks if load is not None else 0,
+            max(0, stats.num_preemptions - previous), status.ttft_growth, state, peer, status.dropped_layers,
+            load.growth_chunks if load is not None else 0, status.client_peak_chunks)
 
     def plan(self, fresh: Iterable[str]) -> None:
         """Runs the plan over the replicas with a fresh report and queues its orders."""
@@ -77,6 +84,14 @@ class DropCoordinator:
         now = self.clock()
         plan = plan_drops(replicas, self.config, self.plan_state, now)
         self.plan_state = plan.state
+        for action, orders in (("drop", plan.drops), ("grow", plan.grows)):
+            for order in orders:
+                why = "; ".join(_describe(t) for t in replicas if t.replica_id in (order.first, order.second))
+                self.recent.append({"time": round(now, 3), "action": action, "first": order.first,
+                                    "first_keeps": order.first_keeps, "second": order.second,
+                                    "second_from": order.second_from, "why": why})
+                logger.info("parameter dropping: %s %s keeps [0, %d), %s [%d, L); %s", action, order.first,
+                            order.first_keeps, order.second, order.second_from, why)
         for drop in plan.drops:
             self._order(drop.first, LayerOrder("drop", "leader", drop.second, drop.first_keeps, drop.second_from),
                         DropState.DROPPED, now)
@@ -115,6 +130,13 @@ class DropCoordinator:
     def view(self) -> dict[str, Any]:
         """The `parameter_dropping` part of /v1/cluster."""
         return {"enabled": self.config.enabled, "num_drops": self.num_drops, "num_restores": self.num_restores,
-                "num_grows": self.num_grows,
+                "num_grows": self.num_grows, "recent_orders": list(self.recent),
                 "replicas": {rid: {"state": t.state.value, "peer": t.peer, "dropped_layers": t.dropped_layers,
                                    "kv_load": round(t.load(), 4)} for rid, t in sorted(self._telemetry.items())}}
+
+
+def _describe(telemetry: DropTelemetry) -> str:
+    return (f"{telemetry.replica_id} {telemetry.state.value}: KV used {telemetry.used_chunks} + waiting "
+            f"{telemetry.waiting_chunks} + growth {telemetry.growth_chunks} (its clients' peak "
+            f"{telemetry.client_peak_chunks}) of {telemetry.capacity_chunks} chunks, "
+            f"{telemetry.num_new_preemptions} preempted, TTFT x{telemetry.ttft_growth:.1f}")

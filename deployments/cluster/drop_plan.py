@@ -5,28 +5,40 @@ clock, so the cluster controller and the simulator (loadtest/sim) run the same c
 
     plan = plan_drops(replicas, config, previous_state, now)   # -> DropPlan(orders, state)
 
-Pressure on a replica: its KV demand (used + what queued requests wait for) over its KV capacity is at
-or above `high_watermark`, or it preempted requests since its last report, or its TTFT grew by
-`ttft_growth_trigger` or more over its baseline. Hysteresis: a replica must stay under pressure for
-`drop_after_s` before it drops, and a dropped pair must stay at or below `restore_watermark` (its demand
+Demand: a replica's KV in use, what its queued requests wait for, and what its requests' KV will still
+grow by until their last possible token (`growth_chunks`: max_tokens or the context limit; EOS may end
+them sooner, so it is an upper bound) — at least what its own clients' requests will hold at their last
+tokens counted from their arrival (`client_peak_chunks`), as the engine's counts lag by a step. Counting
+the growth is what sees a spike coming: requests that were all admitted at once would otherwise look like
+a fit until their pages run out mid-decode and they are preempted one by one.
+
+Pressure on a replica: its demand over its KV capacity is at or above `high_watermark`, or it preempted
+requests since its last report, or its TTFT grew by `ttft_growth_trigger` or more over its baseline.
+Hysteresis: a replica must stay under pressure for `drop_after_s` before it drops, unless it overflows
+(its demand exceeds its whole capacity: requests will queue or be preempted for memory, which only more
+memory ends), which drops at once; a dropped pair must stay at or below `restore_watermark` (its demand
 over the capacity it will have once restored) for `restore_after_s` before it restores.
 
 Pairing: pressured replicas, most pressured first, each with the most pressured free replica of the same
 model (else the least loaded one). Only as much is dropped as the demand needs (the paper's "no
-unnecessary cooperation"): a replica drops ceil(its deficit / chunks per layer) layers, where the deficit
-is what lifts its demand back to `high_watermark`, capped at `max_drop_fraction` of its layers; the first
-of a pair drops its last layers and the second its first layers, never together more than all of them,
-so the pair still holds a full copy. A replica with no deficit of its own still drops one layer if its
-partner needs it (no pair forms with nothing dropped). A dropped replica whose peer is gone (no fresh
-report) restores at once, alone.
+unnecessary cooperation"), sized for the pair as it will run: the pipeline cuts the model in the middle
+(engine/cooperative/pipeline.py `pipeline_split`), so each side holds the KV of its half of the layers for
+both replicas' requests, and a side's demand is the pair's demand times its share of the layers. A side
+drops ceil(its deficit / chunks per layer) layers, where the deficit is what lifts that demand back to
+`high_watermark` of its capacity, capped at `max_drop_fraction` of its layers; the first of a pair drops
+its last layers and the second its first layers, never together more than all of them, so the pair still
+holds a full copy. A side with no deficit still drops one layer (no pair forms with nothing dropped). A
+dropped replica whose peer is gone (no fresh report) restores at once, alone.
 
-Growing: a dropped pair whose pressure lasts `drop_after_s` (counted again from each drop or grow carried
-out) drops more, up to `max_drop_fraction` each (`DropPlan.grows`: the pair's new `first_keeps` /
-`second_from`). Each side of the pipeline holds the KV of its own layers, and the queued requests (on the
-leader's queue: the pair's scheduler) wait for KV on both, so each side's load is (its used KV + the
-pair's queued demand) / its capacity; a side drops ceil(its deficit / chunks per layer) more layers, or
-one more on each side when the pressure is preemptions or TTFT growth only. The pipeline's cut stays
-where it is: with `max_drop_fraction` <= 0.5 the layers dropped are never the ones a side runs.
+Growing: a dropped pair still under pressure drops more, up to `max_drop_fraction` each (`DropPlan.grows`:
+the pair's new `first_keeps` / `second_from`), after `drop_after_s` (counted again from each drop or grow
+carried out), or at once if a side overflows. Each side of the pipeline holds the KV of its own layers,
+and the queued requests (on the leader's queue: the pair's scheduler) wait for KV on both, so each side's
+load is (its used KV + the pair's queued demand and growth) / its capacity; a side drops ceil(its deficit
+/ chunks per layer) more layers, or one more on each side when the pressure is preemptions only (TTFT
+growth does not grow a pair: in a formed pair it is the pipeline's compute, which more memory does not
+buy). The pipeline's cut stays where it is: with `max_drop_fraction` <= 0.5 the layers dropped are never
+the ones a side runs.
 """
 
 from __future__ import annotations
@@ -74,7 +86,9 @@ class DropTelemetry:
     model: str
     num_layers: int
     chunks_per_layer: int  # device chunks one layer's weights take
-    capacity_chunks: int  # KV chunks used + free now (dropped layers' chunks included)
+    # what KV could hold now (dropped layers' chunks included): the budget less the weights and a full step's
+    # workspace (LLMEngine.kv_capacity_chunks), what the scheduler admits against
+    capacity_chunks: int
     used_chunks: int
     waiting_chunks: int = 0  # KV the queued requests wait for
     num_new_preemptions: int = 0  # since the previous report
@@ -82,18 +96,28 @@ class DropTelemetry:
     state: DropState = DropState.NORMAL
     peer: str | None = None  # the partner while not NORMAL
     dropped_layers: int = 0
+    growth_chunks: int = 0  # what its requests' KV will still grow by (ReplicaLoad.growth_chunks)
+    # the KV its own clients' requests hold at their last tokens, counted from arrival (DropStatus): a floor
+    # for the demand while the engine's counts lag (a long step, requests not yet taken in)
+    client_peak_chunks: int = 0
 
     @classmethod
     def from_load(cls, load: ReplicaLoad, model: str, num_layers: int, chunks_per_layer: int,
-                  **fields: Any) -> DropTelemetry:
-        """From the `ReplicaLoad` migration policies plan with (deployments/telemetry.py): the same capacity,
-        used and waiting chunks; the dropping fields (preemptions, TTFT growth, state, peer) by name."""
-        return cls(load.replica_id, model, num_layers, chunks_per_layer, load.capacity_chunks, load.used_chunks,
-                   load.waiting_chunks, **fields)
+                  capacity_chunks: int, **fields: Any) -> DropTelemetry:
+        """From the `ReplicaLoad` migration policies plan with (deployments/telemetry.py): its used, waiting and
+        growth chunks; the capacity the scheduler admits against (not the load's used + free, which counts
+        the activations' workspace); the dropping fields (preemptions, TTFT growth, state, peer) by name."""
+        return cls(load.replica_id, model, num_layers, chunks_per_layer, capacity_chunks, load.used_chunks,
+                   load.waiting_chunks, growth_chunks=load.growth_chunks, **fields)
 
     @property
     def demand_chunks(self) -> int:
-        return self.used_chunks + self.waiting_chunks
+        return max(self.used_chunks + self.waiting_chunks + self.growth_chunks, self.client_peak_chunks)
+
+    @property
+    def queued_chunks(self) -> int:
+        """What the requests not yet holding it will take: the queue's KV and the running requests' growth."""
+        return self.demand_chunks - self.used_chunks
 
     def load(self) -> float:
         return self.demand_chunks / self.capacity_chunks if self.capacity_chunks else math.inf
@@ -136,12 +160,26 @@ def is_pressured(replica: DropTelemetry, config: DroppingConfig) -> bool:
             or replica.ttft_growth >= config.ttft_growth_trigger)
 
 
+def is_overflowing(replica: DropTelemetry) -> bool:
+    """Its demand exceeds its whole KV capacity: requests will queue or be preempted for memory."""
+    return replica.demand_chunks > replica.capacity_chunks
+
+
+def layers_for(demand: float, capacity: int, chunks_per_layer: int, config: DroppingConfig) -> int:
+    """Fewest layers whose chunks bring `demand` down to high_watermark of `capacity` (0 if none needed)."""
+    deficit = demand - config.high_watermark * capacity
+    return math.ceil(deficit / (config.high_watermark * max(1, chunks_per_layer))) if deficit > 0 else 0
+
+
 def layers_to_drop(replica: DropTelemetry, config: DroppingConfig) -> int:
-    """Fewest layers whose chunks bring the replica's demand down to high_watermark (0 if none needed)."""
-    deficit = replica.demand_chunks - config.high_watermark * replica.capacity_chunks
-    if deficit <= 0:
-        return 0
-    return math.ceil(deficit / (config.high_watermark * max(1, replica.chunks_per_layer)))
+    """Fewest layers whose chunks bring the replica's own demand down to high_watermark (0 if none needed)."""
+    return layers_for(replica.demand_chunks, replica.capacity_chunks, replica.chunks_per_layer, config)
+
+
+def stage_layers(num_layers: int) -> tuple[int, int]:
+    """How many layers each side of a pair runs: the pipeline cuts in the middle (`pipeline_split`, which
+    `max_drop_fraction` <= 0.5 never moves)."""
+    return num_layers // 2, num_layers - num_layers // 2
 
 
 def plan_drops(replicas: Sequence[DropTelemetry], config: DroppingConfig, previous: PlanState | None = None,
@@ -154,7 +192,8 @@ def plan_drops(replicas: Sequence[DropTelemetry], config: DroppingConfig, previo
                        for r in replicas if r.state is DropState.NORMAL and is_pressured(r, config)}
     restores, calm_since = _restores(replicas, by_id, config, previous, now)
     grows, grow_since = _grows(replicas, by_id, config, previous, now)
-    ready = sorted((by_id[rid] for rid, since in pressured_since.items() if now - since >= config.drop_after_s),
+    ready = sorted((by_id[rid] for rid, since in pressured_since.items()
+                    if now - since >= config.drop_after_s or is_overflowing(by_id[rid])),
                    key=lambda r: (-r.load(), r.replica_id))
     free = {r.replica_id for r in replicas if r.state is DropState.NORMAL}
     drops = []
@@ -187,8 +226,13 @@ def _partner(replica: DropTelemetry, candidates: list[DropTelemetry],
 def _drop_order(a: DropTelemetry, b: DropTelemetry, config: DroppingConfig) -> DropOrder:
     first, second = sorted((a, b), key=lambda r: r.replica_id)  # a stable role per pair
     cap = _drop_cap(first, config)
-    first_drops = min(cap, max(1, layers_to_drop(first, config)))
-    second_drops = min(cap, max(1, layers_to_drop(second, config)), first.num_layers - first_drops)
+    pair_demand = first.demand_chunks + second.demand_chunks
+    runs = stage_layers(first.num_layers)
+    first_drops, second_drops = (
+        min(cap, max(1, layers_for(pair_demand * share / side.num_layers, side.capacity_chunks,
+                                   side.chunks_per_layer, config)))
+        for side, share in zip((first, second), runs, strict=True))
+    second_drops = min(second_drops, first.num_layers - first_drops)
     return DropOrder(first.replica_id, second.replica_id, first.num_layers - first_drops, second_drops)
 
 
@@ -198,8 +242,7 @@ def _drop_cap(replica: DropTelemetry, config: DroppingConfig) -> int:
 
 def _more_layers(side: DropTelemetry, queued: int, config: DroppingConfig) -> int:
     """Layers one side of a dropped pair drops more for its used KV plus the pair's queued demand."""
-    deficit = side.used_chunks + queued - config.high_watermark * side.capacity_chunks
-    return math.ceil(deficit / (config.high_watermark * max(1, side.chunks_per_layer))) if deficit > 0 else 0
+    return layers_for(side.used_chunks + queued, side.capacity_chunks, side.chunks_per_layer, config)
 
 
 def _grows(replicas: Sequence[DropTelemetry], by_id: Mapping[str, DropTelemetry], config: DroppingConfig,
@@ -210,9 +253,12 @@ def _grows(replicas: Sequence[DropTelemetry], by_id: Mapping[str, DropTelemetry]
         if first.state is not DropState.DROPPED or second is None or second.state is not DropState.DROPPED \
                 or first.replica_id > second.replica_id:
             continue
-        queued = max(first.waiting_chunks, second.waiting_chunks)  # the pair's queue waits for both sides
+        # the pair's queue and its requests' growth (the leader's scheduler holds them) need both sides
+        queued = max(first.queued_chunks, second.queued_chunks)
         more = [_more_layers(side, queued, config) for side in (first, second)]
-        signals = any(r.num_new_preemptions > 0 or r.ttft_growth >= config.ttft_growth_trigger for r in (first, second))
+        # preemptions mean memory ran short; TTFT growth in a formed pair is the pipeline's compute, which
+        # dropping more does not buy (measured: docs/KUNSERVE.md), so it does not grow a pair
+        signals = any(r.num_new_preemptions > 0 for r in (first, second))
         if not any(more) and not signals:
             continue
         if not any(more):
@@ -222,7 +268,8 @@ def _grows(replicas: Sequence[DropTelemetry], by_id: Mapping[str, DropTelemetry]
         if not any(more):
             continue  # at the cap: the pair serves with what it has
         since = previous.grow_since.get(first.replica_id, now)
-        if now - since < config.drop_after_s:
+        overflowing = any(side.used_chunks + queued > side.capacity_chunks for side in (first, second))
+        if now - since < config.drop_after_s and not overflowing:
             grow_since[first.replica_id] = since
             continue
         grows.append(DropOrder(first.replica_id, second.replica_id,

@@ -28,7 +28,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -315,6 +315,8 @@ class MigrationManager:
                 logger.warning("migration of %s: cancel on %s failed: %r", attempt.request_id, attempt.target, exc)
 
     # ---- what the controller plans with ---------------------------------------------------------------
-    async def load_report(self, replica_id: str, stats: Any, started_at: float) -> ReplicaLoad:
+    async def load_report(self, replica_id: str, stats: Callable[[], Any], started_at: float) -> ReplicaLoad:
+        """The replica's `ReplicaLoad`: its requests' loads from the engine thread (between two steps), with
+        `stats()` read once they arrived, so both describe the same moment."""
         loads, host = await self._engine.run_in_engine(_loads_and_host_room)
-        return replica_load(replica_id, stats, loads, started_at, set(self._active), host)
+        return replica_load(replica_id, stats(), loads, started_at, set(self._active), host)

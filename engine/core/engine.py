@@ -134,7 +134,7 @@ class LLMEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        if self.kv.chunks_to_grow(None, total) > self._kv_capacity_chunks():
+        if self.kv.chunks_to_grow(None, total) > self.kv_capacity_chunks():
             raise InvalidRequestError(
                 f"{total} tokens of KV cache do not fit in this replica's memory", param="max_tokens",
                 code="context_length_exceeded",
@@ -349,7 +349,7 @@ class LLMEngine:
             return [local]
         return self.executor.gather_telemetry(local)
 
-    def _kv_capacity_chunks(self) -> int:
+    def kv_capacity_chunks(self) -> int:
         """Chunks KV could ever hold: the budget less the weights and one full step's workspace
         (or KV's own share, under a fixed split)."""
         shared = self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
@@ -359,7 +359,7 @@ class LLMEngine:
 
     def max_tokens_that_fit(self, num_prompt_tokens: int) -> int:
         """The largest max_tokens a request with this prompt can ask for (context and memory)."""
-        capacity = self._kv_capacity_chunks()
+        capacity = self.kv_capacity_chunks()
         low, high = 0, self.max_model_len
         while low < high:  # chunks_to_grow is monotone in the token count
             middle = (low + high + 1) // 2

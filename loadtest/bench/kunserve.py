@@ -39,7 +39,7 @@ def bench_drop_restore(engine: LLMEngine, dtype: str) -> None:
     chunks_per_page = 2 * spec.num_layers  # one page of K and V in every layer
 
     def kv_tokens() -> int:  # tokens of KV (every layer) the pool could hold
-        return engine._kv_capacity_chunks() // chunks_per_page * spec.tokens_per_page
+        return engine.kv_capacity_chunks() // chunks_per_page * spec.tokens_per_page
 
     tokens_before = kv_tokens()
     started = time.perf_counter()

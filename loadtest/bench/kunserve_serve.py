@@ -93,9 +93,12 @@ def run_mode(mode: str, options: argparse.Namespace, out: Path) -> dict:
             serve.shutdown()
         finally:
             ray.shutdown()
+            if options.logs is not None:  # the replicas' (serve/) and the cluster controller's (worker-*) logs
+                shutil.copytree(Path(temp_dir) / "session_latest" / "logs", options.logs / mode, dirs_exist_ok=True)
             shutil.rmtree(temp_dir, ignore_errors=True)
     summary = json.loads((folder / "summary.json").read_text())
     summary["parameter_dropping"] = dropping_view
+    (folder / "parameter_dropping.json").write_text(json.dumps(dropping_view, indent=1))
     return summary
 
 
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path("results/kunserve-serve"))
     parser.add_argument("--plot", type=Path, help="copy the dropping run's memory plot here")
+    parser.add_argument("--logs", type=Path, help="keep each mode's Serve logs under this folder")
     options = parser.parse_args(argv)
     summaries = {mode: run_mode(mode, options, options.out) for mode in options.modes.split(",")}
     print("| mode | TTFT p50 / p99 (ms) | TPOT mean / p99 (ms) | goodput (tok/s) | ok / requests | drops / restores |")

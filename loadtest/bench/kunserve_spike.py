@@ -57,7 +57,7 @@ def telemetry(pair: CooperativePair, engine: LLMEngine, name: str, dropped: bool
             waiting += need
     arena = engine.rank.arena
     return DropTelemetry(name, engine.model_name, engine.model_config.num_layers, arena.layer_chunks([0]),
-                         engine._kv_capacity_chunks(), used, waiting,
+                         engine.kv_capacity_chunks(), used, waiting,
                          state=DropState.DROPPED if dropped else DropState.NORMAL,
                          peer=("b" if name == "a" else "a") if dropped else None,
                          dropped_layers=len(arena.dropped_layers))
@@ -99,7 +99,7 @@ def run(pair: CooperativePair, prompts: list[list[int]], base: int, spike: int, 
         add(f"base-b{index}", second, index + 1)
     for _ in range(4):
         step()
-    capacity = [first._kv_capacity_chunks()]
+    capacity = [first.kv_capacity_chunks()]
     for index in range(spike):
         add(f"spike-a{index}", first, index + 2)
         add(f"spike-b{index}", second, index + 3)
@@ -113,7 +113,7 @@ def run(pair: CooperativePair, prompts: list[list[int]], base: int, spike: int, 
             orders.append(order)
             pair.drop(order.first_keeps, order.second_from)
             balloon.append(first.pool.num_held("weights"))
-            capacity.append(first._kv_capacity_chunks())
+            capacity.append(first.kv_capacity_chunks())
         for order in decided.restores:
             orders.append(order)
             pair.restore()

@@ -4,14 +4,14 @@ migration only (the `balance` migration policy, Llumnix-like).
     python -m loadtest.sim kunserve [--model llama-3-8b] [--gpu h100] [--replicas 2] [--memory-fraction 0.3]
                                     [--rate 0.3] [--factor 4] [--spike-at 30] [--spike-s 30] [--seconds 120]
 
-`DroppingCluster` is the simulated cluster (loadtest/sim/cluster.py: the real schedulers, KV managers,
-pools, router ranking and ClusterCore) plus KunServe's controller step: at every telemetry period it
-builds each replica's `DropTelemetry` (from the same `ReplicaLoad` migration plans with:
-`DropTelemetry.from_load`) and runs the deployed `plan_drops` (deployments/cluster/drop_plan.py); its
-drop orders form a `SimPair` (loadtest/sim/pair.py: the engine's pair bookkeeping, the pipeline's time
-from the cost model), its restore orders dissolve it. A request routed to a replica of a dropped pair
-joins the pipeline (its home keeps it for streaming). A pair still dropped when the last request finishes
-is restored then, so every run ends with full weights.
+`DroppingCluster` is the simulated cluster (loadtest/sim/cluster.py: the real schedulers, KV managers, pools,
+router ranking and ClusterCore) plus KunServe's controller step: at every telemetry period it builds each
+replica's `DropTelemetry` (from the same `ReplicaLoad` the deployed replicas report: `replica_load` over
+`request_loads`, then `DropTelemetry.from_load`) and runs the deployed `plan_drops`
+(deployments/cluster/drop_plan.py); its drop orders form a `SimPair` (loadtest/sim/pair.py: the engine's pair
+bookkeeping, the pipeline's time from the cost model), its restore orders dissolve it. A request routed to a
+replica of a dropped pair joins the pipeline (its home keeps it for streaming). A pair still dropped when the
+last request finishes is restored then, so every run ends with full weights.
 
 The spike (`SpikeTrace`): Poisson arrivals at `--rate` req/s, `--factor` times that for `--spike-s` seconds
 from `--spike-at`; prompts log-normal around `--prompt-median` tokens (4K), outputs around
@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from deployments.cluster.drop_plan import DropOrder, DroppingConfig, DropState, DropTelemetry, PlanState, plan_drops
-from deployments.telemetry import ReplicaLoad
+from deployments.telemetry import ReplicaStats, replica_load
+from engine import migration as engine_migration
 from engine.core.request import Request
 from loadtest.sim.cluster import Cluster, ClusterConfig
 from loadtest.sim.pair import PipelineOptions, SimPair
@@ -97,17 +98,19 @@ class DroppingCluster(Cluster):
                                                for live in self.live.values())))
 
     def _drop_telemetry(self, replica_id: str) -> DropTelemetry:
-        engine = self.live[replica_id].replica.engine
+        live = self.live[replica_id]
+        engine = live.replica.engine
         scheduler = engine.scheduler
-        waiting = sum(scheduler.kv.chunks_to_grow(None, request.num_tokens + 1) for request in scheduler.waiting)
-        used = engine.kv.num_used_chunks()
-        load = ReplicaLoad(replica_id, used + engine.kv.num_available_chunks(), used, waiting)
+        used, free = engine.kv.num_used_chunks(), engine.kv.num_available_chunks()
+        stats = ReplicaStats(len(scheduler.running), len(scheduler.waiting), len(scheduler.swapped), used, free)
+        load = replica_load(replica_id, stats, engine_migration.request_loads(engine), live.replica.started_at)
         new = scheduler.num_preemptions - self._preemptions.get(replica_id, 0)
         self._preemptions[replica_id] = scheduler.num_preemptions
         pair = self.pairs.get(replica_id)
         peer = None if pair is None else (pair.second if pair.first.replica_id == replica_id else pair.first)
         return DropTelemetry.from_load(
-            load, engine.model.name, engine.model.num_layers, engine.chunks_per_layer, num_new_preemptions=new,
+            load, engine.model.name, engine.model.num_layers, engine.chunks_per_layer, engine.kv_capacity_chunks(),
+            num_new_preemptions=new,
             ttft_growth=self.live[replica_id].replica.ttft_growth(self.now),
             state=DropState.NORMAL if pair is None else DropState.DROPPED,
             peer=None if peer is None else peer.replica_id,

@@ -148,7 +148,7 @@ class SimEngine:
         return count
 
     def kv_capacity_chunks(self) -> int:
-        """Chunks KV could ever hold (as LLMEngine._kv_capacity_chunks)."""
+        """Chunks KV could ever hold (as LLMEngine.kv_capacity_chunks)."""
         shared = self.pool.num_chunks - self.pool.num_held(WEIGHTS_CLIENT) - self.runner.activation_chunks(
             self.config.max_num_batched_tokens, SampledRows.plain(1))
         share = self.pool.policy.headroom("kv", 0)

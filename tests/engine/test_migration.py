@@ -132,3 +132,31 @@ def test_seeded_sampling_and_stop_strings_survive_a_migration(engines, prompt):
     assert reference[1] == free_text[:free_text.index(stop)]  # it really stopped at the string
     assert_pool_idle(source)
     assert_pool_idle(destination)
+
+
+def test_request_loads_count_the_kv_each_request_grows_into(engines, prompt):
+    """What a controller plans with: a request's KV now and at its last possible token (KunServe's drop plan
+    sizes a spike by the latter: `ReplicaLoad.growth_chunks`)."""
+    from deployments.telemetry import ReplicaStats, replica_load
+
+    source, _ = engines
+    source.add_request(GenerateRequest("grows", tuple(prompt), greedy(256 - len(prompt))))  # to max_model_len
+    source.add_request(GenerateRequest("queued", tuple(prompt), greedy(40)))
+    try:
+        collect_steps(source, {}, steps=1)
+        loads = {load.request_id: load for load in migration.request_loads(source)}
+        for load in loads.values():
+            assert load.peak_chunks == source.kv.chunks_to_grow(None, load.num_tokens + load.num_remaining)
+            assert load.peak_chunks >= load.kv_chunks
+        assert loads["grows"].num_tokens + loads["grows"].num_remaining == 256
+        assert loads["grows"].peak_chunks > loads["grows"].kv_chunks  # 16-token pages: it has pages to grow into
+        stats = ReplicaStats(kv_chunks_used=source.kv.num_used_chunks(),
+                             kv_chunks_free=source.kv.num_available_chunks())
+        report = replica_load("r", stats, loads.values(), 0.0)
+        assert report.growth_chunks == sum(load.peak_chunks - load.kv_chunks for load in loads.values())
+        assert report.demand_chunks == report.used_chunks + report.waiting_chunks  # migration ignores growth
+    finally:
+        for request_id in ("grows", "queued"):
+            source.abort(request_id)
+        collect_steps(source, {})
+    assert_pool_idle(source)

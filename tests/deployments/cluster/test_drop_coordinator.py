@@ -30,25 +30,26 @@ def test_orders_follow_the_plan_with_hysteresis_and_reach_each_replica_once():
     clock = Clock()
     core = ClusterCore(stale_after_s=2.0, clock=clock, dropping=CONFIG)
     assert core.report("b", report(50)).layer_orders == ()
-    assert core.report("a", report(95, 40)).layer_orders == ()  # pressure starts: hysteresis
+    assert core.report("a", report(95)).layer_orders == ()  # pressure starts (no overflow): hysteresis
     clock.now += 1.0
-    # a: demand 135 vs 0.9 * 100 -> 5 layers; b needs none but drops one; "a" < "b": a leads
-    assert core.report("b", report(50)).layer_orders == (LayerOrder("drop", "follower", "a", 25, 1),)
-    reply = core.report("a", report(95, 40))
-    assert reply.layer_orders == (LayerOrder("drop", "leader", "b", first_keeps=25, second_from=1),)
+    # as a pair each side holds half the layers' KV of both: (95 + 50) / 2 fits, so one layer each (the
+    # least a pair forms with); "a" < "b": a leads
+    assert core.report("b", report(50)).layer_orders == (LayerOrder("drop", "follower", "a", 29, 1),)
+    reply = core.report("a", report(95))
+    assert reply.layer_orders == (LayerOrder("drop", "leader", "b", first_keeps=29, second_from=1),)
     assert core.report("b", report(50)).layer_orders == ()
     clock.now += 0.5  # still reporting normal (the order is on its way): never ordered twice
-    assert core.report("a", report(95, 40)).layer_orders == ()
+    assert core.report("a", report(95)).layer_orders == ()
     assert core.view()["parameter_dropping"]["replicas"]["a"]["state"] == "dropping"
     clock.now += 0.5
-    core.report("a", report(30, state="dropped", peer="b", dropped=5))
+    core.report("a", report(30, state="dropped", peer="b", dropped=1))
     core.report("b", report(20, state="dropped", peer="a", dropped=1))
     assert core.view()["parameter_dropping"]["num_drops"] == 1
     orders = []
     for _ in range(5):  # calm for restore_after_s: the leader restores, the follower hears it from the leader
         clock.now += 1.0
         orders.append((core.report("b", report(20, state="dropped", peer="a", dropped=1)).layer_orders,
-                       core.report("a", report(30, state="dropped", peer="b", dropped=5)).layer_orders))
+                       core.report("a", report(30, state="dropped", peer="b", dropped=1)).layer_orders))
     assert orders == [((), ())] * 4 + [((), (LayerOrder("restore", "leader", "b"),))]
     assert core.report("b", report(20, state="dropped", peer="a", dropped=1)).layer_orders == ()
     assert core.view()["parameter_dropping"]["replicas"]["b"]["state"] == "restoring"  # until it reports normal
@@ -76,22 +77,23 @@ def test_disabled_or_unable_replicas_get_no_orders():
 def test_a_pair_still_under_pressure_is_ordered_to_drop_more_through_its_leader_once():
     clock = Clock()
     core = ClusterCore(stale_after_s=2.0, clock=clock, dropping=CONFIG)
-    # formed: a dropped 2 layers, b 1; a's capacity 120 (100 + 2 x 10), 115 used + 20 queued: still pressed
+    # formed: a dropped 2 layers, b 1; a's capacity 120 (100 + 2 x 10), 110 used + 5 queued: still pressed
+    # (over 0.9 x 120) but not overflowing (the plan grows at once on an overflow)
     for _ in range(2):
         assert core.report("b", report(100, state="dropped", peer="a", dropped=1)).layer_orders == ()
-        assert core.report("a", report(115, 20, state="dropped", peer="b", dropped=2)).layer_orders == ()
+        assert core.report("a", report(110, 5, state="dropped", peer="b", dropped=2)).layer_orders == ()
         clock.now += 0.5
     clock.now += 0.5
     assert core.report("b", report(100, state="dropped", peer="a", dropped=1)).layer_orders == ()
-    # a: 115 + 20 - 0.9 x 120 = 27 -> 3 layers more; b: 100 + 20 - 0.9 x 110 = 21 -> 3 more
-    assert core.report("a", report(115, 20, state="dropped", peer="b", dropped=2)).layer_orders == (
-        LayerOrder("grow", "leader", "b", first_keeps=25, second_from=4),)
+    # a: 110 + 5 - 0.9 x 120 = 7 -> 1 layer more; b: 100 + 5 - 0.9 x 110 = 6 -> 1 more
+    assert core.report("a", report(110, 5, state="dropped", peer="b", dropped=2)).layer_orders == (
+        LayerOrder("grow", "leader", "b", first_keeps=27, second_from=2),)
     for _ in range(3):  # carried out over the group: until both report it, both count as dropping
         clock.now += 1.0
         assert core.report("b", report(100, state="dropped", peer="a", dropped=1)).layer_orders == ()
-        assert core.report("a", report(115, 20, state="dropped", peer="b", dropped=2)).layer_orders == ()
+        assert core.report("a", report(110, 5, state="dropped", peer="b", dropped=2)).layer_orders == ()
     view = core.view()["parameter_dropping"]
     assert view["num_grows"] == 1 and view["replicas"]["b"]["state"] == "dropping"
-    core.report("b", report(100, state="dropped", peer="a", dropped=4))
-    core.report("a", report(115, 20, state="dropped", peer="b", dropped=5))
+    core.report("b", report(100, state="dropped", peer="a", dropped=2))
+    core.report("a", report(110, 5, state="dropped", peer="b", dropped=3))
     assert core.view()["parameter_dropping"]["replicas"]["a"]["state"] == "dropped"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from deployments.cluster.drop_plan import (
@@ -29,26 +31,42 @@ def test_disabled_plans_nothing():
     assert (plan.drops, plan.restores, plan.state) == ((), (), PlanState())
 
 
-def test_hysteresis_then_only_as_much_as_the_demand_needs():
-    replicas = [replica("a", 95, 40), replica("b", 50), replica("c", 20, model="other")]
+def test_hysteresis_then_only_as_much_as_the_pair_needs():
+    replicas = [replica("a", 95), replica("b", 50), replica("c", 20, model="other")]
     first = plan_drops(replicas, CONFIG, None, 100.0)
     assert first.drops == () and dict(first.state.pressured_since) == {"a": 100.0}
     early = plan_drops(replicas, CONFIG, first.state, 100.5)
     assert early.drops == () and dict(early.state.pressured_since) == {"a": 100.0}
     plan = plan_drops(replicas, CONFIG, early.state, 101.0)
-    # a: demand 135 vs 0.9 * 100 -> deficit 45 chunks -> ceil(45 / 9) = 5 layers; b needs none, drops one
-    assert layers_to_drop(replicas[0], CONFIG) == 5 and layers_to_drop(replicas[1], CONFIG) == 0
-    assert plan.drops == (DropOrder("a", "b", first_keeps=25, second_from=1),)
+    # a alone needs 1 layer (95 vs 0.9 * 100); as a pair each side holds half the layers' KV of both
+    # replicas' requests: (95 + 50) / 2 = 72.5 <= 90, so each drops the one layer a pair needs to form
+    assert layers_to_drop(replicas[0], CONFIG) == 1 and layers_to_drop(replicas[1], CONFIG) == 0
+    assert plan.drops == (DropOrder("a", "b", first_keeps=29, second_from=1),)
     assert dict(plan.state.pressured_since) == {}
+
+
+def test_an_overflow_drops_at_once_sized_for_the_pair():
+    # a's queue (waiting) or its running requests' growth to their last token exceed its whole capacity
+    for a in (replica("a", 100, 100), replica("a", 60, 40, growth_chunks=100)):
+        assert a.demand_chunks == 200
+        plan = plan_drops([a, replica("b", 100, 60)], CONFIG, None, 100.0)
+        # the pair's demand 360, each side runs 15 of 30 layers: 180 vs 0.9 * 100 -> 90 chunks = 10 layers each
+        assert plan.drops == (DropOrder("a", "b", first_keeps=20, second_from=10),)
+    near = plan_drops([replica("a", 60, 40), replica("b", 0)], CONFIG, None, 100.0)  # at capacity, not over
+    assert near.drops == () and dict(near.state.pressured_since) == {"a": 100.0}
+    # b's engine has not taken its spike in yet (its counts lag a step); its clients' requests count at arrival
+    late = plan_drops([replica("a", 100, 100), replica("b", 0, client_peak_chunks=160)], CONFIG, None, 100.0)
+    assert late.drops == (DropOrder("a", "b", first_keeps=20, second_from=10),)
 
 
 def test_pressure_from_preemptions_or_ttft_pairs_the_two_most_pressured():
     replicas = [replica("a", 10, num_new_preemptions=2), replica("b", 95, 200), replica("c", 10),
                 replica("d", 10, ttft_growth=5.0)]
     plan = plan_drops(replicas, CONFIG, PlanState({"a": 0.0, "b": 0.0, "d": 0.0}), 10.0)
-    # b is the most loaded; its partner is the most loaded other pressured replica (a and d tie: id order);
-    # a pairs with the one replica left, and drops one layer each as its KV demand needs none
-    assert plan.drops == (DropOrder("b", "d", first_keeps=15, second_from=1),
+    # b is the most loaded; its partner is the most loaded other pressured replica (a and d tie: id order):
+    # (295 + 10) / 2 = 152.5 per side, 62.5 over 90 -> 7 layers each; a pairs with the one replica left and
+    # drops one layer each as its KV demand needs none
+    assert plan.drops == (DropOrder("b", "d", first_keeps=23, second_from=7),
                           DropOrder("a", "c", first_keeps=29, second_from=1))
     assert dict(plan.state.pressured_since) == {}
 
@@ -80,17 +98,26 @@ def pair(used_a: int, used_b: int, waiting: int = 0, dropped: tuple[int, int] = 
 
 
 def test_a_pair_under_pressure_drops_more_after_hysteresis_sized_per_side():
-    pressed = pair(95, 80, waiting=20)
+    pressed = pair(95, 88, waiting=5)
     first = plan_drops(pressed, CONFIG, None, 100.0)
     assert first.grows == () and dict(first.state.grow_since) == {"a": 100.0}
     assert plan_drops(pressed, CONFIG, first.state, 100.5).grows == ()
     plan = plan_drops(pressed, CONFIG, first.state, 101.0)
-    # the queue (20 chunks, on the leader) waits for both sides: a 95 + 20 - 90 = 25 -> 3 layers more,
-    # b 80 + 20 - 90 = 10 -> 2 more
-    assert plan.grows == (DropOrder("a", "b", first_keeps=30 - 2 - 3, second_from=1 + 2),)
+    # the queue (5 chunks, on the leader) waits for both sides: a 95 + 5 - 90 = 10 -> 2 layers more,
+    # b 88 + 5 - 90 = 3 -> 1 more
+    assert plan.grows == (DropOrder("a", "b", first_keeps=30 - 2 - 2, second_from=1 + 1),)
     assert dict(plan.state.grow_since) == {} and plan.drops == plan.restores == ()
     # once carried out, the pressure must last drop_after_s again
-    assert plan_drops(pair(95, 80, 20, dropped=(5, 3)), CONFIG, plan.state, 101.5).grows == ()
+    assert plan_drops(pair(95, 88, 5, dropped=(4, 2)), CONFIG, plan.state, 101.5).grows == ()
+
+
+def test_a_pair_that_overflows_grows_at_once_for_its_queue_and_growth():
+    # a: 95 used + the pair's 20 queued > 100: no hysteresis; a 95 + 20 - 90 = 25 -> 3 more, b 10 -> 2 more
+    assert plan_drops(pair(95, 80, waiting=20), CONFIG, None, 100.0).grows == (
+        DropOrder("a", "b", first_keeps=30 - 2 - 3, second_from=1 + 2),)
+    grows = pair(95, 80, waiting=5)
+    grows[0] = replace(grows[0], growth_chunks=15)  # the running requests' growth counts as the queue does
+    assert plan_drops(grows, CONFIG, None, 100.0).grows == (DropOrder("a", "b", first_keeps=25, second_from=3),)
 
 
 def test_a_pair_grows_only_the_side_that_needs_it_one_layer_each_on_preemptions_and_never_past_the_cap():
@@ -98,6 +125,9 @@ def test_a_pair_grows_only_the_side_that_needs_it_one_layer_each_on_preemptions_
     assert only_a.grows == (DropOrder("a", "b", first_keeps=28 - 1, second_from=1),)
     signals = plan_drops(pair(10, 10, num_new_preemptions=1), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
     assert signals.grows == (DropOrder("a", "b", first_keeps=27, second_from=2),)
+    # TTFT growth in a formed pair is its compute: no grow without a memory deficit or preemptions
+    slow = plan_drops(pair(10, 10, ttft_growth=9.0), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
+    assert slow.grows == () and dict(slow.state.grow_since) == {}
     capped = plan_drops(pair(100, 100, 500, dropped=(14, 15)), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
     assert capped.grows == (DropOrder("a", "b", first_keeps=15, second_from=15),)
     at_cap = plan_drops(pair(100, 100, 500, dropped=(15, 15)), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)

@@ -126,6 +126,29 @@ def test_closing_the_stream_early_aborts_and_frees_kv(started, prompts):
     assert sum(telemetry["chunks_per_client"].values()) + telemetry["num_free_chunks"] == telemetry["num_chunks"]
 
 
+def test_peak_tokens_count_a_request_from_its_arrival_to_its_end(started, prompts):
+    """What KunServe's drop plan sees of a spike before the engine thread takes the requests in: each live
+    request's tokens at its last possible token (prompt + max_tokens, at most the context)."""
+    async_engine, _ = started
+
+    async def main():
+        long = async_engine.generate(GenerateRequest("peak-long", tuple(prompts[0]), greedy(200)))
+        short = async_engine.generate(GenerateRequest("peak-short", tuple(prompts[1]), greedy(3)))
+        await long.__anext__()
+        await short.__anext__()
+        during = sorted(async_engine.peak_tokens())
+        async for _ in short:  # runs to its end
+            pass
+        after_short = async_engine.peak_tokens()
+        await long.aclose()
+        return during, after_short, async_engine.peak_tokens()
+
+    during, after_short, after_all = asyncio.run(main())
+    assert during == sorted([len(prompts[1]) + 3, len(prompts[0]) + 200])
+    assert after_short == [len(prompts[0]) + 200] and after_all == []
+    asyncio.run(wait_for_stats(async_engine, idle))
+
+
 def test_bad_input_fails_its_own_stream_only(started, prompts):
     async_engine, reference = started
     too_long = async_engine.max_model_len - len(prompts[0]) + 1
