@@ -137,6 +137,7 @@ class LLMServer:
         self._load_task: asyncio.Future[ReplicaLoad] | None = None  # the engine thread's answer, pending
         self._migrations: MigrationManager | None = None
         self._endpoint: MigrationEndpoint | None = None
+        self._warming: list[asyncio.Task] = []  # the peers' handles set up ahead of their first call
         if self.engine.supports_migration:
             self._start_migration(context)
         self._cooperation: Cooperation | None = None
@@ -158,12 +159,14 @@ class LLMServer:
                          self.replica_id, self._channels)
         self._endpoint = MigrationEndpoint(self.engine, config, self._migration_stats, self._relays, self._channels)
         self._migrations = MigrationManager(self.engine, peer, self._relays, config, self._migration_stats)
+        self._warming.append(asyncio.get_running_loop().create_task(peer.warm()))
         logger.info("replica %s: migrations move KV through %s", self.replica_id, peer.name)
 
     def _start_cooperation(self, context: ReplicaContext) -> None:
         """KunServe: this replica forms cooperative pairs when the controller orders (deployments/cluster/
         cooperation.py); the pair's other replica is reached like a migration's destination."""
         handle = ServeHandlePeer(context.deployment, context.app_name)
+        self._warming.append(asyncio.get_running_loop().create_task(handle.warm()))
 
         async def join(follower: str, address: ChannelAddress, first_keeps: int, second_from: int) -> None:
             await handle.call("cooperation_join", follower, self.replica_id, address, first_keeps, second_from)
@@ -171,6 +174,10 @@ class LLMServer:
         self._cooperation = Cooperation(self.replica_id, self.engine, local_node(self.args.network_interface), join,
                                         timeout_s=max(30.0, self.args.migration.to_config().call_timeout_s),
                                         hang_after_s=self.args.parameter_dropping.peer_hang_s)
+
+    async def peer_ping(self) -> str:
+        """A cheap call other replicas' handles make to set themselves up (ServeHandlePeer.warm)."""
+        return self.replica_id
 
     async def cooperation_join(self, leader: str, address: ChannelAddress, first_keeps: int, second_from: int,
                                target_replica: str) -> None:

@@ -112,12 +112,13 @@ class DropTelemetry:
 
     @property
     def demand_chunks(self) -> int:
-        return max(self.used_chunks + self.waiting_chunks + self.growth_chunks, self.client_peak_chunks)
+        return max(self.used_chunks + self.queued_chunks, self.client_peak_chunks)
 
     @property
     def queued_chunks(self) -> int:
-        """What the requests not yet holding it will take: the queue's KV and the running requests' growth."""
-        return self.demand_chunks - self.used_chunks
+        """What the engine's requests will still take: the queue's KV and the running requests' growth. (A
+        formed pair's grows use this alone: its clients' requests are the pair's, in both stages' used KV.)"""
+        return self.waiting_chunks + self.growth_chunks
 
     def load(self) -> float:
         return self.demand_chunks / self.capacity_chunks if self.capacity_chunks else math.inf

@@ -3,7 +3,8 @@
 The follower keeps layers [second_from, L). Forming the pair, it hands its requests in flight to the
 leader (snapshots, with layers [0, split) of the KV of those the carry policy copies; it keeps their other
 layers until the leader has placed them), drops its first layers, keeps KV pages only for layers
-[split, L) and offers the leader its free KV chunks (less one full step's workspace) as the budget of
+[split, L) and offers the leader its available KV chunks (the pair's scheduler charges each step's workspace
+against both stages) as the budget of
 the leader's shadow of its KV manager (remote.py). From then on it serves the leader's messages:
 
 - "step": the layout log since the last message (replayed on its own pool: memory/kv/mirror.py into its
@@ -36,10 +37,9 @@ import torch
 from engine.api import GenerateRequest, RequestOutput
 from engine.cooperative.carry import CarriedKV, CarryPolicy, place, snapshot, spread
 from engine.cooperative.channel import PairChannel, PeerLost
-from engine.cooperative.pipeline import num_sampled, pipeline_split
+from engine.cooperative.pipeline import pipeline_split
 from engine.cooperative.remote import snapshot_of
 from engine.core.engine import LLMEngine
-from engine.core.sampling_workspace import SampledRows
 from engine.migration import KVStage, attach, request_from_snapshot
 from memory.kv.mirror import LayoutMirror
 
@@ -79,10 +79,12 @@ class RemoteFollower:
         freed = engine.drop_layers(range(0, second_from))
         engine.kv.hold_layers(range(split, num_layers))
         self._mirror = LayoutMirror(engine.kv_spec, engine.pool, engine.dtype, existing=engine.kv.layout)
-        # stage 2 samples nothing here (the leader samples): its rows are plain
-        workspace = engine.runner.activation_chunks(engine.config.max_num_batched_tokens,
-                                                    SampledRows.plain(engine.config.max_num_seqs))
-        budget = max(0, engine.kv.num_available_chunks() - workspace)
+        # the shadow starts with what this replica's KV has available, as the leader's own stage does: the
+        # pair's scheduler charges each step's workspace against both stages (PipelineKV: the tighter one), and
+        # stage 2's own workspace is no larger (it computes no logits: `_step` carves no room for them).
+        # Keeping a full step's workspace back here as well charged it twice (measured through Serve: a
+        # request waited 9 s for ~250 chunks this replica had free)
+        budget = engine.kv.num_available_chunks()
         with self._lock:
             self.forwarded = {snapshot.request_id for snapshot in snapshots}
             self.is_formed = True
@@ -152,7 +154,7 @@ class RemoteFollower:
         busy = 0.0
         for micro in micro_batches:
             batch = runner.build_batch(micro)
-            plan = model.buffer_plan(batch.num_tokens, max(num_sampled(micro), 1))
+            plan = model.buffer_plan(batch.num_tokens, 1)  # no logits here: the leader computes them
             workspace = runner.workspace.acquire(plan.num_bytes)
             try:
                 with torch.inference_mode():

@@ -190,6 +190,11 @@ class FakeEngine:
         async for output in self._produce(live):
             yield output
 
+    def peak_tokens(self) -> list[int]:
+        """Each live request's prompt + max_tokens (at most the context), as AsyncEngine.peak_tokens."""
+        return [min(self.max_model_len, len(live.request.prompt_token_ids) + live.request.sampling.max_tokens)
+                for live in self._live.values()]
+
     def adopt(self, request: GenerateRequest, num_output_tokens: int = 0) -> None:
         """Takes over a request that already has `num_output_tokens` tokens (for `stream_attached`)."""
         self._adopted[request.request_id] = _Live(request, num_output_tokens)
