@@ -44,11 +44,13 @@ class ServeHandlePeer(MigrationPeer):
         pair forming 3 s later than its own work took), which a first migration or pair forming under a spike
         should not pay. A failure is ignored (the first real call sets the handle up then)."""
         await asyncio.sleep(delay_s)
-        response = self._deployment().peer_ping.remote()
+        response = None
         try:
+            response = self._deployment().peer_ping.remote()
             await asyncio.wait_for(asyncio.ensure_future(response), timeout_s)
         except Exception:  # noqa: BLE001 - only a head start
-            response.cancel()
+            if response is not None:
+                response.cancel()
 
     async def _call(self, method: str, target: str, *args: Any) -> Any:
         response = getattr(self._deployment(), method).remote(*args, **{TARGET_KWARG: target})
