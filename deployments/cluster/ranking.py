@@ -7,6 +7,11 @@ shortest queue inside a group and spills to the next group when every replica of
   2. the other fresh replicas, one per group, by (waiting queue, less headroom);
   3. replicas whose stats are missing or older than `stats_max_age_s`, together.
 With no fresh stats at all it is power of two choices on queue length, like Serve's default router.
+Stats are up to `request_routing_stats_period_s` (0.5 s) old, and a burst inside that time would all see the
+same best replica (measured: 24 requests of a Locust spike on one of two replicas, docs/KUNSERVE.md). So a
+replica's headroom is lowered by the requests this router sent it since its stats were taken (`routed_since`),
+each counted as that replica's mean KV per running request (else the mean over the fresh replicas): the burst
+spreads as soon as the best replica's headroom falls within the tolerance of the next.
 Stats are missing for a moment after a replica starts, and a replica whose `record_routing_stats` fails keeps
 its last value with no flag: hence the timestamp. A replica being drained by the packing policy
 (`is_draining`) gets new requests only when no other replica can take them.
@@ -46,25 +51,36 @@ def is_fresh(stats: RoutingStats | None, now: float, max_age_s: float) -> bool:
     return stats is not None and now - stats.timestamp <= max_age_s
 
 
+def chunks_per_request(stats: RoutingStats) -> float | None:
+    """The KV chunks a running request takes on that replica on average (None while nothing runs there)."""
+    if stats.num_running <= 0 or not 0.0 < stats.kv_usage < 1.0:
+        return None
+    return stats.kv_usage * stats.kv_free_chunks / (1.0 - stats.kv_usage) / stats.num_running
+
+
 def rank_by_headroom(replicas: Sequence[R], now: float, max_age_s: float = STATS_MAX_AGE_S,
                      headroom_tolerance: float = 0.1, stats_of: Callable[[R], RoutingStats | None] = serve_stats,
-                     rng: random.Random | None = None) -> list[list[R]]:
+                     rng: random.Random | None = None, routed_since: Callable[[R], int] | None = None) -> list[list[R]]:
     """Ranked groups of `replicas`, best first; see the module doc. `rng`: the randomness of ties (the
-    simulator passes a seeded one)."""
+    simulator passes a seeded one); `routed_since(replica)`: requests this router sent there after its stats."""
     rng = rng or random.Random()
     stats = {id(replica): stats_of(replica) for replica in replicas}
     fresh = [replica for replica in replicas if is_fresh(stats[id(replica)], now, max_age_s)]
     stale = [replica for replica in replicas if not is_fresh(stats[id(replica)], now, max_age_s)]
     if not fresh:
         return [rng.sample(stale, min(2, len(stale)))] if stale else []
+    known = [each for each in (chunks_per_request(stats[id(replica)]) for replica in fresh) if each is not None]
+    typical = sum(known) / len(known) if known else 0.0
+    headroom = {id(replica): _headroom(stats[id(replica)], routed_since(replica) if routed_since else 0, typical)
+                for replica in fresh}
     not_waiting = [replica for replica in fresh if stats[id(replica)].num_waiting == 0]
-    best_headroom = max((stats[id(replica)].kv_free_chunks for replica in not_waiting), default=None)
+    best_headroom = max((headroom[id(replica)] for replica in not_waiting), default=None)
     top: list[R] = []
     if best_headroom is not None:
         threshold = best_headroom * (1.0 - headroom_tolerance)
-        top = [replica for replica in not_waiting if stats[id(replica)].kv_free_chunks >= threshold]
+        top = [replica for replica in not_waiting if headroom[id(replica)] >= threshold]
     rest = sorted((replica for replica in fresh if replica not in top),
-                  key=lambda replica: (stats[id(replica)].num_waiting, -stats[id(replica)].kv_free_chunks))
+                  key=lambda replica: (stats[id(replica)].num_waiting, -headroom[id(replica)]))
     rng.shuffle(top)  # Serve takes the first of equal queue lengths: do not always favour one replica
     groups = [top] if top else []
     groups.extend([replica] for replica in rest)
@@ -76,6 +92,14 @@ def rank_by_headroom(replicas: Sequence[R], now: float, max_age_s: float = STATS
     return [group for group in kept if group] + ([drained] if drained else [])
 
 
+def _headroom(stats: RoutingStats, sent: int, typical: float) -> float:
+    """A replica's KV headroom less what the requests sent there since its stats will take."""
+    if sent <= 0:
+        return float(stats.kv_free_chunks)
+    each = chunks_per_request(stats)
+    return max(0.0, stats.kv_free_chunks - sent * (typical if each is None else each))
+
+
 def replica_key(replica: Any) -> str:
     return getattr(replica.replica_id, "unique_id", str(replica.replica_id))
 
@@ -83,7 +107,7 @@ def replica_key(replica: Any) -> str:
 def route(replicas: Sequence[R], kwargs: Mapping[str, Any] | None, now: float, max_age_s: float = STATS_MAX_AGE_S,
           headroom_tolerance: float = 0.1, pin_to_one_replica: bool = False,
           stats_of: Callable[[R], RoutingStats | None] = serve_stats,
-          key: Callable[[R], str] = replica_key) -> list[list[R]]:
+          key: Callable[[R], str] = replica_key, routed_since: Callable[[R], int] | None = None) -> list[list[R]]:
     """The ranked groups for one request: its target replica alone if it names one (none while that replica
     is not a candidate: Serve retries), else by headroom (or pinned)."""
     target = (kwargs or {}).get(TARGET_KWARG)
@@ -91,4 +115,4 @@ def route(replicas: Sequence[R], kwargs: Mapping[str, Any] | None, now: float, m
         return [[replica for replica in replicas if key(replica) == target]]
     if pin_to_one_replica and replicas:
         return [[replica] for replica in sorted(replicas, key=key)]
-    return rank_by_headroom(replicas, now, max_age_s, headroom_tolerance, stats_of)
+    return rank_by_headroom(replicas, now, max_age_s, headroom_tolerance, stats_of, routed_since=routed_since)

@@ -21,7 +21,9 @@ from deployments.cluster.ranking import (  # noqa: F401 - re-exported
     TARGET_KWARG,
     is_fresh,
     rank_by_headroom,
+    replica_key,
     route,
+    serve_stats,
 )
 
 
@@ -36,4 +38,20 @@ class KVHeadroomRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         kwargs = pending_request.kwargs if pending_request is not None else None
         return route(candidate_replicas, kwargs, time.time(), getattr(self, "stats_max_age_s", STATS_MAX_AGE_S),
-                     getattr(self, "headroom_tolerance", 0.1), getattr(self, "pin_to_one_replica", False))
+                     getattr(self, "headroom_tolerance", 0.1), getattr(self, "pin_to_one_replica", False),
+                     routed_since=self._routed_since)
+
+    def on_send_request(self, replica_id) -> None:
+        """Serve's hook for every request sent (its queue-length cache); also remembers when, per replica."""
+        super().on_send_request(replica_id)
+        sent = self.__dict__.setdefault("_sent", {})
+        sent.setdefault(getattr(replica_id, "unique_id", str(replica_id)), []).append(time.time())
+
+    def _routed_since(self, replica: RunningReplica) -> int:
+        """Requests this router sent to `replica` after its routing stats were taken (older sends are dropped)."""
+        times = self.__dict__.get("_sent", {}).get(replica_key(replica))
+        stats = serve_stats(replica)
+        if not times or stats is None:
+            return 0
+        times[:] = [when for when in times if when > stats.timestamp]
+        return len(times)

@@ -92,6 +92,11 @@ class _Live:
     stats: RoutingStats | None = None
     migrating: set[str] = field(default_factory=set)
     is_draining: bool = False
+    routed_since: int = 0  # requests routed here since `stats` were published (the router counts them too)
+
+    def publish(self, stats: RoutingStats) -> None:
+        self.stats = stats
+        self.routed_since = 0
 
 
 _STEP, _TELEMETRY, _ROUTING, _AUTOSCALE, _READY, _COPY = range(6)
@@ -166,7 +171,7 @@ class Cluster:
         elif kind == _ROUTING:
             for live in self.live.values():
                 if live.state != "starting":
-                    live.stats = self._routing_stats(live)
+                    live.publish(self._routing_stats(live))
             self._push(self.now + self.config.routing_period_s, _ROUTING, None)
         elif kind == _TELEMETRY:
             self._telemetry()
@@ -177,7 +182,7 @@ class Cluster:
         elif kind == _READY:
             if payload in self.live:
                 self.live[payload].state = "active"
-                self.live[payload].stats = self._routing_stats(self.live[payload])
+                self.live[payload].publish(self._routing_stats(self.live[payload]))
         else:
             self._commit(payload)
 
@@ -192,9 +197,10 @@ class Cluster:
     def _arrive(self, record: RequestRecord) -> None:
         candidates = [live for live in self.live.values() if live.state == "active"]
         groups = rank_by_headroom(candidates, self.now, self.config.stats_max_age_s, stats_of=lambda live: live.stats,
-                                  rng=self.rng)
+                                  rng=self.rng, routed_since=lambda live: live.routed_since)
         group = next(group for group in groups if group)
         live = min(group, key=lambda live: live.replica.num_ongoing())  # Serve: the shortest queue in a group
+        live.routed_since += 1
         trace = record.trace
         self._add(live, sim_request(record.request_id, trace.prompt_tokens, trace.output_tokens, trace.arrival_s))
 
@@ -324,7 +330,7 @@ class Cluster:
         self.replicas.append(replica)
         self.live[replica.replica_id] = _Live(replica, "active" if ready else "starting")
         if ready:
-            self.live[replica.replica_id].stats = self._routing_stats(self.live[replica.replica_id])
+            self.live[replica.replica_id].publish(self._routing_stats(self.live[replica.replica_id]))
         else:
             self._push(now + self.config.startup_s, _READY, replica.replica_id)
         self.peak_replicas = max(self.peak_replicas, len(self.live))

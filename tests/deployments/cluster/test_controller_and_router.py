@@ -92,6 +92,24 @@ def test_similar_headroom_shares_the_top_group():
     assert names(groups) == [["a", "b"], ["c"]]
 
 
+def test_a_burst_spreads_once_the_requests_sent_since_the_stats_eat_the_lead():
+    """Stats are up to 0.5 s old: the requests this router sent a replica since then lower its headroom, each
+    counted as its mean KV per running request (usage 0.25 of 400 = 100 chunks over 1 request; an idle
+    replica's sends count as the mean of the others)."""
+    a = replica("a", kv_free_chunks=300, kv_usage=0.25, num_running=1, num_waiting=0, timestamp=99.9)
+    b = replica("b", kv_free_chunks=200, kv_usage=0.5, num_running=2, num_waiting=0, timestamp=99.9)
+    sent = {"a": 0, "b": 0}
+    ranked = lambda: names(rank_by_headroom([a, b], now=100.0, routed_since=lambda r: sent[r.name]))  # noqa: E731
+    assert ranked() == [["a"], ["b"]]
+    sent["a"] = 1  # 300 - 100 = 200: level with b
+    assert ranked() == [["a", "b"]]
+    sent["a"] = 2  # 100: b leads now
+    assert ranked() == [["b"], ["a"]]
+    idle = replica("idle", kv_free_chunks=400, kv_usage=0.0, num_running=0, num_waiting=0, timestamp=99.9)
+    sent["idle"] = 2  # 400 - 2 x the mean of a's 100 and b's 100 = 200
+    assert names(rank_by_headroom([idle, b], now=100.0, routed_since=lambda r: sent[r.name])) == [["b", "idle"]]
+
+
 def test_a_waiting_queue_ranks_after_replicas_without_one():
     groups = rank_by_headroom([fresh("queued", 5000, waiting=3), fresh("small", 100),
                                fresh("queued_less", 5000, waiting=1)], now=100.0)
@@ -110,3 +128,19 @@ def test_stale_replicas_come_last_and_all_stale_is_power_of_two():
     [group] = rank_by_headroom(only_stale, now=100.0)
     assert len(group) == 2 and len({r.name for r in group}) == 2
     assert rank_by_headroom([], now=100.0) == []
+
+
+def test_the_router_counts_what_it_sent_a_replica_since_its_stats():
+    import time
+
+    from deployments.cluster.router import KVHeadroomRouter
+
+    router = object.__new__(KVHeadroomRouter)  # its bookkeeping alone, without Serve's machinery
+    router._use_replica_queue_len_cache = False
+    stats = {"kv_free_chunks": 300, "kv_usage": 0.25, "num_running": 1, "num_waiting": 0}
+    a = SimpleNamespace(replica_id=SimpleNamespace(unique_id="a"), routing_stats={**stats, "timestamp": time.time()})
+    for _ in range(3):
+        router.on_send_request(a.replica_id)
+    assert router._routed_since(a) == 3
+    a.routing_stats = {**stats, "timestamp": time.time() + 1.0}  # newer stats already count those requests
+    assert router._routed_since(a) == 0 and router._sent["a"] == []
