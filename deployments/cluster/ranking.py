@@ -9,7 +9,7 @@ shortest queue inside a group and spills to the next group when every replica of
 With no fresh stats at all it is power of two choices on queue length, like Serve's default router.
 Stats are up to `request_routing_stats_period_s` (0.5 s) old, and a burst inside that time would all see the
 same best replica (measured: 24 requests of a Locust spike on one of two replicas, docs/KUNSERVE.md). So a
-replica's headroom is lowered by the requests this router sent it since its stats were taken (`routed_since`),
+replica's headroom is lowered by the requests this router chose it for since its stats were taken (`routed_since`),
 each counted as that replica's mean KV per running request (else the mean over the fresh replicas): the burst
 spreads as soon as the best replica's headroom falls within the tolerance of the next.
 Stats are missing for a moment after a replica starts, and a replica whose `record_routing_stats` fails keeps

@@ -37,21 +37,27 @@ class KVHeadroomRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         kwargs = pending_request.kwargs if pending_request is not None else None
-        return route(candidate_replicas, kwargs, time.time(), getattr(self, "stats_max_age_s", STATS_MAX_AGE_S),
-                     getattr(self, "headroom_tolerance", 0.1), getattr(self, "pin_to_one_replica", False),
-                     routed_since=self._routed_since)
+        groups = route(candidate_replicas, kwargs, time.time(), getattr(self, "stats_max_age_s", STATS_MAX_AGE_S),
+                       getattr(self, "headroom_tolerance", 0.1), getattr(self, "pin_to_one_replica", False),
+                       routed_since=self._routed_since)
+        if groups and len(groups[0]) == 1 and pending_request is not None:
+            self._remember(groups[0][0], pending_request)
+        return groups
 
-    def on_send_request(self, replica_id) -> None:
-        """Serve's hook for every request sent (its queue-length cache); also remembers when, per replica."""
-        super().on_send_request(replica_id)
-        sent = self.__dict__.setdefault("_sent", {})
-        sent.setdefault(getattr(replica_id, "unique_id", str(replica_id)), []).append(time.time())
+    def _remember(self, replica: RunningReplica, pending_request: PendingRequest) -> None:
+        """A request whose best group is one replica goes there (a group of several: Serve picks by queue
+        length, which it counts itself). Counted when chosen, not when sent: a burst's requests are all chosen
+        before the first is sent. Keyed by the request, so a retried choice counts once."""
+        sent = self.__dict__.setdefault("_sent", {}).setdefault(replica_key(replica), {})
+        request_id = getattr(pending_request.metadata, "internal_request_id", None) or id(pending_request)
+        sent.setdefault(request_id, time.time())
 
     def _routed_since(self, replica: RunningReplica) -> int:
-        """Requests this router sent to `replica` after its routing stats were taken (older sends are dropped)."""
-        times = self.__dict__.get("_sent", {}).get(replica_key(replica))
+        """Requests this router sent to `replica` after its routing stats were taken (older ones are dropped)."""
+        sent = self.__dict__.get("_sent", {}).get(replica_key(replica))
         stats = serve_stats(replica)
-        if not times or stats is None:
+        if not sent or stats is None:
             return 0
-        times[:] = [when for when in times if when > stats.timestamp]
-        return len(times)
+        for request_id in [request_id for request_id, when in sent.items() if when <= stats.timestamp]:
+            del sent[request_id]
+        return len(sent)

@@ -124,9 +124,6 @@ class MigrationPeer(ABC):
 
     name: str
 
-    async def warm(self) -> None:  # noqa: B027 - a hook most transports leave empty
-        """Sets the transport up ahead of its first call (nothing unless a transport needs it)."""
-
     @abstractmethod
     async def reserve(self, target: str, request_id: str, num_tokens: int) -> bool: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -136,11 +137,22 @@ def test_the_router_counts_what_it_sent_a_replica_since_its_stats():
     from deployments.cluster.router import KVHeadroomRouter
 
     router = object.__new__(KVHeadroomRouter)  # its bookkeeping alone, without Serve's machinery
-    router._use_replica_queue_len_cache = False
-    stats = {"kv_free_chunks": 300, "kv_usage": 0.25, "num_running": 1, "num_waiting": 0}
-    a = SimpleNamespace(replica_id=SimpleNamespace(unique_id="a"), routing_stats={**stats, "timestamp": time.time()})
-    for _ in range(3):
-        router.on_send_request(a.replica_id)
-    assert router._routed_since(a) == 3
-    a.routing_stats = {**stats, "timestamp": time.time() + 1.0}  # newer stats already count those requests
-    assert router._routed_since(a) == 0 and router._sent["a"] == []
+    stats = {"kv_usage": 0.25, "num_running": 1, "num_waiting": 0}
+    a = SimpleNamespace(name="a", replica_id=SimpleNamespace(unique_id="a"),
+                        routing_stats={**stats, "kv_free_chunks": 300, "timestamp": time.time()})
+    b = SimpleNamespace(name="b", replica_id=SimpleNamespace(unique_id="b"),
+                        routing_stats={**stats, "kv_free_chunks": 150, "timestamp": time.time()})
+
+    def request(number: int):
+        return SimpleNamespace(kwargs={}, metadata=SimpleNamespace(internal_request_id=f"r{number}"))
+
+    async def burst() -> list:
+        # a burst's requests are all chosen before the first is sent; a retried choice counts once
+        return [names(await router.choose_replicas([a, b], request(number))) for number in (0, 1, 2, 0)]
+
+    # a: 300 chunks free, 100 per running request; b: 150 and 50. Each request chosen for a lone best replica
+    # counts there: a 300 -> 200 -> 100, then b leads, then both level (a group of two: Serve's queue lengths)
+    assert asyncio.run(burst()) == [[["a"], ["b"]], [["a"], ["b"]], [["b"], ["a"]], [["a", "b"]]]
+    assert (router._routed_since(a), router._routed_since(b)) == (2, 1)
+    a.routing_stats = {**a.routing_stats, "timestamp": time.time() + 1.0}  # newer stats already count those
+    assert router._routed_since(a) == 0 and router._sent["a"] == {}
