@@ -48,9 +48,12 @@ class KVHeadroomRouter(RequestRouter):
         """A request whose best group is one replica goes there (a group of several: Serve picks by queue
         length, which it counts itself). Counted when chosen, not when sent: a burst's requests are all chosen
         before the first is sent. Keyed by the request, so a retried choice counts once."""
+        now = time.time()
         sent = self.__dict__.setdefault("_sent", {}).setdefault(replica_key(replica), {})
+        for old in [request_id for request_id, when in sent.items() if when < now - STATS_MAX_AGE_S]:
+            del sent[old]  # a replica whose stats never came (starting, gone) keeps no more than this
         request_id = getattr(pending_request.metadata, "internal_request_id", None) or id(pending_request)
-        sent.setdefault(request_id, time.time())
+        sent.setdefault(request_id, now)
 
     def _routed_since(self, replica: RunningReplica) -> int:
         """Requests this router sent to `replica` after its routing stats were taken (older ones are dropped)."""
