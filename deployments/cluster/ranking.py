@@ -10,8 +10,9 @@ With no fresh stats at all it is power of two choices on queue length, like Serv
 Stats are up to `request_routing_stats_period_s` (0.5 s) old, and a burst inside that time would all see the
 same best replica (measured: 24 requests of a Locust spike on one of two replicas, docs/KUNSERVE.md). So a
 replica's headroom is lowered by the requests this router chose it for since its stats were taken (`routed_since`),
-each counted as that replica's mean KV per running request (else the mean over the fresh replicas): the burst
-spreads as soon as the best replica's headroom falls within the tolerance of the next.
+each counted as that replica's mean KV per running request: the burst spreads as soon as the best replica's
+headroom falls within the tolerance of the next. An idle replica has no such mean and is not lowered (another
+replica's requests say nothing of the new ones: one long prompt there would send small requests away).
 Stats are missing for a moment after a replica starts, and a replica whose `record_routing_stats` fails keeps
 its last value with no flag: hence the timestamp. A replica being drained by the packing policy
 (`is_draining`) gets new requests only when no other replica can take them.
@@ -69,9 +70,7 @@ def rank_by_headroom(replicas: Sequence[R], now: float, max_age_s: float = STATS
     stale = [replica for replica in replicas if not is_fresh(stats[id(replica)], now, max_age_s)]
     if not fresh:
         return [rng.sample(stale, min(2, len(stale)))] if stale else []
-    known = [each for each in (chunks_per_request(stats[id(replica)]) for replica in fresh) if each is not None]
-    typical = sum(known) / len(known) if known else 0.0
-    headroom = {id(replica): _headroom(stats[id(replica)], routed_since(replica) if routed_since else 0, typical)
+    headroom = {id(replica): _headroom(stats[id(replica)], routed_since(replica) if routed_since else 0)
                 for replica in fresh}
     not_waiting = [replica for replica in fresh if stats[id(replica)].num_waiting == 0]
     best_headroom = max((headroom[id(replica)] for replica in not_waiting), default=None)
@@ -92,12 +91,13 @@ def rank_by_headroom(replicas: Sequence[R], now: float, max_age_s: float = STATS
     return [group for group in kept if group] + ([drained] if drained else [])
 
 
-def _headroom(stats: RoutingStats, sent: int, typical: float) -> float:
-    """A replica's KV headroom less what the requests sent there since its stats will take."""
-    if sent <= 0:
-        return float(stats.kv_free_chunks)
+def _headroom(stats: RoutingStats, sent: int) -> float:
+    """A replica's KV headroom less what the requests sent there since its stats will take (as many as its
+    running requests' mean; an idle replica's is not lowered)."""
     each = chunks_per_request(stats)
-    return max(0.0, stats.kv_free_chunks - sent * (typical if each is None else each))
+    if sent <= 0 or each is None:
+        return float(stats.kv_free_chunks)
+    return max(0.0, stats.kv_free_chunks - sent * each)
 
 
 def replica_key(replica: Any) -> str:

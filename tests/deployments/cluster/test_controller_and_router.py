@@ -96,7 +96,7 @@ def test_similar_headroom_shares_the_top_group():
 def test_a_burst_spreads_once_the_requests_sent_since_the_stats_eat_the_lead():
     """Stats are up to 0.5 s old: the requests this router sent a replica since then lower its headroom, each
     counted as its mean KV per running request (usage 0.25 of 400 = 100 chunks over 1 request; an idle
-    replica's sends count as the mean of the others)."""
+    replica has no mean and is not lowered)."""
     a = replica("a", kv_free_chunks=300, kv_usage=0.25, num_running=1, num_waiting=0, timestamp=99.9)
     b = replica("b", kv_free_chunks=200, kv_usage=0.5, num_running=2, num_waiting=0, timestamp=99.9)
     sent = {"a": 0, "b": 0}
@@ -107,8 +107,8 @@ def test_a_burst_spreads_once_the_requests_sent_since_the_stats_eat_the_lead():
     sent["a"] = 2  # 100: b leads now
     assert ranked() == [["b"], ["a"]]
     idle = replica("idle", kv_free_chunks=400, kv_usage=0.0, num_running=0, num_waiting=0, timestamp=99.9)
-    sent["idle"] = 2  # 400 - 2 x the mean of a's 100 and b's 100 = 200
-    assert names(rank_by_headroom([idle, b], now=100.0, routed_since=lambda r: sent[r.name])) == [["b", "idle"]]
+    sent["idle"] = 2  # b's requests (100 chunks each) say nothing of what was sent to the idle one
+    assert names(rank_by_headroom([idle, b], now=100.0, routed_since=lambda r: sent[r.name])) == [["idle"], ["b"]]
 
 
 def test_a_waiting_queue_ranks_after_replicas_without_one():
