@@ -179,7 +179,8 @@ def layers_to_drop(replica: DropTelemetry, config: DroppingConfig) -> int:
 
 def stage_layers(num_layers: int) -> tuple[int, int]:
     """How many layers each side of a pair runs: the pipeline cuts in the middle (`pipeline_split`, which
-    `max_drop_fraction` <= 0.5 never moves)."""
+    `max_drop_fraction` <= 0.5 never moves). Restated here, not imported: engine/cooperative/pipeline.py brings
+    torch and the engine into the controller; tests/deployments/cluster/test_drop_plan.py holds the two equal."""
     return num_layers // 2, num_layers - num_layers // 2
 
 

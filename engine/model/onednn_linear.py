@@ -210,7 +210,7 @@ class _PackedGemm:
         if self.kernel(x.data_ptr(), x.stride(0), weight.storage.data_ptr(), out.data_ptr(), out.stride(0),
                        int(out.dtype == torch.float32), x.shape[0], weight.shape[0], weight.shape[1], weight.k_padded,
                        weight.block, torch.get_num_threads()):
-            raise MemoryError(f"packed GEMM: no memory for the fp32 copy of a {tuple(x.shape)} input")
+            raise _no_memory(x)
         return out
 
     def gate_up_silu(self, x: torch.Tensor, weight: PackedWeight, gate_up: torch.Tensor, act: torch.Tensor) -> bool:
@@ -225,8 +225,13 @@ class _PackedGemm:
                                       act.data_ptr(), x.shape[0], inter, weight.shape[1], weight.k_padded, weight.block,
                                       torch.get_num_threads())
         if status == -1:
-            raise MemoryError(f"packed GEMM: no memory for the fp32 copy of a {tuple(x.shape)} input")
+            raise _no_memory(x)
         return status == 0
+
+
+def _no_memory(x: torch.Tensor) -> MemoryError:
+    """What either packed kernel's -1 (its copy of x could not be allocated) is raised as."""
+    return MemoryError(f"packed GEMM: no memory for the fp32 copy of a {tuple(x.shape)} input")
 
 
 def onednn_available() -> bool:

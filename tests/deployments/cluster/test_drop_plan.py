@@ -134,3 +134,17 @@ def test_a_pair_grows_only_the_side_that_needs_it_one_layer_each_on_preemptions_
     assert at_cap.grows == () and dict(at_cap.state.grow_since) == {}
     calm = plan_drops(pair(50, 50), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
     assert calm.grows == () and dict(calm.state.grow_since) == {}
+
+
+def test_the_plans_stage_sizes_are_the_pipelines_cut():
+    """drop_plan restates pipeline_split's middle cut (the controller stays free of torch): the two agree for
+    every drop the plan can order (each side at most max_drop_fraction <= 0.5 of the layers)."""
+    from deployments.cluster.drop_plan import stage_layers
+    from engine.cooperative.pipeline import pipeline_split
+
+    for num_layers in range(2, 65):
+        cap = num_layers // 2
+        for first_drops in range(1, cap + 1):
+            for second_drops in range(1, cap + 1):
+                split = pipeline_split(num_layers, num_layers - first_drops, second_drops)
+                assert stage_layers(num_layers) == (split, num_layers - split)
