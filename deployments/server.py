@@ -2,7 +2,8 @@
 
 The replica builds its engine in a worker thread (the model load takes seconds), then serves the FastAPI
 app from `build_openai_app`, publishes routing stats for `KVHeadroomRouter`, and pushes its telemetry to
-the cluster controller every `telemetry_period_s`; the reply carries the migrations this replica should
+the cluster controller every `telemetry_period_s` (and at once when, with parameter dropping, a request lifts
+its clients' peak KV demand past `high_watermark`); the reply carries the migrations this replica should
 start (deployments/migration/source.py). The `migration_*` methods are the destination side of a migration, called
 by other replicas through a handle that targets this replica (deployments/migration/transport.py).
 Drain (`drain(deadline)`: ordered by the controller's reply when `python -m deployments.launch` stops, and
@@ -38,7 +39,7 @@ from deployments.migration.endpoint import AdoptStream, MigrationEndpoint
 from deployments.migration.kv_channel import ChannelAddress, KVChannels, StageHeader
 from deployments.migration.relay import RelayRegistry
 from deployments.migration.source import MigrationManager, MigrationStats
-from deployments.migration.transport import ServeHandlePeer, make_peer
+from deployments.migration.transport import make_peer
 from deployments.telemetry import ControllerReply, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
 from engine.api import EngineClient
 from engine.migration import KVStage, RequestSnapshot
@@ -137,16 +138,19 @@ class LLMServer:
         self._load_task: asyncio.Future[ReplicaLoad] | None = None  # the engine thread's answer, pending
         self._migrations: MigrationManager | None = None
         self._endpoint: MigrationEndpoint | None = None
-        # KunServe's handle set up ahead of its first call. (Warming the migration peer's handle the same way made
-        # tests/deployments/migration/test_migration_serve.py's forced migrations time out in 3 of 4 runs of the
-        # file, cause not found; it was never measured to need it: left cold.)
-        self._warming: list[asyncio.Task] = []
         if self.engine.supports_migration:
             self._start_migration(context)
         self._cooperation: Cooperation | None = None
         dropping = self.args.parameter_dropping.enabled
         if dropping and self.engine.supports_migration and hasattr(self.engine, "cooperate"):
-            self._start_cooperation(context)
+            self._cooperation = Cooperation(self.replica_id, self.engine, local_node(self.args.network_interface),
+                                            timeout_s=max(30.0, self.args.migration.to_config().call_timeout_s),
+                                            hang_after_s=self.args.parameter_dropping.peer_hang_s)
+        # KunServe: an arrival that lifts the clients' peak KV demand past high_watermark reports at once
+        self._report_now = asyncio.Event()
+        self._reported_peak = 0
+        if self._cooperation is not None:
+            self.engine.add_arrival_listener(self._on_arrival)
         self._controller = ControllerClient(self.replica_id, self.args.controller_name,
                                             self.args.controller_namespace, self.args.migration_policy,
                                             options=controller_options(self.args))
@@ -164,29 +168,14 @@ class LLMServer:
         self._migrations = MigrationManager(self.engine, peer, self._relays, config, self._migration_stats)
         logger.info("replica %s: migrations move KV through %s", self.replica_id, peer.name)
 
-    def _start_cooperation(self, context: ReplicaContext) -> None:
-        """KunServe: this replica forms cooperative pairs when the controller orders (deployments/cluster/
-        cooperation.py); the pair's other replica is reached like a migration's destination."""
-        handle = ServeHandlePeer(context.deployment, context.app_name)
-        self._warming.append(asyncio.get_running_loop().create_task(handle.warm()))
-
-        async def join(follower: str, address: ChannelAddress, first_keeps: int, second_from: int) -> None:
-            await handle.call("cooperation_join", follower, self.replica_id, address, first_keeps, second_from)
-
-        self._cooperation = Cooperation(self.replica_id, self.engine, local_node(self.args.network_interface), join,
-                                        timeout_s=max(30.0, self.args.migration.to_config().call_timeout_s),
-                                        hang_after_s=self.args.parameter_dropping.peer_hang_s)
-
-    async def peer_ping(self) -> str:
-        """A cheap call other replicas' handles make to set themselves up (ServeHandlePeer.warm)."""
-        return self.replica_id
-
-    async def cooperation_join(self, leader: str, address: ChannelAddress, first_keeps: int, second_from: int,
-                               target_replica: str) -> None:
-        """KunServe: join `leader`'s cooperative pair as its follower (called by the leader)."""
-        if target_replica != self.replica_id or self._cooperation is None:
-            raise RuntimeError(f"cooperation call for {target_replica} reached {self.replica_id}")
-        await self._cooperation.join(leader, address, first_keeps, second_from)
+    def _on_arrival(self) -> None:
+        """A request arrived: if its replica's clients' peak KV demand is now past `high_watermark` of its
+        capacity and above what the last report said, the telemetry loop reports now, not at its next period
+        (a spike's first requests would otherwise wait up to a period and a step for the drop plan to hear)."""
+        load = self._cooperation.client_peak_load()
+        if load >= self.args.parameter_dropping.high_watermark and self._cooperation.client_peak_chunks() > \
+                self._reported_peak:
+            self._report_now.set()
 
     def __serve_build_asgi_app__(self):
         settings = AppSettings(served_model_name=self.args.served_model_name, api_key=self.args.api_key,
@@ -267,15 +256,17 @@ class LLMServer:
     async def _push_telemetry(self) -> None:
         period_s = self.args.telemetry_period_s
         num_failures = 0
+        urgent = False
         while True:
             try:
                 engine_stats = self.engine.stats()
                 report = ReplicaReport(ReplicaStats.of(engine_stats), tuple(self.engine.memory_telemetry()))
                 if self._cooperation is not None:
                     report = dataclasses.replace(report, dropping=self._cooperation.status(engine_stats))
+                    self._reported_peak = report.dropping.client_peak_chunks
                 if self._migrations is not None:
                     await self._endpoint.expire_stale()
-                    report = await self._with_migration(report)
+                    report = await self._with_migration(report, wait_s=0.0 if urgent else period_s)
                 self._follow(await self._controller.report(report))
                 num_failures = 0
             except asyncio.CancelledError:
@@ -285,17 +276,21 @@ class LLMServer:
                 if num_failures in (1, 10) or num_failures % 100 == 0:
                     logger.warning("replica %s: telemetry report failed %d times: %r", self.replica_id,
                                    num_failures, exc)
-            await asyncio.sleep(period_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._report_now.wait(), period_s)
+            urgent = self._report_now.is_set()
+            self._report_now.clear()
 
-    async def _with_migration(self, report: ReplicaReport) -> ReplicaReport:
+    async def _with_migration(self, report: ReplicaReport, wait_s: float) -> ReplicaReport:
         """The requests' loads come from the engine thread between two steps, and a long step (a big prefill,
         a pair's pipelined step) can hold it past a telemetry period: the call then stays pending across
         reports, never dropped and asked again (which would never answer while every step is that long), and
-        until it answers the previous load goes out again (with fresh counters)."""
+        until it answers (within `wait_s`: none for an urgent report) the previous load goes out again (with
+        fresh counters)."""
         if self._load_task is None:
             self._load_task = asyncio.ensure_future(
                 self._migrations.load_report(self.replica_id, self.engine.stats, self._started_at))
-        done, _ = await asyncio.wait({self._load_task}, timeout=self.args.telemetry_period_s)
+        done, _ = await asyncio.wait({self._load_task}, timeout=wait_s)
         if done:
             task, self._load_task = self._load_task, None
             self._last_load = task.result()

@@ -172,6 +172,17 @@ class DropStatus:
     # the KV its clients' live requests hold at their last possible tokens, counted from their arrival
     # (AsyncEngine.peak_tokens): demand the engine thread has not seen yet (its stats lag a step)
     client_peak_chunks: int = 0
+    store: tuple[str, int] | None = None  # (host, port) of its store, where the pairs it leads meet
+
+
+@dataclass(frozen=True)
+class PairRendezvous:
+    """Where a new pair's two replicas meet: the leader's store (`DropStatus.store`) and the pair's own key
+    prefix in it. Both sides get it in their drop orders and join at once, each on its own reply."""
+
+    host: str
+    port: int
+    name: str
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,7 @@ class LayerOrder:
     peer: str | None
     first_keeps: int = 0
     second_from: int = 0
+    rendezvous: PairRendezvous | None = None  # a drop's: where the two replicas form their pair's group
 
     def __post_init__(self) -> None:
         if self.action not in ("drop", "grow", "restore") or self.role not in ("leader", "follower"):

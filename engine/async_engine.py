@@ -115,6 +115,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, PacedStream] = {}  # request id -> its stream (queue, loop, pacing)
         self._peak_tokens: dict[str, int] = {}  # request id -> tokens it holds at its last possible token
+        self._arrival_listeners: list[Callable[[], None]] = []
         self._stop = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -172,6 +173,8 @@ class AsyncEngine:
         stream = self._open_stream(request.request_id)
         self._peak_tokens[request.request_id] = min(self.max_model_len,
                                                     len(request.prompt_token_ids) + request.sampling.max_tokens)
+        for listener in self._arrival_listeners:
+            listener()
 
         async def submit() -> None:
             self._inbox.put(("add", request))
@@ -188,6 +191,11 @@ class AsyncEngine:
         (max_tokens or the context limit), from the moment it arrived: a spike's KV demand seen before the
         engine thread takes it in (KunServe's drop plan; deployments/cluster/cooperation.py)."""
         return list(self._peak_tokens.values())
+
+    def add_arrival_listener(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` on the caller's event loop each time a request arrives (after `peak_tokens` counts
+        it): a replica reports a spike's demand at once rather than at its next telemetry period."""
+        self._arrival_listeners.append(listener)
 
     async def run_in_engine(self, function: Callable[..., T], *args: object) -> T:
         """Runs `function(engine, *args)` on the engine thread between two steps; returns its result.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,27 @@ if TYPE_CHECKING:
     from deployments.args import AppArgs
 
 logger = logging.getLogger(__name__)
+CONTROLLER_NICE = -10  # the engine loops' default (EngineConfig.engine_thread_nice): never behind them
+
+
+def take_priority(nice: int, tasks: str = "/proc/self/task") -> int:
+    """Sets every thread of this process (Ray's RPC threads included) to `nice`; returns how many took it.
+    The controller works a few milliseconds per report, but at Ray's worker nice of 15 it waits behind the
+    replicas' compute threads (nice -10) whenever they fill the cores: measured through Serve, a spike's
+    drop order came 1.1-1.3 s after the replica's report went out. Without CAP_SYS_NICE nothing changes."""
+    changed = 0
+    try:
+        thread_ids = [int(name) for name in os.listdir(tasks)]
+    except OSError:
+        return 0
+    for thread_id in thread_ids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread_id, nice)
+            changed += 1
+        except OSError:  # no CAP_SYS_NICE, or the thread ended
+            pass
+    return changed
+
 
 class ClusterController:
     """The actor (created through `get_or_create_controller`)."""
@@ -46,6 +68,9 @@ class ClusterController:
                  migration_policy_options: dict[str, Any] | None = None, max_concurrent_migrations: int = 2,
                  plan_interval_s: float = 1.0, migration_cooldown_s: float = 10.0,
                  parameter_dropping: dict[str, Any] | None = None):
+        if take_priority(CONTROLLER_NICE) == 0:
+            logger.warning("the cluster controller stays at nice %d (nice %d refused)",
+                           os.getpriority(os.PRIO_PROCESS, 0), CONTROLLER_NICE)
         dropping = DroppingConfig(**parameter_dropping) if parameter_dropping else None
         self._core = ClusterCore(migration_policy, stale_after_s, expire_after_s, migration_policy_options,
                                  max_concurrent_migrations, plan_interval_s, migration_cooldown_s, dropping=dropping)

@@ -7,14 +7,16 @@ what its queued requests wait for from its load, new preemptions since its previ
 `DropStatus` (layers, chunks per layer, state, peer, TTFT growth). Hysteresis is the plan's own
 (`drop_after_s`, `restore_after_s` of `parameter_dropping:`).
 
-Between an order and the replica carrying it out (it acts on its next reply, up to a telemetry period
-later), the replica still reports `normal` (or `dropped`): the coordinator counts it as `dropping` (or
-`restoring`) with its new peer until its report shows the ordered state, or `order_timeout_s` passed, so a
-pair is never ordered twice. The pair's leader (`DropOrder.first`, which keeps the first layers) runs
-the pair's scheduler and starts the restore; the follower learns of it from the leader (engine/
-cooperative/follower.py), so a restore order goes to the leader only, or to the survivor of a pair whose
-peer is gone. So does a grow (the plan's `grows`: a pair still under pressure drops more); both replicas
-count as `dropping` until they report the grown number of dropped layers.
+Between an order and the replica carrying it out (it acts on its next reply, up to a telemetry period later),
+the replica still reports `normal` (or `dropped`): the coordinator counts it as `dropping` (or `restoring`)
+with its new peer until its report shows the ordered state, or `order_timeout_s` passed, so a pair is never
+ordered twice. A drop reaches both replicas, each in its own next reply, with where they meet
+(`PairRendezvous`: the leader's store, reported in its `DropStatus`, and a key prefix new to the pair): each
+starts forming its side as soon as it hears, neither waits for a call from the other. The pair's leader
+(`DropOrder.first`, which keeps the first layers) runs the pair's scheduler and starts the restore; the
+follower learns of it from the leader (engine/cooperative/follower.py), so a restore order goes to the leader
+only, or to the survivor of a pair whose peer is gone. So does a grow (the plan's `grows`: a pair still under
+pressure drops more); both replicas count as `dropping` until they report the grown number of dropped layers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from deployments.cluster.drop_plan import DroppingConfig, DropState, DropTelemetry, PlanState, plan_drops
-from deployments.telemetry import LayerOrder, ReplicaReport
+from deployments.telemetry import LayerOrder, PairRendezvous, ReplicaReport
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class DropCoordinator:
         # ordered state, peer, when, and the dropped layers it must report (a grow keeps the state)
         self._ordered: dict[str, tuple[DropState, str | None, float, int]] = {}
         self._orders: dict[str, list[LayerOrder]] = {}
+        self._stores: dict[str, tuple[str, int]] = {}  # replica -> its store, where the pairs it leads meet
         self.recent: deque[dict[str, Any]] = deque(maxlen=32)  # the last drops and grows, with their telemetry
 
     def observe(self, replica_id: str, report: ReplicaReport) -> None:
@@ -53,6 +56,8 @@ class DropCoordinator:
         if status is None:
             self.forget(replica_id)
             return
+        if status.store is not None:
+            self._stores[replica_id] = status.store
         stats = report.stats
         previous = self._preemptions.get(replica_id, stats.num_preemptions)
         self._preemptions[replica_id] = stats.num_preemptions
@@ -93,10 +98,12 @@ class DropCoordinator:
                 logger.info("parameter dropping: %s %s keeps [0, %d), %s [%d, L); %s", action, order.first,
                             order.first_keeps, order.second, order.second_from, why)
         for drop in plan.drops:
-            self._order(drop.first, LayerOrder("drop", "leader", drop.second, drop.first_keeps, drop.second_from),
-                        DropState.DROPPED, now)
-            self._order(drop.second, LayerOrder("drop", "follower", drop.first, drop.first_keeps, drop.second_from),
-                        DropState.DROPPED, now)
+            store = self._stores.get(drop.first)
+            meet = PairRendezvous(*store, f"pair/{drop.first}+{drop.second}@{now:.3f}/") if store else None
+            self._order(drop.first, LayerOrder("drop", "leader", drop.second, drop.first_keeps, drop.second_from,
+                                               meet), DropState.DROPPED, now)
+            self._order(drop.second, LayerOrder("drop", "follower", drop.first, drop.first_keeps, drop.second_from,
+                                                meet), DropState.DROPPED, now)
             self.num_drops += 1
         for grow in plan.grows:  # to the leader, which tells the follower over the pair's group
             num_layers = self._telemetry[grow.first].num_layers
@@ -124,7 +131,7 @@ class DropCoordinator:
         return tuple(self._orders.pop(replica_id, ()))
 
     def forget(self, replica_id: str) -> None:
-        for table in (self._telemetry, self._preemptions, self._roles, self._ordered, self._orders):
+        for table in (self._telemetry, self._preemptions, self._roles, self._ordered, self._orders, self._stores):
             table.pop(replica_id, None)
 
     def view(self) -> dict[str, Any]:

@@ -12,7 +12,6 @@ between GPUs; deployments/migration/kv_channel.py). `make_peer` picks one by its
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -38,20 +37,6 @@ class ServeHandlePeer(MigrationPeer):
             self._handle = serve.get_deployment_handle(self._deployment_name, self._app_name)
         return self._handle
 
-    async def warm(self, delay_s: float = 2.0, timeout_s: float = 30.0) -> None:
-        """Sets the handle up now with one cheap call to any replica (`LLMServer.peer_ping`): a handle's first
-        call waits while its router learns the deployment's replicas from the Serve controller (measured: a
-        pair forming 3 s later than its own work took), which a first migration or pair forming under a spike
-        should not pay. A failure is ignored (the first real call sets the handle up then)."""
-        await asyncio.sleep(delay_s)
-        response = None
-        try:
-            response = self._deployment().peer_ping.remote()
-            await asyncio.wait_for(asyncio.ensure_future(response), timeout_s)
-        except Exception:  # noqa: BLE001 - only a head start
-            if response is not None:
-                response.cancel()
-
     async def _call(self, method: str, target: str, *args: Any) -> Any:
         response = getattr(self._deployment(), method).remote(*args, **{TARGET_KWARG: target})
         try:
@@ -59,10 +44,6 @@ class ServeHandlePeer(MigrationPeer):
         except BaseException:
             response.cancel()  # a timed-out call must not run later on the destination
             raise
-
-    async def call(self, method: str, target: str, *args: Any) -> Any:
-        """`LLMServer.<method>(*args)` on the replica `target` (also KunServe's pair forming)."""
-        return await self._call(method, target, *args)
 
     async def reserve(self, target: str, request_id: str, num_tokens: int) -> bool:
         return await self._call("migration_reserve", target, request_id, num_tokens)

@@ -95,15 +95,16 @@ class RemoteLeader:
         self.kept = (self.split, 0)  # (first_keeps, second_from) while formed
 
     # ---- forming -----------------------------------------------------------------------------------
-    def form(self, first_keeps: int, second_from: int) -> int:
+    def form(self, first_keeps: int, second_from: int, formed: tuple | None = None) -> int:
         """Drops layers [first_keeps, L) here once the follower dropped its first ones and offered its KV
-        budget; every request of both then runs on the pipeline. Returns the chunks freed here."""
+        budget; every request of both then runs on the pipeline. Returns the chunks freed here. `formed`: the
+        follower's first message if the caller received it already (off the engine thread), else received here."""
         engine = self.engine
         num_layers = engine.model_config.num_layers
         split = pipeline_split(num_layers, first_keeps, second_from)
-        kind, budget, snapshots = self.channel.recv_object()
+        kind, budget, snapshots = formed if formed is not None else self.channel.recv_object()
         if kind != "formed":
-            raise RuntimeError(f"the follower answered {kind!r} to forming the pair")
+            raise RuntimeError(f"the follower answered {kind!r} to forming the pair: {budget}")
         # layers [0, split) of the follower's requests it copies (it keeps [split, L) until "carry")
         theirs = {item.request_id: self.channel.recv_stage().layers for item in snapshots if item.num_computed_tokens}
         engine.drop_state = "dropping"

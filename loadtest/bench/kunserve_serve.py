@@ -4,9 +4,10 @@ For each mode (`none`: no dropping, no migration; `dropping`: parameter dropping
 `balance` migration policy only) it starts a throwaway local Ray cluster (its own temp dir), deploys two
 LLMServer replicas with tight pools, runs `python -m loadtest.run --scenario spike` against them (Locust in
 its own process: base users, 4x for the middle third of the run, then back) and shuts everything down.
-Then it prints one table line per mode from each run's summary.json (TTFT p50/p99 overall and of requests
-sent during the spike, TPOT mean/p99, goodput) and copies the dropping run's memory plot (the weights
-balloon shrinking and growing) to --plot.
+Then it prints one table line per mode from each run's summary.json (TTFT p50/p99 overall, TPOT mean/p99,
+goodput) and one from its requests.jsonl: the TTFT p50 / p99 / worst of the requests sent during the spike
+(what the issue's goal is about), and when the first drop was ordered after the spike's first request. It
+copies the dropping run's memory plot (the weights balloon shrinking and growing) to --plot.
 
     python -m loadtest.bench.kunserve_serve --duration 90 --users 4 --plot docs/kunserve-serve-spike-memory.png
 """
@@ -98,8 +99,34 @@ def run_mode(mode: str, options: argparse.Namespace, out: Path) -> dict:
             shutil.rmtree(temp_dir, ignore_errors=True)
     summary = json.loads((folder / "summary.json").read_text())
     summary["parameter_dropping"] = dropping_view
+    records = [json.loads(line) for line in (folder / "requests.jsonl").read_text().splitlines() if line.strip()]
+    summary["spike"] = spike_window(records, options.duration, dropping_view.get("recent_orders", []))
     (folder / "parameter_dropping.json").write_text(json.dumps(dropping_view, indent=1))
     return summary
+
+
+def spike_window(records: list[dict], duration_s: float, orders: list[dict] = ()) -> dict:
+    """TTFT (s) of the requests sent during the spike (the middle third of the run, counted from the first
+    request), and the first drop order's delay after the spike's first request (None: no drop)."""
+    start = min(record["start_time"] for record in records)
+    sent = sorted((record for record in records if duration_s / 3 <= record["start_time"] - start < 2 * duration_s / 3
+                   and record.get("ttft_s") is not None), key=lambda record: record["ttft_s"])
+    if not sent:
+        return {"num_requests": 0}
+    ttfts = [record["ttft_s"] for record in sent]
+    first = min(record["start_time"] for record in sent)
+    drops = [order["time"] - first for order in orders if order.get("action") == "drop" and order["time"] >= first]
+    return {"num_requests": len(ttfts), "p50_s": ttfts[len(ttfts) // 2],
+            "p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], "worst_s": ttfts[-1],
+            "first_drop_after_s": min(drops) if drops else None}
+
+
+def spike_row(mode: str, spike: dict) -> str:
+    if not spike.get("num_requests"):
+        return f"| {mode} | 0 | — | — | — | — |"
+    drop = spike.get("first_drop_after_s")
+    return (f"| {mode} | {spike['num_requests']} | {spike['p50_s']:.2f} | {spike['p99_s']:.2f} | "
+            f"{spike['worst_s']:.2f} | {'—' if drop is None else f'{drop:.2f}'} |")
 
 
 def row(mode: str, summary: dict) -> str:
@@ -133,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for mode, summary in summaries.items():
         print(row(mode, summary))
+    print("\nRequests sent during the spike:\n")
+    print("| mode | requests | TTFT p50 (s) | p99 (s) | worst (s) | first drop ordered after (s) |")
+    print("|---|---|---|---|---|---|")
+    for mode, summary in summaries.items():
+        print(spike_row(mode, summary["spike"]))
     if options.plot is not None and (options.out / "dropping" / "memory.png").exists():
         shutil.copy(options.out / "dropping" / "memory.png", options.plot)
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from types import SimpleNamespace
 
 import pytest
 
+from deployments.cluster.controller import take_priority
 from deployments.cluster.ranking import is_fresh, rank_by_headroom
 from deployments.cluster.state import ClusterState
 from deployments.migration.policy import NoMigration, create_migration_policy
@@ -156,3 +159,13 @@ def test_the_router_counts_what_it_sent_a_replica_since_its_stats():
     assert (router._routed_since(a), router._routed_since(b)) == (2, 1)
     a.routing_stats = {**a.routing_stats, "timestamp": time.time() + 1.0}  # newer stats already count those
     assert router._routed_since(a) == 0 and router._sent["a"] == {}
+
+
+def test_the_controller_takes_a_priority_for_every_thread_it_may(tmp_path):
+    """Every thread of the process is set (here to the nice value it has: allowed without CAP_SYS_NICE); a
+    thread that ended or a missing task list changes nothing and raises nothing."""
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    assert take_priority(nice) == len(os.listdir("/proc/self/task")) >= threading.active_count()
+    (tmp_path / "999999999").mkdir()
+    assert take_priority(nice, str(tmp_path)) == 0
+    assert take_priority(nice, str(tmp_path / "missing")) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from deployments.cluster.drop_plan import DroppingConfig
 from deployments.cluster.state import ClusterCore
-from deployments.telemetry import DropStatus, LayerOrder, ReplicaLoad, ReplicaReport, ReplicaStats
+from deployments.telemetry import DropStatus, LayerOrder, PairRendezvous, ReplicaLoad, ReplicaReport, ReplicaStats
 
 CONFIG = DroppingConfig(enabled=True, high_watermark=0.9, restore_watermark=0.5, drop_after_s=1.0,
                         restore_after_s=5.0)
@@ -53,6 +53,30 @@ def test_orders_follow_the_plan_with_hysteresis_and_reach_each_replica_once():
     assert orders == [((), ())] * 4 + [((), (LayerOrder("restore", "leader", "b"),))]
     assert core.report("b", report(20, state="dropped", peer="a", dropped=1)).layer_orders == ()
     assert core.view()["parameter_dropping"]["replicas"]["b"]["state"] == "restoring"  # until it reports normal
+
+
+def test_both_sides_of_a_drop_hear_where_to_meet_at_the_leaders_store():
+    clock = Clock()
+    core = ClusterCore(stale_after_s=2.0, clock=clock, dropping=CONFIG)
+
+    def with_store(used: int, port: int) -> ReplicaReport:
+        plain = report(used)
+        return ReplicaReport(plain.stats, load=plain.load,
+                             dropping=DropStatus("m", 30, 10, client_peak_chunks=used, store=("10.0.0.1", port)))
+
+    core.report("b", with_store(50, 7002))
+    to_a, = core.report("a", with_store(150, 7001)).layer_orders  # overflow: at once; "a" leads
+    to_b, = core.report("b", with_store(50, 7002)).layer_orders
+    assert (to_a.role, to_b.role) == ("leader", "follower")
+    assert to_a.rendezvous == to_b.rendezvous == PairRendezvous("10.0.0.1", 7001, "pair/a+b@1000.000/")
+    for side in ("a", "b"):  # the pair formed, then restored; the next drop meets under a new prefix
+        core.report(side, report(30, state="dropped", peer="b" if side == "a" else "a", dropped=1))
+    core.deregister("a")
+    core.deregister("b")
+    clock.now += 10.0
+    core.report("b", with_store(50, 7002))
+    again, = core.report("a", with_store(150, 7001)).layer_orders
+    assert again.rendezvous.name == "pair/a+b@1010.000/"
 
 
 def test_a_survivor_restores_at_once_when_its_peer_goes_silent():

@@ -1,6 +1,6 @@
 """KunServe through real Ray Serve: two LLMServer replicas (embedded SmolLM2, fp32) with parameter dropping
-and watermarks so low that one request is a spike. The controller's drop plan pairs the replicas, the
-leader builds the pair's group and the follower joins through a targeted Serve call, both drop
+and watermarks so low that one request is a spike. The controller's drop plan pairs the replicas, each hears
+its order in its own reply and they meet at the leader's store (no call between them), both drop
 complementary layers, and every request runs on the cross-process pipeline; once idle, the pair restores.
 A stream that spans the drop and the restore, and one that runs wholly while dropped, give the engine's own
 greedy tokens (which equal transformers' fp32: tests/engine/core); /v1/cluster shows the drop and the restore."""

@@ -131,6 +131,9 @@ def test_peak_tokens_count_a_request_from_its_arrival_to_its_end(started, prompt
     request's tokens at its last possible token (prompt + max_tokens, at most the context)."""
     async_engine, _ = started
 
+    heard: list[list[int]] = []  # what an arrival listener sees: the arriving request already counted
+    async_engine.add_arrival_listener(lambda: heard.append(sorted(async_engine.peak_tokens())))
+
     async def main():
         long = async_engine.generate(GenerateRequest("peak-long", tuple(prompts[0]), greedy(200)))
         short = async_engine.generate(GenerateRequest("peak-short", tuple(prompts[1]), greedy(3)))
@@ -146,6 +149,8 @@ def test_peak_tokens_count_a_request_from_its_arrival_to_its_end(started, prompt
     during, after_short, after_all = asyncio.run(main())
     assert during == sorted([len(prompts[1]) + 3, len(prompts[0]) + 200])
     assert after_short == [len(prompts[0]) + 200] and after_all == []
+    assert heard == [[len(prompts[0]) + 200], during]
+    async_engine._arrival_listeners.clear()  # the engine is the module's
     asyncio.run(wait_for_stats(async_engine, idle))
 
 
