@@ -25,6 +25,7 @@ import ray
 
 from deployments.cluster.drop_plan import DroppingConfig
 from deployments.cluster.placement import controller_scheduling_strategy
+from deployments.cluster.priority import take_priority
 from deployments.cluster.state import ClusterCore, ClusterState  # noqa: F401 - ClusterState re-exported
 from deployments.migration.policy import (  # noqa: F401 - re-exported: the registry's historical home
     MIGRATION_POLICIES,
@@ -38,26 +39,10 @@ if TYPE_CHECKING:
     from deployments.args import AppArgs
 
 logger = logging.getLogger(__name__)
-CONTROLLER_NICE = -10  # the engine loops' default (EngineConfig.engine_thread_nice): never behind them
-
-
-def take_priority(nice: int, tasks: str = "/proc/self/task") -> int:
-    """Sets every thread of this process (Ray's RPC threads included) to `nice`; returns how many took it.
-    The controller works a few milliseconds per report, but at Ray's worker nice of 15 it waits behind the
-    replicas' compute threads (nice -10) whenever they fill the cores: measured through Serve, a spike's
-    drop order came 1.1-1.3 s after the replica's report went out. Without CAP_SYS_NICE nothing changes."""
-    changed = 0
-    try:
-        thread_ids = [int(name) for name in os.listdir(tasks)]
-    except OSError:
-        return 0
-    for thread_id in thread_ids:
-        try:
-            os.setpriority(os.PRIO_PROCESS, thread_id, nice)
-            changed += 1
-        except OSError:  # no CAP_SYS_NICE, or the thread ended
-            pass
-    return changed
+# The engine loops' default (EngineConfig.engine_thread_nice). The controller works a few milliseconds per
+# report, but at Ray's worker nice of 15 it waits behind the replicas' compute threads whenever they fill the
+# cores: measured through Serve, a spike's drop order came 1.1-1.3 s after the replica's report went out.
+CONTROLLER_NICE = -10
 
 
 class ClusterController:

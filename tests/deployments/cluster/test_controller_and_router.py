@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.cluster.controller import take_priority
+from deployments.cluster.priority import take_priority
 from deployments.cluster.ranking import is_fresh, rank_by_headroom
 from deployments.cluster.state import ClusterState
 from deployments.migration.policy import NoMigration, create_migration_policy
