@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.cluster.priority import take_priority
+from deployments.cluster.priority import PROXY_TITLE, lift_processes, take_priority
 from deployments.cluster.ranking import is_fresh, rank_by_headroom
 from deployments.cluster.state import ClusterState
 from deployments.migration.policy import NoMigration, create_migration_policy
@@ -169,3 +169,20 @@ def test_the_controller_takes_a_priority_for_every_thread_it_may(tmp_path):
     (tmp_path / "999999999").mkdir()
     assert take_priority(nice, str(tmp_path)) == 0
     assert take_priority(nice, str(tmp_path / "missing")) == 0
+
+
+def test_a_nodes_processes_are_lifted_by_their_title_only_upwards(tmp_path):
+    """`lift_processes` reads /proc-like entries: only processes titled exactly so (or `title.method`, as Ray
+    titles a worker running a method) whose nice is above the target; here the target is this process's own
+    nice, so nothing is above it and nothing changes."""
+    pid = os.getpid()
+    me = tmp_path / str(pid)
+    (me / "task" / str(pid)).mkdir(parents=True)
+    (me / "cmdline").write_bytes(PROXY_TITLE.encode() + b".ready\0\0")
+    (tmp_path / "self").mkdir()
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    assert lift_processes(PROXY_TITLE, nice, str(tmp_path)) == 0  # not above the target: left alone
+    assert lift_processes(PROXY_TITLE, nice - 1, str(tmp_path)) in (0, 1)  # 1 only with CAP_SYS_NICE
+    os.setpriority(os.PRIO_PROCESS, pid, nice)  # as it was
+    (me / "cmdline").write_bytes(b"ray::ProxyActorX\0")
+    assert lift_processes(PROXY_TITLE, nice - 1, str(tmp_path)) == 0  # another title
