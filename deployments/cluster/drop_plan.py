@@ -30,15 +30,16 @@ its last layers and the second its first layers, never together more than all of
 holds a full copy. A side with no deficit still drops one layer (no pair forms with nothing dropped). A
 dropped replica whose peer is gone (no fresh report) restores at once, alone.
 
-Growing: a dropped pair still under pressure drops more, up to `max_drop_fraction` each (`DropPlan.grows`:
-the pair's new `first_keeps` / `second_from`), after `drop_after_s` (counted again from each drop or grow
-carried out), or at once if a side overflows. Each side of the pipeline holds the KV of its own layers,
-and the queued requests (on the leader's queue: the pair's scheduler) wait for KV on both, so each side's
-load is (its used KV + the pair's queued demand and growth) / its capacity; a side drops ceil(its deficit
-/ chunks per layer) more layers, or one more on each side when the pressure is preemptions only (TTFT
-growth does not grow a pair: in a formed pair it is the pipeline's compute, which more memory does not
-buy). The pipeline's cut stays where it is: with `max_drop_fraction` <= 0.5 the layers dropped are never
-the ones a side runs.
+Growing: a dropped pair still under pressure drops more, up to `max_drop_fraction` each (`DropPlan.grows`: the
+pair's new `first_keeps` / `second_from`), after `drop_after_s` (counted again from each drop or grow carried
+out), or at once if a side overflows. Each side of the pipeline holds the KV of its own layers, and the queued
+requests (on the leader's queue: the pair's scheduler) wait for KV on both, so each side's load is (its used
+KV + the pair's queued demand and growth) / its capacity, at least both replicas' clients' requests at their
+last tokens (a spike still arriving: requests not in the pair's scheduler yet); a side drops ceil(its deficit
+/ chunks per layer) more layers, or one more on each side when the pressure is preemptions only (TTFT growth
+does not grow a pair: in a formed pair it is the pipeline's compute, which more memory does not buy). The
+pipeline's cut stays where it is: with `max_drop_fraction` <= 0.5 the layers dropped are never the ones a side
+runs.
 """
 
 from __future__ import annotations
@@ -116,8 +117,7 @@ class DropTelemetry:
 
     @property
     def queued_chunks(self) -> int:
-        """What the engine's requests will still take: the queue's KV and the running requests' growth. (A
-        formed pair's grows use this alone: its clients' requests are the pair's, in both stages' used KV.)"""
+        """What the engine's requests will still take: the queue's KV and the running requests' growth."""
         return self.waiting_chunks + self.growth_chunks
 
     def load(self) -> float:
@@ -242,9 +242,20 @@ def _drop_cap(replica: DropTelemetry, config: DroppingConfig) -> int:
     return max(1, math.floor(config.max_drop_fraction * replica.num_layers))
 
 
-def _more_layers(side: DropTelemetry, queued: int, config: DroppingConfig) -> int:
-    """Layers one side of a dropped pair drops more for its used KV plus the pair's queued demand."""
-    return layers_for(side.used_chunks + queued, side.capacity_chunks, side.chunks_per_layer, config)
+def _side_demand(side: DropTelemetry, other: DropTelemetry, queued: int) -> float:
+    """One side of a dropped pair: its used KV plus the pair's queued demand (the leader's scheduler holds
+    the queue, which waits for KV on both sides), at least both replicas' clients' requests at their last
+    tokens (each reports them in chunks of the layers it holds: the other's scaled to this side's), which
+    counts a spike's requests that arrived but are not in the pair's scheduler yet."""
+    runs = dict(zip((side.replica_id, other.replica_id), _stage_runs(side, other), strict=True))
+    peak = side.client_peak_chunks + other.client_peak_chunks * runs[side.replica_id] / runs[other.replica_id]
+    return max(side.used_chunks + queued, peak)
+
+
+def _stage_runs(a: DropTelemetry, b: DropTelemetry) -> tuple[int, int]:
+    """The layers a and b run in their pair (the first, by id, runs the first half)."""
+    first_runs, second_runs = stage_layers(a.num_layers)
+    return (first_runs, second_runs) if a.replica_id < b.replica_id else (second_runs, first_runs)
 
 
 def _grows(replicas: Sequence[DropTelemetry], by_id: Mapping[str, DropTelemetry], config: DroppingConfig,
@@ -257,7 +268,9 @@ def _grows(replicas: Sequence[DropTelemetry], by_id: Mapping[str, DropTelemetry]
             continue
         # the pair's queue and its requests' growth (the leader's scheduler holds them) need both sides
         queued = max(first.queued_chunks, second.queued_chunks)
-        more = [_more_layers(side, queued, config) for side in (first, second)]
+        demand = [_side_demand(first, second, queued), _side_demand(second, first, queued)]
+        more = [layers_for(want, side.capacity_chunks, side.chunks_per_layer, config)
+                for want, side in zip(demand, (first, second), strict=True)]
         # preemptions mean memory ran short; TTFT growth in a formed pair is the pipeline's compute, which
         # dropping more does not buy (measured: docs/KUNSERVE.md), so it does not grow a pair
         signals = any(r.num_new_preemptions > 0 for r in (first, second))
@@ -270,7 +283,7 @@ def _grows(replicas: Sequence[DropTelemetry], by_id: Mapping[str, DropTelemetry]
         if not any(more):
             continue  # at the cap: the pair serves with what it has
         since = previous.grow_since.get(first.replica_id, now)
-        overflowing = any(side.used_chunks + queued > side.capacity_chunks for side in (first, second))
+        overflowing = any(want > side.capacity_chunks for want, side in zip(demand, (first, second), strict=True))
         if now - since < config.drop_after_s and not overflowing:
             grow_since[first.replica_id] = since
             continue

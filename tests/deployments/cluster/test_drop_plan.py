@@ -120,6 +120,16 @@ def test_a_pair_that_overflows_grows_at_once_for_its_queue_and_growth():
     assert plan_drops(grows, CONFIG, None, 100.0).grows == (DropOrder("a", "b", first_keeps=25, second_from=3),)
 
 
+def test_a_pair_counts_both_replicas_clients_still_arriving_and_grows_at_once_when_they_overflow():
+    # a spike still arriving: the pair's scheduler holds 40 + 30 chunks a side, but the leader's clients' requests
+    # will hold 70 a side and the follower's 45 (both in chunks of the layers each holds: half of 30 each)
+    arriving = [replace(side, client_peak_chunks=peak) for side, peak in zip(pair(40, 30), (70, 45), strict=True)]
+    plan = plan_drops(arriving, CONFIG, None, 100.0)  # 115 > 100 on both sides: no hysteresis
+    # each side: 115 - 90 = 25 -> 3 layers more (a: 2 + 3 dropped, b: 1 + 3)
+    assert plan.grows == (DropOrder("a", "b", first_keeps=30 - 2 - 3, second_from=1 + 3),)
+    assert plan_drops(pair(40, 30), CONFIG, None, 100.0).grows == ()  # the engine's counts alone: no pressure
+
+
 def test_a_pair_grows_only_the_side_that_needs_it_one_layer_each_on_preemptions_and_never_past_the_cap():
     only_a = plan_drops(pair(99, 10), CONFIG, PlanState(grow_since={"a": 0.0}), 5.0)
     assert only_a.grows == (DropOrder("a", "b", first_keeps=28 - 1, second_from=1),)
