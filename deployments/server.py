@@ -132,7 +132,7 @@ class LLMServer:
             nice = self.engine.config.engine_thread_nice
             set_thread_nice(nice)
             # this node's HTTP proxy too: at Ray's 15 it waited for the compute threads (measured at 32 users:
-            # TTFT p99 12-15% lower and 7% more output with the proxy at the engine's nice; docs/SPEED.md)
+            # TTFT p99 11-16% lower and 5-10% more output with the proxy at the engine's nice; docs/SPEED.md)
             lifted = lift_processes(PROXY_TITLE, nice) if nice is not None else 0
             logger.info("replica %s: engine loop at nice %s; this node's Serve proxy lifted to it (%d threads)",
                         self.replica_id, nice, lifted)
@@ -179,9 +179,9 @@ class LLMServer:
         """A request arrived: if its replica's clients' peak KV demand is now past `high_watermark` of its
         capacity and above what the last report said, the telemetry loop reports now, not at its next period
         (a spike's first requests would otherwise wait up to a period and a step for the drop plan to hear)."""
-        load = self._cooperation.client_peak_load()
-        if load >= self.args.parameter_dropping.high_watermark and self._cooperation.client_peak_chunks() > \
-                self._reported_peak:
+        peak = self._cooperation.client_peak_chunks()
+        if peak > self._reported_peak and peak >= self.args.parameter_dropping.high_watermark * \
+                self._cooperation.kv_capacity_chunks():
             self._report_now.set()
 
     def __serve_build_asgi_app__(self):

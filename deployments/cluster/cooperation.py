@@ -64,7 +64,7 @@ class Cooperation:
         driver = self.engine.driver
         peer = self.peer if driver is not None and driver.is_formed else None
         return DropStatus(llm.model_name, llm.model_config.num_layers, arena.layer_chunks([0]), stats.drop_state,
-                          peer, len(arena.dropped_layers), stats.ttft_growth, llm.kv_capacity_chunks(),
+                          peer, len(arena.dropped_layers), stats.ttft_growth, self.kv_capacity_chunks(),
                           self.client_peak_chunks(), (self.node.host, self._store.port))
 
     def client_peak_chunks(self) -> int:
@@ -73,9 +73,9 @@ class Cooperation:
         kv = self.engine.engine.kv
         return sum(kv.chunks_to_grow(None, tokens) for tokens in self.engine.peak_tokens())
 
-    def client_peak_load(self) -> float:
-        """`client_peak_chunks` over the KV capacity (> 1: the requests here cannot all get their KV)."""
-        return self.client_peak_chunks() / max(1, self.engine.engine.kv_capacity_chunks())
+    def kv_capacity_chunks(self) -> int:
+        """What KV could ever hold here (LLMEngine.kv_capacity_chunks; dropped layers' chunks included)."""
+        return self.engine.engine.kv_capacity_chunks()
 
     async def follow(self, order: LayerOrder) -> None:
         async with self._busy:
@@ -100,11 +100,11 @@ class Cooperation:
                                         self.timeout_s)
         self._groups = [group]
         opened = time.monotonic()
-        channel = await self._channel(group, address, PairChannel.LEADER)
-        formed = await asyncio.to_thread(channel.recv_object)  # the follower's side, formed (or why not)
-        joined = time.monotonic()
-        leader = RemoteLeader(self.engine.engine, channel, self.num_micro_batches, self.min_micro_batch_tokens)
         try:
+            channel = await self._channel(group, address, PairChannel.LEADER)
+            formed = await asyncio.to_thread(channel.recv_object)  # the follower's side, formed (or why not)
+            joined = time.monotonic()
+            leader = RemoteLeader(self.engine.engine, channel, self.num_micro_batches, self.min_micro_batch_tokens)
             freed = await self.engine.cooperate(leader, lambda: leader.form(order.first_keeps, order.second_from,
                                                                             formed))
         except BaseException:
