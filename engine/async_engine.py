@@ -174,7 +174,10 @@ class AsyncEngine:
         self._peak_tokens[request.request_id] = min(self.max_model_len,
                                                     len(request.prompt_token_ids) + request.sampling.max_tokens)
         for listener in self._arrival_listeners:
-            listener()
+            try:
+                listener()
+            except Exception:  # telemetry's business: never the request's
+                logger.exception("an arrival listener failed")
 
         async def submit() -> None:
             self._inbox.put(("add", request))
@@ -194,7 +197,8 @@ class AsyncEngine:
 
     def add_arrival_listener(self, listener: Callable[[], None]) -> None:
         """Calls `listener()` on the caller's event loop each time a request arrives (after `peak_tokens` counts
-        it): a replica reports a spike's demand at once rather than at its next telemetry period."""
+        it): a replica reports a spike's demand at once rather than at its next telemetry period. A listener that
+        raises is logged, never the request's failure."""
         self._arrival_listeners.append(listener)
 
     async def run_in_engine(self, function: Callable[..., T], *args: object) -> T:

@@ -133,6 +133,7 @@ def test_peak_tokens_count_a_request_from_its_arrival_to_its_end(started, prompt
 
     heard: list[list[int]] = []  # what an arrival listener sees: the arriving request already counted
     async_engine.add_arrival_listener(lambda: heard.append(sorted(async_engine.peak_tokens())))
+    async_engine.add_arrival_listener(lambda: 1 / 0)  # a failing listener fails no request
 
     async def main():
         long = async_engine.generate(GenerateRequest("peak-long", tuple(prompts[0]), greedy(200)))
