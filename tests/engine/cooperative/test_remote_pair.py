@@ -308,3 +308,18 @@ def test_a_hung_leader_is_noticed_by_its_heartbeat_and_the_follower_serves_alone
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_leader_told_the_follower_failed_raises_its_reason_and_changes_nothing(tiny_qwen3_dir):
+    """Forming through Serve: the follower answers "failed" (with why) over the group when its side cannot form,
+    and the leader, which received that off its engine thread, raises it before touching its engine."""
+    engine = engine_for(tiny_qwen3_dir)
+    try:
+        chunks = engine.pool.telemetry().to_dict()
+        leader = RemoteLeader(engine, channel=None)  # never used: the answer came already
+        with pytest.raises(RuntimeError, match="PoolExhausted.*no room"):
+            leader.form(*DROP, formed=("failed", "PoolExhausted('no room')", ()))
+        assert not leader.is_formed and engine.drop_state == "normal" and not engine.rank.arena.dropped_layers
+        assert engine.pool.telemetry().to_dict() == chunks
+    finally:
+        engine.close()
