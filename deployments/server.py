@@ -3,7 +3,8 @@
 The replica builds its engine in a worker thread (the model load takes seconds), then serves the FastAPI
 app from `build_openai_app`, publishes routing stats for `KVHeadroomRouter`, and pushes its telemetry to
 the cluster controller every `telemetry_period_s` (and at once when, with parameter dropping, a request lifts
-its clients' peak KV demand past `high_watermark`); the reply carries the migrations this replica should
+its clients' peak KV demand past `high_watermark`; a long poll beside it brings KunServe's layer orders as soon
+as the controller makes them); the reply carries the migrations this replica should
 start (deployments/migration/source.py). The `migration_*` methods are the destination side of a migration, called
 by other replicas through a handle that targets this replica (deployments/migration/transport.py).
 Drain (`drain(deadline)`: ordered by the controller's reply when `python -m deployments.launch` stops, and
@@ -41,7 +42,7 @@ from deployments.migration.kv_channel import ChannelAddress, KVChannels, StageHe
 from deployments.migration.relay import RelayRegistry
 from deployments.migration.source import MigrationManager, MigrationStats
 from deployments.migration.transport import make_peer
-from deployments.telemetry import ControllerReply, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
+from deployments.telemetry import ControllerReply, LayerOrder, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
 from engine.api import EngineClient
 from engine.migration import KVStage, RequestSnapshot
 
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 DRAIN_MARGIN_S = 2.0  # before the shutdown deadline: abort what still runs, so its clients hear an ending
+LAYER_ORDERS_POLL_S = 10.0  # how long the controller holds a replica's long poll for KunServe's layer orders
 
 
 @dataclass
@@ -162,6 +164,8 @@ class LLMServer:
                                             self.args.controller_namespace, self.args.migration_policy,
                                             options=controller_options(self.args))
         self._telemetry_task = asyncio.get_running_loop().create_task(self._push_telemetry())
+        self._orders_task = (asyncio.get_running_loop().create_task(self._receive_layer_orders())
+                             if self._cooperation is not None else None)
 
     def _start_migration(self, context: ReplicaContext) -> None:
         config = self.args.migration.to_config()
@@ -304,6 +308,25 @@ class LLMServer:
         return dataclasses.replace(report, load=self._last_load, migrating=tuple(self._migrations.migrating),
                                    migration=self._migration_stats.snapshot())
 
+    async def _receive_layer_orders(self) -> None:
+        """KunServe: a long poll for this replica's layer orders beside the telemetry loop, so an order made on
+        another replica's report (this one's pair forming) starts here at once, not with this replica's next
+        report."""
+        while True:
+            try:
+                orders = await self._controller.wait_layer_orders(LAYER_ORDERS_POLL_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the controller restarting: its next answer, or the telemetry's replies, bring them
+                await asyncio.sleep(self.args.telemetry_period_s)
+                continue
+            self._follow_layer_orders(orders)
+
+    def _follow_layer_orders(self, orders: tuple[LayerOrder, ...]) -> None:
+        for layer_order in orders:
+            task = asyncio.get_running_loop().create_task(self._cooperation.follow(layer_order))
+            task.add_done_callback(self._log_failure)
+
     def _follow(self, reply: ControllerReply) -> None:
         """Starts the migrations the controller ordered (a busy or unknown one simply does not start: the
         controller sees it missing from `migrating` in the next report)."""
@@ -312,10 +335,8 @@ class LLMServer:
             logger.info("replica %s: draining for shutdown (%.1f s left)", self.replica_id,
                         reply.shutdown_at - time.time())
             self._drain_task = asyncio.get_running_loop().create_task(self.drain(reply.shutdown_at))
-        for layer_order in reply.layer_orders:
-            if self._cooperation is not None:
-                task = asyncio.get_running_loop().create_task(self._cooperation.follow(layer_order))
-                task.add_done_callback(self._log_failure)
+        if self._cooperation is not None:
+            self._follow_layer_orders(reply.layer_orders)
         for order in reply.orders:
             if self._migrations is not None and order.source == self.replica_id:
                 task = self._migrations.submit(order.request_id, order.target, order.mode)
@@ -332,11 +353,11 @@ class LLMServer:
         # arrived meanwhile is ended cleanly by a short drain.
         with contextlib.suppress(Exception):
             await self.drain(time.time() + DRAIN_MARGIN_S)
-        task = getattr(self, "_telemetry_task", None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        for task in (getattr(self, "_telemetry_task", None), getattr(self, "_orders_task", None)):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         if getattr(self, "_migrations", None) is not None:
             with contextlib.suppress(BaseException):
                 await self._migrations.shutdown()

@@ -7,7 +7,8 @@ also run by the simulator): the latest report per replica, and migration plannin
 by name (deployments/migration/policy.py: `none`, `balance`, `balance+pack`) in a `MigrationPlanner`;
 the orders go back to each source replica in the `ControllerReply`, with whether it is being drained.
 With `parameter_dropping.enabled`, KunServe's drop plan runs on every report too (drop_coordinator.py)
-and its `LayerOrder`s ride in the same reply.
+and its `LayerOrder`s ride in the same reply, or sooner in the answer to a replica's long poll
+(`wait_layer_orders`): the other replica of a new pair hears its order when the plan makes it.
 When every replica has deregistered (the application was deleted) and none comes back within
 `idle_exit_s`, the actor ends itself: `serve.shutdown()` does not stop detached actors.
 """
@@ -15,6 +16,7 @@ When every replica has deregistered (the application was deleted) and none comes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -64,6 +66,7 @@ class ClusterController:
         self._idle_since: float | None = None
         self._watchdog: asyncio.Task | None = None
         self._shutdown_at: float | None = None  # time.time() by which replicas must have drained
+        self._order_waiters: dict[str, asyncio.Event] = {}  # replica -> set when layer orders wait for it
 
     async def begin_shutdown(self, timeout_s: float) -> float:
         """Orders every replica (in the reply to its next report) to drain by now + timeout_s."""
@@ -79,11 +82,30 @@ class ClusterController:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_idle())
         reply = self._core.report(replica_id, report)
+        for waiting in self._core.with_layer_orders():  # e.g. the other replica of a pair this report formed
+            if waiting in self._order_waiters:
+                self._order_waiters[waiting].set()
         if self._shutdown_at is None:
             return reply
         return dataclasses.replace(reply, shutdown_at=self._shutdown_at)
 
+    async def wait_layer_orders(self, replica_id: str, timeout_s: float) -> tuple:
+        """A long poll: the replica's layer orders as soon as the drop plan queues any, else () after
+        `timeout_s`. A drop's other replica hears it now, not with its next report (up to a telemetry period and
+        a step later: measured 0.5 s under a spike); the reports' replies still carry orders too."""
+        waiter = self._order_waiters.setdefault(replica_id, asyncio.Event())
+        orders = self._core.take_layer_orders(replica_id)
+        if orders:
+            return orders
+        waiter.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(waiter.wait(), timeout_s)
+        return self._core.take_layer_orders(replica_id)
+
     async def deregister(self, replica_id: str) -> None:
+        waiter = self._order_waiters.pop(replica_id, None)
+        if waiter is not None:
+            waiter.set()
         self._core.deregister(replica_id)
         if self._core.state.num_replicas == 0:
             self._idle_since = time.monotonic()
@@ -160,10 +182,11 @@ class ControllerClient:
                                                     **self._options)
         return self._handle
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any, wait_s: float = 0.0) -> Any:
+        """`wait_s`: how long the controller may hold the call (a long poll), on top of the timeout."""
         try:
             ref = getattr(self._controller(), method).remote(*args)
-            return await asyncio.wait_for(ref, self._timeout_s)
+            return await asyncio.wait_for(ref, self._timeout_s + wait_s)
         except ray.exceptions.RayTaskError as exc:
             # The controller raised: pass on its own error, not Ray's remote traceback (ANSI codes, pids,
             # paths), which callers would otherwise show to HTTP clients.
@@ -183,6 +206,9 @@ class ControllerClient:
 
     async def set_migration_policy(self, name: str, options: dict[str, Any] | None = None) -> str:
         return await self._call("set_migration_policy", name, options)
+
+    async def wait_layer_orders(self, wait_s: float) -> tuple:
+        return await self._call("wait_layer_orders", self.replica_id, wait_s, wait_s=wait_s)
 
     async def deregister(self) -> None:
         await self._call("deregister", self.replica_id)

@@ -130,6 +130,10 @@ class DropCoordinator:
     def take_orders(self, replica_id: str) -> tuple[LayerOrder, ...]:
         return tuple(self._orders.pop(replica_id, ()))
 
+    def with_orders(self) -> list[str]:
+        """The replicas whose orders wait for them."""
+        return [replica_id for replica_id, orders in self._orders.items() if orders]
+
     def forget(self, replica_id: str) -> None:
         for table in (self._telemetry, self._preemptions, self._roles, self._ordered, self._orders, self._stores):
             table.pop(replica_id, None)

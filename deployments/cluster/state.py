@@ -147,6 +147,13 @@ class ClusterCore:
             logger.exception("drop planning failed")
         return self.dropping.take_orders(replica_id)
 
+    def take_layer_orders(self, replica_id: str) -> tuple:
+        """The layer orders waiting for a replica (each is delivered once: here or in a report's reply)."""
+        return self.dropping.take_orders(replica_id) if self.dropping is not None else ()
+
+    def with_layer_orders(self) -> list[str]:
+        return self.dropping.with_orders() if self.dropping is not None else []
+
     def deregister(self, replica_id: str) -> None:
         self.state.remove(replica_id)
         if self.dropping is not None:

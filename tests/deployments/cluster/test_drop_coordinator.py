@@ -4,6 +4,9 @@ restore to the pair's leader after calm, at once to a survivor whose peer went s
 
 from __future__ import annotations
 
+import asyncio
+
+from deployments.cluster.controller import ClusterController
 from deployments.cluster.drop_plan import DroppingConfig
 from deployments.cluster.state import ClusterCore
 from deployments.telemetry import DropStatus, LayerOrder, PairRendezvous, ReplicaLoad, ReplicaReport, ReplicaStats
@@ -121,3 +124,24 @@ def test_a_pair_still_under_pressure_is_ordered_to_drop_more_through_its_leader_
     core.report("b", report(100, state="dropped", peer="a", dropped=2))
     core.report("a", report(110, 5, state="dropped", peer="b", dropped=3))
     assert core.view()["parameter_dropping"]["replicas"]["a"]["state"] == "dropped"
+
+
+def test_a_long_poll_hears_a_drop_made_on_the_other_replicas_report():
+    """The controller answers a replica's `wait_layer_orders` as soon as the plan queues an order for it (here:
+    the follower of a pair formed on the leader's report), and each order reaches the replica once."""
+    async def main():
+        controller = ClusterController(parameter_dropping={"enabled": True, "high_watermark": 0.9,
+                                                           "restore_watermark": 0.5, "drop_after_s": 0.0})
+        await controller.report("b", report(50))
+        waiting = asyncio.ensure_future(controller.wait_layer_orders("b", 30.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        reply = await controller.report("a", report(150))  # overflow: a drop at once, "a" leads
+        orders = await asyncio.wait_for(waiting, 1.0)
+        again = (await controller.report("b", report(50))).layer_orders
+        idle = await controller.wait_layer_orders("b", 0.05)
+        return reply.layer_orders, orders, again, idle
+
+    leader, follower, again, idle = asyncio.run(main())
+    assert [order.role for order in leader] == ["leader"] and [order.role for order in follower] == ["follower"]
+    assert again == () and idle == ()
