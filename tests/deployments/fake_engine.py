@@ -106,6 +106,7 @@ class FakeEngine:
         self._num_inflates = 0
         self._num_deflates = 0
         self._slots: asyncio.Semaphore | None = None
+        self._arrival_listeners: list[Callable[[], None]] = []
 
     @classmethod
     def from_config(cls, config: EngineConfig, executor: TensorParallelExecutor | None = None) -> FakeEngine:
@@ -171,8 +172,16 @@ class FakeEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         self._validate(request)
         self.submitted.append(request)
-        async for output in self._produce(_Live(request)):
+        live = _Live(request)
+        self._live[request.request_id] = live  # counted by peak_tokens before the listeners hear, as AsyncEngine
+        for listener in self._arrival_listeners:
+            listener()
+        async for output in self._produce(live):
             yield output
+
+    def add_arrival_listener(self, listener: Callable[[], None]) -> None:
+        """As AsyncEngine's: `listener()` after each arriving request is counted."""
+        self._arrival_listeners.append(listener)
 
     async def run_in_engine(self, function: Callable[..., T], *args: object) -> T:
         """`function(self, *args)`, run on the event loop, which is this fake's engine thread."""
