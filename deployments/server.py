@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +133,12 @@ class LLMServer:
 
         if isinstance(self.engine, AsyncEngine):  # (a test's fake engine has no loop thread)
             nice = self.engine.config.engine_thread_nice
-            set_thread_nice(nice)
+            if set_thread_nice(nice) and nice is not None:
+                # and the loop's default executor (asyncio.to_thread: opening a KunServe pair's or a migration's
+                # group): its first thread was started at Ray's nice while the engine was built, and under a
+                # burst a pair's group waited 0.5 s on it (docs/KUNSERVE.md)
+                asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+                    thread_name_prefix="replica", initializer=set_thread_nice, initargs=(nice,)))
             # this node's HTTP proxy too: at Ray's 15 it waited for the compute threads (measured at 32 users:
             # TTFT p99 11-16% lower and 5-10% more output with the proxy at the engine's nice; docs/SPEED.md)
             lifted = lift_processes(PROXY_TITLE, nice) if nice is not None else 0
