@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -23,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -37,7 +37,7 @@ from loadtest.tokens import load_token_counter
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Level:
     """One concurrency level of one server."""
 
@@ -49,6 +49,8 @@ class Level:
     num_requests: int
     num_errors: int
     load: str
+    # each request: (sent at, s from the level's first send; TTFT s or None; output tokens; error or "")
+    requests: tuple[tuple[float, float | None, int, str], ...] = ()
 
     @staticmethod
     def of(concurrency: int, records: Sequence[RequestRecord], load: str) -> Level:
@@ -58,7 +60,16 @@ class Level:
         tpots = [record.tpot_s * 1e3 for record in ok if record.tpot_s is not None]
         return Level(concurrency, sum(record.num_output_tokens for record in ok) / window,
                      percentile(ttfts, 50) if ttfts else float("nan"), percentile(ttfts, 99) if ttfts else float("nan"),
-                     sum(tpots) / len(tpots) if tpots else float("nan"), len(records), len(records) - len(ok), load)
+                     sum(tpots) / len(tpots) if tpots else float("nan"), len(records), len(records) - len(ok), load,
+                     request_rows(records))
+
+
+def request_rows(records: Sequence[RequestRecord]) -> tuple[tuple[float, float | None, int, str], ...]:
+    """Each request's send time (from the first send), TTFT, output tokens and error, in send order: a burst's
+    waves show in them (--json keeps them)."""
+    first = min(record.start_time for record in records)
+    return tuple((round(r.start_time - first, 4), None if r.ttft_s is None else round(r.ttft_s, 4),
+                  r.num_output_tokens, r.error or "") for r in sorted(records, key=lambda r: r.start_time))
 
 
 def cpu_flags() -> str:
@@ -117,7 +128,8 @@ def measure(base_url: str, prompts: list[str], concurrencies: Sequence[int], req
         before = load_average()
         records = asyncio.run(_run_level(base_url, model, prompts, concurrency, requests_per_user, output_tokens))
         levels.append(Level.of(concurrency, records, f"{before} -> {load_average()}"))
-        print(f"  {base_url} c={concurrency}: {levels[-1]}", file=sys.stderr, flush=True)
+        print(f"  {base_url} c={concurrency}: {dataclasses.replace(levels[-1], requests=())}", file=sys.stderr,
+              flush=True)
     return levels
 
 

@@ -20,6 +20,8 @@ def test_level_counts_ok_tokens_over_the_window_and_takes_latencies_from_ok_requ
     assert (level.ttft_p50_ms, level.ttft_p99_ms) == (200.0, 298.0)
     assert round(level.tpot_mean_ms, 6) == 10.0  # (1.37 - 0.1) / 127 and (1.57 - 0.3) / 127
     assert (level.num_requests, level.num_errors) == (3, 1)
+    # each request in send order, from the first send: a burst's waves show in them
+    assert level.requests == ((0.0, 0.1, 128, ""), (0.5, 0.3, 128, ""), (1.0, None, 0, "HTTP 503"))
 
 
 def test_ratio_table_puts_ours_over_the_peer_for_rates_and_the_peer_over_ours_for_times():
