@@ -37,7 +37,7 @@ static inline __m512 bf16x16_to_ps(__m256i values) {
  * patterns), but a denormal input becomes a signed zero (torch keeps it): none of the callers' values is
  * that small in practice. The emulation below costs ~9 vector instructions, and the elementwise kernels
  * round two or three times per value (2048 x 576 residual add + RMSNorm, 2 threads: 0.51 -> 0.26 ms; the
- * served burst of 32 x 129 prompts 2.87 -> 2.55 s: docs/SPEED.md). */
+ * engine alone, a burst of 32 x 129 prompts as served: 2.87 -> 2.55 s; docs/SPEED.md). */
 #if defined(__AVX512BF16__)
 static inline __m256i ps_to_bf16x16(__m512 values) { return (__m256i)_mm512_cvtneps_pbh(values); }
 #else
