@@ -7,7 +7,10 @@ its own process: base users, 4x for the middle third of the run, then back) and 
 Then it prints one table line per mode from each run's summary.json (TTFT p50/p99 overall, TPOT mean/p99,
 goodput) and one from its requests.jsonl: the TTFT p50 / p99 / worst of the requests sent during the spike
 (what the issue's goal is about), and when the first drop was ordered after the spike's first request. It
-copies the dropping run's memory plot (the weights balloon shrinking and growing) to --plot.
+copies the dropping run's memory plot (the weights balloon shrinking and growing) to --plot. `--repeat N` runs
+the modes N times in turn (one round after another, so each mode sees the VM's speed of its hour) and ends with
+each mode's spike p99 per round, the baseline's over it per round, and their medians: one run per mode moves
+a lot, the baseline's wait for KV most (5.6 to 23.4 s over four runs of one command, docs/KUNSERVE.md).
 
     python -m loadtest.bench.kunserve_serve --duration 90 --users 4 --plot docs/kunserve-serve-spike-memory.png
 """
@@ -19,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,7 +66,7 @@ def wait_ready(base: str, timeout_s: float = 300.0) -> None:
     raise TimeoutError("the two replicas did not report in time")
 
 
-def run_mode(mode: str, options: argparse.Namespace, out: Path) -> dict:
+def run_mode(mode: str, options: argparse.Namespace, out: Path, logs: Path | None = None) -> dict:
     import ray
     from ray import serve
 
@@ -94,8 +98,8 @@ def run_mode(mode: str, options: argparse.Namespace, out: Path) -> dict:
             serve.shutdown()
         finally:
             ray.shutdown()
-            if options.logs is not None:  # the replicas' (serve/) and the cluster controller's (worker-*) logs
-                shutil.copytree(Path(temp_dir) / "session_latest" / "logs", options.logs / mode, dirs_exist_ok=True)
+            if logs is not None:  # the replicas' (serve/) and the cluster controller's (worker-*) logs
+                shutil.copytree(Path(temp_dir) / "session_latest" / "logs", logs / mode, dirs_exist_ok=True)
             shutil.rmtree(temp_dir, ignore_errors=True)
     summary = json.loads((folder / "summary.json").read_text())
     summary["parameter_dropping"] = dropping_view
@@ -141,6 +145,51 @@ def row(mode: str, summary: dict) -> str:
             f"{drops.get('num_drops', '—')} / {drops.get('num_restores', '—')} |")
 
 
+def rounds_table(rounds: list[dict[str, dict]]) -> str:
+    """Several rounds of the same modes: each mode's spike p99 TTFT and mean TPOT per round, the first mode's
+    spike p99 over this mode's (the baseline's over it: higher is better) per round, and the medians."""
+    modes = list(rounds[0])
+    base = modes[0]
+
+    def p99(summary: dict) -> float | None:
+        return summary["spike"].get("p99_s")
+
+    def tpot(summary: dict) -> float | None:
+        return (summary.get("tpot_ms") or {}).get("mean")
+
+    def listed(values: list, digits: int) -> str:
+        return ", ".join("—" if value is None else f"{value:.{digits}f}" for value in values)
+
+    def median(values: list) -> str:
+        known = [value for value in values if value is not None]
+        return "—" if not known else f"{statistics.median(known):.2f}"
+
+    lines = [f"| mode | spike p99 TTFT per round (s) | median | {base} / mode per round | median | "
+             f"TPOT mean per round (ms) | TPOT / {base}'s (median) |", "|---|---|---|---|---|---|---|"]
+    for mode in modes:
+        p99s = [p99(one[mode]) for one in rounds]
+        ratios = [None if p99(one[base]) is None or not p99(one[mode]) else p99(one[base]) / p99(one[mode])
+                  for one in rounds]
+        tpots = [tpot(one[mode]) for one in rounds]
+        slower = [None if tpot(one[base]) is None or tpot(one[mode]) is None else tpot(one[mode]) / tpot(one[base])
+                  for one in rounds]
+        lines.append(f"| {mode} | {listed(p99s, 2)} | {median(p99s)} | {listed(ratios, 1)} | {median(ratios)} | "
+                     f"{listed(tpots, 0)} | {median(slower)} |")
+    return "\n".join(lines)
+
+
+def print_round(summaries: dict[str, dict]) -> None:
+    print("| mode | TTFT p50 / p99 (ms) | TPOT mean / p99 (ms) | goodput (tok/s) | ok / requests | drops / restores |")
+    print("|---|---|---|---|---|---|")
+    for mode, summary in summaries.items():
+        print(row(mode, summary))
+    print("\nRequests sent during the spike:\n")
+    print("| mode | requests | TTFT p50 (s) | p99 (s) | worst (s) | first drop ordered after (s) |")
+    print("|---|---|---|---|---|---|")
+    for mode, summary in summaries.items():
+        print(spike_row(mode, summary["spike"]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench.kunserve_serve", description=__doc__.split("\n")[0])
     parser.add_argument("--modes", default="none,dropping,migration")
@@ -154,19 +203,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/kunserve-serve"))
     parser.add_argument("--plot", type=Path, help="copy the dropping run's memory plot here")
     parser.add_argument("--logs", type=Path, help="keep each mode's Serve logs under this folder")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of all modes, alternating (results under OUT/roundN); then the medians")
     options = parser.parse_args(argv)
-    summaries = {mode: run_mode(mode, options, options.out) for mode in options.modes.split(",")}
-    print("| mode | TTFT p50 / p99 (ms) | TPOT mean / p99 (ms) | goodput (tok/s) | ok / requests | drops / restores |")
-    print("|---|---|---|---|---|---|")
-    for mode, summary in summaries.items():
-        print(row(mode, summary))
-    print("\nRequests sent during the spike:\n")
-    print("| mode | requests | TTFT p50 (s) | p99 (s) | worst (s) | first drop ordered after (s) |")
-    print("|---|---|---|---|---|---|")
-    for mode, summary in summaries.items():
-        print(spike_row(mode, summary["spike"]))
-    if options.plot is not None and (options.out / "dropping" / "memory.png").exists():
-        shutil.copy(options.out / "dropping" / "memory.png", options.plot)
+    rounds = []
+    for number in range(options.repeat):
+        out = options.out if options.repeat == 1 else options.out / f"round{number}"
+        logs = None if options.logs is None else (options.logs if options.repeat == 1
+                                                  else options.logs / f"round{number}")
+        rounds.append({mode: run_mode(mode, options, out, logs) for mode in options.modes.split(",")})
+        if options.repeat > 1:
+            print(f"\nround {number}:\n")
+        print_round(rounds[-1])
+    if options.repeat > 1:
+        print(f"\nOver the {options.repeat} rounds:\n\n{rounds_table(rounds)}")
+    if options.plot is not None and (out / "dropping" / "memory.png").exists():  # the last round's
+        shutil.copy(out / "dropping" / "memory.png", options.plot)
 
 
 if __name__ == "__main__":

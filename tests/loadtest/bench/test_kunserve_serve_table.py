@@ -3,7 +3,7 @@ how long after the spike's first request the first drop was ordered."""
 
 from __future__ import annotations
 
-from loadtest.bench.kunserve_serve import spike_row, spike_window
+from loadtest.bench.kunserve_serve import rounds_table, spike_row, spike_window
 
 
 def request(sent_at: float, ttft_s: float | None) -> dict:
@@ -24,3 +24,17 @@ def test_only_requests_sent_during_the_spike_count():
 def test_a_run_without_drops_or_spike_requests_still_prints():
     assert spike_window([request(0.0, 1.0), request(31.0, 3.0)], 90.0)["first_drop_after_s"] is None
     assert spike_row("none", spike_window([request(0.0, 1.0)], 90.0)) == "| none | 0 | — | — | — | — |"
+
+
+def summary(p99_s: float | None, tpot_ms: float) -> dict:
+    return {"spike": {"num_requests": 0} if p99_s is None else {"p99_s": p99_s}, "tpot_ms": {"mean": tpot_ms}}
+
+
+def test_rounds_table_gives_each_mode_its_rounds_the_baseline_s_ratio_over_it_and_the_medians():
+    rounds = [{"none": summary(12.0, 30.0), "dropping": summary(1.2, 45.0)},
+              {"none": summary(6.0, 30.0), "dropping": summary(1.0, 60.0)},
+              {"none": summary(20.0, 40.0), "dropping": summary(None, 60.0)}]  # no spike request finished
+    lines = rounds_table(rounds).splitlines()
+    assert lines[2] == "| none | 12.00, 6.00, 20.00 | 12.00 | 1.0, 1.0, 1.0 | 1.00 | 30, 30, 40 | 1.00 |"
+    # ratios 10 and 6 (the third round has none), TPOT ratios 1.5, 2.0, 1.5
+    assert lines[3] == "| dropping | 1.20, 1.00, — | 1.10 | 10.0, 6.0, — | 8.00 | 45, 60, 60 | 1.50 |"
