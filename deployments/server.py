@@ -44,7 +44,7 @@ from deployments.migration.relay import RelayRegistry
 from deployments.migration.source import MigrationManager, MigrationStats
 from deployments.migration.transport import make_peer
 from deployments.telemetry import ControllerReply, LayerOrder, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
-from engine.api import EngineClient
+from engine.api import EngineClient, EngineDeadError
 from engine.migration import KVStage, RequestSnapshot
 
 if TYPE_CHECKING:
@@ -223,11 +223,17 @@ class LLMServer:
             await asyncio.sleep(0.05)
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        """Serve carries routing stats as a dict: the `RoutingStats` record's."""
+        """Serve carries routing stats as a dict: the `RoutingStats` record's (`is_stopped` while the engine
+        fails its health check: routed to last until Serve replaces the replica)."""
         stats = self.engine.stats()
+        try:
+            await self.engine.check_health()
+            is_stopped = False
+        except EngineDeadError:
+            is_stopped = True
         return RoutingStats(kv_free_chunks=stats.kv_chunks_free, num_waiting=stats.num_waiting, timestamp=time.time(),
                             kv_usage=stats.kv_usage, num_running=stats.num_running,
-                            is_draining=self._is_draining).to_dict()
+                            is_draining=self._is_draining, is_stopped=is_stopped).to_dict()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom metrics for Serve's autoscaler (used by deployments/cluster/autoscaling.py:kv_packing_policy)."""

@@ -37,6 +37,10 @@ class RoutingStats:
     kv_usage: float = 0.0
     num_running: int = 0
     is_draining: bool = False  # the packing policy is emptying this replica: route here last
+    # its engine stopped (or stalled): it fails every request until Serve's health check replaces it, and its
+    # last stats look idle, which drew a closed-loop load's every new request there (481 in 13 s, seen once):
+    # routed to only when no other replica can take the request
+    is_stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,7 +15,8 @@ headroom falls within the tolerance of the next. An idle replica has no such mea
 replica's requests say nothing of the new ones: one long prompt there would send small requests away).
 Stats are missing for a moment after a replica starts, and a replica whose `record_routing_stats` fails keeps
 its last value with no flag: hence the timestamp. A replica being drained by the packing policy
-(`is_draining`) gets new requests only when no other replica can take them.
+(`is_draining`) gets new requests only when no other replica can take them, and one whose engine stopped
+(`is_stopped`) after that.
 
 Replica-to-replica calls (live migration) name their destination with the keyword argument
 `target_replica=<replica id>`: such a request goes to that replica and no other. `pin_to_one_replica=True`
@@ -85,10 +86,17 @@ def rank_by_headroom(replicas: Sequence[R], now: float, max_age_s: float = STATS
     groups.extend([replica] for replica in rest)
     if stale:
         groups.append(stale)
-    draining = {id(replica) for replica in replicas if stats[id(replica)] and stats[id(replica)].is_draining}
-    kept = [[replica for replica in group if id(replica) not in draining] for group in groups]
-    drained = [replica for group in groups for replica in group if id(replica) in draining]
-    return [group for group in kept if group] + ([drained] if drained else [])
+    held = {id(replica): _held_back(stats[id(replica)]) for replica in replicas}
+    kept = [[replica for replica in group if not held[id(replica)]] for group in groups]
+    last = [[replica for group in groups for replica in group if held[id(replica)] == rank] for rank in (1, 2)]
+    return [group for group in kept if group] + [group for group in last if group]
+
+
+def _held_back(stats: RoutingStats | None) -> int:
+    """0: ranked by its stats; 1: draining (after every other); 2: its engine stopped (after the draining)."""
+    if stats is None:
+        return 0
+    return 2 if stats.is_stopped else 1 if stats.is_draining else 0
 
 
 def _headroom(stats: RoutingStats, sent: int) -> float:

@@ -85,6 +85,20 @@ def test_freshness_and_the_typed_stats_serve_carries_as_a_dict():
     assert RoutingStats.from_dict(full.to_dict()) == full
 
 
+def test_a_replica_whose_engine_stopped_ranks_after_every_other_even_a_draining_one():
+    """A stopped engine's last stats look idle (all its KV free): ranked by them, it drew every new request
+    and failed it until Serve replaced the replica."""
+    stopped = replica("stopped", kv_free_chunks=1000, kv_usage=0.0, num_running=0, num_waiting=0, timestamp=99.9,
+                      is_stopped=True)
+    draining = replica("draining", kv_free_chunks=900, kv_usage=0.0, num_running=0, num_waiting=0, timestamp=99.9,
+                       is_draining=True)
+    assert names(rank_by_headroom([stopped, draining, fresh("busy", 10, waiting=3)], now=100.0)) == \
+        [["busy"], ["draining"], ["stopped"]]
+    assert names(rank_by_headroom([stopped], now=100.0)) == [["stopped"]]  # the only one: still a candidate
+    assert RoutingStats.from_dict(stopped.routing_stats).is_stopped
+    assert not RoutingStats.from_dict({"kv_free_chunks": 1, "num_waiting": 0, "timestamp": 1.0}).is_stopped
+
+
 def test_more_headroom_ranks_first():
     groups = rank_by_headroom([fresh("loaded", 10), fresh("idle", 1000)], now=100.0)
     assert names(groups) == [["idle"], ["loaded"]]
