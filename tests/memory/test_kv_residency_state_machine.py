@@ -1,7 +1,7 @@
 """Random admit / migrate in (with layers on the host) / grow / demote / promote / swap / free sequences on
 the KV manager with layer-wise residency, against a model of every token's value.
 
-Checked after every step: the kv balloon holds exactly the live requests' device chunks plus the
+Checked after every step: every slot's pages map exactly its request's chunks; the kv balloon holds exactly the live requests' device chunks plus the
 evictable cache; the host buffer holds exactly the offloaded pages and the swapped requests' slots;
 a request's device/host chunk counts per layer match its blocks; the pool budget is never exceeded;
 every token reads back what was written, wherever its page went.
@@ -17,11 +17,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from memory import ElasticPool, HostBuffer, create_backend
 from memory.kv import KVCacheManager
 from memory.kv.host_tier import HostChunkTier
+from tests.memory.kv_checks import assert_mappings_match_blocks
 from tests.memory.test_kv_residency import HEAD_DIM, PAGE_TOKENS, _spec, check, expected, fill
 
 NUM_CHUNKS = 40
 HOST_PAGES = 40
-NAMES = ("a", "b", "c")
+NAMES = ("a", "b", "c", "d", "e")  # more than the 4 slots: full tables and slot compaction
 
 
 class ResidencyMachine(RuleBasedStateMachine):
@@ -53,10 +54,12 @@ class ResidencyMachine(RuleBasedStateMachine):
         self.tokens[name] = 0
         self.grow(name, num)
 
-    @rule(name=st.sampled_from(NAMES), offloaded=st.sets(st.integers(0, 3), min_size=1, max_size=4),
-          num=st.integers(1, 40), split=st.integers(0, 40))
-    def migrate_in(self, name: str, offloaded: set[int], num: int, split: int) -> None:
-        """A migrated request imported with `offloaded` on the host, its KV written in two staged copies."""
+    @rule(name=st.sampled_from(NAMES), offloaded=st.sets(st.integers(0, 3), max_size=4),
+          num=st.integers(1, 40), split=st.integers(0, 40), abandon=st.booleans())
+    def migrate_in(self, name: str, offloaded: set[int], num: int, split: int, abandon: bool) -> None:
+        """A migrated request imported with `offloaded` on the host (none: a plain import), its KV written in
+        two staged copies; `abandon`: the migration is cancelled after the first copy (engine/migration.cancel
+        frees a reserved import)."""
         if name in self.tokens or not self.kv.num_free_slots:
             return
         pages = self.kv.spec.num_pages(num)
@@ -74,6 +77,9 @@ class ResidencyMachine(RuleBasedStateMachine):
             return column.view(-1, 1, 1).expand(-1, 1, HEAD_DIM).contiguous()
 
         for start, end in ((0, split), (split, num)):
+            if abandon and start:
+                self.kv.free(name)
+                return
             if end > start:
                 self.kv.write_kv(name, start, [(values(layer, 0, start, end), values(layer, 1, start, end))
                                                for layer in range(self.kv.spec.num_layers)])
@@ -154,6 +160,10 @@ class ResidencyMachine(RuleBasedStateMachine):
         in_tier = self.tier.num_used if self.tier else 0
         assert self.host.used_bytes + in_tier * self.kv.spec.page_bytes == host * self.kv.spec.page_bytes
         assert self.pool.num_held("kv") + self.pool.num_free() == NUM_CHUNKS
+
+    @invariant()
+    def mappings_match_blocks(self) -> None:
+        assert_mappings_match_blocks(self.kv)
 
     @invariant()
     def data_survives(self) -> None:
