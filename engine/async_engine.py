@@ -38,6 +38,7 @@ from engine.api import (
 )
 from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
+from engine.kv_audit import KVAudit, describe_call
 from engine.model_view import ModelView
 from engine.stream_pacer import PacedStream, merge_outputs, stands_apart
 
@@ -124,6 +125,8 @@ class AsyncEngine:
         self._telemetry_time = 0.0
         self._busy_since: float | None = None  # when the current loop pass started working; None: idle
         self._driver = None  # KunServe: this replica's side of a cooperative pair while it is formed
+        kv = getattr(engine, "kv", None)  # an EngineGroup's models each have their own
+        self._audit = KVAudit(kv) if engine.config.check_kv_invariants and kv is not None else None
 
     @classmethod
     def from_config(cls, config: EngineConfig, executor: TensorParallelExecutor | None = None) -> AsyncEngine:
@@ -320,6 +323,8 @@ class AsyncEngine:
                     loop.call_soon_threadsafe(_settle, future, None, error)
                 else:
                     loop.call_soon_threadsafe(_settle, future, result, None)
+                if self._audit is not None:
+                    self._audit.after(describe_call(function, args))
                 continue
             target = self._driver if self._driver is not None and hasattr(self._driver, "submit") else None
             if kind == "add":
@@ -357,6 +362,9 @@ class AsyncEngine:
                     outputs = self.engine.fail_running(error)
                 for output in outputs:
                     self._deliver(output.request_id, output)
+                if self._audit is not None:
+                    self._audit.after("step: " + " ".join(f"{o.request_id}{'.' if o.is_finished else ''}"
+                                                          for o in outputs))
                 self._refresh_observations()
         except BaseException as error:  # the loop itself broke: every waiting stream must hear it
             self._error = error

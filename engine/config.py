@@ -61,6 +61,10 @@ class EngineConfig:
     # Health: the engine counts as stalled (check_health fails) when one pass of its loop (inbox + step)
     # has run this long; a long request is many short steps, so it never trips this.
     stall_timeout_s: float = 60.0
+    # Debug: after every step and every engine call (migration, cooperation), check that each KV slot's pages map
+    # exactly its request's chunks (memory/kv/invariants.py); the first violation is logged with the last engine
+    # events (engine/kv_audit.py) and stops the loop. Costs a walk over every page of every slot: not for serving.
+    check_kv_invariants: bool = False
     # Stream pacing (engine/stream_pacer.py): with N streams open, a stream's next output goes out no earlier
     # than min(N / stream_chunks_per_s, 0.25) s after its previous one; outputs arriving sooner are merged.
     # It bounds the chunks a second that asyncio, SSE and Serve's proxy handle (their CPU is taken from the

@@ -46,11 +46,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_args(mode: str, device_memory: str, dtype: str) -> dict:
+def serve_args(mode: str, device_memory: str, dtype: str, check_kv: bool = False) -> dict:
+    """`check_kv`: the engines audit their KV mappings after every step and call (EngineConfig.check_kv_invariants)."""
     return {"device": "cpu", "dtype": dtype, "device_memory": device_memory, "host_buffer": "64MiB",
             "enable_prefix_caching": False, "max_model_len": 512, "num_threads": 1,
             "controller_name": f"kunserve-bench-{mode}", **MODES[mode],
-            "deployment_options": {"num_replicas": 2}}
+            "deployment_options": {"num_replicas": 2},
+            "engine_options": {"check_kv_invariants": True} if check_kv else {}}
 
 
 def wait_ready(base: str, timeout_s: float = 300.0) -> None:
@@ -84,7 +86,8 @@ def run_mode(mode: str, options: argparse.Namespace, out: Path, logs: Path | Non
     dropping_view: dict = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(serve_args(mode, options.device_memory, options.dtype)), name="llm", route_prefix="/")
+        app = build_app(serve_args(mode, options.device_memory, options.dtype, options.check_kv))
+        serve.run(app, name="llm", route_prefix="/")
         wait_ready(base)
         folder = out / mode
         command = [sys.executable, "-m", "loadtest.run", "--scenario", "spike", "--host", base,
@@ -203,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/kunserve-serve"))
     parser.add_argument("--plot", type=Path, help="copy the dropping run's memory plot here")
     parser.add_argument("--logs", type=Path, help="keep each mode's Serve logs under this folder")
+    parser.add_argument("--check-kv", action="store_true",
+                        help="debug: the engines check their KV mappings after every step and call (slower; a "
+                             "violation stops that engine with the trail of events in its log)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of all modes, alternating (results under OUT/roundN); then the medians")
     options = parser.parse_args(argv)

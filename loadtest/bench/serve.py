@@ -207,10 +207,11 @@ def ours_command(config: str) -> tuple[list[str], dict[str, str]]:
     return [str(serve), "run", config], env
 
 
-def peer_command(folder: Path, port: int) -> tuple[list[str], dict[str, str]]:
+def peer_command(folder: Path, port: int, dtype: str = "bfloat16") -> tuple[list[str], dict[str, str]]:
+    """serve.sh's own `--dtype bfloat16` is overridden by a later one (argparse: the last wins)."""
     env = dict(os.environ, PORT=str(port))
     env.pop("PYTHONPATH", None)
-    return ["bash", str(SERVE_SCRIPT), str(folder)], env
+    return ["bash", str(SERVE_SCRIPT), str(folder)] + ([] if dtype == "bfloat16" else ["--dtype", dtype]), env
 
 
 # ---- the table -------------------------------------------------------------------------------------
@@ -253,6 +254,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--running", action="store_true",
                         help="measure only the server already answering at --ours-url (start none; e.g. to profile it)")
     parser.add_argument("--peer-port", type=int, default=8300)
+    parser.add_argument("--peer-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="vLLM's dtype (float32: its fast path on a CPU without AVX512-BF16, as ours picks)")
     parser.add_argument("--only", choices=("ours", "vllm"), default=None)
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to answer")
     parser.add_argument("--seed", type=int, default=0)
@@ -281,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if folder is None:
             raise SystemExit(f"vLLM peer not set up: {setup_hint()}")
         url = f"http://127.0.0.1:{args.peer_port}"
-        command, env = peer_command(folder, args.peer_port)
+        command, env = peer_command(folder, args.peer_port, args.peer_dtype)
         try:
             results["vllm"] = run_server(command, env, url, logs / "bench-serve-vllm.log", measure_at(url),
                                          args.start_timeout)
