@@ -181,12 +181,15 @@ def resume(engine: LLMEngine, request_id: str) -> None:
 
 # ---- destination -------------------------------------------------------------------------------
 def reserve(engine: LLMEngine, request_id: str, num_tokens: int) -> bool:
-    """Takes a slot and pages for `num_tokens` tokens of KV (+1 page of growth). False if no room. With
+    """Takes a slot and pages for `num_tokens` tokens of KV (+1 page of growth, within the slot). False if no room
+    or longer than this engine's max_model_len. With
     `kv_offload: layerwise` a request whose whole KV does not fit on the device gets its top layers on the
     host (the offload policy's admission rule: `layers_to_import`)."""
-    if request_id in engine.scheduler.requests or request_id in engine.kv.requests:
+    if request_id in engine.scheduler.requests or request_id in engine.kv.requests or num_tokens > engine.max_model_len:
         return False
-    room = num_tokens + engine.kv_spec.tokens_per_page
+    # the growth page stops at the slot's end: a page past it would be the next slot's first (a stale mapping that
+    # a later request's grow tripped over, "page N is already mapped", and the served engine loop died)
+    room = min(num_tokens + engine.kv_spec.tokens_per_page, engine.kv_spec.max_len)
     workspace = engine.runner.activation_chunks_charged_to_kv(1, SampledRows.plain(1))
     offloaded = engine.scheduler.offload.layers_to_import(num_tokens, room,
                                                           engine.kv.num_available_chunks() - workspace)

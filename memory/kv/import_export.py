@@ -27,6 +27,8 @@ class KVImportExport:
         """Gives an incoming request a slot and every page for `num_tokens` tokens (sliding windows
         included, so any token can be written), the layers in `offloaded` on the host. False, with nothing
         held, if it does not fit."""
+        if num_tokens > self.spec.max_len:  # its last pages would land in the next slot's range
+            raise ValueError(f"{num_tokens} tokens exceed the slot length {self.spec.max_len}")
         if self.num_free_slots == 0 or request_id in self.requests:
             return False
         if offloaded:

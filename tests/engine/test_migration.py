@@ -160,3 +160,22 @@ def test_request_loads_count_the_kv_each_request_grows_into(engines, prompt):
             source.abort(request_id)
         collect_steps(source, {})
     assert_pool_idle(source)
+
+
+def test_a_reservation_at_the_context_limit_stays_in_its_slot(engines):
+    """The growth page a reservation adds stops at the slot's end: one past it was the next slot's first page, left
+    mapped for a later request's grow to trip over ("page N is already mapped": a served engine loop died of it)."""
+    from memory.kv.invariants import mapping_violations
+
+    _, destination = engines
+    limit = destination.max_model_len
+    assert migration.reserve(destination, "edge", limit)
+    assert migration.reserve(destination, "next", 8)  # the slot after it: its first page is free to map
+    assert not mapping_violations(destination.kv)
+    assert len(destination.kv.requests["edge"].blocks[0]) == destination.kv_spec.pages_per_slot
+    assert not migration.reserve(destination, "too-long", limit + 1)
+    with pytest.raises(ValueError, match="exceed the slot length"):
+        destination.kv.reserve_import("too-long", destination.kv_spec.max_len + 1)
+    for request_id in ("edge", "next"):
+        migration.cancel(destination, request_id)
+    assert_pool_idle(destination)

@@ -23,6 +23,7 @@ from tests.engine.engine_helpers import assert_pool_idle, greedy, tiny_engine
 from tests.memory.kv_checks import assert_mappings_match_blocks
 
 NUM_OPS = 150
+MAX_MODEL_LEN = 128  # 4 pages of 32 tokens a slot: prompts of up to 90 tokens and 60 outputs reach the last one
 GROWTH_MARGIN = 24  # tokens a reservation leaves for decoding during the copy (MigrationConfig.growth_margin_tokens)
 
 
@@ -70,7 +71,8 @@ class Fuzz:
         request_id = f"r{self.next_id}"
         self.next_id += 1
         self.log.append(f"add {request_id} ({len(prompt)} tokens) to {self.engines.index(engine)}")
-        engine.add_request(GenerateRequest(request_id, tuple(prompt), greedy(self.random.randint(4, 60))))
+        most = min(60, MAX_MODEL_LEN - len(prompt))  # some requests end at the slot's last page
+        engine.add_request(GenerateRequest(request_id, tuple(prompt), greedy(self.random.randint(4, most))))
 
     def step(self) -> None:
         engine = self.random.choice(self.engines)
@@ -188,6 +190,7 @@ def test_random_migrations_keep_every_mapping_exact(tiny_llama_dir, smollm2_toke
                                                     preemption_mode, seed):
     # a pool of ~80 KV chunks (20 pages of 32 tokens over 4 slots): admissions preempt and reservations fail
     engines = [tiny_engine(tiny_llama_dir, smollm2_tokenizer, max_num_seqs=4, preemption_mode=preemption_mode,
+                           max_model_len=MAX_MODEL_LEN,
                            device_memory_bytes=25_505_792 + 200 * 4096, host_buffer_bytes=4 << 20)
                for _ in range(2)]
     fuzz = Fuzz(engines, seed, fuzz_prompts)
