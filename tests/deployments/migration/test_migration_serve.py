@@ -80,9 +80,12 @@ def expected():
     return reference()
 
 
-@pytest.fixture(scope="module", params=["torch_distributed", "ray_object_store"])
+@pytest.fixture(scope="module", params=["torch_distributed",
+                                        pytest.param("ray_object_store", marks=pytest.mark.slow)])
 def cluster(request, expected):
-    """Every test runs once per KV transport (migration.transport): gloo send/recv, then the object store."""
+    """Every test runs once per KV transport (migration.transport): gloo send/recv, then the object store (`slow`:
+    another Serve cluster, ~80 s on an AVX2 box; test_migration_executor.py covers that transport in the default
+    suite)."""
     from ray import serve
 
     from deployments.app import build_app
