@@ -1,18 +1,21 @@
-"""A decode step's layers in one native call (csrc/decode_step_bf16.c), for bf16 Llama-family models on
-AVX512-BF16 CPUs: pure decode steps of up to `MAX_ROWS` rows (products on AMX tiles where the CPU has them).
+"""A decode step's layers in one native call, for Llama-family models on CPUs: pure decode steps of up to
+`MAX_ROWS` rows, in one of two variants (`DecodeStep.for_model` picks the one the model's dtype and kernels fit):
 
-The per-op path runs ~10 kernel calls per layer (~300 per step for SmolLM2), each a Python call and a fork/join
-of the OpenMP team; under `OMP_WAIT_POLICY=PASSIVE` or on a busy box every join sleeps and every fork wakes a
-thread, and the decode attention ran one sequence per thread. `DecodeStep` runs all layers in one parallel
-region with a spinning barrier between phases (see the C file), computing every value with the same routines
-as the per-op kernels, so its bits equal that path's with the packed GEMM for every product. Beyond ~8 rows the
-step is bound by the products' FLOPs rather than the weights' bytes; the packed GEMM's fp32 FMAs (csrc/
-packed_gemm_bf16.h) then set its pace, and the fused call saves the per-op path's ~300 fork/joins.
+- `Bf16DecodeStep` (csrc/decode_step_bf16.c): bf16 weights packed for oneDNN (engine/model/onednn_linear.py) on
+  AVX512-BF16 CPUs (products on AMX tiles where the CPU has them); every value computed by the per-op kernels'
+  routines, so its bits equal the per-op path's with the packed GEMM for every product.
+- `F32DecodeStep` (csrc/decode_step_f32.c): fp32 on AVX2/FMA CPUs, the model's plain weights, products by the
+  per-op path's own fp32 kernel (csrc/gemm_f32.h, the same bits); the norms, RoPE, SiLU and attention in C
+  (a few ulps from torch's fp32 ops; greedy tokens held to transformers' by the exactness tests).
 
-`DecodeStep.for_model` returns None unless every piece it replaces is the native one: weights packed in the
-layout the packed GEMM reads (engine/model/onednn_linear.py), the native bf16 elementwise ops, the native decode
-attention over the contiguous KV layout, no tensor parallelism, no biases or q/k norms. `takes` then accepts a
-step of pure decode rows, at most `MAX_ROWS`, over all layers, with no layer hook (layer-wise KV offload).
+The per-op path runs ~10-35 kernel calls per layer (~300-1,000 per step for SmolLM2), each a Python call and a
+fork/join of the OpenMP team; under `OMP_WAIT_POLICY=PASSIVE` or on a busy box every join sleeps and every fork
+wakes a thread, and a thread that loses its core holds its partner at every join. A fused step runs all layers
+in one parallel region, its threads claiming work as they get to it (csrc/step_phases.h). Beyond ~8 rows a step
+is bound by the products' FLOPs rather than the weights' bytes.
+
+`takes` accepts a step of pure decode rows, at most `MAX_ROWS`, over all layers, with no layer hook (layer-wise
+KV offload), no dropped layers, every KV cache in the contiguous layout.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from engine.attention.native import rows_in_place
 from engine.attention.native_decode import NativeDecodeBackend
 from engine.core.forward_batch import ForwardBatch
 from engine.model.elementwise import NativeBf16Elementwise
+from engine.model.linear import NativeLinear
 from engine.model.onednn_linear import PackedWeight, set_bf16_dot
 from engine.native_build import load_library
 
@@ -44,11 +48,19 @@ class _Packed(ctypes.Structure):
                 ("k_padded", ctypes.c_int64), ("block", ctypes.c_int64)]
 
 
-class _Layer(ctypes.Structure):
+_CACHE_FIELDS = [("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("slot_stride", ctypes.c_int64),
+                 ("token_stride", ctypes.c_int64), ("max_len", ctypes.c_int64), ("num_slots", ctypes.c_int64),
+                 ("window", ctypes.c_int64)]
+
+
+class _Bf16Layer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", _Packed), ("o", _Packed),
-                ("gate_up", _Packed), ("down", _Packed), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
-                ("slot_stride", ctypes.c_int64), ("token_stride", ctypes.c_int64), ("max_len", ctypes.c_int64),
-                ("num_slots", ctypes.c_int64), ("window", ctypes.c_int64)]
+                ("gate_up", _Packed), ("down", _Packed), *_CACHE_FIELDS]
+
+
+class _F32Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "qkv", "o", "gate_up", "down")]
+    _fields_ += _CACHE_FIELDS
 
 
 class _Shape(ctypes.Structure):
@@ -62,19 +74,25 @@ def _packed(weight: PackedWeight) -> _Packed:
     return _Packed(weight.storage.data_ptr(), out_features, in_features, weight.k_padded, weight.block)
 
 
-def _kernel():
-    library = load_library(Path(__file__).parent / "csrc" / "decode_step_bf16.c")
-    set_bf16_dot(library)  # the packed kernel's routine: the same bits as the per-op path's products
-    function = library.decode_step_bf16
+def _load_kernel(source: str, name: str) -> ctypes.CDLL:
+    library = load_library(Path(__file__).parent / "csrc" / source)
+    function = getattr(library, name)
     function.restype = ctypes.c_int64
     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int64]
-    return function
+    return library
 
 
 class DecodeStep:
+    """One variant of the fused step. Subclasses name their kernel and say which models they take (`accepts`)
+    and how a layer's weights are handed to the kernel (`_weights`)."""
+
+    SOURCE = ""
+    KERNEL = ""
+    LAYER: type[ctypes.Structure] = ctypes.Structure
+
     def __init__(self, model):
         self.model = model
-        self._kernel = _kernel()
+        self._kernel = getattr(self._library(), self.KERNEL)
         c = model.config
         self._rope = model.rope_table  # [positions, 2, head_dim], contiguous (checked in for_model)
         self._shape = _Shape(c.num_layers, c.hidden_size, model.num_heads, model.num_kv_heads, c.head_dim,
@@ -83,24 +101,33 @@ class DecodeStep:
         self._layers_key: tuple[int, ...] = ()
 
     @classmethod
-    def for_model(cls, model) -> DecodeStep | None:
-        """The fused step for `model` (a LlamaModel), or None where any piece it replaces is not native."""
-        c = model.config
-        if (model.dtype != torch.bfloat16 or model.embed.device.type != "cpu" or model.all_reduce is not None
-                or type(model.attention) is not NativeDecodeBackend or not isinstance(model.ops, NativeBf16Elementwise)
-                or c.head_dim % 64 or model.num_heads // model.num_kv_heads > _MAX_GROUP
-                or not model.rope_table.is_contiguous()):
+    def _library(cls) -> ctypes.CDLL:
+        return _load_kernel(cls.SOURCE, cls.KERNEL)
+
+    @classmethod
+    def accepts(cls, model) -> bool:
+        """Whether this variant computes `model`'s decode steps (its dtype, weights and ops)."""
+        raise NotImplementedError
+
+    def _weights(self, layer: dict) -> tuple:
+        """The layer's weight fields of LAYER, in order: norms, then qkv, o, gate_up, down."""
+        raise NotImplementedError
+
+    @staticmethod
+    def for_model(model) -> DecodeStep | None:
+        """The fused step for `model` (a LlamaModel), or None where no variant takes it."""
+        if (model.embed.device.type != "cpu" or model.all_reduce is not None
+                or type(model.attention) is not NativeDecodeBackend or not model.rope_table.is_contiguous()
+                or any("qkv_bias" in layer or "q_norm" in layer for layer in model.layers)):
             return None
-        for layer in model.layers:
-            weights = [layer[name] for name in ("qkv", "o", "gate_up", "down")]
-            if ("qkv_bias" in layer or "q_norm" in layer
-                    or not all(isinstance(w, PackedWeight) and w.k_padded is not None for w in weights)):
-                return None
-        try:
-            return cls(model)
-        except (RuntimeError, OSError) as error:
-            logger.warning("fused bf16 decode step unavailable (%s); per-op path", error)
-            return None
+        for variant in (Bf16DecodeStep, F32DecodeStep):
+            if variant.accepts(model):
+                try:
+                    return variant(model)
+                except (RuntimeError, OSError) as error:
+                    logger.warning("fused decode step unavailable (%s); per-op path", error)
+                    return None
+        return None
 
     def takes(self, batch: ForwardBatch, kv_caches, layers: range, layer_hook) -> bool:
         num_tokens = batch.num_tokens
@@ -112,13 +139,11 @@ class DecodeStep:
     def _layer_table(self, kv_caches) -> ctypes.Array:
         key = tuple(pointer for k, v in kv_caches for pointer in (k.data_ptr(), v.data_ptr()))
         if key != self._layers_key:
-            rows = []
-            for layer, (k, v) in zip(self.model.layers, kv_caches, strict=True):
-                rows.append(_Layer(layer["input_norm"].data_ptr(), layer["post_norm"].data_ptr(), _packed(layer["qkv"]),
-                                   _packed(layer["o"]), _packed(layer["gate_up"]), _packed(layer["down"]),
-                                   k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.shape[1], k.shape[0],
-                                   layer["spec"].sliding_window or 0))
-            self._layers, self._layers_key = (_Layer * len(rows))(*rows), key
+            rows = [self.LAYER(layer["input_norm"].data_ptr(), layer["post_norm"].data_ptr(), *self._weights(layer),
+                               k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.shape[1], k.shape[0],
+                               layer["spec"].sliding_window or 0)
+                    for layer, (k, v) in zip(self.model.layers, kv_caches, strict=True)]
+            self._layers, self._layers_key = (self.LAYER * len(rows))(*rows), key
         return self._layers
 
     def run(self, batch: ForwardBatch, kv_caches, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -135,3 +160,40 @@ class DecodeStep:
             raise IndexError(f"KV row {bad - 1}: slot {int(slots[bad - 1])} position {int(positions[bad - 1])} "
                              "outside the cache")
         return hidden
+
+
+_MATRICES = ("qkv", "o", "gate_up", "down")
+
+
+class Bf16DecodeStep(DecodeStep):
+    SOURCE, KERNEL, LAYER = "decode_step_bf16.c", "decode_step_bf16", _Bf16Layer
+
+    @classmethod
+    def _library(cls) -> ctypes.CDLL:
+        library = super()._library()
+        set_bf16_dot(library)  # the packed kernel's routine: the same bits as the per-op path's products
+        return library
+
+    @classmethod
+    def accepts(cls, model) -> bool:
+        return (model.dtype == torch.bfloat16 and isinstance(model.ops, NativeBf16Elementwise)
+                and model.config.head_dim % 64 == 0 and model.num_heads // model.num_kv_heads <= _MAX_GROUP
+                and all(isinstance(layer[name], PackedWeight) and layer[name].k_padded is not None
+                        for layer in model.layers for name in _MATRICES))
+
+    def _weights(self, layer: dict) -> tuple:
+        return tuple(_packed(layer[name]) for name in _MATRICES)
+
+
+class F32DecodeStep(DecodeStep):
+    SOURCE, KERNEL, LAYER = "decode_step_f32.c", "decode_step_f32", _F32Layer
+
+    @classmethod
+    def accepts(cls, model) -> bool:
+        return (model.dtype == torch.float32 and isinstance(model.linear, NativeLinear)
+                and model.config.head_dim % 8 == 0
+                and all(type(layer[name]) is torch.Tensor and layer[name].is_contiguous()
+                        for layer in model.layers for name in (*_MATRICES, "input_norm", "post_norm")))
+
+    def _weights(self, layer: dict) -> tuple:
+        return tuple(layer[name].data_ptr() for name in _MATRICES)

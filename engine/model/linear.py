@@ -1,12 +1,13 @@
 """Products with a weight matrix (`x @ w.T`, w stored [out, in]): one object per variant, chosen by name.
 
 - `torch`: torch.mm (MKL / oneDNN on CPUs, cuBLAS on GPUs).
-- `native`: for a CPU fp32 product of a few rows — decode at small batch sizes, which only streams the
-  weights — a C kernel that reads each weight row once at close to the memory bandwidth
-  (csrc/skinny_gemm.c); torch.mm for everything else. Measured on this 2-core AVX2 machine, whole decode
-  steps of SmolLM2 against torch.mm: 2 threads 1.45x at batch 1, 1.97x at 4, 1.58x at 8, 1.24x at 16,
-  equal at 32; 1 thread 1.05x at 1, 1.50x at 4, 1.16x at 8, 0.94x at 16. Hence at most
-  `ROWS_PER_THREAD` rows per thread, `MAX_ROWS` in all.
+- `native`: fp32 products of up to `MAX_ROWS` rows on CPUs with AVX2/FMA by a C kernel over the plain weight
+  (csrc/gemm_f32.h: register tiles of 3 weight rows x 4 rows, units claimed by the threads as they come); it
+  streams a weight at close to the memory bandwidth at one row and is FMA-bound from a few rows on. torch.mm
+  for everything else. Measured 2026-12-07 on a 2-vCPU AMD EPYC with AVX2 only (2 threads, each product with
+  its own weight copy, `python -m loadtest.bench.gemm_f32`): 0.3-0.5x torch.mm's time at 1-16 rows, 0.7x at
+  32, 0.9x at 64, 0.53x for the 49152x576 lm head at 64 rows; 1.05-1.1x at 128 rows and 1.3x at 512 (hence
+  `MAX_ROWS`: prompt chunks keep torch.mm).
 - `onednn`: bf16 weights pre-packed for oneDNN at load and kept in the pool (engine/model/onednn_linear.py),
   for AVX512-BF16 / AMX CPUs; fp32 products go to `native` / `torch` as before.
 - `auto`: `onednn` where the CPU has AVX512-BF16 or AMX (it only acts on bf16 weights), wrapping `native`
@@ -28,8 +29,7 @@ import torch
 from engine.native_build import load_library
 
 logger = logging.getLogger(__name__)
-MAX_ROWS = 16
-ROWS_PER_THREAD = 8
+MAX_ROWS = 64
 Allocator = Callable[[torch.Tensor], torch.Tensor]  # returns a pool-backed copy of the tensor
 
 
@@ -62,23 +62,23 @@ class NativeLinear(TorchLinear):
     name = "native"
 
     def __init__(self):
-        library = load_library(Path(__file__).parent / "csrc" / "skinny_gemm.c")
-        self._kernel = library.skinny_gemm_f32
+        library = load_library(Path(__file__).parent / "csrc" / "gemm_f32.c")
+        self._kernel = library.gemm_f32
         self._kernel.restype = None
-        self._kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+        pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+        self._kernel.argtypes = [pointer, int64, pointer, pointer] + [int64] * 5
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias is not None or not self._fits(x, weight, out):
             return super().__call__(x, weight, out, bias)
-        self._kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1],
-                     out.stride(0), torch.get_num_threads())
+        self._kernel(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
+                     weight.shape[0], weight.shape[1], torch.get_num_threads())
         return out
 
     @staticmethod
     def _fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
-        max_rows = min(MAX_ROWS, ROWS_PER_THREAD * torch.get_num_threads())
-        return (0 < x.shape[0] <= max_rows and x.device.type == "cpu" and weight.device.type == "cpu"
+        return (0 < x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and weight.device.type == "cpu"
                 and x.dtype == weight.dtype == out.dtype == torch.float32
-                and x.is_contiguous() and weight.is_contiguous() and out.stride(1) == 1
+                and x.stride(1) == 1 and weight.is_contiguous() and out.stride(1) == 1
                 and out.shape == (x.shape[0], weight.shape[0]) and x.shape[1] == weight.shape[1])

@@ -96,11 +96,3 @@ def test_fused_step_takes_only_pure_decode_steps_and_checks_rows(engine):
     buffers = model.buffer_plan(1, 1).carve(torch.zeros(model.buffer_plan(1, 1).num_bytes, dtype=torch.uint8))
     with pytest.raises(IndexError, match="outside the cache"):
         model.decode_step.run(batch(1, position=caches[0][0].shape[1]), caches, buffers)
-
-
-def test_no_fused_step_in_fp32(tmp_path):
-    engine = _engine(tmp_path, "llama", dtype="float32")
-    try:
-        assert engine.runner.model.decode_step is None
-    finally:
-        engine.close()

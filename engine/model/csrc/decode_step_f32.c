@@ -1,0 +1,268 @@
+/* A whole decode step of a Llama-family decoder's layers in one call, in fp32 on AVX2/FMA CPUs: one row per
+ * decoding sequence, plain row-major weights [out, in] (the model's own, as the per-op path's gemm_f32 reads
+ * them), the KV cache in the contiguous layout.
+ *
+ * Why: the fp32 per-op path runs ~35 torch ops per layer (~1,000 per step for SmolLM2), each a Python call and
+ * a fork/join of the OpenMP team; a thread that loses its core to another process (the HTTP proxy, Ray's
+ * daemons) holds its partner at every join. Here one parallel region runs every layer, the products' units and
+ * attention's (row, head) tasks are claimed from a shared counter (csrc/step_phases.h), and the threads meet
+ * at a barrier between phases, as in csrc/decode_step_bf16.c. Per layer:
+ *   hidden += pending residual, normed = rms_norm(hidden)          rows
+ *   qkv = normed @ Wqkv^T                                            units (csrc/gemm_f32.h)
+ *   rope(q, k), k and v into the cache, decode attention             (row, key/value head) tasks
+ *   proj = attn @ Wo^T                                               units
+ *   hidden += proj, normed = rms_norm(hidden)                        rows
+ *   gate_up = normed @ Wgu^T, act = silu(gate) * up                  (x rows, gate block) tasks: a gate block
+ *                                                                    and the up block of the same columns
+ *   proj = act @ Wdown^T                                             units
+ * and hidden += proj after the last layer.
+ *
+ * The products' bits equal the per-op path's with gemm_f32 (same routine); the residual adds, the norm's two
+ * scalings and RoPE round as torch's fp32 ops do (this file is built without FMA contraction, -std=c11); the
+ * norm's mean, the attention and SiLU's exp are summed and rounded their own way, a few ulps from torch's.
+ * The engine's exactness tests hold its greedy tokens to transformers' (tests/engine/model/test_decode_step.py
+ * compares it with the per-op path). */
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "decode_step_f32 needs AVX2 and FMA (the engine keeps the per-op path)"
+#endif
+#define _GNU_SOURCE
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gemm_f32.h"
+#include "step_phases.h"
+
+typedef struct {
+    const float *input_norm, *post_norm, *qkv, *o, *gate_up, *down;  /* weights [out, in] */
+    float *k_cache, *v_cache;  /* [slots, max_len, kv_heads, head_dim] */
+    int64_t slot_stride, token_stride, max_len, num_slots, window;  /* strides in elements; window 0: none */
+} LayerF32;
+
+typedef struct {
+    int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate;
+    float eps, scale;
+    const float *rope_table;  /* [positions, 2, head_dim]: cos, sin */
+} ShapeF32;
+
+/* y = x @ w^T over the product's units, claimed as they come */
+static void gemm_claimed(const float *x, int64_t ldx, const float *w, float *y, int64_t m, int64_t n, int64_t k,
+                         Claims *claims) {
+    const int64_t units = gemm_f32_num_units(m, n);
+    int64_t first, last;
+    while (claim(claims, units, &first, &last)) gemm_f32_units(x, ldx, w, y, n, m, n, k, first, last);
+    end_phase(claims, units);
+}
+
+/* hidden += delta (skipped for NULL); out = hidden * (1 / sqrt(mean(hidden^2) + eps)) * weight, rounding
+ * where torch's fp32 ops round */
+static void add_rms_norm_row(float *hidden, const float *delta, const float *weight, float *out, int64_t width,
+                             float eps) {
+    if (delta != NULL)
+        for (int64_t j = 0; j < width; ++j) hidden[j] = hidden[j] + delta[j];
+    __m256 squares = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= width; j += 8) {
+        const __m256 v = _mm256_loadu_ps(hidden + j);
+        squares = _mm256_add_ps(squares, _mm256_mul_ps(v, v));
+    }
+    float total = gemm_f32_lanes(squares);
+    for (; j < width; ++j) total += hidden[j] * hidden[j];
+    const float inverse = 1.0f / sqrtf(total / (float)width + eps);
+    for (j = 0; j < width; ++j) out[j] = (hidden[j] * inverse) * weight[j];
+}
+
+static void norm_share(float *hidden, const float *delta, const float *weight, float *out, int64_t m,
+                       int64_t width, float eps, int tid, int threads) {
+    int64_t first, last;
+    share(m, tid, threads, &first, &last);
+    for (int64_t r = first; r < last; ++r)
+        add_rms_norm_row(hidden + r * width, delta == NULL ? NULL : delta + r * width, weight, out + r * width,
+                         width, eps);
+}
+
+/* x [d] rotated in place: x * cos + rotate_half(x) * sin (transformers' form, same roundings) */
+static void rope_head(float *x, const float *cos, const float *sin, int64_t half) {
+    for (int64_t j = 0; j < half; ++j) {
+        const float low = x[j], high = x[j + half];
+        x[j] = low * cos[j] + (-high) * sin[j];
+        x[j + half] = high * cos[j + half] + low * sin[j + half];
+    }
+}
+
+/* exp(x) for x <= 0 (softmax, SiLU's exp(-|x|)): 2^n * p(r), a degree-6 polynomial on r in [-ln2/2, ln2/2],
+ * within 2 ulp of expf; below -87 it returns 0 */
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* act[j] = silu(gate[j]) * up[j] for j in [from, to) */
+static void silu_mul_columns(const float *gate, const float *up, float *act, int64_t from, int64_t to) {
+    int64_t j = from;
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (; j + 8 <= to; j += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + j);
+        const __m256 e = exp_nonpositive(_mm256_or_ps(g, sign));  /* exp(-|g|) */
+        /* sigmoid(g) = 1 / (1 + exp(-g)); for g < 0 it is exp(g) / (1 + exp(g)), no overflow either way */
+        const __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+        const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, negative), _mm256_add_ps(one, e));
+        _mm256_storeu_ps(act + j, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + j)));
+    }
+    for (; j < to; ++j) act[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+}
+
+/* attention of `group` query heads q [group, d] over `count` key/value rows at offsets (one head's columns,
+ * d % 8 == 0): out [group, d]; scores [group, count] scratch */
+static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *offsets,
+                   int64_t count, int64_t group, int64_t d, float scale, float *scores, float *out) {
+    for (int64_t g = 0; g < group; ++g) {
+        const float *query = q + g * d;
+        float *row = scores + g * count;
+        float peak = -INFINITY;
+        for (int64_t t = 0; t < count; ++t) {
+            const float *key = k_cache + offsets[t];
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t j = 0; j < d; j += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + j), _mm256_loadu_ps(key + j), acc);
+            row[t] = gemm_f32_lanes(acc) * scale;
+            peak = row[t] > peak ? row[t] : peak;
+        }
+        __m256 sums = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= count; t += 8) {
+            const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + t), _mm256_set1_ps(peak)));
+            _mm256_storeu_ps(row + t, e);
+            sums = _mm256_add_ps(sums, e);
+        }
+        float total = gemm_f32_lanes(sums);
+        for (; t < count; ++t) {
+            row[t] = expf(row[t] - peak);
+            total += row[t];
+        }
+        const float inverse = 1.0f / total;
+        for (int64_t j = 0; j < d; j += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t t = 0; t < count; ++t)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(row[t]), _mm256_loadu_ps(v_cache + offsets[t] + j), acc);
+            _mm256_storeu_ps(out + g * d + j, _mm256_mul_ps(acc, _mm256_set1_ps(inverse)));
+        }
+    }
+}
+
+/* Checks every row's slot and position against every layer's cache before anything is written: returns the
+ * first bad row + 1, or 0. */
+static int64_t check_rows(const LayerF32 *layers, int64_t num_layers, const int64_t *slots,
+                          const int64_t *positions, int64_t m) {
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t l = 0; l < num_layers; ++l)
+            if (slots[i] < 0 || positions[i] < 0 || slots[i] >= layers[l].num_slots
+                || positions[i] >= layers[l].max_len)
+                return i + 1;
+    return 0;
+}
+
+/* hidden [m, hidden] holds the embedded tokens; on return, the last layer's output (residual added).
+ * Row i decodes the sequence in slots[i] at positions[i] (its context positions[i] + 1 tokens).
+ * Scratch buffers: normed, proj [m, hidden]; qkv [m, (H + 2 KVH) D]; attn [m, H D]; gate_up [m, 2 I];
+ * act [m, I]. Returns 0, or the first row + 1 whose slot / position is outside a cache (nothing written). */
+int64_t decode_step_f32(const ShapeF32 *shape, const LayerF32 *layers, float *hidden, int64_t m,
+                        const int64_t *slots, const int64_t *positions, float *normed, float *qkv, float *attn,
+                        float *proj, float *gate_up, float *act, int64_t num_threads) {
+    const int64_t bad = check_rows(layers, shape->num_layers, slots, positions, m);
+    if (bad) return bad;
+    const int64_t width = shape->hidden, d = shape->head_dim, heads = shape->num_heads, kv_heads = shape->num_kv_heads;
+    const int64_t q_size = heads * d, kv_size = kv_heads * d, qkv_width = q_size + 2 * kv_size;
+    const int64_t inter = shape->intermediate, group = heads / kv_heads;
+    /* gate block b and up block b cover the same columns when the intermediate size is a whole number of units */
+    const int paired_mlp = inter % GEMM_F32_UNIT == 0;
+    int64_t max_len = 1;
+    for (int64_t i = 0; i < m; ++i) max_len = positions[i] + 1 > max_len ? positions[i] + 1 : max_len;
+    Barrier barrier = {0, 0, (int)num_threads, 0};
+    Counter counter = {0};
+    #pragma omp parallel num_threads(num_threads)
+    {
+        const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
+        __atomic_store_n(&barrier.threads, threads, __ATOMIC_RELAXED);  /* every thread stores the same value */
+        Claims claims = {&counter, 0, threads};
+        float *scores = (float *)malloc(sizeof(float) * group * max_len);
+        int64_t *offsets = (int64_t *)malloc(sizeof(int64_t) * max_len);
+        const float *pending = NULL;  /* the residual not yet added to hidden */
+        int64_t first, last;
+        for (int64_t l = 0; l < shape->num_layers; ++l) {
+            const LayerF32 *layer = layers + l;
+            norm_share(hidden, pending, layer->input_norm, normed, m, width, shape->eps, tid, threads);
+            barrier_wait(&barrier);
+            gemm_claimed(normed, width, layer->qkv, qkv, m, qkv_width, width, &claims);
+            barrier_wait(&barrier);
+            while (claim(&claims, m * kv_heads, &first, &last)) for (int64_t task = first; task < last; ++task) {
+                const int64_t row = task / kv_heads, h = task % kv_heads;
+                float *q = qkv + row * qkv_width + h * group * d;
+                float *k = qkv + row * qkv_width + q_size + h * d, *v = k + kv_size;
+                const float *table = shape->rope_table + positions[row] * 2 * d;
+                for (int64_t g = 0; g < group; ++g) rope_head(q + g * d, table, table + d, d / 2);
+                rope_head(k, table, table + d, d / 2);
+                const int64_t at = slots[row] * layer->slot_stride + positions[row] * layer->token_stride + h * d;
+                memcpy(layer->k_cache + at, k, sizeof(float) * d);
+                memcpy(layer->v_cache + at, v, sizeof(float) * d);
+                const int64_t len = positions[row] + 1;
+                const int64_t start = (layer->window > 0 && len > layer->window) ? len - layer->window : 0;
+                for (int64_t t = start; t < len; ++t)
+                    offsets[t - start] = slots[row] * layer->slot_stride + t * layer->token_stride;
+                attend(q, layer->k_cache + h * d, layer->v_cache + h * d, offsets, len - start, group, d,
+                       shape->scale, scores, attn + row * q_size + h * group * d);
+            }
+            end_phase(&claims, m * kv_heads);
+            barrier_wait(&barrier);
+            gemm_claimed(attn, q_size, layer->o, proj, m, width, q_size, &claims);
+            barrier_wait(&barrier);
+            norm_share(hidden, proj, layer->post_norm, normed, m, width, shape->eps, tid, threads);
+            barrier_wait(&barrier);
+            if (paired_mlp) {  /* a gate block, the up block of the same columns, then SiLU x up on them */
+                const int64_t blocks = inter / GEMM_F32_UNIT, row_blocks = (m + GEMM_F32_ROWS - 1) / GEMM_F32_ROWS;
+                while (claim(&claims, blocks * row_blocks, &first, &last)) for (int64_t t = first; t < last; ++t) {
+                    const int64_t c0 = (t % blocks) * GEMM_F32_UNIT, c1 = c0 + GEMM_F32_UNIT;
+                    const int64_t i0 = (t / blocks) * GEMM_F32_ROWS;
+                    const int64_t i1 = i0 + GEMM_F32_ROWS < m ? i0 + GEMM_F32_ROWS : m;
+                    gemm_f32_region(normed, width, layer->gate_up, gate_up, 2 * inter, width, c0, c1, i0, i1);
+                    gemm_f32_region(normed, width, layer->gate_up, gate_up, 2 * inter, width, inter + c0,
+                                    inter + c1, i0, i1);
+                    for (int64_t row = i0; row < i1; ++row)
+                        silu_mul_columns(gate_up + row * 2 * inter, gate_up + row * 2 * inter + inter,
+                                         act + row * inter, c0, c1);
+                }
+                end_phase(&claims, blocks * row_blocks);
+            } else {
+                gemm_claimed(normed, width, layer->gate_up, gate_up, m, 2 * inter, width, &claims);
+                barrier_wait(&barrier);
+                share(m, tid, threads, &first, &last);
+                for (int64_t row = first; row < last; ++row)
+                    silu_mul_columns(gate_up + row * 2 * inter, gate_up + row * 2 * inter + inter, act + row * inter,
+                                     0, inter);
+            }
+            barrier_wait(&barrier);
+            gemm_claimed(act, inter, layer->down, proj, m, width, inter, &claims);
+            barrier_wait(&barrier);
+            pending = proj;
+        }
+        share(m * width, tid, threads, &first, &last);
+        for (int64_t i = first; i < last; ++i) hidden[i] = hidden[i] + proj[i];
+        free(scores);
+        free(offsets);
+    }
+    return 0;
+}

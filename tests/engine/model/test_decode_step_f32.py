@@ -1,0 +1,62 @@
+"""The fused fp32 decode step (engine/model/decode_step.py, csrc/decode_step_f32.c) gives the per-op path's
+greedy tokens and logits within fp32 rounding, on a random model with the shapes that take its other branches
+(sliding windows, an intermediate size that is not a whole number of product units)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model.decode_step import MAX_ROWS, F32DecodeStep
+from engine.model.linear import NativeLinear, TorchLinear
+from tests.engine.engine_helpers import run_all
+from tests.engine.model.test_decode_step import CASES, _engine
+# collected here too, with this module's fp32 `engine`: the same row checks and step shapes as the bf16 step's
+from tests.engine.model.test_decode_step import test_fused_step_takes_only_pure_decode_steps_and_checks_rows  # noqa: F401
+
+pytestmark = pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")),
+                                reason="needs AVX2")
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "llama-240"])
+def engine(request, tmp_path_factory):
+    engine = _engine(tmp_path_factory.mktemp("decode-step-f32") / request.param, request.param, dtype="float32")
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_fp32_step_gives_the_per_op_paths_tokens_and_logits(engine, monkeypatch, case):
+    prompts, params, expected_rows = CASES[case]
+    model = engine.runner.model
+    fused = model.decode_step
+    assert isinstance(fused, F32DecodeStep)
+    logits, fused_rows = [], []
+    compute_logits, run = model.compute_logits, fused.run
+    monkeypatch.setattr(model, "compute_logits",
+                        lambda *args: logits.append(compute_logits(*args).clone()) or logits[-1])
+    monkeypatch.setattr(fused, "run", lambda batch, *args: fused_rows.append(batch.num_tokens) or run(batch, *args))
+    runs = []
+    for decode_step in (None, fused):
+        monkeypatch.setattr(model, "decode_step", decode_step)
+        logits.clear()
+        runs.append((run_all(engine, prompts, params), list(logits)))
+    (per_op_tokens, per_op_logits), (fused_tokens, fused_logits) = runs
+    assert sorted(set(fused_rows)) == expected_rows
+    assert fused_tokens == per_op_tokens
+    assert len(fused_logits) == len(per_op_logits)
+    for a, b in zip(fused_logits, per_op_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fp32_step_needs_the_native_products(tmp_path):
+    """With torch.mm for the products (`linear_backend: torch`) fp32 keeps the per-op path."""
+    engine = _engine(tmp_path, "llama", dtype="float32")
+    try:
+        model = engine.runner.model
+        assert isinstance(model.linear, NativeLinear) and F32DecodeStep.accepts(model)
+        model.linear = TorchLinear()
+        assert not F32DecodeStep.accepts(model)
+        assert MAX_ROWS >= 64  # every decode batch the engine makes by default
+    finally:
+        engine.close()
