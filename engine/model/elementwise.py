@@ -2,12 +2,15 @@
 
 - `TorchElementwise`: torch ops in transformers' order and dtypes (fp32 outputs equal transformers' bit for
   bit; tests/engine/core/test_engine_exactness.py).
-- `NativeBf16Elementwise`: for bf16 on CPU, each op one pass in C (csrc/elementwise_bf16.c) instead of 3-7
-  torch ops, rounding to bf16 where those ops round. At batch 1 a decode step runs ~30 of these per layer,
-  and their dispatch overhead was a visible share of a step that only streams 270 MB of weights. Anything
-  else (fp32, other devices, layouts the kernels do not take) goes to the torch ops.
+- `NativeElementwise`: each op one pass in C instead of 2-10 torch ops (a dispatch, an OpenMP fork/join and a
+  pass over memory each), for bf16 (`NativeBf16Elementwise`, csrc/elementwise_bf16.c: rounding to bf16 where
+  the torch ops round) and for fp32 on AVX2/FMA (`NativeF32Elementwise`, csrc/elementwise_f32.c: a few ulps
+  from torch's fp32 ops in RMSNorm's mean and SiLU's exp; greedy tokens equal transformers' in the exactness
+  tests). At batch 1 a decode step runs ~30 of these per layer, and in a prompt chunk of 1,024 tokens the
+  torch ops' passes over memory were ~9% of the step (fp32, AVX2 box, 2026-12-07). Anything else (other
+  devices, layouts the kernels do not take) goes to the torch ops.
 
-`create_elementwise(dtype)` picks the native one for bf16 where the C kernels build.
+`create_elementwise(dtype)` picks the native one for bf16 and fp32 where the C kernels build.
 """
 
 from __future__ import annotations
@@ -48,22 +51,27 @@ class TorchElementwise:
         return torch.mul(F.silu(gate_up[:, :width]), gate_up[:, width:], out=out)
 
 
-class NativeBf16Elementwise(TorchElementwise):
+class NativeElementwise(TorchElementwise):
+    """The C kernels for `DTYPE` (csrc/elementwise_<SUFFIX>.c: add_rms_norm_<SUFFIX>, rope_<SUFFIX>,
+    silu_mul_<SUFFIX>, one signature for every dtype)."""
+
+    DTYPE = torch.bfloat16
+    SUFFIX = "bf16"
+
     def __init__(self):
-        library = load_library(Path(__file__).parent / "csrc" / "elementwise_bf16.c")
+        library = load_library(Path(__file__).parent / "csrc" / f"elementwise_{self.SUFFIX}.c")
         pointer, int64 = ctypes.c_void_p, ctypes.c_int64
-        self._norm = library.add_rms_norm_bf16
+        self._norm = getattr(library, f"add_rms_norm_{self.SUFFIX}")
         self._norm.argtypes = [pointer] * 4 + [int64] * 4 + [ctypes.c_float, int64]
-        self._rope = library.rope_bf16
+        self._rope = getattr(library, f"rope_{self.SUFFIX}")
         self._rope.argtypes = [pointer] + [int64] * 4 + [pointer, pointer, int64, int64]
-        self._silu_mul = library.silu_mul_bf16
+        self._silu_mul = getattr(library, f"silu_mul_{self.SUFFIX}")
         self._silu_mul.argtypes = [pointer, pointer, int64, int64, int64]
         for function in (self._norm, self._rope, self._silu_mul):
             function.restype = None
 
-    @staticmethod
-    def _takes(*tensors: torch.Tensor) -> bool:
-        return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+    def _takes(self, *tensors: torch.Tensor) -> bool:
+        return all(t.dtype == self.DTYPE and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
 
     def _norm_takes(self, hidden, delta, weight, out) -> bool:
         return (hidden.dim() == 2 and self._takes(hidden, weight, out, *(() if delta is None else (delta,)))
@@ -100,11 +108,23 @@ class NativeBf16Elementwise(TorchElementwise):
         return out
 
 
+class NativeBf16Elementwise(NativeElementwise):
+    DTYPE, SUFFIX = torch.bfloat16, "bf16"
+
+
+class NativeF32Elementwise(NativeElementwise):
+    DTYPE, SUFFIX = torch.float32, "f32"
+
+
+_NATIVE = {variant.DTYPE: variant for variant in (NativeBf16Elementwise, NativeF32Elementwise)}
+
+
 def create_elementwise(dtype: torch.dtype, device: str = "cpu") -> TorchElementwise:
-    if dtype != torch.bfloat16 or device != "cpu":
+    variant = _NATIVE.get(dtype)
+    if variant is None or device != "cpu":
         return TorchElementwise()
     try:
-        return NativeBf16Elementwise()
+        return variant()
     except (RuntimeError, OSError) as error:
-        logger.warning("native bf16 elementwise kernels unavailable (%s); using torch ops", error)
+        logger.warning("native %s elementwise kernels unavailable (%s); using torch ops", variant.SUFFIX, error)
         return TorchElementwise()

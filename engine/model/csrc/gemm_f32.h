@@ -64,7 +64,7 @@ static inline __attribute__((always_inline)) void gemm_f32_tile(const float *x, 
 #define GEMM_F32_TILE_CASE(W, R) \
     case (W) * 8 + (R): gemm_f32_tile(x, ldx, w, k, y, ldy, W, R); return;
 
-static void gemm_f32_tile_any(const float *x, int64_t ldx, const float *w, int64_t k, float *y, int64_t ldy,
+static inline void gemm_f32_tile_any(const float *x, int64_t ldx, const float *w, int64_t k, float *y, int64_t ldy,
                               int W, int R) {
     switch (W * 8 + R) {
         GEMM_F32_TILE_CASE(4, 4) GEMM_F32_TILE_CASE(4, 3) GEMM_F32_TILE_CASE(4, 2) GEMM_F32_TILE_CASE(4, 1)
@@ -77,7 +77,7 @@ static void gemm_f32_tile_any(const float *x, int64_t ldx, const float *w, int64
 }
 
 /* y rows [i0, i1), columns [n0, n1) of y = x @ w^T (x rows ldx apart, y rows ldy apart, k inputs) */
-static void gemm_f32_region(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy, int64_t k,
+static inline void gemm_f32_region(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy, int64_t k,
                             int64_t n0, int64_t n1, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i += GEMM_F32_TR) {
         const int R = i1 - i < GEMM_F32_TR ? (int)(i1 - i) : GEMM_F32_TR;
@@ -94,7 +94,7 @@ static inline int64_t gemm_f32_num_units(int64_t m, int64_t n) {
 
 /* units [first, last) of y = x @ w^T, x [m, k], w [n, k]. Units run weight-block-major within one block of x
  * rows, so the threads share that block in L2 while they stream the weight. */
-static void gemm_f32_units(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy, int64_t m,
+static inline void gemm_f32_units(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy, int64_t m,
                            int64_t n, int64_t k, int64_t first, int64_t last) {
     const int64_t blocks = (n + GEMM_F32_UNIT - 1) / GEMM_F32_UNIT;
     for (int64_t unit = first; unit < last; ++unit) {
