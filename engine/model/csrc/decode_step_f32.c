@@ -66,22 +66,50 @@ static void norm_share(float *hidden, const float *delta, const float *weight, f
                          width, eps);
 }
 
+/* the 8 lane sums of a0..a7, in that order, in one vector */
+static inline __m256 lane_sums8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                                __m256 a7) {
+    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+}
+
+/* row[t] = q . key(t) * scale for t < count; returns the largest. Eight keys at a time (eight independent
+ * accumulator chains: one chain per key is bound by the FMA latency), the rest one by one. */
+static float scores_for(const float *query, const float *k_cache, const int64_t *offsets, int64_t count,
+                        int64_t d, float scale, float *row) {
+    float peak = -INFINITY;
+    int64_t t = 0;
+    for (; t + 8 <= count; t += 8) {
+        __m256 acc[8];
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < d; j += 8) {
+            const __m256 qv = _mm256_loadu_ps(query + j);
+            for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k_cache + offsets[t + u] + j), acc[u]);
+        }
+        const __m256 dots = _mm256_mul_ps(lane_sums8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]),
+                                          _mm256_set1_ps(scale));
+        _mm256_storeu_ps(row + t, dots);
+        for (int u = 0; u < 8; ++u) peak = row[t + u] > peak ? row[t + u] : peak;
+    }
+    for (; t < count; ++t) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < d; j += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + j), _mm256_loadu_ps(k_cache + offsets[t] + j), acc);
+        row[t] = gemm_f32_lanes(acc) * scale;
+        peak = row[t] > peak ? row[t] : peak;
+    }
+    return peak;
+}
+
 /* attention of `group` query heads q [group, d] over `count` key/value rows at offsets (one head's columns,
- * d % 8 == 0): out [group, d]; scores [group, count] scratch */
+ * d % 8 == 0): out [group, d]; scores [group, count] scratch. The values' sum keeps up to 8 accumulators (64
+ * columns) across the tokens, each chain independent of the others. */
 static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *offsets,
                    int64_t count, int64_t group, int64_t d, float scale, float *scores, float *out) {
     for (int64_t g = 0; g < group; ++g) {
-        const float *query = q + g * d;
         float *row = scores + g * count;
-        float peak = -INFINITY;
-        for (int64_t t = 0; t < count; ++t) {
-            const float *key = k_cache + offsets[t];
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t j = 0; j < d; j += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + j), _mm256_loadu_ps(key + j), acc);
-            row[t] = gemm_f32_lanes(acc) * scale;
-            peak = row[t] > peak ? row[t] : peak;
-        }
+        const float peak = scores_for(q + g * d, k_cache, offsets, count, d, scale, row);
         __m256 sums = _mm256_setzero_ps();
         int64_t t = 0;
         for (; t + 8 <= count; t += 8) {
@@ -94,12 +122,17 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
             row[t] = expf(row[t] - peak);
             total += row[t];
         }
-        const float inverse = 1.0f / total;
-        for (int64_t j = 0; j < d; j += 8) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t t = 0; t < count; ++t)
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(row[t]), _mm256_loadu_ps(v_cache + offsets[t] + j), acc);
-            _mm256_storeu_ps(out + g * d + j, _mm256_mul_ps(acc, _mm256_set1_ps(inverse)));
+        const __m256 inverse = _mm256_set1_ps(1.0f / total);
+        for (int64_t j = 0; j < d; j += 64) {
+            const int vectors = d - j < 64 ? (int)((d - j) / 8) : 8;
+            __m256 acc[8];
+            for (int u = 0; u < vectors; ++u) acc[u] = _mm256_setzero_ps();
+            for (int64_t s = 0; s < count; ++s) {
+                const __m256 p = _mm256_set1_ps(row[s]);
+                const float *value = v_cache + offsets[s] + j;
+                for (int u = 0; u < vectors; ++u) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * u), acc[u]);
+            }
+            for (int u = 0; u < vectors; ++u) _mm256_storeu_ps(out + g * d + j + 8 * u, _mm256_mul_ps(acc[u], inverse));
         }
     }
 }
