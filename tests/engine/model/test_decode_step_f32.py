@@ -10,9 +10,13 @@ import torch
 from engine.model.decode_step import MAX_ROWS, F32DecodeStep
 from engine.model.linear import NativeLinear, TorchLinear
 from tests.engine.engine_helpers import run_all
-from tests.engine.model.test_decode_step import CASES, _engine
-# collected here too, with this module's fp32 `engine`: the same row checks and step shapes as the bf16 step's
-from tests.engine.model.test_decode_step import test_fused_step_takes_only_pure_decode_steps_and_checks_rows  # noqa: F401
+
+# the row checks test is collected here too, with this module's fp32 `engine` (the bf16 step's checks)
+from tests.engine.model.test_decode_step import (
+    CASES,
+    _engine,
+    test_fused_step_takes_only_pure_decode_steps_and_checks_rows,  # noqa: F401
+)
 
 pytestmark = pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")),
                                 reason="needs AVX2")
