@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -36,9 +37,11 @@ from engine.native_build import load_library
 
 logger = logging.getLogger(__name__)
 # decode steps of at most this many rows take the fused step: any the engine makes (max_num_seqs is 64 by
-# default). Without AMX the packed kernel beats oneDNN at every size there; with AMX its tile routine does, and
-# the fused step beat the per-op path at 1-128 rows (2026-12-06, Xeon with AMX, 2 threads: 18.5 vs 29.3 ms at
-# batch 1, 34.6 vs 54.2 at 16, 77.5 vs 87.2 at 64; `python -m loadtest.bench.decode_step`)
+# default). fp32 on AVX2 (2026-12-07, Zen 3 EPYC, 2 threads): 1.42x the per-op path's speed at batch 1, 1.23x
+# at 8, 1.08x at 32, 1.11x at 64 (the per-op path with the same products). bf16: without AMX the packed kernel
+# beats oneDNN at every size there; with AMX its tile routine does, and the fused step beat the per-op path at
+# 1-128 rows (2026-12-06, Xeon with AMX, 2 threads: 18.5 vs 29.3 ms at batch 1, 34.6 vs 54.2 at 16, 77.5 vs
+# 87.2 at 64; `python -m loadtest.bench.decode_step`)
 MAX_ROWS = 256
 _MAX_GROUP = 7  # query heads per key/value head the vector attention takes (decode_attention_bf16.h)
 
@@ -82,9 +85,11 @@ def _load_kernel(source: str, name: str) -> ctypes.CDLL:
     return library
 
 
-class DecodeStep:
-    """One variant of the fused step. Subclasses name their kernel and say which models they take (`accepts`)
-    and how a layer's weights are handed to the kernel (`_weights`)."""
+class DecodeStep(ABC):
+    """One variant of the fused step. A variant names its C source and kernel (SOURCE, KERNEL: the kernel takes
+    (shape, layers, hidden, rows, slots, positions, six scratch buffers, threads) and returns 0 or the first bad
+    row + 1), its layer struct (LAYER: two norm pointers, four product weights, then the cache fields), which
+    models it computes (`accepts`) and how a layer's product weights are handed over (`_weights`)."""
 
     SOURCE = ""
     KERNEL = ""
@@ -105,13 +110,13 @@ class DecodeStep:
         return _load_kernel(cls.SOURCE, cls.KERNEL)
 
     @classmethod
+    @abstractmethod
     def accepts(cls, model) -> bool:
         """Whether this variant computes `model`'s decode steps (its dtype, weights and ops)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _weights(self, layer: dict) -> tuple:
-        """The layer's weight fields of LAYER, in order: norms, then qkv, o, gate_up, down."""
-        raise NotImplementedError
+        """LAYER's qkv, o, gate_up and down fields for `layer`'s product weights."""
 
     @staticmethod
     def for_model(model) -> DecodeStep | None:
