@@ -57,6 +57,14 @@ def test_fused_step_equals_the_per_op_path_bit_for_bit(engine, monkeypatch, case
         pytest.skip(f"the fused step takes at most {MAX_ROWS} rows here (AMX)")
     # the per-op path with the packed GEMM for every product (with AMX oneDNN takes products of 3+ rows)
     monkeypatch.setattr(onednn_linear, "SKINNY_MAX_ROWS", 1 << 30)
+    per_op_logits, fused_logits = both_paths(engine, monkeypatch, prompts, params, expected_rows)
+    assert all(torch.equal(a, b) for a, b in zip(fused_logits, per_op_logits, strict=True))
+
+
+def both_paths(engine, monkeypatch, prompts, params, expected_rows) -> tuple[list, list]:
+    """Runs the prompts on the per-op path, then on the fused step; checks that both gave the same greedy tokens,
+    that the fused step ran steps of exactly `expected_rows` rows and that both computed as many logits; returns
+    each path's logits, step by step."""
     model = engine.runner.model
     fused = model.decode_step
     assert fused is not None
@@ -74,7 +82,7 @@ def test_fused_step_equals_the_per_op_path_bit_for_bit(engine, monkeypatch, case
     assert sorted(set(fused_rows)) == expected_rows
     assert fused_tokens == per_op_tokens
     assert len(fused_logits) == len(per_op_logits)
-    assert all(torch.equal(a, b) for a, b in zip(fused_logits, per_op_logits, strict=True))
+    return per_op_logits, fused_logits
 
 
 def test_fused_step_takes_only_pure_decode_steps_and_checks_rows(engine):

@@ -9,12 +9,12 @@ import torch
 
 from engine.model.decode_step import MAX_ROWS, F32DecodeStep
 from engine.model.linear import NativeLinear, TorchLinear
-from tests.engine.engine_helpers import run_all
 
 # the row checks test is collected here too, with this module's fp32 `engine` (the bf16 step's checks)
 from tests.engine.model.test_decode_step import (
     CASES,
     _engine,
+    both_paths,
     test_fused_step_takes_only_pure_decode_steps_and_checks_rows,  # noqa: F401
 )
 
@@ -32,23 +32,8 @@ def engine(request, tmp_path_factory):
 @pytest.mark.parametrize("case", CASES)
 def test_fused_fp32_step_gives_the_per_op_paths_tokens_and_logits(engine, monkeypatch, case):
     prompts, params, expected_rows = CASES[case]
-    model = engine.runner.model
-    fused = model.decode_step
-    assert isinstance(fused, F32DecodeStep)
-    logits, fused_rows = [], []
-    compute_logits, run = model.compute_logits, fused.run
-    monkeypatch.setattr(model, "compute_logits",
-                        lambda *args: logits.append(compute_logits(*args).clone()) or logits[-1])
-    monkeypatch.setattr(fused, "run", lambda batch, *args: fused_rows.append(batch.num_tokens) or run(batch, *args))
-    runs = []
-    for decode_step in (None, fused):
-        monkeypatch.setattr(model, "decode_step", decode_step)
-        logits.clear()
-        runs.append((run_all(engine, prompts, params), list(logits)))
-    (per_op_tokens, per_op_logits), (fused_tokens, fused_logits) = runs
-    assert sorted(set(fused_rows)) == expected_rows
-    assert fused_tokens == per_op_tokens
-    assert len(fused_logits) == len(per_op_logits)
+    assert isinstance(engine.runner.model.decode_step, F32DecodeStep)
+    per_op_logits, fused_logits = both_paths(engine, monkeypatch, prompts, params, expected_rows)
     for a, b in zip(fused_logits, per_op_logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
