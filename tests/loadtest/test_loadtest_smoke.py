@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.image  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -32,6 +33,7 @@ def assert_valid_png(path: Path) -> None:
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, path
 
 
+@pytest.mark.slow  # 19 s; the Locust path stays in the default suite (the bare locustfile, the one-shot burst)
 def test_steady_run_writes_summary_and_plots(openai_server, tmp_path):
     out = tmp_path / "steady"
     result = run_loadtest(
@@ -68,6 +70,7 @@ def test_steady_run_writes_summary_and_plots(openai_server, tmp_path):
     assert compared.returncode == 0 and "1.00x" in compared.stdout
 
 
+@pytest.mark.slow  # 8 s
 def test_open_loop_bursts_of_long_prompts(openai_server, tmp_path):
     out = tmp_path / "burst"
     result = run_loadtest(

@@ -234,6 +234,7 @@ def test_controller_exits_once_every_replica_is_gone(cluster):
     wait_for(gone, "the idle controller to end itself", timeout_s=15)
 
 
+@pytest.mark.slow  # 14 s
 def test_tensor_parallel_ranks_run_in_the_replicas_placement_group(cluster):
     """TP=2 with the real WorkerLauncher and a stand-in WorkerProcess: rank 1 is an actor in bundle 1 of
     the replica's placement group, and deleting the app stops it. This app also has an API key and an

@@ -125,6 +125,7 @@ def _migrate(source: LLMEngine, destination: LLMEngine, request_id: str, tokens:
     migration.release(source, request_id)
 
 
+@pytest.mark.slow  # 30 s; TP=2 stays in the default suite (test_tp2_greedy_equals_tp1)
 def test_requests_migrate_between_tp2_and_tp1(tmp_path, prompts, smollm2_tokenizer):
     prompt = prompts[2]
     tp1 = LLMEngine(_config(1), tokenizer=smollm2_tokenizer)

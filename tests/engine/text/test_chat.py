@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from engine.text.tokenizer import encode_chat
 
 REPO = Path(__file__).resolve().parents[3]
@@ -22,6 +24,7 @@ def chat_command(max_tokens: int) -> list[str]:
     return [sys.executable, "-m", "engine.text.chat", "--max-tokens", str(max_tokens), *COMMON_ARGS]
 
 
+@pytest.mark.slow  # 9 s; the chat CLI stays in the default suite (Ctrl-C)
 def test_two_turns_stream_replies_keep_history_and_exit_at_eof(smollm2_tokenizer):
     first, second = "Hi", "What is 2+2?"
     done = subprocess.run(chat_command(8), input=f"{first}\n\n{second}\n", capture_output=True, text=True,

@@ -51,6 +51,7 @@ def tiny_run(tmp_path_factory):
     return offline.main(argv), json.loads(out.read_text())
 
 
+@pytest.mark.slow  # with test_tiny_run_numbers: the tiny run's 18 s
 def test_tiny_run_prints_every_table(tiny_run, capsys):
     results, _ = tiny_run
     printed = offline.format_results(results)
@@ -62,6 +63,7 @@ def test_tiny_run_prints_every_table(tiny_run, capsys):
         assert label in printed, label
 
 
+@pytest.mark.slow
 def test_tiny_run_numbers(tiny_run):
     results, written = tiny_run
     assert written["throughput"]["ours"]["output_tok_s"] == pytest.approx(results["throughput"]["ours"]["output_tok_s"])
