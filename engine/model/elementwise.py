@@ -55,8 +55,8 @@ class NativeElementwise(TorchElementwise):
     """The C kernels for `DTYPE` (csrc/elementwise_<SUFFIX>.c: add_rms_norm_<SUFFIX>, rope_<SUFFIX>,
     silu_mul_<SUFFIX>, one signature for every dtype)."""
 
-    DTYPE = torch.bfloat16
-    SUFFIX = "bf16"
+    DTYPE: torch.dtype  # set by each variant below
+    SUFFIX: str
 
     def __init__(self):
         library = load_library(Path(__file__).parent / "csrc" / f"elementwise_{self.SUFFIX}.c")

@@ -2,7 +2,7 @@
 
 - `torch`: torch.mm (MKL / oneDNN on CPUs, cuBLAS on GPUs).
 - `native`: fp32 products of up to `MAX_ROWS` rows on CPUs with AVX2/FMA by a C kernel over the plain weight
-  (csrc/gemm_f32.h: register tiles of 3 weight rows x 4 rows, units claimed by the threads as they come); it
+  (csrc/gemm_f32.h: register tiles of 2 weight rows x 6 rows, units claimed by the threads as they come); it
   streams a weight at close to the memory bandwidth at one row and is FMA-bound from a few rows on. torch.mm
   for everything else. Measured 2026-12-07 on a 2-vCPU AMD EPYC with AVX2 only (2 threads, each product with
   its own weight copy, `python -m loadtest.bench.gemm_f32`): 0.3-0.5x torch.mm's time at 1-16 rows, 0.7x at

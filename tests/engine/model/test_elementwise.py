@@ -25,7 +25,7 @@ def native(request):
         pytest.skip(f"no C compiler or no AVX2: {error}")
 
 
-def one_bf16_step(actual: torch.Tensor, expected: torch.Tensor) -> None:
+def close_to_torch(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """One bf16 step apart (bf16), or a few fp32 ulps (fp32)."""
     tolerance = 2 ** -7 if actual.dtype == torch.bfloat16 else 4e-6
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance, atol=1e-6)
@@ -51,8 +51,8 @@ def test_add_rms_norm_matches_torch(native, rows, width, monkeypatch):
     out = torch.empty_like(hidden)
     assert native.add_rms_norm(hidden, delta, weight, out, EPS) is out
     assert torch.equal(hidden, expected_hidden)  # the residual add rounds exactly as torch's add_
-    one_bf16_step(out, expected)
-    one_bf16_step(native.rms_norm(hidden, weight, torch.empty_like(hidden), EPS), expected)
+    close_to_torch(out, expected)
+    close_to_torch(native.rms_norm(hidden, weight, torch.empty_like(hidden), EPS), expected)
     assert len(calls) == 2
 
 
@@ -81,7 +81,7 @@ def test_silu_mul_matches_torch(native, monkeypatch):
     gate_up = 4 * torch.randn(7, 2 * 1537, generator=torch.Generator().manual_seed(2)).to(native.DTYPE)
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamp, no overflow, zeros
     expected = TorchElementwise().silu_mul(gate_up, torch.empty(7, 1537, dtype=native.DTYPE))
-    one_bf16_step(native.silu_mul(gate_up, torch.empty(7, 1537, dtype=native.DTYPE)), expected)
+    close_to_torch(native.silu_mul(gate_up, torch.empty(7, 1537, dtype=native.DTYPE)), expected)
     assert len(calls) == 1
 
 
