@@ -4,8 +4,8 @@
 - `Bf16DecodeStep` (csrc/decode_step_bf16.c): bf16 weights packed for oneDNN (engine/model/onednn_linear.py) on
   AVX512-BF16 CPUs (products on AMX tiles where the CPU has them); every value computed by the per-op kernels'
   routines, so its bits equal the per-op path's with the packed GEMM for every product.
-- `F32DecodeStep` (csrc/decode_step_f32.c): fp32 on AVX2/FMA CPUs, the model's plain weights, products by the
-  per-op path's own fp32 kernel (csrc/gemm_f32.h, the same bits); the norms, RoPE, SiLU and attention in C
+- `F32DecodeStep` (csrc/decode_step_f32.c): fp32 on AVX2/FMA CPUs, the weights in the per-op path's panels
+  (engine/model/linear.py `PanelWeight`), products by the per-op path's own fp32 kernel (csrc/gemm_f32.h, the same bits); the norms, RoPE, SiLU and attention in C
   (a few ulps from torch's fp32 ops; greedy tokens held to transformers' by the exactness tests).
 
 The per-op path runs ~10-35 kernel calls per layer (~300-1,000 per step for SmolLM2), each a Python call and a
@@ -31,7 +31,7 @@ from engine.attention.native import rows_in_place
 from engine.attention.native_decode import NativeDecodeBackend
 from engine.core.forward_batch import ForwardBatch
 from engine.model.elementwise import NativeBf16Elementwise
-from engine.model.linear import NativeLinear
+from engine.model.linear import PanelWeight
 from engine.model.onednn_linear import PackedWeight, set_bf16_dot
 from engine.native_build import load_library
 
@@ -195,10 +195,10 @@ class F32DecodeStep(DecodeStep):
 
     @classmethod
     def accepts(cls, model) -> bool:
-        return (model.dtype == torch.float32 and isinstance(model.linear, NativeLinear)
-                and model.config.head_dim % 8 == 0
+        return (model.dtype == torch.float32 and model.config.head_dim % 8 == 0
+                and all(isinstance(layer[name], PanelWeight) for layer in model.layers for name in _MATRICES)
                 and all(type(layer[name]) is torch.Tensor and layer[name].is_contiguous()
-                        for layer in model.layers for name in (*_MATRICES, "input_norm", "post_norm")))
+                        for layer in model.layers for name in ("input_norm", "post_norm")))
 
     def _weights(self, layer: dict) -> tuple:
-        return tuple(layer[name].data_ptr() for name in _MATRICES)
+        return tuple(layer[name].panels.data_ptr() for name in _MATRICES)

@@ -73,12 +73,12 @@ class Gemma3Model(LlamaModel):
         def place_matrix(tensor: torch.Tensor, layer: int | None = None):  # stored the linear backend's way
             return self.linear.place(tensor.to(dtype).contiguous(), lambda placed: allocate(placed, layer))
 
-        self.embed = place(weights["model.embed_tokens.weight"])
         lm_head = weights.get("lm_head.weight")
-        if lm_head is None:  # tied: the embedding itself, unless the backend stores weights its own way
-            embed = self.embed
-            self.lm_head = self.linear.place(embed, lambda tensor: embed if tensor is embed else allocate(tensor, None))
+        if lm_head is None:  # tied: one matrix, stored the backend's way for both the lookups and the products
+            embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
+            self.embed, self.lm_head = self.linear.place_tied(embed, lambda placed: allocate(placed, None))
         else:
+            self.embed = place(weights["model.embed_tokens.weight"])
             self.lm_head = place_matrix(lm_head)
         self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32).to(dtype)
         self.final_norm = place_norm(weights["model.norm.weight"])
@@ -138,7 +138,7 @@ class Gemma3Model(LlamaModel):
             raise LayersDroppedError(f"layers {sorted(missing)} are dropped on this replica")
         hidden = buffers["hidden"]
         if embed:
-            torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
+            self.linear.rows(self.embed, batch.input_ids, hidden)
             hidden.mul_(self.embed_scale)
         rope = {}
         for kind, table in self.rope_tables.items():

@@ -1,13 +1,11 @@
 """Products with a weight matrix (`x @ w.T`, w stored [out, in]): one object per variant, chosen by name.
 
 - `torch`: torch.mm (MKL / oneDNN on CPUs, cuBLAS on GPUs).
-- `native`: fp32 products of up to `MAX_ROWS` rows on CPUs with AVX2/FMA by a C kernel over the plain weight
-  (csrc/gemm_f32.h: register tiles of 2 weight rows x 6 rows, units claimed by the threads as they come); it
-  streams a weight at close to the memory bandwidth at one row and is FMA-bound from a few rows on. torch.mm
-  for everything else. Measured 2026-12-07 on a 2-vCPU AMD EPYC with AVX2 only (2 threads, each product with
-  its own weight copy, `python -m loadtest.bench.gemm_f32`): 0.3-0.5x torch.mm's time at 1-16 rows, 0.7x at
-  32, 0.9x at 64, 0.53x for the 49152x576 lm head at 64 rows; 1.05-1.1x at 128 rows and 1.3x at 512 (hence
-  `MAX_ROWS`: prompt chunks keep torch.mm).
+- `native`: fp32 products on CPUs with AVX2/FMA by a C kernel over weights packed at load in panels of 16
+  outputs (csrc/gemm_f32.h: BLIS-style outer-product register tiles of 6 rows x 16 outputs), for every row
+  count: it streams a weight at close to the memory bandwidth at one row and is FMA-bound from a few rows on.
+  Measured 2026-12-07 on a 2-vCPU AMD EPYC with AVX2 only (2 threads, `python -m loadtest.bench.gemm_f32`):
+  see csrc/gemm_f32.h and docs/SPEED.md. Other dtypes keep plain weights and torch.mm.
 - `onednn`: bf16 weights pre-packed for oneDNN at load and kept in the pool (engine/model/onednn_linear.py),
   for AVX512-BF16 / AMX CPUs; fp32 products go to `native` / `torch` as before.
 - `auto`: `onednn` where the CPU has AVX512-BF16 or AMX (it only acts on bf16 weights), wrapping `native`
@@ -22,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import torch
 from engine.native_build import load_library
 
 logger = logging.getLogger(__name__)
-MAX_ROWS = 64
+PANEL = 16  # outputs per panel of a packed fp32 weight (GEMM_F32_PANEL in csrc/gemm_f32.h)
 Allocator = Callable[[torch.Tensor], torch.Tensor]  # returns a pool-backed copy of the tensor
 
 
@@ -39,6 +38,16 @@ class TorchLinear:
     def place(self, weight: torch.Tensor, allocate: Allocator):
         """Stores a [out, in] weight (in the model's dtype) through `allocate`; returns what `__call__` takes."""
         return allocate(weight)
+
+    def place_tied(self, embed: torch.Tensor, allocate: Allocator) -> tuple:
+        """A tied embedding and lm head (one [vocab, hidden] matrix) through `allocate`: (what `rows` reads,
+        what `__call__` takes). Here one plain tensor serves both."""
+        placed = allocate(embed)
+        return placed, placed
+
+    def rows(self, weight, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = the rows `ids` of a placed embedding (the first of `place_tied`, or a plain tensor)."""
+        return torch.index_select(weight, 0, ids, out=out)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,6 +67,37 @@ class TorchLinear:
         return False
 
 
+@dataclass(frozen=True)
+class PanelWeight:
+    """A [out, in] fp32 weight in csrc/gemm_f32.h's panels: `panels` [ceil(out / 16), in, 16] holds
+    weight[16 p + j, c] at [p, c, j] (rows past `out` are zeros)."""
+
+    panels: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def device(self) -> torch.device:
+        return self.panels.device
+
+    @staticmethod
+    def pack(weight: torch.Tensor) -> torch.Tensor:
+        """The panels of a [out, in] weight (a new contiguous tensor)."""
+        out_features, in_features = weight.shape
+        num_panels = -(-out_features // PANEL)
+        padded = weight.new_zeros(num_panels * PANEL, in_features)
+        padded[:out_features] = weight
+        return padded.view(num_panels, PANEL, in_features).transpose(1, 2).contiguous()
+
+    def unpack(self) -> torch.Tensor:
+        """The plain [out, in] weight (a new tensor)."""
+        return self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features].clone()
+
+
 class NativeLinear(TorchLinear):
     name = "native"
 
@@ -68,17 +108,37 @@ class NativeLinear(TorchLinear):
         pointer, int64 = ctypes.c_void_p, ctypes.c_int64
         self._kernel.argtypes = [pointer, int64, pointer, pointer] + [int64] * 5
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+    def place(self, weight: torch.Tensor, allocate: Allocator):
+        """fp32 CPU weights in panels (a PanelWeight over pool memory); any other weight as it is."""
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+            return allocate(weight)
+        return PanelWeight(allocate(PanelWeight.pack(weight)), *weight.shape)
+
+    def place_tied(self, embed: torch.Tensor, allocate: Allocator) -> tuple:
+        """One copy in panels for both uses (`rows` reads an embedding's rows out of the panels)."""
+        placed = self.place(embed, allocate)
+        return placed, placed
+
+    def rows(self, weight, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not isinstance(weight, PanelWeight):
+            return super().rows(weight, ids, out)
+        return out.copy_(weight.panels[ids // PANEL, :, ids % PANEL])  # [tokens, in]: weight[ids]
+
+    def __call__(self, x: torch.Tensor, weight, out: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-        if bias is not None or not self._fits(x, weight, out):
+        if not isinstance(weight, PanelWeight):
             return super().__call__(x, weight, out, bias)
-        self._kernel(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
-                     weight.shape[0], weight.shape[1], torch.get_num_threads())
+        if not self._fits(x, weight, out):
+            return super().__call__(x, weight.unpack(), out, bias)  # a shape or layout the kernel does not take
+        if x.shape[0]:
+            self._kernel(x.data_ptr(), x.stride(0), weight.panels.data_ptr(), out.data_ptr(), out.stride(0),
+                         x.shape[0], weight.out_features, weight.in_features, torch.get_num_threads())
+        if bias is not None:
+            out += bias
         return out
 
     @staticmethod
-    def _fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
-        return (0 < x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and weight.device.type == "cpu"
-                and x.dtype == weight.dtype == out.dtype == torch.float32
-                and x.stride(1) == 1 and weight.is_contiguous() and out.stride(1) == 1
-                and out.shape == (x.shape[0], weight.shape[0]) and x.shape[1] == weight.shape[1])
+    def _fits(x: torch.Tensor, weight: PanelWeight, out: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == out.dtype == torch.float32 and x.stride(1) == 1
+                and out.stride(1) == 1 and out.shape == (x.shape[0], weight.out_features)
+                and x.shape[1] == weight.in_features)

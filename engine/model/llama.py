@@ -97,17 +97,17 @@ class LlamaModel:
         def place_matrix(tensor: torch.Tensor, layer: int | None = None):  # stored the linear backend's way
             return self.linear.place(tensor.to(dtype).contiguous(), lambda placed: allocate(placed, layer))
 
-        self.embed = place(weights["model.embed_tokens.weight"])
+        lm_head = weights.get("lm_head.weight")
+        if lm_head is None:  # tied: one matrix, stored the backend's way for both the lookups and the products
+            embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
+            self.embed, self.lm_head = self.linear.place_tied(embed, lambda placed: allocate(placed, None))
+        else:
+            self.embed = place(weights["model.embed_tokens.weight"])
+            self.lm_head = place_matrix(lm_head)
         # norms, RoPE, SiLU x up (engine/model/elementwise.py): fused C kernels in bf16 on CPU
         self.ops = elementwise or create_elementwise(dtype, self.embed.device.type)
         # the MLP's product and SiLU x up in one call where the backend has it (its roundings are these ops')
         self._native_ops = isinstance(self.ops, NativeBf16Elementwise)
-        lm_head = weights.get("lm_head.weight")
-        if lm_head is None:  # tied: the embedding itself, unless the backend stores products' weights its own way
-            embed = self.embed
-            self.lm_head = self.linear.place(embed, lambda tensor: embed if tensor is embed else allocate(tensor, None))
-        else:
-            self.lm_head = place_matrix(lm_head)
         self.final_norm = place(weights["model.norm.weight"])
         self.layers = [self._load_layer(weights, i, functools.partial(place, layer=i),
                                         functools.partial(place_matrix, layer=i))
@@ -221,7 +221,7 @@ class LlamaModel:
             raise LayersDroppedError(f"layers {sorted(missing)} are dropped on this replica")
         hidden = buffers["hidden"]
         if embed:
-            torch.index_select(self.embed, 0, batch.input_ids, out=hidden)
+            self.linear.rows(self.embed, batch.input_ids, hidden)
             if self.decode_step is not None and self.decode_step.takes(batch, kv_caches, layers, layer_hook):
                 return self.decode_step.run(batch, kv_caches, buffers)
         rope = self.rope_table[batch.positions]  # [T, 2, D]

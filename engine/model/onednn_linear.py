@@ -260,6 +260,16 @@ class OneDnnLinear(TorchLinear):
             return self.fallback.place(weight, allocate)
         return pack(weight, allocate, self._shim)
 
+    def place_tied(self, embed: torch.Tensor, allocate: Allocator) -> tuple:
+        """bf16: the plain embedding for `rows` and a packed copy for the products; else the fallback's way."""
+        if embed.dtype != torch.bfloat16 or embed.device.type != "cpu":
+            return self.fallback.place_tied(embed, allocate)
+        plain = allocate(embed)
+        return plain, self.place(plain, allocate)
+
+    def rows(self, weight, ids, out):
+        return self.fallback.rows(weight, ids, out)
+
     def gate_up_silu(self, x, weight, gate_up, act) -> bool:
         return (isinstance(weight, PackedWeight) and self._skinny is not None
                 and self._skinny.gate_up_silu(x, weight, gate_up, act))

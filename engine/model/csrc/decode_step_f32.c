@@ -1,6 +1,6 @@
 /* A whole decode step of a Llama-family decoder's layers in one call, in fp32 on AVX2/FMA CPUs: one row per
- * decoding sequence, plain row-major weights [out, in] (the model's own, as the per-op path's gemm_f32 reads
- * them), the KV cache in the contiguous layout.
+ * decoding sequence, the weights in the per-op path's panels (csrc/gemm_f32.h, packed at load by
+ * engine/model/linear.py), the KV cache in the contiguous layout.
  *
  * Why: the fp32 per-op path runs ~35 torch ops per layer (~1,000 per step for SmolLM2), each a Python call and
  * a fork/join of the OpenMP team; a thread that loses its core to another process (the HTTP proxy, Ray's
@@ -37,7 +37,8 @@
 #include "step_phases.h"
 
 typedef struct {
-    const float *input_norm, *post_norm, *qkv, *o, *gate_up, *down;  /* weights [out, in] */
+    const float *input_norm, *post_norm;
+    const float *qkv, *o, *gate_up, *down;  /* weights [out, in] in panels (csrc/gemm_f32.h) */
     float *k_cache, *v_cache;  /* [slots, max_len, kv_heads, head_dim] */
     int64_t slot_stride, token_stride, max_len, num_slots, window;  /* strides in elements; window 0: none */
 } LayerF32;
@@ -96,7 +97,7 @@ static float scores_for(const float *query, const float *k_cache, const int64_t 
         __m256 acc = _mm256_setzero_ps();
         for (int64_t j = 0; j < d; j += 8)
             acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + j), _mm256_loadu_ps(k_cache + offsets[t] + j), acc);
-        row[t] = gemm_f32_lanes(acc) * scale;
+        row[t] = sum_lanes_f32(acc) * scale;
         peak = row[t] > peak ? row[t] : peak;
     }
     return peak;
@@ -117,7 +118,7 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
             _mm256_storeu_ps(row + t, e);
             sums = _mm256_add_ps(sums, e);
         }
-        float total = gemm_f32_lanes(sums);
+        float total = sum_lanes_f32(sums);
         for (; t < count; ++t) {
             row[t] = expf(row[t] - peak);
             total += row[t];
@@ -161,7 +162,8 @@ int64_t decode_step_f32(const ShapeF32 *shape, const LayerF32 *layers, float *hi
     const int64_t width = shape->hidden, d = shape->head_dim, heads = shape->num_heads, kv_heads = shape->num_kv_heads;
     const int64_t q_size = heads * d, kv_size = kv_heads * d, qkv_width = q_size + 2 * kv_size;
     const int64_t inter = shape->intermediate, group = heads / kv_heads;
-    /* gate block b and up block b cover the same columns when the intermediate size is a whole number of units */
+    /* gate block b and up block b cover the same columns when the intermediate size is a whole number of units
+     * (of whole panels) */
     const int paired_mlp = inter % GEMM_F32_UNIT == 0;
     int64_t max_len = 1;
     for (int64_t i = 0; i < m; ++i) max_len = positions[i] + 1 > max_len ? positions[i] + 1 : max_len;
@@ -208,12 +210,14 @@ int64_t decode_step_f32(const ShapeF32 *shape, const LayerF32 *layers, float *hi
             if (paired_mlp) {  /* a gate block, the up block of the same columns, then SiLU x up on them */
                 const int64_t blocks = inter / GEMM_F32_UNIT, row_blocks = (m + GEMM_F32_ROWS - 1) / GEMM_F32_ROWS;
                 while (claim(&claims, blocks * row_blocks, &first, &last)) for (int64_t t = first; t < last; ++t) {
-                    const int64_t c0 = (t % blocks) * GEMM_F32_UNIT, c1 = c0 + GEMM_F32_UNIT;
+                    const int64_t p0 = (t % blocks) * GEMM_F32_UNIT_PANELS, p1 = p0 + GEMM_F32_UNIT_PANELS;
+                    const int64_t c0 = p0 * GEMM_F32_PANEL, c1 = p1 * GEMM_F32_PANEL, up = inter / GEMM_F32_PANEL;
                     const int64_t i0 = (t / blocks) * GEMM_F32_ROWS;
                     const int64_t i1 = i0 + GEMM_F32_ROWS < m ? i0 + GEMM_F32_ROWS : m;
-                    gemm_f32_region(normed, width, layer->gate_up, gate_up, 2 * inter, width, c0, c1, i0, i1);
-                    gemm_f32_region(normed, width, layer->gate_up, gate_up, 2 * inter, width, inter + c0,
-                                    inter + c1, i0, i1);
+                    gemm_f32_region(normed, width, layer->gate_up, gate_up, 2 * inter, 2 * inter, width, p0, p1, i0,
+                                    i1);
+                    gemm_f32_region(normed, width, layer->gate_up, gate_up, 2 * inter, 2 * inter, width, up + p0,
+                                    up + p1, i0, i1);
                     for (int64_t row = i0; row < i1; ++row)
                         silu_mul_columns(gate_up + row * 2 * inter, gate_up + row * 2 * inter + inter,
                                          act + row * inter, c0, c1);

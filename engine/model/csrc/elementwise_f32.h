@@ -12,7 +12,13 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "gemm_f32.h"
+/* the 8 lanes' sum, in a fixed order */
+static inline float sum_lanes_f32(__m256 v) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    return _mm_cvtss_f32(sum);
+}
 
 /* hidden += delta (skipped for NULL); out = hidden * (1 / sqrt(mean(hidden^2) + eps)) * weight, rounding
  * where torch's fp32 ops round */
@@ -26,7 +32,7 @@ static inline void add_rms_norm_row(float *hidden, const float *delta, const flo
         const __m256 v = _mm256_loadu_ps(hidden + j);
         squares = _mm256_add_ps(squares, _mm256_mul_ps(v, v));
     }
-    float total = gemm_f32_lanes(squares);
+    float total = sum_lanes_f32(squares);
     for (; j < width; ++j) total += hidden[j] * hidden[j];
     const float inverse = 1.0f / sqrtf(total / (float)width + eps);
     for (j = 0; j < width; ++j) out[j] = (hidden[j] * inverse) * weight[j];

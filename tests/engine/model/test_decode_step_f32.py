@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.model.decode_step import MAX_ROWS, F32DecodeStep
-from engine.model.linear import NativeLinear, TorchLinear
+from engine.model.linear import NativeLinear
 
 # the row checks test is collected here too, with this module's fp32 `engine` (the bf16 step's checks)
 from tests.engine.model.test_decode_step import (
@@ -38,13 +38,13 @@ def test_fused_fp32_step_gives_the_per_op_paths_tokens_and_logits(engine, monkey
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_the_fp32_step_needs_the_native_products(tmp_path):
-    """With torch.mm for the products (`linear_backend: torch`) fp32 keeps the per-op path."""
+def test_the_fp32_step_needs_the_weights_in_panels(tmp_path):
+    """Plain weights (`linear_backend: torch`, or a model placed some other way) keep the per-op path."""
     engine = _engine(tmp_path, "llama", dtype="float32")
     try:
         model = engine.runner.model
         assert isinstance(model.linear, NativeLinear) and F32DecodeStep.accepts(model)
-        model.linear = TorchLinear()
+        model.layers[1]["down"] = model.layers[1]["down"].unpack()
         assert not F32DecodeStep.accepts(model)
         assert MAX_ROWS >= 64  # every decode batch the engine makes by default
     finally:
