@@ -5,8 +5,9 @@
   AVX512-BF16 CPUs (products on AMX tiles where the CPU has them); every value computed by the per-op kernels'
   routines, so its bits equal the per-op path's with the packed GEMM for every product.
 - `F32DecodeStep` (csrc/decode_step_f32.c): fp32 on AVX2/FMA CPUs, the weights in the per-op path's panels
-  (engine/model/linear.py `PanelWeight`), products by the per-op path's own fp32 kernel (csrc/gemm_f32.h, the same bits); the norms, RoPE, SiLU and attention in C
-  (a few ulps from torch's fp32 ops; greedy tokens held to transformers' by the exactness tests).
+  (engine/model/linear.py `PanelWeight`), products by the per-op path's own fp32 kernel (csrc/gemm_f32.h, the
+  same bits); the norms, RoPE, SiLU and attention in C (a few ulps from torch's fp32 ops; greedy tokens held to
+  transformers' by the exactness tests).
 
 The per-op path runs ~10-35 kernel calls per layer (~300-1,000 per step for SmolLM2), each a Python call and a
 fork/join of the OpenMP team; under `OMP_WAIT_POLICY=PASSIVE` or on a busy box every join sleeps and every fork

@@ -29,7 +29,7 @@ from engine.attention import AttentionBackend, LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
 from engine.model.config import SLIDING_ATTENTION, ModelConfig
 from engine.model.linear import TorchLinear
-from engine.model.llama import Allocator, LayerHook, LlamaModel, ShardPlan, _rows
+from engine.model.llama import Allocator, LayerHook, LlamaModel, ShardPlan, _rows, place_embedding
 from engine.model.rope import apply_rope, cos_sin_table, inverse_frequencies
 
 
@@ -73,13 +73,7 @@ class Gemma3Model(LlamaModel):
         def place_matrix(tensor: torch.Tensor, layer: int | None = None):  # stored the linear backend's way
             return self.linear.place(tensor.to(dtype).contiguous(), lambda placed: allocate(placed, layer))
 
-        lm_head = weights.get("lm_head.weight")
-        if lm_head is None:  # tied: one matrix, stored the backend's way for both the lookups and the products
-            embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
-            self.embed, self.lm_head = self.linear.place_tied(embed, lambda placed: allocate(placed, None))
-        else:
-            self.embed = place(weights["model.embed_tokens.weight"])
-            self.lm_head = place_matrix(lm_head)
+        self.embed, self.lm_head = place_embedding(self.linear, weights, dtype, allocate, place_matrix)
         self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32).to(dtype)
         self.final_norm = place_norm(weights["model.norm.weight"])
         self.layers = [self._load_layer(weights, i, functools.partial(place_matrix, layer=i),

@@ -65,6 +65,17 @@ def _rows(tensor: torch.Tensor, heads: range, head_dim: int) -> torch.Tensor:
     return tensor[heads.start * head_dim : heads.stop * head_dim]
 
 
+def place_embedding(linear: TorchLinear, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                    allocate: Allocator, place_matrix: Callable[[torch.Tensor], object]) -> tuple:
+    """(the token embedding as `linear.rows` reads it, the lm head as `linear` multiplies by it). Tied ones
+    (no "lm_head.weight") are one matrix, placed once the backend's way for both (`TorchLinear.place_tied`)."""
+    embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
+    lm_head = weights.get("lm_head.weight")
+    if lm_head is None:
+        return linear.place_tied(embed, lambda placed: allocate(placed, None))
+    return allocate(embed, None), place_matrix(lm_head)
+
+
 class LlamaModel:
     def __init__(
         self,
@@ -97,13 +108,7 @@ class LlamaModel:
         def place_matrix(tensor: torch.Tensor, layer: int | None = None):  # stored the linear backend's way
             return self.linear.place(tensor.to(dtype).contiguous(), lambda placed: allocate(placed, layer))
 
-        lm_head = weights.get("lm_head.weight")
-        if lm_head is None:  # tied: one matrix, stored the backend's way for both the lookups and the products
-            embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
-            self.embed, self.lm_head = self.linear.place_tied(embed, lambda placed: allocate(placed, None))
-        else:
-            self.embed = place(weights["model.embed_tokens.weight"])
-            self.lm_head = place_matrix(lm_head)
+        self.embed, self.lm_head = place_embedding(self.linear, weights, dtype, allocate, place_matrix)
         # norms, RoPE, SiLU x up (engine/model/elementwise.py): fused C kernels in bf16 on CPU
         self.ops = elementwise or create_elementwise(dtype, self.embed.device.type)
         # the MLP's product and SiLU x up in one call where the backend has it (its roundings are these ops')

@@ -156,7 +156,8 @@ def test_a_request_migrated_with_layers_on_the_host_gives_transformers_tokens(sm
 DEVICE_LAYERS = 12  # of 30: what the destination's device takes of the migrated request
 
 
-@pytest.mark.parametrize("staging", ["copy", pytest.param("in_place", marks=pytest.mark.slow)])
+@pytest.mark.slow  # CI time: layer offload and migration each keep their own default-suite exactness tests
+@pytest.mark.parametrize("staging", ["copy", "in_place"])
 def test_a_request_migrated_onto_the_destinations_host_gives_transformers_tokens(smollm2_tokenizer, hf_smollm2,
                                                                                  staging):
     """A destination whose device holds only 12 of the request's 30 layers (besides a step's activations and

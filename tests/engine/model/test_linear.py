@@ -50,9 +50,9 @@ def test_a_rows_bits_do_not_depend_on_the_batch_or_threads(native, monkeypatch):
     placed = _placed(native, torch.randn(100, 576, generator=generator))
     alone = [native(x[i : i + 1], placed, torch.empty(1, 100)) for i in (0, 5, 69)]
     for threads in (1, 2, 3):
-        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        monkeypatch.setattr(torch, "get_num_threads", lambda count=threads: count)
         batch = native(x, placed, torch.empty(70, 100))
-        for row, i in zip(alone, (0, 5, 69)):
+        for row, i in zip(alone, (0, 5, 69), strict=True):
             assert torch.equal(batch[i : i + 1], row)
 
 

@@ -45,6 +45,7 @@ def test_resolve_directory_and_errors(tmp_path, tiny_qwen3_dir):
         ModelSource("onnx", tmp_path, "x")
 
 
+@pytest.mark.slow  # CI time (6.5 s): the loader's own tests and every exactness test read the same file
 def test_gguf_header_matches_gguf_py_reader(smollm2_source):
     from gguf import GGUFReader
 
