@@ -19,7 +19,9 @@ typedef struct {
     int count, generation, threads, sleepers;
 } Barrier;
 
+#ifndef SPINS_BEFORE_SLEEP  /* -D for experiments: 50,000 made no measurable difference served (docs/SPEED.md) */
 #define SPINS_BEFORE_SLEEP 2000
+#endif
 
 static void barrier_wait(Barrier *barrier) {
     const int generation = __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE);
