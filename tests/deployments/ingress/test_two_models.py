@@ -83,6 +83,7 @@ def test_the_model_field_routes_and_unknown_models_get_404(app_client, tiny_mode
                                         "code": "model_not_found"}}
 
 
+@pytest.mark.slow  # CI time (10 s): routing by model stays in the default suite
 def test_metrics_are_per_model_and_memory_shows_every_kv_kind(app_client):
     client, engine = app_client
     client.post("/v1/completions", json={"model": "tiny-gemma3", "prompt": PROMPT, "max_tokens": 2})

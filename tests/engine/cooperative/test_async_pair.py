@@ -25,6 +25,7 @@ def reference(tiny_qwen3_dir, prompts):
     return hf_greedy(hf_model_from_source(str(tiny_qwen3_dir)), prompts[:4], 64)
 
 
+@pytest.mark.slow  # CI time (9 s): the pair keeps its exactness tests in test_pair.py / test_remote_pair.py
 def test_served_replicas_stream_through_the_pair_exactly(tiny_qwen3_dir, prompts, reference):
     store = host_store()
     process = multiprocessing.get_context("spawn").Process(

@@ -92,6 +92,7 @@ def test_demote_and_promote_during_decode_keep_tokens(smollm2_tokenizer, prompts
         engine.close()
 
 
+@pytest.mark.slow  # CI time (10.5 s): offloaded layers keep their default-suite exactness test below
 def test_layerwise_admission_under_a_tight_budget_matches_transformers(smollm2_tokenizer, prompts, reference):
     """The real policy: a pool too small for every prompt's whole KV at once admits them anyway
     (top layers on the host), demotes before preempting, promotes when memory frees."""

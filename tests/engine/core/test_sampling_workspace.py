@@ -116,7 +116,7 @@ def test_an_engine_serving_no_logprobs_refuses_them_and_its_static_split_reserve
         engine.close()
 
 
-@pytest.mark.parametrize("policy", ["elastic", "static"])
+@pytest.mark.parametrize("policy", ["elastic", pytest.param("static", marks=pytest.mark.slow)])  # CI time
 def test_sampling_with_logprobs_is_charged_to_the_pool_and_matches_transformers(
         smollm2_tokenizer, engine_prompts, hf_smollm2, policy):
     engine = LLMEngine(engine_config(pool_policy=policy, max_logprobs=2), tokenizer=smollm2_tokenizer)

@@ -46,6 +46,7 @@ def test_two_turns_stream_replies_keep_history_and_exit_at_eof(smollm2_tokenizer
     assert 1 <= stats[1][2] <= 8
 
 
+@pytest.mark.slow  # CI time (10 s): the chat CLI keeps its other default-suite tests
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on():
     process = subprocess.Popen(chat_command(200), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=REPO, bufsize=0)
