@@ -174,7 +174,7 @@ def test_admin_endpoint_needs_the_key(cluster):
     assert response.status_code == 401
 
 
-@pytest.mark.parametrize("mode", ["copy", pytest.param("recompute", marks=pytest.mark.slow)])  # CI time
+@pytest.mark.parametrize("mode", ["copy", "recompute"])  # test_metrics_show_migrations counts both
 def test_request_migrated_mid_stream_gives_the_unmigrated_tokens(cluster, expected, mode):
     base = cluster.base_url
     wait_for(lambda: is_idle(base), "idle replicas")
