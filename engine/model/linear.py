@@ -41,8 +41,9 @@ class TorchLinear:
 
     def place_tied(self, embed: torch.Tensor, allocate: Allocator) -> tuple:
         """A tied embedding and lm head (one [vocab, hidden] matrix) through `allocate`: (what `rows` reads,
-        what `__call__` takes). Here one plain tensor serves both."""
-        placed = allocate(embed)
+        what `__call__` takes). Here the one placed matrix serves both (a backend whose `rows` cannot read its
+        own layout overrides this)."""
+        placed = self.place(embed, allocate)
         return placed, placed
 
     def rows(self, weight, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -89,8 +90,10 @@ class PanelWeight:
         """The panels of a [out, in] weight (a new contiguous tensor)."""
         out_features, in_features = weight.shape
         num_panels = -(-out_features // PANEL)
-        padded = weight.new_zeros(num_panels * PANEL, in_features)
-        padded[:out_features] = weight
+        padded = weight
+        if out_features % PANEL:  # the last panel's missing rows are zeros
+            padded = weight.new_zeros(num_panels * PANEL, in_features)
+            padded[:out_features] = weight
         return padded.view(num_panels, PANEL, in_features).transpose(1, 2).contiguous()
 
     def unpack(self) -> torch.Tensor:
@@ -114,12 +117,8 @@ class NativeLinear(TorchLinear):
             return allocate(weight)
         return PanelWeight(allocate(PanelWeight.pack(weight)), *weight.shape)
 
-    def place_tied(self, embed: torch.Tensor, allocate: Allocator) -> tuple:
-        """One copy in panels for both uses (`rows` reads an embedding's rows out of the panels)."""
-        placed = self.place(embed, allocate)
-        return placed, placed
-
     def rows(self, weight, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Reads an embedding's rows out of the panels, so a tied embedding is one copy for both uses."""
         if not isinstance(weight, PanelWeight):
             return super().rows(weight, ids, out)
         return out.copy_(weight.panels[ids // PANEL, :, ids % PANEL])  # [tokens, in]: weight[ids]
