@@ -355,11 +355,15 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
+                num_steps = self.engine.num_steps
                 try:
                     outputs = self.engine.step()
                 except Exception as error:  # noqa: BLE001 - a bad step fails its requests, not the loop
                     logger.exception("engine step failed")
                     outputs = self.engine.fail_running(error)
+                if self.engine.num_steps == num_steps:  # nothing could run (a request held for its migration,
+                    self._wake.wait(timeout=0.002)       # decodes deferred for their fetches): do not spin
+                    self._wake.clear()
                 for output in outputs:
                     self._deliver(output.request_id, output)
                 if self._audit is not None:

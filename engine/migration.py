@@ -1,8 +1,10 @@
 """Moving a running request between engines (Mell / Llumnix live migration), engine side.
 
-Source: `copy_kv` copies the KV computed so far while the request keeps decoding (repeatable: each
+Source: `hold` caps the request at what the destination reserved (it waits there rather than outgrow the
+reservation); `copy_kv` copies the KV computed so far while the request keeps decoding (repeatable: each
 stage copies only what is new); `pause` stops it and returns its full state plus the KV tail;
-`release` frees it after the destination committed, or `resume` continues it if the migration failed.
+`release` frees it after the destination committed, or `resume` lifts the hold and continues it if the
+migration failed.
 Destination: `reserve` takes a slot and pages, `write_kv` stores the staged copies, `attach` makes it
 an ordinary running request (or a waiting one to recompute when no KV was sent), `cancel` frees.
 All functions run on the engine's own thread (AsyncEngine.run_in_engine).
@@ -111,6 +113,12 @@ def is_migratable(engine: LLMEngine, request_id: str) -> bool:
 
 
 # ---- source ------------------------------------------------------------------------------------
+def hold(engine: LLMEngine, request_id: str, num_tokens: int) -> None:
+    """The request is not decoded past `num_tokens` tokens (prompt + output) until it is paused or resumed: a
+    destination reserved that many, and KV staged over a slow link must not outgrow it."""
+    _request(engine, request_id).hold_at = num_tokens
+
+
 def copy_kv(engine: LLMEngine, request_id: str, start: int) -> KVStage:
     """Copies the request's KV from `start` up to what is computed now; it keeps running."""
     request = _request(engine, request_id)
@@ -173,8 +181,9 @@ def release(engine: LLMEngine, request_id: str) -> None:
 
 
 def resume(engine: LLMEngine, request_id: str) -> None:
-    """Continues a paused request here; a no-op if it is not paused (so a roll-back may always call it)."""
+    """Continues a paused or held request here; a no-op otherwise (so a roll-back may always call it)."""
     request = _request(engine, request_id)
+    request.hold_at = None
     if request.status is RequestStatus.PAUSED:
         engine.scheduler.resume(request)
 

@@ -2,8 +2,11 @@
 
 Source, `MigrationManager` (one per replica; orders come from the cluster controller):
   1. the destination reserves a slot and pages for the request's tokens plus `growth_margin_tokens`;
-  2. copy mode: KV stages are copied while the request keeps decoding (each stage only what is new) and
-     sent, until a stage finds fewer than `min_stage_tokens` new tokens or `max_stages` were sent;
+  2. copy mode: the request is held at the reserved length (it waits there rather than outgrow the
+     reservation); KV stages are copied while it keeps decoding (each stage only what is new) and
+     sent, until a stage finds fewer than `min_stage_tokens` new tokens, `max_stages` were sent, or the
+     request, growing as fast as during the last stage, would reach the reservation by the next one (and
+     wait there);
   3. the request is paused and the KV tail copied, in one engine call;
   4. the destination writes the tail and attaches the request (its snapshot: tokens, sampling state and RNG,
      detokenizer state) and answers "committed"; with recompute mode no KV is sent and the destination
@@ -50,7 +53,7 @@ class MigrationConfig:
     max_concurrent: int = 2  # migrations at once per replica, outgoing (and, separately, incoming)
     max_stages: int = 4  # KV copies while the request decodes, before the pause
     min_stage_tokens: int = 8  # a stage with fewer new tokens than this ends the staging
-    growth_margin_tokens: int = 64  # the destination reserves this many tokens beyond the current length
+    growth_margin_tokens: int = 128  # the destination reserves this many tokens beyond the current length
     call_timeout_s: float = 10.0  # one call to the destination
     timeout_s: float = 60.0  # watchdog: a whole migration, and a reservation nobody adopts
     initial_bandwidth_bytes_per_s: float = 200e6  # until a transfer has been measured
@@ -156,6 +159,7 @@ class _Attempt:
     target: str
     mode: str
     reserved: bool = False
+    held: bool = False  # capped at the reservation (migration.hold) until paused or resumed
     paused: bool = False
     committed: bool = False
     paused_at: float = 0.0
@@ -244,13 +248,20 @@ class MigrationManager:
             raise MigrationAborted("refused")
         start = None
         if attempt.mode == "copy":
+            attempt.held = True  # before the call, like `paused`: a roll-back lifts it
+            await engine.run_in_engine(migration.hold, request_id, num_reserved)
             start = 0
             for _ in range(self.config.max_stages):
                 stage: KVStage = await engine.run_in_engine(migration.copy_kv, request_id, start)
                 if stage.end > num_reserved:
                     raise MigrationAborted("outgrew_reservation")
+                num_new = stage.end - start
+                if start and stage.end + num_new > num_reserved:
+                    # it grew num_new tokens while the last stage was sent: by the next copy it would be waiting at
+                    # its hold. Pause now; the tail carries this stage's tokens.
+                    break
                 await self._send(attempt, stage)
-                num_new, start = stage.end - start, stage.end
+                start = stage.end
                 if num_new < self.config.min_stage_tokens:
                     break
         attempt.paused = True  # before the call: once queued, the pause happens even if we are cancelled
@@ -305,7 +316,7 @@ class MigrationManager:
         if attempt.stream is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(attempt.stream.aclose(), self.config.call_timeout_s)
-        if attempt.paused:
+        if attempt.paused or attempt.held:
             with contextlib.suppress(MigrationError):
                 await self._engine.run_in_engine(migration.resume, attempt.request_id)
         if attempt.reserved:

@@ -285,6 +285,9 @@ class Scheduler(Preemption, ForkScheduling):
             if request.request_id in self._deferred:  # its fetches do not fit this step's TPOT target
                 index += 1
                 continue
+            if request.hold_at is not None and request.num_tokens >= request.hold_at and not request.is_prefilling:
+                index += 1  # held at its migration's reservation until it is paused (or the hold is lifted)
+                continue
             if request.is_prefilling:
                 num_new = min(request.num_tokens - request.num_computed_tokens, step.token_budget - step.num_tokens)
             else:

@@ -63,7 +63,10 @@ class LocalRayCluster:
         finally:
             ray.shutdown()
             self.is_running = False
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            if os.environ.get("ELASTIC_SERVE_KEEP_RAY_TEMP"):  # to read the replicas' logs after a failure
+                print(f"Ray's temp dir (logs) kept: {self.temp_dir}")
+            else:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def leftover_processes(self, timeout_s: float = 20.0) -> list[str]:
         deadline = time.monotonic() + timeout_s

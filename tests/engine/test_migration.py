@@ -70,6 +70,26 @@ def test_migrated_request_gives_the_same_tokens(engines, prompt, expected, copy_
     assert_pool_idle(destination)
 
 
+def test_a_held_request_waits_at_its_reservation_and_resumes(engines, prompt, expected):
+    """`hold` caps a request at the tokens a destination reserved: the scheduler stops decoding it there
+    (another request goes on), and `resume` (the roll-back) lifts the cap with the unheld run's tokens."""
+    source = engines[0]
+    tokens: dict[str, list[int]] = {}
+    source.add_request(GenerateRequest("held", tuple(prompt), greedy(NUM_NEW)))
+    collect_steps(source, tokens, steps=3)  # prefill + 2 decodes: 3 tokens out
+    cap = len(prompt) + 6
+    migration.hold(source, "held", cap)
+    source.add_request(GenerateRequest("other", tuple(prompt), greedy(8)))
+    collect_steps(source, tokens, steps=12)
+    request = source.scheduler.requests["held"]
+    assert request.num_tokens == cap and len(tokens["held"]) == 6  # waited at the cap ...
+    assert tokens["other"] == expected[:8] and "other" not in source.scheduler.requests  # ... while "other" ran
+    migration.resume(source, "held")
+    collect_steps(source, tokens)
+    assert tokens["held"] == expected
+    assert_pool_idle(source)
+
+
 def test_refused_migration_continues_on_the_source(engines, prompt, expected, smollm2_tokenizer):
     source, _ = engines
     full = LLMEngine(_config(max_num_seqs=1), tokenizer=smollm2_tokenizer)

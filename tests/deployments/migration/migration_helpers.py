@@ -4,7 +4,7 @@
 `MigrationEndpoint` directly. `InProcessCollectivePeer` is the real torch_distributed transport
 (`CollectivePeer`: KV over gloo between the two sides' `KVChannels`) with its control calls made in-process
 instead of through Serve. `FailingPeer`, `HangingPeer` and `DeadSourcePeer` are the faults the abort-path
-tests pass in.
+tests pass in; `SlowPeer` a slow link.
 """
 
 from __future__ import annotations
@@ -62,6 +62,18 @@ class FailingPeer(LocalPeer):
         self.num_writes += 1
         if self.num_writes >= self.fail_at:
             raise ConnectionError("destination replica died")
+        await super().write_kv(target, request_id, stage)
+
+
+class SlowPeer(LocalPeer):
+    """Every KV write takes `write_s` seconds (a slow link, or a busy destination)."""
+
+    def __init__(self, endpoints, write_s: float):
+        super().__init__(endpoints)
+        self.write_s = write_s
+
+    async def write_kv(self, target, request_id, stage) -> None:
+        await asyncio.sleep(self.write_s)
         await super().write_kv(target, request_id, stage)
 
 

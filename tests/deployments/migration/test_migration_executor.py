@@ -25,6 +25,7 @@ from tests.deployments.migration.migration_helpers import (
     HangingPeer,
     InProcessCollectivePeer,
     LocalPeer,
+    SlowPeer,
 )
 from tests.engine.engine_helpers import PROMPTS, assert_pool_idle, greedy
 
@@ -85,12 +86,12 @@ class Replica:
         return MigrationManager(self.engine, peer, self.relays, self.config, self.stats)
 
 
-async def _stream_with_migrations(source: Replica, prompt, migrations, after_migration=None):
-    """Streams one request from `source` like the HTTP handler; after MIGRATE_AFTER tokens (and again
-    every MIGRATE_AFTER tokens) runs the next of `migrations`: (manager, target, mode), then awaits
+async def _stream_with_migrations(source: Replica, prompt, migrations, after_migration=None, num_new=NUM_NEW):
+    """Streams one request of `num_new` tokens from `source` like the HTTP handler; after MIGRATE_AFTER tokens
+    (and again every MIGRATE_AFTER tokens) runs the next of `migrations`: (manager, target, mode), then awaits
     `after_migration()` if given. Returns (token ids, text, outcomes)."""
     metrics = ServingMetrics(lambda: source.engine, "model", "source")
-    run = GenerationRun(source.engine, [GenerateRequest("req-0", prompt, greedy(NUM_NEW))], metrics, source.relays)
+    run = GenerationRun(source.engine, [GenerateRequest("req-0", prompt, greedy(num_new))], metrics, source.relays)
     tokens, text, outcomes, pending = [], "", [], list(migrations)
     await run.start()
     try:
@@ -218,6 +219,26 @@ def test_destination_dying_mid_copy_leaves_the_request_on_the_source(engines, pr
     assert outcomes == ["error"]
     assert (tokens, text) == expected
     assert ("cancel", "B") in peer.calls  # the destination freed its reservation
+    _assert_idle(source, destination)
+
+
+def test_a_slow_link_pauses_before_the_request_outgrows_its_reservation(engines, prompt):
+    """Every KV write takes 0.2 s while the request decodes on (~8-25 tokens a stage here). Staging on until a
+    stage is small would outgrow the destination's 32-token margin and abort ("outgrew_reservation": what a
+    loaded 2-core box hit through Serve); the source pauses once another stage would outgrow it, and the
+    migration commits with the unmigrated tokens."""
+    num_new = 120
+    reference = asyncio.run(_collect(engines[0], GenerateRequest("reference-long", prompt, greedy(num_new))))
+    config = MigrationConfig(min_stage_tokens=1, max_stages=16, growth_margin_tokens=32, call_timeout_s=5.0,
+                             timeout_s=30.0)
+    source, destination = Replica(engines[0], config), Replica(engines[1], config)
+    peer = SlowPeer({"B": destination.endpoint}, write_s=0.2)
+    tokens, text, outcomes = asyncio.run(
+        _stream_with_migrations(source, prompt, [(source.manager(peer), "B", "copy")], num_new=num_new))
+    assert outcomes == ["committed"]
+    assert (tokens, text) == reference
+    stats = source.stats.snapshot()
+    assert (stats["committed"], stats["aborted"]) == (1, 0) and stats["stages"] >= 2
     _assert_idle(source, destination)
 
 

@@ -35,7 +35,10 @@ PINNED_ROUTER = {"request_router_class": "deployments.cluster.router:KVHeadroomR
                  "request_router_kwargs": {"pin_to_one_replica": True}, "request_routing_stats_period_s": 0.5}
 PROMPT = ("The most important thing about writing clean code is that it should be easy to read, easy to test "
           "and easy to change. In my experience, the best way to get there is")
-NUM_TOKENS = 64
+# Long enough that a forced migration commits before the request ends on its source even on a loaded box: with
+# 64 tokens (~2 s on a 1-thread replica after the panel GEMM) a migration under a busy 2-core box (order in the
+# next telemetry reply, reserve, connect, copy rounds: ~2 s) lost the race 1 run in 3 ("not in this engine").
+NUM_TOKENS = 160
 MIGRATE_AFTER = 6
 
 
