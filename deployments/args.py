@@ -63,7 +63,7 @@ class MigrationArgs(BaseModel):
     transport: Literal["auto", "ray_object_store", "torch_distributed"] = "auto"
 
     def to_config(self):
-        from deployments.migration.source import MigrationConfig
+        from deployments.migration.config import MigrationConfig
 
         return MigrationConfig(**self.model_dump(exclude={"transport"}))
 

@@ -32,23 +32,26 @@ from ray.serve.config import RequestRouterConfig
 from deployments.args import AppArgs, resolve_device
 from deployments.cluster.autoscaling import autoscaling_metrics
 from deployments.cluster.controller import ControllerClient, controller_options
-from deployments.cluster.cooperation import Cooperation
 from deployments.cluster.placement import local_node, tensor_parallel_interface
 from deployments.cluster.priority import PROXY_TITLE, lift_processes
 from deployments.cluster.tensor_parallel import EXECUTOR_PATH, WorkerLauncher, import_attr
 from deployments.ingress.engine_bindings import EngineBindings
 from deployments.ingress.openai_app import AppSettings, build_openai_app
-from deployments.migration.endpoint import AdoptStream, MigrationEndpoint
-from deployments.migration.kv_channel import ChannelAddress, KVChannels, StageHeader
 from deployments.migration.relay import RelayRegistry
-from deployments.migration.source import MigrationManager, MigrationStats
-from deployments.migration.transport import make_peer
 from deployments.telemetry import ControllerReply, LayerOrder, ReplicaLoad, ReplicaReport, ReplicaStats, RoutingStats
 from engine.api import EngineClient, EngineDeadError
-from engine.migration import KVStage, RequestSnapshot
 
+# Torch and the engine (migration, cooperation) are imported where the replica first needs them, not here:
+# `serve run` imports this module in its application-build task, which then took 7 s of a 2-core box's CPU
+# before the replica could start (docs/SPEED.md, 2026-12-07 (night)).
 if TYPE_CHECKING:
     from ray.serve.context import ReplicaContext
+
+    from deployments.cluster.cooperation import Cooperation
+    from deployments.migration.endpoint import AdoptStream, MigrationEndpoint
+    from deployments.migration.kv_channel import ChannelAddress, StageHeader
+    from deployments.migration.source import MigrationManager
+    from engine.migration import KVStage, RequestSnapshot
 
 logger = logging.getLogger("ray.serve")
 DRAIN_MARGIN_S = 2.0  # before the shutdown deadline: abort what still runs, so its clients hear an ending
@@ -146,6 +149,8 @@ class LLMServer:
                         self.replica_id, nice, lifted)
         logger.info("replica %s: %s ready in %.1f s", self.replica_id, self.engine.model_name,
                     time.monotonic() - started)
+        from deployments.migration.source import MigrationStats
+
         self._relays = RelayRegistry()
         self._migration_stats = MigrationStats()
         self._is_draining = False
@@ -158,6 +163,8 @@ class LLMServer:
         self._cooperation: Cooperation | None = None
         dropping = self.args.parameter_dropping.enabled
         if dropping and self.engine.supports_migration and hasattr(self.engine, "cooperate"):
+            from deployments.cluster.cooperation import Cooperation
+
             self._cooperation = Cooperation(self.replica_id, self.engine, local_node(self.args.network_interface),
                                             timeout_s=max(30.0, self.args.migration.to_config().call_timeout_s),
                                             hang_after_s=self.args.parameter_dropping.peer_hang_s)
@@ -174,6 +181,11 @@ class LLMServer:
                              if self._cooperation is not None else None)
 
     def _start_migration(self, context: ReplicaContext) -> None:
+        from deployments.migration.endpoint import MigrationEndpoint
+        from deployments.migration.kv_channel import KVChannels
+        from deployments.migration.source import MigrationManager
+        from deployments.migration.transport import make_peer
+
         config = self.args.migration.to_config()
         device = resolve_device(self.args.device)
         node = local_node(self.args.network_interface)  # groups with other nodes bind to its address
