@@ -100,7 +100,7 @@ def build_engine(args: AppArgs) -> BuiltEngine:
     return made if isinstance(made, BuiltEngine) else BuiltEngine(made)
 
 
-def _set_torch_threads(num_threads: int) -> None:
+def set_torch_threads(num_threads: int) -> None:
     import torch
 
     torch.set_num_threads(num_threads)
@@ -122,7 +122,7 @@ class LLMServer:
         context = serve.get_replica_context()
         self.replica_id = context.replica_tag
         self._started_at = time.time()  # the packing policy's `drain: newest` and the autoscaler compare these
-        _set_torch_threads(self.args.threads_per_rank())
+        set_torch_threads(self.args.threads_per_rank())
         started = time.monotonic()
         what = self.args.engine_factory or self.args.model or self.args.models or "the embedded SmolLM2"
         logger.info("replica %s: loading %s (%d torch threads)...", self.replica_id, what,

@@ -64,7 +64,7 @@ class Request:
     first_token_time: float | None = None
     arrived_unloaded: bool = False  # nobody was queued ahead of it (its TTFT counts toward the baseline)
     finish_reason: str | None = None
-    hold_at: int | None = None  # a live migration's reservation: not decoded past this many tokens (engine/migration.py)
+    hold_at: int | None = None  # a live migration's reservation: not decoded past this many tokens (migration.hold)
     prompt_group: str | None = None  # the choices of one OpenAI request (n > 1): prefilled once, KV forked
 
     @property
