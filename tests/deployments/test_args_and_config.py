@@ -124,3 +124,20 @@ def test_parameter_dropping_args():
             AppArgs(parameter_dropping=bad)
     with pytest.raises(ValueError, match="restore_watermark"):
         AppArgs(parameter_dropping={"high_watermark": 0.5, "restore_watermark": 0.7}).parameter_dropping.to_config()
+
+
+def test_building_the_app_imports_neither_torch_nor_the_engine():
+    """`serve run` imports deployments.app and calls build_app in Serve's application-build task before any replica
+    can start: with torch, transformers and the engine in that import it used ~7 s of a 2-core box's CPU
+    (docs/SPEED.md, 2026-12-07 (night)). The replica imports them itself."""
+    import subprocess
+    import sys
+
+    script = ("import sys, yaml\nimport deployments.app as app\n"
+              f"config = yaml.safe_load(open({str(CONFIG)!r}))['applications'][0]['args']\n"
+              "app.build_app(config)\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'engine.core.engine', 'engine.migration') "
+              "if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=CONFIG.parent)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
