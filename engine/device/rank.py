@@ -27,6 +27,7 @@ from engine.model.llama import ShardPlan
 from engine.model.registry import DecoderModel, model_class
 from engine.weights import load_weights, resolve_model_source
 from memory import ElasticPool, HostBuffer, create_backend
+from memory.host_heap import trim_host_heap
 from memory.kv import KV_CLIENT, KVCacheSpec
 
 logger = logging.getLogger(__name__)
@@ -204,4 +205,7 @@ def build_rank(config: EngineConfig, rank: int = 0, world_size: int = 1,
     host_buffer = HostBuffer(config.host_buffer_bytes, chunk, config.device) if config.host_buffer_bytes else None
     pool = ElasticPool(backend, config.device_memory_bytes, chunk, config.pool_policy,
                        static_split=static_split, host_buffer=host_buffer)
-    return place_rank(plan, pool, keep_host_copy=config.enable_parameter_dropping and world_size == 1)
+    state = place_rank(plan, pool, keep_host_copy=config.enable_parameter_dropping and world_size == 1)
+    del plan
+    trim_host_heap()  # the load's transient host tensors, freed into the C heap (memory/host_heap.py)
+    return state
