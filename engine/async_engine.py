@@ -361,8 +361,9 @@ class AsyncEngine:
                 except Exception as error:  # noqa: BLE001 - a bad step fails its requests, not the loop
                     logger.exception("engine step failed")
                     outputs = self.engine.fail_running(error)
-                if self.engine.num_steps == num_steps:  # nothing could run (a request held for its migration,
-                    self._wake.wait(timeout=0.002)       # decodes deferred for their fetches): do not spin
+                if self.engine.num_steps == num_steps:  # (LLMEngine and EngineGroup count the steps that ran)
+                    # nothing could run (a request held for its migration, decodes deferred for their fetches)
+                    self._wake.wait(timeout=0.002)  # do not spin
                     self._wake.clear()
                 for output in outputs:
                     self._deliver(output.request_id, output)

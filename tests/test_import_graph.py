@@ -31,10 +31,22 @@ def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
     return ".".join([*base, node.module] if node.module else base)
 
 
+def _parse(source: str) -> ast.Module:
+    """ast.parse, again after CPython 3.11's "AST constructor recursion depth mismatch" (a SystemError from a race
+    on the interpreter's AST recursion counter with another thread that compiles; seen once in a full CI run)."""
+    for attempt in range(3):
+        try:
+            return ast.parse(source)
+        except SystemError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _imports(module: str, path: Path, known: set[str]) -> set[str]:
     """Every module `module` imports (a `from package import name` imports package.name if that is a module)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

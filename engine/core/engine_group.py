@@ -143,6 +143,11 @@ class EngineGroup:
     def max_in_flight(self) -> int:
         return sum(engine.max_in_flight for engine in self.engines.values())
 
+    @property
+    def num_steps(self) -> int:
+        """Steps that ran, over the models (AsyncEngine waits instead of spinning when a step() ran none)."""
+        return sum(engine.num_steps for engine in self.engines.values())
+
     def step(self) -> list[RequestOutput]:
         """One step of every model that has work, one after the other (they share the workspace). A
         failing step fails that model's running requests only."""

@@ -48,6 +48,7 @@ class SteppedEngine:
         self.hold.set()
         self._request: GenerateRequest | None = None
         self._left = 0
+        self.num_steps = 0
 
     @property
     def has_work(self) -> bool:
@@ -65,6 +66,7 @@ class SteppedEngine:
     def step(self) -> list[RequestOutput]:
         self.hold.wait()
         time.sleep(self.step_s)
+        self.num_steps += 1
         self._left -= 1
         request_id = self._request.request_id
         finished = "length" if self._left == 0 else None
