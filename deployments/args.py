@@ -247,3 +247,10 @@ class AppArgs(BaseModel):
             return [config]
         layout = self.engine_options.get("kv_layout", "paged")
         return [dataclasses.replace(config, model=model, kv_layout=layout) for model in self.models]
+
+
+def app_args_in(config: dict[str, Any]) -> list[AppArgs]:
+    """The validated `args` of each application a Serve config (serve_config.yaml, parsed) builds with
+    deployments.app:build_app, in order; other applications are not ours to read."""
+    return [AppArgs.model_validate(app.get("args") or {}) for app in config.get("applications", [])
+            if app.get("import_path", "").startswith("deployments.app:")]

@@ -34,14 +34,9 @@ def grace_period_s(config: dict[str, Any]) -> float:
 
 def controllers(config: dict[str, Any]) -> list[tuple[str, str]]:
     """(name, namespace) of each application's cluster controller, from its validated args."""
-    from deployments.args import AppArgs
+    from deployments.args import app_args_in
 
-    found = []
-    for app in config.get("applications", []):
-        if app.get("import_path", "").startswith("deployments.app:"):
-            args = AppArgs.model_validate(app.get("args") or {})
-            found.append((args.controller_name, args.controller_namespace))
-    return found
+    return [(args.controller_name, args.controller_namespace) for args in app_args_in(config)]
 
 
 def has_work(view: dict[str, Any]) -> bool:

@@ -41,17 +41,19 @@ class Round:
     served_ms: float
 
 
+def _row(label: str, r: Round) -> str:
+    return (f"| {label} | {r.alone_ms:.1f} | {r.beside_ms:.1f} | {r.served_ms:.1f} "
+            f"| {r.served_ms / r.alone_ms:.2f}x | {r.beside_ms / r.alone_ms:.2f}x |")
+
+
 def table(rounds: Sequence[Round]) -> str:
     lines = ["| round | engine alone ms | beside the idle server ms | served ms | served / alone | beside / alone |",
              "|---|---|---|---|---|---|"]
-    for index, r in enumerate(rounds, 1):
-        lines.append(f"| {index} | {r.alone_ms:.1f} | {r.beside_ms:.1f} | {r.served_ms:.1f} "
-                     f"| {r.served_ms / r.alone_ms:.2f}x | {r.beside_ms / r.alone_ms:.2f}x |")
-    if len(rounds) > 1:
-        median = Round(*(statistics.median(getattr(r, f) for r in rounds) for f in ("alone_ms", "beside_ms",
-                                                                                     "served_ms")))
-        lines.append(f"| median | {median.alone_ms:.1f} | {median.beside_ms:.1f} | {median.served_ms:.1f} "
-                     f"| {median.served_ms / median.alone_ms:.2f}x | {median.beside_ms / median.alone_ms:.2f}x |")
+    lines += [_row(str(index), r) for index, r in enumerate(rounds, 1)]
+    if len(rounds) > 1:  # medians per column, then their ratios
+        lines.append(_row("median", Round(statistics.median(r.alone_ms for r in rounds),
+                                          statistics.median(r.beside_ms for r in rounds),
+                                          statistics.median(r.served_ms for r in rounds))))
     return "\n".join(lines)
 
 
@@ -60,17 +62,16 @@ def engine_tpot_ms(config: str, prompts: Sequence[str], num_requests: int, outpu
     """Mean TPOT of `num_requests` lone requests on the YAML's engine, after one short warm-up request."""
     import yaml
 
-    from deployments.args import AppArgs
+    from deployments.args import app_args_in
     from deployments.server import build_engine, set_torch_threads
     from engine.api import GenerateRequest
     from engine.sampling_params import SamplingParams
     from engine.text.tokenizer import encode_prompt
 
-    apps = [app for app in yaml.safe_load(Path(config).read_text()).get("applications", [])
-            if app.get("import_path", "").startswith("deployments.app:")]
+    apps = app_args_in(yaml.safe_load(Path(config).read_text()))
     if not apps:
         raise ValueError(f"{config} has no application with import_path deployments.app:build_app")
-    args = AppArgs.model_validate(apps[0].get("args") or {})
+    args = apps[0]
     set_torch_threads(args.threads_per_rank())
 
     async def run() -> float:
