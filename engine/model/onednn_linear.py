@@ -12,7 +12,7 @@ descriptor torch serialises for AOTInductor (`_get_mkldnn_serialized_md` and the
 `aoti_torch_create_tensor_from_blob_v2`, which wraps, never copies or frees, the blob). The malloc'd original
 is then dropped. The wrapper does not own the arena bytes, so `PackedWeight` holds both.
 
-Products of a few rows (decode at batch <= `SKINNY_MAX_ROWS`; every product on CPUs without AMX) skip oneDNN:
+Products of up to `SKINNY_MAX_ROWS` rows (decode, short prefills; every product on CPUs without AMX) skip oneDNN:
 csrc/packed_gemm_bf16.c reads the same packed bytes at close to the memory bandwidth (oneDNN's kernels read
 them at about half of it at decode sizes) and computes faster than oneDNN's AVX512-BF16 kernels. It relies
 on the blocked layout oneDNN chose (32 or 64 outputs x pairs of inputs, by CPU; see the C file), which `pack`
@@ -44,14 +44,19 @@ from engine.native_build import load_library
 # oneDNN picks a blocked layout by the batch-size hint; the layout for hint 1 is a GEMV layout that is slow
 # from a few rows on, while the one for 16+ serves every batch size (decode and prefill) well.
 PACK_BATCH_HINT = 16
-# at most this many rows go to the packed kernel. With AMX its tile routine (csrc/packed_gemm_bf16.h) beats
-# oneDNN at every size up to 32 rows on every SmolLM2 shape (2026-12-06, Xeon with AMX, 2 threads: 3072x576 at
-# 16 rows 125 vs 190 us, 576x1536 at 32 rows 97 vs 159 us, the 49152x576 lm head at 32 rows 5.6 vs 7.5 ms) and
-# on the layer shapes up to 128, but oneDNN takes the lm head from 64 rows (6.8 vs 9.0 ms). Without AMX
+# at most this many rows go to the packed kernel. With AMX its tile routine beats oneDNN (whose result torch
+# returns in a fresh buffer, copied into the caller's) on every SmolLM2 layer shape up to 256 rows, a 128-token
+# prompt's prefill included (2026-12-07, Xeon with AMX, 2 threads, onednn+copy / packed: 960x576 at 128 rows
+# 386 / 253 us, at 256 478 / 372; 576x576 at 256 366 / 268; 3072x576 at 128 615 / 572, at 256 808 / 858 (its
+# SiLU x up is fused in: gate_up_silu); 576x1536 at 256 712 / 440), while oneDNN wins from 384-512 rows
+# (3072x576 at 2048 rows 5.0 vs 6.8 ms). Products with more than WIDE_OUTPUTS outputs (the 49152x576 lm head)
+# go to oneDNN from WIDE_MAX_ROWS + 1 rows (at 64 rows 5.8 vs 6.7 ms; at 128 7.7 vs 11.0). Without AMX
 # (AVX512-BF16 only) the kernel's fp32 FMAs beat oneDNN at every size on the layer shapes, prefill included
 # (2026-12-05, 2 threads: 3072x576 at 64 rows 2.0 vs 4.4 ms, at 512 rows 21 vs 39 ms; 576x576 at 16 rows 98
 # vs 167 us), so there it takes every product. Per-shape times: `python -m engine.model.onednn_linear`.
-SKINNY_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
+SKINNY_MAX_ROWS = 256 if torch.cpu._is_amx_tile_supported() else 1 << 30
+WIDE_OUTPUTS = 8192
+WIDE_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
 # products of at least this many rows run on AMX tiles where the CPU has them (ELASTIC_SERVE_AMX_ROWS
 # overrides, 0 turns the tiles off): from one row, as the tiles beat the vector routines at every size (at
 # 1 row 960x576 60 vs 96 us; the lm head, streaming its weight, 0.83-0.87x the time with the tile loop's
@@ -202,7 +207,8 @@ class _PackedGemm:
         self.silu_mul_kernel.argtypes = [pointer, integer, pointer, pointer, pointer] + [integer] * 6
 
     def takes(self, x: torch.Tensor, weight: PackedWeight, out: torch.Tensor) -> bool:
-        return (weight.k_padded is not None and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.bfloat16
+        max_rows = WIDE_MAX_ROWS if weight.shape[0] > WIDE_OUTPUTS else SKINNY_MAX_ROWS
+        return (weight.k_padded is not None and 0 < x.shape[0] <= max_rows and x.dtype == torch.bfloat16
                 and x.dim() == 2 and x.stride(1) == 1 and out.stride(1) == 1 and x.shape[1] == weight.shape[1]
                 and out.shape == (x.shape[0], weight.shape[0]) and out.dtype in (torch.bfloat16, torch.float32))
 
@@ -314,7 +320,7 @@ def _benchmark() -> None:
         copies = 2 if out_features > 10000 else 8
         weights = [torch.randn(out_features, in_features).bfloat16() for _ in range(copies)]
         packed = [linear.place(weight, lambda tensor: tensor.clone()) for weight in weights]
-        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 512):
+        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048):
             x = torch.randn(rows, in_features).bfloat16()
             out = torch.empty(rows, out_features, dtype=torch.bfloat16)
             runs = {"torch.mm": lambda i, x=x, out=out, weights=weights: torch.mm(x, weights[i].t(), out=out),

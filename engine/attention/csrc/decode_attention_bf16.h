@@ -53,6 +53,17 @@ static inline float max_ps(const float *line, int64_t count) {
     return peak;
 }
 
+/* Keys and values stream from memory (a batch's caches are far larger than the caches); the hardware
+ * prefetchers stop at every 4 KiB page, so the kernel fetches rows PREFETCH_TOKENS tokens ahead itself */
+#define PREFETCH_TOKENS 32
+
+static inline void prefetch_rows(const uint16_t *base, const int64_t *offsets, int64_t count, int64_t bytes) {
+    for (int64_t i = 0; i < count; ++i) {
+        const char *row = (const char *)(base + offsets[i]);
+        for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+    }
+}
+
 /* One sequence of the bf16 cache with AVX512-BF16; token start + t's row is at offsets[t]. q holds bf16
  * values widened to fp32 (the model's q is bf16), so narrowing it back is exact and vdpbf16ps forms each
  * q.k product exactly, summed in fp32. Scores: per token and key/value head, the head's key is read once
@@ -68,8 +79,10 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
             const float *source = query + hg * head_dim + c * 32;
             q_bf16[hg * chunks + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(source + 16), _mm512_loadu_ps(source));
         }
+    const int64_t row_bytes = 2 * num_kv_heads * head_dim;  /* a token's keys (or values) of these heads */
     int64_t t = 0;
-    for (; t + 16 <= count; t += 16)  /* 16 tokens' scores at once, summed as one token's below */
+    for (; t + 16 <= count; t += 16) {  /* 16 tokens' scores at once, summed as one token's below */
+        if (t + PREFETCH_TOKENS + 16 <= count) prefetch_rows(keys, offsets + t + PREFETCH_TOKENS, 16, row_bytes);
         for (int64_t h = 0; h < num_kv_heads; ++h)
             for (int64_t g = 0; g < group; ++g) {
                 const int64_t hg = h * group + g;
@@ -79,6 +92,7 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
                                                 : dot16_bf16(keys + h * head_dim, offsets + t, q, chunks);
                 _mm512_storeu_ps(scores + hg * count + t, _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
             }
+    }
     for (; t < count; ++t) {
         const uint16_t *row = keys + offsets[t];
         for (int64_t h = 0; h < num_kv_heads; ++h) {
@@ -118,6 +132,7 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
                 for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
             const uint16_t *column = values + h * head_dim + block;
             for (int64_t t = 0; t < count; ++t) {
+                if (t + PREFETCH_TOKENS < count) prefetch_rows(column, offsets + t + PREFETCH_TOKENS, 1, 128);
                 __m512 v[4];
                 for (int i = 0; i < 4; ++i)
                     v[i] = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(column + offsets[t] + 16 * i)));

@@ -104,6 +104,8 @@ static int64_t check_rows(const Layer *layers, int64_t num_layers, const int64_t
  * Row i decodes the sequence in slots[i] at positions[i] (its context positions[i] + 1 tokens).
  * Scratch buffers: normed, proj [m, hidden]; qkv [m, (H + 2 KVH) D]; attn [m, H D]; gate_up [m, 2 I];
  * act [m, I]. Returns 0, or the first row + 1 whose slot / position is outside a cache (nothing written). */
+#define ROW_TASKS 8
+
 int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidden, int64_t m,
                          const int64_t *slots, const int64_t *positions, uint16_t *normed, uint16_t *qkv,
                          uint16_t *attn, uint16_t *proj, uint16_t *gate_up, uint16_t *act, int64_t num_threads) {
@@ -115,6 +117,8 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
     /* the gate_up product's units split into gate and up halves that cover the same columns when the
      * intermediate size is a whole number of 64-output blocks (SmolLM2: 1536) */
     const int paired_mlp = inter % 64 == 0;
+    /* attention's tasks: whole rows from ROW_TASKS rows on, else (row, key/value head) */
+    const int64_t task_heads = m >= ROW_TASKS ? kv_heads : 1, tasks = m * kv_heads / task_heads;
     int64_t widest = width > q_size ? width : q_size;
     widest = widest > inter ? widest : inter;
     int64_t max_len = 1;
@@ -140,31 +144,38 @@ int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidd
             barrier_wait(&barrier);
             gemm_claimed(normed, width, &layer->qkv, qkv, m, x32, &claims);
             barrier_wait(&barrier);
-            /* per (row, key/value head): rope on the head's query heads and its key head, its key and value
-             * rows into the cache, attention of those query heads over the slot's cache (every head's values
-             * are computed by the same routines as on the per-op path; a task only reads its own head) */
-            while (claim(&claims, m * kv_heads, &first, &last)) for (int64_t task = first; task < last; ++task) {
-                const int64_t row = task / kv_heads, h = task % kv_heads;
-                uint16_t *q = qkv + row * qkv_width + h * group * d;
-                uint16_t *k = qkv + row * qkv_width + q_size + h * d, *v = k + kv_size;
+            /* per row, or per (row, key/value head) for a few rows (so both threads get work): rope on the
+             * task's query heads and key heads, its key and value rows into the cache, attention of those query
+             * heads over the slot's cache (every head's values are computed by the same routines as on the
+             * per-op path; a task only reads its own heads). A task of whole rows reads the cache's token rows
+             * whole: split by head, two cores each pulled the others' heads' lines too (the prefetchers) and the
+             * phase ran at half the memory's bandwidth */
+            while (claim(&claims, tasks, &first, &last)) for (int64_t task = first; task < last; ++task) {
+                const int64_t row = task * task_heads / kv_heads, h0 = task * task_heads % kv_heads;
                 const uint16_t *table = shape->rope_table + positions[row] * 2 * d;
-                for (int64_t g = 0; g < group; ++g) rope_head(q + g * d, table, table + d, d / 2);
-                rope_head(k, table, table + d, d / 2);
-                const int64_t at = slots[row] * layer->slot_stride + positions[row] * layer->token_stride + h * d;
-                memcpy(layer->k_cache + at, k, sizeof(uint16_t) * d);
-                memcpy(layer->v_cache + at, v, sizeof(uint16_t) * d);
+                const int64_t at = slots[row] * layer->slot_stride + positions[row] * layer->token_stride;
+                for (int64_t h = h0; h < h0 + task_heads; ++h) {
+                    uint16_t *q = qkv + row * qkv_width + h * group * d;
+                    uint16_t *k = qkv + row * qkv_width + q_size + h * d, *v = k + kv_size;
+                    for (int64_t g = 0; g < group; ++g) rope_head(q + g * d, table, table + d, d / 2);
+                    rope_head(k, table, table + d, d / 2);
+                    memcpy(layer->k_cache + at + h * d, k, sizeof(uint16_t) * d);
+                    memcpy(layer->v_cache + at + h * d, v, sizeof(uint16_t) * d);
+                }
                 const int64_t len = positions[row] + 1;
                 const int64_t start = (layer->window > 0 && len > layer->window) ? len - layer->window : 0;
                 for (int64_t t = start; t < len; ++t)
                     offsets[t - start] = slots[row] * layer->slot_stride + t * layer->token_stride;
-                for (int64_t j = 0; j < group * d; ++j) query[j] = bf16_to_f32(q[j]);
-                decode_one_bf16(query, layer->k_cache + h * d, layer->v_cache + h * d, offsets, len - start, group, 1,
-                                d, shape->scale, scores, q_bf16, result);
-                for (int64_t j = 0; j < group * d; j += 16)
-                    _mm256_storeu_si256((__m256i *)(attn + row * q_size + h * group * d + j),
+                const uint16_t *q = qkv + row * qkv_width + h0 * group * d;
+                const int64_t task_width = task_heads * group * d;
+                for (int64_t j = 0; j < task_width; ++j) query[j] = bf16_to_f32(q[j]);
+                decode_one_bf16(query, layer->k_cache + h0 * d, layer->v_cache + h0 * d, offsets, len - start,
+                                task_heads * group, task_heads, d, shape->scale, scores, q_bf16, result);
+                for (int64_t j = 0; j < task_width; j += 16)
+                    _mm256_storeu_si256((__m256i *)(attn + row * q_size + h0 * group * d + j),
                                         ps_to_bf16x16(_mm512_loadu_ps(result + j)));
             }
-            end_phase(&claims, m * kv_heads);
+            end_phase(&claims, tasks);
             barrier_wait(&barrier);
             gemm_claimed(attn, q_size, &layer->o, proj, m, x32, &claims);
             barrier_wait(&barrier);

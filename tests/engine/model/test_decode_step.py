@@ -55,8 +55,9 @@ def test_fused_step_equals_the_per_op_path_bit_for_bit(engine, monkeypatch, case
     prompts, params, expected_rows = CASES[case]
     if max(expected_rows) > MAX_ROWS:
         pytest.skip(f"the fused step takes at most {MAX_ROWS} rows here (AMX)")
-    # the per-op path with the packed GEMM for every product (with AMX oneDNN takes products of 3+ rows)
+    # the per-op path with the packed GEMM for every product (with AMX oneDNN takes larger products)
     monkeypatch.setattr(onednn_linear, "SKINNY_MAX_ROWS", 1 << 30)
+    monkeypatch.setattr(onednn_linear, "WIDE_MAX_ROWS", 1 << 30)
     per_op_logits, fused_logits = both_paths(engine, monkeypatch, prompts, params, expected_rows)
     assert all(torch.equal(a, b) for a, b in zip(fused_logits, per_op_logits, strict=True))
 
