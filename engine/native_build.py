@@ -57,3 +57,9 @@ def load_library(source: Path, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
             os.replace(built, target)  # atomic: concurrent builders never see half a file
     _LOADED[(source, flags)] = library = ctypes.CDLL(str(target))
     return library
+
+
+def amx_tiles_allowed() -> bool:
+    """Whether kernels may use AMX tiles where the CPU has them: not when ELASTIC_SERVE_AMX_ROWS is 0 (the
+    switch engine/model/onednn_linear.py `amx_rows` reads too)."""
+    return os.environ.get("ELASTIC_SERVE_AMX_ROWS", "").strip() != "0"

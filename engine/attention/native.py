@@ -14,7 +14,7 @@ import torch
 
 from engine.attention.base import LayerAttentionSpec
 from engine.core.forward_batch import ForwardBatch
-from engine.native_build import FLAGS, load_library
+from engine.native_build import FLAGS, amx_tiles_allowed, load_library
 
 _SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
 _PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.c"
@@ -39,7 +39,8 @@ def load_decode_kernels(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
 
 def load_prefill_kernel(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
     """The bf16 prefill kernel (csrc/prefill_attention.c), or None where the CPU lacks AVX512-BF16 (the
-    backends keep scaled_dot_product_attention for prompts there). Raises RuntimeError when it cannot be built."""
+    backends keep scaled_dot_product_attention for prompts there); its products on AMX tiles where the CPU has
+    them (`amx_tiles_allowed`). Raises RuntimeError when it cannot be built."""
     library = load_library(_PREFILL_SOURCE, flags)
     library.prefill_attention_available.restype = ctypes.c_int64
     if not library.prefill_attention_available():
@@ -49,6 +50,9 @@ def load_prefill_kernel(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
     library.prefill_attention_bf16.argtypes = [pointer, int64, pointer, pointer, int64, int64, int64, pointer, int64,
                                                pointer, pointer, pointer, pointer, int64, int64, int64, int64, int64,
                                                ctypes.c_float, pointer, int64, int64]
+    library.prefill_attention_set_tiles.restype = int64
+    library.prefill_attention_set_tiles.argtypes = [int64]
+    library.prefill_attention_set_tiles(int(amx_tiles_allowed()))
     return library
 
 

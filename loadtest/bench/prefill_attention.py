@@ -1,8 +1,9 @@
 """Prefill attention side by side: the native bf16 kernel (engine/attention/csrc/prefill_attention.c) against
 scaled_dot_product_attention per chunk, in one process, alternating.
 
-1. One layer's attention for `--prompts` chunks of `--prompt-len` tokens (SmolLM2's heads by default), both
-   paths on the same tensors, median of `--repeats`.
+1. One layer's attention for `--prompts` chunks of `--prompt-len` tokens (SmolLM2's heads by default), SDPA
+   and the kernel (on vdpbf16ps, and on AMX tiles where the CPU has them) on the same tensors, median of
+   `--repeats`.
 2. Whole engine prefill steps of those prompts (bf16, `--threads`), the kernel on and off (the backend's
    kernel handle set to None: SDPA per chunk) alternating step by step, median per path.
 
@@ -53,14 +54,21 @@ def layer(args, library) -> None:
         token_slots=torch.arange(prompts).repeat_interleave(length), num_decode_tokens=0,
         decode_slots=torch.zeros(0, dtype=torch.long), decode_context_lens=torch.zeros(0, dtype=torch.long),
         decode_slots_are_prefix=True, max_decode_context_len=0, prefills=chunks, logits_indices=torch.arange(prompts))
-    sdpa, kernel = [], []
+    # the kernel's products on vdpbf16ps and, where the CPU has AMX, on tiles
+    routines = ["vector"] + (["tiles"] if library.prefill_attention_set_tiles(1) else [])
+    times: dict[str, list[float]] = {name: [] for name in ["SDPA", *routines]}
     for _ in range(3):
-        sdpa.append(_median_ms(lambda: TorchSdpaBackend()._prefills(spec, query, keys, values, batch, out),
-                               args.repeats))
-        kernel.append(_median_ms(lambda: native.prefill_in_place(library, spec, query, keys, values, None, batch, out),
-                                 args.repeats))
-    print(f"one layer, {prompts} x {length} tokens, 9/3 heads of 64: SDPA {statistics.median(sdpa):.2f} ms, "
-          f"kernel {statistics.median(kernel):.2f} ms, {statistics.median(sdpa) / statistics.median(kernel):.2f}x")
+        times["SDPA"].append(_median_ms(lambda: TorchSdpaBackend()._prefills(spec, query, keys, values, batch, out),
+                                        args.repeats))
+        for name in routines:
+            library.prefill_attention_set_tiles(int(name == "tiles"))
+            times[name].append(_median_ms(
+                lambda: native.prefill_in_place(library, spec, query, keys, values, None, batch, out), args.repeats))
+    library.prefill_attention_set_tiles(int(native.amx_tiles_allowed()))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"one layer, {prompts} x {length} tokens, 9/3 heads of 64: " + ", ".join(
+        f"{name} {ms:.2f} ms" + ("" if name == "SDPA" else f" ({medians['SDPA'] / ms:.2f}x SDPA)")
+        for name, ms in medians.items()))
 
 
 def steps(args) -> None:

@@ -1,7 +1,7 @@
 """The native bf16 prefill kernel (csrc/prefill_attention.c) against scaled_dot_product_attention: every
 prompt chunk of a step in one call, chunks that start at 0 or after cached tokens, key ranges longer than
 one key block (the online softmax), sliding windows, GQA groups up to 8, head dims 64 and 256, q as a strided
-view of the fused qkv buffer, rows after decode rows; the paged layout gives the contiguous layout's bits;
+view of the fused qkv buffer, rows after decode rows, on vdpbf16ps and on AMX tiles; the paged layout gives the contiguous layout's bits;
 shapes it does not take fall back to SDPA. Needs an AVX512-BF16 CPU (skipped elsewhere: SDPA serves there)."""
 
 from __future__ import annotations
@@ -55,10 +55,20 @@ def _chunk_rows(batch: ForwardBatch) -> slice:
     return slice(DECODE_ROWS, batch.num_tokens)
 
 
+@pytest.fixture(params=["vector", "tiles"])
+def routine(request):
+    """The kernel's products on vdpbf16ps, then on AMX tiles (where the CPU and the OS give them)."""
+    if request.param == "tiles" and not LIBRARY.prefill_attention_set_tiles(1):
+        pytest.skip("no AMX tiles here")
+    LIBRARY.prefill_attention_set_tiles(int(request.param == "tiles"))
+    yield request.param
+    LIBRARY.prefill_attention_set_tiles(int(native.amx_tiles_allowed()))
+
+
 @pytest.mark.parametrize("window", [None, 7, 100])
 # SmolLM2 (3/9/64), Gemma 3 (1/4/256), the largest group the kernel takes (1/8/64)
 @pytest.mark.parametrize("shape", [(3, 9, 64), (1, 4, 256), (1, 8, 64)])
-def test_prefill_kernel_equals_sdpa(window, shape):
+def test_prefill_kernel_equals_sdpa(window, shape, routine):
     kv_heads, heads, head_dim = shape
     query, keys, values = _inputs(shape)
     batch, spec = _batch(), LayerAttentionSpec(heads, kv_heads, head_dim, window)
@@ -78,7 +88,7 @@ def test_prefill_kernel_equals_sdpa(window, shape):
 
 @pytest.mark.parametrize("page_tokens", [5, 16])
 @pytest.mark.parametrize("window", [None, 7])
-def test_paged_prefill_reads_pages_in_place_with_the_contiguous_bits(page_tokens, window):
+def test_paged_prefill_reads_pages_in_place_with_the_contiguous_bits(page_tokens, window, routine):
     """Pages at shuffled indices (every page no table points at is NaN): the same bits as the contiguous
     cache, through the backend's `_prefills` (the path the model takes)."""
     shape = kv_heads, heads, head_dim = (3, 9, 64)
