@@ -61,10 +61,10 @@ class TorchLinear:
 
     def gate_up_silu(self, x: torch.Tensor, weight, gate_up: torch.Tensor, act: torch.Tensor) -> bool:
         """An MLP's gate/up product and SiLU x up in one call, where the backend has one: `weight` [2 I, in] holds
-        the I gate outputs then the I up outputs; gate_up [rows, 2 I] receives the product and act [rows, I]
-        SiLU(gate) x up with NativeBf16Elementwise.silu_mul's roundings (the caller takes this path only with
-        those ops, so the bits do not depend on it). False (nothing written): the caller runs the product and
-        silu_mul itself."""
+        the I gate outputs then the I up outputs; act [rows, I] receives SiLU(gate) x up with
+        NativeBf16Elementwise.silu_mul's roundings (the caller takes this path only with those ops, so the bits
+        do not depend on it); gate_up [rows, 2 I] is scratch the backend may write the product into. False
+        (nothing written): the caller runs the product and silu_mul itself."""
         return False
 
 

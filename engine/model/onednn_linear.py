@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from engine.model.elementwise import NativeBf16Elementwise
 from engine.model.linear import Allocator, TorchLinear
 from engine.native_build import load_library
 
@@ -260,6 +261,10 @@ class OneDnnLinear(TorchLinear):
             self._skinny: _PackedGemm | None = _PackedGemm()
         except (RuntimeError, OSError):  # no AVX512-BF16 to build it for (AMX alone): oneDNN for every size
             self._skinny = None
+        try:  # SiLU x up straight from oneDNN's gate/up product (gate_up_silu)
+            self._silu: NativeBf16Elementwise | None = NativeBf16Elementwise()
+        except (RuntimeError, OSError):
+            self._silu = None
 
     def place(self, weight: torch.Tensor, allocate: Allocator):
         if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
@@ -277,8 +282,17 @@ class OneDnnLinear(TorchLinear):
         return self.fallback.rows(weight, ids, out)
 
     def gate_up_silu(self, x, weight, gate_up, act) -> bool:
-        return (isinstance(weight, PackedWeight) and self._skinny is not None
-                and self._skinny.gate_up_silu(x, weight, gate_up, act))
+        """The packed kernel's fused product and SiLU x up where it takes the product; else oneDNN's product, whose
+        fresh result (torch returns a new tensor) SiLU x up reads directly, instead of copying it into gate_up
+        first (2,048 rows: a 12 MB copy per layer)."""
+        if not isinstance(weight, PackedWeight):
+            return False
+        if self._skinny is not None and self._skinny.gate_up_silu(x, weight, gate_up, act):
+            return True
+        if self._silu is None or act.dtype != torch.bfloat16 or not act.is_contiguous():
+            return False
+        self._silu.silu_mul(torch.ops.mkldnn._linear_pointwise(x, weight.tensor, None, "none", [], ""), act)
+        return True
 
     def __call__(self, x, weight, out, bias=None):
         if not isinstance(weight, PackedWeight):
