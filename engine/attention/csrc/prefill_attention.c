@@ -127,7 +127,7 @@ static inline void store_scores(float *scores, int64_t row, int64_t i0, int64_t 
                      _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ok, _mm512_mul_ps(dot, _mm512_set1_ps(scale))));
 }
 
-/* the 16 keys of group g16 of the block from key k0 (nk keys): their positions, lane by lane, and the last one */
+/* the positions of the 16 keys of group g16 of the key block from k0, lane by lane */
 static inline __m512i lane_keys(int64_t k0, int64_t g16) {
     return _mm512_add_epi32(_mm512_set1_epi32((int)(k0 + 16 * g16)),
                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));

@@ -100,12 +100,13 @@ static int64_t check_rows(const Layer *layers, int64_t num_layers, const int64_t
     return 0;
 }
 
+/* attention's tasks are whole rows from this many rows on, (row, key/value head) below it */
+#define ROW_TASKS 8
+
 /* hidden [m, hidden] holds the embedded tokens; on return, the last layer's output (residual added).
  * Row i decodes the sequence in slots[i] at positions[i] (its context positions[i] + 1 tokens).
  * Scratch buffers: normed, proj [m, hidden]; qkv [m, (H + 2 KVH) D]; attn [m, H D]; gate_up [m, 2 I];
  * act [m, I]. Returns 0, or the first row + 1 whose slot / position is outside a cache (nothing written). */
-#define ROW_TASKS 8
-
 int64_t decode_step_bf16(const Shape *shape, const Layer *layers, uint16_t *hidden, int64_t m,
                          const int64_t *slots, const int64_t *positions, uint16_t *normed, uint16_t *qkv,
                          uint16_t *attn, uint16_t *proj, uint16_t *gate_up, uint16_t *act, int64_t num_threads) {

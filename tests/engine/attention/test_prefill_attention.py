@@ -1,8 +1,9 @@
 """The native bf16 prefill kernel (csrc/prefill_attention.c) against scaled_dot_product_attention: every
 prompt chunk of a step in one call, chunks that start at 0 or after cached tokens, key ranges longer than
 one key block (the online softmax), sliding windows, GQA groups up to 8, head dims 64 and 256, q as a strided
-view of the fused qkv buffer, rows after decode rows, on vdpbf16ps and on AMX tiles; the paged layout gives the contiguous layout's bits;
-shapes it does not take fall back to SDPA. Needs an AVX512-BF16 CPU (skipped elsewhere: SDPA serves there)."""
+view of the fused qkv buffer, rows after decode rows, on vdpbf16ps and on AMX tiles; the paged layout gives
+the contiguous layout's bits; shapes it does not take fall back to SDPA. Needs an AVX512-BF16 CPU (skipped
+elsewhere: SDPA serves there)."""
 
 from __future__ import annotations
 
