@@ -59,7 +59,12 @@ def load_library(source: Path, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     return library
 
 
+def amx_rows_setting(default: int) -> int:
+    """ELASTIC_SERVE_AMX_ROWS, the one switch of the kernels' AMX tiles (`default` when unset): the fewest rows a
+    packed product runs on tiles with (engine/model/onednn_linear.py `amx_rows`); 0 turns every tile routine off."""
+    return int(os.environ.get("ELASTIC_SERVE_AMX_ROWS", default))
+
+
 def amx_tiles_allowed() -> bool:
-    """Whether kernels may use AMX tiles where the CPU has them: not when ELASTIC_SERVE_AMX_ROWS is 0 (the
-    switch engine/model/onednn_linear.py `amx_rows` reads too)."""
-    return os.environ.get("ELASTIC_SERVE_AMX_ROWS", "").strip() != "0"
+    """Whether kernels may use AMX tiles where the CPU has them (not when ELASTIC_SERVE_AMX_ROWS is 0)."""
+    return amx_rows_setting(1) != 0

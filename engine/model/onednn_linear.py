@@ -40,7 +40,7 @@ import torch
 
 from engine.model.elementwise import NativeBf16Elementwise
 from engine.model.linear import Allocator, TorchLinear
-from engine.native_build import load_library
+from engine.native_build import amx_rows_setting, load_library
 
 # oneDNN picks a blocked layout by the batch-size hint; the layout for hint 1 is a GEMV layout that is slow
 # from a few rows on, while the one for 16+ serves every batch size (decode and prefill) well.
@@ -96,7 +96,7 @@ def amx_rows() -> int:
     ELASTIC_SERVE_AMX_ROWS=0)."""
     if not torch.cpu._is_amx_tile_supported():
         return 0
-    return int(os.environ.get("ELASTIC_SERVE_AMX_ROWS", AMX_ROWS))
+    return amx_rows_setting(AMX_ROWS)
 
 
 def set_bf16_dot(library: ctypes.CDLL, dot: str | None = None, tiles_from: int | None = None) -> None:

@@ -53,7 +53,7 @@ static inline float max_ps(const float *line, int64_t count) {
     return peak;
 }
 
-/* Keys and values stream from memory (a batch's caches are far larger than the caches); the hardware
+/* Keys and values stream from memory (a batch's K/V is far larger than the CPU's caches); the hardware
  * prefetchers stop at every 4 KiB page, so the kernel fetches rows PREFETCH_TOKENS tokens ahead itself */
 #define PREFETCH_TOKENS 32
 
@@ -132,7 +132,7 @@ static void decode_one_bf16(const float *query, const uint16_t *keys, const uint
                 for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_ps();
             const uint16_t *column = values + h * head_dim + block;
             for (int64_t t = 0; t < count; ++t) {
-                if (t + PREFETCH_TOKENS < count) prefetch_rows(column, offsets + t + PREFETCH_TOKENS, 1, 128);
+                if (t + PREFETCH_TOKENS < count) prefetch_rows(column, offsets + t + PREFETCH_TOKENS, 1, 64 * sizeof(uint16_t));  /* the block's 64 values */
                 __m512 v[4];
                 for (int i = 0; i < 4; ++i)
                     v[i] = bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)(column + offsets[t] + 16 * i)));
