@@ -46,16 +46,18 @@ from engine.native_build import amx_rows_setting, load_library
 # from a few rows on, while the one for 16+ serves every batch size (decode and prefill) well.
 PACK_BATCH_HINT = 16
 # at most this many rows go to the packed kernel. With AMX its tile routine beats oneDNN (whose result torch
-# returns in a fresh buffer, copied into the caller's) on every SmolLM2 layer shape up to 256 rows, a 128-token
-# prompt's prefill included (2026-12-07, Xeon with AMX, 2 threads, onednn+copy / packed: 960x576 at 128 rows
-# 386 / 253 us, at 256 478 / 372; 576x576 at 256 366 / 268; 3072x576 at 128 615 / 572, at 256 808 / 858 (its
-# SiLU x up is fused in: gate_up_silu); 576x1536 at 256 712 / 440), while oneDNN wins from 384-512 rows
-# (3072x576 at 2048 rows 5.0 vs 6.8 ms). Products with more than WIDE_OUTPUTS outputs (the 49152x576 lm head)
+# returns in a fresh buffer, copied into the caller's) up to 32 rows, oneDNN wins from 40 (2026-12-07 late, Xeon
+# with AMX, 2 threads, the engine's own placed weights, 6 layers in turn, best of 3 medians; packed / onednn+copy:
+# at 32 rows 960x576 40 / 46 us, 576x576 29 / 35, 3072x576 117 / 122, 576x1536 50 / 58; at 40 rows 56 / 48,
+# 39 / 34, 176 / 134, 77 / 66; at 128 rows 113 / 90, 73 / 60, 315 / 255, 143 / 108). A 129-token prompt's
+# prefill: 53.6 ms with 256 rows here, 46.0 with 32 (medians of 3, alternated). An earlier table (the same day,
+# a slower spell of the VM) had the packed kernel ahead up to 256 rows; the head-to-head in one process is the
+# one to trust. Products with more than WIDE_OUTPUTS outputs (the 49152x576 lm head)
 # go to oneDNN from WIDE_MAX_ROWS + 1 rows (at 64 rows 5.8 vs 6.7 ms; at 128 7.7 vs 11.0). Without AMX
 # (AVX512-BF16 only) the kernel's fp32 FMAs beat oneDNN at every size on the layer shapes, prefill included
 # (2026-12-05, 2 threads: 3072x576 at 64 rows 2.0 vs 4.4 ms, at 512 rows 21 vs 39 ms; 576x576 at 16 rows 98
 # vs 167 us), so there it takes every product. Per-shape times: `python -m engine.model.onednn_linear`.
-SKINNY_MAX_ROWS = 256 if torch.cpu._is_amx_tile_supported() else 1 << 30
+SKINNY_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
 WIDE_OUTPUTS = 8192
 WIDE_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
 # products of at least this many rows run on AMX tiles where the CPU has them (ELASTIC_SERVE_AMX_ROWS

@@ -323,12 +323,16 @@ def test_the_packed_kernels_amx_tiles_sum_right_and_split_invariantly(onednn, ro
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 129])
 @pytest.mark.parametrize("inter, in_features", [(64, 64), (1536, 576), (96, 100)])
-def test_the_fused_gate_up_silu_gives_the_separate_calls_bits(onednn, rows, inter, in_features):
+def test_the_fused_gate_up_silu_gives_the_separate_calls_bits(onednn, rows, inter, in_features, monkeypatch):
     """packed_gemm_silu_mul_bf16 (the MLP's product and SiLU x up in one region) writes the same gate_up and act
     as the packed product then NativeBf16Elementwise.silu_mul, on the vector routine and, where the CPU has
-    them, on AMX tiles; it declines gate/up halves that do not split at an output block (nothing written)."""
+    them, on AMX tiles; it declines gate/up halves that do not split at an output block (nothing written).
+    The packed kernel takes every row count here (with AMX it serves only up to 32 rows in the engine)."""
+    from engine.model import onednn_linear
     from engine.model.elementwise import NativeBf16Elementwise
     from engine.model.onednn_linear import packed_routine
+
+    monkeypatch.setattr(onednn_linear, "SKINNY_MAX_ROWS", 1 << 30)
 
     if onednn._skinny is None:
         pytest.skip("no AVX512-BF16 here: oneDNN serves every size")
