@@ -5,7 +5,9 @@ The engine thread owns the engine: every add and abort reaches it through an inb
 steps, so no engine state is touched from two threads. Outputs go back to each request's asyncio
 queue with `call_soon_threadsafe`, paced there (engine/stream_pacer.py, `config.stream_chunks_per_s`): with
 many streams open, the outputs a stream receives between two deliveries are merged into one chunk. A
-failing step fails only the requests in it; the loop goes on.
+failing step fails only the requests in it; the loop goes on. The loop thread is the process's one OpenMP
+master: the thread that built the engine releases its pool when it hands the engine over here
+(engine/openmp_pools.py: with a second pool a 128-token prefill took ~60% longer).
 `check_health()` fails when the loop died, or when one pass of it (inbox + step) has been running for
 more than `config.stall_timeout_s` (a hung kernel or collective): a long request is many short steps.
 
@@ -40,6 +42,7 @@ from engine.config import EngineConfig
 from engine.core.engine import LLMEngine
 from engine.kv_audit import KVAudit, describe_call
 from engine.model_view import ModelView
+from engine.openmp_pools import release_openmp_pool
 from engine.stream_pacer import PacedStream, merge_outputs, stands_apart
 
 if TYPE_CHECKING:
@@ -127,6 +130,9 @@ class AsyncEngine:
         self._driver = None  # KunServe: this replica's side of a cooperative pair while it is formed
         kv = getattr(engine, "kv", None)  # an EngineGroup's models each have their own
         self._audit = KVAudit(kv) if engine.config.check_kv_invariants and kv is not None else None
+        # the engine was built on this thread (packing weights in parallel regions); from now on the loop thread
+        # computes, and its OpenMP pool must be the process's only one (engine/openmp_pools.py)
+        release_openmp_pool()
 
     @classmethod
     def from_config(cls, config: EngineConfig, executor: TensorParallelExecutor | None = None) -> AsyncEngine:
