@@ -45,19 +45,19 @@ from engine.native_build import amx_rows_setting, load_library
 # oneDNN picks a blocked layout by the batch-size hint; the layout for hint 1 is a GEMV layout that is slow
 # from a few rows on, while the one for 16+ serves every batch size (decode and prefill) well.
 PACK_BATCH_HINT = 16
-# at most this many rows go to the packed kernel. With AMX its tile routine beats oneDNN (whose result torch
-# returns in a fresh buffer, copied into the caller's) up to 32 rows, oneDNN wins from 40 (2026-12-07 late, Xeon
-# with AMX, 2 threads, the engine's own placed weights, 6 layers in turn, best of 3 medians; packed / onednn+copy:
-# at 32 rows 960x576 40 / 46 us, 576x576 29 / 35, 3072x576 117 / 122, 576x1536 50 / 58; at 40 rows 56 / 48,
-# 39 / 34, 176 / 134, 77 / 66; at 128 rows 113 / 90, 73 / 60, 315 / 255, 143 / 108). A 129-token prompt's
-# prefill: 53.6 ms with 256 rows here, 46.0 with 32 (medians of 3, alternated). An earlier table (the same day,
-# a slower spell of the VM) had the packed kernel ahead up to 256 rows; the head-to-head in one process is the
-# one to trust. Products with more than WIDE_OUTPUTS outputs (the 49152x576 lm head)
+# at most this many rows go to the packed kernel. With AMX, oneDNN (whose result torch returns in a fresh buffer,
+# copied into the caller's) is faster from ~40 rows at a product's own row count (2026-12-07 late, Xeon with AMX,
+# 2 threads, the engine's placed weights; packed / onednn+copy at 128 rows: 960x576 113 / 90 us, 576x576 73 /
+# 60, 3072x576 315 / 255, 576x1536 143 / 108; a 129-token prefill 53.6 ms with 256 rows here, 46.0 with 32), but
+# oneDNN only sees bucketed row counts (ONEDNN_ROW_BUCKET: each distinct count costs a cached primitive), and at
+# 129 rows padded to 192 it lost that gain (prefill 76.9 vs 67.6 ms, alternated, a slower spell). So the packed
+# kernel keeps every product up to 256 rows, where it is within ~25% of oneDNN and needs no primitives. Products
+# with more than WIDE_OUTPUTS outputs (the 49152x576 lm head)
 # go to oneDNN from WIDE_MAX_ROWS + 1 rows (at 64 rows 5.8 vs 6.7 ms; at 128 7.7 vs 11.0). Without AMX
 # (AVX512-BF16 only) the kernel's fp32 FMAs beat oneDNN at every size on the layer shapes, prefill included
 # (2026-12-05, 2 threads: 3072x576 at 64 rows 2.0 vs 4.4 ms, at 512 rows 21 vs 39 ms; 576x576 at 16 rows 98
 # vs 167 us), so there it takes every product. Per-shape times: `python -m engine.model.onednn_linear`.
-SKINNY_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
+SKINNY_MAX_ROWS = 256 if torch.cpu._is_amx_tile_supported() else 1 << 30
 WIDE_OUTPUTS = 8192
 WIDE_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
 # products of at least this many rows run on AMX tiles where the CPU has them (ELASTIC_SERVE_AMX_ROWS
@@ -66,6 +66,14 @@ WIDE_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
 # prefetch)
 AMX_ROWS = 1
 PACKED_GEMM_SOURCE = Path(__file__).parent / "csrc" / "packed_gemm_bf16.c"
+# oneDNN builds (and caches, up to 1,024) a primitive per row count, each holding ~0.5 MB: a server whose steps
+# have every row count from 33 to 259 grew 611 -> 1,350 MB (two passes, 2026-12-07, Xeon with AMX, bf16; the
+# packed kernel for those sizes instead: 637 -> 640 MB). So oneDNN sees row counts rounded up to a multiple of
+# ONEDNN_ROW_BUCKET (of ONEDNN_WIDE_ROW_BUCKET beyond ONEDNN_ROW_BUCKET_UNTIL rows), the extra rows zeros whose
+# results are dropped: at most 16 + 28 row counts per weight up to 8,192 rows.
+ONEDNN_ROW_BUCKET = 64
+ONEDNN_ROW_BUCKET_UNTIL = 1024
+ONEDNN_WIDE_ROW_BUCKET = 256
 # the packed kernel's two routines (csrc/packed_gemm_bf16.h), same bits: ELASTIC_SERVE_BF16_DOT picks one, else
 # the faster one on a timed product
 BF16_DOTS = ("fma", "vdpbf16ps")
@@ -243,6 +251,25 @@ def _no_memory(x: torch.Tensor) -> MemoryError:
     return MemoryError(f"packed GEMM: no memory for the fp32 copy of a {tuple(x.shape)} input")
 
 
+def onednn_rows(rows: int) -> int:
+    """The row count oneDNN runs a product of `rows` rows at (see ONEDNN_ROW_BUCKET)."""
+    bucket = ONEDNN_ROW_BUCKET if rows <= ONEDNN_ROW_BUCKET_UNTIL else ONEDNN_WIDE_ROW_BUCKET
+    return -(-rows // bucket) * bucket
+
+
+def onednn_product(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) in oneDNN, its rows padded to `onednn_rows` with zeros (a fresh input copy only
+    then); returns the product's first x.shape[0] rows (a view of oneDNN's fresh result)."""
+    rows = x.shape[0]
+    padded = onednn_rows(rows)
+    if padded != rows:
+        grown = x.new_empty((padded, x.shape[1]))
+        grown[:rows].copy_(x)
+        grown[rows:].zero_()
+        x = grown
+    return torch.ops.mkldnn._linear_pointwise(x, weight.tensor, bias, "none", [], "")[:rows]
+
+
 def onednn_available() -> bool:
     """bf16 oneDNN kernels are fast only with AVX512-BF16 or AMX (on AVX2 bf16 is emulated and slow)."""
     return (torch.backends.mkldnn.is_available()
@@ -293,7 +320,7 @@ class OneDnnLinear(TorchLinear):
             return True
         if self._silu is None or act.dtype != torch.bfloat16 or not act.is_contiguous():
             return False
-        self._silu.silu_mul(torch.ops.mkldnn._linear_pointwise(x, weight.tensor, None, "none", [], ""), act)
+        self._silu.silu_mul(onednn_product(x, weight), act)
         return True
 
     def __call__(self, x, weight, out, bias=None):
@@ -301,8 +328,7 @@ class OneDnnLinear(TorchLinear):
             return self.fallback(x, weight, out, bias)
         if bias is None and self._skinny is not None and self._skinny.takes(x, weight, out):
             return self._skinny(x, weight, out)
-        result = torch.ops.mkldnn._linear_pointwise(x, weight.tensor, bias, "none", [], "")
-        return out.copy_(result)
+        return out.copy_(onednn_product(x, weight, bias))
 
 
 @contextlib.contextmanager

@@ -327,7 +327,7 @@ def test_the_fused_gate_up_silu_gives_the_separate_calls_bits(onednn, rows, inte
     """packed_gemm_silu_mul_bf16 (the MLP's product and SiLU x up in one region) writes the same gate_up and act
     as the packed product then NativeBf16Elementwise.silu_mul, on the vector routine and, where the CPU has
     them, on AMX tiles; it declines gate/up halves that do not split at an output block (nothing written).
-    The packed kernel takes every row count here (with AMX it serves only up to 32 rows in the engine)."""
+    The packed kernel takes every row count here (with AMX the engine gives it up to SKINNY_MAX_ROWS)."""
     from engine.model import onednn_linear
     from engine.model.elementwise import NativeBf16Elementwise
     from engine.model.onednn_linear import packed_routine
@@ -353,3 +353,31 @@ def test_the_fused_gate_up_silu_gives_the_separate_calls_bits(onednn, rows, inte
             continue
         assert taken
         assert torch.equal(fused_gate_up, gate_up) and torch.equal(fused_act, act)
+
+
+def test_onednn_row_counts_are_bucketed():
+    """oneDNN caches a primitive (~0.5 MB) per row count: it only ever sees multiples of 64 rows up to 1,024 and
+    of 256 beyond, so a server's memory does not grow with every prefill size it meets."""
+    from engine.model.onednn_linear import onednn_rows
+
+    assert [onednn_rows(rows) for rows in (1, 33, 64, 65, 257, 320, 1024, 1025, 2048, 2049)] == \
+        [64, 64, 64, 128, 320, 320, 1024, 1280, 2048, 2304]
+    assert len({onednn_rows(rows) for rows in range(1, 8193)}) == 16 + 28
+
+
+@pytest.mark.parametrize("rows", [33, 257, 300, 1100])
+def test_padded_onednn_products_give_the_unpadded_rows(onednn, rows):
+    """The zero rows a bucket adds change nothing in the rows asked for (bit for bit with AMX, where oneDNN
+    serves these sizes in the engine)."""
+    from engine.model.onednn_linear import onednn_product
+
+    generator = torch.Generator().manual_seed(rows)
+    packed = onednn.place((torch.randn(960, 576, generator=generator) * 0.05).bfloat16(), lambda tensor: tensor.clone())
+    x = torch.randn(rows, 576, generator=generator).bfloat16()
+    got = onednn_product(x, packed)
+    unpadded = torch.ops.mkldnn._linear_pointwise(x, packed.tensor, None, "none", [], "")
+    assert got.shape == unpadded.shape
+    if torch.cpu._is_amx_tile_supported():
+        assert torch.equal(got, unpadded)
+    else:
+        torch.testing.assert_close(got.float(), unpadded.float(), rtol=2e-2, atol=2e-2)
