@@ -66,9 +66,9 @@ WIDE_MAX_ROWS = 32 if torch.cpu._is_amx_tile_supported() else 1 << 30
 # prefetch)
 AMX_ROWS = 1
 PACKED_GEMM_SOURCE = Path(__file__).parent / "csrc" / "packed_gemm_bf16.c"
-# oneDNN builds (and caches, up to 1,024) a primitive per row count, each holding ~0.5 MB: a server whose steps
-# have every row count from 33 to 259 grew 611 -> 1,350 MB (two passes, 2026-12-07, Xeon with AMX, bf16; the
-# packed kernel for those sizes instead: 637 -> 640 MB). So oneDNN sees row counts rounded up to a multiple of
+# oneDNN builds (and caches, up to 1,024) a primitive per row count, each holding ~0.5 MB with its buffers: an
+# engine prefilling one prompt of each length 257..699, twice, grew 632 -> 1,490 -> 1,946 MB (2026-12-07, Xeon with
+# AMX, bf16), and 635 -> 714 -> 715 MB with the buckets. So oneDNN sees row counts rounded up to a multiple of
 # ONEDNN_ROW_BUCKET (of ONEDNN_WIDE_ROW_BUCKET beyond ONEDNN_ROW_BUCKET_UNTIL rows), the extra rows zeros whose
 # results are dropped: at most 16 + 28 row counts per weight up to 8,192 rows.
 ONEDNN_ROW_BUCKET = 64
