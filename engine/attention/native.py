@@ -18,6 +18,7 @@ from engine.native_build import FLAGS, amx_tiles_allowed, load_library
 
 _SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
 _PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.c"
+_PREFILL_F32_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention_f32.c"
 _KERNELS = {torch.float32: "decode_attention_f32", torch.bfloat16: "decode_attention_bf16"}
 
 
@@ -37,23 +38,50 @@ def load_decode_kernels(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     return library
 
 
-def load_prefill_kernel(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
-    """The bf16 prefill kernel (csrc/prefill_attention.c), or None where the CPU lacks AVX512-BF16 (the
-    backends keep scaled_dot_product_attention for prompts there); its products on AMX tiles where the CPU has
-    them (`amx_tiles_allowed`). Raises RuntimeError when it cannot be built."""
-    library = load_library(_PREFILL_SOURCE, flags)
-    library.prefill_attention_available.restype = ctypes.c_int64
-    if not library.prefill_attention_available():
+_PREFILL_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [
+    ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_void_p,
+                                                                                    ctypes.c_int64, ctypes.c_int64]
+
+
+def _prefill_function(source: Path, name: str, available: str, flags: tuple[str, ...]):
+    """`name` of the compiled `source`, or None where the CPU lacks what it needs (`available()` says 0)."""
+    library = load_library(source, flags)
+    available = getattr(library, available)
+    available.restype = ctypes.c_int64
+    if not available():
         return None
-    int64, pointer = ctypes.c_int64, ctypes.c_void_p
-    library.prefill_attention_bf16.restype = int64
-    library.prefill_attention_bf16.argtypes = [pointer, int64, pointer, pointer, int64, int64, int64, pointer, int64,
-                                               pointer, pointer, pointer, pointer, int64, int64, int64, int64, int64,
-                                               ctypes.c_float, pointer, int64, int64]
-    library.prefill_attention_set_tiles.restype = int64
-    library.prefill_attention_set_tiles.argtypes = [int64]
-    library.prefill_attention_set_tiles(int(amx_tiles_allowed()))
-    return library
+    function = getattr(library, name)
+    function.restype, function.argtypes = ctypes.c_int64, _PREFILL_ARGTYPES
+    return function
+
+
+def load_prefill_kernels(flags: tuple[str, ...] = FLAGS) -> dict[torch.dtype, object]:
+    """The prefill kernels by cache dtype: bf16 (csrc/prefill_attention.c) where the CPU has AVX512-BF16, its
+    products on AMX tiles where it has them (`amx_tiles_allowed`); fp32 (csrc/prefill_attention_f32.c) where it
+    has AVX2/FMA. A dtype without one keeps scaled_dot_product_attention for prompts. Raises RuntimeError when
+    they cannot be built."""
+    kernels = {}
+    bf16 = _prefill_function(_PREFILL_SOURCE, "prefill_attention_bf16", "prefill_attention_available", flags)
+    if bf16 is not None:
+        library = load_library(_PREFILL_SOURCE, flags)
+        library.prefill_attention_set_tiles.restype = ctypes.c_int64
+        library.prefill_attention_set_tiles.argtypes = [ctypes.c_int64]
+        library.prefill_attention_set_tiles(int(amx_tiles_allowed()))
+        kernels[torch.bfloat16] = bf16
+    f32 = _prefill_function(_PREFILL_F32_SOURCE, "prefill_attention_f32", "prefill_attention_f32_available",
+                            flags)
+    if f32 is not None:
+        kernels[torch.float32] = f32
+    return kernels
+
+
+def set_prefill_tiles(on: bool, flags: tuple[str, ...] = FLAGS) -> bool:
+    """The bf16 prefill kernel's products on AMX tiles (on) or vdpbf16ps (off); True when tiles are on. Not while a
+    call runs."""
+    library = load_library(_PREFILL_SOURCE, flags)
+    library.prefill_attention_set_tiles.restype = ctypes.c_int64
+    library.prefill_attention_set_tiles.argtypes = [ctypes.c_int64]
+    return bool(library.prefill_attention_set_tiles(int(on)))
 
 
 def rows_in_place(cache: torch.Tensor) -> bool:
@@ -88,19 +116,21 @@ def decode_in_place(library: ctypes.CDLL, spec: LayerAttentionSpec, q: torch.Ten
         out.copy_(result)
 
 
-def prefill_in_place(library: ctypes.CDLL, spec: LayerAttentionSpec, q: torch.Tensor, key_cache: torch.Tensor,
-                     value_cache: torch.Tensor, table: torch.Tensor | None, batch: ForwardBatch,
-                     out: torch.Tensor) -> bool:
+def prefill_in_place(kernels: dict[torch.dtype, object], spec: LayerAttentionSpec, q: torch.Tensor,
+                     key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor | None,
+                     batch: ForwardBatch, out: torch.Tensor) -> bool:
     """out rows of every prompt chunk = its causal (windowed) attention over its sequence's cache, which
-    already holds the chunk's K/V, read in place (bf16 cache, q and out). False (nothing written) for a shape
-    the kernel does not take; the caller then attends with SDPA."""
-    if not (q.dtype == out.dtype == key_cache.dtype == torch.bfloat16 and q.stride(-1) == 1
+    already holds the chunk's K/V, read in place (q, cache and out of one dtype, `kernels`' key). False (nothing
+    written) for a dtype without a kernel or a shape the kernel does not take; the caller then attends with
+    SDPA."""
+    kernel = kernels.get(key_cache.dtype)
+    if not (kernel is not None and q.dtype == out.dtype == key_cache.dtype and q.stride(-1) == 1
             and q.stride(1) == spec.head_dim and out.stride(-1) == 1 and out.stride(1) == spec.head_dim
             and key_cache.stride() == value_cache.stride() and rows_in_place(key_cache)):
         return False
     arrays = batch.prefill_arrays
     table_ptr, _, table_stride = _table_args(table)
-    return library.prefill_attention_bf16(
+    return kernel(
         q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(), key_cache.stride(0),
         key_cache.stride(1), key_cache.shape[1], table_ptr, table_stride, arrays[0].data_ptr(), arrays[1].data_ptr(),
         arrays[2].data_ptr(), arrays[3].data_ptr(), arrays.shape[1], spec.num_heads, spec.num_kv_heads,

@@ -1,8 +1,8 @@
 """Attention with the native kernels: decode reads each slot's K/V in place (any slots, no gather, K and V
-read once per key/value head); prompt chunks, over a bf16 cache on an AVX512-BF16 CPU, all in one call of
-the prefill kernel (csrc/prefill_attention.c; 3.4-4.1x SDPA's speed on SmolLM2's 128-token chunks,
-docs/SPEED.md); other prompt chunks (fp32, where transformers' greedy tokens must be matched bit for bit, or
-no AVX512-BF16) use scaled_dot_product_attention."""
+read once per key/value head); prompt chunks all in one call of a prefill kernel where the cache's dtype has
+one here: bf16 on an AVX512-BF16 CPU (csrc/prefill_attention.c; 3.4-4.1x SDPA's speed on SmolLM2's 128-token
+chunks), fp32 on an AVX2/FMA CPU (csrc/prefill_attention_f32.c; docs/SPEED.md); other prompt chunks use
+scaled_dot_product_attention."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from engine.attention.native import (
     can_store,
     decode_in_place,
     load_decode_kernels,
-    load_prefill_kernel,
+    load_prefill_kernels,
     prefill_in_place,
     rows_in_place,
     store_rows,
@@ -22,7 +22,7 @@ from engine.attention.torch_sdpa import TorchSdpaBackend
 class NativeDecodeBackend(TorchSdpaBackend):
     def __init__(self):
         self._library = load_decode_kernels()
-        self._prefill_library = load_prefill_kernel()
+        self._prefill_kernels = load_prefill_kernels()
 
     def _store(self, cache, batch, values) -> None:
         # one memcpy per token row where each token's heads are contiguous in the cache and in `values`
@@ -37,6 +37,5 @@ class NativeDecodeBackend(TorchSdpaBackend):
                       batch.decode_context_lens, out)
 
     def _prefills(self, spec: LayerAttentionSpec, q, key_cache, value_cache, batch, out) -> None:
-        if self._prefill_library is None or not prefill_in_place(self._prefill_library, spec, q, key_cache,
-                                                                 value_cache, None, batch, out):
+        if not prefill_in_place(self._prefill_kernels, spec, q, key_cache, value_cache, None, batch, out):
             super()._prefills(spec, q, key_cache, value_cache, batch, out)

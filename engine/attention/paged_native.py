@@ -25,7 +25,7 @@ class PagedNativeBackend(PagedTorchBackend):
     def __init__(self, dense: NativeDecodeBackend):
         super().__init__(dense)
         self._library = dense._library
-        self._prefill_library = dense._prefill_library
+        self._prefill_kernels = dense._prefill_kernels
 
     def _store(self, cache: PagedLayerCache, batch: ForwardBatch, values) -> None:
         if can_store(cache.pages, values, batch.token_slots, batch.positions) and _tables_ok(cache.block_table):
@@ -44,8 +44,8 @@ class PagedNativeBackend(PagedTorchBackend):
 
     def _prefills(self, spec: LayerAttentionSpec, q, k, v, key_cache: PagedLayerCache, value_cache: PagedLayerCache,
                   batch: ForwardBatch, out) -> None:
-        if (self._prefill_library is None or not _tables_ok(key_cache.block_table)
-                or not prefill_in_place(self._prefill_library, spec, q, key_cache.pages, value_cache.pages,
+        if (not _tables_ok(key_cache.block_table)
+                or not prefill_in_place(self._prefill_kernels, spec, q, key_cache.pages, value_cache.pages,
                                         key_cache.block_table, batch, out)):
             super()._prefills(spec, q, k, v, key_cache, value_cache, batch, out)
 

@@ -1,4 +1,5 @@
-/* exp(x) for 16 floats at once (AVX-512F), for the bf16 kernels' softmax and SiLU.
+/* exp(x) for 16 floats at once (AVX-512F), for the bf16 kernels' softmax and SiLU; and exp_nonpositive for 8 (AVX2/FMA),
+ * for the fp32 kernels' softmax and SiLU.
  *
  * Scalar expf in a loop does not vectorise without -ffast-math and cost the bf16 decode step most of its
  * SiLU and attention time (~20 cycles per call, millions of calls per step at batch 64). Range reduction
@@ -53,5 +54,27 @@ static inline __m256i ps_to_bf16x16(__m512 values) {
 
 static inline __m512 round_bf16_ps(__m512 values) { return bf16x16_to_ps(ps_to_bf16x16(values)); }
 
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* exp(x) for x <= 0 (softmax, SiLU's exp(-|x|)): 2^n * p(r), a degree-6 polynomial on r in [-ln2/2, ln2/2],
+ * within 2 ulp of expf; below -87 it returns 0 */
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
 #endif
 #endif

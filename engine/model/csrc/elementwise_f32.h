@@ -12,6 +12,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "../../csrc/simd_exp.h"  /* exp_nonpositive */
+
 /* the 8 lanes' sum, in a fixed order */
 static inline float sum_lanes_f32(__m256 v) {
     __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -45,25 +47,6 @@ static inline void rope_head(float *x, const float *cos, const float *sin, int64
         x[j] = low * cos[j] + (-high) * sin[j];
         x[j + half] = high * cos[j + half] + low * sin[j + half];
     }
-}
-
-/* exp(x) for x <= 0 (softmax, SiLU's exp(-|x|)): 2^n * p(r), a degree-6 polynomial on r in [-ln2/2, ln2/2],
- * within 2 ulp of expf; below -87 it returns 0 */
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
 /* act[j] = silu(gate[j]) * up[j] for j in [from, to) */

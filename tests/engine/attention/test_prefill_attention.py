@@ -1,9 +1,10 @@
-"""The native bf16 prefill kernel (csrc/prefill_attention.c) against scaled_dot_product_attention: every
-prompt chunk of a step in one call, chunks that start at 0 or after cached tokens, key ranges longer than
+"""The native prefill kernels against scaled_dot_product_attention: bf16 (csrc/prefill_attention.c, on
+vdpbf16ps and on AMX tiles; needs an AVX512-BF16 CPU) and fp32 (csrc/prefill_attention_f32.c; needs AVX2/FMA).
+Every prompt chunk of a step in one call, chunks that start at 0 or after cached tokens, key ranges longer than
 one key block (the online softmax), sliding windows, GQA groups up to 8, head dims 64 and 256, q as a strided
-view of the fused qkv buffer, rows after decode rows, on vdpbf16ps and on AMX tiles; the paged layout gives
-the contiguous layout's bits; shapes it does not take fall back to SDPA. Needs an AVX512-BF16 CPU (skipped
-elsewhere: SDPA serves there)."""
+view of the fused qkv buffer, rows after decode rows; the paged layout gives the contiguous layout's bits;
+shapes a kernel does not take fall back to SDPA. Each test is skipped where its kernel is not built (SDPA
+serves there)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from engine.attention.torch_sdpa import TorchSdpaBackend
 from engine.core.forward_batch import ForwardBatch, PrefillChunk
 from memory.kv.paged import PagedLayerCache
 
-LIBRARY = native.load_prefill_kernel()
-pytestmark = pytest.mark.skipif(LIBRARY is None, reason="the prefill kernel needs AVX512-BF16")
+KERNELS = native.load_prefill_kernels()
+needs_bf16 = pytest.mark.skipif(torch.bfloat16 not in KERNELS, reason="the bf16 prefill kernel needs AVX512-BF16")
+needs_f32 = pytest.mark.skipif(torch.float32 not in KERNELS, reason="the fp32 prefill kernel needs AVX2/FMA")
 
 NUM_SLOTS, MAX_LEN, DECODE_ROWS = 8, 320, 3
 # (slot, start position, tokens): a whole 128-token prompt, a chunk after 40 cached tokens, a chunk whose
@@ -41,13 +43,13 @@ def _batch() -> ForwardBatch:
         max_decode_context_len=1, prefills=tuple(prefills), logits_indices=torch.arange(len(CHUNKS)))
 
 
-def _inputs(shape, seed=0):
+def _inputs(shape, seed=0, dtype=torch.bfloat16):
     kv_heads, heads, head_dim = shape
     generator = torch.Generator().manual_seed(seed)
-    keys, values = (torch.randn(NUM_SLOTS, MAX_LEN, kv_heads, head_dim, generator=generator).to(torch.bfloat16)
+    keys, values = (torch.randn(NUM_SLOTS, MAX_LEN, kv_heads, head_dim, generator=generator).to(dtype)
                     for _ in "kv")
     rows = DECODE_ROWS + sum(count for _, _, count in CHUNKS)
-    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator).to(torch.bfloat16)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
     query = qkv[:, : heads * head_dim].view(rows, heads, head_dim)  # a strided view, as the model passes it
     return query, keys, values
 
@@ -59,13 +61,14 @@ def _chunk_rows(batch: ForwardBatch) -> slice:
 @pytest.fixture(params=["vector", "tiles"])
 def routine(request):
     """The kernel's products on vdpbf16ps, then on AMX tiles (where the CPU and the OS give them)."""
-    if request.param == "tiles" and not LIBRARY.prefill_attention_set_tiles(1):
+    if request.param == "tiles" and not native.set_prefill_tiles(True):
         pytest.skip("no AMX tiles here")
-    LIBRARY.prefill_attention_set_tiles(int(request.param == "tiles"))
+    native.set_prefill_tiles(request.param == "tiles")
     yield request.param
-    LIBRARY.prefill_attention_set_tiles(int(native.amx_tiles_allowed()))
+    native.set_prefill_tiles(native.amx_tiles_allowed())
 
 
+@needs_bf16
 @pytest.mark.parametrize("window", [None, 7, 100])
 # SmolLM2 (3/9/64), Gemma 3 (1/4/256), the largest group the kernel takes (1/8/64)
 @pytest.mark.parametrize("shape", [(3, 9, 64), (1, 4, 256), (1, 8, 64)])
@@ -74,7 +77,7 @@ def test_prefill_kernel_equals_sdpa(window, shape, routine):
     query, keys, values = _inputs(shape)
     batch, spec = _batch(), LayerAttentionSpec(heads, kv_heads, head_dim, window)
     got = torch.full((batch.num_tokens, heads, head_dim), float("nan"), dtype=torch.bfloat16)
-    assert native.prefill_in_place(LIBRARY, spec, query, keys, values, None, batch, got)
+    assert native.prefill_in_place(KERNELS, spec, query, keys, values, None, batch, got)
     expected = torch.empty_like(got)
     TorchSdpaBackend()._prefills(spec, query, keys, values, batch, expected)  # bf16 SDPA, as served before
     exact = torch.empty(got.shape)
@@ -87,13 +90,18 @@ def test_prefill_kernel_equals_sdpa(window, shape, routine):
     assert error <= max(sdpa_error * 1.5, 4e-3)
 
 
+@pytest.fixture(params=[pytest.param(torch.bfloat16, marks=needs_bf16), pytest.param(torch.float32, marks=needs_f32)])
+def dtype(request):
+    return request.param
+
+
 @pytest.mark.parametrize("page_tokens", [5, 16])
 @pytest.mark.parametrize("window", [None, 7])
-def test_paged_prefill_reads_pages_in_place_with_the_contiguous_bits(page_tokens, window, routine):
+def test_paged_prefill_reads_pages_in_place_with_the_contiguous_bits(page_tokens, window, dtype):
     """Pages at shuffled indices (every page no table points at is NaN): the same bits as the contiguous
     cache, through the backend's `_prefills` (the path the model takes)."""
     shape = kv_heads, heads, head_dim = (3, 9, 64)
-    query, keys, values = _inputs(shape, seed=1)
+    query, keys, values = _inputs(shape, seed=1, dtype=dtype)
     batch, spec = _batch(), LayerAttentionSpec(heads, kv_heads, head_dim, window)
     pages_per_slot = -(-MAX_LEN // page_tokens)
     order = torch.randperm(NUM_SLOTS * pages_per_slot, generator=torch.Generator().manual_seed(2)) + 1
@@ -101,30 +109,49 @@ def test_paged_prefill_reads_pages_in_place_with_the_contiguous_bits(page_tokens
     paged = []
     for dense in (keys, values):
         pages = torch.full((NUM_SLOTS * pages_per_slot + 1, page_tokens, kv_heads, head_dim), float("nan"),
-                           dtype=torch.bfloat16)
-        padded = torch.zeros(NUM_SLOTS, pages_per_slot * page_tokens, kv_heads, head_dim, dtype=torch.bfloat16)
+                           dtype=dtype)
+        padded = torch.zeros(NUM_SLOTS, pages_per_slot * page_tokens, kv_heads, head_dim, dtype=dtype)
         padded[:, :MAX_LEN] = dense
         pages[table.flatten()] = padded.view(-1, page_tokens, kv_heads, head_dim)
         paged.append(PagedLayerCache(pages, table))
-    contiguous = torch.empty(batch.num_tokens, heads, head_dim, dtype=torch.bfloat16)
+    contiguous = torch.empty(batch.num_tokens, heads, head_dim, dtype=dtype)
     NativeDecodeBackend()._prefills(spec, query, keys, values, batch, contiguous)
     got = torch.empty_like(contiguous)
-    k_rows, v_rows = (torch.zeros(batch.num_tokens, kv_heads, head_dim, dtype=torch.bfloat16) for _ in "kv")
+    k_rows, v_rows = (torch.zeros(batch.num_tokens, kv_heads, head_dim, dtype=dtype) for _ in "kv")
     PagedNativeBackend(NativeDecodeBackend())._prefills(spec, query, k_rows, v_rows, paged[0], paged[1], batch, got)
     rows = _chunk_rows(batch)
     assert torch.equal(got[rows], contiguous[rows])
 
 
-def test_shapes_the_kernel_does_not_take_fall_back_to_sdpa():
-    """head_dim 16 (not a multiple of 64) and fp32: `prefill_in_place` declines, the backend runs SDPA."""
+@needs_f32
+@pytest.mark.parametrize("window", [None, 7, 100])
+@pytest.mark.parametrize("shape", [(3, 9, 64), (1, 4, 256), (1, 8, 64), (2, 6, 32)])
+def test_f32_prefill_kernel_equals_sdpa(window, shape):
+    """fp32: the same attention as SDPA in fp32 up to the order of the sums (every prompt row written, decode
+    rows not)."""
+    kv_heads, heads, head_dim = shape
+    query, keys, values = _inputs(shape, dtype=torch.float32)
+    batch, spec = _batch(), LayerAttentionSpec(heads, kv_heads, head_dim, window)
+    got = torch.full((batch.num_tokens, heads, head_dim), float("nan"))
+    assert native.prefill_in_place(KERNELS, spec, query, keys, values, None, batch, got)
+    expected = torch.empty_like(got)
+    TorchSdpaBackend()._prefills(spec, query, keys, values, batch, expected)
+    rows = _chunk_rows(batch)
+    assert torch.isnan(got[:DECODE_ROWS]).all()
+    torch.testing.assert_close(got[rows], expected[rows], atol=2e-6, rtol=1e-5)
+
+
+def test_shapes_the_kernels_do_not_take_fall_back_to_sdpa(dtype):
+    """head_dim 16 (bf16 takes multiples of 64, fp32 of 32), and a dtype with no kernel (fp16):
+    `prefill_in_place` declines, the backend runs SDPA."""
     shape = kv_heads, heads, head_dim = (3, 9, 16)
-    query, keys, values = _inputs(shape)
+    query, keys, values = _inputs(shape, dtype=dtype)
     batch, spec = _batch(), LayerAttentionSpec(heads, kv_heads, head_dim, None)
-    out = torch.empty(batch.num_tokens, heads, head_dim, dtype=torch.bfloat16)
-    assert not native.prefill_in_place(LIBRARY, spec, query, keys, values, None, batch, out)
+    out = torch.empty(batch.num_tokens, heads, head_dim, dtype=dtype)
+    assert not native.prefill_in_place(KERNELS, spec, query, keys, values, None, batch, out)
     got, expected = torch.empty_like(out), torch.empty_like(out)
     NativeDecodeBackend()._prefills(spec, query, keys, values, batch, got)
     TorchSdpaBackend()._prefills(spec, query, keys, values, batch, expected)
     assert torch.equal(got[_chunk_rows(batch)], expected[_chunk_rows(batch)])
     q32, k32, v32 = query.float(), keys.float(), values.float()
-    assert not native.prefill_in_place(LIBRARY, spec, q32, k32, v32, None, batch, torch.empty(out.shape))
+    assert not native.prefill_in_place(KERNELS, spec, q32, k32, v32, None, batch, torch.empty(out.shape))

@@ -6,15 +6,20 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from engine.attention import native
 
+KERNELS = native.load_prefill_kernels()
 
-@pytest.mark.skipif(native.load_prefill_kernel() is None, reason="the prefill kernel needs AVX512-BF16")
-def test_the_bench_prints_the_layer_and_the_step_ratios():
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_bench_prints_the_layer_and_the_step_ratios(dtype):
+    if getattr(torch, dtype) not in KERNELS:
+        pytest.skip(f"no {dtype} prefill kernel on this CPU")
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench.prefill_attention", "--prompts", "2", "--prompt-len", "24",
-         "--repeats", "1", "--steps", "1", "--threads", "1"],
+        [sys.executable, "-m", "loadtest.bench.prefill_attention", "--dtype", dtype, "--prompts", "2",
+         "--prompt-len", "24", "--repeats", "1", "--steps", "1", "--threads", "1"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
