@@ -10,8 +10,8 @@
  * key/value heads of 64) at ~20 GFLOP/s, one call per chunk: 19% of a 2,048-token prefill step of SmolLM2
  * in bf16 on a 2-core AVX512-BF16 box. Here both products are GEMM-shaped and run on vdpbf16ps.
  *
- * One task = (chunk, key/value head, block of QUERY_BLOCK query tokens); its rows are the block's tokens x the
- * group's query heads, which share the head's keys. Flash-style over blocks of KEY_BLOCK keys:
+ * One task = (chunk, key/value head, block of QUERY_BLOCK query tokens; prefill_tasks.h); its rows are the
+ * block's tokens x the group's query heads, which share the head's keys. Flash-style over blocks of KEY_BLOCK keys:
  *   1. the block's keys are repacked for vdpbf16ps with the keys in the lanes ([key / 16][dim pair][16]
  *      32-bit words), its values with pairs of keys side by side ([key pair][dim][2]);
  *   2. scores s = q . k * scale, fp32 sums of exact bf16 products, masked keys -inf;
@@ -36,6 +36,7 @@
 #include <omp.h>
 
 #include "../../csrc/simd_exp.h"
+#include "prefill_tasks.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
@@ -43,7 +44,7 @@
 #define PREFILL_TILES 1
 #endif
 
-#define QUERY_BLOCK 32
+#define QUERY_BLOCK PREFILL_QUERY_BLOCK
 #define KEY_BLOCK 128
 #define MAX_GROUP 8
 #define MAX_HEAD_DIM 256
@@ -167,11 +168,6 @@ static inline void interleave_rows(const uint16_t *a, const uint16_t *b, int64_t
         _mm512_store_si512(out + 2 * d, _mm512_permutex2var_epi16(x, low, y));
         _mm512_store_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(x, high, y));
     }
-}
-
-/* tasks of a chunk of `len` query tokens: its blocks of QUERY_BLOCK tokens x the key/value heads */
-static inline int64_t chunk_tasks(int64_t len, int64_t num_kv_heads) {
-    return (len + QUERY_BLOCK - 1) / QUERY_BLOCK * num_kv_heads;
 }
 
 #ifdef PREFILL_TILES
@@ -357,21 +353,19 @@ int64_t prefill_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16
                                int64_t out_stride, int64_t num_threads) {
     const int64_t group = num_heads / num_kv_heads;
     if (head_dim % 64 != 0 || head_dim > MAX_HEAD_DIM || group > MAX_GROUP || num_heads % num_kv_heads) return -1;
-    int64_t num_tasks = 0;
-    for (int64_t c = 0; c < num_chunks; ++c) num_tasks += chunk_tasks(lens[c], num_kv_heads);
+    const int64_t num_tasks = prefill_num_tasks(lens, num_chunks, num_kv_heads);
     Scratch *scratch = (Scratch *)calloc((size_t)num_threads, sizeof(Scratch));
     int ready = scratch != NULL;
     for (int64_t t = 0; ready && t < num_threads; ++t) ready = scratch_init(scratch + t, QUERY_BLOCK * group, head_dim);
     if (ready) {
         #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-        for (int64_t task = 0; task < num_tasks; ++task) {
-            int64_t c = 0, local = task;
-            for (; local >= chunk_tasks(lens[c], num_kv_heads); ++c) local -= chunk_tasks(lens[c], num_kv_heads);
-            const int64_t block = local / num_kv_heads, h = local % num_kv_heads;
-            const int64_t i0 = block * QUERY_BLOCK, i1 = i0 + QUERY_BLOCK < lens[c] ? i0 + QUERY_BLOCK : lens[c];
+        for (int64_t index = 0; index < num_tasks; ++index) {
+            const PrefillTask task = prefill_task(index, lens, num_kv_heads);
+            const int64_t c = task.chunk;
             attend_block(q + offsets[c] * q_stride, q_stride, k_cache, v_cache, page_stride, token_stride,
-                         page_tokens, tables, table_stride, slots[c], starts[c], i0, i1, h, group, head_dim, window,
-                         scale, out + offsets[c] * out_stride, out_stride, scratch + omp_get_thread_num());
+                         page_tokens, tables, table_stride, slots[c], starts[c], task.first, task.last, task.head,
+                         group, head_dim, window, scale, out + offsets[c] * out_stride, out_stride,
+                         scratch + omp_get_thread_num());
         }
     }
     for (int64_t t = 0; scratch != NULL && t < num_threads; ++t) scratch_free(scratch + t);

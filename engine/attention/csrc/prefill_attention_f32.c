@@ -5,8 +5,8 @@
  * key/value heads of 64) in fp32 at ~28 GFLOP/s, one call per chunk and layer: ~10% of a 128-token prefill step
  * on a 2-core AVX2 box (docs/SPEED.md).
  *
- * One task = (chunk, key/value head, block of QUERY_BLOCK query tokens); its rows are the block's tokens x the
- * group's query heads, which share the head's keys. Flash-style over blocks of KEY_BLOCK keys:
+ * One task = (chunk, key/value head, block of QUERY_BLOCK query tokens; prefill_tasks.h); its rows are the
+ * block's tokens x the group's query heads, which share the head's keys. Flash-style over blocks of KEY_BLOCK keys:
  *   1. the block's keys are copied with the keys in the lanes ([dim][KEY_BLOCK]); values are read in place;
  *   2. scores s = q . k * scale in tiles of 4 rows x 16 keys (8 accumulators; per dim two key loads and four
  *      broadcasts), keys after the row's position, past its window or after the block -inf;
@@ -26,8 +26,9 @@
 #include <omp.h>
 
 #include "../../csrc/simd_exp.h"
+#include "prefill_tasks.h"
 
-#define QUERY_BLOCK 32
+#define QUERY_BLOCK PREFILL_QUERY_BLOCK
 #define KEY_BLOCK 64
 #define MAX_GROUP 8
 #define MAX_HEAD_DIM 256
@@ -86,7 +87,8 @@ static inline void store_masked(float *scores, __m256 dot, float scale, int64_t 
     const float bound = (float)(position < last ? position : last);
     __m256 ok = _mm256_cmp_ps(keys, _mm256_set1_ps(bound), _CMP_LE_OQ);
     if (window > 0) ok = _mm256_and_ps(ok, _mm256_cmp_ps(keys, _mm256_set1_ps((float)(position - window)), _CMP_GT_OQ));
-    _mm256_storeu_ps(scores, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(dot, _mm256_set1_ps(scale)), ok));
+    const __m256 scaled = _mm256_mul_ps(dot, _mm256_set1_ps(scale));
+    _mm256_storeu_ps(scores, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), scaled, ok));
 }
 
 /* scores of NR rows from r0 against the 16 keys of group g16 (NR <= 4, a constant at every call) */
@@ -153,7 +155,8 @@ static inline void softmax_row(float *scores, int64_t width, float *peak, float 
     __m256 total = _mm256_setzero_ps();
     for (int64_t j = 0; j < width; j += 8) {
         const __m256 s = _mm256_load_ps(scores + j);
-        const __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(s, minus_inf, _CMP_EQ_OQ), exp_nonpositive(_mm256_sub_ps(s, shift)));
+        const __m256 masked = _mm256_cmp_ps(s, minus_inf, _CMP_EQ_OQ);
+        const __m256 p = _mm256_andnot_ps(masked, exp_nonpositive(_mm256_sub_ps(s, shift)));
         _mm256_store_ps(scores + j, p);
         total = _mm256_add_ps(total, p);
     }
@@ -204,8 +207,10 @@ static void attend_block(const float *q, int64_t q_stride, const float *k_cache,
             softmax_row(s->scores + row * KEY_BLOCK, width, s->peak + row, s->sum + row, s->scale_by + row);
         for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {
             int64_t r0 = 0;
-            for (; r0 + 3 <= rows; r0 += 3) value_rows(s->scores, s->values, s->scale_by, s->acc, head_dim, r0, d0, count, 3);
-            for (; r0 < rows; ++r0) value_rows(s->scores, s->values, s->scale_by, s->acc, head_dim, r0, d0, count, 1);
+            for (; r0 + 3 <= rows; r0 += 3)
+                value_rows(s->scores, s->values, s->scale_by, s->acc, head_dim, r0, d0, count, 3);
+            for (; r0 < rows; ++r0)
+                value_rows(s->scores, s->values, s->scale_by, s->acc, head_dim, r0, d0, count, 1);
         }
     }
     for (int64_t row = 0; row < rows; ++row) {
@@ -215,11 +220,6 @@ static void attend_block(const float *q, int64_t q_stride, const float *k_cache,
         for (int64_t d = 0; d < head_dim; d += 8)
             _mm256_storeu_ps(target + d, _mm256_mul_ps(_mm256_load_ps(s->acc + row * head_dim + d), inverse));
     }
-}
-
-/* tasks of a chunk of `len` query tokens: its blocks of QUERY_BLOCK tokens x the key/value heads */
-static inline int64_t chunk_tasks(int64_t len, int64_t num_kv_heads) {
-    return (len + QUERY_BLOCK - 1) / QUERY_BLOCK * num_kv_heads;
 }
 
 /* prefill_attention_bf16's contract (csrc/prefill_attention.c) in fp32: chunk c's query rows are q rows
@@ -236,26 +236,26 @@ int64_t prefill_attention_f32(const float *q, int64_t q_stride, const float *k_c
     if (num_kv_heads <= 0 || num_heads % num_kv_heads) return -1;
     const int64_t group = num_heads / num_kv_heads;
     if (head_dim % 32 != 0 || head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
-    int64_t num_tasks = 0;
-    for (int64_t c = 0; c < num_chunks; ++c) num_tasks += chunk_tasks(lens[c], num_kv_heads);
-    Scratch *scratch = (Scratch *)calloc((size_t)num_threads, sizeof(Scratch));
-    int ready = scratch != NULL;
-    for (int64_t t = 0; ready && t < num_threads; ++t) ready = scratch_init(scratch + t, head_dim);
-    if (ready) {
-        #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-        for (int64_t task = 0; task < num_tasks; ++task) {
-            int64_t c = 0, local = task;
-            for (; local >= chunk_tasks(lens[c], num_kv_heads); ++c) local -= chunk_tasks(lens[c], num_kv_heads);
-            const int64_t block = local / num_kv_heads, h = local % num_kv_heads;
-            const int64_t i0 = block * QUERY_BLOCK, i1 = i0 + QUERY_BLOCK < lens[c] ? i0 + QUERY_BLOCK : lens[c];
-            attend_block(q + offsets[c] * q_stride, q_stride, k_cache, v_cache, page_stride, token_stride,
-                         page_tokens, tables, table_stride, slots[c], starts[c], i0, i1, h, group, head_dim, window,
-                         scale, out + offsets[c] * out_stride, out_stride, scratch + omp_get_thread_num());
+    const int64_t num_tasks = prefill_num_tasks(lens, num_chunks, num_kv_heads);
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads)
+    {
+        Scratch scratch;  /* each thread's own; if any thread lacks memory, no thread writes */
+        if (!scratch_init(&scratch, head_dim)) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        #pragma omp barrier
+        if (!__atomic_load_n(&failed, __ATOMIC_RELAXED)) {
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t index = 0; index < num_tasks; ++index) {
+                const PrefillTask task = prefill_task(index, lens, num_kv_heads);
+                attend_block(q + offsets[task.chunk] * q_stride, q_stride, k_cache, v_cache, page_stride,
+                             token_stride, page_tokens, tables, table_stride, slots[task.chunk], starts[task.chunk],
+                             task.first, task.last, task.head, group, head_dim, window, scale,
+                             out + offsets[task.chunk] * out_stride, out_stride, &scratch);
+            }
         }
+        scratch_free(&scratch);
     }
-    for (int64_t t = 0; scratch != NULL && t < num_threads; ++t) scratch_free(scratch + t);
-    free(scratch);
-    return ready ? 0 : -1;
+    return failed ? -1 : 0;
 }
 
 int64_t prefill_attention_f32_available(void) { return 1; }
