@@ -147,7 +147,8 @@ def test_a_step_stuck_longer_than_the_stall_timeout_fails_health_then_recovers()
 
     early, late, outputs = asyncio.run(scenario())
     assert early and late
-    assert [output.finish_reason for output in outputs] == [None, "length"]
+    # both tokens once, the stream ended by its length (the consumer may read the two steps' outputs as one)
+    assert sum(len(output.new_token_ids) for output in outputs) == 2 and outputs[-1].finish_reason == "length"
 
 
 def test_an_idle_engine_is_healthy_however_long_it_waits():
