@@ -64,6 +64,10 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: tuple[TokenLogprob, ...] = field(default_factory=tuple)
     error: str | None = None  # set when finish_reason == "error"
+    # on the output that carries the request's first token: arrival -> its first prompt chunk scheduled, and
+    # that -> the first token (vLLM's request_queue_time / request_prefill_time); None on every other output
+    queue_time_s: float | None = None
+    prefill_time_s: float | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -32,9 +32,11 @@ APART = (HANDED_OFF, "error", "abort")  # finish reasons whose output is deliver
 
 def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
     """One output standing for two consecutive ones of the same request (tokens, text and logprobs joined;
-    counts and finish from the later)."""
+    counts and finish from the later; the first token's queue and prefill times from whichever has them)."""
+    timed = first if first.queue_time_s is not None else later
     return replace(later, new_token_ids=first.new_token_ids + later.new_token_ids,
-                   text_delta=first.text_delta + later.text_delta, logprobs=first.logprobs + later.logprobs)
+                   text_delta=first.text_delta + later.text_delta, logprobs=first.logprobs + later.logprobs,
+                   queue_time_s=timed.queue_time_s, prefill_time_s=timed.prefill_time_s)
 
 
 def stands_apart(item: RequestOutput | BaseException) -> bool:

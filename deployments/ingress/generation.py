@@ -144,6 +144,8 @@ class GenerationRun:
         now = time.monotonic()
         choice.num_prompt_tokens = output.num_prompt_tokens or choice.num_prompt_tokens
         choice.timer.on_tokens(len(output.new_token_ids), now)
+        if output.queue_time_s is not None:
+            choice.timer.on_first_token_times(output.queue_time_s, output.prefill_time_s)
         if output.is_finished:
             choice.is_finished = True
             choice.timer.on_finished(output.finish_reason, output.num_prompt_tokens, now)

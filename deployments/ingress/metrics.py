@@ -216,6 +216,11 @@ class ServingMetrics:
                                              INTER_TOKEN_BUCKETS)
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to last token.",
                                              E2E_BUCKETS)
+        # time to first token in two (vLLM's names): waiting for admission, then prefilling to the first token
+        self.request_queue_time = histogram("request_queue_time_seconds",
+                                            "Arrival at the engine to its first prompt chunk scheduled.", TTFT_BUCKETS)
+        self.request_prefill_time = histogram("request_prefill_time_seconds",
+                                              "First prompt chunk scheduled to the first token.", TTFT_BUCKETS)
         self.registry.register(EngineStateCollector(engine_provider, self._labels, served_models))
         if migration_stats is not None:
             self.registry.register(MigrationCollector(migration_stats, self._labels))
@@ -263,6 +268,11 @@ class RequestTimer:
                 inter_token.observe(gap)
         metrics.labels(metrics.generation_tokens, **self._model).inc(num_new_tokens)
         self._last_token_time = now
+
+    def on_first_token_times(self, queue_time_s: float, prefill_time_s: float) -> None:
+        """The engine's split of the first token's time (RequestOutput.queue_time_s / prefill_time_s)."""
+        self._metrics.labels(self._metrics.request_queue_time, **self._model).observe(queue_time_s)
+        self._metrics.labels(self._metrics.request_prefill_time, **self._model).observe(prefill_time_s)
 
     def on_finished(self, finished_reason: str, num_prompt_tokens: int, now: float) -> None:
         if self.is_finished:

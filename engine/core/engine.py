@@ -7,6 +7,7 @@ background thread; nothing here knows about asyncio or Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -235,9 +236,11 @@ class LLMEngine:
         now = time.monotonic()
         for request, token, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             request.output_token_ids.append(token)
+            is_first = False
             if request.first_token_time is None:
                 request.first_token_time = now
-                if len(request.output_token_ids) == 1:  # its very first token (not one after a migration)
+                is_first = len(request.output_token_ids) == 1  # its very first token (not one after a migration)
+                if is_first:
                     self.ttft.observe(request.arrival_time, now, self._expected_ttft_s(request),
                                       request.arrived_unloaded)
             reason = self._token_finish_reason(request, token)
@@ -247,7 +250,8 @@ class LLMEngine:
                 step = request.detokenizer.step([token], is_last=reason is not None)
             if step.stop_reached:
                 reason = "stop"
-            outputs.append(self._output(request, (token,), step.text_delta, reason, logprob))
+            output = self._output(request, (token,), step.text_delta, reason, logprob)
+            outputs.append(with_first_token_times(output, request) if is_first else output)
             if reason is not None:
                 self.scheduler.finish(request, reason)
         return outputs
@@ -376,3 +380,12 @@ class LLMEngine:
             self.executor.stop()
         self.kv.close()
         self.rank.close()
+
+
+def with_first_token_times(output: RequestOutput, request: Request) -> RequestOutput:
+    """`output` (its first token) with the request's queue and prefill times, where both are known and its
+    arrival is on this process's clock (not a request adopted from another replica before its first token)."""
+    scheduled, arrived, first = request.first_scheduled_time, request.arrival_time, request.first_token_time
+    if scheduled is None or first is None or not arrived <= scheduled <= first:
+        return output
+    return dataclasses.replace(output, queue_time_s=scheduled - arrived, prefill_time_s=first - scheduled)

@@ -61,6 +61,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0
     priority: int = 0  # lower is more urgent (vLLM's convention); picks the request's SLO class
+    first_scheduled_time: float | None = None  # time.monotonic() when its first prompt chunk was scheduled
     first_token_time: float | None = None
     arrived_unloaded: bool = False  # nobody was queued ahead of it (its TTFT counts toward the baseline)
     finish_reason: str | None = None

@@ -345,6 +345,8 @@ class Scheduler(Preemption, ForkScheduling):
                 request.num_cached_tokens = self.kv.admit(request.request_id, token_ids)
             request.num_computed_tokens = request.num_cached_tokens
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:  # its queue time ends (a preempted one keeps the first)
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             end = request.num_computed_tokens + num_new
             self._grow(request, end)

@@ -278,8 +278,10 @@ class FakeEngine:
                     if sampling.logprobs is not None:
                         top = tuple((token_id + k, -1.0 - k) for k in range(sampling.logprobs))
                         logprobs = (TokenLogprob(token_id, -0.5, top),)
+                    first = index == 0  # the first token carries the engine's split of its time (fixed here)
                     yield RequestOutput(request.request_id, (token_id,), delta, finish_reason, num_prompt,
-                                        index + 1, logprobs=logprobs)
+                                        index + 1, logprobs=logprobs, queue_time_s=0.25 if first else None,
+                                        prefill_time_s=0.5 if first else None)
                     if finish_reason is not None:
                         return
         finally:

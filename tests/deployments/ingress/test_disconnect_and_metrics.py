@@ -95,6 +95,10 @@ def test_metrics_count_requests_tokens_and_latencies(engine):
     assert metrics[("elastic:prompt_tokens_total", ())] == num_prompt_tokens
     assert metrics[("elastic:generation_tokens_total", ())] == 3 * 4 + 3 + 4
     assert metrics[("elastic:time_to_first_token_seconds_count", ())] == 5
+    # the engine's split of each first token's time (the fake engine reports 0.25 s queued, 0.5 s prefilling)
+    assert metrics[("elastic:request_queue_time_seconds_count", ())] == 5
+    assert metrics[("elastic:request_queue_time_seconds_sum", ())] == 5 * 0.25
+    assert metrics[("elastic:request_prefill_time_seconds_sum", ())] == 5 * 0.5
     assert metrics[("elastic:e2e_request_latency_seconds_count", ())] == 5
     assert metrics[("elastic:inter_token_latency_seconds_count", ())] == 3 * 3 + 2 + 3
     assert metrics[("elastic:http_request_errors_total", (("status", "404"),))] == 1

@@ -335,6 +335,23 @@ def block_chunk_ids(engine: LLMEngine, request_id: str, num_pages: int) -> list[
             for pages in engine.kv.requests[request_id].blocks]
 
 
+def test_the_first_token_carries_its_queue_and_prefill_times(engine, tokenize):
+    """The output with a request's first token says how long it waited to be scheduled and how long its prefill
+    took from there (vLLM's request_queue_time / request_prefill_time); no other output carries them. A request
+    admitted behind a prompt that fills the step's token budget (32 here) has waited at least that step."""
+    long_prompt = tokenize("Timing: " + " ".join(f"word{i}" for i in range(30)))
+    assert len(long_prompt) > 32  # two chunks
+    results = drive(engine, {"timed-long": (long_prompt, greedy(3)),
+                             "timed-short": (tokenize("Timing, the short one"), greedy(3))})
+    for result in results.values():
+        first, *later = result.outputs
+        assert first.queue_time_s >= 0 and first.prefill_time_s > 0
+        assert all(output.queue_time_s is None and output.prefill_time_s is None for output in later)
+    long_first, short_first = results["timed-long"].outputs[0], results["timed-short"].outputs[0]
+    assert short_first.queue_time_s > long_first.queue_time_s
+    assert long_first.prefill_time_s > short_first.prefill_time_s  # two prefill steps against one
+
+
 def test_prefix_hit_maps_the_same_physical_chunks(engine, tokenize):
     prompt = tokenize("Shared prefix. " + PROMPTS[6] + " " + PROMPTS[7])
     num_shared_pages = (len(prompt) - 1) // PAGE

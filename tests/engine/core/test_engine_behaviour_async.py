@@ -9,6 +9,7 @@ pytest-asyncio is not installed: each test runs its coroutine with asyncio.run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 
@@ -208,6 +209,13 @@ def test_outputs_waiting_behind_one_are_merged_into_it_and_an_error_comes_after(
             stream.put_nowait(item)
         assert _coalesce(output((1,), "a", 1), stream) == (output((1, 2), "ab", 2), failure)
         assert _coalesce(output((7,), "g", 7), asyncio.Queue()) == (output((7,), "g", 7), None)  # nothing waiting
+        # the first token's queue and prefill times survive the merge, whichever output carried them
+        timed = dataclasses.replace(output((1,), "a", 1), queue_time_s=0.25, prefill_time_s=0.5)
+        for first, later in ((timed, output((2,), "b", 2)), (output((0,), "", 0), timed)):
+            stream = asyncio.Queue()
+            stream.put_nowait(later)
+            merged, _ = _coalesce(first, stream)
+            assert (merged.queue_time_s, merged.prefill_time_s) == (0.25, 0.5)
 
     asyncio.run(main())
 
