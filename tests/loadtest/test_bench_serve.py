@@ -46,3 +46,25 @@ def test_running_measures_the_server_at_the_url_and_starts_none(openai_server, c
                 "--output-tokens", "4"])
     table = capsys.readouterr().out
     assert "ours: healthy" in table and "\n| 2 | " in table
+
+
+def test_the_ttft_split_comes_from_either_servers_histograms_over_the_level():
+    from loadtest.bench.serve import split_means_ms, split_table, split_totals
+
+    page = """# HELP elastic:request_queue_time_seconds x
+elastic:request_queue_time_seconds_sum{model_name="m",replica="a"} 1.0
+elastic:request_queue_time_seconds_count{model_name="m",replica="a"} 4.0
+elastic:request_queue_time_seconds_bucket{le="0.5",model_name="m",replica="a"} 4.0
+vllm:request_prefill_time_seconds_sum{engine="0"} 2.0
+vllm:request_prefill_time_seconds_count{engine="0"} 4.0
+elastic:time_to_first_token_seconds_sum{model_name="m",replica="a"} 9.0
+"""
+    before = split_totals(page)
+    assert before == {"request_queue_time_seconds_sum": 1.0, "request_queue_time_seconds_count": 4.0,
+                      "request_prefill_time_seconds_sum": 2.0, "request_prefill_time_seconds_count": 4.0}
+    after = {**before, "request_queue_time_seconds_sum": 1.5, "request_queue_time_seconds_count": 6.0}
+    assert split_means_ms(before, after) == (250.0, None)  # 0.5 s over 2 requests; no prefill observed
+    assert split_means_ms({}, {}) == (None, None)  # a server without the histograms
+    levels = {"ours": [Level(1, 1.0, 1.0, 1.0, 1.0, 1, 0, "", queue_mean_ms=0.5, prefill_mean_ms=230.0)],
+              "vllm": [Level(1, 1.0, 1.0, 1.0, 1.0, 1, 0, "")]}
+    assert split_table(levels).splitlines()[2] == "| 1 | 0 + 230 | - |"
