@@ -1,5 +1,5 @@
-/* exp(x) for 16 floats at once (AVX-512F), for the bf16 kernels' softmax and SiLU; and exp_nonpositive for 8 (AVX2/FMA),
- * for the fp32 kernels' softmax and SiLU.
+/* exp(x) for 16 floats at once (AVX-512F), for the bf16 kernels' softmax and SiLU; and exp_nonpositive for 8
+ * (AVX2/FMA), for the fp32 kernels' softmax and SiLU.
  *
  * Scalar expf in a loop does not vectorise without -ffast-math and cost the bf16 decode step most of its
  * SiLU and attention time (~20 cycles per call, millions of calls per step at batch 64). Range reduction

@@ -80,12 +80,6 @@ static void scratch_free(Scratch *s) {
     free(s->query);
 }
 
-static inline int64_t row_at(const int64_t *tables, int64_t table_stride, int64_t slot, int64_t page_stride,
-                             int64_t page_tokens, int64_t token_stride, int64_t t) {
-    if (tables == NULL) return slot * page_stride + t * token_stride;
-    return tables[slot * table_stride + t / page_tokens] * page_stride + (t % page_tokens) * token_stride;
-}
-
 /* o[r] += p[r] . v for NR rows from r0, over `pairs` key pairs; DV = head_dim / 16 vectors per row. NR and DV
  * are compile-time constants at every call, so the NR x DV accumulators stay in registers. */
 static inline __attribute__((always_inline)) void value_rows(const uint16_t *probs, const uint16_t *values,

@@ -14,7 +14,7 @@
  *   4. o += p . v in tiles of 3 rows x 32 dims (12 accumulators; per key four value loads, three broadcasts);
  *      at the end out = o / l.
  * All in fp32: the result equals SDPA's up to the order of the sums and exp's last ulp or two (tests/engine/
- * attention/test_prefill_attention_f32.py); the engine's exactness tests hold greedy tokens to transformers'. */
+ * attention/test_prefill_attention.py); the engine's exactness tests hold greedy tokens to transformers'. */
 #define _GNU_SOURCE
 #include <math.h>
 #include <stdint.h>
@@ -56,12 +56,6 @@ static int scratch_init(Scratch *s, int64_t head_dim) {
 static void scratch_free(Scratch *s) {
     free(s->keys), free((void *)s->values), free(s->scores), free(s->acc), free(s->peak), free(s->sum);
     free(s->scale_by);
-}
-
-static inline int64_t row_at(const int64_t *tables, int64_t table_stride, int64_t slot, int64_t page_stride,
-                             int64_t page_tokens, int64_t token_stride, int64_t t) {
-    if (tables == NULL) return slot * page_stride + t * token_stride;
-    return tables[slot * table_stride + t / page_tokens] * page_stride + (t % page_tokens) * token_stride;
 }
 
 /* the 8 lanes' maximum */

@@ -1,6 +1,7 @@
-/* The prefill kernels' work split (prefill_attention.c in bf16, prefill_attention_f32.c in fp32): one task is
- * (chunk, key/value head, block of PREFILL_QUERY_BLOCK query tokens), numbered chunk by chunk, then block by
- * block, then head by head; the threads claim them one at a time (the diagonal blocks cost less). */
+/* What the prefill kernels (prefill_attention.c in bf16, prefill_attention_f32.c in fp32) share: their work
+ * split, one task per (chunk, key/value head, block of PREFILL_QUERY_BLOCK query tokens), numbered chunk by
+ * chunk, then block by block, then head by head (the threads claim them one at a time: the diagonal blocks
+ * cost less); and where token t of the sequence in a slot sits in either KV layout. */
 #ifndef PREFILL_TASKS_H
 #define PREFILL_TASKS_H
 #include <stdint.h>
@@ -31,6 +32,14 @@ static inline PrefillTask prefill_task(int64_t index, const int64_t *lens, int64
     const PrefillTask task = {c, index % num_kv_heads, first,
                               first + PREFILL_QUERY_BLOCK < lens[c] ? first + PREFILL_QUERY_BLOCK : lens[c]};
     return task;
+}
+
+/* the element offset of token t of the sequence in `slot`: paged, through the block table `tables` (page
+ * `t / page_tokens` of the slot's row); contiguous (tables NULL), one page per slot */
+static inline int64_t row_at(const int64_t *tables, int64_t table_stride, int64_t slot, int64_t page_stride,
+                             int64_t page_tokens, int64_t token_stride, int64_t t) {
+    if (tables == NULL) return slot * page_stride + t * token_stride;
+    return tables[slot * table_stride + t / page_tokens] * page_stride + (t % page_tokens) * token_stride;
 }
 
 #endif
