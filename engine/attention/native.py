@@ -38,9 +38,12 @@ def load_decode_kernels(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     return library
 
 
-_PREFILL_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [
-    ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_void_p,
-                                                                                    ctypes.c_int64, ctypes.c_int64]
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_PREFILL_ARGTYPES = [_P, _I, _P, _P,  # q, q_stride, k_cache, v_cache
+                     _I, _I, _I, _P, _I,  # page_stride, token_stride, page_tokens, tables, table_stride
+                     _P, _P, _P, _P, _I,  # slots, starts, offsets, lens, num_chunks
+                     _I, _I, _I, _I, ctypes.c_float,  # num_heads, num_kv_heads, head_dim, window, scale
+                     _P, _I, _I]  # out, out_stride, num_threads
 
 
 def _prefill_function(source: Path, name: str, available: str, flags: tuple[str, ...]):
@@ -63,10 +66,7 @@ def load_prefill_kernels(flags: tuple[str, ...] = FLAGS) -> dict[torch.dtype, ob
     kernels = {}
     bf16 = _prefill_function(_PREFILL_SOURCE, "prefill_attention_bf16", "prefill_attention_available", flags)
     if bf16 is not None:
-        library = load_library(_PREFILL_SOURCE, flags)
-        library.prefill_attention_set_tiles.restype = ctypes.c_int64
-        library.prefill_attention_set_tiles.argtypes = [ctypes.c_int64]
-        library.prefill_attention_set_tiles(int(amx_tiles_allowed()))
+        set_prefill_tiles(amx_tiles_allowed(), flags)
         kernels[torch.bfloat16] = bf16
     f32 = _prefill_function(_PREFILL_F32_SOURCE, "prefill_attention_f32", "prefill_attention_f32_available",
                             flags)
