@@ -1,5 +1,5 @@
 /* exp(x) for 16 floats at once (AVX-512F), for the bf16 kernels' softmax and SiLU; and exp_nonpositive for 8
- * (AVX2/FMA), for the fp32 kernels' softmax and SiLU.
+ * (AVX2/FMA), for the fp32 kernels' softmax and SiLU, with the 8-lane sum they share.
  *
  * Scalar expf in a loop does not vectorise without -ffast-math and cost the bf16 decode step most of its
  * SiLU and attention time (~20 cycles per call, millions of calls per step at batch 64). Range reduction
@@ -57,6 +57,14 @@ static inline __m512 round_bf16_ps(__m512 values) { return bf16x16_to_ps(ps_to_b
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+
+/* the 8 lanes' sum, in a fixed order */
+static inline float sum_lanes_f32(__m256 v) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    return _mm_cvtss_f32(sum);
+}
 
 /* exp(x) for x <= 0 (softmax, SiLU's exp(-|x|)): 2^n * p(r), a degree-6 polynomial on r in [-ln2/2, ln2/2],
  * within 2 ulp of expf; below -87 it returns 0 */

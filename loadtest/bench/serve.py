@@ -124,7 +124,8 @@ def split_totals(metrics_text: str) -> dict[str, float]:
         if line.startswith("#") or ":" not in line:
             continue
         name = line.split("{")[0].split(" ")[0].split(":", 1)[1]
-        if name.removesuffix("_sum").removesuffix("_count") in SPLIT_HISTOGRAMS and name.endswith(("_sum", "_count")):
+        histogram, _, part = name.rpartition("_")
+        if histogram in SPLIT_HISTOGRAMS and part in ("sum", "count"):
             totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return totals
 

@@ -66,13 +66,6 @@ static inline float max_lanes(__m256 v) {
     return _mm_cvtss_f32(m);
 }
 
-static inline float sum_lanes(__m256 v) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
-
 /* scores[row][8 keys from key0 + 8 v] with the keys a row may not see set to -inf: after its position (or
  * after `last`, the block's last key), or `window` keys or more before it */
 static inline void store_masked(float *scores, __m256 dot, float scale, int64_t key0, int64_t position,
@@ -154,7 +147,7 @@ static inline void softmax_row(float *scores, int64_t width, float *peak, float 
         _mm256_store_ps(scores + j, p);
         total = _mm256_add_ps(total, p);
     }
-    *sum = *sum * *scale_by + sum_lanes(total);
+    *sum = *sum * *scale_by + sum_lanes_f32(total);
     *peak = new_peak;
 }
 

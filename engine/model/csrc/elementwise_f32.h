@@ -12,15 +12,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "../../csrc/simd_exp.h"  /* exp_nonpositive */
-
-/* the 8 lanes' sum, in a fixed order */
-static inline float sum_lanes_f32(__m256 v) {
-    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-    return _mm_cvtss_f32(sum);
-}
+#include "../../csrc/simd_exp.h"  /* exp_nonpositive, sum_lanes_f32 */
 
 /* hidden += delta (skipped for NULL); out = hidden * (1 / sqrt(mean(hidden^2) + eps)) * weight, rounding
  * where torch's fp32 ops round */
